@@ -1,0 +1,219 @@
+/*
+ * cmd_generate.c - `entrokv generate`: one prompt, streamed to stdout, or one
+ * JSON object at the end with --json.
+ */
+#include <cjson/cJSON.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli.h"
+#include "entrokv/generate.h"
+#include "entrokv/kvcache.h"
+#include "entrokv/model.h"
+#include "entrokv/tokenizer.h"
+
+#define MAX_STOPS 16
+#define KV_BLOCK_TOKENS 16
+
+static void usage(FILE *out)
+{
+    fprintf(out,
+            "usage: entrokv generate --model PATH --prompt TEXT [flags]\n"
+            "  --model PATH          GGUF model file\n"
+            "  --prompt TEXT         the prompt\n"
+            "  --chat                wrap the prompt as a user message in the model's chat template\n"
+            "  --system TEXT         system message for --chat (default: the template's own)\n"
+            "  --special             parse special tokens (e.g. <|im_start|>) in a raw prompt\n"
+            "  --max-tokens N        tokens to generate (default 256)\n"
+            "  --temperature T       0 = greedy (default 0)\n"
+            "  --top-k K, --top-p P, --min-p P, --repeat-penalty R   sampling filters\n"
+            "  --seed S              sampling seed (default 0)\n"
+            "  --stop TEXT           stop string (repeatable, up to %d)\n"
+            "  --ignore-eos          keep generating past end-of-generation tokens\n"
+            "  --ctx N               context length (default: the model's)\n"
+            "  --threads N           threads (default: one per core)\n"
+            "  --json                print one JSON object at the end instead of streaming\n",
+            MAX_STOPS);
+}
+
+typedef struct gen_opts {
+    const char *model, *prompt, *system;
+    bool chat, special, json;
+    int32_t ctx, threads;
+    const char *stops[MAX_STOPS];
+    size_t n_stops;
+    gen_params params;
+} gen_opts;
+
+static int parse(int argc, char **argv, gen_opts *o)
+{
+    memset(o, 0, sizeof *o);
+    gen_params_default(&o->params);
+    o->params.sampling.temperature = 0.0f;
+    ekv_sampler_params *sp = &o->params.sampling;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        bool ok = true;
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+            usage(stdout);
+            return -1;
+        } else if (!strcmp(a, "--model")) {
+            ok = cli_take_str(argc, argv, &i, &o->model);
+        } else if (!strcmp(a, "--prompt")) {
+            ok = cli_take_str(argc, argv, &i, &o->prompt);
+        } else if (!strcmp(a, "--system")) {
+            ok = cli_take_str(argc, argv, &i, &o->system);
+        } else if (!strcmp(a, "--chat")) {
+            o->chat = true;
+        } else if (!strcmp(a, "--special")) {
+            o->special = true;
+        } else if (!strcmp(a, "--json")) {
+            o->json = true;
+        } else if (!strcmp(a, "--ignore-eos")) {
+            o->params.ignore_eos = true;
+        } else if (!strcmp(a, "--max-tokens")) {
+            ok = cli_take_int(argc, argv, &i, 0, 1 << 24, &o->params.max_tokens);
+        } else if (!strcmp(a, "--temperature")) {
+            ok = cli_take_float(argc, argv, &i, 0.0, 100.0, &sp->temperature);
+        } else if (!strcmp(a, "--top-k")) {
+            ok = cli_take_int(argc, argv, &i, 0, 1 << 24, &sp->top_k);
+        } else if (!strcmp(a, "--top-p")) {
+            ok = cli_take_float(argc, argv, &i, 1e-9, 1.0, &sp->top_p);
+        } else if (!strcmp(a, "--min-p")) {
+            ok = cli_take_float(argc, argv, &i, 0.0, 1.0, &sp->min_p);
+        } else if (!strcmp(a, "--repeat-penalty")) {
+            ok = cli_take_float(argc, argv, &i, 1e-3, 100.0, &sp->repeat_penalty);
+        } else if (!strcmp(a, "--seed")) {
+            ok = cli_take_u64(argc, argv, &i, &sp->seed);
+        } else if (!strcmp(a, "--stop")) {
+            if (o->n_stops == MAX_STOPS) {
+                cli_error("generate", "at most %d --stop strings", MAX_STOPS);
+                return CLI_USAGE;
+            }
+            ok = cli_take_str(argc, argv, &i, &o->stops[o->n_stops++]);
+        } else if (!strcmp(a, "--ctx")) {
+            ok = cli_take_int(argc, argv, &i, 16, 1 << 20, &o->ctx);
+        } else if (!strcmp(a, "--threads")) {
+            ok = cli_take_int(argc, argv, &i, 1, 1024, &o->threads);
+        } else {
+            cli_error("generate", "unknown flag '%s' (see --help)", a);
+            return CLI_USAGE;
+        }
+        if (!ok)
+            return CLI_USAGE;
+    }
+    if (!o->model || !o->prompt) {
+        cli_error("generate", "--model and --prompt are required (see --help)");
+        return CLI_USAGE;
+    }
+    o->params.stops = o->stops;
+    o->params.n_stops = o->n_stops;
+    return 0;
+}
+
+static bool stream_text(void *ctx, const char *text, size_t len)
+{
+    (void)ctx;
+    fwrite(text, 1, len, stdout);
+    fflush(stdout);
+    return true;
+}
+
+/* The prompt as token ids: raw, or rendered through the chat template. */
+static ekv_status encode_prompt(const ekv_tokenizer *tok, const gen_opts *o, int32_t **ids,
+                                size_t *n, ekv_error *err)
+{
+    if (!o->chat)
+        return tok_encode(tok, o->prompt, strlen(o->prompt), tok_add_bos(tok), o->special, ids, n,
+                          err);
+    tok_message msgs[2];
+    size_t n_msgs = 0;
+    if (o->system)
+        msgs[n_msgs++] = (tok_message){"system", o->system};
+    msgs[n_msgs++] = (tok_message){"user", o->prompt};
+    char *text = NULL;
+    ekv_status rc = tok_apply_chat(tok, msgs, n_msgs, true, &text, err);
+    if (rc == EKV_OK)
+        rc = tok_encode(tok, text, strlen(text), tok_add_bos(tok), true, ids, n, err);
+    free(text);
+    return rc;
+}
+
+static void print_json(const gen_result *r)
+{
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddNumberToObject(o, "prompt_tokens", r->prompt_tokens);
+    cJSON_AddNumberToObject(o, "completion_tokens", r->n_ids);
+    cJSON *ids = cJSON_AddArrayToObject(o, "token_ids");
+    for (int32_t i = 0; i < r->n_ids; i++)
+        cJSON_AddItemToArray(ids, cJSON_CreateNumber(r->ids[i]));
+    cJSON_AddStringToObject(o, "text", r->text ? r->text : "");
+    cJSON_AddStringToObject(o, "finish_reason", gen_finish_name(r->finish));
+    cJSON_AddNumberToObject(o, "prefill_tokens_per_s",
+                            r->prefill_s > 0 ? r->prompt_tokens / r->prefill_s : 0);
+    cJSON_AddNumberToObject(o, "decode_tokens_per_s",
+                            r->decode_s > 0 && r->n_ids > 0 ? r->n_ids / r->decode_s : 0);
+    char *s = cJSON_PrintUnformatted(o);
+    if (s)
+        puts(s);
+    free(s);
+    cJSON_Delete(o);
+}
+
+int cmd_generate(int argc, char **argv)
+{
+    gen_opts o;
+    int rc = parse(argc, argv, &o);
+    if (rc)
+        return rc < 0 ? CLI_OK : rc;
+    ekv_error err = {0};
+    int ret = CLI_FAIL;
+    ekv_runtime *rt = NULL;
+    kv_pool *kv = NULL;
+    int32_t *ids = NULL;
+    size_t n_ids = 0;
+    gen_result res = {0};
+    ekv_model *m = model_load(o.model, &err);
+    if (!m)
+        goto fail;
+    const ekv_model_config *c = model_config(m);
+    const int32_t ctx = o.ctx ? o.ctx : c->n_ctx_train;
+    if (encode_prompt(model_tokenizer(m), &o, &ids, &n_ids, &err))
+        goto fail;
+    if (n_ids == 0) {
+        cli_error("generate", "the prompt encodes to no tokens");
+        ret = CLI_USAGE;
+        goto out;
+    }
+    if (n_ids >= (size_t)ctx) {
+        cli_error("generate", "the prompt has %zu tokens but the context is %d (use --ctx)",
+                  n_ids, ctx);
+        ret = CLI_USAGE;
+        goto out;
+    }
+    const int64_t blocks = (int64_t)c->n_layers * c->n_kv_heads *
+                           ((ctx + KV_BLOCK_TOKENS - 1) / KV_BLOCK_TOKENS);
+    kv = kv_pool_create(KV_BLOCK_TOKENS, c->head_dim, blocks, &err);
+    rt = kv ? model_runtime_create(m, 512, ctx, o.threads, &err) : NULL;
+    if (!rt)
+        goto fail;
+    if (gen_run(rt, kv, ids, (int32_t)n_ids, &o.params, o.json ? NULL : stream_text, NULL, &res,
+                &err))
+        goto fail;
+    if (o.json)
+        print_json(&res);
+    else
+        putchar('\n');
+    ret = CLI_OK;
+    goto out;
+fail:
+    cli_error("generate", "%s", err.msg);
+out:
+    gen_result_free(&res);
+    free(ids);
+    model_runtime_free(rt);
+    kv_pool_destroy(kv);
+    model_free(m);
+    return ret;
+}

@@ -1,0 +1,43 @@
+/*
+ * main.c - the entrokv binary: one executable, one subcommand per process
+ * role or tool (see docs/ARCHITECTURE.md).
+ */
+#include <stdio.h>
+#include <string.h>
+
+#include "cli.h"
+
+static void usage(FILE *out)
+{
+    fprintf(out,
+            "usage: entrokv <command> [flags]\n"
+            "\n"
+            "commands:\n"
+            "  generate     run a prompt through a model and stream the completion\n"
+            "  fetch-model  download the demo model (SmolLM2-135M-Instruct, Q4_1) into models/\n"
+            "  bench        benchmarks (bench generate)\n"
+            "\n"
+            "`entrokv <command> --help` lists a command's flags.\n");
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 2) {
+        usage(stderr);
+        return CLI_USAGE;
+    }
+    const char *cmd = argv[1];
+    if (!strcmp(cmd, "generate"))
+        return cmd_generate(argc - 1, argv + 1);
+    if (!strcmp(cmd, "fetch-model"))
+        return cmd_fetch_model(argc - 1, argv + 1);
+    if (!strcmp(cmd, "bench"))
+        return cmd_bench(argc - 1, argv + 1);
+    if (!strcmp(cmd, "--help") || !strcmp(cmd, "-h") || !strcmp(cmd, "help")) {
+        usage(stdout);
+        return CLI_OK;
+    }
+    fprintf(stderr, "entrokv: unknown command '%s'\n", cmd);
+    usage(stderr);
+    return CLI_USAGE;
+}

@@ -1,0 +1,65 @@
+/*
+ * generate.h - one sequence from prompt to finish: chunked prefill, then
+ * decode with sampling, streaming detokenisation and stop strings.
+ *
+ * This is the single-sequence driver behind `entrokv generate` and the
+ * benchmarks; the serving step engine batches many sequences instead.
+ * Ownership: the result's ids and text are malloc'd and freed by
+ * gen_result_free.
+ */
+#ifndef ENTROKV_GENERATE_H
+#define ENTROKV_GENERATE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "entrokv/kvcache.h"
+#include "entrokv/model.h"
+#include "entrokv/sampler.h"
+#include "entrokv/stopper.h"
+
+typedef enum gen_finish {
+    GEN_FINISH_LENGTH = 0, /* max_tokens reached */
+    GEN_FINISH_EOS,        /* an end-of-generation token */
+    GEN_FINISH_STOP,       /* a stop string */
+    GEN_FINISH_CONTEXT,    /* the context is full */
+    GEN_FINISH_CANCELLED,  /* the text callback asked to stop */
+} gen_finish;
+
+typedef struct gen_params {
+    int32_t max_tokens;
+    int32_t prefill_chunk;   /* rows per prefill forward; <= runtime max_batch */
+    ekv_sampler_params sampling;
+    const char *const *stops;
+    size_t n_stops;
+    bool ignore_eos;         /* keep going past end-of-generation tokens (benchmarks) */
+} gen_params;
+
+/* Called with each piece of text that is safe to show; return false to stop. */
+typedef bool (*gen_text_fn)(void *ctx, const char *text, size_t len);
+
+typedef struct gen_result {
+    int32_t *ids;            /* generated token ids */
+    int32_t n_ids;
+    char *text;              /* generated text, stop string excluded */
+    size_t text_len;
+    gen_finish finish;
+    int32_t prompt_tokens;
+    double prefill_s;
+    double decode_s;         /* from the first to the last generated token */
+} gen_result;
+
+void gen_params_default(gen_params *p);
+const char *gen_finish_name(gen_finish f);
+
+/* Runs prompt (n_prompt ids) on a fresh sequence from kv; the sequence is
+ * freed before returning. */
+ekv_status gen_run(ekv_runtime *rt, kv_pool *kv, const int32_t *prompt, int32_t n_prompt,
+                   const gen_params *p, gen_text_fn on_text, void *ctx, gen_result *out,
+                   ekv_error *err);
+void gen_result_free(gen_result *r);
+
+double gen_now(void); /* monotonic seconds */
+
+#endif

@@ -1,0 +1,92 @@
+/*
+ * kernels.h - the one dispatch header for the CPU compute kernels.
+ *
+ * kern_init() probes the CPU once and picks, per operation, the widest
+ * instruction set available (AVX-512, AVX2, scalar). The scalar path is the
+ * reference every SIMD path is tested against. Weight matrices are used in
+ * place in their GGUF encoding: a matrix with n rows of k elements stores row
+ * i at W + i * row_bytes(type, k).
+ *
+ * Quantized matmul follows ggml's scheme so results match llama.cpp closely:
+ * activations are quantized per 32-element block (Q8_1 for Q4_0/Q4_1 weights,
+ * Q8_0 for Q8_0 weights) and the block dot products are done in integers.
+ */
+#ifndef ENTROKV_KERNELS_H
+#define ENTROKV_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "entrokv/dtype.h"
+#include "entrokv/status.h"
+#include "entrokv/threadpool.h"
+
+typedef enum kern_isa { KERN_ISA_SCALAR = 0, KERN_ISA_AVX2 = 1, KERN_ISA_AVX512 = 2 } kern_isa;
+
+/* Detects the CPU and selects kernels; idempotent and thread-safe. The
+ * environment variable ENTROKV_ISA=scalar|avx2|avx512 caps the choice. */
+void kern_init(void);
+kern_isa kern_active_isa(void);
+const char *kern_isa_name(kern_isa isa);
+/* Caps the ISA (tests). Returns the ISA actually selected (<= wanted). */
+kern_isa kern_set_isa(kern_isa wanted);
+
+/* True when kern_matmul supports weights of this type. */
+int kern_matmul_supports(uint32_t wtype);
+
+/* Bytes of scratch kern_matmul needs for m activation rows of k elements. */
+size_t kern_matmul_scratch_bytes(uint32_t wtype, int64_t m, int64_t k);
+
+/*
+ * Y[m][n] = X[m][k] . W[n][k]^T
+ *   X: m rows of k floats (row stride k); Y: m rows of n floats (row stride ldy >= n).
+ *   scratch: kern_matmul_scratch_bytes(wtype, m, k) bytes, 64-byte aligned.
+ * Work is split over the pool's threads by weight rows; each thread keeps its
+ * weight rows hot across all m activation rows (prefill is matrix-matrix).
+ */
+ekv_status kern_matmul(ekv_pool *pool, const void *W, uint32_t wtype, int64_t n, int64_t k,
+                       const float *X, int64_t m, float *Y, int64_t ldy, void *scratch,
+                       ekv_error *err);
+
+/* Dequantizes row `row` of a matrix with k columns to floats (embeddings). */
+ekv_status kern_get_row(const void *W, uint32_t wtype, int64_t k, int64_t row, float *out,
+                        ekv_error *err);
+
+/* ---- element-wise (kernels/cpu/elementwise.c) ---- */
+
+/* out = x / rms(x) * w, over n elements. out may alias x. */
+void kern_rmsnorm(float *out, const float *x, const float *w, int n, float eps);
+/* Rotates pairs (x[i], x[i + d/2]) (NEOX layout) or (x[2i], x[2i+1]) (normal
+ * layout, what llama uses) of one head of d elements for position pos. */
+void kern_rope(float *x, int d, int n_rot, int32_t pos, float freq_base, int neox);
+/* g = silu(g) * u over n elements. */
+void kern_swiglu(float *g, const float *u, int n);
+/* x += y over n elements. */
+void kern_add(float *x, const float *y, int n);
+
+/* ---- attention over paged per-head KV (kernels/cpu/attention.c) ---- */
+
+/*
+ * One KV head's kept tokens, as the block table lists them: token t lives in
+ * block t / block_tokens, row t % block_tokens; K and V rows are head_dim fp16
+ * values; pos[t] is the token's original position (causal mask compares
+ * positions, so kept tokens may be any subset of the past).
+ */
+typedef struct kern_kv_view {
+    int32_t n_tokens;
+    int32_t block_tokens;
+    int32_t head_dim;
+    const ekv_f16 *const *k_blocks; /* block_tokens x head_dim each */
+    const ekv_f16 *const *v_blocks;
+    const int32_t *const *pos_blocks; /* block_tokens positions each */
+} kern_kv_view;
+
+/*
+ * out[q][:] = softmax(scale * Q[q] . K^T, masked to pos <= q_pos[q]) . V for
+ * n_q query vectors of head_dim floats (row stride q_stride / out_stride).
+ * scores: scratch of kv->n_tokens floats.
+ */
+void kern_attention(const kern_kv_view *kv, const float *Q, int n_q, int q_stride,
+                    const int32_t *q_pos, float scale, float *out, int out_stride, float *scores);
+
+#endif

@@ -1,0 +1,71 @@
+/*
+ * kvcache.h - paged KV cache with a block table per (sequence, layer, KV head).
+ *
+ * One kv_pool per worker owns fixed-size blocks; a block holds block_tokens
+ * rows of K and of V (head_dim fp16 each, RoPE already applied to K) and the
+ * original position of each row. A kv_seq owns, for each layer and KV head,
+ * its own ordered list of blocks, so heads may keep different numbers of
+ * tokens (ragged compression budgets cost no padding). Blocks go back to the
+ * pool the moment a head drops them (kv_seq_keep) or the sequence ends
+ * (kv_seq_free).
+ *
+ * Threading: a pool and its sequences belong to one step engine thread.
+ * Kernels may read views from many threads while nothing appends.
+ */
+#ifndef ENTROKV_KVCACHE_H
+#define ENTROKV_KVCACHE_H
+
+#include <stdint.h>
+
+#include "entrokv/kernels.h"
+#include "entrokv/status.h"
+
+typedef struct kv_pool kv_pool;
+typedef struct kv_seq kv_seq;
+
+/* n_blocks blocks of block_tokens x head_dim; memory is allocated up front. */
+kv_pool *kv_pool_create(int32_t block_tokens, int32_t head_dim, int64_t n_blocks, ekv_error *err);
+void kv_pool_destroy(kv_pool *pool); /* all sequences must be freed first */
+int64_t kv_pool_total_blocks(const kv_pool *pool);
+int64_t kv_pool_free_blocks(const kv_pool *pool);
+int32_t kv_pool_block_tokens(const kv_pool *pool);
+/* Bytes of one block: K + V rows and positions. */
+size_t kv_pool_block_bytes(const kv_pool *pool);
+
+kv_seq *kv_seq_create(kv_pool *pool, int32_t n_layers, int32_t n_kv_heads, ekv_error *err);
+/* Returns every block to the pool. NULL is a no-op. */
+void kv_seq_free(kv_seq *seq);
+
+/* Blocks that appending n tokens to every head would take from the pool. */
+int64_t kv_seq_blocks_needed(const kv_seq *seq, int32_t n_tokens);
+
+/* Appends one token's K and V (head_dim floats each, rounded to fp16) at
+ * original position pos to (layer, head). EKV_ENOMEM when the pool is empty;
+ * the head is then unchanged. */
+ekv_status kv_seq_append(kv_seq *seq, int32_t layer, int32_t head, const float *k, const float *v,
+                         int32_t pos, ekv_error *err);
+
+int32_t kv_seq_len(const kv_seq *seq, int32_t layer, int32_t head);
+/* One past the largest position ever appended (the next position to use);
+ * eviction does not lower it. */
+int32_t kv_seq_next_pos(const kv_seq *seq);
+/* The most tokens any one head holds. */
+int32_t kv_seq_max_len(const kv_seq *seq);
+kv_pool *kv_seq_pool(const kv_seq *seq);
+/* Blocks held by the whole sequence. */
+int64_t kv_seq_blocks(const kv_seq *seq);
+
+/* A read view of (layer, head) for kern_attention, valid until the next
+ * append/keep/free on this sequence. */
+void kv_seq_view(const kv_seq *seq, int32_t layer, int32_t head, kern_kv_view *view);
+
+/*
+ * Keeps only the listed tokens of (layer, head): keep[] holds n_keep distinct
+ * indices into the head's current list in increasing order. Kept rows are
+ * compacted to the front preserving order and their positions; blocks left
+ * empty return to the pool at once. This is what compression calls.
+ */
+ekv_status kv_seq_keep(kv_seq *seq, int32_t layer, int32_t head, const int32_t *keep,
+                       int32_t n_keep, ekv_error *err);
+
+#endif

@@ -1,0 +1,75 @@
+/*
+ * model.h - a Llama-family model loaded from GGUF and its forward pass.
+ *
+ * ekv_model owns the mapped GGUF and the tokenizer; weights are used in place
+ * from the mapping. An ekv_runtime holds the thread pool and the scratch a
+ * forward pass needs for batches of up to max_batch rows; it is used by one
+ * thread (the step engine) at a time.
+ *
+ * A batch is a list of rows (token, position, sequence): a prefill chunk is
+ * many rows of one sequence, a decode step is one row per sequence, and mixed
+ * batches are allowed. Every row's K and V are appended to its sequence's
+ * cache before any row attends, and attention masks by original position, so
+ * rows of the same sequence see each other causally.
+ */
+#ifndef ENTROKV_MODEL_H
+#define ENTROKV_MODEL_H
+
+#include <stdint.h>
+
+#include "entrokv/gguf.h"
+#include "entrokv/kvcache.h"
+#include "entrokv/status.h"
+#include "entrokv/threadpool.h"
+#include "entrokv/tokenizer.h"
+
+typedef struct ekv_model_config {
+    char arch[32];
+    char name[128];
+    int32_t n_layers;
+    int32_t n_embd;
+    int32_t n_heads;
+    int32_t n_kv_heads;
+    int32_t head_dim;
+    int32_t n_ff;
+    int32_t n_vocab;
+    int32_t n_ctx_train;
+    int32_t rope_dim;
+    float rope_base;
+    float norm_eps;
+} ekv_model_config;
+
+typedef struct ekv_model ekv_model;
+typedef struct ekv_runtime ekv_runtime;
+
+ekv_model *model_load(const char *path, ekv_error *err);
+void model_free(ekv_model *m);
+const ekv_model_config *model_config(const ekv_model *m);
+const ekv_tokenizer *model_tokenizer(const ekv_model *m);
+const gguf_file *model_gguf(const ekv_model *m);
+/* Bytes of weights one decode step reads. */
+uint64_t model_weight_bytes(const ekv_model *m);
+
+/* n_threads <= 0: one per core. max_ctx bounds the tokens any head holds. */
+ekv_runtime *model_runtime_create(const ekv_model *m, int32_t max_batch, int32_t max_ctx,
+                                  int n_threads, ekv_error *err);
+void model_runtime_free(ekv_runtime *rt);
+ekv_pool *model_runtime_pool(ekv_runtime *rt);
+int32_t model_runtime_max_batch(const ekv_runtime *rt);
+int32_t model_runtime_max_ctx(const ekv_runtime *rt);
+const ekv_model *model_runtime_model(const ekv_runtime *rt);
+
+typedef struct model_batch {
+    int32_t n;
+    const int32_t *tokens;
+    const int32_t *pos;
+    kv_seq *const *seqs;
+    /* Per row: nonzero to produce that row's logits. NULL: the last row only. */
+    const uint8_t *want_logits;
+} model_batch;
+
+/* Runs the batch; writes n_vocab logits per requested row, in row order. On
+ * error no sequence has been modified (capacity is checked up front). */
+ekv_status model_forward(ekv_runtime *rt, const model_batch *b, float *logits, ekv_error *err);
+
+#endif

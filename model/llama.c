@@ -1,0 +1,310 @@
+/*
+ * llama.c - the Llama forward pass over a batch of rows with paged KV.
+ *
+ * Per layer (Touvron et al. 2023, with GQA from Ainslie et al. 2023):
+ *   h = x + Wo . attn(rope(Wq . n1(x)), rope(Wk . n1(x)), Wv . n1(x))
+ *   x = h + Wdown . (silu(Wgate . n2(h)) * (Wup . n2(h)))
+ * with n1, n2 RMSNorm. Matrix products run over all rows at once (prefill is
+ * matrix-matrix); attention runs per (row, KV head), covering the query heads
+ * that share that KV head, over the head's own block list.
+ */
+#include "model_internal.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "entrokv/kernels.h"
+
+struct ekv_runtime {
+    const ekv_model *m;
+    ekv_pool *pool;
+    int32_t max_batch;
+    int32_t max_ctx;
+    /* activations, max_batch rows each */
+    float *x, *xb, *q, *k, *v, *att, *gate, *up;
+    float *scores; /* max_ctx floats per thread */
+    void *mm_scratch;
+    size_t mm_scratch_bytes;
+};
+
+static void *alloc_floats(size_t n)
+{
+    return aligned_alloc(64, ((n * sizeof(float)) + 63) & ~(size_t)63);
+}
+
+ekv_runtime *model_runtime_create(const ekv_model *m, int32_t max_batch, int32_t max_ctx,
+                                  int n_threads, ekv_error *err)
+{
+    const ekv_model_config *c = &m->cfg;
+    if (max_batch <= 0 || max_batch > 65536 || max_ctx <= 0 || max_ctx > (1 << 24)) {
+        ekv_error_set(err, EKV_EINVAL, "runtime: max_batch %d / max_ctx %d out of range",
+                      max_batch, max_ctx);
+        return NULL;
+    }
+    ekv_runtime *rt = calloc(1, sizeof *rt);
+    if (!rt)
+        goto nomem;
+    rt->m = m;
+    rt->max_batch = max_batch;
+    rt->max_ctx = max_ctx;
+    rt->pool = ekv_pool_create(n_threads, err);
+    if (!rt->pool)
+        goto fail;
+    const size_t B = (size_t)max_batch, E = c->n_embd, F = c->n_ff;
+    const size_t Q = (size_t)c->n_heads * c->head_dim, KV = (size_t)c->n_kv_heads * c->head_dim;
+    rt->x = alloc_floats(B * E);
+    rt->xb = alloc_floats(B * (E > Q ? E : Q));
+    rt->q = alloc_floats(B * Q);
+    rt->k = alloc_floats(B * KV);
+    rt->v = alloc_floats(B * KV);
+    rt->att = alloc_floats(B * Q);
+    rt->gate = alloc_floats(B * F);
+    rt->up = alloc_floats(B * F);
+    rt->scores = alloc_floats((size_t)ekv_pool_size(rt->pool) * (size_t)max_ctx);
+    /* the largest scratch any of the model's matrix products needs */
+    for (int32_t l = 0; l < c->n_layers; l++) {
+        const ekv_layer *L = &m->layers[l];
+        const ekv_weight *lw[] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w_gate, &L->w_up, &L->w_down};
+        for (size_t i = 0; i < sizeof lw / sizeof lw[0]; i++) {
+            size_t s = kern_matmul_scratch_bytes(lw[i]->type, max_batch, lw[i]->n_cols);
+            if (s > rt->mm_scratch_bytes)
+                rt->mm_scratch_bytes = s;
+        }
+    }
+    size_t so = kern_matmul_scratch_bytes(m->output.type, max_batch, m->output.n_cols);
+    if (so > rt->mm_scratch_bytes)
+        rt->mm_scratch_bytes = so;
+    rt->mm_scratch = aligned_alloc(64, (rt->mm_scratch_bytes + 63) & ~(size_t)63);
+    if (!rt->x || !rt->xb || !rt->q || !rt->k || !rt->v || !rt->att || !rt->gate || !rt->up ||
+        !rt->scores || !rt->mm_scratch)
+        goto nomem;
+    return rt;
+nomem:
+    ekv_error_set(err, EKV_ENOMEM, "runtime: out of memory (batch %d)", max_batch);
+fail:
+    model_runtime_free(rt);
+    return NULL;
+}
+
+void model_runtime_free(ekv_runtime *rt)
+{
+    if (!rt)
+        return;
+    ekv_pool_destroy(rt->pool);
+    free(rt->x);
+    free(rt->xb);
+    free(rt->q);
+    free(rt->k);
+    free(rt->v);
+    free(rt->att);
+    free(rt->gate);
+    free(rt->up);
+    free(rt->scores);
+    free(rt->mm_scratch);
+    free(rt);
+}
+
+ekv_pool *model_runtime_pool(ekv_runtime *rt) { return rt->pool; }
+int32_t model_runtime_max_batch(const ekv_runtime *rt) { return rt->max_batch; }
+int32_t model_runtime_max_ctx(const ekv_runtime *rt) { return rt->max_ctx; }
+const ekv_model *model_runtime_model(const ekv_runtime *rt) { return rt->m; }
+
+static ekv_status matmul(ekv_runtime *rt, const ekv_weight *w, const float *x, int32_t n_rows,
+                         float *y, ekv_error *err)
+{
+    return kern_matmul(rt->pool, w->data, w->type, w->n_rows, w->n_cols, x, n_rows, y, w->n_rows,
+                       rt->mm_scratch, err);
+}
+
+/* ---- row-parallel element-wise steps ---- */
+
+typedef struct rows_task {
+    ekv_runtime *rt;
+    const model_batch *b;
+    const float *norm_w; /* rmsnorm weights (norm step) */
+    int32_t layer;       /* attention step */
+} rows_task;
+
+static void task_norm(void *p, int ith, int nth)
+{
+    rows_task *t = p;
+    const ekv_model_config *c = &t->rt->m->cfg;
+    long lo, hi;
+    ekv_split_range(t->b->n, ith, nth, &lo, &hi);
+    for (long i = lo; i < hi; i++)
+        kern_rmsnorm(t->rt->xb + i * c->n_embd, t->rt->x + i * c->n_embd, t->norm_w, c->n_embd,
+                     c->norm_eps);
+}
+
+static void task_rope(void *p, int ith, int nth)
+{
+    rows_task *t = p;
+    const ekv_model_config *c = &t->rt->m->cfg;
+    const int32_t D = c->head_dim, H = c->n_heads, HKV = c->n_kv_heads;
+    long lo, hi;
+    ekv_split_range(t->b->n, ith, nth, &lo, &hi);
+    for (long i = lo; i < hi; i++) {
+        const int32_t pos = t->b->pos[i];
+        for (int32_t h = 0; h < H; h++)
+            kern_rope(t->rt->q + (i * H + h) * D, D, c->rope_dim, pos, c->rope_base, 0);
+        for (int32_t h = 0; h < HKV; h++)
+            kern_rope(t->rt->k + (i * HKV + h) * D, D, c->rope_dim, pos, c->rope_base, 0);
+    }
+}
+
+static void task_swiglu(void *p, int ith, int nth)
+{
+    rows_task *t = p;
+    const int32_t F = t->rt->m->cfg.n_ff;
+    long lo, hi;
+    ekv_split_range(t->b->n, ith, nth, &lo, &hi);
+    for (long i = lo; i < hi; i++)
+        kern_swiglu(t->rt->gate + i * F, t->rt->up + i * F, F);
+}
+
+/* Work items are (row, KV head), dealt round-robin so that the long rows at
+ * the end of a causal prefill chunk spread over all threads. */
+static void task_attention(void *p, int ith, int nth)
+{
+    rows_task *t = p;
+    ekv_runtime *rt = t->rt;
+    const ekv_model_config *c = &rt->m->cfg;
+    const int32_t D = c->head_dim, H = c->n_heads, HKV = c->n_kv_heads, G = H / HKV;
+    const float scale = 1.0f / sqrtf((float)D);
+    float *scores = rt->scores + (size_t)ith * rt->max_ctx;
+    int32_t qpos[64];
+    const long n_items = (long)t->b->n * HKV;
+    for (long item = ith; item < n_items; item += nth) {
+        const long i = item / HKV;
+        const int32_t kvh = (int32_t)(item % HKV);
+        kern_kv_view view;
+        kv_seq_view(t->b->seqs[i], t->layer, kvh, &view);
+        for (int32_t g = 0; g < G; g++)
+            qpos[g] = t->b->pos[i];
+        const size_t off = ((size_t)i * H + (size_t)kvh * G) * D;
+        kern_attention(&view, rt->q + off, G, D, qpos, scale, rt->att + off, D, scores);
+    }
+}
+
+/* Checks the batch and that the pool can hold every row's K and V, before
+ * anything is modified. */
+static ekv_status check_batch(ekv_runtime *rt, const model_batch *b, ekv_error *err)
+{
+    const ekv_model_config *c = &rt->m->cfg;
+    if (b->n <= 0 || b->n > rt->max_batch)
+        return ekv_error_set(err, EKV_EINVAL, "batch of %d rows (max %d)", b->n, rt->max_batch);
+    if (c->n_heads / c->n_kv_heads > 64)
+        return ekv_error_set(err, EKV_EUNSUPPORTED, "more than 64 query heads per KV head");
+    int64_t need = 0;
+    kv_pool *pool = NULL;
+    for (int32_t i = 0; i < b->n; i++) {
+        if (b->tokens[i] < 0 || b->tokens[i] >= c->n_vocab)
+            return ekv_error_set(err, EKV_EINVAL, "token id %d out of range [0, %d)",
+                                 b->tokens[i], c->n_vocab);
+        if (b->pos[i] < 0)
+            return ekv_error_set(err, EKV_EINVAL, "negative position %d", b->pos[i]);
+        int32_t first = 1, count = 0;
+        for (int32_t j = 0; j < b->n; j++) {
+            if (b->seqs[j] != b->seqs[i])
+                continue;
+            if (j < i) {
+                first = 0;
+                break;
+            }
+            count++;
+        }
+        if (!first)
+            continue;
+        const int32_t held = kv_seq_max_len(b->seqs[i]);
+        if (held + count > rt->max_ctx)
+            return ekv_error_set(err, EKV_ERANGE, "sequence would hold %d tokens (max %d)",
+                                 held + count, rt->max_ctx);
+        if (pool && kv_seq_pool(b->seqs[i]) != pool)
+            return ekv_error_set(err, EKV_EINVAL, "a batch must draw from one kv pool");
+        pool = kv_seq_pool(b->seqs[i]);
+        need += kv_seq_blocks_needed(b->seqs[i], count);
+    }
+    if (pool && need > kv_pool_free_blocks(pool))
+        return ekv_error_set(err, EKV_ENOMEM, "kv pool: batch needs %lld blocks, %lld free",
+                             (long long)need, (long long)kv_pool_free_blocks(pool));
+    return EKV_OK;
+}
+
+static ekv_status append_kv(ekv_runtime *rt, const model_batch *b, int32_t layer, ekv_error *err)
+{
+    const ekv_model_config *c = &rt->m->cfg;
+    const int32_t D = c->head_dim, HKV = c->n_kv_heads;
+    for (int32_t i = 0; i < b->n; i++)
+        for (int32_t h = 0; h < HKV; h++) {
+            const size_t off = ((size_t)i * HKV + h) * D;
+            ekv_status rc = kv_seq_append(b->seqs[i], layer, h, rt->k + off, rt->v + off,
+                                          b->pos[i], err);
+            if (rc)
+                return rc;
+        }
+    return EKV_OK;
+}
+
+static ekv_status layer_forward(ekv_runtime *rt, const model_batch *b, int32_t l, ekv_error *err)
+{
+    const ekv_model_config *c = &rt->m->cfg;
+    const ekv_layer *L = &rt->m->layers[l];
+    const int32_t n = b->n;
+    rows_task t = {.rt = rt, .b = b, .norm_w = L->attn_norm, .layer = l};
+    ekv_status rc;
+
+    ekv_pool_run(rt->pool, task_norm, &t);
+    if ((rc = matmul(rt, &L->wq, rt->xb, n, rt->q, err)) ||
+        (rc = matmul(rt, &L->wk, rt->xb, n, rt->k, err)) ||
+        (rc = matmul(rt, &L->wv, rt->xb, n, rt->v, err)))
+        return rc;
+    ekv_pool_run(rt->pool, task_rope, &t);
+    if ((rc = append_kv(rt, b, l, err)))
+        return rc;
+    ekv_pool_run(rt->pool, task_attention, &t);
+    if ((rc = matmul(rt, &L->wo, rt->att, n, rt->xb, err)))
+        return rc;
+    for (int32_t i = 0; i < n; i++)
+        kern_add(rt->x + (size_t)i * c->n_embd, rt->xb + (size_t)i * c->n_embd, c->n_embd);
+
+    t.norm_w = L->ffn_norm;
+    ekv_pool_run(rt->pool, task_norm, &t);
+    if ((rc = matmul(rt, &L->w_gate, rt->xb, n, rt->gate, err)) ||
+        (rc = matmul(rt, &L->w_up, rt->xb, n, rt->up, err)))
+        return rc;
+    ekv_pool_run(rt->pool, task_swiglu, &t);
+    if ((rc = matmul(rt, &L->w_down, rt->gate, n, rt->xb, err)))
+        return rc;
+    for (int32_t i = 0; i < n; i++)
+        kern_add(rt->x + (size_t)i * c->n_embd, rt->xb + (size_t)i * c->n_embd, c->n_embd);
+    return EKV_OK;
+}
+
+ekv_status model_forward(ekv_runtime *rt, const model_batch *b, float *logits, ekv_error *err)
+{
+    const ekv_model *m = rt->m;
+    const ekv_model_config *c = &m->cfg;
+    const int32_t E = c->n_embd;
+    ekv_status rc = check_batch(rt, b, err);
+    if (rc)
+        return rc;
+    for (int32_t i = 0; i < b->n; i++)
+        if ((rc = kern_get_row(m->tok_embd.data, m->tok_embd.type, E, b->tokens[i],
+                               rt->x + (size_t)i * E, err)))
+            return rc;
+    for (int32_t l = 0; l < c->n_layers; l++)
+        if ((rc = layer_forward(rt, b, l, err)))
+            return rc;
+    /* final norm of the rows whose logits are wanted, gathered densely */
+    int32_t n_out = 0;
+    for (int32_t i = 0; i < b->n; i++) {
+        const int want = b->want_logits ? b->want_logits[i] != 0 : i == b->n - 1;
+        if (want)
+            kern_rmsnorm(rt->xb + (size_t)n_out++ * E, rt->x + (size_t)i * E, m->out_norm, E,
+                         c->norm_eps);
+    }
+    if (n_out == 0)
+        return EKV_OK;
+    return matmul(rt, &m->output, rt->xb, n_out, logits, err);
+}

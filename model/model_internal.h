@@ -1,0 +1,35 @@
+/*
+ * model_internal.h - the loaded model's layout, shared by model/model.c
+ * (loading, validation) and model/llama.c (forward pass). Not a public header.
+ */
+#ifndef ENTROKV_MODEL_INTERNAL_H
+#define ENTROKV_MODEL_INTERNAL_H
+
+#include "entrokv/model.h"
+
+typedef struct ekv_weight {
+    const void *data;
+    uint32_t type;
+    int64_t n_rows; /* output dimension */
+    int64_t n_cols; /* input dimension (contiguous) */
+} ekv_weight;
+
+typedef struct ekv_layer {
+    const float *attn_norm;
+    ekv_weight wq, wk, wv, wo;
+    const float *ffn_norm;
+    ekv_weight w_gate, w_up, w_down;
+} ekv_layer;
+
+struct ekv_model {
+    ekv_model_config cfg;
+    gguf_file *gguf;
+    ekv_tokenizer *tok;
+    ekv_weight tok_embd;
+    const float *out_norm;
+    ekv_weight output; /* token_embd when the embeddings are tied */
+    ekv_layer *layers;
+    uint64_t weight_bytes;
+};
+
+#endif

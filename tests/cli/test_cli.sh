@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# test_cli.sh - the entrokv binary as a user drives it: exit codes and
+# messages for bad input, the --json contract, fetch-model's no-op path and
+# a short benchmark run. Usage: test_cli.sh ENTROKV MODEL
+set -uo pipefail
+bin=$1
+model=$2
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+fails=0
+
+# expect NAME CODE PATTERN -- CMD...: exit status CODE and stderr matching PATTERN
+expect() {
+    local name=$1 code=$2 pattern=$3
+    shift 4
+    "$@" >"$tmp/out" 2>"$tmp/err"
+    local rc=$?
+    if [ "$rc" -ne "$code" ] || ! grep -qE -- "$pattern" "$tmp/err"; then
+        echo "FAIL $name: exit $rc (want $code), stderr: $(head -c 400 "$tmp/err")"
+        fails=$((fails + 1))
+    else
+        echo "ok   $name"
+    fi
+}
+
+expect no_command 2 "usage" -- "$bin"
+expect unknown_command 2 "unknown command" -- "$bin" frobnicate
+expect unknown_flag 2 "unknown flag '--bogus'" -- "$bin" generate --model "$model" --prompt hi --bogus
+expect missing_value 2 "needs a value" -- "$bin" generate --model "$model" --prompt
+expect bad_number 2 "expects an integer" -- "$bin" generate --model "$model" --prompt hi --max-tokens 12x
+expect bad_temperature 2 "expects a number" -- "$bin" generate --model "$model" --prompt hi --temperature nan
+expect missing_model 1 "nope.gguf" -- "$bin" generate --model "$tmp/nope.gguf" --prompt hi
+head -c 1000000 "$model" >"$tmp/truncated.gguf"
+expect truncated_model 1 "truncated.gguf" -- "$bin" generate --model "$tmp/truncated.gguf" --prompt hi
+head -c 4096 /dev/urandom >"$tmp/random.gguf"
+expect random_model 1 "random.gguf" -- "$bin" generate --model "$tmp/random.gguf" --prompt hi
+long=$(printf 'word %.0s' $(seq 1 200))
+expect prompt_too_long 2 "context" -- "$bin" generate --model "$model" --prompt "$long" --ctx 64
+
+# --json: one object with the documented fields, consistent with each other
+if "$bin" generate --model "$model" --chat --prompt "Name three colors." --max-tokens 12 --json \
+    >"$tmp/json" 2>"$tmp/err"; then
+    if python3 - "$tmp/json" <<'PY'
+import json, sys
+lines = open(sys.argv[1]).read().strip().splitlines()
+assert len(lines) == 1, lines
+o = json.loads(lines[0])
+for k in ("prompt_tokens", "completion_tokens", "token_ids", "text",
+          "prefill_tokens_per_s", "decode_tokens_per_s"):
+    assert k in o, k
+assert o["completion_tokens"] == len(o["token_ids"]) <= 12, o
+assert o["prompt_tokens"] > 10 and o["prefill_tokens_per_s"] > 0, o
+assert o["completion_tokens"] > 0 and len(o["text"]) > 0, o
+PY
+    then echo "ok   json_output"; else echo "FAIL json_output: $(cat "$tmp/json")"; fails=$((fails + 1)); fi
+else
+    echo "FAIL json_output: $(cat "$tmp/err")"; fails=$((fails + 1))
+fi
+
+# streaming: text on stdout, and --max-tokens 0 generates nothing
+out=$("$bin" generate --model "$model" --prompt "The capital of France is" --max-tokens 8 2>/dev/null)
+if [ -n "${out//[[:space:]]/}" ]; then echo "ok   stream_output"; else echo "FAIL stream_output"; fails=$((fails + 1)); fi
+n=$("$bin" generate --model "$model" --prompt "Hello" --max-tokens 0 --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["completion_tokens"])')
+if [ "$n" = 0 ]; then echo "ok   max_tokens_zero"; else echo "FAIL max_tokens_zero: $n"; fails=$((fails + 1)); fi
+
+# fetch-model: a verified model already in place means no download at all
+mkdir -p "$tmp/models"
+ln -s "$(realpath "$model")" "$tmp/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+if path=$(EKV_PYTHON=/bin/false "$bin" fetch-model --dir "$tmp/models") &&
+    [ "$path" = "$tmp/models/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
+    echo "ok   fetch_model_present"
+else
+    echo "FAIL fetch_model_present"; fails=$((fails + 1))
+fi
+expect fetch_model_bad_flag 2 "unknown flag" -- "$bin" fetch-model --bogus
+
+# bench: runs without the reference and prints JSON lines
+if "$bin" bench generate --model "$model" --contexts 64 --n-decode 8 --no-reference --json \
+    2>/dev/null | python3 -c '
+import json, sys
+rows = [json.loads(l) for l in sys.stdin]
+assert rows and rows[0]["engine"] == "entrokv" and rows[0]["decode_tokens_per_s"] > 0, rows'; then
+    echo "ok   bench_no_reference"
+else
+    echo "FAIL bench_no_reference"; fails=$((fails + 1))
+fi
+expect bench_unknown 2 "unknown benchmark" -- "$bin" bench nope
+
+echo "$fails failure(s)"
+[ "$fails" -eq 0 ]

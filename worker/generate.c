@@ -1,0 +1,232 @@
+/*
+ * generate.c - the single-sequence generation loop (see generate.h).
+ */
+#include "entrokv/generate.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "entrokv/tokenizer.h"
+
+#define TEXT_CHUNK 8192
+
+double gen_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+void gen_params_default(gen_params *p)
+{
+    memset(p, 0, sizeof *p);
+    p->max_tokens = 256;
+    p->prefill_chunk = 256;
+    sampler_params_default(&p->sampling);
+}
+
+const char *gen_finish_name(gen_finish f)
+{
+    switch (f) {
+    case GEN_FINISH_LENGTH: return "length";
+    case GEN_FINISH_EOS: return "stop";
+    case GEN_FINISH_STOP: return "stop";
+    case GEN_FINISH_CONTEXT: return "context";
+    case GEN_FINISH_CANCELLED: return "cancelled";
+    }
+    return "unknown";
+}
+
+void gen_result_free(gen_result *r)
+{
+    free(r->ids);
+    free(r->text);
+    memset(r, 0, sizeof *r);
+}
+
+typedef struct gen_state {
+    gen_result *out;
+    int32_t *history; /* prompt then generated ids */
+    int32_t n_history;
+    size_t text_cap;
+    gen_text_fn on_text;
+    void *ctx;
+    bool cancelled;
+} gen_state;
+
+static ekv_status emit(gen_state *st, const char *text, size_t len, ekv_error *err)
+{
+    if (len == 0)
+        return EKV_OK;
+    gen_result *r = st->out;
+    if (r->text_len + len + 1 > st->text_cap) {
+        size_t cap = st->text_cap ? st->text_cap : TEXT_CHUNK;
+        while (cap < r->text_len + len + 1)
+            cap *= 2;
+        char *t = realloc(r->text, cap);
+        if (!t)
+            return ekv_error_set(err, EKV_ENOMEM, "out of memory for generated text");
+        r->text = t;
+        st->text_cap = cap;
+    }
+    memcpy(r->text + r->text_len, text, len);
+    r->text_len += len;
+    r->text[r->text_len] = 0;
+    if (st->on_text && !st->on_text(st->ctx, text, len))
+        st->cancelled = true;
+    return EKV_OK;
+}
+
+/* Passes newly detokenised text through the stop strings, if any, then out. */
+static ekv_status emit_filtered(gen_state *st, ekv_stopper *stopper, const char *text, size_t len,
+                                bool *stopped, ekv_error *err)
+{
+    if (!stopper)
+        return emit(st, text, len, err);
+    char safe[TEXT_CHUNK + EKV_STOPPER_HOLD_MAX];
+    size_t n = 0;
+    ekv_status rc = stopper_feed(stopper, text, len, safe, sizeof safe, &n, stopped, err);
+    return rc ? rc : emit(st, safe, n, err);
+}
+
+static ekv_status prefill(ekv_runtime *rt, kv_seq *seq, const int32_t *prompt, int32_t n,
+                          int32_t chunk, float *logits, ekv_error *err)
+{
+    int32_t *pos = malloc((size_t)chunk * sizeof *pos);
+    kv_seq **seqs = malloc((size_t)chunk * sizeof *seqs);
+    ekv_status rc = EKV_OK;
+    if (!pos || !seqs) {
+        rc = ekv_error_set(err, EKV_ENOMEM, "out of memory");
+        goto out;
+    }
+    for (int32_t i = 0; i < chunk; i++)
+        seqs[i] = seq;
+    for (int32_t start = 0; start < n && !rc; start += chunk) {
+        const int32_t m = n - start < chunk ? n - start : chunk;
+        for (int32_t i = 0; i < m; i++)
+            pos[i] = start + i;
+        model_batch b = {.n = m, .tokens = prompt + start, .pos = pos, .seqs = seqs};
+        rc = model_forward(rt, &b, logits, err); /* logits of the chunk's last row */
+    }
+out:
+    free(pos);
+    free(seqs);
+    return rc;
+}
+
+ekv_status gen_run(ekv_runtime *rt, kv_pool *kv, const int32_t *prompt, int32_t n_prompt,
+                   const gen_params *p, gen_text_fn on_text, void *ctx, gen_result *out,
+                   ekv_error *err)
+{
+    memset(out, 0, sizeof *out);
+    const ekv_model *m = model_runtime_model(rt);
+    const ekv_model_config *c = model_config(m);
+    const ekv_tokenizer *tok = model_tokenizer(m);
+    const int32_t max_ctx = model_runtime_max_ctx(rt);
+    if (n_prompt <= 0)
+        return ekv_error_set(err, EKV_EINVAL, "the prompt is empty");
+    if (n_prompt >= max_ctx)
+        return ekv_error_set(err, EKV_ERANGE,
+                             "the prompt has %d tokens; the context holds %d (prompt + at least 1)",
+                             n_prompt, max_ctx);
+    if (p->max_tokens < 0)
+        return ekv_error_set(err, EKV_EINVAL, "max_tokens must be >= 0");
+    const int32_t chunk = p->prefill_chunk > 0 && p->prefill_chunk < model_runtime_max_batch(rt)
+                              ? p->prefill_chunk
+                              : model_runtime_max_batch(rt);
+    ekv_status rc = EKV_OK;
+    gen_state st = {.out = out, .on_text = on_text, .ctx = ctx};
+    float *logits = malloc((size_t)c->n_vocab * sizeof *logits);
+    st.history = malloc(((size_t)n_prompt + (size_t)p->max_tokens) * sizeof *st.history);
+    out->ids = malloc(((size_t)p->max_tokens + 1) * sizeof *out->ids);
+    ekv_sampler *sampler = sampler_create(&p->sampling, c->n_vocab, err);
+    ekv_stopper *stopper = NULL;
+    kv_seq *seq = kv_seq_create(kv, c->n_layers, c->n_kv_heads, err);
+    if (!sampler || !seq) {
+        rc = err ? err->code : EKV_ENOMEM;
+        goto out;
+    }
+    if (!logits || !st.history || !out->ids) {
+        rc = ekv_error_set(err, EKV_ENOMEM, "out of memory");
+        goto out;
+    }
+    if (p->n_stops && !(stopper = stopper_create(p->stops, p->n_stops, err))) {
+        rc = err ? err->code : EKV_EINVAL;
+        goto out;
+    }
+    memcpy(st.history, prompt, (size_t)n_prompt * sizeof *prompt);
+    st.n_history = n_prompt;
+    out->prompt_tokens = n_prompt;
+
+    double t0 = gen_now();
+    if ((rc = prefill(rt, seq, prompt, n_prompt, chunk, logits, err)))
+        goto out;
+    double t1 = gen_now();
+    out->prefill_s = t1 - t0;
+
+    tok_stream ts;
+    tok_stream_init(&ts, false);
+    char piece[TEXT_CHUNK];
+    bool stopped = false;
+    out->finish = GEN_FINISH_LENGTH;
+    for (;;) {
+        if (out->n_ids >= p->max_tokens) {
+            out->finish = GEN_FINISH_LENGTH;
+            break;
+        }
+        const int32_t id = sampler_sample(sampler, logits, st.history, (size_t)st.n_history);
+        if (!p->ignore_eos && tok_is_eog(tok, id)) {
+            out->finish = GEN_FINISH_EOS;
+            break;
+        }
+        out->ids[out->n_ids++] = id;
+        st.history[st.n_history++] = id;
+        size_t n = tok_stream_push(&ts, tok, id, piece, sizeof piece);
+        if ((rc = emit_filtered(&st, stopper, piece, n, &stopped, err)))
+            goto out;
+        if (stopped) {
+            out->finish = GEN_FINISH_STOP;
+            break;
+        }
+        if (st.cancelled) {
+            out->finish = GEN_FINISH_CANCELLED;
+            break;
+        }
+        if (out->n_ids >= p->max_tokens)
+            continue; /* no forward needed for a token nobody will sample after */
+        const int32_t pos = n_prompt + out->n_ids - 1;
+        if (pos + 1 >= max_ctx) {
+            out->finish = GEN_FINISH_CONTEXT;
+            break;
+        }
+        model_batch b = {.n = 1, .tokens = &id, .pos = &pos, .seqs = &seq};
+        if ((rc = model_forward(rt, &b, logits, err)))
+            goto out;
+    }
+    out->decode_s = gen_now() - t1;
+    if (!stopped) { /* the text held back for UTF-8 and stop strings */
+        size_t n = tok_stream_flush(&ts, piece, sizeof piece);
+        if ((rc = emit_filtered(&st, stopper, piece, n, &stopped, err)))
+            goto out;
+        if (stopped) {
+            out->finish = GEN_FINISH_STOP;
+        } else if (stopper) {
+            char tail[EKV_STOPPER_HOLD_MAX];
+            if ((rc = stopper_flush(stopper, tail, sizeof tail, &n, err)) ||
+                (rc = emit(&st, tail, n, err)))
+                goto out;
+        }
+    }
+out:
+    if (!out->text && rc == EKV_OK)
+        out->text = calloc(1, 1);
+    if (rc)
+        gen_result_free(out);
+    kv_seq_free(seq);
+    stopper_free(stopper);
+    sampler_free(sampler);
+    free(st.history);
+    free(logits);
+    return rc;
+}

@@ -1,0 +1,300 @@
+/*
+ * kvcache.c - block pool and per-(layer, KV head) block tables.
+ *
+ * Pool memory is one allocation of n_blocks fixed-size blocks, laid out as
+ * [K rows][V rows][positions] per block; free blocks sit on a stack of ids.
+ * Each head of a sequence keeps parallel arrays of block ids and of K / V /
+ * position pointers, so a kern_kv_view is built without copying.
+ */
+#include "entrokv/kvcache.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+struct kv_pool {
+    int32_t block_tokens;
+    int32_t head_dim;
+    int64_t n_blocks;
+    size_t block_bytes;
+    uint8_t *mem;
+    int32_t *free_ids; /* stack */
+    int64_t n_free;
+};
+
+typedef struct kv_head {
+    int32_t n_tokens;
+    int32_t n_blocks;
+    int32_t cap;
+    int32_t *ids;
+    const ekv_f16 **k;
+    const ekv_f16 **v;
+    const int32_t **pos;
+} kv_head;
+
+struct kv_seq {
+    kv_pool *pool;
+    int32_t n_layers;
+    int32_t n_kv_heads;
+    kv_head *heads; /* [layer * n_kv_heads + head] */
+    int32_t next_pos; /* one past the largest position ever appended */
+};
+
+kv_pool *kv_pool_create(int32_t block_tokens, int32_t head_dim, int64_t n_blocks, ekv_error *err)
+{
+    if (block_tokens <= 0 || head_dim <= 0 || n_blocks <= 0 || n_blocks > INT32_MAX ||
+        block_tokens > 4096 || head_dim > 4096) {
+        ekv_error_set(err, EKV_EINVAL, "kv pool: bad geometry (%d tokens x %d dims x %lld blocks)",
+                      block_tokens, head_dim, (long long)n_blocks);
+        return NULL;
+    }
+    kv_pool *pool = calloc(1, sizeof *pool);
+    if (!pool)
+        goto nomem;
+    pool->block_tokens = block_tokens;
+    pool->head_dim = head_dim;
+    pool->n_blocks = n_blocks;
+    /* K and V rows, then positions; rounded up to 64 bytes per block */
+    size_t bytes = 2 * (size_t)block_tokens * head_dim * sizeof(ekv_f16) +
+                   (size_t)block_tokens * sizeof(int32_t);
+    pool->block_bytes = (bytes + 63) & ~(size_t)63;
+    if ((size_t)n_blocks > SIZE_MAX / pool->block_bytes)
+        goto nomem;
+    pool->mem = aligned_alloc(64, (size_t)n_blocks * pool->block_bytes);
+    pool->free_ids = malloc((size_t)n_blocks * sizeof *pool->free_ids);
+    if (!pool->mem || !pool->free_ids)
+        goto nomem;
+    /* pop order = 0, 1, 2, ... so a fresh pool hands out consecutive blocks */
+    for (int64_t i = 0; i < n_blocks; i++)
+        pool->free_ids[i] = (int32_t)(n_blocks - 1 - i);
+    pool->n_free = n_blocks;
+    return pool;
+nomem:
+    kv_pool_destroy(pool);
+    ekv_error_set(err, EKV_ENOMEM, "kv pool: cannot allocate %lld blocks", (long long)n_blocks);
+    return NULL;
+}
+
+void kv_pool_destroy(kv_pool *pool)
+{
+    if (!pool)
+        return;
+    free(pool->mem);
+    free(pool->free_ids);
+    free(pool);
+}
+
+int64_t kv_pool_total_blocks(const kv_pool *pool) { return pool->n_blocks; }
+int64_t kv_pool_free_blocks(const kv_pool *pool) { return pool->n_free; }
+int32_t kv_pool_block_tokens(const kv_pool *pool) { return pool->block_tokens; }
+size_t kv_pool_block_bytes(const kv_pool *pool) { return pool->block_bytes; }
+
+static uint8_t *block_base(const kv_pool *pool, int32_t id)
+{
+    return pool->mem + (size_t)id * pool->block_bytes;
+}
+
+static ekv_f16 *block_k(const kv_pool *pool, int32_t id)
+{
+    return (ekv_f16 *)block_base(pool, id);
+}
+
+static ekv_f16 *block_v(const kv_pool *pool, int32_t id)
+{
+    return block_k(pool, id) + (size_t)pool->block_tokens * pool->head_dim;
+}
+
+static int32_t *block_pos(const kv_pool *pool, int32_t id)
+{
+    return (int32_t *)(block_v(pool, id) + (size_t)pool->block_tokens * pool->head_dim);
+}
+
+kv_seq *kv_seq_create(kv_pool *pool, int32_t n_layers, int32_t n_kv_heads, ekv_error *err)
+{
+    if (!pool || n_layers <= 0 || n_kv_heads <= 0 || n_layers > 4096 || n_kv_heads > 4096) {
+        ekv_error_set(err, EKV_EINVAL, "kv seq: bad shape (%d layers x %d heads)", n_layers,
+                      n_kv_heads);
+        return NULL;
+    }
+    kv_seq *seq = calloc(1, sizeof *seq);
+    if (!seq)
+        goto nomem;
+    seq->pool = pool;
+    seq->n_layers = n_layers;
+    seq->n_kv_heads = n_kv_heads;
+    seq->heads = calloc((size_t)n_layers * n_kv_heads, sizeof *seq->heads);
+    if (!seq->heads)
+        goto nomem;
+    return seq;
+nomem:
+    free(seq);
+    ekv_error_set(err, EKV_ENOMEM, "kv seq: out of memory");
+    return NULL;
+}
+
+static void head_release(kv_pool *pool, kv_head *h)
+{
+    for (int32_t b = 0; b < h->n_blocks; b++)
+        pool->free_ids[pool->n_free++] = h->ids[b];
+    free(h->ids);
+    free(h->k);
+    free(h->v);
+    free(h->pos);
+    memset(h, 0, sizeof *h);
+}
+
+void kv_seq_free(kv_seq *seq)
+{
+    if (!seq)
+        return;
+    for (int32_t i = 0; i < seq->n_layers * seq->n_kv_heads; i++)
+        head_release(seq->pool, &seq->heads[i]);
+    free(seq->heads);
+    free(seq);
+}
+
+static kv_head *head_at(const kv_seq *seq, int32_t layer, int32_t head)
+{
+    return &seq->heads[(size_t)layer * seq->n_kv_heads + head];
+}
+
+int64_t kv_seq_blocks_needed(const kv_seq *seq, int32_t n_tokens)
+{
+    const int32_t bt = seq->pool->block_tokens;
+    int64_t need = 0;
+    for (int32_t i = 0; i < seq->n_layers * seq->n_kv_heads; i++) {
+        const kv_head *h = &seq->heads[i];
+        int64_t room = (int64_t)h->n_blocks * bt - h->n_tokens;
+        if (n_tokens > room)
+            need += (n_tokens - room + bt - 1) / bt;
+    }
+    return need;
+}
+
+static int head_grow(kv_head *h)
+{
+    int32_t cap = h->cap ? h->cap * 2 : 8;
+    int32_t *ids = realloc(h->ids, (size_t)cap * sizeof *ids);
+    if (ids)
+        h->ids = ids;
+    const ekv_f16 **k = realloc(h->k, (size_t)cap * sizeof *k);
+    if (k)
+        h->k = k;
+    const ekv_f16 **v = realloc(h->v, (size_t)cap * sizeof *v);
+    if (v)
+        h->v = v;
+    const int32_t **pos = realloc(h->pos, (size_t)cap * sizeof *pos);
+    if (pos)
+        h->pos = pos;
+    if (!ids || !k || !v || !pos)
+        return 0;
+    h->cap = cap;
+    return 1;
+}
+
+ekv_status kv_seq_append(kv_seq *seq, int32_t layer, int32_t head, const float *k, const float *v,
+                         int32_t pos, ekv_error *err)
+{
+    kv_pool *pool = seq->pool;
+    kv_head *h = head_at(seq, layer, head);
+    const int32_t bt = pool->block_tokens, d = pool->head_dim;
+    if (h->n_tokens == h->n_blocks * bt) {
+        if (pool->n_free == 0)
+            return ekv_error_set(err, EKV_ENOMEM, "kv pool exhausted (%lld blocks)",
+                                 (long long)pool->n_blocks);
+        if (h->n_blocks == h->cap && !head_grow(h))
+            return ekv_error_set(err, EKV_ENOMEM, "kv seq: out of memory for block table");
+        int32_t id = pool->free_ids[--pool->n_free];
+        h->ids[h->n_blocks] = id;
+        h->k[h->n_blocks] = block_k(pool, id);
+        h->v[h->n_blocks] = block_v(pool, id);
+        h->pos[h->n_blocks] = block_pos(pool, id);
+        h->n_blocks++;
+    }
+    const int32_t b = h->ids[h->n_tokens / bt], r = h->n_tokens % bt;
+    ekv_f16 *kd = block_k(pool, b) + (size_t)r * d;
+    ekv_f16 *vd = block_v(pool, b) + (size_t)r * d;
+    for (int32_t j = 0; j < d; j++) {
+        kd[j] = ekv_f32_to_f16(k[j]);
+        vd[j] = ekv_f32_to_f16(v[j]);
+    }
+    block_pos(pool, b)[r] = pos;
+    h->n_tokens++;
+    if (pos >= seq->next_pos)
+        seq->next_pos = pos + 1;
+    return EKV_OK;
+}
+
+int32_t kv_seq_len(const kv_seq *seq, int32_t layer, int32_t head)
+{
+    return head_at(seq, layer, head)->n_tokens;
+}
+
+int32_t kv_seq_next_pos(const kv_seq *seq)
+{
+    return seq->next_pos;
+}
+
+int32_t kv_seq_max_len(const kv_seq *seq)
+{
+    int32_t n = 0;
+    for (int32_t i = 0; i < seq->n_layers * seq->n_kv_heads; i++)
+        if (seq->heads[i].n_tokens > n)
+            n = seq->heads[i].n_tokens;
+    return n;
+}
+
+kv_pool *kv_seq_pool(const kv_seq *seq)
+{
+    return seq->pool;
+}
+
+int64_t kv_seq_blocks(const kv_seq *seq)
+{
+    int64_t n = 0;
+    for (int32_t i = 0; i < seq->n_layers * seq->n_kv_heads; i++)
+        n += seq->heads[i].n_blocks;
+    return n;
+}
+
+void kv_seq_view(const kv_seq *seq, int32_t layer, int32_t head, kern_kv_view *view)
+{
+    const kv_head *h = head_at(seq, layer, head);
+    view->n_tokens = h->n_tokens;
+    view->block_tokens = seq->pool->block_tokens;
+    view->head_dim = seq->pool->head_dim;
+    view->k_blocks = h->k;
+    view->v_blocks = h->v;
+    view->pos_blocks = h->pos;
+}
+
+ekv_status kv_seq_keep(kv_seq *seq, int32_t layer, int32_t head, const int32_t *keep,
+                       int32_t n_keep, ekv_error *err)
+{
+    kv_pool *pool = seq->pool;
+    kv_head *h = head_at(seq, layer, head);
+    const int32_t bt = pool->block_tokens, d = pool->head_dim;
+    if (n_keep < 0 || n_keep > h->n_tokens)
+        return ekv_error_set(err, EKV_EINVAL, "kv keep: %d of %d tokens", n_keep, h->n_tokens);
+    for (int32_t i = 0; i < n_keep; i++)
+        if (keep[i] < 0 || keep[i] >= h->n_tokens || (i > 0 && keep[i] <= keep[i - 1]))
+            return ekv_error_set(err, EKV_EINVAL,
+                                 "kv keep: indices must be increasing and in [0, %d)", h->n_tokens);
+    /* keep[i] >= i, so compacting front to back never overwrites a row still to be read */
+    for (int32_t i = 0; i < n_keep; i++) {
+        const int32_t src = keep[i];
+        if (src == i)
+            continue;
+        const int32_t sb = h->ids[src / bt], sr = src % bt, db = h->ids[i / bt], dr = i % bt;
+        memcpy(block_k(pool, db) + (size_t)dr * d, block_k(pool, sb) + (size_t)sr * d,
+               (size_t)d * sizeof(ekv_f16));
+        memcpy(block_v(pool, db) + (size_t)dr * d, block_v(pool, sb) + (size_t)sr * d,
+               (size_t)d * sizeof(ekv_f16));
+        block_pos(pool, db)[dr] = block_pos(pool, sb)[sr];
+    }
+    const int32_t blocks_kept = (n_keep + bt - 1) / bt;
+    for (int32_t b = blocks_kept; b < h->n_blocks; b++)
+        pool->free_ids[pool->n_free++] = h->ids[b];
+    h->n_blocks = blocks_kept;
+    h->n_tokens = n_keep;
+    return EKV_OK;
+}
