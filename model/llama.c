@@ -23,7 +23,7 @@ struct ekv_runtime {
     int32_t max_ctx;
     /* activations, max_batch rows each */
     float *x, *xb, *q, *k, *v, *att, *gate, *up;
-    float *scores; /* max_ctx floats per thread */
+    float *scores; /* KERN_ATTN_SCRATCH(max_ctx) floats per thread */
     void *mm_scratch;
     size_t mm_scratch_bytes;
 };
@@ -61,7 +61,7 @@ ekv_runtime *model_runtime_create(const ekv_model *m, int32_t max_batch, int32_t
     rt->att = alloc_floats(B * Q);
     rt->gate = alloc_floats(B * F);
     rt->up = alloc_floats(B * F);
-    rt->scores = alloc_floats((size_t)ekv_pool_size(rt->pool) * (size_t)max_ctx);
+    rt->scores = alloc_floats((size_t)ekv_pool_size(rt->pool) * KERN_ATTN_SCRATCH(max_ctx));
     /* the largest scratch any of the model's matrix products needs */
     for (int32_t l = 0; l < c->n_layers; l++) {
         const ekv_layer *L = &m->layers[l];
@@ -172,7 +172,7 @@ static void task_attention(void *p, int ith, int nth)
     const ekv_model_config *c = &rt->m->cfg;
     const int32_t D = c->head_dim, H = c->n_heads, HKV = c->n_kv_heads, G = H / HKV;
     const float scale = 1.0f / sqrtf((float)D);
-    float *scores = rt->scores + (size_t)ith * rt->max_ctx;
+    float *scores = rt->scores + (size_t)ith * KERN_ATTN_SCRATCH(rt->max_ctx);
     int32_t qpos[64];
     const long n_items = (long)t->b->n * HKV;
     for (long item = ith; item < n_items; item += nth) {

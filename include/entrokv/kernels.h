@@ -84,8 +84,12 @@ typedef struct kern_kv_view {
 /*
  * out[q][:] = softmax(scale * Q[q] . K^T, masked to pos <= q_pos[q]) . V for
  * n_q query vectors of head_dim floats (row stride q_stride / out_stride).
- * scores: scratch of kv->n_tokens floats.
+ * scores: scratch of KERN_ATTN_SCRATCH(kv->n_tokens) floats. Consecutive
+ * queries with the same position (the query heads of a GQA group) share
+ * each K/V row load; results do not depend on that grouping.
  */
+#define KERN_ATTN_GROUP_MAX 4
+#define KERN_ATTN_SCRATCH(n_tokens) ((size_t)KERN_ATTN_GROUP_MAX * (size_t)(n_tokens))
 void kern_attention(const kern_kv_view *kv, const float *Q, int n_q, int q_stride,
                     const int32_t *q_pos, float scale, float *out, int out_stride, float *scores);
 

@@ -17,6 +17,7 @@
  * rounding.
  */
 #include <math.h>
+#include <stdbool.h>
 
 #include "entrokv/kernels.h"
 
@@ -107,38 +108,11 @@ AVX2_TARGET static inline float hsum256(__m256 v)
     return _mm_cvtss_f32(s);
 }
 
-AVX2_TARGET static void attend_one_avx2(const kern_kv_view *kv, const float *q, int32_t qpos,
-                                        float scale, float *out, float *scores)
+/* Softmax numerators in place over n scores (masked = -inf -> 0); returns
+ * their sum. The tail goes through the same vector exp, padded with -inf, so
+ * a score's value never depends on how many scores follow it. */
+AVX2_TARGET static float exp_scores_avx2(float *scores, int32_t n, float max)
 {
-    const int32_t d = kv->head_dim, bt = kv->block_tokens, n = kv->n_tokens;
-    float max = -INFINITY;
-    for (int32_t t = 0; t < n; t++) {
-        if (pos_of(kv, t) > qpos) {
-            scores[t] = -INFINITY;
-            continue;
-        }
-        const ekv_f16 *k = row_of(kv->k_blocks, t, bt, d);
-        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-        int32_t j = 0;
-        for (; j + 16 <= d; j += 16) {
-            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + j),
-                                   _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + j))), acc0);
-            acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + j + 8),
-                                   _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + j + 8))), acc1);
-        }
-        for (; j < d; j += 8)
-            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + j),
-                                   _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + j))), acc0);
-        const float s = hsum256(_mm256_add_ps(acc0, acc1)) * scale;
-        scores[t] = s;
-        if (s > max)
-            max = s;
-    }
-    for (int32_t j = 0; j < d; j++)
-        out[j] = 0.0f;
-    if (max == -INFINITY)
-        return;
-    /* exp in place, 8 at a time; masked scores (-inf) become 0 */
     const __m256 vmax = _mm256_set1_ps(max);
     __m256 vsum = _mm256_setzero_ps();
     int32_t t = 0;
@@ -147,7 +121,7 @@ AVX2_TARGET static void attend_one_avx2(const kern_kv_view *kv, const float *q, 
         _mm256_storeu_ps(scores + t, p);
         vsum = _mm256_add_ps(vsum, p);
     }
-    if (t < n) { /* the tail through the same vector exp, padded with -inf */
+    if (t < n) {
         float tail[8];
         for (int32_t i = 0; i < 8; i++)
             tail[i] = t + i < n ? scores[t + i] : -INFINITY;
@@ -157,33 +131,87 @@ AVX2_TARGET static void attend_one_avx2(const kern_kv_view *kv, const float *q, 
         for (int32_t i = 0; t + i < n; i++)
             scores[t + i] = tail[i];
     }
-    const float sum = hsum256(vsum);
-    /* out = sum_t p_t v_t, head_dim <= 256 kept in registers 64 at a time */
-    for (int32_t j0 = 0; j0 < d; j0 += 32) {
-        __m256 o0 = _mm256_setzero_ps(), o1 = _mm256_setzero_ps();
-        __m256 o2 = _mm256_setzero_ps(), o3 = _mm256_setzero_ps();
-        const int32_t w = d - j0 >= 32 ? 32 : d - j0; /* 8, 16, 24 or 32 */
-        for (t = 0; t < n; t++) {
-            if (scores[t] == 0.0f)
+    return hsum256(vsum);
+}
+
+/*
+ * g (1..GROUP_MAX) queries that share one position, over one KV head: each
+ * K and V row is loaded and widened from fp16 once for all of them (the
+ * query heads of a GQA group). Every query's arithmetic is the same whatever
+ * g is, so grouping never changes results. scores: g * n_tokens floats.
+ */
+#define GROUP_MAX KERN_ATTN_GROUP_MAX
+AVX2_TARGET static void attend_group_avx2(const kern_kv_view *kv, const float *Q, int g,
+                                          int q_stride, int32_t qpos, float scale, float *out,
+                                          int out_stride, float *scores)
+{
+    const int32_t d = kv->head_dim, bt = kv->block_tokens, n = kv->n_tokens;
+    float max[GROUP_MAX] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+    for (int32_t b = 0, t = 0; t < n; b++) {
+        const ekv_f16 *kb = kv->k_blocks[b];
+        const int32_t *pb = kv->pos_blocks[b];
+        for (int32_t r = 0; r < bt && t < n; r++, t++) {
+            if (pb[r] > qpos) {
+                for (int i = 0; i < g; i++)
+                    scores[(size_t)i * n + t] = -INFINITY;
                 continue;
-            const __m256 p = _mm256_set1_ps(scores[t]);
-            const ekv_f16 *v = row_of(kv->v_blocks, t, bt, d) + j0;
-            o0 = _mm256_fmadd_ps(p, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)v)), o0);
-            if (w > 8)
-                o1 = _mm256_fmadd_ps(p, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v + 8))), o1);
-            if (w > 16)
-                o2 = _mm256_fmadd_ps(p, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v + 16))), o2);
-            if (w > 24)
-                o3 = _mm256_fmadd_ps(p, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v + 24))), o3);
+            }
+            const ekv_f16 *k = kb + (size_t)r * d;
+            __m256 acc[GROUP_MAX] = {_mm256_setzero_ps(), _mm256_setzero_ps(),
+                                     _mm256_setzero_ps(), _mm256_setzero_ps()};
+            for (int32_t j = 0; j < d; j += 8) {
+                const __m256 kj = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + j)));
+                for (int i = 0; i < g; i++)
+                    acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(Q + (size_t)i * q_stride + j), kj,
+                                             acc[i]);
+            }
+            for (int i = 0; i < g; i++) {
+                const float sc = hsum256(acc[i]) * scale;
+                scores[(size_t)i * n + t] = sc;
+                if (sc > max[i])
+                    max[i] = sc;
+            }
         }
-        const __m256 inv = _mm256_set1_ps(1.0f / sum);
-        _mm256_storeu_ps(out + j0, _mm256_mul_ps(o0, inv));
-        if (w > 8)
-            _mm256_storeu_ps(out + j0 + 8, _mm256_mul_ps(o1, inv));
-        if (w > 16)
-            _mm256_storeu_ps(out + j0 + 16, _mm256_mul_ps(o2, inv));
-        if (w > 24)
-            _mm256_storeu_ps(out + j0 + 24, _mm256_mul_ps(o3, inv));
+    }
+    float inv[GROUP_MAX];
+    for (int i = 0; i < g; i++) {
+        /* nothing visible: defined as a zero output (probabilities all 0) */
+        const float sum = max[i] == -INFINITY ? 0.0f : exp_scores_avx2(scores + (size_t)i * n, n, max[i]);
+        if (max[i] == -INFINITY)
+            for (int32_t t = 0; t < n; t++)
+                scores[(size_t)i * n + t] = 0.0f;
+        inv[i] = sum > 0.0f ? 1.0f / sum : 0.0f;
+    }
+    /* out_i = sum_t p_it v_t, 16 dimensions at a time for all g queries */
+    for (int32_t j0 = 0; j0 < d; j0 += 16) {
+        const bool two = d - j0 >= 16;
+        __m256 o0[GROUP_MAX], o1[GROUP_MAX];
+        for (int i = 0; i < GROUP_MAX; i++)
+            o0[i] = o1[i] = _mm256_setzero_ps();
+        for (int32_t b = 0, t = 0; t < n; b++) {
+            const ekv_f16 *vb = kv->v_blocks[b] + j0;
+            for (int32_t r = 0; r < bt && t < n; r++, t++) {
+                const ekv_f16 *v = vb + (size_t)r * d;
+                const __m256 v0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)v));
+                const __m256 v1 = two ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v + 8)))
+                                      : _mm256_setzero_ps();
+                for (int i = 0; i < g; i++) {
+                    const float p = scores[(size_t)i * n + t];
+                    if (p == 0.0f)
+                        continue;
+                    const __m256 vp = _mm256_set1_ps(p);
+                    o0[i] = _mm256_fmadd_ps(vp, v0, o0[i]);
+                    o1[i] = _mm256_fmadd_ps(vp, v1, o1[i]);
+                }
+            }
+        }
+        for (int i = 0; i < g; i++) {
+            float *o = out + (size_t)i * out_stride + j0;
+            const __m256 vi = _mm256_set1_ps(inv[i]);
+            _mm256_storeu_ps(o, _mm256_mul_ps(o0[i], vi));
+            if (two)
+                _mm256_storeu_ps(o + 8, _mm256_mul_ps(o1[i], vi));
+        }
     }
 }
 #endif
@@ -191,15 +219,20 @@ AVX2_TARGET static void attend_one_avx2(const kern_kv_view *kv, const float *q, 
 void kern_attention(const kern_kv_view *kv, const float *Q, int n_q, int q_stride,
                     const int32_t *q_pos, float scale, float *out, int out_stride, float *scores)
 {
-    for (int i = 0; i < n_q; i++) {
+    for (int i = 0; i < n_q;) {
         const float *q = Q + (size_t)i * q_stride;
         float *o = out + (size_t)i * out_stride;
 #if defined(__x86_64__)
         if (kern_active_isa() >= KERN_ISA_AVX2 && kv->head_dim % 8 == 0) {
-            attend_one_avx2(kv, q, q_pos[i], scale, o, scores);
+            int g = 1; /* consecutive queries at one position go together */
+            while (g < GROUP_MAX && i + g < n_q && q_pos[i + g] == q_pos[i])
+                g++;
+            attend_group_avx2(kv, q, g, q_stride, q_pos[i], scale, o, out_stride, scores);
+            i += g;
             continue;
         }
 #endif
         attend_one_scalar(kv, q, q_pos[i], scale, o, scores);
+        i++;
     }
 }

@@ -3,16 +3,21 @@
  *
  * Compiled with per-function target attributes, so the project needs no
  * -march flag and this file is inert on CPUs the dispatcher does not send
- * here. Each kernel computes a tile of up to 2 weight rows x 4 activation
- * rows per step, so one unpacked weight block feeds four dot products (the
- * prefill case) and decode (m = 1) streams two weight rows side by side.
+ * here. The 32-block kernels compute a tile of up to 2 weight rows x 4
+ * activation rows per step, so one unpacked weight block feeds four dot
+ * products (prefill) and decode (m = 1) streams two weight rows side by side;
+ * the K-quant kernels unpack one 256-element super-block and reuse it for up
+ * to 4 activation rows.
  *
  * The integer block sums are exact and equal to the scalar kernels'; only the
  * float accumulation order differs (eight lanes, summed at the end):
  *   Q4_1: maddubs(nibbles, x) is unsigned x signed, no offset needed.
  *   Q4_0: the same, then -8 * sum(x) from the prepared row fixes the offset.
  *   Q8_0: maddubs(|w|, sign(x, w)), as ggml (no int16 saturation: 2*128*127).
- * The Q8 activation quantizer here reproduces quant_prep_q8 bit for bit.
+ *   Q4_K, Q6_K: maddubs per 32 quants, madd with the group scales; the
+ *   offsets (mins, -32) come from Q8_K's 16-element sums.
+ * The Q8 activation quantizer here reproduces quant_prep_q8 bit for bit; the
+ * AVX-512 level uses it too.
  */
 #include "quant.h"
 
@@ -329,13 +334,24 @@ AVX2_FN static void prep_f16_avx2(const float *x, int64_t k, uint8_t *out)
 /* ---- K-quants x Q8_K: one unpacked weight super-block feeds up to 4 rows ---- */
 
 /* A weight super-block as 8 vectors of 32 unsigned quants (Q4_K 0..15, Q6_K
- * 0..63 = q + 32) and, per vector, the int16 scales of its 16-element groups. */
+ * 0..63 = q + 32), per vector the int16 scales of its two 16-element groups,
+ * and the per-group multipliers of Q8_K's bsums that take the offset out
+ * (Q4_K: -min, applied with dmin; Q6_K: -32 * scale, applied with d). */
 typedef struct kblock {
     __m256i q[8];
     __m256i sc[8];
-    int16_t corr[16]; /* per 16-element group: Q4_K -min, Q6_K -32 * scale */
+    __m256i corr;
     float d, dmin;
 } kblock;
+
+/* Byte shuffle that spreads int16 word a over the low 128-bit lane and word b
+ * over the high one (both lanes must hold the same 8 words). */
+AVX2_INLINE __m256i spread_words(__m256i words, int a, int b)
+{
+    const __m256i idx = _mm256_setr_m128i(_mm_set1_epi16((short)(0x0100 + 0x0202 * a)),
+                                          _mm_set1_epi16((short)(0x0100 + 0x0202 * b)));
+    return _mm256_shuffle_epi8(words, idx);
+}
 
 AVX2_INLINE void unpack_q4_k(const blk_q4_k *w, kblock *u)
 {
@@ -345,12 +361,21 @@ AVX2_INLINE void unpack_q4_k(const blk_q4_k *w, kblock *u)
         u->q[2 * j] = _mm256_and_si256(bits, m4);
         u->q[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
     }
-    for (int j = 0; j < 8; j++) {
-        uint8_t sc, mn;
-        q4k_scale_min(j, w->scales, &sc, &mn);
-        u->sc[j] = _mm256_set1_epi16(sc);
-        u->corr[2 * j] = u->corr[2 * j + 1] = (int16_t)-mn;
-    }
+    /* the 12 packed bytes -> 8 scales then 8 mins (q4k_scale_min, four at a time) */
+    uint32_t t[4];
+    memcpy(t, w->scales, 12);
+    t[3] = ((t[2] >> 4) & 0x0f0f0f0f) | (((t[1] >> 6) & 0x03030303) << 4);
+    const uint32_t mins_lo = t[1] & 0x3f3f3f3f;
+    t[1] = (t[2] & 0x0f0f0f0f) | (((t[0] >> 6) & 0x03030303) << 4);
+    t[2] = mins_lo;
+    t[0] &= 0x3f3f3f3f;
+    const __m128i sm = _mm_loadu_si128((const __m128i *)t);
+    const __m256i sc = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));
+    for (int v = 0; v < 8; v++)
+        u->sc[v] = spread_words(sc, v, v);
+    const __m128i mn = _mm_cvtepu8_epi16(_mm_srli_si128(sm, 8));
+    u->corr = _mm256_sub_epi16(_mm256_setzero_si256(),
+                               _mm256_setr_m128i(_mm_unpacklo_epi16(mn, mn), _mm_unpackhi_epi16(mn, mn)));
     u->d = f16_to_f32(w->d);
     u->dmin = f16_to_f32(w->dmin);
 }
@@ -373,18 +398,22 @@ AVX2_INLINE void unpack_q6_k(const blk_q6_k *w, kblock *u)
         u->q[4 * h + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l2, 4), m4),
                                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 6), m2), 4));
     }
-    for (int v = 0; v < 8; v++)
-        u->sc[v] = _mm256_setr_m128i(_mm_set1_epi16(w->scales[2 * v]), _mm_set1_epi16(w->scales[2 * v + 1]));
-    for (int g = 0; g < 16; g++)
-        u->corr[g] = (int16_t)(-32 * w->scales[g]);
+    const __m128i raw = _mm_loadu_si128((const __m128i *)w->scales);
+    const __m256i lo = _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(raw));
+    const __m256i hi = _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(_mm_srli_si128(raw, 8)));
+    for (int v = 0; v < 4; v++) {
+        u->sc[v] = spread_words(lo, 2 * v, 2 * v + 1);
+        u->sc[v + 4] = spread_words(hi, 2 * v, 2 * v + 1);
+    }
+    u->corr = _mm256_sub_epi16(_mm256_setzero_si256(), _mm256_slli_epi16(_mm256_cvtepi8_epi16(raw), 5));
     u->d = f16_to_f32(w->d);
     u->dmin = 0.0f;
 }
 
 /*
  * Weight row i against activation rows j..j+nx-1: sum over super-blocks of
- * d * sum(scale * q . x) + the offset term, which Q8_K's 16-element sums make
- * exact in integers (Q4_K: -dmin * sum(min * bsum), Q6_K: -32 * d * sum(scale * bsum)).
+ * d * sum(scale * q . x) plus the offset term, which Q8_K's 16-element sums
+ * make exact in integers (Q4_K: -dmin * sum(min * bsum), Q6_K: -32 * d * sum(scale * bsum)).
  */
 AVX2_INLINE void row_k(const quant_gemm *g, int64_t i, int64_t j, const int nx, const quant_kind kind)
 {
@@ -392,20 +421,21 @@ AVX2_INLINE void row_k(const quant_gemm *g, int64_t i, int64_t j, const int nx, 
     const uint8_t *wrow = g->w + (size_t)i * g->w_stride;
     const blk_q8_k *xr[TX];
     __m256 acc[TX];
-    float off[TX];
 #pragma GCC unroll 4
     for (int c = 0; c < nx; c++) {
         xr[c] = (const blk_q8_k *)(g->x + (size_t)(j + c) * g->x_stride);
         acc[c] = _mm256_setzero_ps();
-        off[c] = 0.0f;
     }
+    const size_t bs = kind == QKIND_Q4_K ? sizeof(blk_q4_k) : sizeof(blk_q6_k);
     kblock u;
     for (int64_t b = 0; b < nb; b++) {
+        if (nx <= 2) /* decode: one sequential stream, fetch ~2 KB ahead */
+            for (size_t o = 0; o < bs; o += 64)
+                _mm_prefetch((const char *)wrow + (size_t)b * bs + 2048 + o, _MM_HINT_T0);
         if (kind == QKIND_Q4_K)
             unpack_q4_k((const blk_q4_k *)wrow + b, &u);
         else
             unpack_q6_k((const blk_q6_k *)wrow + b, &u);
-        const __m256i corr = _mm256_loadu_si256((const __m256i *)u.corr);
 #pragma GCC unroll 4
         for (int c = 0; c < nx; c++) {
             const blk_q8_k *x = xr[c] + b;
@@ -415,14 +445,18 @@ AVX2_INLINE void row_k(const quant_gemm *g, int64_t i, int64_t j, const int nx, 
                 const __m256i xv = _mm256_loadu_si256((const __m256i *)(x->qs + 32 * v));
                 isum = _mm256_add_epi32(isum, _mm256_madd_epi16(_mm256_maddubs_epi16(u.q[v], xv), u.sc[v]));
             }
-            const int32_t icorr = hsum8i(_mm256_madd_epi16(corr, _mm256_loadu_si256((const __m256i *)x->bsums)));
+            const __m256i icorr = _mm256_madd_epi16(u.corr, _mm256_loadu_si256((const __m256i *)x->bsums));
+            if (kind == QKIND_Q6_K) {
+                isum = _mm256_add_epi32(isum, icorr);
+            } else {
+                acc[c] = _mm256_fmadd_ps(_mm256_set1_ps(u.dmin * x->d), _mm256_cvtepi32_ps(icorr), acc[c]);
+            }
             acc[c] = _mm256_fmadd_ps(_mm256_set1_ps(u.d * x->d), _mm256_cvtepi32_ps(isum), acc[c]);
-            off[c] += (kind == QKIND_Q4_K ? u.dmin : u.d) * x->d * (float)icorr;
         }
     }
 #pragma GCC unroll 4
     for (int c = 0; c < nx; c++)
-        g->y[(j + c) * g->ldy + i] = hsum8(acc[c]) + off[c];
+        g->y[(j + c) * g->ldy + i] = hsum8(acc[c]);
 }
 
 AVX2_INLINE void gemm_k(const quant_gemm *g, int64_t i0, int64_t i1, int64_t j0, int64_t j1,

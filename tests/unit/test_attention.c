@@ -91,18 +91,21 @@ static void reference(const kern_kv_view *kv, const float *q, int32_t qpos, floa
     free(s);
 }
 
-static void check_shape(int32_t n, int32_t bt, int32_t d, int32_t step, int n_q)
+static void check_shape_grouped(int32_t n, int32_t bt, int32_t d, int32_t step, int n_q, int grouped)
 {
     paged p;
     make_paged(&p, n, bt, d, step);
     float *q = malloc((size_t)n_q * d * sizeof *q), *out = malloc((size_t)n_q * d * sizeof *out);
-    float *scores = malloc(((size_t)n + 8) * sizeof *scores);
+    float *scores = malloc((KERN_ATTN_SCRATCH(n) + 1) * sizeof *scores);
     int32_t *qpos = malloc((size_t)n_q * sizeof *qpos);
     double *ref = malloc((size_t)d * sizeof *ref);
     for (int i = 0; i < n_q * d; i++)
         q[i] = frand();
     for (int i = 0; i < n_q; i++) /* some queries see everything, some a prefix, one nothing */
         qpos[i] = i == 0 ? n * step : i == 1 ? -1 : (int32_t)((i * 7919) % (n * step + 1));
+    if (grouped) /* runs of equal positions, as the query heads of a GQA group */
+        for (int i = 0; i < n_q; i++)
+            qpos[i] = (int32_t)(((i / 3) * 7919) % (n * step + 1));
     const float scale = 1.0f / sqrtf((float)d);
     for (int isa = KERN_ISA_SCALAR; isa <= KERN_ISA_AVX512; isa++) {
         if (kern_set_isa((kern_isa)isa) != (kern_isa)isa)
@@ -128,6 +131,32 @@ static void check_shape(int32_t n, int32_t bt, int32_t d, int32_t step, int n_q)
     free_paged(&p);
 }
 
+static void check_shape(int32_t n, int32_t bt, int32_t d, int32_t step, int n_q)
+{
+    check_shape_grouped(n, bt, d, step, n_q, 0);
+    check_shape_grouped(n, bt, d, step, n_q, 1);
+}
+
+/* A query's output is bit-identical whether it is computed alone or with
+ * the other heads of its group. */
+static void test_grouping_does_not_change_results(void)
+{
+    paged p;
+    make_paged(&p, 77, 16, 64, 1);
+    float q[5 * 64], together[5 * 64], alone[64];
+    float *scores = malloc(KERN_ATTN_SCRATCH(77) * sizeof *scores);
+    int32_t qpos[5] = {50, 50, 50, 50, 50};
+    for (int i = 0; i < 5 * 64; i++)
+        q[i] = frand();
+    kern_attention(&p.view, q, 5, 64, qpos, 0.125f, together, 64, scores);
+    for (int i = 0; i < 5; i++) {
+        kern_attention(&p.view, q + i * 64, 1, 64, qpos, 0.125f, alone, 64, scores);
+        CHECK(memcmp(alone, together + i * 64, sizeof alone) == 0);
+    }
+    free(scores);
+    free_paged(&p);
+}
+
 static void test_attention_matches_reference(void)
 {
     check_shape(1, 16, 64, 1, 3);
@@ -137,6 +166,7 @@ static void test_attention_matches_reference(void)
     check_shape(40, 16, 8, 1, 3);
     check_shape(64, 16, 24, 2, 3);
     check_shape(9, 4, 12, 1, 3);      /* head_dim not a multiple of 8: scalar path */
+    check_shape(50, 16, 64, 1, 9);    /* 9 query heads: groups of 4, 4, 1 */
 }
 
 static void test_empty_head_gives_zero(void)
@@ -160,5 +190,6 @@ int main(void)
     kern_init();
     RUN_TEST(test_attention_matches_reference);
     RUN_TEST(test_empty_head_gives_zero);
+    RUN_TEST(test_grouping_does_not_change_results);
     return TEST_EXIT();
 }
