@@ -75,9 +75,10 @@ ekv_runtime *model_runtime_create(const ekv_model *m, int32_t max_batch, int32_t
     size_t so = kern_matmul_scratch_bytes(m->output.type, max_batch, m->output.n_cols);
     if (so > rt->mm_scratch_bytes)
         rt->mm_scratch_bytes = so;
-    rt->mm_scratch = aligned_alloc(64, (rt->mm_scratch_bytes + 63) & ~(size_t)63);
+    if (rt->mm_scratch_bytes) /* F32-only models need none */
+        rt->mm_scratch = aligned_alloc(64, (rt->mm_scratch_bytes + 63) & ~(size_t)63);
     if (!rt->x || !rt->xb || !rt->q || !rt->k || !rt->v || !rt->att || !rt->gate || !rt->up ||
-        !rt->scores || !rt->mm_scratch)
+        !rt->scores || (rt->mm_scratch_bytes && !rt->mm_scratch))
         goto nomem;
     return rt;
 nomem:

@@ -8,8 +8,10 @@
  * i at W + i * row_bytes(type, k).
  *
  * Quantized matmul follows ggml's scheme so results match llama.cpp closely:
- * activations are quantized per 32-element block (Q8_1 for Q4_0/Q4_1 weights,
- * Q8_0 for Q8_0 weights) and the block dot products are done in integers.
+ * activations are quantized per block (Q8_1 for Q4_0/Q4_1 weights, Q8_0 for
+ * Q8_0 weights, Q8_K for the K-quants Q4_K/Q6_K) and the block dot products
+ * are done in integers. For a given ISA, results are bit-identical across
+ * thread counts and batch composition.
  */
 #ifndef ENTROKV_KERNELS_H
 #define ENTROKV_KERNELS_H

@@ -63,7 +63,7 @@ void quant_prep_q8(const float *x, int64_t k, uint8_t *out)
         const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
         int32_t sum = 0;
         for (int j = 0; j < QK; j++) {
-            int32_t q = (int32_t)roundf(d != 0.0f ? xb[j] / d : 0.0f);
+            int32_t q = quant_round(xb[j] * id);
             qs[b * QK + j] = (int8_t)q;
             sum += q;
         }

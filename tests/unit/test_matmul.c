@@ -14,7 +14,8 @@
  *         activation quantization allows (derived at quant_bound below);
  *   (c) kern_get_row equals the dequantization written here;
  *   (d) unsupported types and bad shapes are errors, not crashes;
- *   (e) pools of 1, 2 and 3 threads give bit-identical results.
+ *   (e) pools of 1, 2 and 3 threads give bit-identical results, and a row
+ *       computed alone equals the same row computed in a batch.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -399,6 +400,13 @@ static void check_shape(uint32_t type, int64_t n, int64_t k, int64_t m)
                 float *yt = run_matmul(pools[t], &w, X, m);
                 CHECK(memcmp(yt, yv, sizeof(float) * (size_t)(m * ldy)) == 0);
                 free(yt);
+            }
+        }
+        if (m > 1 && n >= 17) { /* nor the batch: each row alone gives the same bits */
+            for (int64_t j = 0; j < m; j += m / 2) {
+                float *y1 = run_matmul(pools[2], &w, X + j * k, 1);
+                CHECK(memcmp(y1, yv + j * ldy, sizeof(float) * (size_t)n) == 0);
+                free(y1);
             }
         }
         free(yv);
