@@ -11,6 +11,7 @@
  */
 #include <cjson/cJSON.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <spawn.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -152,28 +153,18 @@ static int32_t argmax(const float *x, int32_t n)
 
 /* Prefill n_prompt ids, then n_decode greedy steps, timing each phase. */
 static ekv_status measure(ekv_runtime *rt, kv_pool *kv, const int32_t *prompt, int32_t n_prompt,
-                          int32_t n_decode, int32_t chunk, bench_result *r, ekv_error *err)
+                          int32_t n_decode, bench_result *r, ekv_error *err)
 {
     const ekv_model_config *c = model_config(model_runtime_model(rt));
     float *logits = malloc((size_t)c->n_vocab * sizeof *logits);
-    int32_t *pos = malloc((size_t)chunk * sizeof *pos);
-    kv_seq **seqs = malloc((size_t)chunk * sizeof *seqs);
     kv_seq *seq = kv_seq_create(kv, c->n_layers, c->n_kv_heads, err);
     ekv_status rc = EKV_OK;
-    if (!logits || !pos || !seqs || !seq) {
+    if (!logits || !seq) {
         rc = seq ? ekv_error_set(err, EKV_ENOMEM, "out of memory") : err->code;
         goto out;
     }
-    for (int32_t i = 0; i < chunk; i++)
-        seqs[i] = seq;
     double t0 = gen_now();
-    for (int32_t s = 0; s < n_prompt && !rc; s += chunk) {
-        const int32_t m = n_prompt - s < chunk ? n_prompt - s : chunk;
-        for (int32_t i = 0; i < m; i++)
-            pos[i] = s + i;
-        model_batch b = {.n = m, .tokens = prompt + s, .pos = pos, .seqs = seqs};
-        rc = model_forward(rt, &b, logits, err);
-    }
+    rc = model_prefill(rt, seq, prompt, n_prompt, 0, logits, err);
     double t1 = gen_now();
     for (int32_t i = 0; i < n_decode && !rc; i++) {
         int32_t id = argmax(logits, c->n_vocab), p = n_prompt + i;
@@ -186,13 +177,12 @@ static ekv_status measure(ekv_runtime *rt, kv_pool *kv, const int32_t *prompt, i
 out:
     kv_seq_free(seq);
     free(logits);
-    free(pos);
-    free(seqs);
     return rc;
 }
 
-/* Runs argv and returns its stdout (malloc'd), or NULL if it failed. */
-static char *capture(char *const argv[])
+/* Runs argv and returns its stdout (malloc'd), or NULL if it failed; its
+ * stderr is discarded when quiet. */
+static char *capture(char *const argv[], bool quiet)
 {
     int fds[2];
     if (pipe(fds) != 0)
@@ -201,6 +191,8 @@ static char *capture(char *const argv[])
     posix_spawn_file_actions_init(&fa);
     posix_spawn_file_actions_adddup2(&fa, fds[1], STDOUT_FILENO);
     posix_spawn_file_actions_addclose(&fa, fds[0]);
+    if (quiet)
+        posix_spawn_file_actions_addopen(&fa, STDERR_FILENO, "/dev/null", O_WRONLY, 0);
     pid_t pid;
     int rc = posix_spawnp(&pid, argv[0], &fa, NULL, argv, environ);
     posix_spawn_file_actions_destroy(&fa);
@@ -244,7 +236,7 @@ static const char *find_python(const bench_opts *o)
         return o->python;
     for (size_t i = 0; i < sizeof candidates / sizeof candidates[0]; i++) {
         char *argv[] = {(char *)candidates[i], "-c", "import llama_cpp", NULL};
-        char *outp = capture(argv);
+        char *outp = capture(argv, true);
         if (outp) {
             free(outp);
             return candidates[i];
@@ -270,7 +262,7 @@ static bool reference(const bench_opts *o, const char *python, const int32_t *pr
     snprintf(n_decode, sizeof n_decode, "%d", o->n_decode);
     char *argv[] = {(char *)python, (char *)o->ref_script, "--model", (char *)o->model,
                     "--tokens-file", path, "--threads", threads, "--n-decode", n_decode, NULL};
-    char *out = capture(argv);
+    char *out = capture(argv, false);
     unlink(path);
     if (!out)
         return false;
@@ -326,14 +318,14 @@ static int bench_generate(const bench_opts *o)
         goto out;
     }
     bench_result warm;
-    if (measure(rt, kv, ids, 32, 4, o->chunk, &warm, &err))
+    if (measure(rt, kv, ids, 32, 4, &warm, &err))
         goto fail;
     fprintf(stderr, "%-8s %-22s %-22s %s\n", "context", "prefill tok/s (ratio)",
             "decode tok/s (ratio)", "threads");
     for (int i = 0; i < o->n_contexts; i++) {
         const int32_t ctx = o->contexts[i], n_prompt = ctx - o->n_decode;
         bench_result ours, ref = {0};
-        if (measure(rt, kv, ids, n_prompt, o->n_decode, o->chunk, &ours, &err))
+        if (measure(rt, kv, ids, n_prompt, o->n_decode, &ours, &err))
             goto fail;
         print_line("entrokv", ctx, n_prompt, o, &ours);
         bool have_ref = python && reference(o, python, ids, n_prompt, &ref);

@@ -309,3 +309,29 @@ ekv_status model_forward(ekv_runtime *rt, const model_batch *b, float *logits, e
         return EKV_OK;
     return matmul(rt, &m->output, rt->xb, n_out, logits, err);
 }
+
+ekv_status model_prefill(ekv_runtime *rt, kv_seq *seq, const int32_t *ids, int32_t n,
+                         int32_t pos0, float *logits, ekv_error *err)
+{
+    const int32_t chunk = rt->max_batch;
+    int32_t *pos = malloc((size_t)chunk * sizeof *pos);
+    kv_seq **seqs = malloc((size_t)chunk * sizeof *seqs);
+    ekv_status rc = EKV_OK;
+    if (!pos || !seqs) {
+        rc = ekv_error_set(err, EKV_ENOMEM, "out of memory");
+        goto out;
+    }
+    for (int32_t i = 0; i < chunk; i++)
+        seqs[i] = seq;
+    for (int32_t start = 0; start < n && !rc; start += chunk) {
+        const int32_t m = n - start < chunk ? n - start : chunk;
+        for (int32_t i = 0; i < m; i++)
+            pos[i] = pos0 + start + i;
+        model_batch b = {.n = m, .tokens = ids + start, .pos = pos, .seqs = seqs};
+        rc = model_forward(rt, &b, logits, err); /* the chunk's last row */
+    }
+out:
+    free(pos);
+    free(seqs);
+    return rc;
+}

@@ -22,7 +22,6 @@ void gen_params_default(gen_params *p)
 {
     memset(p, 0, sizeof *p);
     p->max_tokens = 256;
-    p->prefill_chunk = 256;
     sampler_params_default(&p->sampling);
 }
 
@@ -90,31 +89,6 @@ static ekv_status emit_filtered(gen_state *st, ekv_stopper *stopper, const char 
     return rc ? rc : emit(st, safe, n, err);
 }
 
-static ekv_status prefill(ekv_runtime *rt, kv_seq *seq, const int32_t *prompt, int32_t n,
-                          int32_t chunk, float *logits, ekv_error *err)
-{
-    int32_t *pos = malloc((size_t)chunk * sizeof *pos);
-    kv_seq **seqs = malloc((size_t)chunk * sizeof *seqs);
-    ekv_status rc = EKV_OK;
-    if (!pos || !seqs) {
-        rc = ekv_error_set(err, EKV_ENOMEM, "out of memory");
-        goto out;
-    }
-    for (int32_t i = 0; i < chunk; i++)
-        seqs[i] = seq;
-    for (int32_t start = 0; start < n && !rc; start += chunk) {
-        const int32_t m = n - start < chunk ? n - start : chunk;
-        for (int32_t i = 0; i < m; i++)
-            pos[i] = start + i;
-        model_batch b = {.n = m, .tokens = prompt + start, .pos = pos, .seqs = seqs};
-        rc = model_forward(rt, &b, logits, err); /* logits of the chunk's last row */
-    }
-out:
-    free(pos);
-    free(seqs);
-    return rc;
-}
-
 ekv_status gen_run(ekv_runtime *rt, kv_pool *kv, const int32_t *prompt, int32_t n_prompt,
                    const gen_params *p, gen_text_fn on_text, void *ctx, gen_result *out,
                    ekv_error *err)
@@ -132,9 +106,6 @@ ekv_status gen_run(ekv_runtime *rt, kv_pool *kv, const int32_t *prompt, int32_t 
                              n_prompt, max_ctx);
     if (p->max_tokens < 0)
         return ekv_error_set(err, EKV_EINVAL, "max_tokens must be >= 0");
-    const int32_t chunk = p->prefill_chunk > 0 && p->prefill_chunk < model_runtime_max_batch(rt)
-                              ? p->prefill_chunk
-                              : model_runtime_max_batch(rt);
     ekv_status rc = EKV_OK;
     gen_state st = {.out = out, .on_text = on_text, .ctx = ctx};
     float *logits = malloc((size_t)c->n_vocab * sizeof *logits);
@@ -160,7 +131,7 @@ ekv_status gen_run(ekv_runtime *rt, kv_pool *kv, const int32_t *prompt, int32_t 
     out->prompt_tokens = n_prompt;
 
     double t0 = gen_now();
-    if ((rc = prefill(rt, seq, prompt, n_prompt, chunk, logits, err)))
+    if ((rc = model_prefill(rt, seq, prompt, n_prompt, 0, logits, err)))
         goto out;
     double t1 = gen_now();
     out->prefill_s = t1 - t0;

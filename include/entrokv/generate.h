@@ -29,7 +29,6 @@ typedef enum gen_finish {
 
 typedef struct gen_params {
     int32_t max_tokens;
-    int32_t prefill_chunk;   /* rows per prefill forward; <= runtime max_batch */
     ekv_sampler_params sampling;
     const char *const *stops;
     size_t n_stops;

@@ -72,4 +72,9 @@ typedef struct model_batch {
  * error no sequence has been modified (capacity is checked up front). */
 ekv_status model_forward(ekv_runtime *rt, const model_batch *b, float *logits, ekv_error *err);
 
+/* Appends n tokens at positions pos0.. to seq, in forwards of at most the
+ * runtime's max_batch rows; writes the last token's logits (n_vocab). */
+ekv_status model_prefill(ekv_runtime *rt, kv_seq *seq, const int32_t *ids, int32_t n,
+                         int32_t pos0, float *logits, ekv_error *err);
+
 #endif
