@@ -2,7 +2,10 @@
  * kvcache.c - block pool and per-(layer, KV head) block tables.
  *
  * Pool memory is one allocation of n_blocks fixed-size blocks, laid out as
- * [K rows][V rows][positions] per block; free blocks sit on a stack of ids.
+ * [K][V rows][positions] per block, K transposed ([head_dim][block_tokens],
+ * the layout kern_kv_view documents: attention scores a block's tokens in
+ * SIMD lanes); free blocks sit on a stack of ids. A block is zeroed when a
+ * head takes it, so its unused rows never hold stale or uninitialised data.
  * Each head of a sequence keeps parallel arrays of block ids and of K / V /
  * position pointers, so a kern_kv_view is built without copying.
  */
@@ -204,6 +207,7 @@ ekv_status kv_seq_append(kv_seq *seq, int32_t layer, int32_t head, const float *
         if (h->n_blocks == h->cap && !head_grow(h))
             return ekv_error_set(err, EKV_ENOMEM, "kv seq: out of memory for block table");
         int32_t id = pool->free_ids[--pool->n_free];
+        memset(block_base(pool, id), 0, pool->block_bytes);
         h->ids[h->n_blocks] = id;
         h->k[h->n_blocks] = block_k(pool, id);
         h->v[h->n_blocks] = block_v(pool, id);
@@ -211,10 +215,10 @@ ekv_status kv_seq_append(kv_seq *seq, int32_t layer, int32_t head, const float *
         h->n_blocks++;
     }
     const int32_t b = h->ids[h->n_tokens / bt], r = h->n_tokens % bt;
-    ekv_f16 *kd = block_k(pool, b) + (size_t)r * d;
+    ekv_f16 *kd = block_k(pool, b) + r; /* column r of [head_dim][block_tokens] */
     ekv_f16 *vd = block_v(pool, b) + (size_t)r * d;
     for (int32_t j = 0; j < d; j++) {
-        kd[j] = ekv_f32_to_f16(k[j]);
+        kd[(size_t)j * bt] = ekv_f32_to_f16(k[j]);
         vd[j] = ekv_f32_to_f16(v[j]);
     }
     block_pos(pool, b)[r] = pos;
@@ -285,8 +289,10 @@ ekv_status kv_seq_keep(kv_seq *seq, int32_t layer, int32_t head, const int32_t *
         if (src == i)
             continue;
         const int32_t sb = h->ids[src / bt], sr = src % bt, db = h->ids[i / bt], dr = i % bt;
-        memcpy(block_k(pool, db) + (size_t)dr * d, block_k(pool, sb) + (size_t)sr * d,
-               (size_t)d * sizeof(ekv_f16));
+        const ekv_f16 *ks = block_k(pool, sb) + sr;
+        ekv_f16 *kd = block_k(pool, db) + dr;
+        for (int32_t j = 0; j < d; j++) /* K is transposed: move a column */
+            kd[(size_t)j * bt] = ks[(size_t)j * bt];
         memcpy(block_v(pool, db) + (size_t)dr * d, block_v(pool, sb) + (size_t)sr * d,
                (size_t)d * sizeof(ekv_f16));
         block_pos(pool, db)[dr] = block_pos(pool, sb)[sr];

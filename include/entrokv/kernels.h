@@ -70,16 +70,23 @@ void kern_add(float *x, const float *y, int n);
 
 /*
  * One KV head's kept tokens, as the block table lists them: token t lives in
- * block t / block_tokens, row t % block_tokens; K and V rows are head_dim fp16
- * values; pos[t] is the token's original position (causal mask compares
- * positions, so kept tokens may be any subset of the past).
+ * block b = t / block_tokens, slot r = t % block_tokens; pos[t] is the token's
+ * original position (causal mask compares positions, so kept tokens may be
+ * any subset of the past). K and V are fp16 with different layouts:
+ *   K is transposed, [head_dim][block_tokens]: element j of token t is
+ *     k_blocks[b][j * block_tokens + r], so the kernel scores a block's
+ *     tokens side by side in SIMD lanes;
+ *   V is by token, [block_tokens][head_dim]: v_blocks[b][r * head_dim + j].
+ * Every slot of every listed block must be readable (a block's slots past
+ * n_tokens are read and then ignored). The SIMD paths need block_tokens to be
+ * a multiple of 16; other geometries take the scalar path.
  */
 typedef struct kern_kv_view {
     int32_t n_tokens;
     int32_t block_tokens;
     int32_t head_dim;
-    const ekv_f16 *const *k_blocks; /* block_tokens x head_dim each */
-    const ekv_f16 *const *v_blocks;
+    const ekv_f16 *const *k_blocks; /* head_dim x block_tokens each (transposed) */
+    const ekv_f16 *const *v_blocks; /* block_tokens x head_dim each */
     const int32_t *const *pos_blocks; /* block_tokens positions each */
 } kern_kv_view;
 

@@ -2,8 +2,9 @@
  * kvcache.h - paged KV cache with a block table per (sequence, layer, KV head).
  *
  * One kv_pool per worker owns fixed-size blocks; a block holds block_tokens
- * rows of K and of V (head_dim fp16 each, RoPE already applied to K) and the
- * original position of each row. A kv_seq owns, for each layer and KV head,
+ * tokens of K and of V (head_dim fp16 each, RoPE already applied to K; K
+ * stored transposed, as kern_kv_view describes) and the original position of
+ * each token. A kv_seq owns, for each layer and KV head,
  * its own ordered list of blocks, so heads may keep different numbers of
  * tokens (ragged compression budgets cost no padding). Blocks go back to the
  * pool the moment a head drops them (kv_seq_keep) or the sequence ends

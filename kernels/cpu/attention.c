@@ -13,8 +13,19 @@
  * and masked scores contribute exact zeros - so chunked prefill, batched
  * decode and one-token decode give bit-identical outputs. K and V are fp16;
  * scores and accumulation are fp32. The scalar path is the reference; the
- * AVX2 path (F16C loads, a vectorised exp) must agree with it to fp32
- * rounding.
+ * AVX2 and AVX-512 paths (F16C loads, a vectorised exp) must agree with it to
+ * fp32 rounding.
+ *
+ * K is stored transposed within each block ([head_dim][block_tokens], see
+ * kern_kv_view), so the SIMD paths score 16 tokens of a block at once with
+ * one accumulator lane per token - broadcast q[j] times the widened K column
+ * j - and never sum horizontally; the query heads of a GQA group share each
+ * widened column. Each lane's summation order over j is fixed by the ISA
+ * alone, never by the group size or by which neighbouring lanes are masked.
+ * The group size is made a compile-time constant (a switch over g) so the
+ * accumulators stay in registers. A head's blocks are scattered through the
+ * pool, which defeats the hardware prefetchers at every block boundary at
+ * long context, so the AVX-512 path prefetches K and V a few blocks ahead.
  */
 #include <math.h>
 #include <stdbool.h>
@@ -29,6 +40,13 @@ static inline const ekv_f16 *row_of(const ekv_f16 *const *blocks, int32_t t, int
                                     int32_t d)
 {
     return blocks[t / bt] + (size_t)(t % bt) * d;
+}
+
+/* K element j of token t: blocks are [head_dim][block_tokens] */
+static inline float k_at(const kern_kv_view *kv, int32_t t, int32_t j)
+{
+    const int32_t bt = kv->block_tokens;
+    return ekv_f16_to_f32(kv->k_blocks[t / bt][(size_t)j * bt + t % bt]);
 }
 
 static inline int32_t pos_of(const kern_kv_view *kv, int32_t t)
@@ -46,10 +64,9 @@ static void attend_one_scalar(const kern_kv_view *kv, const float *q, int32_t qp
             scores[t] = -INFINITY;
             continue;
         }
-        const ekv_f16 *k = row_of(kv->k_blocks, t, bt, d);
         float s = 0.0f;
         for (int32_t j = 0; j < d; j++)
-            s += q[j] * ekv_f16_to_f32(k[j]);
+            s += q[j] * k_at(kv, t, j);
         scores[t] = s * scale;
         if (scores[t] > max)
             max = scores[t];
@@ -75,6 +92,7 @@ static void attend_one_scalar(const kern_kv_view *kv, const float *q, int32_t qp
 
 #if defined(__x86_64__)
 #define AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
+#define AVX2_INLINE static inline __attribute__((always_inline, target("avx2,fma,f16c")))
 
 /* exp(x) for x <= 0 (softmax arguments): 2^n * p(r), r = x - n ln2, with a
  * degree-6 polynomial on [-ln2/2, ln2/2]; relative error ~2e-7. Inputs below
@@ -106,6 +124,30 @@ AVX2_TARGET static inline float hsum256(__m256 v)
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
+}
+
+AVX2_TARGET static inline float hmax256(__m256 v)
+{
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    return _mm_cvtss_f32(m);
+}
+
+/* Stores a tile's 16 scores, or its first `real` of them when it ends the
+ * list (scores has no room past n). */
+AVX2_TARGET static inline void store_tile_avx2(float *dst, __m256 s0, __m256 s1, int32_t real)
+{
+    if (real >= 16) {
+        _mm256_storeu_ps(dst, s0);
+        _mm256_storeu_ps(dst + 8, s1);
+        return;
+    }
+    float tmp[16];
+    _mm256_storeu_ps(tmp, s0);
+    _mm256_storeu_ps(tmp + 8, s1);
+    for (int32_t r = 0; r < real; r++)
+        dst[r] = tmp[r];
 }
 
 /* Softmax numerators in place over n scores (masked = -inf -> 0); returns
@@ -141,39 +183,75 @@ AVX2_TARGET static float exp_scores_avx2(float *scores, int32_t n, float max)
  * g is, so grouping never changes results. scores: g * n_tokens floats.
  */
 #define GROUP_MAX KERN_ATTN_GROUP_MAX
-AVX2_TARGET static void attend_group_avx2(const kern_kv_view *kv, const float *Q, int g,
-                                          int q_stride, int32_t qpos, float scale, float *out,
-                                          int out_stride, float *scores)
+/* a0[i] / a1[i] = Q[i] . K for tokens 0-7 / 8-15 of the tile at kb, i < G */
+AVX2_INLINE void dots_avx2(const ekv_f16 *kb, int32_t bt, int32_t d, const float *Q, int q_stride,
+                           const int G, __m256 *a0, __m256 *a1)
 {
-    const int32_t d = kv->head_dim, bt = kv->block_tokens, n = kv->n_tokens;
-    float max[GROUP_MAX] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
-    for (int32_t b = 0, t = 0; t < n; b++) {
-        const ekv_f16 *kb = kv->k_blocks[b];
-        const int32_t *pb = kv->pos_blocks[b];
-        for (int32_t r = 0; r < bt && t < n; r++, t++) {
-            if (pb[r] > qpos) {
-                for (int i = 0; i < g; i++)
-                    scores[(size_t)i * n + t] = -INFINITY;
-                continue;
-            }
-            const ekv_f16 *k = kb + (size_t)r * d;
-            __m256 acc[GROUP_MAX] = {_mm256_setzero_ps(), _mm256_setzero_ps(),
-                                     _mm256_setzero_ps(), _mm256_setzero_ps()};
-            for (int32_t j = 0; j < d; j += 8) {
-                const __m256 kj = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + j)));
-                for (int i = 0; i < g; i++)
-                    acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(Q + (size_t)i * q_stride + j), kj,
-                                             acc[i]);
-            }
-            for (int i = 0; i < g; i++) {
-                const float sc = hsum256(acc[i]) * scale;
-                scores[(size_t)i * n + t] = sc;
-                if (sc > max[i])
-                    max[i] = sc;
-            }
+#pragma GCC unroll 4
+    for (int i = 0; i < G; i++)
+        a0[i] = a1[i] = _mm256_setzero_ps();
+    for (int32_t j = 0; j < d; j++) {
+        const ekv_f16 *kj = kb + (size_t)j * bt;
+        const __m256 k0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)kj));
+        const __m256 k1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(kj + 8)));
+#pragma GCC unroll 4
+        for (int i = 0; i < G; i++) {
+            const __m256 qj = _mm256_broadcast_ss(Q + (size_t)i * q_stride + j);
+            a0[i] = _mm256_fmadd_ps(qj, k0, a0[i]);
+            a1[i] = _mm256_fmadd_ps(qj, k1, a1[i]);
         }
     }
-    float inv[GROUP_MAX];
+}
+
+AVX2_TARGET static void scores_avx2(const kern_kv_view *kv, const float *Q, int g, int q_stride,
+                                    int32_t qpos, float scale, float *scores, float *max)
+{
+    const int32_t d = kv->head_dim, bt = kv->block_tokens, n = kv->n_tokens;
+    const __m256 ninf = _mm256_set1_ps(-INFINITY), vscale = _mm256_set1_ps(scale);
+    const __m256i vqpos = _mm256_set1_epi32(qpos);
+    const __m256i lane_lo = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i lane_hi = _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15);
+    __m256 vmax[GROUP_MAX] = {ninf, ninf, ninf, ninf};
+    /* 16 tokens (one tile of a block) at a time, two ymm lanes-per-token each */
+    for (int32_t t0 = 0; t0 < n; t0 += 16) {
+        const ekv_f16 *kb = kv->k_blocks[t0 / bt] + t0 % bt;
+        const int32_t *pb = kv->pos_blocks[t0 / bt] + t0 % bt;
+        const __m256i left = _mm256_set1_epi32(n - t0);
+        /* visible: a real token (lane < n - t0) whose position is <= qpos */
+        const __m256i vis_lo = _mm256_andnot_si256(
+            _mm256_cmpgt_epi32(_mm256_loadu_si256((const __m256i *)pb), vqpos),
+            _mm256_cmpgt_epi32(left, lane_lo));
+        const __m256i vis_hi = _mm256_andnot_si256(
+            _mm256_cmpgt_epi32(_mm256_loadu_si256((const __m256i *)(pb + 8)), vqpos),
+            _mm256_cmpgt_epi32(left, lane_hi));
+        if (_mm256_testz_si256(vis_lo, vis_lo) && _mm256_testz_si256(vis_hi, vis_hi)) {
+            for (int i = 0; i < g; i++) /* whole tile masked: skip the dot products */
+                store_tile_avx2(scores + (size_t)i * n + t0, ninf, ninf, n - t0);
+            continue;
+        }
+        __m256 a0[GROUP_MAX], a1[GROUP_MAX];
+        switch (g) { /* a constant group size keeps the accumulators in registers */
+        case 1: dots_avx2(kb, bt, d, Q, q_stride, 1, a0, a1); break;
+        case 2: dots_avx2(kb, bt, d, Q, q_stride, 2, a0, a1); break;
+        case 3: dots_avx2(kb, bt, d, Q, q_stride, 3, a0, a1); break;
+        default: dots_avx2(kb, bt, d, Q, q_stride, 4, a0, a1); break;
+        }
+        for (int i = 0; i < g; i++) {
+            const __m256 s0 = _mm256_blendv_ps(ninf, _mm256_mul_ps(a0[i], vscale),
+                                               _mm256_castsi256_ps(vis_lo));
+            const __m256 s1 = _mm256_blendv_ps(ninf, _mm256_mul_ps(a1[i], vscale),
+                                               _mm256_castsi256_ps(vis_hi));
+            vmax[i] = _mm256_max_ps(vmax[i], _mm256_max_ps(s0, s1));
+            store_tile_avx2(scores + (size_t)i * n + t0, s0, s1, n - t0);
+        }
+    }
+    for (int i = 0; i < g; i++)
+        max[i] = hmax256(vmax[i]);
+}
+
+/* Turns each query's scores into softmax numerators; inv[i] = 1 / their sum. */
+AVX2_TARGET static void softmax_avx2(float *scores, int32_t n, int g, const float *max, float *inv)
+{
     for (int i = 0; i < g; i++) {
         /* nothing visible: defined as a zero output (probabilities all 0) */
         const float sum = max[i] == -INFINITY ? 0.0f : exp_scores_avx2(scores + (size_t)i * n, n, max[i]);
@@ -182,37 +260,231 @@ AVX2_TARGET static void attend_group_avx2(const kern_kv_view *kv, const float *Q
                 scores[(size_t)i * n + t] = 0.0f;
         inv[i] = sum > 0.0f ? 1.0f / sum : 0.0f;
     }
-    /* out_i = sum_t p_it v_t, 16 dimensions at a time for all g queries */
-    for (int32_t j0 = 0; j0 < d; j0 += 16) {
-        const bool two = d - j0 >= 16;
-        __m256 o0[GROUP_MAX], o1[GROUP_MAX];
-        for (int i = 0; i < GROUP_MAX; i++)
-            o0[i] = o1[i] = _mm256_setzero_ps();
-        for (int32_t b = 0, t = 0; t < n; b++) {
-            const ekv_f16 *vb = kv->v_blocks[b] + j0;
-            for (int32_t r = 0; r < bt && t < n; r++, t++) {
-                const ekv_f16 *v = vb + (size_t)r * d;
-                const __m256 v0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)v));
-                const __m256 v1 = two ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v + 8)))
-                                      : _mm256_setzero_ps();
-                for (int i = 0; i < g; i++) {
-                    const float p = scores[(size_t)i * n + t];
-                    if (p == 0.0f)
-                        continue;
-                    const __m256 vp = _mm256_set1_ps(p);
-                    o0[i] = _mm256_fmadd_ps(vp, v0, o0[i]);
-                    o1[i] = _mm256_fmadd_ps(vp, v1, o1[i]);
-                }
+}
+
+/* out_i = inv_i * sum_t p_it v_t over dimensions [j0, j0 + 8 * NC), i < G */
+AVX2_INLINE void values_chunk_avx2(const kern_kv_view *kv, const float *scores, const float *inv,
+                                   float *out, int out_stride, int32_t j0, const int G,
+                                   const int NC)
+{
+    const int32_t d = kv->head_dim, bt = kv->block_tokens, n = kv->n_tokens;
+    __m256 o[GROUP_MAX][2];
+#pragma GCC unroll 4
+    for (int i = 0; i < G; i++)
+        o[i][0] = o[i][1] = _mm256_setzero_ps();
+    for (int32_t b = 0, t0 = 0; t0 < n; b++, t0 += bt) {
+        const ekv_f16 *vb = kv->v_blocks[b] + j0;
+        const int32_t rows = n - t0 < bt ? n - t0 : bt;
+        for (int32_t r = 0; r < rows; r++) {
+            const ekv_f16 *v = vb + (size_t)r * d;
+            __m256 vc[2];
+#pragma GCC unroll 2
+            for (int c = 0; c < NC; c++)
+                vc[c] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v + 8 * c)));
+#pragma GCC unroll 4
+            for (int i = 0; i < G; i++) {
+                const float p = scores[(size_t)i * n + t0 + r];
+                if (p == 0.0f) /* masked: adding 0 * v would change nothing */
+                    continue;
+                const __m256 vp = _mm256_set1_ps(p);
+#pragma GCC unroll 2
+                for (int c = 0; c < NC; c++)
+                    o[i][c] = _mm256_fmadd_ps(vp, vc[c], o[i][c]);
             }
         }
-        for (int i = 0; i < g; i++) {
-            float *o = out + (size_t)i * out_stride + j0;
-            const __m256 vi = _mm256_set1_ps(inv[i]);
-            _mm256_storeu_ps(o, _mm256_mul_ps(o0[i], vi));
-            if (two)
-                _mm256_storeu_ps(o + 8, _mm256_mul_ps(o1[i], vi));
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < G; i++) {
+        const __m256 vi = _mm256_set1_ps(inv[i]);
+#pragma GCC unroll 2
+        for (int c = 0; c < NC; c++)
+            _mm256_storeu_ps(out + (size_t)i * out_stride + j0 + 8 * c, _mm256_mul_ps(o[i][c], vi));
+    }
+}
+
+/* 16 dimensions per pass over the tokens (8 for the last of d % 16 == 8) */
+AVX2_TARGET static void values_avx2(const kern_kv_view *kv, const float *s, int g,
+                                    const float *inv, float *out, int os)
+{
+    for (int32_t j0 = 0; j0 < kv->head_dim;) {
+        const int wide = kv->head_dim - j0 >= 16;
+        switch (g * 2 + wide) { /* constant shapes keep the accumulators in registers */
+        case 2: values_chunk_avx2(kv, s, inv, out, os, j0, 1, 1); break;
+        case 3: values_chunk_avx2(kv, s, inv, out, os, j0, 1, 2); break;
+        case 4: values_chunk_avx2(kv, s, inv, out, os, j0, 2, 1); break;
+        case 5: values_chunk_avx2(kv, s, inv, out, os, j0, 2, 2); break;
+        case 6: values_chunk_avx2(kv, s, inv, out, os, j0, 3, 1); break;
+        case 7: values_chunk_avx2(kv, s, inv, out, os, j0, 3, 2); break;
+        case 8: values_chunk_avx2(kv, s, inv, out, os, j0, 4, 1); break;
+        default: values_chunk_avx2(kv, s, inv, out, os, j0, 4, 2); break;
+        }
+        j0 += wide ? 16 : 8;
+    }
+}
+
+AVX2_TARGET static void attend_group_avx2(const kern_kv_view *kv, const float *Q, int g,
+                                          int q_stride, int32_t qpos, float scale, float *out,
+                                          int out_stride, float *scores)
+{
+    float max[GROUP_MAX], inv[GROUP_MAX];
+    scores_avx2(kv, Q, g, q_stride, qpos, scale, scores, max);
+    softmax_avx2(scores, kv->n_tokens, g, max, inv);
+    values_avx2(kv, scores, g, inv, out, out_stride);
+}
+
+/*
+ * AVX-512: a block tile of 16 tokens is one zmm per query. The dot products
+ * run over j in four interleaved partial sums (j mod 4), added at the end in
+ * a fixed order, so the FMA chains overlap even for one query; the V pass
+ * keeps 64 output dimensions of all g queries in registers.
+ */
+#define AVX512_TARGET "avx512f,avx512bw,avx512vl,avx2,fma,f16c"
+#define AVX512_FN __attribute__((target(AVX512_TARGET)))
+#define AVX512_INLINE static inline __attribute__((always_inline, target(AVX512_TARGET)))
+
+/* dot[i] = Q[i] . K for the 16 tokens of the tile at kb, i < G */
+AVX512_INLINE void dots_avx512(const ekv_f16 *kb, int32_t bt, int32_t d, const float *Q,
+                               int q_stride, const int G, __m512 *dot, const ekv_f16 *ahead)
+{
+    __m512 a[GROUP_MAX][4];
+#pragma GCC unroll 4
+    for (int i = 0; i < G; i++)
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; u++)
+            a[i][u] = _mm512_setzero_ps();
+    for (int32_t j = 0; j < d; j += 4) {
+        if (ahead) { /* the head's blocks are scattered: the prefetchers lag at each jump */
+            _mm_prefetch((const char *)(ahead + (size_t)j * bt), _MM_HINT_T0);
+            _mm_prefetch((const char *)(ahead + (size_t)(j + 2) * bt), _MM_HINT_T0);
+        }
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; u++) {
+            const __m512 kj =
+                _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(kb + (size_t)(j + u) * bt)));
+#pragma GCC unroll 4
+            for (int i = 0; i < G; i++)
+                a[i][u] = _mm512_fmadd_ps(_mm512_set1_ps(Q[(size_t)i * q_stride + j + u]), kj,
+                                          a[i][u]);
         }
     }
+#pragma GCC unroll 4
+    for (int i = 0; i < G; i++)
+        dot[i] = _mm512_add_ps(_mm512_add_ps(a[i][0], a[i][1]), _mm512_add_ps(a[i][2], a[i][3]));
+}
+
+AVX512_FN static void scores_avx512(const kern_kv_view *kv, const float *Q, int g, int q_stride,
+                                    int32_t qpos, float scale, float *scores, float *max)
+{
+    const int32_t d = kv->head_dim, bt = kv->block_tokens, n = kv->n_tokens;
+    const __m512 ninf = _mm512_set1_ps(-INFINITY), vscale = _mm512_set1_ps(scale);
+    const __m512i vqpos = _mm512_set1_epi32(qpos);
+    __m512 vmax[GROUP_MAX] = {ninf, ninf, ninf, ninf};
+    for (int32_t t0 = 0; t0 < n; t0 += 16) {
+        const ekv_f16 *kb = kv->k_blocks[t0 / bt] + t0 % bt;
+        const int32_t *pb = kv->pos_blocks[t0 / bt] + t0 % bt;
+        /* real tokens of the tile, then those visible to qpos */
+        const __mmask16 real = n - t0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - t0)) - 1);
+        const __mmask16 vis = _mm512_mask_cmple_epi32_mask(real, _mm512_maskz_loadu_epi32(real, pb), vqpos);
+        if (!vis) { /* whole tile masked: skip the dot products */
+            for (int i = 0; i < g; i++)
+                _mm512_mask_storeu_ps(scores + (size_t)i * n + t0, real, ninf);
+            continue;
+        }
+        /* the tile 32 tokens on, when this head has one (bt == 16: two blocks on) */
+        const ekv_f16 *ahead = t0 + 64 < n ? kv->k_blocks[(t0 + 64) / bt] + (t0 + 64) % bt : NULL;
+        __m512 dot[GROUP_MAX];
+        switch (g) { /* a constant group size keeps the accumulators in registers */
+        case 1: dots_avx512(kb, bt, d, Q, q_stride, 1, dot, ahead); break;
+        case 2: dots_avx512(kb, bt, d, Q, q_stride, 2, dot, ahead); break;
+        case 3: dots_avx512(kb, bt, d, Q, q_stride, 3, dot, ahead); break;
+        default: dots_avx512(kb, bt, d, Q, q_stride, 4, dot, ahead); break;
+        }
+        for (int i = 0; i < g; i++) {
+            const __m512 s = _mm512_mask_blend_ps(vis, ninf, _mm512_mul_ps(dot[i], vscale));
+            vmax[i] = _mm512_max_ps(vmax[i], s);
+            _mm512_mask_storeu_ps(scores + (size_t)i * n + t0, real, s);
+        }
+    }
+    for (int i = 0; i < g; i++)
+        max[i] = _mm512_reduce_max_ps(vmax[i]);
+}
+
+/* out_i = inv_i * sum_t p_it v_t over dimensions [j0, j0 + 16 * NC), i < G */
+AVX512_INLINE void values_chunk_avx512(const kern_kv_view *kv, const float *scores,
+                                       const float *inv, float *out, int out_stride, int32_t j0,
+                                       const int G, const int NC)
+{
+    const int32_t d = kv->head_dim, bt = kv->block_tokens, n = kv->n_tokens;
+    __m512 o[GROUP_MAX][4];
+#pragma GCC unroll 4
+    for (int i = 0; i < G; i++)
+#pragma GCC unroll 4
+        for (int c = 0; c < NC; c++)
+            o[i][c] = _mm512_setzero_ps();
+    for (int32_t b = 0, t0 = 0; t0 < n; b++, t0 += bt) {
+        const ekv_f16 *vb = kv->v_blocks[b] + j0;
+        const int32_t rows = n - t0 < bt ? n - t0 : bt;
+        const ekv_f16 *ahead = t0 + 4 * bt < n ? kv->v_blocks[b + 4] + j0 : NULL;
+        for (int32_t r = 0; r < rows; r++) {
+            const ekv_f16 *v = vb + (size_t)r * d;
+            if (ahead) { /* this row's slice two blocks on */
+                _mm_prefetch((const char *)(ahead + (size_t)r * d), _MM_HINT_T0);
+                if (NC == 4)
+                    _mm_prefetch((const char *)(ahead + (size_t)r * d + 32), _MM_HINT_T0);
+            }
+            __m512 vc[4];
+#pragma GCC unroll 4
+            for (int c = 0; c < NC; c++)
+                vc[c] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(v + 16 * c)));
+#pragma GCC unroll 4
+            for (int i = 0; i < G; i++) {
+                const float p = scores[(size_t)i * n + t0 + r];
+                if (p == 0.0f) /* masked: adding 0 * v would change nothing */
+                    continue;
+                const __m512 vp = _mm512_set1_ps(p);
+#pragma GCC unroll 4
+                for (int c = 0; c < NC; c++)
+                    o[i][c] = _mm512_fmadd_ps(vp, vc[c], o[i][c]);
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < G; i++) {
+        const __m512 vi = _mm512_set1_ps(inv[i]);
+#pragma GCC unroll 4
+        for (int c = 0; c < NC; c++)
+            _mm512_storeu_ps(out + (size_t)i * out_stride + j0 + 16 * c, _mm512_mul_ps(o[i][c], vi));
+    }
+}
+
+/* 64 dimensions per pass over the tokens where the head has them, then 16 */
+AVX512_FN static void values_avx512(const kern_kv_view *kv, const float *s, int g,
+                                    const float *inv, float *out, int os)
+{
+    for (int32_t j0 = 0; j0 < kv->head_dim;) {
+        const int wide = kv->head_dim - j0 >= 64;
+        switch (g * 2 + wide) { /* constant shapes keep the accumulators in registers */
+        case 2: values_chunk_avx512(kv, s, inv, out, os, j0, 1, 1); break;
+        case 3: values_chunk_avx512(kv, s, inv, out, os, j0, 1, 4); break;
+        case 4: values_chunk_avx512(kv, s, inv, out, os, j0, 2, 1); break;
+        case 5: values_chunk_avx512(kv, s, inv, out, os, j0, 2, 4); break;
+        case 6: values_chunk_avx512(kv, s, inv, out, os, j0, 3, 1); break;
+        case 7: values_chunk_avx512(kv, s, inv, out, os, j0, 3, 4); break;
+        case 8: values_chunk_avx512(kv, s, inv, out, os, j0, 4, 1); break;
+        default: values_chunk_avx512(kv, s, inv, out, os, j0, 4, 4); break;
+        }
+        j0 += wide ? 64 : 16;
+    }
+}
+
+AVX512_FN static void attend_group_avx512(const kern_kv_view *kv, const float *Q, int g,
+                                          int q_stride, int32_t qpos, float scale, float *out,
+                                          int out_stride, float *scores)
+{
+    float max[GROUP_MAX], inv[GROUP_MAX];
+    scores_avx512(kv, Q, g, q_stride, qpos, scale, scores, max);
+    softmax_avx2(scores, kv->n_tokens, g, max, inv);
+    values_avx512(kv, scores, g, inv, out, out_stride);
 }
 #endif
 
@@ -223,11 +495,17 @@ void kern_attention(const kern_kv_view *kv, const float *Q, int n_q, int q_strid
         const float *q = Q + (size_t)i * q_stride;
         float *o = out + (size_t)i * out_stride;
 #if defined(__x86_64__)
-        if (kern_active_isa() >= KERN_ISA_AVX2 && kv->head_dim % 8 == 0) {
+        /* the SIMD paths take whole 16-token tiles of a block */
+        const kern_isa isa = kv->block_tokens % 16 == 0 ? kern_active_isa() : KERN_ISA_SCALAR;
+        const int32_t d = kv->head_dim;
+        if ((isa >= KERN_ISA_AVX512 && d % 16 == 0) || (isa >= KERN_ISA_AVX2 && d % 8 == 0)) {
             int g = 1; /* consecutive queries at one position go together */
             while (g < GROUP_MAX && i + g < n_q && q_pos[i + g] == q_pos[i])
                 g++;
-            attend_group_avx2(kv, q, g, q_stride, q_pos[i], scale, o, out_stride, scores);
+            if (isa >= KERN_ISA_AVX512 && d % 16 == 0)
+                attend_group_avx512(kv, q, g, q_stride, q_pos[i], scale, o, out_stride, scores);
+            else
+                attend_group_avx2(kv, q, g, q_stride, q_pos[i], scale, o, out_stride, scores);
             i += g;
             continue;
         }

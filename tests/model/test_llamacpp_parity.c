@@ -39,7 +39,7 @@
  *     means smaller margins are not decided by the model; 1.0 is 3x the
  *     largest flip llama.cpp shows itself (0.30) and above the largest we
  *     have shown (0.85, greedy prompt 0 step 9). Overall agreement is
- *     printed (96.0% when written; llama.cpp vs itself 96.45%);
+ *     printed (94.7% when written; llama.cpp vs itself 96.45%);
  *   - greedy: free-running, identical until the first step whose llama.cpp
  *     margin is below MARGIN (a near-tie); teacher-forced along llama.cpp's
  *     path, identical at every step with margin >= MARGIN.

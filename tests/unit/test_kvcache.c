@@ -38,7 +38,7 @@ static void test_append_allocates_blocks_per_head(void)
     CHECK_EQ_INT(view.n_tokens, 5);
     for (int t = 0; t < 5; t++) {
         CHECK_EQ_INT(view.pos_blocks[t / BT][t % BT], t);
-        CHECK_NEAR(ekv_f16_to_f32(view.k_blocks[t / BT][(t % BT) * D + 3]), t + 0.75f, 1e-3);
+        CHECK_NEAR(ekv_f16_to_f32(view.k_blocks[t / BT][3 * BT + t % BT]), t + 0.75f, 1e-3);
         CHECK_NEAR(ekv_f16_to_f32(view.v_blocks[t / BT][(t % BT) * D + 1]), -t + 0.25f, 1e-3);
     }
     kv_seq_free(seq);
@@ -82,7 +82,9 @@ static void test_keep_compacts_and_frees_blocks(void)
     kv_seq_view(seq, 0, 0, &view);
     for (int i = 0; i < 4; i++) {
         CHECK_EQ_INT(view.pos_blocks[i / BT][i % BT], 100 + keep[i]);
-        CHECK_NEAR(ekv_f16_to_f32(view.k_blocks[i / BT][(i % BT) * D]), keep[i], 1e-3);
+        for (int j = 0; j < D; j++) /* the whole K column moved (K is [D][BT]) */
+            CHECK_NEAR(ekv_f16_to_f32(view.k_blocks[i / BT][j * BT + i % BT]),
+                       keep[i] + j * 0.25f, 1e-3);
         CHECK_NEAR(ekv_f16_to_f32(view.v_blocks[i / BT][(i % BT) * D]), 100 + keep[i], 0.07);
     }
     /* appending after a keep continues the compacted list */
