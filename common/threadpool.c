@@ -1,11 +1,22 @@
 /*
  * threadpool.c - a fixed pool that runs one parallel region at a time.
  *
- * Decode issues a few hundred short regions per token, so the hand-off must
- * cost microseconds: the caller publishes a region by bumping an atomic
- * generation counter, workers spin on it for a while before falling back to
- * a condition variable, and completion is an atomic countdown the caller
- * spins on. The caller runs part 0 itself.
+ * A region is cut into more parts than there are threads, and every thread
+ * that is running - the caller included - claims parts from a shared
+ * counter until none are left. So when another process takes a core and a
+ * worker is descheduled, the others do its share instead of waiting for it
+ * (with a static split, decode on 2 threads beside one busy process ran at
+ * less than half the 1-thread speed).
+ *
+ * The claim counter packs the region's generation with the next part index
+ * in one 64-bit word. A worker reads the word, then fn and ctx, then claims
+ * with a compare-and-swap on the word it read: if the swap succeeds the
+ * region was still open and unfinished between the two, so fn and ctx were
+ * that region's. A worker that wakes after its region finished fails the
+ * swap and claims nothing. The caller returns when every part is done.
+ *
+ * Decode issues a few hundred short regions per token, so workers spin for
+ * a while before they sleep on a condition variable.
  */
 #include "entrokv/threadpool.h"
 
@@ -13,6 +24,7 @@
 #include <sched.h>
 #include <stdatomic.h>
 #include <stdbool.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <unistd.h>
 
@@ -25,18 +37,21 @@
 
 /* Spin iterations before a worker sleeps: ~tens of microseconds. */
 #define SPIN_LIMIT 20000
+/* Parts per thread: enough that a descheduled thread's share is small. */
+#define PARTS_PER_THREAD 4
 
 struct ekv_pool {
     int n_threads;
     pthread_t *threads;
     pthread_mutex_t mu;
     pthread_cond_t cv;
-    atomic_uint generation;  /* bumped once per region */
-    atomic_int pending;      /* workers still running the current region */
+    _Atomic uint64_t claim;          /* generation << 32 | next part */
+    atomic_int done;                 /* parts finished in the current region */
     atomic_bool stop;
     atomic_int sleepers;
-    ekv_task_fn fn;          /* written before generation is bumped */
-    void *ctx;
+    _Atomic(ekv_task_fn) fn;         /* written before the generation is bumped */
+    _Atomic(void *) ctx;
+    atomic_int n_parts;              /* of the current region */
 };
 
 typedef struct worker_arg {
@@ -44,19 +59,47 @@ typedef struct worker_arg {
     int ith;
 } worker_arg;
 
+static _Thread_local int thread_index;
+
+int ekv_pool_thread_index(void)
+{
+    return thread_index;
+}
+
+/* Claims and runs parts of the region the word `w` was read in, until it is
+ * exhausted or over. */
+static void run_parts(ekv_pool *pool, uint64_t w)
+{
+    for (;;) {
+        const uint32_t part = (uint32_t)w;
+        const int n_parts = atomic_load_explicit(&pool->n_parts, memory_order_relaxed);
+        if ((int)part >= n_parts)
+            return;
+        ekv_task_fn fn = atomic_load_explicit(&pool->fn, memory_order_relaxed);
+        void *ctx = atomic_load_explicit(&pool->ctx, memory_order_relaxed);
+        if (!atomic_compare_exchange_weak_explicit(&pool->claim, &w, w + 1, memory_order_acq_rel,
+                                                   memory_order_acquire))
+            continue; /* w now holds the current word, perhaps of a newer region */
+        fn(ctx, (int)part, n_parts);
+        atomic_fetch_add_explicit(&pool->done, 1, memory_order_release);
+        w++;
+    }
+}
+
 static void *worker_main(void *p)
 {
     worker_arg *arg = p;
     ekv_pool *pool = arg->pool;
-    int ith = arg->ith;
+    thread_index = arg->ith;
     free(arg);
     /* regions count from 0 at creation; the caller may publish one before
      * this thread first runs, so do not read the counter here */
-    unsigned seen = 0;
+    uint32_t seen = 0;
     for (;;) {
-        unsigned gen;
+        uint64_t w;
         int spins = 0;
-        while ((gen = atomic_load_explicit(&pool->generation, memory_order_acquire)) == seen &&
+        while ((uint32_t)((w = atomic_load_explicit(&pool->claim, memory_order_acquire)) >> 32) ==
+                   seen &&
                !atomic_load(&pool->stop)) {
             if (++spins < SPIN_LIMIT) {
                 cpu_relax();
@@ -64,16 +107,15 @@ static void *worker_main(void *p)
             }
             pthread_mutex_lock(&pool->mu);
             atomic_fetch_add(&pool->sleepers, 1);
-            while (atomic_load(&pool->generation) == seen && !atomic_load(&pool->stop))
+            while ((uint32_t)(atomic_load(&pool->claim) >> 32) == seen && !atomic_load(&pool->stop))
                 pthread_cond_wait(&pool->cv, &pool->mu);
             atomic_fetch_sub(&pool->sleepers, 1);
             pthread_mutex_unlock(&pool->mu);
         }
         if (atomic_load(&pool->stop))
             return NULL;
-        seen = gen;
-        pool->fn(pool->ctx, ith, pool->n_threads);
-        atomic_fetch_sub_explicit(&pool->pending, 1, memory_order_release);
+        seen = (uint32_t)(w >> 32);
+        run_parts(pool, w);
     }
 }
 
@@ -110,8 +152,11 @@ ekv_pool *ekv_pool_create(int n_threads, ekv_error *err)
     pthread_mutex_init(&pool->mu, NULL);
     pthread_cond_init(&pool->cv, NULL);
     pool->threads = calloc((size_t)n_threads, sizeof *pool->threads);
-    if (!pool->threads)
-        goto fail;
+    if (!pool->threads) {
+        ekv_pool_destroy(pool);
+        ekv_error_set(err, EKV_ENOMEM, "out of memory creating thread pool");
+        return NULL;
+    }
     for (int i = 1; i < n_threads; i++) {
         if (!start_worker(pool, i)) {
             pool->n_threads = i; /* join only the ones that started */
@@ -121,10 +166,6 @@ ekv_pool *ekv_pool_create(int n_threads, ekv_error *err)
         }
     }
     return pool;
-fail:
-    ekv_pool_destroy(pool);
-    ekv_error_set(err, EKV_ENOMEM, "out of memory creating thread pool");
-    return NULL;
 }
 
 void ekv_pool_destroy(ekv_pool *pool)
@@ -155,19 +196,23 @@ void ekv_pool_run(ekv_pool *pool, ekv_task_fn fn, void *ctx)
         fn(ctx, 0, 1);
         return;
     }
-    pool->fn = fn;
-    pool->ctx = ctx;
-    atomic_store(&pool->pending, pool->n_threads - 1);
-    atomic_fetch_add_explicit(&pool->generation, 1, memory_order_release);
+    const int n_parts = pool->n_threads * PARTS_PER_THREAD;
+    atomic_store_explicit(&pool->fn, fn, memory_order_relaxed);
+    atomic_store_explicit(&pool->ctx, ctx, memory_order_relaxed);
+    atomic_store_explicit(&pool->n_parts, n_parts, memory_order_relaxed);
+    atomic_store_explicit(&pool->done, 0, memory_order_relaxed);
+    /* every part of the last region is claimed, so no worker's swap can
+     * succeed on the old word: a plain store publishes the new region */
+    const uint64_t w = ((atomic_load(&pool->claim) >> 32) + 1) << 32;
+    atomic_store_explicit(&pool->claim, w, memory_order_release);
     if (atomic_load(&pool->sleepers) > 0) {
         pthread_mutex_lock(&pool->mu);
         pthread_cond_broadcast(&pool->cv);
         pthread_mutex_unlock(&pool->mu);
     }
-    fn(ctx, 0, pool->n_threads);
-    /* yield now and then: with more runnable threads than cores, the
-     * workers we wait for may need this core */
-    for (int spins = 0; atomic_load_explicit(&pool->pending, memory_order_acquire) > 0;)
+    run_parts(pool, w);
+    /* only parts already claimed by running workers can be left */
+    for (int spins = 0; atomic_load_explicit(&pool->done, memory_order_acquire) < n_parts;)
         if (++spins % 4096 == 0)
             sched_yield();
         else

@@ -164,8 +164,9 @@ static void task_swiglu(void *p, int ith, int nth)
         kern_swiglu(t->rt->gate + i * F, t->rt->up + i * F, F);
 }
 
-/* Work items are (row, KV head), dealt round-robin so that the long rows at
- * the end of a causal prefill chunk spread over all threads. */
+/* Work items are (row, KV head), dealt round-robin over the parts so that
+ * the long rows at the end of a causal prefill chunk spread over all
+ * threads; scratch is per thread, not per part. */
 static void task_attention(void *p, int ith, int nth)
 {
     rows_task *t = p;
@@ -173,7 +174,7 @@ static void task_attention(void *p, int ith, int nth)
     const ekv_model_config *c = &rt->m->cfg;
     const int32_t D = c->head_dim, H = c->n_heads, HKV = c->n_kv_heads, G = H / HKV;
     const float scale = 1.0f / sqrtf((float)D);
-    float *scores = rt->scores + (size_t)ith * KERN_ATTN_SCRATCH(rt->max_ctx);
+    float *scores = rt->scores + (size_t)ekv_pool_thread_index() * KERN_ATTN_SCRATCH(rt->max_ctx);
     int32_t qpos[64];
     const long n_items = (long)t->b->n * HKV;
     for (long item = ith; item < n_items; item += nth) {

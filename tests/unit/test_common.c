@@ -14,6 +14,10 @@
 typedef struct sum_ctx {
     atomic_long total;
     atomic_int calls;
+    atomic_int parts;     /* nth as the parts saw it */
+    atomic_int bad_index; /* thread indices out of range */
+    atomic_uint seen_parts_mask;
+    int pool_size;
     long n;
 } sum_ctx;
 
@@ -26,6 +30,12 @@ static void sum_part(void *p, int ith, int nth)
         s += i;
     atomic_fetch_add(&c->total, s);
     atomic_fetch_add(&c->calls, 1);
+    atomic_store(&c->parts, nth);
+    if (ith < 32)
+        atomic_fetch_or(&c->seen_parts_mask, 1u << ith);
+    int t = ekv_pool_thread_index();
+    if (t < 0 || t >= c->pool_size)
+        atomic_fetch_add(&c->bad_index, 1);
 }
 
 static void test_pool_runs_every_part_once(void)
@@ -35,9 +45,16 @@ static void test_pool_runs_every_part_once(void)
         CHECK(pool != NULL);
         CHECK_EQ_INT(ekv_pool_size(pool), nt);
         for (int rep = 0; rep < 2000; rep++) { /* many short regions, as decode issues */
-            sum_ctx c = {.n = 1000 + rep};
+            sum_ctx c = {.n = 1000 + rep, .pool_size = nt};
             ekv_pool_run(pool, sum_part, &c);
-            CHECK_EQ_INT(atomic_load(&c.calls), nt);
+            /* every part ran exactly once, on a thread of this pool */
+            CHECK_EQ_INT(atomic_load(&c.calls), atomic_load(&c.parts));
+            CHECK(atomic_load(&c.parts) >= nt);
+            CHECK_EQ_INT(atomic_load(&c.bad_index), 0);
+            if (atomic_load(&c.parts) <= 32)
+                CHECK_EQ_INT(atomic_load(&c.seen_parts_mask),
+                             atomic_load(&c.parts) == 32 ? 0xffffffffu
+                                                         : (1u << atomic_load(&c.parts)) - 1);
             if (atomic_load(&c.total) != c.n * (c.n - 1) / 2) {
                 CHECK_EQ_INT(atomic_load(&c.total), c.n * (c.n - 1) / 2);
                 break;
