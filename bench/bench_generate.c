@@ -29,7 +29,6 @@
 #define EKV_SOURCE_DIR "."
 #endif
 
-#define KV_BLOCK_TOKENS 16
 #define MAX_CONTEXTS 16
 
 extern char **environ;
@@ -303,10 +302,7 @@ static int bench_generate(const bench_opts *o)
     ekv_model *m = model_load(o->model, &err);
     if (!m)
         goto fail;
-    const ekv_model_config *c = model_config(m);
-    const int64_t blocks = (int64_t)c->n_layers * c->n_kv_heads *
-                           ((max_ctx + KV_BLOCK_TOKENS - 1) / KV_BLOCK_TOKENS);
-    kv = kv_pool_create(KV_BLOCK_TOKENS, c->head_dim, blocks, &err);
+    kv = model_kv_pool_create(m, max_ctx, &err);
     rt = kv ? model_runtime_create(m, o->chunk, max_ctx, o->threads, &err) : NULL;
     ids = rt ? text_tokens(model_tokenizer(m), o->text, max_ctx, &err) : NULL;
     if (!ids)

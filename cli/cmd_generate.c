@@ -14,7 +14,6 @@
 #include "entrokv/tokenizer.h"
 
 #define MAX_STOPS 16
-#define KV_BLOCK_TOKENS 16
 
 static void usage(FILE *out)
 {
@@ -192,9 +191,7 @@ int cmd_generate(int argc, char **argv)
         ret = CLI_USAGE;
         goto out;
     }
-    const int64_t blocks = (int64_t)c->n_layers * c->n_kv_heads *
-                           ((ctx + KV_BLOCK_TOKENS - 1) / KV_BLOCK_TOKENS);
-    kv = kv_pool_create(KV_BLOCK_TOKENS, c->head_dim, blocks, &err);
+    kv = model_kv_pool_create(m, ctx, &err);
     rt = kv ? model_runtime_create(m, 512, ctx, o.threads, &err) : NULL;
     if (!rt)
         goto fail;

@@ -72,6 +72,10 @@ typedef struct model_batch {
  * error no sequence has been modified (capacity is checked up front). */
 ekv_status model_forward(ekv_runtime *rt, const model_batch *b, float *logits, ekv_error *err);
 
+/* A KV pool of 16-token blocks that holds n_tokens tokens in every layer and
+ * KV head of this model (one sequence of n_tokens, or several shorter ones). */
+kv_pool *model_kv_pool_create(const ekv_model *m, int32_t n_tokens, ekv_error *err);
+
 /* Appends n tokens at positions pos0.. to seq, in forwards of at most the
  * runtime's max_batch rows; writes the last token's logits (n_vocab). */
 ekv_status model_prefill(ekv_runtime *rt, kv_seq *seq, const int32_t *ids, int32_t n,

@@ -55,9 +55,7 @@ static ekv_model *g_model;
 
 static kv_pool *new_pool(int32_t ctx)
 {
-    const ekv_model_config *c = model_config(g_model);
-    return kv_pool_create(16, c->head_dim, (int64_t)c->n_layers * c->n_kv_heads * ((ctx + 15) / 16),
-                          NULL);
+    return model_kv_pool_create(g_model, ctx, NULL);
 }
 
 /* All-position logits of ids, prefilled in chunks of `chunk` rows. */
