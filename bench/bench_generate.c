@@ -163,7 +163,7 @@ static ekv_status measure(ekv_runtime *rt, kv_pool *kv, const int32_t *prompt, i
         goto out;
     }
     double t0 = gen_now();
-    rc = model_prefill(rt, seq, prompt, n_prompt, 0, logits, err);
+    rc = model_prefill(rt, seq, prompt, n_prompt, 0, NULL, logits, err);
     double t1 = gen_now();
     for (int32_t i = 0; i < n_decode && !rc; i++) {
         int32_t id = argmax(logits, c->n_vocab), p = n_prompt + i;

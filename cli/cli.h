@@ -14,6 +14,8 @@
 int cmd_generate(int argc, char **argv);
 int cmd_fetch_model(int argc, char **argv);
 int cmd_bench(int argc, char **argv);
+int cmd_eval(int argc, char **argv);
+int cmd_calibrate(int argc, char **argv);
 
 /* Exit codes: 0 ok, 1 runtime failure, 2 usage error. */
 enum { CLI_OK = 0, CLI_FAIL = 1, CLI_USAGE = 2 };
@@ -24,6 +26,33 @@ bool cli_take_str(int argc, char **argv, int *i, const char **out);
 bool cli_take_int(int argc, char **argv, int *i, long min, long max, int32_t *out);
 bool cli_take_float(int argc, char **argv, int *i, double min, double max, float *out);
 bool cli_take_u64(int argc, char **argv, int *i, uint64_t *out);
+
+/* ---- KV compression flags (cli_kv.c), shared by generate, eval and serve ---- */
+
+typedef struct cli_kv_opts {
+    const char *method;  /* --kv-method (default full) */
+    double budget;       /* --kv-budget (default 1) */
+    const char *profile; /* --kv-profile PATH | none (default: profiles/<model>.uncomp) */
+} cli_kv_opts;
+
+#define CLI_KV_USAGE                                                                          \
+    "  --kv-method M         KV compression: full, streaming, snapkv, pyramidkv, uncomp\n"    \
+    "  --kv-budget B         fraction of the prompt (0.1) or tokens per head (128); default 1\n" \
+    "  --kv-profile P        UNComp head-group profile, or 'none' for online entropy\n"
+
+void cli_kv_defaults(cli_kv_opts *o);
+/* Consumes argv[*i] if it is one of the --kv-* flags: 1 taken, 0 not a kv
+ * flag, -1 bad value (message printed). */
+int cli_kv_take(int argc, char **argv, int *i, cli_kv_opts *o);
+/* Builds the policy for model_path; loads the UNComp profile into *profile
+ * (caller frees with kvc_profile_free). A missing default profile falls back
+ * to online mode with a warning; an explicit one that fails is an error.
+ * Returns CLI_OK, CLI_USAGE or CLI_FAIL (message printed). */
+struct kvc_policy;
+struct kvc_profile;
+struct ekv_model;
+int cli_kv_policy(const char *cmd, const cli_kv_opts *o, const struct ekv_model *m,
+                  const char *model_path, struct kvc_policy *policy, struct kvc_profile **profile);
 
 /* Prints "entrokv <cmd>: message" to stderr. */
 void cli_error(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));

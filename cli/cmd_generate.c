@@ -32,7 +32,8 @@ static void usage(FILE *out)
             "  --ignore-eos          keep generating past end-of-generation tokens\n"
             "  --ctx N               context length (default: the model's)\n"
             "  --threads N           threads (default: one per core)\n"
-            "  --json                print one JSON object at the end instead of streaming\n",
+            "  --json                print one JSON object at the end instead of streaming\n"
+            CLI_KV_USAGE,
             MAX_STOPS);
 }
 
@@ -43,6 +44,7 @@ typedef struct gen_opts {
     const char *stops[MAX_STOPS];
     size_t n_stops;
     gen_params params;
+    cli_kv_opts kv;
 } gen_opts;
 
 static int parse(int argc, char **argv, gen_opts *o)
@@ -50,6 +52,7 @@ static int parse(int argc, char **argv, gen_opts *o)
     memset(o, 0, sizeof *o);
     gen_params_default(&o->params);
     o->params.sampling.temperature = 0.0f;
+    cli_kv_defaults(&o->kv);
     ekv_sampler_params *sp = &o->params.sampling;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -95,6 +98,8 @@ static int parse(int argc, char **argv, gen_opts *o)
             ok = cli_take_int(argc, argv, &i, 16, 1 << 20, &o->ctx);
         } else if (!strcmp(a, "--threads")) {
             ok = cli_take_int(argc, argv, &i, 1, 1024, &o->threads);
+        } else if ((ok = cli_kv_take(argc, argv, &i, &o->kv))) {
+            ok = ok > 0;
         } else {
             cli_error("generate", "unknown flag '%s' (see --help)", a);
             return CLI_USAGE;
@@ -153,6 +158,8 @@ static void print_json(const gen_result *r)
                             r->prefill_s > 0 ? r->prompt_tokens / r->prefill_s : 0);
     cJSON_AddNumberToObject(o, "decode_tokens_per_s",
                             r->decode_s > 0 && r->n_ids > 0 ? r->n_ids / r->decode_s : 0);
+    cJSON_AddNumberToObject(o, "kv_bytes_prompt", (double)r->kv_bytes_prompt);
+    cJSON_AddNumberToObject(o, "kv_bytes", (double)r->kv_bytes);
     char *s = cJSON_PrintUnformatted(o);
     if (s)
         puts(s);
@@ -173,6 +180,7 @@ int cmd_generate(int argc, char **argv)
     int32_t *ids = NULL;
     size_t n_ids = 0;
     gen_result res = {0};
+    kvc_profile *profile = NULL;
     ekv_model *m = model_load(o.model, &err);
     if (!m)
         goto fail;
@@ -190,6 +198,17 @@ int cmd_generate(int argc, char **argv)
                   n_ids, ctx);
         ret = CLI_USAGE;
         goto out;
+    }
+    if ((ret = cli_kv_policy("generate", &o.kv, m, o.model, &o.params.kv, &profile)) != CLI_OK)
+        goto out;
+    ret = CLI_FAIL;
+    if (o.params.kv.method != KVC_FULL) {
+        int32_t mean;
+        if (kvc_policy_mean_tokens(&o.params.kv, (int32_t)n_ids, &mean, &err)) {
+            cli_error("generate", "%s", err.msg);
+            ret = CLI_USAGE;
+            goto out;
+        }
     }
     kv = model_kv_pool_create(m, ctx, &err);
     rt = kv ? model_runtime_create(m, 512, ctx, o.threads, &err) : NULL;
@@ -211,6 +230,7 @@ out:
     free(ids);
     model_runtime_free(rt);
     kv_pool_destroy(kv);
+    kvc_profile_free(profile);
     model_free(m);
     return ret;
 }

@@ -7,6 +7,8 @@
 
 #include "cli.h"
 
+int cmd_serve(int argc, char **argv); /* cmd_serve.c */
+
 static void usage(FILE *out)
 {
     fprintf(out,
@@ -16,6 +18,9 @@ static void usage(FILE *out)
             "  generate     run a prompt through a model and stream the completion\n"
             "  fetch-model  download the demo model (SmolLM2-135M-Instruct, Q4_1) into models/\n"
             "  bench        benchmarks (bench generate)\n"
+            "  serve        serve a model over gRPC and OpenAI-compatible HTTP\n"
+            "  eval         KV compression quality: eval ppl | passkey | sweep\n"
+            "  calibrate    write a model's UNComp head-group profile from real text\n"
             "\n"
             "`entrokv <command> --help` lists a command's flags.\n");
 }
@@ -33,6 +38,12 @@ int main(int argc, char **argv)
         return cmd_fetch_model(argc - 1, argv + 1);
     if (!strcmp(cmd, "bench"))
         return cmd_bench(argc - 1, argv + 1);
+    if (!strcmp(cmd, "serve"))
+        return cmd_serve(argc - 1, argv + 1);
+    if (!strcmp(cmd, "eval"))
+        return cmd_eval(argc - 1, argv + 1);
+    if (!strcmp(cmd, "calibrate"))
+        return cmd_calibrate(argc - 1, argv + 1);
     if (!strcmp(cmd, "--help") || !strcmp(cmd, "-h") || !strcmp(cmd, "help")) {
         usage(stdout);
         return CLI_OK;

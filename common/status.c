@@ -52,6 +52,7 @@ const char *ekv_status_name(ekv_status code)
     case EKV_ENOMEM: return "out of memory";
     case EKV_ERANGE: return "out of range";
     case EKV_EUNSUPPORTED: return "unsupported";
+    case EKV_EBUSY: return "busy";
     }
     return "unknown";
 }

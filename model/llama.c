@@ -262,6 +262,8 @@ static ekv_status layer_forward(ekv_runtime *rt, const model_batch *b, int32_t l
         (rc = matmul(rt, &L->wv, rt->xb, n, rt->v, err)))
         return rc;
     ekv_pool_run(rt->pool, task_rope, &t);
+    if (b->tap)
+        b->tap->fn(b->tap->ctx, l, b, rt->q);
     if ((rc = append_kv(rt, b, l, err)))
         return rc;
     ekv_pool_run(rt->pool, task_attention, &t);
@@ -312,7 +314,7 @@ ekv_status model_forward(ekv_runtime *rt, const model_batch *b, float *logits, e
 }
 
 ekv_status model_prefill(ekv_runtime *rt, kv_seq *seq, const int32_t *ids, int32_t n,
-                         int32_t pos0, float *logits, ekv_error *err)
+                         int32_t pos0, const model_tap *tap, float *logits, ekv_error *err)
 {
     const int32_t chunk = rt->max_batch;
     int32_t *pos = malloc((size_t)chunk * sizeof *pos);
@@ -328,7 +330,7 @@ ekv_status model_prefill(ekv_runtime *rt, kv_seq *seq, const int32_t *ids, int32
         const int32_t m = n - start < chunk ? n - start : chunk;
         for (int32_t i = 0; i < m; i++)
             pos[i] = pos0 + start + i;
-        model_batch b = {.n = m, .tokens = ids + start, .pos = pos, .seqs = seqs};
+        model_batch b = {.n = m, .tokens = ids + start, .pos = pos, .seqs = seqs, .tap = tap};
         rc = model_forward(rt, &b, logits, err); /* the chunk's last row */
     }
 out:

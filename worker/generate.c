@@ -89,6 +89,26 @@ static ekv_status emit_filtered(gen_state *st, ekv_stopper *stopper, const char 
     return rc ? rc : emit(st, safe, n, err);
 }
 
+/* Prefills the prompt and, with a compression policy, compresses it. */
+static ekv_status prefill(ekv_runtime *rt, kv_seq *seq, const int32_t *prompt, int32_t n_prompt,
+                          const kvc_policy *kv, float *logits, kvc_report *rep, ekv_error *err)
+{
+    if (kv->method == KVC_FULL)
+        return model_prefill(rt, seq, prompt, n_prompt, 0, NULL, logits, err);
+    int32_t mean;
+    ekv_status rc = kvc_policy_mean_tokens(kv, n_prompt, &mean, err);
+    if (rc)
+        return rc;
+    kvc_capture *cap = kvc_capture_create(kv, model_runtime_model(rt), n_prompt, 0, err);
+    if (!cap)
+        return err ? err->code : EKV_ENOMEM;
+    rc = model_prefill(rt, seq, prompt, n_prompt, 0, kvc_capture_tap(cap, seq), logits, err);
+    if (!rc)
+        rc = kvc_capture_compress(cap, rt, seq, rep, err);
+    kvc_capture_free(cap);
+    return rc;
+}
+
 ekv_status gen_run(ekv_runtime *rt, kv_pool *kv, const int32_t *prompt, int32_t n_prompt,
                    const gen_params *p, gen_text_fn on_text, void *ctx, gen_result *out,
                    ekv_error *err)
@@ -131,8 +151,10 @@ ekv_status gen_run(ekv_runtime *rt, kv_pool *kv, const int32_t *prompt, int32_t 
     out->prompt_tokens = n_prompt;
 
     double t0 = gen_now();
-    if ((rc = model_prefill(rt, seq, prompt, n_prompt, 0, logits, err)))
+    if ((rc = prefill(rt, seq, prompt, n_prompt, &p->kv, logits, &out->compression, err)))
         goto out;
+    const size_t block_bytes = kv_pool_block_bytes(kv);
+    out->kv_bytes_prompt = kv_seq_blocks(seq) * (int64_t)block_bytes;
     double t1 = gen_now();
     out->prefill_s = t1 - t0;
 
@@ -189,6 +211,7 @@ ekv_status gen_run(ekv_runtime *rt, kv_pool *kv, const int32_t *prompt, int32_t 
                 goto out;
         }
     }
+    out->kv_bytes = kv_seq_blocks(seq) * (int64_t)block_bytes;
 out:
     if (!out->text && rc == EKV_OK)
         out->text = calloc(1, 1);

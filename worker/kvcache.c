@@ -22,6 +22,8 @@ struct kv_pool {
     uint8_t *mem;
     int32_t *free_ids; /* stack */
     int64_t n_free;
+    kv_evict_fn evict;
+    void *evict_ctx;
 };
 
 typedef struct kv_head {
@@ -90,6 +92,12 @@ int64_t kv_pool_total_blocks(const kv_pool *pool) { return pool->n_blocks; }
 int64_t kv_pool_free_blocks(const kv_pool *pool) { return pool->n_free; }
 int32_t kv_pool_block_tokens(const kv_pool *pool) { return pool->block_tokens; }
 size_t kv_pool_block_bytes(const kv_pool *pool) { return pool->block_bytes; }
+
+void kv_pool_set_evict_hook(kv_pool *pool, kv_evict_fn fn, void *ctx)
+{
+    pool->evict = fn;
+    pool->evict_ctx = ctx;
+}
 
 static uint8_t *block_base(const kv_pool *pool, int32_t id)
 {
@@ -283,6 +291,22 @@ ekv_status kv_seq_keep(kv_seq *seq, int32_t layer, int32_t head, const int32_t *
         if (keep[i] < 0 || keep[i] >= h->n_tokens || (i > 0 && keep[i] <= keep[i - 1]))
             return ekv_error_set(err, EKV_EINVAL,
                                  "kv keep: indices must be increasing and in [0, %d)", h->n_tokens);
+    if (pool->evict && n_keep < h->n_tokens) {
+        int32_t *dropped = malloc((size_t)(h->n_tokens - n_keep) * sizeof *dropped);
+        if (!dropped)
+            return ekv_error_set(err, EKV_ENOMEM, "kv keep: out of memory");
+        int32_t n_dropped = 0;
+        for (int32_t t = 0, i = 0; t < h->n_tokens; t++) {
+            if (i < n_keep && keep[i] == t)
+                i++;
+            else
+                dropped[n_dropped++] = t;
+        }
+        kern_kv_view view;
+        kv_seq_view(seq, layer, head, &view);
+        pool->evict(pool->evict_ctx, seq, layer, head, &view, dropped, n_dropped);
+        free(dropped);
+    }
     /* keep[i] >= i, so compacting front to back never overwrites a row still to be read */
     for (int32_t i = 0; i < n_keep; i++) {
         const int32_t src = keep[i];
@@ -303,4 +327,39 @@ ekv_status kv_seq_keep(kv_seq *seq, int32_t layer, int32_t head, const int32_t *
     h->n_blocks = blocks_kept;
     h->n_tokens = n_keep;
     return EKV_OK;
+}
+
+kv_seq *kv_seq_clone(const kv_seq *src, ekv_error *err)
+{
+    kv_pool *pool = src->pool;
+    if (kv_seq_blocks(src) > pool->n_free) {
+        ekv_error_set(err, EKV_ENOMEM, "kv clone: needs %lld blocks, %lld free",
+                      (long long)kv_seq_blocks(src), (long long)pool->n_free);
+        return NULL;
+    }
+    kv_seq *dst = kv_seq_create(pool, src->n_layers, src->n_kv_heads, err);
+    if (!dst)
+        return NULL;
+    for (int32_t i = 0; i < src->n_layers * src->n_kv_heads; i++) {
+        const kv_head *s = &src->heads[i];
+        kv_head *d = &dst->heads[i];
+        while (d->cap < s->n_blocks)
+            if (!head_grow(d)) {
+                kv_seq_free(dst);
+                ekv_error_set(err, EKV_ENOMEM, "kv clone: out of memory");
+                return NULL;
+            }
+        for (int32_t b = 0; b < s->n_blocks; b++) {
+            int32_t id = pool->free_ids[--pool->n_free];
+            memcpy(block_base(pool, id), block_base(pool, s->ids[b]), pool->block_bytes);
+            d->ids[b] = id;
+            d->k[b] = block_k(pool, id);
+            d->v[b] = block_v(pool, id);
+            d->pos[b] = block_pos(pool, id);
+        }
+        d->n_blocks = s->n_blocks;
+        d->n_tokens = s->n_tokens;
+    }
+    dst->next_pos = src->next_pos;
+    return dst;
 }

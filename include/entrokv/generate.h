@@ -14,6 +14,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "entrokv/compress.h"
 #include "entrokv/kvcache.h"
 #include "entrokv/model.h"
 #include "entrokv/sampler.h"
@@ -33,6 +34,7 @@ typedef struct gen_params {
     const char *const *stops;
     size_t n_stops;
     bool ignore_eos;         /* keep going past end-of-generation tokens (benchmarks) */
+    kvc_policy kv;           /* compression of the prompt's KV after prefill (zero: full) */
 } gen_params;
 
 /* Called with each piece of text that is safe to show; return false to stop. */
@@ -47,6 +49,9 @@ typedef struct gen_result {
     int32_t prompt_tokens;
     double prefill_s;
     double decode_s;         /* from the first to the last generated token */
+    int64_t kv_bytes;        /* KV the sequence held at the end, from the pool */
+    int64_t kv_bytes_prompt; /* KV held right after the prompt (and its compression) */
+    kvc_report compression;  /* zero for full KV */
 } gen_result;
 
 void gen_params_default(gen_params *p);

@@ -61,6 +61,21 @@ int64_t kv_seq_blocks(const kv_seq *seq);
 void kv_seq_view(const kv_seq *seq, int32_t layer, int32_t head, kern_kv_view *view);
 
 /*
+ * Called by kv_seq_keep with the tokens it is about to drop from (layer,
+ * head): dropped[] holds n_dropped increasing indices into view, which is
+ * the head before compaction (K, V and original positions). The KV store
+ * keeps them as evicted-but-recoverable; the hook must copy what it needs
+ * before returning. With no hook the tokens are simply freed.
+ */
+typedef void (*kv_evict_fn)(void *ctx, const kv_seq *seq, int32_t layer, int32_t head,
+                            const kern_kv_view *view, const int32_t *dropped, int32_t n_dropped);
+void kv_pool_set_evict_hook(kv_pool *pool, kv_evict_fn fn, void *ctx);
+
+/* A copy of src (every head's tokens and positions) drawing blocks from the
+ * same pool; EKV_ENOMEM when the pool cannot hold it. */
+kv_seq *kv_seq_clone(const kv_seq *src, ekv_error *err);
+
+/*
  * Keeps only the listed tokens of (layer, head): keep[] holds n_keep distinct
  * indices into the head's current list in increasing order. Kept rows are
  * compacted to the front preserving order and their positions; blocks left

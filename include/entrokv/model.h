@@ -59,6 +59,16 @@ int32_t model_runtime_max_batch(const ekv_runtime *rt);
 int32_t model_runtime_max_ctx(const ekv_runtime *rt);
 const ekv_model *model_runtime_model(const ekv_runtime *rt);
 
+/* Called by model_forward once per layer, after RoPE, with the batch's
+ * query states q[n][n_heads][head_dim] (post-RoPE); compression records
+ * what it needs from them. It must not modify anything the forward uses. */
+struct model_batch;
+
+typedef struct model_tap {
+    void (*fn)(void *ctx, int32_t layer, const struct model_batch *b, const float *q);
+    void *ctx;
+} model_tap;
+
 typedef struct model_batch {
     int32_t n;
     const int32_t *tokens;
@@ -66,6 +76,8 @@ typedef struct model_batch {
     kv_seq *const *seqs;
     /* Per row: nonzero to produce that row's logits. NULL: the last row only. */
     const uint8_t *want_logits;
+    /* NULL or one tap for the whole batch (it sees every row). */
+    const model_tap *tap;
 } model_batch;
 
 /* Runs the batch; writes n_vocab logits per requested row, in row order. On
@@ -77,8 +89,9 @@ ekv_status model_forward(ekv_runtime *rt, const model_batch *b, float *logits, e
 kv_pool *model_kv_pool_create(const ekv_model *m, int32_t n_tokens, ekv_error *err);
 
 /* Appends n tokens at positions pos0.. to seq, in forwards of at most the
- * runtime's max_batch rows; writes the last token's logits (n_vocab). */
+ * runtime's max_batch rows, each with tap (may be NULL); writes the last
+ * token's logits (n_vocab). */
 ekv_status model_prefill(ekv_runtime *rt, kv_seq *seq, const int32_t *ids, int32_t n,
-                         int32_t pos0, float *logits, ekv_error *err);
+                         int32_t pos0, const model_tap *tap, float *logits, ekv_error *err);
 
 #endif

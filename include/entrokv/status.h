@@ -15,7 +15,8 @@ typedef enum ekv_status {
     EKV_EFORMAT,     /* malformed input file / data */
     EKV_ENOMEM,      /* allocation failed or pool exhausted */
     EKV_ERANGE,      /* value out of the supported range (e.g. context) */
-    EKV_EUNSUPPORTED /* valid but not supported by this build */
+    EKV_EUNSUPPORTED, /* valid but not supported by this build */
+    EKV_EBUSY         /* a bounded queue or pool is full; try again later */
 } ekv_status;
 
 typedef struct ekv_error {

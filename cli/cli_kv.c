@@ -1,0 +1,85 @@
+/*
+ * cli_kv.c - the --kv-method / --kv-budget / --kv-profile flags.
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "cli.h"
+#include "entrokv/compress.h"
+
+void cli_kv_defaults(cli_kv_opts *o)
+{
+    o->method = "full";
+    o->budget = 1.0;
+    o->profile = NULL;
+}
+
+int cli_kv_take(int argc, char **argv, int *i, cli_kv_opts *o)
+{
+    const char *a = argv[*i];
+    if (!strcmp(a, "--kv-method"))
+        return cli_take_str(argc, argv, i, &o->method) ? 1 : -1;
+    if (!strcmp(a, "--kv-profile"))
+        return cli_take_str(argc, argv, i, &o->profile) ? 1 : -1;
+    if (!strcmp(a, "--kv-budget")) {
+        const char *v;
+        if (!cli_take_str(argc, argv, i, &v))
+            return -1;
+        char *end;
+        errno = 0;
+        o->budget = strtod(v, &end);
+        if (errno || end == v || *end) {
+            cli_error("flags", "--kv-budget: '%s' is not a number", v);
+            return -1;
+        }
+        return 1;
+    }
+    return 0;
+}
+
+/* profiles/<model file name>.uncomp in the source tree. */
+static void default_profile(const char *model_path, char *out, size_t cap)
+{
+    const char *base = strrchr(model_path, '/');
+    base = base ? base + 1 : model_path;
+    size_t n = strlen(base);
+    if (n > 5 && !strcmp(base + n - 5, ".gguf"))
+        n -= 5;
+    snprintf(out, cap, "%s/profiles/%.*s.uncomp", EKV_SOURCE_DIR, (int)n, base);
+}
+
+int cli_kv_policy(const char *cmd, const cli_kv_opts *o, const struct ekv_model *m,
+                  const char *model_path, kvc_policy *policy, kvc_profile **profile)
+{
+    ekv_error err = {0};
+    *profile = NULL;
+    if (kvc_policy_parse(o->method, o->budget, policy, &err)) {
+        cli_error(cmd, "%s", err.msg);
+        return CLI_USAGE;
+    }
+    if (policy->method != KVC_UNCOMP || (o->profile && !strcmp(o->profile, "none")))
+        return CLI_OK;
+    char path[4096];
+    if (o->profile) {
+        snprintf(path, sizeof path, "%s", o->profile);
+    } else {
+        default_profile(model_path, path, sizeof path);
+        if (access(path, R_OK) != 0) {
+            fprintf(stderr,
+                    "entrokv %s: warning: no UNComp profile at %s; using online entropy "
+                    "(make one with entrokv calibrate)\n",
+                    cmd, path);
+            return CLI_OK;
+        }
+    }
+    *profile = kvc_profile_load(path, m, &err);
+    if (!*profile) {
+        cli_error(cmd, "%s", err.msg);
+        return err.code == EKV_EIO ? CLI_FAIL : CLI_USAGE;
+    }
+    policy->profile = *profile;
+    return CLI_OK;
+}

@@ -1,0 +1,116 @@
+/*
+ * engine.h - the step engine of one worker group: continuous batching of
+ * many sequences over one runtime and one KV pool, on its own thread.
+ *
+ * Each step the engine builds one model_batch from (a) one decode row for
+ * every running sequence and (b) prefill chunks of admitted sequences, up to
+ * max_batch rows, so decode rows share each weight read. A request is
+ * admitted when the pool has blocks for its prompt plus a reserve; when the
+ * pool runs out mid-decode the newest running sequence is preempted (its KV
+ * freed, its request re-queued to be recomputed from prompt + tokens so far),
+ * so a request never fails because others are running. A sequence's KV is
+ * freed the moment it finishes or is cancelled. With a compression policy
+ * the prompt's KV is compressed right after its prefill (compress.h).
+ *
+ * Greedy results do not depend on what else is in the batch: every kernel is
+ * batch-invariant (kernels.h), so a request's tokens equal gen_run's for it
+ * alone. That holds across preemption too: the recomputed last row gives the
+ * logits the interrupted decode step would have, and the request keeps its
+ * sampler (RNG stream included), detokenizer and stopper, so seeded sampling
+ * continues as if never interrupted and nothing streamed is sent twice.
+ *
+ * Memory: a request whose prompt needs more blocks than the whole pool fails
+ * with EKV_ENOMEM (on_done). A sequence running alone that fills the whole
+ * pool ends with GEN_FINISH_CONTEXT: the pool is then its context.
+ *
+ * Threading: engine_submit/cancel/stats/drain may be called from any thread.
+ * Callbacks run on the engine thread, without the engine's lock, and must
+ * not block or call back into the engine except engine_cancel and
+ * engine_stats_get (engine_drain or engine_destroy there would deadlock).
+ */
+#ifndef ENTROKV_ENGINE_H
+#define ENTROKV_ENGINE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "entrokv/compress.h"
+#include "entrokv/generate.h"
+#include "entrokv/model.h"
+#include "entrokv/status.h"
+
+typedef struct ekv_engine ekv_engine;
+
+typedef struct engine_config {
+    int n_threads;        /* <= 0: one per core */
+    int32_t max_batch;    /* rows per forward: decode rows + prefill chunk */
+    int32_t max_ctx;      /* tokens of one sequence (prompt + generated) */
+    int32_t kv_tokens;    /* pool size: tokens per head over all sequences */
+    int32_t max_running;  /* sequences in the batch at once; <= max_batch */
+    int32_t max_queued;   /* waiting requests; engine_submit says EKV_EBUSY beyond */
+} engine_config;
+
+/* n_threads 0, max_batch 256, max_ctx 2048, kv_tokens 8192, max_running 32,
+ * max_queued 256. */
+void engine_config_default(engine_config *c);
+
+typedef struct engine_usage {
+    int32_t prompt_tokens;
+    int32_t completion_tokens;
+    int64_t kv_bytes;        /* KV held by the sequence at its end (after compression) */
+    int64_t kv_bytes_full;   /* what full KV would have held for the same tokens */
+    double queue_s;          /* submit to first scheduled (to the end if never) */
+    double ttft_s;           /* submit to first token sampled; 0 if none */
+    int32_t preemptions;     /* times its KV was dropped and recomputed */
+} engine_usage;
+
+typedef struct engine_request {
+    const int32_t *prompt;   /* copied by engine_submit */
+    int32_t n_prompt;
+    gen_params params;       /* stops copied */
+    kvc_policy kv;           /* KVC_FULL for none */
+    /* New tokens and the text that became safe to show (may be empty); at the
+     * end, the text held back for UTF-8 and stop strings comes with ids NULL,
+     * n 0. Ids are those gen_run returns (a stop string's last token
+     * included, an end-of-generation token not). */
+    void (*on_tokens)(void *ctx, const int32_t *ids, int32_t n, const char *text, size_t len);
+    /* Exactly once per accepted request, last, after its KV is freed. rc !=
+     * EKV_OK: failed (msg says why); msg is "" on success. */
+    void (*on_done)(void *ctx, gen_finish finish, const engine_usage *u, ekv_status rc,
+                    const char *msg);
+    void *ctx;
+} engine_request;
+
+typedef struct engine_stats {
+    int32_t queued;
+    int32_t running;
+    int64_t kv_blocks_total;
+    int64_t kv_blocks_free;
+    int64_t kv_bytes_saved;      /* sum over finished sequences of full - held */
+    uint64_t preemptions;
+    uint64_t steps;
+} engine_stats;
+
+/* m must outlive the engine; cfg NULL: defaults. EKV_EINVAL for a bad config. */
+ekv_engine *engine_create(const ekv_model *m, const engine_config *cfg, ekv_error *err);
+/* Cancels everything still queued or running (on_done with
+ * GEN_FINISH_CANCELLED), joins the engine thread, frees everything. */
+void engine_destroy(ekv_engine *e);
+
+/* Validates and queues r. EKV_EINVAL/EKV_ERANGE for a bad request (empty
+ * prompt, prompt + 1 > max_ctx, negative max_tokens, bad sampling params,
+ * stop strings, token ids or kv policy), EKV_EBUSY
+ * when the queue is full or the engine is draining. On success *id names the
+ * request and on_done will be called exactly once. */
+ekv_status engine_submit(ekv_engine *e, const engine_request *r, uint64_t *id, ekv_error *err);
+/* Asks the request to stop; its KV is freed at the next step and on_done
+ * follows with GEN_FINISH_CANCELLED (a queued request leaves the queue at
+ * once). Unknown or finished ids are ignored; a request that finishes in
+ * the step during which it is cancelled reports its own finish. */
+void engine_cancel(ekv_engine *e, uint64_t id);
+void engine_stats_get(ekv_engine *e, engine_stats *s);
+/* Stops admitting new requests and returns once every accepted one is done. */
+void engine_drain(ekv_engine *e);
+
+#endif
