@@ -38,8 +38,10 @@ int main(int argc, char **argv)
         return cmd_fetch_model(argc - 1, argv + 1);
     if (!strcmp(cmd, "bench"))
         return cmd_bench(argc - 1, argv + 1);
+#ifdef EKV_HAVE_SERVE
     if (!strcmp(cmd, "serve"))
         return cmd_serve(argc - 1, argv + 1);
+#endif
     if (!strcmp(cmd, "eval"))
         return cmd_eval(argc - 1, argv + 1);
     if (!strcmp(cmd, "calibrate"))
