@@ -86,5 +86,53 @@ else
 fi
 expect bench_unknown 2 "unknown benchmark" -- "$bin" bench nope
 
+# KV compression flags: every bad input is a clear usage error
+lic=/usr/share/common-licenses/GPL-3
+expect kv_unknown_method 2 "unknown kv method 'h2o'" -- "$bin" generate --model "$model" --prompt hi --kv-method h2o
+expect kv_budget_zero 2 "kv budget must be" -- "$bin" generate --model "$model" --prompt hi --kv-method snapkv --kv-budget 0
+expect kv_budget_negative 2 "kv budget must be" -- "$bin" generate --model "$model" --prompt hi --kv-method snapkv --kv-budget -0.5
+expect kv_budget_not_number 2 "not a number" -- "$bin" generate --model "$model" --prompt hi --kv-method snapkv --kv-budget lots
+expect kv_budget_over_prompt 2 "exceeds the prompt" -- "$bin" generate --model "$model" --prompt "hello there" --kv-method snapkv --kv-budget 64
+printf 'entrokv-uncomp-profile 1\nmodel llama 32 32 8 128 128256 Llama 3\nsamples 1\n' >"$tmp/other.uncomp"
+expect kv_profile_other_model 2 "another model" -- "$bin" generate --model "$model" --prompt hi --kv-method uncomp --kv-budget 0.5 --kv-profile "$tmp/other.uncomp"
+expect kv_profile_missing_file 1 "nope.uncomp" -- "$bin" generate --model "$model" --prompt hi --kv-method uncomp --kv-budget 0.5 --kv-profile "$tmp/nope.uncomp"
+expect eval_unknown_task 2 "usage" -- "$bin" eval frobnicate --model "$model"
+expect eval_bad_depth 2 "depth" -- "$bin" eval passkey --model "$model" --depth 1.5
+expect eval_text_too_short 2 "tokens" -- "$bin" eval ppl --model "$model" --text /usr/share/common-licenses/BSD --prefix 4000 --continue 64
+expect calibrate_no_text 2 "required" -- "$bin" calibrate --model "$model" --out "$tmp/p"
+
+# every method runs in generate with a real budget and reports the KV it holds
+for m in full streaming snapkv pyramidkv uncomp; do
+    if "$bin" generate --model "$model" --prompt "$(head -c 3000 $lic)" --max-tokens 4 --kv-method $m \
+        --kv-budget 0.1 --kv-profile none --json 2>"$tmp/err" | python3 -c '
+import json, sys
+o = json.loads(sys.stdin.read())
+full = 90 * ((o["prompt_tokens"] + 15) // 16) * 4160
+m = sys.argv[1]
+assert o["completion_tokens"] == 4, o
+assert (o["kv_bytes_prompt"] == full) if m == "full" else (o["kv_bytes_prompt"] < full / 4), (m, o)' $m; then
+        echo "ok   generate_kv_$m"
+    else
+        echo "FAIL generate_kv_$m: $(head -c 300 "$tmp/err")"; fails=$((fails + 1))
+    fi
+done
+
+# eval ppl: JSON lines, full KV first with ratio 1, every policy's bytes from the pool
+if "$bin" eval ppl --model "$model" --text $lic --prefix 300 --continue 16 --methods snapkv,uncomp-online \
+    --budgets 0.2,1 2>"$tmp/err" | python3 -c '
+import json, sys
+rows = [json.loads(l) for l in sys.stdin]
+assert len(rows) == 5 and rows[0]["method"] == "full" and rows[0]["ppl_ratio"] == 1, rows
+for r in rows:
+    assert r["ppl"] > 1 and 0 <= r["top1"] <= 1 and r["kl"] >= 0, r
+    if r["budget"] == 1:
+        assert r["kl"] == 0 and r["ppl_ratio"] == 1, r   # 100% budget: identical logits
+    else:
+        assert r["kv_fraction"] < 0.4, r'; then
+    echo "ok   eval_ppl"
+else
+    echo "FAIL eval_ppl: $(tail -c 300 "$tmp/err")"; fails=$((fails + 1))
+fi
+
 echo "$fails failure(s)"
 [ "$fails" -eq 0 ]
