@@ -362,6 +362,8 @@ int cmd_bench(int argc, char **argv)
                 "       [--python PY] [--ref-script PATH] [--no-reference] [--json]\n");
         return argc < 2 ? CLI_USAGE : CLI_OK;
     }
+    if (!strcmp(argv[1], "kvstore"))
+        return bench_kvstore(argc - 1, argv + 1);
     if (strcmp(argv[1], "generate") != 0) {
         cli_error("bench", "unknown benchmark '%s' (available: generate)", argv[1]);
         return CLI_USAGE;

@@ -14,6 +14,8 @@
 int cmd_generate(int argc, char **argv);
 int cmd_fetch_model(int argc, char **argv);
 int cmd_bench(int argc, char **argv);
+int cmd_kvstore(int argc, char **argv);    /* cli/cmd_kvstore.c */
+int bench_kvstore(int argc, char **argv);  /* bench/bench_kvstore.c: `bench kvstore` */
 int cmd_eval(int argc, char **argv);
 int cmd_calibrate(int argc, char **argv);
 

@@ -17,7 +17,8 @@ static void usage(FILE *out)
             "commands:\n"
             "  generate     run a prompt through a model and stream the completion\n"
             "  fetch-model  download the demo model (SmolLM2-135M-Instruct, Q4_1) into models/\n"
-            "  bench        benchmarks (bench generate)\n"
+            "  bench        benchmarks (bench generate, bench kvstore)\n"
+            "  kvstore      run a KV store daemon (UCX)\n"
             "  serve        serve a model over gRPC and OpenAI-compatible HTTP\n"
             "  eval         KV compression quality: eval ppl | passkey | sweep\n"
             "  calibrate    write a model's UNComp head-group profile from real text\n"
@@ -38,6 +39,8 @@ int main(int argc, char **argv)
         return cmd_fetch_model(argc - 1, argv + 1);
     if (!strcmp(cmd, "bench"))
         return cmd_bench(argc - 1, argv + 1);
+    if (!strcmp(cmd, "kvstore"))
+        return cmd_kvstore(argc - 1, argv + 1);
 #ifdef EKV_HAVE_SERVE
     if (!strcmp(cmd, "serve"))
         return cmd_serve(argc - 1, argv + 1);

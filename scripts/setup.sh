@@ -26,11 +26,12 @@ apt_packages=(
     clang libclang-rt-14-dev
     python3 python3-venv python3-pip
     libgrpc-dev protobuf-compiler-grpc libprotobuf-c-dev protobuf-c-compiler
-    libucx-dev ucx-utils
+    libucx-dev ucx-utils iproute2
     libopenmpi-dev openmpi-bin
     libmicrohttpd-dev libcjson-dev
     liblapacke-dev libopenblas-dev
     curl
+    prometheus  # promtool, which checks /metrics in tests/serve
 )
 missing=()
 for p in "${apt_packages[@]}"; do

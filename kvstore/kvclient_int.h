@@ -1,0 +1,120 @@
+/*
+ * kvclient_int.h - private to kvstore/: the client's state, shared by
+ * kvclient.c (API, batches, the worker thread, the local tier) and
+ * kvremote.c (peers, the ring, remote ops in flight).
+ *
+ * Threads: submit / wait / release run on callers' threads and touch only
+ * the fields under `mu`. Everything else - the UCX worker, peers, slots,
+ * the remote queue - belongs to the client's worker thread.
+ */
+#ifndef ENTROKV_KVCLIENT_INT_H
+#define ENTROKV_KVCLIENT_INT_H
+
+#include <pthread.h>
+
+#include "entrokv/kvstore.h"
+#include "kvucx.h"
+
+typedef struct kvc_item {
+    kvstore_batch *b;
+    kvstore_op *op;
+    struct kvc_item *next; /* remote queue */
+    bool local_ok;         /* put / del: the local tier already succeeded */
+} kvc_item;
+
+struct kvstore_batch {
+    kvstore_client *c;
+    kvstore_op *ops;
+    size_t n, remaining;
+    kvstore_done_fn done;
+    void *arg;
+    bool auto_free;
+    double t_submit;
+    _Atomic bool finished;
+    kvstore_batch *next; /* submit queue, then completed list */
+    kvc_item items[];
+};
+
+enum { PEER_DOWN, PEER_WAIT_CHALLENGE, PEER_WAIT_AUTH_OK, PEER_READY };
+
+typedef struct kvc_peer {
+    char name[128];
+    struct sockaddr_storage sa;
+    socklen_t salen;
+    ucp_ep_h ep;
+    int state;
+    double deadline; /* connect + auth must finish by then */
+    double retry_at; /* DOWN: next connect attempt */
+    const char *fail; /* set by the error callback, acted on in the loop */
+    uint8_t cnonce[KVWIRE_NONCE_BYTES];
+    uint8_t snonce_copy[KVWIRE_NONCE_BYTES];
+    _Atomic bool up;
+} kvc_peer;
+
+/* A remote op in flight. Request ids are (sequence << 16 | slot index). */
+typedef struct kvc_slot {
+    uint64_t id; /* 0: free */
+    kvc_item *it;
+    int peer;
+    double deadline;
+    void *send_req, *recv_req;
+    bool replied;
+    kvstore_result result;
+    uint64_t checksum;
+    size_t value_len;
+    uint8_t hdr[KVWIRE_HEADER_BYTES];
+} kvc_slot;
+
+struct kvstore_client {
+    kvstore_client_config cfg;
+    uint8_t *token;
+    char **peer_names;
+    kvstore_local *local;
+    kvstore_metrics m;
+
+    pthread_t thread;
+    bool thread_started;
+    pthread_mutex_t mu;
+    pthread_cond_t work_cv, done_cv;
+    kvstore_batch *sub_head, *sub_tail; /* under mu */
+    int unfinished;                     /* under mu */
+    bool stopping;                      /* under mu */
+    bool connected;                     /* under mu: the first connect round is over */
+    _Atomic int submitted;              /* batches in the submit queue: a lock-free peek */
+
+    /* worker thread only */
+    int n_active;
+    kvstore_batch *completed;
+    kvc_item *rq_head, *rq_tail;
+    kvx_worker x;
+    kvstore_ring *ring;
+    kvc_peer *peers;
+    int n_peers;
+    kvc_slot *slots;
+    int n_slots, n_inflight;
+    int *free_slots, n_free;
+    uint64_t seq;
+    double last_sweep;
+    bool stopping_remote; /* no reconnects while closing */
+};
+
+/* kvclient.c: records the op's result; completes its batch when it was the
+ * last one. */
+void kvc_item_finish(kvstore_client *c, kvc_item *it, kvstore_result r, kvstore_tier tier,
+                     size_t value_len);
+void kvc_log(kvstore_client *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* kvremote.c */
+ekv_status kvr_init(kvstore_client *c, ekv_error *err);
+void kvr_fini(kvstore_client *c);
+void kvr_connect_all(kvstore_client *c);
+bool kvr_connecting(const kvstore_client *c);
+/* Sends it to the peer owning its key, or finishes it as a miss / failure
+ * when that peer is down. false: no free slot, try again later. */
+bool kvr_issue(kvstore_client *c, kvc_item *it);
+/* Progress, timeouts, reconnects. true when anything happened. */
+bool kvr_progress(kvstore_client *c);
+/* Sleeps up to ms for UCX events. */
+void kvr_wait(kvstore_client *c, int ms);
+
+#endif

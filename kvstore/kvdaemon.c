@@ -1,0 +1,516 @@
+/*
+ * kvdaemon.c - the KV store daemon: a kvstore_local served over UCX active
+ * messages to clients that proved they hold the shared token.
+ *
+ * One thread (kvstore_daemon_run) owns the UCX worker, the listener and
+ * every connection; all message handling happens in the active message
+ * callback on that thread. A connection starts CHALLENGED: the daemon sends
+ * a nonce and accepts exactly one message, a valid AUTH, within
+ * auth_timeout_ms. Anything else - an unknown endpoint, a malformed header,
+ * a payload whose length disagrees with it, any request before auth, a
+ * rendezvous where only eager data is allowed - is logged in one line and
+ * the connection is force-closed; other connections are untouched.
+ *
+ * Values move without copies: a PUT's rendezvous data lands directly in an
+ * entry reserved in the store (committed when it is complete), a GET's
+ * reply is sent from the pinned entry. The daemon does not re-hash values:
+ * the checksum travels with the value and the client verifies it on get,
+ * end to end.
+ */
+#include "entrokv/kvstore.h"
+
+#include <arpa/inet.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "entrokv/hmac.h"
+#include "kvucx.h"
+
+enum { CONN_CHALLENGED, CONN_READY, CONN_DEAD };
+
+typedef struct kvd_conn {
+    kvstore_daemon *d;
+    ucp_ep_h ep;
+    int state;
+    int refs; /* 1 for the connection itself + 1 per PUT receive in flight */
+    uint8_t snonce[KVWIRE_NONCE_BYTES];
+    double auth_deadline;
+    char peer[64];
+} kvd_conn;
+
+struct kvstore_daemon {
+    uint8_t *token;
+    size_t token_len;
+    int auth_timeout_ms, max_conns;
+    kvstore_log_fn log;
+    void *log_arg;
+    kvx_worker x;
+    ucp_listener_h listener;
+    int port;
+    kvstore_local *store;
+    kvstore_metrics m;
+    kvd_conn **conns;
+    int n_conns, cap_conns;
+    ucp_conn_request_h pending[64]; /* accepted in the main loop, not in the callback */
+    int n_pending;
+    volatile sig_atomic_t stop;
+};
+
+/* A GET reply in flight: its header, and the pinned entry it sends from. */
+typedef struct kvd_send {
+    kvstore_daemon *d;
+    kvstore_entry *e;
+    uint8_t hdr[KVWIRE_HEADER_BYTES];
+} kvd_send;
+
+/* A PUT's rendezvous receive in flight. */
+typedef struct kvd_recv {
+    kvd_conn *c;
+    kvstore_entry *e;
+    uint64_t request_id;
+    kvstore_key key;
+} kvd_recv;
+
+static void logf_(kvstore_daemon *d, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void logf_(kvstore_daemon *d, const char *fmt, ...)
+{
+    if (!d->log)
+        return;
+    char line[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(line, sizeof line, fmt, ap);
+    va_end(ap);
+    d->log(d->log_arg, line);
+}
+
+void kvstore_daemon_config_default(kvstore_daemon_config *cfg)
+{
+    memset(cfg, 0, sizeof *cfg);
+    cfg->listen = "127.0.0.1:0";
+    cfg->capacity = 1ull << 30;
+    cfg->auth_timeout_ms = 2000;
+    cfg->max_conns = 256;
+}
+
+/* ---- connections ---- */
+
+static void conn_unref(kvd_conn *c)
+{
+    if (--c->refs == 0)
+        free(c);
+}
+
+/* Marks c dead; the main loop closes its endpoint and drops it. */
+static void conn_kill(kvd_conn *c)
+{
+    c->state = CONN_DEAD;
+}
+
+static void conn_reject(kvd_conn *c, const char *what, const char *why)
+{
+    kvstore_daemon *d = c->d;
+    atomic_fetch_add_explicit(&d->m.rejected, 1, memory_order_relaxed);
+    logf_(d, "kvstore: dropped %s from %s: %s; closing the connection", what, c->peer, why);
+    conn_kill(c);
+}
+
+static kvd_conn *conn_find(kvstore_daemon *d, ucp_ep_h ep)
+{
+    for (int i = 0; i < d->n_conns; i++)
+        if (d->conns[i]->ep == ep && d->conns[i]->state != CONN_DEAD)
+            return d->conns[i];
+    return NULL;
+}
+
+static void on_ep_error(void *arg, ucp_ep_h ep, ucs_status_t status)
+{
+    kvd_conn *c = arg;
+    if (c->state != CONN_DEAD)
+        logf_(c->d, "kvstore: connection from %s lost: %s", c->peer, ucs_status_string(status));
+    conn_kill(c);
+}
+
+static void on_conn_request(ucp_conn_request_h req, void *arg)
+{
+    kvstore_daemon *d = arg;
+    if (d->n_pending == (int)(sizeof d->pending / sizeof d->pending[0])) {
+        ucp_listener_reject(d->listener, req);
+        return;
+    }
+    d->pending[d->n_pending++] = req;
+}
+
+static void accept_one(kvstore_daemon *d, ucp_conn_request_h req)
+{
+    char peer[64] = "?";
+    ucp_conn_request_attr_t attr = {.field_mask = UCP_CONN_REQUEST_ATTR_FIELD_CLIENT_ADDR};
+    if (ucp_conn_request_query(req, &attr) == UCS_OK)
+        kvx_addr_str((struct sockaddr *)&attr.client_address, peer, sizeof peer);
+    if (d->n_conns >= d->max_conns) {
+        logf_(d, "kvstore: refused %s: %d connections already", peer, d->n_conns);
+        atomic_fetch_add_explicit(&d->m.rejected, 1, memory_order_relaxed);
+        ucp_listener_reject(d->listener, req);
+        return;
+    }
+    if (d->n_conns == d->cap_conns) {
+        int cap = d->cap_conns ? 2 * d->cap_conns : 16;
+        kvd_conn **cs = realloc(d->conns, (size_t)cap * sizeof *cs);
+        if (!cs) {
+            ucp_listener_reject(d->listener, req);
+            return;
+        }
+        d->conns = cs;
+        d->cap_conns = cap;
+    }
+    kvd_conn *c = calloc(1, sizeof *c);
+    ekv_error err;
+    if (!c || kvx_nonce(c->snonce, &err) != EKV_OK) {
+        free(c);
+        ucp_listener_reject(d->listener, req);
+        return;
+    }
+    c->d = d;
+    c->refs = 1;
+    c->state = CONN_CHALLENGED;
+    c->auth_deadline = kvx_now() + d->auth_timeout_ms / 1000.0;
+    snprintf(c->peer, sizeof c->peer, "%s", peer);
+    c->ep = kvx_accept(&d->x, req, on_ep_error, c, &err);
+    if (!c->ep) {
+        logf_(d, "kvstore: accepting %s: %s", peer, err.msg);
+        free(c);
+        return;
+    }
+    d->conns[d->n_conns++] = c;
+    kvwire_hdr h = {.version = KVWIRE_VERSION, .op = KVWIRE_OP_CHALLENGE,
+                    .payload_len = KVWIRE_NONCE_BYTES};
+    if (kvx_send_small(c->ep, &h, c->snonce, sizeof c->snonce) != EKV_OK)
+        conn_kill(c);
+}
+
+/* Closes dead connections and those that did not authenticate in time. */
+static void sweep_conns(kvstore_daemon *d, double now)
+{
+    int k = 0;
+    for (int i = 0; i < d->n_conns; i++) {
+        kvd_conn *c = d->conns[i];
+        if (c->state == CONN_CHALLENGED && now > c->auth_deadline)
+            conn_reject(c, "connection", "no authentication in time");
+        if (c->state != CONN_DEAD) {
+            d->conns[k++] = c;
+            continue;
+        }
+        kvx_close(&d->x, c->ep);
+        c->ep = NULL;
+        conn_unref(c);
+    }
+    d->n_conns = k;
+}
+
+/* ---- requests ---- */
+
+static void reply(kvd_conn *c, const kvwire_hdr *req, kvwire_status st)
+{
+    kvwire_hdr h = {.version = KVWIRE_VERSION, .op = req->op, .flags = KVWIRE_F_REPLY,
+                    .request_id = req->request_id, .status = (uint16_t)st};
+    memcpy(h.key, req->key, KVWIRE_KEY_BYTES);
+    if (kvx_send_small(c->ep, &h, NULL, 0) != EKV_OK)
+        conn_kill(c);
+}
+
+static void handle_auth(kvd_conn *c, const kvwire_hdr *h, const uint8_t *data)
+{
+    kvstore_daemon *d = c->d;
+    uint8_t want[KVWIRE_MAC_BYTES], proof[KVWIRE_MAC_BYTES];
+    const uint8_t *cnonce = data, *got = data + KVWIRE_NONCE_BYTES;
+    kvx_proof(d->token, d->token_len, 'c', c->snonce, cnonce, want);
+    if (!hmac_equal(want, got, sizeof want)) {
+        conn_reject(c, "auth", "wrong token proof");
+        return;
+    }
+    kvx_proof(d->token, d->token_len, 's', cnonce, c->snonce, proof);
+    kvwire_hdr ok = {.version = KVWIRE_VERSION, .op = KVWIRE_OP_AUTH_OK,
+                     .request_id = h->request_id, .payload_len = KVWIRE_MAC_BYTES};
+    c->state = CONN_READY;
+    if (kvx_send_small(c->ep, &ok, proof, sizeof proof) != EKV_OK)
+        conn_kill(c);
+    else
+        logf_(d, "kvstore: %s authenticated", c->peer);
+}
+
+static void put_done(kvstore_daemon *d, kvd_recv *r, bool ok)
+{
+    kvd_conn *c = r->c;
+    kvwire_hdr h = {.op = KVWIRE_OP_PUT, .request_id = r->request_id};
+    memcpy(h.key, r->key.b, KVWIRE_KEY_BYTES);
+    if (ok)
+        kvstore_local_commit(d->store, r->e);
+    else
+        kvstore_local_abort(d->store, r->e);
+    if (c->state != CONN_DEAD)
+        reply(c, &h, ok ? KVWIRE_ST_OK : KVWIRE_ST_ERROR);
+    conn_unref(c);
+    free(r);
+}
+
+static void on_put_data(void *req, ucs_status_t status, size_t length, void *user)
+{
+    kvd_recv *r = user;
+    put_done(r->c->d, r, status == UCS_OK && length == kvstore_entry_len(r->e));
+    ucp_request_free(req);
+}
+
+static void handle_put(kvd_conn *c, const kvwire_hdr *h, void *data, size_t len, bool rndv)
+{
+    kvstore_daemon *d = c->d;
+    kvstore_result why;
+    kvstore_key key;
+    memcpy(key.b, h->key, KVWIRE_KEY_BYTES);
+    kvstore_entry *e = kvstore_local_reserve(d->store, &key, len, h->checksum, &why);
+    if (!e) {
+        reply(c, h, KVWIRE_ST_NOSPACE);
+        return; /* an unclaimed rendezvous is released by UCX */
+    }
+    kvd_recv *r = malloc(sizeof *r);
+    if (!r) {
+        kvstore_local_abort(d->store, e);
+        reply(c, h, KVWIRE_ST_ERROR);
+        return;
+    }
+    *r = (kvd_recv){.c = c, .e = e, .request_id = h->request_id, .key = key};
+    c->refs++;
+    if (!rndv) {
+        memcpy(kvstore_entry_data(e), data, len);
+        put_done(d, r, true);
+        return;
+    }
+    ucp_request_param_t p = {
+        .op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA,
+        .cb.recv_am = on_put_data,
+        .user_data = r,
+    };
+    ucs_status_ptr_t s = ucp_am_recv_data_nbx(d->x.worker, data, kvstore_entry_data(e), len, &p);
+    if (s == NULL || UCS_PTR_IS_ERR(s))
+        put_done(d, r, s == NULL);
+}
+
+static void on_get_sent(void *req, ucs_status_t status, void *user)
+{
+    kvd_send *s = user;
+    kvstore_local_release(s->d->store, s->e);
+    free(s);
+    ucp_request_free(req);
+}
+
+static void handle_get(kvd_conn *c, const kvwire_hdr *h)
+{
+    kvstore_daemon *d = c->d;
+    kvstore_key key;
+    memcpy(key.b, h->key, KVWIRE_KEY_BYTES);
+    kvstore_entry *e = kvstore_local_acquire(d->store, &key);
+    kvd_send *s = e ? malloc(sizeof *s) : NULL;
+    if (!s) {
+        if (e)
+            kvstore_local_release(d->store, e);
+        atomic_fetch_add_explicit(&d->m.tier[KVSTORE_TIER_LOCAL].misses, 1, memory_order_relaxed);
+        reply(c, h, KVWIRE_ST_MISS);
+        return;
+    }
+    size_t len = kvstore_entry_len(e);
+    kvwire_hdr r = {.version = KVWIRE_VERSION, .op = KVWIRE_OP_GET, .flags = KVWIRE_F_REPLY,
+                    .request_id = h->request_id, .payload_len = (uint32_t)len,
+                    .status = KVWIRE_ST_OK, .checksum = kvstore_entry_checksum(e)};
+    memcpy(r.key, h->key, KVWIRE_KEY_BYTES);
+    *s = (kvd_send){.d = d, .e = e};
+    kvwire_encode(&r, s->hdr);
+    atomic_fetch_add_explicit(&d->m.tier[KVSTORE_TIER_LOCAL].hits, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&d->m.tier[KVSTORE_TIER_LOCAL].bytes_out, len, memory_order_relaxed);
+    ucs_status_ptr_t st = kvx_send(c->ep, s->hdr, kvstore_entry_data(e), len, on_get_sent, s);
+    if (st == NULL || UCS_PTR_IS_ERR(st)) {
+        kvstore_local_release(d->store, e);
+        free(s);
+        if (UCS_PTR_IS_ERR(st))
+            conn_kill(c);
+    }
+}
+
+static void handle_request(kvd_conn *c, const kvwire_hdr *h, void *data, size_t len, bool rndv)
+{
+    kvstore_daemon *d = c->d;
+    kvstore_key key;
+    memcpy(key.b, h->key, KVWIRE_KEY_BYTES);
+    switch (h->op) {
+    case KVWIRE_OP_PUT: handle_put(c, h, data, len, rndv); break;
+    case KVWIRE_OP_GET: handle_get(c, h); break;
+    case KVWIRE_OP_EXISTS:
+        reply(c, h, kvstore_local_exists(d->store, &key) ? KVWIRE_ST_OK : KVWIRE_ST_MISS);
+        break;
+    case KVWIRE_OP_DEL:
+        reply(c, h, kvstore_local_delete(d->store, &key) ? KVWIRE_ST_OK : KVWIRE_ST_MISS);
+        break;
+    default: conn_reject(c, kvwire_op_name(h->op), "handshake message after authentication");
+    }
+}
+
+static ucs_status_t on_am(void *arg, const void *header, size_t hlen, void *data, size_t len,
+                          const ucp_am_recv_param_t *param)
+{
+    kvstore_daemon *d = arg;
+    bool rndv = (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0;
+    ucp_ep_h ep = (param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP) ? param->reply_ep : NULL;
+    kvd_conn *c = ep ? conn_find(d, ep) : NULL;
+    if (!c) {
+        atomic_fetch_add_explicit(&d->m.rejected, 1, memory_order_relaxed);
+        logf_(d, "kvstore: dropped a message from an unknown endpoint");
+        return UCS_OK;
+    }
+    kvwire_hdr h;
+    ekv_error err;
+    if (kvwire_decode(header, hlen, &h, &err) != EKV_OK ||
+        kvwire_check_payload(&h, len, &err) != EKV_OK) {
+        conn_reject(c, "message", err.msg);
+        return UCS_OK;
+    }
+    if (h.flags & KVWIRE_F_REPLY) {
+        conn_reject(c, kvwire_op_name(h.op), "a reply sent to the daemon");
+        return UCS_OK;
+    }
+    if (rndv && h.op != KVWIRE_OP_PUT) {
+        conn_reject(c, kvwire_op_name(h.op), "rendezvous data where none is allowed");
+        return UCS_OK;
+    }
+    if (c->state != CONN_READY) {
+        if (h.op == KVWIRE_OP_AUTH)
+            handle_auth(c, &h, data);
+        else
+            conn_reject(c, kvwire_op_name(h.op), "request before authentication");
+        return UCS_OK;
+    }
+    handle_request(c, &h, data, len, rndv);
+    return UCS_OK;
+}
+
+/* ---- lifecycle ---- */
+
+kvstore_daemon *kvstore_daemon_create(const kvstore_daemon_config *cfg, ekv_error *err)
+{
+    if (!cfg->auth_token || cfg->auth_token_len == 0) {
+        ekv_error_set(err, EKV_EINVAL, "kvstore daemon: an auth token is required");
+        return NULL;
+    }
+    struct sockaddr_storage ss;
+    socklen_t sl;
+    if (kvx_parse_addr(cfg->listen, &ss, &sl, err) != EKV_OK)
+        return NULL;
+    kvstore_daemon *d = calloc(1, sizeof *d);
+    if (!d || !(d->token = malloc(cfg->auth_token_len))) {
+        free(d);
+        ekv_error_set(err, EKV_ENOMEM, "kvstore daemon: out of memory");
+        return NULL;
+    }
+    memcpy(d->token, cfg->auth_token, cfg->auth_token_len);
+    d->token_len = cfg->auth_token_len;
+    d->auth_timeout_ms = cfg->auth_timeout_ms > 0 ? cfg->auth_timeout_ms : 2000;
+    d->max_conns = cfg->max_conns > 0 ? cfg->max_conns : 256;
+    d->log = cfg->log;
+    d->log_arg = cfg->log_arg;
+    d->x.efd = -1;
+    if (!(d->store = kvstore_local_create(cfg->capacity, &d->m, err)))
+        goto fail;
+    if (kvx_worker_init(&d->x, on_am, d, err) != EKV_OK)
+        goto fail;
+    ucp_listener_params_t lp = {
+        .field_mask = UCP_LISTENER_PARAM_FIELD_SOCK_ADDR | UCP_LISTENER_PARAM_FIELD_CONN_HANDLER,
+        .sockaddr = {.addr = (struct sockaddr *)&ss, .addrlen = sl},
+        .conn_handler = {.cb = on_conn_request, .arg = d},
+    };
+    ucs_status_t st = ucp_listener_create(d->x.worker, &lp, &d->listener);
+    if (st != UCS_OK) {
+        ekv_error_set(err, EKV_EIO, "kvstore daemon: listening on %s: %s", cfg->listen,
+                      ucs_status_string(st));
+        goto fail;
+    }
+    ucp_listener_attr_t la = {.field_mask = UCP_LISTENER_ATTR_FIELD_SOCKADDR};
+    if (ucp_listener_query(d->listener, &la) == UCS_OK) {
+        const struct sockaddr *sa = (const struct sockaddr *)&la.sockaddr;
+        d->port = sa->sa_family == AF_INET ? ntohs(((const struct sockaddr_in *)sa)->sin_port)
+                                           : ntohs(((const struct sockaddr_in6 *)sa)->sin6_port);
+    }
+    for (int i = 0; i < cfg->n_peers; i++)
+        logf_(d, "kvstore: ring peer %s", cfg->peers[i]);
+    return d;
+fail:
+    kvstore_daemon_destroy(d);
+    return NULL;
+}
+
+int kvstore_daemon_port(const kvstore_daemon *d)
+{
+    return d->port;
+}
+
+kvstore_local *kvstore_daemon_store(kvstore_daemon *d)
+{
+    return d->store;
+}
+
+const kvstore_metrics *kvstore_daemon_metrics(const kvstore_daemon *d)
+{
+    return &d->m;
+}
+
+void kvstore_daemon_stop(kvstore_daemon *d)
+{
+    d->stop = 1;
+}
+
+ekv_status kvstore_daemon_run(kvstore_daemon *d, ekv_error *err)
+{
+    double last_busy = kvx_now(), last_sweep = 0;
+    while (!d->stop) {
+        bool busy = kvx_progress(&d->x);
+        for (int i = 0; i < d->n_pending; i++)
+            accept_one(d, d->pending[i]);
+        busy |= d->n_pending > 0;
+        d->n_pending = 0;
+        double now = kvx_now();
+        if (busy)
+            last_busy = now;
+        if (now - last_sweep > 0.01) {
+            sweep_conns(d, now);
+            last_sweep = now;
+        }
+        /* spin while traffic flows (latency), sleep on the event fd when idle */
+        if (now - last_busy > 0.002)
+            kvx_wait(&d->x, 100);
+    }
+    for (int i = 0; i < d->n_conns; i++)
+        conn_kill(d->conns[i]);
+    sweep_conns(d, kvx_now());
+    return EKV_OK;
+}
+
+void kvstore_daemon_destroy(kvstore_daemon *d)
+{
+    if (!d)
+        return;
+    for (int i = 0; i < d->n_conns; i++)
+        conn_kill(d->conns[i]);
+    if (d->x.worker)
+        sweep_conns(d, kvx_now());
+    for (int i = 0; i < d->n_pending && d->listener; i++)
+        ucp_listener_reject(d->listener, d->pending[i]);
+    if (d->listener)
+        ucp_listener_destroy(d->listener);
+    if (d->x.worker)
+        kvx_worker_fini(&d->x); /* completes what the closes cancelled */
+    kvstore_local_destroy(d->store);
+    free(d->conns);
+    if (d->token)
+        memset(d->token, 0, d->token_len);
+    free(d->token);
+    free(d);
+}

@@ -1,0 +1,245 @@
+/*
+ * kvhash.c - key derivation and the value checksum.
+ *
+ * Keys are SHA-256 over a domain label and fixed-width little-endian fields,
+ * so two different (model, prefix, layer, head, TP layout) tuples cannot
+ * serialise to the same bytes. The chain value of block i covers every token
+ * up to and including block i, so a key names a whole prefix, not just the
+ * block's own 16 tokens.
+ *
+ * The checksum follows xxHash3's long-input design (Yann Collet, xxhash.h,
+ * "XXH3_accumulate_512" and "XXH3_mergeAccs"): eight 64-bit lanes, each
+ * 64-byte stripe adds lo32(x ^ s) * hi32(x ^ s) to its lane and x to the
+ * neighbouring lane; every 1 KiB the lanes are scrambled; the tail is
+ * zero-padded and the length mixed into the result. It is not xxHash3 (own
+ * secret, simplified tail), it detects corruption, it is not a MAC. The
+ * stripe loop has SSE2 and AVX2 versions (chosen at run time) that must
+ * equal the scalar reference bit for bit; test_kvlocal checks that.
+ */
+#include "entrokv/kvstore.h"
+
+#include <string.h>
+
+#include "entrokv/sha256.h"
+
+/* Test hook (not in the public header): the portable checksum, which the
+ * SIMD one must equal. */
+uint64_t kvstore_checksum_reference(const void *data, size_t len);
+
+static void put_u32(ekv_sha256 *s, uint32_t v)
+{
+    uint8_t b[4] = {(uint8_t)v, (uint8_t)(v >> 8), (uint8_t)(v >> 16), (uint8_t)(v >> 24)};
+    sha256_update(s, b, sizeof b);
+}
+
+void kvstore_chain_hash(const uint8_t prev[KVSTORE_HASH_BYTES], const int32_t *tokens, int32_t n,
+                        uint8_t out[KVSTORE_HASH_BYTES])
+{
+    static const uint8_t zero[KVSTORE_HASH_BYTES];
+    ekv_sha256 s;
+    sha256_init(&s);
+    sha256_update(&s, "ekv-chain1", 10);
+    sha256_update(&s, prev ? prev : zero, KVSTORE_HASH_BYTES);
+    put_u32(&s, (uint32_t)(n > 0 ? n : 0));
+    for (int32_t i = 0; i < n; i++)
+        put_u32(&s, (uint32_t)tokens[i]);
+    sha256_final(&s, out);
+}
+
+void kvstore_key_make(const char *model_id, const uint8_t prev_chain_hash[KVSTORE_HASH_BYTES],
+                      const int32_t *tokens, int32_t n, int32_t layer, int32_t head,
+                      int32_t tp_rank, int32_t tp_size, kvstore_key *out)
+{
+    uint8_t chain[KVSTORE_HASH_BYTES];
+    size_t mlen = model_id ? strlen(model_id) : 0;
+    kvstore_chain_hash(prev_chain_hash, tokens, n, chain);
+    ekv_sha256 s;
+    sha256_init(&s);
+    sha256_update(&s, "ekv-key1", 8);
+    put_u32(&s, (uint32_t)mlen);
+    sha256_update(&s, model_id ? model_id : "", mlen);
+    sha256_update(&s, chain, sizeof chain);
+    put_u32(&s, (uint32_t)layer);
+    put_u32(&s, (uint32_t)head);
+    put_u32(&s, (uint32_t)tp_rank);
+    put_u32(&s, (uint32_t)tp_size);
+    sha256_final(&s, out->b);
+}
+
+void kvstore_key_hex(const kvstore_key *key, char out[17])
+{
+    static const char hex[] = "0123456789abcdef";
+    for (int i = 0; i < 8; i++) {
+        out[2 * i] = hex[key->b[i] >> 4];
+        out[2 * i + 1] = hex[key->b[i] & 15];
+    }
+    out[16] = 0;
+}
+
+const char *kvstore_result_name(kvstore_result r)
+{
+    switch (r) {
+    case KVSTORE_OK: return "ok";
+    case KVSTORE_MISS: return "miss";
+    case KVSTORE_TOOSMALL: return "too_small";
+    case KVSTORE_NOSPACE: return "no_space";
+    case KVSTORE_FAILED: return "failed";
+    }
+    return "?";
+}
+
+/* ---- checksum ---- */
+
+#define P32_1 0x9E3779B1u
+#define P32_2 0x85EBCA77u
+#define P32_3 0xC2B2AE3Du
+#define P64_1 0x9E3779B185EBCA87ull
+#define P64_2 0xC2B2AE3D27D4EB4Full
+#define P64_3 0x165667B19E3779F9ull
+#define P64_4 0x85EBCA77C2B2AE63ull
+#define P64_5 0x27D4EB2F165667C5ull
+
+#define STRIPE 64
+#define STRIPES_PER_BLOCK 16
+
+static const uint64_t SECRET[8] = {
+    0xbe4ba423396cfeb8ull, 0x1cad21f72c81017cull, 0xdb979083e96dd4deull, 0x1f67b3b7a4a44072ull,
+    0x78e5c0cc4ee679cbull, 0x2172ffcc7dd05a82ull, 0x8e2443f7744608b8ull, 0x4c263a81e69035e0ull,
+};
+
+/* n whole stripes into acc: acc[i] += x[i ^ 1] + lo32(k) * hi32(k) with
+ * k = x[i] ^ SECRET[i]. The portable reference; the SIMD versions below
+ * compute exactly the same sums (compilers vectorise this form poorly). */
+static void accumulate_scalar(uint64_t acc[8], const uint8_t *p, size_t n)
+{
+    for (size_t s = 0; s < n; s++, p += STRIPE) {
+        uint64_t x[8];
+        memcpy(x, p, sizeof x);
+#if __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+        for (int i = 0; i < 8; i++)
+            x[i] = __builtin_bswap64(x[i]);
+#endif
+        for (int i = 0; i < 8; i++) {
+            uint64_t k = x[i] ^ SECRET[i];
+            acc[i] += x[i ^ 1] + (k & 0xffffffffu) * (k >> 32);
+        }
+    }
+}
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+/* SSE2 (every x86-64): 4 vectors of 2 lanes; the shuffle swaps the two
+ * 64-bit halves, which is x[i ^ 1]. */
+static void accumulate_sse2(uint64_t acc[8], const uint8_t *p, size_t n)
+{
+    __m128i a[4], sec[4];
+    for (int j = 0; j < 4; j++) {
+        a[j] = _mm_loadu_si128((const __m128i *)(acc + 2 * j));
+        sec[j] = _mm_loadu_si128((const __m128i *)(SECRET + 2 * j));
+    }
+    for (size_t s = 0; s < n; s++, p += STRIPE) {
+        for (int j = 0; j < 4; j++) {
+            __m128i x = _mm_loadu_si128((const __m128i *)(p + 16 * j));
+            __m128i k = _mm_xor_si128(x, sec[j]);
+            __m128i prod = _mm_mul_epu32(k, _mm_srli_epi64(k, 32));
+            __m128i sw = _mm_shuffle_epi32(x, _MM_SHUFFLE(1, 0, 3, 2));
+            a[j] = _mm_add_epi64(a[j], _mm_add_epi64(prod, sw));
+        }
+    }
+    for (int j = 0; j < 4; j++)
+        _mm_storeu_si128((__m128i *)(acc + 2 * j), a[j]);
+}
+
+__attribute__((target("avx2"))) static void accumulate_avx2(uint64_t acc[8], const uint8_t *p,
+                                                             size_t n)
+{
+    __m256i a0 = _mm256_loadu_si256((const __m256i *)acc);
+    __m256i a1 = _mm256_loadu_si256((const __m256i *)(acc + 4));
+    const __m256i s0 = _mm256_loadu_si256((const __m256i *)SECRET);
+    const __m256i s1 = _mm256_loadu_si256((const __m256i *)(SECRET + 4));
+    for (size_t s = 0; s < n; s++, p += STRIPE) {
+        __m256i x0 = _mm256_loadu_si256((const __m256i *)p);
+        __m256i x1 = _mm256_loadu_si256((const __m256i *)(p + 32));
+        __m256i k0 = _mm256_xor_si256(x0, s0), k1 = _mm256_xor_si256(x1, s1);
+        __m256i p0 = _mm256_mul_epu32(k0, _mm256_srli_epi64(k0, 32));
+        __m256i p1 = _mm256_mul_epu32(k1, _mm256_srli_epi64(k1, 32));
+        a0 = _mm256_add_epi64(a0, _mm256_add_epi64(p0, _mm256_shuffle_epi32(x0, 0x4e)));
+        a1 = _mm256_add_epi64(a1, _mm256_add_epi64(p1, _mm256_shuffle_epi32(x1, 0x4e)));
+    }
+    _mm256_storeu_si256((__m256i *)acc, a0);
+    _mm256_storeu_si256((__m256i *)(acc + 4), a1);
+}
+
+static void accumulate(uint64_t acc[8], const uint8_t *p, size_t n)
+{
+    static int avx2 = -1; /* racy first use is harmless: every thread gets the same answer */
+    if (avx2 < 0)
+        avx2 = __builtin_cpu_supports("avx2") ? 1 : 0;
+    if (avx2)
+        accumulate_avx2(acc, p, n);
+    else
+        accumulate_sse2(acc, p, n);
+}
+#else
+static void accumulate(uint64_t acc[8], const uint8_t *p, size_t n)
+{
+    accumulate_scalar(acc, p, n);
+}
+#endif
+
+static void scramble(uint64_t acc[8])
+{
+    for (int i = 0; i < 8; i++)
+        acc[i] = (acc[i] ^ (acc[i] >> 47) ^ SECRET[7 - i]) * P32_1;
+}
+
+static uint64_t fold(uint64_t a, uint64_t b)
+{
+    __extension__ unsigned __int128 m = (unsigned __int128)a * b;
+    return (uint64_t)m ^ (uint64_t)(m >> 64);
+}
+
+static uint64_t avalanche(uint64_t h)
+{
+    h ^= h >> 37;
+    h *= 0x165667919E3779F9ull;
+    return h ^ (h >> 32);
+}
+
+typedef void (*accumulate_fn)(uint64_t acc[8], const uint8_t *p, size_t n);
+
+static uint64_t checksum_with(accumulate_fn acc_fn, const void *data, size_t len)
+{
+    uint64_t acc[8] = {P32_3, P64_1, P64_2, P64_3, P64_4, P32_2, P64_5, P32_1};
+    const uint8_t *p = data;
+    size_t stripes = len / STRIPE;
+    while (stripes >= STRIPES_PER_BLOCK) {
+        acc_fn(acc, p, STRIPES_PER_BLOCK);
+        scramble(acc);
+        p += STRIPES_PER_BLOCK * STRIPE;
+        stripes -= STRIPES_PER_BLOCK;
+    }
+    acc_fn(acc, p, stripes);
+    p += stripes * STRIPE;
+    size_t tail = len % STRIPE;
+    if (tail) {
+        uint8_t last[STRIPE] = {0};
+        memcpy(last, p, tail);
+        acc_fn(acc, last, 1);
+    }
+    uint64_t h = (uint64_t)len * P64_1;
+    for (int i = 0; i < 4; i++)
+        h += fold(acc[2 * i] ^ SECRET[(2 * i + 3) & 7], acc[2 * i + 1] ^ SECRET[(2 * i + 6) & 7]);
+    return avalanche(h);
+}
+
+uint64_t kvstore_checksum(const void *data, size_t len)
+{
+    return checksum_with(accumulate, data, len);
+}
+
+uint64_t kvstore_checksum_reference(const void *data, size_t len)
+{
+    return checksum_with(accumulate_scalar, data, len);
+}

@@ -1,0 +1,436 @@
+/*
+ * kvremote.c - the client's remote tier: one authenticated UCX endpoint per
+ * daemon, the hash ring that picks the daemon for a key, and the table of
+ * ops in flight, each with a deadline.
+ *
+ * A peer goes DOWN -> WAIT_CHALLENGE (endpoint created) -> WAIT_AUTH_OK
+ * (our proof sent) -> READY (the daemon's proof checked). Ops for a peer
+ * that is not READY finish at once as a miss (get, exists) or a failure
+ * (put, del), so a dead daemon costs nothing but its keys. A peer that
+ * errors, sends a malformed message or lets an op pass its deadline is
+ * force-closed: UCX then completes its outstanding sends and rendezvous
+ * receives with an error, which is what lets a get that was landing in the
+ * caller's buffer finish safely as a miss. It is retried after
+ * reconnect_ms, without blocking anything else.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "entrokv/hmac.h"
+#include "kvclient_int.h"
+
+#define SLOT_BITS 16
+
+static kvstore_result fail_result(kvstore_op_kind k)
+{
+    return k == KVSTORE_GET || k == KVSTORE_EXISTS ? KVSTORE_MISS : KVSTORE_FAILED;
+}
+
+static void add(_Atomic uint64_t *ctr, uint64_t v)
+{
+    atomic_fetch_add_explicit(ctr, v, memory_order_relaxed);
+}
+
+/* ---- slots ---- */
+
+static void slot_free(kvstore_client *c, kvc_slot *s)
+{
+    s->id = 0;
+    c->free_slots[c->n_free++] = (int)(s - c->slots);
+    c->n_inflight--;
+}
+
+/* Finishes the op once its reply (or failure) is in and UCX holds no
+ * request that still points into the slot or the caller's buffer. */
+static void maybe_complete(kvstore_client *c, kvc_slot *s)
+{
+    if (!s->replied || s->send_req || s->recv_req)
+        return;
+    kvstore_tier_metrics *tm = &c->m.tier[KVSTORE_TIER_REMOTE];
+    kvstore_op *op = s->it->op;
+    if (op->kind == KVSTORE_GET) {
+        add(s->result == KVSTORE_OK ? &tm->hits : &tm->misses, 1);
+        if (s->result == KVSTORE_OK)
+            add(&tm->bytes_out, s->value_len);
+    } else if (op->kind == KVSTORE_PUT && s->result == KVSTORE_OK) {
+        add(&tm->bytes_in, op->len);
+    }
+    kvc_item *it = s->it;
+    kvstore_result r = s->result;
+    size_t vl = s->value_len;
+    slot_free(c, s);
+    kvc_item_finish(c, it, r, KVSTORE_TIER_REMOTE, vl);
+}
+
+static void fail_slot(kvc_slot *s)
+{
+    if (!s->replied) {
+        s->replied = true;
+        s->result = fail_result(s->it->op->kind);
+    }
+}
+
+/* ---- peers ---- */
+
+static void peer_fail(kvstore_client *c, int pi, const char *why)
+{
+    kvc_peer *p = &c->peers[pi];
+    p->fail = NULL;
+    if (p->state == PEER_DOWN)
+        return;
+    if (!c->stopping_remote) {
+        kvc_log(c, "kvstore: peer %s down: %s", p->name, why);
+        add(&c->m.peer_failures, 1);
+    }
+    atomic_store(&p->up, false);
+    p->state = PEER_DOWN;
+    p->retry_at = kvx_now() + c->cfg.reconnect_ms / 1000.0;
+    for (int i = 0; i < c->n_slots; i++)
+        if (c->slots[i].id && c->slots[i].peer == pi)
+            fail_slot(&c->slots[i]);
+    ucp_ep_h ep = p->ep;
+    p->ep = NULL;
+    kvx_close(&c->x, ep); /* purges: send / receive callbacks run with errors */
+    for (int i = 0; i < c->n_slots; i++)
+        if (c->slots[i].id && c->slots[i].peer == pi)
+            maybe_complete(c, &c->slots[i]);
+}
+
+static void on_peer_error(void *arg, ucp_ep_h ep, ucs_status_t status)
+{
+    kvc_peer *p = arg;
+    if (!p->fail)
+        p->fail = ucs_status_string(status);
+}
+
+static void peer_connect(kvstore_client *c, int pi)
+{
+    kvc_peer *p = &c->peers[pi];
+    ekv_error err;
+    p->fail = NULL;
+    p->ep = kvx_connect(&c->x, (struct sockaddr *)&p->sa, p->salen, on_peer_error, p, &err);
+    if (!p->ep) {
+        kvc_log(c, "kvstore: peer %s: %s", p->name, err.msg);
+        p->retry_at = kvx_now() + c->cfg.reconnect_ms / 1000.0;
+        return;
+    }
+    p->state = PEER_WAIT_CHALLENGE;
+    p->deadline = kvx_now() + c->cfg.connect_timeout_ms / 1000.0;
+}
+
+void kvr_connect_all(kvstore_client *c)
+{
+    for (int i = 0; i < c->n_peers; i++)
+        peer_connect(c, i);
+}
+
+bool kvr_connecting(const kvstore_client *c)
+{
+    for (int i = 0; i < c->n_peers; i++)
+        if (c->peers[i].state == PEER_WAIT_CHALLENGE || c->peers[i].state == PEER_WAIT_AUTH_OK)
+            return true;
+    return false;
+}
+
+static void on_challenge(kvstore_client *c, int pi, const uint8_t *snonce)
+{
+    kvc_peer *p = &c->peers[pi];
+    uint8_t payload[KVWIRE_NONCE_BYTES + KVWIRE_MAC_BYTES];
+    ekv_error err;
+    if (kvx_nonce(p->cnonce, &err) != EKV_OK) {
+        p->fail = "no random nonce";
+        return;
+    }
+    memcpy(p->snonce_copy, snonce, KVWIRE_NONCE_BYTES);
+    memcpy(payload, p->cnonce, KVWIRE_NONCE_BYTES);
+    kvx_proof(c->token, c->cfg.auth_token_len, 'c', snonce, p->cnonce,
+              payload + KVWIRE_NONCE_BYTES);
+    kvwire_hdr h = {.version = KVWIRE_VERSION, .op = KVWIRE_OP_AUTH,
+                    .payload_len = sizeof payload};
+    if (kvx_send_small(p->ep, &h, payload, sizeof payload) != EKV_OK)
+        p->fail = "sending auth failed";
+    else
+        p->state = PEER_WAIT_AUTH_OK;
+}
+
+static void on_auth_ok(kvstore_client *c, int pi, const uint8_t *proof)
+{
+    kvc_peer *p = &c->peers[pi];
+    uint8_t want[KVWIRE_MAC_BYTES];
+    kvx_proof(c->token, c->cfg.auth_token_len, 's', p->cnonce, p->snonce_copy, want);
+    if (!hmac_equal(want, proof, sizeof want)) {
+        p->fail = "the daemon could not prove it holds the token";
+        return;
+    }
+    p->state = PEER_READY;
+    atomic_store(&p->up, true);
+    kvc_log(c, "kvstore: peer %s connected", p->name);
+}
+
+/* ---- replies ---- */
+
+static void verify_get(kvstore_client *c, kvc_slot *s)
+{
+    if (kvstore_checksum(s->it->op->buf, s->value_len) == s->checksum) {
+        s->result = KVSTORE_OK;
+        return;
+    }
+    add(&c->m.checksum_failures, 1);
+    s->result = KVSTORE_MISS;
+}
+
+static void on_get_data(void *req, ucs_status_t status, size_t length, void *user)
+{
+    kvc_slot *s = user;
+    kvstore_client *c = s->it->b->c;
+    s->recv_req = NULL;
+    ucp_request_free(req);
+    if (status == UCS_OK && length == s->value_len)
+        verify_get(c, s);
+    else
+        s->result = KVSTORE_MISS;
+    maybe_complete(c, s);
+}
+
+static void get_reply(kvstore_client *c, kvc_slot *s, const kvwire_hdr *h, void *data,
+                      size_t len, bool rndv)
+{
+    kvstore_op *op = s->it->op;
+    s->result = KVSTORE_MISS;
+    if (h->status != KVWIRE_ST_OK)
+        return;
+    s->value_len = len;
+    if (len > op->len) {
+        s->result = KVSTORE_TOOSMALL;
+        return; /* an unclaimed rendezvous is released by UCX */
+    }
+    s->checksum = h->checksum;
+    if (!rndv) {
+        memcpy(op->buf, data, len);
+        verify_get(c, s);
+        return;
+    }
+    ucp_request_param_t p = {
+        .op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA,
+        .cb.recv_am = on_get_data,
+        .user_data = s,
+    };
+    ucs_status_ptr_t r = ucp_am_recv_data_nbx(c->x.worker, data, op->buf, len, &p);
+    if (r == NULL)
+        verify_get(c, s);
+    else if (!UCS_PTR_IS_ERR(r))
+        s->recv_req = r;
+}
+
+static void on_reply(kvstore_client *c, int pi, const kvwire_hdr *h, void *data, size_t len,
+                     bool rndv)
+{
+    uint64_t idx = h->request_id & ((1u << SLOT_BITS) - 1);
+    kvc_slot *s = idx < (uint64_t)c->n_slots ? &c->slots[idx] : NULL;
+    if (!s || !s->id || s->id != h->request_id || s->peer != pi || s->replied ||
+        (int)s->it->op->kind != (int)(h->op - KVWIRE_OP_PUT + KVSTORE_PUT))
+        return; /* late reply to an op that already timed out */
+    s->replied = true;
+    switch (h->op) {
+    case KVWIRE_OP_GET: get_reply(c, s, h, data, len, rndv); break;
+    case KVWIRE_OP_PUT:
+        s->result = h->status == KVWIRE_ST_OK        ? KVSTORE_OK
+                    : h->status == KVWIRE_ST_NOSPACE ? KVSTORE_NOSPACE
+                                                     : KVSTORE_FAILED;
+        break;
+    default: s->result = h->status == KVWIRE_ST_OK ? KVSTORE_OK : KVSTORE_MISS;
+    }
+    maybe_complete(c, s);
+}
+
+static int peer_of_ep(const kvstore_client *c, ucp_ep_h ep)
+{
+    for (int i = 0; ep && i < c->n_peers; i++)
+        if (c->peers[i].ep == ep)
+            return i;
+    return -1;
+}
+
+static ucs_status_t on_am(void *arg, const void *header, size_t hlen, void *data, size_t len,
+                          const ucp_am_recv_param_t *param)
+{
+    kvstore_client *c = arg;
+    ucp_ep_h ep = (param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP) ? param->reply_ep : NULL;
+    int pi = peer_of_ep(c, ep);
+    if (pi < 0)
+        return UCS_OK; /* from an endpoint already closed */
+    kvc_peer *p = &c->peers[pi];
+    bool rndv = (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0;
+    kvwire_hdr h;
+    ekv_error err;
+    if (kvwire_decode(header, hlen, &h, &err) != EKV_OK ||
+        kvwire_check_payload(&h, len, &err) != EKV_OK) {
+        kvc_log(c, "kvstore: peer %s sent a malformed message: %s", p->name, err.msg);
+        p->fail = "malformed message";
+        return UCS_OK;
+    }
+    bool reply = (h.flags & KVWIRE_F_REPLY) != 0;
+    if (h.op == KVWIRE_OP_CHALLENGE && p->state == PEER_WAIT_CHALLENGE && !rndv)
+        on_challenge(c, pi, data);
+    else if (h.op == KVWIRE_OP_AUTH_OK && p->state == PEER_WAIT_AUTH_OK && !rndv)
+        on_auth_ok(c, pi, data);
+    else if (reply && p->state == PEER_READY && (!rndv || h.op == KVWIRE_OP_GET))
+        on_reply(c, pi, &h, data, len, rndv);
+    else
+        p->fail = "unexpected message";
+    return UCS_OK;
+}
+
+/* ---- issuing ---- */
+
+static void on_sent(void *req, ucs_status_t status, void *user)
+{
+    kvc_slot *s = user;
+    kvstore_client *c = s->it->b->c;
+    s->send_req = NULL;
+    ucp_request_free(req);
+    if (status != UCS_OK) {
+        fail_slot(s);
+        if (!c->peers[s->peer].fail)
+            c->peers[s->peer].fail = "send failed";
+    }
+    maybe_complete(c, s);
+}
+
+bool kvr_issue(kvstore_client *c, kvc_item *it)
+{
+    kvstore_op *op = it->op;
+    int pi = kvstore_ring_lookup(c->ring, &op->key);
+    if (pi < 0 || c->peers[pi].state != PEER_READY) {
+        kvc_item_finish(c, it, fail_result(op->kind), KVSTORE_TIER_REMOTE, 0);
+        return true;
+    }
+    if (op->kind == KVSTORE_PUT && (op->len == 0 || op->len > KVWIRE_MAX_PAYLOAD)) {
+        kvc_item_finish(c, it, op->len ? KVSTORE_NOSPACE : KVSTORE_FAILED, KVSTORE_TIER_REMOTE, 0);
+        return true;
+    }
+    if (c->n_free == 0)
+        return false;
+    int idx = c->free_slots[--c->n_free];
+    kvc_slot *s = &c->slots[idx];
+    memset(s, 0, sizeof *s);
+    s->id = (++c->seq << SLOT_BITS) | (uint64_t)idx;
+    s->it = it;
+    s->peer = pi;
+    s->deadline = kvx_now() + c->cfg.op_timeout_ms / 1000.0;
+    c->n_inflight++;
+    bool put = op->kind == KVSTORE_PUT;
+    kvwire_hdr h = {.version = KVWIRE_VERSION,
+                    .op = (uint8_t)(KVWIRE_OP_PUT + (op->kind - KVSTORE_PUT)),
+                    .request_id = s->id,
+                    .payload_len = put ? (uint32_t)op->len : 0,
+                    .checksum = put ? kvstore_checksum(op->buf, op->len) : 0};
+    memcpy(h.key, op->key.b, KVWIRE_KEY_BYTES);
+    kvwire_encode(&h, s->hdr);
+    ucs_status_ptr_t r = kvx_send(c->peers[pi].ep, s->hdr, put ? op->buf : NULL,
+                                  put ? op->len : 0, on_sent, s);
+    if (UCS_PTR_IS_ERR(r)) {
+        fail_slot(s);
+        c->peers[pi].fail = "send failed";
+        maybe_complete(c, s);
+    } else if (r != NULL) {
+        s->send_req = r;
+    }
+    return true;
+}
+
+/* ---- the loop's housekeeping ---- */
+
+static void sweep(kvstore_client *c, double now)
+{
+    for (int i = 0; i < c->n_slots; i++) {
+        kvc_slot *s = &c->slots[i];
+        if (!s->id || now <= s->deadline)
+            continue;
+        s->deadline = INFINITY; /* count it once */
+        add(&c->m.timeouts, 1);
+        fail_slot(s);
+        if (s->send_req || s->recv_req)
+            c->peers[s->peer].fail = "an op timed out mid-transfer";
+        else if (!c->peers[s->peer].fail)
+            c->peers[s->peer].fail = "an op timed out";
+        maybe_complete(c, s);
+    }
+    for (int i = 0; i < c->n_peers; i++) {
+        kvc_peer *p = &c->peers[i];
+        if (p->state != PEER_DOWN && p->state != PEER_READY && now > p->deadline && !p->fail)
+            p->fail = "connect / authentication timed out";
+        if (p->fail)
+            peer_fail(c, i, p->fail);
+        if (p->state == PEER_DOWN && now >= p->retry_at && !c->stopping_remote)
+            peer_connect(c, i);
+    }
+}
+
+bool kvr_progress(kvstore_client *c)
+{
+    if (c->n_peers == 0)
+        return false;
+    bool any = kvx_progress(&c->x);
+    double now = kvx_now();
+    bool fails = false;
+    for (int i = 0; i < c->n_peers; i++)
+        fails |= c->peers[i].fail != NULL;
+    if (fails || now - c->last_sweep > 0.001) {
+        sweep(c, now);
+        c->last_sweep = now;
+    }
+    return any;
+}
+
+void kvr_wait(kvstore_client *c, int ms)
+{
+    if (c->n_peers)
+        kvx_wait(&c->x, ms);
+}
+
+/* ---- setup ---- */
+
+ekv_status kvr_init(kvstore_client *c, ekv_error *err)
+{
+    int n = c->cfg.n_peers;
+    if (n == 0)
+        return EKV_OK;
+    c->peers = calloc((size_t)n, sizeof *c->peers);
+    c->n_slots = c->cfg.max_inflight;
+    c->slots = calloc((size_t)c->n_slots, sizeof *c->slots);
+    c->free_slots = calloc((size_t)c->n_slots, sizeof *c->free_slots);
+    if (!c->peers || !c->slots || !c->free_slots)
+        return ekv_error_set(err, EKV_ENOMEM, "kvstore client: out of memory");
+    for (int i = 0; i < c->n_slots; i++)
+        c->free_slots[c->n_free++] = c->n_slots - 1 - i;
+    if (!(c->ring = kvstore_ring_create(c->cfg.vnodes, err)))
+        return err ? err->code : EKV_EINVAL;
+    for (int i = 0; i < n; i++) {
+        kvc_peer *p = &c->peers[i];
+        const char *name = c->cfg.peers[i];
+        if (!name || strlen(name) >= sizeof p->name)
+            return ekv_error_set(err, EKV_EINVAL, "kvstore client: bad peer address");
+        strcpy(p->name, name);
+        if (kvx_parse_addr(name, &p->sa, &p->salen, err) != EKV_OK ||
+            kvstore_ring_add(c->ring, name, i, err) != EKV_OK)
+            return err ? err->code : EKV_EINVAL;
+    }
+    c->n_peers = n;
+    return kvx_worker_init(&c->x, on_am, c, err);
+}
+
+void kvr_fini(kvstore_client *c)
+{
+    c->stopping_remote = true;
+    for (int i = 0; i < c->n_peers; i++)
+        if (c->peers[i].state != PEER_DOWN)
+            peer_fail(c, i, "client closing");
+    if (c->x.worker)
+        kvx_worker_fini(&c->x);
+    kvstore_ring_destroy(c->ring);
+    free(c->peers);
+    free(c->slots);
+    free(c->free_slots);
+}

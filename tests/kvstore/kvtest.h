@@ -1,0 +1,173 @@
+/*
+ * kvtest.h - helpers shared by the KV store integration tests: block-shaped
+ * values, keys, a token file, and `entrokv kvstore` daemons as child
+ * processes (started, their port read from stdout, stopped with SIGTERM).
+ */
+#ifndef EKV_KVTEST_H
+#define EKV_KVTEST_H
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "entrokv/kvstore.h"
+
+/* One kvcache block of SmolLM2 geometry: 16 tokens x head_dim 64, fp16 K
+ * and V, int32 positions. */
+#define KVT_BLOCK_BYTES (2 * 16 * 64 * 2 + 16 * 4)
+
+static inline double kvt_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static inline kvstore_key kvt_key(int n)
+{
+    int32_t tok[16];
+    for (int i = 0; i < 16; i++)
+        tok[i] = n * 16 + i;
+    kvstore_key k;
+    kvstore_key_make("kvtest", NULL, tok, 16, n % 30, n % 3, 0, 1, &k);
+    return k;
+}
+
+static inline void kvt_fill(uint8_t *b, size_t n, int seed)
+{
+    uint64_t x = 0x9E3779B97F4A7C15ull * (uint64_t)(seed + 1);
+    for (size_t i = 0; i < n; i++) {
+        x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+        b[i] = (uint8_t)x;
+    }
+}
+
+static inline void kvt_sleep_ms(int ms)
+{
+    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000};
+    nanosleep(&ts, NULL);
+}
+
+typedef struct kvt_daemon {
+    pid_t pid;
+    int port;
+    char log[256]; /* its stderr */
+} kvt_daemon;
+
+/* Starts `bin kvstore --listen host:0 ...`, optionally under `ip netns exec
+ * ns`, and reads the bound port from its first stdout line (5 s limit). */
+static inline int kvt_daemon_start(kvt_daemon *d, const char *bin, const char *ns,
+                                   const char *host, int port, const char *token_file,
+                                   int capacity_mb, const char *log_path)
+{
+    int fds[2];
+    if (pipe(fds) != 0)
+        return -1;
+    memset(d, 0, sizeof *d);
+    snprintf(d->log, sizeof d->log, "%s", log_path);
+    char listen[128], cap[32];
+    snprintf(listen, sizeof listen, "%s:%d", host, port);
+    snprintf(cap, sizeof cap, "%d", capacity_mb);
+    d->pid = fork();
+    if (d->pid == 0) {
+        dup2(fds[1], 1);
+        int lf = open(log_path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        if (lf >= 0)
+            dup2(lf, 2);
+        close(fds[0]);
+        if (ns)
+            execlp("ip", "ip", "netns", "exec", ns, bin, "kvstore", "--listen", listen,
+                   "--capacity-mb", cap, "--auth-token-file", token_file, (char *)NULL);
+        else
+            execl(bin, bin, "kvstore", "--listen", listen, "--capacity-mb", cap,
+                  "--auth-token-file", token_file, (char *)NULL);
+        _exit(127);
+    }
+    close(fds[1]);
+    char line[256] = {0};
+    size_t got = 0;
+    double end = kvt_now() + 5.0;
+    while (got < sizeof line - 1 && !strchr(line, '\n') && kvt_now() < end) {
+        struct pollfd p = {.fd = fds[0], .events = POLLIN};
+        if (poll(&p, 1, 100) <= 0)
+            continue;
+        ssize_t n = read(fds[0], line + got, sizeof line - 1 - got);
+        if (n <= 0)
+            break;
+        got += (size_t)n;
+    }
+    close(fds[0]);
+    const char *p = strstr(line, "listening on ");
+    const char *colon = p ? strchr(p + 13, ':') : NULL;
+    if (!colon) {
+        fprintf(stderr, "kvtest: daemon did not start: '%s'\n", line);
+        kill(d->pid, SIGKILL);
+        waitpid(d->pid, NULL, 0);
+        d->pid = 0;
+        return -1;
+    }
+    d->port = atoi(colon + 1);
+    return 0;
+}
+
+/* SIGTERM, then up to 5 s for a clean exit (SIGKILL after). Returns the
+ * exit status, or -1 when it had to be killed or died of a signal. */
+static inline int kvt_daemon_stop(kvt_daemon *d)
+{
+    if (d->pid <= 0)
+        return -1;
+    kill(d->pid, SIGCONT);
+    kill(d->pid, SIGTERM);
+    int status = 0;
+    double end = kvt_now() + 5.0;
+    while (kvt_now() < end) {
+        pid_t r = waitpid(d->pid, &status, WNOHANG);
+        if (r == d->pid) {
+            d->pid = 0;
+            return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+        }
+        kvt_sleep_ms(20);
+    }
+    kill(d->pid, SIGKILL);
+    waitpid(d->pid, NULL, 0);
+    d->pid = 0;
+    return -1;
+}
+
+static inline int kvt_write_file(const char *path, const char *text)
+{
+    FILE *f = fopen(path, "w");
+    if (!f)
+        return -1;
+    fputs(text, f);
+    return fclose(f);
+}
+
+/* Whether the file contains needle. */
+static inline int kvt_file_has(const char *path, const char *needle)
+{
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return 0;
+    char line[1024];
+    int found = 0;
+    while (!found && fgets(line, sizeof line, f))
+        found = strstr(line, needle) != NULL;
+    fclose(f);
+    return found;
+}
+
+static inline void kvt_log(void *arg, const char *line)
+{
+    fprintf(stderr, "  [%s] %s\n", arg ? (const char *)arg : "client", line);
+}
+
+#endif

@@ -1,0 +1,476 @@
+/*
+ * test_kvstore_loopback.c - `entrokv kvstore` daemons on 127.0.0.1 and the
+ * client API against them: block round trips (eager and rendezvous sizes),
+ * async batches with callbacks, the local tier in front, authentication
+ * (a wrong token is refused; raw TCP junk and unauthenticated or malformed
+ * UCX messages are dropped and logged while a good client keeps working),
+ * faults (a stopped daemon times out as a miss, a killed one mid-get is a
+ * miss, never a hang), a corrupted value is a miss, and SIGTERM exits 0.
+ *
+ * Usage: test_kvstore_loopback ENTROKV_BINARY
+ */
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <ucp/api/ucp.h>
+
+#include "ekv_test.h"
+#include "entrokv/kvwire.h"
+#include "kvtest.h"
+
+static const char *g_bin;
+static char g_dir[64], g_token_file[128];
+static const char *TOKEN = "secret-token", *BAD_TOKEN = "not-the-token";
+
+static kvstore_client *client_for(int port, const char *token, int op_timeout_ms,
+                                  uint64_t local)
+{
+    char peer[64];
+    snprintf(peer, sizeof peer, "127.0.0.1:%d", port);
+    const char *peers[] = {peer};
+    kvstore_client_config cfg;
+    kvstore_client_config_default(&cfg);
+    cfg.peers = peers;
+    cfg.n_peers = 1;
+    cfg.auth_token = (const uint8_t *)token;
+    cfg.auth_token_len = strlen(token);
+    cfg.op_timeout_ms = op_timeout_ms;
+    cfg.connect_timeout_ms = 1000;
+    cfg.reconnect_ms = 300;
+    cfg.local_capacity = local;
+    cfg.log = kvt_log;
+    ekv_error err = {0};
+    kvstore_client *c = kvstore_client_create(&cfg, &err);
+    if (!c)
+        fprintf(stderr, "client: %s\n", err.msg);
+    return c;
+}
+
+static int start(kvt_daemon *d, const char *name)
+{
+    char log[128];
+    snprintf(log, sizeof log, "%s/%s.log", g_dir, name);
+    return kvt_daemon_start(d, g_bin, NULL, "127.0.0.1", 0, g_token_file, 256, log);
+}
+
+/* Puts n values of the given size under keys base.. and gets them back. */
+static void round_trip(kvstore_client *c, int base, int n, size_t size)
+{
+    uint8_t *v = malloc(size), *out = malloc(size);
+    for (int i = 0; i < n; i++) {
+        kvstore_key k = kvt_key(base + i);
+        kvt_fill(v, size, base + i);
+        CHECK_EQ_INT(kvstore_client_put(c, &k, v, size), KVSTORE_OK);
+    }
+    for (int i = 0; i < n; i++) {
+        kvstore_key k = kvt_key(base + i);
+        size_t len = 0;
+        memset(out, 0, size);
+        kvt_fill(v, size, base + i);
+        CHECK_EQ_INT(kvstore_client_get(c, &k, out, size, &len), KVSTORE_OK);
+        CHECK_EQ_INT(len, size);
+        CHECK(!memcmp(out, v, size));
+    }
+    free(v);
+    free(out);
+}
+
+static void test_blocks_round_trip_through_a_daemon(void)
+{
+    kvt_daemon d;
+    if (start(&d, "roundtrip") != 0) {
+        CHECK(0);
+        return;
+    }
+    kvstore_client *c = client_for(d.port, TOKEN, 2000, 0);
+    CHECK(c && kvstore_client_peer_up(c, 0));
+    if (c) {
+        round_trip(c, 0, 64, KVT_BLOCK_BYTES);  /* eager */
+        round_trip(c, 100, 8, 1 << 20);         /* rendezvous */
+        kvstore_key k = kvt_key(0), none = kvt_key(99999);
+        uint8_t small[16];
+        size_t len = 0;
+        CHECK_EQ_INT(kvstore_client_get(c, &none, small, sizeof small, &len), KVSTORE_MISS);
+        CHECK_EQ_INT(kvstore_client_get(c, &k, small, sizeof small, &len), KVSTORE_TOOSMALL);
+        CHECK_EQ_INT(len, KVT_BLOCK_BYTES);
+        kvstore_op ops[3] = {{.kind = KVSTORE_EXISTS, .key = k},
+                             {.kind = KVSTORE_DEL, .key = k},
+                             {.kind = KVSTORE_EXISTS, .key = k}};
+        kvstore_batch *b;
+        CHECK_EQ_INT(kvstore_client_submit(c, ops, 3, NULL, NULL, &b, NULL), EKV_OK);
+        CHECK_EQ_INT(kvstore_batch_wait(b, 5000), EKV_OK);
+        kvstore_batch_release(b);
+        CHECK_EQ_INT(ops[0].result, KVSTORE_OK);
+        CHECK_EQ_INT(ops[1].result, KVSTORE_OK);
+        /* a batch runs its ops concurrently: the last exists may see either */
+        const kvstore_metrics *m = kvstore_client_metrics(c);
+        CHECK_EQ_INT(m->tier[KVSTORE_TIER_REMOTE].hits, 72);
+        CHECK_EQ_INT(m->tier[KVSTORE_TIER_REMOTE].bytes_in, 64 * KVT_BLOCK_BYTES + 8 * (1 << 20));
+        CHECK(m->restore_count == 72 && m->restore_ns_sum > 0);
+        kvstore_client_destroy(c);
+    }
+    CHECK_EQ_INT(kvt_daemon_stop(&d), 0); /* SIGTERM: clean exit */
+}
+
+static _Atomic int g_callbacks;
+
+static void on_done(kvstore_batch *b, kvstore_op *ops, size_t n, void *arg)
+{
+    int ok = 1;
+    for (size_t i = 0; i < n; i++)
+        ok &= ops[i].result == KVSTORE_OK;
+    if (ok)
+        atomic_fetch_add(&g_callbacks, 1);
+}
+
+static void test_async_batches_complete_by_callback_and_local_tier_fronts(void)
+{
+    kvt_daemon d;
+    if (start(&d, "async") != 0) {
+        CHECK(0);
+        return;
+    }
+    /* local tier for ~8 blocks: the rest must come back from the daemon */
+    kvstore_client *c = client_for(d.port, TOKEN, 2000, 8 * (KVT_BLOCK_BYTES + 256));
+    enum { NB = 16, PER = 8 };
+    static uint8_t vals[NB * PER][KVT_BLOCK_BYTES];
+    static kvstore_op ops[NB][PER];
+    for (int b = 0; b < NB && c; b++) {
+        for (int i = 0; i < PER; i++) {
+            int n = 1000 + b * PER + i;
+            kvt_fill(vals[b * PER + i], KVT_BLOCK_BYTES, n);
+            ops[b][i] = (kvstore_op){.kind = KVSTORE_PUT, .key = kvt_key(n),
+                                     .buf = vals[b * PER + i], .len = KVT_BLOCK_BYTES};
+        }
+        CHECK_EQ_INT(kvstore_client_submit(c, ops[b], PER, on_done, NULL, NULL, NULL), EKV_OK);
+    }
+    double end = kvt_now() + 10;
+    while (c && atomic_load(&g_callbacks) < NB && kvt_now() < end)
+        kvt_sleep_ms(5);
+    CHECK_EQ_INT(atomic_load(&g_callbacks), NB);
+    static uint8_t out[NB * PER][KVT_BLOCK_BYTES];
+    kvstore_op gets[NB * PER];
+    for (int i = 0; i < NB * PER && c; i++)
+        gets[i] = (kvstore_op){.kind = KVSTORE_GET, .key = kvt_key(1000 + i), .buf = out[i],
+                               .len = KVT_BLOCK_BYTES};
+    kvstore_batch *b = NULL;
+    if (c) {
+        CHECK_EQ_INT(kvstore_client_submit(c, gets, NB * PER, NULL, NULL, &b, NULL), EKV_OK);
+        while (!kvstore_batch_done(b)) /* polling, as a step engine would */
+            kvt_sleep_ms(1);
+        kvstore_batch_release(b);
+        int local = 0, remote = 0;
+        for (int i = 0; i < NB * PER; i++) {
+            CHECK_EQ_INT(gets[i].result, KVSTORE_OK);
+            CHECK(!memcmp(out[i], vals[i], KVT_BLOCK_BYTES));
+            local += gets[i].tier == KVSTORE_TIER_LOCAL;
+            remote += gets[i].tier == KVSTORE_TIER_REMOTE;
+        }
+        CHECK(local >= 1 && local <= 8);
+        CHECK(remote >= NB * PER - 8);
+        kvstore_client_destroy(c);
+    }
+    CHECK_EQ_INT(kvt_daemon_stop(&d), 0);
+}
+
+/* ---- hostile peers ---- */
+
+static void send_tcp_junk(int port)
+{
+    int s = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
+    if (connect(s, (struct sockaddr *)&a, sizeof a) == 0) {
+        uint8_t junk[8192];
+        kvt_fill(junk, sizeof junk, 4242);
+        for (int i = 0; i < 16; i++)
+            if (write(s, junk, sizeof junk) < 0)
+                break;
+    }
+    close(s);
+}
+
+static void raw_err(void *arg, ucp_ep_h ep, ucs_status_t st)
+{
+    *(int *)arg = 1;
+}
+
+static ucs_status_t raw_am(void *arg, const void *header, size_t hlen, void *data, size_t len,
+                           const ucp_am_recv_param_t *param)
+{
+    return UCS_OK; /* the daemon's challenge: ignored */
+}
+
+/* A UCX client that skips authentication: sends one message (a valid GET
+ * header, junk bytes as the header, or an active message id the daemon
+ * never registered) and reports whether the daemon closed the connection
+ * within 3 s (an unknown id is dropped by UCX itself; then the missing
+ * authentication closes it). */
+enum { RAW_GET, RAW_JUNK, RAW_OTHER_ID };
+
+static int raw_ucx_client(int port, int kind)
+{
+    ucp_params_t params = {.field_mask = UCP_PARAM_FIELD_FEATURES, .features = UCP_FEATURE_AM};
+    ucp_config_t *cfg;
+    ucp_context_h ctx;
+    ucp_worker_h w;
+    ucp_config_read(NULL, NULL, &cfg);
+    ucp_init(&params, cfg, &ctx);
+    ucp_config_release(cfg);
+    ucp_worker_params_t wp = {.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE,
+                              .thread_mode = UCS_THREAD_MODE_SINGLE};
+    ucp_worker_create(ctx, &wp, &w);
+    ucp_am_handler_param_t hp = {
+        .field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB,
+        .id = KVWIRE_AM_ID,
+        .cb = raw_am,
+    };
+    ucp_worker_set_am_recv_handler(w, &hp);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
+    int closed = 0;
+    ucp_ep_params_t ep_p = {
+        .field_mask = UCP_EP_PARAM_FIELD_FLAGS | UCP_EP_PARAM_FIELD_SOCK_ADDR |
+                      UCP_EP_PARAM_FIELD_ERR_HANDLER | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE,
+        .flags = UCP_EP_PARAMS_FLAGS_CLIENT_SERVER,
+        .sockaddr = {.addr = (struct sockaddr *)&a, .addrlen = sizeof a},
+        .err_mode = UCP_ERR_HANDLING_MODE_PEER,
+        .err_handler = {.cb = raw_err, .arg = &closed},
+    };
+    ucp_ep_h ep;
+    ucp_ep_create(w, &ep_p, &ep);
+    uint8_t hdr[KVWIRE_HEADER_BYTES];
+    kvwire_hdr h = {.version = KVWIRE_VERSION, .op = KVWIRE_OP_GET, .request_id = 1};
+    kvwire_encode(&h, hdr);
+    if (kind == RAW_JUNK)
+        kvt_fill(hdr, sizeof hdr, 77);
+    ucp_request_param_t sp = {.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS,
+                              .flags = UCP_AM_SEND_FLAG_REPLY};
+    unsigned id = kind == RAW_OTHER_ID ? KVWIRE_AM_ID + 1 : KVWIRE_AM_ID;
+    void *req = ucp_am_send_nbx(ep, id, hdr, sizeof hdr, NULL, 0, &sp);
+    double end = kvt_now() + 4;
+    while (!closed && kvt_now() < end)
+        ucp_worker_progress(w);
+    if (req && !UCS_PTR_IS_ERR(req)) {
+        while (ucp_request_check_status(req) == UCS_INPROGRESS && kvt_now() < end + 1)
+            ucp_worker_progress(w);
+        ucp_request_free(req);
+    }
+    ucp_request_param_t cp = {.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS,
+                              .flags = UCP_EP_CLOSE_FLAG_FORCE};
+    void *creq = ucp_ep_close_nbx(ep, &cp);
+    while (creq && !UCS_PTR_IS_ERR(creq) && ucp_request_check_status(creq) == UCS_INPROGRESS)
+        ucp_worker_progress(w);
+    if (creq && !UCS_PTR_IS_ERR(creq))
+        ucp_request_free(creq);
+    ucp_worker_destroy(w);
+    ucp_cleanup(ctx);
+    return closed;
+}
+
+static void test_bad_peers_are_refused_while_good_clients_work(void)
+{
+    kvt_daemon d;
+    if (start(&d, "auth") != 0) {
+        CHECK(0);
+        return;
+    }
+    kvstore_client *good = client_for(d.port, TOKEN, 2000, 0);
+    CHECK(good && kvstore_client_peer_up(good, 0));
+    if (good)
+        round_trip(good, 2000, 4, KVT_BLOCK_BYTES);
+
+    /* the wrong token: never authenticated, ops miss at once */
+    kvstore_client *bad = client_for(d.port, BAD_TOKEN, 1000, 0);
+    CHECK(bad && !kvstore_client_peer_up(bad, 0));
+    if (bad) {
+        kvstore_key k = kvt_key(2000);
+        uint8_t out[KVT_BLOCK_BYTES];
+        size_t len;
+        double t0 = kvt_now();
+        CHECK_EQ_INT(kvstore_client_get(bad, &k, out, sizeof out, &len), KVSTORE_MISS);
+        CHECK(kvt_now() - t0 < 0.5);
+        kvstore_client_destroy(bad);
+    }
+    send_tcp_junk(d.port);
+    CHECK(raw_ucx_client(d.port, RAW_GET));      /* a GET before auth: closed */
+    CHECK(raw_ucx_client(d.port, RAW_JUNK));     /* junk header: closed */
+    CHECK(raw_ucx_client(d.port, RAW_OTHER_ID)); /* no auth in time: closed */
+    if (good)
+        round_trip(good, 2100, 4, KVT_BLOCK_BYTES); /* the same connection still works */
+    kvstore_client *again = client_for(d.port, TOKEN, 2000, 0);
+    CHECK(again && kvstore_client_peer_up(again, 0)); /* and new ones are accepted */
+    if (again) {
+        round_trip(again, 2200, 4, 1 << 20);
+        kvstore_client_destroy(again);
+    }
+    kvstore_client_destroy(good);
+    CHECK(kill(d.pid, 0) == 0);
+    CHECK_EQ_INT(kvt_daemon_stop(&d), 0);
+    CHECK(kvt_file_has(d.log, "wrong token proof"));
+    CHECK(kvt_file_has(d.log, "request before authentication"));
+    CHECK(kvt_file_has(d.log, "bad magic"));
+}
+
+/* ---- faults ---- */
+
+static void test_stopped_daemon_is_a_miss_within_the_timeout(void)
+{
+    kvt_daemon d;
+    if (start(&d, "stopped") != 0) {
+        CHECK(0);
+        return;
+    }
+    kvstore_client *c = client_for(d.port, TOKEN, 500, 0);
+    if (c) {
+        round_trip(c, 3000, 4, 1 << 20);
+        kill(d.pid, SIGSTOP);
+        kvstore_key k = kvt_key(3000);
+        uint8_t *out = malloc(1 << 20);
+        size_t len;
+        double t0 = kvt_now();
+        CHECK_EQ_INT(kvstore_client_get(c, &k, out, 1 << 20, &len), KVSTORE_MISS);
+        double dt = kvt_now() - t0;
+        CHECK(dt >= 0.4 && dt < 1.5);
+        CHECK(kvstore_client_metrics(c)->timeouts >= 1);
+        t0 = kvt_now(); /* the peer is marked down: the next miss is immediate */
+        CHECK_EQ_INT(kvstore_client_get(c, &k, out, 1 << 20, &len), KVSTORE_MISS);
+        CHECK(kvt_now() - t0 < 0.2);
+        kill(d.pid, SIGCONT);
+        double end = kvt_now() + 5; /* reconnects by itself */
+        while (!kvstore_client_peer_up(c, 0) && kvt_now() < end)
+            kvt_sleep_ms(20);
+        CHECK(kvstore_client_peer_up(c, 0));
+        CHECK_EQ_INT(kvstore_client_get(c, &k, out, 1 << 20, &len), KVSTORE_OK);
+        free(out);
+        kvstore_client_destroy(c);
+    }
+    CHECK_EQ_INT(kvt_daemon_stop(&d), 0);
+}
+
+static void test_daemon_killed_during_gets_is_a_miss_not_a_hang(void)
+{
+    kvt_daemon d;
+    if (start(&d, "killed") != 0) {
+        CHECK(0);
+        return;
+    }
+    kvstore_client *c = client_for(d.port, TOKEN, 2000, 0);
+    enum { N = 24, SZ = 4 << 20 };
+    uint8_t *vals = malloc((size_t)N * SZ);
+    kvstore_op ops[N];
+    for (int i = 0; i < N && c; i++) {
+        kvt_fill(vals + (size_t)i * SZ, 4096, i); /* the tail stays zero: fast to fill */
+        memset(vals + (size_t)i * SZ + 4096, 0, SZ - 4096);
+        kvstore_key k = kvt_key(4000 + i);
+        CHECK_EQ_INT(kvstore_client_put(c, &k, vals + (size_t)i * SZ, SZ), KVSTORE_OK);
+    }
+    for (int round = 0; round < 3 && c; round++) {
+        for (int i = 0; i < N; i++)
+            ops[i] = (kvstore_op){.kind = KVSTORE_GET, .key = kvt_key(4000 + i),
+                                  .buf = vals + (size_t)i * SZ, .len = SZ};
+        kvstore_batch *b;
+        CHECK_EQ_INT(kvstore_client_submit(c, ops, N, NULL, NULL, &b, NULL), EKV_OK);
+        if (round == 1)
+            kill(d.pid, SIGKILL); /* while ~96 MiB are moving */
+        double t0 = kvt_now();
+        CHECK_EQ_INT(kvstore_batch_wait(b, 3000), EKV_OK);
+        CHECK(kvt_now() - t0 < 3.0);
+        kvstore_batch_release(b);
+        int ok = 0, miss = 0;
+        for (int i = 0; i < N; i++) {
+            ok += ops[i].result == KVSTORE_OK;
+            miss += ops[i].result == KVSTORE_MISS;
+        }
+        CHECK_EQ_INT(ok + miss, N);
+        if (round == 0)
+            CHECK_EQ_INT(ok, N);
+        if (round == 2)
+            CHECK_EQ_INT(miss, N);
+        fprintf(stderr, "  round %d: %d hits, %d misses in %.3f s\n", round, ok, miss, kvt_now() - t0);
+    }
+    waitpid(d.pid, NULL, 0);
+    d.pid = 0;
+    kvstore_client_destroy(c);
+    free(vals);
+}
+
+/* ---- corruption, with the daemon in-process so the test can reach its store ---- */
+
+#include <pthread.h>
+
+static void *daemon_thread(void *arg)
+{
+    kvstore_daemon_run(arg, NULL);
+    return NULL;
+}
+
+static void test_corrupted_value_on_the_daemon_is_a_miss(void)
+{
+    kvstore_daemon_config cfg;
+    kvstore_daemon_config_default(&cfg);
+    cfg.capacity = 64 << 20;
+    cfg.auth_token = (const uint8_t *)"secret-token";
+    cfg.auth_token_len = 12;
+    ekv_error err = {0};
+    kvstore_daemon *d = kvstore_daemon_create(&cfg, &err);
+    CHECK(d != NULL);
+    if (!d)
+        return;
+    pthread_t t;
+    pthread_create(&t, NULL, daemon_thread, d);
+    kvstore_client *c = client_for(kvstore_daemon_port(d), TOKEN, 2000, 0);
+    size_t sizes[] = {KVT_BLOCK_BYTES, 1 << 20};
+    for (int i = 0; i < 2 && c; i++) {
+        uint8_t *v = malloc(sizes[i]), *out = malloc(sizes[i]);
+        kvt_fill(v, sizes[i], i);
+        kvstore_key k = kvt_key(5000 + i);
+        CHECK_EQ_INT(kvstore_client_put(c, &k, v, sizes[i]), KVSTORE_OK);
+        CHECK(kvstore_local_debug_corrupt(kvstore_daemon_store(d), &k, sizes[i] / 2));
+        size_t len;
+        CHECK_EQ_INT(kvstore_client_get(c, &k, out, sizes[i], &len), KVSTORE_MISS);
+        free(v);
+        free(out);
+    }
+    if (c) { /* larger than the daemon's whole capacity: refused, quickly */
+        size_t big = 64u << 20;
+        uint8_t *v = calloc(1, big);
+        kvstore_key k = kvt_key(5100);
+        double t0 = kvt_now();
+        CHECK_EQ_INT(kvstore_client_put(c, &k, v, big), KVSTORE_NOSPACE);
+        CHECK(kvt_now() - t0 < 1.0);
+        free(v);
+        round_trip(c, 5200, 2, 1 << 20); /* the connection is still good */
+        CHECK_EQ_INT(kvstore_client_metrics(c)->checksum_failures, 2);
+        kvstore_client_destroy(c);
+    }
+    kvstore_daemon_stop(d);
+    pthread_join(t, NULL);
+    kvstore_daemon_destroy(d);
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 2) {
+        fprintf(stderr, "usage: %s ENTROKV_BINARY\n", argv[0]);
+        return 2;
+    }
+    g_bin = argv[1];
+    signal(SIGPIPE, SIG_IGN);
+    snprintf(g_dir, sizeof g_dir, "/tmp/ekv-kvtest-XXXXXX");
+    if (!mkdtemp(g_dir))
+        return 2;
+    snprintf(g_token_file, sizeof g_token_file, "%s/token", g_dir);
+    kvt_write_file(g_token_file, "secret-token\n"); /* the daemon reads the file */
+    RUN_TEST(test_blocks_round_trip_through_a_daemon);
+    RUN_TEST(test_async_batches_complete_by_callback_and_local_tier_fronts);
+    RUN_TEST(test_bad_peers_are_refused_while_good_clients_work);
+    RUN_TEST(test_stopped_daemon_is_a_miss_within_the_timeout);
+    RUN_TEST(test_daemon_killed_during_gets_is_a_miss_not_a_hang);
+    RUN_TEST(test_corrupted_value_on_the_daemon_is_a_miss);
+    char cmd[128];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", g_dir);
+    if (!ekv_test_failures && system(cmd) != 0)
+        fprintf(stderr, "could not remove %s\n", g_dir);
+    return TEST_EXIT();
+}
