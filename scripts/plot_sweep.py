@@ -23,7 +23,7 @@ for m in methods:
     mib_pk = [float(r["kv_bytes_passkey"]) / 2**20 for r in rs]
     ax2.plot(mib_pk, [float(r["passkey_accuracy"]) for r in rs], **style)
 ax1.set_xscale("log")
-ax1.set_yscale("log")
+
 ax1.set_xlabel("KV MiB per sequence (from the pool)")
 ax1.set_ylabel("perplexity / full-KV perplexity")
 ax1.set_title("continuation perplexity")
