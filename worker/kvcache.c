@@ -363,3 +363,44 @@ kv_seq *kv_seq_clone(const kv_seq *src, ekv_error *err)
     dst->next_pos = src->next_pos;
     return dst;
 }
+
+int32_t kv_seq_block_export(const kv_seq *seq, int32_t layer, int32_t head, int32_t block,
+                            void *out)
+{
+    const kv_head *h = head_at(seq, layer, head);
+    const kv_pool *pool = seq->pool;
+    if (block < 0 || block >= h->n_blocks)
+        return 0;
+    memcpy(out, block_base(pool, h->ids[block]), pool->block_bytes);
+    const int32_t rest = h->n_tokens - block * pool->block_tokens;
+    return rest < pool->block_tokens ? rest : pool->block_tokens;
+}
+
+ekv_status kv_seq_block_import(kv_seq *seq, int32_t layer, int32_t head, const void *in,
+                               int32_t n, ekv_error *err)
+{
+    kv_pool *pool = seq->pool;
+    kv_head *h = head_at(seq, layer, head);
+    const int32_t bt = pool->block_tokens;
+    if (n <= 0 || n > bt || h->n_tokens != h->n_blocks * bt)
+        return ekv_error_set(err, EKV_EINVAL, "kv import: %d tokens onto a head of %d", n,
+                             h->n_tokens);
+    if (pool->n_free == 0)
+        return ekv_error_set(err, EKV_ENOMEM, "kv pool exhausted (%lld blocks)",
+                             (long long)pool->n_blocks);
+    if (h->n_blocks == h->cap && !head_grow(h))
+        return ekv_error_set(err, EKV_ENOMEM, "kv seq: out of memory for block table");
+    const int32_t id = pool->free_ids[--pool->n_free];
+    memcpy(block_base(pool, id), in, pool->block_bytes);
+    h->ids[h->n_blocks] = id;
+    h->k[h->n_blocks] = block_k(pool, id);
+    h->v[h->n_blocks] = block_v(pool, id);
+    h->pos[h->n_blocks] = block_pos(pool, id);
+    h->n_blocks++;
+    h->n_tokens += n;
+    const int32_t *pos = block_pos(pool, id);
+    for (int32_t r = 0; r < n; r++)
+        if (pos[r] >= seq->next_pos)
+            seq->next_pos = pos[r] + 1;
+    return EKV_OK;
+}

@@ -75,6 +75,17 @@ void kv_pool_set_evict_hook(kv_pool *pool, kv_evict_fn fn, void *ctx);
  * same pool; EKV_ENOMEM when the pool cannot hold it. */
 kv_seq *kv_seq_clone(const kv_seq *src, ekv_error *err);
 
+/* Raw block transfer for the KV store tier. A block's bytes are
+ * kv_pool_block_bytes: K (transposed), V and positions, in the pool's layout.
+ * Export copies block `block` of (layer, head) into out and returns the
+ * tokens it holds. Import appends such a block holding n tokens to (layer,
+ * head), which must hold a whole number of blocks; EKV_ENOMEM when the pool
+ * is empty, EKV_EINVAL for a bad n or a ragged head. */
+int32_t kv_seq_block_export(const kv_seq *seq, int32_t layer, int32_t head, int32_t block,
+                            void *out);
+ekv_status kv_seq_block_import(kv_seq *seq, int32_t layer, int32_t head, const void *in,
+                               int32_t n, ekv_error *err);
+
 /*
  * Keeps only the listed tokens of (layer, head): keep[] holds n_keep distinct
  * indices into the head's current list in increasing order. Kept rows are

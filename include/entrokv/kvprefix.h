@@ -1,0 +1,64 @@
+/*
+ * kvprefix.h - prompt KV in the KV store tier, keyed by its tokens, so a
+ * later request with the same prefix (the next turn of a chat, a shared
+ * document or system prompt) restores it instead of recomputing it.
+ *
+ * A value is one 16-token block of the prompt for every (layer, KV head)
+ * this rank holds, in the pool's block layout (kvcache.h), so one get moves
+ * a block-row at memory or network bandwidth. Its key is the hash chain of
+ * every token up to and including the block (kvstore_key_make), the model
+ * id and the TP layout: a block is only ever restored after exactly the
+ * tokens it was computed from. Only whole blocks are stored. Values carry the
+ * store's checksum; a bad or missing block ends the restored prefix there
+ * (a miss: the rest is recomputed, never wrong).
+ *
+ * What is saved is the prompt's full KV, right after its prefill and before
+ * compression, so the tokens compression evicts stay recoverable: a later
+ * request restores the full prefix and compresses it again for its own
+ * query (docs/kvstore.md).
+ *
+ * Threading: save and restore are called from the step engine's thread;
+ * save copies the blocks and returns while the store works in the
+ * background; restore waits for its gets (bounded by the client's op
+ * timeout).
+ */
+#ifndef ENTROKV_KVPREFIX_H
+#define ENTROKV_KVPREFIX_H
+
+#include <stdint.h>
+
+#include "entrokv/kvcache.h"
+#include "entrokv/kvstore.h"
+#include "entrokv/model.h"
+#include "entrokv/status.h"
+
+typedef struct kvprefix kvprefix;
+
+typedef struct kvprefix_stats {
+    uint64_t saved_blocks;    /* block-rows submitted to the store */
+    uint64_t save_skipped;    /* saves dropped because the store was busy */
+    uint64_t restored_blocks; /* block-rows restored */
+    uint64_t restore_misses;  /* restores that found nothing */
+    uint64_t restored_tokens;
+} kvprefix_stats;
+
+/* client is borrowed and must outlive the kvprefix. */
+kvprefix *kvprefix_create(const ekv_model *m, kvstore_client *client, int32_t tp_rank,
+                          int32_t tp_size, ekv_error *err);
+void kvprefix_destroy(kvprefix *p);
+
+/* Stores the whole blocks of seq's first n tokens from block first_block on
+ * (blocks before it are already stored, e.g. restored ones). seq must hold
+ * tokens[0, n) uncompressed in every head. */
+void kvprefix_save(kvprefix *p, const kv_seq *seq, const int32_t *tokens, int32_t n,
+                   int32_t first_block);
+
+/* Restores into the empty seq the longest stored prefix of tokens[0, n) of
+ * whole blocks, at most max_tokens tokens; returns the tokens restored (0:
+ * nothing found, or the pool had no room). */
+int32_t kvprefix_restore(kvprefix *p, kv_seq *seq, const int32_t *tokens, int32_t n,
+                         int32_t max_tokens);
+
+void kvprefix_stats_get(const kvprefix *p, kvprefix_stats *s);
+
+#endif
