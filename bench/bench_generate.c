@@ -364,6 +364,14 @@ int cmd_bench(int argc, char **argv)
     }
     if (!strcmp(argv[1], "kvstore"))
         return bench_kvstore(argc - 1, argv + 1);
+    if (!strcmp(argv[1], "restore"))
+        return bench_restore(argc - 1, argv + 1);
+#ifdef EKV_HAVE_CUDA
+    if (!strcmp(argv[1], "cuda-attention")) {
+        int bench_cuda(int argc, char **argv); /* bench/bench_cuda.c */
+        return bench_cuda(argc - 1, argv + 1);
+    }
+#endif
     if (strcmp(argv[1], "generate") != 0) {
         cli_error("bench", "unknown benchmark '%s' (available: generate)", argv[1]);
         return CLI_USAGE;
