@@ -15,6 +15,9 @@ int cmd_generate(int argc, char **argv);
 int cmd_fetch_model(int argc, char **argv);
 int cmd_bench(int argc, char **argv);
 int cmd_kvstore(int argc, char **argv);    /* cli/cmd_kvstore.c */
+int cmd_serve(int argc, char **argv);       /* cli/cmd_serve.c */
+int cmd_worker(int argc, char **argv);      /* cli/cmd_serve.c */
+int cmd_coordinator(int argc, char **argv); /* cli/cmd_serve.c */
 int bench_kvstore(int argc, char **argv);  /* bench/bench_kvstore.c: `bench kvstore` */
 int bench_restore(int argc, char **argv);  /* bench/bench_restore.c: `bench restore` */
 int cmd_eval(int argc, char **argv);

@@ -7,8 +7,6 @@
 
 #include "cli.h"
 
-int cmd_serve(int argc, char **argv); /* cmd_serve.c */
-
 static void usage(FILE *out)
 {
     fprintf(out,
@@ -17,9 +15,11 @@ static void usage(FILE *out)
             "commands:\n"
             "  generate     run a prompt through a model and stream the completion\n"
             "  fetch-model  download the demo model (SmolLM2-135M-Instruct, Q4_1) into models/\n"
-            "  bench        benchmarks (bench generate, bench kvstore)\n"
+            "  bench        benchmarks (bench generate | kvstore | restore)\n"
             "  kvstore      run a KV store daemon (UCX)\n"
             "  serve        serve a model over gRPC and OpenAI-compatible HTTP\n"
+            "  worker       a model's step engine behind the internal Worker gRPC service\n"
+            "  coordinator  gRPC + HTTP front that routes to `entrokv worker` processes\n"
             "  eval         KV compression quality: eval ppl | passkey | sweep\n"
             "  calibrate    write a model's UNComp head-group profile from real text\n"
             "\n"
@@ -41,10 +41,12 @@ int main(int argc, char **argv)
         return cmd_bench(argc - 1, argv + 1);
     if (!strcmp(cmd, "kvstore"))
         return cmd_kvstore(argc - 1, argv + 1);
-#ifdef EKV_HAVE_SERVE
     if (!strcmp(cmd, "serve"))
         return cmd_serve(argc - 1, argv + 1);
-#endif
+    if (!strcmp(cmd, "worker"))
+        return cmd_worker(argc - 1, argv + 1);
+    if (!strcmp(cmd, "coordinator"))
+        return cmd_coordinator(argc - 1, argv + 1);
     if (!strcmp(cmd, "eval"))
         return cmd_eval(argc - 1, argv + 1);
     if (!strcmp(cmd, "calibrate"))

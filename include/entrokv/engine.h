@@ -69,7 +69,7 @@ typedef struct engine_request {
     const int32_t *prompt;   /* copied by engine_submit */
     int32_t n_prompt;
     gen_params params;       /* stops copied */
-    kvc_policy kv;           /* KVC_FULL for none */
+    kvc_policy kv;           /* KVC_FULL for none; kv.profile must outlive the request */
     /* New tokens and the text that became safe to show (may be empty); at the
      * end, the text held back for UTF-8 and stop strings comes with ids NULL,
      * n 0. Ids are those gen_run returns (a stop string's last token
@@ -79,7 +79,7 @@ typedef struct engine_request {
      * EKV_OK: failed (msg says why); msg is "" on success. */
     void (*on_done)(void *ctx, gen_finish finish, const engine_usage *u, ekv_status rc,
                     const char *msg);
-    void *ctx;
+    void *ctx;               /* passed to both; valid until on_done returns */
 } engine_request;
 
 typedef struct engine_stats {
@@ -95,7 +95,8 @@ typedef struct engine_stats {
 /* m must outlive the engine; cfg NULL: defaults. EKV_EINVAL for a bad config. */
 ekv_engine *engine_create(const ekv_model *m, const engine_config *cfg, ekv_error *err);
 /* Cancels everything still queued or running (on_done with
- * GEN_FINISH_CANCELLED), joins the engine thread, frees everything. */
+ * GEN_FINISH_CANCELLED), joins the engine thread, frees everything. The
+ * last call on e: no other may be in progress (engine_drain included). */
 void engine_destroy(ekv_engine *e);
 
 /* Validates and queues r. EKV_EINVAL/EKV_ERANGE for a bad request (empty

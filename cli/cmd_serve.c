@@ -1,0 +1,401 @@
+/*
+ * cmd_serve.c - the serving processes, one file since they share nearly
+ * everything (docs/serving.md):
+ *   `entrokv serve`: the all-in-one server. Loads the model, starts one step
+ *     engine, puts it behind the coordinator as its only worker group, and
+ *     serves gRPC (entrokv.v1.Generation, grpc.health.v1.Health) and HTTP
+ *     (OpenAI-compatible, /health, /metrics) until SIGTERM or SIGINT.
+ *   `entrokv worker`: the engine behind gRPC only; the coordinator reaches
+ *     it through the internal entrokv.v1.Worker service.
+ *   `entrokv coordinator`: tokenizes, routes and streams, with remote
+ *     workers as its groups; it loads the model only for the tokenizer.
+ *
+ * Shutdown: the first signal drains (no new requests, health turns
+ * NOT_SERVING / 503, running streams finish), then everything stops and the
+ * process exits 0. A second signal cuts the remaining streams short.
+ *
+ * Signals are blocked before any thread starts, so every thread inherits
+ * the mask and only this thread receives them (sigtimedwait).
+ */
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "cli.h"
+#include "entrokv/coordinator.h"
+#include "entrokv/engine.h"
+#include "entrokv/grpc_server.h"
+#include "entrokv/http.h"
+#include "entrokv/metrics.h"
+#include "entrokv/model.h"
+
+typedef enum serve_mode { MODE_SERVE, MODE_WORKER, MODE_COORDINATOR } serve_mode;
+
+static const char *mode_name[] = {"serve", "worker", "coordinator"};
+
+static void usage_split(FILE *out, serve_mode mode)
+{
+    if (mode == MODE_WORKER)
+        fprintf(out,
+                "usage: entrokv worker --model PATH [--listen HOST:PORT] [engine flags]\n"
+                "  --listen HOST:PORT    where the Worker gRPC service listens (default\n"
+                "                        127.0.0.1:50061; port 0: any free port)\n"
+                "  engine flags as for `entrokv serve`: --threads --ctx --kv-tokens\n"
+                "  --max-running --max-queued --max-batch --default-max-tokens\n");
+    else
+        fprintf(out,
+                "usage: entrokv coordinator --model PATH --workers HOST:PORT,... [flags]\n"
+                "  --model PATH          GGUF whose tokenizer and chat template to use\n"
+                "  --workers LIST        `entrokv worker` addresses, comma separated\n"
+                "  --host, --grpc-port, --http-port, --ctx, --default-max-tokens,\n"
+                "  --model-name          as for `entrokv serve`\n");
+}
+
+static void usage(FILE *out)
+{
+    fprintf(out,
+            "usage: entrokv serve --model PATH [flags]\n"
+            "  --model PATH          GGUF model file\n"
+            "  --host H              address to listen on (default 127.0.0.1)\n"
+            "  --grpc-port N         gRPC port (default 50051; 0: any free port)\n"
+            "  --http-port N         HTTP port (default 8080; 0: any free port)\n"
+            "  --threads N           compute threads (default: one per core)\n"
+            "  --ctx N               tokens per sequence, prompt + completion (default 2048,\n"
+            "                        at most the model's training context)\n"
+            "  --kv-tokens N         KV pool size in tokens over all sequences (default 4 x ctx)\n"
+            "  --max-running N       sequences decoded together (default 32)\n"
+            "  --max-queued N        requests waiting beyond those; more get 429 /\n"
+            "                        RESOURCE_EXHAUSTED (default 256)\n"
+            "  --max-batch N         rows per forward pass (default 256)\n"
+            "  --default-max-tokens N  completion length when a request does not say (256)\n"
+            "  --model-name NAME     the model id clients see (default: the file name without .gguf)\n"
+            "The listening ports are logged on stderr: \"listening grpc=HOST:PORT http=HOST:PORT\".\n");
+}
+
+typedef struct serve_opts {
+    serve_mode mode;
+    const char *model, *host, *model_name, *workers;
+    char listen_host[128];
+    int32_t grpc_port, http_port, threads, ctx, kv_tokens, max_running, max_queued, max_batch;
+    int32_t default_max_tokens;
+} serve_opts;
+
+/* --listen HOST:PORT (worker) into host and grpc_port. */
+static bool take_listen(int argc, char **argv, int *i, serve_opts *o)
+{
+    const char *v;
+    if (!cli_take_str(argc, argv, i, &v))
+        return false;
+    const char *colon = strrchr(v, ':');
+    char *end;
+    long port = colon ? strtol(colon + 1, &end, 10) : -1;
+    if (!colon || colon == v || !colon[1] || *end || port < 0 || port > 65535 ||
+        (size_t)(colon - v) >= sizeof o->listen_host) {
+        cli_error("worker", "--listen expects HOST:PORT, got '%s'", v);
+        return false;
+    }
+    snprintf(o->listen_host, sizeof o->listen_host, "%.*s", (int)(colon - v), v);
+    o->host = o->listen_host;
+    o->grpc_port = (int32_t)port;
+    return true;
+}
+
+/* Flags that only some modes take. */
+static bool mode_allows(serve_mode mode, const char *flag)
+{
+    static const char *engine_flags[] = {"--threads", "--kv-tokens", "--max-running",
+                                         "--max-queued", "--max-batch", NULL};
+    if (!strcmp(flag, "--listen"))
+        return mode == MODE_WORKER;
+    if (!strcmp(flag, "--workers"))
+        return mode == MODE_COORDINATOR;
+    if (!strcmp(flag, "--host") || !strcmp(flag, "--grpc-port") ||
+        !strcmp(flag, "--http-port") || !strcmp(flag, "--model-name"))
+        return mode != MODE_WORKER;
+    for (int i = 0; engine_flags[i]; i++)
+        if (!strcmp(flag, engine_flags[i]))
+            return mode != MODE_COORDINATOR;
+    return true;
+}
+
+static int parse(int argc, char **argv, serve_mode mode, serve_opts *o)
+{
+    memset(o, 0, sizeof *o);
+    o->mode = mode;
+    o->host = "127.0.0.1";
+    o->grpc_port = 50051;
+    o->http_port = 8080;
+    o->max_running = 32;
+    o->max_queued = 256;
+    o->max_batch = 256;
+    o->default_max_tokens = 256;
+    if (mode == MODE_WORKER)
+        o->grpc_port = 50061;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        bool ok = true;
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+            if (mode == MODE_SERVE)
+                usage(stdout);
+            else
+                usage_split(stdout, mode);
+            return -1;
+        } else if (!mode_allows(mode, a)) {
+            cli_error(mode_name[mode], "unknown flag '%s' (see --help)", a);
+            return CLI_USAGE;
+        } else if (!strcmp(a, "--listen")) {
+            ok = take_listen(argc, argv, &i, o);
+        } else if (!strcmp(a, "--workers")) {
+            ok = cli_take_str(argc, argv, &i, &o->workers);
+        } else if (!strcmp(a, "--model")) {
+            ok = cli_take_str(argc, argv, &i, &o->model);
+        } else if (!strcmp(a, "--model-name")) {
+            ok = cli_take_str(argc, argv, &i, &o->model_name);
+        } else if (!strcmp(a, "--host")) {
+            ok = cli_take_str(argc, argv, &i, &o->host);
+        } else if (!strcmp(a, "--grpc-port")) {
+            ok = cli_take_int(argc, argv, &i, 0, 65535, &o->grpc_port);
+        } else if (!strcmp(a, "--http-port")) {
+            ok = cli_take_int(argc, argv, &i, 0, 65535, &o->http_port);
+        } else if (!strcmp(a, "--threads")) {
+            ok = cli_take_int(argc, argv, &i, 1, 1024, &o->threads);
+        } else if (!strcmp(a, "--ctx")) {
+            ok = cli_take_int(argc, argv, &i, 16, 1 << 20, &o->ctx);
+        } else if (!strcmp(a, "--kv-tokens")) {
+            ok = cli_take_int(argc, argv, &i, 16, 1 << 26, &o->kv_tokens);
+        } else if (!strcmp(a, "--max-running")) {
+            ok = cli_take_int(argc, argv, &i, 1, 65536, &o->max_running);
+        } else if (!strcmp(a, "--max-queued")) {
+            ok = cli_take_int(argc, argv, &i, 1, 1 << 20, &o->max_queued);
+        } else if (!strcmp(a, "--max-batch")) {
+            ok = cli_take_int(argc, argv, &i, 1, 65536, &o->max_batch);
+        } else if (!strcmp(a, "--default-max-tokens")) {
+            ok = cli_take_int(argc, argv, &i, 1, 1 << 20, &o->default_max_tokens);
+        } else {
+            cli_error(mode_name[mode], "unknown flag '%s' (see --help)", a);
+            return CLI_USAGE;
+        }
+        if (!ok)
+            return CLI_USAGE;
+    }
+    if (!o->model) {
+        cli_error(mode_name[mode], "--model is required (see --help)");
+        return CLI_USAGE;
+    }
+    if (mode == MODE_COORDINATOR && (!o->workers || !*o->workers)) {
+        cli_error(mode_name[mode], "--workers is required (see --help)");
+        return CLI_USAGE;
+    }
+    if (mode != MODE_WORKER && o->grpc_port == o->http_port && o->grpc_port != 0) {
+        cli_error(mode_name[mode], "--grpc-port and --http-port must differ");
+        return CLI_USAGE;
+    }
+    return 0;
+}
+
+/* Everything the server holds, torn down in reverse order of creation. */
+typedef struct server {
+    ekv_model *model;
+    ekv_engine *engine;
+    ekv_metrics *metrics;
+    ekv_coordinator *coord;
+    ekv_grpc *grpc;
+    ekv_http *http;
+} server;
+
+/* --model-name, or the GGUF's file name without directory and ".gguf". */
+static void model_id(const serve_opts *o, char *out, size_t cap)
+{
+    if (o->model_name) {
+        snprintf(out, cap, "%s", o->model_name);
+        return;
+    }
+    const char *base = strrchr(o->model, '/');
+    base = base ? base + 1 : o->model;
+    size_t n = strlen(base);
+    if (n > 5 && !strcmp(base + n - 5, ".gguf"))
+        n -= 5;
+    snprintf(out, cap, "%.*s", (int)n, base);
+}
+
+/* The coordinator's groups: one remote worker per address in the list. */
+static ekv_status add_workers(const serve_opts *o, server *s, ekv_error *err)
+{
+    char *list = strdup(o->workers), *save = NULL;
+    if (!list)
+        return ekv_error_set(err, EKV_ENOMEM, "out of memory");
+    ekv_status rc = EKV_OK;
+    for (char *w = strtok_r(list, ",", &save); w && rc == EKV_OK; w = strtok_r(NULL, ",", &save)) {
+        rc = coord_add_remote(s->coord, w, err);
+        if (rc == EKV_OK)
+            coord_log("coordinator: worker %s added", w);
+    }
+    free(list);
+    return rc;
+}
+
+static ekv_status start_coordinator(const serve_opts *o, server *s, int32_t ctx, ekv_error *err)
+{
+    s->metrics = metrics_create();
+    if (!s->metrics)
+        return ekv_error_set(err, EKV_ENOMEM, "out of memory");
+    coord_config cc;
+    coord_config_default(&cc);
+    char name[128];
+    model_id(o, name, sizeof name);
+    cc.model_name = name;
+    cc.max_ctx = ctx;
+    cc.default_max_tokens = o->default_max_tokens < ctx ? o->default_max_tokens : ctx;
+    s->coord = coord_create(model_tokenizer(s->model), &cc, s->metrics, err);
+    if (!s->coord)
+        return err->code;
+    if (add_workers(o, s, err))
+        return err->code;
+    s->grpc = ekv_grpc_start(s->coord, o->host, o->grpc_port, err);
+    s->http = s->grpc ? ekv_http_start(s->coord, o->host, o->http_port, err) : NULL;
+    if (!s->http)
+        return err->code;
+    coord_log("coordinator: model=\"%s\" ctx=%d workers=%s", name, ctx, o->workers);
+    coord_log("listening grpc=%s:%d http=%s:%d", o->host, ekv_grpc_port(s->grpc), o->host,
+              ekv_http_port(s->http));
+    return EKV_OK;
+}
+
+static ekv_status start(const serve_opts *o, server *s, ekv_error *err)
+{
+    s->model = model_load(o->model, err);
+    if (!s->model)
+        return err->code;
+    const ekv_model_config *mc = model_config(s->model);
+    int32_t ctx = o->ctx ? o->ctx : 2048;
+    if (mc->n_ctx_train > 0 && ctx > mc->n_ctx_train)
+        return ekv_error_set(err, EKV_EINVAL, "--ctx %d exceeds the model's context %d", ctx,
+                             mc->n_ctx_train);
+    if (o->mode == MODE_COORDINATOR)
+        return start_coordinator(o, s, ctx, err);
+    engine_config ec;
+    engine_config_default(&ec);
+    ec.n_threads = o->threads;
+    ec.max_ctx = ctx;
+    ec.kv_tokens = o->kv_tokens ? o->kv_tokens : 4 * ctx;
+    ec.max_running = o->max_running;
+    ec.max_queued = o->max_queued;
+    ec.max_batch = o->max_batch;
+    s->engine = engine_create(s->model, &ec, err);
+    s->metrics = s->engine ? metrics_create() : NULL;
+    if (!s->metrics)
+        return s->engine ? ekv_error_set(err, EKV_ENOMEM, "out of memory") : err->code;
+    coord_config cc;
+    coord_config_default(&cc);
+    char name[128];
+    model_id(o, name, sizeof name);
+    cc.model_name = name;
+    cc.max_ctx = ctx;
+    cc.default_max_tokens = o->default_max_tokens < ctx ? o->default_max_tokens : ctx;
+    s->coord = coord_create(model_tokenizer(s->model), &cc, s->metrics, err);
+    if (!s->coord || coord_add_engine(s->coord, "local", s->engine, err))
+        return err->code ? err->code : EKV_EINVAL;
+    s->grpc = ekv_grpc_start(s->coord, o->host, o->grpc_port, err);
+    if (!s->grpc)
+        return err->code;
+    coord_log("%s: model=\"%s\" ctx=%d kv_tokens=%d max_running=%d max_queued=%d",
+              mode_name[o->mode], cc.model_name, ctx, ec.kv_tokens, ec.max_running,
+              ec.max_queued);
+    if (o->mode == MODE_WORKER) {
+        coord_log("listening grpc=%s:%d", o->host, ekv_grpc_port(s->grpc));
+        return EKV_OK;
+    }
+    s->http = ekv_http_start(s->coord, o->host, o->http_port, err);
+    if (!s->http)
+        return err->code;
+    coord_log("listening grpc=%s:%d http=%s:%d", o->host, ekv_grpc_port(s->grpc), o->host,
+              ekv_http_port(s->http));
+    return EKV_OK;
+}
+
+static void stop(server *s)
+{
+    ekv_http_stop(s->http);
+    ekv_grpc_free(s->grpc);
+    if (s->engine) {
+        engine_drain(s->engine);
+        engine_destroy(s->engine);
+    }
+    coord_free(s->coord);
+    metrics_free(s->metrics);
+    model_free(s->model);
+}
+
+static int wait_signal(const sigset_t *set, double timeout_s)
+{
+    struct timespec ts = {(time_t)timeout_s, (long)((timeout_s - (time_t)timeout_s) * 1e9)};
+    return sigtimedwait(set, NULL, &ts);
+}
+
+/* First signal: drain and wait for the servers to go idle; a second one
+ * cancels what is left. */
+static void drain(server *s, const sigset_t *set, int sig)
+{
+    coord_log("serve: %s, draining", strsignal(sig));
+    coord_drain(s->coord);
+    if (s->http)
+        ekv_http_drain(s->http);
+    ekv_grpc_drain(s->grpc);
+    bool forced = false;
+    while (!ekv_grpc_wait(s->grpc, 0) || (s->http && ekv_http_active(s->http) > 0)) {
+        int again = wait_signal(set, 0.1);
+        if (again > 0 && !forced) {
+            coord_log("serve: %s again, cancelling what is left", strsignal(again));
+            forced = true;
+            ekv_grpc_cancel_all(s->grpc);
+            break;
+        }
+    }
+    coord_log("serve: drained");
+}
+
+static int run(int argc, char **argv, serve_mode mode)
+{
+    serve_opts o;
+    int rc = parse(argc, argv, mode, &o);
+    if (rc)
+        return rc < 0 ? CLI_OK : rc;
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGTERM);
+    pthread_sigmask(SIG_BLOCK, &set, NULL);
+    signal(SIGPIPE, SIG_IGN);
+    server s = {0};
+    ekv_error err = {0};
+    if (start(&o, &s, &err)) {
+        cli_error(mode_name[mode], "%s", err.msg);
+        stop(&s);
+        return CLI_FAIL;
+    }
+    int sig;
+    while ((sig = wait_signal(&set, 3600)) <= 0) {
+    }
+    drain(&s, &set, sig);
+    stop(&s);
+    coord_log("%s: stopped", mode_name[mode]);
+    return CLI_OK;
+}
+
+int cmd_serve(int argc, char **argv)
+{
+    return run(argc, argv, MODE_SERVE);
+}
+
+int cmd_worker(int argc, char **argv)
+{
+    return run(argc, argv, MODE_WORKER);
+}
+
+int cmd_coordinator(int argc, char **argv)
+{
+    return run(argc, argv, MODE_COORDINATOR);
+}

@@ -1,0 +1,490 @@
+/*
+ * coordinator.c - request checks, tokenization and routing to worker groups
+ * (see coordinator.h). The protocol servers turn their wire formats into a
+ * coord_request and everything after that is shared, so gRPC and HTTP reject
+ * exactly the same inputs with the same messages.
+ */
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/time.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "coord_internal.h"
+
+void coord_config_default(coord_config *c)
+{
+    memset(c, 0, sizeof *c);
+    c->model_name = "model";
+    c->max_ctx = 2048;
+    c->default_max_tokens = 256;
+}
+
+ekv_coordinator *coord_create(const ekv_tokenizer *tok, const coord_config *cfg,
+                              ekv_metrics *metrics, ekv_error *err)
+{
+    if (!tok || !cfg || cfg->max_ctx < 2 || cfg->default_max_tokens < 1) {
+        ekv_error_set(err, EKV_EINVAL, "coordinator: bad configuration");
+        return NULL;
+    }
+    ekv_coordinator *c = calloc(1, sizeof *c);
+    if (!c) {
+        ekv_error_set(err, EKV_ENOMEM, "coordinator: out of memory");
+        return NULL;
+    }
+    c->tok = tok;
+    snprintf(c->model_name, sizeof c->model_name, "%s",
+             cfg->model_name && *cfg->model_name ? cfg->model_name : "model");
+    c->max_ctx = cfg->max_ctx;
+    c->default_max_tokens = cfg->default_max_tokens;
+    c->metrics = metrics;
+    atomic_init(&c->draining, false);
+    atomic_init(&c->next_id, 0);
+    pthread_mutex_init(&c->mu, NULL);
+    for (int i = 0; i < COORD_AFFINITY_SLOTS; i++)
+        c->affinity[i].group = -1;
+    return c;
+}
+
+void coord_free(ekv_coordinator *c)
+{
+    if (!c)
+        return;
+    for (int i = 0; i < c->n_groups; i++)
+        if (c->groups[i].ops->destroy)
+            c->groups[i].ops->destroy(c->groups[i].impl);
+    pthread_mutex_destroy(&c->mu);
+    free(c);
+}
+
+ekv_status coord_add_group(ekv_coordinator *c, const char *name, const coord_group_ops *ops,
+                           void *impl, ekv_error *err)
+{
+    pthread_mutex_lock(&c->mu);
+    if (c->n_groups == COORD_MAX_GROUPS) {
+        pthread_mutex_unlock(&c->mu);
+        return ekv_error_set(err, EKV_ERANGE, "at most %d worker groups", COORD_MAX_GROUPS);
+    }
+    coord_group *g = &c->groups[c->n_groups];
+    snprintf(g->name, sizeof g->name, "%s", name ? name : "group");
+    g->ops = ops;
+    g->impl = impl;
+    g->in_flight = 0;
+    c->n_groups++;
+    pthread_mutex_unlock(&c->mu);
+    return EKV_OK;
+}
+
+/* ---- the in-process engine as a group ---- */
+
+static ekv_status engine_group_submit(void *impl, const engine_request *r, uint64_t *id,
+                                      ekv_error *err)
+{
+    return engine_submit(impl, r, id, err);
+}
+
+static void engine_group_cancel(void *impl, uint64_t id)
+{
+    engine_cancel(impl, id);
+}
+
+static void engine_group_stats(void *impl, engine_stats *s)
+{
+    engine_stats_get(impl, s);
+}
+
+static const coord_group_ops engine_group_ops = {
+    .submit = engine_group_submit,
+    .cancel = engine_group_cancel,
+    .stats = engine_group_stats,
+};
+
+ekv_status coord_add_engine(ekv_coordinator *c, const char *name, ekv_engine *e,
+                            ekv_error *err)
+{
+    return coord_add_group(c, name, &engine_group_ops, e, err);
+}
+
+const char *coord_model_name(const ekv_coordinator *c)
+{
+    return c->model_name;
+}
+
+int32_t coord_max_ctx(const ekv_coordinator *c)
+{
+    return c->max_ctx;
+}
+
+ekv_metrics *coord_metrics(ekv_coordinator *c)
+{
+    return c->metrics;
+}
+
+void coord_gauges(ekv_coordinator *c, metrics_gauges *g)
+{
+    engine_stats s;
+    coord_stats(c, &s);
+    memset(g, 0, sizeof *g);
+    g->queue_depth = s.queued;
+    g->running_sequences = s.running;
+    g->kv_blocks_used = s.kv_blocks_total - s.kv_blocks_free;
+    g->kv_blocks_free = s.kv_blocks_free;
+    g->kv_bytes_saved = s.kv_bytes_saved;
+}
+
+void coord_stats(ekv_coordinator *c, engine_stats *sum)
+{
+    memset(sum, 0, sizeof *sum);
+    for (int i = 0; i < c->n_groups; i++) {
+        engine_stats s = {0};
+        c->groups[i].ops->stats(c->groups[i].impl, &s);
+        sum->queued += s.queued;
+        sum->running += s.running;
+        sum->kv_blocks_total += s.kv_blocks_total;
+        sum->kv_blocks_free += s.kv_blocks_free;
+        sum->kv_bytes_saved += s.kv_bytes_saved;
+        sum->preemptions += s.preemptions;
+        sum->steps += s.steps;
+    }
+}
+
+void coord_drain(ekv_coordinator *c)
+{
+    atomic_store(&c->draining, true);
+}
+
+bool coord_draining(const ekv_coordinator *c)
+{
+    return atomic_load(&c->draining);
+}
+
+void coord_request_init(const ekv_coordinator *c, coord_request *r)
+{
+    memset(r, 0, sizeof *r);
+    gen_params_default(&r->params);
+    r->params.max_tokens = c->default_max_tokens;
+    /* Without a seed every request draws differently, as OpenAI's API does. */
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    r->params.sampling.seed = ((uint64_t)ts.tv_sec * 1000000007u) ^ (uint64_t)ts.tv_nsec ^
+                              (atomic_load(&((ekv_coordinator *)c)->next_id) << 32);
+    r->kv_budget = 1.0;
+}
+
+const char *coord_finish_reason(gen_finish f)
+{
+    switch (f) {
+    case GEN_FINISH_LENGTH: return "length";
+    case GEN_FINISH_EOS:
+    case GEN_FINISH_STOP: return "stop";
+    case GEN_FINISH_CONTEXT: return "context";
+    case GEN_FINISH_CANCELLED: return "cancelled";
+    }
+    return "stop";
+}
+
+void coord_log(const char *fmt, ...)
+{
+    char line[1024];
+    struct timeval tv;
+    gettimeofday(&tv, NULL);
+    struct tm tm;
+    gmtime_r(&tv.tv_sec, &tm);
+    size_t n = strftime(line, sizeof line, "%Y-%m-%dT%H:%M:%S", &tm);
+    n += (size_t)snprintf(line + n, sizeof line - n, ".%03dZ entrokv: ", (int)(tv.tv_usec / 1000));
+    va_list ap;
+    va_start(ap, fmt);
+    int k = vsnprintf(line + n, sizeof line - n - 1, fmt, ap);
+    va_end(ap);
+    if (k < 0)
+        k = 0;
+    n += (size_t)k < sizeof line - n - 1 ? (size_t)k : sizeof line - n - 2;
+    line[n++] = '\n';
+    /* one write(2) per line so lines from different threads never interleave */
+    ssize_t w = write(STDERR_FILENO, line, n);
+    (void)w;
+}
+
+bool coord_utf8_valid(const char *str, size_t len)
+{
+    const unsigned char *s = (const unsigned char *)str;
+    size_t i = 0;
+    while (i < len) {
+        unsigned c = s[i];
+        if (c < 0x80) {
+            i++;
+            continue;
+        }
+        size_t n;
+        unsigned cp, min;
+        if ((c & 0xE0) == 0xC0) {
+            n = 2, cp = c & 0x1F, min = 0x80;
+        } else if ((c & 0xF0) == 0xE0) {
+            n = 3, cp = c & 0x0F, min = 0x800;
+        } else if ((c & 0xF8) == 0xF0) {
+            n = 4, cp = c & 0x07, min = 0x10000;
+        } else {
+            return false;
+        }
+        if (i + n > len)
+            return false;
+        for (size_t k = 1; k < n; k++) {
+            if ((s[i + k] & 0xC0) != 0x80)
+                return false;
+            cp = (cp << 6) | (s[i + k] & 0x3F);
+        }
+        if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))
+            return false;
+        i += n;
+    }
+    return true;
+}
+
+/* ---- checks and tokenization ---- */
+
+/* A lower layer's rejection of the request's content, message kept. */
+static ekv_status as_invalid(ekv_error *err)
+{
+    if (err)
+        err->code = EKV_EINVAL;
+    return EKV_EINVAL;
+}
+
+static ekv_status check_messages(const coord_request *r, ekv_error *err)
+{
+    for (size_t i = 0; i < r->n_messages; i++) {
+        const tok_message *m = &r->messages[i];
+        if (!m->role || !*m->role)
+            return ekv_error_set(err, EKV_EINVAL, "messages[%zu].role is empty", i);
+        if (!m->content)
+            return ekv_error_set(err, EKV_EINVAL, "messages[%zu].content is missing", i);
+        if (!coord_utf8_valid(m->role, strlen(m->role)) ||
+            !coord_utf8_valid(m->content, strlen(m->content)))
+            return ekv_error_set(err, EKV_EINVAL, "messages[%zu] is not valid UTF-8", i);
+    }
+    return EKV_OK;
+}
+
+/* The prompt's token ids: raw text (BOS as the model wants, special-token
+ * texts left as text) or chat messages through the model's template. */
+static ekv_status copy_ids(ekv_coordinator *c, const coord_request *r, int32_t **ids, size_t *n,
+                           ekv_error *err)
+{
+    int32_t vocab = tok_vocab_size(c->tok);
+    for (size_t i = 0; i < r->n_prompt_ids; i++)
+        if (r->prompt_ids[i] < 0 || r->prompt_ids[i] >= vocab)
+            return ekv_error_set(err, EKV_EINVAL, "prompt_ids[%zu] = %d is outside the vocabulary",
+                                 i, r->prompt_ids[i]);
+    *ids = malloc((r->n_prompt_ids ? r->n_prompt_ids : 1) * sizeof **ids);
+    if (!*ids)
+        return ekv_error_set(err, EKV_ENOMEM, "out of memory");
+    if (r->n_prompt_ids)
+        memcpy(*ids, r->prompt_ids, r->n_prompt_ids * sizeof **ids);
+    *n = r->n_prompt_ids;
+    return EKV_OK;
+}
+
+static ekv_status encode(ekv_coordinator *c, const coord_request *r, int32_t **ids, size_t *n,
+                         ekv_error *err)
+{
+    if (r->prompt_ids)
+        return copy_ids(c, r, ids, n, err);
+    bool has_prompt = r->prompt && r->prompt_len > 0;
+    if (has_prompt && r->n_messages > 0)
+        return ekv_error_set(err, EKV_EINVAL, "set either prompt or messages, not both");
+    if (r->n_messages > 0) {
+        ekv_status rc = check_messages(r, err);
+        if (rc)
+            return rc;
+        char *text = NULL;
+        rc = tok_apply_chat(c->tok, r->messages, r->n_messages, true, &text, err);
+        if (rc == EKV_EUNSUPPORTED)
+            return as_invalid(err);
+        if (rc == EKV_OK)
+            rc = tok_encode(c->tok, text, strlen(text), tok_add_bos(c->tok), true, ids, n, err);
+        free(text);
+        return rc;
+    }
+    if (!has_prompt)
+        return ekv_error_set(err, EKV_EINVAL, "prompt is empty");
+    if (!coord_utf8_valid(r->prompt, r->prompt_len))
+        return ekv_error_set(err, EKV_EINVAL, "prompt is not valid UTF-8");
+    return tok_encode(c->tok, r->prompt, r->prompt_len, tok_add_bos(c->tok), false, ids, n, err);
+}
+
+static ekv_status check_prompt_length(ekv_coordinator *c, size_t n, ekv_error *err)
+{
+    if (n == 0)
+        return ekv_error_set(err, EKV_EINVAL, "the prompt encodes to no tokens");
+    if (n + 1 > (size_t)c->max_ctx)
+        return ekv_error_set(err, EKV_EINVAL,
+                             "the prompt has %zu tokens but the context is %d tokens", n,
+                             c->max_ctx);
+    return EKV_OK;
+}
+
+static ekv_status check_params(ekv_coordinator *c, const coord_request *r, kvc_policy *policy,
+                               ekv_error *err)
+{
+    const gen_params *p = &r->params;
+    if (p->max_tokens < 1 || p->max_tokens > c->max_ctx)
+        return ekv_error_set(err, EKV_EINVAL, "max_tokens must be in [1, %d], got %d",
+                             c->max_ctx, p->max_tokens);
+    ekv_status rc = sampler_params_check(&p->sampling, err);
+    if (rc)
+        return as_invalid(err);
+    if (p->n_stops > COORD_MAX_STOPS)
+        return ekv_error_set(err, EKV_EINVAL, "at most %d stop strings, got %zu",
+                             COORD_MAX_STOPS, p->n_stops);
+    for (size_t i = 0; i < p->n_stops; i++) {
+        const char *s = p->stops[i];
+        if (!s || !*s)
+            return ekv_error_set(err, EKV_EINVAL, "stop[%zu] is empty", i);
+        if (!coord_utf8_valid(s, strlen(s)))
+            return ekv_error_set(err, EKV_EINVAL, "stop[%zu] is not valid UTF-8", i);
+    }
+    if (r->kv_method && !coord_utf8_valid(r->kv_method, strlen(r->kv_method)))
+        return ekv_error_set(err, EKV_EINVAL, "kv_method is not valid UTF-8");
+    if (!isfinite(r->kv_budget))
+        return ekv_error_set(err, EKV_EINVAL, "kv_budget must be finite");
+    rc = kvc_policy_parse(r->kv_method, r->kv_budget, policy, err);
+    if (rc)
+        return as_invalid(err);
+    return EKV_OK;
+}
+
+ekv_status coord_tokenize(ekv_coordinator *c, const coord_request *r, int32_t **ids,
+                          size_t *n, ekv_error *err)
+{
+    *ids = NULL;
+    *n = 0;
+    ekv_status rc = encode(c, r, ids, n, err);
+    if (rc) {
+        free(*ids);
+        *ids = NULL;
+        *n = 0;
+    }
+    return rc;
+}
+
+/* ---- routing ---- */
+
+static uint64_t prefix_hash(const int32_t *ids, int32_t n)
+{
+    uint64_t h = 1469598103934665603ull; /* FNV-1a over the ids' bytes */
+    for (int32_t i = 0; i < n; i++) {
+        uint32_t v = (uint32_t)ids[i];
+        for (int b = 0; b < 4; b++) {
+            h ^= (v >> (8 * b)) & 0xFF;
+            h *= 1099511628211ull;
+        }
+    }
+    return h;
+}
+
+/* Picks a group for the prompt and counts the request in flight there. */
+static int route(ekv_coordinator *c, const int32_t *ids, int32_t n)
+{
+    pthread_mutex_lock(&c->mu);
+    int best = 0;
+    for (int i = 1; i < c->n_groups; i++)
+        if (c->groups[i].in_flight < c->groups[best].in_flight)
+            best = i;
+    if (n >= COORD_PREFIX_BLOCK) {
+        uint64_t h = prefix_hash(ids, COORD_PREFIX_BLOCK);
+        affinity_slot *slot = &c->affinity[h % COORD_AFFINITY_SLOTS];
+        int g = slot->group;
+        if (slot->hash == h && g >= 0 && g < c->n_groups &&
+            c->groups[g].in_flight <= c->groups[best].in_flight + COORD_AFFINITY_SLACK)
+            best = g;
+        slot->hash = h;
+        slot->group = best;
+    }
+    c->groups[best].in_flight++;
+    pthread_mutex_unlock(&c->mu);
+    return best;
+}
+
+void coord_group_finished(ekv_coordinator *c, int group)
+{
+    pthread_mutex_lock(&c->mu);
+    c->groups[group].in_flight--;
+    pthread_mutex_unlock(&c->mu);
+}
+
+/* ---- submission ---- */
+
+static ekv_status reject(ekv_coordinator *c, const coord_request *r, ekv_status rc,
+                         ekv_error *err)
+{
+    metrics_count_request(c->metrics, rc == EKV_EBUSY ? METRICS_REJECTED
+                                      : rc == EKV_EINVAL ? METRICS_INVALID
+                                                         : METRICS_ERROR);
+    coord_log("%s request rejected (%s): %s", r->protocol ? r->protocol : "?",
+              ekv_status_name(rc), err ? err->msg : "");
+    return rc;
+}
+
+static ekv_status submit_to_group(ekv_coordinator *c, const coord_request *r,
+                                  const int32_t *ids, int32_t n, const kvc_policy *policy,
+                                  coord_stream **out, ekv_error *err)
+{
+    int g = route(c, ids, n);
+    coord_stream *s = coord_stream_new(c, g, n, r->protocol);
+    if (!s) {
+        coord_group_finished(c, g);
+        return ekv_error_set(err, EKV_ENOMEM, "out of memory");
+    }
+    engine_request er = {
+        .prompt = ids,
+        .n_prompt = n,
+        .params = r->params,
+        .kv = *policy,
+        .on_tokens = coord_stream_on_tokens,
+        .on_done = coord_stream_on_done,
+        .ctx = s,
+    };
+    uint64_t engine_id = 0;
+    ekv_status rc = c->groups[g].ops->submit(c->groups[g].impl, &er, &engine_id, err);
+    if (rc) {
+        coord_group_finished(c, g);
+        coord_stream_discard(s);
+        return rc == EKV_ERANGE ? EKV_EINVAL : rc;
+    }
+    coord_stream_set_submitted(s, engine_id);
+    coord_log("req-%llu accepted protocol=%s group=%s prompt_tokens=%d max_tokens=%d "
+              "temperature=%g kv_method=%s",
+              (unsigned long long)coord_stream_id(s), r->protocol ? r->protocol : "?",
+              c->groups[g].name, n, r->params.max_tokens, r->params.sampling.temperature,
+              kvc_method_name(policy->method));
+    *out = s;
+    return EKV_OK;
+}
+
+ekv_status coord_submit(ekv_coordinator *c, const coord_request *r, coord_stream **out,
+                        ekv_error *err)
+{
+    *out = NULL;
+    if (coord_draining(c))
+        return reject(c, r, ekv_error_set(err, EKV_EBUSY, "the server is shutting down"), err);
+    if (c->n_groups == 0)
+        return reject(c, r, ekv_error_set(err, EKV_EBUSY, "no worker group"), err);
+    kvc_policy policy;
+    ekv_status rc = check_params(c, r, &policy, err);
+    if (rc)
+        return reject(c, r, rc, err);
+    int32_t *ids = NULL;
+    size_t n = 0;
+    rc = encode(c, r, &ids, &n, err);
+    if (rc == EKV_ERANGE)
+        rc = as_invalid(err);
+    if (rc == EKV_OK)
+        rc = check_prompt_length(c, n, err);
+    if (rc == EKV_OK)
+        rc = submit_to_group(c, r, ids, (int32_t)n, &policy, out, err);
+    free(ids);
+    return rc ? reject(c, r, rc, err) : EKV_OK;
+}

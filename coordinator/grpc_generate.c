@@ -1,0 +1,264 @@
+/*
+ * grpc_generate.c - entrokv.v1.Generation over the gRPC server: Generate
+ * (server streaming) and Tokenize (unary).
+ *
+ * Generate: the request becomes a coord_request and is submitted; the
+ * stream's notify hook (grpc_wake, on the engine thread) starts an empty
+ * batch on the call, which the C core completes at once as OP_WAKE on the
+ * server thread's queue. The server thread then sends everything new as one
+ * GenerateResponse; while a send is in flight new tokens accumulate in the
+ * stream and go out together when it completes. At most one SEND_MESSAGE
+ * is in flight per call, as the C core requires.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "entrokv/proto/entrokv.pb-c.h"
+#include "grpc_internal.h"
+
+/* ---- request conversion ---- */
+
+typedef struct proto_request {
+    coord_request r;
+    tok_message *msgs;
+} proto_request;
+
+static bool messages_from_proto(proto_request *pr, Entrokv__V1__Message **m, size_t n)
+{
+    if (n == 0)
+        return true;
+    pr->msgs = calloc(n, sizeof *pr->msgs);
+    if (!pr->msgs)
+        return false;
+    for (size_t i = 0; i < n; i++)
+        pr->msgs[i] = (tok_message){m[i]->role, m[i]->content};
+    pr->r.messages = pr->msgs;
+    pr->r.n_messages = n;
+    return true;
+}
+
+/* Fills pr from the message; strings point into m, which must outlive pr. */
+static bool request_from_proto(ekv_coordinator *coord, const Entrokv__V1__GenerateRequest *m,
+                               proto_request *pr)
+{
+    coord_request *r = &pr->r;
+    coord_request_init(coord, r);
+    r->protocol = "grpc";
+    r->prompt = m->prompt;
+    r->prompt_len = strlen(m->prompt);
+    ekv_sampler_params *sp = &r->params.sampling;
+    if (m->has_max_tokens_case == ENTROKV__V1__GENERATE_REQUEST__HAS_MAX_TOKENS_MAX_TOKENS)
+        r->params.max_tokens = m->max_tokens;
+    if (m->has_temperature_case == ENTROKV__V1__GENERATE_REQUEST__HAS_TEMPERATURE_TEMPERATURE)
+        sp->temperature = m->temperature;
+    if (m->has_top_p_case == ENTROKV__V1__GENERATE_REQUEST__HAS_TOP_P_TOP_P)
+        sp->top_p = m->top_p;
+    if (m->has_top_k_case == ENTROKV__V1__GENERATE_REQUEST__HAS_TOP_K_TOP_K)
+        sp->top_k = m->top_k;
+    if (m->has_min_p_case == ENTROKV__V1__GENERATE_REQUEST__HAS_MIN_P_MIN_P)
+        sp->min_p = m->min_p;
+    if (m->has_repeat_penalty_case ==
+        ENTROKV__V1__GENERATE_REQUEST__HAS_REPEAT_PENALTY_REPEAT_PENALTY)
+        sp->repeat_penalty = m->repeat_penalty;
+    if (m->has_seed_case == ENTROKV__V1__GENERATE_REQUEST__HAS_SEED_SEED)
+        sp->seed = m->seed;
+    r->params.stops = (const char *const *)m->stop;
+    r->params.n_stops = m->n_stop;
+    r->params.ignore_eos = m->ignore_eos;
+    r->kv_method = m->kv_method;
+    if (m->has_kv_budget_case == ENTROKV__V1__GENERATE_REQUEST__HAS_KV_BUDGET_KV_BUDGET)
+        r->kv_budget = m->kv_budget;
+    return messages_from_proto(pr, m->messages, m->n_messages);
+}
+
+static grpc_status_code status_of(ekv_coordinator *coord, ekv_status rc)
+{
+    switch (rc) {
+    case EKV_OK: return GRPC_STATUS_OK;
+    case EKV_EINVAL: return GRPC_STATUS_INVALID_ARGUMENT;
+    case EKV_EBUSY:
+        return coord_draining(coord) ? GRPC_STATUS_UNAVAILABLE : GRPC_STATUS_RESOURCE_EXHAUSTED;
+    default: return GRPC_STATUS_INTERNAL;
+    }
+}
+
+/* ---- Generate ---- */
+
+/* The stream's notify hook, on the engine thread with the stream locked:
+ * queue an OP_WAKE for the server thread. */
+static void grpc_wake(void *ctx)
+{
+    rpc_call *c = ctx;
+    pthread_mutex_lock(&c->mu);
+    if (grpc_call_start_batch(c->call, NULL, 0, &c->t_wake, NULL) == GRPC_CALL_OK)
+        c->wakes++;
+    pthread_mutex_unlock(&c->mu);
+}
+
+/* Submits pr; on success the call streams from the request's coord_stream. */
+static void generate_submit(rpc_call *c, proto_request *pr, bool ok)
+{
+    ekv_coordinator *coord = c->srv->coord;
+    ekv_error err = {0};
+    ekv_status rc = ok ? coord_submit(coord, &pr->r, &c->stream, &err)
+                       : ekv_error_set(&err, EKV_ENOMEM, "out of memory");
+    free(pr->msgs);
+    if (rc) {
+        rpc_finish(c, status_of(coord, rc), err.msg, NULL);
+        return;
+    }
+    coord_stream_set_notify(c->stream, grpc_wake, c);
+}
+
+static void malformed(rpc_call *c, const char *msg)
+{
+    metrics_count_request(coord_metrics(c->srv->coord), METRICS_INVALID);
+    rpc_finish(c, GRPC_STATUS_INVALID_ARGUMENT, msg, NULL);
+}
+
+void rpc_generate_on_request(rpc_call *c, grpc_byte_buffer *b)
+{
+    Entrokv__V1__GenerateRequest *m = (Entrokv__V1__GenerateRequest *)rpc_unpack(
+        &entrokv__v1__generate_request__descriptor, b);
+    if (!m) {
+        malformed(c, "malformed GenerateRequest");
+        return;
+    }
+    proto_request pr = {0};
+    generate_submit(c, &pr, request_from_proto(c->srv->coord, m, &pr));
+    protobuf_c_message_free_unpacked(&m->base, NULL);
+}
+
+/* Worker.Generate: token ids from the coordinator plus the parameters of
+ * a GenerateRequest (whose prompt and messages are ignored). */
+void rpc_worker_generate_on_request(rpc_call *c, grpc_byte_buffer *b)
+{
+    Entrokv__V1__WorkerGenerateRequest *m = (Entrokv__V1__WorkerGenerateRequest *)rpc_unpack(
+        &entrokv__v1__worker_generate_request__descriptor, b);
+    if (!m) {
+        malformed(c, "malformed WorkerGenerateRequest");
+        return;
+    }
+    proto_request pr = {0};
+    Entrokv__V1__GenerateRequest none = ENTROKV__V1__GENERATE_REQUEST__INIT;
+    Entrokv__V1__GenerateRequest *params = m->params ? m->params : &none;
+    bool ok = request_from_proto(c->srv->coord, params, &pr);
+    free(pr.msgs); /* messages are ignored here */
+    pr.msgs = NULL;
+    pr.r.messages = NULL;
+    pr.r.n_messages = 0;
+    pr.r.prompt = NULL;
+    pr.r.prompt_len = 0;
+    static const int32_t no_ids[1];
+    pr.r.prompt_ids = m->prompt_ids ? m->prompt_ids : no_ids; /* ids mode even when empty */
+    pr.r.n_prompt_ids = m->n_prompt_ids;
+    pr.r.protocol = "worker";
+    generate_submit(c, &pr, ok);
+    protobuf_c_message_free_unpacked(&m->base, NULL);
+}
+
+void rpc_worker_stats_on_request(rpc_call *c, grpc_byte_buffer *b)
+{
+    (void)b;
+    engine_stats st;
+    coord_stats(c->srv->coord, &st);
+    Entrokv__V1__StatsResponse resp = ENTROKV__V1__STATS_RESPONSE__INIT;
+    resp.queued = st.queued;
+    resp.running = st.running;
+    resp.kv_blocks_total = st.kv_blocks_total;
+    resp.kv_blocks_free = st.kv_blocks_free;
+    resp.kv_bytes_saved = st.kv_bytes_saved;
+    resp.preemptions = st.preemptions;
+    resp.steps = st.steps;
+    resp.max_ctx = coord_max_ctx(c->srv->coord);
+    rpc_finish(c, GRPC_STATUS_OK, "", rpc_pack(&resp.base));
+}
+
+static grpc_byte_buffer *response_of(const coord_chunk *ch)
+{
+    Entrokv__V1__GenerateResponse resp = ENTROKV__V1__GENERATE_RESPONSE__INIT;
+    Entrokv__V1__Usage usage = ENTROKV__V1__USAGE__INIT;
+    resp.text = ch->text ? ch->text : (char *)"";
+    resp.n_token_ids = (size_t)ch->n_ids;
+    resp.token_ids = ch->ids;
+    if (ch->done) {
+        resp.finish_reason = (char *)coord_finish_reason(ch->finish);
+        usage.prompt_tokens = ch->usage.prompt_tokens;
+        usage.completion_tokens = ch->usage.completion_tokens;
+        usage.kv_bytes = ch->usage.kv_bytes;
+        usage.kv_bytes_full = ch->usage.kv_bytes_full;
+        resp.usage = &usage;
+    }
+    return rpc_pack(&resp.base);
+}
+
+static void send_message(rpc_call *c, grpc_byte_buffer *b)
+{
+    grpc_op ops[2];
+    size_t n = 0;
+    memset(ops, 0, sizeof ops);
+    if (!c->md_sent) {
+        ops[n++].op = GRPC_OP_SEND_INITIAL_METADATA;
+        c->md_sent = true;
+    }
+    ops[n].op = GRPC_OP_SEND_MESSAGE;
+    ops[n].data.send_message.send_message = b;
+    n++;
+    c->send_buf = b;
+    if (rpc_start(c, ops, n, &c->t_send)) {
+        c->send_busy = true;
+    } else {
+        grpc_byte_buffer_destroy(b);
+        c->send_buf = NULL;
+    }
+}
+
+void rpc_generate_pump(rpc_call *c)
+{
+    if (!c->stream || c->send_busy || c->status_started || c->closed)
+        return;
+    coord_chunk ch;
+    if (!coord_stream_take(c->stream, &ch))
+        return;
+    if (!ch.done)
+        send_message(c, response_of(&ch));
+    else if (ch.rc == EKV_OK)
+        rpc_finish(c, GRPC_STATUS_OK, "", response_of(&ch));
+    else
+        rpc_finish(c, status_of(c->srv->coord, ch.rc), ch.msg, NULL);
+    coord_chunk_free(&ch);
+}
+
+/* ---- Tokenize ---- */
+
+void rpc_tokenize_on_request(rpc_call *c, grpc_byte_buffer *b)
+{
+    ekv_coordinator *coord = c->srv->coord;
+    Entrokv__V1__TokenizeRequest *m = (Entrokv__V1__TokenizeRequest *)rpc_unpack(
+        &entrokv__v1__tokenize_request__descriptor, b);
+    if (!m) {
+        rpc_finish(c, GRPC_STATUS_INVALID_ARGUMENT, "malformed TokenizeRequest", NULL);
+        return;
+    }
+    proto_request pr = {0};
+    coord_request_init(coord, &pr.r);
+    pr.r.prompt = m->text;
+    pr.r.prompt_len = strlen(m->text);
+    ekv_error err = {0};
+    int32_t *ids = NULL;
+    size_t n = 0;
+    ekv_status rc = messages_from_proto(&pr, m->messages, m->n_messages)
+                        ? coord_tokenize(coord, &pr.r, &ids, &n, &err)
+                        : ekv_error_set(&err, EKV_ENOMEM, "out of memory");
+    free(pr.msgs);
+    protobuf_c_message_free_unpacked(&m->base, NULL);
+    if (rc) {
+        rpc_finish(c, status_of(coord, rc), err.msg, NULL);
+        return;
+    }
+    Entrokv__V1__TokenizeResponse resp = ENTROKV__V1__TOKENIZE_RESPONSE__INIT;
+    resp.n_token_ids = n;
+    resp.token_ids = ids;
+    rpc_finish(c, GRPC_STATUS_OK, "", rpc_pack(&resp.base));
+    free(ids);
+}

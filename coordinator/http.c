@@ -1,0 +1,537 @@
+/*
+ * http.c - the HTTP server on libmicrohttpd (see http.h): routing, request
+ * bodies, JSON and SSE responses, /health and /metrics.
+ *
+ * Every request has an http_conn (MHD's per-request pointer) that collects
+ * the body; the last call of the access handler answers. Completions
+ * without "stream" block the connection's thread until the request is done;
+ * with "stream" the response is an SSE callback (sse_read) that blocks on
+ * the request's coord_stream and writes `data: {...}\n\n` per batch of new
+ * text, then `data: [DONE]\n\n`. While waiting, both poll the socket, so a
+ * client that goes away is noticed within SOCKET_POLL_S and its request
+ * cancelled.
+ */
+#include "entrokv/http.h"
+
+#include <microhttpd.h>
+#include <netdb.h>
+#include <poll.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "openai.h"
+
+#define SOCKET_POLL_S 0.2
+#define SSE_BLOCK 16384
+#define HTTP_DISCARD_LIMIT (64u << 20)
+
+struct ekv_http {
+    struct MHD_Daemon *d;
+    ekv_coordinator *coord;
+    int port;
+    MHD_socket quiesced_fd;
+    atomic_int active;
+    atomic_bool draining, stopping;
+    long long started;
+};
+
+typedef struct http_conn {
+    char *body;
+    size_t len, cap;
+    bool too_big;
+} http_conn;
+
+typedef struct sse_state {
+    ekv_http *h;
+    coord_stream *s;
+    oai_meta meta;
+    bool include_usage;
+    int fd;
+    char *out;
+    size_t len, off, cap;
+    bool role_sent, finished;
+} sse_state;
+
+/* ---- small helpers ---- */
+
+static enum MHD_Result reply(struct MHD_Connection *conn, unsigned code, const char *ctype,
+                             char *body, bool close)
+{
+    if (!body)
+        return MHD_NO;
+    struct MHD_Response *r =
+        MHD_create_response_from_buffer(strlen(body), body, MHD_RESPMEM_MUST_FREE);
+    if (!r) {
+        free(body);
+        return MHD_NO;
+    }
+    MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE, ctype);
+    if (close)
+        MHD_add_response_header(r, MHD_HTTP_HEADER_CONNECTION, "close");
+    enum MHD_Result ret = MHD_queue_response(conn, code, r);
+    MHD_destroy_response(r);
+    return ret;
+}
+
+static enum MHD_Result reply_json(struct MHD_Connection *conn, unsigned code, char *json)
+{
+    return reply(conn, code, "application/json", json, false);
+}
+
+static enum MHD_Result reply_error(ekv_http *h, struct MHD_Connection *conn, unsigned code,
+                                   const char *message)
+{
+    const char *type = code == 429   ? "rate_limit_error"
+                       : code == 503 ? "service_unavailable"
+                       : code >= 500 ? "server_error"
+                                     : "invalid_request_error";
+    return reply(conn, code, "application/json", oai_error_json(message, type),
+                 code == 503 || code == 413 || atomic_load(&h->draining));
+}
+
+static unsigned http_code_of(ekv_coordinator *c, ekv_status rc)
+{
+    switch (rc) {
+    case EKV_EINVAL: return 400;
+    case EKV_EBUSY: return coord_draining(c) ? 503 : 429;
+    default: return 500;
+    }
+}
+
+static int connection_fd(struct MHD_Connection *conn)
+{
+    const union MHD_ConnectionInfo *ci =
+        MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+    return ci ? ci->connect_fd : -1;
+}
+
+/* Whether the peer closed or reset the connection. */
+static bool client_gone(int fd)
+{
+    if (fd < 0)
+        return false;
+    struct pollfd p = {.fd = fd, .events = POLLRDHUP};
+    return poll(&p, 1, 0) > 0 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR | POLLNVAL));
+}
+
+static void meta_init(oai_meta *m, ekv_coordinator *c, oai_kind kind, coord_stream *s)
+{
+    m->kind = kind;
+    snprintf(m->id, sizeof m->id, "%s-%llu", kind == OAI_CHAT ? "chatcmpl" : "cmpl",
+             (unsigned long long)coord_stream_id(s));
+    m->created = (long long)time(NULL);
+    m->model = coord_model_name(c);
+}
+
+/* ---- SSE streaming ---- */
+
+static bool sse_append(sse_state *st, const char *data, size_t n)
+{
+    if (st->len + n > st->cap) {
+        size_t cap = st->cap ? st->cap : 4096;
+        while (cap < st->len + n)
+            cap *= 2;
+        char *p = realloc(st->out, cap);
+        if (!p)
+            return false;
+        st->out = p;
+        st->cap = cap;
+    }
+    memcpy(st->out + st->len, data, n);
+    st->len += n;
+    return true;
+}
+
+static bool sse_event(sse_state *st, char *json)
+{
+    bool ok = json && sse_append(st, "data: ", 6) && sse_append(st, json, strlen(json)) &&
+              sse_append(st, "\n\n", 2);
+    free(json);
+    return ok;
+}
+
+/* Formats one take of the stream as SSE events. */
+static bool sse_format(sse_state *st, const coord_chunk *ch)
+{
+    const oai_meta *m = &st->meta;
+    if (m->kind == OAI_CHAT && !st->role_sent) {
+        st->role_sent = true;
+        if (!sse_event(st, oai_chunk_json(m, "", NULL, true)))
+            return false;
+    }
+    if (ch->done && ch->rc != EKV_OK) {
+        st->finished = true;
+        return sse_event(st, oai_error_json(ch->msg, "server_error")) &&
+               sse_append(st, "data: [DONE]\n\n", 14);
+    }
+    if (ch->text_len > 0 || ch->done) {
+        if (!sse_event(st, oai_chunk_json(m, ch->text, ch->done ? ch : NULL, false)))
+            return false;
+    }
+    if (!ch->done)
+        return true;
+    st->finished = true;
+    if (st->include_usage && !sse_event(st, oai_usage_chunk_json(m, ch)))
+        return false;
+    return sse_append(st, "data: [DONE]\n\n", 14);
+}
+
+static ssize_t sse_read(void *cls, uint64_t pos, char *buf, size_t max)
+{
+    (void)pos;
+    sse_state *st = cls;
+    while (st->off == st->len) {
+        if (st->finished)
+            return MHD_CONTENT_READER_END_OF_STREAM;
+        st->off = st->len = 0;
+        if (!coord_stream_wait(st->s, SOCKET_POLL_S)) {
+            if (client_gone(st->fd) || atomic_load(&st->h->stopping))
+                return MHD_CONTENT_READER_END_WITH_ERROR;
+            continue;
+        }
+        coord_chunk ch;
+        coord_stream_take(st->s, &ch);
+        bool ok = sse_format(st, &ch);
+        coord_chunk_free(&ch);
+        if (!ok)
+            return MHD_CONTENT_READER_END_WITH_ERROR;
+    }
+    size_t n = st->len - st->off < max ? st->len - st->off : max;
+    memcpy(buf, st->out + st->off, n);
+    st->off += n;
+    return (ssize_t)n;
+}
+
+/* Called by MHD when the response is done with, finished or not: a stream
+ * still running here lost its client, and release cancels it. */
+static void sse_free(void *cls)
+{
+    sse_state *st = cls;
+    coord_stream_release(st->s);
+    free(st->out);
+    free(st);
+}
+
+static enum MHD_Result reply_stream(ekv_http *h, struct MHD_Connection *conn, coord_stream *s,
+                                    const oai_request *req)
+{
+    sse_state *st = calloc(1, sizeof *st);
+    if (!st) {
+        coord_stream_release(s);
+        return MHD_NO;
+    }
+    st->h = h;
+    st->s = s;
+    st->include_usage = req->include_usage;
+    st->fd = connection_fd(conn);
+    meta_init(&st->meta, h->coord, req->kind, s);
+    struct MHD_Response *r =
+        MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, SSE_BLOCK, sse_read, st, sse_free);
+    if (!r) {
+        sse_free(st);
+        return MHD_NO;
+    }
+    MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE, "text/event-stream");
+    MHD_add_response_header(r, MHD_HTTP_HEADER_CACHE_CONTROL, "no-cache");
+    enum MHD_Result ret = MHD_queue_response(conn, MHD_HTTP_OK, r);
+    MHD_destroy_response(r);
+    return ret;
+}
+
+/* ---- whole (non-streamed) completions ---- */
+
+typedef struct collected {
+    char *text;
+    size_t len, cap;
+    coord_chunk done;
+} collected;
+
+static bool collect(collected *c, const coord_chunk *ch)
+{
+    if (c->len + ch->text_len + 1 > c->cap) {
+        size_t cap = c->cap ? c->cap : 1024;
+        while (cap < c->len + ch->text_len + 1)
+            cap *= 2;
+        char *p = realloc(c->text, cap);
+        if (!p)
+            return false;
+        c->text = p;
+        c->cap = cap;
+    }
+    if (ch->text_len)
+        memcpy(c->text + c->len, ch->text, ch->text_len);
+    c->len += ch->text_len;
+    c->text[c->len] = 0;
+    if (ch->done)
+        c->done = *ch;
+    return true;
+}
+
+static enum MHD_Result reply_whole(ekv_http *h, struct MHD_Connection *conn, coord_stream *s,
+                                   const oai_request *req)
+{
+    int fd = connection_fd(conn);
+    collected c = {0};
+    bool ok = true;
+    while (ok && !c.done.done) {
+        if (!coord_stream_wait(s, SOCKET_POLL_S)) {
+            if (client_gone(fd) || atomic_load(&h->stopping))
+                ok = false;
+            continue;
+        }
+        coord_chunk ch;
+        coord_stream_take(s, &ch);
+        ok = collect(&c, &ch);
+        coord_chunk_free(&ch);
+    }
+    oai_meta meta;
+    meta_init(&meta, h->coord, req->kind, s);
+    coord_stream_release(s); /* cancels the request if the client went away */
+    enum MHD_Result ret = MHD_NO;
+    if (ok && c.done.rc != EKV_OK)
+        ret = reply_error(h, conn, http_code_of(h->coord, c.done.rc), c.done.msg);
+    else if (ok)
+        ret = reply_json(conn, 200, oai_response_json(&meta, c.text, &c.done));
+    free(c.text);
+    return ret;
+}
+
+/* ---- routes ---- */
+
+static enum MHD_Result handle_completion(ekv_http *h, struct MHD_Connection *conn,
+                                         oai_kind kind, http_conn *hc)
+{
+    ekv_error err = {0};
+    oai_request req;
+    ekv_status rc = oai_parse(h->coord, kind, hc->body ? hc->body : "", hc->len, &req, &err);
+    coord_stream *s = NULL;
+    if (rc == EKV_OK)
+        rc = coord_submit(h->coord, &req.r, &s, &err);
+    else
+        metrics_count_request(coord_metrics(h->coord), METRICS_INVALID);
+    enum MHD_Result ret;
+    if (rc)
+        ret = reply_error(h, conn, http_code_of(h->coord, rc), err.msg);
+    else if (req.stream)
+        ret = reply_stream(h, conn, s, &req);
+    else
+        ret = reply_whole(h, conn, s, &req);
+    oai_request_free(&req);
+    return ret;
+}
+
+static enum MHD_Result handle_models(ekv_http *h, struct MHD_Connection *conn)
+{
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "object", "list");
+    cJSON *data = cJSON_AddArrayToObject(o, "data");
+    cJSON *m = cJSON_CreateObject();
+    cJSON_AddItemToArray(data, m);
+    cJSON_AddStringToObject(m, "id", coord_model_name(h->coord));
+    cJSON_AddStringToObject(m, "object", "model");
+    cJSON_AddNumberToObject(m, "created", (double)h->started);
+    cJSON_AddStringToObject(m, "owned_by", "entrokv");
+    char *s = cJSON_PrintUnformatted(o);
+    cJSON_Delete(o);
+    return reply_json(conn, 200, s);
+}
+
+static enum MHD_Result handle_metrics(ekv_http *h, struct MHD_Connection *conn)
+{
+    metrics_gauges g;
+    coord_gauges(h->coord, &g);
+    char *text = metrics_render(coord_metrics(h->coord), &g, NULL);
+    return reply(conn, 200, "text/plain; version=0.0.4; charset=utf-8", text, false);
+}
+
+static enum MHD_Result handle_health(ekv_http *h, struct MHD_Connection *conn)
+{
+    bool draining = atomic_load(&h->draining);
+    return reply(conn, draining ? 503 : 200, "application/json",
+                 strdup(draining ? "{\"status\":\"draining\"}" : "{\"status\":\"ok\"}"),
+                 draining);
+}
+
+static enum MHD_Result route(ekv_http *h, struct MHD_Connection *conn, const char *url,
+                             const char *method, http_conn *hc)
+{
+    bool get = !strcmp(method, MHD_HTTP_METHOD_GET), post = !strcmp(method, MHD_HTTP_METHOD_POST);
+    if (!strcmp(url, "/health") && get)
+        return handle_health(h, conn);
+    if (!strcmp(url, "/metrics") && get)
+        return handle_metrics(h, conn);
+    if (atomic_load(&h->draining))
+        return reply_error(h, conn, 503, "the server is shutting down");
+    if (!strcmp(url, "/v1/models") && get)
+        return handle_models(h, conn);
+    bool completions = !strcmp(url, "/v1/completions");
+    bool chat = !strcmp(url, "/v1/chat/completions");
+    if ((completions || chat) && post) {
+        if (hc->too_big)
+            return reply_error(h, conn, 413, "the request body is larger than 4 MiB");
+        return handle_completion(h, conn, chat ? OAI_CHAT : OAI_COMPLETIONS, hc);
+    }
+    if (completions || chat || !strcmp(url, "/v1/models") || !strcmp(url, "/health") ||
+        !strcmp(url, "/metrics"))
+        return reply_error(h, conn, 405, "method not allowed");
+    char msg[160];
+    snprintf(msg, sizeof msg, "no route for %s %.100s", method, url);
+    return reply_error(h, conn, 404, msg);
+}
+
+/* ---- MHD callbacks ---- */
+
+static bool body_append(http_conn *hc, const char *data, size_t n)
+{
+    if (hc->too_big || hc->len + n > HTTP_MAX_BODY) {
+        hc->too_big = true;
+        return true;
+    }
+    if (hc->len + n + 1 > hc->cap) {
+        size_t cap = hc->cap ? hc->cap : 4096;
+        while (cap < hc->len + n + 1)
+            cap *= 2;
+        char *p = realloc(hc->body, cap);
+        if (!p)
+            return false;
+        hc->body = p;
+        hc->cap = cap;
+    }
+    memcpy(hc->body + hc->len, data, n);
+    hc->len += n;
+    hc->body[hc->len] = 0;
+    return true;
+}
+
+static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url,
+                                  const char *method, const char *version,
+                                  const char *upload_data, size_t *upload_size, void **con_cls)
+{
+    (void)version;
+    ekv_http *h = cls;
+    http_conn *hc = *con_cls;
+    if (!hc) {
+        hc = calloc(1, sizeof *hc);
+        if (!hc)
+            return MHD_NO;
+        *con_cls = hc;
+        atomic_fetch_add(&h->active, 1);
+        /* A body a little over the cap is read and dropped so the client sees
+         * the 413; a huge one is refused at once and the connection closed. */
+        const char *cl = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Content-Length");
+        if (cl && strtoull(cl, NULL, 10) > HTTP_DISCARD_LIMIT) {
+            hc->too_big = true;
+            return reply_error(h, conn, 413, "the request body is larger than 4 MiB");
+        }
+        return MHD_YES;
+    }
+    if (*upload_size) {
+        bool ok = body_append(hc, upload_data, *upload_size);
+        *upload_size = 0;
+        return ok ? MHD_YES : MHD_NO;
+    }
+    return route(h, conn, url, method, hc);
+}
+
+static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
+                         enum MHD_RequestTerminationCode toe)
+{
+    (void)conn;
+    (void)toe;
+    ekv_http *h = cls;
+    http_conn *hc = *con_cls;
+    if (!hc)
+        return;
+    free(hc->body);
+    free(hc);
+    *con_cls = NULL;
+    atomic_fetch_sub(&h->active, 1);
+}
+
+static void on_mhd_log(void *cls, const char *fmt, va_list ap)
+{
+    (void)cls;
+    char line[512];
+    vsnprintf(line, sizeof line, fmt, ap);
+    size_t n = strlen(line);
+    while (n && line[n - 1] == '\n')
+        line[--n] = 0;
+    coord_log("http: %s", line);
+}
+
+/* ---- lifecycle ---- */
+
+ekv_http *ekv_http_start(ekv_coordinator *c, const char *host, int port, ekv_error *err)
+{
+    char service[16];
+    snprintf(service, sizeof service, "%d", port);
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
+                             .ai_flags = AI_PASSIVE}, *ai = NULL;
+    if (getaddrinfo(host, service, &hints, &ai) != 0 || !ai) {
+        ekv_error_set(err, EKV_EINVAL, "http: cannot resolve host '%s'", host);
+        return NULL;
+    }
+    ekv_http *h = calloc(1, sizeof *h);
+    if (!h) {
+        freeaddrinfo(ai);
+        ekv_error_set(err, EKV_ENOMEM, "http: out of memory");
+        return NULL;
+    }
+    h->coord = c;
+    h->quiesced_fd = MHD_INVALID_SOCKET;
+    h->started = (long long)time(NULL);
+    unsigned flags = MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD |
+                     MHD_USE_POLL | MHD_USE_ITC | MHD_USE_ERROR_LOG |
+                     (ai->ai_family == AF_INET6 ? MHD_USE_IPv6 : 0);
+    h->d = MHD_start_daemon(flags, (uint16_t)port, NULL, NULL, on_request, h,
+                            MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log, NULL,
+                            MHD_OPTION_SOCK_ADDR, ai->ai_addr,
+                            MHD_OPTION_NOTIFY_COMPLETED, on_completed, h,
+                            MHD_OPTION_CONNECTION_LIMIT, (unsigned)HTTP_MAX_CONNECTIONS,
+                            MHD_OPTION_CONNECTION_TIMEOUT, 300u,
+                            MHD_OPTION_END);
+    freeaddrinfo(ai);
+    if (!h->d) {
+        ekv_error_set(err, EKV_EIO, "http: cannot listen on %s:%d", host, port);
+        free(h);
+        return NULL;
+    }
+    const union MHD_DaemonInfo *di = MHD_get_daemon_info(h->d, MHD_DAEMON_INFO_BIND_PORT);
+    h->port = di ? di->port : port;
+    return h;
+}
+
+int ekv_http_port(const ekv_http *h)
+{
+    return h->port;
+}
+
+void ekv_http_drain(ekv_http *h)
+{
+    if (atomic_exchange(&h->draining, true))
+        return;
+    h->quiesced_fd = MHD_quiesce_daemon(h->d);
+    coord_log("http: draining");
+}
+
+int ekv_http_active(const ekv_http *h)
+{
+    return atomic_load(&h->active);
+}
+
+void ekv_http_stop(ekv_http *h)
+{
+    if (!h)
+        return;
+    atomic_store(&h->stopping, true);
+    MHD_stop_daemon(h->d);
+    if (h->quiesced_fd != MHD_INVALID_SOCKET)
+        close(h->quiesced_fd);
+    coord_log("http: stopped");
+    free(h);
+}

@@ -1,0 +1,507 @@
+/*
+ * remote.c - a worker group reached over gRPC: the client side of the
+ * internal entrokv.v1.Worker service, as a coord_group_ops implementation,
+ * so the router treats it like an in-process engine.
+ *
+ * One client thread drains the group's completion queue. submit (any
+ * thread) creates the call and starts its first batches; every later batch
+ * is started by the client thread. Each call's start_batch calls are
+ * serialised by the call's mutex. Responses become the engine callbacks:
+ * every GenerateResponse is one on_tokens, and on_done follows once both
+ * the status and the end of the message stream have arrived. A refusal by
+ * the worker (queue full, bad request) arrives as a status and becomes
+ * on_done with EKV_EBUSY / EKV_EINVAL, since the router cannot learn it
+ * synchronously. The cached Stats figures are refreshed once a second.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <grpc/byte_buffer_reader.h>
+#include <grpc/grpc.h>
+#include <grpc/grpc_security.h>
+#include <grpc/slice.h>
+#include <grpc/support/alloc.h>
+#include <grpc/support/time.h>
+
+#include "coord_internal.h"
+#include "entrokv/proto/entrokv.pb-c.h"
+
+typedef enum rop { ROP_START, ROP_RECV, ROP_STATUS, ROP_STATS } rop;
+
+typedef struct rcall rcall;
+typedef struct rtag {
+    rcall *call;
+    rop op;
+} rtag;
+
+typedef struct remote_group remote_group;
+
+struct rcall {
+    remote_group *g;
+    grpc_call *call;
+    uint64_t id;
+    pthread_mutex_t mu;
+    engine_request req;          /* callbacks and ctx only */
+    rtag t_start, t_recv, t_status;
+    grpc_metadata_array init_md, trail_md;
+    grpc_byte_buffer *send_buf, *recv_buf;
+    grpc_status_code status;
+    grpc_slice details;
+    int pending;
+    bool got_status, stream_ended, got_final;
+    gen_finish finish;
+    engine_usage usage;
+    rcall *prev, *next;
+};
+
+struct remote_group {
+    char target[256];
+    grpc_channel *channel;
+    grpc_completion_queue *cq;
+    pthread_t thread;
+    pthread_mutex_t mu;          /* calls, next_id, stats */
+    rcall *calls;
+    uint64_t next_id;
+    engine_stats stats;
+    int32_t max_ctx;
+    bool stats_ok;
+    atomic_bool stop;
+    /* the one Stats call in flight (client thread only) */
+    grpc_call *stats_call;
+    grpc_metadata_array stats_init_md, stats_trail_md;
+    grpc_byte_buffer *stats_send, *stats_recv;
+    grpc_status_code stats_status;
+    grpc_slice stats_details;
+    rtag t_stats;
+};
+
+static gpr_timespec in_seconds(double s)
+{
+    return gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
+                        gpr_time_from_millis((int64_t)(s * 1000), GPR_TIMESPAN));
+}
+
+static grpc_byte_buffer *pack(const ProtobufCMessage *m)
+{
+    size_t n = protobuf_c_message_get_packed_size(m);
+    grpc_slice s = grpc_slice_malloc(n);
+    protobuf_c_message_pack(m, GRPC_SLICE_START_PTR(s));
+    grpc_byte_buffer *b = grpc_raw_byte_buffer_create(&s, 1);
+    grpc_slice_unref(s);
+    return b;
+}
+
+static ProtobufCMessage *unpack(const ProtobufCMessageDescriptor *d, grpc_byte_buffer *b)
+{
+    grpc_byte_buffer_reader r;
+    if (!b || !grpc_byte_buffer_reader_init(&r, b))
+        return NULL;
+    grpc_slice s = grpc_byte_buffer_reader_readall(&r);
+    grpc_byte_buffer_reader_destroy(&r);
+    ProtobufCMessage *m = protobuf_c_message_unpack(d, NULL, GRPC_SLICE_LENGTH(s),
+                                                    GRPC_SLICE_START_PTR(s));
+    grpc_slice_unref(s);
+    return m;
+}
+
+/* ---- Stats ---- */
+
+static void stats_start(remote_group *g, double timeout_s)
+{
+    grpc_slice method = grpc_slice_from_static_string("/entrokv.v1.Worker/Stats");
+    g->stats_call = grpc_channel_create_call(g->channel, NULL, GRPC_PROPAGATE_DEFAULTS, g->cq,
+                                             method, NULL, in_seconds(timeout_s), NULL);
+    Entrokv__V1__StatsRequest req = ENTROKV__V1__STATS_REQUEST__INIT;
+    g->stats_send = pack(&req.base);
+    grpc_metadata_array_init(&g->stats_init_md);
+    grpc_metadata_array_init(&g->stats_trail_md);
+    grpc_op ops[6];
+    memset(ops, 0, sizeof ops);
+    ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+    ops[1].op = GRPC_OP_SEND_MESSAGE;
+    ops[1].data.send_message.send_message = g->stats_send;
+    ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
+    ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
+    ops[3].data.recv_initial_metadata.recv_initial_metadata = &g->stats_init_md;
+    ops[4].op = GRPC_OP_RECV_MESSAGE;
+    ops[4].data.recv_message.recv_message = &g->stats_recv;
+    ops[5].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
+    ops[5].data.recv_status_on_client.trailing_metadata = &g->stats_trail_md;
+    ops[5].data.recv_status_on_client.status = &g->stats_status;
+    ops[5].data.recv_status_on_client.status_details = &g->stats_details;
+    if (grpc_call_start_batch(g->stats_call, ops, 6, &g->t_stats, NULL) != GRPC_CALL_OK) {
+        grpc_call_unref(g->stats_call);
+        g->stats_call = NULL;
+    }
+}
+
+static void stats_done(remote_group *g)
+{
+    Entrokv__V1__StatsResponse *r = NULL;
+    if (g->stats_status == GRPC_STATUS_OK)
+        r = (Entrokv__V1__StatsResponse *)unpack(&entrokv__v1__stats_response__descriptor,
+                                                 g->stats_recv);
+    pthread_mutex_lock(&g->mu);
+    g->stats_ok = r != NULL;
+    if (r) {
+        g->stats = (engine_stats){.queued = r->queued, .running = r->running,
+                                  .kv_blocks_total = r->kv_blocks_total,
+                                  .kv_blocks_free = r->kv_blocks_free,
+                                  .kv_bytes_saved = r->kv_bytes_saved,
+                                  .preemptions = r->preemptions, .steps = r->steps};
+        g->max_ctx = r->max_ctx;
+    }
+    pthread_mutex_unlock(&g->mu);
+    if (r)
+        protobuf_c_message_free_unpacked(&r->base, NULL);
+    if (g->stats_recv)
+        grpc_byte_buffer_destroy(g->stats_recv);
+    grpc_byte_buffer_destroy(g->stats_send);
+    grpc_metadata_array_destroy(&g->stats_init_md);
+    grpc_metadata_array_destroy(&g->stats_trail_md);
+    grpc_slice_unref(g->stats_details);
+    grpc_call_unref(g->stats_call);
+    g->stats_call = NULL;
+    g->stats_recv = g->stats_send = NULL;
+}
+
+/* ---- Generate calls ---- */
+
+static bool call_start(rcall *c, const grpc_op *ops, size_t n, rtag *tag)
+{
+    pthread_mutex_lock(&c->mu);
+    grpc_call_error e = grpc_call_start_batch(c->call, ops, n, tag, NULL);
+    if (e == GRPC_CALL_OK)
+        c->pending++;
+    pthread_mutex_unlock(&c->mu);
+    return e == GRPC_CALL_OK;
+}
+
+static void start_recv(rcall *c)
+{
+    grpc_op op = {.op = GRPC_OP_RECV_MESSAGE};
+    op.data.recv_message.recv_message = &c->recv_buf;
+    if (!call_start(c, &op, 1, &c->t_recv))
+        c->stream_ended = true;
+}
+
+static gen_finish finish_of(const char *s)
+{
+    if (!strcmp(s, "length"))
+        return GEN_FINISH_LENGTH;
+    if (!strcmp(s, "context"))
+        return GEN_FINISH_CONTEXT;
+    if (!strcmp(s, "cancelled"))
+        return GEN_FINISH_CANCELLED;
+    return GEN_FINISH_STOP;
+}
+
+/* One GenerateResponse: its tokens out, and the finish if it is the last. */
+static void on_message(rcall *c)
+{
+    Entrokv__V1__GenerateResponse *m = (Entrokv__V1__GenerateResponse *)unpack(
+        &entrokv__v1__generate_response__descriptor, c->recv_buf);
+    grpc_byte_buffer_destroy(c->recv_buf);
+    c->recv_buf = NULL;
+    if (!m) {
+        grpc_call_cancel(c->call, NULL);
+        return;
+    }
+    if (m->n_token_ids > 0 || *m->text)
+        c->req.on_tokens(c->req.ctx, m->token_ids, (int32_t)m->n_token_ids, m->text,
+                         strlen(m->text));
+    if (*m->finish_reason) {
+        c->got_final = true;
+        c->finish = finish_of(m->finish_reason);
+        if (m->usage)
+            c->usage = (engine_usage){.prompt_tokens = m->usage->prompt_tokens,
+                                      .completion_tokens = m->usage->completion_tokens,
+                                      .kv_bytes = m->usage->kv_bytes,
+                                      .kv_bytes_full = m->usage->kv_bytes_full};
+    }
+    protobuf_c_message_free_unpacked(&m->base, NULL);
+}
+
+static ekv_status status_to_ekv(grpc_status_code s)
+{
+    switch (s) {
+    case GRPC_STATUS_OK:
+    case GRPC_STATUS_CANCELLED: return EKV_OK;
+    case GRPC_STATUS_INVALID_ARGUMENT: return EKV_EINVAL;
+    case GRPC_STATUS_RESOURCE_EXHAUSTED:
+    case GRPC_STATUS_UNAVAILABLE: return EKV_EBUSY;
+    default: return EKV_EIO;
+    }
+}
+
+static void call_done(rcall *c)
+{
+    char msg[256];
+    char *d = grpc_slice_to_c_string(c->details);
+    snprintf(msg, sizeof msg, "worker %.64s: %.160s", c->g->target, d);
+    gpr_free(d);
+    ekv_status rc = status_to_ekv(c->status);
+    gen_finish f = c->got_final && c->status == GRPC_STATUS_OK ? c->finish : GEN_FINISH_CANCELLED;
+    c->req.on_done(c->req.ctx, f, &c->usage, rc, rc ? msg : NULL);
+}
+
+static void call_free(rcall *c)
+{
+    remote_group *g = c->g;
+    pthread_mutex_lock(&g->mu);
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        g->calls = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    pthread_mutex_unlock(&g->mu);
+    if (c->send_buf)
+        grpc_byte_buffer_destroy(c->send_buf);
+    if (c->recv_buf)
+        grpc_byte_buffer_destroy(c->recv_buf);
+    grpc_metadata_array_destroy(&c->init_md);
+    grpc_metadata_array_destroy(&c->trail_md);
+    grpc_slice_unref(c->details);
+    grpc_call_unref(c->call);
+    pthread_mutex_destroy(&c->mu);
+    free(c);
+}
+
+static void on_call_event(rcall *c, rop op, bool ok)
+{
+    pthread_mutex_lock(&c->mu); /* also waits for submit to finish starting batches */
+    int pending = --c->pending;
+    pthread_mutex_unlock(&c->mu);
+    if (op == ROP_RECV) {
+        if (ok && c->recv_buf) {
+            on_message(c);
+            start_recv(c);
+        } else {
+            c->stream_ended = true;
+        }
+    } else if (op == ROP_STATUS) {
+        c->got_status = true;
+    }
+    if (c->got_status && (c->stream_ended || c->status != GRPC_STATUS_OK) && pending == 0) {
+        call_done(c);
+        call_free(c);
+    }
+}
+
+/* ---- the client thread ---- */
+
+static void *client_main(void *arg)
+{
+    remote_group *g = arg;
+    gpr_timespec next_stats = in_seconds(1);
+    for (;;) {
+        pthread_mutex_lock(&g->mu);
+        bool idle = !g->calls;
+        pthread_mutex_unlock(&g->mu);
+        if (atomic_load(&g->stop) && idle && !g->stats_call)
+            break;
+        grpc_event ev = grpc_completion_queue_next(g->cq, in_seconds(0.2), NULL);
+        if (ev.type == GRPC_OP_COMPLETE) {
+            rtag *t = ev.tag;
+            if (t->op == ROP_STATS)
+                stats_done(g);
+            else
+                on_call_event(t->call, t->op, ev.success != 0);
+        }
+        if (!g->stats_call && !atomic_load(&g->stop) &&
+            gpr_time_cmp(gpr_now(GPR_CLOCK_MONOTONIC), next_stats) >= 0) {
+            stats_start(g, 5);
+            next_stats = in_seconds(1);
+        }
+    }
+    return NULL;
+}
+
+/* ---- coord_group_ops ---- */
+
+static grpc_byte_buffer *request_of(const engine_request *r)
+{
+    Entrokv__V1__GenerateRequest p = ENTROKV__V1__GENERATE_REQUEST__INIT;
+    const ekv_sampler_params *sp = &r->params.sampling;
+    p.has_max_tokens_case = ENTROKV__V1__GENERATE_REQUEST__HAS_MAX_TOKENS_MAX_TOKENS;
+    p.max_tokens = r->params.max_tokens;
+    p.has_temperature_case = ENTROKV__V1__GENERATE_REQUEST__HAS_TEMPERATURE_TEMPERATURE;
+    p.temperature = sp->temperature;
+    p.has_top_p_case = ENTROKV__V1__GENERATE_REQUEST__HAS_TOP_P_TOP_P;
+    p.top_p = sp->top_p;
+    p.has_top_k_case = ENTROKV__V1__GENERATE_REQUEST__HAS_TOP_K_TOP_K;
+    p.top_k = sp->top_k;
+    p.has_min_p_case = ENTROKV__V1__GENERATE_REQUEST__HAS_MIN_P_MIN_P;
+    p.min_p = sp->min_p;
+    p.has_repeat_penalty_case = ENTROKV__V1__GENERATE_REQUEST__HAS_REPEAT_PENALTY_REPEAT_PENALTY;
+    p.repeat_penalty = sp->repeat_penalty;
+    p.has_seed_case = ENTROKV__V1__GENERATE_REQUEST__HAS_SEED_SEED;
+    p.seed = sp->seed;
+    p.n_stop = r->params.n_stops;
+    p.stop = (char **)r->params.stops;
+    p.ignore_eos = r->params.ignore_eos;
+    p.kv_method = (char *)kvc_method_name(r->kv.method);
+    p.has_kv_budget_case = ENTROKV__V1__GENERATE_REQUEST__HAS_KV_BUDGET_KV_BUDGET;
+    p.kv_budget = (float)r->kv.budget;
+    Entrokv__V1__WorkerGenerateRequest w = ENTROKV__V1__WORKER_GENERATE_REQUEST__INIT;
+    w.n_prompt_ids = (size_t)r->n_prompt;
+    w.prompt_ids = (int32_t *)r->prompt;
+    w.params = &p;
+    return pack(&w.base);
+}
+
+static ekv_status remote_submit(void *impl, const engine_request *r, uint64_t *id,
+                                ekv_error *err)
+{
+    remote_group *g = impl;
+    rcall *c = calloc(1, sizeof *c);
+    if (!c)
+        return ekv_error_set(err, EKV_ENOMEM, "out of memory");
+    c->g = g;
+    c->req = *r;
+    c->req.prompt = NULL;
+    c->t_start = (rtag){c, ROP_START};
+    c->t_recv = (rtag){c, ROP_RECV};
+    c->t_status = (rtag){c, ROP_STATUS};
+    c->details = grpc_empty_slice();
+    pthread_mutex_init(&c->mu, NULL);
+    grpc_metadata_array_init(&c->init_md);
+    grpc_metadata_array_init(&c->trail_md);
+    c->send_buf = request_of(r);
+    grpc_slice method = grpc_slice_from_static_string("/entrokv.v1.Worker/Generate");
+    c->call = grpc_channel_create_call(g->channel, NULL, GRPC_PROPAGATE_DEFAULTS, g->cq, method,
+                                       NULL, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+    pthread_mutex_lock(&g->mu);
+    c->id = ++g->next_id;
+    c->next = g->calls;
+    if (g->calls)
+        g->calls->prev = c;
+    g->calls = c;
+    pthread_mutex_unlock(&g->mu);
+    *id = c->id;
+    grpc_op ops[4];
+    memset(ops, 0, sizeof ops);
+    ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+    ops[1].op = GRPC_OP_SEND_MESSAGE;
+    ops[1].data.send_message.send_message = c->send_buf;
+    ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
+    ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
+    ops[3].data.recv_initial_metadata.recv_initial_metadata = &c->init_md;
+    grpc_op st = {.op = GRPC_OP_RECV_STATUS_ON_CLIENT};
+    st.data.recv_status_on_client.trailing_metadata = &c->trail_md;
+    st.data.recv_status_on_client.status = &c->status;
+    st.data.recv_status_on_client.status_details = &c->details;
+    /* The client thread may see these complete before we return: it frees
+     * the call only after all three, and the status one is started last. */
+    call_start(c, ops, 4, &c->t_start);
+    start_recv(c);
+    call_start(c, &st, 1, &c->t_status);
+    return EKV_OK;
+}
+
+static void remote_cancel(void *impl, uint64_t id)
+{
+    remote_group *g = impl;
+    pthread_mutex_lock(&g->mu);
+    for (rcall *c = g->calls; c; c = c->next)
+        if (c->id == id)
+            grpc_call_cancel(c->call, NULL);
+    pthread_mutex_unlock(&g->mu);
+}
+
+static void remote_stats(void *impl, engine_stats *s)
+{
+    remote_group *g = impl;
+    pthread_mutex_lock(&g->mu);
+    *s = g->stats;
+    pthread_mutex_unlock(&g->mu);
+}
+
+static void remote_destroy(void *impl)
+{
+    remote_group *g = impl;
+    pthread_mutex_lock(&g->mu);
+    for (rcall *c = g->calls; c; c = c->next)
+        grpc_call_cancel(c->call, NULL);
+    pthread_mutex_unlock(&g->mu);
+    atomic_store(&g->stop, true);
+    pthread_join(g->thread, NULL);
+    grpc_completion_queue_shutdown(g->cq);
+    while (grpc_completion_queue_next(g->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL).type !=
+           GRPC_QUEUE_SHUTDOWN) {
+    }
+    grpc_completion_queue_destroy(g->cq);
+    grpc_channel_destroy(g->channel);
+    pthread_mutex_destroy(&g->mu);
+    free(g);
+    grpc_shutdown();
+}
+
+static const coord_group_ops remote_ops = {
+    .submit = remote_submit,
+    .cancel = remote_cancel,
+    .stats = remote_stats,
+    .destroy = remote_destroy,
+};
+
+/* The first Stats, synchronously: is the worker there, and its context. */
+static ekv_status first_stats(remote_group *g, ekv_error *err)
+{
+    stats_start(g, 10);
+    if (!g->stats_call)
+        return ekv_error_set(err, EKV_EIO, "worker %s: cannot start a call", g->target);
+    grpc_event ev = grpc_completion_queue_next(g->cq, in_seconds(15), NULL);
+    if (ev.type != GRPC_OP_COMPLETE)
+        return ekv_error_set(err, EKV_EIO, "worker %s: no answer", g->target);
+    char *d = grpc_slice_to_c_string(g->stats_details);
+    grpc_status_code code = g->stats_status;
+    stats_done(g);
+    ekv_status rc = EKV_OK;
+    if (code != GRPC_STATUS_OK || !g->stats_ok)
+        rc = ekv_error_set(err, EKV_EIO, "worker %s: Stats failed (%d): %s", g->target, code, d);
+    gpr_free(d);
+    return rc;
+}
+
+ekv_status coord_add_remote(ekv_coordinator *c, const char *target, ekv_error *err)
+{
+    remote_group *g = calloc(1, sizeof *g);
+    if (!g)
+        return ekv_error_set(err, EKV_ENOMEM, "out of memory");
+    grpc_init();
+    snprintf(g->target, sizeof g->target, "%s", target);
+    pthread_mutex_init(&g->mu, NULL);
+    atomic_init(&g->stop, false);
+    g->t_stats = (rtag){NULL, ROP_STATS};
+    g->stats_details = grpc_empty_slice();
+    g->cq = grpc_completion_queue_create_for_next(NULL);
+    grpc_channel_credentials *creds = grpc_insecure_credentials_create();
+    g->channel = grpc_channel_create(target, creds, NULL);
+    grpc_channel_credentials_release(creds);
+    ekv_status rc = first_stats(g, err);
+    if (rc == EKV_OK && g->max_ctx < coord_max_ctx(c))
+        rc = ekv_error_set(err, EKV_EINVAL, "worker %s has a context of %d, less than %d",
+                           target, g->max_ctx, coord_max_ctx(c));
+    if (rc == EKV_OK && pthread_create(&g->thread, NULL, client_main, g) != 0)
+        rc = ekv_error_set(err, EKV_EIO, "cannot start the client thread");
+    if (rc == EKV_OK)
+        rc = coord_add_group(c, target, &remote_ops, g, err);
+    if (rc == EKV_OK)
+        return EKV_OK;
+    if (g->thread) {
+        atomic_store(&g->stop, true);
+        pthread_join(g->thread, NULL);
+    }
+    grpc_completion_queue_shutdown(g->cq);
+    while (grpc_completion_queue_next(g->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL).type !=
+           GRPC_QUEUE_SHUTDOWN) {
+    }
+    grpc_completion_queue_destroy(g->cq);
+    grpc_channel_destroy(g->channel);
+    pthread_mutex_destroy(&g->mu);
+    free(g);
+    grpc_shutdown();
+    return rc;
+}

@@ -1,0 +1,291 @@
+/*
+ * stream.c - one request's stream between a worker group's callbacks (the
+ * producer, on the engine thread) and a protocol server (the consumer).
+ *
+ * The producer appends tokens and text and finally the done record; the
+ * consumer takes everything new at once, so a slow client gets its tokens
+ * coalesced into fewer messages instead of an ever-growing queue of them.
+ * Two references keep the stream alive: the caller's (dropped by
+ * coord_stream_release) and the group's (dropped after on_done).
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "coord_internal.h"
+
+coord_stream *coord_stream_new(ekv_coordinator *c, int group, int32_t n_prompt,
+                               const char *protocol)
+{
+    coord_stream *s = calloc(1, sizeof *s);
+    if (!s)
+        return NULL;
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&s->cv, &ca);
+    pthread_condattr_destroy(&ca);
+    pthread_mutex_init(&s->mu, NULL);
+    s->refs = 2;
+    s->coord = c;
+    s->group = group;
+    s->id = atomic_fetch_add(&c->next_id, 1) + 1;
+    s->n_prompt = n_prompt;
+    s->protocol = protocol ? protocol : "?";
+    s->armed = true;
+    s->t_submit = gen_now();
+    return s;
+}
+
+static void stream_free(coord_stream *s)
+{
+    pthread_mutex_destroy(&s->mu);
+    pthread_cond_destroy(&s->cv);
+    free(s->ids);
+    free(s->text);
+    free(s);
+}
+
+void coord_stream_discard(coord_stream *s)
+{
+    if (s)
+        stream_free(s);
+}
+
+uint64_t coord_stream_id(const coord_stream *s)
+{
+    return s->id;
+}
+
+int32_t coord_stream_prompt_tokens(const coord_stream *s)
+{
+    return s->n_prompt;
+}
+
+void coord_stream_set_submitted(coord_stream *s, uint64_t engine_id)
+{
+    pthread_mutex_lock(&s->mu);
+    s->engine_id = engine_id;
+    s->submitted = true;
+    pthread_mutex_unlock(&s->mu);
+}
+
+static bool has_new(const coord_stream *s)
+{
+    return s->n_ids > 0 || s->text_len > 0 || (s->done && !s->done_taken);
+}
+
+/* With s->mu held: tells the consumer, once per take. */
+static void signal_consumer(coord_stream *s)
+{
+    pthread_cond_broadcast(&s->cv);
+    if (s->notify && s->armed) {
+        s->armed = false;
+        s->notify(s->notify_ctx);
+    }
+}
+
+static bool append(coord_stream *s, const int32_t *ids, int32_t n, const char *text, size_t len)
+{
+    if (s->n_ids + n > s->cap_ids) {
+        int32_t cap = s->cap_ids ? s->cap_ids : 16;
+        while (cap < s->n_ids + n)
+            cap *= 2;
+        int32_t *p = realloc(s->ids, (size_t)cap * sizeof *p);
+        if (!p)
+            return false;
+        s->ids = p;
+        s->cap_ids = cap;
+    }
+    if (s->text_len + len + 1 > s->text_cap) {
+        size_t cap = s->text_cap ? s->text_cap : 256;
+        while (cap < s->text_len + len + 1)
+            cap *= 2;
+        char *p = realloc(s->text, cap);
+        if (!p)
+            return false;
+        s->text = p;
+        s->text_cap = cap;
+    }
+    if (n > 0)
+        memcpy(s->ids + s->n_ids, ids, (size_t)n * sizeof *ids);
+    s->n_ids += n;
+    if (len > 0)
+        memcpy(s->text + s->text_len, text, len);
+    s->text_len += len;
+    s->text[s->text_len] = 0;
+    return true;
+}
+
+static void observe_timing(coord_stream *s, int32_t n)
+{
+    ekv_metrics *m = s->coord->metrics;
+    double now = gen_now();
+    if (n <= 0)
+        return;
+    if (!s->got_first) {
+        s->got_first = true;
+        metrics_observe_ttft(m, now - s->t_submit);
+        if (n > 1)
+            metrics_observe_itl(m, 0, n - 1);
+    } else {
+        metrics_observe_itl(m, (now - s->t_last) / n, n);
+    }
+    s->t_last = now;
+}
+
+void coord_stream_on_tokens(void *ctx, const int32_t *ids, int32_t n, const char *text,
+                            size_t len)
+{
+    coord_stream *s = ctx;
+    pthread_mutex_lock(&s->mu);
+    observe_timing(s, n);
+    if (!s->lost && !append(s, ids, n > 0 ? n : 0, text, len))
+        s->lost = true;
+    bool lost = s->lost;
+    signal_consumer(s);
+    pthread_mutex_unlock(&s->mu);
+    if (lost)
+        coord_stream_cancel(s); /* the group's reference keeps s alive until on_done */
+}
+
+static metrics_status done_status(gen_finish finish, ekv_status rc)
+{
+    if (rc == EKV_EBUSY) /* a remote worker's queue was full */
+        return METRICS_REJECTED;
+    if (rc == EKV_EINVAL)
+        return METRICS_INVALID;
+    if (rc != EKV_OK)
+        return METRICS_ERROR;
+    return finish == GEN_FINISH_CANCELLED ? METRICS_CANCELLED : METRICS_OK;
+}
+
+void coord_stream_on_done(void *ctx, gen_finish finish, const engine_usage *u, ekv_status rc,
+                          const char *msg)
+{
+    coord_stream *s = ctx;
+    ekv_coordinator *c = s->coord;
+    engine_usage usage = u ? *u : (engine_usage){0};
+    pthread_mutex_lock(&s->mu);
+    s->done = true;
+    s->finish = finish;
+    s->usage = usage;
+    s->rc = rc;
+    if (rc == EKV_OK && s->lost) {
+        s->rc = EKV_ENOMEM;
+        msg = "out of memory buffering the stream";
+    }
+    snprintf(s->msg, sizeof s->msg, "%s", msg ? msg : "");
+    metrics_count_request(c->metrics, done_status(finish, s->rc));
+    metrics_add_tokens(c->metrics, usage.prompt_tokens, usage.completion_tokens);
+    coord_log("req-%llu done finish=%s prompt_tokens=%d completion_tokens=%d ttft_s=%.3f "
+              "kv_bytes=%lld kv_bytes_full=%lld%s%s",
+              (unsigned long long)s->id, s->rc ? "error" : coord_finish_reason(finish),
+              usage.prompt_tokens, usage.completion_tokens, usage.ttft_s,
+              (long long)usage.kv_bytes, (long long)usage.kv_bytes_full, s->rc ? " error=" : "",
+              s->rc ? s->msg : "");
+    signal_consumer(s);
+    int group = s->group;
+    bool last = --s->refs == 0;
+    pthread_mutex_unlock(&s->mu); /* s may be freed by its consumer from here on */
+    coord_group_finished(c, group);
+    if (last)
+        stream_free(s);
+}
+
+bool coord_stream_take(coord_stream *s, coord_chunk *c)
+{
+    memset(c, 0, sizeof *c);
+    pthread_mutex_lock(&s->mu);
+    bool any = has_new(s);
+    if (s->n_ids > 0 || s->text_len > 0) {
+        c->ids = s->ids;
+        c->n_ids = s->n_ids;
+        c->text = s->text;
+        c->text_len = s->text_len;
+        s->ids = NULL;
+        s->text = NULL;
+        s->n_ids = s->cap_ids = 0;
+        s->text_len = s->text_cap = 0;
+    }
+    if (s->done && !s->done_taken) {
+        s->done_taken = true;
+        c->done = true;
+        c->finish = s->finish;
+        c->usage = s->usage;
+        c->rc = s->rc;
+        memcpy(c->msg, s->msg, sizeof c->msg);
+    }
+    s->armed = true;
+    pthread_mutex_unlock(&s->mu);
+    return any;
+}
+
+bool coord_stream_wait(coord_stream *s, double timeout_s)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    double end = (double)ts.tv_sec + ts.tv_nsec * 1e-9 + (timeout_s > 0 ? timeout_s : 0);
+    ts.tv_sec = (time_t)end;
+    ts.tv_nsec = (long)((end - (double)ts.tv_sec) * 1e9);
+    pthread_mutex_lock(&s->mu);
+    while (!has_new(s)) {
+        if (pthread_cond_timedwait(&s->cv, &s->mu, &ts) != 0)
+            break;
+    }
+    bool any = has_new(s);
+    pthread_mutex_unlock(&s->mu);
+    return any;
+}
+
+void coord_stream_set_notify(coord_stream *s, void (*fn)(void *ctx), void *ctx)
+{
+    pthread_mutex_lock(&s->mu);
+    s->notify = fn;
+    s->notify_ctx = ctx;
+    s->armed = true;
+    if (fn && has_new(s)) {
+        s->armed = false;
+        fn(ctx);
+    }
+    pthread_mutex_unlock(&s->mu);
+}
+
+void coord_stream_cancel(coord_stream *s)
+{
+    pthread_mutex_lock(&s->mu);
+    bool send = s->submitted && !s->done && !s->cancel_sent;
+    if (send)
+        s->cancel_sent = true;
+    uint64_t engine_id = s->engine_id;
+    pthread_mutex_unlock(&s->mu);
+    if (send) {
+        coord_group *g = &s->coord->groups[s->group];
+        g->ops->cancel(g->impl, engine_id);
+    }
+}
+
+void coord_stream_release(coord_stream *s)
+{
+    if (!s)
+        return;
+    coord_stream_cancel(s);
+    pthread_mutex_lock(&s->mu);
+    s->notify = NULL;
+    s->notify_ctx = NULL;
+    bool last = --s->refs == 0;
+    pthread_mutex_unlock(&s->mu);
+    if (last)
+        stream_free(s);
+}
+
+void coord_chunk_free(coord_chunk *c)
+{
+    free(c->ids);
+    free(c->text);
+    c->ids = NULL;
+    c->text = NULL;
+    c->n_ids = 0;
+    c->text_len = 0;
+}

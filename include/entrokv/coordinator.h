@@ -1,0 +1,173 @@
+/*
+ * coordinator.h - the front of the serving path, shared by the gRPC and HTTP
+ * servers: checks and tokenizes a request, routes it to a worker group, and
+ * turns the group's engine callbacks into a per-request stream that the
+ * protocol layer drains.
+ *
+ * Worker groups: each is a small vtable (submit / cancel / stats) over an
+ * implementation: an in-process ekv_engine (coord_add_engine, what `entrokv
+ * serve` uses) or, later, a remote worker reached over the internal Worker
+ * gRPC service. Routing is least loaded (requests in flight per group) with
+ * prefix affinity: the hash of a prompt's first 16-token block remembers the
+ * group that last served it, and a request goes there unless that group is
+ * busier than the least loaded one by more than COORD_AFFINITY_SLACK.
+ *
+ * Streams: coord_submit returns a coord_stream holding two references, the
+ * caller's and the group's. The group's callbacks (on its engine thread)
+ * append tokens and text and finally the done record; the caller takes what
+ * is new with coord_stream_take, waiting on coord_stream_wait or on a notify
+ * hook (the gRPC server wakes its completion queue from it). The caller
+ * drops its reference with coord_stream_release, which cancels the request
+ * if it has not finished (a client that went away frees its KV at once).
+ *
+ * Threading: everything here may be called from any thread. The coordinator
+ * must outlive its streams' requests: destroy the groups' engines (which
+ * finish every request) before coord_free.
+ */
+#ifndef ENTROKV_COORDINATOR_H
+#define ENTROKV_COORDINATOR_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "entrokv/engine.h"
+#include "entrokv/generate.h"
+#include "entrokv/metrics.h"
+#include "entrokv/status.h"
+#include "entrokv/tokenizer.h"
+
+#define COORD_MAX_STOPS 16
+#define COORD_PREFIX_BLOCK 16     /* tokens hashed for prefix affinity */
+#define COORD_AFFINITY_SLACK 4    /* in-flight requests an affine group may exceed the least loaded by */
+#define COORD_MAX_GROUPS 64
+
+typedef struct ekv_coordinator ekv_coordinator;
+typedef struct coord_stream coord_stream;
+
+/* One worker group behind the router. */
+typedef struct coord_group_ops {
+    ekv_status (*submit)(void *impl, const engine_request *r, uint64_t *id, ekv_error *err);
+    void (*cancel)(void *impl, uint64_t id);
+    void (*stats)(void *impl, engine_stats *s);
+    /* NULL, or: finish every request (on_done for each) and free impl;
+     * coord_free calls it for groups the coordinator owns. */
+    void (*destroy)(void *impl);
+} coord_group_ops;
+
+typedef struct coord_config {
+    const char *model_name;      /* reported by /v1/models and in responses (copied) */
+    int32_t max_ctx;             /* tokens of one sequence, the groups' engine max_ctx */
+    int32_t default_max_tokens;  /* when a request does not say (256) */
+} coord_config;
+
+/* A request as both protocols describe it. coord_request_init sets the
+ * defaults of every field a client may leave out; the protocol layer then
+ * overwrites what the client sent, and coord_submit checks all of it. */
+typedef struct coord_request {
+    const char *prompt;          /* raw text (may hold NULs: prompt_len counts) */
+    size_t prompt_len;
+    const tok_message *messages; /* or chat messages */
+    size_t n_messages;
+    const int32_t *prompt_ids;   /* or token ids already (the Worker service) */
+    size_t n_prompt_ids;
+    gen_params params;           /* max_tokens, sampling, stops, ignore_eos */
+    const char *kv_method;       /* NULL or "" is full */
+    double kv_budget;
+    const char *protocol;        /* "grpc" / "http", for the log */
+} coord_request;
+
+/* Everything new in a stream since the previous take. ids and text are
+ * malloc'd and owned by the chunk (coord_chunk_free). */
+typedef struct coord_chunk {
+    int32_t *ids;
+    int32_t n_ids;
+    char *text;
+    size_t text_len;
+    bool done;                   /* the request has finished; the fields below are set */
+    gen_finish finish;
+    engine_usage usage;
+    ekv_status rc;               /* EKV_OK, or why the engine failed it */
+    char msg[256];
+} coord_chunk;
+
+void coord_config_default(coord_config *c);
+ekv_coordinator *coord_create(const ekv_tokenizer *tok, const coord_config *cfg,
+                              ekv_metrics *metrics, ekv_error *err);
+void coord_free(ekv_coordinator *c);
+
+/* Adds a group; impl stays owned by the caller and must outlive the
+ * coordinator's use of it. EKV_ERANGE past COORD_MAX_GROUPS. */
+ekv_status coord_add_group(ekv_coordinator *c, const char *name, const coord_group_ops *ops,
+                           void *impl, ekv_error *err);
+/* Adds an in-process engine as a group. */
+ekv_status coord_add_engine(ekv_coordinator *c, const char *name, ekv_engine *e,
+                            ekv_error *err);
+
+const char *coord_model_name(const ekv_coordinator *c);
+int32_t coord_max_ctx(const ekv_coordinator *c);
+ekv_metrics *coord_metrics(ekv_coordinator *c);
+/* Sums the groups' engine_stats into gauges for /metrics. */
+void coord_gauges(ekv_coordinator *c, metrics_gauges *g);
+/* Sums the groups' engine_stats (the Worker service's Stats). */
+void coord_stats(ekv_coordinator *c, engine_stats *sum);
+
+/* Adds a remote worker group at target ("host:port"), reached over the
+ * internal entrokv.v1.Worker gRPC service (remote.c). Checks that the
+ * worker answers Stats within 10 s and that its context is at least the
+ * coordinator's. The coordinator owns it and stops it in coord_free. */
+ekv_status coord_add_remote(ekv_coordinator *c, const char *target, ekv_error *err);
+
+/* After this, coord_submit refuses new requests with EKV_EBUSY and
+ * coord_draining is true; requests already accepted run to the end. */
+void coord_drain(ekv_coordinator *c);
+bool coord_draining(const ekv_coordinator *c);
+
+void coord_request_init(const ekv_coordinator *c, coord_request *r);
+
+/* Checks r, tokenizes it, routes it and queues it on a group.
+ * EKV_EINVAL with a message naming the problem (empty prompt, invalid
+ * UTF-8, prompt longer than the context, max_tokens outside [1, context],
+ * bad sampling values, unknown kv_method, too many stops); EKV_EBUSY when
+ * the chosen group's queue is full or the coordinator is draining; other
+ * codes for internal failures. The request is counted in the metrics
+ * either way. On success *out holds the caller's reference. */
+ekv_status coord_submit(ekv_coordinator *c, const coord_request *r, coord_stream **out,
+                        ekv_error *err);
+
+/* The ids the model would see for r's prompt or messages (same checks as
+ * coord_submit for the text part). *ids is malloc'd; the caller frees it. */
+ekv_status coord_tokenize(ekv_coordinator *c, const coord_request *r, int32_t **ids,
+                          size_t *n, ekv_error *err);
+
+/* The request's id in the log ("req-<n>"). */
+uint64_t coord_stream_id(const coord_stream *s);
+int32_t coord_stream_prompt_tokens(const coord_stream *s);
+/* Moves what is new into *c (zeroed first). Returns whether anything was:
+ * tokens, text or the done record (which is returned once). */
+bool coord_stream_take(coord_stream *s, coord_chunk *c);
+/* Blocks until something is new or timeout_s passes; true if something is. */
+bool coord_stream_wait(coord_stream *s, double timeout_s);
+/* Sets the hook called (on the group's thread, with the stream's lock
+ * held, so it must only signal) when something new arrives and the
+ * consumer has taken everything since the previous call: one call per
+ * take at most. NULL detaches; once it returns the old hook is never
+ * called again. Called at once if something is already waiting. */
+void coord_stream_set_notify(coord_stream *s, void (*fn)(void *ctx), void *ctx);
+/* Asks the group to stop the request (its KV is freed); the done record
+ * follows with GEN_FINISH_CANCELLED. Harmless after it finished. */
+void coord_stream_cancel(coord_stream *s);
+/* Drops the caller's reference, cancelling the request if still running. */
+void coord_stream_release(coord_stream *s);
+void coord_chunk_free(coord_chunk *c);
+
+/* "length", "stop", "context", "cancelled" as the APIs report them. */
+const char *coord_finish_reason(gen_finish f);
+
+/* One line to stderr: "<UTC time> entrokv: <message>". Thread-safe. */
+void coord_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* Validity of UTF-8 (no overlongs, surrogates or values above U+10FFFF). */
+bool coord_utf8_valid(const char *s, size_t len);
+
+#endif

@@ -1,0 +1,39 @@
+/*
+ * http.h - the HTTP front of the coordinator on libmicrohttpd: the
+ * OpenAI-compatible POST /v1/completions and /v1/chat/completions (JSON or
+ * SSE streams), GET /v1/models, GET /health and GET /metrics (Prometheus).
+ * See docs/serving.md for the API.
+ *
+ * Threads: one per connection (MHD_USE_THREAD_PER_CONNECTION), so a
+ * streaming response simply blocks its own thread on the request's
+ * coord_stream; a client that disconnects is noticed from its socket and
+ * its request cancelled, which frees its KV.
+ *
+ * Ownership: the server borrows the coordinator, which must outlive it.
+ */
+#ifndef ENTROKV_HTTP_H
+#define ENTROKV_HTTP_H
+
+#include <stdbool.h>
+
+#include "entrokv/coordinator.h"
+#include "entrokv/status.h"
+
+#define HTTP_MAX_BODY (4 * 1024 * 1024) /* larger bodies get 413 */
+#define HTTP_MAX_CONNECTIONS 512
+
+typedef struct ekv_http ekv_http;
+
+/* Listens on host:port (port 0: an ephemeral one, see ekv_http_port). */
+ekv_http *ekv_http_start(ekv_coordinator *c, const char *host, int port, ekv_error *err);
+int ekv_http_port(const ekv_http *h);
+/* Stops accepting connections; requests on open connections get 503 and
+ * /health says "draining"; requests in progress (streams included) go on. */
+void ekv_http_drain(ekv_http *h);
+/* Requests in progress (bodies being read, responses being written). */
+int ekv_http_active(const ekv_http *h);
+/* Closes every connection and frees. Call after drain and active == 0 for
+ * a clean stop; otherwise streams are cut. */
+void ekv_http_stop(ekv_http *h);
+
+#endif

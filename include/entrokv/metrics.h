@@ -1,0 +1,69 @@
+/*
+ * metrics.h - the serving counters and histograms, rendered in the
+ * Prometheus text exposition format (version 0.0.4) for GET /metrics.
+ *
+ * Counters and histograms live here and are updated from any thread (the
+ * engine thread, the gRPC thread, HTTP connection threads) under one mutex;
+ * gauges (queue depth, running sequences, KV blocks) are not stored but
+ * passed in by the caller at render time from engine_stats, so they are
+ * never stale. The KV store tier fills the metrics_kvstore counters it is
+ * handed (metrics_kvstore_counters); until it exists they stay 0.
+ *
+ * Names (all prefixed entrokv_): requests_total{status}, prompt_tokens_total,
+ * generated_tokens_total, ttft_seconds, inter_token_latency_seconds,
+ * queue_depth, running_sequences, kv_blocks_used, kv_blocks_free,
+ * kv_bytes_saved_total, kvstore_hits_total, kvstore_misses_total.
+ */
+#ifndef ENTROKV_METRICS_H
+#define ENTROKV_METRICS_H
+
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct ekv_metrics ekv_metrics;
+
+/* How a request ended, the label of entrokv_requests_total. */
+typedef enum metrics_status {
+    METRICS_OK = 0,      /* finished: length, stop or context */
+    METRICS_CANCELLED,   /* client went away, deadline, or server shutdown */
+    METRICS_INVALID,     /* rejected as a bad request (INVALID_ARGUMENT / 400) */
+    METRICS_REJECTED,    /* queue full or draining (RESOURCE_EXHAUSTED / 429 / 503) */
+    METRICS_ERROR,       /* the engine failed it */
+    METRICS_N_STATUS
+} metrics_status;
+
+/* Filled by the KV store tier when it lands; plain atomics so its threads
+ * need no lock. */
+typedef struct metrics_kvstore {
+    atomic_uint_fast64_t hits;
+    atomic_uint_fast64_t misses;
+} metrics_kvstore;
+
+/* Point-in-time values the caller reads from its engines before rendering. */
+typedef struct metrics_gauges {
+    int64_t queue_depth;
+    int64_t running_sequences;
+    int64_t kv_blocks_used;
+    int64_t kv_blocks_free;
+    int64_t kv_bytes_saved;   /* a counter in the output: it only grows */
+} metrics_gauges;
+
+/* NULL when out of memory. */
+ekv_metrics *metrics_create(void);
+void metrics_free(ekv_metrics *m);
+
+const char *metrics_status_name(metrics_status s);
+void metrics_count_request(ekv_metrics *m, metrics_status s);
+void metrics_add_tokens(ekv_metrics *m, int64_t prompt, int64_t generated);
+void metrics_observe_ttft(ekv_metrics *m, double seconds);
+/* n gaps of seconds each (a callback that delivered n tokens at once after
+ * a gap g observes n gaps of g / n). */
+void metrics_observe_itl(ekv_metrics *m, double seconds, int64_t n);
+metrics_kvstore *metrics_kvstore_counters(ekv_metrics *m);
+
+/* The whole exposition, malloc'd and NUL-terminated (caller frees); NULL
+ * when out of memory. *len may be NULL. */
+char *metrics_render(ekv_metrics *m, const metrics_gauges *g, size_t *len);
+
+#endif

@@ -1,0 +1,120 @@
+"""test_split.py - the coordinator/worker split: `entrokv coordinator`
+routing to `entrokv worker` processes over the internal Worker gRPC
+service gives the same tokens as a worker serving the request itself,
+spreads load over workers, passes cancellation and refusals through, and
+shuts down cleanly.
+"""
+import concurrent.futures as cf
+import time
+
+import grpc
+import pytest
+
+from conftest import SLOW, Server
+from test_serve import PROMPTS, gen_request, generation, run_stream, wait_for
+
+
+def worker_stats(w, pb):
+    stub = pb["entrokv_pb2_grpc"].WorkerStub(w.channel)
+    return stub.Stats(pb["entrokv_pb2"].StatsRequest(), timeout=30)
+
+
+def worker_idle(w, pb):
+    s = worker_stats(w, pb)
+    return s.running == 0 and s.queued == 0 and s.kv_blocks_free == s.kv_blocks_total
+
+
+@pytest.fixture(scope="module")
+def split():
+    workers = [Server("--ctx", "512", "--max-running", "4", "--max-queued", "6", cmd="worker")
+               for _ in range(2)]
+    coord = Server("--ctx", "512", "--workers",
+                   ",".join(f"127.0.0.1:{w.grpc_port}" for w in workers), cmd="coordinator")
+    yield coord, workers
+    codes = [coord.stop()] + [w.stop() for w in workers]
+    assert codes == [0, 0, 0], (codes, coord.stderr()[-3000:])
+
+
+def test_worker_stats_report_its_pool(split, pb):
+    _, workers = split
+    s = worker_stats(workers[0], pb)
+    assert s.max_ctx == 512 and s.kv_blocks_total > 0 and s.kv_blocks_free == s.kv_blocks_total
+
+
+def test_coordinator_output_equals_the_worker_serving_it_directly(split, pb):
+    coord, workers = split
+    for p in PROMPTS[:3]:
+        req = gen_request(pb, p, max_tokens=16)
+        text_c, ids_c, last_c, _ = run_stream(generation(coord, pb), req)
+        text_w, ids_w, last_w, _ = run_stream(generation(workers[0], pb), req)
+        assert ids_c == ids_w and text_c == text_w
+        assert last_c.finish_reason == last_w.finish_reason
+        assert last_c.usage.prompt_tokens == last_w.usage.prompt_tokens
+
+
+def test_concurrent_streams_spread_over_workers_and_match_solo(split, pb):
+    coord, workers = split
+    stub = generation(coord, pb)
+    reqs = [gen_request(pb, p, max_tokens=12, ignore_eos=True) for p in PROMPTS[:4]]
+    solo = [run_stream(stub, r)[1] for r in reqs]
+    steps0 = [worker_stats(w, pb).steps for w in workers]
+    with cf.ThreadPoolExecutor(8) as ex:
+        got = list(ex.map(lambda i: run_stream(stub, reqs[i % 4], timeout=300)[1], range(8)))
+    assert got == [solo[i % 4] for i in range(8)]
+    steps1 = [worker_stats(w, pb).steps for w in workers]
+    assert all(b > a for a, b in zip(steps0, steps1)), "both workers should have run steps"
+
+
+def test_cancel_through_coordinator_frees_worker_kv(split, pb):
+    coord, workers = split
+    call = generation(coord, pb).Generate(
+        gen_request(pb, "Count to one thousand:", max_tokens=400, ignore_eos=True), timeout=300)
+    for _ in range(3):
+        next(call)
+    call.cancel()
+    wait_for(lambda: all(worker_idle(w, pb) for w in workers), what="worker KV to be freed")
+    wait_for(lambda: coord.metric('entrokv_requests_total{status="cancelled"}') >= 1,
+             what="the cancel to be counted")
+
+
+def test_worker_refusal_reaches_the_client(split, pb):
+    coord, _ = split
+    stub = generation(coord, pb)
+    req = gen_request(pb, "Count:", max_tokens=48, ignore_eos=True)
+
+    def one(_):
+        try:
+            run_stream(stub, req, timeout=300)
+            return "ok"
+        except grpc.RpcError as e:
+            assert e.details()
+            return e.code().name
+
+    with cf.ThreadPoolExecutor(24) as ex:
+        codes = list(ex.map(one, range(24)))
+    assert set(codes) <= {"ok", "RESOURCE_EXHAUSTED"}, codes
+    assert "RESOURCE_EXHAUSTED" in codes and "ok" in codes, codes
+
+
+def test_bad_request_is_refused_by_the_coordinator(split, pb):
+    coord, _ = split
+    with pytest.raises(grpc.RpcError) as ei:
+        run_stream(generation(coord, pb), gen_request(pb, "", max_tokens=4))
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_worker_rejects_bad_token_ids(split, pb):
+    _, workers = split
+    e = pb["entrokv_pb2"]
+    stub = pb["entrokv_pb2_grpc"].WorkerStub(workers[0].channel)
+    for ids in ([], [10 ** 8], [-1]):
+        req = e.WorkerGenerateRequest(prompt_ids=ids, params=e.GenerateRequest(max_tokens=2))
+        with pytest.raises(grpc.RpcError) as ei:
+            list(stub.Generate(req, timeout=30))
+        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_coordinator_fails_fast_without_its_worker():
+    with pytest.raises(RuntimeError) as ei:
+        Server("--workers", "127.0.0.1:1", cmd="coordinator")
+    assert "127.0.0.1:1" in str(ei.value)

@@ -1,0 +1,594 @@
+/*
+ * engine.c - the step engine's API, request queue, admission and thread
+ * (engine.h); one batched step is engine_step.c.
+ *
+ * Life of a request: engine_submit validates it and copies it onto the
+ * queue. The engine thread admits it when a running slot is free and the pool
+ * can hold its whole prompt beside what the running sequences still need
+ * (their unfed tokens plus one block per head each for decode), gives it a
+ * sampler, a KV sequence and, with a compression policy, a capture, and
+ * steps it until it finishes. engine_finish frees the KV, then calls on_done.
+ *
+ * A preempted request goes back to the head of the queue keeping its tokens,
+ * sampler, detokenizer and stopper; when re-admitted it is prefilled again
+ * from prompt + generated tokens, and the logits of that last row are
+ * bit-identical to the decode step it replaces (batch invariance), so it
+ * samples as if never interrupted, seeded sampling included (the sampler's
+ * RNG stream is kept, and nothing already streamed is emitted again).
+ */
+#include "engine_internal.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ---- queue and running list (caller holds e->mu) ---- */
+
+static void queue_unlink(ekv_engine *e, ereq *q)
+{
+    if (q->prev)
+        q->prev->next = q->next;
+    else
+        e->q_head = q->next;
+    if (q->next)
+        q->next->prev = q->prev;
+    else
+        e->q_tail = q->prev;
+    q->prev = q->next = NULL;
+    e->n_queued--;
+}
+
+static void queue_push_tail(ekv_engine *e, ereq *q)
+{
+    q->next = NULL;
+    q->prev = e->q_tail;
+    if (e->q_tail)
+        e->q_tail->next = q;
+    else
+        e->q_head = q;
+    e->q_tail = q;
+    e->n_queued++;
+}
+
+static void queue_push_head(ekv_engine *e, ereq *q)
+{
+    q->prev = NULL;
+    q->next = e->q_head;
+    if (e->q_head)
+        e->q_head->prev = q;
+    else
+        e->q_tail = q;
+    e->q_head = q;
+    e->n_queued++;
+}
+
+static void running_remove(ekv_engine *e, ereq *q)
+{
+    for (int32_t i = 0; i < e->n_running; i++) {
+        if (e->running[i] != q)
+            continue;
+        memmove(e->running + i, e->running + i + 1,
+                (size_t)(e->n_running - i - 1) * sizeof *e->running);
+        e->n_running--;
+        return;
+    }
+}
+
+/* The engine thread owns the pool; others read the figure published here. */
+static void publish_locked(ekv_engine *e)
+{
+    e->stats.kv_blocks_free = kv_pool_free_blocks(e->pool);
+}
+
+/* ---- requests ---- */
+
+static void ereq_free(ereq *q)
+{
+    if (!q)
+        return;
+    kv_seq_free(q->seq);
+    if (q->cap)
+        kvc_capture_free(q->cap);
+    sampler_free(q->sampler);
+    stopper_free(q->stopper);
+    free(q->tokens);
+    free(q);
+}
+
+static ekv_status request_check(const ekv_engine *e, const engine_request *r, ekv_error *err)
+{
+    if (!r)
+        return ekv_error_set(err, EKV_EINVAL, "engine: no request");
+    if (!r->prompt || r->n_prompt <= 0)
+        return ekv_error_set(err, EKV_EINVAL, "the prompt is empty");
+    if ((int64_t)r->n_prompt + 1 > e->cfg.max_ctx)
+        return ekv_error_set(err, EKV_ERANGE,
+                             "the prompt has %d tokens; the context holds %d (prompt + at least 1)",
+                             r->n_prompt, e->cfg.max_ctx);
+    if (r->params.max_tokens < 0)
+        return ekv_error_set(err, EKV_EINVAL, "max_tokens must be >= 0");
+    ekv_status rc = sampler_params_check(&r->params.sampling, err);
+    if (rc)
+        return rc;
+    if (r->params.n_stops && !r->params.stops)
+        return ekv_error_set(err, EKV_EINVAL, "%zu stop strings but no array", r->params.n_stops);
+    for (int32_t i = 0; i < r->n_prompt; i++)
+        if (r->prompt[i] < 0 || r->prompt[i] >= e->n_vocab)
+            return ekv_error_set(err, EKV_EINVAL, "prompt token %d is %d, outside [0, %d)", i,
+                                 r->prompt[i], e->n_vocab);
+    if ((int)r->kv.method < 0 || (int)r->kv.method >= KVC_N_METHODS)
+        return ekv_error_set(err, EKV_EINVAL, "unknown kv compression method %d",
+                             (int)r->kv.method);
+    if (r->kv.method != KVC_FULL && !(isfinite(r->kv.budget) && r->kv.budget > 0))
+        return ekv_error_set(err, EKV_EINVAL, "kv budget %g must be > 0 and finite",
+                             r->kv.budget);
+    return EKV_OK;
+}
+
+/* A queued copy of r: the prompt in a buffer that will also hold the
+ * generated tokens, the stop strings inside the stopper. */
+static ekv_status ereq_new(const ekv_engine *e, const engine_request *r, ereq **out,
+                           ekv_error *err)
+{
+    ereq *q = calloc(1, sizeof *q);
+    if (!q)
+        return ekv_error_set(err, EKV_ENOMEM, "engine: out of memory");
+    int64_t cap = (int64_t)r->n_prompt + r->params.max_tokens;
+    if (cap > e->cfg.max_ctx)
+        cap = e->cfg.max_ctx;
+    q->cap_tokens = (int32_t)cap + 1;
+    q->tokens = malloc((size_t)q->cap_tokens * sizeof *q->tokens);
+    if (!q->tokens) {
+        ereq_free(q);
+        return ekv_error_set(err, EKV_ENOMEM, "engine: out of memory");
+    }
+    memcpy(q->tokens, r->prompt, (size_t)r->n_prompt * sizeof *q->tokens);
+    if (r->params.n_stops &&
+        !(q->stopper = stopper_create(r->params.stops, r->params.n_stops, err))) {
+        ereq_free(q);
+        return err ? err->code : EKV_EINVAL;
+    }
+    q->r = *r;
+    q->r.prompt = NULL;
+    q->r.params.stops = NULL;
+    q->r.params.n_stops = 0;
+    q->n_prompt = q->n_tok = r->n_prompt;
+    tok_stream_init(&q->ts, false);
+    q->t_submit = gen_now();
+    *out = q;
+    return EKV_OK;
+}
+
+/* ---- finishing and preempting (engine thread) ---- */
+
+static void usage_fill(const ekv_engine *e, const ereq *q, engine_usage *u)
+{
+    const double now = gen_now();
+    memset(u, 0, sizeof *u);
+    u->prompt_tokens = q->n_prompt;
+    u->completion_tokens = q->n_gen;
+    if (q->seq) {
+        const int64_t bb = (int64_t)kv_pool_block_bytes(e->pool);
+        u->kv_bytes = kv_seq_blocks(q->seq) * bb;
+        u->kv_bytes_full = engine_blocks_for(e, q->n_fed) * bb;
+    }
+    u->queue_s = (q->started ? q->t_sched : now) - q->t_submit;
+    u->ttft_s = q->t_first > 0 ? q->t_first - q->t_submit : 0;
+    u->preemptions = q->preemptions;
+}
+
+void engine_finish(ekv_engine *e, ereq *q, gen_finish finish, ekv_status rc, const char *msg)
+{
+    ekv_error err = {0};
+    engine_usage u;
+    if (rc == EKV_OK && finish != GEN_FINISH_STOP) {
+        bool stopped = false;
+        rc = engine_flush_text(e, q, &stopped, &err);
+        if (rc)
+            msg = err.msg;
+        else if (stopped)
+            finish = GEN_FINISH_STOP;
+    }
+    usage_fill(e, q, &u);
+    kv_seq_free(q->seq);
+    q->seq = NULL;
+    if (q->cap)
+        kvc_capture_free(q->cap);
+    q->cap = NULL;
+
+    pthread_mutex_lock(&e->mu);
+    running_remove(e, q);
+    e->stats.kv_bytes_saved += u.kv_bytes_full - u.kv_bytes;
+    publish_locked(e);
+    pthread_mutex_unlock(&e->mu);
+
+    if (rc && (!msg || !*msg))
+        msg = ekv_status_name(rc);
+    if (q->r.on_done)
+        q->r.on_done(q->r.ctx, finish, &u, rc, rc ? msg : "");
+    ereq_free(q);
+
+    pthread_mutex_lock(&e->mu);
+    e->n_open--;
+    pthread_cond_broadcast(&e->done_cv);
+    pthread_mutex_unlock(&e->mu);
+}
+
+void engine_preempt(ekv_engine *e, ereq *q)
+{
+    kv_seq_free(q->seq);
+    q->seq = NULL;
+    if (q->cap)
+        kvc_capture_free(q->cap);
+    q->cap = NULL;
+    q->n_fed = 0;
+    q->preemptions++;
+
+    pthread_mutex_lock(&e->mu);
+    running_remove(e, q);
+    if (q->cancel) { /* asked during this step: no point recomputing it */
+        q->next = e->cancelled;
+        e->cancelled = q;
+    } else {
+        queue_push_head(e, q);
+    }
+    e->stats.preemptions++;
+    publish_locked(e);
+    pthread_mutex_unlock(&e->mu);
+}
+
+void engine_note_step(ekv_engine *e)
+{
+    pthread_mutex_lock(&e->mu);
+    e->stats.steps++;
+    publish_locked(e);
+    pthread_mutex_unlock(&e->mu);
+}
+
+/* ---- the engine thread ---- */
+
+/* Sleeps until there is something to do; false when the engine is stopping. */
+static bool wait_for_work(ekv_engine *e)
+{
+    pthread_mutex_lock(&e->mu);
+    while (!e->stopping && !e->q_head && !e->cancelled && e->n_running == 0)
+        pthread_cond_wait(&e->work_cv, &e->mu);
+    const bool go = !e->stopping;
+    pthread_mutex_unlock(&e->mu);
+    return go;
+}
+
+/* on_done for requests cancelled in the queue; frees running ones that were
+ * cancelled. */
+static void reap_cancelled(ekv_engine *e)
+{
+    ereq **kill = e->scratch_reqs;
+    int32_t n_kill = 0;
+    pthread_mutex_lock(&e->mu);
+    ereq *dead = e->cancelled;
+    e->cancelled = NULL;
+    for (int32_t i = 0; i < e->n_running; i++)
+        if (e->running[i]->cancel)
+            kill[n_kill++] = e->running[i];
+    pthread_mutex_unlock(&e->mu);
+    while (dead) {
+        ereq *next = dead->next;
+        engine_finish(e, dead, GEN_FINISH_CANCELLED, EKV_OK, "");
+        dead = next;
+    }
+    for (int32_t i = 0; i < n_kill; i++)
+        engine_finish(e, kill[i], GEN_FINISH_CANCELLED, EKV_OK, "");
+}
+
+/* Blocks the running sequences may still take: their unfed tokens, plus
+ * one block per head each so every decode row finds room (under mu). */
+static int64_t committed_blocks(const ekv_engine *e)
+{
+    int64_t need = (int64_t)e->n_running * e->blocks_per_slot;
+    for (int32_t i = 0; i < e->n_running; i++) {
+        const ereq *q = e->running[i];
+        need += q->seq ? kv_seq_blocks_needed(q->seq, q->n_tok - q->n_fed)
+                       : engine_blocks_for(e, q->n_tok);
+    }
+    return need;
+}
+
+/* Gives an admitted request what it runs with; finishes it on failure. */
+static void setup(ekv_engine *e, ereq *q)
+{
+    const ekv_model_config *c = model_config(e->m);
+    ekv_error err = {0};
+    if (!q->sampler && !(q->sampler = sampler_create(&q->r.params.sampling, e->n_vocab, &err)))
+        goto fail;
+    if (!(q->seq = kv_seq_create(e->pool, c->n_layers, c->n_kv_heads, &err)))
+        goto fail;
+    if (q->r.kv.method != KVC_FULL &&
+        !(q->cap = kvc_capture_create(&q->r.kv, e->m, q->n_prompt, 0, &err)))
+        goto fail;
+    if (!q->started) {
+        q->started = true;
+        q->t_sched = gen_now();
+    }
+    return;
+fail:
+    engine_finish(e, q, GEN_FINISH_LENGTH, err.code ? err.code : EKV_ENOMEM, err.msg);
+}
+
+/* A request the whole pool cannot hold. After a preemption it has streamed
+ * tokens already, so it ends as if its context were full. */
+static void reject(ekv_engine *e, ereq *q)
+{
+    if (q->n_gen > 0) {
+        engine_finish(e, q, GEN_FINISH_CONTEXT, EKV_OK, "");
+        return;
+    }
+    char msg[160];
+    snprintf(msg, sizeof msg, "the prompt needs %lld KV blocks; the pool has %lld (kv_tokens %d)",
+             (long long)engine_blocks_for(e, q->n_tok),
+             (long long)kv_pool_total_blocks(e->pool), e->cfg.kv_tokens);
+    engine_finish(e, q, GEN_FINISH_LENGTH, EKV_ENOMEM, msg);
+}
+
+/* Moves requests from the queue head to the running list, first come first
+ * served, while a slot is free and the pool has room for them. */
+static void admit(ekv_engine *e)
+{
+    ereq **fresh = e->scratch_reqs, *rejects = NULL;
+    int32_t n_fresh = 0;
+    const int64_t total = kv_pool_total_blocks(e->pool);
+    pthread_mutex_lock(&e->mu);
+    while (e->q_head && e->n_running < e->cfg.max_running) {
+        ereq *q = e->q_head;
+        const int64_t need = engine_blocks_for(e, q->n_tok);
+        if (need > total) {
+            queue_unlink(e, q);
+            q->next = rejects;
+            rejects = q;
+            continue;
+        }
+        if (need + committed_blocks(e) > kv_pool_free_blocks(e->pool))
+            break;
+        queue_unlink(e, q);
+        e->running[e->n_running++] = q;
+        fresh[n_fresh++] = q;
+    }
+    pthread_mutex_unlock(&e->mu);
+    while (rejects) {
+        ereq *next = rejects->next;
+        reject(e, rejects);
+        rejects = next;
+    }
+    for (int32_t i = 0; i < n_fresh; i++)
+        setup(e, fresh[i]);
+}
+
+/* Everything still accepted ends as cancelled. */
+static void shutdown_all(ekv_engine *e)
+{
+    while (e->n_running > 0)
+        engine_finish(e, e->running[e->n_running - 1], GEN_FINISH_CANCELLED, EKV_OK, "");
+    pthread_mutex_lock(&e->mu);
+    ereq *dead = e->cancelled;
+    e->cancelled = NULL;
+    while (e->q_head) {
+        ereq *q = e->q_head;
+        queue_unlink(e, q);
+        q->next = dead;
+        dead = q;
+    }
+    pthread_mutex_unlock(&e->mu);
+    while (dead) {
+        ereq *next = dead->next;
+        engine_finish(e, dead, GEN_FINISH_CANCELLED, EKV_OK, "");
+        dead = next;
+    }
+}
+
+static void *engine_main(void *arg)
+{
+    ekv_engine *e = arg;
+    while (wait_for_work(e)) {
+        reap_cancelled(e);
+        admit(e);
+        if (e->n_running > 0)
+            engine_step(e);
+    }
+    shutdown_all(e);
+    return NULL;
+}
+
+/* ---- API ---- */
+
+void engine_config_default(engine_config *c)
+{
+    memset(c, 0, sizeof *c);
+    c->n_threads = 0;
+    c->max_batch = 256;
+    c->max_ctx = 2048;
+    c->kv_tokens = 8192;
+    c->max_running = 32;
+    c->max_queued = 256;
+}
+
+static ekv_status config_check(const engine_config *c, ekv_error *err)
+{
+    if (c->max_batch < 1 || c->max_batch > 65536)
+        return ekv_error_set(err, EKV_EINVAL, "engine: max_batch %d outside [1, 65536]",
+                             c->max_batch);
+    if (c->max_ctx < 2 || c->max_ctx > (1 << 24))
+        return ekv_error_set(err, EKV_EINVAL, "engine: max_ctx %d outside [2, 2^24]", c->max_ctx);
+    if (c->kv_tokens < 1)
+        return ekv_error_set(err, EKV_EINVAL, "engine: kv_tokens %d must be >= 1", c->kv_tokens);
+    if (c->max_running < 1 || c->max_running > c->max_batch)
+        return ekv_error_set(err, EKV_EINVAL,
+                             "engine: max_running %d outside [1, max_batch %d] (one decode row each)",
+                             c->max_running, c->max_batch);
+    if (c->max_queued < 1)
+        return ekv_error_set(err, EKV_EINVAL, "engine: max_queued %d must be >= 1",
+                             c->max_queued);
+    return EKV_OK;
+}
+
+/* Everything engine_create made; the thread has been joined. */
+static void engine_free(ekv_engine *e)
+{
+    engine_scratch_free(e);
+    free(e->running);
+    model_runtime_free(e->rt);
+    kv_pool_destroy(e->pool);
+    pthread_cond_destroy(&e->done_cv);
+    pthread_cond_destroy(&e->work_cv);
+    pthread_mutex_destroy(&e->mu);
+    free(e);
+}
+
+static bool sync_init(ekv_engine *e)
+{
+    if (pthread_mutex_init(&e->mu, NULL))
+        return false;
+    if (pthread_cond_init(&e->work_cv, NULL)) {
+        pthread_mutex_destroy(&e->mu);
+        return false;
+    }
+    if (pthread_cond_init(&e->done_cv, NULL)) {
+        pthread_cond_destroy(&e->work_cv);
+        pthread_mutex_destroy(&e->mu);
+        return false;
+    }
+    return true;
+}
+
+ekv_engine *engine_create(const ekv_model *m, const engine_config *cfg, ekv_error *err)
+{
+    engine_config def;
+    if (!cfg) {
+        engine_config_default(&def);
+        cfg = &def;
+    }
+    if (!m) {
+        ekv_error_set(err, EKV_EINVAL, "engine: no model");
+        return NULL;
+    }
+    if (config_check(cfg, err))
+        return NULL;
+    ekv_engine *e = calloc(1, sizeof *e);
+    if (!e) {
+        ekv_error_set(err, EKV_ENOMEM, "engine: out of memory");
+        return NULL;
+    }
+    if (!sync_init(e)) {
+        free(e);
+        ekv_error_set(err, EKV_EIO, "engine: cannot create a mutex");
+        return NULL;
+    }
+    const ekv_model_config *c = model_config(m);
+    e->m = m;
+    e->cfg = *cfg;
+    e->n_vocab = c->n_vocab;
+    e->blocks_per_slot = (int64_t)c->n_layers * c->n_kv_heads;
+    if (!(e->rt = model_runtime_create(m, cfg->max_batch, cfg->max_ctx, cfg->n_threads, err)) ||
+        !(e->pool = model_kv_pool_create(m, cfg->kv_tokens, err)) ||
+        engine_scratch_init(e, err))
+        goto fail;
+    if (!(e->running = calloc((size_t)cfg->max_running, sizeof *e->running))) {
+        ekv_error_set(err, EKV_ENOMEM, "engine: out of memory");
+        goto fail;
+    }
+    e->stats.kv_blocks_total = kv_pool_total_blocks(e->pool);
+    e->stats.kv_blocks_free = kv_pool_free_blocks(e->pool);
+    if (pthread_create(&e->thread, NULL, engine_main, e)) {
+        ekv_error_set(err, EKV_EIO, "engine: cannot start the engine thread");
+        goto fail;
+    }
+    e->thread_started = true;
+    return e;
+fail:
+    engine_free(e);
+    return NULL;
+}
+
+void engine_destroy(ekv_engine *e)
+{
+    if (!e)
+        return;
+    if (e->thread_started) {
+        pthread_mutex_lock(&e->mu);
+        e->stopping = e->draining = true;
+        pthread_cond_signal(&e->work_cv);
+        pthread_mutex_unlock(&e->mu);
+        pthread_join(e->thread, NULL);
+    }
+    engine_free(e);
+}
+
+ekv_status engine_submit(ekv_engine *e, const engine_request *r, uint64_t *id, ekv_error *err)
+{
+    ereq *q = NULL;
+    if (!e)
+        return ekv_error_set(err, EKV_EINVAL, "engine: no engine");
+    ekv_status rc = request_check(e, r, err);
+    if (rc || (rc = ereq_new(e, r, &q, err)))
+        return rc;
+    pthread_mutex_lock(&e->mu);
+    if (e->draining) {
+        rc = ekv_error_set(err, EKV_EBUSY, "engine: draining, not accepting requests");
+    } else if (e->n_queued >= e->cfg.max_queued) {
+        rc = ekv_error_set(err, EKV_EBUSY, "engine: queue full (%d requests waiting)",
+                           e->n_queued);
+    } else {
+        q->id = ++e->next_id;
+        queue_push_tail(e, q);
+        e->n_open++;
+        if (id)
+            *id = q->id;
+        pthread_cond_signal(&e->work_cv);
+    }
+    pthread_mutex_unlock(&e->mu);
+    if (rc)
+        ereq_free(q);
+    return rc;
+}
+
+void engine_cancel(ekv_engine *e, uint64_t id)
+{
+    if (!e)
+        return;
+    pthread_mutex_lock(&e->mu);
+    for (ereq *q = e->q_head; q; q = q->next) {
+        if (q->id != id)
+            continue;
+        queue_unlink(e, q);
+        q->next = e->cancelled;
+        e->cancelled = q;
+        pthread_cond_signal(&e->work_cv);
+        goto out;
+    }
+    for (int32_t i = 0; i < e->n_running; i++) {
+        if (e->running[i]->id != id)
+            continue;
+        e->running[i]->cancel = true;
+        pthread_cond_signal(&e->work_cv);
+        break;
+    }
+out:
+    pthread_mutex_unlock(&e->mu);
+}
+
+void engine_stats_get(ekv_engine *e, engine_stats *s)
+{
+    pthread_mutex_lock(&e->mu);
+    *s = e->stats;
+    s->queued = e->n_queued;
+    s->running = e->n_running;
+    pthread_mutex_unlock(&e->mu);
+}
+
+void engine_drain(ekv_engine *e)
+{
+    pthread_mutex_lock(&e->mu);
+    e->draining = true;
+    while (e->n_open > 0)
+        pthread_cond_wait(&e->done_cv, &e->mu);
+    pthread_mutex_unlock(&e->mu);
+}

@@ -1,0 +1,115 @@
+/*
+ * engine_internal.h - state shared by the step engine's two files, included
+ * only by worker/engine*.c.
+ *
+ *   engine.c       the API, the request queue, admission, the engine thread,
+ *                  finishing and preempting a sequence (everything that takes
+ *                  the lock);
+ *   engine_step.c  one step: build the batch, forward it, sample, stream text.
+ *
+ * Locking: e->mu guards the queue, the running list's membership, every
+ * request's cancel flag, the counters and the published stats. Only the
+ * engine thread changes the running list (under mu) and touches a request's
+ * sequence state (tokens after submit, sampler, stopper, KV), so it reads
+ * those without the lock.
+ */
+#ifndef ENTROKV_ENGINE_INTERNAL_H
+#define ENTROKV_ENGINE_INTERNAL_H
+
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "entrokv/engine.h"
+#include "entrokv/tokenizer.h"
+
+typedef struct ereq ereq;
+
+/* One accepted request, from engine_submit to its on_done. */
+struct ereq {
+    uint64_t id;
+    ereq *prev, *next;     /* queue or local list links */
+    engine_request r;      /* prompt and stops point nowhere: see below */
+    int32_t *tokens;       /* prompt, then generated ids; capacity cap_tokens */
+    int32_t cap_tokens;
+    int32_t n_prompt;
+    int32_t n_tok;         /* prompt + generated so far */
+    int32_t n_gen;         /* generated (emitted) tokens */
+    int32_t n_fed;         /* tokens whose K/V are in seq (0 after preemption) */
+    int32_t rows;          /* rows in the batch being built */
+    int32_t preemptions;
+    ekv_sampler *sampler;  /* made at first admission, kept across preemption */
+    ekv_stopper *stopper;  /* owns copies of the stop strings; NULL: none */
+    tok_stream ts;
+    kv_seq *seq;           /* NULL while queued */
+    kvc_capture *cap;      /* until the prompt is compressed */
+    bool cancel;           /* engine_cancel asked (under mu) */
+    bool started;          /* admitted at least once */
+    double t_submit, t_sched, t_first;
+};
+
+struct ekv_engine {
+    const ekv_model *m;
+    engine_config cfg;
+    ekv_runtime *rt;
+    kv_pool *pool;
+    int32_t n_vocab;
+    int64_t blocks_per_slot; /* blocks one token takes over all (layer, KV head) */
+
+    pthread_t thread;
+    bool thread_started;
+    pthread_mutex_t mu;
+    pthread_cond_t work_cv; /* the engine thread waits for work */
+    pthread_cond_t done_cv; /* engine_drain waits for requests to finish */
+
+    /* under mu */
+    ereq *q_head, *q_tail;  /* waiting; preempted requests go back to the head */
+    int32_t n_queued;
+    ereq *cancelled;        /* cancelled while queued, awaiting on_done */
+    ereq **running;         /* admission order, oldest first */
+    int32_t n_running;
+    int64_t n_open;         /* accepted, on_done not yet returned */
+    uint64_t next_id;
+    bool draining, stopping;
+    engine_stats stats;     /* kv_bytes_saved, preemptions, steps, pool blocks */
+
+    /* engine thread only: per-step scratch */
+    int32_t *b_tokens, *b_pos;
+    kv_seq **b_seqs;
+    uint8_t *b_want;
+    ereq **b_reqs;          /* requests with rows in the batch, row order */
+    int32_t n_b_reqs;
+    ereq **scratch_reqs;    /* max_running */
+    float *logits;          /* max_running rows of n_vocab */
+    const model_tap **taps; /* the captures' taps of this batch's sequences */
+    int32_t n_taps;
+    model_tap tap;          /* calls each of taps[] (the batch's one tap) */
+    char *piece, *safe;     /* detokenised text, and after the stop strings */
+    size_t piece_cap, safe_cap;
+};
+
+/* ---- engine.c (engine thread) ---- */
+
+/* Flushes held-back text (unless failed or stopped), frees the KV, removes q
+ * from the running list, calls on_done and frees q. */
+void engine_finish(ekv_engine *e, ereq *q, gen_finish finish, ekv_status rc, const char *msg);
+/* Frees q's KV and capture and puts it back at the head of the queue to be
+ * recomputed from prompt + generated tokens. */
+void engine_preempt(ekv_engine *e, ereq *q);
+/* Publishes the pool's free blocks and bumps the step counter. */
+void engine_note_step(ekv_engine *e);
+
+/* ---- engine_step.c (engine thread) ---- */
+
+/* Allocates the per-step scratch; EKV_ENOMEM. */
+ekv_status engine_scratch_init(ekv_engine *e, ekv_error *err);
+void engine_scratch_free(ekv_engine *e);
+/* One batched forward over the running sequences, then sampling. */
+void engine_step(ekv_engine *e);
+/* Emits the text the detokenizer and stopper still hold; *stopped when that
+ * tail completes a stop string. */
+ekv_status engine_flush_text(ekv_engine *e, ereq *q, bool *stopped, ekv_error *err);
+/* Blocks the pool needs for n tokens of a fresh sequence. */
+int64_t engine_blocks_for(const ekv_engine *e, int32_t n);
+
+#endif

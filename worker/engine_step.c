@@ -1,0 +1,297 @@
+/*
+ * engine_step.c - one step of the engine: a batch of decode rows and prefill
+ * chunks over the running sequences, one model_forward, then per sequence
+ * what generate.c's loop does for one: sample, detokenise, stop strings,
+ * finish checks.
+ *
+ * Row order: one decode row per decoding sequence first (oldest admission
+ * first), then prefill chunks in admission order in the rows left, so decode
+ * latency does not wait behind long prompts. A sequence's next rows are
+ * always tokens[n_fed..]: the prompt at first, prompt + generated tokens
+ * after a preemption; the row reaching n_tok wants logits. A sequence with a
+ * compression capture stops its chunks at the prompt's end and is compressed
+ * right after that forward, before any generated token enters its cache.
+ *
+ * Memory: decode rows are served first; while the pool cannot hold them the
+ * newest running sequence is preempted (engine.c). Prefill chunks are cut to
+ * the blocks left. If nothing at all can run, the newest is preempted too.
+ */
+#include "engine_internal.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#define TEXT_CAP 8192
+
+int64_t engine_blocks_for(const ekv_engine *e, int32_t n)
+{
+    const int64_t bt = kv_pool_block_tokens(e->pool);
+    return e->blocks_per_slot * (((int64_t)n + bt - 1) / bt);
+}
+
+/* The batch's one tap: every capture sees the whole batch and keeps only
+ * its own sequence's rows. */
+static void dispatch_tap(void *ctx, int32_t layer, const model_batch *b, const float *q)
+{
+    const ekv_engine *e = ctx;
+    for (int32_t i = 0; i < e->n_taps; i++)
+        e->taps[i]->fn(e->taps[i]->ctx, layer, b, q);
+}
+
+ekv_status engine_scratch_init(ekv_engine *e, ekv_error *err)
+{
+    const size_t B = (size_t)e->cfg.max_batch, R = (size_t)e->cfg.max_running;
+    const size_t min_cap = tok_stream_min_cap(model_tokenizer(e->m));
+    e->piece_cap = min_cap > TEXT_CAP ? min_cap : TEXT_CAP;
+    e->safe_cap = e->piece_cap + EKV_STOPPER_HOLD_MAX;
+    e->b_tokens = malloc(B * sizeof *e->b_tokens);
+    e->b_pos = malloc(B * sizeof *e->b_pos);
+    e->b_seqs = malloc(B * sizeof *e->b_seqs);
+    e->b_want = malloc(B);
+    e->b_reqs = malloc(R * sizeof *e->b_reqs);
+    e->scratch_reqs = malloc(R * sizeof *e->scratch_reqs);
+    e->logits = malloc(R * (size_t)e->n_vocab * sizeof *e->logits);
+    e->taps = malloc(R * sizeof *e->taps);
+    e->piece = malloc(e->piece_cap);
+    e->safe = malloc(e->safe_cap);
+    e->tap.fn = dispatch_tap;
+    e->tap.ctx = e;
+    if (!e->b_tokens || !e->b_pos || !e->b_seqs || !e->b_want || !e->b_reqs ||
+        !e->scratch_reqs || !e->logits || !e->taps || !e->piece || !e->safe)
+        return ekv_error_set(err, EKV_ENOMEM, "engine: out of memory for step buffers");
+    return EKV_OK;
+}
+
+void engine_scratch_free(ekv_engine *e)
+{
+    free(e->b_tokens);
+    free(e->b_pos);
+    free(e->b_seqs);
+    free(e->b_want);
+    free(e->b_reqs);
+    free(e->scratch_reqs);
+    free(e->logits);
+    free(e->taps);
+    free(e->piece);
+    free(e->safe);
+}
+
+/* ---- text ---- */
+
+/* Passes text through q's stop strings, then to on_tokens with ids. */
+static ekv_status emit(ekv_engine *e, ereq *q, const int32_t *ids, int32_t n_ids,
+                       const char *text, size_t len, bool *stopped, ekv_error *err)
+{
+    if (q->stopper) {
+        size_t n_out = 0;
+        ekv_status rc =
+            stopper_feed(q->stopper, text, len, e->safe, e->safe_cap, &n_out, stopped, err);
+        if (rc)
+            return rc;
+        text = e->safe;
+        len = n_out;
+    }
+    if (q->r.on_tokens && (n_ids > 0 || len > 0))
+        q->r.on_tokens(q->r.ctx, ids, n_ids, text, len);
+    return EKV_OK;
+}
+
+ekv_status engine_flush_text(ekv_engine *e, ereq *q, bool *stopped, ekv_error *err)
+{
+    const size_t n = tok_stream_flush(&q->ts, e->piece, e->piece_cap);
+    ekv_status rc = emit(e, q, NULL, 0, e->piece, n, stopped, err);
+    if (rc || *stopped || !q->stopper)
+        return rc;
+    size_t n_tail = 0;
+    if ((rc = stopper_flush(q->stopper, e->safe, e->safe_cap, &n_tail, err)))
+        return rc;
+    if (q->r.on_tokens && n_tail > 0)
+        q->r.on_tokens(q->r.ctx, NULL, 0, e->safe, n_tail);
+    return EKV_OK;
+}
+
+/* ---- building the batch ---- */
+
+static bool is_decode(const ereq *q)
+{
+    return q->n_tok - q->n_fed == 1;
+}
+
+/* Frees memory: preempts the newest running sequence. One alone that still
+ * does not fit holds the whole pool: that is its context limit. */
+static void relieve(ekv_engine *e)
+{
+    ereq *victim = e->running[e->n_running - 1];
+    if (e->n_running > 1)
+        engine_preempt(e, victim);
+    else if (victim->n_gen > 0)
+        engine_finish(e, victim, GEN_FINISH_CONTEXT, EKV_OK, "");
+    else
+        engine_finish(e, victim, GEN_FINISH_LENGTH, EKV_ENOMEM, "the KV pool cannot hold the prompt");
+}
+
+/* Preempts until the pool holds one more token of every decoding sequence;
+ * returns the blocks those rows take. */
+static int64_t make_room_for_decode(ekv_engine *e)
+{
+    for (;;) {
+        int64_t need = 0;
+        for (int32_t i = 0; i < e->n_running; i++)
+            if (is_decode(e->running[i]))
+                need += kv_seq_blocks_needed(e->running[i]->seq, 1);
+        if (need <= kv_pool_free_blocks(e->pool))
+            return need;
+        relieve(e);
+    }
+}
+
+/* The most rows, up to want, of q that free_left blocks can hold. */
+static int32_t fit_rows(const ereq *q, int32_t want, int64_t free_left)
+{
+    if (kv_seq_blocks_needed(q->seq, want) <= free_left)
+        return want;
+    int32_t lo = 0, hi = want; /* lo fits, hi does not */
+    while (hi - lo > 1) {
+        const int32_t mid = lo + (hi - lo) / 2;
+        if (kv_seq_blocks_needed(q->seq, mid) <= free_left)
+            lo = mid;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+/* Appends rows tokens[n_fed, n_fed + rows) of q at row *n. */
+static void add_rows(ekv_engine *e, ereq *q, int32_t rows, int32_t *n)
+{
+    for (int32_t i = 0; i < rows; i++) {
+        e->b_tokens[*n + i] = q->tokens[q->n_fed + i];
+        e->b_pos[*n + i] = q->n_fed + i;
+        e->b_seqs[*n + i] = q->seq;
+        e->b_want[*n + i] = 0;
+    }
+    if (q->n_fed + rows == q->n_tok)
+        e->b_want[*n + rows - 1] = 1;
+    *n += rows;
+    q->rows = rows;
+    e->b_reqs[e->n_b_reqs++] = q;
+    const model_tap *t = q->cap ? kvc_capture_tap(q->cap, q->seq) : NULL;
+    if (t)
+        e->taps[e->n_taps++] = t;
+}
+
+/* Prefill rows q would take now: the rest of its tokens, or of its prompt
+ * while a capture waits for the prompt's end. */
+static int32_t prefill_want(const ereq *q, int32_t budget)
+{
+    int32_t want = q->n_tok - q->n_fed;
+    if (q->cap && q->n_prompt - q->n_fed < want)
+        want = q->n_prompt - q->n_fed;
+    return want < budget ? want : budget;
+}
+
+/* Fills the batch; returns its rows (0 only when nothing runs any more). */
+static int32_t build_batch(ekv_engine *e)
+{
+    for (;;) {
+        e->n_b_reqs = 0;
+        e->n_taps = 0;
+        int64_t free_left = kv_pool_free_blocks(e->pool) - make_room_for_decode(e);
+        int32_t n = 0;
+        for (int32_t i = 0; i < e->n_running; i++)
+            if (is_decode(e->running[i]))
+                add_rows(e, e->running[i], 1, &n);
+        for (int32_t i = 0; i < e->n_running && n < e->cfg.max_batch; i++) {
+            ereq *q = e->running[i];
+            if (is_decode(q))
+                continue;
+            const int32_t rows = fit_rows(q, prefill_want(q, e->cfg.max_batch - n), free_left);
+            if (rows == 0)
+                continue;
+            free_left -= kv_seq_blocks_needed(q->seq, rows);
+            add_rows(e, q, rows, &n);
+        }
+        if (n > 0 || e->n_running == 0)
+            return n;
+        relieve(e);
+    }
+}
+
+/* ---- after the forward ---- */
+
+/* Samples q's next token from logits and applies generate.c's finish rules
+ * in its order: max_tokens, end-of-generation, stop string, context. */
+static void sample_next(ekv_engine *e, ereq *q, const float *logits)
+{
+    const gen_params *p = &q->r.params;
+    const ekv_tokenizer *tok = model_tokenizer(e->m);
+    ekv_error err = {0};
+    if (q->n_gen >= p->max_tokens) {
+        engine_finish(e, q, GEN_FINISH_LENGTH, EKV_OK, "");
+        return;
+    }
+    const int32_t id = sampler_sample(q->sampler, logits, q->tokens, (size_t)q->n_tok);
+    if (q->t_first == 0)
+        q->t_first = gen_now();
+    if (!p->ignore_eos && tok_is_eog(tok, id)) {
+        engine_finish(e, q, GEN_FINISH_EOS, EKV_OK, "");
+        return;
+    }
+    q->tokens[q->n_tok++] = id;
+    q->n_gen++;
+    bool stopped = false;
+    const size_t n = tok_stream_push(&q->ts, tok, id, e->piece, e->piece_cap);
+    ekv_status rc = emit(e, q, &q->tokens[q->n_tok - 1], 1, e->piece, n, &stopped, &err);
+    if (rc)
+        engine_finish(e, q, GEN_FINISH_LENGTH, rc, err.msg);
+    else if (stopped)
+        engine_finish(e, q, GEN_FINISH_STOP, EKV_OK, "");
+    else if (q->n_gen >= p->max_tokens)
+        engine_finish(e, q, GEN_FINISH_LENGTH, EKV_OK, "");
+    else if (q->n_tok >= e->cfg.max_ctx)
+        engine_finish(e, q, GEN_FINISH_CONTEXT, EKV_OK, "");
+}
+
+/* The prompt is all in q's cache: compress it and drop the capture. False
+ * when compression failed and q has been finished. */
+static bool compress_prompt(ekv_engine *e, ereq *q)
+{
+    kvc_report rep;
+    ekv_error err = {0};
+    ekv_status rc = kvc_capture_compress(q->cap, e->rt, q->seq, &rep, &err);
+    kvc_capture_free(q->cap);
+    q->cap = NULL;
+    if (rc)
+        engine_finish(e, q, GEN_FINISH_LENGTH, rc, err.msg);
+    return rc == EKV_OK;
+}
+
+void engine_step(ekv_engine *e)
+{
+    const int32_t n = build_batch(e);
+    if (n == 0)
+        return;
+    model_batch b = {.n = n,
+                     .tokens = e->b_tokens,
+                     .pos = e->b_pos,
+                     .seqs = e->b_seqs,
+                     .want_logits = e->b_want,
+                     .tap = e->n_taps ? &e->tap : NULL};
+    ekv_error err = {0};
+    const ekv_status rc = model_forward(e->rt, &b, e->logits, &err);
+    engine_note_step(e);
+    int32_t k = 0; /* logits rows come in row order, one per wanting sequence */
+    for (int32_t i = 0; i < e->n_b_reqs; i++) {
+        ereq *q = e->b_reqs[i];
+        if (rc) {
+            engine_finish(e, q, GEN_FINISH_LENGTH, rc, err.msg);
+            continue;
+        }
+        q->n_fed += q->rows;
+        const float *logits = q->n_fed == q->n_tok ? e->logits + (size_t)k++ * e->n_vocab : NULL;
+        if (q->cap && q->n_fed == q->n_prompt && !compress_prompt(e, q))
+            continue;
+        if (logits)
+            sample_next(e, q, logits);
+    }
+}
