@@ -29,6 +29,8 @@
 #include "entrokv/engine.h"
 #include "entrokv/grpc_server.h"
 #include "entrokv/http.h"
+#include "entrokv/kvprefix.h"
+#include "entrokv/kvstore.h"
 #include "entrokv/metrics.h"
 #include "entrokv/model.h"
 
@@ -71,6 +73,10 @@ static void usage(FILE *out)
             "                        RESOURCE_EXHAUSTED (default 256)\n"
             "  --max-batch N         rows per forward pass (default 256)\n"
             "  --default-max-tokens N  completion length when a request does not say (256)\n"
+            "  --kvstore-mb N        host KV store tier: prompt KV kept for reuse by later\n"
+            "                        requests with the same prefix (default 1024; 0: off)\n"
+            "  --kvstore-peers H:P,...  kvstore daemons (entrokv kvstore) behind the host tier\n"
+            "  --kvstore-token-file F   their shared auth token\n"
             "  --model-name NAME     the model id clients see (default: the file name without .gguf)\n"
             "The listening ports are logged on stderr: \"listening grpc=HOST:PORT http=HOST:PORT\".\n");
 }
@@ -81,6 +87,8 @@ typedef struct serve_opts {
     char listen_host[128];
     int32_t grpc_port, http_port, threads, ctx, kv_tokens, max_running, max_queued, max_batch;
     int32_t default_max_tokens;
+    int32_t kvstore_mb;                 /* host tier; 0: off */
+    const char *kvstore_peers, *kvstore_token_file;
 } serve_opts;
 
 /* --listen HOST:PORT (worker) into host and grpc_port. */
@@ -107,7 +115,8 @@ static bool take_listen(int argc, char **argv, int *i, serve_opts *o)
 static bool mode_allows(serve_mode mode, const char *flag)
 {
     static const char *engine_flags[] = {"--threads", "--kv-tokens", "--max-running",
-                                         "--max-queued", "--max-batch", NULL};
+                                         "--max-queued", "--max-batch", "--kvstore-mb",
+                                         "--kvstore-peers", "--kvstore-token-file", NULL};
     if (!strcmp(flag, "--listen"))
         return mode == MODE_WORKER;
     if (!strcmp(flag, "--workers"))
@@ -132,6 +141,7 @@ static int parse(int argc, char **argv, serve_mode mode, serve_opts *o)
     o->max_queued = 256;
     o->max_batch = 256;
     o->default_max_tokens = 256;
+    o->kvstore_mb = 1024;
     if (mode == MODE_WORKER)
         o->grpc_port = 50061;
     for (int i = 1; i < argc; i++) {
@@ -172,6 +182,12 @@ static int parse(int argc, char **argv, serve_mode mode, serve_opts *o)
             ok = cli_take_int(argc, argv, &i, 1, 1 << 20, &o->max_queued);
         } else if (!strcmp(a, "--max-batch")) {
             ok = cli_take_int(argc, argv, &i, 1, 65536, &o->max_batch);
+        } else if (!strcmp(a, "--kvstore-mb")) {
+            ok = cli_take_int(argc, argv, &i, 0, 1 << 24, &o->kvstore_mb);
+        } else if (!strcmp(a, "--kvstore-peers")) {
+            ok = cli_take_str(argc, argv, &i, &o->kvstore_peers);
+        } else if (!strcmp(a, "--kvstore-token-file")) {
+            ok = cli_take_str(argc, argv, &i, &o->kvstore_token_file);
         } else if (!strcmp(a, "--default-max-tokens")) {
             ok = cli_take_int(argc, argv, &i, 1, 1 << 20, &o->default_max_tokens);
         } else {
@@ -183,6 +199,10 @@ static int parse(int argc, char **argv, serve_mode mode, serve_opts *o)
     }
     if (!o->model) {
         cli_error(mode_name[mode], "--model is required (see --help)");
+        return CLI_USAGE;
+    }
+    if (o->kvstore_peers && !o->kvstore_token_file) {
+        cli_error(mode_name[mode], "--kvstore-peers needs --kvstore-token-file");
         return CLI_USAGE;
     }
     if (mode == MODE_COORDINATOR && (!o->workers || !*o->workers)) {
@@ -199,11 +219,15 @@ static int parse(int argc, char **argv, serve_mode mode, serve_opts *o)
 /* Everything the server holds, torn down in reverse order of creation. */
 typedef struct server {
     ekv_model *model;
+    kvstore_client *kvstore;  /* the KV store tier: host pool and daemons */
+    kvprefix *prefix;
+    engine_prefix_cache prefix_cache;
     ekv_engine *engine;
     ekv_metrics *metrics;
     ekv_coordinator *coord;
     ekv_grpc *grpc;
     ekv_http *http;
+    metrics_kvstore *kv_metrics; /* set once metrics exist (atomic: the engine reads it) */
 } server;
 
 /* --model-name, or the GGUF's file name without directory and ".gguf". */
@@ -264,6 +288,90 @@ static ekv_status start_coordinator(const serve_opts *o, server *s, int32_t ctx,
     return EKV_OK;
 }
 
+/* ---- the KV store tier ---- */
+
+static void kvstore_log(void *arg, const char *line)
+{
+    coord_log("kvstore: %s", line);
+}
+
+/* Copies the tier's totals into the metrics /metrics renders. */
+static void kvstore_publish(server *s)
+{
+    metrics_kvstore *mk = __atomic_load_n(&s->kv_metrics, __ATOMIC_ACQUIRE);
+    if (!mk)
+        return;
+    kvprefix_stats ps;
+    kvprefix_stats_get(s->prefix, &ps);
+    const kvstore_metrics *km = kvstore_client_metrics(s->kvstore);
+    atomic_store(&mk->hits, ps.restored_blocks);
+    atomic_store(&mk->misses, ps.restore_misses);
+    for (int t = 0; t < 2; t++) {
+        const kvstore_tier_metrics *tm = &km->tier[t ? KVSTORE_TIER_REMOTE : KVSTORE_TIER_LOCAL];
+        atomic_store(&mk->bytes_in[t], atomic_load(&tm->bytes_in));
+        atomic_store(&mk->bytes_out[t], atomic_load(&tm->bytes_out));
+    }
+    atomic_store(&mk->restore_ns_sum, atomic_load(&km->restore_ns_sum));
+    atomic_store(&mk->restore_count, atomic_load(&km->restore_count));
+}
+
+static int32_t prefix_restore(void *ctx, kv_seq *seq, const int32_t *tokens, int32_t n,
+                              int32_t max_tokens)
+{
+    server *s = ctx;
+    const int32_t got = kvprefix_restore(s->prefix, seq, tokens, n, max_tokens);
+    kvstore_publish(s);
+    return got;
+}
+
+static void prefix_save(void *ctx, const kv_seq *seq, const int32_t *tokens, int32_t n,
+                        int32_t first_block)
+{
+    server *s = ctx;
+    kvprefix_save(s->prefix, seq, tokens, n, first_block);
+    kvstore_publish(s);
+}
+
+/* The host pool (--kvstore-mb) and the daemons (--kvstore-peers), if any. */
+static ekv_status start_kvstore(const serve_opts *o, server *s, ekv_error *err)
+{
+    if (o->kvstore_mb == 0 && !o->kvstore_peers)
+        return EKV_OK;
+    kvstore_client_config kc;
+    kvstore_client_config_default(&kc);
+    kc.local_capacity = (uint64_t)o->kvstore_mb << 20;
+    kc.log = kvstore_log;
+    const char *peers[64];
+    char *list = o->kvstore_peers ? strdup(o->kvstore_peers) : NULL, *save = NULL;
+    uint8_t *token = NULL;
+    size_t token_len = 0;
+    ekv_status rc = EKV_OK;
+    for (char *p = list ? strtok_r(list, ",", &save) : NULL; p && kc.n_peers < 64;
+         p = strtok_r(NULL, ",", &save))
+        peers[kc.n_peers++] = p;
+    if (kc.n_peers) {
+        if ((rc = kvstore_token_load(o->kvstore_token_file, &token, &token_len, err)))
+            goto out;
+        kc.peers = peers;
+        kc.auth_token = token;
+        kc.auth_token_len = token_len;
+    }
+    if (!(s->kvstore = kvstore_client_create(&kc, err)) ||
+        !(s->prefix = kvprefix_create(s->model, s->kvstore, 0, 1, err))) {
+        rc = err->code ? err->code : EKV_ENOMEM;
+        goto out;
+    }
+    s->prefix_cache = (engine_prefix_cache){prefix_restore, prefix_save, s};
+    coord_log("kvstore: host tier %d MiB, %d daemon(s)", o->kvstore_mb, kc.n_peers);
+out:
+    if (token) {
+        memset(token, 0, token_len);
+        free(token);
+    }
+    free(list);
+    return rc;
+}
+
 static ekv_status start(const serve_opts *o, server *s, ekv_error *err)
 {
     s->model = model_load(o->model, err);
@@ -278,6 +386,9 @@ static ekv_status start(const serve_opts *o, server *s, ekv_error *err)
         return start_coordinator(o, s, ctx, err);
     engine_config ec;
     engine_config_default(&ec);
+    if (start_kvstore(o, s, err))
+        return err->code;
+    ec.prefix_cache = s->prefix ? &s->prefix_cache : NULL;
     ec.n_threads = o->threads;
     ec.max_ctx = ctx;
     ec.kv_tokens = o->kv_tokens ? o->kv_tokens : 4 * ctx;
@@ -288,6 +399,7 @@ static ekv_status start(const serve_opts *o, server *s, ekv_error *err)
     s->metrics = s->engine ? metrics_create() : NULL;
     if (!s->metrics)
         return s->engine ? ekv_error_set(err, EKV_ENOMEM, "out of memory") : err->code;
+    __atomic_store_n(&s->kv_metrics, metrics_kvstore_counters(s->metrics), __ATOMIC_RELEASE);
     coord_config cc;
     coord_config_default(&cc);
     char name[128];
@@ -325,6 +437,8 @@ static void stop(server *s)
         engine_destroy(s->engine);
     }
     coord_free(s->coord);
+    kvprefix_destroy(s->prefix);
+    kvstore_client_destroy(s->kvstore);
     metrics_free(s->metrics);
     model_free(s->model);
 }

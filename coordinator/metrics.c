@@ -59,6 +59,12 @@ ekv_metrics *metrics_create(void)
                          .n_bounds = (int)(sizeof itl_bounds / sizeof *itl_bounds)};
     atomic_init(&m->kvstore.hits, 0);
     atomic_init(&m->kvstore.misses, 0);
+    for (int t = 0; t < 2; t++) {
+        atomic_init(&m->kvstore.bytes_in[t], 0);
+        atomic_init(&m->kvstore.bytes_out[t], 0);
+    }
+    atomic_init(&m->kvstore.restore_ns_sum, 0);
+    atomic_init(&m->kvstore.restore_count, 0);
     return m;
 }
 
@@ -230,8 +236,25 @@ char *metrics_render(ekv_metrics *m, const metrics_gauges *g, size_t *len)
                   "Prefix KV blocks restored from the KV store.",
                   (int64_t)atomic_load(&m->kvstore.hits));
     render_scalar(&o, "entrokv_kvstore_misses_total", "counter",
-                  "Prefix KV blocks looked up in the KV store and not found.",
+                  "Prompt KV restores that found nothing in the KV store.",
                   (int64_t)atomic_load(&m->kvstore.misses));
+    static const char *const tier[2] = {"host", "daemon"};
+    out_printf(&o, "# HELP entrokv_kvstore_bytes_in_total KV bytes stored into each tier.\n"
+                   "# TYPE entrokv_kvstore_bytes_in_total counter\n");
+    for (int t = 0; t < 2; t++)
+        out_printf(&o, "entrokv_kvstore_bytes_in_total{tier=\"%s\"} %llu\n", tier[t],
+                   (unsigned long long)atomic_load(&m->kvstore.bytes_in[t]));
+    out_printf(&o, "# HELP entrokv_kvstore_bytes_out_total KV bytes served from each tier.\n"
+                   "# TYPE entrokv_kvstore_bytes_out_total counter\n");
+    for (int t = 0; t < 2; t++)
+        out_printf(&o, "entrokv_kvstore_bytes_out_total{tier=\"%s\"} %llu\n", tier[t],
+                   (unsigned long long)atomic_load(&m->kvstore.bytes_out[t]));
+    out_printf(&o, "# HELP entrokv_kvstore_restore_seconds Latency of KV store gets that hit.\n"
+                   "# TYPE entrokv_kvstore_restore_seconds summary\n"
+                   "entrokv_kvstore_restore_seconds_sum %.9f\n"
+                   "entrokv_kvstore_restore_seconds_count %llu\n",
+               (double)atomic_load(&m->kvstore.restore_ns_sum) * 1e-9,
+               (unsigned long long)atomic_load(&m->kvstore.restore_count));
     free(s);
     if (o.failed) {
         free(o.p);

@@ -303,8 +303,19 @@ static void setup(ekv_engine *e, ereq *q)
         goto fail;
     if (!(q->seq = kv_seq_create(e->pool, c->n_layers, c->n_kv_heads, &err)))
         goto fail;
-    if (q->r.kv.method != KVC_FULL &&
-        !(q->cap = kvc_capture_create(&q->r.kv, e->m, q->n_prompt, 0, &err)))
+    const bool compress = q->r.kv.method != KVC_FULL;
+    q->n_restored = 0;
+    if (e->cfg.prefix_cache) {
+        /* leave the observation window (or one token, for logits) to compute */
+        const int32_t keep_out = compress ? 8 : 1;
+        const engine_prefix_cache *pc = e->cfg.prefix_cache;
+        q->n_restored = pc->restore(pc->ctx, q->seq, q->tokens, q->n_prompt,
+                                    q->n_prompt - keep_out);
+        q->n_fed = q->n_restored;
+    }
+    /* the capture sees what is computed: the prompt after the restored part */
+    if (compress && !(q->cap = kvc_capture_create(&q->r.kv, e->m, q->n_prompt - q->n_restored,
+                                                  q->n_restored, &err)))
         goto fail;
     if (!q->started) {
         q->started = true;

@@ -36,6 +36,8 @@ struct ereq {
     int32_t n_tok;         /* prompt + generated so far */
     int32_t n_gen;         /* generated (emitted) tokens */
     int32_t n_fed;         /* tokens whose K/V are in seq (0 after preemption) */
+    int32_t n_restored;    /* of those, restored from the prefix cache */
+    bool prompt_saved;     /* the prompt's KV went to the prefix cache */
     int32_t rows;          /* rows in the batch being built */
     int32_t preemptions;
     ekv_sampler *sampler;  /* made at first admission, kept across preemption */

@@ -289,6 +289,12 @@ void engine_step(ekv_engine *e)
         }
         q->n_fed += q->rows;
         const float *logits = q->n_fed == q->n_tok ? e->logits + (size_t)k++ * e->n_vocab : NULL;
+        if (q->n_fed == q->n_prompt && !q->prompt_saved && e->cfg.prefix_cache) {
+            const engine_prefix_cache *pc = e->cfg.prefix_cache;
+            pc->save(pc->ctx, q->seq, q->tokens, q->n_prompt,
+                     q->n_restored / kv_pool_block_tokens(e->pool));
+            q->prompt_saved = true;
+        }
         if (q->cap && q->n_fed == q->n_prompt && !compress_prompt(e, q))
             continue;
         if (logits)

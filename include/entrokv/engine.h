@@ -42,6 +42,22 @@
 
 typedef struct ekv_engine ekv_engine;
 
+/*
+ * An optional store of prompt KV (the KV store tier: kvprefix.h), called on
+ * the engine thread. When a request is scheduled, restore brings back the
+ * longest stored prefix of its prompt (at most max_tokens, leaving the
+ * observation window to be computed) and only the rest is prefilled. When a
+ * prompt's prefill completes, before compression, save offers its full KV
+ * (blocks below first_block came from the store already).
+ */
+typedef struct engine_prefix_cache {
+    int32_t (*restore)(void *ctx, kv_seq *seq, const int32_t *tokens, int32_t n,
+                       int32_t max_tokens);
+    void (*save)(void *ctx, const kv_seq *seq, const int32_t *tokens, int32_t n,
+                 int32_t first_block);
+    void *ctx;
+} engine_prefix_cache;
+
 typedef struct engine_config {
     int n_threads;        /* <= 0: one per core */
     int32_t max_batch;    /* rows per forward: decode rows + prefill chunk */
@@ -49,6 +65,7 @@ typedef struct engine_config {
     int32_t kv_tokens;    /* pool size: tokens per head over all sequences */
     int32_t max_running;  /* sequences in the batch at once; <= max_batch */
     int32_t max_queued;   /* waiting requests; engine_submit says EKV_EBUSY beyond */
+    const engine_prefix_cache *prefix_cache; /* NULL: none; must outlive the engine */
 } engine_config;
 
 /* n_threads 0, max_batch 256, max_ctx 2048, kv_tokens 8192, max_running 32,

@@ -33,11 +33,15 @@ typedef enum metrics_status {
     METRICS_N_STATUS
 } metrics_status;
 
-/* Filled by the KV store tier when it lands; plain atomics so its threads
- * need no lock. */
+/* Filled by the KV store tier (cli/cmd_serve.c copies its totals after each
+ * restore and save); plain atomics so no lock is needed. */
 typedef struct metrics_kvstore {
-    atomic_uint_fast64_t hits;
-    atomic_uint_fast64_t misses;
+    atomic_uint_fast64_t hits;      /* prefix block-rows restored */
+    atomic_uint_fast64_t misses;    /* restores that found nothing */
+    atomic_uint_fast64_t bytes_in[2];  /* stored into the tier: [0] host, [1] daemons */
+    atomic_uint_fast64_t bytes_out[2]; /* served from the tier */
+    atomic_uint_fast64_t restore_ns_sum; /* restore latency over get hits */
+    atomic_uint_fast64_t restore_count;
 } metrics_kvstore;
 
 /* Point-in-time values the caller reads from its engines before rendering. */

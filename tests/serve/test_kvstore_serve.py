@@ -1,0 +1,107 @@
+"""test_kvstore_serve.py - the KV store tier inside `entrokv serve`: a
+request whose prompt prefix was served before restores that prefix's KV
+(from the host tier by default, or from an `entrokv kvstore` daemon over
+UCX) instead of recomputing it, and produces exactly the tokens of the
+first, fully computed run, with and without compression; a daemon killed
+with -9 turns restores into misses and requests keep succeeding.
+"""
+import os
+import re
+import signal
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+from conftest import BIN, SLOW, Server
+from test_serve import gen_request, generation, run_stream, wait_for
+
+DOC = open("/usr/share/common-licenses/MPL-2.0").read()[:2400]
+QUESTION = "\n\nIn one sentence, what is this document about?"
+
+
+def tier_metric(server, name, tier):
+    _, text = server.get("/metrics")
+    m = re.search(rf'^{name}{{tier="{tier}"}} (\S+)$', text, re.M)
+    assert m, f"{name}{{tier={tier}}} missing"
+    return float(m.group(1))
+
+
+def twice(server, pb, **kw):
+    """The same long-prefix request twice; returns both token lists and the
+    restored block-rows the second one added."""
+    stub = generation(server, pb)
+    req = gen_request(pb, DOC + QUESTION, max_tokens=12, ignore_eos=True, **kw)
+    first = run_stream(stub, req, timeout=300)[1]
+    hits = server.metric("entrokv_kvstore_hits_total")
+    time.sleep(0.5)  # saves are asynchronous
+    second = run_stream(stub, req, timeout=300)[1]
+    return first, second, server.metric("entrokv_kvstore_hits_total") - hits
+
+
+@pytest.fixture(scope="module")
+def store_server():
+    s = Server("--ctx", "1024", "--kv-tokens", "4096", "--max-running", "4")
+    yield s
+    assert s.stop() == 0, s.stderr()[-4000:]
+
+
+def test_repeated_prefix_is_restored_from_the_host_tier_and_tokens_match(store_server, pb):
+    first, second, restored = twice(store_server, pb)
+    assert len(first) == 12 and first == second
+    assert restored >= 25  # ~540 prompt tokens: 33 whole blocks, minus the tail computed
+    assert tier_metric(store_server, "entrokv_kvstore_bytes_out_total", "host") > 0
+    wait_for(lambda: store_server.metric("entrokv_kv_blocks_used") == 0, what="KV freed")
+
+
+def test_restored_prefix_is_compressed_again_with_the_same_result(store_server, pb):
+    stub = generation(store_server, pb)
+    cold = run_stream(stub, gen_request(pb, DOC + "\n\nSummarize the text above.",
+                                        max_tokens=12, ignore_eos=True, kv_method="snapkv",
+                                        kv_budget=0.25), timeout=300)
+    warm = run_stream(stub, gen_request(pb, DOC + "\n\nSummarize the text above.",
+                                        max_tokens=12, ignore_eos=True, kv_method="snapkv",
+                                        kv_budget=0.25), timeout=300)
+    assert cold[1] == warm[1]
+    assert warm[2].usage.kv_bytes < warm[2].usage.kv_bytes_full / 2
+
+
+@pytest.fixture(scope="module")
+def daemon():
+    tmp = tempfile.mkdtemp(prefix="entrokv-kvstore-")
+    token = os.path.join(tmp, "token")
+    with open(token, "w") as f:
+        f.write("serve-test-token\n")
+    proc = subprocess.Popen([BIN, "kvstore", "--listen", "127.0.0.1:0", "--capacity-mb", "256",
+                             "--auth-token-file", token], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    line = proc.stdout.readline()
+    m = re.search(r"listening on [\d.]+:(\d+)", line)
+    assert m, f"kvstore did not start: {line!r}"
+    yield proc, f"127.0.0.1:{m.group(1)}", token
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
+def test_daemon_tier_restores_and_a_dead_daemon_is_a_miss(daemon, pb):
+    proc, addr, token = daemon
+    s = Server("--ctx", "1024", "--kv-tokens", "4096", "--kvstore-mb", "0",
+               "--kvstore-peers", addr, "--kvstore-token-file", token)
+    try:
+        first, second, restored = twice(s, pb)
+        assert first == second and restored >= 25
+        assert tier_metric(s, "entrokv_kvstore_bytes_out_total", "daemon") > 0
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        stub = generation(s, pb)
+        req = gen_request(pb, DOC + QUESTION, max_tokens=12, ignore_eos=True)
+        misses = s.metric("entrokv_kvstore_misses_total")
+        t0 = time.time()
+        third = run_stream(stub, req, timeout=300)[1]
+        assert third == first  # recomputed, never different
+        assert s.metric("entrokv_kvstore_misses_total") > misses
+        assert time.time() - t0 < (120 if SLOW else 60)
+    finally:
+        assert s.stop() == 0, s.stderr()[-4000:]
