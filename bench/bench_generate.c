@@ -366,6 +366,8 @@ int cmd_bench(int argc, char **argv)
         return bench_kvstore(argc - 1, argv + 1);
     if (!strcmp(argv[1], "restore"))
         return bench_restore(argc - 1, argv + 1);
+    if (!strcmp(argv[1], "serve"))
+        return bench_serve(argc - 1, argv + 1);
 #ifdef EKV_HAVE_CUDA
     if (!strcmp(argv[1], "cuda-attention")) {
         int bench_cuda(int argc, char **argv); /* bench/bench_cuda.c */
@@ -373,7 +375,8 @@ int cmd_bench(int argc, char **argv)
     }
 #endif
     if (strcmp(argv[1], "generate") != 0) {
-        cli_error("bench", "unknown benchmark '%s' (available: generate)", argv[1]);
+        cli_error("bench", "unknown benchmark '%s' (available: generate, kvstore, restore, serve)",
+                  argv[1]);
         return CLI_USAGE;
     }
     bench_opts o;
@@ -381,4 +384,38 @@ int cmd_bench(int argc, char **argv)
     if (rc)
         return rc;
     return bench_generate(&o);
+}
+
+/* `entrokv bench serve`: bench/bench_serve.py drives this binary's server and
+ * llama.cpp's (llama-cpp-python[server]) with real HTTP clients. */
+int bench_serve(int argc, char **argv)
+{
+    bench_opts o = {0};
+    const char *python = find_python(&o);
+    char self[4096];
+    ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
+    if (n <= 0) {
+        cli_error("bench", "cannot find this binary's path");
+        return CLI_FAIL;
+    }
+    self[n] = 0;
+    char **args = calloc((size_t)argc + 8, sizeof *args);
+    if (!args)
+        return CLI_FAIL;
+    int k = 0;
+    args[k++] = (char *)(python ? python : "python3");
+    args[k++] = EKV_SOURCE_DIR "/bench/bench_serve.py";
+    args[k++] = "--entrokv";
+    args[k++] = self;
+    if (python) {
+        args[k++] = "--python";
+        args[k++] = (char *)python;
+    }
+    for (int i = 1; i < argc; i++)
+        args[k++] = argv[i];
+    args[k] = NULL;
+    execvp(args[0], args);
+    cli_error("bench", "cannot run %s: %s", args[0], strerror(errno));
+    free(args);
+    return CLI_FAIL;
 }

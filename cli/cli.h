@@ -20,6 +20,7 @@ int cmd_worker(int argc, char **argv);      /* cli/cmd_serve.c */
 int cmd_coordinator(int argc, char **argv); /* cli/cmd_serve.c */
 int bench_kvstore(int argc, char **argv);  /* bench/bench_kvstore.c: `bench kvstore` */
 int bench_restore(int argc, char **argv);  /* bench/bench_restore.c: `bench restore` */
+int bench_serve(int argc, char **argv);    /* bench/bench_generate.c: runs bench/bench_serve.py */
 int cmd_eval(int argc, char **argv);
 int cmd_calibrate(int argc, char **argv);
 

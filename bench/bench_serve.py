@@ -1,0 +1,241 @@
+#!/usr/bin/env python3
+"""bench_serve.py - `entrokv bench serve`: serving throughput and latency
+under concurrency, entrokv against llama.cpp's server in the same run.
+
+For each server (entrokv full KV, entrokv with compressed KV, and
+llama-cpp-python's OpenAI server on the same GGUF and thread count) and
+each concurrency C in --concurrency, C clients each send --rounds
+streaming /v1/completions requests (greedy, --max-tokens, distinct
+--prompt-tokens-long windows of real text, so no prefix is shared) and
+record time to first token, the gaps between streamed tokens, and the
+tokens generated (from the final usage). entrokv runs with a fixed KV pool
+(--kv-tokens) and its prefix store off, so compressed KV shows as more
+sequences fitting in the same memory.
+
+Prints one JSON line per (server, concurrency): output tokens/s over the
+wave, p50/p99 TTFT and inter-token latency, completed/failed requests; then
+a summary with ratios against llama.cpp. Exit 0 when every request
+completed on the entrokv servers.
+"""
+import argparse
+import http.client
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def wait_http(port, proc, timeout):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited {proc.returncode}")
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            c.request("GET", "/v1/models")
+            if c.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError("server did not come up")
+
+
+def pct(xs, q):
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def one_request(port, body, out):
+    """Streams one completion; appends (ttft, gaps, tokens, ok) to out."""
+    t0 = time.time()
+    ttft, last, gaps, tokens, ok = None, None, [], 0, False
+    try:
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=900)
+        c.request("POST", "/v1/completions", json.dumps(body),
+                  {"Content-Type": "application/json"})
+        r = c.getresponse()
+        if r.status == 200:
+            for raw in r:
+                line = raw.decode("utf-8", "replace").strip()
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    ok = True
+                    break
+                msg = json.loads(data)
+                now = time.time()
+                ch = msg.get("choices") or [{}]
+                if ch[0].get("text"):
+                    if ttft is None:
+                        ttft = now - t0
+                    elif last is not None:
+                        gaps.append(now - last)
+                    last = now
+                    tokens += 1
+                if msg.get("usage"):
+                    tokens = msg["usage"].get("completion_tokens", tokens)
+        c.close()
+    except (OSError, ValueError, http.client.HTTPException):
+        ok = False
+    out.append((ttft, gaps, tokens, ok))
+
+
+def wave(port, prompts, conc, rounds, extra, max_tokens):
+    results, threads = [], []
+    lock = threading.Lock()
+
+    def client(i):
+        for r in range(rounds):
+            body = {"prompt": prompts[(i * rounds + r) % len(prompts)], "max_tokens": max_tokens,
+                    "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+            body.update(extra)
+            res = []
+            one_request(port, body, res)
+            with lock:
+                results.extend(res)
+
+    t0 = time.time()
+    for i in range(conc):
+        t = threading.Thread(target=client, args=(i,))
+        t.start()
+        threads.append(t)
+    for t in threads:
+        t.join()
+    wall = time.time() - t0
+    ttfts = [r[0] for r in results if r[0] is not None]
+    gaps = [g for r in results for g in r[1]]
+    toks = sum(r[2] for r in results)
+    return {"concurrency": conc, "requests": len(results),
+            "completed": sum(1 for r in results if r[3]),
+            "failed": sum(1 for r in results if not r[3]),
+            "output_tokens": toks, "wall_s": round(wall, 3),
+            "output_tokens_per_s": round(toks / wall, 2) if wall > 0 else 0,
+            "ttft_p50_s": pct(ttfts, 0.5), "ttft_p99_s": pct(ttfts, 0.99),
+            "itl_p50_s": pct(gaps, 0.5), "itl_p99_s": pct(gaps, 0.99)}
+
+
+def make_prompts(text_path, n, chars):
+    text = open(text_path, encoding="utf-8", errors="replace").read()
+    text = re.sub(r"\s+", " ", text)
+    step = max(1, (len(text) - chars) // max(1, n))
+    return [text[i * step:i * step + chars] + "\n\nContinue the text:" for i in range(n)]
+
+
+def start_entrokv(a, extra_args):
+    port = free_port()
+    log = tempfile.NamedTemporaryFile(prefix="bench-serve-", suffix=".log", delete=False)
+    args = [a.entrokv, "serve", "--model", a.model, "--host", "127.0.0.1", "--grpc-port", "0",
+            "--http-port", str(port), "--threads", str(a.threads), "--ctx", str(a.ctx),
+            "--kv-tokens", str(a.kv_tokens), "--max-running", "64", "--max-queued", "1024",
+            "--kvstore-mb", "0", *extra_args]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log)
+    wait_http(port, proc, 120)
+    return proc, port
+
+
+def start_llamacpp(a):
+    port = free_port()
+    here = os.path.dirname(os.path.abspath(__file__))
+    args = [a.python, os.path.join(here, "llamacpp_server.py"), "--model", a.model, "--host", "127.0.0.1",
+            "--port", str(port), "--n_threads", str(a.threads), "--n_threads_batch",
+            str(a.threads), "--n_ctx", str(a.ctx), "--n_batch", "512"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_http(port, proc, 180)
+    return proc, port
+
+
+def stop(proc):
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--entrokv", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--python", default=sys.executable)
+    p.add_argument("--text", default="/usr/share/common-licenses/GPL-3")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--ctx", type=int, default=1024)
+    p.add_argument("--kv-tokens", type=int, default=4096)
+    p.add_argument("--prompt-chars", type=int, default=1400)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--concurrency", default="1,4,16,64")
+    p.add_argument("--kv-method", default="snapkv")
+    p.add_argument("--kv-budget", type=float, default=0.1)
+    p.add_argument("--no-reference", action="store_true")
+    a = p.parse_args()
+    concs = [int(c) for c in a.concurrency.split(",")]
+    prompts = make_prompts(a.text, max(concs) * a.rounds, a.prompt_chars)
+    servers = [("entrokv-full", lambda: start_entrokv(a, []), {}),
+               (f"entrokv-{a.kv_method}-{a.kv_budget:g}", lambda: start_entrokv(a, []),
+                {"kv_method": a.kv_method, "kv_budget": a.kv_budget})]
+    if not a.no_reference:
+        servers.append(("llama.cpp-server", lambda: start_llamacpp(a), {}))
+    rows = {}
+    ok = True
+    for name, start, extra in servers:
+        try:
+            proc, port = start()
+        except (RuntimeError, OSError) as e:
+            print(f"bench serve: {name} did not start: {e}", file=sys.stderr)
+            ok = ok and name.startswith("llama")
+            continue
+        try:
+            one_request(port, {"prompt": prompts[0], "max_tokens": 4, "stream": True}, [])
+            for c in concs:
+                r = wave(port, prompts, c, a.rounds, extra, a.max_tokens)
+                r.update({"bench": "serve", "server": name, "threads": a.threads,
+                          "kv_tokens": a.kv_tokens if name.startswith("entrokv") else None})
+                rows[(name, c)] = r
+                print(json.dumps(r), flush=True)
+                print(f"  {name:24s} c={c:3d} {r['output_tokens_per_s']:8.1f} tok/s  TTFT p50 "
+                      f"{r['ttft_p50_s'] or 0:.2f}s p99 {r['ttft_p99_s'] or 0:.2f}s  ITL p50 "
+                      f"{(r['itl_p50_s'] or 0) * 1e3:.0f}ms p99 {(r['itl_p99_s'] or 0) * 1e3:.0f}ms"
+                      f"  failed {r['failed']}", file=sys.stderr, flush=True)
+                if name.startswith("entrokv") and r["failed"]:
+                    ok = False
+        finally:
+            stop(proc)
+    print("\nratios (output tokens/s):", file=sys.stderr)
+    for c in concs:
+        ref = rows.get(("llama.cpp-server", c))
+        full = rows.get(("entrokv-full", c))
+        for (name, cc), r in rows.items():
+            if cc != c or name == "llama.cpp-server":
+                continue
+            line = {"bench": "serve_ratio", "server": name, "concurrency": c}
+            if ref and ref["output_tokens_per_s"]:
+                line["vs_llama_cpp"] = round(r["output_tokens_per_s"] / ref["output_tokens_per_s"], 2)
+            if full and full["output_tokens_per_s"] and name != "entrokv-full":
+                line["vs_entrokv_full"] = round(r["output_tokens_per_s"] / full["output_tokens_per_s"], 2)
+            print(json.dumps(line), flush=True)
+            print(f"  c={c:3d} {name:24s} " + " ".join(f"{k}={v}" for k, v in line.items()
+                                                          if k.startswith("vs_")), file=sys.stderr)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
