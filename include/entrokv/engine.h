@@ -93,7 +93,7 @@ typedef struct engine_request {
      * included, an end-of-generation token not). */
     void (*on_tokens)(void *ctx, const int32_t *ids, int32_t n, const char *text, size_t len);
     /* Exactly once per accepted request, last, after its KV is freed. rc !=
-     * EKV_OK: failed (msg says why); msg is "" on success. */
+     * EKV_OK: failed (msg says why); on success msg is "" (or NULL). */
     void (*on_done)(void *ctx, gen_finish finish, const engine_usage *u, ekv_status rc,
                     const char *msg);
     void *ctx;               /* passed to both; valid until on_done returns */
