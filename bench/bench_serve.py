@@ -66,7 +66,7 @@ def one_request(port, body, out):
     t0 = time.time()
     ttft, last, gaps, tokens, ok = None, None, [], 0, False
     try:
-        c = http.client.HTTPConnection("127.0.0.1", port, timeout=900)
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=1800)
         c.request("POST", "/v1/completions", json.dumps(body),
                   {"Content-Type": "application/json"})
         r = c.getresponse()
@@ -155,7 +155,9 @@ def start_llamacpp(a):
     here = os.path.dirname(os.path.abspath(__file__))
     args = [a.python, os.path.join(here, "llamacpp_server.py"), "--model", a.model, "--host", "127.0.0.1",
             "--port", str(port), "--n_threads", str(a.threads), "--n_threads_batch",
-            str(a.threads), "--n_ctx", str(a.ctx), "--n_batch", "512"]
+            str(a.threads), "--n_ctx", str(a.ctx), "--n_batch", "512",
+            # queue concurrent requests instead of cutting the running stream short
+            "--interrupt_requests", "False"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_http(port, proc, 180)
     return proc, port
@@ -186,14 +188,22 @@ def main():
     p.add_argument("--kv-method", default="snapkv")
     p.add_argument("--kv-budget", type=float, default=0.1)
     p.add_argument("--no-reference", action="store_true")
+    p.add_argument("--eos-ids", default="1,2",
+                   help="end-of-generation token ids biased away on llama.cpp's server "
+                        "(SmolLM2: <|im_start|> 1, <|im_end|> 2)")
     a = p.parse_args()
     concs = [int(c) for c in a.concurrency.split(",")]
+    a.eos_ids = [int(t) for t in a.eos_ids.split(",")]
     prompts = make_prompts(a.text, max(concs) * a.rounds, a.prompt_chars)
-    servers = [("entrokv-full", lambda: start_entrokv(a, []), {}),
+    # every request generates exactly --max-tokens tokens: entrokv ignores
+    # end-of-generation tokens on request, llama.cpp's server has no such
+    # field, so the model's EOS gets a -100 logit bias there
+    servers = [("entrokv-full", lambda: start_entrokv(a, []), {"ignore_eos": True}),
                (f"entrokv-{a.kv_method}-{a.kv_budget:g}", lambda: start_entrokv(a, []),
-                {"kv_method": a.kv_method, "kv_budget": a.kv_budget})]
+                {"kv_method": a.kv_method, "kv_budget": a.kv_budget, "ignore_eos": True})]
     if not a.no_reference:
-        servers.append(("llama.cpp-server", lambda: start_llamacpp(a), {}))
+        servers.append(("llama.cpp-server", lambda: start_llamacpp(a),
+                        {"logit_bias": {str(t): -100 for t in a.eos_ids}}))
     rows = {}
     ok = True
     for name, start, extra in servers:
@@ -204,7 +214,8 @@ def main():
             ok = ok and name.startswith("llama")
             continue
         try:
-            one_request(port, {"prompt": prompts[0], "max_tokens": 4, "stream": True}, [])
+            # warm-up with a prompt the waves never use (llama.cpp caches the last prompt)
+            one_request(port, {"prompt": "Warm-up.", "max_tokens": 4, "stream": True}, [])
             for c in concs:
                 r = wave(port, prompts, c, a.rounds, extra, a.max_tokens)
                 r.update({"bench": "serve", "server": name, "threads": a.threads,
