@@ -76,6 +76,8 @@ static void usage(FILE *out)
             "  --kvstore-mb N        host KV store tier: prompt KV kept for reuse by later\n"
             "                        requests with the same prefix (default 1024; 0: off)\n"
             "  --kvstore-peers H:P,...  kvstore daemons (entrokv kvstore) behind the host tier\n"
+            "  --kv-profile P        UNComp profile for kv_method \"uncomp\" (default\n"
+            "                        profiles/<model>.uncomp; 'none': online entropy)\n"
             "  --kvstore-token-file F   their shared auth token\n"
             "  --model-name NAME     the model id clients see (default: the file name without .gguf)\n"
             "The listening ports are logged on stderr: \"listening grpc=HOST:PORT http=HOST:PORT\".\n");
@@ -89,6 +91,7 @@ typedef struct serve_opts {
     int32_t default_max_tokens;
     int32_t kvstore_mb;                 /* host tier; 0: off */
     const char *kvstore_peers, *kvstore_token_file;
+    const char *kv_profile; /* --kv-profile PATH | none */
 } serve_opts;
 
 /* --listen HOST:PORT (worker) into host and grpc_port. */
@@ -116,7 +119,7 @@ static bool mode_allows(serve_mode mode, const char *flag)
 {
     static const char *engine_flags[] = {"--threads", "--kv-tokens", "--max-running",
                                          "--max-queued", "--max-batch", "--kvstore-mb",
-                                         "--kvstore-peers", "--kvstore-token-file", NULL};
+                                         "--kvstore-peers", "--kvstore-token-file", "--kv-profile", NULL};
     if (!strcmp(flag, "--listen"))
         return mode == MODE_WORKER;
     if (!strcmp(flag, "--workers"))
@@ -184,6 +187,8 @@ static int parse(int argc, char **argv, serve_mode mode, serve_opts *o)
             ok = cli_take_int(argc, argv, &i, 1, 65536, &o->max_batch);
         } else if (!strcmp(a, "--kvstore-mb")) {
             ok = cli_take_int(argc, argv, &i, 0, 1 << 24, &o->kvstore_mb);
+        } else if (!strcmp(a, "--kv-profile")) {
+            ok = cli_take_str(argc, argv, &i, &o->kv_profile);
         } else if (!strcmp(a, "--kvstore-peers")) {
             ok = cli_take_str(argc, argv, &i, &o->kvstore_peers);
         } else if (!strcmp(a, "--kvstore-token-file")) {
@@ -227,6 +232,7 @@ typedef struct server {
     ekv_coordinator *coord;
     ekv_grpc *grpc;
     ekv_http *http;
+    kvc_profile *profile;        /* the UNComp profile requests use, or NULL */
     metrics_kvstore *kv_metrics; /* set once metrics exist (atomic: the engine reads it) */
 } server;
 
@@ -407,15 +413,21 @@ static ekv_status start(const serve_opts *o, server *s, ekv_error *err)
     cc.model_name = name;
     cc.max_ctx = ctx;
     cc.default_max_tokens = o->default_max_tokens < ctx ? o->default_max_tokens : ctx;
+    /* the offline UNComp profile for kv_method "uncomp" (missing: online, with a warning) */
+    kvc_policy probe;
+    const cli_kv_opts kv = {.method = "uncomp", .budget = 1.0, .profile = o->kv_profile};
+    if (cli_kv_policy(mode_name[o->mode], &kv, s->model, o->model, &probe, &s->profile) != CLI_OK)
+        return ekv_error_set(err, EKV_EINVAL, "cannot use the UNComp profile (see above)");
+    cc.uncomp_profile = s->profile;
     s->coord = coord_create(model_tokenizer(s->model), &cc, s->metrics, err);
     if (!s->coord || coord_add_engine(s->coord, "local", s->engine, err))
         return err->code ? err->code : EKV_EINVAL;
     s->grpc = ekv_grpc_start(s->coord, o->host, o->grpc_port, err);
     if (!s->grpc)
         return err->code;
-    coord_log("%s: model=\"%s\" ctx=%d kv_tokens=%d max_running=%d max_queued=%d",
+    coord_log("%s: model=\"%s\" ctx=%d kv_tokens=%d max_running=%d max_queued=%d uncomp=%s",
               mode_name[o->mode], cc.model_name, ctx, ec.kv_tokens, ec.max_running,
-              ec.max_queued);
+              ec.max_queued, s->profile ? "profile" : "online");
     if (o->mode == MODE_WORKER) {
         coord_log("listening grpc=%s:%d", o->host, ekv_grpc_port(s->grpc));
         return EKV_OK;
@@ -437,6 +449,7 @@ static void stop(server *s)
         engine_destroy(s->engine);
     }
     coord_free(s->coord);
+    kvc_profile_free(s->profile);
     kvprefix_destroy(s->prefix);
     kvstore_client_destroy(s->kvstore);
     metrics_free(s->metrics);

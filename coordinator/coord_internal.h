@@ -29,6 +29,7 @@ struct ekv_coordinator {
     char model_name[128];
     int32_t max_ctx;
     int32_t default_max_tokens;
+    const kvc_profile *uncomp_profile;
     ekv_metrics *metrics;
     atomic_bool draining;
     atomic_uint_fast64_t next_id;

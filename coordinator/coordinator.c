@@ -40,6 +40,7 @@ ekv_coordinator *coord_create(const ekv_tokenizer *tok, const coord_config *cfg,
              cfg->model_name && *cfg->model_name ? cfg->model_name : "model");
     c->max_ctx = cfg->max_ctx;
     c->default_max_tokens = cfg->default_max_tokens;
+    c->uncomp_profile = cfg->uncomp_profile;
     c->metrics = metrics;
     atomic_init(&c->draining, false);
     atomic_init(&c->next_id, 0);
@@ -353,6 +354,8 @@ static ekv_status check_params(ekv_coordinator *c, const coord_request *r, kvc_p
     rc = kvc_policy_parse(r->kv_method, r->kv_budget, policy, err);
     if (rc)
         return as_invalid(err);
+    if (policy->method == KVC_UNCOMP)
+        policy->profile = c->uncomp_profile;
     return EKV_OK;
 }
 
