@@ -103,17 +103,17 @@ void kvprefix_save(kvprefix *p, const kv_seq *seq, const int32_t *tokens, int32_
         first_block = 0;
     if (n_blocks <= first_block)
         return;
-    const int32_t todo = n_blocks - first_block;
+    const int32_t n_save = n_blocks - first_block;
     save_job *job = calloc(1, sizeof *job);
     kvstore_key *keys = malloc((size_t)n_blocks * sizeof *keys);
     if (job) {
-        job->ops = calloc((size_t)todo, sizeof *job->ops);
-        job->values = malloc((size_t)todo * p->value_bytes);
+        job->ops = calloc((size_t)n_save, sizeof *job->ops);
+        job->values = malloc((size_t)n_save * p->value_bytes);
     }
     if (!job || !keys || !job->ops || !job->values)
         goto skip;
     make_keys(p, tokens, n_blocks, keys);
-    for (int32_t i = 0; i < todo; i++) {
+    for (int32_t i = 0; i < n_save; i++) {
         uint8_t *v = job->values + (size_t)i * p->value_bytes;
         for (int32_t l = 0; l < p->L; l++)
             for (int32_t h = 0; h < p->HKV; h++)
@@ -125,9 +125,9 @@ void kvprefix_save(kvprefix *p, const kv_seq *seq, const int32_t *tokens, int32_
         job->ops[i].len = p->value_bytes;
     }
     free(keys);
-    if (kvstore_client_submit(p->client, job->ops, (size_t)todo, save_done, job, NULL, NULL) ==
+    if (kvstore_client_submit(p->client, job->ops, (size_t)n_save, save_done, job, NULL, NULL) ==
         EKV_OK) {
-        atomic_fetch_add(&p->saved, (uint64_t)todo);
+        atomic_fetch_add(&p->saved, (uint64_t)n_save);
         return;
     }
     keys = NULL;
