@@ -110,8 +110,9 @@ static int run_capture(char *const argv[], const char *tls, char **out, double l
     return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
 }
 
-/* Starts `entrokv kvstore` on 127.0.0.1, port read from its first line. */
-static pid_t start_daemon(const char *tls, const char *token_file, int capacity_mb, int *port)
+/* Starts `entrokv kvstore` on 127.0.0.1, port read from its first line (cli.h). */
+pid_t bench_kvstore_daemon_start(const char *tls, const char *token_file, int capacity_mb,
+                                 int *port)
 {
     int fds[2];
     if (pipe(fds) != 0)
@@ -120,7 +121,8 @@ static pid_t start_daemon(const char *tls, const char *token_file, int capacity_
     snprintf(cap, sizeof cap, "%d", capacity_mb);
     pid_t pid = fork();
     if (pid == 0) {
-        setenv("UCX_TLS", tls, 1);
+        if (tls)
+            setenv("UCX_TLS", tls, 1);
         dup2(fds[1], 1);
         close(fds[0]);
         execl("/proc/self/exe", "entrokv", "kvstore", "--listen", "127.0.0.1:0", "--capacity-mb",
@@ -151,7 +153,7 @@ static pid_t start_daemon(const char *tls, const char *token_file, int capacity_
     return pid;
 }
 
-static void stop_daemon(pid_t pid)
+void bench_kvstore_daemon_stop(pid_t pid)
 {
     kill(pid, SIGTERM);
     for (int i = 0; i < 100; i++) {
@@ -284,7 +286,7 @@ static int bench_transport(const kvb_opts *o, const kvb_transport *t, const char
 {
     setenv("UCX_TLS", t->tls, 1); /* the client's context reads it at creation */
     int port;
-    pid_t d = start_daemon(t->tls, token_file, 1200, &port);
+    pid_t d = bench_kvstore_daemon_start(t->tls, token_file, 1200, &port);
     if (d < 0) {
         cli_error("bench", "could not start a kvstore daemon (UCX_TLS=%s)", t->tls);
         return CLI_FAIL;
@@ -346,7 +348,7 @@ static int bench_transport(const kvb_opts *o, const kvb_transport *t, const char
     rc = CLI_OK;
 out:
     kvstore_client_destroy(c);
-    stop_daemon(d);
+    bench_kvstore_daemon_stop(d);
     return rc;
 }
 

@@ -15,13 +15,10 @@
  * own question (restored KV is compressed again, not reused compressed).
  * One JSON line per measurement (median of --repeats) and a summary.
  */
-#include <fcntl.h>
-#include <poll.h>
-#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/wait.h>
+#include <sys/types.h>
 #include <unistd.h>
 
 #include "cli.h"
@@ -43,47 +40,6 @@ static int cmp_double(const void *a, const void *b)
 {
     double x = *(const double *)a, y = *(const double *)b;
     return (x > y) - (x < y);
-}
-
-/* Starts `self kvstore` on 127.0.0.1:0 and returns its pid; *port from its
- * "listening on" line. */
-static pid_t daemon_start(const char *token_file, int *port)
-{
-    int fds[2];
-    if (pipe(fds) != 0)
-        return -1;
-    pid_t pid = fork();
-    if (pid == 0) {
-        dup2(fds[1], 1);
-        int null = open("/dev/null", O_WRONLY);
-        if (null >= 0)
-            dup2(null, 2);
-        execl("/proc/self/exe", "entrokv", "kvstore", "--listen", "127.0.0.1:0", "--capacity-mb",
-              "2048", "--auth-token-file", token_file, (char *)NULL);
-        _exit(127);
-    }
-    close(fds[1]);
-    char line[256] = {0};
-    size_t got = 0;
-    for (int tries = 0; tries < 100 && !strchr(line, '\n') && got < sizeof line - 1; tries++) {
-        struct pollfd p = {.fd = fds[0], .events = POLLIN};
-        if (poll(&p, 1, 100) <= 0)
-            continue;
-        ssize_t n = read(fds[0], line + got, sizeof line - 1 - got);
-        if (n <= 0)
-            break;
-        got += (size_t)n;
-    }
-    close(fds[0]);
-    const char *at = strstr(line, "listening on ");
-    const char *colon = at ? strrchr(at, ':') : NULL;
-    if (!colon) {
-        kill(pid, SIGKILL);
-        waitpid(pid, NULL, 0);
-        return -1;
-    }
-    *port = atoi(colon + 1);
-    return pid;
 }
 
 typedef struct bench_ctx {
@@ -189,7 +145,7 @@ static int run(const restore_opts *o)
         int port = 0;
         if ((token_fd = mkstemp(token_file)) < 0 ||
             write(token_fd, secret, sizeof secret - 1) != (ssize_t)(sizeof secret - 1) ||
-            (daemon = daemon_start(token_file, &port)) < 0) {
+            (daemon = bench_kvstore_daemon_start(NULL, token_file, 2048, &port)) < 0) {
             cli_error("bench", "could not start a kvstore daemon (use --no-daemon)");
             goto out;
         }
@@ -255,10 +211,8 @@ out:
     kvprefix_destroy(p_remote);
     kvstore_client_destroy(local);
     kvstore_client_destroy(remote);
-    if (daemon > 0) {
-        kill(daemon, SIGTERM);
-        waitpid(daemon, NULL, 0);
-    }
+    if (daemon > 0)
+        bench_kvstore_daemon_stop(daemon);
     if (token_fd >= 0) {
         close(token_fd);
         unlink(token_file);

@@ -8,6 +8,7 @@
 
 #include <stdbool.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 #define EKV_DEFAULT_MODEL_FILE "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -20,6 +21,12 @@ int cmd_worker(int argc, char **argv);      /* cli/cmd_serve.c */
 int cmd_coordinator(int argc, char **argv); /* cli/cmd_serve.c */
 int bench_kvstore(int argc, char **argv);  /* bench/bench_kvstore.c: `bench kvstore` */
 int bench_restore(int argc, char **argv);  /* bench/bench_restore.c: `bench restore` */
+/* bench/bench_kvstore.c: starts `entrokv kvstore` (this binary) on 127.0.0.1:0
+ * with UCX_TLS=tls (NULL: UCX's choice) and returns its pid, *port from its
+ * first line; -1 on failure. Stop waits for a clean exit, then SIGKILL. */
+pid_t bench_kvstore_daemon_start(const char *tls, const char *token_file, int capacity_mb,
+                                 int *port);
+void bench_kvstore_daemon_stop(pid_t pid);
 int bench_serve(int argc, char **argv);    /* bench/bench_generate.c: runs bench/bench_serve.py */
 int cmd_eval(int argc, char **argv);
 int cmd_calibrate(int argc, char **argv);
