@@ -7,9 +7,10 @@
  *
  * Ours is the whole path: batches through kvstore_client_submit, checksum
  * on put and verification on get, request / reply for gets; up to `window`
- * ops in flight in two alternating batches. Bandwidth is in MiB/s (2^20
- * bytes, as ucx_perftest prints it). One JSON line per measurement on
- * stdout, a table on stderr.
+ * ops in flight in two alternating batches. Each point is the median of
+ * --reps runs (perftest's too), in two working sets (see measure).
+ * Bandwidth is in MiB/s (2^20 bytes, as ucx_perftest prints it). One JSON
+ * line per measurement on stdout, a table on stderr.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -31,6 +32,7 @@ typedef struct kvb_opts {
     const char *transports[4];
     int n_transports;
     double mib_per_point; /* bytes moved per measurement */
+    int reps;             /* measurements per point; the median is reported */
     bool reference;
     const char *perftest;
 } kvb_opts;
@@ -271,15 +273,79 @@ static double pump(kvb_run *r, kvstore_op_kind kind, long n_ops)
     return now_s() - t0;
 }
 
-static void print_point(const char *tr, const char *tls, const char *op, size_t size, long ops,
-                        double secs, double mib_s, double ref, long failures)
+static void print_point(const char *tr, const char *tls, const char *set, double set_mib,
+                        const char *op, size_t size, long ops, int reps, double mib_s,
+                        double ref, long failures)
 {
-    printf("{\"bench\":\"kvstore\",\"transport\":\"%s\",\"ucx_tls\":\"%s\",\"op\":\"%s\","
-           "\"block_bytes\":%zu,\"ops\":%ld,\"seconds\":%.4f,\"mib_per_s\":%.1f,"
+    printf("{\"bench\":\"kvstore\",\"transport\":\"%s\",\"ucx_tls\":\"%s\","
+           "\"working_set\":\"%s\",\"working_set_mib\":%.0f,\"op\":\"%s\","
+           "\"block_bytes\":%zu,\"ops\":%ld,\"reps\":%d,\"mib_per_s\":%.1f,"
            "\"failures\":%ld,\"reference\":\"ucx_perftest ucp_am_bw\",\"ref_mib_per_s\":%.1f,"
            "\"ratio\":%.3f}\n",
-           tr, tls, op, size, ops, secs, mib_s, failures, ref, ref > 0 ? mib_s / ref : 0.0);
+           tr, tls, set, set_mib, op, size, ops, reps, mib_s, failures, ref,
+           ref > 0 ? mib_s / ref : 0.0);
     fflush(stdout);
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static double median(double *v, int n)
+{
+    qsort(v, (size_t)n, sizeof *v, cmp_double);
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+/* Ops in flight per batch (two batches alternate): about 8 MiB of them. */
+static int window_for(size_t size)
+{
+    int w = (int)(8.0 * 1048576 / (double)size);
+    return w < 4 ? 4 : w > 64 ? 64 : w;
+}
+
+/*
+ * One block size, one working set: `reps` rounds of n_ops puts then n_ops
+ * gets; the median bandwidth of each. "cache" keeps the data where
+ * ucx_perftest keeps its own (it sends from and receives into one buffer
+ * each): 2 x window keys and buffers, about 16 MiB. "spread" cycles over
+ * 512 MiB of keys, which is what a store full of cold blocks costs;
+ * perftest has no such mode, so that row's ratio is against the same
+ * reference.
+ */
+static bool measure(kvstore_client *c, size_t size, bool spread, double mib_per_point, int reps,
+                    double *put_mib_s, double *get_mib_s, long *n_ops_out, long *failures)
+{
+    kvb_run r = {.c = c, .size = size, .window = window_for(size)};
+    long n_ops = (long)(mib_per_point * 1048576 / (double)size);
+    n_ops = (n_ops + r.window - 1) / r.window * r.window;
+    r.n_keys = spread ? (int)((512.0 * 1048576) / (double)size) : 2 * r.window;
+    if (r.n_keys > n_ops)
+        r.n_keys = (int)n_ops;
+    r.src = malloc(size);
+    r.dst = malloc(2 * (size_t)r.window * size);
+    r.ops = calloc(2 * (size_t)r.window, sizeof *r.ops);
+    for (size_t i = 0; i < size; i++)
+        r.src[i] = (uint8_t)(i * 131 + 7);
+    memset(r.dst, 0, 2 * (size_t)r.window * size);
+    pump(&r, KVSTORE_PUT, r.n_keys); /* warm-up and populate what gets will read */
+    r.failures = 0;
+    double put[16], get[16];
+    double mib = (double)n_ops * (double)size / 1048576;
+    for (int i = 0; i < reps; i++) {
+        put[i] = mib / pump(&r, KVSTORE_PUT, n_ops);
+        get[i] = mib / pump(&r, KVSTORE_GET, n_ops);
+    }
+    *put_mib_s = median(put, reps);
+    *get_mib_s = median(get, reps);
+    *n_ops_out = n_ops;
+    *failures = r.failures;
+    free(r.src);
+    free(r.dst);
+    free(r.ops);
+    return r.failures == 0;
 }
 
 static int bench_transport(const kvb_opts *o, const kvb_transport *t, const char *token_file)
@@ -310,40 +376,28 @@ static int bench_transport(const kvb_opts *o, const kvb_transport *t, const char
     }
     for (int s = 0; s < o->n_sizes; s++) {
         size_t size = o->sizes[s];
-        kvb_run r = {.c = c, .size = size};
-        r.window = (int)(64.0 * 1048576 / (double)size);
-        r.window = r.window < 8 ? 8 : r.window > 64 ? 64 : r.window;
-        long n_ops = (long)(o->mib_per_point * 1048576 / (double)size);
-        n_ops = (n_ops + r.window - 1) / r.window * r.window;
-        r.n_keys = (int)((512.0 * 1048576) / (double)size);
-        if (r.n_keys > n_ops)
-            r.n_keys = (int)n_ops;
-        r.src = malloc(size);
-        r.dst = malloc(2 * (size_t)r.window * size);
-        r.ops = calloc(2 * (size_t)r.window, sizeof *r.ops);
-        for (size_t i = 0; i < size; i++)
-            r.src[i] = (uint8_t)(i * 131 + 7);
-        memset(r.dst, 0, 2 * (size_t)r.window * size);
-        pump(&r, KVSTORE_PUT, r.n_keys); /* warm-up and populate what gets will read */
-        r.failures = 0;
-        double tp = pump(&r, KVSTORE_PUT, n_ops);
-        long put_fail = r.failures;
-        r.failures = 0;
-        double tg = pump(&r, KVSTORE_GET, n_ops);
-        long get_fail = r.failures;
-        double mib = (double)n_ops * (double)size / 1048576;
-        double ref = o->reference ? perftest(o, t->tls, size, n_ops, 13400 + s) : 0;
-        print_point(t->name, t->tls, "put", size, n_ops, tp, mib / tp, ref, put_fail);
-        print_point(t->name, t->tls, "get", size, n_ops, tg, mib / tg, ref, get_fail);
-        fprintf(stderr, "%-4s %8zu KiB  put %8.0f MiB/s  get %8.0f MiB/s  ucx_perftest %8.0f MiB/s"
-                        "  ratio put %.2f get %.2f%s\n",
-                t->name, size >> 10, mib / tp, mib / tg, ref, ref > 0 ? mib / tp / ref : 0,
-                ref > 0 ? mib / tg / ref : 0, put_fail || get_fail ? "  (FAILURES)" : "");
-        free(r.src);
-        free(r.dst);
-        free(r.ops);
-        if (put_fail || get_fail)
-            goto out;
+        double ref = 0, refs[16];
+        long ref_ops = (long)(o->mib_per_point * 1048576 / (double)size);
+        for (int i = 0; o->reference && i < o->reps; i++)
+            refs[i] = perftest(o, t->tls, size, ref_ops, 13400 + s * 16 + i);
+        if (o->reference)
+            ref = median(refs, o->reps);
+        for (int spread = 0; spread < 2; spread++) {
+            const char *set = spread ? "spread" : "cache";
+            double set_mib = spread ? 512 : 2.0 * window_for(size) * (double)size / 1048576;
+            double put, get;
+            long n_ops, fail;
+            bool ok = measure(c, size, spread, o->mib_per_point, o->reps, &put, &get, &n_ops,
+                              &fail);
+            print_point(t->name, t->tls, set, set_mib, "put", size, n_ops, o->reps, put, ref, fail);
+            print_point(t->name, t->tls, set, set_mib, "get", size, n_ops, o->reps, get, ref, fail);
+            fprintf(stderr, "%-4s %-6s %6zu KiB  put %7.0f MiB/s  get %7.0f MiB/s  "
+                            "ucx_perftest %7.0f MiB/s  ratio put %.2f get %.2f%s\n",
+                    t->name, set, size >> 10, put, get, ref, ref > 0 ? put / ref : 0,
+                    ref > 0 ? get / ref : 0, ok ? "" : "  (FAILURES)");
+            if (!ok)
+                goto out;
+        }
     }
     rc = CLI_OK;
 out:
@@ -375,7 +429,8 @@ static bool parse_sizes(const char *s, kvb_opts *o)
 
 int bench_kvstore(int argc, char **argv)
 {
-    kvb_opts o = {.mib_per_point = 256, .reference = true, .perftest = "ucx_perftest"};
+    kvb_opts o = {.mib_per_point = 256, .reps = 5, .reference = true,
+                  .perftest = "ucx_perftest"};
     parse_sizes("16K,64K,256K,1M,4M", &o);
     o.transports[o.n_transports++] = "shm";
     o.transports[o.n_transports++] = "tcp";
@@ -407,12 +462,15 @@ int bench_kvstore(int argc, char **argv)
             if (!cli_take_float(argc, argv, &i, 1, 65536, &f))
                 return CLI_USAGE;
             o.mib_per_point = f;
+        } else if (!strcmp(a, "--reps")) {
+            if (!cli_take_int(argc, argv, &i, 1, 16, &o.reps))
+                return CLI_USAGE;
         } else if (!strcmp(a, "--perftest")) {
             if (!cli_take_str(argc, argv, &i, &o.perftest))
                 return CLI_USAGE;
         } else if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
             printf("usage: entrokv bench kvstore [--json] [--sizes 16K,64K,256K,1M,4M]\n"
-                   "       [--transports shm,tcp] [--mib 256] [--no-reference] "
+                   "       [--transports shm,tcp] [--mib 256] [--reps 5] [--no-reference] "
                    "[--perftest ucx_perftest]\n");
             return CLI_OK;
         } else {
@@ -429,9 +487,6 @@ int bench_kvstore(int argc, char **argv)
     }
     close(fd);
     fprintf(stderr, "kvstore bandwidth vs ucx_perftest ucp_am_bw (same UCX_TLS, sizes, bytes)\n");
-    fprintf(stderr, "note: the store's endpoints use peer-failure handling (UCP_ERR_HANDLING_MODE_PEER,\n"
-                    "needed to bound every wait); UCX 1.13 then uses no shared-memory lanes, so 'shm'\n"
-                    "rows run over tcp/lo while ucx_perftest's run over posix+cma.\n");
     int rc = CLI_OK;
     for (int t = 0; t < o.n_transports && rc == CLI_OK; t++)
         rc = bench_transport(&o, find_transport(o.transports[t]), token_file);

@@ -8,6 +8,7 @@
  * bound (port 0 picks one; scripts read the line), logs one line per event
  * on stderr, and exits 0 on SIGTERM or SIGINT after closing its connections.
  */
+#include <malloc.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -96,6 +97,13 @@ int cmd_kvstore(int argc, char **argv)
     char *peers_copy = peers_arg ? strdup(peers_arg) : NULL;
     const char *peers[256];
     int n_peers = peers_copy ? split_peers(peers_copy, peers, 256) : 0;
+
+    /* Values are up to 64 MiB and come and go all the time: keep freed
+     * memory in the heap for the next value instead of returning it to the
+     * kernel and faulting fresh zeroed pages in on every put. The store's
+     * capacity bounds what the heap can grow to. */
+    mallopt(M_MMAP_THRESHOLD, 32 << 20);
+    mallopt(M_TRIM_THRESHOLD, capacity_mb > 2047 ? INT32_MAX : capacity_mb << 20);
 
     kvstore_daemon_config cfg;
     kvstore_daemon_config_default(&cfg);

@@ -15,6 +15,7 @@
  * stored it.
  */
 #include <stdarg.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -246,6 +247,8 @@ static void *worker_main(void *arg)
             idle_wait(c);
         } else if (now - last_busy > 0.0005) {
             kvr_wait(c, 1); /* ops in flight but quiet (a slow peer): sleep on UCX events */
+        } else if (!busy) {
+            sched_yield(); /* spinning: let the threads that feed and drain us run */
         }
     }
     return NULL;

@@ -43,6 +43,7 @@ typedef struct kvc_peer {
     socklen_t salen;
     ucp_ep_h ep;
     int state;
+    bool same_host;  /* shared memory: the daemon verifies what it sends */
     double deadline; /* connect + auth must finish by then */
     double retry_at; /* DOWN: next connect attempt */
     const char *fail; /* set by the error callback, acted on in the loop */

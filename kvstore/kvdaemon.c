@@ -22,6 +22,7 @@
 #include <arpa/inet.h>
 #include <signal.h>
 #include <stdarg.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -35,9 +36,10 @@ typedef struct kvd_conn {
     kvstore_daemon *d;
     ucp_ep_h ep;
     int state;
-    int refs; /* 1 for the connection itself + 1 per PUT receive in flight */
+    int refs; /* 1 for the connection itself + 1 per PUT receive or flush in flight */
     uint8_t snonce[KVWIRE_NONCE_BYTES];
     double auth_deadline;
+    bool same_host; /* shared-memory lanes; this side verifies gets (see handle_get) */
     char peer[64];
 } kvd_conn;
 
@@ -126,11 +128,15 @@ static kvd_conn *conn_find(kvstore_daemon *d, ucp_ep_h ep)
     return NULL;
 }
 
+/* arg is the daemon, not the connection: UCX may report an error for an
+ * endpoint we already closed (and whose connection is freed), so the
+ * endpoint is looked up among the live ones. */
 static void on_ep_error(void *arg, ucp_ep_h ep, ucs_status_t status)
 {
-    kvd_conn *c = arg;
-    if (c->state != CONN_DEAD)
-        logf_(c->d, "kvstore: connection from %s lost: %s", c->peer, ucs_status_string(status));
+    kvd_conn *c = conn_find(arg, ep);
+    if (!c)
+        return;
+    logf_(c->d, "kvstore: connection from %s lost: %s", c->peer, ucs_status_string(status));
     conn_kill(c);
 }
 
@@ -144,12 +150,34 @@ static void on_conn_request(ucp_conn_request_h req, void *arg)
     d->pending[d->n_pending++] = req;
 }
 
+static void send_challenge(kvd_conn *c)
+{
+    kvwire_hdr h = {.version = KVWIRE_VERSION, .op = KVWIRE_OP_CHALLENGE,
+                    .payload_len = KVWIRE_NONCE_BYTES};
+    if (kvx_send_small(c->ep, &h, c->snonce, sizeof c->snonce) != EKV_OK)
+        conn_kill(c);
+}
+
+static void on_wired(void *req, ucs_status_t status, void *user)
+{
+    kvd_conn *c = user;
+    if (c->state == CONN_CHALLENGED && status == UCS_OK)
+        send_challenge(c);
+    else
+        conn_kill(c);
+    ucp_request_free(req);
+    conn_unref(c);
+}
+
 static void accept_one(kvstore_daemon *d, ucp_conn_request_h req)
 {
     char peer[64] = "?";
+    bool same_host = false;
     ucp_conn_request_attr_t attr = {.field_mask = UCP_CONN_REQUEST_ATTR_FIELD_CLIENT_ADDR};
-    if (ucp_conn_request_query(req, &attr) == UCS_OK)
+    if (ucp_conn_request_query(req, &attr) == UCS_OK) {
         kvx_addr_str((struct sockaddr *)&attr.client_address, peer, sizeof peer);
+        same_host = kvx_addr_is_local((struct sockaddr *)&attr.client_address);
+    }
     if (d->n_conns >= d->max_conns) {
         logf_(d, "kvstore: refused %s: %d connections already", peer, d->n_conns);
         atomic_fetch_add_explicit(&d->m.rejected, 1, memory_order_relaxed);
@@ -178,17 +206,25 @@ static void accept_one(kvstore_daemon *d, ucp_conn_request_h req)
     c->state = CONN_CHALLENGED;
     c->auth_deadline = kvx_now() + d->auth_timeout_ms / 1000.0;
     snprintf(c->peer, sizeof c->peer, "%s", peer);
-    c->ep = kvx_accept(&d->x, req, on_ep_error, c, &err);
+    c->same_host = same_host;
+    c->ep = kvx_accept(&d->x, req, same_host, on_ep_error, d, &err);
     if (!c->ep) {
         logf_(d, "kvstore: accepting %s: %s", peer, err.msg);
         free(c);
         return;
     }
     d->conns[d->n_conns++] = c;
-    kvwire_hdr h = {.version = KVWIRE_VERSION, .op = KVWIRE_OP_CHALLENGE,
-                    .payload_len = KVWIRE_NONCE_BYTES};
-    if (kvx_send_small(c->ep, &h, c->snonce, sizeof c->snonce) != EKV_OK)
+    /* The challenge waits for the endpoint's wireup: UCX 1.13 replays
+     * messages queued during wireup with the limits of the lanes they were
+     * queued for, which the shared-memory lanes then refuse. */
+    c->refs++;
+    ucs_status_ptr_t r = kvx_flush(c->ep, on_wired, c);
+    if (r == NULL)
+        send_challenge(c);
+    else if (UCS_PTR_IS_ERR(r))
         conn_kill(c);
+    if (!UCS_PTR_IS_PTR(r))
+        conn_unref(c);
 }
 
 /* Closes dead connections and those that did not authenticate in time. */
@@ -320,6 +356,21 @@ static void handle_get(kvd_conn *c, const kvwire_hdr *h)
         return;
     }
     size_t len = kvstore_entry_len(e);
+    /* A client on this host receives over shared memory, where nothing
+     * between the two copies can corrupt bytes, and does not hash what it
+     * receives: the stored copy is checked here instead, so the two
+     * processes split the work (this one hashes, that one copies). A client
+     * on another host checks what arrives itself. */
+    if (c->same_host && kvstore_checksum(kvstore_entry_data(e), len) != kvstore_entry_checksum(e)) {
+        kvstore_local_release(d->store, e);
+        free(s);
+        (void)kvstore_local_delete(d->store, &key);
+        atomic_fetch_add_explicit(&d->m.checksum_failures, 1, memory_order_relaxed);
+        atomic_fetch_add_explicit(&d->m.tier[KVSTORE_TIER_LOCAL].misses, 1, memory_order_relaxed);
+        logf_(d, "kvstore: value for a get from %s failed its checksum; dropped", c->peer);
+        reply(c, h, KVWIRE_ST_BADSUM);
+        return;
+    }
     kvwire_hdr r = {.version = KVWIRE_VERSION, .op = KVWIRE_OP_GET, .flags = KVWIRE_F_REPLY,
                     .request_id = h->request_id, .payload_len = (uint32_t)len,
                     .status = KVWIRE_ST_OK, .checksum = kvstore_entry_checksum(e)};
@@ -486,6 +537,8 @@ ekv_status kvstore_daemon_run(kvstore_daemon *d, ekv_error *err)
         /* spin while traffic flows (latency), sleep on the event fd when idle */
         if (now - last_busy > 0.002)
             kvx_wait(&d->x, 100);
+        else if (!busy)
+            sched_yield(); /* spinning: let the clients on this host run */
     }
     for (int i = 0; i < d->n_conns; i++)
         conn_kill(d->conns[i]);

@@ -2,15 +2,23 @@
  * kvucx.c - UCX worker, endpoints and auth proofs shared by the daemon
  * (kvdaemon.c) and the client (kvclient.c).
  *
- * Endpoints use UCP_ERR_HANDLING_MODE_PEER so a dead peer surfaces as an
- * error callback and its outstanding requests complete with an error
- * instead of waiting forever. Closing is always forced: a store never
- * waits for a peer to agree to go away.
+ * Endpoints to other hosts use UCP_ERR_HANDLING_MODE_PEER so a dead peer
+ * surfaces as an error callback and its outstanding requests complete with
+ * an error instead of waiting forever. UCX 1.13 will not put shared-memory
+ * lanes under that mode (posix and sysv lack peer-failure support, cma lacks
+ * memory invalidation), so endpoints to a peer on this host use
+ * UCP_ERR_HANDLING_MODE_NONE and get posix/sysv/cma: a dead local peer is
+ * still seen, by the connection manager's socket (the error callback runs)
+ * and by the callers' own deadlines. Both sides apply the same rule (the
+ * other side's address is one of ours), so their lane choices agree.
+ * Closing is always forced: a store never waits for a peer to agree to go
+ * away.
  */
 #include "kvucx.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <ifaddrs.h>
 #include <netdb.h>
 #include <poll.h>
 #include <stdio.h>
@@ -181,11 +189,11 @@ void kvx_addr_str(const struct sockaddr *sa, char *out, size_t n)
     snprintf(out, n, "%s:%d", ip, port);
 }
 
-static ucp_ep_h ep_create(kvx_worker *w, ucp_ep_params_t *p, ucp_err_handler_cb_t on_err,
-                          void *arg, ekv_error *err)
+static ucp_ep_h ep_create(kvx_worker *w, ucp_ep_params_t *p, bool same_host,
+                          ucp_err_handler_cb_t on_err, void *arg, ekv_error *err)
 {
     p->field_mask |= UCP_EP_PARAM_FIELD_ERR_HANDLER | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE;
-    p->err_mode = UCP_ERR_HANDLING_MODE_PEER;
+    p->err_mode = same_host ? UCP_ERR_HANDLING_MODE_NONE : UCP_ERR_HANDLING_MODE_PEER;
     p->err_handler.cb = on_err;
     p->err_handler.arg = arg;
     ucp_ep_h ep;
@@ -197,7 +205,7 @@ static ucp_ep_h ep_create(kvx_worker *w, ucp_ep_params_t *p, ucp_err_handler_cb_
     return ep;
 }
 
-ucp_ep_h kvx_connect(kvx_worker *w, const struct sockaddr *sa, socklen_t len,
+ucp_ep_h kvx_connect(kvx_worker *w, const struct sockaddr *sa, socklen_t len, bool same_host,
                      ucp_err_handler_cb_t on_err, void *arg, ekv_error *err)
 {
     ucp_ep_params_t p = {
@@ -205,17 +213,53 @@ ucp_ep_h kvx_connect(kvx_worker *w, const struct sockaddr *sa, socklen_t len,
         .flags = UCP_EP_PARAMS_FLAGS_CLIENT_SERVER,
         .sockaddr = {.addr = sa, .addrlen = len},
     };
-    return ep_create(w, &p, on_err, arg, err);
+    return ep_create(w, &p, same_host, on_err, arg, err);
 }
 
-ucp_ep_h kvx_accept(kvx_worker *w, ucp_conn_request_h req, ucp_err_handler_cb_t on_err,
-                    void *arg, ekv_error *err)
+ucp_ep_h kvx_accept(kvx_worker *w, ucp_conn_request_h req, bool same_host,
+                    ucp_err_handler_cb_t on_err, void *arg, ekv_error *err)
 {
     ucp_ep_params_t p = {
         .field_mask = UCP_EP_PARAM_FIELD_CONN_REQUEST,
         .conn_request = req,
     };
-    return ep_create(w, &p, on_err, arg, err);
+    return ep_create(w, &p, same_host, on_err, arg, err);
+}
+
+bool kvx_addr_is_local(const struct sockaddr *sa)
+{
+    if (sa->sa_family == AF_INET &&
+        (ntohl(((const struct sockaddr_in *)sa)->sin_addr.s_addr) >> 24) == 127)
+        return true;
+    if (sa->sa_family == AF_INET6 &&
+        IN6_IS_ADDR_LOOPBACK(&((const struct sockaddr_in6 *)sa)->sin6_addr))
+        return true;
+    struct ifaddrs *ifs;
+    if (getifaddrs(&ifs) != 0)
+        return false;
+    bool local = false;
+    for (struct ifaddrs *i = ifs; i && !local; i = i->ifa_next) {
+        if (!i->ifa_addr || i->ifa_addr->sa_family != sa->sa_family)
+            continue;
+        if (sa->sa_family == AF_INET)
+            local = ((const struct sockaddr_in *)i->ifa_addr)->sin_addr.s_addr ==
+                    ((const struct sockaddr_in *)sa)->sin_addr.s_addr;
+        else if (sa->sa_family == AF_INET6)
+            local = !memcmp(&((const struct sockaddr_in6 *)i->ifa_addr)->sin6_addr,
+                            &((const struct sockaddr_in6 *)sa)->sin6_addr, sizeof(struct in6_addr));
+    }
+    freeifaddrs(ifs);
+    return local;
+}
+
+ucs_status_ptr_t kvx_flush(ucp_ep_h ep, ucp_send_nbx_callback_t cb, void *user)
+{
+    ucp_request_param_t p = {
+        .op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA,
+        .cb.send = cb,
+        .user_data = user,
+    };
+    return ucp_ep_flush_nbx(ep, &p);
 }
 
 void kvx_close(kvx_worker *w, ucp_ep_h ep)

@@ -204,11 +204,13 @@ static ucs_status_t raw_am(void *arg, const void *header, size_t hlen, void *dat
 /* A UCX client that skips authentication: sends one message (a valid GET
  * header, junk bytes as the header, or an active message id the daemon
  * never registered) and reports whether the daemon closed the connection
- * within 3 s (an unknown id is dropped by UCX itself; then the missing
- * authentication closes it). */
-enum { RAW_GET, RAW_JUNK, RAW_OTHER_ID };
+ * within 4 s (an unknown id is dropped by UCX itself; then the missing
+ * authentication closes it). The daemon's log line `why` says it did: over
+ * shared memory (a client on this host) a forced close is not signalled to
+ * the peer, so the client's own error callback is not always called. */
+enum { RAW_GET, RAW_JUNK, RAW_OTHER_ID, RAW_PEER_MODE };
 
-static int raw_ucx_client(int port, int kind)
+static int raw_ucx_client(int port, int kind, const char *log, const char *why)
 {
     ucp_params_t params = {.field_mask = UCP_PARAM_FIELD_FEATURES, .features = UCP_FEATURE_AM};
     ucp_config_t *cfg;
@@ -234,7 +236,9 @@ static int raw_ucx_client(int port, int kind)
                       UCP_EP_PARAM_FIELD_ERR_HANDLER | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE,
         .flags = UCP_EP_PARAMS_FLAGS_CLIENT_SERVER,
         .sockaddr = {.addr = (struct sockaddr *)&a, .addrlen = sizeof a},
-        .err_mode = UCP_ERR_HANDLING_MODE_PEER,
+        /* what the store itself uses towards a peer on this host (kvucx.c),
+         * so the lanes agree and the messages reach the daemon */
+        .err_mode = kind == RAW_PEER_MODE ? UCP_ERR_HANDLING_MODE_PEER : UCP_ERR_HANDLING_MODE_NONE,
         .err_handler = {.cb = raw_err, .arg = &closed},
     };
     ucp_ep_h ep;
@@ -249,8 +253,10 @@ static int raw_ucx_client(int port, int kind)
     unsigned id = kind == RAW_OTHER_ID ? KVWIRE_AM_ID + 1 : KVWIRE_AM_ID;
     void *req = ucp_am_send_nbx(ep, id, hdr, sizeof hdr, NULL, 0, &sp);
     double end = kvt_now() + 4;
-    while (!closed && kvt_now() < end)
+    while (!closed && kvt_now() < end) {
         ucp_worker_progress(w);
+        closed = kvt_file_has(log, why);
+    }
     if (req && !UCS_PTR_IS_ERR(req)) {
         while (ucp_request_check_status(req) == UCS_INPROGRESS && kvt_now() < end + 1)
             ucp_worker_progress(w);
@@ -293,9 +299,12 @@ static void test_bad_peers_are_refused_while_good_clients_work(void)
         kvstore_client_destroy(bad);
     }
     send_tcp_junk(d.port);
-    CHECK(raw_ucx_client(d.port, RAW_GET));      /* a GET before auth: closed */
-    CHECK(raw_ucx_client(d.port, RAW_JUNK));     /* junk header: closed */
-    CHECK(raw_ucx_client(d.port, RAW_OTHER_ID)); /* no auth in time: closed */
+    CHECK(raw_ucx_client(d.port, RAW_GET, d.log, "request before authentication"));
+    CHECK(raw_ucx_client(d.port, RAW_JUNK, d.log, "bad magic"));
+    CHECK(raw_ucx_client(d.port, RAW_OTHER_ID, d.log, "no authentication in time"));
+    /* error handling the daemon does not use for this host: the lanes do
+     * not match, whatever UCX then does must leave the daemon serving */
+    (void)raw_ucx_client(d.port, RAW_PEER_MODE, d.log, "never logged");
     if (good)
         round_trip(good, 2100, 4, KVT_BLOCK_BYTES); /* the same connection still works */
     kvstore_client *again = client_for(d.port, TOKEN, 2000, 0);
