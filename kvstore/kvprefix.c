@@ -4,6 +4,7 @@
 #include "entrokv/kvprefix.h"
 
 #include <stdatomic.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -15,7 +16,8 @@ struct kvprefix {
     char model_id[160];
     int32_t L, HKV, bt, tp_rank, tp_size;
     size_t block_bytes, value_bytes; /* one head's block; one block-row of every head */
-    _Atomic uint64_t saved, skipped, restored, misses, restored_tokens;
+    _Atomic uint64_t saved, skipped, restored, misses, restored_tokens, recalled_tokens;
+    int32_t head_dim;
 };
 
 /* What a save hands the store: the ops and the values they point into. */
@@ -60,6 +62,7 @@ kvprefix *kvprefix_create(const ekv_model *m, kvstore_client *client, int32_t tp
     p->L = c->n_layers;
     p->HKV = c->n_kv_heads;
     p->bt = kv_pool_block_tokens(probe);
+    p->head_dim = c->head_dim;
     p->block_bytes = kv_pool_block_bytes(probe);
     p->value_bytes = (size_t)p->L * p->HKV * p->block_bytes;
     p->tp_rank = tp_rank;
@@ -197,8 +200,122 @@ out:
     return got * p->bt;
 }
 
+/* Gets the block-rows of tokens[0, n) marked in need[] (one batch, waited
+ * for); values[i] is block i's row, valid where ok[i]. */
+static void get_rows(kvprefix *p, const int32_t *tokens, int32_t n_blocks, const bool *need,
+                     uint8_t **values, bool *ok)
+{
+    int32_t n_need = 0;
+    for (int32_t i = 0; i < n_blocks; i++)
+        n_need += need[i];
+    kvstore_key *keys = malloc((size_t)n_blocks * sizeof *keys);
+    kvstore_op *ops = calloc((size_t)n_need, sizeof *ops);
+    uint8_t *buf = malloc((size_t)n_need * p->value_bytes);
+    kvstore_batch *batch = NULL;
+    *values = buf;
+    if (!keys || !ops || !buf || n_need == 0)
+        goto out;
+    make_keys(p, tokens, n_blocks, keys);
+    for (int32_t i = 0, k = 0; i < n_blocks; i++) {
+        if (!need[i])
+            continue;
+        ops[k] = (kvstore_op){.kind = KVSTORE_GET, .key = keys[i],
+                              .buf = buf + (size_t)k * p->value_bytes, .len = p->value_bytes};
+        k++;
+    }
+    if (kvstore_client_submit(p->client, ops, (size_t)n_need, NULL, NULL, &batch, NULL) != EKV_OK)
+        goto out;
+    kvstore_batch_wait(batch, -1); /* bounded by the client's op timeout */
+    kvstore_batch_release(batch);
+    /* values are dense: the k-th needed block's row is the k-th value */
+    for (int32_t i = 0, k = 0; i < n_blocks; i++) {
+        if (!need[i])
+            continue;
+        ok[i] = ops[k].result == KVSTORE_OK && ops[k].value_len == p->value_bytes;
+        k++;
+    }
+out:
+    free(keys);
+    free(ops);
+}
+
+int64_t kvprefix_recall(kvprefix *p, kv_seq *seq, const int32_t *tokens, int32_t n,
+                        const kvprefix_recall_req *reqs, int32_t n_reqs, ekv_error *err)
+{
+    const int32_t n_blocks = n / p->bt, d = p->head_dim;
+    for (int32_t q = 0; q < n_reqs; q++) {
+        const kvprefix_recall_req *r = &reqs[q];
+        if (r->layer < 0 || r->layer >= p->L || r->head < 0 || r->head >= p->HKV || r->n < 0 ||
+            (r->n > 0 && !r->pos))
+            return ekv_error_set(err, EKV_EINVAL, "kv recall: bad request %d", q), -1;
+        for (int32_t j = 0; j < r->n; j++)
+            if (r->pos[j] < 0 || r->pos[j] >= n || (j > 0 && r->pos[j] <= r->pos[j - 1]))
+                return ekv_error_set(err, EKV_EINVAL,
+                                     "kv recall: positions must be increasing and in [0, %d)", n),
+                       -1;
+    }
+    bool *need = calloc((size_t)n_blocks + 1, 2 * sizeof *need);
+    int32_t *slot = malloc(((size_t)n_blocks + 1) * sizeof *slot);
+    if (!need || !slot) {
+        free(need);
+        free(slot);
+        return ekv_error_set(err, EKV_ENOMEM, "kv recall: out of memory"), -1;
+    }
+    bool *ok = need + n_blocks + 1;
+    for (int32_t q = 0; q < n_reqs; q++)
+        for (int32_t j = 0; j < reqs[q].n; j++)
+            if (reqs[q].pos[j] / p->bt < n_blocks)
+                need[reqs[q].pos[j] / p->bt] = true;
+    for (int32_t i = 0, k = 0; i < n_blocks; i++)
+        slot[i] = need[i] ? k++ : -1;
+    uint8_t *values = NULL;
+    get_rows(p, tokens, n_blocks, need, &values, ok);
+    int64_t recalled = 0;
+    int32_t max_n = 0;
+    for (int32_t q = 0; q < n_reqs; q++)
+        max_n = reqs[q].n > max_n ? reqs[q].n : max_n;
+    ekv_f16 *k = malloc(((size_t)max_n + 1) * d * sizeof *k);
+    ekv_f16 *v = malloc(((size_t)max_n + 1) * d * sizeof *v);
+    int32_t *pos = malloc(((size_t)max_n + 1) * sizeof *pos);
+    if (!k || !v || !pos) {
+        recalled = -1;
+        ekv_error_set(err, EKV_ENOMEM, "kv recall: out of memory");
+    }
+    const kv_pool *pool = kv_seq_pool(seq);
+    for (int32_t q = 0; q < n_reqs && recalled >= 0; q++) {
+        const kvprefix_recall_req *r = &reqs[q];
+        int32_t m = 0;
+        for (int32_t j = 0; j < r->n; j++) {
+            const int32_t b = r->pos[j] / p->bt;
+            if (b >= n_blocks || !ok[b])
+                continue;
+            const uint8_t *blk = values + (size_t)slot[b] * p->value_bytes +
+                                 ((size_t)r->layer * p->HKV + r->head) * p->block_bytes;
+            const int32_t at = kv_block_token(pool, blk, r->pos[j] % p->bt, k + (size_t)m * d,
+                                              v + (size_t)m * d);
+            if (at != r->pos[j])
+                continue; /* not the token it should be: never insert it */
+            pos[m++] = at;
+        }
+        if (kv_seq_insert(seq, r->layer, r->head, k, v, pos, m, err) != EKV_OK)
+            recalled = -1;
+        else
+            recalled += m;
+    }
+    if (recalled > 0)
+        atomic_fetch_add(&p->recalled_tokens, (uint64_t)recalled);
+    free(k);
+    free(v);
+    free(pos);
+    free(values);
+    free(need);
+    free(slot);
+    return recalled;
+}
+
 void kvprefix_stats_get(const kvprefix *p, kvprefix_stats *s)
 {
+    s->recalled_tokens = atomic_load(&p->recalled_tokens);
     s->saved_blocks = atomic_load(&p->saved);
     s->save_skipped = atomic_load(&p->skipped);
     s->restored_blocks = atomic_load(&p->restored);

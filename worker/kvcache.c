@@ -279,12 +279,108 @@ void kv_seq_view(const kv_seq *seq, int32_t layer, int32_t head, kern_kv_view *v
     view->pos_blocks = h->pos;
 }
 
+/* Row src of head h to row dst (both within its blocks). */
+static void row_move(kv_pool *pool, const kv_head *h, int32_t src, int32_t dst)
+{
+    const int32_t bt = pool->block_tokens, d = pool->head_dim;
+    const int32_t sb = h->ids[src / bt], sr = src % bt, db = h->ids[dst / bt], dr = dst % bt;
+    const ekv_f16 *ks = block_k(pool, sb) + sr;
+    ekv_f16 *kd = block_k(pool, db) + dr;
+    for (int32_t j = 0; j < d; j++) /* K is transposed: move a column */
+        kd[(size_t)j * bt] = ks[(size_t)j * bt];
+    memcpy(block_v(pool, db) + (size_t)dr * d, block_v(pool, sb) + (size_t)sr * d,
+           (size_t)d * sizeof(ekv_f16));
+    block_pos(pool, db)[dr] = block_pos(pool, sb)[sr];
+}
+
+static int32_t row_pos(const kv_pool *pool, const kv_head *h, int32_t row)
+{
+    return block_pos(pool, h->ids[row / pool->block_tokens])[row % pool->block_tokens];
+}
+
+int32_t kv_block_token(const kv_pool *pool, const void *block, int32_t row, ekv_f16 *k,
+                       ekv_f16 *v)
+{
+    const int32_t bt = pool->block_tokens, d = pool->head_dim;
+    const ekv_f16 *kb = block;
+    const ekv_f16 *vb = kb + (size_t)bt * d;
+    for (int32_t c = 0; c < d; c++)
+        k[c] = kb[(size_t)c * bt + row];
+    memcpy(v, vb + (size_t)row * d, (size_t)d * sizeof *v);
+    int32_t pos;
+    memcpy(&pos, (const uint8_t *)(vb + (size_t)bt * d) + (size_t)row * sizeof pos, sizeof pos);
+    return pos;
+}
+
+int32_t kv_seq_positions(const kv_seq *seq, int32_t layer, int32_t head, int32_t *out)
+{
+    const kv_head *h = head_at(seq, layer, head);
+    for (int32_t t = 0; t < h->n_tokens; t++)
+        out[t] = row_pos(seq->pool, h, t);
+    return h->n_tokens;
+}
+
+ekv_status kv_seq_insert(kv_seq *seq, int32_t layer, int32_t head, const ekv_f16 *k,
+                         const ekv_f16 *v, const int32_t *pos, int32_t n, ekv_error *err)
+{
+    kv_pool *pool = seq->pool;
+    kv_head *h = head_at(seq, layer, head);
+    const int32_t bt = pool->block_tokens, d = pool->head_dim;
+    if (n <= 0)
+        return n == 0 ? EKV_OK : ekv_error_set(err, EKV_EINVAL, "kv insert: %d tokens", n);
+    if (n > INT32_MAX - h->n_tokens)
+        return ekv_error_set(err, EKV_EINVAL, "kv insert: too many tokens");
+    /* positions increasing, and none the head already holds (both lists are sorted) */
+    for (int32_t j = 0, i = 0; j < n; j++) {
+        if (pos[j] < 0 || (j > 0 && pos[j] <= pos[j - 1]))
+            return ekv_error_set(err, EKV_EINVAL, "kv insert: positions must be increasing");
+        while (i < h->n_tokens && row_pos(pool, h, i) < pos[j])
+            i++;
+        if (i < h->n_tokens && row_pos(pool, h, i) == pos[j])
+            return ekv_error_set(err, EKV_EINVAL, "kv insert: position %d is already held", pos[j]);
+    }
+    const int32_t m = h->n_tokens + n, blocks = (m + bt - 1) / bt;
+    if (blocks - h->n_blocks > pool->n_free)
+        return ekv_error_set(err, EKV_ENOMEM, "kv insert: needs %d blocks, %lld free",
+                             blocks - h->n_blocks, (long long)pool->n_free);
+    while (h->cap < blocks)
+        if (!head_grow(h))
+            return ekv_error_set(err, EKV_ENOMEM, "kv seq: out of memory for block table");
+    for (; h->n_blocks < blocks; h->n_blocks++) {
+        int32_t id = pool->free_ids[--pool->n_free];
+        memset(block_base(pool, id), 0, pool->block_bytes);
+        h->ids[h->n_blocks] = id;
+        h->k[h->n_blocks] = block_k(pool, id);
+        h->v[h->n_blocks] = block_v(pool, id);
+        h->pos[h->n_blocks] = block_pos(pool, id);
+    }
+    /* merge from the back: row w is always at or past every row still to be read */
+    int32_t i = h->n_tokens - 1, j = n - 1;
+    for (int32_t w = m - 1; j >= 0; w--) {
+        if (i >= 0 && row_pos(pool, h, i) > pos[j]) {
+            row_move(pool, h, i--, w);
+            continue;
+        }
+        const int32_t b = h->ids[w / bt], r = w % bt;
+        ekv_f16 *kd = block_k(pool, b) + r;
+        for (int32_t c = 0; c < d; c++)
+            kd[(size_t)c * bt] = k[(size_t)j * d + c];
+        memcpy(block_v(pool, b) + (size_t)r * d, v + (size_t)j * d, (size_t)d * sizeof(ekv_f16));
+        block_pos(pool, b)[r] = pos[j];
+        if (pos[j] >= seq->next_pos)
+            seq->next_pos = pos[j] + 1;
+        j--;
+    }
+    h->n_tokens = m;
+    return EKV_OK;
+}
+
 ekv_status kv_seq_keep(kv_seq *seq, int32_t layer, int32_t head, const int32_t *keep,
                        int32_t n_keep, ekv_error *err)
 {
     kv_pool *pool = seq->pool;
     kv_head *h = head_at(seq, layer, head);
-    const int32_t bt = pool->block_tokens, d = pool->head_dim;
+    const int32_t bt = pool->block_tokens;
     if (n_keep < 0 || n_keep > h->n_tokens)
         return ekv_error_set(err, EKV_EINVAL, "kv keep: %d of %d tokens", n_keep, h->n_tokens);
     for (int32_t i = 0; i < n_keep; i++)
@@ -308,19 +404,9 @@ ekv_status kv_seq_keep(kv_seq *seq, int32_t layer, int32_t head, const int32_t *
         free(dropped);
     }
     /* keep[i] >= i, so compacting front to back never overwrites a row still to be read */
-    for (int32_t i = 0; i < n_keep; i++) {
-        const int32_t src = keep[i];
-        if (src == i)
-            continue;
-        const int32_t sb = h->ids[src / bt], sr = src % bt, db = h->ids[i / bt], dr = i % bt;
-        const ekv_f16 *ks = block_k(pool, sb) + sr;
-        ekv_f16 *kd = block_k(pool, db) + dr;
-        for (int32_t j = 0; j < d; j++) /* K is transposed: move a column */
-            kd[(size_t)j * bt] = ks[(size_t)j * bt];
-        memcpy(block_v(pool, db) + (size_t)dr * d, block_v(pool, sb) + (size_t)sr * d,
-               (size_t)d * sizeof(ekv_f16));
-        block_pos(pool, db)[dr] = block_pos(pool, sb)[sr];
-    }
+    for (int32_t i = 0; i < n_keep; i++)
+        if (keep[i] != i)
+            row_move(pool, h, keep[i], i);
     const int32_t blocks_kept = (n_keep + bt - 1) / bt;
     for (int32_t b = blocks_kept; b < h->n_blocks; b++)
         pool->free_ids[pool->n_free++] = h->ids[b];

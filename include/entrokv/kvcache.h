@@ -86,6 +86,27 @@ int32_t kv_seq_block_export(const kv_seq *seq, int32_t layer, int32_t head, int3
 ekv_status kv_seq_block_import(kv_seq *seq, int32_t layer, int32_t head, const void *in,
                                int32_t n, ekv_error *err);
 
+/* Token `row` of an exported block (kv_seq_block_export's layout): its K
+ * and V rows (head_dim fp16 each) into k and v; returns its position. */
+int32_t kv_block_token(const kv_pool *pool, const void *block, int32_t row, ekv_f16 *k,
+                       ekv_f16 *v);
+
+/* Copies the positions of (layer, head)'s tokens, in list order, into out
+ * (room for kv_seq_len of them); returns how many. */
+int32_t kv_seq_positions(const kv_seq *seq, int32_t layer, int32_t head, int32_t *out);
+
+/*
+ * Puts n tokens back into (layer, head), each where its position belongs in
+ * the list (the head's tokens are in increasing position order, as append,
+ * keep, import and this keep them): k and v are [n][head_dim] fp16 rows, pos
+ * their positions, strictly increasing and none already held. This is how
+ * evicted tokens recalled from the KV store return (kvprefix_recall).
+ * EKV_EINVAL for bad positions and EKV_ENOMEM when the pool lacks blocks;
+ * either way nothing changes.
+ */
+ekv_status kv_seq_insert(kv_seq *seq, int32_t layer, int32_t head, const ekv_f16 *k,
+                         const ekv_f16 *v, const int32_t *pos, int32_t n, ekv_error *err);
+
 /*
  * Keeps only the listed tokens of (layer, head): keep[] holds n_keep distinct
  * indices into the head's current list in increasing order. Kept rows are

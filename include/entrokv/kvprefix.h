@@ -40,6 +40,7 @@ typedef struct kvprefix_stats {
     uint64_t restored_blocks; /* block-rows restored */
     uint64_t restore_misses;  /* restores that found nothing */
     uint64_t restored_tokens;
+    uint64_t recalled_tokens; /* evicted tokens brought back by kvprefix_recall */
 } kvprefix_stats;
 
 /* client is borrowed and must outlive the kvprefix. */
@@ -58,6 +59,34 @@ void kvprefix_save(kvprefix *p, const kv_seq *seq, const int32_t *tokens, int32_
  * nothing found, or the pool had no room). */
 int32_t kvprefix_restore(kvprefix *p, kv_seq *seq, const int32_t *tokens, int32_t n,
                          int32_t max_tokens);
+
+/* One head's recall: prompt positions to bring back into (layer, KV head). */
+typedef struct kvprefix_recall_req {
+    int32_t layer, head;
+    const int32_t *pos; /* strictly increasing; tokens the head no longer holds */
+    int32_t n;
+} kvprefix_recall_req;
+
+/*
+ * Recalls evicted prompt tokens into seq by key: the prompt is tokens[0, n)
+ * at positions 0..n-1, saved by kvprefix_save before compression dropped
+ * them. A position's key is its block's (the hash chain up to the block, as
+ * for restore), so the compression and SCOPE paths can bring back any
+ * evicted prompt token of any head.
+ *
+ * Every block-row a requested position falls in is fetched once, in one
+ * batch (a block-row holds every head, so requests for many heads of the
+ * same blocks cost one get each), and each token is put back in its head
+ * in position order (kv_seq_insert). A position whose block the store does
+ * not have (a miss, a bad checksum, the partial last block) is skipped: the
+ * sequence goes on without it, as before the call.
+ *
+ * Returns the tokens recalled, or -1 with err for a bad request (layer,
+ * head, a position outside the prompt or one the head holds) or a pool
+ * without room; requests before the failing one stay done.
+ */
+int64_t kvprefix_recall(kvprefix *p, kv_seq *seq, const int32_t *tokens, int32_t n,
+                        const kvprefix_recall_req *reqs, int32_t n_reqs, ekv_error *err);
 
 void kvprefix_stats_get(const kvprefix *p, kvprefix_stats *s);
 

@@ -3,6 +3,7 @@
  * and release of blocks.
  */
 #include <stdlib.h>
+#include <string.h>
 
 #include "ekv_test.h"
 #include "entrokv/kvcache.h"
@@ -106,6 +107,75 @@ static void test_keep_compacts_and_frees_blocks(void)
     kv_pool_destroy(pool);
 }
 
+/* Drops random tokens of a 37-token head, then puts them back from their
+ * exported blocks (kv_block_token, kv_seq_insert): the head is byte-identical
+ * to before; bad inserts and a full pool change nothing. */
+static void test_insert_puts_evicted_tokens_back_in_place(void)
+{
+    enum { N = 37 };
+    kv_pool *pool = kv_pool_create(BT, D, 64, NULL);
+    kv_seq *seq = kv_seq_create(pool, 1, 1, NULL);
+    float k[D], v[D];
+    for (int t = 0; t < N; t++) {
+        fill(k, (float)t);
+        fill(v, -3.0f * t);
+        CHECK(kv_seq_append(seq, 0, 0, k, v, 2 * t, NULL) == EKV_OK); /* positions 0, 2, 4.. */
+    }
+    const int32_t n_blocks = (N + BT - 1) / BT;
+    const size_t bb = kv_pool_block_bytes(pool);
+    uint8_t *before = calloc((size_t)n_blocks, bb);
+    for (int32_t b = 0; b < n_blocks; b++)
+        kv_seq_block_export(seq, 0, 0, b, before + (size_t)b * bb);
+    srand(7);
+    int32_t keep[N], n_keep = 0, gone[N], n_gone = 0;
+    for (int t = 0; t < N; t++) {
+        if (t == 0 || t == N - 1 || rand() % 3 == 0)
+            gone[n_gone++] = t;
+        else
+            keep[n_keep++] = t;
+    }
+    CHECK(kv_seq_keep(seq, 0, 0, keep, n_keep, NULL) == EKV_OK);
+    ekv_f16 *kr = malloc((size_t)n_gone * D * sizeof *kr), *vr = malloc((size_t)n_gone * D * sizeof *vr);
+    int32_t pos[N];
+    for (int i = 0; i < n_gone; i++)
+        pos[i] = kv_block_token(pool, before + (size_t)(gone[i] / BT) * bb, gone[i] % BT,
+                                kr + (size_t)i * D, vr + (size_t)i * D);
+    CHECK_EQ_INT(pos[0], 0);
+    CHECK_EQ_INT(pos[n_gone - 1], 2 * (N - 1));
+    /* refused: a position already held, unordered positions; nothing changes */
+    int32_t held[N];
+    kv_seq_positions(seq, 0, 0, held);
+    CHECK(kv_seq_insert(seq, 0, 0, kr, vr, held, 1, NULL) == EKV_EINVAL);
+    int32_t unordered[2] = {pos[1], pos[0]};
+    CHECK(kv_seq_insert(seq, 0, 0, kr, vr, unordered, 2, NULL) == EKV_EINVAL);
+    CHECK_EQ_INT(kv_seq_len(seq, 0, 0), n_keep);
+    CHECK(kv_seq_insert(seq, 0, 0, kr, vr, pos, n_gone, NULL) == EKV_OK);
+    CHECK_EQ_INT(kv_seq_len(seq, 0, 0), N);
+    uint8_t *after = calloc((size_t)n_blocks, bb);
+    for (int32_t b = 0; b < n_blocks; b++)
+        CHECK_EQ_INT(kv_seq_block_export(seq, 0, 0, b, after + (size_t)b * bb),
+                     b < n_blocks - 1 ? BT : N - (n_blocks - 1) * BT);
+    CHECK(memcmp(before, after, (size_t)n_blocks * bb) == 0);
+    /* a pool without room: ENOMEM, nothing changes */
+    kv_pool *tiny = kv_pool_create(BT, D, 2, NULL);
+    kv_seq *s2 = kv_seq_create(tiny, 1, 1, NULL);
+    fill(k, 1);
+    CHECK(kv_seq_append(s2, 0, 0, k, v, 1000, NULL) == EKV_OK);
+    ekv_error err = {0};
+    CHECK(kv_seq_insert(s2, 0, 0, kr, vr, pos, n_gone, &err) == EKV_ENOMEM);
+    CHECK_EQ_INT(kv_seq_len(s2, 0, 0), 1);
+    CHECK_EQ_INT(kv_pool_free_blocks(tiny), 1);
+    kv_seq_free(s2);
+    kv_pool_destroy(tiny);
+    free(kr);
+    free(vr);
+    free(before);
+    free(after);
+    kv_seq_free(seq);
+    CHECK_EQ_INT(kv_pool_free_blocks(pool), 64);
+    kv_pool_destroy(pool);
+}
+
 static void test_bad_geometry_rejected(void)
 {
     ekv_error err = {0};
@@ -121,6 +191,7 @@ int main(void)
     RUN_TEST(test_append_allocates_blocks_per_head);
     RUN_TEST(test_pool_exhaustion_is_an_error_not_a_crash);
     RUN_TEST(test_keep_compacts_and_frees_blocks);
+    RUN_TEST(test_insert_puts_evicted_tokens_back_in_place);
     RUN_TEST(test_bad_geometry_rejected);
     return TEST_EXIT();
 }
