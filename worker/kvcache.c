@@ -202,6 +202,19 @@ static int head_grow(kv_head *h)
     return 1;
 }
 
+/* Moves a free block to the end of h's table (the caller checked that the
+ * pool has one and the table has room); returns its id. */
+static int32_t head_take_block(kv_pool *pool, kv_head *h)
+{
+    const int32_t id = pool->free_ids[--pool->n_free];
+    h->ids[h->n_blocks] = id;
+    h->k[h->n_blocks] = block_k(pool, id);
+    h->v[h->n_blocks] = block_v(pool, id);
+    h->pos[h->n_blocks] = block_pos(pool, id);
+    h->n_blocks++;
+    return id;
+}
+
 ekv_status kv_seq_append(kv_seq *seq, int32_t layer, int32_t head, const float *k, const float *v,
                          int32_t pos, ekv_error *err)
 {
@@ -214,13 +227,7 @@ ekv_status kv_seq_append(kv_seq *seq, int32_t layer, int32_t head, const float *
                                  (long long)pool->n_blocks);
         if (h->n_blocks == h->cap && !head_grow(h))
             return ekv_error_set(err, EKV_ENOMEM, "kv seq: out of memory for block table");
-        int32_t id = pool->free_ids[--pool->n_free];
-        memset(block_base(pool, id), 0, pool->block_bytes);
-        h->ids[h->n_blocks] = id;
-        h->k[h->n_blocks] = block_k(pool, id);
-        h->v[h->n_blocks] = block_v(pool, id);
-        h->pos[h->n_blocks] = block_pos(pool, id);
-        h->n_blocks++;
+        memset(block_base(pool, head_take_block(pool, h)), 0, pool->block_bytes);
     }
     const int32_t b = h->ids[h->n_tokens / bt], r = h->n_tokens % bt;
     ekv_f16 *kd = block_k(pool, b) + r; /* column r of [head_dim][block_tokens] */
@@ -346,14 +353,8 @@ ekv_status kv_seq_insert(kv_seq *seq, int32_t layer, int32_t head, const ekv_f16
     while (h->cap < blocks)
         if (!head_grow(h))
             return ekv_error_set(err, EKV_ENOMEM, "kv seq: out of memory for block table");
-    for (; h->n_blocks < blocks; h->n_blocks++) {
-        int32_t id = pool->free_ids[--pool->n_free];
-        memset(block_base(pool, id), 0, pool->block_bytes);
-        h->ids[h->n_blocks] = id;
-        h->k[h->n_blocks] = block_k(pool, id);
-        h->v[h->n_blocks] = block_v(pool, id);
-        h->pos[h->n_blocks] = block_pos(pool, id);
-    }
+    while (h->n_blocks < blocks)
+        memset(block_base(pool, head_take_block(pool, h)), 0, pool->block_bytes);
     /* merge from the back: row w is always at or past every row still to be read */
     int32_t i = h->n_tokens - 1, j = n - 1;
     for (int32_t w = m - 1; j >= 0; w--) {
@@ -476,13 +477,8 @@ ekv_status kv_seq_block_import(kv_seq *seq, int32_t layer, int32_t head, const v
                              (long long)pool->n_blocks);
     if (h->n_blocks == h->cap && !head_grow(h))
         return ekv_error_set(err, EKV_ENOMEM, "kv seq: out of memory for block table");
-    const int32_t id = pool->free_ids[--pool->n_free];
+    const int32_t id = head_take_block(pool, h);
     memcpy(block_base(pool, id), in, pool->block_bytes);
-    h->ids[h->n_blocks] = id;
-    h->k[h->n_blocks] = block_k(pool, id);
-    h->v[h->n_blocks] = block_v(pool, id);
-    h->pos[h->n_blocks] = block_pos(pool, id);
-    h->n_blocks++;
     h->n_tokens += n;
     const int32_t *pos = block_pos(pool, id);
     for (int32_t r = 0; r < n; r++)
