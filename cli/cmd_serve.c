@@ -321,11 +321,22 @@ static void kvstore_publish(server *s)
     atomic_store(&mk->restore_count, atomic_load(&km->restore_count));
 }
 
-static int32_t prefix_restore(void *ctx, kv_seq *seq, const int32_t *tokens, int32_t n,
-                              int32_t max_tokens)
+static void *prefix_restore_start(void *ctx, const int32_t *tokens, int32_t n,
+                                  int32_t max_tokens, void (*wake)(void *), void *wake_arg)
 {
     server *s = ctx;
-    const int32_t got = kvprefix_restore(s->prefix, seq, tokens, n, max_tokens);
+    return kvprefix_restore_start(s->prefix, tokens, n, max_tokens, wake, wake_arg);
+}
+
+static bool prefix_restore_ready(void *ctx, void *job)
+{
+    return kvprefix_restore_ready(job);
+}
+
+static int32_t prefix_restore_finish(void *ctx, void *job, kv_seq *seq)
+{
+    server *s = ctx;
+    const int32_t got = kvprefix_restore_finish(job, seq);
     kvstore_publish(s);
     return got;
 }
@@ -367,7 +378,8 @@ static ekv_status start_kvstore(const serve_opts *o, server *s, ekv_error *err)
         rc = err->code ? err->code : EKV_ENOMEM;
         goto out;
     }
-    s->prefix_cache = (engine_prefix_cache){prefix_restore, prefix_save, s};
+    s->prefix_cache = (engine_prefix_cache){prefix_restore_start, prefix_restore_ready,
+                                            prefix_restore_finish, prefix_save, s};
     coord_log("kvstore: host tier %d MiB, %d daemon(s)", o->kvstore_mb, kc.n_peers);
 out:
     if (token) {

@@ -144,42 +144,93 @@ skip:
     }
 }
 
-int32_t kvprefix_restore(kvprefix *p, kv_seq *seq, const int32_t *tokens, int32_t n,
-                         int32_t max_tokens)
+struct kvprefix_job {
+    kvprefix *p;
+    int32_t n_blocks;
+    kvstore_op *ops;
+    uint8_t *values;
+    kvstore_batch *batch;
+    void (*wake)(void *);
+    void *wake_arg;
+    _Atomic bool arrived; /* every get has its result */
+};
+
+static void job_arrived(kvstore_batch *b, kvstore_op *ops, size_t n, void *arg)
 {
-    int32_t n_blocks = (n < max_tokens ? n : max_tokens) / p->bt;
-    const int64_t room = kv_pool_free_blocks(kv_seq_pool(seq)) / ((int64_t)p->L * p->HKV);
-    if (n_blocks > room)
-        n_blocks = (int32_t)room;
-    if (n_blocks <= 0 || kv_seq_max_len(seq) != 0)
-        return 0;
+    kvprefix_job *j = arg;
+    atomic_store(&j->arrived, true);
+    if (j->wake)
+        j->wake(j->wake_arg);
+}
+
+static void job_free(kvprefix_job *j)
+{
+    free(j->ops);
+    free(j->values);
+    free(j);
+}
+
+kvprefix_job *kvprefix_restore_start(kvprefix *p, const int32_t *tokens, int32_t n,
+                                     int32_t max_tokens, void (*wake)(void *), void *wake_arg)
+{
+    const int32_t n_blocks = (n < max_tokens ? n : max_tokens) / p->bt;
+    if (n_blocks <= 0)
+        return NULL;
+    kvprefix_job *j = calloc(1, sizeof *j);
     kvstore_key *keys = malloc((size_t)n_blocks * sizeof *keys);
-    kvstore_op *ops = calloc((size_t)n_blocks, sizeof *ops);
-    uint8_t *values = malloc((size_t)n_blocks * p->value_bytes);
-    kvstore_batch *batch = NULL;
-    int32_t got = 0;
-    if (!keys || !ops || !values)
-        goto out;
-    make_keys(p, tokens, n_blocks, keys);
-    for (int32_t i = 0; i < n_blocks; i++) {
-        ops[i].kind = KVSTORE_GET;
-        ops[i].key = keys[i];
-        ops[i].buf = values + (size_t)i * p->value_bytes;
-        ops[i].len = p->value_bytes;
+    if (j) {
+        j->ops = calloc((size_t)n_blocks, sizeof *j->ops);
+        j->values = malloc((size_t)n_blocks * p->value_bytes);
     }
-    if (kvstore_client_submit(p->client, ops, (size_t)n_blocks, NULL, NULL, &batch, NULL) != EKV_OK)
-        goto out;
-    kvstore_batch_wait(batch, -1); /* bounded by the client's op timeout */
-    kvstore_batch_release(batch);
-    while (got < n_blocks && ops[got].result == KVSTORE_OK && ops[got].value_len == p->value_bytes)
-        got++;
-    for (int32_t i = 0; i < got; i++) {
-        const uint8_t *v = values + (size_t)i * p->value_bytes;
-        for (int32_t l = 0; l < p->L; l++)
-            for (int32_t h = 0; h < p->HKV; h++)
-                if (kv_seq_block_import(seq, l, h, v + ((size_t)l * p->HKV + h) * p->block_bytes,
-                                        p->bt, NULL) != EKV_OK)
-                    goto undo; /* cannot happen: room was checked */
+    if (!j || !keys || !j->ops || !j->values)
+        goto fail;
+    *j = (kvprefix_job){.p = p, .n_blocks = n_blocks, .ops = j->ops, .values = j->values,
+                        .wake = wake, .wake_arg = wake_arg};
+    make_keys(p, tokens, n_blocks, keys);
+    for (int32_t i = 0; i < n_blocks; i++)
+        j->ops[i] = (kvstore_op){.kind = KVSTORE_GET, .key = keys[i],
+                                 .buf = j->values + (size_t)i * p->value_bytes,
+                                 .len = p->value_bytes};
+    if (kvstore_client_submit(p->client, j->ops, (size_t)n_blocks, job_arrived, j, &j->batch,
+                              NULL) != EKV_OK)
+        goto fail;
+    free(keys);
+    return j;
+fail:
+    free(keys);
+    if (j)
+        job_free(j);
+    atomic_fetch_add(&p->misses, 1);
+    return NULL;
+}
+
+bool kvprefix_restore_ready(const kvprefix_job *j)
+{
+    return atomic_load(&j->arrived);
+}
+
+int32_t kvprefix_restore_finish(kvprefix_job *j, kv_seq *seq)
+{
+    kvprefix *p = j->p;
+    kvstore_batch_release(j->batch); /* waits if needed, bounded by the op timeout */
+    int32_t got = 0;
+    if (seq && kv_seq_max_len(seq) == 0) {
+        int32_t n_blocks = j->n_blocks;
+        const int64_t room = kv_pool_free_blocks(kv_seq_pool(seq)) / ((int64_t)p->L * p->HKV);
+        if (n_blocks > room)
+            n_blocks = (int32_t)room;
+        while (got < n_blocks && j->ops[got].result == KVSTORE_OK &&
+               j->ops[got].value_len == p->value_bytes)
+            got++;
+        for (int32_t i = 0; i < got; i++) {
+            const uint8_t *v = j->values + (size_t)i * p->value_bytes;
+            for (int32_t l = 0; l < p->L; l++)
+                for (int32_t h = 0; h < p->HKV; h++)
+                    if (kv_seq_block_import(seq, l, h,
+                                            v + ((size_t)l * p->HKV + h) * p->block_bytes, p->bt,
+                                            NULL) != EKV_OK)
+                        goto undo; /* cannot happen: room was checked */
+        }
     }
     goto out;
 undo:
@@ -191,13 +242,20 @@ out:
     if (got > 0) {
         atomic_fetch_add(&p->restored, (uint64_t)got);
         atomic_fetch_add(&p->restored_tokens, (uint64_t)got * p->bt);
-    } else {
+    } else if (seq) {
         atomic_fetch_add(&p->misses, 1);
     }
-    free(keys);
-    free(ops);
-    free(values);
+    job_free(j);
     return got * p->bt;
+}
+
+int32_t kvprefix_restore(kvprefix *p, kv_seq *seq, const int32_t *tokens, int32_t n,
+                         int32_t max_tokens)
+{
+    if (kv_seq_max_len(seq) != 0)
+        return 0;
+    kvprefix_job *j = kvprefix_restore_start(p, tokens, n, max_tokens, NULL, NULL);
+    return j ? kvprefix_restore_finish(j, seq) : 0;
 }
 
 /* Gets the block-rows of tokens[0, n) marked in need[] (one batch, waited

@@ -178,6 +178,31 @@ static void usage_fill(const ekv_engine *e, const ereq *q, engine_usage *u)
     u->preemptions = q->preemptions;
 }
 
+void engine_kick_locked(ekv_engine *e)
+{
+    e->kicks++;
+    pthread_cond_signal(&e->work_cv);
+}
+
+/* The prefix cache's wake: a restore job's data has arrived. */
+static void restore_landed(void *arg)
+{
+    ekv_engine *e = arg;
+    pthread_mutex_lock(&e->mu);
+    engine_kick_locked(e);
+    pthread_mutex_unlock(&e->mu);
+}
+
+/* Drops q's restore in flight, if any (cancel, preemption, shutdown). */
+static void drop_restore(ekv_engine *e, ereq *q)
+{
+    if (!q->restore_job)
+        return;
+    const engine_prefix_cache *pc = e->cfg.prefix_cache;
+    pc->restore_finish(pc->ctx, q->restore_job, NULL);
+    q->restore_job = NULL;
+}
+
 void engine_finish(ekv_engine *e, ereq *q, gen_finish finish, ekv_status rc, const char *msg)
 {
     ekv_error err = {0};
@@ -191,6 +216,7 @@ void engine_finish(ekv_engine *e, ereq *q, gen_finish finish, ekv_status rc, con
             finish = GEN_FINISH_STOP;
     }
     usage_fill(e, q, &u);
+    drop_restore(e, q);
     kv_seq_free(q->seq);
     q->seq = NULL;
     if (q->cap)
@@ -217,6 +243,7 @@ void engine_finish(ekv_engine *e, ereq *q, gen_finish finish, ekv_status rc, con
 
 void engine_preempt(ekv_engine *e, ereq *q)
 {
+    drop_restore(e, q);
     kv_seq_free(q->seq);
     q->seq = NULL;
     if (q->cap)
@@ -252,8 +279,27 @@ void engine_note_step(ekv_engine *e)
 static bool wait_for_work(ekv_engine *e)
 {
     pthread_mutex_lock(&e->mu);
-    while (!e->stopping && !e->q_head && !e->cancelled && e->n_running == 0)
-        pthread_cond_wait(&e->work_cv, &e->mu);
+    for (;;) {
+        const bool other = e->stopping || e->q_head || e->cancelled;
+        if (other || (e->n_running > 0 && !e->restore_wait))
+            break;
+        if (e->n_running == 0) {
+            pthread_cond_wait(&e->work_cv, &e->mu);
+            continue;
+        }
+        /* only restores in flight: sleep until one lands (or anything else) */
+        if (e->kicks != e->restore_wait_kicks)
+            break;
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_nsec += 100 * 1000000;
+        if (ts.tv_nsec >= 1000000000) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000;
+        }
+        pthread_cond_timedwait(&e->work_cv, &e->mu, &ts);
+    }
+    e->restore_wait = false;
     const bool go = !e->stopping;
     pthread_mutex_unlock(&e->mu);
     return go;
@@ -303,27 +349,39 @@ static void setup(ekv_engine *e, ereq *q)
         goto fail;
     if (!(q->seq = kv_seq_create(e->pool, c->n_layers, c->n_kv_heads, &err)))
         goto fail;
-    const bool compress = q->r.kv.method != KVC_FULL;
-    q->n_restored = 0;
-    if (e->cfg.prefix_cache) {
-        /* leave the observation window (or one token, for logits) to compute */
-        const int32_t keep_out = compress ? 8 : 1;
-        const engine_prefix_cache *pc = e->cfg.prefix_cache;
-        q->n_restored = pc->restore(pc->ctx, q->seq, q->tokens, q->n_prompt,
-                                    q->n_prompt - keep_out);
-        q->n_fed = q->n_restored;
-    }
-    /* the capture sees what is computed: the prompt after the restored part */
-    if (compress && !(q->cap = kvc_capture_create(&q->r.kv, e->m, q->n_prompt - q->n_restored,
-                                                  q->n_restored, &err)))
-        goto fail;
     if (!q->started) {
         q->started = true;
         q->t_sched = gen_now();
     }
+    q->n_restored = 0;
+    if (e->cfg.prefix_cache) {
+        /* leave the observation window (or one token, for logits) to compute */
+        const int32_t keep_out = q->r.kv.method != KVC_FULL ? 8 : 1;
+        const engine_prefix_cache *pc = e->cfg.prefix_cache;
+        q->restore_job = pc->restore_start(pc->ctx, q->tokens, q->n_prompt,
+                                           q->n_prompt - keep_out, restore_landed, e);
+        if (q->restore_job)
+            return; /* engine_step calls engine_prompt_start when it lands */
+    }
+    engine_prompt_start(e, q, 0);
     return;
 fail:
     engine_finish(e, q, GEN_FINISH_LENGTH, err.code ? err.code : EKV_ENOMEM, err.msg);
+}
+
+bool engine_prompt_start(ekv_engine *e, ereq *q, int32_t n_restored)
+{
+    ekv_error err = {0};
+    q->n_restored = n_restored;
+    q->n_fed = n_restored;
+    /* the capture sees what is computed: the prompt after the restored part */
+    if (q->r.kv.method != KVC_FULL &&
+        !(q->cap = kvc_capture_create(&q->r.kv, e->m, q->n_prompt - n_restored, n_restored,
+                                      &err))) {
+        engine_finish(e, q, GEN_FINISH_LENGTH, err.code ? err.code : EKV_ENOMEM, err.msg);
+        return false;
+    }
+    return true;
 }
 
 /* A request the whole pool cannot hold. After a preemption it has streamed
@@ -526,7 +584,7 @@ void engine_destroy(ekv_engine *e)
     if (e->thread_started) {
         pthread_mutex_lock(&e->mu);
         e->stopping = e->draining = true;
-        pthread_cond_signal(&e->work_cv);
+        engine_kick_locked(e);
         pthread_mutex_unlock(&e->mu);
         pthread_join(e->thread, NULL);
     }
@@ -553,7 +611,7 @@ ekv_status engine_submit(ekv_engine *e, const engine_request *r, uint64_t *id, e
         e->n_open++;
         if (id)
             *id = q->id;
-        pthread_cond_signal(&e->work_cv);
+        engine_kick_locked(e);
     }
     pthread_mutex_unlock(&e->mu);
     if (rc)
@@ -572,14 +630,14 @@ void engine_cancel(ekv_engine *e, uint64_t id)
         queue_unlink(e, q);
         q->next = e->cancelled;
         e->cancelled = q;
-        pthread_cond_signal(&e->work_cv);
+        engine_kick_locked(e);
         goto out;
     }
     for (int32_t i = 0; i < e->n_running; i++) {
         if (e->running[i]->id != id)
             continue;
         e->running[i]->cancel = true;
-        pthread_cond_signal(&e->work_cv);
+        engine_kick_locked(e);
         break;
     }
 out:

@@ -37,6 +37,7 @@ struct ereq {
     int32_t n_gen;         /* generated (emitted) tokens */
     int32_t n_fed;         /* tokens whose K/V are in seq (0 after preemption) */
     int32_t n_restored;    /* of those, restored from the prefix cache */
+    void *restore_job;     /* the prefix cache is fetching its prefix: no rows yet */
     bool prompt_saved;     /* the prompt's KV went to the prefix cache */
     int32_t rows;          /* rows in the batch being built */
     int32_t preemptions;
@@ -73,6 +74,9 @@ struct ekv_engine {
     int64_t n_open;         /* accepted, on_done not yet returned */
     uint64_t next_id;
     bool draining, stopping;
+    uint64_t kicks;         /* work_cv signals so far (engine_kick_locked) */
+    bool restore_wait;      /* the last step had nothing to run but restores... */
+    uint64_t restore_wait_kicks; /* ...and saw this many kicks before looking */
     engine_stats stats;     /* kv_bytes_saved, preemptions, steps, pool blocks */
 
     /* engine thread only: per-step scratch */
@@ -98,6 +102,11 @@ void engine_finish(ekv_engine *e, ereq *q, gen_finish finish, ekv_status rc, con
 /* Frees q's KV and capture and puts it back at the head of the queue to be
  * recomputed from prompt + generated tokens. */
 void engine_preempt(ekv_engine *e, ereq *q);
+/* q's restore has landed with n_restored prompt tokens in its KV (0: none):
+ * the rest of the prompt is to be prefilled. False when q was finished. */
+bool engine_prompt_start(ekv_engine *e, ereq *q, int32_t n_restored);
+/* Wakes the engine thread (under mu): new work, or a restore landed. */
+void engine_kick_locked(ekv_engine *e);
 /* Publishes the pool's free blocks and bumps the step counter. */
 void engine_note_step(ekv_engine *e);
 

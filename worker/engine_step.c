@@ -114,7 +114,7 @@ ekv_status engine_flush_text(ekv_engine *e, ereq *q, bool *stopped, ekv_error *e
 
 static bool is_decode(const ereq *q)
 {
-    return q->n_tok - q->n_fed == 1;
+    return q->n_tok - q->n_fed == 1 && !q->restore_job;
 }
 
 /* Frees memory: preempts the newest running sequence. One alone that still
@@ -184,13 +184,45 @@ static void add_rows(ekv_engine *e, ereq *q, int32_t rows, int32_t *n)
  * while a capture waits for the prompt's end. */
 static int32_t prefill_want(const ereq *q, int32_t budget)
 {
+    if (q->restore_job)
+        return 0; /* its prefix is still on the way */
     int32_t want = q->n_tok - q->n_fed;
     if (q->cap && q->n_prompt - q->n_fed < want)
         want = q->n_prompt - q->n_fed;
     return want < budget ? want : budget;
 }
 
-/* Fills the batch; returns its rows (0 only when nothing runs any more). */
+static bool restoring(const ekv_engine *e)
+{
+    for (int32_t i = 0; i < e->n_running; i++)
+        if (e->running[i]->restore_job)
+            return true;
+    return false;
+}
+
+/* Puts the prefixes that have arrived from the prefix cache into their
+ * sequences. When nothing else can run, engine.c sleeps until the next
+ * kick; `kicks` is read before looking, so a landing in between is not
+ * missed. */
+static void settle_restores(ekv_engine *e)
+{
+    pthread_mutex_lock(&e->mu);
+    const uint64_t kicks = e->kicks;
+    pthread_mutex_unlock(&e->mu);
+    const engine_prefix_cache *pc = e->cfg.prefix_cache;
+    for (int32_t i = e->n_running - 1; i >= 0; i--) { /* finishing one shifts later ones */
+        ereq *q = e->running[i];
+        if (!q->restore_job || !pc->restore_ready(pc->ctx, q->restore_job))
+            continue;
+        const int32_t got = pc->restore_finish(pc->ctx, q->restore_job, q->seq);
+        q->restore_job = NULL;
+        engine_prompt_start(e, q, got);
+    }
+    e->restore_wait_kicks = kicks;
+}
+
+/* Fills the batch; returns its rows (0 when nothing runs any more, or
+ * nothing can run until a restore lands). */
 static int32_t build_batch(ekv_engine *e)
 {
     for (;;) {
@@ -211,8 +243,8 @@ static int32_t build_batch(ekv_engine *e)
             free_left -= kv_seq_blocks_needed(q->seq, rows);
             add_rows(e, q, rows, &n);
         }
-        if (n > 0 || e->n_running == 0)
-            return n;
+        if (n > 0 || e->n_running == 0 || restoring(e))
+            return n; /* nothing to run until a restore lands: engine.c waits for it */
         relieve(e);
     }
 }
@@ -268,9 +300,17 @@ static bool compress_prompt(ekv_engine *e, ereq *q)
 
 void engine_step(ekv_engine *e)
 {
+    if (e->cfg.prefix_cache)
+        settle_restores(e);
     const int32_t n = build_batch(e);
-    if (n == 0)
+    if (n == 0) {
+        if (restoring(e)) {
+            pthread_mutex_lock(&e->mu);
+            e->restore_wait = true;
+            pthread_mutex_unlock(&e->mu);
+        }
         return;
+    }
     model_batch b = {.n = n,
                      .tokens = e->b_tokens,
                      .pos = e->b_pos,

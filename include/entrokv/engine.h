@@ -44,15 +44,23 @@ typedef struct ekv_engine ekv_engine;
 
 /*
  * An optional store of prompt KV (the KV store tier: kvprefix.h), called on
- * the engine thread. When a request is scheduled, restore brings back the
+ * the engine thread. When a request is scheduled, restore_start asks for the
  * longest stored prefix of its prompt (at most max_tokens, leaving the
- * observation window to be computed) and only the rest is prefilled. When a
+ * observation window to be computed) and returns a job, or NULL when there
+ * is nothing to ask for; the engine goes on stepping the other sequences
+ * while the store works, and wake(wake_arg) (on the store's thread, must not
+ * block) tells it the job is ready. restore_finish puts the restored prefix
+ * into the empty seq and returns its tokens; only the rest is prefilled.
+ * With seq NULL it discards the job (the request was cancelled or
+ * preempted); it may wait for the store, bounded by its op timeout. When a
  * prompt's prefill completes, before compression, save offers its full KV
  * (blocks below first_block came from the store already).
  */
 typedef struct engine_prefix_cache {
-    int32_t (*restore)(void *ctx, kv_seq *seq, const int32_t *tokens, int32_t n,
-                       int32_t max_tokens);
+    void *(*restore_start)(void *ctx, const int32_t *tokens, int32_t n, int32_t max_tokens,
+                           void (*wake)(void *), void *wake_arg);
+    bool (*restore_ready)(void *ctx, void *job);
+    int32_t (*restore_finish)(void *ctx, void *job, kv_seq *seq);
     void (*save)(void *ctx, const kv_seq *seq, const int32_t *tokens, int32_t n,
                  int32_t first_block);
     void *ctx;

@@ -17,14 +17,16 @@
  * request restores the full prefix and compresses it again for its own
  * query (docs/kvstore.md).
  *
- * Threading: save and restore are called from the step engine's thread;
- * save copies the blocks and returns while the store works in the
- * background; restore waits for its gets (bounded by the client's op
- * timeout).
+ * Threading: save, restore and recall are called from the step engine's
+ * thread; save copies the blocks and returns while the store works in the
+ * background; restore either waits for its gets (kvprefix_restore) or runs
+ * in the background (kvprefix_restore_start / _finish); recall waits
+ * (bounded by the client's op timeout).
  */
 #ifndef ENTROKV_KVPREFIX_H
 #define ENTROKV_KVPREFIX_H
 
+#include <stdbool.h>
 #include <stdint.h>
 
 #include "entrokv/kvcache.h"
@@ -56,9 +58,27 @@ void kvprefix_save(kvprefix *p, const kv_seq *seq, const int32_t *tokens, int32_
 
 /* Restores into the empty seq the longest stored prefix of tokens[0, n) of
  * whole blocks, at most max_tokens tokens; returns the tokens restored (0:
- * nothing found, or the pool had no room). */
+ * nothing found, or the pool had no room). Waits for the store: start +
+ * finish. */
 int32_t kvprefix_restore(kvprefix *p, kv_seq *seq, const int32_t *tokens, int32_t n,
                          int32_t max_tokens);
+
+/*
+ * The same in two halves, so the caller keeps working while the gets are in
+ * flight (the step engine keeps decoding other sequences). start submits the
+ * gets and returns at once (NULL: nothing to restore, or the store is busy);
+ * wake(wake_arg), if set, is called on the store's thread when they have all
+ * arrived (it must not block). ready says whether they have. finish imports
+ * the stored prefix into the empty seq and frees the job; it waits if the
+ * gets are still in flight (bounded by the store's op timeout). finish with
+ * seq NULL discards the job (a cancelled request). Every job must be
+ * finished, on the thread that started it.
+ */
+typedef struct kvprefix_job kvprefix_job;
+kvprefix_job *kvprefix_restore_start(kvprefix *p, const int32_t *tokens, int32_t n,
+                                     int32_t max_tokens, void (*wake)(void *), void *wake_arg);
+bool kvprefix_restore_ready(const kvprefix_job *j);
+int32_t kvprefix_restore_finish(kvprefix_job *j, kv_seq *seq);
 
 /* One head's recall: prompt positions to bring back into (layer, KV head). */
 typedef struct kvprefix_recall_req {
