@@ -5,7 +5,8 @@
  * [K][V rows][positions] per block, K transposed ([head_dim][block_tokens],
  * the layout kern_kv_view documents: attention scores a block's tokens in
  * SIMD lanes); free blocks sit on a stack of ids. A block is zeroed when a
- * head takes it, so its unused rows never hold stale or uninitialised data.
+ * head takes it, so its unused rows are never uninitialised (after a keep
+ * they may hold rows of dropped tokens: finite, and past n_tokens).
  * Each head of a sequence keeps parallel arrays of block ids and of K / V /
  * position pointers, so a kern_kv_view is built without copying.
  */
