@@ -312,7 +312,7 @@ static int window_for(size_t size)
  * One block size, one working set: `reps` rounds of n_ops puts then n_ops
  * gets; the median bandwidth of each. "cache" keeps the data where
  * ucx_perftest keeps its own (it sends from and receives into one buffer
- * each): 2 x window keys and buffers, 8-16 MiB. "spread" cycles over
+ * each): 2 x window keys and buffers, at most 16 MiB. "spread" cycles over
  * 512 MiB of keys, which is what a store full of cold blocks costs;
  * perftest has no such mode, so that row's ratio is against the same
  * reference.
