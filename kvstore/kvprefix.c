@@ -170,28 +170,36 @@ static void job_free(kvprefix_job *j)
     free(j);
 }
 
-kvprefix_job *kvprefix_restore_start(kvprefix *p, const int32_t *tokens, int32_t n,
-                                     int32_t max_tokens, void (*wake)(void *), void *wake_arg)
+/* Gets the block-rows of tokens' first n_blocks blocks that need[] marks
+ * (all of them with need NULL), in one batch; the k-th one asked for lands
+ * in ops[k] and values + k * value_bytes. NULL when the store is busy or
+ * memory is short. */
+static kvprefix_job *job_start(kvprefix *p, const int32_t *tokens, int32_t n_blocks,
+                               const bool *need, void (*wake)(void *), void *wake_arg)
 {
-    const int32_t n_blocks = (n < max_tokens ? n : max_tokens) / p->bt;
-    if (n_blocks <= 0)
+    int32_t n_get = 0;
+    for (int32_t i = 0; i < n_blocks; i++)
+        n_get += !need || need[i];
+    if (n_get == 0)
         return NULL;
     kvprefix_job *j = calloc(1, sizeof *j);
     kvstore_key *keys = malloc((size_t)n_blocks * sizeof *keys);
     if (j) {
-        j->ops = calloc((size_t)n_blocks, sizeof *j->ops);
-        j->values = malloc((size_t)n_blocks * p->value_bytes);
+        *j = (kvprefix_job){.p = p, .n_blocks = n_get, .wake = wake, .wake_arg = wake_arg};
+        j->ops = calloc((size_t)n_get, sizeof *j->ops);
+        j->values = malloc((size_t)n_get * p->value_bytes);
     }
     if (!j || !keys || !j->ops || !j->values)
         goto fail;
-    *j = (kvprefix_job){.p = p, .n_blocks = n_blocks, .ops = j->ops, .values = j->values,
-                        .wake = wake, .wake_arg = wake_arg};
     make_keys(p, tokens, n_blocks, keys);
-    for (int32_t i = 0; i < n_blocks; i++)
-        j->ops[i] = (kvstore_op){.kind = KVSTORE_GET, .key = keys[i],
-                                 .buf = j->values + (size_t)i * p->value_bytes,
-                                 .len = p->value_bytes};
-    if (kvstore_client_submit(p->client, j->ops, (size_t)n_blocks, job_arrived, j, &j->batch,
+    for (int32_t i = 0, k = 0; i < n_blocks; i++)
+        if (!need || need[i]) {
+            j->ops[k] = (kvstore_op){.kind = KVSTORE_GET, .key = keys[i],
+                                     .buf = j->values + (size_t)k * p->value_bytes,
+                                     .len = p->value_bytes};
+            k++;
+        }
+    if (kvstore_client_submit(p->client, j->ops, (size_t)n_get, job_arrived, j, &j->batch,
                               NULL) != EKV_OK)
         goto fail;
     free(keys);
@@ -200,8 +208,25 @@ fail:
     free(keys);
     if (j)
         job_free(j);
-    atomic_fetch_add(&p->misses, 1);
     return NULL;
+}
+
+/* Whether the k-th get of a finished job brought a whole block-row. */
+static bool job_got(const kvprefix_job *j, int32_t k)
+{
+    return j->ops[k].result == KVSTORE_OK && j->ops[k].value_len == j->p->value_bytes;
+}
+
+kvprefix_job *kvprefix_restore_start(kvprefix *p, const int32_t *tokens, int32_t n,
+                                     int32_t max_tokens, void (*wake)(void *), void *wake_arg)
+{
+    const int32_t n_blocks = (n < max_tokens ? n : max_tokens) / p->bt;
+    if (n_blocks <= 0)
+        return NULL;
+    kvprefix_job *j = job_start(p, tokens, n_blocks, NULL, wake, wake_arg);
+    if (!j)
+        atomic_fetch_add(&p->misses, 1);
+    return j;
 }
 
 bool kvprefix_restore_ready(const kvprefix_job *j)
@@ -219,8 +244,7 @@ int32_t kvprefix_restore_finish(kvprefix_job *j, kv_seq *seq)
         const int64_t room = kv_pool_free_blocks(kv_seq_pool(seq)) / ((int64_t)p->L * p->HKV);
         if (n_blocks > room)
             n_blocks = (int32_t)room;
-        while (got < n_blocks && j->ops[got].result == KVSTORE_OK &&
-               j->ops[got].value_len == p->value_bytes)
+        while (got < n_blocks && job_got(j, got))
             got++;
         for (int32_t i = 0; i < got; i++) {
             const uint8_t *v = j->values + (size_t)i * p->value_bytes;
@@ -258,45 +282,6 @@ int32_t kvprefix_restore(kvprefix *p, kv_seq *seq, const int32_t *tokens, int32_
     return j ? kvprefix_restore_finish(j, seq) : 0;
 }
 
-/* Gets the block-rows of tokens[0, n) marked in need[] (one batch, waited
- * for); values[i] is block i's row, valid where ok[i]. */
-static void get_rows(kvprefix *p, const int32_t *tokens, int32_t n_blocks, const bool *need,
-                     uint8_t **values, bool *ok)
-{
-    int32_t n_need = 0;
-    for (int32_t i = 0; i < n_blocks; i++)
-        n_need += need[i];
-    kvstore_key *keys = malloc((size_t)n_blocks * sizeof *keys);
-    kvstore_op *ops = calloc((size_t)n_need, sizeof *ops);
-    uint8_t *buf = malloc((size_t)n_need * p->value_bytes);
-    kvstore_batch *batch = NULL;
-    *values = buf;
-    if (!keys || !ops || !buf || n_need == 0)
-        goto out;
-    make_keys(p, tokens, n_blocks, keys);
-    for (int32_t i = 0, k = 0; i < n_blocks; i++) {
-        if (!need[i])
-            continue;
-        ops[k] = (kvstore_op){.kind = KVSTORE_GET, .key = keys[i],
-                              .buf = buf + (size_t)k * p->value_bytes, .len = p->value_bytes};
-        k++;
-    }
-    if (kvstore_client_submit(p->client, ops, (size_t)n_need, NULL, NULL, &batch, NULL) != EKV_OK)
-        goto out;
-    kvstore_batch_wait(batch, -1); /* bounded by the client's op timeout */
-    kvstore_batch_release(batch);
-    /* values are dense: the k-th needed block's row is the k-th value */
-    for (int32_t i = 0, k = 0; i < n_blocks; i++) {
-        if (!need[i])
-            continue;
-        ok[i] = ops[k].result == KVSTORE_OK && ops[k].value_len == p->value_bytes;
-        k++;
-    }
-out:
-    free(keys);
-    free(ops);
-}
-
 int64_t kvprefix_recall(kvprefix *p, kv_seq *seq, const int32_t *tokens, int32_t n,
                         const kvprefix_recall_req *reqs, int32_t n_reqs, ekv_error *err)
 {
@@ -312,22 +297,22 @@ int64_t kvprefix_recall(kvprefix *p, kv_seq *seq, const int32_t *tokens, int32_t
                                      "kv recall: positions must be increasing and in [0, %d)", n),
                        -1;
     }
-    bool *need = calloc((size_t)n_blocks + 1, 2 * sizeof *need);
+    bool *need = calloc((size_t)n_blocks + 1, sizeof *need);
     int32_t *slot = malloc(((size_t)n_blocks + 1) * sizeof *slot);
     if (!need || !slot) {
         free(need);
         free(slot);
         return ekv_error_set(err, EKV_ENOMEM, "kv recall: out of memory"), -1;
     }
-    bool *ok = need + n_blocks + 1;
     for (int32_t q = 0; q < n_reqs; q++)
         for (int32_t j = 0; j < reqs[q].n; j++)
             if (reqs[q].pos[j] / p->bt < n_blocks)
                 need[reqs[q].pos[j] / p->bt] = true;
-    for (int32_t i = 0, k = 0; i < n_blocks; i++)
-        slot[i] = need[i] ? k++ : -1;
-    uint8_t *values = NULL;
-    get_rows(p, tokens, n_blocks, need, &values, ok);
+    kvprefix_job *job = job_start(p, tokens, n_blocks, need, NULL, NULL);
+    if (job)
+        kvstore_batch_release(job->batch); /* waits, bounded by the client's op timeout */
+    for (int32_t i = 0, k = 0; i < n_blocks; i++) /* block i's get in the job, or -1 */
+        slot[i] = job && need[i] ? k++ : -1;
     int64_t recalled = 0;
     int32_t max_n = 0;
     for (int32_t q = 0; q < n_reqs; q++)
@@ -345,9 +330,9 @@ int64_t kvprefix_recall(kvprefix *p, kv_seq *seq, const int32_t *tokens, int32_t
         int32_t m = 0;
         for (int32_t j = 0; j < r->n; j++) {
             const int32_t b = r->pos[j] / p->bt;
-            if (b >= n_blocks || !ok[b])
-                continue;
-            const uint8_t *blk = values + (size_t)slot[b] * p->value_bytes +
+            if (b >= n_blocks || slot[b] < 0 || !job_got(job, slot[b]))
+                continue; /* not stored, or it did not arrive whole */
+            const uint8_t *blk = job->values + (size_t)slot[b] * p->value_bytes +
                                  ((size_t)r->layer * p->HKV + r->head) * p->block_bytes;
             const int32_t at = kv_block_token(pool, blk, r->pos[j] % p->bt, k + (size_t)m * d,
                                               v + (size_t)m * d);
@@ -365,7 +350,8 @@ int64_t kvprefix_recall(kvprefix *p, kv_seq *seq, const int32_t *tokens, int32_t
     free(k);
     free(v);
     free(pos);
-    free(values);
+    if (job)
+        job_free(job);
     free(need);
     free(slot);
     return recalled;
