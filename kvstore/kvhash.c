@@ -13,8 +13,9 @@
  * neighbouring lane; every 1 KiB the lanes are scrambled; the tail is
  * zero-padded and the length mixed into the result. It is not xxHash3 (own
  * secret, simplified tail), it detects corruption, it is not a MAC. The
- * stripe loop has SSE2 and AVX2 versions (chosen at run time) that must
- * equal the scalar reference bit for bit; test_kvlocal checks that.
+ * stripe loop has SSE2, AVX2 and AVX-512 versions (the best this CPU runs is
+ * chosen once) that must equal the scalar reference bit for bit;
+ * test_kvlocal checks each.
  */
 #include "entrokv/kvstore.h"
 
@@ -22,9 +23,12 @@
 
 #include "entrokv/sha256.h"
 
-/* Test hook (not in the public header): the portable checksum, which the
- * SIMD one must equal. */
+/* Test hooks (not in the public header): the portable checksum, and the
+ * checksum with one instruction set (false if this CPU lacks it); every
+ * variant must equal the portable one. */
+enum { KVHASH_SCALAR, KVHASH_SSE2, KVHASH_AVX2, KVHASH_AVX512 };
 uint64_t kvstore_checksum_reference(const void *data, size_t len);
+bool kvstore_checksum_isa(int isa, const void *data, size_t len, uint64_t *out);
 
 static void put_u32(ekv_sha256 *s, uint32_t v)
 {
@@ -107,10 +111,17 @@ static const uint64_t SECRET[8] = {
     0x78e5c0cc4ee679cbull, 0x2172ffcc7dd05a82ull, 0x8e2443f7744608b8ull, 0x4c263a81e69035e0ull,
 };
 
+static void scramble(uint64_t acc[8])
+{
+    for (int i = 0; i < 8; i++)
+        acc[i] = (acc[i] ^ (acc[i] >> 47) ^ SECRET[7 - i]) * P32_1;
+}
+
 /* n whole stripes into acc: acc[i] += x[i ^ 1] + lo32(k) * hi32(k) with
- * k = x[i] ^ SECRET[i]. The portable reference; the SIMD versions below
- * compute exactly the same sums (compilers vectorise this form poorly). */
-static void accumulate_scalar(uint64_t acc[8], const uint8_t *p, size_t n)
+ * k = x[i] ^ SECRET[i], and a scramble after each whole block of 16
+ * stripes. The portable reference; the SIMD versions below compute exactly
+ * the same sums (compilers vectorise this form poorly). */
+static void stripes_scalar(uint64_t acc[8], const uint8_t *p, size_t n)
 {
     for (size_t s = 0; s < n; s++, p += STRIPE) {
         uint64_t x[8];
@@ -123,6 +134,8 @@ static void accumulate_scalar(uint64_t acc[8], const uint8_t *p, size_t n)
             uint64_t k = x[i] ^ SECRET[i];
             acc[i] += x[i ^ 1] + (k & 0xffffffffu) * (k >> 32);
         }
+        if (s % STRIPES_PER_BLOCK == STRIPES_PER_BLOCK - 1)
+            scramble(acc);
     }
 }
 
@@ -130,68 +143,119 @@ static void accumulate_scalar(uint64_t acc[8], const uint8_t *p, size_t n)
 #include <immintrin.h>
 
 /* SSE2 (every x86-64): 4 vectors of 2 lanes; the shuffle swaps the two
- * 64-bit halves, which is x[i ^ 1]. */
-static void accumulate_sse2(uint64_t acc[8], const uint8_t *p, size_t n)
+ * 64-bit halves, which is x[i ^ 1]. The scramble stays scalar: SSE2 has
+ * no cheap 64-bit multiply and it runs once per KiB. */
+static void stripes_sse2(uint64_t acc[8], const uint8_t *p, size_t n)
 {
-    __m128i a[4], sec[4];
-    for (int j = 0; j < 4; j++) {
-        a[j] = _mm_loadu_si128((const __m128i *)(acc + 2 * j));
-        sec[j] = _mm_loadu_si128((const __m128i *)(SECRET + 2 * j));
-    }
-    for (size_t s = 0; s < n; s++, p += STRIPE) {
-        for (int j = 0; j < 4; j++) {
-            __m128i x = _mm_loadu_si128((const __m128i *)(p + 16 * j));
-            __m128i k = _mm_xor_si128(x, sec[j]);
-            __m128i prod = _mm_mul_epu32(k, _mm_srli_epi64(k, 32));
-            __m128i sw = _mm_shuffle_epi32(x, _MM_SHUFFLE(1, 0, 3, 2));
-            a[j] = _mm_add_epi64(a[j], _mm_add_epi64(prod, sw));
-        }
-    }
+    __m128i sec[4];
     for (int j = 0; j < 4; j++)
-        _mm_storeu_si128((__m128i *)(acc + 2 * j), a[j]);
+        sec[j] = _mm_loadu_si128((const __m128i *)(SECRET + 2 * j));
+    while (n) {
+        size_t m = n < STRIPES_PER_BLOCK ? n : STRIPES_PER_BLOCK;
+        __m128i a[4];
+        for (int j = 0; j < 4; j++)
+            a[j] = _mm_loadu_si128((const __m128i *)(acc + 2 * j));
+        for (size_t s = 0; s < m; s++, p += STRIPE) {
+            for (int j = 0; j < 4; j++) {
+                __m128i x = _mm_loadu_si128((const __m128i *)(p + 16 * j));
+                __m128i k = _mm_xor_si128(x, sec[j]);
+                __m128i prod = _mm_mul_epu32(k, _mm_srli_epi64(k, 32));
+                __m128i sw = _mm_shuffle_epi32(x, _MM_SHUFFLE(1, 0, 3, 2));
+                a[j] = _mm_add_epi64(a[j], _mm_add_epi64(prod, sw));
+            }
+        }
+        for (int j = 0; j < 4; j++)
+            _mm_storeu_si128((__m128i *)(acc + 2 * j), a[j]);
+        if (m == STRIPES_PER_BLOCK)
+            scramble(acc);
+        n -= m;
+    }
 }
 
-__attribute__((target("avx2"))) static void accumulate_avx2(uint64_t acc[8], const uint8_t *p,
-                                                             size_t n)
+/* The lanes stay in registers for the whole value, scramble included:
+ * (v ^ v >> 47 ^ s) * P32_1 mod 2^64 is lo32(v) * P + (hi32(v) * P << 32). */
+#define SCRAMBLE_VEC(W, v, srev, prime)                                                           \
+    do {                                                                                           \
+        v = _mm##W##_xor_si##W(_mm##W##_xor_si##W(v, _mm##W##_srli_epi64(v, 47)), srev);          \
+        v = _mm##W##_add_epi64(                                                                    \
+            _mm##W##_mul_epu32(v, prime),                                                          \
+            _mm##W##_slli_epi64(_mm##W##_mul_epu32(_mm##W##_srli_epi64(v, 32), prime), 32));       \
+    } while (0)
+
+__attribute__((target("avx2"))) static void stripes_avx2(uint64_t acc[8], const uint8_t *p,
+                                                          size_t n)
 {
     __m256i a0 = _mm256_loadu_si256((const __m256i *)acc);
     __m256i a1 = _mm256_loadu_si256((const __m256i *)(acc + 4));
     const __m256i s0 = _mm256_loadu_si256((const __m256i *)SECRET);
     const __m256i s1 = _mm256_loadu_si256((const __m256i *)(SECRET + 4));
-    for (size_t s = 0; s < n; s++, p += STRIPE) {
-        __m256i x0 = _mm256_loadu_si256((const __m256i *)p);
-        __m256i x1 = _mm256_loadu_si256((const __m256i *)(p + 32));
-        __m256i k0 = _mm256_xor_si256(x0, s0), k1 = _mm256_xor_si256(x1, s1);
-        __m256i p0 = _mm256_mul_epu32(k0, _mm256_srli_epi64(k0, 32));
-        __m256i p1 = _mm256_mul_epu32(k1, _mm256_srli_epi64(k1, 32));
-        a0 = _mm256_add_epi64(a0, _mm256_add_epi64(p0, _mm256_shuffle_epi32(x0, 0x4e)));
-        a1 = _mm256_add_epi64(a1, _mm256_add_epi64(p1, _mm256_shuffle_epi32(x1, 0x4e)));
+    const __m256i r0 = _mm256_set_epi64x((long long)SECRET[4], (long long)SECRET[5],
+                                         (long long)SECRET[6], (long long)SECRET[7]);
+    const __m256i r1 = _mm256_set_epi64x((long long)SECRET[0], (long long)SECRET[1],
+                                         (long long)SECRET[2], (long long)SECRET[3]);
+    const __m256i prime = _mm256_set1_epi64x(P32_1);
+    while (n) {
+        size_t m = n < STRIPES_PER_BLOCK ? n : STRIPES_PER_BLOCK;
+        for (size_t s = 0; s < m; s++, p += STRIPE) {
+            __m256i x0 = _mm256_loadu_si256((const __m256i *)p);
+            __m256i x1 = _mm256_loadu_si256((const __m256i *)(p + 32));
+            __m256i k0 = _mm256_xor_si256(x0, s0), k1 = _mm256_xor_si256(x1, s1);
+            __m256i p0 = _mm256_mul_epu32(k0, _mm256_srli_epi64(k0, 32));
+            __m256i p1 = _mm256_mul_epu32(k1, _mm256_srli_epi64(k1, 32));
+            a0 = _mm256_add_epi64(a0, _mm256_add_epi64(p0, _mm256_shuffle_epi32(x0, 0x4e)));
+            a1 = _mm256_add_epi64(a1, _mm256_add_epi64(p1, _mm256_shuffle_epi32(x1, 0x4e)));
+        }
+        if (m == STRIPES_PER_BLOCK) {
+            SCRAMBLE_VEC(256, a0, r0, prime);
+            SCRAMBLE_VEC(256, a1, r1, prime);
+        }
+        n -= m;
     }
     _mm256_storeu_si256((__m256i *)acc, a0);
     _mm256_storeu_si256((__m256i *)(acc + 4), a1);
 }
 
-static void accumulate(uint64_t acc[8], const uint8_t *p, size_t n)
+/* One 64-byte stripe is one register: half the instructions of AVX2. */
+__attribute__((target("avx512f"))) static void stripes_avx512(uint64_t acc[8], const uint8_t *p,
+                                                              size_t n)
 {
-    static int avx2 = -1; /* racy first use is harmless: every thread gets the same answer */
-    if (avx2 < 0)
-        avx2 = __builtin_cpu_supports("avx2") ? 1 : 0;
-    if (avx2)
-        accumulate_avx2(acc, p, n);
-    else
-        accumulate_sse2(acc, p, n);
-}
-#else
-static void accumulate(uint64_t acc[8], const uint8_t *p, size_t n)
-{
-    accumulate_scalar(acc, p, n);
+    __m512i a = _mm512_loadu_si512(acc);
+    const __m512i sec = _mm512_loadu_si512(SECRET);
+    const __m512i rev = _mm512_set_epi64(
+        (long long)SECRET[0], (long long)SECRET[1], (long long)SECRET[2], (long long)SECRET[3],
+        (long long)SECRET[4], (long long)SECRET[5], (long long)SECRET[6], (long long)SECRET[7]);
+    const __m512i prime = _mm512_set1_epi64(P32_1);
+    while (n) {
+        size_t m = n < STRIPES_PER_BLOCK ? n : STRIPES_PER_BLOCK;
+        for (size_t s = 0; s < m; s++, p += STRIPE) {
+            __m512i x = _mm512_loadu_si512(p);
+            __m512i k = _mm512_xor_si512(x, sec);
+            __m512i prod = _mm512_mul_epu32(k, _mm512_srli_epi64(k, 32));
+            a = _mm512_add_epi64(a, _mm512_add_epi64(prod, _mm512_shuffle_epi32(x, 0x4e)));
+        }
+        if (m == STRIPES_PER_BLOCK)
+            SCRAMBLE_VEC(512, a, rev, prime);
+        n -= m;
+    }
+    _mm512_storeu_si512(acc, a);
 }
 #endif
 
-static void scramble(uint64_t acc[8])
+typedef void (*stripes_fn)(uint64_t acc[8], const uint8_t *p, size_t n);
+
+/* The variants, best last; test_kvlocal checks each this CPU runs against
+ * the scalar one. */
+static stripes_fn variant(int isa)
 {
-    for (int i = 0; i < 8; i++)
-        acc[i] = (acc[i] ^ (acc[i] >> 47) ^ SECRET[7 - i]) * P32_1;
+#if defined(__x86_64__)
+    switch (isa) {
+    case KVHASH_SSE2: return stripes_sse2;
+    case KVHASH_AVX2: return __builtin_cpu_supports("avx2") ? stripes_avx2 : NULL;
+    case KVHASH_AVX512: return __builtin_cpu_supports("avx512f") ? stripes_avx512 : NULL;
+    default: break;
+    }
+#endif
+    return isa == KVHASH_SCALAR ? stripes_scalar : NULL;
 }
 
 static uint64_t fold(uint64_t a, uint64_t b)
@@ -207,26 +271,18 @@ static uint64_t avalanche(uint64_t h)
     return h ^ (h >> 32);
 }
 
-typedef void (*accumulate_fn)(uint64_t acc[8], const uint8_t *p, size_t n);
-
-static uint64_t checksum_with(accumulate_fn acc_fn, const void *data, size_t len)
+static uint64_t checksum_with(stripes_fn fn, const void *data, size_t len)
 {
     uint64_t acc[8] = {P32_3, P64_1, P64_2, P64_3, P64_4, P32_2, P64_5, P32_1};
     const uint8_t *p = data;
     size_t stripes = len / STRIPE;
-    while (stripes >= STRIPES_PER_BLOCK) {
-        acc_fn(acc, p, STRIPES_PER_BLOCK);
-        scramble(acc);
-        p += STRIPES_PER_BLOCK * STRIPE;
-        stripes -= STRIPES_PER_BLOCK;
-    }
-    acc_fn(acc, p, stripes);
+    fn(acc, p, stripes);
     p += stripes * STRIPE;
     size_t tail = len % STRIPE;
     if (tail) {
         uint8_t last[STRIPE] = {0};
         memcpy(last, p, tail);
-        acc_fn(acc, last, 1);
+        fn(acc, last, 1);
     }
     uint64_t h = (uint64_t)len * P64_1;
     for (int i = 0; i < 4; i++)
@@ -236,10 +292,23 @@ static uint64_t checksum_with(accumulate_fn acc_fn, const void *data, size_t len
 
 uint64_t kvstore_checksum(const void *data, size_t len)
 {
-    return checksum_with(accumulate, data, len);
+    static stripes_fn best; /* racy first use is harmless: every thread finds the same */
+    if (!best)
+        for (int isa = KVHASH_SCALAR; isa <= KVHASH_AVX512; isa++)
+            if (variant(isa))
+                best = variant(isa);
+    return checksum_with(best, data, len);
+}
+
+bool kvstore_checksum_isa(int isa, const void *data, size_t len, uint64_t *out)
+{
+    stripes_fn fn = variant(isa);
+    if (fn)
+        *out = checksum_with(fn, data, len);
+    return fn != NULL;
 }
 
 uint64_t kvstore_checksum_reference(const void *data, size_t len)
 {
-    return checksum_with(accumulate_scalar, data, len);
+    return checksum_with(stripes_scalar, data, len);
 }
