@@ -39,11 +39,14 @@ typedef struct kvb_opts {
 
 typedef struct kvb_transport {
     const char *name, *tls;
+    bool direct; /* gets read the daemon's mapped region (kvremote.c) */
 } kvb_transport;
 
 static const kvb_transport TRANSPORTS[] = {
-    {"shm", "posix,cma,tcp"}, /* shared memory (tcp only carries the sockaddr handshake) */
-    {"tcp", "tcp"},
+    /* shared memory: puts by UCX over posix / cma (tcp only carries the
+     * sockaddr handshake), gets straight out of the daemon's region */
+    {"shm", "posix,cma,tcp", true},
+    {"tcp", "tcp", false},
 };
 
 static double now_s(void)
@@ -273,17 +276,23 @@ static double pump(kvb_run *r, kvstore_op_kind kind, long n_ops)
     return now_s() - t0;
 }
 
+/* One point: medians over reps of our bandwidth, perftest's, and the
+ * ratio of each rep's pair. */
+typedef struct kvb_point {
+    double put, get, ref, put_ratio, get_ratio;
+    long n_ops, failures;
+} kvb_point;
+
 static void print_point(const char *tr, const char *tls, const char *set, double set_mib,
-                        const char *op, size_t size, long ops, int reps, double mib_s,
-                        double ref, long failures)
+                        const char *op, size_t size, int reps, const kvb_point *pt,
+                        double mib_s, double ratio)
 {
     printf("{\"bench\":\"kvstore\",\"transport\":\"%s\",\"ucx_tls\":\"%s\","
            "\"working_set\":\"%s\",\"working_set_mib\":%.0f,\"op\":\"%s\","
            "\"block_bytes\":%zu,\"ops\":%ld,\"reps\":%d,\"mib_per_s\":%.1f,"
            "\"failures\":%ld,\"reference\":\"ucx_perftest ucp_am_bw\",\"ref_mib_per_s\":%.1f,"
            "\"ratio\":%.3f}\n",
-           tr, tls, set, set_mib, op, size, ops, reps, mib_s, failures, ref,
-           ref > 0 ? mib_s / ref : 0.0);
+           tr, tls, set, set_mib, op, size, pt->n_ops, reps, mib_s, pt->failures, pt->ref, ratio);
     fflush(stdout);
 }
 
@@ -306,22 +315,25 @@ static int window_for(size_t size)
 {
     int w = (int)(4.0 * 1048576 / (double)size);
     return w < 2 ? 2 : w > 64 ? 64 : w;
+    return w < 2 ? 2 : w > 64 ? 64 : w;
 }
 
 /*
- * One block size, one working set: `reps` rounds of n_ops puts then n_ops
- * gets; the median bandwidth of each. "cache" keeps the data where
- * ucx_perftest keeps its own (it sends from and receives into one buffer
- * each): 2 x window keys and buffers, at most 16 MiB. "spread" cycles over
- * 512 MiB of keys, which is what a store full of cold blocks costs;
- * perftest has no such mode, so that row's ratio is against the same
- * reference.
+ * One block size, one working set: `reps` rounds of ucx_perftest, n_ops
+ * puts, then n_ops gets, back to back, so each of our figures has a
+ * reference measured seconds apart; this VM's bandwidth drifts by 2x over
+ * minutes, and the median of per-round ratios is what that drift leaves
+ * alone. "cache" keeps the data where ucx_perftest keeps its own (it sends
+ * from and receives into one buffer each): 2 x window keys and buffers, at
+ * most 16 MiB. "spread" cycles over 512 MiB of keys, which is what a store
+ * full of cold blocks costs; perftest has no such mode, so that row's ratio
+ * is against the same reference.
  */
-static bool measure(kvstore_client *c, size_t size, bool spread, double mib_per_point, int reps,
-                    double *put_mib_s, double *get_mib_s, long *n_ops_out, long *failures)
+static bool measure(const kvb_opts *o, const kvb_transport *t, kvstore_client *c, size_t size,
+                    bool spread, int port_base, kvb_point *pt)
 {
     kvb_run r = {.c = c, .size = size, .window = window_for(size)};
-    long n_ops = (long)(mib_per_point * 1048576 / (double)size);
+    long n_ops = (long)(o->mib_per_point * 1048576 / (double)size);
     n_ops = (n_ops + r.window - 1) / r.window * r.window;
     r.n_keys = spread ? (int)((512.0 * 1048576) / (double)size) : 2 * r.window;
     if (r.n_keys > n_ops)
@@ -334,16 +346,19 @@ static bool measure(kvstore_client *c, size_t size, bool spread, double mib_per_
     memset(r.dst, 0, 2 * (size_t)r.window * size);
     pump(&r, KVSTORE_PUT, r.n_keys); /* warm-up and populate what gets will read */
     r.failures = 0;
-    double put[16], get[16];
+    double put[16], get[16], ref[16], put_ratio[16], get_ratio[16];
     double mib = (double)n_ops * (double)size / 1048576;
-    for (int i = 0; i < reps; i++) {
+    for (int i = 0; i < o->reps; i++) {
+        ref[i] = o->reference ? perftest(o, t->tls, size, n_ops, port_base + i) : 0;
         put[i] = mib / pump(&r, KVSTORE_PUT, n_ops);
         get[i] = mib / pump(&r, KVSTORE_GET, n_ops);
+        put_ratio[i] = ref[i] > 0 ? put[i] / ref[i] : 0;
+        get_ratio[i] = ref[i] > 0 ? get[i] / ref[i] : 0;
     }
-    *put_mib_s = median(put, reps);
-    *get_mib_s = median(get, reps);
-    *n_ops_out = n_ops;
-    *failures = r.failures;
+    *pt = (kvb_point){.put = median(put, o->reps), .get = median(get, o->reps),
+                      .ref = median(ref, o->reps), .put_ratio = median(put_ratio, o->reps),
+                      .get_ratio = median(get_ratio, o->reps), .n_ops = n_ops,
+                      .failures = r.failures};
     free(r.src);
     free(r.dst);
     free(r.ops);
@@ -369,6 +384,9 @@ static int bench_transport(const kvb_opts *o, const kvb_transport *t, const char
     cfg.auth_token = (const uint8_t *)"bench-token";
     cfg.auth_token_len = 11;
     cfg.op_timeout_ms = 10000;
+    /* the tcp row measures TCP: gets from this host's daemon would
+     * otherwise be read from its shared memory */
+    cfg.no_direct_reads = !t->direct;
     ekv_error err = {0};
     kvstore_client *c = kvstore_client_create(&cfg, &err);
     int rc = CLI_FAIL;
@@ -378,25 +396,19 @@ static int bench_transport(const kvb_opts *o, const kvb_transport *t, const char
     }
     for (int s = 0; s < o->n_sizes; s++) {
         size_t size = o->sizes[s];
-        double ref = 0, refs[16];
-        long ref_ops = (long)(o->mib_per_point * 1048576 / (double)size);
-        for (int i = 0; o->reference && i < o->reps; i++)
-            refs[i] = perftest(o, t->tls, size, ref_ops, 13400 + s * 16 + i);
-        if (o->reference)
-            ref = median(refs, o->reps);
         for (int spread = 0; spread < 2; spread++) {
             const char *set = spread ? "spread" : "cache";
             double set_mib = spread ? 512 : 2.0 * window_for(size) * (double)size / 1048576;
-            double put, get;
-            long n_ops, fail;
-            bool ok = measure(c, size, spread, o->mib_per_point, o->reps, &put, &get, &n_ops,
-                              &fail);
-            print_point(t->name, t->tls, set, set_mib, "put", size, n_ops, o->reps, put, ref, fail);
-            print_point(t->name, t->tls, set, set_mib, "get", size, n_ops, o->reps, get, ref, fail);
+            kvb_point pt;
+            bool ok = measure(o, t, c, size, spread, 13400 + (s * 2 + spread) * 16, &pt);
+            print_point(t->name, t->tls, set, set_mib, "put", size, o->reps, &pt, pt.put,
+                        pt.put_ratio);
+            print_point(t->name, t->tls, set, set_mib, "get", size, o->reps, &pt, pt.get,
+                        pt.get_ratio);
             fprintf(stderr, "%-4s %-6s %6zu KiB  put %7.0f MiB/s  get %7.0f MiB/s  "
                             "ucx_perftest %7.0f MiB/s  ratio put %.2f get %.2f%s\n",
-                    t->name, set, size >> 10, put, get, ref, ref > 0 ? put / ref : 0,
-                    ref > 0 ? get / ref : 0, ok ? "" : "  (FAILURES)");
+                    t->name, set, size >> 10, pt.put, pt.get, pt.ref, pt.put_ratio, pt.get_ratio,
+                    ok ? "" : "  (FAILURES)");
             if (!ok)
                 goto out;
         }

@@ -49,6 +49,8 @@ typedef struct kvc_peer {
     const char *fail; /* set by the error callback, acted on in the loop */
     uint8_t cnonce[KVWIRE_NONCE_BYTES];
     uint8_t snonce_copy[KVWIRE_NONCE_BYTES];
+    const uint8_t *region; /* the daemon's value region, mapped read-only (same host) */
+    size_t region_bytes;
     _Atomic bool up;
 } kvc_peer;
 
@@ -60,6 +62,7 @@ typedef struct kvc_slot {
     double deadline;
     void *send_req, *recv_req;
     bool replied;
+    bool direct; /* a get that asked for a span of the peer's region */
     kvstore_result result;
     uint64_t checksum;
     size_t value_len;

@@ -26,11 +26,23 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "entrokv/hmac.h"
 #include "kvucx.h"
 
 enum { CONN_CHALLENGED, CONN_READY, CONN_DEAD };
+
+/* Direct gets one connection may have unreleased: beyond this, gets go by
+ * UCX, so one client cannot pin the whole store. */
+#define KVD_MAX_PINS 1024
+
+/* A value a direct get exposed: pinned until the client's RELEASE of that
+ * request id, or until the connection goes. */
+typedef struct kvd_pin {
+    uint64_t request_id;
+    kvstore_entry *e;
+} kvd_pin;
 
 typedef struct kvd_conn {
     kvstore_daemon *d;
@@ -40,6 +52,9 @@ typedef struct kvd_conn {
     uint8_t snonce[KVWIRE_NONCE_BYTES];
     double auth_deadline;
     bool same_host; /* shared-memory lanes; this side verifies gets (see handle_get) */
+    bool direct;    /* mapped our value region: gets may answer with a span */
+    kvd_pin *pins;  /* direct gets the client is still reading */
+    int n_pins;
     char peer[64];
 } kvd_conn;
 
@@ -53,6 +68,7 @@ struct kvstore_daemon {
     ucp_listener_h listener;
     int port;
     kvstore_local *store;
+    kvwire_direct region; /* what DIRECT answers: region_bytes 0 when values are private */
     kvstore_metrics m;
     kvd_conn **conns;
     int n_conns, cap_conns;
@@ -241,6 +257,11 @@ static void sweep_conns(kvstore_daemon *d, double now)
         }
         kvx_close(&d->x, c->ep);
         c->ep = NULL;
+        for (int j = 0; j < c->n_pins; j++)
+            kvstore_local_release(d->store, c->pins[j].e);
+        free(c->pins);
+        c->pins = NULL;
+        c->n_pins = 0;
         conn_unref(c);
     }
     d->n_conns = k;
@@ -341,6 +362,70 @@ static void on_get_sent(void *req, ucs_status_t status, void *user)
     ucp_request_free(req);
 }
 
+/* A direct get: the client copies the value out of its read-only mapping
+ * of our region and checks it (kvstore_checksum_copy), so the daemon only
+ * says where it lies and keeps it pinned until the client's RELEASE. */
+static void get_direct(kvd_conn *c, const kvwire_hdr *h, kvstore_entry *e)
+{
+    kvstore_daemon *d = c->d;
+    if (!c->pins && !(c->pins = malloc(KVD_MAX_PINS * sizeof *c->pins))) {
+        kvstore_local_release(d->store, e);
+        reply(c, h, KVWIRE_ST_ERROR);
+        return;
+    }
+    c->pins[c->n_pins++] = (kvd_pin){.request_id = h->request_id, .e = e};
+    uint8_t *base = NULL, *label;
+    size_t bytes;
+    int fd;
+    kvstore_local_region(d->store, (void **)&base, &bytes, &fd, &label);
+    kvwire_span span = {.offset = (uint64_t)((uint8_t *)kvstore_entry_data(e) - base),
+                        .len = kvstore_entry_len(e)};
+    uint8_t payload[KVWIRE_SPAN_BYTES];
+    kvwire_span_encode(&span, payload);
+    kvwire_hdr r = {.version = KVWIRE_VERSION, .op = KVWIRE_OP_GET,
+                    .flags = KVWIRE_F_REPLY | KVWIRE_F_DIRECT, .request_id = h->request_id,
+                    .payload_len = KVWIRE_SPAN_BYTES, .status = KVWIRE_ST_OK,
+                    .checksum = kvstore_entry_checksum(e)};
+    memcpy(r.key, h->key, KVWIRE_KEY_BYTES);
+    atomic_fetch_add_explicit(&d->m.tier[KVSTORE_TIER_LOCAL].hits, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&d->m.tier[KVSTORE_TIER_LOCAL].bytes_out, span.len,
+                              memory_order_relaxed);
+    if (kvx_send_small(c->ep, &r, payload, sizeof payload) != EKV_OK)
+        conn_kill(c); /* the sweep releases its pins */
+}
+
+static void handle_release(kvd_conn *c, const kvwire_hdr *h)
+{
+    for (int i = 0; i < c->n_pins; i++) {
+        if (c->pins[i].request_id != h->request_id)
+            continue;
+        kvstore_local_release(c->d->store, c->pins[i].e);
+        c->pins[i] = c->pins[--c->n_pins];
+        return;
+    }
+    /* not pinned (the client's op timed out before the reply): nothing to do */
+}
+
+/* A client on this host may map our value region read-only and read
+ * direct gets from it; answer where it is, or ERROR when values are
+ * private or the client is on another host. */
+static void handle_direct(kvd_conn *c, const kvwire_hdr *h)
+{
+    kvstore_daemon *d = c->d;
+    if (!c->same_host || d->region.region_bytes == 0) {
+        reply(c, h, KVWIRE_ST_ERROR);
+        return;
+    }
+    uint8_t payload[KVWIRE_DIRECT_BYTES];
+    kvwire_direct_encode(&d->region, payload);
+    kvwire_hdr r = {.version = KVWIRE_VERSION, .op = KVWIRE_OP_DIRECT, .flags = KVWIRE_F_REPLY,
+                    .request_id = h->request_id, .payload_len = KVWIRE_DIRECT_BYTES,
+                    .status = KVWIRE_ST_OK};
+    c->direct = true;
+    if (kvx_send_small(c->ep, &r, payload, sizeof payload) != EKV_OK)
+        conn_kill(c);
+}
+
 static void handle_get(kvd_conn *c, const kvwire_hdr *h)
 {
     kvstore_daemon *d = c->d;
@@ -356,6 +441,11 @@ static void handle_get(kvd_conn *c, const kvwire_hdr *h)
         return;
     }
     size_t len = kvstore_entry_len(e);
+    if ((h->flags & KVWIRE_F_DIRECT) && c->direct && c->n_pins < KVD_MAX_PINS) {
+        free(s);
+        get_direct(c, h, e);
+        return;
+    }
     /* A client on this host receives over shared memory, where nothing
      * between the two copies can corrupt bytes, and does not hash what it
      * receives: the stored copy is checked here instead, so the two
@@ -402,6 +492,8 @@ static void handle_request(kvd_conn *c, const kvwire_hdr *h, void *data, size_t 
     case KVWIRE_OP_DEL:
         reply(c, h, kvstore_local_delete(d->store, &key) ? KVWIRE_ST_OK : KVWIRE_ST_MISS);
         break;
+    case KVWIRE_OP_DIRECT: handle_direct(c, h); break;
+    case KVWIRE_OP_RELEASE: handle_release(c, h); break;
     default: conn_reject(c, kvwire_op_name(h->op), "handshake message after authentication");
     }
 }
@@ -446,6 +538,29 @@ static ucs_status_t on_am(void *arg, const void *header, size_t hlen, void *data
 
 /* ---- lifecycle ---- */
 
+/* Values in a shared region that clients on this host can map (see
+ * get_direct); private memory, and gets by UCX only, where that fails. */
+static kvstore_local *open_store(kvstore_daemon *d, uint64_t capacity, ekv_error *err)
+{
+    ekv_error why = {0};
+    kvstore_local *s = kvstore_local_create_shared(capacity, &d->m, &why);
+    uint8_t *base, *label;
+    size_t bytes;
+    int fd;
+    if (s && kvstore_local_region(s, (void **)&base, &bytes, &fd, &label) &&
+        kvx_nonce(label, &why) == EKV_OK) {
+        d->region = (kvwire_direct){.pid = (uint32_t)getpid(), .fd = fd,
+                                    .region_bytes = bytes,
+                                    .id_offset = (uint64_t)(label - base)};
+        memcpy(d->region.id, label, KVWIRE_ID_BYTES);
+        return s;
+    }
+    kvstore_local_destroy(s);
+    logf_(d, "kvstore: values in private memory (clients on this host read them by UCX): %s",
+          why.msg);
+    return kvstore_local_create(capacity, &d->m, err);
+}
+
 kvstore_daemon *kvstore_daemon_create(const kvstore_daemon_config *cfg, ekv_error *err)
 {
     if (!cfg->auth_token || cfg->auth_token_len == 0) {
@@ -469,7 +584,7 @@ kvstore_daemon *kvstore_daemon_create(const kvstore_daemon_config *cfg, ekv_erro
     d->log = cfg->log;
     d->log_arg = cfg->log_arg;
     d->x.efd = -1;
-    if (!(d->store = kvstore_local_create(cfg->capacity, &d->m, err)))
+    if (!(d->store = open_store(d, cfg->capacity, err)))
         goto fail;
     if (kvx_worker_init(&d->x, on_am, d, err) != EKV_OK)
         goto fail;

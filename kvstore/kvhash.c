@@ -239,6 +239,34 @@ __attribute__((target("avx512f"))) static void stripes_avx512(uint64_t acc[8], c
     }
     _mm512_storeu_si512(acc, a);
 }
+
+/* stripes_avx512 that also stores each stripe it hashed to dst: the
+ * checksum is of exactly the bytes written, whatever the source does
+ * meanwhile, and the value crosses the memory system once. */
+__attribute__((target("avx512f"))) static void copy_stripes_avx512(uint64_t acc[8], uint8_t *dst,
+                                                                   const uint8_t *p, size_t n)
+{
+    __m512i a = _mm512_loadu_si512(acc);
+    const __m512i sec = _mm512_loadu_si512(SECRET);
+    const __m512i rev = _mm512_set_epi64(
+        (long long)SECRET[0], (long long)SECRET[1], (long long)SECRET[2], (long long)SECRET[3],
+        (long long)SECRET[4], (long long)SECRET[5], (long long)SECRET[6], (long long)SECRET[7]);
+    const __m512i prime = _mm512_set1_epi64(P32_1);
+    while (n) {
+        size_t m = n < STRIPES_PER_BLOCK ? n : STRIPES_PER_BLOCK;
+        for (size_t s = 0; s < m; s++, p += STRIPE, dst += STRIPE) {
+            __m512i x = _mm512_loadu_si512(p);
+            _mm512_storeu_si512(dst, x);
+            __m512i k = _mm512_xor_si512(x, sec);
+            __m512i prod = _mm512_mul_epu32(k, _mm512_srli_epi64(k, 32));
+            a = _mm512_add_epi64(a, _mm512_add_epi64(prod, _mm512_shuffle_epi32(x, 0x4e)));
+        }
+        if (m == STRIPES_PER_BLOCK)
+            SCRAMBLE_VEC(512, a, rev, prime);
+        n -= m;
+    }
+    _mm512_storeu_si512(acc, a);
+}
 #endif
 
 typedef void (*stripes_fn)(uint64_t acc[8], const uint8_t *p, size_t n);
@@ -271,17 +299,14 @@ static uint64_t avalanche(uint64_t h)
     return h ^ (h >> 32);
 }
 
-static uint64_t checksum_with(stripes_fn fn, const void *data, size_t len)
+static const uint64_t ACC_INIT[8] = {P32_3, P64_1, P64_2, P64_3, P64_4, P32_2, P64_5, P32_1};
+
+/* The zero-padded last partial stripe, then the lanes folded with len. */
+static uint64_t finish(uint64_t acc[8], stripes_fn fn, const uint8_t *tail, size_t len)
 {
-    uint64_t acc[8] = {P32_3, P64_1, P64_2, P64_3, P64_4, P32_2, P64_5, P32_1};
-    const uint8_t *p = data;
-    size_t stripes = len / STRIPE;
-    fn(acc, p, stripes);
-    p += stripes * STRIPE;
-    size_t tail = len % STRIPE;
-    if (tail) {
+    if (len % STRIPE) {
         uint8_t last[STRIPE] = {0};
-        memcpy(last, p, tail);
+        memcpy(last, tail, len % STRIPE);
         fn(acc, last, 1);
     }
     uint64_t h = (uint64_t)len * P64_1;
@@ -290,14 +315,43 @@ static uint64_t checksum_with(stripes_fn fn, const void *data, size_t len)
     return avalanche(h);
 }
 
-uint64_t kvstore_checksum(const void *data, size_t len)
+static uint64_t checksum_with(stripes_fn fn, const void *data, size_t len)
+{
+    uint64_t acc[8];
+    memcpy(acc, ACC_INIT, sizeof acc);
+    fn(acc, data, len / STRIPE);
+    return finish(acc, fn, (const uint8_t *)data + len / STRIPE * STRIPE, len);
+}
+
+static stripes_fn best_variant(void)
 {
     static stripes_fn best; /* racy first use is harmless: every thread finds the same */
     if (!best)
         for (int isa = KVHASH_SCALAR; isa <= KVHASH_AVX512; isa++)
             if (variant(isa))
                 best = variant(isa);
-    return checksum_with(best, data, len);
+    return best;
+}
+
+uint64_t kvstore_checksum(const void *data, size_t len)
+{
+    return checksum_with(best_variant(), data, len);
+}
+
+uint64_t kvstore_checksum_copy(void *dst, const void *src, size_t len)
+{
+#if defined(__x86_64__)
+    if (__builtin_cpu_supports("avx512f")) {
+        uint64_t acc[8];
+        size_t whole = len / STRIPE * STRIPE;
+        memcpy(acc, ACC_INIT, sizeof acc);
+        copy_stripes_avx512(acc, dst, src, len / STRIPE);
+        memcpy((uint8_t *)dst + whole, (const uint8_t *)src + whole, len - whole);
+        return finish(acc, stripes_avx512, (const uint8_t *)dst + whole, len);
+    }
+#endif
+    memcpy(dst, src, len);
+    return kvstore_checksum(dst, len); /* of the copy: what the caller got is what was checked */
 }
 
 bool kvstore_checksum_isa(int isa, const void *data, size_t len, uint64_t *out)

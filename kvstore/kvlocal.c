@@ -2,9 +2,12 @@
  * kvlocal.c - the in-process host pool: a hash index over entries plus an
  * LRU list, with a hard byte capacity.
  *
- * Every entry is one allocation: header then value. Its charge (header +
- * value) counts against capacity from reserve until it is freed, so `used`
- * never exceeds `capacity` whatever is pinned. Pins keep a value's bytes
+ * A private store's entry is one allocation: header then value. A shared
+ * store (the daemon's) keeps headers private and values in one memfd region
+ * (kvarena.c) that clients on this host map read-only. An entry's charge
+ * (header + value, or header + the value's block) counts against capacity
+ * from reserve until it is freed, so `used` never exceeds `capacity`
+ * whatever is pinned. Pins keep a value's bytes
  * alive while a reader (a UCX send, a get's copy) uses them: evicting or
  * replacing a pinned entry unlinks it from the index and the LRU list, and
  * the last release frees it. `pinned` sums the charges of pinned entries so
@@ -19,6 +22,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kvarena.h"
+
 typedef struct lru_link {
     struct lru_link *prev, *next; /* LRU list, most recent first */
 } lru_link;
@@ -32,8 +37,11 @@ struct kvstore_entry {
     size_t charge;
     int32_t pins;
     bool linked; /* visible: in the index and the LRU list */
-    _Alignas(64) uint8_t data[];
+    uint8_t *data; /* just past the header, or a block of the shared region */
 };
+
+/* A private entry's value starts here, 64-byte aligned. */
+#define HDR_BYTES ((sizeof(kvstore_entry) + 63) & ~(size_t)63)
 
 struct kvstore_local {
     pthread_mutex_t mu;
@@ -43,6 +51,8 @@ struct kvstore_local {
     size_t n_buckets; /* a power of two */
     lru_link lru; /* sentinel: lru.next is the most recent */
     kvstore_metrics *m;
+    kvarena *arena; /* shared store: where values live */
+    uint8_t *label; /* shared store: a page of the region outside any value */
 };
 
 #define ADD(field, v)                                                                              \
@@ -72,6 +82,8 @@ kvstore_local *kvstore_local_create(uint64_t capacity, kvstore_metrics *metrics,
 static void entry_free(kvstore_local *s, kvstore_entry *e)
 {
     s->used -= e->charge;
+    if (s->arena)
+        kvarena_free(s->arena, e->data);
     free(e);
 }
 
@@ -84,8 +96,37 @@ void kvstore_local_destroy(kvstore_local *s)
         entry_free(s, (kvstore_entry *)l);
     }
     pthread_mutex_destroy(&s->mu);
+    kvarena_destroy(s->arena);
     free(s->buckets);
     free(s);
+}
+
+kvstore_local *kvstore_local_create_shared(uint64_t capacity, kvstore_metrics *metrics,
+                                           ekv_error *err)
+{
+    kvstore_local *s = kvstore_local_create(capacity, metrics, err);
+    if (s && !(s->arena = kvarena_create(capacity, err))) {
+        kvstore_local_destroy(s);
+        return NULL;
+    }
+    if (s && !(s->label = kvarena_alloc(s->arena, 1, NULL))) {
+        ekv_error_set(err, EKV_ENOMEM, "kvstore: no room for the region's label");
+        kvstore_local_destroy(s);
+        return NULL;
+    }
+    return s;
+}
+
+bool kvstore_local_region(const kvstore_local *s, void **base, size_t *bytes, int *fd,
+                          uint8_t **label)
+{
+    if (!s->arena)
+        return false;
+    *base = kvarena_base(s->arena);
+    *bytes = kvarena_size(s->arena);
+    *fd = kvarena_fd(s->arena);
+    *label = s->label;
+    return true;
 }
 
 static size_t bucket_of(const kvstore_local *s, const kvstore_key *key)
@@ -182,33 +223,67 @@ static bool make_room(kvstore_local *s, uint64_t charge)
     return s->used + charge <= s->capacity;
 }
 
+/* Evicts the oldest unpinned entry; false when there is none. */
+static bool evict_oldest(kvstore_local *s)
+{
+    for (lru_link *l = s->lru.prev; l != &s->lru; l = l->prev) {
+        kvstore_entry *e = (kvstore_entry *)l;
+        if (e->pins == 0) {
+            unlink_entry(s, e);
+            s->evictions++;
+            ADD(evictions, 1);
+            return true;
+        }
+    }
+    return false;
+}
+
+/* A block of the shared region for len bytes; a fragmented region can
+ * lack one with room to spare, so evict (oldest first) until one frees. */
+static uint8_t *region_alloc(kvstore_local *s, size_t len)
+{
+    uint8_t *p;
+    while (!(p = kvarena_alloc(s->arena, len ? len : 1, NULL)) && evict_oldest(s))
+        ;
+    return p;
+}
+
+/* What an entry of len bytes counts against capacity. */
+static size_t charge_of(const kvstore_local *s, size_t len)
+{
+    if (!s->arena)
+        return HDR_BYTES + ((len + 63) & ~(size_t)63);
+    size_t block = (size_t)1 << KVARENA_MIN_ORDER;
+    while (block < len)
+        block <<= 1;
+    return HDR_BYTES + block;
+}
+
 kvstore_entry *kvstore_local_reserve(kvstore_local *s, const kvstore_key *key, size_t len,
                                      uint64_t checksum, kvstore_result *why)
 {
-    size_t charge = (sizeof(kvstore_entry) + len + 63) & ~(size_t)63;
-    if (len > SIZE_MAX / 2) {
-        *why = KVSTORE_NOSPACE;
+    *why = KVSTORE_NOSPACE;
+    if (len > (s->arena ? (size_t)1 << KVARENA_MAX_ORDER : SIZE_MAX / 2))
         return NULL;
-    }
+    size_t charge = charge_of(s, len);
+    kvstore_entry *e = s->arena ? malloc(sizeof *e) : aligned_alloc(64, charge);
+    if (!e)
+        return NULL;
+    memset(e, 0, sizeof *e);
+    e->data = (uint8_t *)e + HDR_BYTES;
     pthread_mutex_lock(&s->mu);
     bool ok = make_room(s, charge);
+    if (ok && s->arena)
+        ok = (e->data = region_alloc(s, len)) != NULL;
     if (ok) {
         s->used += charge;
         s->pinned += charge;
     }
     pthread_mutex_unlock(&s->mu);
-    kvstore_entry *e = ok ? aligned_alloc(64, charge) : NULL;
-    if (!e) {
-        if (ok) {
-            pthread_mutex_lock(&s->mu);
-            s->used -= charge;
-            s->pinned -= charge;
-            pthread_mutex_unlock(&s->mu);
-        }
-        *why = KVSTORE_NOSPACE;
+    if (!ok) {
+        free(e);
         return NULL;
     }
-    memset(e, 0, sizeof *e);
     e->key = *key;
     e->checksum = checksum;
     e->len = len;
@@ -349,6 +424,7 @@ void kvstore_local_stats_get(kvstore_local *s, kvstore_local_stats *out)
     out->used = s->used;
     out->entries = s->n_entries;
     out->evictions = s->evictions;
+    out->pinned = s->pinned;
     pthread_mutex_unlock(&s->mu);
 }
 

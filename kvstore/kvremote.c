@@ -13,9 +13,14 @@
  * caller's buffer finish safely as a miss. It is retried after
  * reconnect_ms, without blocking anything else.
  */
+#include <fcntl.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "entrokv/hmac.h"
 #include "kvclient_int.h"
@@ -73,6 +78,53 @@ static void fail_slot(kvc_slot *s)
 
 /* ---- peers ---- */
 
+static void unmap_region(kvc_peer *p)
+{
+    if (p->region)
+        munmap((void *)p->region, p->region_bytes);
+    p->region = NULL;
+    p->region_bytes = 0;
+}
+
+/* The daemon's DIRECT answer: map its value region read-only through
+ * /proc/<pid>/fd/<fd> and check the id it wrote there, which tells us it
+ * is the region of the process we authenticated (the pid may mean another
+ * process in our namespace). Any failure leaves gets on UCX. */
+static void on_direct(kvstore_client *c, int pi, const kvwire_hdr *h, const uint8_t *data)
+{
+    kvc_peer *p = &c->peers[pi];
+    if (h->status != KVWIRE_ST_OK || p->region)
+        return;
+    kvwire_direct d;
+    kvwire_direct_decode(data, &d);
+    const char *why = NULL;
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%u/fd/%d", d.pid, d.fd);
+    int fd = d.fd >= 0 ? open(path, O_RDONLY | O_CLOEXEC) : -1;
+    struct stat st;
+    void *m = MAP_FAILED;
+    if (fd < 0)
+        why = "cannot open the daemon's region";
+    else if (fstat(fd, &st) != 0 || (uint64_t)st.st_size < d.region_bytes || d.region_bytes == 0 ||
+             d.region_bytes > SIZE_MAX || d.id_offset > d.region_bytes - KVWIRE_ID_BYTES)
+        why = "the region's size does not match";
+    else if ((m = mmap(NULL, d.region_bytes, PROT_READ, MAP_SHARED, fd, 0)) == MAP_FAILED)
+        why = "cannot map the region";
+    else if (memcmp((const uint8_t *)m + d.id_offset, d.id, KVWIRE_ID_BYTES) != 0)
+        why = "the region is not the daemon's";
+    if (fd >= 0)
+        close(fd);
+    if (why) {
+        if (m != MAP_FAILED)
+            munmap(m, d.region_bytes);
+        kvc_log(c, "kvstore: peer %s: gets go by UCX: %s", p->name, why);
+        return;
+    }
+    p->region = m;
+    p->region_bytes = d.region_bytes;
+    kvc_log(c, "kvstore: peer %s: reading values from its shared memory", p->name);
+}
+
 static void peer_fail(kvstore_client *c, int pi, const char *why)
 {
     kvc_peer *p = &c->peers[pi];
@@ -85,6 +137,7 @@ static void peer_fail(kvstore_client *c, int pi, const char *why)
     }
     atomic_store(&p->up, false);
     p->state = PEER_DOWN;
+    unmap_region(p);
     p->retry_at = kvx_now() + c->cfg.reconnect_ms / 1000.0;
     for (int i = 0; i < c->n_slots; i++)
         if (c->slots[i].id && c->slots[i].peer == pi)
@@ -170,6 +223,11 @@ static void on_auth_ok(kvstore_client *c, int pi, const uint8_t *proof)
     p->state = PEER_READY;
     atomic_store(&p->up, true);
     kvc_log(c, "kvstore: peer %s connected", p->name);
+    if (p->same_host && !c->cfg.no_direct_reads) {
+        kvwire_hdr d = {.version = KVWIRE_VERSION, .op = KVWIRE_OP_DIRECT};
+        if (kvx_send_small(p->ep, &d, NULL, 0) != EKV_OK)
+            p->fail = "sending direct failed";
+    }
 }
 
 /* ---- replies ---- */
@@ -203,11 +261,54 @@ static void on_get_data(void *req, ucs_status_t status, size_t length, void *use
     maybe_complete(c, s);
 }
 
+/* Tells the daemon we are done with a direct get's span. */
+static void release_span(kvstore_client *c, int pi, uint64_t request_id)
+{
+    kvwire_hdr r = {.version = KVWIRE_VERSION, .op = KVWIRE_OP_RELEASE,
+                    .request_id = request_id};
+    if (kvx_send_small(c->peers[pi].ep, &r, NULL, 0) != EKV_OK)
+        c->peers[pi].fail = "sending release failed";
+}
+
+/* A direct get's answer: the value's span in the region we mapped. One
+ * pass copies it into the caller's buffer and checksums what was copied,
+ * so bytes the daemon reused meanwhile (it gave up on us) are a miss. */
+static void get_direct(kvstore_client *c, kvc_slot *s, const kvwire_hdr *h, const uint8_t *data)
+{
+    kvc_peer *p = &c->peers[s->peer];
+    kvstore_op *op = s->it->op;
+    kvwire_span span;
+    kvwire_span_decode(data, &span);
+    if (!p->region || span.offset > p->region_bytes || span.len > p->region_bytes - span.offset) {
+        p->fail = "a direct get outside the region";
+        return;
+    }
+    s->value_len = (size_t)span.len;
+    if (span.len > op->len) {
+        s->result = KVSTORE_TOOSMALL;
+    } else if (kvstore_checksum_copy(op->buf, p->region + span.offset, s->value_len) ==
+               h->checksum) {
+        s->result = KVSTORE_OK;
+        add(&c->m.direct_gets, 1);
+    } else {
+        add(&c->m.checksum_failures, 1);
+        s->result = KVSTORE_MISS;
+    }
+    release_span(c, s->peer, h->request_id);
+}
+
 static void get_reply(kvstore_client *c, kvc_slot *s, const kvwire_hdr *h, void *data,
                       size_t len, bool rndv)
 {
     kvstore_op *op = s->it->op;
     s->result = KVSTORE_MISS;
+    if (h->flags & KVWIRE_F_DIRECT) {
+        if (!s->direct)
+            c->peers[s->peer].fail = "a direct reply to a get that did not ask";
+        else if (h->status == KVWIRE_ST_OK)
+            get_direct(c, s, h, data);
+        return;
+    }
     if (h->status == KVWIRE_ST_BADSUM)
         add(&c->m.checksum_failures, 1);
     if (h->status != KVWIRE_ST_OK)
@@ -241,8 +342,13 @@ static void on_reply(kvstore_client *c, int pi, const kvwire_hdr *h, void *data,
     uint64_t idx = h->request_id & ((1u << SLOT_BITS) - 1);
     kvc_slot *s = idx < (uint64_t)c->n_slots ? &c->slots[idx] : NULL;
     if (!s || !s->id || s->id != h->request_id || s->peer != pi || s->replied ||
-        (int)s->it->op->kind != (int)(h->op - KVWIRE_OP_PUT + KVSTORE_PUT))
-        return; /* late reply to an op that already timed out */
+        (int)s->it->op->kind != (int)(h->op - KVWIRE_OP_PUT + KVSTORE_PUT)) {
+        /* a late reply to an op that already timed out; a span it carries
+         * is still pinned for us */
+        if (h->op == KVWIRE_OP_GET && (h->flags & KVWIRE_F_DIRECT) && h->status == KVWIRE_ST_OK)
+            release_span(c, pi, h->request_id);
+        return;
+    }
     s->replied = true;
     switch (h->op) {
     case KVWIRE_OP_GET: get_reply(c, s, h, data, len, rndv); break;
@@ -287,7 +393,10 @@ static ucs_status_t on_am(void *arg, const void *header, size_t hlen, void *data
         on_challenge(c, pi, data);
     else if (h.op == KVWIRE_OP_AUTH_OK && p->state == PEER_WAIT_AUTH_OK && !rndv)
         on_auth_ok(c, pi, data);
-    else if (reply && p->state == PEER_READY && (!rndv || h.op == KVWIRE_OP_GET))
+    else if (h.op == KVWIRE_OP_DIRECT && reply && p->state == PEER_READY && !rndv)
+        on_direct(c, pi, &h, data);
+    else if (reply && p->state == PEER_READY && h.op <= KVWIRE_OP_DEL &&
+             (!rndv || h.op == KVWIRE_OP_GET))
         on_reply(c, pi, &h, data, len, rndv);
     else
         p->fail = "unexpected message";
@@ -333,8 +442,10 @@ bool kvr_issue(kvstore_client *c, kvc_item *it)
     s->deadline = kvx_now() + c->cfg.op_timeout_ms / 1000.0;
     c->n_inflight++;
     bool put = op->kind == KVSTORE_PUT;
+    s->direct = op->kind == KVSTORE_GET && c->peers[pi].region;
     kvwire_hdr h = {.version = KVWIRE_VERSION,
                     .op = (uint8_t)(KVWIRE_OP_PUT + (op->kind - KVSTORE_PUT)),
+                    .flags = s->direct ? KVWIRE_F_DIRECT : 0,
                     .request_id = s->id,
                     .payload_len = put ? (uint32_t)op->len : 0,
                     .checksum = put ? kvstore_checksum(op->buf, op->len) : 0};

@@ -64,8 +64,8 @@ void kvwire_encode(const kvwire_hdr *h, uint8_t out[KVWIRE_HEADER_BYTES])
 
 const char *kvwire_op_name(uint8_t op)
 {
-    static const char *names[] = {"?", "challenge", "auth", "auth_ok", "put", "get", "exists",
-                                  "del"};
+    static const char *names[] = {"?",   "challenge", "auth", "auth_ok", "put",
+                                  "get", "exists",    "del",  "direct",  "release"};
     return op <= KVWIRE_OP_MAX ? names[op] : "?";
 }
 
@@ -81,8 +81,14 @@ static ekv_status check_len(const kvwire_hdr *h, ekv_error *err)
     case KVWIRE_OP_AUTH: fixed = KVWIRE_NONCE_BYTES + KVWIRE_MAC_BYTES; break;
     case KVWIRE_OP_AUTH_OK: fixed = KVWIRE_MAC_BYTES; break;
     case KVWIRE_OP_PUT: value = !reply; break;
-    case KVWIRE_OP_GET: value = reply && h->status == KVWIRE_ST_OK; break;
-    default: break; /* EXISTS, DEL: header only both ways */
+    case KVWIRE_OP_GET:
+        if (reply && h->status == KVWIRE_ST_OK && (h->flags & KVWIRE_F_DIRECT))
+            fixed = KVWIRE_SPAN_BYTES;
+        else
+            value = reply && h->status == KVWIRE_ST_OK;
+        break;
+    case KVWIRE_OP_DIRECT: fixed = reply && h->status == KVWIRE_ST_OK ? KVWIRE_DIRECT_BYTES : 0; break;
+    default: break; /* EXISTS, DEL, RELEASE: header only */
     }
     if (value) {
         if (h->payload_len == 0 || h->payload_len > KVWIRE_MAX_PAYLOAD)
@@ -126,6 +132,10 @@ ekv_status kvwire_decode(const void *buf, size_t len, kvwire_hdr *h, ekv_error *
     if (auth && reply)
         return ekv_error_set(err, EKV_EFORMAT, "kvwire: %s cannot be a reply",
                              kvwire_op_name(h->op));
+    if ((h->flags & KVWIRE_F_DIRECT) && h->op != KVWIRE_OP_GET)
+        return ekv_error_set(err, EKV_EFORMAT, "kvwire: direct flag on %s", kvwire_op_name(h->op));
+    if (h->op == KVWIRE_OP_RELEASE && reply)
+        return ekv_error_set(err, EKV_EFORMAT, "kvwire: release has no reply");
     if (h->status >= KVWIRE_ST_COUNT || (!reply && h->status != KVWIRE_ST_OK))
         return ekv_error_set(err, EKV_EFORMAT, "kvwire: status %u not allowed on %s%s",
                              h->status, kvwire_op_name(h->op), reply ? " reply" : "");
@@ -138,4 +148,34 @@ ekv_status kvwire_check_payload(const kvwire_hdr *h, size_t data_len, ekv_error 
         return ekv_error_set(err, EKV_EFORMAT, "kvwire: %s carries %zu bytes, header says %u",
                              kvwire_op_name(h->op), data_len, h->payload_len);
     return EKV_OK;
+}
+
+void kvwire_direct_encode(const kvwire_direct *d, uint8_t out[KVWIRE_DIRECT_BYTES])
+{
+    put32(out, d->pid);
+    put32(out + 4, (uint32_t)d->fd);
+    put64(out + 8, d->region_bytes);
+    put64(out + 16, d->id_offset);
+    memcpy(out + 24, d->id, KVWIRE_ID_BYTES);
+}
+
+void kvwire_direct_decode(const uint8_t in[KVWIRE_DIRECT_BYTES], kvwire_direct *d)
+{
+    d->pid = get32(in);
+    d->fd = (int32_t)get32(in + 4);
+    d->region_bytes = get64(in + 8);
+    d->id_offset = get64(in + 16);
+    memcpy(d->id, in + 24, KVWIRE_ID_BYTES);
+}
+
+void kvwire_span_encode(const kvwire_span *s, uint8_t out[KVWIRE_SPAN_BYTES])
+{
+    put64(out, s->offset);
+    put64(out + 8, s->len);
+}
+
+void kvwire_span_decode(const uint8_t in[KVWIRE_SPAN_BYTES], kvwire_span *s)
+{
+    s->offset = get64(in);
+    s->len = get64(in + 8);
 }

@@ -61,6 +61,11 @@ void kvstore_key_hex(const kvstore_key *key, char out[17]);
 /* The value checksum: a 64-bit, xxHash3-style multiply-accumulate hash over
  * 64-byte stripes (kvstore/kvhash.c), fast enough to run on every get. */
 uint64_t kvstore_checksum(const void *data, size_t len);
+/* Copies len bytes from src to dst and returns kvstore_checksum of the bytes
+ * written to dst, in one pass where the CPU allows (AVX-512): reading a
+ * value out of memory another process may reuse, the result checks what
+ * the caller got, not what src holds afterwards. */
+uint64_t kvstore_checksum_copy(void *dst, const void *src, size_t len);
 
 /* ---- results and metrics ---- */
 
@@ -99,6 +104,7 @@ typedef struct kvstore_metrics {
     _Atomic uint64_t peer_failures; /* connections lost or refused */
     _Atomic uint64_t evictions;   /* LRU evictions in the local tier */
     _Atomic uint64_t rejected;    /* daemon: messages / connections dropped (auth, malformed) */
+    _Atomic uint64_t direct_gets; /* client: remote gets read from a daemon's shared memory */
 } kvstore_metrics;
 
 /* ---- tier (a): the in-process host pool ---- */
@@ -111,11 +117,23 @@ typedef struct kvstore_local_stats {
     uint64_t used;       /* bytes held, entry overhead included; never above capacity */
     uint64_t entries;    /* visible entries */
     uint64_t evictions;
+    uint64_t pinned;     /* bytes of entries a reader holds (a send, a direct get) */
 } kvstore_local_stats;
 
 /* A store that never holds more than capacity bytes (values plus per-entry
  * overhead). metrics, if given, receives its counters (tier LOCAL). */
 kvstore_local *kvstore_local_create(uint64_t capacity, kvstore_metrics *metrics, ekv_error *err);
+/* The same store with its values in one shared-memory region (a memfd,
+ * kvstore/kvarena.c) that clients on this host may map read-only: the
+ * daemon's store. Each value takes a power-of-two block of at least 4 KiB,
+ * and that block is what counts against capacity. */
+kvstore_local *kvstore_local_create_shared(uint64_t capacity, kvstore_metrics *metrics,
+                                           ekv_error *err);
+/* A shared store's region (false for a private one): its mapping, size and
+ * memfd, and a 4 KiB label page inside it, outside any value, that the
+ * daemon writes an id into so clients can check what they mapped. */
+bool kvstore_local_region(const kvstore_local *s, void **base, size_t *bytes, int *fd,
+                          uint8_t **label);
 void kvstore_local_destroy(kvstore_local *s); /* every entry must be released */
 
 /* Copies the value in, replacing any older value, evicting least recently
@@ -192,6 +210,8 @@ typedef struct kvstore_client_config {
     int max_inflight;           /* remote ops in flight at once; 256 */
     bool write_through;         /* puts also go to the ring when there is a local tier; true */
     bool promote_remote_hits;   /* remote get hits are copied into the local tier; true */
+    bool no_direct_reads;       /* gets from a daemon on this host go by UCX even where its
+                                   value region can be mapped (benchmarks of the transport) */
     kvstore_log_fn log;         /* one line per event (connect, failure); NULL: silent */
     void *log_arg;
 } kvstore_client_config;

@@ -39,11 +39,38 @@ typedef enum kvwire_op {
     KVWIRE_OP_GET = 5,       /* reply with status OK carries the value */
     KVWIRE_OP_EXISTS = 6,
     KVWIRE_OP_DEL = 7,
-    KVWIRE_OP_MAX = 7
+    KVWIRE_OP_DIRECT = 8,  /* client -> daemon on one host: may I map your values? reply
+                              with status OK carries a kvwire_direct (KVWIRE_DIRECT_BYTES) */
+    KVWIRE_OP_RELEASE = 9, /* client -> daemon, no reply: done reading the direct GET
+                              whose request id this carries */
+    KVWIRE_OP_MAX = 9
 } kvwire_op;
 
-#define KVWIRE_F_REPLY 0x0001u /* the answer to request_id */
-#define KVWIRE_F_KNOWN KVWIRE_F_REPLY
+#define KVWIRE_F_REPLY 0x0001u  /* the answer to request_id */
+#define KVWIRE_F_DIRECT 0x0002u /* GET only: the client may read the value from the mapped
+                                   region; a reply with it and status OK carries a
+                                   kvwire_span (KVWIRE_SPAN_BYTES), not the value */
+#define KVWIRE_F_KNOWN (KVWIRE_F_REPLY | KVWIRE_F_DIRECT)
+
+/* The payload of a DIRECT reply: the daemon's pid and the descriptor of its
+ * value region (opened as /proc/<pid>/fd/<fd>), the region's size, and
+ * where in it the daemon wrote `id`, so the client can tell it mapped the
+ * right region (pid namespaces differ between containers). */
+#define KVWIRE_ID_BYTES 32
+typedef struct kvwire_direct {
+    uint32_t pid;
+    int32_t fd;
+    uint64_t region_bytes;
+    uint64_t id_offset;
+    uint8_t id[KVWIRE_ID_BYTES];
+} kvwire_direct;
+#define KVWIRE_DIRECT_BYTES (4 + 4 + 8 + 8 + KVWIRE_ID_BYTES)
+
+/* The payload of a direct GET reply: where the value lies in the region. */
+typedef struct kvwire_span {
+    uint64_t offset, len;
+} kvwire_span;
+#define KVWIRE_SPAN_BYTES 16
 
 typedef enum kvwire_status {
     KVWIRE_ST_OK = 0,     /* stored / found / deleted */
@@ -76,5 +103,10 @@ ekv_status kvwire_decode(const void *buf, size_t len, kvwire_hdr *h, ekv_error *
 ekv_status kvwire_check_payload(const kvwire_hdr *h, size_t data_len, ekv_error *err);
 
 const char *kvwire_op_name(uint8_t op);
+
+void kvwire_direct_encode(const kvwire_direct *d, uint8_t out[KVWIRE_DIRECT_BYTES]);
+void kvwire_direct_decode(const uint8_t in[KVWIRE_DIRECT_BYTES], kvwire_direct *d);
+void kvwire_span_encode(const kvwire_span *s, uint8_t out[KVWIRE_SPAN_BYTES]);
+void kvwire_span_decode(const uint8_t in[KVWIRE_SPAN_BYTES], kvwire_span *s);
 
 #endif

@@ -226,6 +226,25 @@ static void test_checksum_simd_equals_scalar_reference(void)
     free(b);
 }
 
+/* The fused copy writes exactly src and returns the checksum of it, at
+ * every edge length and alignment of source and destination. */
+static void test_checksum_copy_copies_and_equals_checksum(void)
+{
+    uint8_t *b = malloc(70000), *d = malloc(70004);
+    fill(b, 70000, 5);
+    size_t sizes[] = {0, 1, 63, 64, 65, 1023, 1024, 1025, 4160, 65536, 69990};
+    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++)
+        for (size_t off = 0; off < 3; off++) {
+            memset(d, 0xee, 70004);
+            uint64_t got = kvstore_checksum_copy(d + 3 - off, b + off, sizes[i]);
+            CHECK(got == kvstore_checksum_reference(b + off, sizes[i]));
+            CHECK(memcmp(d + 3 - off, b + off, sizes[i]) == 0);
+            CHECK(d[3 - off + sizes[i]] == 0xee); /* nothing written past the end */
+        }
+    free(b);
+    free(d);
+}
+
 static void test_checksum_detects_flips_and_is_stable(void)
 {
     uint8_t *b = malloc(5000);
@@ -267,6 +286,7 @@ int main(void)
     RUN_TEST(test_local_pins_survive_eviction_and_count_against_capacity);
     RUN_TEST(test_key_depends_on_every_field);
     RUN_TEST(test_checksum_simd_equals_scalar_reference);
+    RUN_TEST(test_checksum_copy_copies_and_equals_checksum);
     RUN_TEST(test_checksum_detects_flips_and_is_stable);
     return TEST_EXIT();
 }

@@ -22,8 +22,10 @@ static const char *g_bin;
 static char g_dir[64], g_token_file[128];
 static const char *TOKEN = "secret-token", *BAD_TOKEN = "not-the-token";
 
-static kvstore_client *client_for(int port, const char *token, int op_timeout_ms,
-                                  uint64_t local)
+/* no_direct: gets by UCX even from this host's daemon (kvremote.c reads
+ * them from its mapped region otherwise). */
+static kvstore_client *client_with(int port, const char *token, int op_timeout_ms,
+                                   uint64_t local, bool no_direct)
 {
     char peer[64];
     snprintf(peer, sizeof peer, "127.0.0.1:%d", port);
@@ -38,12 +40,19 @@ static kvstore_client *client_for(int port, const char *token, int op_timeout_ms
     cfg.connect_timeout_ms = 1000;
     cfg.reconnect_ms = 300;
     cfg.local_capacity = local;
+    cfg.no_direct_reads = no_direct;
     cfg.log = kvt_log;
     ekv_error err = {0};
     kvstore_client *c = kvstore_client_create(&cfg, &err);
     if (!c)
         fprintf(stderr, "client: %s\n", err.msg);
     return c;
+}
+
+static kvstore_client *client_for(int port, const char *token, int op_timeout_ms,
+                                  uint64_t local)
+{
+    return client_with(port, token, op_timeout_ms, local, false);
 }
 
 static int start(kvt_daemon *d, const char *name)
@@ -107,6 +116,18 @@ static void test_blocks_round_trip_through_a_daemon(void)
         CHECK_EQ_INT(m->tier[KVSTORE_TIER_REMOTE].hits, 72);
         CHECK_EQ_INT(m->tier[KVSTORE_TIER_REMOTE].bytes_in, 64 * KVT_BLOCK_BYTES + 8 * (1 << 20));
         CHECK(m->restore_count == 72 && m->restore_ns_sum > 0);
+        CHECK_EQ_INT(m->direct_gets, 72); /* same host: read from the daemon's region */
+        kvstore_client_destroy(c);
+    }
+    /* the same through UCX only */
+    c = client_with(d.port, TOKEN, 2000, 0, true);
+    CHECK(c && kvstore_client_peer_up(c, 0));
+    if (c) {
+        round_trip(c, 200, 16, KVT_BLOCK_BYTES);
+        round_trip(c, 300, 4, 1 << 20);
+        const kvstore_metrics *m = kvstore_client_metrics(c);
+        CHECK_EQ_INT(m->tier[KVSTORE_TIER_REMOTE].hits, 20);
+        CHECK_EQ_INT(m->direct_gets, 0);
         kvstore_client_destroy(c);
     }
     CHECK_EQ_INT(kvt_daemon_stop(&d), 0); /* SIGTERM: clean exit */
@@ -428,19 +449,42 @@ static void test_corrupted_value_on_the_daemon_is_a_miss(void)
         return;
     pthread_t t;
     pthread_create(&t, NULL, daemon_thread, d);
-    kvstore_client *c = client_for(kvstore_daemon_port(d), TOKEN, 2000, 0);
-    size_t sizes[] = {KVT_BLOCK_BYTES, 1 << 20};
-    for (int i = 0; i < 2 && c; i++) {
-        uint8_t *v = malloc(sizes[i]), *out = malloc(sizes[i]);
-        kvt_fill(v, sizes[i], i);
-        kvstore_key k = kvt_key(5000 + i);
-        CHECK_EQ_INT(kvstore_client_put(c, &k, v, sizes[i]), KVSTORE_OK);
-        CHECK(kvstore_local_debug_corrupt(kvstore_daemon_store(d), &k, sizes[i] / 2));
-        size_t len;
-        CHECK_EQ_INT(kvstore_client_get(c, &k, out, sizes[i], &len), KVSTORE_MISS);
-        free(v);
-        free(out);
+    /* a direct get (the client checks the bytes it copied) and a get by
+     * UCX (the daemon checks before it sends) both turn corruption into a
+     * miss */
+    for (int direct = 1; direct >= 0; direct--) {
+        kvstore_client *dc = client_with(kvstore_daemon_port(d), TOKEN, 2000, 0, !direct);
+        size_t sizes[] = {KVT_BLOCK_BYTES, 1 << 20};
+        for (int i = 0; i < 2 && dc; i++) {
+            uint8_t *v = malloc(sizes[i]), *out = malloc(sizes[i]);
+            kvt_fill(v, sizes[i], i);
+            kvstore_key k = kvt_key(5000 + 10 * direct + i);
+            CHECK_EQ_INT(kvstore_client_put(dc, &k, v, sizes[i]), KVSTORE_OK);
+            size_t len;
+            CHECK_EQ_INT(kvstore_client_get(dc, &k, out, sizes[i], &len), KVSTORE_OK);
+            CHECK(!memcmp(v, out, sizes[i]));
+            CHECK(kvstore_local_debug_corrupt(kvstore_daemon_store(d), &k, sizes[i] / 2));
+            CHECK_EQ_INT(kvstore_client_get(dc, &k, out, sizes[i], &len), KVSTORE_MISS);
+            free(v);
+            free(out);
+        }
+        if (dc) {
+            const kvstore_metrics *m = kvstore_client_metrics(dc);
+            CHECK_EQ_INT(m->direct_gets, direct ? 2 : 0);
+            CHECK_EQ_INT(m->checksum_failures, 2);
+            kvstore_client_destroy(dc);
+        }
     }
+    /* every direct get was released (RELEASE, or the connection's end) */
+    kvstore_local_stats st = {0};
+    for (int i = 0; i < 100; i++) {
+        kvstore_local_stats_get(kvstore_daemon_store(d), &st);
+        if (st.pinned == 0)
+            break;
+        usleep(10000);
+    }
+    CHECK_EQ_INT(st.pinned, 0);
+    kvstore_client *c = client_for(kvstore_daemon_port(d), TOKEN, 2000, 0);
     if (c) { /* larger than the daemon's whole capacity: refused, quickly */
         size_t big = 64u << 20;
         uint8_t *v = calloc(1, big);
@@ -450,7 +494,7 @@ static void test_corrupted_value_on_the_daemon_is_a_miss(void)
         CHECK(kvt_now() - t0 < 1.0);
         free(v);
         round_trip(c, 5200, 2, 1 << 20); /* the connection is still good */
-        CHECK_EQ_INT(kvstore_client_metrics(c)->checksum_failures, 2);
+        CHECK_EQ_INT(kvstore_client_metrics(c)->checksum_failures, 0);
         kvstore_client_destroy(c);
     }
     kvstore_daemon_stop(d);

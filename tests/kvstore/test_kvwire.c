@@ -61,6 +61,13 @@ static void test_kvwire_round_trips_every_op(void)
         make(KVWIRE_OP_EXISTS, 0, 0, 0),
         make(KVWIRE_OP_EXISTS, KVWIRE_F_REPLY, 0, KVWIRE_ST_OK),
         make(KVWIRE_OP_DEL, KVWIRE_F_REPLY, 0, KVWIRE_ST_ERROR),
+        make(KVWIRE_OP_GET, KVWIRE_F_DIRECT, 0, 0),
+        make(KVWIRE_OP_GET, KVWIRE_F_REPLY | KVWIRE_F_DIRECT, KVWIRE_SPAN_BYTES, KVWIRE_ST_OK),
+        make(KVWIRE_OP_GET, KVWIRE_F_REPLY | KVWIRE_F_DIRECT, 0, KVWIRE_ST_MISS),
+        make(KVWIRE_OP_DIRECT, 0, 0, 0),
+        make(KVWIRE_OP_DIRECT, KVWIRE_F_REPLY, KVWIRE_DIRECT_BYTES, KVWIRE_ST_OK),
+        make(KVWIRE_OP_DIRECT, KVWIRE_F_REPLY, 0, KVWIRE_ST_ERROR),
+        make(KVWIRE_OP_RELEASE, 0, 0, 0),
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         uint8_t b[KVWIRE_HEADER_BYTES];
@@ -105,7 +112,7 @@ static void test_kvwire_rejects_bad_fields(void)
     struct { int off; uint8_t val; const char *why; } bad[] = {
         {0, 'X', "magic"}, {3, 0, "magic"}, {4, 0, "version"}, {4, 2, "version"},
         {5, 0, "op"}, {5, KVWIRE_OP_MAX + 1, "op"}, {5, 255, "op"},
-        {6, 0x02, "flags"}, {7, 0x80, "flags"}, {54, 1, "reserved"}, {55, 1, "reserved"},
+        {6, 0x04, "flags"}, {7, 0x80, "flags"}, {54, 1, "reserved"}, {55, 1, "reserved"},
         {52, 1, "status"}, /* status on a request */
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
@@ -122,6 +129,29 @@ static void test_kvwire_rejects_bad_fields(void)
     CHECK(!decodes(&r));
     r = make(KVWIRE_OP_AUTH, KVWIRE_F_REPLY, 64, 0);
     CHECK(!decodes(&r));
+    r = make(KVWIRE_OP_PUT, KVWIRE_F_DIRECT, 16, 0); /* direct is for gets only */
+    CHECK(!decodes(&r));
+    r = make(KVWIRE_OP_RELEASE, KVWIRE_F_REPLY, 0, 0); /* release has no reply */
+    CHECK(!decodes(&r));
+}
+
+static void test_kvwire_direct_and_span_round_trip(void)
+{
+    kvwire_direct d = {.pid = 0x01020304, .fd = -7, .region_bytes = 0x1122334455667788ull,
+                       .id_offset = 4096}, d2;
+    for (int i = 0; i < KVWIRE_ID_BYTES; i++)
+        d.id[i] = (uint8_t)(i * 3 + 1);
+    uint8_t b[KVWIRE_DIRECT_BYTES];
+    kvwire_direct_encode(&d, b);
+    CHECK_EQ_INT(b[0], 0x04); /* little-endian */
+    kvwire_direct_decode(b, &d2);
+    CHECK(d2.pid == d.pid && d2.fd == d.fd && d2.region_bytes == d.region_bytes &&
+          d2.id_offset == d.id_offset && !memcmp(d2.id, d.id, KVWIRE_ID_BYTES));
+    kvwire_span s = {.offset = 1ull << 40, .len = 12345}, s2;
+    uint8_t sb[KVWIRE_SPAN_BYTES];
+    kvwire_span_encode(&s, sb);
+    kvwire_span_decode(sb, &s2);
+    CHECK(s2.offset == s.offset && s2.len == s.len);
 }
 
 static void test_kvwire_rejects_bad_lengths(void)
@@ -138,6 +168,11 @@ static void test_kvwire_rejects_bad_lengths(void)
         make(KVWIRE_OP_PUT, KVWIRE_F_REPLY, 1, KVWIRE_ST_OK),
         make(KVWIRE_OP_GET, 0, 1, 0),
         make(KVWIRE_OP_GET, KVWIRE_F_REPLY, 0, KVWIRE_ST_OK),
+        make(KVWIRE_OP_GET, KVWIRE_F_REPLY | KVWIRE_F_DIRECT, 1000, KVWIRE_ST_OK),
+        make(KVWIRE_OP_GET, KVWIRE_F_REPLY | KVWIRE_F_DIRECT, KVWIRE_SPAN_BYTES, KVWIRE_ST_MISS),
+        make(KVWIRE_OP_DIRECT, 0, 1, 0),
+        make(KVWIRE_OP_DIRECT, KVWIRE_F_REPLY, KVWIRE_DIRECT_BYTES - 1, KVWIRE_ST_OK),
+        make(KVWIRE_OP_RELEASE, 0, 1, 0),
         make(KVWIRE_OP_GET, KVWIRE_F_REPLY, 5, KVWIRE_ST_MISS),
         make(KVWIRE_OP_GET, KVWIRE_F_REPLY, KVWIRE_MAX_PAYLOAD + 1, KVWIRE_ST_OK),
         make(KVWIRE_OP_EXISTS, 0, 1, 0),
@@ -165,6 +200,7 @@ int main(void)
     RUN_TEST(test_kvwire_round_trips_every_op);
     RUN_TEST(test_kvwire_rejects_every_truncation_and_overlong);
     RUN_TEST(test_kvwire_rejects_bad_fields);
+    RUN_TEST(test_kvwire_direct_and_span_round_trip);
     RUN_TEST(test_kvwire_rejects_bad_lengths);
     RUN_TEST(test_kvwire_payload_must_match_header);
     return TEST_EXIT();
