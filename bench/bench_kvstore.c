@@ -386,7 +386,7 @@ static int bench_transport(const kvb_opts *o, const kvb_transport *t, const char
     cfg.op_timeout_ms = 10000;
     /* the tcp row measures TCP: gets from this host's daemon would
      * otherwise be read from its shared memory */
-    cfg.no_direct_reads = !t->direct;
+    cfg.no_direct = !t->direct;
     ekv_error err = {0};
     kvstore_client *c = kvstore_client_create(&cfg, &err);
     int rc = CLI_FAIL;

@@ -35,7 +35,7 @@ struct kvstore_batch {
     kvc_item items[];
 };
 
-enum { PEER_DOWN, PEER_WAIT_CHALLENGE, PEER_WAIT_AUTH_OK, PEER_READY };
+enum { PEER_DOWN, PEER_WAIT_CHALLENGE, PEER_WAIT_AUTH_OK, PEER_WAIT_DIRECT, PEER_READY };
 
 typedef struct kvc_peer {
     char name[128];
@@ -49,8 +49,9 @@ typedef struct kvc_peer {
     const char *fail; /* set by the error callback, acted on in the loop */
     uint8_t cnonce[KVWIRE_NONCE_BYTES];
     uint8_t snonce_copy[KVWIRE_NONCE_BYTES];
-    const uint8_t *region; /* the daemon's value region, mapped read-only (same host) */
+    uint8_t *region; /* the daemon's value region, mapped (same host) */
     size_t region_bytes;
+    bool region_writable; /* puts are written into it, not sent */
     _Atomic bool up;
 } kvc_peer;
 
@@ -62,7 +63,8 @@ typedef struct kvc_slot {
     double deadline;
     void *send_req, *recv_req;
     bool replied;
-    bool direct; /* a get that asked for a span of the peer's region */
+    bool direct;     /* asked for a span of the peer's region (get: to read, put: to write) */
+    bool committing; /* a direct put written, its COMMIT sent */
     kvstore_result result;
     uint64_t checksum;
     size_t value_len;

@@ -37,11 +37,13 @@ enum { CONN_CHALLENGED, CONN_READY, CONN_DEAD };
  * UCX, so one client cannot pin the whole store. */
 #define KVD_MAX_PINS 1024
 
-/* A value a direct get exposed: pinned until the client's RELEASE of that
- * request id, or until the connection goes. */
+/* A value a direct get exposed (pinned until the client's RELEASE of that
+ * request id), or an entry a direct put reserved (until its COMMIT); either
+ * way, until the connection goes. */
 typedef struct kvd_pin {
     uint64_t request_id;
     kvstore_entry *e;
+    bool reserved; /* a direct put's: aborted, not released, if never committed */
 } kvd_pin;
 
 typedef struct kvd_conn {
@@ -257,8 +259,12 @@ static void sweep_conns(kvstore_daemon *d, double now)
         }
         kvx_close(&d->x, c->ep);
         c->ep = NULL;
-        for (int j = 0; j < c->n_pins; j++)
-            kvstore_local_release(d->store, c->pins[j].e);
+        for (int j = 0; j < c->n_pins; j++) {
+            if (c->pins[j].reserved)
+                kvstore_local_abort(d->store, c->pins[j].e);
+            else
+                kvstore_local_release(d->store, c->pins[j].e);
+        }
         free(c->pins);
         c->pins = NULL;
         c->n_pins = 0;
@@ -365,15 +371,14 @@ static void on_get_sent(void *req, ucs_status_t status, void *user)
 /* A direct get: the client copies the value out of its read-only mapping
  * of our region and checks it (kvstore_checksum_copy), so the daemon only
  * says where it lies and keeps it pinned until the client's RELEASE. */
-static void get_direct(kvd_conn *c, const kvwire_hdr *h, kvstore_entry *e)
+/* Records e as held for request h and answers with its span of the
+ * region. false (nothing recorded) when out of memory. */
+static bool reply_span(kvd_conn *c, const kvwire_hdr *h, kvstore_entry *e, bool reserved)
 {
     kvstore_daemon *d = c->d;
-    if (!c->pins && !(c->pins = malloc(KVD_MAX_PINS * sizeof *c->pins))) {
-        kvstore_local_release(d->store, e);
-        reply(c, h, KVWIRE_ST_ERROR);
-        return;
-    }
-    c->pins[c->n_pins++] = (kvd_pin){.request_id = h->request_id, .e = e};
+    if (!c->pins && !(c->pins = malloc(KVD_MAX_PINS * sizeof *c->pins)))
+        return false;
+    c->pins[c->n_pins++] = (kvd_pin){.request_id = h->request_id, .e = e, .reserved = reserved};
     uint8_t *base = NULL, *label;
     size_t bytes;
     int fd;
@@ -382,22 +387,78 @@ static void get_direct(kvd_conn *c, const kvwire_hdr *h, kvstore_entry *e)
                         .len = kvstore_entry_len(e)};
     uint8_t payload[KVWIRE_SPAN_BYTES];
     kvwire_span_encode(&span, payload);
-    kvwire_hdr r = {.version = KVWIRE_VERSION, .op = KVWIRE_OP_GET,
+    kvwire_hdr r = {.version = KVWIRE_VERSION, .op = h->op,
                     .flags = KVWIRE_F_REPLY | KVWIRE_F_DIRECT, .request_id = h->request_id,
                     .payload_len = KVWIRE_SPAN_BYTES, .status = KVWIRE_ST_OK,
-                    .checksum = kvstore_entry_checksum(e)};
+                    .checksum = reserved ? 0 : kvstore_entry_checksum(e)};
     memcpy(r.key, h->key, KVWIRE_KEY_BYTES);
-    atomic_fetch_add_explicit(&d->m.tier[KVSTORE_TIER_LOCAL].hits, 1, memory_order_relaxed);
-    atomic_fetch_add_explicit(&d->m.tier[KVSTORE_TIER_LOCAL].bytes_out, span.len,
-                              memory_order_relaxed);
     if (kvx_send_small(c->ep, &r, payload, sizeof payload) != EKV_OK)
         conn_kill(c); /* the sweep releases its pins */
+    return true;
+}
+
+static void get_direct(kvd_conn *c, const kvwire_hdr *h, kvstore_entry *e)
+{
+    kvstore_daemon *d = c->d;
+    if (!reply_span(c, h, e, false)) {
+        kvstore_local_release(d->store, e);
+        reply(c, h, KVWIRE_ST_ERROR);
+        return;
+    }
+    atomic_fetch_add_explicit(&d->m.tier[KVSTORE_TIER_LOCAL].hits, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&d->m.tier[KVSTORE_TIER_LOCAL].bytes_out, kvstore_entry_len(e),
+                              memory_order_relaxed);
+}
+
+/* A direct put: reserve the entry and say where the client writes it; the
+ * client's COMMIT (with the checksum of what it wrote) makes it visible. */
+static void put_direct(kvd_conn *c, const kvwire_hdr *h, const uint8_t *data)
+{
+    kvstore_daemon *d = c->d;
+    uint64_t len = 0;
+    for (int i = KVWIRE_LEN_BYTES - 1; i >= 0; i--)
+        len = len << 8 | data[i];
+    if (!c->direct || len == 0 || len > KVWIRE_MAX_PAYLOAD) {
+        conn_reject(c, "direct put", c->direct ? "bad length" : "region not offered");
+        return;
+    }
+    if (c->n_pins >= KVD_MAX_PINS) {
+        reply(c, h, KVWIRE_ST_ERROR);
+        return;
+    }
+    kvstore_key key;
+    memcpy(key.b, h->key, KVWIRE_KEY_BYTES);
+    kvstore_result why;
+    kvstore_entry *e = kvstore_local_reserve(d->store, &key, (size_t)len, 0, &why);
+    if (!e) {
+        reply(c, h, KVWIRE_ST_NOSPACE);
+        return;
+    }
+    if (!reply_span(c, h, e, true)) {
+        kvstore_local_abort(d->store, e);
+        reply(c, h, KVWIRE_ST_ERROR);
+    }
+}
+
+static void handle_commit(kvd_conn *c, const kvwire_hdr *h)
+{
+    for (int i = 0; i < c->n_pins; i++) {
+        kvd_pin *p = &c->pins[i];
+        if (p->request_id != h->request_id || !p->reserved)
+            continue;
+        kvstore_entry_set_checksum(p->e, h->checksum);
+        kvstore_local_commit(c->d->store, p->e);
+        *p = c->pins[--c->n_pins];
+        reply(c, h, KVWIRE_ST_OK);
+        return;
+    }
+    reply(c, h, KVWIRE_ST_ERROR); /* no such reservation */
 }
 
 static void handle_release(kvd_conn *c, const kvwire_hdr *h)
 {
     for (int i = 0; i < c->n_pins; i++) {
-        if (c->pins[i].request_id != h->request_id)
+        if (c->pins[i].request_id != h->request_id || c->pins[i].reserved)
             continue;
         kvstore_local_release(c->d->store, c->pins[i].e);
         c->pins[i] = c->pins[--c->n_pins];
@@ -484,7 +545,12 @@ static void handle_request(kvd_conn *c, const kvwire_hdr *h, void *data, size_t 
     kvstore_key key;
     memcpy(key.b, h->key, KVWIRE_KEY_BYTES);
     switch (h->op) {
-    case KVWIRE_OP_PUT: handle_put(c, h, data, len, rndv); break;
+    case KVWIRE_OP_PUT:
+        if (h->flags & KVWIRE_F_DIRECT)
+            put_direct(c, h, data);
+        else
+            handle_put(c, h, data, len, rndv);
+        break;
     case KVWIRE_OP_GET: handle_get(c, h); break;
     case KVWIRE_OP_EXISTS:
         reply(c, h, kvstore_local_exists(d->store, &key) ? KVWIRE_ST_OK : KVWIRE_ST_MISS);
@@ -494,6 +560,7 @@ static void handle_request(kvd_conn *c, const kvwire_hdr *h, void *data, size_t 
         break;
     case KVWIRE_OP_DIRECT: handle_direct(c, h); break;
     case KVWIRE_OP_RELEASE: handle_release(c, h); break;
+    case KVWIRE_OP_COMMIT: handle_commit(c, h); break;
     default: conn_reject(c, kvwire_op_name(h->op), "handshake message after authentication");
     }
 }
@@ -521,7 +588,7 @@ static ucs_status_t on_am(void *arg, const void *header, size_t hlen, void *data
         conn_reject(c, kvwire_op_name(h.op), "a reply sent to the daemon");
         return UCS_OK;
     }
-    if (rndv && h.op != KVWIRE_OP_PUT) {
+    if (rndv && (h.op != KVWIRE_OP_PUT || (h.flags & KVWIRE_F_DIRECT))) {
         conn_reject(c, kvwire_op_name(h.op), "rendezvous data where none is allowed");
         return UCS_OK;
     }

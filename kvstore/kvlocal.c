@@ -347,6 +347,7 @@ void kvstore_local_release(kvstore_local *s, kvstore_entry *e)
 void *kvstore_entry_data(kvstore_entry *e) { return e->data; }
 size_t kvstore_entry_len(const kvstore_entry *e) { return e->len; }
 uint64_t kvstore_entry_checksum(const kvstore_entry *e) { return e->checksum; }
+void kvstore_entry_set_checksum(kvstore_entry *e, uint64_t checksum) { e->checksum = checksum; }
 
 kvstore_result kvstore_local_put(kvstore_local *s, const kvstore_key *key, const void *val,
                                  size_t len)

@@ -84,23 +84,31 @@ static void unmap_region(kvc_peer *p)
         munmap((void *)p->region, p->region_bytes);
     p->region = NULL;
     p->region_bytes = 0;
+    p->region_writable = false;
 }
 
-/* The daemon's DIRECT answer: map its value region read-only through
+/* The daemon's DIRECT answer: map its value region through
  * /proc/<pid>/fd/<fd> and check the id it wrote there, which tells us it
  * is the region of the process we authenticated (the pid may mean another
- * process in our namespace). Any failure leaves gets on UCX. */
-static void on_direct(kvstore_client *c, int pi, const kvwire_hdr *h, const uint8_t *data)
+ * process in our namespace). Read-write where we may (puts are written
+ * into it), read-only otherwise (gets only); any failure leaves both on
+ * UCX. */
+static void map_region(kvstore_client *c, int pi, const kvwire_hdr *h, const uint8_t *data)
 {
     kvc_peer *p = &c->peers[pi];
-    if (h->status != KVWIRE_ST_OK || p->region)
+    if (h->status != KVWIRE_ST_OK)
         return;
     kvwire_direct d;
     kvwire_direct_decode(data, &d);
     const char *why = NULL;
     char path[64];
     snprintf(path, sizeof path, "/proc/%u/fd/%d", d.pid, d.fd);
-    int fd = d.fd >= 0 ? open(path, O_RDONLY | O_CLOEXEC) : -1;
+    bool writable = true;
+    int fd = d.fd >= 0 ? open(path, O_RDWR | O_CLOEXEC) : -1;
+    if (fd < 0 && d.fd >= 0) {
+        writable = false;
+        fd = open(path, O_RDONLY | O_CLOEXEC);
+    }
     struct stat st;
     void *m = MAP_FAILED;
     if (fd < 0)
@@ -108,7 +116,8 @@ static void on_direct(kvstore_client *c, int pi, const kvwire_hdr *h, const uint
     else if (fstat(fd, &st) != 0 || (uint64_t)st.st_size < d.region_bytes || d.region_bytes == 0 ||
              d.region_bytes > SIZE_MAX || d.id_offset > d.region_bytes - KVWIRE_ID_BYTES)
         why = "the region's size does not match";
-    else if ((m = mmap(NULL, d.region_bytes, PROT_READ, MAP_SHARED, fd, 0)) == MAP_FAILED)
+    else if ((m = mmap(NULL, d.region_bytes, PROT_READ | (writable ? PROT_WRITE : 0), MAP_SHARED,
+                       fd, 0)) == MAP_FAILED)
         why = "cannot map the region";
     else if (memcmp((const uint8_t *)m + d.id_offset, d.id, KVWIRE_ID_BYTES) != 0)
         why = "the region is not the daemon's";
@@ -122,8 +131,11 @@ static void on_direct(kvstore_client *c, int pi, const kvwire_hdr *h, const uint
     }
     p->region = m;
     p->region_bytes = d.region_bytes;
-    kvc_log(c, "kvstore: peer %s: reading values from its shared memory", p->name);
+    p->region_writable = writable;
+    kvc_log(c, "kvstore: peer %s: %s values in its shared memory", p->name,
+            writable ? "reading and writing" : "reading");
 }
+
 
 static void peer_fail(kvstore_client *c, int pi, const char *why)
 {
@@ -185,7 +197,7 @@ void kvr_connect_all(kvstore_client *c)
 bool kvr_connecting(const kvstore_client *c)
 {
     for (int i = 0; i < c->n_peers; i++)
-        if (c->peers[i].state == PEER_WAIT_CHALLENGE || c->peers[i].state == PEER_WAIT_AUTH_OK)
+        if (c->peers[i].state != PEER_DOWN && c->peers[i].state != PEER_READY)
             return true;
     return false;
 }
@@ -211,6 +223,20 @@ static void on_challenge(kvstore_client *c, int pi, const uint8_t *snonce)
         p->state = PEER_WAIT_AUTH_OK;
 }
 
+static void peer_ready(kvstore_client *c, int pi)
+{
+    kvc_peer *p = &c->peers[pi];
+    p->state = PEER_READY;
+    atomic_store(&p->up, true);
+    kvc_log(c, "kvstore: peer %s connected", p->name);
+}
+
+static void on_direct(kvstore_client *c, int pi, const kvwire_hdr *h, const uint8_t *data)
+{
+    map_region(c, pi, h, data);
+    peer_ready(c, pi);
+}
+
 static void on_auth_ok(kvstore_client *c, int pi, const uint8_t *proof)
 {
     kvc_peer *p = &c->peers[pi];
@@ -220,14 +246,16 @@ static void on_auth_ok(kvstore_client *c, int pi, const uint8_t *proof)
         p->fail = "the daemon could not prove it holds the token";
         return;
     }
-    p->state = PEER_READY;
-    atomic_store(&p->up, true);
-    kvc_log(c, "kvstore: peer %s connected", p->name);
-    if (p->same_host && !c->cfg.no_direct_reads) {
+    if (p->same_host && !c->cfg.no_direct) {
+        /* ready once we know whether values go through its region */
         kvwire_hdr d = {.version = KVWIRE_VERSION, .op = KVWIRE_OP_DIRECT};
         if (kvx_send_small(p->ep, &d, NULL, 0) != EKV_OK)
             p->fail = "sending direct failed";
+        else
+            p->state = PEER_WAIT_DIRECT;
+        return;
     }
+    peer_ready(c, pi);
 }
 
 /* ---- replies ---- */
@@ -261,6 +289,12 @@ static void on_get_data(void *req, ucs_status_t status, size_t length, void *use
     maybe_complete(c, s);
 }
 
+/* A span lies inside the mapped region. */
+static bool span_ok(const kvc_peer *p, const kvwire_span *sp)
+{
+    return p->region && sp->offset <= p->region_bytes && sp->len <= p->region_bytes - sp->offset;
+}
+
 /* Tells the daemon we are done with a direct get's span. */
 static void release_span(kvstore_client *c, int pi, uint64_t request_id)
 {
@@ -279,7 +313,7 @@ static void get_direct(kvstore_client *c, kvc_slot *s, const kvwire_hdr *h, cons
     kvstore_op *op = s->it->op;
     kvwire_span span;
     kvwire_span_decode(data, &span);
-    if (!p->region || span.offset > p->region_bytes || span.len > p->region_bytes - span.offset) {
+    if (!span_ok(p, &span)) {
         p->fail = "a direct get outside the region";
         return;
     }
@@ -295,6 +329,31 @@ static void get_direct(kvstore_client *c, kvc_slot *s, const kvwire_hdr *h, cons
         s->result = KVSTORE_MISS;
     }
     release_span(c, s->peer, h->request_id);
+}
+
+/* A direct put's answer: where to write. One pass copies the value into
+ * the region and checksums what it wrote; COMMIT carries that checksum and
+ * its reply finishes the op. */
+static void put_direct(kvstore_client *c, kvc_slot *s, const kvwire_hdr *h, const uint8_t *data)
+{
+    kvc_peer *p = &c->peers[s->peer];
+    kvstore_op *op = s->it->op;
+    kvwire_span span;
+    kvwire_span_decode(data, &span);
+    if (!span_ok(p, &span) || span.len != op->len || !p->region_writable) {
+        p->fail = "a direct put span that does not fit";
+        return;
+    }
+    uint64_t sum = kvstore_checksum_copy(p->region + span.offset, op->buf, op->len);
+    kvwire_hdr commit = {.version = KVWIRE_VERSION, .op = KVWIRE_OP_COMMIT,
+                         .request_id = h->request_id, .checksum = sum};
+    memcpy(commit.key, h->key, KVWIRE_KEY_BYTES);
+    if (kvx_send_small(p->ep, &commit, NULL, 0) != EKV_OK) {
+        p->fail = "sending commit failed";
+        return;
+    }
+    s->committing = true;
+    s->replied = false; /* the op ends with COMMIT's reply */
 }
 
 static void get_reply(kvstore_client *c, kvc_slot *s, const kvwire_hdr *h, void *data,
@@ -341,8 +400,10 @@ static void on_reply(kvstore_client *c, int pi, const kvwire_hdr *h, void *data,
 {
     uint64_t idx = h->request_id & ((1u << SLOT_BITS) - 1);
     kvc_slot *s = idx < (uint64_t)c->n_slots ? &c->slots[idx] : NULL;
+    bool commit = h->op == KVWIRE_OP_COMMIT;
     if (!s || !s->id || s->id != h->request_id || s->peer != pi || s->replied ||
-        (int)s->it->op->kind != (int)(h->op - KVWIRE_OP_PUT + KVSTORE_PUT)) {
+        commit != (s && s->committing) ||
+        (!commit && (int)s->it->op->kind != (int)(h->op - KVWIRE_OP_PUT + KVSTORE_PUT))) {
         /* a late reply to an op that already timed out; a span it carries
          * is still pinned for us */
         if (h->op == KVWIRE_OP_GET && (h->flags & KVWIRE_F_DIRECT) && h->status == KVWIRE_ST_OK)
@@ -352,7 +413,20 @@ static void on_reply(kvstore_client *c, int pi, const kvwire_hdr *h, void *data,
     s->replied = true;
     switch (h->op) {
     case KVWIRE_OP_GET: get_reply(c, s, h, data, len, rndv); break;
+    case KVWIRE_OP_COMMIT:
+        s->result = h->status == KVWIRE_ST_OK ? KVSTORE_OK : KVSTORE_FAILED;
+        if (s->result == KVSTORE_OK)
+            add(&c->m.direct_puts, 1);
+        break;
     case KVWIRE_OP_PUT:
+        if (h->flags & KVWIRE_F_DIRECT) {
+            s->result = KVSTORE_FAILED;
+            if (!s->direct)
+                c->peers[pi].fail = "a direct reply to a put that did not ask";
+            else if (h->status == KVWIRE_ST_OK)
+                put_direct(c, s, h, data);
+            break;
+        }
         s->result = h->status == KVWIRE_ST_OK        ? KVSTORE_OK
                     : h->status == KVWIRE_ST_NOSPACE ? KVSTORE_NOSPACE
                                                      : KVSTORE_FAILED;
@@ -393,10 +467,11 @@ static ucs_status_t on_am(void *arg, const void *header, size_t hlen, void *data
         on_challenge(c, pi, data);
     else if (h.op == KVWIRE_OP_AUTH_OK && p->state == PEER_WAIT_AUTH_OK && !rndv)
         on_auth_ok(c, pi, data);
-    else if (h.op == KVWIRE_OP_DIRECT && reply && p->state == PEER_READY && !rndv)
+    else if (h.op == KVWIRE_OP_DIRECT && reply && p->state == PEER_WAIT_DIRECT && !rndv)
         on_direct(c, pi, &h, data);
-    else if (reply && p->state == PEER_READY && h.op <= KVWIRE_OP_DEL &&
-             (!rndv || h.op == KVWIRE_OP_GET))
+    else if (reply && p->state == PEER_READY &&
+             (h.op <= KVWIRE_OP_DEL || h.op == KVWIRE_OP_COMMIT) &&
+             (!rndv || (h.op == KVWIRE_OP_GET && !(h.flags & KVWIRE_F_DIRECT))))
         on_reply(c, pi, &h, data, len, rndv);
     else
         p->fail = "unexpected message";
@@ -417,6 +492,24 @@ static void on_sent(void *req, ucs_status_t status, void *user)
             c->peers[s->peer].fail = "send failed";
     }
     maybe_complete(c, s);
+}
+
+/* A direct put asks for room first: the value's length, not the value. */
+static bool issue_direct_put(kvstore_client *c, kvc_slot *s)
+{
+    kvstore_op *op = s->it->op;
+    uint8_t len[KVWIRE_LEN_BYTES];
+    for (int i = 0; i < KVWIRE_LEN_BYTES; i++)
+        len[i] = (uint8_t)((uint64_t)op->len >> (8 * i));
+    kvwire_hdr h = {.version = KVWIRE_VERSION, .op = KVWIRE_OP_PUT, .flags = KVWIRE_F_DIRECT,
+                    .request_id = s->id, .payload_len = KVWIRE_LEN_BYTES};
+    memcpy(h.key, op->key.b, KVWIRE_KEY_BYTES);
+    if (kvx_send_small(c->peers[s->peer].ep, &h, len, sizeof len) != EKV_OK) {
+        fail_slot(s);
+        c->peers[s->peer].fail = "send failed";
+        maybe_complete(c, s);
+    }
+    return true;
 }
 
 bool kvr_issue(kvstore_client *c, kvc_item *it)
@@ -442,7 +535,10 @@ bool kvr_issue(kvstore_client *c, kvc_item *it)
     s->deadline = kvx_now() + c->cfg.op_timeout_ms / 1000.0;
     c->n_inflight++;
     bool put = op->kind == KVSTORE_PUT;
-    s->direct = op->kind == KVSTORE_GET && c->peers[pi].region;
+    s->direct = (op->kind == KVSTORE_GET && c->peers[pi].region) ||
+                (put && c->peers[pi].region_writable);
+    if (put && s->direct)
+        return issue_direct_put(c, s);
     kvwire_hdr h = {.version = KVWIRE_VERSION,
                     .op = (uint8_t)(KVWIRE_OP_PUT + (op->kind - KVSTORE_PUT)),
                     .flags = s->direct ? KVWIRE_F_DIRECT : 0,

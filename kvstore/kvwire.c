@@ -65,7 +65,7 @@ void kvwire_encode(const kvwire_hdr *h, uint8_t out[KVWIRE_HEADER_BYTES])
 const char *kvwire_op_name(uint8_t op)
 {
     static const char *names[] = {"?",   "challenge", "auth", "auth_ok", "put",
-                                  "get", "exists",    "del",  "direct",  "release"};
+                                  "get", "exists",    "del",  "direct",  "release", "commit"};
     return op <= KVWIRE_OP_MAX ? names[op] : "?";
 }
 
@@ -80,7 +80,12 @@ static ekv_status check_len(const kvwire_hdr *h, ekv_error *err)
     case KVWIRE_OP_CHALLENGE: fixed = KVWIRE_NONCE_BYTES; break;
     case KVWIRE_OP_AUTH: fixed = KVWIRE_NONCE_BYTES + KVWIRE_MAC_BYTES; break;
     case KVWIRE_OP_AUTH_OK: fixed = KVWIRE_MAC_BYTES; break;
-    case KVWIRE_OP_PUT: value = !reply; break;
+    case KVWIRE_OP_PUT:
+        if (h->flags & KVWIRE_F_DIRECT)
+            fixed = !reply ? KVWIRE_LEN_BYTES : h->status == KVWIRE_ST_OK ? KVWIRE_SPAN_BYTES : 0;
+        else
+            value = !reply;
+        break;
     case KVWIRE_OP_GET:
         if (reply && h->status == KVWIRE_ST_OK && (h->flags & KVWIRE_F_DIRECT))
             fixed = KVWIRE_SPAN_BYTES;
@@ -132,7 +137,7 @@ ekv_status kvwire_decode(const void *buf, size_t len, kvwire_hdr *h, ekv_error *
     if (auth && reply)
         return ekv_error_set(err, EKV_EFORMAT, "kvwire: %s cannot be a reply",
                              kvwire_op_name(h->op));
-    if ((h->flags & KVWIRE_F_DIRECT) && h->op != KVWIRE_OP_GET)
+    if ((h->flags & KVWIRE_F_DIRECT) && h->op != KVWIRE_OP_GET && h->op != KVWIRE_OP_PUT)
         return ekv_error_set(err, EKV_EFORMAT, "kvwire: direct flag on %s", kvwire_op_name(h->op));
     if (h->op == KVWIRE_OP_RELEASE && reply)
         return ekv_error_set(err, EKV_EFORMAT, "kvwire: release has no reply");

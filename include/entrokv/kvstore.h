@@ -105,6 +105,7 @@ typedef struct kvstore_metrics {
     _Atomic uint64_t evictions;   /* LRU evictions in the local tier */
     _Atomic uint64_t rejected;    /* daemon: messages / connections dropped (auth, malformed) */
     _Atomic uint64_t direct_gets; /* client: remote gets read from a daemon's shared memory */
+    _Atomic uint64_t direct_puts; /* client: remote puts written into a daemon's shared memory */
 } kvstore_metrics;
 
 /* ---- tier (a): the in-process host pool ---- */
@@ -167,6 +168,9 @@ void kvstore_local_release(kvstore_local *s, kvstore_entry *e);
 void *kvstore_entry_data(kvstore_entry *e);
 size_t kvstore_entry_len(const kvstore_entry *e);
 uint64_t kvstore_entry_checksum(const kvstore_entry *e);
+/* A reserved entry's checksum, when it is known only once the value is
+ * written (the daemon's direct puts); before commit. */
+void kvstore_entry_set_checksum(kvstore_entry *e, uint64_t checksum);
 
 /* Test hook: flips one bit of the stored value at offset (the checksum is
  * left as is). false when the key is absent or offset out of range. */
@@ -210,8 +214,9 @@ typedef struct kvstore_client_config {
     int max_inflight;           /* remote ops in flight at once; 256 */
     bool write_through;         /* puts also go to the ring when there is a local tier; true */
     bool promote_remote_hits;   /* remote get hits are copied into the local tier; true */
-    bool no_direct_reads;       /* gets from a daemon on this host go by UCX even where its
-                                   value region can be mapped (benchmarks of the transport) */
+    bool no_direct;             /* values to and from a daemon on this host go by UCX even
+                                   where its region can be mapped (benchmarks of the
+                                   transport) */
     kvstore_log_fn log;         /* one line per event (connect, failure); NULL: silent */
     void *log_arg;
 } kvstore_client_config;

@@ -43,13 +43,18 @@ typedef enum kvwire_op {
                               with status OK carries a kvwire_direct (KVWIRE_DIRECT_BYTES) */
     KVWIRE_OP_RELEASE = 9, /* client -> daemon, no reply: done reading the direct GET
                               whose request id this carries */
-    KVWIRE_OP_MAX = 9
+    KVWIRE_OP_COMMIT = 10, /* client -> daemon: the direct PUT whose request id this
+                              carries is written; checksum: the value's */
+    KVWIRE_OP_MAX = 10
 } kvwire_op;
 
 #define KVWIRE_F_REPLY 0x0001u  /* the answer to request_id */
-#define KVWIRE_F_DIRECT 0x0002u /* GET only: the client may read the value from the mapped
-                                   region; a reply with it and status OK carries a
-                                   kvwire_span (KVWIRE_SPAN_BYTES), not the value */
+#define KVWIRE_F_DIRECT 0x0002u /* GET and PUT only: the value moves through the mapped
+                                   region. A direct PUT carries the value's length (8
+                                   bytes), not the value; a direct reply with status OK
+                                   carries a kvwire_span (KVWIRE_SPAN_BYTES): where to read
+                                   the value, or where to write it and then COMMIT */
+#define KVWIRE_LEN_BYTES 8
 #define KVWIRE_F_KNOWN (KVWIRE_F_REPLY | KVWIRE_F_DIRECT)
 
 /* The payload of a DIRECT reply: the daemon's pid and the descriptor of its

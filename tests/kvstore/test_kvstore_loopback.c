@@ -40,7 +40,7 @@ static kvstore_client *client_with(int port, const char *token, int op_timeout_m
     cfg.connect_timeout_ms = 1000;
     cfg.reconnect_ms = 300;
     cfg.local_capacity = local;
-    cfg.no_direct_reads = no_direct;
+    cfg.no_direct = no_direct;
     cfg.log = kvt_log;
     ekv_error err = {0};
     kvstore_client *c = kvstore_client_create(&cfg, &err);
@@ -117,6 +117,7 @@ static void test_blocks_round_trip_through_a_daemon(void)
         CHECK_EQ_INT(m->tier[KVSTORE_TIER_REMOTE].bytes_in, 64 * KVT_BLOCK_BYTES + 8 * (1 << 20));
         CHECK(m->restore_count == 72 && m->restore_ns_sum > 0);
         CHECK_EQ_INT(m->direct_gets, 72); /* same host: read from the daemon's region */
+        CHECK_EQ_INT(m->direct_puts, 72); /* and written into it */
         kvstore_client_destroy(c);
     }
     /* the same through UCX only */
@@ -128,6 +129,7 @@ static void test_blocks_round_trip_through_a_daemon(void)
         const kvstore_metrics *m = kvstore_client_metrics(c);
         CHECK_EQ_INT(m->tier[KVSTORE_TIER_REMOTE].hits, 20);
         CHECK_EQ_INT(m->direct_gets, 0);
+        CHECK_EQ_INT(m->direct_puts, 0);
         kvstore_client_destroy(c);
     }
     CHECK_EQ_INT(kvt_daemon_stop(&d), 0); /* SIGTERM: clean exit */
@@ -471,11 +473,13 @@ static void test_corrupted_value_on_the_daemon_is_a_miss(void)
         if (dc) {
             const kvstore_metrics *m = kvstore_client_metrics(dc);
             CHECK_EQ_INT(m->direct_gets, direct ? 2 : 0);
+            CHECK_EQ_INT(m->direct_puts, direct ? 2 : 0);
             CHECK_EQ_INT(m->checksum_failures, 2);
             kvstore_client_destroy(dc);
         }
     }
-    /* every direct get was released (RELEASE, or the connection's end) */
+    /* every direct get was released and every direct put committed or
+     * aborted (RELEASE / COMMIT, or the connection's end) */
     kvstore_local_stats st = {0};
     for (int i = 0; i < 100; i++) {
         kvstore_local_stats_get(kvstore_daemon_store(d), &st);

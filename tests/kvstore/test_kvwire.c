@@ -68,6 +68,11 @@ static void test_kvwire_round_trips_every_op(void)
         make(KVWIRE_OP_DIRECT, KVWIRE_F_REPLY, KVWIRE_DIRECT_BYTES, KVWIRE_ST_OK),
         make(KVWIRE_OP_DIRECT, KVWIRE_F_REPLY, 0, KVWIRE_ST_ERROR),
         make(KVWIRE_OP_RELEASE, 0, 0, 0),
+        make(KVWIRE_OP_PUT, KVWIRE_F_DIRECT, KVWIRE_LEN_BYTES, 0),
+        make(KVWIRE_OP_PUT, KVWIRE_F_REPLY | KVWIRE_F_DIRECT, KVWIRE_SPAN_BYTES, KVWIRE_ST_OK),
+        make(KVWIRE_OP_PUT, KVWIRE_F_REPLY | KVWIRE_F_DIRECT, 0, KVWIRE_ST_NOSPACE),
+        make(KVWIRE_OP_COMMIT, 0, 0, 0),
+        make(KVWIRE_OP_COMMIT, KVWIRE_F_REPLY, 0, KVWIRE_ST_ERROR),
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         uint8_t b[KVWIRE_HEADER_BYTES];
@@ -129,7 +134,7 @@ static void test_kvwire_rejects_bad_fields(void)
     CHECK(!decodes(&r));
     r = make(KVWIRE_OP_AUTH, KVWIRE_F_REPLY, 64, 0);
     CHECK(!decodes(&r));
-    r = make(KVWIRE_OP_PUT, KVWIRE_F_DIRECT, 16, 0); /* direct is for gets only */
+    r = make(KVWIRE_OP_EXISTS, KVWIRE_F_DIRECT, 0, 0); /* direct is for gets and puts */
     CHECK(!decodes(&r));
     r = make(KVWIRE_OP_RELEASE, KVWIRE_F_REPLY, 0, 0); /* release has no reply */
     CHECK(!decodes(&r));
@@ -173,6 +178,9 @@ static void test_kvwire_rejects_bad_lengths(void)
         make(KVWIRE_OP_DIRECT, 0, 1, 0),
         make(KVWIRE_OP_DIRECT, KVWIRE_F_REPLY, KVWIRE_DIRECT_BYTES - 1, KVWIRE_ST_OK),
         make(KVWIRE_OP_RELEASE, 0, 1, 0),
+        make(KVWIRE_OP_PUT, KVWIRE_F_DIRECT, 1000, 0), /* a direct put carries no value */
+        make(KVWIRE_OP_PUT, KVWIRE_F_REPLY | KVWIRE_F_DIRECT, 0, KVWIRE_ST_OK),
+        make(KVWIRE_OP_COMMIT, 0, 8, 0),
         make(KVWIRE_OP_GET, KVWIRE_F_REPLY, 5, KVWIRE_ST_MISS),
         make(KVWIRE_OP_GET, KVWIRE_F_REPLY, KVWIRE_MAX_PAYLOAD + 1, KVWIRE_ST_OK),
         make(KVWIRE_OP_EXISTS, 0, 1, 0),
