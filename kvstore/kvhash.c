@@ -215,9 +215,13 @@ __attribute__((target("avx2"))) static void stripes_avx2(uint64_t acc[8], const 
     _mm256_storeu_si256((__m256i *)(acc + 4), a1);
 }
 
-/* One 64-byte stripe is one register: half the instructions of AVX2. */
-__attribute__((target("avx512f"))) static void stripes_avx512(uint64_t acc[8], const uint8_t *p,
-                                                              size_t n)
+/* One 64-byte stripe is one register: half the instructions of AVX2. With
+ * dst, each stripe hashed is also stored there: the checksum is of exactly
+ * the bytes written, whatever the source does meanwhile, and the value
+ * crosses the memory system once. Inlined into two callers with dst NULL
+ * or not, so neither loop tests it. */
+__attribute__((target("avx512f"), always_inline)) static inline void
+avx512_loop(uint64_t acc[8], uint8_t *dst, const uint8_t *p, size_t n)
 {
     __m512i a = _mm512_loadu_si512(acc);
     const __m512i sec = _mm512_loadu_si512(SECRET);
@@ -229,6 +233,10 @@ __attribute__((target("avx512f"))) static void stripes_avx512(uint64_t acc[8], c
         size_t m = n < STRIPES_PER_BLOCK ? n : STRIPES_PER_BLOCK;
         for (size_t s = 0; s < m; s++, p += STRIPE) {
             __m512i x = _mm512_loadu_si512(p);
+            if (dst) {
+                _mm512_storeu_si512(dst, x);
+                dst += STRIPE;
+            }
             __m512i k = _mm512_xor_si512(x, sec);
             __m512i prod = _mm512_mul_epu32(k, _mm512_srli_epi64(k, 32));
             a = _mm512_add_epi64(a, _mm512_add_epi64(prod, _mm512_shuffle_epi32(x, 0x4e)));
@@ -240,32 +248,16 @@ __attribute__((target("avx512f"))) static void stripes_avx512(uint64_t acc[8], c
     _mm512_storeu_si512(acc, a);
 }
 
-/* stripes_avx512 that also stores each stripe it hashed to dst: the
- * checksum is of exactly the bytes written, whatever the source does
- * meanwhile, and the value crosses the memory system once. */
+__attribute__((target("avx512f"))) static void stripes_avx512(uint64_t acc[8], const uint8_t *p,
+                                                              size_t n)
+{
+    avx512_loop(acc, NULL, p, n);
+}
+
 __attribute__((target("avx512f"))) static void copy_stripes_avx512(uint64_t acc[8], uint8_t *dst,
                                                                    const uint8_t *p, size_t n)
 {
-    __m512i a = _mm512_loadu_si512(acc);
-    const __m512i sec = _mm512_loadu_si512(SECRET);
-    const __m512i rev = _mm512_set_epi64(
-        (long long)SECRET[0], (long long)SECRET[1], (long long)SECRET[2], (long long)SECRET[3],
-        (long long)SECRET[4], (long long)SECRET[5], (long long)SECRET[6], (long long)SECRET[7]);
-    const __m512i prime = _mm512_set1_epi64(P32_1);
-    while (n) {
-        size_t m = n < STRIPES_PER_BLOCK ? n : STRIPES_PER_BLOCK;
-        for (size_t s = 0; s < m; s++, p += STRIPE, dst += STRIPE) {
-            __m512i x = _mm512_loadu_si512(p);
-            _mm512_storeu_si512(dst, x);
-            __m512i k = _mm512_xor_si512(x, sec);
-            __m512i prod = _mm512_mul_epu32(k, _mm512_srli_epi64(k, 32));
-            a = _mm512_add_epi64(a, _mm512_add_epi64(prod, _mm512_shuffle_epi32(x, 0x4e)));
-        }
-        if (m == STRIPES_PER_BLOCK)
-            SCRAMBLE_VEC(512, a, rev, prime);
-        n -= m;
-    }
-    _mm512_storeu_si512(acc, a);
+    avx512_loop(acc, dst, p, n);
 }
 #endif
 
