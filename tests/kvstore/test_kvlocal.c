@@ -102,6 +102,51 @@ static void test_local_lru_evicts_least_recent_and_never_exceeds_capacity(void)
     kvstore_local_destroy(s);
 }
 
+/* The daemon's store: values in one shared region, each in a power-of-two
+ * block that is what counts against capacity. Mixed sizes fragment the
+ * region; puts then evict until a block frees, capacity still holds, every
+ * value read back is intact and every value lies inside the region. */
+static void test_shared_store_keeps_capacity_through_fragmentation(void)
+{
+    kvstore_metrics m = {0};
+    /* capacity = the whole region (one 64 MiB top block, its label page
+     * included), so a block can be missing while bytes are free */
+    kvstore_local *s = kvstore_local_create_shared(64u << 20, &m, NULL);
+    CHECK(s != NULL);
+    if (!s)
+        return;
+    uint8_t *base, *label;
+    size_t bytes;
+    int fd = -1;
+    CHECK(kvstore_local_region(s, (void **)&base, &bytes, &fd, &label));
+    CHECK(fd >= 0 && bytes == (64u << 20) && label >= base && label + 4096 <= base + bytes);
+    uint8_t *v = malloc(4 << 20), *out = malloc(4 << 20);
+    kvstore_local_stats st;
+    for (int i = 0; i < 300; i++) {
+        size_t len = (size_t)(1 + (7919u * 131u * (unsigned)i) % (4u << 20));
+        fill(v, len, i);
+        kvstore_key k = key_n(i);
+        CHECK_EQ_INT(kvstore_local_put(s, &k, v, len), KVSTORE_OK);
+        kvstore_local_stats_get(s, &st);
+        CHECK(st.used <= st.capacity);
+        kvstore_entry *e = kvstore_local_acquire(s, &k);
+        CHECK(e && (uint8_t *)kvstore_entry_data(e) >= base &&
+              (uint8_t *)kvstore_entry_data(e) + len <= base + bytes);
+        if (e)
+            kvstore_local_release(s, e);
+        size_t got;
+        CHECK_EQ_INT(kvstore_local_get(s, &k, out, 4 << 20, &got), KVSTORE_OK);
+        CHECK(got == len && !memcmp(v, out, len));
+    }
+    CHECK(m.evictions > 0);
+    kvstore_local *priv = kvstore_local_create(1 << 20, NULL, NULL);
+    CHECK(!kvstore_local_region(priv, (void **)&base, &bytes, &fd, &label));
+    kvstore_local_destroy(priv);
+    free(v);
+    free(out);
+    kvstore_local_destroy(s);
+}
+
 static void test_local_checksum_failure_is_a_miss_and_drops_the_entry(void)
 {
     kvstore_metrics m = {0};
@@ -282,6 +327,7 @@ int main(void)
 {
     RUN_TEST(test_local_put_get_exists_delete);
     RUN_TEST(test_local_lru_evicts_least_recent_and_never_exceeds_capacity);
+    RUN_TEST(test_shared_store_keeps_capacity_through_fragmentation);
     RUN_TEST(test_local_checksum_failure_is_a_miss_and_drops_the_entry);
     RUN_TEST(test_local_pins_survive_eviction_and_count_against_capacity);
     RUN_TEST(test_key_depends_on_every_field);
