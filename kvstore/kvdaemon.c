@@ -415,9 +415,7 @@ static void get_direct(kvd_conn *c, const kvwire_hdr *h, kvstore_entry *e)
 static void put_direct(kvd_conn *c, const kvwire_hdr *h, const uint8_t *data)
 {
     kvstore_daemon *d = c->d;
-    uint64_t len = 0;
-    for (int i = KVWIRE_LEN_BYTES - 1; i >= 0; i--)
-        len = len << 8 | data[i];
+    uint64_t len = kvwire_len_decode(data);
     if (!c->direct || len == 0 || len > KVWIRE_MAX_PAYLOAD) {
         conn_reject(c, "direct put", c->direct ? "bad length" : "region not offered");
         return;
@@ -493,6 +491,10 @@ static void handle_get(kvd_conn *c, const kvwire_hdr *h)
     kvstore_key key;
     memcpy(key.b, h->key, KVWIRE_KEY_BYTES);
     kvstore_entry *e = kvstore_local_acquire(d->store, &key);
+    if (e && (h->flags & KVWIRE_F_DIRECT) && c->direct && c->n_pins < KVD_MAX_PINS) {
+        get_direct(c, h, e);
+        return;
+    }
     kvd_send *s = e ? malloc(sizeof *s) : NULL;
     if (!s) {
         if (e)
@@ -502,11 +504,6 @@ static void handle_get(kvd_conn *c, const kvwire_hdr *h)
         return;
     }
     size_t len = kvstore_entry_len(e);
-    if ((h->flags & KVWIRE_F_DIRECT) && c->direct && c->n_pins < KVD_MAX_PINS) {
-        free(s);
-        get_direct(c, h, e);
-        return;
-    }
     /* A client on this host receives over shared memory, where nothing
      * between the two copies can corrupt bytes, and does not hash what it
      * receives: the stored copy is checked here instead, so the two

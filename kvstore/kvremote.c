@@ -499,8 +499,7 @@ static bool issue_direct_put(kvstore_client *c, kvc_slot *s)
 {
     kvstore_op *op = s->it->op;
     uint8_t len[KVWIRE_LEN_BYTES];
-    for (int i = 0; i < KVWIRE_LEN_BYTES; i++)
-        len[i] = (uint8_t)((uint64_t)op->len >> (8 * i));
+    kvwire_len_encode(op->len, len);
     kvwire_hdr h = {.version = KVWIRE_VERSION, .op = KVWIRE_OP_PUT, .flags = KVWIRE_F_DIRECT,
                     .request_id = s->id, .payload_len = KVWIRE_LEN_BYTES};
     memcpy(h.key, op->key.b, KVWIRE_KEY_BYTES);

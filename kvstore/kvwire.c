@@ -184,3 +184,13 @@ void kvwire_span_decode(const uint8_t in[KVWIRE_SPAN_BYTES], kvwire_span *s)
     s->offset = get64(in);
     s->len = get64(in + 8);
 }
+
+void kvwire_len_encode(uint64_t len, uint8_t out[KVWIRE_LEN_BYTES])
+{
+    put64(out, len);
+}
+
+uint64_t kvwire_len_decode(const uint8_t in[KVWIRE_LEN_BYTES])
+{
+    return get64(in);
+}

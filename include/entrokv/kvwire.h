@@ -113,5 +113,8 @@ void kvwire_direct_encode(const kvwire_direct *d, uint8_t out[KVWIRE_DIRECT_BYTE
 void kvwire_direct_decode(const uint8_t in[KVWIRE_DIRECT_BYTES], kvwire_direct *d);
 void kvwire_span_encode(const kvwire_span *s, uint8_t out[KVWIRE_SPAN_BYTES]);
 void kvwire_span_decode(const uint8_t in[KVWIRE_SPAN_BYTES], kvwire_span *s);
+/* A direct PUT's payload: the value's length. */
+void kvwire_len_encode(uint64_t len, uint8_t out[KVWIRE_LEN_BYTES]);
+uint64_t kvwire_len_decode(const uint8_t in[KVWIRE_LEN_BYTES]);
 
 #endif

@@ -157,6 +157,10 @@ static void test_kvwire_direct_and_span_round_trip(void)
     kvwire_span_encode(&s, sb);
     kvwire_span_decode(sb, &s2);
     CHECK(s2.offset == s.offset && s2.len == s.len);
+    uint8_t lb[KVWIRE_LEN_BYTES];
+    kvwire_len_encode(0x0102030405060708ull, lb);
+    CHECK_EQ_INT(lb[0], 0x08);
+    CHECK(kvwire_len_decode(lb) == 0x0102030405060708ull);
 }
 
 static void test_kvwire_rejects_bad_lengths(void)
