@@ -11,11 +11,14 @@
  * rendezvous where only eager data is allowed - is logged in one line and
  * the connection is force-closed; other connections are untouched.
  *
- * Values move without copies: a PUT's rendezvous data lands directly in an
- * entry reserved in the store (committed when it is complete), a GET's
- * reply is sent from the pinned entry. The daemon does not re-hash values:
- * the checksum travels with the value and the client verifies it on get,
- * end to end.
+ * Values move without extra copies. By UCX, a PUT's rendezvous data lands
+ * directly in an entry reserved in the store (committed when it is
+ * complete) and a GET's reply is sent from the pinned entry; a client on
+ * another host verifies the checksum that travels with the value, one on
+ * this host gets it verified here (handle_get). The store's values live in
+ * a shared region, so a client on this host may instead read and write
+ * them itself (get_direct, put_direct): the daemon then only pins, reserves
+ * and commits, and the client checksums what it copied.
  */
 #include "entrokv/kvstore.h"
 

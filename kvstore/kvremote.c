@@ -4,7 +4,8 @@
  * ops in flight, each with a deadline.
  *
  * A peer goes DOWN -> WAIT_CHALLENGE (endpoint created) -> WAIT_AUTH_OK
- * (our proof sent) -> READY (the daemon's proof checked). Ops for a peer
+ * (our proof sent) -> [WAIT_DIRECT: same host, asked whether its value
+ * region can be mapped] -> READY (the daemon's proof checked). Ops for a peer
  * that is not READY finish at once as a miss (get, exists) or a failure
  * (put, del), so a dead daemon costs nothing but its keys. A peer that
  * errors, sends a malformed message or lets an op pass its deadline is
