@@ -43,7 +43,7 @@ typedef struct kvc_peer {
     socklen_t salen;
     ucp_ep_h ep;
     int state;
-    bool same_host;  /* shared memory: the daemon verifies what it sends */
+    bool same_host;  /* kvx_addr_is_local: may map the daemon's region */
     double deadline; /* connect + auth must finish by then */
     double retry_at; /* DOWN: next connect attempt */
     const char *fail; /* set by the error callback, acted on in the loop */
@@ -65,6 +65,11 @@ typedef struct kvc_slot {
     bool replied;
     bool direct;     /* asked for a span of the peer's region (get: to read, put: to write) */
     bool committing; /* a direct put written, its COMMIT sent */
+    bool hashing;    /* on the hash list (kvremote.c, hash_step) */
+    bool abandoned;  /* op finished, a UCX request still out (kvremote.c, abandon) */
+    kvstore_client *c;
+    int hash_next;   /* the next slot on it, -1 at its end */
+    kvstore_sum sum;
     kvstore_result result;
     uint64_t checksum;
     size_t value_len;
@@ -99,6 +104,7 @@ struct kvstore_client {
     kvc_slot *slots;
     int n_slots, n_inflight;
     int *free_slots, n_free;
+    int hash_head, hash_tail; /* slots whose values are hashed a step at a time; -1: none */
     uint64_t seq;
     double last_sweep;
     bool stopping_remote; /* no reconnects while closing */

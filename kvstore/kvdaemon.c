@@ -11,11 +11,12 @@
  * rendezvous where only eager data is allowed - is logged in one line and
  * the connection is force-closed; other connections are untouched.
  *
- * Values move without extra copies. By UCX, a PUT's rendezvous data lands
- * directly in an entry reserved in the store (committed when it is
- * complete) and a GET's reply is sent from the pinned entry; a client on
- * another host verifies the checksum that travels with the value, one on
- * this host gets it verified here (handle_get). The store's values live in
+ * Values move without extra copies, and the daemon hashes none of them. By
+ * UCX, a PUT's rendezvous data lands directly in an entry reserved in the
+ * store (committed when it is complete) and a GET's reply is sent from the
+ * pinned entry, with the checksum the client put, which the client that
+ * gets it verifies (it also asks us to DEL a value that failed, since
+ * our copy may be the spoilt one). The store's values live in
  * a shared region, so a client on this host may instead read and write
  * them itself (get_direct, put_direct): the daemon then only pins, reserves
  * and commits, and the client checksums what it copied.
@@ -56,7 +57,7 @@ typedef struct kvd_conn {
     int refs; /* 1 for the connection itself + 1 per PUT receive or flush in flight */
     uint8_t snonce[KVWIRE_NONCE_BYTES];
     double auth_deadline;
-    bool same_host; /* shared-memory lanes; this side verifies gets (see handle_get) */
+    bool same_host; /* kvx_addr_is_local: may map our value region (handle_direct) */
     bool direct;    /* mapped our value region: gets may answer with a span */
     kvd_pin *pins;  /* direct gets the client is still reading */
     int n_pins;
@@ -507,21 +508,7 @@ static void handle_get(kvd_conn *c, const kvwire_hdr *h)
         return;
     }
     size_t len = kvstore_entry_len(e);
-    /* A client on this host receives over shared memory, where nothing
-     * between the two copies can corrupt bytes, and does not hash what it
-     * receives: the stored copy is checked here instead, so the two
-     * processes split the work (this one hashes, that one copies). A client
-     * on another host checks what arrives itself. */
-    if (c->same_host && kvstore_checksum(kvstore_entry_data(e), len) != kvstore_entry_checksum(e)) {
-        kvstore_local_release(d->store, e);
-        free(s);
-        (void)kvstore_local_delete(d->store, &key);
-        atomic_fetch_add_explicit(&d->m.checksum_failures, 1, memory_order_relaxed);
-        atomic_fetch_add_explicit(&d->m.tier[KVSTORE_TIER_LOCAL].misses, 1, memory_order_relaxed);
-        logf_(d, "kvstore: value for a get from %s failed its checksum; dropped", c->peer);
-        reply(c, h, KVWIRE_ST_BADSUM);
-        return;
-    }
+    /* the client checks the value against the checksum that goes with it */
     kvwire_hdr r = {.version = KVWIRE_VERSION, .op = KVWIRE_OP_GET, .flags = KVWIRE_F_REPLY,
                     .request_id = h->request_id, .payload_len = (uint32_t)len,
                     .status = KVWIRE_ST_OK, .checksum = kvstore_entry_checksum(e)};

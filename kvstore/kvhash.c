@@ -346,6 +346,31 @@ uint64_t kvstore_checksum_copy(void *dst, const void *src, size_t len)
     return kvstore_checksum(dst, len); /* of the copy: what the caller got is what was checked */
 }
 
+void kvstore_sum_init(kvstore_sum *s)
+{
+    memcpy(s->acc, ACC_INIT, sizeof s->acc);
+    s->done = 0;
+}
+
+/* Every step but the last covers whole 1 KiB blocks, so the scrambles fall
+ * where one pass puts them. */
+bool kvstore_sum_step(kvstore_sum *s, const void *value, size_t len, size_t budget,
+                      uint64_t *out)
+{
+    const size_t block = STRIPE * STRIPES_PER_BLOCK;
+    stripes_fn fn = best_variant();
+    size_t whole = len / STRIPE * STRIPE;
+    size_t n = budget < block ? block : budget / block * block;
+    if (n > whole - s->done)
+        n = whole - s->done;
+    fn(s->acc, (const uint8_t *)value + s->done, n / STRIPE);
+    s->done += n;
+    if (s->done < whole)
+        return false;
+    *out = finish(s->acc, fn, (const uint8_t *)value + whole, len);
+    return true;
+}
+
 bool kvstore_checksum_isa(int isa, const void *data, size_t len, uint64_t *out)
 {
     stripes_fn fn = variant(isa);

@@ -67,6 +67,19 @@ uint64_t kvstore_checksum(const void *data, size_t len);
  * the caller got, not what src holds afterwards. */
 uint64_t kvstore_checksum_copy(void *dst, const void *src, size_t len);
 
+/* kvstore_checksum of one value, a step at a time: for a thread that must
+ * not stop for a whole value (the client's, which keeps UCX moving between
+ * steps). Start with kvstore_sum_init; each step hashes `budget` more bytes
+ * (rounded down to whole KiB, at least one KiB) of the same len-byte value
+ * and returns true once the whole value is done, its checksum in *out. */
+typedef struct kvstore_sum {
+    uint64_t acc[8];
+    size_t done; /* bytes hashed so far */
+} kvstore_sum;
+void kvstore_sum_init(kvstore_sum *s);
+bool kvstore_sum_step(kvstore_sum *s, const void *value, size_t len, size_t budget,
+                      uint64_t *out);
+
 /* ---- results and metrics ---- */
 
 typedef enum kvstore_result {
@@ -106,6 +119,8 @@ typedef struct kvstore_metrics {
     _Atomic uint64_t rejected;    /* daemon: messages / connections dropped (auth, malformed) */
     _Atomic uint64_t direct_gets; /* client: remote gets read from a daemon's shared memory */
     _Atomic uint64_t direct_puts; /* client: remote puts written into a daemon's shared memory */
+    _Atomic uint64_t abandoned;   /* client: ops finished while UCX still held a request (a
+                                     stalled peer on this host, kvremote.c) */
 } kvstore_metrics;
 
 /* ---- tier (a): the in-process host pool ---- */

@@ -290,6 +290,29 @@ static void test_checksum_copy_copies_and_equals_checksum(void)
     free(d);
 }
 
+/* Hashed in steps of any budget, a value has the checksum of one pass,
+ * at every edge length: budgets below, at and between whole KiB. */
+static void test_checksum_in_steps_equals_one_pass(void)
+{
+    uint8_t *b = malloc(70000);
+    fill(b, 70000, 9);
+    size_t sizes[] = {0, 1, 63, 64, 65, 1023, 1024, 1025, 2047, 4160, 65536, 69999};
+    size_t budgets[] = {0, 1, 1024, 1500, 3072, 65536, 1u << 20};
+    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++)
+        for (size_t j = 0; j < sizeof budgets / sizeof budgets[0]; j++) {
+            kvstore_sum sum;
+            kvstore_sum_init(&sum);
+            uint64_t got = 0;
+            int steps = 0;
+            while (!kvstore_sum_step(&sum, b + 1, sizes[i], budgets[j], &got))
+                steps++;
+            CHECK(got == kvstore_checksum_reference(b + 1, sizes[i]));
+            /* each step but the last covers at least a KiB */
+            CHECK((size_t)steps <= sizes[i] / 1024);
+        }
+    free(b);
+}
+
 static void test_checksum_detects_flips_and_is_stable(void)
 {
     uint8_t *b = malloc(5000);
@@ -333,6 +356,7 @@ int main(void)
     RUN_TEST(test_key_depends_on_every_field);
     RUN_TEST(test_checksum_simd_equals_scalar_reference);
     RUN_TEST(test_checksum_copy_copies_and_equals_checksum);
+    RUN_TEST(test_checksum_in_steps_equals_one_pass);
     RUN_TEST(test_checksum_detects_flips_and_is_stable);
     return TEST_EXIT();
 }
