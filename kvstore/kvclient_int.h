@@ -66,10 +66,10 @@ typedef struct kvc_slot {
     bool direct;     /* asked for a span of the peer's region (get: to read, put: to write) */
     bool committing; /* a direct put written, its COMMIT sent */
     bool hashing;    /* on the hash list (kvremote.c, hash_step) */
-    bool abandoned;  /* op finished, a UCX request still out (kvremote.c, abandon) */
-    kvstore_client *c;
     int hash_next;   /* the next slot on it, -1 at its end */
-    kvstore_sum sum;
+    kvstore_sum sum; /* how far hashing got */
+    bool abandoned;  /* op finished, a UCX request still out (kvremote.c, abandon): it = NULL */
+    kvstore_client *c; /* for UCX callbacks, which may outlive it */
     kvstore_result result;
     uint64_t checksum;
     size_t value_len;
