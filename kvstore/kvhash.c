@@ -142,6 +142,16 @@ static void stripes_scalar(uint64_t acc[8], const uint8_t *p, size_t n)
 #if defined(__x86_64__)
 #include <immintrin.h>
 
+/* Values usually arrive cold (received a MiB ago, or sitting in a store),
+ * and one thread hashing them reads at about 10 GB/s on the hardware
+ * prefetcher alone. Asking for the line 4 KiB ahead of each stripe cut the
+ * time a client spends checking a 1 MiB get over TCP by about a third
+ * (docs/kvstore.md) and costs nothing measurable on hot data. The
+ * address is formed as an integer: it may lie past the value, which a
+ * prefetch tolerates and pointer arithmetic would not. */
+#define PREFETCH_AHEAD 4096
+#define PREFETCH(p) _mm_prefetch((const char *)((uintptr_t)(p) + PREFETCH_AHEAD), _MM_HINT_T0)
+
 /* SSE2 (every x86-64): 4 vectors of 2 lanes; the shuffle swaps the two
  * 64-bit halves, which is x[i ^ 1]. The scramble stays scalar: SSE2 has
  * no cheap 64-bit multiply and it runs once per KiB. */
@@ -156,6 +166,7 @@ static void stripes_sse2(uint64_t acc[8], const uint8_t *p, size_t n)
         for (int j = 0; j < 4; j++)
             a[j] = _mm_loadu_si128((const __m128i *)(acc + 2 * j));
         for (size_t s = 0; s < m; s++, p += STRIPE) {
+            PREFETCH(p);
             for (int j = 0; j < 4; j++) {
                 __m128i x = _mm_loadu_si128((const __m128i *)(p + 16 * j));
                 __m128i k = _mm_xor_si128(x, sec[j]);
@@ -197,6 +208,7 @@ __attribute__((target("avx2"))) static void stripes_avx2(uint64_t acc[8], const 
     while (n) {
         size_t m = n < STRIPES_PER_BLOCK ? n : STRIPES_PER_BLOCK;
         for (size_t s = 0; s < m; s++, p += STRIPE) {
+            PREFETCH(p);
             __m256i x0 = _mm256_loadu_si256((const __m256i *)p);
             __m256i x1 = _mm256_loadu_si256((const __m256i *)(p + 32));
             __m256i k0 = _mm256_xor_si256(x0, s0), k1 = _mm256_xor_si256(x1, s1);
@@ -232,6 +244,7 @@ avx512_loop(uint64_t acc[8], uint8_t *dst, const uint8_t *p, size_t n)
     while (n) {
         size_t m = n < STRIPES_PER_BLOCK ? n : STRIPES_PER_BLOCK;
         for (size_t s = 0; s < m; s++, p += STRIPE) {
+            PREFETCH(p);
             __m512i x = _mm512_loadu_si512(p);
             if (dst) {
                 _mm512_storeu_si512(dst, x);
