@@ -353,10 +353,11 @@ kvstore_result kvstore_local_put(kvstore_local *s, const kvstore_key *key, const
                                  size_t len)
 {
     kvstore_result why;
-    kvstore_entry *e = kvstore_local_reserve(s, key, len, kvstore_checksum(val, len), &why);
+    kvstore_entry *e = kvstore_local_reserve(s, key, len, 0, &why);
     if (!e)
         return why;
-    memcpy(e->data, val, len);
+    /* one pass, and the checksum is of the bytes stored */
+    e->checksum = kvstore_checksum_copy_nt(e->data, val, len);
     kvstore_local_commit(s, e);
     return KVSTORE_OK;
 }
@@ -385,8 +386,7 @@ kvstore_result kvstore_local_get(kvstore_local *s, const kvstore_key *key, void 
         kvstore_local_release(s, e);
         return KVSTORE_TOOSMALL;
     }
-    memcpy(buf, e->data, len);
-    bool good = kvstore_checksum(buf, len) == e->checksum;
+    bool good = kvstore_checksum_copy(buf, e->data, len) == e->checksum;
     if (!good)
         drop_if_linked(s, e);
     kvstore_local_release(s, e);

@@ -440,8 +440,9 @@ static void get_direct(kvstore_client *c, kvc_slot *s, const kvwire_hdr *h, cons
 }
 
 /* A direct put's answer: where to write. One pass copies the value into
- * the region and checksums what it wrote; COMMIT carries that checksum and
- * its reply finishes the op. */
+ * the region (non-temporal: the daemon's reader comes much later) and
+ * checksums what it wrote; COMMIT carries that checksum and its reply
+ * finishes the op. */
 static void put_direct(kvstore_client *c, kvc_slot *s, const kvwire_hdr *h, const uint8_t *data)
 {
     kvc_peer *p = &c->peers[s->peer];
@@ -452,7 +453,7 @@ static void put_direct(kvstore_client *c, kvc_slot *s, const kvwire_hdr *h, cons
         p->fail = "a direct put span that does not fit";
         return;
     }
-    uint64_t sum = kvstore_checksum_copy(p->region + span.offset, op->buf, op->len);
+    uint64_t sum = kvstore_checksum_copy_nt(p->region + span.offset, op->buf, op->len);
     kvwire_hdr commit = {.version = KVWIRE_VERSION, .op = KVWIRE_OP_COMMIT,
                          .request_id = h->request_id, .checksum = sum};
     memcpy(commit.key, h->key, KVWIRE_KEY_BYTES);

@@ -66,6 +66,11 @@ uint64_t kvstore_checksum(const void *data, size_t len);
  * value out of memory another process may reuse, the result checks what
  * the caller got, not what src holds afterwards. */
 uint64_t kvstore_checksum_copy(void *dst, const void *src, size_t len);
+/* kvstore_checksum_copy for a destination nobody reads soon (a store's
+ * memory): where dst is 64-byte aligned it is written with non-temporal
+ * stores, which skip reading its lines first and leave the caller's cache
+ * alone. The bytes are visible to other threads and processes on return. */
+uint64_t kvstore_checksum_copy_nt(void *dst, const void *src, size_t len);
 
 /* kvstore_checksum of one value, a step at a time: for a thread that must
  * not stop for a whole value (the client's, which keeps UCX moving between

@@ -271,21 +271,26 @@ static void test_checksum_simd_equals_scalar_reference(void)
     free(b);
 }
 
-/* The fused copy writes exactly src and returns the checksum of it, at
- * every edge length and alignment of source and destination. */
+/* The fused copies (cached and non-temporal) write exactly src and return
+ * its checksum, at every edge length, with the destination 64-byte aligned
+ * (where the non-temporal one streams) and not, and the source not. */
 static void test_checksum_copy_copies_and_equals_checksum(void)
 {
-    uint8_t *b = malloc(70000), *d = malloc(70004);
+    uint8_t *b = malloc(70000), *d = aligned_alloc(64, 70144);
     fill(b, 70000, 5);
     size_t sizes[] = {0, 1, 63, 64, 65, 1023, 1024, 1025, 4160, 65536, 69990};
-    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++)
-        for (size_t off = 0; off < 3; off++) {
-            memset(d, 0xee, 70004);
-            uint64_t got = kvstore_checksum_copy(d + 3 - off, b + off, sizes[i]);
-            CHECK(got == kvstore_checksum_reference(b + off, sizes[i]));
-            CHECK(memcmp(d + 3 - off, b + off, sizes[i]) == 0);
-            CHECK(d[3 - off + sizes[i]] == 0xee); /* nothing written past the end */
-        }
+    size_t dst_offs[] = {64, 65, 67, 128};
+    for (int nt = 0; nt < 2; nt++)
+        for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++)
+            for (size_t j = 0; j < sizeof dst_offs / sizeof dst_offs[0]; j++) {
+                size_t off = j % 3, at = dst_offs[j];
+                memset(d, 0xee, 70144);
+                uint64_t got = nt ? kvstore_checksum_copy_nt(d + at, b + off, sizes[i])
+                                  : kvstore_checksum_copy(d + at, b + off, sizes[i]);
+                CHECK(got == kvstore_checksum_reference(b + off, sizes[i]));
+                CHECK(memcmp(d + at, b + off, sizes[i]) == 0);
+                CHECK(d[at - 1] == 0xee && d[at + sizes[i]] == 0xee); /* nothing outside */
+            }
     free(b);
     free(d);
 }
