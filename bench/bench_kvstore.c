@@ -315,7 +315,6 @@ static int window_for(size_t size)
 {
     int w = (int)(4.0 * 1048576 / (double)size);
     return w < 2 ? 2 : w > 64 ? 64 : w;
-    return w < 2 ? 2 : w > 64 ? 64 : w;
 }
 
 /*
@@ -338,8 +337,8 @@ static bool measure(const kvb_opts *o, const kvb_transport *t, kvstore_client *c
     r.n_keys = spread ? (int)((512.0 * 1048576) / (double)size) : 2 * r.window;
     if (r.n_keys > n_ops)
         r.n_keys = (int)n_ops;
-    r.src = malloc(size);
-    r.dst = malloc(2 * (size_t)r.window * size);
+    r.src = aligned_alloc(64, size); /* as KV memory is, and perftest's buffers */
+    r.dst = aligned_alloc(64, 2 * (size_t)r.window * size);
     r.ops = calloc(2 * (size_t)r.window, sizeof *r.ops);
     for (size_t i = 0; i < size; i++)
         r.src[i] = (uint8_t)(i * 131 + 7);

@@ -67,9 +67,10 @@ uint64_t kvstore_checksum(const void *data, size_t len);
  * the caller got, not what src holds afterwards. */
 uint64_t kvstore_checksum_copy(void *dst, const void *src, size_t len);
 /* kvstore_checksum_copy for a destination nobody reads soon (a store's
- * memory): where dst is 64-byte aligned it is written with non-temporal
- * stores, which skip reading its lines first and leave the caller's cache
- * alone. The bytes are visible to other threads and processes on return. */
+ * memory, or a value too large to stay in cache until it is read): where
+ * dst is 64-byte aligned it is written with non-temporal stores, which skip
+ * reading its lines first and leave the cache alone. The bytes are visible
+ * to other threads and processes on return. */
 uint64_t kvstore_checksum_copy_nt(void *dst, const void *src, size_t len);
 
 /* kvstore_checksum of one value, a step at a time: for a thread that must
