@@ -2,7 +2,8 @@
 # test.sh - the whole test suite, as CI runs it (.ci/run calls this).
 #
 #   1. dependencies, Release build and the demo model (scripts/setup.sh, idempotent)
-#   2. unit tests under AddressSanitizer + UndefinedBehaviorSanitizer (build/asan)
+#   2. unit tests, and the tests labelled asan, under AddressSanitizer +
+#      UndefinedBehaviorSanitizer (build/asan)
 #   3. model, fixture, CLI, KV store and serving tests in Release (build/release), then
 #      the serving tests again against the ASan + UBSan build
 #   4. the libFuzzer targets for a bounded time (EKV_FUZZ_SECONDS, default 60 each)
@@ -13,11 +14,11 @@ jobs=$(nproc)
 bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
 
-echo "== unit tests (ASan + UBSan)"
+echo "== unit tests and the tests labelled asan (ASan + UBSan)"
 cmake -S . -B build/asan -DCMAKE_BUILD_TYPE=Debug -DEKV_SANITIZE=ON >/dev/null
 cmake --build build/asan -j"$jobs"
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
-    ctest --test-dir build/asan -L unit --output-on-failure -j"$jobs"
+    ctest --test-dir build/asan -L 'unit|asan' --output-on-failure -j"$jobs"
 
 echo "== model, fixture, CLI and serving tests (Release)"
 cmake --build build/release -j"$jobs"

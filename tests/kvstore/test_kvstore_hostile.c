@@ -1,0 +1,492 @@
+/*
+ * test_kvstore_hostile.c - the client against a daemon that holds the token
+ * but lies. A fake daemon (a child process on the UCX API, below)
+ * authenticates as the real one does and then answers requests wrongly,
+ * one way per test; a real `entrokv kvstore` daemon is the client's second
+ * peer. Every lie must cost only the liar's keys: its ops end as a miss or
+ * a failure within the op timeout, nothing is written past the caller's
+ * buffer, the client says why in its log, and the real daemon's keys keep
+ * round-tripping through the same client.
+ *
+ * Usage: test_kvstore_hostile ENTROKV_BINARY
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE /* memfd_create */
+#endif
+#include <arpa/inet.h>
+#include <sys/mman.h>
+#include <ucp/api/ucp.h>
+
+#include "ekv_test.h"
+#include "kvtest.h"
+#include "kvucx.h"
+
+static const char *g_bin;
+static char g_dir[64], g_token_file[128];
+static const char *TOKEN = "secret-token";
+
+/* ---- the fake daemon ---- */
+
+typedef enum lie {
+    LIE_BAD_PROOF,       /* AUTH_OK with a proof made without the token */
+    LIE_BAD_CHECKSUM,    /* stores nothing, answers gets with junk under a wrong checksum */
+    LIE_OVERSIZED,       /* a get's value longer than the caller's buffer */
+    LIE_WRONG_REQUEST,   /* replies carry request ids nobody asked for */
+    LIE_WRONG_OP,        /* a get answered as a put */
+    LIE_MALFORMED,       /* a reply whose header is not one */
+    LIE_UNSOLICITED,     /* a second challenge in the middle of the session */
+    LIE_SILENT,          /* never answers */
+    LIE_SPAN_OUTSIDE,    /* maps a region, then points gets past its end */
+    LIE_REGION_TOO_BIG,  /* claims a region larger than its file */
+    LIE_PUT_SPAN_SHORT,  /* a direct put's room smaller than the value */
+    LIE_COUNT
+} lie;
+
+static const char *LIE_NAMES[LIE_COUNT] = {
+    "bad proof",        "bad checksum", "oversized value", "wrong request id",
+    "wrong op",         "malformed",    "unsolicited",     "silent",
+    "span outside",     "region too big", "put span short",
+};
+
+typedef struct fake {
+    lie lie;
+    kvx_worker x;
+    ucp_listener_h listener;
+    ucp_conn_request_h pending[8];
+    int n_pending;
+    ucp_ep_h ep;
+    uint8_t snonce[KVWIRE_NONCE_BYTES];
+    uint8_t *region; /* LIE_SPAN_OUTSIDE, LIE_REGION_TOO_BIG, LIE_PUT_SPAN_SHORT */
+    int region_fd;
+    uint8_t out[64][KVWIRE_HEADER_BYTES + 8192]; /* replies in flight */
+    int next_out;
+} fake;
+
+#define REGION_BYTES (1u << 20)
+#define ID_OFFSET 4096u
+
+static bool direct_lie(lie l)
+{
+    return l == LIE_SPAN_OUTSIDE || l == LIE_REGION_TOO_BIG || l == LIE_PUT_SPAN_SHORT;
+}
+
+static void on_sent(void *req, ucs_status_t status, void *user)
+{
+    (void)status, (void)user;
+    ucp_request_free(req);
+}
+
+/* A reply with a payload of up to 8 KiB, from a slot of f->out. */
+static void send_big(fake *f, const kvwire_hdr *h, const void *data, size_t len)
+{
+    uint8_t *buf = f->out[f->next_out++ % 64];
+    kvwire_encode(h, buf);
+    memcpy(buf + KVWIRE_HEADER_BYTES, data, len);
+    ucs_status_ptr_t r = kvx_send(f->ep, buf, buf + KVWIRE_HEADER_BYTES, len, on_sent, NULL);
+    (void)r; /* NULL: done; an error: the client sees the op time out */
+}
+
+/* A direct reply: where to read or write. */
+static void send_span(fake *f, kvwire_hdr *h, uint64_t offset, uint64_t len)
+{
+    kvwire_span sp = {.offset = offset, .len = len};
+    uint8_t p[KVWIRE_SPAN_BYTES];
+    kvwire_span_encode(&sp, p);
+    h->flags |= KVWIRE_F_DIRECT;
+    h->payload_len = KVWIRE_SPAN_BYTES;
+    (void)kvx_send_small(f->ep, h, p, sizeof p);
+}
+
+static void answer(fake *f, const kvwire_hdr *req)
+{
+    kvwire_hdr h = {.version = KVWIRE_VERSION, .op = req->op, .flags = KVWIRE_F_REPLY,
+                    .request_id = req->request_id};
+    memcpy(h.key, req->key, KVWIRE_KEY_BYTES);
+    bool get = req->op == KVWIRE_OP_GET, put = req->op == KVWIRE_OP_PUT;
+    uint8_t junk[8192];
+    memset(junk, 0x5a, sizeof junk);
+    switch (f->lie) {
+    case LIE_BAD_CHECKSUM:
+    case LIE_OVERSIZED:
+        if (get) {
+            size_t len = f->lie == LIE_OVERSIZED ? sizeof junk : KVT_BLOCK_BYTES;
+            h.payload_len = (uint32_t)len;
+            h.checksum = kvstore_checksum(junk, len) ^ (f->lie == LIE_BAD_CHECKSUM);
+            send_big(f, &h, junk, len);
+            return;
+        }
+        break; /* puts, dels: "ok" */
+    case LIE_WRONG_REQUEST: h.request_id ^= 0x5a5a0000; break;
+    case LIE_WRONG_OP:
+        if (get)
+            h.op = KVWIRE_OP_PUT;
+        break;
+    case LIE_MALFORMED: {
+        uint8_t bad[KVWIRE_HEADER_BYTES];
+        kvwire_encode(&h, bad);
+        bad[0] ^= 0xff; /* the magic */
+        uint8_t *buf = f->out[f->next_out++ % 64];
+        memcpy(buf, bad, sizeof bad);
+        (void)kvx_send(f->ep, buf, NULL, 0, on_sent, NULL);
+        return;
+    }
+    case LIE_UNSOLICITED: {
+        kvwire_hdr c = {.version = KVWIRE_VERSION, .op = KVWIRE_OP_CHALLENGE,
+                        .payload_len = KVWIRE_NONCE_BYTES};
+        (void)kvx_send_small(f->ep, &c, f->snonce, sizeof f->snonce);
+        return;
+    }
+    case LIE_SILENT: return;
+    case LIE_SPAN_OUTSIDE: /* gets only: a put refused here would fail the peer first */
+        if (get && (req->flags & KVWIRE_F_DIRECT)) {
+            send_span(f, &h, REGION_BYTES - 64, KVT_BLOCK_BYTES);
+            return;
+        }
+        break;
+    case LIE_PUT_SPAN_SHORT: /* gets: a span of zeros, which fails its checksum */
+        if ((get || put) && (req->flags & KVWIRE_F_DIRECT)) {
+            send_span(f, &h, 2 * ID_OFFSET, put ? 64 : KVT_BLOCK_BYTES);
+            return;
+        }
+        break;
+    case LIE_REGION_TOO_BIG:
+        if (get) { /* a direct answer to a get that could not ask for one */
+            send_span(f, &h, 0, KVT_BLOCK_BYTES);
+            return;
+        }
+        break;
+    default: break;
+    }
+    h.status = get ? KVWIRE_ST_MISS : KVWIRE_ST_OK;
+    (void)kvx_send_small(f->ep, &h, NULL, 0);
+}
+
+static void on_auth(fake *f, const uint8_t *data)
+{
+    const uint8_t *cnonce = data;
+    uint8_t proof[KVWIRE_MAC_BYTES];
+    if (f->lie == LIE_BAD_PROOF)
+        kvx_proof((const uint8_t *)"guess", 5, 's', cnonce, f->snonce, proof);
+    else
+        kvx_proof((const uint8_t *)TOKEN, strlen(TOKEN), 's', cnonce, f->snonce, proof);
+    kvwire_hdr h = {.version = KVWIRE_VERSION, .op = KVWIRE_OP_AUTH_OK,
+                    .payload_len = KVWIRE_MAC_BYTES};
+    (void)kvx_send_small(f->ep, &h, proof, sizeof proof);
+}
+
+static void on_direct(fake *f, const kvwire_hdr *req)
+{
+    kvwire_hdr h = {.version = KVWIRE_VERSION, .op = KVWIRE_OP_DIRECT, .flags = KVWIRE_F_REPLY,
+                    .request_id = req->request_id, .status = KVWIRE_ST_MISS};
+    uint8_t p[KVWIRE_DIRECT_BYTES];
+    if (f->region) {
+        kvwire_direct d = {.pid = (uint32_t)getpid(), .fd = f->region_fd,
+                           .region_bytes = REGION_BYTES, .id_offset = ID_OFFSET};
+        if (f->lie == LIE_REGION_TOO_BIG)
+            d.region_bytes = 64ull * REGION_BYTES;
+        memcpy(d.id, f->region + ID_OFFSET, KVWIRE_ID_BYTES);
+        kvwire_direct_encode(&d, p);
+        h.status = KVWIRE_ST_OK;
+        h.payload_len = sizeof p;
+    }
+    (void)kvx_send_small(f->ep, &h, p, h.payload_len);
+}
+
+static ucs_status_t on_am(void *arg, const void *header, size_t hlen, void *data, size_t len,
+                          const ucp_am_recv_param_t *param)
+{
+    fake *f = arg;
+    kvwire_hdr h;
+    if ((param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) ||
+        kvwire_decode(header, hlen, &h, NULL) != EKV_OK ||
+        kvwire_check_payload(&h, len, NULL) != EKV_OK)
+        return UCS_OK; /* the tests send nothing large */
+    if (h.op == KVWIRE_OP_AUTH)
+        on_auth(f, data);
+    else if (h.op == KVWIRE_OP_DIRECT)
+        on_direct(f, &h);
+    else if (h.op != KVWIRE_OP_RELEASE && h.op != KVWIRE_OP_COMMIT)
+        answer(f, &h);
+    return UCS_OK;
+}
+
+static void on_conn(ucp_conn_request_h req, void *arg)
+{
+    fake *f = arg;
+    if (f->n_pending < 8)
+        f->pending[f->n_pending++] = req;
+    else
+        ucp_listener_reject(f->listener, req);
+}
+
+static void on_ep_error(void *arg, ucp_ep_h ep, ucs_status_t status)
+{
+    (void)arg, (void)ep, (void)status; /* the next connection replaces it */
+}
+
+static void challenge(fake *f)
+{
+    kvwire_hdr h = {.version = KVWIRE_VERSION, .op = KVWIRE_OP_CHALLENGE,
+                    .payload_len = KVWIRE_NONCE_BYTES};
+    (void)kvx_send_small(f->ep, &h, f->snonce, sizeof f->snonce);
+}
+
+static void on_wired(void *req, ucs_status_t status, void *user)
+{
+    if (status == UCS_OK)
+        challenge(user);
+    ucp_request_free(req);
+}
+
+/* One connection at a time: a reconnect replaces the last one. */
+static void accept_pending(fake *f)
+{
+    while (f->n_pending) {
+        ucp_conn_request_h req = f->pending[--f->n_pending];
+        if (f->ep)
+            kvx_close(&f->x, f->ep);
+        ekv_error err;
+        f->ep = kvx_accept(&f->x, req, true, on_ep_error, f, &err);
+        if (!f->ep || kvx_nonce(f->snonce, &err) != EKV_OK)
+            continue;
+        ucs_status_ptr_t r = kvx_flush(f->ep, on_wired, f);
+        if (r == NULL)
+            challenge(f);
+    }
+}
+
+static void make_region(fake *f)
+{
+    f->region_fd = memfd_create("ekv-fake-region", 0);
+    if (f->region_fd < 0 || ftruncate(f->region_fd, REGION_BYTES) != 0)
+        _exit(3);
+    f->region = mmap(NULL, REGION_BYTES, PROT_READ | PROT_WRITE, MAP_SHARED, f->region_fd, 0);
+    if (f->region == MAP_FAILED)
+        _exit(3);
+    kvt_fill(f->region + ID_OFFSET, KVWIRE_ID_BYTES, 77);
+}
+
+/* The child: listens on 127.0.0.1, writes its port to fd, serves until
+ * killed (or its parent is gone). */
+static void fake_main(lie l, int fd)
+{
+    static fake f;
+    f.lie = l;
+    if (direct_lie(l))
+        make_region(&f);
+    ekv_error err;
+    if (kvx_worker_init(&f.x, on_am, &f, &err) != EKV_OK)
+        _exit(3);
+    struct sockaddr_storage sa;
+    socklen_t salen;
+    if (kvx_parse_addr("127.0.0.1:0", &sa, &salen, &err) != EKV_OK)
+        _exit(3);
+    ucp_listener_params_t lp = {
+        .field_mask = UCP_LISTENER_PARAM_FIELD_SOCK_ADDR | UCP_LISTENER_PARAM_FIELD_CONN_HANDLER,
+        .sockaddr = {.addr = (struct sockaddr *)&sa, .addrlen = salen},
+        .conn_handler = {.cb = on_conn, .arg = &f},
+    };
+    ucp_listener_attr_t la = {.field_mask = UCP_LISTENER_ATTR_FIELD_SOCKADDR};
+    if (ucp_listener_create(f.x.worker, &lp, &f.listener) != UCS_OK ||
+        ucp_listener_query(f.listener, &la) != UCS_OK)
+        _exit(3);
+    int port = ntohs(((struct sockaddr_in *)&la.sockaddr)->sin_port);
+    if (write(fd, &port, sizeof port) != sizeof port)
+        _exit(3);
+    close(fd);
+    pid_t parent = getppid();
+    while (getppid() == parent) {
+        kvx_progress(&f.x);
+        accept_pending(&f);
+        kvx_wait(&f.x, 10);
+    }
+    _exit(0);
+}
+
+static pid_t fake_start(lie l, int *port)
+{
+    int fds[2];
+    if (pipe(fds) != 0)
+        return -1;
+    pid_t pid = fork();
+    if (pid == 0) {
+        close(fds[0]);
+        fake_main(l, fds[1]);
+    }
+    close(fds[1]);
+    struct pollfd p = {.fd = fds[0], .events = POLLIN};
+    bool ok = poll(&p, 1, 5000) == 1 && read(fds[0], port, sizeof *port) == sizeof *port;
+    close(fds[0]);
+    if (!ok && pid > 0) {
+        kill(pid, SIGKILL);
+        waitpid(pid, NULL, 0);
+        return -1;
+    }
+    return pid;
+}
+
+/* ---- the client's side ---- */
+
+typedef struct logbuf {
+    char text[16384];
+    size_t len;
+} logbuf;
+
+static void log_line(void *arg, const char *line)
+{
+    logbuf *l = arg;
+    int n = snprintf(l->text + l->len, sizeof l->text - l->len, "%s\n", line);
+    if (n > 0 && l->len + (size_t)n < sizeof l->text)
+        l->len += (size_t)n;
+    fprintf(stderr, "  [client] %s\n", line);
+}
+
+static kvstore_client *client_for(int fake_port, int real_port, bool no_direct, logbuf *log)
+{
+    char a[64], b[64];
+    snprintf(a, sizeof a, "127.0.0.1:%d", fake_port);
+    snprintf(b, sizeof b, "127.0.0.1:%d", real_port);
+    const char *peers[] = {a, b};
+    kvstore_client_config cfg;
+    kvstore_client_config_default(&cfg);
+    cfg.peers = peers;
+    cfg.n_peers = 2;
+    cfg.auth_token = (const uint8_t *)TOKEN;
+    cfg.auth_token_len = strlen(TOKEN);
+    cfg.op_timeout_ms = 300;
+    cfg.connect_timeout_ms = 1000;
+    cfg.reconnect_ms = 100;
+    cfg.no_direct = no_direct;
+    cfg.log = log_line;
+    cfg.log_arg = log;
+    ekv_error err = {0};
+    kvstore_client *c = kvstore_client_create(&cfg, &err);
+    if (!c)
+        fprintf(stderr, "client: %s\n", err.msg);
+    return c;
+}
+
+/* What the lie must leave in the client's log (the reason it gave up on
+ * the fake, or that it left its values on UCX); NULL: nothing to see. */
+static const char *expected_log(lie l)
+{
+    switch (l) {
+    case LIE_BAD_PROOF: return "could not prove it holds the token";
+    case LIE_WRONG_REQUEST:
+    case LIE_WRONG_OP:
+    case LIE_SILENT: return "timed out";
+    case LIE_MALFORMED: return "malformed message";
+    case LIE_UNSOLICITED: return "unexpected message";
+    case LIE_SPAN_OUTSIDE: return "a direct get outside the region";
+    case LIE_REGION_TOO_BIG: return "the region's size does not match";
+    case LIE_PUT_SPAN_SHORT: return "a direct put span that does not fit";
+    default: return NULL;
+    }
+}
+
+/*
+ * One lie: 24 keys, about half on each peer. The real daemon's keys must
+ * round-trip; the fake's must end as a miss (get), a failure or a lie we
+ * cannot tell from "stored" (put), never a wrong value, within the op
+ * timeout plus slack, and without writing past the buffer. Then the real
+ * daemon's keys are read again, after whatever the fake did to the client.
+ */
+static void run_lie(lie l, int real_port)
+{
+    fprintf(stderr, "-- %s\n", LIE_NAMES[l]);
+    int fake_port;
+    pid_t pid = fake_start(l, &fake_port);
+    CHECK(pid > 0);
+    if (pid <= 0)
+        return;
+    static logbuf log;
+    log.len = 0;
+    log.text[0] = 0;
+    kvstore_client *c = client_for(fake_port, real_port, !direct_lie(l), &log);
+    CHECK(c != NULL);
+    if (!c)
+        goto out;
+    CHECK(kvstore_client_peer_up(c, 0) == (l != LIE_BAD_PROOF));
+    CHECK(kvstore_client_peer_up(c, 1));
+    enum { N = 24 };
+    uint8_t v[KVT_BLOCK_BYTES], got[KVT_BLOCK_BYTES + 64];
+    int on_fake = 0;
+    for (int i = 0; i < N; i++) {
+        kvstore_key k = kvt_key(9000 + 100 * (int)l + i);
+        bool fake_key = kvstore_client_peer_of(c, &k) == 0;
+        on_fake += fake_key;
+        kvt_fill(v, sizeof v, i);
+        double t0 = kvt_now();
+        kvstore_result pr = kvstore_client_put(c, &k, v, sizeof v);
+        size_t len = 0;
+        memset(got, 0xee, sizeof got);
+        kvstore_result gr = kvstore_client_get(c, &k, got, KVT_BLOCK_BYTES, &len);
+        double took = kvt_now() - t0;
+        CHECK(took < 2 * 0.3 + 1.0); /* two ops, each within its timeout */
+        CHECK(got[KVT_BLOCK_BYTES] == 0xee); /* nothing past the buffer */
+        if (!fake_key) {
+            CHECK_EQ_INT(pr, KVSTORE_OK);
+            CHECK_EQ_INT(gr, KVSTORE_OK);
+            CHECK(len == sizeof v && !memcmp(got, v, sizeof v));
+        } else {
+            CHECK(gr == KVSTORE_MISS || (l == LIE_OVERSIZED && gr == KVSTORE_TOOSMALL));
+            (void)pr; /* a put the fake acknowledged is one it could have lost */
+        }
+    }
+    CHECK(on_fake > 0 && on_fake < N);
+    for (int i = 0; i < N; i++) { /* the real daemon's keys, after all that */
+        kvstore_key k = kvt_key(9000 + 100 * (int)l + i);
+        if (kvstore_client_peer_of(c, &k) == 0)
+            continue;
+        size_t len = 0;
+        kvt_fill(v, sizeof v, i);
+        CHECK_EQ_INT(kvstore_client_get(c, &k, got, KVT_BLOCK_BYTES, &len), KVSTORE_OK);
+        CHECK(len == sizeof v && !memcmp(got, v, sizeof v));
+    }
+    const kvstore_metrics *m = kvstore_client_metrics(c);
+    if (l == LIE_BAD_CHECKSUM)
+        CHECK(m->checksum_failures > 0);
+    if (expected_log(l) && !strstr(log.text, expected_log(l))) {
+        fprintf(stderr, "  client log lacks \"%s\"\n", expected_log(l));
+        CHECK(0);
+    }
+    kvstore_client_destroy(c);
+out:
+    kill(pid, SIGKILL);
+    waitpid(pid, NULL, 0);
+}
+
+static void test_lies_cost_only_the_liars_keys(void)
+{
+    kvt_daemon d;
+    char logp[128];
+    snprintf(logp, sizeof logp, "%s/real.log", g_dir);
+    if (kvt_daemon_start(&d, g_bin, NULL, "127.0.0.1", 0, g_token_file, 64, logp) != 0) {
+        CHECK(0);
+        return;
+    }
+    for (int l = 0; l < LIE_COUNT; l++)
+        run_lie((lie)l, d.port);
+    CHECK_EQ_INT(kvt_daemon_stop(&d), 0);
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 2) {
+        fprintf(stderr, "usage: %s ENTROKV_BINARY\n", argv[0]);
+        return 2;
+    }
+    g_bin = argv[1];
+    signal(SIGPIPE, SIG_IGN);
+    snprintf(g_dir, sizeof g_dir, "/tmp/ekv-hostile-XXXXXX");
+    if (!mkdtemp(g_dir))
+        return 2;
+    snprintf(g_token_file, sizeof g_token_file, "%s/token", g_dir);
+    kvt_write_file(g_token_file, "secret-token\n");
+    RUN_TEST(test_lies_cost_only_the_liars_keys);
+    char cmd[128];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", g_dir);
+    if (!ekv_test_failures && system(cmd) != 0)
+        fprintf(stderr, "could not remove %s\n", g_dir);
+    return TEST_EXIT();
+}
