@@ -5,7 +5,8 @@
  * (a wrong token is refused; raw TCP junk and unauthenticated or malformed
  * UCX messages are dropped and logged while a good client keeps working),
  * faults (a stopped daemon times out as a miss, a killed one mid-get is a
- * miss, never a hang), a corrupted value is a miss, and SIGTERM exits 0.
+ * miss, never a hang; slots abandoned to a stall come back), a corrupted
+ * value is a miss, and SIGTERM exits 0.
  *
  * Usage: test_kvstore_loopback ENTROKV_BINARY
  */
@@ -482,6 +483,69 @@ static void *daemon_thread(void *arg)
     return NULL;
 }
 
+/* Every slot abandoned to a stopped daemon (two slots, two puts by UCX,
+ * kvremote.c abandon): UCX lets go of them once the daemon runs again, so
+ * after the stall ops get slots and go through; none waits for ever. */
+static void test_slots_abandoned_to_a_stall_come_back(void)
+{
+    kvt_daemon d;
+    if (start(&d, "slots") != 0) {
+        CHECK(0);
+        return;
+    }
+    char peer[64];
+    snprintf(peer, sizeof peer, "127.0.0.1:%d", d.port);
+    const char *peers[] = {peer};
+    kvstore_client_config cfg;
+    kvstore_client_config_default(&cfg);
+    cfg.peers = peers;
+    cfg.n_peers = 1;
+    cfg.auth_token = (const uint8_t *)TOKEN;
+    cfg.auth_token_len = strlen(TOKEN);
+    cfg.op_timeout_ms = 100;
+    cfg.connect_timeout_ms = 1000;
+    cfg.reconnect_ms = 100;
+    cfg.max_inflight = 2;
+    cfg.no_direct = true;
+    cfg.log = kvt_log;
+    kvstore_client *c = kvstore_client_create(&cfg, NULL);
+    enum { SZ = 4 << 20 };
+    uint8_t *val = malloc(SZ);
+    CHECK(c && val);
+    if (c && val) {
+        kvt_fill(val, SZ, 8);
+        kill(d.pid, SIGSTOP);
+        kvstore_op puts[2];
+        for (int i = 0; i < 2; i++)
+            puts[i] = (kvstore_op){.kind = KVSTORE_PUT, .key = kvt_key(6500 + i), .buf = val,
+                                   .len = SZ};
+        kvstore_batch *b;
+        CHECK_EQ_INT(kvstore_client_submit(c, puts, 2, NULL, NULL, &b, NULL), EKV_OK);
+        CHECK_EQ_INT(kvstore_batch_wait(b, 5000), EKV_OK);
+        kvstore_batch_release(b);
+        CHECK_EQ_INT(kvstore_client_metrics(c)->abandoned, 2);
+        kill(d.pid, SIGCONT);
+        double end = kvt_now() + 5;
+        while (!kvstore_client_peer_up(c, 0) && kvt_now() < end)
+            kvt_sleep_ms(20);
+        CHECK(kvstore_client_peer_up(c, 0));
+        kvstore_op gets[4];
+        uint8_t out[4][64];
+        for (int i = 0; i < 4; i++)
+            gets[i] = (kvstore_op){.kind = KVSTORE_GET, .key = kvt_key(6600 + i), .buf = out[i],
+                                   .len = sizeof out[i]};
+        CHECK_EQ_INT(kvstore_client_submit(c, gets, 4, NULL, NULL, &b, NULL), EKV_OK);
+        CHECK_EQ_INT(kvstore_batch_wait(b, 3000), EKV_OK); /* ended, not queued for ever */
+        kvstore_batch_release(b);
+        for (int i = 0; i < 4; i++)
+            CHECK_EQ_INT(gets[i].result, KVSTORE_MISS); /* answered: never stored */
+        round_trip(c, 6700, 4, KVT_BLOCK_BYTES);
+    }
+    kvstore_client_destroy(c);
+    free(val);
+    CHECK_EQ_INT(kvt_daemon_stop(&d), 0);
+}
+
 static void test_corrupted_value_on_the_daemon_is_a_miss(void)
 {
     kvstore_daemon_config cfg;
@@ -578,6 +642,7 @@ int main(int argc, char **argv)
     RUN_TEST(test_stopped_daemon_is_a_miss_within_the_timeout);
     RUN_TEST(test_daemon_killed_during_gets_is_a_miss_not_a_hang);
     RUN_TEST(test_puts_failing_while_hashed_are_not_sent);
+    RUN_TEST(test_slots_abandoned_to_a_stall_come_back);
     RUN_TEST(test_corrupted_value_on_the_daemon_is_a_miss);
     char cmd[128];
     snprintf(cmd, sizeof cmd, "rm -rf %s", g_dir);
