@@ -165,6 +165,38 @@ static inline int kvt_file_has(const char *path, const char *needle)
     return found;
 }
 
+/* The start of a test that runs daemons: `argv[0] ENTROKV_BINARY` (into
+ * *bin), SIGPIPE ignored, and a scratch directory (mkdtemp of tmpl, into
+ * dir) holding the token file the daemons read: token and a newline, at
+ * token_file. 0 on success, else the exit status to return. */
+static inline int kvt_setup(int argc, char **argv, const char **bin, char dir[64],
+                            const char *tmpl, char token_file[128], const char *token)
+{
+    if (argc < 2) {
+        fprintf(stderr, "usage: %s ENTROKV_BINARY\n", argv[0]);
+        return 2;
+    }
+    *bin = argv[1];
+    signal(SIGPIPE, SIG_IGN);
+    snprintf(dir, 64, "%s", tmpl);
+    if (!mkdtemp(dir))
+        return 2;
+    char text[128];
+    snprintf(token_file, 128, "%s/token", dir);
+    snprintf(text, sizeof text, "%s\n", token);
+    return kvt_write_file(token_file, text) == 0 ? 0 : 2;
+}
+
+/* Removes the scratch directory, unless a check failed: then its daemon
+ * logs stay for a look. */
+static inline void kvt_scratch_remove(const char *dir, int failures)
+{
+    char cmd[128];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    if (!failures && system(cmd) != 0)
+        fprintf(stderr, "could not remove %s\n", dir);
+}
+
 static inline void kvt_log(void *arg, const char *line)
 {
     fprintf(stderr, "  [%s] %s\n", arg ? (const char *)arg : "client", line);

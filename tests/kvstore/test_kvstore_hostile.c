@@ -472,21 +472,10 @@ static void test_lies_cost_only_the_liars_keys(void)
 
 int main(int argc, char **argv)
 {
-    if (argc < 2) {
-        fprintf(stderr, "usage: %s ENTROKV_BINARY\n", argv[0]);
-        return 2;
-    }
-    g_bin = argv[1];
-    signal(SIGPIPE, SIG_IGN);
-    snprintf(g_dir, sizeof g_dir, "/tmp/ekv-hostile-XXXXXX");
-    if (!mkdtemp(g_dir))
-        return 2;
-    snprintf(g_token_file, sizeof g_token_file, "%s/token", g_dir);
-    kvt_write_file(g_token_file, "secret-token\n");
+    int rc = kvt_setup(argc, argv, &g_bin, g_dir, "/tmp/ekv-hostile-XXXXXX", g_token_file, TOKEN);
+    if (rc)
+        return rc;
     RUN_TEST(test_lies_cost_only_the_liars_keys);
-    char cmd[128];
-    snprintf(cmd, sizeof cmd, "rm -rf %s", g_dir);
-    if (!ekv_test_failures && system(cmd) != 0)
-        fprintf(stderr, "could not remove %s\n", g_dir);
+    kvt_scratch_remove(g_dir, ekv_test_failures);
     return TEST_EXIT();
 }

@@ -24,7 +24,23 @@ static char g_dir[64], g_token_file[128];
 static const char *TOKEN = "secret-token", *BAD_TOKEN = "not-the-token";
 
 /* no_direct: gets by UCX even from this host's daemon (kvremote.c reads
- * them from its mapped region otherwise). */
+ * them from its mapped region otherwise). peer must outlive cfg's use. */
+static void config_for(kvstore_client_config *cfg, const char **peer, const char *token,
+                       int op_timeout_ms, uint64_t local, bool no_direct)
+{
+    kvstore_client_config_default(cfg);
+    cfg->peers = peer;
+    cfg->n_peers = 1;
+    cfg->auth_token = (const uint8_t *)token;
+    cfg->auth_token_len = strlen(token);
+    cfg->op_timeout_ms = op_timeout_ms;
+    cfg->connect_timeout_ms = 1000;
+    cfg->reconnect_ms = 300;
+    cfg->local_capacity = local;
+    cfg->no_direct = no_direct;
+    cfg->log = kvt_log;
+}
+
 static kvstore_client *client_with(int port, const char *token, int op_timeout_ms,
                                    uint64_t local, bool no_direct)
 {
@@ -32,17 +48,7 @@ static kvstore_client *client_with(int port, const char *token, int op_timeout_m
     snprintf(peer, sizeof peer, "127.0.0.1:%d", port);
     const char *peers[] = {peer};
     kvstore_client_config cfg;
-    kvstore_client_config_default(&cfg);
-    cfg.peers = peers;
-    cfg.n_peers = 1;
-    cfg.auth_token = (const uint8_t *)token;
-    cfg.auth_token_len = strlen(token);
-    cfg.op_timeout_ms = op_timeout_ms;
-    cfg.connect_timeout_ms = 1000;
-    cfg.reconnect_ms = 300;
-    cfg.local_capacity = local;
-    cfg.no_direct = no_direct;
-    cfg.log = kvt_log;
+    config_for(&cfg, peers, token, op_timeout_ms, local, no_direct);
     ekv_error err = {0};
     kvstore_client *c = kvstore_client_create(&cfg, &err);
     if (!c)
@@ -497,17 +503,8 @@ static void test_slots_abandoned_to_a_stall_come_back(void)
     snprintf(peer, sizeof peer, "127.0.0.1:%d", d.port);
     const char *peers[] = {peer};
     kvstore_client_config cfg;
-    kvstore_client_config_default(&cfg);
-    cfg.peers = peers;
-    cfg.n_peers = 1;
-    cfg.auth_token = (const uint8_t *)TOKEN;
-    cfg.auth_token_len = strlen(TOKEN);
-    cfg.op_timeout_ms = 100;
-    cfg.connect_timeout_ms = 1000;
-    cfg.reconnect_ms = 100;
+    config_for(&cfg, peers, TOKEN, 100, 0, true);
     cfg.max_inflight = 2;
-    cfg.no_direct = true;
-    cfg.log = kvt_log;
     kvstore_client *c = kvstore_client_create(&cfg, NULL);
     enum { SZ = 4 << 20 };
     uint8_t *val = malloc(SZ);
@@ -625,17 +622,9 @@ static void test_corrupted_value_on_the_daemon_is_a_miss(void)
 
 int main(int argc, char **argv)
 {
-    if (argc < 2) {
-        fprintf(stderr, "usage: %s ENTROKV_BINARY\n", argv[0]);
-        return 2;
-    }
-    g_bin = argv[1];
-    signal(SIGPIPE, SIG_IGN);
-    snprintf(g_dir, sizeof g_dir, "/tmp/ekv-kvtest-XXXXXX");
-    if (!mkdtemp(g_dir))
-        return 2;
-    snprintf(g_token_file, sizeof g_token_file, "%s/token", g_dir);
-    kvt_write_file(g_token_file, "secret-token\n"); /* the daemon reads the file */
+    int rc = kvt_setup(argc, argv, &g_bin, g_dir, "/tmp/ekv-kvtest-XXXXXX", g_token_file, TOKEN);
+    if (rc)
+        return rc;
     RUN_TEST(test_blocks_round_trip_through_a_daemon);
     RUN_TEST(test_async_batches_complete_by_callback_and_local_tier_fronts);
     RUN_TEST(test_bad_peers_are_refused_while_good_clients_work);
@@ -644,9 +633,6 @@ int main(int argc, char **argv)
     RUN_TEST(test_puts_failing_while_hashed_are_not_sent);
     RUN_TEST(test_slots_abandoned_to_a_stall_come_back);
     RUN_TEST(test_corrupted_value_on_the_daemon_is_a_miss);
-    char cmd[128];
-    snprintf(cmd, sizeof cmd, "rm -rf %s", g_dir);
-    if (!ekv_test_failures && system(cmd) != 0)
-        fprintf(stderr, "could not remove %s\n", g_dir);
+    kvt_scratch_remove(g_dir, ekv_test_failures);
     return TEST_EXIT();
 }
