@@ -73,32 +73,27 @@ static void maybe_complete(kvstore_client *c, kvc_slot *s)
  * finished for the caller anyway: the endpoint's lanes are gone, so UCX
  * touches the caller's buffer no more. An endpoint with error handling
  * (another host) completes such requests with an error during the close;
- * one without it (this host, kvucx.c) may never complete them, and the op
- * must not wait for that. The slot stays taken until UCX lets go. */
+ * one without it (this host, kvucx.c) may not until the peer runs again,
+ * or ever, and neither the op nor its slot waits for that: the slot is
+ * free at once, and the request is freed when UCX completes it (stale). A
+ * request is its slot's only while the slot points at it: a live request
+ * is never freed, so its address is not reused meanwhile. */
 static void abandon(kvstore_client *c, kvc_slot *s)
 {
     kvc_item *it = s->it;
-    s->abandoned = true;
-    s->it = NULL;
     add(&c->m.abandoned, 1);
+    s->send_req = s->recv_req = NULL;
+    slot_free(c, s);
     kvc_item_finish(c, it, fail_result(it->op->kind), KVSTORE_TIER_REMOTE, 0);
 }
 
-/* A request of an abandoned slot completed: true when that was it (the
- * request is freed, the slot too once UCX holds nothing more). */
-static bool abandoned_done(kvc_slot *s, void *req)
+/* A completed request that its slot no longer points at (its op was
+ * abandoned): freed, and nothing else. */
+static bool stale(void *req, void *const *slot_req)
 {
-    if (!s->abandoned)
+    if (*slot_req == req)
         return false;
-    if (s->send_req == req)
-        s->send_req = NULL;
-    else
-        s->recv_req = NULL;
     ucp_request_free(req);
-    if (!s->send_req && !s->recv_req) {
-        s->abandoned = false;
-        slot_free(s->c, s);
-    }
     return true;
 }
 
@@ -186,14 +181,14 @@ static void peer_fail(kvstore_client *c, int pi, const char *why)
     unmap_region(p);
     p->retry_at = kvx_now() + c->cfg.reconnect_ms / 1000.0;
     for (int i = 0; i < c->n_slots; i++)
-        if (c->slots[i].id && !c->slots[i].abandoned && c->slots[i].peer == pi)
+        if (c->slots[i].id && c->slots[i].peer == pi)
             fail_slot(&c->slots[i]);
     ucp_ep_h ep = p->ep;
     p->ep = NULL;
     kvx_close(&c->x, ep); /* purges where it can: callbacks run with errors */
     for (int i = 0; i < c->n_slots; i++) {
         kvc_slot *s = &c->slots[i];
-        if (!s->id || s->abandoned || s->peer != pi)
+        if (!s->id || s->peer != pi)
             continue;
         maybe_complete(c, s);
         if (s->id && (s->send_req || s->recv_req))
@@ -387,7 +382,7 @@ static bool hash_step(kvstore_client *c)
 static void on_get_data(void *req, ucs_status_t status, size_t length, void *user)
 {
     kvc_slot *s = user;
-    if (abandoned_done(s, req))
+    if (stale(req, &s->recv_req))
         return;
     kvstore_client *c = s->c;
     s->recv_req = NULL;
@@ -601,7 +596,7 @@ static ucs_status_t on_am(void *arg, const void *header, size_t hlen, void *data
 static void on_sent(void *req, ucs_status_t status, void *user)
 {
     kvc_slot *s = user;
-    if (abandoned_done(s, req))
+    if (stale(req, &s->send_req))
         return;
     kvstore_client *c = s->c;
     s->send_req = NULL;
@@ -696,7 +691,7 @@ static void sweep(kvstore_client *c, double now)
 {
     for (int i = 0; i < c->n_slots; i++) {
         kvc_slot *s = &c->slots[i];
-        if (!s->id || s->abandoned || now <= s->deadline)
+        if (!s->id || now <= s->deadline)
             continue;
         s->deadline = INFINITY; /* count it once */
         add(&c->m.timeouts, 1);
