@@ -68,7 +68,6 @@ typedef struct kvc_slot {
     bool hashing;    /* on the hash list (kvremote.c, hash_step) */
     int hash_next;   /* the next slot on it, -1 at its end */
     kvstore_sum sum; /* how far hashing got */
-    kvstore_client *c; /* for UCX callbacks */
     kvstore_result result;
     uint64_t checksum;
     size_t value_len;

@@ -384,7 +384,7 @@ static void on_get_data(void *req, ucs_status_t status, size_t length, void *use
     kvc_slot *s = user;
     if (stale(req, &s->recv_req))
         return;
-    kvstore_client *c = s->c;
+    kvstore_client *c = s->it->b->c; /* not stale: the op is still the slot's */
     s->recv_req = NULL;
     ucp_request_free(req);
     if (status == UCS_OK && length == s->value_len)
@@ -598,7 +598,7 @@ static void on_sent(void *req, ucs_status_t status, void *user)
     kvc_slot *s = user;
     if (stale(req, &s->send_req))
         return;
-    kvstore_client *c = s->c;
+    kvstore_client *c = s->it->b->c; /* not stale: the op is still the slot's */
     s->send_req = NULL;
     ucp_request_free(req);
     if (status != UCS_OK) {
@@ -645,7 +645,6 @@ bool kvr_issue(kvstore_client *c, kvc_item *it)
     memset(s, 0, sizeof *s);
     s->id = (++c->seq << SLOT_BITS) | (uint64_t)idx;
     s->it = it;
-    s->c = c;
     s->peer = pi;
     s->deadline = kvx_now() + c->cfg.op_timeout_ms / 1000.0;
     c->n_inflight++;
