@@ -80,23 +80,29 @@ struct kvstore_daemon {
     int n_conns, cap_conns;
     ucp_conn_request_h pending[64]; /* accepted in the main loop, not in the callback */
     int n_pending;
+    struct kvd_xfer *xfers; /* values moving by UCX */
     volatile sig_atomic_t stop;
 };
 
-/* A GET reply in flight: its header, and the pinned entry it sends from. */
-typedef struct kvd_send {
+/* A value moving by UCX: a GET reply sent from a pinned entry, or a PUT's
+ * rendezvous data arriving in a reserved one. UCX does not promise to
+ * complete what a forced close cut off (an endpoint to a client on this
+ * host has no peer error handling, so a reply whose client left before
+ * acknowledging it stays in flight), so every transfer is on the daemon's
+ * list: when its connection goes, it lets go of its entry and connection
+ * at once (orphaned; a value that UCX still touched would fail its
+ * checksum), and it is freed by its callback if that ever comes, else when
+ * the daemon is destroyed. */
+typedef struct kvd_xfer {
+    struct kvd_xfer *prev, *next;
     kvstore_daemon *d;
-    kvstore_entry *e;
-    uint8_t hdr[KVWIRE_HEADER_BYTES];
-} kvd_send;
-
-/* A PUT's rendezvous receive in flight. */
-typedef struct kvd_recv {
-    kvd_conn *c;
-    kvstore_entry *e;
+    kvd_conn *c;      /* NULL once orphaned */
+    kvstore_entry *e; /* NULL once orphaned */
+    bool put;         /* a PUT's receive (holds a conn ref), else a GET's send */
     uint64_t request_id;
     kvstore_key key;
-} kvd_recv;
+    uint8_t hdr[KVWIRE_HEADER_BYTES];
+} kvd_xfer;
 
 static void logf_(kvstore_daemon *d, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static void logf_(kvstore_daemon *d, const char *fmt, ...)
@@ -126,6 +132,51 @@ static void conn_unref(kvd_conn *c)
 {
     if (--c->refs == 0)
         free(c);
+}
+
+static kvd_xfer *xfer_new(kvd_conn *c, kvstore_entry *e, bool put, const kvwire_hdr *h)
+{
+    kvd_xfer *x = malloc(sizeof *x);
+    if (!x)
+        return NULL;
+    kvstore_daemon *d = c->d;
+    *x = (kvd_xfer){.next = d->xfers, .d = d, .c = c, .e = e, .put = put,
+                    .request_id = h->request_id};
+    memcpy(x->key.b, h->key, KVWIRE_KEY_BYTES);
+    if (d->xfers)
+        d->xfers->prev = x;
+    d->xfers = x;
+    if (put)
+        c->refs++;
+    return x;
+}
+
+static void xfer_free(kvd_xfer *x)
+{
+    if (x->prev)
+        x->prev->next = x->next;
+    else
+        x->d->xfers = x->next;
+    if (x->next)
+        x->next->prev = x->prev;
+    free(x);
+}
+
+/* Lets go of the entry and connection of every transfer of c (dying). */
+static void xfer_orphan_all(kvstore_daemon *d, kvd_conn *c)
+{
+    for (kvd_xfer *x = d->xfers; x; x = x->next) {
+        if (x->c != c)
+            continue;
+        if (x->put)
+            kvstore_local_abort(d->store, x->e);
+        else
+            kvstore_local_release(d->store, x->e);
+        x->e = NULL;
+        x->c = NULL;
+        if (x->put)
+            conn_unref(c); /* never the last ref: the connection holds its own */
+    }
 }
 
 /* Marks c dead; the main loop closes its endpoint and drops it. */
@@ -176,7 +227,7 @@ static void send_challenge(kvd_conn *c)
 {
     kvwire_hdr h = {.version = KVWIRE_VERSION, .op = KVWIRE_OP_CHALLENGE,
                     .payload_len = KVWIRE_NONCE_BYTES};
-    if (kvx_send_small(c->ep, &h, c->snonce, sizeof c->snonce) != EKV_OK)
+    if (kvx_send_small(&c->d->x, c->ep, &h, c->snonce, sizeof c->snonce) != EKV_OK)
         conn_kill(c);
 }
 
@@ -263,6 +314,7 @@ static void sweep_conns(kvstore_daemon *d, double now)
         }
         kvx_close(&d->x, c->ep);
         c->ep = NULL;
+        xfer_orphan_all(d, c);
         for (int j = 0; j < c->n_pins; j++) {
             if (c->pins[j].reserved)
                 kvstore_local_abort(d->store, c->pins[j].e);
@@ -284,7 +336,7 @@ static void reply(kvd_conn *c, const kvwire_hdr *req, kvwire_status st)
     kvwire_hdr h = {.version = KVWIRE_VERSION, .op = req->op, .flags = KVWIRE_F_REPLY,
                     .request_id = req->request_id, .status = (uint16_t)st};
     memcpy(h.key, req->key, KVWIRE_KEY_BYTES);
-    if (kvx_send_small(c->ep, &h, NULL, 0) != EKV_OK)
+    if (kvx_send_small(&c->d->x, c->ep, &h, NULL, 0) != EKV_OK)
         conn_kill(c);
 }
 
@@ -302,31 +354,41 @@ static void handle_auth(kvd_conn *c, const kvwire_hdr *h, const uint8_t *data)
     kvwire_hdr ok = {.version = KVWIRE_VERSION, .op = KVWIRE_OP_AUTH_OK,
                      .request_id = h->request_id, .payload_len = KVWIRE_MAC_BYTES};
     c->state = CONN_READY;
-    if (kvx_send_small(c->ep, &ok, proof, sizeof proof) != EKV_OK)
+    if (kvx_send_small(&c->d->x, c->ep, &ok, proof, sizeof proof) != EKV_OK)
         conn_kill(c);
     else
         logf_(d, "kvstore: %s authenticated", c->peer);
 }
 
-static void put_done(kvstore_daemon *d, kvd_recv *r, bool ok)
+/* Commits or aborts a PUT's entry and answers the client. */
+static void put_finish(kvd_conn *c, kvstore_entry *e, const kvwire_hdr *req, bool ok)
 {
-    kvd_conn *c = r->c;
-    kvwire_hdr h = {.op = KVWIRE_OP_PUT, .request_id = r->request_id};
-    memcpy(h.key, r->key.b, KVWIRE_KEY_BYTES);
+    kvwire_hdr h = {.op = KVWIRE_OP_PUT, .request_id = req->request_id};
+    memcpy(h.key, req->key, KVWIRE_KEY_BYTES);
     if (ok)
-        kvstore_local_commit(d->store, r->e);
+        kvstore_local_commit(c->d->store, e);
     else
-        kvstore_local_abort(d->store, r->e);
+        kvstore_local_abort(c->d->store, e);
     if (c->state != CONN_DEAD)
         reply(c, &h, ok ? KVWIRE_ST_OK : KVWIRE_ST_ERROR);
-    conn_unref(c);
-    free(r);
+}
+
+static void put_done(kvd_xfer *x, bool ok)
+{
+    kvd_conn *c = x->c;
+    if (c) { /* not orphaned */
+        kvwire_hdr h = {.request_id = x->request_id};
+        memcpy(h.key, x->key.b, KVWIRE_KEY_BYTES);
+        put_finish(c, x->e, &h, ok && x->e);
+        conn_unref(c);
+    }
+    xfer_free(x);
 }
 
 static void on_put_data(void *req, ucs_status_t status, size_t length, void *user)
 {
-    kvd_recv *r = user;
-    put_done(r->c->d, r, status == UCS_OK && length == kvstore_entry_len(r->e));
+    kvd_xfer *x = user;
+    put_done(x, status == UCS_OK && x->e && length == kvstore_entry_len(x->e));
     ucp_request_free(req);
 }
 
@@ -341,34 +403,32 @@ static void handle_put(kvd_conn *c, const kvwire_hdr *h, void *data, size_t len,
         reply(c, h, KVWIRE_ST_NOSPACE);
         return; /* an unclaimed rendezvous is released by UCX */
     }
-    kvd_recv *r = malloc(sizeof *r);
-    if (!r) {
-        kvstore_local_abort(d->store, e);
-        reply(c, h, KVWIRE_ST_ERROR);
-        return;
-    }
-    *r = (kvd_recv){.c = c, .e = e, .request_id = h->request_id, .key = key};
-    c->refs++;
     if (!rndv) {
         memcpy(kvstore_entry_data(e), data, len);
-        put_done(d, r, true);
+        put_finish(c, e, h, true);
+        return;
+    }
+    kvd_xfer *x = xfer_new(c, e, true, h);
+    if (!x) {
+        put_finish(c, e, h, false);
         return;
     }
     ucp_request_param_t p = {
         .op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA,
         .cb.recv_am = on_put_data,
-        .user_data = r,
+        .user_data = x,
     };
     ucs_status_ptr_t s = ucp_am_recv_data_nbx(d->x.worker, data, kvstore_entry_data(e), len, &p);
     if (s == NULL || UCS_PTR_IS_ERR(s))
-        put_done(d, r, s == NULL);
+        put_done(x, s == NULL);
 }
 
 static void on_get_sent(void *req, ucs_status_t status, void *user)
 {
-    kvd_send *s = user;
-    kvstore_local_release(s->d->store, s->e);
-    free(s);
+    kvd_xfer *x = user;
+    if (x->e)
+        kvstore_local_release(x->d->store, x->e);
+    xfer_free(x);
     ucp_request_free(req);
 }
 
@@ -396,7 +456,7 @@ static bool reply_span(kvd_conn *c, const kvwire_hdr *h, kvstore_entry *e, bool 
                     .payload_len = KVWIRE_SPAN_BYTES, .status = KVWIRE_ST_OK,
                     .checksum = reserved ? 0 : kvstore_entry_checksum(e)};
     memcpy(r.key, h->key, KVWIRE_KEY_BYTES);
-    if (kvx_send_small(c->ep, &r, payload, sizeof payload) != EKV_OK)
+    if (kvx_send_small(&c->d->x, c->ep, &r, payload, sizeof payload) != EKV_OK)
         conn_kill(c); /* the sweep releases its pins */
     return true;
 }
@@ -485,7 +545,7 @@ static void handle_direct(kvd_conn *c, const kvwire_hdr *h)
                     .request_id = h->request_id, .payload_len = KVWIRE_DIRECT_BYTES,
                     .status = KVWIRE_ST_OK};
     c->direct = true;
-    if (kvx_send_small(c->ep, &r, payload, sizeof payload) != EKV_OK)
+    if (kvx_send_small(&c->d->x, c->ep, &r, payload, sizeof payload) != EKV_OK)
         conn_kill(c);
 }
 
@@ -499,7 +559,7 @@ static void handle_get(kvd_conn *c, const kvwire_hdr *h)
         get_direct(c, h, e);
         return;
     }
-    kvd_send *s = e ? malloc(sizeof *s) : NULL;
+    kvd_xfer *s = e ? xfer_new(c, e, false, h) : NULL;
     if (!s) {
         if (e)
             kvstore_local_release(d->store, e);
@@ -513,14 +573,13 @@ static void handle_get(kvd_conn *c, const kvwire_hdr *h)
                     .request_id = h->request_id, .payload_len = (uint32_t)len,
                     .status = KVWIRE_ST_OK, .checksum = kvstore_entry_checksum(e)};
     memcpy(r.key, h->key, KVWIRE_KEY_BYTES);
-    *s = (kvd_send){.d = d, .e = e};
     kvwire_encode(&r, s->hdr);
     atomic_fetch_add_explicit(&d->m.tier[KVSTORE_TIER_LOCAL].hits, 1, memory_order_relaxed);
     atomic_fetch_add_explicit(&d->m.tier[KVSTORE_TIER_LOCAL].bytes_out, len, memory_order_relaxed);
     ucs_status_ptr_t st = kvx_send(c->ep, s->hdr, kvstore_entry_data(e), len, on_get_sent, s);
     if (st == NULL || UCS_PTR_IS_ERR(st)) {
         kvstore_local_release(d->store, e);
-        free(s);
+        xfer_free(s);
         if (UCS_PTR_IS_ERR(st))
             conn_kill(c);
     }
@@ -729,6 +788,8 @@ void kvstore_daemon_destroy(kvstore_daemon *d)
         ucp_listener_destroy(d->listener);
     if (d->x.worker)
         kvx_worker_fini(&d->x); /* completes what the closes cancelled */
+    while (d->xfers) /* all orphaned by now: UCX never completed them */
+        xfer_free(d->xfers);
     kvstore_local_destroy(d->store);
     free(d->conns);
     if (d->token)

@@ -251,7 +251,7 @@ static void on_challenge(kvstore_client *c, int pi, const uint8_t *snonce)
               payload + KVWIRE_NONCE_BYTES);
     kvwire_hdr h = {.version = KVWIRE_VERSION, .op = KVWIRE_OP_AUTH,
                     .payload_len = sizeof payload};
-    if (kvx_send_small(p->ep, &h, payload, sizeof payload) != EKV_OK)
+    if (kvx_send_small(&c->x, p->ep, &h, payload, sizeof payload) != EKV_OK)
         p->fail = "sending auth failed";
     else
         p->state = PEER_WAIT_AUTH_OK;
@@ -283,7 +283,7 @@ static void on_auth_ok(kvstore_client *c, int pi, const uint8_t *proof)
     if (p->same_host && !c->cfg.no_direct) {
         /* ready once we know whether values go through its region */
         kvwire_hdr d = {.version = KVWIRE_VERSION, .op = KVWIRE_OP_DIRECT};
-        if (kvx_send_small(p->ep, &d, NULL, 0) != EKV_OK)
+        if (kvx_send_small(&c->x, p->ep, &d, NULL, 0) != EKV_OK)
             p->fail = "sending direct failed";
         else
             p->state = PEER_WAIT_DIRECT;
@@ -323,7 +323,7 @@ static void drop_remote(kvstore_client *c, kvc_slot *s)
     kvwire_hdr h = {.version = KVWIRE_VERSION, .op = KVWIRE_OP_DEL, .request_id = 0};
     memcpy(h.key, s->it->op->key.b, KVWIRE_KEY_BYTES);
     if (c->peers[s->peer].state == PEER_READY)
-        (void)kvx_send_small(c->peers[s->peer].ep, &h, NULL, 0);
+        (void)kvx_send_small(&c->x, c->peers[s->peer].ep, &h, NULL, 0);
 }
 
 /* A get's value has landed in the caller's buffer: good if it hashes to
@@ -405,7 +405,7 @@ static void release_span(kvstore_client *c, int pi, uint64_t request_id)
 {
     kvwire_hdr r = {.version = KVWIRE_VERSION, .op = KVWIRE_OP_RELEASE,
                     .request_id = request_id};
-    if (kvx_send_small(c->peers[pi].ep, &r, NULL, 0) != EKV_OK)
+    if (kvx_send_small(&c->x, c->peers[pi].ep, &r, NULL, 0) != EKV_OK)
         c->peers[pi].fail = "sending release failed";
 }
 
@@ -461,7 +461,7 @@ static void put_direct(kvstore_client *c, kvc_slot *s, const kvwire_hdr *h, cons
     kvwire_hdr commit = {.version = KVWIRE_VERSION, .op = KVWIRE_OP_COMMIT,
                          .request_id = h->request_id, .checksum = sum};
     memcpy(commit.key, h->key, KVWIRE_KEY_BYTES);
-    if (kvx_send_small(p->ep, &commit, NULL, 0) != EKV_OK) {
+    if (kvx_send_small(&c->x, p->ep, &commit, NULL, 0) != EKV_OK) {
         p->fail = "sending commit failed";
         return;
     }
@@ -618,7 +618,7 @@ static bool issue_direct_put(kvstore_client *c, kvc_slot *s)
     kvwire_hdr h = {.version = KVWIRE_VERSION, .op = KVWIRE_OP_PUT, .flags = KVWIRE_F_DIRECT,
                     .request_id = s->id, .payload_len = KVWIRE_LEN_BYTES};
     memcpy(h.key, op->key.b, KVWIRE_KEY_BYTES);
-    if (kvx_send_small(c->peers[s->peer].ep, &h, len, sizeof len) != EKV_OK) {
+    if (kvx_send_small(&c->x, c->peers[s->peer].ep, &h, len, sizeof len) != EKV_OK) {
         fail_slot(s);
         c->peers[s->peer].fail = "send failed";
         maybe_complete(c, s);

@@ -81,8 +81,10 @@ ekv_status kvx_worker_init(kvx_worker *w, ucp_am_recv_callback_t cb, void *arg, 
 
 bool kvx_progress(kvx_worker *w)
 {
+    /* bounded: a transport that always reports progress must not keep the
+     * caller from its deadlines and its stop flag */
     bool any = false;
-    while (ucp_worker_progress(w->worker))
+    for (int i = 0; i < 256 && ucp_worker_progress(w->worker); i++)
         any = true;
     int k = 0;
     for (int i = 0; i < w->n_closing; i++) {
@@ -119,6 +121,27 @@ void kvx_wait(kvx_worker *w, int timeout_ms)
         w->empty_wakeups = 0; /* a real sleep */
 }
 
+/* A short message in flight, with its bytes; on the worker's list until
+ * UCX completes it (freed by kvx_worker_fini if UCX never does: a forced
+ * close need not complete what it cut off). */
+typedef struct kvx_small {
+    struct kvx_small *prev, *next;
+    kvx_worker *w;
+    uint8_t hdr[KVWIRE_HEADER_BYTES];
+    uint8_t payload[64];
+} kvx_small;
+
+static void small_free(kvx_small *s)
+{
+    if (s->prev)
+        s->prev->next = s->next;
+    else
+        s->w->smalls = s->next;
+    if (s->next)
+        s->next->prev = s->prev;
+    free(s);
+}
+
 void kvx_worker_fini(kvx_worker *w)
 {
     if (w->worker) {
@@ -131,6 +154,8 @@ void kvx_worker_fini(kvx_worker *w)
         }
         ucp_worker_destroy(w->worker);
     }
+    while (w->smalls) /* sends UCX never completed */
+        small_free(w->smalls);
     if (w->ctx)
         ucp_cleanup(w->ctx);
     free(w->closing);
@@ -298,30 +323,28 @@ ucs_status_ptr_t kvx_send(ucp_ep_h ep, const uint8_t *hdr, const void *data, siz
     return ucp_am_send_nbx(ep, KVWIRE_AM_ID, hdr, KVWIRE_HEADER_BYTES, data, len, &p);
 }
 
-typedef struct small_send {
-    uint8_t hdr[KVWIRE_HEADER_BYTES];
-    uint8_t payload[64];
-} small_send;
-
 static void small_send_done(void *req, ucs_status_t status, void *user)
 {
-    free(user);
+    small_free(user);
     ucp_request_free(req);
 }
 
-ekv_status kvx_send_small(ucp_ep_h ep, const kvwire_hdr *h, const void *payload, size_t len)
+ekv_status kvx_send_small(kvx_worker *w, ucp_ep_h ep, const kvwire_hdr *h, const void *payload,
+                          size_t len)
 {
-    small_send *s = malloc(sizeof *s);
-    if (!s || len > sizeof s->payload) {
-        free(s);
+    kvx_small *s = len <= sizeof s->payload ? malloc(sizeof *s) : NULL;
+    if (!s)
         return EKV_ENOMEM;
-    }
+    *s = (kvx_small){.next = w->smalls, .w = w};
+    if (w->smalls)
+        w->smalls->prev = s;
+    w->smalls = s;
     kvwire_encode(h, s->hdr);
     if (len)
         memcpy(s->payload, payload, len);
     ucs_status_ptr_t r = kvx_send(ep, s->hdr, len ? s->payload : NULL, len, small_send_done, s);
     if (r == NULL || UCS_PTR_IS_ERR(r)) {
-        free(s);
+        small_free(s);
         return r == NULL ? EKV_OK : EKV_EIO;
     }
     return EKV_OK;

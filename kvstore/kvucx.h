@@ -23,13 +23,15 @@ typedef struct kvx_worker {
     void **closing;    /* endpoint close requests still in progress */
     int n_closing, cap_closing;
     int empty_wakeups; /* kvx_wait calls in a row that found nothing */
+    struct kvx_small *smalls; /* kvx_send_small messages in flight */
 } kvx_worker;
 
 /* A worker with the KVWIRE_AM_ID handler cb(arg, ...) installed. */
 ekv_status kvx_worker_init(kvx_worker *w, ucp_am_recv_callback_t cb, void *arg, ekv_error *err);
 /* Closes what is still closing (bounded wait), then destroys the worker. */
 void kvx_worker_fini(kvx_worker *w);
-/* Progresses until idle. Returns whether anything happened. */
+/* Progresses until idle (at most 256 rounds). Returns whether anything
+ * happened. */
 bool kvx_progress(kvx_worker *w);
 /* Progresses; when idle, sleeps up to timeout_ms for the next event. */
 void kvx_wait(kvx_worker *w, int timeout_ms);
@@ -63,8 +65,10 @@ ucs_status_ptr_t kvx_send(ucp_ep_h ep, const uint8_t *hdr, const void *data, siz
                           ucp_send_nbx_callback_t cb, void *user);
 
 /* Sends a header-only or small-payload message (len <= 64) from a copy,
- * so nothing of the caller's needs to outlive the call. */
-ekv_status kvx_send_small(ucp_ep_h ep, const kvwire_hdr *h, const void *payload, size_t len);
+ * so nothing of the caller's needs to outlive the call; w is ep's worker,
+ * which frees the copy if UCX never completes the send. */
+ekv_status kvx_send_small(kvx_worker *w, ucp_ep_h ep, const kvwire_hdr *h, const void *payload,
+                          size_t len);
 
 /* 32 random bytes from getrandom(2). */
 ekv_status kvx_nonce(uint8_t out[KVWIRE_NONCE_BYTES], ekv_error *err);

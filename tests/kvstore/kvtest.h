@@ -118,28 +118,55 @@ static inline int kvt_daemon_start(kvt_daemon *d, const char *bin, const char *n
     return 0;
 }
 
-/* SIGTERM, then up to 5 s for a clean exit (SIGKILL after). Returns the
- * exit status, or -1 when it had to be killed or died of a signal. */
+/* Prints the last lines of the daemon's log to stderr (a failed check's
+ * context: the log file is removed with the test's scratch directory). */
+static inline void kvt_daemon_log_tail(const kvt_daemon *d, int lines)
+{
+    FILE *f = fopen(d->log, "r");
+    if (!f)
+        return;
+    char ring[16][512];
+    int n = 0;
+    if (lines > 16)
+        lines = 16;
+    while (fgets(ring[n % lines], sizeof ring[0], f))
+        n++;
+    fclose(f);
+    for (int i = n > lines ? n - lines : 0; i < n; i++)
+        fprintf(stderr, "  [daemon] %s", ring[i % lines]);
+}
+
+/* SIGTERM, then up to 10 s for a clean exit (SIGKILL after). Returns the
+ * exit status, or -1 when it had to be killed or died of a signal; either
+ * way a failure says why and shows the end of the daemon's log. */
 static inline int kvt_daemon_stop(kvt_daemon *d)
 {
     if (d->pid <= 0)
         return -1;
     kill(d->pid, SIGCONT);
     kill(d->pid, SIGTERM);
-    int status = 0;
-    double end = kvt_now() + 5.0;
-    while (kvt_now() < end) {
-        pid_t r = waitpid(d->pid, &status, WNOHANG);
-        if (r == d->pid) {
-            d->pid = 0;
-            return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-        }
+    int status = 0, rc = -1;
+    double t0 = kvt_now();
+    pid_t r = 0;
+    while (kvt_now() < t0 + 10.0 && (r = waitpid(d->pid, &status, WNOHANG)) == 0)
         kvt_sleep_ms(20);
+    if (r == d->pid && WIFEXITED(status)) {
+        rc = WEXITSTATUS(status);
+        if (rc != 0)
+            fprintf(stderr, "kvtest: daemon %d exited %d after SIGTERM\n", (int)d->pid, rc);
+    } else if (r == d->pid) {
+        fprintf(stderr, "kvtest: daemon %d died of signal %d after SIGTERM\n", (int)d->pid,
+                WTERMSIG(status));
+    } else {
+        fprintf(stderr, "kvtest: daemon %d still running %.1f s after SIGTERM: killed\n",
+                (int)d->pid, kvt_now() - t0);
+        kill(d->pid, SIGKILL);
+        waitpid(d->pid, NULL, 0);
     }
-    kill(d->pid, SIGKILL);
-    waitpid(d->pid, NULL, 0);
+    if (rc != 0)
+        kvt_daemon_log_tail(d, 12);
     d->pid = 0;
-    return -1;
+    return rc;
 }
 
 static inline int kvt_write_file(const char *path, const char *text)
