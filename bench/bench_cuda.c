@@ -285,6 +285,7 @@ static ekv_status time_compress(ekv_cuda *ctx, int32_t context, float budget, co
     ekv_cuda_free(v);
     /* window scores over the paged heads of one sequence (full length) */
     decode_setup s;
+    memset(&s, 0, sizeof s); /* read below even when an earlier step failed */
     if (rc == EKV_OK)
         rc = setup_decode(ctx, context, 1, 1.0f, &s, err);
     int32_t soff[N_KV], koff[N_KV], budg[N_KV], lens[N_KV], qp[N_KV * 8];
@@ -614,6 +615,11 @@ static int run(const cuda_opts *o)
                         o->contexts[ci], o->batches[bi], full ? "full" : "10%", r.ms, r.gbps,
                         100.0 * r.gbps / hbm);
             }
+    if (o->compress) { /* warm-up, untimed: lazy module loading, cuSOLVER / cuBLAS set-up */
+        compress_result c;
+        if (time_compress(ctx, 512, o->budget, &c, &err) != EKV_OK)
+            fprintf(stderr, "  compress warm-up: %s\n", err.msg);
+    }
     for (int ci = 0; o->compress && ci < o->n_contexts; ci++) {
         compress_result c;
         if (time_compress(ctx, o->contexts[ci], o->budget, &c, &err) != EKV_OK) {

@@ -11,9 +11,12 @@
 
 #define SAMPLE_THREADS 1024
 
-/* float -> uint32 with the same order (finite values) */
+/* float -> uint32 with the same order (finite values); -0 and +0 get one key,
+ * as they compare equal in ekv_cuda_sample_ref */
 __device__ __forceinline__ uint32_t fkey(float f)
 {
+    if (f == 0.0f)
+        f = 0.0f;
     const uint32_t u = __float_as_uint(f);
     return u & 0x80000000u ? ~u : u | 0x80000000u;
 }

@@ -10,8 +10,10 @@
 # built on that machine (a serving / KV store dependency missing), it falls
 # back to tests/cuda/standalone (build/cuda-standalone): the same kernels,
 # tests and benchmark, needing only CUDA and pthreads.
-# Env:   EKV_BENCH_ARGS  extra flags for the benchmark (e.g. "--iters 50")
-#        EKV_JOBS        build parallelism (default: nproc)
+# Env:   EKV_BENCH_ARGS     extra flags for the benchmark (e.g. "--iters 50")
+#        EKV_JOBS           build parallelism (default: nproc)
+#        EKV_TEST_TIMEOUT   seconds each test may run (default 300)
+#        EKV_BENCH_TIMEOUT  seconds the benchmark may run (default 420)
 # Writes OUTDIR/: nvidia-smi.txt, configure.log, build.log, ctest.log,
 #        tests/<name>.log, tests.json, bench.jsonl, bench.log, summary.json.
 # Exit status: 0 when the build and every test passed and the benchmark ran.
@@ -102,7 +104,7 @@ first=1
 for t in $TESTS; do
     bin=$(find "$BUILD" -name "$t" -type f -perm -u+x | head -1)
     s0=$(date +%s.%N)
-    timeout 300 "$bin" > "$OUT/tests/$t.log" 2>&1
+    timeout "${EKV_TEST_TIMEOUT:-300}" "$bin" > "$OUT/tests/$t.log" 2>&1
     rc=$?
     secs=$(python3 -c "print(round($(date +%s.%N) - $s0, 2))" 2>/dev/null || echo 0)
     case $rc in
@@ -122,7 +124,7 @@ if [ ${#BENCH[@]} -gt 0 ]; then
     log "benchmark: ${BENCH[*]} --json ${EKV_BENCH_ARGS:-}"
     b0=$(date +%s)
     # shellcheck disable=SC2086
-    timeout 420 "${BENCH[@]}" --json --python python3 ${EKV_BENCH_ARGS:-} \
+    timeout "${EKV_BENCH_TIMEOUT:-420}" "${BENCH[@]}" --json --python python3 ${EKV_BENCH_ARGS:-} \
         > "$OUT/bench.jsonl" 2> "$OUT/bench.log"
     bench_rc=$?
     bench_s=$(( $(date +%s) - b0 ))
