@@ -225,6 +225,9 @@ ekv_status ekv_cuda_decode_attention(ekv_cuda *ctx, const ekv_cuda_kv_pool *pool
                                      void *workspace, ekv_error *err);
 /* Tokens per split; 0 restores the default (chosen from the grid size). Tests. */
 void ekv_cuda_decode_set_split(int32_t tokens);
+/* Head_dim 64 / 128 use tensor cores (mma.sync); on = the CUDA-core kernel
+ * (head_dim 256's) for them too. Tests and the benchmark compare the two. */
+void ekv_cuda_decode_force_simt(bool on);
 
 /* ---- compression (kernels/cuda/window.cu, kernels/cuda/entropy.cu,
  *      kernels/cuda/select.cu) ---- */

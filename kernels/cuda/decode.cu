@@ -26,8 +26,10 @@
 #define DEC_BT 16
 
 static int32_t split_override; /* tests: tokens per split, 0 = automatic */
+static bool force_simt;        /* tests, bench: the CUDA-core kernel for every head_dim */
 
 void ekv_cuda_decode_set_split(int32_t tokens) { split_override = tokens < 0 ? 0 : tokens; }
+void ekv_cuda_decode_force_simt(bool on) { force_simt = on; }
 
 /* Tokens per split: about 1024 thread blocks in all, at least 128 tokens. */
 static int32_t split_tokens(int heads, int32_t max_tokens)
@@ -63,6 +65,39 @@ __device__ __forceinline__ void issue_block(const uint8_t *base, size_t bb, int3
     const uint8_t *src = base + (size_t)id * bb;
     for (int w = lane; w < WORDS; w += 32)
         __pipeline_memcpy_async(dst + 16 * w, src + 16 * w, 16);
+}
+
+/* The thread block's last step: its warps' states (st_m, st_l, st_o, each
+ * warp's rows at warp * DEC_G_MAX) merged into the split's partial (m, l, o)
+ * per query row. */
+template <int D>
+__device__ void merge_warps(const float *st_m, const float *st_l, const float *st_o, int g,
+                            size_t prow, int split, int n_splits, float *part_m, float *part_l,
+                            float *part_o)
+{
+    __syncthreads();
+    for (int e = threadIdx.x; e < g * D; e += blockDim.x) {
+        const int i = e / D, j = e % D;
+        float M = -INFINITY;
+        for (int w = 0; w < DEC_WARPS; w++)
+            M = fmaxf(M, st_m[w * DEC_G_MAX + i]);
+        float L = 0.0f, O = 0.0f;
+        if (M != -INFINITY)
+            for (int w = 0; w < DEC_WARPS; w++) {
+                const float mw = st_m[w * DEC_G_MAX + i];
+                if (mw == -INFINITY)
+                    continue;
+                const float f = expf(mw - M);
+                L += st_l[w * DEC_G_MAX + i] * f;
+                O += st_o[((size_t)w * DEC_G_MAX + i) * D + j] * f;
+            }
+        const size_t pi = (prow + i) * n_splits + split;
+        part_o[pi * D + j] = O;
+        if (j == 0) {
+            part_m[pi] = M;
+            part_l[pi] = L;
+        }
+    }
 }
 
 template <int D>
@@ -187,7 +222,6 @@ __global__ void __launch_bounds__(DEC_WARPS * 32)
     }
     __pipeline_wait_prior(0);
     __syncthreads(); /* the buffers become the merge area */
-
     float *st_m = (float *)(smem + (size_t)DEC_G_MAX * D * 4);
     float *st_l = st_m + DEC_WARPS * DEC_G_MAX;
     float *st_o = st_l + DEC_WARPS * DEC_G_MAX;
@@ -206,29 +240,224 @@ __global__ void __launch_bounds__(DEC_WARPS * 32)
             o[1] = acc[i][c].y;
         }
     }
-    __syncthreads();
-    for (int e = threadIdx.x; e < g * D; e += blockDim.x) {
-        const int i = e / D, j = e % D;
-        float M = -INFINITY;
-        for (int w = 0; w < DEC_WARPS; w++)
-            M = fmaxf(M, st_m[w * DEC_G_MAX + i]);
-        float L = 0.0f, O = 0.0f;
-        if (M != -INFINITY)
-            for (int w = 0; w < DEC_WARPS; w++) {
-                const float mw = st_m[w * DEC_G_MAX + i];
-                if (mw == -INFINITY)
-                    continue;
-                const float f = expf(mw - M);
-                L += st_l[w * DEC_G_MAX + i] * f;
-                O += st_o[((size_t)w * DEC_G_MAX + i) * D + j] * f;
+    merge_warps<D>(st_m, st_l, st_o, g, prow, split, n_splits, part_m, part_l, part_o);
+}
+
+/* ---- the tensor-core path (head_dim 64 / 128, group <= 8) ----
+ *
+ * The same grid, split and double-buffered cp.async stream as above, but a
+ * warp scores a 16-token block with mma.sync m16n8k16 (fp16 in, fp32
+ * accumulate): S = Q K^T with the group's query heads as rows 0..g-1 of the
+ * 16-row A operand (rows g..15 zero) and the tokens as columns, then
+ * O += P V with P taken straight from S's accumulator layout (FlashAttention
+ * 2's register reuse). K and V are fp16 already; Q and P are fp32, so each
+ * goes in as two fp16 halves, hi = fp16(x) and lo = fp16(x - hi), one mma
+ * each: the products then carry ~22 bits, as the CPU's fp32 does. Operands
+ * come from shared memory with ldmatrix.trans; pool blocks are stored there
+ * with their 16-byte chunks XOR-swizzled so that those loads are free of
+ * bank conflicts (K: chunk ^ bit 2 of the dim; V: chunk ^ token % 8).
+ *
+ * Fragment layouts (PTX ISA, mma.m16n8k16 .f16, lane = 4 * grp + tig):
+ *   A (16 x 16): a0 = A[grp][2 tig, +1], a1 = A[grp + 8][..], a2 = A[grp][2 tig + 8, +1],
+ *                a3 = A[grp + 8][2 tig + 8, +1]
+ *   B (16 x 8):  b0 = B[2 tig, +1][grp], b1 = B[2 tig + 8, +1][grp]
+ *   C (16 x 8):  c0, c1 = C[grp][2 tig, +1], c2, c3 = C[grp + 8][2 tig, +1]
+ * so a lane holds query head grp's scores for tokens 2 tig, +1 (c0, c1 of
+ * n-tile 0) and 8 + 2 tig, +1 (n-tile 1), which are exactly a0 and a2 of P. */
+
+__device__ __forceinline__ void mma16816(float c[4], uint32_t a0, uint32_t a2, uint32_t b0,
+                                         uint32_t b1)
+{
+    /* a1 = a3 = 0: rows 8..15 of A (query heads past the group) are zero */
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], const void *p)
+{
+    const uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+
+__device__ __forceinline__ uint32_t h2_bits(__half2 h) { return *(uint32_t *)&h; }
+
+/* x as hi + lo fp16 pairs (x0 in the low half, as mma expects). */
+__device__ __forceinline__ void split_h2(float x0, float x1, uint32_t *hi, uint32_t *lo)
+{
+    const __half2 h = __floats2half2_rn(x0, x1);
+    const float2 hf = __half22float2(h);
+    *hi = h2_bits(h);
+    *lo = h2_bits(__floats2half2_rn(x0 - hf.x, x1 - hf.y));
+}
+
+/* Where 16-byte chunk w of a pool block goes in shared memory. */
+template <int D>
+__device__ __forceinline__ int swizzled_chunk(int w)
+{
+    if (w < 2 * D) { /* K: dim w / 2, tokens 8 * (w % 2) .. +7 */
+        const int dim = w >> 1;
+        return 2 * dim + ((w & 1) ^ ((dim >> 2) & 1));
+    }
+    if (w < 4 * D) { /* V: token v / (D / 8), dims 8 * (v % (D / 8)) .. +7 */
+        const int v = w - 2 * D, r = v / (D / 8), c = v % (D / 8);
+        return 2 * D + r * (D / 8) + (c ^ (r & 7));
+    }
+    return w; /* positions */
+}
+
+template <int D>
+__device__ __forceinline__ void issue_block_swizzled(const uint8_t *base, size_t bb, int32_t id,
+                                                     uint8_t *dst, int lane)
+{
+    constexpr int WORDS = (64 * D + 64) / 16;
+    const uint8_t *src = base + (size_t)id * bb;
+    for (int w = lane; w < WORDS; w += 32)
+        __pipeline_memcpy_async(dst + 16 * swizzled_chunk<D>(w), src + 16 * w, 16);
+}
+
+template <int D>
+__global__ void __launch_bounds__(DEC_WARPS * 32)
+    decode_mma_kernel(const uint8_t *base, size_t bb, const int32_t *table,
+                      const int32_t *table_off, const int32_t *n_tokens, int n_kv, int n_qh,
+                      const float *Q, const int32_t *q_pos, float scale, int split_tokens,
+                      int n_splits, float *part_m, float *part_l, float *part_o)
+{
+    constexpr int KS = D / 16;         /* k-steps of S = Q K^T */
+    constexpr int NT = D / 8;          /* n-tiles of O = P V */
+    constexpr int BLOCK = 64 * D + 64; /* K, V, positions of one pool block */
+    extern __shared__ __align__(16) uint8_t smem[];
+    const int split = blockIdx.x, kvh = blockIdx.y, seq = blockIdx.z;
+    const int g = n_qh / n_kv, qh0 = kvh * g;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int grp = lane >> 2, tig = lane & 3;
+    const int h = seq * n_kv + kvh;
+    const int32_t n = n_tokens[h], t0 = split * split_tokens;
+    const size_t prow = (size_t)seq * n_qh + qh0; /* first query row of the group */
+    if (t0 >= n) {
+        if (threadIdx.x < g)
+            part_m[(prow + threadIdx.x) * n_splits + split] = -INFINITY;
+        return;
+    }
+    uint8_t *wb = smem + (size_t)warp * 2 * BLOCK;
+    const int32_t qpos = q_pos[seq], t1 = min(n, t0 + split_tokens);
+    const int b_end = (t1 + DEC_BT - 1) / DEC_BT;
+    const int32_t *tab = table + table_off[h];
+    int b = t0 / DEC_BT + warp;
+    if (b < b_end)
+        issue_block_swizzled<D>(base, bb, tab[b], wb, lane);
+    __pipeline_commit();
+
+    /* this lane's part of A = scale * Q: row grp, columns 2 tig, +1 and +8 */
+    uint32_t qa_hi[KS][2], qa_lo[KS][2];
+    {
+        const float *q = Q + (prow + grp) * D;
+        const bool row = grp < g;
+#pragma unroll
+        for (int ks = 0; ks < KS; ks++)
+#pragma unroll
+            for (int hf = 0; hf < 2; hf++) {
+                const int c = 16 * ks + 8 * hf + 2 * tig;
+                const float x0 = row ? q[c] * scale : 0.0f, x1 = row ? q[c + 1] * scale : 0.0f;
+                split_h2(x0, x1, &qa_hi[ks][hf], &qa_lo[ks][hf]);
             }
-        const size_t pi = (prow + i) * n_splits + split;
-        part_o[pi * D + j] = O;
-        if (j == 0) {
-            part_m[pi] = M;
-            part_l[pi] = L;
+    }
+    float acc[NT][4];
+#pragma unroll
+    for (int t = 0; t < NT; t++)
+        acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.0f;
+    float m = -INFINITY, l = 0.0f; /* query head grp's running max and sum */
+
+    /* ldmatrix row addresses (byte offsets in a block), fixed per lane */
+    const int kdim = (lane & 7) + ((lane >> 3) & 1) * 8, ktc = lane >> 4;
+    const int vtok = kdim, vc = lane >> 4;
+
+    for (int it = 0; b < b_end; b += DEC_WARPS, it++) {
+        if (b + DEC_WARPS < b_end)
+            issue_block_swizzled<D>(base, bb, tab[b + DEC_WARPS], wb + ((it + 1) & 1) * BLOCK,
+                                    lane);
+        __pipeline_commit();
+        __pipeline_wait_prior(1);
+        __syncwarp();
+        const uint8_t *cur = wb + (it & 1) * BLOCK;
+        const int32_t *P = (const int32_t *)(cur + 64 * D);
+
+        /* S = Q K^T: two n-tiles of 8 tokens */
+        float sc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+#pragma unroll
+        for (int ks = 0; ks < KS; ks++) {
+            const int dim = 16 * ks + kdim;
+            uint32_t kb[4]; /* b0, b1 of tokens 0-7, then of tokens 8-15 */
+            ldmatrix_x4_trans(kb, cur + 16 * (2 * dim + (ktc ^ ((dim >> 2) & 1))));
+            mma16816(sc[0], qa_hi[ks][0], qa_hi[ks][1], kb[0], kb[1]);
+            mma16816(sc[0], qa_lo[ks][0], qa_lo[ks][1], kb[0], kb[1]);
+            mma16816(sc[1], qa_hi[ks][0], qa_hi[ks][1], kb[2], kb[3]);
+            mma16816(sc[1], qa_lo[ks][0], qa_lo[ks][1], kb[2], kb[3]);
+        }
+        /* online softmax of row grp over its 16 scores (4 per lane, 4 lanes) */
+        float s[4], mt = -INFINITY;
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int r = 8 * (e >> 1) + 2 * tig + (e & 1); /* token in the block */
+            const bool valid = b * DEC_BT + r < t1 && P[r] <= qpos;
+            s[e] = valid ? sc[e >> 1][e & 1] : -INFINITY;
+            mt = fmaxf(mt, s[e]);
+        }
+        mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, 1));
+        mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, 2));
+        const float mn = fmaxf(m, mt);
+        const float corr = mn == -INFINITY ? 1.0f : expf(m - mn);
+        float p[4], ps = 0.0f;
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            p[e] = s[e] == -INFINITY ? 0.0f : expf(s[e] - mn);
+            ps += p[e];
+        }
+        ps += __shfl_xor_sync(0xffffffffu, ps, 1);
+        ps += __shfl_xor_sync(0xffffffffu, ps, 2);
+        l = l * corr + ps;
+        m = mn;
+        uint32_t pa_hi[2], pa_lo[2]; /* a0: tokens 2 tig, +1; a2: 8 + 2 tig, +1 */
+        split_h2(p[0], p[1], &pa_hi[0], &pa_lo[0]);
+        split_h2(p[2], p[3], &pa_hi[1], &pa_lo[1]);
+
+        /* O = O * corr + P V, n-tiles of 8 dims, two per ldmatrix */
+#pragma unroll
+        for (int t = 0; t < NT; t += 2) {
+            const int c = t + vc;
+            uint32_t vb[4]; /* b0, b1 of dims 8t..; then of dims 8(t+1).. */
+            ldmatrix_x4_trans(vb, cur + 32 * D + 16 * (vtok * (D / 8) + (c ^ (vtok & 7))));
+#pragma unroll
+            for (int u = 0; u < 2; u++) {
+                acc[t + u][0] *= corr;
+                acc[t + u][1] *= corr;
+                mma16816(acc[t + u], pa_hi[0], pa_hi[1], vb[2 * u], vb[2 * u + 1]);
+                mma16816(acc[t + u], pa_lo[0], pa_lo[1], vb[2 * u], vb[2 * u + 1]);
+            }
+        }
+        __syncwarp();
+    }
+    __pipeline_wait_prior(0);
+    __syncthreads(); /* the buffers become the merge area */
+    float *st_m = (float *)smem;
+    float *st_l = st_m + DEC_WARPS * DEC_G_MAX;
+    float *st_o = st_l + DEC_WARPS * DEC_G_MAX;
+    if (grp < g) {
+        if (tig == 0) {
+            st_m[warp * DEC_G_MAX + grp] = m;
+            st_l[warp * DEC_G_MAX + grp] = l;
+        }
+        float *o = st_o + ((size_t)warp * DEC_G_MAX + grp) * D + 2 * tig;
+#pragma unroll
+        for (int t = 0; t < NT; t++) {
+            o[8 * t] = acc[t][0];
+            o[8 * t + 1] = acc[t][1];
         }
     }
+    merge_warps<D>(st_m, st_l, st_o, g, prow, split, n_splits, part_m, part_l, part_o);
 }
 
 /* One thread block per (sequence, query head), one thread per dimension. */
@@ -263,15 +492,21 @@ static ekv_status launch_split(ekv_cuda *ctx, const ekv_cuda_kv_pool *pool,
                                const float *Q, const int32_t *q_pos, float scale, int32_t st,
                                int32_t ns, float *pm, float *pl, float *po, ekv_error *err)
 {
-    const size_t q_bytes = (size_t)DEC_G_MAX * D * 4;
+    /* the tensor-core kernel keeps Q in registers; the other stages it */
+    const bool mma = D <= 128 && !force_simt;
+    const size_t q_bytes = mma ? 0 : (size_t)DEC_G_MAX * D * 4;
     const size_t buf_bytes = (size_t)DEC_WARPS * 2 * (64 * D + 64);
     const size_t merge_bytes = (size_t)DEC_WARPS * DEC_G_MAX * (D + 2) * 4;
     const size_t smem = q_bytes + (buf_bytes > merge_bytes ? buf_bytes : merge_bytes);
-    EKV_CUDA_TRY(cudaFuncSetAttribute(decode_split_kernel<D>,
-                                      cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+    auto kernel = decode_split_kernel<D>;
+    if constexpr (D <= 128)
+        if (mma)
+            kernel = decode_mma_kernel<D>;
+    EKV_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      (int)smem),
                  "decode: shared memory attribute");
     dim3 grid((unsigned)ns, (unsigned)n_kv, (unsigned)n_seq);
-    decode_split_kernel<D><<<grid, DEC_WARPS * 32, smem, ctx->stream>>>(
+    kernel<<<grid, DEC_WARPS * 32, smem, ctx->stream>>>(
         pool->mem, pool->block_bytes, heads->table, heads->table_off, heads->n_tokens, n_kv, n_qh,
         Q, q_pos, scale, st, ns, pm, pl, po);
     return ekv_cuda_launched("decode attention", err);

@@ -108,6 +108,9 @@ static void test_prefill_matches_cpu(void)
 
 /* ---- decode ---- */
 
+static float g_qmag = 1.0f;  /* queries are uniform in [-g_qmag, g_qmag] */
+static const char *g_kernel; /* which decode kernel runs */
+
 static void check_decode(int n_seq, int n_kv, int group, int d, const int32_t *lens, int sparse,
                          int32_t split, int32_t qpos_minus)
 {
@@ -117,7 +120,7 @@ static void check_decode(int n_seq, int n_kv, int group, int d, const int32_t *l
     const size_t qn = (size_t)n_seq * n_qh * d;
     float *Q = malloc(qn * 4), *ref = malloc(qn * 4), *got = malloc(qn * 4);
     int32_t *qpos = malloc((size_t)n_seq * 4);
-    rnd_fill(Q, qn, -1, 1);
+    rnd_fill(Q, qn, -g_qmag, g_qmag);
     float *scores = malloc(KERN_ATTN_SCRATCH(f.max_len + 1) * 4);
     const float scale = 1.0f / sqrtf((float)d);
     for (int s = 0; s < n_seq; s++) {
@@ -138,9 +141,9 @@ static void check_decode(int n_seq, int n_kv, int group, int d, const int32_t *l
                                        f.max_len, scale, dout, dws, &g_err));
     dev_to_host(got, dout, qn * 4);
     ekv_cuda_decode_set_split(0);
-    char what[128];
-    snprintf(what, sizeof what, "decode seq=%d kv=%d g=%d d=%d sparse=%d split=%d max=%d", n_seq,
-             n_kv, group, d, sparse, split, f.max_len);
+    char what[160];
+    snprintf(what, sizeof what, "decode (%s) seq=%d kv=%d g=%d d=%d sparse=%d split=%d max=%d q=%g",
+             g_kernel, n_seq, n_kv, group, d, sparse, split, f.max_len, g_qmag);
     near_all(what, got, ref, qn, 2e-5, 1e-4);
     ekv_cuda_free(dws);
     ekv_cuda_free(dQ);
@@ -154,21 +157,32 @@ static void check_decode(int n_seq, int n_kv, int group, int d, const int32_t *l
     free(scores);
 }
 
+/* Both kernels: tensor cores (head_dim 64 / 128) and CUDA cores (all). */
 static void test_decode_matches_cpu(void)
 {
-    const int32_t one[] = {1};
-    check_decode(1, 1, 1, 64, one, 0, 0, 0); /* a single token */
-    const int32_t ragged[] = {0, 1, 17, 100, 31, 16, 250, 5};
-    check_decode(2, 4, 4, 128, ragged, 0, 0, 0);   /* empty and odd heads */
-    check_decode(2, 4, 4, 128, ragged, 0, 32, 0);  /* many splits, some empty */
-    check_decode(2, 4, 4, 128, ragged, 1, 16, 3);  /* gaps in positions; newest masked */
-    check_decode(1, 4, 8, 64, ragged, 0, 0, 0);    /* group of 8 */
-    check_decode(4, 2, 2, 256, ragged, 0, 48, 0);  /* wide heads */
-    const int32_t lng[] = {4096, 409, 3000, 1, 2048, 700, 4095, 33};
-    check_decode(1, 8, 4, 128, lng, 0, 0, 0);      /* Llama-3.1-8B group, 4k */
-    check_decode(1, 8, 4, 128, lng, 1, 256, 1);
-    const int32_t none[] = {0, 0};
-    check_decode(1, 2, 4, 128, none, 0, 0, 0);     /* nothing cached at all */
+    for (int simt = 0; simt < 2; simt++) {
+        ekv_cuda_decode_force_simt(simt);
+        g_kernel = simt ? "cuda cores" : "default";
+        const int32_t one[] = {1};
+        check_decode(1, 1, 1, 64, one, 0, 0, 0); /* a single token */
+        const int32_t ragged[] = {0, 1, 17, 100, 31, 16, 250, 5};
+        check_decode(2, 4, 4, 128, ragged, 0, 0, 0);   /* empty and odd heads */
+        check_decode(2, 4, 4, 128, ragged, 0, 32, 0);  /* many splits, some empty */
+        check_decode(2, 4, 4, 128, ragged, 1, 16, 3);  /* gaps in positions; newest masked */
+        check_decode(1, 4, 8, 64, ragged, 0, 0, 0);    /* group of 8 */
+        check_decode(2, 4, 1, 128, ragged, 0, 0, 0);   /* no grouping */
+        check_decode(4, 2, 2, 256, ragged, 0, 48, 0);  /* wide heads */
+        const int32_t lng[] = {4096, 409, 3000, 1, 2048, 700, 4095, 33};
+        check_decode(1, 8, 4, 128, lng, 0, 0, 0);      /* Llama-3.1-8B group, 4k */
+        check_decode(1, 8, 4, 128, lng, 1, 256, 1);
+        g_qmag = 12.0f; /* peaked softmax: scores of tens, as trained models have */
+        check_decode(1, 8, 4, 128, lng, 0, 0, 0);
+        check_decode(2, 4, 8, 64, ragged, 1, 0, 0);
+        g_qmag = 1.0f;
+        const int32_t none[] = {0, 0};
+        check_decode(1, 2, 4, 128, none, 0, 0, 0);     /* nothing cached at all */
+    }
+    ekv_cuda_decode_force_simt(false);
 }
 
 static void test_decode_rejects_unsupported(void)
