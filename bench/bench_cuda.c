@@ -38,7 +38,7 @@ typedef struct cuda_opts {
     int n_contexts, n_batches;
     int32_t iters;
     float hbm_gbps, budget;
-    bool json, reference, compress, step;
+    bool json, reference, compress, step, sweep;
     const char *python, *ref_script;
 } cuda_opts;
 
@@ -81,6 +81,8 @@ static int parse(int argc, char **argv, cuda_opts *o)
             o->compress = false;
         else if (!strcmp(a, "--no-step"))
             o->step = false;
+        else if (!strcmp(a, "--sweep"))
+            o->sweep = true;
         else if (!strcmp(a, "--iters")) {
             if (!cli_take_int(argc, argv, &i, 1, 100000, &o->iters))
                 return CLI_USAGE;
@@ -157,6 +159,8 @@ static void *upload(ekv_cuda *ctx, const void *src, size_t bytes, ekv_status *rc
     return d;
 }
 
+static bool g_contiguous; /* --sweep: each head's blocks in pool order instead */
+
 /* Pool blocks handed to heads in a shuffled order, as a long-running pool's
  * free list would; K, V zero and every position 0 (all visible). */
 static ekv_status setup_decode(ekv_cuda *ctx, int32_t context, int batch, float budget,
@@ -182,7 +186,7 @@ static ekv_status setup_decode(ekv_cuda *ctx, int32_t context, int batch, float 
         uint64_t x = 88172645463325252ull;
         for (int64_t i = 0; i < blocks; i++)
             table[i] = (int32_t)i;
-        for (int64_t i = blocks - 1; i > 0; i--) { /* Fisher-Yates, xorshift */
+        for (int64_t i = blocks - 1; i > 0 && !g_contiguous; i--) { /* Fisher-Yates, xorshift */
             x ^= x << 13, x ^= x >> 7, x ^= x << 17;
             const int64_t j = (int64_t)(x % (uint64_t)(i + 1));
             const int32_t t = table[i];
@@ -624,6 +628,32 @@ static int run(const cuda_opts *o)
                         KERNEL[k], o->contexts[ci], o->batches[bi], full ? "full" : "10%", r.ms,
                         r.gbps, 100.0 * r.gbps / hbm);
             }
+    /* --sweep: the tensor-core kernel's stages, with the pool's blocks
+     * shuffled (as above) and in order, full KV */
+    for (int st = 2; o->sweep && st <= 4; st++)
+        for (int order = 0; order < 2; order++)
+            for (int ci = 0; ci < o->n_contexts; ci++)
+                for (int bi = 0; bi < o->n_batches; bi++) {
+                    run_result r;
+                    g_contiguous = order == 1;
+                    ekv_cuda_decode_set_stages(st);
+                    ekv_status rc = time_decode(ctx, o, o->contexts[ci], o->batches[bi], 1.0f, &r, &err);
+                    ekv_cuda_decode_set_stages(0);
+                    g_contiguous = false;
+                    if (rc != EKV_OK) {
+                        fprintf(stderr, "  sweep: %s\n", err.msg);
+                        failures++;
+                        continue;
+                    }
+                    if (o->json)
+                        printf("{\"bench\":\"cuda-attention-sweep\",\"stages\":%d,\"blocks\":\"%s\","
+                               "\"context\":%d,\"batch\":%d,\"ms\":%.4f,\"gbps\":%.1f,\"frac_hbm\":%.3f}\n",
+                               st, order ? "in order" : "shuffled", o->contexts[ci], o->batches[bi],
+                               r.ms, r.gbps, r.gbps / hbm);
+                    fprintf(stderr, "  sweep: %d stages, blocks %-8s ctx %6d batch %3d: %8.3f ms %5.1f%% of HBM\n",
+                            st, order ? "in order" : "shuffled", o->contexts[ci], o->batches[bi],
+                            r.ms, 100.0 * r.gbps / hbm);
+                }
     if (o->compress) { /* warm-up, untimed: lazy module loading, cuSOLVER / cuBLAS set-up */
         compress_result c;
         if (time_compress(ctx, 512, o->budget, &c, &err) != EKV_OK)

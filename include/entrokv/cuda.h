@@ -228,6 +228,10 @@ void ekv_cuda_decode_set_split(int32_t tokens);
 /* Head_dim 64 / 128 use tensor cores (mma.sync); on = the CUDA-core kernel
  * (head_dim 256's) for them too. Tests and the benchmark compare the two. */
 void ekv_cuda_decode_force_simt(bool on);
+/* Pool blocks each warp of the tensor-core kernel holds in shared memory
+ * (2..4: 1..3 in flight while one is scored); 0 restores the default.
+ * The benchmark's --sweep compares them. */
+void ekv_cuda_decode_set_stages(int stages);
 
 /* ---- compression (kernels/cuda/window.cu, kernels/cuda/entropy.cu,
  *      kernels/cuda/select.cu) ---- */

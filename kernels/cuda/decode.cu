@@ -24,12 +24,18 @@
 #define DEC_WARPS 4
 #define DEC_G_MAX 8
 #define DEC_BT 16
+#define DEC_STAGES_MMA 2 /* default blocks per warp in shared memory (ekv_cuda_decode_set_stages) */
 
 static int32_t split_override; /* tests: tokens per split, 0 = automatic */
 static bool force_simt;        /* tests, bench: the CUDA-core kernel for every head_dim */
+static int mma_stages = DEC_STAGES_MMA;
 
 void ekv_cuda_decode_set_split(int32_t tokens) { split_override = tokens < 0 ? 0 : tokens; }
 void ekv_cuda_decode_force_simt(bool on) { force_simt = on; }
+void ekv_cuda_decode_set_stages(int stages)
+{
+    mma_stages = stages >= 2 && stages <= 4 ? stages : DEC_STAGES_MMA;
+}
 
 /* Tokens per split: about 1024 thread blocks in all, at least 128 tokens. */
 static int32_t split_tokens(int heads, int32_t max_tokens)
@@ -319,7 +325,7 @@ __device__ __forceinline__ void issue_block_swizzled(const uint8_t *base, size_t
         __pipeline_memcpy_async(dst + 16 * swizzled_chunk<D>(w), src + 16 * w, 16);
 }
 
-template <int D>
+template <int D, int S>
 __global__ void __launch_bounds__(DEC_WARPS * 32)
     decode_mma_kernel(const uint8_t *base, size_t bb, const int32_t *table,
                       const int32_t *table_off, const int32_t *n_tokens, int n_kv, int n_qh,
@@ -342,14 +348,18 @@ __global__ void __launch_bounds__(DEC_WARPS * 32)
             part_m[(prow + threadIdx.x) * n_splits + split] = -INFINITY;
         return;
     }
-    uint8_t *wb = smem + (size_t)warp * 2 * BLOCK;
+    uint8_t *wb = smem + (size_t)warp * S * BLOCK;
     const int32_t qpos = q_pos[seq], t1 = min(n, t0 + split_tokens);
     const int b_end = (t1 + DEC_BT - 1) / DEC_BT;
     const int32_t *tab = table + table_off[h];
     int b = t0 / DEC_BT + warp;
-    if (b < b_end)
-        issue_block_swizzled<D>(base, bb, tab[b], wb, lane);
-    __pipeline_commit();
+    /* this warp's blocks are b, b + DEC_WARPS, ...; the i-th goes to stage i % S */
+#pragma unroll
+    for (int i = 0; i < S - 1; i++) {
+        if (b + i * DEC_WARPS < b_end)
+            issue_block_swizzled<D>(base, bb, tab[b + i * DEC_WARPS], wb + i * BLOCK, lane);
+        __pipeline_commit();
+    }
 
     /* this lane's part of A = scale * Q: row grp, columns 2 tig, +1 and +8 */
     uint32_t qa_hi[KS][2], qa_lo[KS][2];
@@ -376,13 +386,14 @@ __global__ void __launch_bounds__(DEC_WARPS * 32)
     const int vtok = kdim, vc = lane >> 4;
 
     for (int it = 0; b < b_end; b += DEC_WARPS, it++) {
-        if (b + DEC_WARPS < b_end)
-            issue_block_swizzled<D>(base, bb, tab[b + DEC_WARPS], wb + ((it + 1) & 1) * BLOCK,
-                                    lane);
+        /* the stage scored last iteration takes the block S - 1 ahead */
+        const int ahead = b + (S - 1) * DEC_WARPS;
+        if (ahead < b_end)
+            issue_block_swizzled<D>(base, bb, tab[ahead], wb + ((it + S - 1) % S) * BLOCK, lane);
         __pipeline_commit();
-        __pipeline_wait_prior(1);
+        __pipeline_wait_prior(S - 1);
         __syncwarp();
-        const uint8_t *cur = wb + (it & 1) * BLOCK;
+        const uint8_t *cur = wb + (it % S) * BLOCK;
         const int32_t *P = (const int32_t *)(cur + 64 * D);
 
         /* S = Q K^T: two n-tiles of 8 tokens */
@@ -460,28 +471,57 @@ __global__ void __launch_bounds__(DEC_WARPS * 32)
     merge_warps<D>(st_m, st_l, st_o, g, prow, split, n_splits, part_m, part_l, part_o);
 }
 
-/* One thread block per (sequence, query head), one thread per dimension. */
-__global__ void decode_reduce_kernel(const int32_t *n_tokens, int n_kv, int n_qh, int d,
-                                     int split_tokens, int n_splits, const float *part_m,
-                                     const float *part_l, const float *part_o, float *out)
+#define RED_THREADS 128
+
+/* v reduced over the thread block (RED_THREADS threads) with op, then
+ * given to every thread; red holds RED_THREADS / 32 floats. */
+template <bool MAX>
+__device__ __forceinline__ float block_reduce(float v, float *red)
 {
+    v = MAX ? warp_max(v) : warp_sum(v);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    __syncthreads(); /* red may still be read from a previous reduction */
+    if (lane == 0)
+        red[warp] = v;
+    __syncthreads();
+    v = red[0];
+    for (int w = 1; w < RED_THREADS / 32; w++)
+        v = MAX ? fmaxf(v, red[w]) : v + red[w];
+    return v;
+}
+
+/* One thread block per (sequence, query head): the splits' partials merged
+ * into the output row. The splits' weights exp(m_s - M) are computed once
+ * (in shared memory), then each thread sums its dimensions over the splits
+ * with independent loads in flight. */
+__global__ void __launch_bounds__(RED_THREADS)
+    decode_reduce_kernel(const int32_t *n_tokens, int n_kv, int n_qh, int d, int split_tokens,
+                         int n_splits, const float *part_m, const float *part_l,
+                         const float *part_o, float *out)
+{
+    extern __shared__ float wsplit[]; /* n_splits weights, then the reduction scratch */
+    float *red = wsplit + n_splits;
     const int row = blockIdx.x, seq = row / n_qh, qh = row % n_qh;
     const int32_t n = n_tokens[seq * n_kv + qh / (n_qh / n_kv)];
     const int ns = min(n_splits, (n + split_tokens - 1) / split_tokens);
+    const float *pm = part_m + (size_t)row * n_splits, *pl = part_l + (size_t)row * n_splits;
     float M = -INFINITY;
-    for (int s = 0; s < ns; s++)
-        M = fmaxf(M, part_m[(size_t)row * n_splits + s]);
-    for (int j = threadIdx.x; j < d; j += blockDim.x) {
-        float L = 0.0f, O = 0.0f;
-        if (M != -INFINITY)
-            for (int s = 0; s < ns; s++) {
-                const size_t pi = (size_t)row * n_splits + s;
-                if (part_m[pi] == -INFINITY)
-                    continue;
-                const float f = expf(part_m[pi] - M);
-                L += part_l[pi] * f;
-                O += part_o[pi * d + j] * f;
-            }
+    for (int s = threadIdx.x; s < ns; s += RED_THREADS)
+        M = fmaxf(M, pm[s]);
+    M = block_reduce<true>(M, red);
+    float L = 0.0f;
+    for (int s = threadIdx.x; s < ns; s += RED_THREADS) {
+        const float f = pm[s] == -INFINITY ? 0.0f : expf(pm[s] - M);
+        wsplit[s] = f;
+        L += pl[s] * f;
+    }
+    L = block_reduce<false>(L, red); /* its barriers also publish wsplit */
+    const float *po = part_o + (size_t)row * n_splits * d;
+    for (int j = threadIdx.x; j < d; j += RED_THREADS) {
+        float O = 0.0f;
+#pragma unroll 8
+        for (int s = 0; s < ns; s++)
+            O += po[(size_t)s * d + j] * wsplit[s];
         out[(size_t)row * d + j] = L > 0.0f ? O / L : 0.0f;
     }
 }
@@ -495,13 +535,15 @@ static ekv_status launch_split(ekv_cuda *ctx, const ekv_cuda_kv_pool *pool,
     /* the tensor-core kernel keeps Q in registers; the other stages it */
     const bool mma = D <= 128 && !force_simt;
     const size_t q_bytes = mma ? 0 : (size_t)DEC_G_MAX * D * 4;
-    const size_t buf_bytes = (size_t)DEC_WARPS * 2 * (64 * D + 64);
+    const size_t buf_bytes = (size_t)DEC_WARPS * (mma ? mma_stages : 2) * (64 * D + 64);
     const size_t merge_bytes = (size_t)DEC_WARPS * DEC_G_MAX * (D + 2) * 4;
     const size_t smem = q_bytes + (buf_bytes > merge_bytes ? buf_bytes : merge_bytes);
     auto kernel = decode_split_kernel<D>;
     if constexpr (D <= 128)
         if (mma)
-            kernel = decode_mma_kernel<D>;
+            kernel = mma_stages == 2   ? decode_mma_kernel<D, 2>
+                     : mma_stages == 3 ? decode_mma_kernel<D, 3>
+                                       : decode_mma_kernel<D, 4>;
     EKV_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       (int)smem),
                  "decode: shared memory attribute");
@@ -541,7 +583,10 @@ ekv_status ekv_cuda_decode_attention(ekv_cuda *ctx, const ekv_cuda_kv_pool *pool
     }
     if (rc != EKV_OK)
         return rc;
-    decode_reduce_kernel<<<n_seq * n_q_heads, d, 0, ctx->stream>>>(
+    const size_t red_smem = ((size_t)ns + RED_THREADS / 32) * sizeof(float);
+    if (red_smem > 48 * 1024)
+        return ekv_error_set(err, EKV_EUNSUPPORTED, "cuda decode: %d splits is too many", ns);
+    decode_reduce_kernel<<<n_seq * n_q_heads, RED_THREADS, red_smem, ctx->stream>>>(
         heads->n_tokens, n_kv_heads, n_q_heads, d, st, ns, pm, pl, po, out);
     return ekv_cuda_launched("decode reduce", err);
 }
