@@ -45,6 +45,7 @@ typedef struct cuda_opts {
 typedef struct run_result {
     double ms, gbps;
     int64_t bytes;
+    int per_sm; /* decode thread blocks resident per SM */
 } run_result;
 
 static int parse_list(const char *s, int32_t *out, int *n)
@@ -241,6 +242,7 @@ static ekv_status time_decode(ekv_cuda *ctx, const cuda_opts *o, int32_t context
         rc = ekv_cuda_timer_stop(ctx, &ms, err);
     r->ms = ms / o->iters;
     r->bytes = s.bytes;
+    r->per_sm = ekv_cuda_decode_blocks_per_sm();
     r->gbps = r->ms > 0 ? (double)s.bytes / (r->ms * 1e-3) / 1e9 : 0;
     if (s.pool)
         setup_free(&s);
@@ -620,13 +622,13 @@ static int run(const cuda_opts *o)
                     printf("{\"bench\":\"cuda-attention\",\"engine\":\"entrokv\",\"kernel\":\"%s\","
                            "\"device\":\"%s\",\"context\":%d,\"batch\":%d,\"kv\":\"%s\","
                            "\"budget\":%.3f,\"ms\":%.4f,\"bytes\":%lld,\"gbps\":%.1f,"
-                           "\"hbm_gbps\":%.1f,\"frac_hbm\":%.3f}\n",
+                           "\"hbm_gbps\":%.1f,\"frac_hbm\":%.3f,\"blocks_per_sm\":%d}\n",
                            KERNEL[k], info.name, o->contexts[ci], o->batches[bi],
                            full ? "full" : "ragged", budget, r.ms, (long long)r.bytes, r.gbps, hbm,
-                           r.gbps / hbm);
-                fprintf(stderr, "  %-11s ctx %6d batch %3d %-6s KV: %8.3f ms  %7.1f GB/s  %5.1f%% of HBM\n",
-                        KERNEL[k], o->contexts[ci], o->batches[bi], full ? "full" : "10%", r.ms,
-                        r.gbps, 100.0 * r.gbps / hbm);
+                           r.gbps / hbm, r.per_sm);
+                fprintf(stderr, "  %-11s ctx %6d batch %3d %-6s KV: %8.3f ms  %7.1f GB/s  %5.1f%% of HBM"
+                        "  (%d blocks/SM)\n", KERNEL[k], o->contexts[ci], o->batches[bi],
+                        full ? "full" : "10%", r.ms, r.gbps, 100.0 * r.gbps / hbm, r.per_sm);
             }
     /* --sweep: the tensor-core kernel's stages, with the pool's blocks
      * shuffled (as above) and in order, full KV */
@@ -647,12 +649,13 @@ static int run(const cuda_opts *o)
                     }
                     if (o->json)
                         printf("{\"bench\":\"cuda-attention-sweep\",\"stages\":%d,\"blocks\":\"%s\","
-                               "\"context\":%d,\"batch\":%d,\"ms\":%.4f,\"gbps\":%.1f,\"frac_hbm\":%.3f}\n",
+                               "\"context\":%d,\"batch\":%d,\"ms\":%.4f,\"gbps\":%.1f,\"frac_hbm\":%.3f,"
+                               "\"blocks_per_sm\":%d}\n",
                                st, order ? "in order" : "shuffled", o->contexts[ci], o->batches[bi],
-                               r.ms, r.gbps, r.gbps / hbm);
-                    fprintf(stderr, "  sweep: %d stages, blocks %-8s ctx %6d batch %3d: %8.3f ms %5.1f%% of HBM\n",
-                            st, order ? "in order" : "shuffled", o->contexts[ci], o->batches[bi],
-                            r.ms, 100.0 * r.gbps / hbm);
+                               r.ms, r.gbps, r.gbps / hbm, r.per_sm);
+                    fprintf(stderr, "  sweep: %d stages, blocks %-8s ctx %6d batch %3d: %8.3f ms %5.1f%% of HBM"
+                            " (%d blocks/SM)\n", st, order ? "in order" : "shuffled", o->contexts[ci],
+                            o->batches[bi], r.ms, 100.0 * r.gbps / hbm, r.per_sm);
                 }
     if (o->compress) { /* warm-up, untimed: lazy module loading, cuSOLVER / cuBLAS set-up */
         compress_result c;

@@ -232,6 +232,8 @@ void ekv_cuda_decode_force_simt(bool on);
  * (2..4: 1..3 in flight while one is scored); 0 restores the default.
  * The benchmark's --sweep compares them. */
 void ekv_cuda_decode_set_stages(int stages);
+/* Thread blocks per SM the last decode launch could keep resident. */
+int ekv_cuda_decode_blocks_per_sm(void);
 
 /* ---- compression (kernels/cuda/window.cu, kernels/cuda/entropy.cu,
  *      kernels/cuda/select.cu) ---- */

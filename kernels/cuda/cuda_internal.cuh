@@ -17,6 +17,7 @@
 
 struct ekv_cuda {
     int device;
+    int sm_count;
     cudaStream_t stream;
     cublasHandle_t blas;
     cusolverDnHandle_t solver;

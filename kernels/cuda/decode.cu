@@ -29,37 +29,74 @@
 static int32_t split_override; /* tests: tokens per split, 0 = automatic */
 static bool force_simt;        /* tests, bench: the CUDA-core kernel for every head_dim */
 static int mma_stages = DEC_STAGES_MMA;
+static int last_blocks_per_sm; /* of the last launch: the benchmark reports it */
 
 void ekv_cuda_decode_set_split(int32_t tokens) { split_override = tokens < 0 ? 0 : tokens; }
 void ekv_cuda_decode_force_simt(bool on) { force_simt = on; }
+int ekv_cuda_decode_blocks_per_sm(void) { return __atomic_load_n(&last_blocks_per_sm, __ATOMIC_RELAXED); }
 void ekv_cuda_decode_set_stages(int stages)
 {
     mma_stages = stages >= 2 && stages <= 4 ? stages : DEC_STAGES_MMA;
 }
 
-/* Tokens per split: about 1024 thread blocks in all, at least 128 tokens. */
-static int32_t split_tokens(int heads, int32_t max_tokens)
+/* Splits. A split is a run of whole blocks of one head, at least
+ * DEC_MIN_SPLIT tokens, and heads x splits stays <= DEC_MAX_TBS (what the
+ * workspace is sized for). Within that, the count is chosen at launch from
+ * the device's concurrent thread blocks ("slots") to minimise
+ *   waves x (split tokens + DEC_TB_OVERHEAD),   waves = ceil(thread blocks / slots):
+ * a last wave that fills few slots costs as much as a full one (at 32k x 64
+ * on the H200, 2 splits per head left it 60% full). */
+#define DEC_MIN_SPLIT 128
+#define DEC_MAX_TBS 8192
+#define DEC_TB_OVERHEAD 64 /* a thread block's start and merge, in tokens' time */
+
+static int32_t round_block(int64_t t) { return (int32_t)((t + DEC_BT - 1) / DEC_BT * DEC_BT); }
+
+static int32_t max_splits(int heads, int32_t max_tokens)
 {
-    int64_t s = split_override;
-    if (s <= 0) {
-        const int64_t want = (1024 + heads - 1) / heads;
-        s = ((int64_t)max_tokens + want - 1) / want;
-        if (s < 128)
-            s = 128;
-    }
-    return (int32_t)((s + DEC_BT - 1) / DEC_BT * DEC_BT);
+    if (max_tokens <= 0)
+        return 1;
+    if (split_override > 0)
+        return (max_tokens + round_block(split_override) - 1) / round_block(split_override);
+    int64_t cap = DEC_MAX_TBS / heads, by_len = (max_tokens + DEC_MIN_SPLIT - 1) / DEC_MIN_SPLIT;
+    cap = cap < by_len ? cap : by_len;
+    return cap < 1 ? 1 : (int32_t)cap;
 }
 
-static int32_t n_splits_of(int heads, int32_t max_tokens)
+static void choose_split(int heads, int32_t max_tokens, int slots, int32_t *st, int32_t *ns)
 {
-    const int32_t s = split_tokens(heads, max_tokens);
-    return max_tokens <= 0 ? 1 : (max_tokens + s - 1) / s;
+    *st = DEC_MIN_SPLIT;
+    *ns = 1;
+    if (max_tokens <= 0)
+        return;
+    if (split_override > 0) {
+        *st = round_block(split_override);
+        *ns = (max_tokens + *st - 1) / *st;
+        return;
+    }
+    int64_t last = max_splits(heads, max_tokens);
+    const int64_t enough = 16 * (int64_t)slots / heads + 1; /* past 16 waves nothing is won */
+    last = last < enough ? last : enough;
+    double best = INFINITY;
+    for (int64_t n = 1; n <= last; n++) {
+        const int32_t s = round_block((max_tokens + n - 1) / n);
+        const int32_t real = (max_tokens + s - 1) / s;
+        if (real != n)
+            continue; /* the same split as a smaller n */
+        const double t = ceil((double)heads * n / (slots > 0 ? slots : 1)) * (s + DEC_TB_OVERHEAD);
+        if (t < best) {
+            best = t;
+            *st = s;
+            *ns = real;
+        }
+    }
 }
 
 size_t ekv_cuda_decode_workspace(int n_seq, int n_kv_heads, int n_q_heads, int d,
                                  int32_t max_tokens)
 {
-    const size_t splits = (size_t)n_splits_of(n_seq * n_kv_heads, max_tokens);
+    const size_t splits = (size_t)max_splits(n_seq * n_kv_heads > 0 ? n_seq * n_kv_heads : 1,
+                                             max_tokens);
     return (size_t)n_seq * n_q_heads * splits * ((size_t)d + 2) * sizeof(float);
 }
 
@@ -281,6 +318,15 @@ __device__ __forceinline__ void mma16816(float c[4], uint32_t a0, uint32_t a2, u
                  : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
 }
 
+__device__ __forceinline__ void mma16816_full(float c[4], const uint32_t a[4], uint32_t b0,
+                                              uint32_t b1)
+{
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], const void *p)
 {
     const uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
@@ -333,7 +379,7 @@ __global__ void __launch_bounds__(DEC_WARPS * 32)
                       int n_splits, float *part_m, float *part_l, float *part_o)
 {
     constexpr int KS = D / 16;         /* k-steps of S = Q K^T */
-    constexpr int NT = D / 8;          /* n-tiles of O = P V */
+    constexpr int MT = D / 16;         /* m-tiles of O^T = V^T P^T */
     constexpr int BLOCK = 64 * D + 64; /* K, V, positions of one pool block */
     extern __shared__ __align__(16) uint8_t smem[];
     const int split = blockIdx.x, kvh = blockIdx.y, seq = blockIdx.z;
@@ -375,15 +421,17 @@ __global__ void __launch_bounds__(DEC_WARPS * 32)
                 split_h2(x0, x1, &qa_hi[ks][hf], &qa_lo[ks][hf]);
             }
     }
-    float acc[NT][4];
+    /* O^T: acc[mt] holds dims 16 mt + grp (0, 1) and + 8 (2, 3) of query
+     * heads 2 tig (0, 2) and 2 tig + 1 (1, 3) */
+    float acc[MT][4];
 #pragma unroll
-    for (int t = 0; t < NT; t++)
+    for (int t = 0; t < MT; t++)
         acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.0f;
     float m = -INFINITY, l = 0.0f; /* query head grp's running max and sum */
 
     /* ldmatrix row addresses (byte offsets in a block), fixed per lane */
     const int kdim = (lane & 7) + ((lane >> 3) & 1) * 8, ktc = lane >> 4;
-    const int vtok = kdim, vc = lane >> 4;
+    const int vtok = (lane & 7) + (lane >> 4) * 8, vc = (lane >> 3) & 1;
 
     for (int it = 0; b < b_end; b += DEC_WARPS, it++) {
         /* the stage scored last iteration takes the block S - 1 ahead */
@@ -431,23 +479,27 @@ __global__ void __launch_bounds__(DEC_WARPS * 32)
         ps += __shfl_xor_sync(0xffffffffu, ps, 2);
         l = l * corr + ps;
         m = mn;
-        uint32_t pa_hi[2], pa_lo[2]; /* a0: tokens 2 tig, +1; a2: 8 + 2 tig, +1 */
-        split_h2(p[0], p[1], &pa_hi[0], &pa_lo[0]);
-        split_h2(p[2], p[3], &pa_hi[1], &pa_lo[1]);
+        /* P^T as the B operand: b0 = tokens 2 tig, +1 and b1 = 8 + 2 tig, +1 of
+         * query head grp, which is what this lane holds */
+        uint32_t pb_hi[2], pb_lo[2];
+        split_h2(p[0], p[1], &pb_hi[0], &pb_lo[0]);
+        split_h2(p[2], p[3], &pb_hi[1], &pb_lo[1]);
+        /* the rescale of the heads this lane accumulates (2 tig, 2 tig + 1) */
+        const float corr0 = __shfl_sync(0xffffffffu, corr, 8 * tig);
+        const float corr1 = __shfl_sync(0xffffffffu, corr, 8 * tig + 4);
 
-        /* O = O * corr + P V, n-tiles of 8 dims, two per ldmatrix */
+        /* O^T = O^T * corr + V^T P^T, m-tiles of 16 dims */
 #pragma unroll
-        for (int t = 0; t < NT; t += 2) {
-            const int c = t + vc;
-            uint32_t vb[4]; /* b0, b1 of dims 8t..; then of dims 8(t+1).. */
-            ldmatrix_x4_trans(vb, cur + 32 * D + 16 * (vtok * (D / 8) + (c ^ (vtok & 7))));
-#pragma unroll
-            for (int u = 0; u < 2; u++) {
-                acc[t + u][0] *= corr;
-                acc[t + u][1] *= corr;
-                mma16816(acc[t + u], pa_hi[0], pa_hi[1], vb[2 * u], vb[2 * u + 1]);
-                mma16816(acc[t + u], pa_lo[0], pa_lo[1], vb[2 * u], vb[2 * u + 1]);
-            }
+        for (int t = 0; t < MT; t++) {
+            const int c = 2 * t + vc;
+            uint32_t va[4]; /* V^T rows 16 t .. +15 (dims), columns the 16 tokens */
+            ldmatrix_x4_trans(va, cur + 32 * D + 16 * (vtok * (D / 8) + (c ^ (vtok & 7))));
+            acc[t][0] *= corr0;
+            acc[t][1] *= corr1;
+            acc[t][2] *= corr0;
+            acc[t][3] *= corr1;
+            mma16816_full(acc[t], va, pb_hi[0], pb_hi[1]);
+            mma16816_full(acc[t], va, pb_lo[0], pb_lo[1]);
         }
         __syncwarp();
     }
@@ -456,18 +508,18 @@ __global__ void __launch_bounds__(DEC_WARPS * 32)
     float *st_m = (float *)smem;
     float *st_l = st_m + DEC_WARPS * DEC_G_MAX;
     float *st_o = st_l + DEC_WARPS * DEC_G_MAX;
-    if (grp < g) {
-        if (tig == 0) {
-            st_m[warp * DEC_G_MAX + grp] = m;
-            st_l[warp * DEC_G_MAX + grp] = l;
-        }
-        float *o = st_o + ((size_t)warp * DEC_G_MAX + grp) * D + 2 * tig;
-#pragma unroll
-        for (int t = 0; t < NT; t++) {
-            o[8 * t] = acc[t][0];
-            o[8 * t + 1] = acc[t][1];
-        }
+    if (grp < g && tig == 0) {
+        st_m[warp * DEC_G_MAX + grp] = m;
+        st_l[warp * DEC_G_MAX + grp] = l;
     }
+#pragma unroll
+    for (int t = 0; t < MT; t++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int head = 2 * tig + (e & 1), dim = 16 * t + grp + 8 * (e >> 1);
+            if (head < g)
+                st_o[((size_t)warp * DEC_G_MAX + head) * D + dim] = acc[t][e];
+        }
     merge_warps<D>(st_m, st_l, st_o, g, prow, split, n_splits, part_m, part_l, part_o);
 }
 
@@ -526,11 +578,14 @@ __global__ void __launch_bounds__(RED_THREADS)
     }
 }
 
+/* Picks the kernel, the split (choose_split) and launches the split pass;
+ * *st and *ns say what the reduce pass merges. */
 template <int D>
 static ekv_status launch_split(ekv_cuda *ctx, const ekv_cuda_kv_pool *pool,
                                const ekv_cuda_kv_heads *heads, int n_seq, int n_kv, int n_qh,
-                               const float *Q, const int32_t *q_pos, float scale, int32_t st,
-                               int32_t ns, float *pm, float *pl, float *po, ekv_error *err)
+                               const float *Q, const int32_t *q_pos, int32_t max_tokens,
+                               float scale, void *workspace, int32_t *st, int32_t *ns,
+                               ekv_error *err)
 {
     /* the tensor-core kernel keeps Q in registers; the other stages it */
     const bool mma = D <= 128 && !force_simt;
@@ -547,10 +602,22 @@ static ekv_status launch_split(ekv_cuda *ctx, const ekv_cuda_kv_pool *pool,
     EKV_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       (int)smem),
                  "decode: shared memory attribute");
-    dim3 grid((unsigned)ns, (unsigned)n_kv, (unsigned)n_seq);
+    /* all of L1 as shared memory: thread blocks per SM are bounded by it */
+    EKV_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                      cudaSharedmemCarveoutMaxShared),
+                 "decode: shared memory carveout");
+    int per_sm = 0;
+    EKV_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, DEC_WARPS * 32,
+                                                               smem),
+                 "decode: occupancy");
+    __atomic_store_n(&last_blocks_per_sm, per_sm, __ATOMIC_RELAXED);
+    choose_split(n_seq * n_kv, max_tokens, per_sm * ctx->sm_count, st, ns);
+    const size_t rows = (size_t)n_seq * n_qh * *ns;
+    float *pm = (float *)workspace, *pl = pm + rows, *po = pl + rows;
+    dim3 grid((unsigned)*ns, (unsigned)n_kv, (unsigned)n_seq);
     kernel<<<grid, DEC_WARPS * 32, smem, ctx->stream>>>(
         pool->mem, pool->block_bytes, heads->table, heads->table_off, heads->n_tokens, n_kv, n_qh,
-        Q, q_pos, scale, st, ns, pm, pl, po);
+        Q, q_pos, scale, *st, *ns, pm, pl, po);
     return ekv_cuda_launched("decode attention", err);
 }
 
@@ -571,21 +638,20 @@ ekv_status ekv_cuda_decode_attention(ekv_cuda *ctx, const ekv_cuda_kv_pool *pool
                              DEC_G_MAX);
     if (n_seq == 0)
         return EKV_OK;
-    const int32_t st = split_tokens(n_seq * n_kv_heads, max_tokens);
-    const int32_t ns = n_splits_of(n_seq * n_kv_heads, max_tokens);
-    const size_t rows = (size_t)n_seq * n_q_heads * ns;
-    float *pm = (float *)workspace, *pl = pm + rows, *po = pl + rows;
+    int32_t st = 0, ns = 0;
     ekv_status rc;
     switch (d) {
-    case 64: rc = launch_split<64>(ctx, pool, heads, n_seq, n_kv_heads, n_q_heads, Q, q_pos, scale, st, ns, pm, pl, po, err); break;
-    case 128: rc = launch_split<128>(ctx, pool, heads, n_seq, n_kv_heads, n_q_heads, Q, q_pos, scale, st, ns, pm, pl, po, err); break;
-    default: rc = launch_split<256>(ctx, pool, heads, n_seq, n_kv_heads, n_q_heads, Q, q_pos, scale, st, ns, pm, pl, po, err); break;
+    case 64: rc = launch_split<64>(ctx, pool, heads, n_seq, n_kv_heads, n_q_heads, Q, q_pos, max_tokens, scale, workspace, &st, &ns, err); break;
+    case 128: rc = launch_split<128>(ctx, pool, heads, n_seq, n_kv_heads, n_q_heads, Q, q_pos, max_tokens, scale, workspace, &st, &ns, err); break;
+    default: rc = launch_split<256>(ctx, pool, heads, n_seq, n_kv_heads, n_q_heads, Q, q_pos, max_tokens, scale, workspace, &st, &ns, err); break;
     }
     if (rc != EKV_OK)
         return rc;
     const size_t red_smem = ((size_t)ns + RED_THREADS / 32) * sizeof(float);
     if (red_smem > 48 * 1024)
         return ekv_error_set(err, EKV_EUNSUPPORTED, "cuda decode: %d splits is too many", ns);
+    const size_t rows = (size_t)n_seq * n_q_heads * ns;
+    const float *pm = (const float *)workspace, *pl = pm + rows, *po = pl + rows;
     decode_reduce_kernel<<<n_seq * n_q_heads, RED_THREADS, red_smem, ctx->stream>>>(
         heads->n_tokens, n_kv_heads, n_q_heads, d, st, ns, pm, pl, po, out);
     return ekv_cuda_launched("decode reduce", err);

@@ -76,6 +76,10 @@ ekv_status ekv_cuda_create(int device, ekv_cuda **out, ekv_error *err)
     ctx->device = device;
     ekv_status rc = ekv_cuda_check(cudaSetDevice(device), "cudaSetDevice", err);
     if (rc == EKV_OK)
+        rc = ekv_cuda_check(cudaDeviceGetAttribute(&ctx->sm_count, cudaDevAttrMultiProcessorCount,
+                                                   device),
+                            "cudaDeviceGetAttribute", err);
+    if (rc == EKV_OK)
         rc = ekv_cuda_check(cudaStreamCreateWithFlags(&ctx->stream, cudaStreamNonBlocking),
                             "cudaStreamCreate", err);
     if (rc == EKV_OK)
