@@ -361,14 +361,36 @@ __device__ __forceinline__ int swizzled_chunk(int w)
     return w; /* positions */
 }
 
+/* A lane's share of a block copy: chunks lane, lane + 32, ...; their
+ * swizzled places are the same for every block, so they are worked out
+ * once (swizzle_plan) and the copy is one cp.async per chunk. */
+template <int D>
+struct copy_plan {
+    static constexpr int WORDS = (64 * D + 64) / 16;
+    static constexpr int N = (WORDS + 31) / 32;
+    uint32_t dst[N]; /* byte offsets in the stage */
+};
+
+template <int D>
+__device__ __forceinline__ void swizzle_plan(copy_plan<D> *p, int lane)
+{
+#pragma unroll
+    for (int i = 0; i < copy_plan<D>::N; i++) {
+        const int w = lane + 32 * i;
+        p->dst[i] = w < copy_plan<D>::WORDS ? 16u * (uint32_t)swizzled_chunk<D>(w) : 0u;
+    }
+}
+
 template <int D>
 __device__ __forceinline__ void issue_block_swizzled(const uint8_t *base, size_t bb, int32_t id,
-                                                     uint8_t *dst, int lane)
+                                                     uint8_t *dst, int lane,
+                                                     const copy_plan<D> &p)
 {
-    constexpr int WORDS = (64 * D + 64) / 16;
-    const uint8_t *src = base + (size_t)id * bb;
-    for (int w = lane; w < WORDS; w += 32)
-        __pipeline_memcpy_async(dst + 16 * swizzled_chunk<D>(w), src + 16 * w, 16);
+    const uint8_t *src = base + (size_t)id * bb + 16 * lane;
+#pragma unroll
+    for (int i = 0; i < copy_plan<D>::N; i++)
+        if (i < copy_plan<D>::N - 1 || lane + 32 * i < copy_plan<D>::WORDS)
+            __pipeline_memcpy_async(dst + p.dst[i], src + 512 * i, 16);
 }
 
 template <int D, int S>
@@ -399,11 +421,13 @@ __global__ void __launch_bounds__(DEC_WARPS * 32)
     const int b_end = (t1 + DEC_BT - 1) / DEC_BT;
     const int32_t *tab = table + table_off[h];
     int b = t0 / DEC_BT + warp;
+    copy_plan<D> plan;
+    swizzle_plan<D>(&plan, lane);
     /* this warp's blocks are b, b + DEC_WARPS, ...; the i-th goes to stage i % S */
 #pragma unroll
     for (int i = 0; i < S - 1; i++) {
         if (b + i * DEC_WARPS < b_end)
-            issue_block_swizzled<D>(base, bb, tab[b + i * DEC_WARPS], wb + i * BLOCK, lane);
+            issue_block_swizzled<D>(base, bb, tab[b + i * DEC_WARPS], wb + i * BLOCK, lane, plan);
         __pipeline_commit();
     }
 
@@ -433,11 +457,17 @@ __global__ void __launch_bounds__(DEC_WARPS * 32)
     const int kdim = (lane & 7) + ((lane >> 3) & 1) * 8, ktc = lane >> 4;
     const int vtok = (lane & 7) + (lane >> 4) * 8, vc = (lane >> 3) & 1;
 
+    /* the id of the block S - 1 ahead is read one iteration before its copy
+     * is issued, so the table's latency hides behind a block's work */
+    int32_t id_ahead = b + (S - 1) * DEC_WARPS < b_end ? tab[b + (S - 1) * DEC_WARPS] : 0;
     for (int it = 0; b < b_end; b += DEC_WARPS, it++) {
         /* the stage scored last iteration takes the block S - 1 ahead */
         const int ahead = b + (S - 1) * DEC_WARPS;
         if (ahead < b_end)
-            issue_block_swizzled<D>(base, bb, tab[ahead], wb + ((it + S - 1) % S) * BLOCK, lane);
+            issue_block_swizzled<D>(base, bb, id_ahead, wb + ((it + S - 1) % S) * BLOCK, lane,
+                                    plan);
+        if (ahead + DEC_WARPS < b_end)
+            id_ahead = tab[ahead + DEC_WARPS];
         __pipeline_commit();
         __pipeline_wait_prior(S - 1);
         __syncwarp();
