@@ -229,8 +229,9 @@ void ekv_cuda_decode_set_split(int32_t tokens);
  * (head_dim 256's) for them too. Tests and the benchmark compare the two. */
 void ekv_cuda_decode_force_simt(bool on);
 /* Pool blocks each warp of the tensor-core kernel holds in shared memory
- * (2..4: 1..3 in flight while one is scored); 0 restores the default.
- * The benchmark's --sweep compares them. */
+ * (2..4: 1..3 in flight while one is scored); 0 restores the default (2,
+ * or 4 for heads of 16k tokens or more). The benchmark's --sweep compares
+ * them. */
 void ekv_cuda_decode_set_stages(int stages);
 /* Thread blocks per SM the last decode launch could keep resident. */
 int ekv_cuda_decode_blocks_per_sm(void);

@@ -24,11 +24,16 @@
 #define DEC_WARPS 4
 #define DEC_G_MAX 8
 #define DEC_BT 16
-#define DEC_STAGES_MMA 2 /* default blocks per warp in shared memory (ekv_cuda_decode_set_stages) */
+/* Blocks per warp in shared memory for the tensor-core kernel: 2 (one in
+ * flight while one is scored, 3 thread blocks per SM) for heads shorter
+ * than DEC_LONG tokens, 4 (three in flight, one thread block per SM) from
+ * there: the H200 sweep (`bench cuda-attention --sweep`) had 4 stages best
+ * at 32k (87% of HBM against 84%) and 2 best at 4k (78% against 72%). */
+#define DEC_LONG 16384
 
 static int32_t split_override; /* tests: tokens per split, 0 = automatic */
 static bool force_simt;        /* tests, bench: the CUDA-core kernel for every head_dim */
-static int mma_stages = DEC_STAGES_MMA;
+static int stages_override;    /* bench --sweep: 2..4, 0 = by length (DEC_LONG) */
 static int last_blocks_per_sm; /* of the last launch: the benchmark reports it */
 
 void ekv_cuda_decode_set_split(int32_t tokens) { split_override = tokens < 0 ? 0 : tokens; }
@@ -36,7 +41,7 @@ void ekv_cuda_decode_force_simt(bool on) { force_simt = on; }
 int ekv_cuda_decode_blocks_per_sm(void) { return __atomic_load_n(&last_blocks_per_sm, __ATOMIC_RELAXED); }
 void ekv_cuda_decode_set_stages(int stages)
 {
-    mma_stages = stages >= 2 && stages <= 4 ? stages : DEC_STAGES_MMA;
+    stages_override = stages >= 2 && stages <= 4 ? stages : 0;
 }
 
 /* Splits. A split is a run of whole blocks of one head, at least
@@ -619,6 +624,7 @@ static ekv_status launch_split(ekv_cuda *ctx, const ekv_cuda_kv_pool *pool,
 {
     /* the tensor-core kernel keeps Q in registers; the other stages it */
     const bool mma = D <= 128 && !force_simt;
+    const int mma_stages = stages_override ? stages_override : max_tokens >= DEC_LONG ? 4 : 2;
     const size_t q_bytes = mma ? 0 : (size_t)DEC_G_MAX * D * 4;
     const size_t buf_bytes = (size_t)DEC_WARPS * (mma ? mma_stages : 2) * (64 * D + 64);
     const size_t merge_bytes = (size_t)DEC_WARPS * DEC_G_MAX * (D + 2) * 4;

@@ -157,12 +157,15 @@ static void check_decode(int n_seq, int n_kv, int group, int d, const int32_t *l
     free(scores);
 }
 
-/* Both kernels: tensor cores (head_dim 64 / 128) and CUDA cores (all). */
 static void test_decode_matches_cpu(void)
 {
-    for (int simt = 0; simt < 2; simt++) {
-        ekv_cuda_decode_force_simt(simt);
-        g_kernel = simt ? "cuda cores" : "default";
+    /* the default, the tensor-core kernel at each depth of its pipeline (the
+     * default picks by length), and the CUDA-core kernel */
+    static const char *KERNELS[5] = {"default", "2 stages", "3 stages", "4 stages", "cuda cores"};
+    for (int k = 0; k < 5; k++) {
+        ekv_cuda_decode_set_stages(k >= 1 && k <= 3 ? k + 1 : 0);
+        ekv_cuda_decode_force_simt(k == 4);
+        g_kernel = KERNELS[k];
         const int32_t one[] = {1};
         check_decode(1, 1, 1, 64, one, 0, 0, 0); /* a single token */
         const int32_t ragged[] = {0, 1, 17, 100, 31, 16, 250, 5};
@@ -175,6 +178,8 @@ static void test_decode_matches_cpu(void)
         const int32_t lng[] = {4096, 409, 3000, 1, 2048, 700, 4095, 33};
         check_decode(1, 8, 4, 128, lng, 0, 0, 0);      /* Llama-3.1-8B group, 4k */
         check_decode(1, 8, 4, 128, lng, 1, 256, 1);
+        const int32_t longer[] = {20000, 517}; /* the default's deep pipeline */
+        check_decode(1, 2, 4, 128, longer, 1, 0, 0);
         g_qmag = 12.0f; /* peaked softmax: scores of tens, as trained models have */
         check_decode(1, 8, 4, 128, lng, 0, 0, 0);
         check_decode(2, 4, 8, 64, ragged, 1, 0, 0);
@@ -183,6 +188,7 @@ static void test_decode_matches_cpu(void)
         check_decode(1, 2, 4, 128, none, 0, 0, 0);     /* nothing cached at all */
     }
     ekv_cuda_decode_force_simt(false);
+    ekv_cuda_decode_set_stages(0);
 }
 
 static void test_decode_rejects_unsupported(void)
