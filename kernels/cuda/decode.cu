@@ -148,6 +148,33 @@ __device__ void merge_warps(const float *st_m, const float *st_l, const float *s
     }
 }
 
+/* This thread block's split: its head (seq * n_kv + KV head), the head's
+ * length, the split's first token and the group's first query row. false
+ * when the split starts past the head (its partials are marked empty). */
+typedef struct split_at {
+    int split, g, h;
+    int32_t n, t0;
+    size_t prow;
+} split_at;
+
+__device__ __forceinline__ bool split_open(split_at *a, const int32_t *n_tokens, int n_kv,
+                                           int n_qh, int split_tokens, int n_splits,
+                                           float *part_m)
+{
+    const int kvh = blockIdx.y, seq = blockIdx.z;
+    a->split = blockIdx.x;
+    a->g = n_qh / n_kv;
+    a->h = seq * n_kv + kvh;
+    a->n = n_tokens[a->h];
+    a->t0 = a->split * split_tokens;
+    a->prow = (size_t)seq * n_qh + (size_t)kvh * a->g;
+    if (a->t0 < a->n)
+        return true;
+    if (threadIdx.x < a->g)
+        part_m[(a->prow + threadIdx.x) * n_splits + a->split] = -INFINITY;
+    return false;
+}
+
 template <int D>
 __global__ void __launch_bounds__(DEC_WARPS * 32)
     decode_split_kernel(const uint8_t *base, size_t bb, const int32_t *table,
@@ -158,24 +185,20 @@ __global__ void __launch_bounds__(DEC_WARPS * 32)
     constexpr int NC = D / 64;            /* half2 columns per lane */
     constexpr int BLOCK = 64 * D + 64;    /* K, V, positions of one pool block */
     extern __shared__ __align__(16) uint8_t smem[];
-    const int split = blockIdx.x, kvh = blockIdx.y, seq = blockIdx.z;
-    const int g = n_qh / n_kv, qh0 = kvh * g;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int h = seq * n_kv + kvh;
-    const int32_t n = n_tokens[h], t0 = split * split_tokens;
-    const size_t prow = (size_t)seq * n_qh + qh0; /* first query row of the group */
-    if (t0 >= n) {
-        if (threadIdx.x < g)
-            part_m[(prow + threadIdx.x) * n_splits + split] = -INFINITY;
+    split_at at;
+    if (!split_open(&at, n_tokens, n_kv, n_qh, split_tokens, n_splits, part_m))
         return;
-    }
+    const int split = at.split, g = at.g, h = at.h;
+    const int32_t n = at.n, t0 = at.t0;
+    const size_t prow = at.prow; /* first query row of the group */
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     float *qs = (float *)smem;
     uint8_t *wb = smem + (size_t)DEC_G_MAX * D * 4 + (size_t)warp * 2 * BLOCK;
     for (int e = threadIdx.x; e < g * D; e += blockDim.x)
         qs[e] = Q[prow * D + e];
     __syncthreads();
 
-    const int32_t qpos = q_pos[seq], t1 = min(n, t0 + split_tokens);
+    const int32_t qpos = q_pos[blockIdx.z], t1 = min(n, t0 + split_tokens);
     const int b_end = (t1 + DEC_BT - 1) / DEC_BT;
     const int32_t *tab = table + table_off[h];
     const int r = lane & 15, half = lane >> 4;
@@ -409,20 +432,16 @@ __global__ void __launch_bounds__(DEC_WARPS * 32)
     constexpr int MT = D / 16;         /* m-tiles of O^T = V^T P^T */
     constexpr int BLOCK = 64 * D + 64; /* K, V, positions of one pool block */
     extern __shared__ __align__(16) uint8_t smem[];
-    const int split = blockIdx.x, kvh = blockIdx.y, seq = blockIdx.z;
-    const int g = n_qh / n_kv, qh0 = kvh * g;
+    split_at at;
+    if (!split_open(&at, n_tokens, n_kv, n_qh, split_tokens, n_splits, part_m))
+        return;
+    const int split = at.split, g = at.g, h = at.h;
+    const int32_t n = at.n, t0 = at.t0;
+    const size_t prow = at.prow; /* first query row of the group */
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int grp = lane >> 2, tig = lane & 3;
-    const int h = seq * n_kv + kvh;
-    const int32_t n = n_tokens[h], t0 = split * split_tokens;
-    const size_t prow = (size_t)seq * n_qh + qh0; /* first query row of the group */
-    if (t0 >= n) {
-        if (threadIdx.x < g)
-            part_m[(prow + threadIdx.x) * n_splits + split] = -INFINITY;
-        return;
-    }
     uint8_t *wb = smem + (size_t)warp * S * BLOCK;
-    const int32_t qpos = q_pos[seq], t1 = min(n, t0 + split_tokens);
+    const int32_t qpos = q_pos[blockIdx.z], t1 = min(n, t0 + split_tokens);
     const int b_end = (t1 + DEC_BT - 1) / DEC_BT;
     const int32_t *tab = table + table_off[h];
     int b = t0 / DEC_BT + warp;

@@ -118,6 +118,28 @@ static inline int kvt_daemon_start(kvt_daemon *d, const char *bin, const char *n
     return 0;
 }
 
+/* A client of the one daemon on 127.0.0.1:port, defaults otherwise;
+ * local_capacity bytes of host tier in front (0: everything over UCX).
+ * NULL (and why on stderr) when it cannot be made. */
+static inline kvstore_client *kvt_client(int port, const char *token, uint64_t local_capacity)
+{
+    char peer[64];
+    snprintf(peer, sizeof peer, "127.0.0.1:%d", port);
+    const char *peers[] = {peer};
+    kvstore_client_config cfg;
+    kvstore_client_config_default(&cfg);
+    cfg.peers = peers;
+    cfg.n_peers = 1;
+    cfg.local_capacity = local_capacity;
+    cfg.auth_token = (const uint8_t *)token;
+    cfg.auth_token_len = strlen(token);
+    ekv_error err = {0};
+    kvstore_client *c = kvstore_client_create(&cfg, &err);
+    if (!c)
+        fprintf(stderr, "kvtest: client: %s\n", err.msg);
+    return c;
+}
+
 /* Prints the last lines of the daemon's log to stderr (a failed check's
  * context: the log file is removed with the test's scratch directory). */
 static inline void kvt_daemon_log_tail(const kvt_daemon *d, int lines)

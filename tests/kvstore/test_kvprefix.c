@@ -100,7 +100,7 @@ static void test_a_store_too_small_restores_nothing_and_recompute_still_matches(
 
 static void test_restore_from_a_daemon_and_a_dead_daemon_is_a_miss(const char *bin)
 {
-    char dir[] = "/tmp/ekv_kvprefix_XXXXXX", tokfile[200], logf[200], peer[64];
+    char dir[] = "/tmp/ekv_kvprefix_XXXXXX", tokfile[200], logf[200];
     CHECK(mkdtemp(dir) != NULL);
     snprintf(tokfile, sizeof tokfile, "%s/token", dir);
     snprintf(logf, sizeof logf, "%s/daemon.log", dir);
@@ -110,16 +110,7 @@ static void test_restore_from_a_daemon_and_a_dead_daemon_is_a_miss(const char *b
         CHECK(0);
         return;
     }
-    snprintf(peer, sizeof peer, "127.0.0.1:%d", d.port);
-    const char *peers[] = {peer};
-    kvstore_client_config cfg;
-    kvstore_client_config_default(&cfg);
-    cfg.local_capacity = 0; /* everything over UCX */
-    cfg.peers = peers;
-    cfg.n_peers = 1;
-    cfg.auth_token = (const uint8_t *)"kvprefix-test-secret";
-    cfg.auth_token_len = strlen("kvprefix-test-secret");
-    kvstore_client *client = kvstore_client_create(&cfg, NULL);
+    kvstore_client *client = kvt_client(d.port, "kvprefix-test-secret", 0); /* all over UCX */
     CHECK(client != NULL);
     round_trip(client, 288, 0);
     /* the daemon dies: restores are misses within the op timeout */

@@ -556,22 +556,13 @@ static bool lurk(int port, const kvstore_key *key)
 static void test_a_client_that_never_takes_its_reply(void)
 {
     kvt_daemon d;
-    char logp[128], peer[64];
+    char logp[128];
     snprintf(logp, sizeof logp, "%s/lurked.log", g_dir);
     if (kvt_daemon_start(&d, g_bin, NULL, "127.0.0.1", 0, g_token_file, 64, logp) != 0) {
         CHECK(0);
         return;
     }
-    snprintf(peer, sizeof peer, "127.0.0.1:%d", d.port);
-    const char *peers[] = {peer};
-    kvstore_client_config cfg;
-    kvstore_client_config_default(&cfg);
-    cfg.peers = peers;
-    cfg.n_peers = 1;
-    cfg.auth_token = (const uint8_t *)TOKEN;
-    cfg.auth_token_len = strlen(TOKEN);
-    ekv_error err = {0};
-    kvstore_client *c = kvstore_client_create(&cfg, &err);
+    kvstore_client *c = kvt_client(d.port, TOKEN, 0);
     CHECK(c && kvstore_client_peer_up(c, 0));
     if (!c) {
         kvt_daemon_stop(&d);
