@@ -6,16 +6,19 @@
  * Grid (split, KV head, sequence). A thread block of 4 warps takes one split
  * of its head's tokens (a multiple of 16, so splits hold whole pool blocks);
  * each warp streams whole 16-token pool blocks (K, V and positions are one
- * contiguous 64 * d + 64 byte run) into shared memory with cp.async, double
- * buffered, and scores them for all the GQA group's query heads at once:
- * every K/V byte is read from HBM once per step for the whole group. Lane
- * (r, half) dots token r over the even / odd dimensions; an online softmax
- * (running max m, sum l, unnormalised output) folds each block in. The four
- * warps' states merge in shared memory into one partial (m, l, o) per query
- * and split; a second kernel merges the splits. A head's length is its own
+ * contiguous 64 * d + 64 byte run) into its ring of shared-memory stages
+ * with cp.async and scores them for all the GQA group's query heads at
+ * once: every K/V byte is read from HBM once per step for the whole group.
+ * Two kernels score a block: decode_mma_kernel on tensor cores (head_dim 64
+ * / 128, the default; see its comment) and decode_split_kernel on CUDA
+ * cores (every head_dim; lane (r, half) dots token r over the even / odd
+ * dimensions). Both fold blocks in with an online softmax (running max m,
+ * sum l, unnormalised output); the four warps' states merge in shared
+ * memory into one partial (m, l, o) per query and split, and
+ * decode_reduce_kernel merges the splits. A head's length is its own
  * (ragged budgets): splits past it exit at once. Masking compares stored
  * positions with the query's, as kern_attention does; a query that sees
- * nothing gets zeros.
+ * nothing gets zeros. docs/cuda.md has the measurements behind the tuning.
  */
 #include "cuda_internal.cuh"
 
