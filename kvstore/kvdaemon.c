@@ -89,15 +89,15 @@ struct kvstore_daemon {
  * complete what a forced close cut off (an endpoint to a client on this
  * host has no peer error handling, so a reply whose client left before
  * acknowledging it stays in flight), so every transfer is on the daemon's
- * list: when its connection goes, it lets go of its entry and connection
- * at once (orphaned; a value that UCX still touched would fail its
- * checksum), and it is freed by its callback if that ever comes, else when
- * the daemon is destroyed. */
+ * list. When its connection goes it only lets go of the connection: its
+ * entry stays pinned (or reserved) while UCX may still touch the memory,
+ * and is released by the callback if that ever comes, else when the
+ * daemon is destroyed, after the worker. */
 typedef struct kvd_xfer {
     struct kvd_xfer *prev, *next;
     kvstore_daemon *d;
-    kvd_conn *c;      /* NULL once orphaned */
-    kvstore_entry *e; /* NULL once orphaned */
+    kvd_conn *c;      /* NULL once its connection is gone */
+    kvstore_entry *e; /* pinned (GET) or reserved (PUT) until the transfer ends */
     bool put;         /* a PUT's receive (holds a conn ref), else a GET's send */
     uint64_t request_id;
     kvstore_key key;
@@ -162,17 +162,22 @@ static void xfer_free(kvd_xfer *x)
     free(x);
 }
 
-/* Lets go of the entry and connection of every transfer of c (dying). */
-static void xfer_orphan_all(kvstore_daemon *d, kvd_conn *c)
+/* Ends a transfer: its entry released (GET) or aborted (PUT), then freed. */
+static void xfer_end(kvd_xfer *x)
+{
+    if (x->put)
+        kvstore_local_abort(x->d->store, x->e);
+    else
+        kvstore_local_release(x->d->store, x->e);
+    xfer_free(x);
+}
+
+/* Every transfer of c (dying) lets go of it. */
+static void xfer_detach_all(kvstore_daemon *d, kvd_conn *c)
 {
     for (kvd_xfer *x = d->xfers; x; x = x->next) {
         if (x->c != c)
             continue;
-        if (x->put)
-            kvstore_local_abort(d->store, x->e);
-        else
-            kvstore_local_release(d->store, x->e);
-        x->e = NULL;
         x->c = NULL;
         if (x->put)
             conn_unref(c); /* never the last ref: the connection holds its own */
@@ -314,7 +319,7 @@ static void sweep_conns(kvstore_daemon *d, double now)
         }
         kvx_close(&d->x, c->ep);
         c->ep = NULL;
-        xfer_orphan_all(d, c);
+        xfer_detach_all(d, c);
         for (int j = 0; j < c->n_pins; j++) {
             if (c->pins[j].reserved)
                 kvstore_local_abort(d->store, c->pins[j].e);
@@ -376,19 +381,21 @@ static void put_finish(kvd_conn *c, kvstore_entry *e, const kvwire_hdr *req, boo
 static void put_done(kvd_xfer *x, bool ok)
 {
     kvd_conn *c = x->c;
-    if (c) { /* not orphaned */
-        kvwire_hdr h = {.request_id = x->request_id};
-        memcpy(h.key, x->key.b, KVWIRE_KEY_BYTES);
-        put_finish(c, x->e, &h, ok && x->e);
-        conn_unref(c);
+    if (!c) { /* its client is gone: nobody to answer, nothing committed */
+        xfer_end(x);
+        return;
     }
+    kvwire_hdr h = {.request_id = x->request_id};
+    memcpy(h.key, x->key.b, KVWIRE_KEY_BYTES);
+    put_finish(c, x->e, &h, ok);
+    conn_unref(c);
     xfer_free(x);
 }
 
 static void on_put_data(void *req, ucs_status_t status, size_t length, void *user)
 {
     kvd_xfer *x = user;
-    put_done(x, status == UCS_OK && x->e && length == kvstore_entry_len(x->e));
+    put_done(x, status == UCS_OK && length == kvstore_entry_len(x->e));
     ucp_request_free(req);
 }
 
@@ -425,10 +432,7 @@ static void handle_put(kvd_conn *c, const kvwire_hdr *h, void *data, size_t len,
 
 static void on_get_sent(void *req, ucs_status_t status, void *user)
 {
-    kvd_xfer *x = user;
-    if (x->e)
-        kvstore_local_release(x->d->store, x->e);
-    xfer_free(x);
+    xfer_end(user);
     ucp_request_free(req);
 }
 
@@ -578,8 +582,7 @@ static void handle_get(kvd_conn *c, const kvwire_hdr *h)
     atomic_fetch_add_explicit(&d->m.tier[KVSTORE_TIER_LOCAL].bytes_out, len, memory_order_relaxed);
     ucs_status_ptr_t st = kvx_send(c->ep, s->hdr, kvstore_entry_data(e), len, on_get_sent, s);
     if (st == NULL || UCS_PTR_IS_ERR(st)) {
-        kvstore_local_release(d->store, e);
-        xfer_free(s);
+        xfer_end(s);
         if (UCS_PTR_IS_ERR(st))
             conn_kill(c);
     }
@@ -788,8 +791,8 @@ void kvstore_daemon_destroy(kvstore_daemon *d)
         ucp_listener_destroy(d->listener);
     if (d->x.worker)
         kvx_worker_fini(&d->x); /* completes what the closes cancelled */
-    while (d->xfers) /* all orphaned by now: UCX never completed them */
-        xfer_free(d->xfers);
+    while (d->xfers) /* UCX never completed them, and can touch nothing now */
+        xfer_end(d->xfers);
     kvstore_local_destroy(d->store);
     free(d->conns);
     if (d->token)

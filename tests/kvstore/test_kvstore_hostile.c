@@ -550,9 +550,9 @@ static bool lurk(int port, const kvstore_key *key)
 
 /* The daemon's reply to a client that never takes it stays in flight in
  * UCX (a client on this host has no peer error handling, and a forced
- * close need not complete what it cut off): the daemon must let go of the
- * value when the connection goes, keep serving, and still free everything
- * when it stops (under ASan, a leak makes it exit non-zero). */
+ * close need not complete what it cut off): the daemon must keep serving
+ * the value to others and still free everything when it stops (under
+ * ASan, a leak makes it exit non-zero). */
 static void test_a_client_that_never_takes_its_reply(void)
 {
     kvt_daemon d;
