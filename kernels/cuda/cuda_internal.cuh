@@ -22,6 +22,10 @@ struct ekv_cuda {
     cublasHandle_t blas;
     cusolverDnHandle_t solver;
     cudaEvent_t t0, t1;
+    /* decode.cu: resident thread blocks per SM of each decode kernel, by
+     * head_dim (64, 128, 256) and kernel (0 CUDA cores, 2..4 tensor-core
+     * stages); 0 until its attributes are set on first use */
+    int decode_per_sm[3][5];
 };
 
 struct ekv_cuda_kv_pool {

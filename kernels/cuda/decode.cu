@@ -657,17 +657,27 @@ static ekv_status launch_split(ekv_cuda *ctx, const ekv_cuda_kv_pool *pool,
             kernel = mma_stages == 2   ? decode_mma_kernel<D, 2>
                      : mma_stages == 3 ? decode_mma_kernel<D, 3>
                                        : decode_mma_kernel<D, 4>;
-    EKV_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      (int)smem),
-                 "decode: shared memory attribute");
-    /* all of L1 as shared memory: thread blocks per SM are bounded by it */
-    EKV_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                      cudaSharedmemCarveoutMaxShared),
-                 "decode: shared memory carveout");
-    int per_sm = 0;
-    EKV_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, DEC_WARPS * 32,
-                                                               smem),
-                 "decode: occupancy");
+    /* once per context and kernel: its attributes, then how many of its
+     * thread blocks an SM holds (a decode step calls this once per layer) */
+    int *cached = &ctx->decode_per_sm[D == 64 ? 0 : D == 128 ? 1 : 2][mma ? mma_stages : 0];
+    int per_sm = __atomic_load_n(cached, __ATOMIC_RELAXED);
+    if (per_sm == 0) {
+        EKV_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          (int)smem),
+                     "decode: shared memory attribute");
+        /* all of L1 as shared memory: thread blocks per SM are bounded by it */
+        EKV_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                          cudaSharedmemCarveoutMaxShared),
+                     "decode: shared memory carveout");
+        EKV_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel,
+                                                                   DEC_WARPS * 32, smem),
+                     "decode: occupancy");
+        if (per_sm <= 0)
+            return ekv_error_set(err, EKV_EUNSUPPORTED,
+                                 "cuda decode: the kernel fits no SM (%zu bytes of shared memory)",
+                                 smem);
+        __atomic_store_n(cached, per_sm, __ATOMIC_RELAXED);
+    }
     __atomic_store_n(&last_blocks_per_sm, per_sm, __ATOMIC_RELAXED);
     choose_split(n_seq * n_kv, max_tokens, per_sm * ctx->sm_count, st, ns);
     const size_t rows = (size_t)n_seq * n_qh * *ns;
