@@ -301,7 +301,17 @@ static void kvstore_log(void *arg, const char *line)
     coord_log("kvstore: %s", line);
 }
 
-/* Copies the tier's totals into the metrics /metrics renders. */
+/* *a = v unless *a already holds more: the engine thread and the store's
+ * worker both publish, and a counter must never go back. */
+static void store_max(atomic_uint_fast64_t *a, uint64_t v)
+{
+    uint_fast64_t cur = atomic_load(a);
+    while (cur < v && !atomic_compare_exchange_weak(a, &cur, v))
+        ;
+}
+
+/* Copies the tier's totals into the metrics /metrics renders (after each
+ * restore, each save and each save's completion). */
 static void kvstore_publish(server *s)
 {
     metrics_kvstore *mk = __atomic_load_n(&s->kv_metrics, __ATOMIC_ACQUIRE);
@@ -310,15 +320,15 @@ static void kvstore_publish(server *s)
     kvprefix_stats ps;
     kvprefix_stats_get(s->prefix, &ps);
     const kvstore_metrics *km = kvstore_client_metrics(s->kvstore);
-    atomic_store(&mk->hits, ps.restored_blocks);
-    atomic_store(&mk->misses, ps.restore_misses);
+    store_max(&mk->hits, ps.restored_blocks);
+    store_max(&mk->misses, ps.restore_misses);
     for (int t = 0; t < 2; t++) {
         const kvstore_tier_metrics *tm = &km->tier[t ? KVSTORE_TIER_REMOTE : KVSTORE_TIER_LOCAL];
-        atomic_store(&mk->bytes_in[t], atomic_load(&tm->bytes_in));
-        atomic_store(&mk->bytes_out[t], atomic_load(&tm->bytes_out));
+        store_max(&mk->bytes_in[t], atomic_load(&tm->bytes_in));
+        store_max(&mk->bytes_out[t], atomic_load(&tm->bytes_out));
     }
-    atomic_store(&mk->restore_ns_sum, atomic_load(&km->restore_ns_sum));
-    atomic_store(&mk->restore_count, atomic_load(&km->restore_count));
+    store_max(&mk->restore_ns_sum, atomic_load(&km->restore_ns_sum));
+    store_max(&mk->restore_count, atomic_load(&km->restore_count));
 }
 
 static void *prefix_restore_start(void *ctx, const int32_t *tokens, int32_t n,
@@ -339,6 +349,11 @@ static int32_t prefix_restore_finish(void *ctx, void *job, kv_seq *seq)
     const int32_t got = kvprefix_restore_finish(job, seq);
     kvstore_publish(s);
     return got;
+}
+
+static void prefix_saved(void *ctx)
+{
+    kvstore_publish(ctx);
 }
 
 static void prefix_save(void *ctx, const kv_seq *seq, const int32_t *tokens, int32_t n,
@@ -378,6 +393,7 @@ static ekv_status start_kvstore(const serve_opts *o, server *s, ekv_error *err)
         rc = err->code ? err->code : EKV_ENOMEM;
         goto out;
     }
+    kvprefix_on_saved(s->prefix, prefix_saved, s);
     s->prefix_cache = (engine_prefix_cache){prefix_restore_start, prefix_restore_ready,
                                             prefix_restore_finish, prefix_save, s};
     coord_log("kvstore: host tier %d MiB, %d daemon(s)", o->kvstore_mb, kc.n_peers);
@@ -462,8 +478,8 @@ static void stop(server *s)
     }
     coord_free(s->coord);
     kvc_profile_free(s->profile);
+    kvstore_client_destroy(s->kvstore); /* first: its last saves' callbacks use the prefix */
     kvprefix_destroy(s->prefix);
-    kvstore_client_destroy(s->kvstore);
     metrics_free(s->metrics);
     model_free(s->model);
 }

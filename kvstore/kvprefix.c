@@ -18,10 +18,13 @@ struct kvprefix {
     size_t block_bytes, value_bytes; /* one head's block; one block-row of every head */
     _Atomic uint64_t saved, skipped, restored, misses, restored_tokens, recalled_tokens;
     int32_t head_dim;
+    void (*on_saved)(void *); /* kvprefix_on_saved */
+    void *on_saved_arg;
 };
 
 /* What a save hands the store: the ops and the values they point into. */
 typedef struct save_job {
+    kvprefix *p;
     kvstore_op *ops;
     uint8_t *values;
 } save_job;
@@ -77,6 +80,12 @@ void kvprefix_destroy(kvprefix *p)
     free(p);
 }
 
+void kvprefix_on_saved(kvprefix *p, void (*fn)(void *), void *arg)
+{
+    p->on_saved = fn;
+    p->on_saved_arg = arg;
+}
+
 /* keys[i] for block i of tokens (whole blocks only). */
 static void make_keys(const kvprefix *p, const int32_t *tokens, int32_t n_blocks,
                       kvstore_key *keys)
@@ -93,6 +102,8 @@ static void make_keys(const kvprefix *p, const int32_t *tokens, int32_t n_blocks
 static void save_done(kvstore_batch *b, kvstore_op *ops, size_t n, void *arg)
 {
     save_job *job = arg;
+    if (job->p->on_saved)
+        job->p->on_saved(job->p->on_saved_arg);
     free(job->values);
     free(job->ops);
     free(job);
@@ -110,6 +121,7 @@ void kvprefix_save(kvprefix *p, const kv_seq *seq, const int32_t *tokens, int32_
     save_job *job = calloc(1, sizeof *job);
     kvstore_key *keys = malloc((size_t)n_blocks * sizeof *keys);
     if (job) {
+        job->p = p;
         job->ops = calloc((size_t)n_save, sizeof *job->ops);
         job->values = malloc((size_t)n_save * p->value_bytes);
     }

@@ -50,6 +50,11 @@ kvprefix *kvprefix_create(const ekv_model *m, kvstore_client *client, int32_t tp
                           int32_t tp_size, ekv_error *err);
 void kvprefix_destroy(kvprefix *p);
 
+/* fn(arg) runs on the store's worker thread each time a save's puts have
+ * all finished (stored or not), e.g. to publish the tier's counters. Set it
+ * before the first save; the client must be destroyed before p is. */
+void kvprefix_on_saved(kvprefix *p, void (*fn)(void *), void *arg);
+
 /* Stores the whole blocks of seq's first n tokens from block first_block on
  * (blocks before it are already stored, e.g. restored ones). seq must hold
  * tokens[0, n) uncompressed in every head. */

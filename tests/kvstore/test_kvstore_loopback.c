@@ -6,7 +6,10 @@
  * UCX messages are dropped and logged while a good client keeps working),
  * faults (a stopped daemon times out as a miss, a killed one mid-get is a
  * miss, never a hang; a stalled daemon keeps none of the client's slots),
- * a corrupted value is a miss, and SIGTERM exits 0.
+ * a corrupted value is a miss, and SIGTERM exits 0. Every get lands in a
+ * buffer of its own, prefilled with the complement of the value expected,
+ * and is compared byte for byte: a short copy, a stale or another key's
+ * value cannot pass.
  *
  * Usage: test_kvstore_loopback ENTROKV_BINARY
  */
@@ -69,10 +72,31 @@ static int start(kvt_daemon *d, const char *name)
     return kvt_daemon_start(d, g_bin, NULL, "127.0.0.1", 0, g_token_file, 256, log);
 }
 
+/* out = the complement of want: a byte a get does not write stays wrong. */
+static void poison(uint8_t *out, const uint8_t *want, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        out[i] = (uint8_t)~want[i];
+}
+
+/* A get of key into its own buffer: the result, and (when OK) the length
+ * and every byte against want[0, want_len). */
+static void get_exactly(kvstore_client *c, const kvstore_key *k, const uint8_t *want,
+                        size_t want_len, size_t cap)
+{
+    uint8_t *out = malloc(cap);
+    size_t len = 0;
+    poison(out, want, want_len);
+    CHECK_EQ_INT(kvstore_client_get(c, k, out, cap, &len), KVSTORE_OK);
+    CHECK_EQ_INT(len, want_len);
+    CHECK(!memcmp(out, want, want_len));
+    free(out);
+}
+
 /* Puts n values of the given size under keys base.. and gets them back. */
 static void round_trip(kvstore_client *c, int base, int n, size_t size)
 {
-    uint8_t *v = malloc(size), *out = malloc(size);
+    uint8_t *v = malloc(size);
     for (int i = 0; i < n; i++) {
         kvstore_key k = kvt_key(base + i);
         kvt_fill(v, size, base + i);
@@ -80,15 +104,10 @@ static void round_trip(kvstore_client *c, int base, int n, size_t size)
     }
     for (int i = 0; i < n; i++) {
         kvstore_key k = kvt_key(base + i);
-        size_t len = 0;
-        memset(out, 0, size);
         kvt_fill(v, size, base + i);
-        CHECK_EQ_INT(kvstore_client_get(c, &k, out, size, &len), KVSTORE_OK);
-        CHECK_EQ_INT(len, size);
-        CHECK(!memcmp(out, v, size));
+        get_exactly(c, &k, v, size, size);
     }
     free(v);
-    free(out);
 }
 
 static void test_blocks_round_trip_through_a_daemon(void)
@@ -142,6 +161,54 @@ static void test_blocks_round_trip_through_a_daemon(void)
     CHECK_EQ_INT(kvt_daemon_stop(&d), 0); /* SIGTERM: clean exit */
 }
 
+/* A key put again reads back its newest value, also a shorter one, by
+ * direct gets and by UCX, eager and rendezvous sizes; a deleted key misses. */
+static void test_replaced_values_read_back_new_never_stale(void)
+{
+    kvt_daemon d;
+    if (start(&d, "replace") != 0) {
+        CHECK(0);
+        return;
+    }
+    for (int direct = 1; direct >= 0; direct--) {
+        kvstore_client *c = client_with(d.port, TOKEN, 2000, 0, !direct);
+        CHECK(c && kvstore_client_peer_up(c, 0));
+        const size_t sizes[] = {KVT_BLOCK_BYTES, 1 << 20};
+        for (int i = 0; i < 2 && c; i++) {
+            const size_t n = sizes[i], shorter = n / 2 + 1;
+            uint8_t *a = malloc(n), *b = malloc(n), *small = malloc(n);
+            kvt_fill(a, n, 10 + i);
+            kvt_fill(b, n, 20 + i);
+            kvt_fill(small, shorter, 30 + i);
+            kvstore_key k = kvt_key(7000 + 10 * direct + i);
+            CHECK_EQ_INT(kvstore_client_put(c, &k, a, n), KVSTORE_OK);
+            get_exactly(c, &k, a, n, n);
+            CHECK_EQ_INT(kvstore_client_put(c, &k, b, n), KVSTORE_OK);
+            get_exactly(c, &k, b, n, n);
+            CHECK_EQ_INT(kvstore_client_put(c, &k, small, shorter), KVSTORE_OK);
+            get_exactly(c, &k, small, shorter, n);
+            size_t len = 0;
+            CHECK_EQ_INT(kvstore_client_get(c, &k, a, shorter - 1, &len), KVSTORE_TOOSMALL);
+            CHECK_EQ_INT(len, shorter);
+            kvstore_op del = {.kind = KVSTORE_DEL, .key = k};
+            kvstore_batch *bt;
+            CHECK_EQ_INT(kvstore_client_submit(c, &del, 1, NULL, NULL, &bt, NULL), EKV_OK);
+            CHECK_EQ_INT(kvstore_batch_wait(bt, 5000), EKV_OK);
+            kvstore_batch_release(bt);
+            CHECK_EQ_INT(del.result, KVSTORE_OK);
+            CHECK_EQ_INT(kvstore_client_get(c, &k, a, n, &len), KVSTORE_MISS);
+            free(a);
+            free(b);
+            free(small);
+        }
+        if (c) {
+            CHECK_EQ_INT(kvstore_client_metrics(c)->direct_gets, direct ? 6 : 0);
+            kvstore_client_destroy(c);
+        }
+    }
+    CHECK_EQ_INT(kvt_daemon_stop(&d), 0);
+}
+
 static _Atomic int g_callbacks;
 
 static void on_done(kvstore_batch *b, kvstore_op *ops, size_t n, void *arg)
@@ -180,6 +247,7 @@ static void test_async_batches_complete_by_callback_and_local_tier_fronts(void)
     CHECK_EQ_INT(atomic_load(&g_callbacks), NB);
     static uint8_t out[NB * PER][KVT_BLOCK_BYTES];
     kvstore_op gets[NB * PER];
+    poison(&out[0][0], &vals[0][0], sizeof out);
     for (int i = 0; i < NB * PER && c; i++)
         gets[i] = (kvstore_op){.kind = KVSTORE_GET, .key = kvt_key(1000 + i), .buf = out[i],
                                .len = KVT_BLOCK_BYTES};
@@ -192,6 +260,7 @@ static void test_async_batches_complete_by_callback_and_local_tier_fronts(void)
         int local = 0, remote = 0;
         for (int i = 0; i < NB * PER; i++) {
             CHECK_EQ_INT(gets[i].result, KVSTORE_OK);
+            CHECK_EQ_INT(gets[i].value_len, KVT_BLOCK_BYTES);
             CHECK(!memcmp(out[i], vals[i], KVT_BLOCK_BYTES));
             local += gets[i].tier == KVSTORE_TIER_LOCAL;
             remote += gets[i].tier == KVSTORE_TIER_REMOTE;
@@ -380,7 +449,8 @@ static void test_stopped_daemon_is_a_miss_within_the_timeout(void)
         while (!kvstore_client_peer_up(c, 0) && kvt_now() < end)
             kvt_sleep_ms(20);
         CHECK(kvstore_client_peer_up(c, 0));
-        CHECK_EQ_INT(kvstore_client_get(c, &k, out, 1 << 20, &len), KVSTORE_OK);
+        kvt_fill(out, 1 << 20, 3000); /* what round_trip put under key 3000 */
+        get_exactly(c, &k, out, 1 << 20, 1 << 20);
         free(out);
         kvstore_client_destroy(c);
     }
@@ -396,7 +466,7 @@ static void test_daemon_killed_during_gets_is_a_miss_not_a_hang(void)
     }
     kvstore_client *c = client_for(d.port, TOKEN, 2000, 0);
     enum { N = 24, SZ = 4 << 20 };
-    uint8_t *vals = malloc((size_t)N * SZ);
+    uint8_t *vals = malloc((size_t)N * SZ), *outs = malloc((size_t)N * SZ);
     kvstore_op ops[N];
     for (int i = 0; i < N && c; i++) {
         kvt_fill(vals + (size_t)i * SZ, 4096, i); /* the tail stays zero: fast to fill */
@@ -405,9 +475,10 @@ static void test_daemon_killed_during_gets_is_a_miss_not_a_hang(void)
         CHECK_EQ_INT(kvstore_client_put(c, &k, vals + (size_t)i * SZ, SZ), KVSTORE_OK);
     }
     for (int round = 0; round < 3 && c; round++) {
+        poison(outs, vals, (size_t)N * SZ);
         for (int i = 0; i < N; i++)
             ops[i] = (kvstore_op){.kind = KVSTORE_GET, .key = kvt_key(4000 + i),
-                                  .buf = vals + (size_t)i * SZ, .len = SZ};
+                                  .buf = outs + (size_t)i * SZ, .len = SZ};
         kvstore_batch *b;
         CHECK_EQ_INT(kvstore_client_submit(c, ops, N, NULL, NULL, &b, NULL), EKV_OK);
         if (round == 1)
@@ -420,6 +491,10 @@ static void test_daemon_killed_during_gets_is_a_miss_not_a_hang(void)
         for (int i = 0; i < N; i++) {
             ok += ops[i].result == KVSTORE_OK;
             miss += ops[i].result == KVSTORE_MISS;
+            if (ops[i].result == KVSTORE_OK) { /* a hit is the whole value, even mid-kill */
+                CHECK_EQ_INT(ops[i].value_len, SZ);
+                CHECK(!memcmp(outs + (size_t)i * SZ, vals + (size_t)i * SZ, SZ));
+            }
         }
         CHECK_EQ_INT(ok + miss, N);
         if (round == 0)
@@ -432,6 +507,7 @@ static void test_daemon_killed_during_gets_is_a_miss_not_a_hang(void)
     d.pid = 0;
     kvstore_client_destroy(c);
     free(vals);
+    free(outs);
 }
 
 /* Large puts are hashed a step at a time before they are sent; ops that
@@ -644,6 +720,7 @@ int main(int argc, char **argv)
     if (rc)
         return rc;
     RUN_TEST(test_blocks_round_trip_through_a_daemon);
+    RUN_TEST(test_replaced_values_read_back_new_never_stale);
     RUN_TEST(test_async_batches_complete_by_callback_and_local_tier_fronts);
     RUN_TEST(test_bad_peers_are_refused_while_good_clients_work);
     RUN_TEST(test_stopped_daemon_is_a_miss_within_the_timeout);

@@ -3,7 +3,10 @@ request whose prompt prefix was served before restores that prefix's KV
 (from the host tier by default, or from an `entrokv kvstore` daemon over
 UCX) instead of recomputing it, and produces exactly the tokens of the
 first, fully computed run, with and without compression; a daemon killed
-with -9 turns restores into misses and requests keep succeeding.
+with -9 turns restores into misses and requests keep succeeding. Each test
+starts from a prompt no other test sends, so its first run is cold whatever
+ran before (a miss, nothing restored), and its second waits until the
+tier's stored-bytes counter shows the first run's save finished.
 """
 import os
 import re
@@ -28,16 +31,40 @@ def tier_metric(server, name, tier):
     return float(m.group(1))
 
 
-def twice(server, pb, **kw):
-    """The same long-prefix request twice; returns both token lists and the
-    restored block-rows the second one added."""
+def fresh_prompt(tag, tail=QUESTION):
+    """DOC behind a first line no other test uses: block keys chain every
+    token from the first one on, so nothing an earlier test saved (in any
+    order) can match even one block of it."""
+    return f"[{tag}]\n" + DOC + tail
+
+
+def wait_saved(server, tier, before):
+    """Waits (bounded) until the tier has stored more bytes than before:
+    saves run in the store's background, and /metrics is republished when
+    one finishes."""
+    wait_for(lambda: tier_metric(server, "entrokv_kvstore_bytes_in_total", tier) > before,
+             timeout=30, what=f"the prompt's KV stored in the {tier} tier")
+
+
+def counts(server):
+    return (server.metric("entrokv_kvstore_hits_total"),
+            server.metric("entrokv_kvstore_misses_total"))
+
+
+def cold_then_warm(server, pb, req, tier):
+    """Runs req on a prompt nothing stored yet, then again once its save
+    is in; asserts the first was a miss with no block restored. Returns
+    both runs (run_stream tuples) and the block-rows the second restored."""
     stub = generation(server, pb)
-    req = gen_request(pb, DOC + QUESTION, max_tokens=12, ignore_eos=True, **kw)
-    first = run_stream(stub, req, timeout=300)[1]
-    hits = server.metric("entrokv_kvstore_hits_total")
-    time.sleep(0.5)  # saves are asynchronous
-    second = run_stream(stub, req, timeout=300)[1]
-    return first, second, server.metric("entrokv_kvstore_hits_total") - hits
+    stored = tier_metric(server, "entrokv_kvstore_bytes_in_total", tier)
+    hits, misses = counts(server)
+    cold = run_stream(stub, req, timeout=300)
+    hits_cold, misses_cold = counts(server)
+    assert hits_cold == hits, "the cold run restored blocks nobody saved"
+    assert misses_cold >= misses + 1, "the cold run never asked the store"
+    wait_saved(server, tier, stored)
+    warm = run_stream(stub, req, timeout=300)
+    return cold, warm, server.metric("entrokv_kvstore_hits_total") - hits_cold
 
 
 @pytest.fixture(scope="module")
@@ -48,23 +75,22 @@ def store_server():
 
 
 def test_repeated_prefix_is_restored_from_the_host_tier_and_tokens_match(store_server, pb):
-    first, second, restored = twice(store_server, pb)
-    assert len(first) == 12 and first == second
+    req = gen_request(pb, fresh_prompt("host tier"), max_tokens=12, ignore_eos=True)
+    cold, warm, restored = cold_then_warm(store_server, pb, req, "host")
+    assert len(cold[1]) == 12 and cold[1] == warm[1]
     assert restored >= 25  # ~540 prompt tokens: 33 whole blocks, minus the tail computed
     assert tier_metric(store_server, "entrokv_kvstore_bytes_out_total", "host") > 0
     wait_for(lambda: store_server.metric("entrokv_kv_blocks_used") == 0, what="KV freed")
 
 
 def test_restored_prefix_is_compressed_again_with_the_same_result(store_server, pb):
-    stub = generation(store_server, pb)
-    cold = run_stream(stub, gen_request(pb, DOC + "\n\nSummarize the text above.",
-                                        max_tokens=12, ignore_eos=True, kv_method="snapkv",
-                                        kv_budget=0.25), timeout=300)
-    warm = run_stream(stub, gen_request(pb, DOC + "\n\nSummarize the text above.",
-                                        max_tokens=12, ignore_eos=True, kv_method="snapkv",
-                                        kv_budget=0.25), timeout=300)
+    req = gen_request(pb, fresh_prompt("compressed", "\n\nSummarize the text above."),
+                      max_tokens=12, ignore_eos=True, kv_method="snapkv", kv_budget=0.25)
+    cold, warm, restored = cold_then_warm(store_server, pb, req, "host")
+    assert restored >= 25
     assert cold[1] == warm[1]
-    assert warm[2].usage.kv_bytes < warm[2].usage.kv_bytes_full / 2
+    for run in (cold, warm):
+        assert run[2].usage.kv_bytes < run[2].usage.kv_bytes_full / 2
 
 
 @pytest.fixture(scope="module")
@@ -90,13 +116,14 @@ def test_daemon_tier_restores_and_a_dead_daemon_is_a_miss(daemon, pb):
     s = Server("--ctx", "1024", "--kv-tokens", "4096", "--kvstore-mb", "0",
                "--kvstore-peers", addr, "--kvstore-token-file", token)
     try:
-        first, second, restored = twice(s, pb)
-        assert first == second and restored >= 25
+        req = gen_request(pb, fresh_prompt("daemon tier"), max_tokens=12, ignore_eos=True)
+        cold, warm, restored = cold_then_warm(s, pb, req, "daemon")
+        first = cold[1]
+        assert first == warm[1] and restored >= 25
         assert tier_metric(s, "entrokv_kvstore_bytes_out_total", "daemon") > 0
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         stub = generation(s, pb)
-        req = gen_request(pb, DOC + QUESTION, max_tokens=12, ignore_eos=True)
         misses = s.metric("entrokv_kvstore_misses_total")
         t0 = time.time()
         third = run_stream(stub, req, timeout=300)[1]
