@@ -302,12 +302,62 @@ def test_openai_chat_stream_equals_whole(server):
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
 
-def test_openai_extra_fields_are_accepted(server):
-    r = oai(server).completions.create(
-        model="entrokv", prompt="Hello there", max_tokens=6, temperature=0, stop=["\n\n"],
-        extra_body={"kv_method": "full", "kv_budget": 1.0, "top_k": 5, "min_p": 0.0,
-                    "repeat_penalty": 1.1, "ignore_eos": True, "seed": 7})
-    assert r.usage.completion_tokens <= 6
+def completion(server, prompt="Hello there", max_tokens=6, temperature=0.0, **extra):
+    """One /v1/completions call: (text, finish_reason, usage); entrokv's
+    extras and any other fields go in the body beside OpenAI's."""
+    known = {k: extra.pop(k) for k in ("stop", "seed") if k in extra}
+    r = oai(server).completions.create(model="entrokv", prompt=prompt, max_tokens=max_tokens,
+                                       temperature=temperature, extra_body=extra, **known)
+    return r.choices[0].text, r.choices[0].finish_reason, r.usage
+
+
+def test_openai_extra_fields_take_effect(server):
+    """entrokv's extras in an OpenAI body (docs/serving.md: top_k, min_p,
+    repeat_penalty or repetition_penalty, kv_method, kv_budget, ignore_eos,
+    plus OpenAI's seed) each change the result as the gRPC field does."""
+    greedy = completion(server)[0]
+    sampled = {seed: completion(server, temperature=1.5, seed=seed)[0] for seed in (1, 2, 3)}
+    assert len(set(sampled.values()) | {greedy}) > 2, "temperature 1.5 should not be greedy"
+    assert completion(server, temperature=1.5, seed=1)[0] == sampled[1]  # seed pins the draw
+    for seed in sampled:  # only the most likely token survives: greedy at any temperature
+        assert completion(server, temperature=1.5, seed=seed, top_k=1)[0] == greedy
+        assert completion(server, temperature=1.5, seed=seed, min_p=1.0)[0] == greedy
+    loop = "1, 2, 1, 2, 1, 2, 1, 2, 1, 2,"
+    repeated = completion(server, loop, max_tokens=12)[0]
+    penalized = completion(server, loop, max_tokens=12, repeat_penalty=1.5)[0]
+    assert penalized != repeated
+    assert completion(server, loop, max_tokens=12, repetition_penalty=1.5)[0] == penalized
+    doc = open("/usr/share/common-licenses/MPL-2.0").read()[:1200]
+    full = completion(server, doc, max_tokens=4, kv_method="full")[2]
+    snap = completion(server, doc, max_tokens=4, kv_method="snapkv", kv_budget=0.25)[2]
+    assert full.kv_bytes == full.kv_bytes_full and snap.kv_bytes_full == full.kv_bytes_full
+    assert snap.kv_bytes < full.kv_bytes_full / 2
+    c = oai(server)
+    msgs = [{"role": "user", "content": "Reply with only the word yes."}]
+    ends = c.chat.completions.create(model="entrokv", messages=msgs, max_tokens=32, temperature=0)
+    runs = c.chat.completions.create(model="entrokv", messages=msgs, max_tokens=32, temperature=0,
+                                     extra_body={"ignore_eos": True})
+    assert ends.choices[0].finish_reason == "stop" and ends.usage.completion_tokens < 32
+    assert runs.choices[0].finish_reason == "length" and runs.usage.completion_tokens == 32
+    assert runs.choices[0].message.content.startswith(ends.choices[0].message.content)
+
+
+# OpenAI fields entrokv does not implement, at values that would not change
+# OpenAI's own answer either (docs/serving.md: accepted and ignored).
+IGNORED_FIELDS = {"user": "someone", "presence_penalty": 0.0, "frequency_penalty": 0.0,
+                  "logit_bias": {}, "logprobs": None, "metadata": {"a": [1, {"b": None}]},
+                  "x_not_an_openai_field": [True, 1.5, "s"]}
+
+
+def test_openai_unknown_fields_are_ignored_and_known_ones_still_apply(server):
+    plain = completion(server, max_tokens=5, ignore_eos=True)
+    extra = completion(server, max_tokens=5, ignore_eos=True, **IGNORED_FIELDS)
+    assert extra[0] == plain[0] and extra[1] == plain[1] == "length"
+    assert extra[2].completion_tokens == plain[2].completion_tokens == 5  # max_tokens still limits
+    stopped = completion(server, max_tokens=5, stop=[","], **IGNORED_FIELDS)
+    assert plain[0].startswith(",") and stopped[0] == "" and stopped[1] == "stop"
+    assert completion(server, max_tokens=5, temperature=1.5, seed=1, top_k=1,
+                      **IGNORED_FIELDS)[0] == plain[0]
 
 
 def test_curl_health_and_metrics(server):
