@@ -432,6 +432,20 @@ static void test_min_p_filters_relative_to_max(void)
     sampler_free(s);
 }
 
+/* min-p keeps p >= min_p * p_max: a token tied with the top one has ratio
+ * exactly 1, so min_p 1 keeps every token tied for the top, not just one. */
+static void test_min_p_keeps_tokens_exactly_at_the_threshold(void)
+{
+    const float l[4] = {2.0f, 2.0f, 1.0f, -1.0f};
+    double f[4];
+    ekv_sampler *s = make_sampler(1.0f, 0, 1.0f, 1.0f, 23, 4);
+    frequencies(s, l, 4, 20000, f);
+    CHECK_NEAR(f[0], 0.5, 0.02);
+    CHECK_NEAR(f[1], 0.5, 0.02);
+    CHECK_NEAR(f[2] + f[3], 0.0, 0);
+    sampler_free(s);
+}
+
 /* ---- temperature and the distribution itself ---- */
 
 static void test_draws_match_softmax_at_temperature_1(void)
@@ -637,6 +651,7 @@ int main(void)
     RUN_TEST(test_top_p_ties_keep_lowest_ids);
     RUN_TEST(test_top_p_cut_is_exact_at_the_boundary);
     RUN_TEST(test_min_p_filters_relative_to_max);
+    RUN_TEST(test_min_p_keeps_tokens_exactly_at_the_threshold);
     RUN_TEST(test_draws_match_softmax_at_temperature_1);
     RUN_TEST(test_temperature_sharpens_and_flattens);
     RUN_TEST(test_top_p_is_decided_before_temperature);

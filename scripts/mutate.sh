@@ -1,0 +1,160 @@
+#!/usr/bin/env bash
+# mutate.sh - plant known bugs one at a time and check the test suite fails.
+#
+#   scripts/mutate.sh                 every scripts/mutations/*.patch
+#   scripts/mutate.sh --fast          only those marked "# fast: yes" (CI)
+#   scripts/mutate.sh PATCH...        the given patches
+#
+# A mutation is a patch file: header lines, then a unified diff that
+# `git apply` takes at the repository root (docs/testing.md says how to write
+# one):
+#   # bug: what the planted bug is
+#   # tests: a ctest -R regex naming the tests that must catch it
+#   # fast: yes|no
+#
+# The working tree (uncommitted files included, build outputs not) is copied
+# to a scratch tree under $MUTATE_WORK (default build/mutate), built once in
+# Release without CUDA, and the tests every selected patch names are run once
+# unmutated: they must pass there, or a "caught" would mean nothing. Then for
+# each patch: apply, rebuild (incrementally), run its tests, revert. A patch
+# is CAUGHT when at least one of its tests fails, MISSED when all pass, and
+# INVALID when it does not apply or does not build (a mutation must be a bug
+# the compiler accepts). Prints a table; exits 0 only when every patch was
+# caught.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+
+fast=0
+patches=()
+for arg in "$@"; do
+    case "$arg" in
+        --fast) fast=1 ;;
+        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+        -*) echo "mutate.sh: unknown option $arg" >&2; exit 2 ;;
+        *) patches+=("$(realpath "$arg")") ;;
+    esac
+done
+header() { # header FIELD FILE: the value of "# FIELD: value", or empty
+    sed -n "s/^# $1: *//p" "$2" | head -n 1
+}
+if [ ${#patches[@]} -eq 0 ]; then
+    for p in scripts/mutations/*.patch; do
+        [ -e "$p" ] || continue
+        if [ "$fast" = 1 ] && [ "$(header fast "$p")" != yes ]; then
+            continue
+        fi
+        patches+=("$root/$p")
+    done
+fi
+if [ ${#patches[@]} -eq 0 ]; then
+    echo "mutate.sh: no mutations selected" >&2
+    exit 2
+fi
+for p in "${patches[@]}"; do
+    if [ -z "$(header bug "$p")" ] || [ -z "$(header tests "$p")" ]; then
+        echo "mutate.sh: $p lacks a '# bug:' or '# tests:' line" >&2
+        exit 2
+    fi
+done
+
+work=$(realpath -m "${MUTATE_WORK:-build/mutate}")
+src=$work/src
+bld=$work/build
+logs=$work/logs
+jobs=$(nproc)
+mkdir -p "$src" "$logs"
+
+# The scratch tree: what git would see (tracked and untracked, not ignored),
+# as a git repository of its own so each mutation reverts cleanly. The model
+# and the venv are linked, not copied. Only files whose content differs are
+# copied (with a new mtime), so an unchanged tree keeps its build, and a run
+# that was killed mid-mutation is undone here.
+echo "mutate.sh: scratch tree $src"
+if [ -d "$src/.git" ]; then
+    git -C "$src" reset -q --hard
+    git -C "$src" clean -q -fd
+fi
+git ls-files -z -co --exclude-standard | while IFS= read -r -d '' f; do
+    [ -f "$f" ] || continue
+    if ! cmp -s "$f" "$src/$f"; then
+        mkdir -p "$src/$(dirname "$f")"
+        cp "$f" "$src/$f"
+    fi
+done
+for link in models .venv; do
+    [ -e "$link" ] && ln -sfn "$root/$link" "$src/$link"
+done
+(
+    cd "$src"
+    [ -d .git ] || git init -q
+    printf '/build/\n/models\n/.venv\n' > .git/info/exclude
+    git add -A
+    git -c user.name=mutate -c user.email=mutate@localhost commit -q --allow-empty -m baseline
+)
+
+build() { # build LOGFILE: configure once, then rebuild everything it can
+    cmake -S "$src" -B "$bld" -DCMAKE_BUILD_TYPE=Release -DEKV_CUDA=OFF >>"$1" 2>&1 &&
+        cmake --build "$bld" -j"$jobs" -- -k >>"$1" 2>&1
+}
+# A build that fails only in files the patch does not touch (a test someone
+# is still writing) does not make the mutation invalid: the tests run on what
+# did build, and the baseline run has shown those pass.
+broke_patch() { # broke_patch PATCH LOG: did a file the patch touches fail?
+    local f
+    for f in $(git -C "$src" apply --numstat "$1" 2>/dev/null | cut -f3); do
+        grep -q "$f:[0-9]*:[0-9]*: error" "$2" && return 0
+    done
+    return 1
+}
+failed_tests() { # failed_tests LOG: the names ctest lists as failed
+    sed -n 's/^[[:space:]]*[0-9]\+ - \([^ ]*\) (.*$/\1/p' "$1" | sort -u | paste -sd, -
+}
+
+echo "mutate.sh: building the unmutated tree"
+if ! build "$logs/baseline-build.log"; then
+    echo "mutate.sh: warning: part of the unmutated tree does not build:" \
+        "$(grep -c ': error' "$logs/baseline-build.log") errors, see $logs/baseline-build.log" >&2
+fi
+union=$(for p in "${patches[@]}"; do header tests "$p"; done | sort -u | paste -sd'|' -)
+echo "mutate.sh: the unmutated tree must pass: $union"
+if ! ctest --test-dir "$bld" -R "$union" --output-on-failure >"$logs/baseline-test.log" 2>&1; then
+    echo "mutate.sh: tests fail without any mutation: $(failed_tests "$logs/baseline-test.log")" >&2
+    echo "mutate.sh: see $logs/baseline-test.log" >&2
+    exit 1
+fi
+
+results=()
+n_caught=0
+for p in "${patches[@]}"; do
+    name=$(basename "$p" .patch)
+    bug=$(header bug "$p")
+    tests=$(header tests "$p")
+    log=$logs/$name.log
+    : >"$log"
+    start=$SECONDS
+    if ! git -C "$src" apply "$p" >>"$log" 2>&1; then
+        verdict=INVALID; by="does not apply"
+    elif ! build "$log" && broke_patch "$p" "$log"; then
+        verdict=INVALID; by="does not build"
+    elif ctest --test-dir "$bld" -R "$tests" --output-on-failure >>"$log" 2>&1; then
+        verdict=MISSED; by="($tests all pass)"
+    else
+        verdict=CAUGHT; by=$(failed_tests "$log")
+        n_caught=$((n_caught + 1))
+    fi
+    git -C "$src" reset -q --hard
+    git -C "$src" clean -q -fd
+    printf 'mutate.sh: %-7s %s (%ds) %s\n' "$verdict" "$name" $((SECONDS - start)) "$by"
+    results+=("$(printf '| %s | %s | %s | %s |' "$name" "$bug" "$verdict" "$by")")
+done
+# Rebuild what the last mutation touched, so the next run starts clean.
+build "$logs/restore-build.log" || true
+
+echo
+echo "| mutation | planted bug | result | failed tests |"
+echo "|---|---|---|---|"
+printf '%s\n' "${results[@]}"
+echo
+echo "mutate.sh: ${n_caught} of ${#patches[@]} caught (logs in $logs)"
+[ "$n_caught" -eq ${#patches[@]} ]
