@@ -49,8 +49,8 @@ fi
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -r scripts/requirements.txt
+# venv's own pip installs these wheels; upgrading it first cost CI time.
+.venv/bin/python -m pip install -q --disable-pip-version-check -r scripts/requirements.txt
 if [ "$want_bench" = 1 ]; then
     .venv/bin/python -c "import llama_cpp" 2>/dev/null ||
         CMAKE_ARGS="-DGGML_NATIVE=ON" .venv/bin/python -m pip install -q -r scripts/requirements-bench.txt
