@@ -281,11 +281,16 @@ static void task_select(void *p, int ith, int nth)
         if (t->budget[item] >= n)
             continue;
         if (c->method->needs_scores) {
+            /* a budget under 2 windows shrinks the window to budget / 2, and
+             * only its queries score (specs/uncomp.md section 3 step 1) */
+            const int32_t w = t->budget[item] / 2 < c->window ? t->budget[item] / 2 : c->window;
+            const int32_t skip = c->window - w;
             kern_kv_view view;
             kv_seq_view(t->seq, l, g, &view);
             const size_t row = (size_t)c->H * c->D;
-            kvc_window_scores(&view, c->wq + (size_t)l * c->window * row + (size_t)g * G * c->D,
-                              row, c->window, G, t->q_pos, scores, work);
+            kvc_window_scores(&view,
+                              c->wq + ((size_t)l * c->window + skip) * row + (size_t)g * G * c->D,
+                              row, w, G, t->q_pos + skip, scores, work);
         }
         c->method->select(t->ctx, c->method->needs_scores ? scores : NULL, t->budget[item],
                           t->keep + t->offset[item], work);
