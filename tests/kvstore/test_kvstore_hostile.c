@@ -548,6 +548,71 @@ static bool lurk(int port, const kvstore_key *key)
     return ok;
 }
 
+/* Speaks the protocol itself but answers the challenge with a proof made
+ * from the wrong token, then asks for key anyway: returns whether the
+ * daemon said AUTH_OK or answered the get (it must do neither). The
+ * store's own client cannot make this test: it checks the daemon's proof
+ * and would refuse a daemon that let it in. */
+static bool impostor_served(int port, const kvstore_key *key)
+{
+    lurker l = {0};
+    ekv_error err = {0};
+    if (kvx_worker_init(&l.x, lurker_am, &l, &err) != EKV_OK)
+        return true;
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
+    ucp_ep_h ep = kvx_connect(&l.x, (struct sockaddr *)&a, sizeof a, true, lurker_err, NULL, &err);
+    bool challenged = ep && lurker_wait(&l, &l.challenged);
+    CHECK(challenged);
+    if (challenged) {
+        static const char *WRONG = "not-the-token";
+        uint8_t payload[KVWIRE_NONCE_BYTES + KVWIRE_MAC_BYTES];
+        CHECK_EQ_INT(kvx_nonce(payload, &err), EKV_OK);
+        kvx_proof((const uint8_t *)WRONG, strlen(WRONG), 'c', l.snonce, payload,
+                  payload + KVWIRE_NONCE_BYTES);
+        kvwire_hdr auth = {.version = KVWIRE_VERSION, .op = KVWIRE_OP_AUTH,
+                           .payload_len = sizeof payload};
+        if (kvx_send_small(&l.x, ep, &auth, payload, sizeof payload) == EKV_OK)
+            lurker_wait(&l, &l.authed);
+        kvwire_hdr get = {.version = KVWIRE_VERSION, .op = KVWIRE_OP_GET, .request_id = 9};
+        memcpy(get.key, key->b, KVWIRE_KEY_BYTES);
+        if (kvx_send_small(&l.x, ep, &get, NULL, 0) == EKV_OK)
+            lurker_wait(&l, &l.answered);
+    }
+    if (ep)
+        kvx_close(&l.x, ep);
+    kvx_worker_fini(&l.x);
+    return !challenged || l.authed || l.answered;
+}
+
+static void test_a_client_with_the_wrong_token_is_never_served(void)
+{
+    kvt_daemon d;
+    char logp[128];
+    snprintf(logp, sizeof logp, "%s/impostor.log", g_dir);
+    if (kvt_daemon_start(&d, g_bin, NULL, "127.0.0.1", 0, g_token_file, 64, logp) != 0) {
+        CHECK(0);
+        return;
+    }
+    kvstore_client *c = kvt_client(d.port, TOKEN, 0);
+    CHECK(c && kvstore_client_peer_up(c, 0));
+    uint8_t v[KVT_BLOCK_BYTES], got[KVT_BLOCK_BYTES];
+    kvstore_key k = kvt_key(78000);
+    kvt_fill(v, sizeof v, 6);
+    if (c)
+        CHECK_EQ_INT(kvstore_client_put(c, &k, v, sizeof v), KVSTORE_OK);
+    CHECK(!impostor_served(d.port, &k));
+    CHECK(kvt_file_has(logp, "wrong token proof"));
+    if (c) { /* the daemon serves the rightful client as before */
+        size_t len = 0;
+        memset(got, ~v[0], sizeof got);
+        CHECK_EQ_INT(kvstore_client_get(c, &k, got, sizeof got, &len), KVSTORE_OK);
+        CHECK(len == sizeof v && !memcmp(got, v, sizeof v));
+        kvstore_client_destroy(c);
+    }
+    CHECK_EQ_INT(kvt_daemon_stop(&d), 0);
+}
+
 /* The daemon's reply to a client that never takes it stays in flight in
  * UCX (a client on this host has no peer error handling, and a forced
  * close need not complete what it cut off): the daemon must keep serving
@@ -592,6 +657,7 @@ int main(int argc, char **argv)
         return rc;
     RUN_TEST(test_lies_cost_only_the_liars_keys);
     RUN_TEST(test_a_client_that_never_takes_its_reply);
+    RUN_TEST(test_a_client_with_the_wrong_token_is_never_served);
     kvt_scratch_remove(g_dir, ekv_test_failures);
     return TEST_EXIT();
 }
