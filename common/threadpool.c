@@ -105,9 +105,15 @@ static void *worker_main(void *p)
                 cpu_relax();
                 continue;
             }
+            /* count this thread as a sleeper, then re-check claim, both
+             * seq_cst: ekv_pool_run stores claim, then loads sleepers, so
+             * one of the two sides sees the other (see there). The mutex
+             * makes the caller's broadcast wait until this thread waits. */
             pthread_mutex_lock(&pool->mu);
-            atomic_fetch_add(&pool->sleepers, 1);
-            while ((uint32_t)(atomic_load(&pool->claim) >> 32) == seen && !atomic_load(&pool->stop))
+            atomic_fetch_add_explicit(&pool->sleepers, 1, memory_order_seq_cst);
+            while ((uint32_t)(atomic_load_explicit(&pool->claim, memory_order_seq_cst) >> 32) ==
+                       seen &&
+                   !atomic_load(&pool->stop))
                 pthread_cond_wait(&pool->cv, &pool->mu);
             atomic_fetch_sub(&pool->sleepers, 1);
             pthread_mutex_unlock(&pool->mu);
@@ -204,8 +210,16 @@ void ekv_pool_run(ekv_pool *pool, ekv_task_fn fn, void *ctx)
     /* every part of the last region is claimed, so no worker's swap can
      * succeed on the old word: a plain store publishes the new region */
     const uint64_t w = ((atomic_load(&pool->claim) >> 32) + 1) << 32;
-    atomic_store_explicit(&pool->claim, w, memory_order_release);
-    if (atomic_load(&pool->sleepers) > 0) {
+    /* seq_cst, not release: this store and the load of sleepers below pair
+     * with a sleeping worker's increment of sleepers and its re-check of
+     * claim (worker_main). With release/acquire the store could still sit
+     * in this core's store buffer while the load reads sleepers == 0, and
+     * the worker read the old claim and sleep through the region (store
+     * buffering, the reordering x86 allows). With all four seq_cst, one
+     * total order holds them: either this load sees the worker counted, or
+     * the worker's re-check sees the new region. */
+    atomic_store_explicit(&pool->claim, w, memory_order_seq_cst);
+    if (atomic_load_explicit(&pool->sleepers, memory_order_seq_cst) > 0) {
         pthread_mutex_lock(&pool->mu);
         pthread_cond_broadcast(&pool->cv);
         pthread_mutex_unlock(&pool->mu);
