@@ -1,0 +1,228 @@
+/*
+ * test_openai.c - the OpenAI request bodies of /v1/completions and
+ * /v1/chat/completions (coordinator/openai.c) through oai_parse and then
+ * coord_submit into a fake worker group, as http.c drives them: what is
+ * accepted reaches the group with the values the body gave, and what is
+ * refused is EKV_EINVAL with a message naming the field. The C side of
+ * what tests/serve/test_serve.py checks with real clients, cheap enough to
+ * run under every sanitizer. Usage: test_openai MODEL.gguf.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ekv_test.h"
+#include "entrokv/coordinator.h"
+#include "entrokv/gguf.h"
+#include "openai.h"
+
+static int n_submits;
+static engine_request last;
+
+static ekv_status fake_submit(void *impl, const engine_request *r, uint64_t *id, ekv_error *err)
+{
+    (void)impl, (void)err;
+    last = *r;
+    last.prompt = NULL; /* the caller's only during submit */
+    *id = (uint64_t)++n_submits;
+    return EKV_OK;
+}
+
+static void fake_cancel(void *impl, uint64_t id)
+{
+    (void)impl, (void)id;
+}
+
+static void fake_stats(void *impl, engine_stats *s)
+{
+    (void)impl;
+    memset(s, 0, sizeof *s);
+}
+
+static const coord_group_ops fake_ops = {fake_submit, fake_cancel, fake_stats, NULL};
+
+static ekv_coordinator *coord;
+
+/* Parses body as kind and submits it; returns the status of whichever step
+ * refused it (EKV_OK: the group has it in `last`). */
+static ekv_status submit(oai_kind kind, const char *body, ekv_error *err)
+{
+    oai_request r;
+    memset(err, 0, sizeof *err);
+    ekv_status rc = oai_parse(coord, kind, body, strlen(body), &r, err);
+    if (rc == EKV_OK) {
+        coord_stream *s = NULL;
+        rc = coord_submit(coord, &r.r, &s, err);
+        if (s) {
+            engine_usage u = {0};
+            last.on_done(last.ctx, GEN_FINISH_LENGTH, &u, EKV_OK, NULL);
+            coord_stream_release(s);
+        }
+    }
+    oai_request_free(&r);
+    return rc;
+}
+
+static void expect_ok(oai_kind kind, const char *body)
+{
+    ekv_error err;
+    int before = n_submits;
+    ekv_status rc = submit(kind, body, &err);
+    if (rc != EKV_OK || n_submits != before + 1) {
+        fprintf(stderr, "refused (%d: %s): %s\n", rc, err.msg, body);
+        ekv_test_failures++;
+    }
+}
+
+static void expect_invalid(oai_kind kind, const char *body, const char *needle)
+{
+    ekv_error err;
+    int before = n_submits;
+    ekv_status rc = submit(kind, body, &err);
+    CHECK_EQ_INT(n_submits, before);
+    if (rc != EKV_EINVAL || err.code != EKV_EINVAL || !strstr(err.msg, needle)) {
+        fprintf(stderr, "%s: want EINVAL mentioning '%s', got %d '%s'\n", body, needle, rc,
+                err.msg);
+        ekv_test_failures++;
+    }
+}
+
+static void test_chat_messages_reach_the_group(void)
+{
+    expect_ok(OAI_CHAT, "{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}]}");
+    CHECK_EQ_INT(last.params.max_tokens, 16); /* the coordinator's default */
+    expect_ok(OAI_CHAT, "{\"messages\": [{\"role\": \"system\", \"content\": null},"
+                        "{\"role\": \"user\", \"content\": [{\"type\": \"text\", \"text\": "
+                        "\"a\"}, {\"type\": \"text\", \"text\": \"b\"}]}], \"max_tokens\": 7}");
+    CHECK_EQ_INT(last.params.max_tokens, 7);
+    /* the content parts are joined into one string */
+    oai_request r;
+    ekv_error err = {0};
+    const char *body = "{\"messages\": [{\"role\": \"user\", \"content\": [{\"type\": \"text\", "
+                       "\"text\": \"Hello, \"}, {\"type\": \"text\", \"text\": \"world\"}]}]}";
+    CHECK_EQ_INT(oai_parse(coord, OAI_CHAT, body, strlen(body), &r, &err), EKV_OK);
+    CHECK_EQ_INT(r.r.n_messages, 1);
+    if (r.r.n_messages == 1) {
+        CHECK_STR(r.r.messages[0].role, "user");
+        CHECK_STR(r.r.messages[0].content, "Hello, world");
+    }
+    oai_request_free(&r);
+    /* max_completion_tokens wins over max_tokens in chat */
+    expect_ok(OAI_CHAT, "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}], "
+                        "\"max_completion_tokens\": 5, \"max_tokens\": 9}");
+    CHECK_EQ_INT(last.params.max_tokens, 5);
+}
+
+static void test_chat_bad_messages_are_refused(void)
+{
+    expect_invalid(OAI_CHAT, "{\"messages\": []}", "messages");
+    expect_invalid(OAI_CHAT, "{\"messages\": \"hi\"}", "messages");
+    expect_invalid(OAI_CHAT, "{\"messages\": [{\"content\": \"x\"}]}", "role");
+    expect_invalid(OAI_CHAT, "{\"messages\": [{\"role\": 3, \"content\": \"x\"}]}", "role");
+    expect_invalid(OAI_CHAT, "{\"messages\": [{\"role\": \"user\", \"content\": 5}]}",
+                   "messages[0].content");
+    expect_invalid(OAI_CHAT, "{\"messages\": [{\"role\": \"user\", \"content\": true}]}",
+                   "messages[0].content");
+    expect_invalid(OAI_CHAT,
+                   "{\"messages\": [{\"role\": \"user\", \"content\": \"ok\"}, {\"role\": "
+                   "\"user\", \"content\": {\"text\": \"x\"}}]}",
+                   "messages[1].content");
+    expect_invalid(OAI_CHAT,
+                   "{\"messages\": [{\"role\": \"user\", \"content\": [{\"type\": "
+                   "\"image_url\", \"text\": \"x\"}]}]}",
+                   "type");
+    expect_invalid(OAI_CHAT, "{\"messages\": [{\"role\": \"\", \"content\": \"x\"}]}", "role");
+}
+
+static void test_completion_prompt_forms(void)
+{
+    expect_ok(OAI_COMPLETIONS, "{\"prompt\": \"Once upon a time\", \"max_tokens\": 3}");
+    CHECK_EQ_INT(last.params.max_tokens, 3);
+    expect_ok(OAI_COMPLETIONS, "{\"prompt\": [\"The quick brown fox\"]}");
+    expect_invalid(OAI_COMPLETIONS, "{\"max_tokens\": 3}", "prompt");
+    expect_invalid(OAI_COMPLETIONS, "{\"prompt\": 5}", "prompt");
+    expect_invalid(OAI_COMPLETIONS, "{\"prompt\": [\"a\", \"b\"]}", "prompt");
+    expect_invalid(OAI_COMPLETIONS, "{\"prompt\": \"\"}", "prompt");
+    expect_invalid(OAI_COMPLETIONS, "{\"prompt\": \"\xff\xfe\"}", "UTF-8");
+    expect_invalid(OAI_COMPLETIONS, "{\"prompt\": \"\\udc00\"}", "JSON"); /* lone surrogate */
+    expect_invalid(OAI_COMPLETIONS, "{\"prompt\": \"x\"", "JSON");
+    expect_invalid(OAI_COMPLETIONS, "[\"prompt\"]", "object");
+}
+
+static void test_max_tokens_bounds(void)
+{
+    expect_ok(OAI_COMPLETIONS, "{\"prompt\": \"x\", \"max_tokens\": 1}");
+    CHECK_EQ_INT(last.params.max_tokens, 1);
+    expect_ok(OAI_COMPLETIONS, "{\"prompt\": \"x\", \"max_tokens\": 64}");
+    CHECK_EQ_INT(last.params.max_tokens, 64);
+    expect_ok(OAI_COMPLETIONS, "{\"prompt\": \"x\", \"max_tokens\": 2e1}");
+    CHECK_EQ_INT(last.params.max_tokens, 20);
+    expect_invalid(OAI_COMPLETIONS, "{\"prompt\": \"x\", \"max_tokens\": 0}", "max_tokens");
+    expect_invalid(OAI_COMPLETIONS, "{\"prompt\": \"x\", \"max_tokens\": -1}", "max_tokens");
+    expect_invalid(OAI_COMPLETIONS, "{\"prompt\": \"x\", \"max_tokens\": -2147483648}",
+                   "max_tokens");
+    expect_invalid(OAI_COMPLETIONS, "{\"prompt\": \"x\", \"max_tokens\": 65}", "max_tokens");
+    expect_invalid(OAI_COMPLETIONS, "{\"prompt\": \"x\", \"max_tokens\": 1e10}", "max_tokens");
+    expect_invalid(OAI_COMPLETIONS, "{\"prompt\": \"x\", \"max_tokens\": 1.5}", "max_tokens");
+    expect_invalid(OAI_COMPLETIONS, "{\"prompt\": \"x\", \"max_tokens\": \"8\"}", "max_tokens");
+    expect_invalid(OAI_CHAT,
+                   "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}], "
+                   "\"max_completion_tokens\": -3}",
+                   "max_tokens");
+}
+
+static void test_options_and_stops(void)
+{
+    expect_ok(OAI_COMPLETIONS, "{\"prompt\": \"x\", \"stop\": \"END\", \"temperature\": 0, "
+                               "\"seed\": 7, \"top_k\": 5, \"n\": 1, \"stream\": true}");
+    CHECK_EQ_INT(last.params.n_stops, 1);
+    CHECK_EQ_INT(last.params.sampling.seed, 7);
+    CHECK_EQ_INT(last.params.sampling.top_k, 5);
+    expect_ok(OAI_COMPLETIONS, "{\"prompt\": \"x\", \"stop\": [\"a\", \"b\", \"c\"]}");
+    CHECK_EQ_INT(last.params.n_stops, 3);
+    expect_invalid(OAI_COMPLETIONS, "{\"prompt\": \"x\", \"stop\": [\"a\", 3]}", "stop");
+    expect_invalid(OAI_COMPLETIONS, "{\"prompt\": \"x\", \"stop\": [\"\"]}", "stop");
+    expect_invalid(OAI_COMPLETIONS,
+                   "{\"prompt\": \"x\", \"stop\": [\"1\",\"2\",\"3\",\"4\",\"5\",\"6\",\"7\","
+                   "\"8\",\"9\",\"10\",\"11\",\"12\",\"13\",\"14\",\"15\",\"16\",\"17\"]}",
+                   "stop");
+    expect_invalid(OAI_COMPLETIONS, "{\"prompt\": \"x\", \"n\": 2}", "n = 1");
+    expect_invalid(OAI_COMPLETIONS, "{\"prompt\": \"x\", \"stream\": \"yes\"}", "stream");
+    expect_invalid(OAI_COMPLETIONS, "{\"prompt\": \"x\", \"temperature\": \"hot\"}",
+                   "temperature");
+    expect_invalid(OAI_COMPLETIONS, "{\"prompt\": \"x\", \"seed\": 0.5}", "seed");
+    expect_invalid(OAI_COMPLETIONS, "{\"prompt\": \"x\", \"kv_method\": 3}", "kv_method");
+    expect_invalid(OAI_COMPLETIONS, "{\"prompt\": \"x\", \"kv_method\": \"nope\"}", "nope");
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 2) {
+        fprintf(stderr, "usage: test_openai MODEL.gguf\n");
+        return 2;
+    }
+    ekv_error err = {0};
+    gguf_file *f = gguf_open(argv[1], &err);
+    ekv_tokenizer *tok = f ? tok_load(f, &err) : NULL;
+    gguf_close(f);
+    if (!tok) {
+        fprintf(stderr, "loading the tokenizer of %s: %s\n", argv[1], err.msg);
+        return 1;
+    }
+    coord_config cfg;
+    coord_config_default(&cfg);
+    cfg.max_ctx = 64;
+    cfg.default_max_tokens = 16;
+    coord = coord_create(tok, &cfg, NULL, &err);
+    CHECK(coord != NULL);
+    if (!coord || coord_add_group(coord, "fake", &fake_ops, NULL, &err) != EKV_OK)
+        return 1;
+    RUN_TEST(test_chat_messages_reach_the_group);
+    RUN_TEST(test_chat_bad_messages_are_refused);
+    RUN_TEST(test_completion_prompt_forms);
+    RUN_TEST(test_max_tokens_bounds);
+    RUN_TEST(test_options_and_stops);
+    coord_free(coord);
+    tok_free(tok);
+    return TEST_EXIT();
+}
