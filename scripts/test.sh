@@ -3,32 +3,51 @@
 #
 #   1. dependencies, Release build and the demo model (scripts/setup.sh, idempotent)
 #   2. unit tests, and the tests labelled asan, under AddressSanitizer +
-#      UndefinedBehaviorSanitizer (build/asan)
-#   3. model, fixture, CLI, KV store and serving tests in Release (build/release), then
-#      the serving tests again against the ASan + UBSan build
-#   4. the libFuzzer targets for a bounded time (EKV_FUZZ_SECONDS, default 60 each)
+#      UndefinedBehaviorSanitizer (build/asan: -O1, no CUDA)
+#   3. model, fixture, CLI, KV store and serving tests in Release
+#      (build/release, CUDA compiled where nvcc exists; the CUDA tests skip
+#      without a device)
+#   4. the serving tests that feed the server hostile or interrupted input,
+#      again against the ASan + UBSan build
+#   5. ThreadSanitizer: thread pool, step engine, coordinator (scripts/tsan.sh)
+#   6. the fast planted bugs, each of which must fail the suite (scripts/mutate.sh --fast)
+#   7. the libFuzzer targets side by side for a bounded time (EKV_FUZZ_SECONDS, default 60)
+#
+# Each stage prints its wall time; the whole run is meant to stay under 12
+# minutes on 2 cores (docs/testing.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 jobs=$(nproc)
+t0=$SECONDS
+stage() { echo "== [$((SECONDS - t0)) s] $*"; }
 
+stage "setup (packages, venv, Release build, model)"
 bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
+export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1
 
-echo "== unit tests and the tests labelled asan (ASan + UBSan)"
-cmake -S . -B build/asan -DCMAKE_BUILD_TYPE=Debug -DEKV_SANITIZE=ON >/dev/null
+stage "unit tests and the tests labelled asan (ASan + UBSan)"
+# -O1 keeps every check ASan and UBSan make and runs the tests several times
+# faster than -O0; CUDA is compiled once, in the Release build.
+cmake -S . -B build/asan -DCMAKE_BUILD_TYPE=Debug -DCMAKE_C_FLAGS_DEBUG="-O1 -g" \
+    -DEKV_SANITIZE=ON -DEKV_CUDA=OFF >/dev/null
 cmake --build build/asan -j"$jobs"
-ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
-    ctest --test-dir build/asan -L 'unit|asan' --output-on-failure -j"$jobs"
+ctest --test-dir build/asan -L 'unit|asan' --output-on-failure -j"$jobs"
 
-echo "== model, fixture, CLI and serving tests (Release)"
+stage "model, fixture, CLI, KV store and serving tests (Release)"
 cmake --build build/release -j"$jobs"
-ctest --test-dir build/release -L 'model|cli|serve|kvstore' --output-on-failure
+ctest --test-dir build/release -L 'model|cli|serve|kvstore' --output-on-failure -j"$jobs"
 
-echo "== serving tests (ASan + UBSan; real clients against the sanitized server)"
-ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
-    ctest --test-dir build/asan -L serve --output-on-failure
+stage "serving tests with hostile or interrupted input (ASan + UBSan)"
+ctest --test-dir build/asan -L serve --output-on-failure -j"$jobs"
 
-echo "== fuzzing (${EKV_FUZZ_SECONDS:-60} s per target)"
+stage "ThreadSanitizer (thread pool, step engine, coordinator)"
+bash scripts/tsan.sh
+
+stage "planted bugs, fast subset (scripts/mutate.sh --fast)"
+bash scripts/mutate.sh --fast
+
+stage "fuzzing (${EKV_FUZZ_SECONDS:-60} s per target, side by side)"
 bash scripts/fuzz.sh "${EKV_FUZZ_SECONDS:-60}"
 
-echo "== all tests passed"
+stage "all tests passed"
