@@ -9,6 +9,7 @@
  * Usage: test_kvprefix ENTROKV_BIN MODEL.gguf
  */
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -24,6 +25,25 @@
 
 static ekv_model *g_model;
 static int32_t g_tokens[N_TOTAL];
+static _Atomic int g_saves_done; /* saves whose puts have all finished */
+
+static void on_saved(void *arg)
+{
+    atomic_fetch_add(&g_saves_done, 1);
+}
+
+/* Saves tokens[0, n) of seq and waits (10 s at most) until the store has
+ * finished its puts: saves run in the background (kvprefix_on_saved). */
+static void save_and_wait(kvprefix *p, const kv_seq *seq, int32_t n)
+{
+    const int before = atomic_load(&g_saves_done);
+    kvprefix_on_saved(p, on_saved, NULL);
+    kvprefix_save(p, seq, g_tokens, n, 0);
+    const double end = kvt_now() + 10;
+    while (atomic_load(&g_saves_done) == before && kvt_now() < end)
+        kvt_sleep_ms(2);
+    CHECK(atomic_load(&g_saves_done) > before);
+}
 
 /* Prefills tokens[from, n) into seq and returns the last row's logits. */
 static float *prefill_from(ekv_runtime *rt, kv_seq *seq, int32_t from, int32_t n)
@@ -47,9 +67,8 @@ static void round_trip(kvstore_client *client, int32_t want_restored, int probe_
     /* turn 1: the prefix alone, stored */
     kv_seq *s1 = kv_seq_create(pool, c->n_layers, c->n_kv_heads, &err);
     free(prefill_from(rt, s1, 0, N_PREFIX));
-    kvprefix_save(p, s1, g_tokens, N_PREFIX, 0);
+    save_and_wait(p, s1, N_PREFIX);
     kv_seq_free(s1);
-    kvt_sleep_ms(300); /* the save is asynchronous */
     if (probe_first) { /* restoring does not consume the stored blocks */
         kv_seq *probe = kv_seq_create(pool, c->n_layers, c->n_kv_heads, &err);
         CHECK_EQ_INT(kvprefix_restore(p, probe, g_tokens, N_TOTAL, N_TOTAL), 288);
@@ -202,8 +221,7 @@ static void test_recall_brings_back_what_compression_evicted(void)
     kv_seq *s = kv_seq_create(pool, c->n_layers, c->n_kv_heads, &err);
     float *logits = malloc((size_t)c->n_vocab * sizeof *logits);
     CHECK(model_prefill(rt, s, g_tokens, N, 0, kvc_capture_tap(cap, s), logits, &err) == EKV_OK);
-    kvprefix_save(p, s, g_tokens, N, 0);
-    kvt_sleep_ms(300); /* the save is asynchronous */
+    save_and_wait(p, s, N);
     kvc_report rep;
     CHECK(kvc_capture_compress(cap, rt, s, &rep, &err) == EKV_OK);
     CHECK(kv_seq_max_len(s) < N / 2);
