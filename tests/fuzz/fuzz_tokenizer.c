@@ -172,8 +172,8 @@ static void check_encode(const uint8_t *data, size_t size, int valid, bool bos, 
             abort();
         skip = 1;
     }
-    if (size > 0 && n == skip)
-        abort(); /* text never encodes to nothing */
+    if (size > 0 && n == skip && valid != 2)
+        abort(); /* text never encodes to nothing (but bytes without a token do) */
     size_t len;
     uint8_t *back = join_pieces(ids + skip, n - skip, &len);
     if (valid == 2) { /* compare with the bytes no token stands for taken out of both */
@@ -289,8 +289,8 @@ static void check_chat(const uint8_t *data, size_t size)
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-    if (size > 1 << 16)
-        return 0; /* BPE is quadratic in a word's length; long inputs only slow the search */
+    if (size > 4096)
+        return 0; /* long inputs only slow the search (BPE's cost grows with a word's length) */
     int valid = utf8_valid(data, size);
     for (size_t i = 0; i < size && valid; i++)
         if (no_token[data[i]])
