@@ -5,6 +5,7 @@
 #ifndef EKV_FIXTURE_PARSE_H
 #define EKV_FIXTURE_PARSE_H
 
+#include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -17,9 +18,11 @@ typedef struct fix_prompt {
     int parse_special;
     int32_t *ids;
     int32_t n_ids;
-    /* logits.txt: top-10 (id, logit) per position */
+    /* logits.txt: top-10 (id, logit) per position, and the log-sum-exp of
+     * the whole row (NAN where the file has none) */
     int32_t (*top_id)[FIX_TOPK];
     float (*top_logit)[FIX_TOPK];
+    double *lse;
     /* greedy.txt: the continuation and llama.cpp's top1 - top2 logit gap
      * at each of its steps */
     int32_t *gen;
@@ -40,8 +43,8 @@ static char *fix_unhex(const char *h)
     return s;
 }
 
-/* Parses logits.txt or greedy.txt into *out (n prompts). Returns -1 if the
- * file cannot be read. */
+/* Parses logits.txt, logits_long.txt or greedy.txt into *out (n prompts).
+ * Returns -1 if the file cannot be read. */
 static int fix_load(const char *path, fix_prompt **out, int *n_out)
 {
     FILE *f = fopen(path, "r");
@@ -75,6 +78,9 @@ static int fix_load(const char *path, fix_prompt **out, int *n_out)
             p->ids = malloc((size_t)p->n_ids * sizeof *p->ids);
             p->top_id = calloc((size_t)p->n_ids, sizeof *p->top_id);
             p->top_logit = calloc((size_t)p->n_ids, sizeof *p->top_logit);
+            p->lse = malloc((size_t)p->n_ids * sizeof *p->lse);
+            for (int32_t i = 0; i < p->n_ids; i++)
+                p->lse[i] = NAN;
             for (int32_t i = 0; i < p->n_ids; i++)
                 p->ids[i] = atoi(strtok_r(NULL, " \n", &save));
         } else if (!strcmp(tok, "pos") && n) {
@@ -85,6 +91,9 @@ static int fix_load(const char *path, fix_prompt **out, int *n_out)
                 p->top_id[i][k] = atoi(pair);
                 p->top_logit[i][k] = strtof(strchr(pair, ':') + 1, NULL);
             }
+            char *key = strtok_r(NULL, " \n", &save);
+            if (key && !strcmp(key, "lse") && i >= 0 && i < p->n_ids)
+                p->lse[i] = strtod(strtok_r(NULL, " \n", &save), NULL);
         } else if (!strcmp(tok, "gen") && n) {
             fix_prompt *p = &ps[n - 1];
             p->n_gen = atoi(strtok_r(NULL, " \n", &save));
@@ -107,6 +116,7 @@ static void fix_free(fix_prompt *ps, int n)
         free(ps[i].ids);
         free(ps[i].top_id);
         free(ps[i].top_logit);
+        free(ps[i].lse);
         free(ps[i].gen);
         free(ps[i].margins);
     }
