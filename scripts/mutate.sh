@@ -94,18 +94,25 @@ done
 )
 
 # Only what the selected tests run is built: each test's program (the test
-# name after its label, where that is a target) and the entrokv binary,
-# which the CLI, serving and KV store tests drive.
+# name after its label, where that is a target), and the entrokv binary when
+# a test drives it (the KV store tests start daemons; the CLI and pytest
+# serving tests are scripts around it).
 targets=()
 build() { # build LOGFILE: configure once, then rebuild the targets
     cmake -S "$src" -B "$bld" -DCMAKE_BUILD_TYPE=Release -DEKV_CUDA=OFF >>"$1" 2>&1 || return 1
     if [ ${#targets[@]} -eq 0 ]; then
-        local all t
+        local all t name
         all=$(cmake --build "$bld" --target help 2>/dev/null | sed -n 's/^\.\.\. \([^ ]*\).*/\1/p')
-        targets=(entrokv)
-        for t in $(ctest --test-dir "$bld" -N -R "$union" | sed -n 's/^ *Test *#[0-9]*: [a-z]*\.\([^ ]*\)$/\1/p'); do
-            grep -qx "$t" <<<"$all" && targets+=("$t")
+        for name in $(ctest --test-dir "$bld" -N -R "$union" | sed -n 's/^ *Test *#[0-9]*: \([^ ]*\)$/\1/p'); do
+            t=${name#*.}
+            if grep -qx "$t" <<<"$all"; then
+                targets+=("$t")
+            fi
+            if ! grep -qx "$t" <<<"$all" || [ "${name%%.*}" = kvstore ]; then
+                targets+=(entrokv)
+            fi
         done
+        mapfile -t targets < <(printf '%s\n' "${targets[@]}" | sort -u)
     fi
     cmake --build "$bld" -j"$jobs" --target "${targets[@]}" -- -k >>"$1" 2>&1
 }
