@@ -26,6 +26,13 @@ bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1
 
+# The fuzz targets' clang build (two to three minutes alone) runs from here
+# on at the lowest priority, on the cycles the stages below leave idle.
+mkdir -p build
+nice -n 19 bash scripts/fuzz.sh --build-only >build/fuzz-build.log 2>&1 &
+fuzz_build=$!
+trap 'kill "$fuzz_build" 2>/dev/null || true' EXIT
+
 stage "unit tests and the tests labelled asan (ASan + UBSan)"
 # -O1 keeps every check ASan and UBSan make and runs the tests several times
 # faster than -O0; CUDA is compiled once, in the Release build.
@@ -48,6 +55,11 @@ stage "planted bugs, fast subset (scripts/mutate.sh --fast)"
 MUTATE_BASELINE=0 bash scripts/mutate.sh --fast # stage 3 ran these tests unmutated
 
 stage "fuzzing (${EKV_FUZZ_SECONDS:-60} s per target, side by side)"
+if ! wait "$fuzz_build"; then
+    cat build/fuzz-build.log >&2
+    echo "test.sh: the fuzz targets did not build" >&2
+    exit 1
+fi
 bash scripts/fuzz.sh "${EKV_FUZZ_SECONDS:-60}"
 
 stage "all tests passed"
