@@ -11,7 +11,7 @@
 #      again against the ASan + UBSan build
 #   5. ThreadSanitizer: thread pool, step engine, coordinator (scripts/tsan.sh)
 #   6. the fast planted bugs, each of which must fail the suite (scripts/mutate.sh --fast)
-#   7. the libFuzzer targets side by side for a bounded time (EKV_FUZZ_SECONDS, default 60)
+#   7. the libFuzzer targets side by side for a bounded time (EKV_FUZZ_SECONDS, 45 in CI)
 #
 # Each stage prints its wall time; the whole run is meant to stay under 12
 # minutes on 2 cores (docs/testing.md).
@@ -54,12 +54,12 @@ bash scripts/tsan.sh
 stage "planted bugs, fast subset (scripts/mutate.sh --fast)"
 MUTATE_BASELINE=0 bash scripts/mutate.sh --fast # stage 3 ran these tests unmutated
 
-stage "fuzzing (${EKV_FUZZ_SECONDS:-60} s per target, side by side)"
+stage "fuzzing (${EKV_FUZZ_SECONDS:-45} s per target, side by side)"
 if ! wait "$fuzz_build"; then
     cat build/fuzz-build.log >&2
     echo "test.sh: the fuzz targets did not build" >&2
     exit 1
 fi
-bash scripts/fuzz.sh "${EKV_FUZZ_SECONDS:-60}"
+bash scripts/fuzz.sh "${EKV_FUZZ_SECONDS:-45}"
 
 stage "all tests passed"

@@ -30,6 +30,7 @@
 #include <unistd.h>
 
 #include "entrokv/sampler.h"
+#include "fuzz_model.h"
 
 /* Sanitizer reports go to a copy of fd 2, which the coordinator's
  * per-request log lines are sent away from while it runs. Weak: the
@@ -78,21 +79,8 @@ static const coord_group_ops fake_ops = {fake_submit, fake_cancel, fake_stats, N
 int LLVMFuzzerInitialize(int *argc, char ***argv)
 {
     (void)argc, (void)argv;
-    const char *path = getenv("EKV_MODEL");
-#ifdef EKV_MODEL_DEFAULT
-    if (!path || !*path)
-        path = EKV_MODEL_DEFAULT;
-#endif
+    tok = fuzz_load_tokenizer("fuzz_openai");
     ekv_error err = {0};
-    gguf_file *f = path ? gguf_open(path, &err) : NULL;
-    tok = f ? tok_load(f, &err) : NULL;
-    gguf_close(f);
-    if (!tok) {
-        fprintf(stderr, "fuzz_openai: cannot load the tokenizer of %s: %s "
-                "(scripts/setup.sh fetches the demo model; EKV_MODEL overrides)\n",
-                path ? path : "(no model)", err.msg);
-        exit(1);
-    }
     coord_config cfg;
     coord_config_default(&cfg);
     cfg.max_ctx = MAX_CTX;

@@ -19,6 +19,7 @@
  * Run with scripts/fuzz.sh; seeds live in tests/fuzz/corpus/tokenizer/.
  */
 #include "entrokv/tokenizer.h"
+#include "fuzz_model.h"
 
 #include <stdint.h>
 #include <stdio.h>
@@ -57,21 +58,7 @@ static void gpt2_byte_text(int b, char out[3], size_t *len)
 int LLVMFuzzerInitialize(int *argc, char ***argv)
 {
     (void)argc, (void)argv;
-    const char *path = getenv("EKV_MODEL");
-#ifdef EKV_MODEL_DEFAULT
-    if (!path || !*path)
-        path = EKV_MODEL_DEFAULT;
-#endif
-    ekv_error err = {0};
-    gguf_file *f = path ? gguf_open(path, &err) : NULL;
-    tok = f ? tok_load(f, &err) : NULL;
-    gguf_close(f);
-    if (!tok) {
-        fprintf(stderr, "fuzz_tokenizer: cannot load the tokenizer of %s: %s "
-                "(scripts/setup.sh fetches the demo model; EKV_MODEL overrides)\n",
-                path ? path : "(no model)", err.msg);
-        exit(1);
-    }
+    tok = fuzz_load_tokenizer("fuzz_tokenizer");
     vocab = tok_vocab_size(tok);
     for (int b = 0; b < 256; b++) {
         char text[3];
