@@ -110,7 +110,7 @@ import json, os, sys
 all_targets = set(os.environ["ALL"].split())
 want = set()
 for t in json.load(sys.stdin)["tests"]:
-    # ctest names a test's command only once its program exists
+    # ctest gives a command only once the program exists
     names = [os.path.basename(a) for a in t.get("command") or []]
     own = t["name"].split(".", 1)[-1]
     if own in all_targets:
