@@ -34,8 +34,8 @@ fuzz_build=$!
 trap 'kill "$fuzz_build" 2>/dev/null || true' EXIT
 
 stage "unit tests and the tests labelled asan (ASan + UBSan)"
-# -O1 keeps every check ASan and UBSan make and runs the tests several times
-# faster than -O0; CUDA is compiled once, in the Release build.
+# -O1 (what ASan's documentation recommends) keeps every check ASan and
+# UBSan make; CUDA is compiled once, in the Release build.
 cmake -S . -B build/asan -DCMAKE_BUILD_TYPE=Debug -DCMAKE_C_FLAGS_DEBUG="-O1 -g" \
     -DEKV_SANITIZE=ON -DEKV_CUDA=OFF >/dev/null
 cmake --build build/asan -j"$jobs"
