@@ -50,7 +50,14 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 # venv's own pip installs these wheels; upgrading it first cost CI time.
-.venv/bin/python -m pip install -q --disable-pip-version-check -r scripts/requirements.txt
+.venv/bin/python -m pip install -q --disable-pip-version-check -r scripts/requirements.txt \
+    -r scripts/requirements-deploy.txt
+# checkov (tests/deploy) in a venv of its own: it pins packaging<24, which
+# pytest 9 cannot use. About 50 s the first time, 2 s once installed.
+if [ ! -x .venv/checkov/bin/python ]; then
+    python3 -m venv .venv/checkov
+fi
+.venv/checkov/bin/python -m pip install -q --disable-pip-version-check -r scripts/requirements-checkov.txt
 if [ "$want_bench" = 1 ]; then
     .venv/bin/python -c "import llama_cpp" 2>/dev/null ||
         CMAKE_ARGS="-DGGML_NATIVE=ON" .venv/bin/python -m pip install -q -r scripts/requirements-bench.txt
