@@ -47,12 +47,22 @@ typedef struct cli_kv_opts {
     const char *method;  /* --kv-method (default full) */
     double budget;       /* --kv-budget (default 1) */
     const char *profile; /* --kv-profile PATH | none (default: profiles/<model>.uncomp) */
+    const char *decode;  /* --decode-method none | scope-slide | scope-adaptive | ... */
+    int32_t scope_recent, scope_window; /* --scope-recent R, --scope-window W */
+    double spark_ratio;  /* --spark-ratio r (0: off) */
+    const char *spark_recovery; /* --spark-recovery avg | zero */
 } cli_kv_opts;
 
 #define CLI_KV_USAGE                                                                          \
     "  --kv-method M         KV compression: full, streaming, snapkv, pyramidkv, uncomp\n"    \
     "  --kv-budget B         fraction of the prompt (0.1) or tokens per head (128); default 1\n" \
-    "  --kv-profile P        UNComp head-group profile, or 'none' for online entropy\n"
+    "  --kv-profile P        UNComp head-group profile, or 'none' for online entropy\n"    \
+    "  --decode-method D     decode compression: none, scope-slide, scope-adaptive,\n"       \
+    "                        scope-discontinuous (SCOPE; default none)\n"                    \
+    "  --scope-recent R      SCOPE recent window (default 256)\n"                             \
+    "  --scope-window W      SCOPE decode budget incl. R (default 512)\n"                     \
+    "  --spark-ratio r       SparK: fraction of key channels pruned per prompt token\n"       \
+    "  --spark-recovery M    SparK recovery of pruned channels: avg (default) or zero\n"
 
 void cli_kv_defaults(cli_kv_opts *o);
 /* Consumes argv[*i] if it is one of the --kv-* flags: 1 taken, 0 not a kv

@@ -15,6 +15,11 @@ void cli_kv_defaults(cli_kv_opts *o)
     o->method = "full";
     o->budget = 1.0;
     o->profile = NULL;
+    o->decode = "none";
+    o->scope_recent = 256; /* the SCOPE repository's R (specs/scope.md section 5) */
+    o->scope_window = 512; /* and its smaller W */
+    o->spark_ratio = 0.0;
+    o->spark_recovery = "avg";
 }
 
 int cli_kv_take(int argc, char **argv, int *i, cli_kv_opts *o)
@@ -24,6 +29,21 @@ int cli_kv_take(int argc, char **argv, int *i, cli_kv_opts *o)
         return cli_take_str(argc, argv, i, &o->method) ? 1 : -1;
     if (!strcmp(a, "--kv-profile"))
         return cli_take_str(argc, argv, i, &o->profile) ? 1 : -1;
+    if (!strcmp(a, "--decode-method"))
+        return cli_take_str(argc, argv, i, &o->decode) ? 1 : -1;
+    if (!strcmp(a, "--scope-recent"))
+        return cli_take_int(argc, argv, i, 1, 1 << 24, &o->scope_recent) ? 1 : -1;
+    if (!strcmp(a, "--scope-window"))
+        return cli_take_int(argc, argv, i, 2, 1 << 24, &o->scope_window) ? 1 : -1;
+    if (!strcmp(a, "--spark-recovery"))
+        return cli_take_str(argc, argv, i, &o->spark_recovery) ? 1 : -1;
+    if (!strcmp(a, "--spark-ratio")) {
+        float r;
+        if (!cli_take_float(argc, argv, i, 0.0, 0.99, &r))
+            return -1;
+        o->spark_ratio = r;
+        return 1;
+    }
     if (!strcmp(a, "--kv-budget")) {
         const char *v;
         if (!cli_take_str(argc, argv, i, &v))
@@ -56,7 +76,9 @@ int cli_kv_policy(const char *cmd, const cli_kv_opts *o, const struct ekv_model 
 {
     ekv_error err = {0};
     *profile = NULL;
-    if (kvc_policy_parse(o->method, o->budget, policy, &err)) {
+    if (kvc_policy_parse(o->method, o->budget, policy, &err) ||
+        kvc_decode_parse(o->decode, o->scope_recent, o->scope_window, &policy->decode, &err) ||
+        kvc_spark_parse(o->spark_ratio, o->spark_recovery, &policy->spark, &err)) {
         cli_error(cmd, "%s", err.msg);
         return CLI_USAGE;
     }

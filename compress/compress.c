@@ -85,6 +85,8 @@ struct kvc_capture {
     kv_seq *seq;
     model_tap tap;
     float *wq; /* [L][window][H][D] */
+    int32_t spark_window;
+    float *sq; /* SparK: [L][spark_window][H][D], the last 32 prompt queries */
     /* online entropy */
     bool want_entropy;
     float *ebuf;     /* [L][H][KVC_ENTROPY_WINDOW][D] */
@@ -99,6 +101,7 @@ void kvc_capture_free(kvc_capture *c)
     if (!c)
         return;
     free(c->wq);
+    free(c->sq);
     free(c->ebuf);
     free(c->gram);
     free(c->folded);
@@ -138,6 +141,10 @@ kvc_capture *kvc_capture_create(const kvc_policy *p, const ekv_model *m, int32_t
     c->window = n_prompt < KVC_WINDOW ? n_prompt : KVC_WINDOW;
     const size_t row = (size_t)c->H * c->D;
     if (c->method->needs_scores && !(c->wq = calloc((size_t)c->L * c->window * row, sizeof(float))))
+        goto nomem;
+    c->spark_window = n_prompt < KVC_SPARK_WINDOW ? n_prompt : KVC_SPARK_WINDOW;
+    if (p->spark.ratio > 0 &&
+        !(c->sq = calloc((size_t)c->L * c->spark_window * row, sizeof(float))))
         goto nomem;
     c->want_entropy = c->method->needs_entropy && !p->profile;
     if (c->want_entropy) {
@@ -182,6 +189,10 @@ static void capture_tap(void *ctx, int32_t layer, const model_batch *b, const fl
         const int32_t w0 = c->n_prompt - c->window;
         if (c->wq && idx >= w0)
             memcpy(c->wq + ((size_t)layer * c->window + (idx - w0)) * row, qi, row * sizeof(float));
+        const int32_t s0 = c->n_prompt - c->spark_window;
+        if (c->sq && idx >= s0)
+            memcpy(c->sq + ((size_t)layer * c->spark_window + (idx - s0)) * row, qi,
+                   row * sizeof(float));
         if (!c->want_entropy || idx != c->next_row[layer])
             continue; /* prefill rows arrive in prompt order, each once */
         c->next_row[layer]++;
@@ -196,7 +207,7 @@ static void capture_tap(void *ctx, int32_t layer, const model_batch *b, const fl
 
 const model_tap *kvc_capture_tap(kvc_capture *c, kv_seq *seq)
 {
-    if (!c->wq && !c->want_entropy)
+    if (!c->wq && !c->sq && !c->want_entropy)
         return NULL;
     c->seq = seq;
     c->tap.fn = capture_tap;
@@ -250,6 +261,8 @@ ekv_status kvc_capture_set_policy(kvc_capture *c, const kvc_policy *p, ekv_error
         return ekv_error_set(err, EKV_EINVAL, "kv capture: %s needs the window queries", m->name);
     if (m->needs_entropy && !p->profile && !c->want_entropy)
         return ekv_error_set(err, EKV_EINVAL, "kv capture: %s needs the prompt's entropy", m->name);
+    if (p->spark.ratio > 0 && !c->sq)
+        return ekv_error_set(err, EKV_EINVAL, "kv capture: spark needs the window queries");
     c->policy = *p;
     c->method = m;
     return EKV_OK;
@@ -322,6 +335,7 @@ ekv_status kvc_capture_compress(kvc_capture *c, ekv_runtime *rt, kv_seq *seq, kv
     memset(rep, 0, sizeof *rep);
     rep->n_prompt = c->n_prompt;
     rep->blocks_before = rep->blocks_after = kv_seq_blocks(seq);
+    rep->bytes_before = rep->bytes_tokens = rep->bytes_after = kv_seq_bytes(seq);
     for (int32_t i = 0; i < nh; i++)
         if (kv_seq_len(seq, i / c->HKV, i % c->HKV) != n)
             return ekv_error_set(err, EKV_EINVAL, "kv compress: heads hold different lengths");
@@ -376,7 +390,11 @@ ekv_status kvc_capture_compress(kvc_capture *c, ekv_runtime *rt, kv_seq *seq, kv
     rep->kept_total = 0;
     for (int32_t i = 0; i < nh; i++)
         rep->kept_total += kv_seq_len(seq, i / c->HKV, i % c->HKV);
+    rep->bytes_tokens = kv_seq_bytes(seq);
+    if (!rc && c->policy.spark.ratio > 0)
+        rc = kvc_spark_apply(&c->policy.spark, seq, c->sq, c->spark_window, c->H, err);
     rep->blocks_after = kv_seq_blocks(seq);
+    rep->bytes_after = kv_seq_bytes(seq);
 out:
     rep->seconds = gen_now() - t0;
     free(budget);

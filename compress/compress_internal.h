@@ -105,6 +105,28 @@ ekv_status kvc_entropy(double *A, int32_t d, int32_t k, double *entropy, ekv_err
  * general. */
 int32_t kvc_entropy_rank(int32_t head_dim);
 
+/* ---- spark.c ---- */
+
+/* SparK's window of prompt queries (spec section 2: window_size = 32) and
+ * the floor of a channel weight c_j (pitfall 3). */
+#define KVC_SPARK_WINDOW 32
+#define KVC_SPARK_C_MIN 1e-6f
+
+/* Channels a token keeps: D - int(ratio * D). */
+int32_t kvc_spark_keep(double ratio, int32_t head_dim);
+/* c[j] = max(C_MIN, sqrt(sum over the window of (mean over the group of q_j)^2));
+ * wq: n_window rows row_stride floats apart of n_group query vectors. */
+void kvc_spark_channel_weights(const float *wq, size_t row_stride, int32_t n_window,
+                               int32_t n_group, int32_t head_dim, float *c);
+/* One token: the n_keep channels of largest k_j^2 c_j (ties to the lower j)
+ * into mask (bit j); returns m, the mean saliency of the pruned channels. */
+float kvc_spark_select(const float *k, const float *c, int32_t head_dim, int32_t n_keep,
+                       uint8_t *mask);
+/* Prunes and packs every (layer, KV head) of seq; sq holds the window's
+ * queries [layer][n_window][n_heads][head_dim]. */
+ekv_status kvc_spark_apply(const kvc_spark_policy *p, kv_seq *seq, const float *sq,
+                           int32_t n_window, int32_t n_heads, ekv_error *err);
+
 /* ---- profile.c ---- */
 
 /* HIGH (1) or LOW (0) group of (layer, kv head) in the profile. */

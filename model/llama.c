@@ -26,6 +26,11 @@ struct ekv_runtime {
     float *scores; /* KERN_ATTN_SCRATCH(max_ctx) floats per thread */
     void *mm_scratch;
     size_t mm_scratch_bytes;
+    /* model_probe: per (row, KV head) of the batch, the offset of its
+     * [2][G][n_tokens] logits and probabilities in probe_buf (-1: not probed) */
+    int64_t *probe_off;
+    float *probe_buf;
+    size_t probe_cap; /* floats */
 };
 
 static void *alloc_floats(size_t n)
@@ -103,6 +108,8 @@ void model_runtime_free(ekv_runtime *rt)
     free(rt->up);
     free(rt->scores);
     free(rt->mm_scratch);
+    free(rt->probe_off);
+    free(rt->probe_buf);
     free(rt);
 }
 
@@ -185,8 +192,60 @@ static void task_attention(void *p, int ith, int nth)
         for (int32_t g = 0; g < G; g++)
             qpos[g] = t->b->pos[i];
         const size_t off = ((size_t)i * H + (size_t)kvh * G) * D;
-        kern_attention(&view, rt->q + off, G, D, qpos, scale, rt->att + off, D, scores);
+        const int64_t po = t->b->probe ? rt->probe_off[item] : -1;
+        if (po < 0) {
+            kern_attention(&view, rt->q + off, G, D, qpos, scale, rt->att + off, D, scores);
+            continue;
+        }
+        const kern_attn_probe pr = {.logits = rt->probe_buf + po,
+                                    .probs = rt->probe_buf + po + (size_t)G * view.n_tokens};
+        kern_attention_probe(&view, rt->q + off, G, D, qpos, scale, rt->att + off, D, scores, &pr);
     }
+}
+
+/* Lays out the probe's buffer for layer l (each probed row's heads hold
+ * their own token counts); EKV_ENOMEM. */
+static ekv_status probe_prepare(ekv_runtime *rt, const model_batch *b, int32_t l, ekv_error *err)
+{
+    const ekv_model_config *c = &rt->m->cfg;
+    const int32_t HKV = c->n_kv_heads, G = c->n_heads / c->n_kv_heads;
+    if (!rt->probe_off &&
+        !(rt->probe_off = malloc((size_t)rt->max_batch * HKV * sizeof *rt->probe_off)))
+        return ekv_error_set(err, EKV_ENOMEM, "runtime: out of memory for the attention probe");
+    size_t need = 0;
+    for (int32_t i = 0; i < b->n; i++)
+        for (int32_t h = 0; h < HKV; h++) {
+            const size_t item = (size_t)i * HKV + h;
+            if (!b->probe->rows[i]) {
+                rt->probe_off[item] = -1;
+                continue;
+            }
+            rt->probe_off[item] = (int64_t)need;
+            need += 2 * (size_t)G * kv_seq_len(b->seqs[i], l, h);
+        }
+    if (need > rt->probe_cap) {
+        float *nb = realloc(rt->probe_buf, need * sizeof *nb);
+        if (!nb)
+            return ekv_error_set(err, EKV_ENOMEM, "runtime: out of memory for the attention probe");
+        rt->probe_buf = nb;
+        rt->probe_cap = need;
+    }
+    return EKV_OK;
+}
+
+static void probe_report(ekv_runtime *rt, const model_batch *b, int32_t l)
+{
+    const ekv_model_config *c = &rt->m->cfg;
+    const int32_t HKV = c->n_kv_heads, G = c->n_heads / c->n_kv_heads;
+    for (int32_t i = 0; i < b->n; i++)
+        for (int32_t h = 0; h < HKV; h++) {
+            const int64_t po = rt->probe_off[(size_t)i * HKV + h];
+            if (po < 0)
+                continue;
+            const int32_t n = kv_seq_len(b->seqs[i], l, h);
+            b->probe->fn(b->probe->ctx, l, i, h, rt->probe_buf + po,
+                         rt->probe_buf + po + (size_t)G * n, G, n);
+        }
 }
 
 /* Checks the batch and that the pool can hold every row's K and V, before
@@ -266,7 +325,11 @@ static ekv_status layer_forward(ekv_runtime *rt, const model_batch *b, int32_t l
         b->tap->fn(b->tap->ctx, l, b, rt->q);
     if ((rc = append_kv(rt, b, l, err)))
         return rc;
+    if (b->probe && (rc = probe_prepare(rt, b, l, err)))
+        return rc;
     ekv_pool_run(rt->pool, task_attention, &t);
+    if (b->probe)
+        probe_report(rt, b, l);
     if ((rc = matmul(rt, &L->wo, rt->att, n, rt->xb, err)))
         return rc;
     for (int32_t i = 0; i < n; i++)

@@ -93,7 +93,7 @@ static ekv_status emit_filtered(gen_state *st, ekv_stopper *stopper, const char 
 static ekv_status prefill(ekv_runtime *rt, kv_seq *seq, const int32_t *prompt, int32_t n_prompt,
                           const kvc_policy *kv, float *logits, kvc_report *rep, ekv_error *err)
 {
-    if (kv->method == KVC_FULL)
+    if (kv->method == KVC_FULL && kv->spark.ratio <= 0)
         return model_prefill(rt, seq, prompt, n_prompt, 0, NULL, logits, err);
     int32_t mean;
     ekv_status rc = kvc_policy_mean_tokens(kv, n_prompt, &mean, err);
@@ -107,6 +107,22 @@ static ekv_status prefill(ekv_runtime *rt, kv_seq *seq, const int32_t *prompt, i
         rc = kvc_capture_compress(cap, rt, seq, rep, err);
     kvc_capture_free(cap);
     return rc;
+}
+
+/* model_probe's fn for gen_run's one decode row: SCOPE reads the step's
+ * attention logits of every (layer, KV head). */
+typedef struct scope_probe {
+    kvc_scope *scope;
+    kv_seq *seq;
+} scope_probe;
+
+static void scope_probe_fn(void *ctx, int32_t layer, int32_t row, int32_t kv_head,
+                           const float *logits, const float *probs, int32_t n_q, int32_t n_tokens)
+{
+    (void)row;
+    (void)probs;
+    scope_probe *sp = ctx;
+    kvc_scope_observe(sp->scope, sp->seq, layer, kv_head, logits, n_q, n_tokens);
 }
 
 ekv_status gen_run(ekv_runtime *rt, kv_pool *kv, const int32_t *prompt, int32_t n_prompt,
@@ -133,6 +149,7 @@ ekv_status gen_run(ekv_runtime *rt, kv_pool *kv, const int32_t *prompt, int32_t 
     out->ids = malloc(((size_t)p->max_tokens + 1) * sizeof *out->ids);
     ekv_sampler *sampler = sampler_create(&p->sampling, c->n_vocab, err);
     ekv_stopper *stopper = NULL;
+    kvc_scope *scope = NULL;
     kv_seq *seq = kv_seq_create(kv, c->n_layers, c->n_kv_heads, err);
     if (!sampler || !seq) {
         rc = err ? err->code : EKV_ENOMEM;
@@ -153,8 +170,15 @@ ekv_status gen_run(ekv_runtime *rt, kv_pool *kv, const int32_t *prompt, int32_t 
     double t0 = gen_now();
     if ((rc = prefill(rt, seq, prompt, n_prompt, &p->kv, logits, &out->compression, err)))
         goto out;
-    const size_t block_bytes = kv_pool_block_bytes(kv);
-    out->kv_bytes_prompt = kv_seq_blocks(seq) * (int64_t)block_bytes;
+    out->kv_bytes_prompt = kv_seq_bytes(seq);
+    if (p->kv.decode.mode != KVC_DECODE_NONE &&
+        !(scope = kvc_scope_create(&p->kv.decode, seq, p->max_tokens, err))) {
+        rc = err ? err->code : EKV_ENOMEM;
+        goto out;
+    }
+    scope_probe sp = {.scope = scope, .seq = seq};
+    const uint8_t probe_row = 1;
+    const model_probe probe = {.rows = &probe_row, .fn = scope_probe_fn, .ctx = &sp};
     double t1 = gen_now();
     out->prefill_s = t1 - t0;
 
@@ -193,9 +217,15 @@ ekv_status gen_run(ekv_runtime *rt, kv_pool *kv, const int32_t *prompt, int32_t 
             out->finish = GEN_FINISH_CONTEXT;
             break;
         }
-        model_batch b = {.n = 1, .tokens = &id, .pos = &pos, .seqs = &seq};
-        if ((rc = model_forward(rt, &b, logits, err)))
+        model_batch b = {.n = 1, .tokens = &id, .pos = &pos, .seqs = &seq,
+                         .probe = scope ? &probe : NULL};
+        if (scope)
+            kvc_scope_begin(scope, out->n_ids - 1);
+        if ((rc = model_forward(rt, &b, logits, err)) ||
+            (scope && (rc = kvc_scope_status(scope, err))))
             goto out;
+        if (kv_seq_bytes(seq) > out->kv_bytes_peak)
+            out->kv_bytes_peak = kv_seq_bytes(seq);
     }
     out->decode_s = gen_now() - t1;
     if (!stopped) { /* the text held back for UTF-8 and stop strings */
@@ -211,8 +241,11 @@ ekv_status gen_run(ekv_runtime *rt, kv_pool *kv, const int32_t *prompt, int32_t 
                 goto out;
         }
     }
-    out->kv_bytes = kv_seq_blocks(seq) * (int64_t)block_bytes;
+    out->kv_bytes = kv_seq_bytes(seq);
+    if (scope)
+        kvc_scope_get_stats(scope, &out->scope);
 out:
+    kvc_scope_free(scope);
     if (!out->text && rc == EKV_OK)
         out->text = calloc(1, 1);
     if (rc)

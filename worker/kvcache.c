@@ -12,6 +12,7 @@
  */
 #include "entrokv/kvcache.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -28,6 +29,13 @@ struct kv_pool {
 };
 
 typedef struct kv_head {
+    /* SparK's packed prefix (kv_seq_pack): the head's first packed.n tokens,
+     * outside the blocks; n_tokens and the block table cover the rest */
+    kern_kv_packed packed;
+    uint8_t *p_rows;
+    ekv_f16 *p_v;
+    int32_t *p_pos;
+    float *p_inv_sqrt_c;
     int32_t n_tokens;
     int32_t n_blocks;
     int32_t cap;
@@ -151,6 +159,10 @@ static void head_release(kv_pool *pool, kv_head *h)
     free(h->k);
     free(h->v);
     free(h->pos);
+    free(h->p_rows);
+    free(h->p_v);
+    free(h->p_pos);
+    free(h->p_inv_sqrt_c);
     memset(h, 0, sizeof *h);
 }
 
@@ -246,8 +258,12 @@ ekv_status kv_seq_append(kv_seq *seq, int32_t layer, int32_t head, const float *
 
 int32_t kv_seq_len(const kv_seq *seq, int32_t layer, int32_t head)
 {
-    return head_at(seq, layer, head)->n_tokens;
+    const kv_head *h = head_at(seq, layer, head);
+    return h->packed.n + h->n_tokens;
 }
+
+int32_t kv_seq_n_layers(const kv_seq *seq) { return seq->n_layers; }
+int32_t kv_seq_n_kv_heads(const kv_seq *seq) { return seq->n_kv_heads; }
 
 int32_t kv_seq_next_pos(const kv_seq *seq)
 {
@@ -258,8 +274,8 @@ int32_t kv_seq_max_len(const kv_seq *seq)
 {
     int32_t n = 0;
     for (int32_t i = 0; i < seq->n_layers * seq->n_kv_heads; i++)
-        if (seq->heads[i].n_tokens > n)
-            n = seq->heads[i].n_tokens;
+        if (seq->heads[i].packed.n + seq->heads[i].n_tokens > n)
+            n = seq->heads[i].packed.n + seq->heads[i].n_tokens;
     return n;
 }
 
@@ -276,15 +292,105 @@ int64_t kv_seq_blocks(const kv_seq *seq)
     return n;
 }
 
-void kv_seq_view(const kv_seq *seq, int32_t layer, int32_t head, kern_kv_view *view)
+int64_t kv_seq_packed_bytes(const kv_seq *seq)
 {
-    const kv_head *h = head_at(seq, layer, head);
+    const size_t d = (size_t)seq->pool->head_dim;
+    int64_t b = 0;
+    for (int32_t i = 0; i < seq->n_layers * seq->n_kv_heads; i++) {
+        const kv_head *h = &seq->heads[i];
+        if (h->packed.n)
+            b += (int64_t)(h->packed.n * (h->packed.row_bytes + d * sizeof(ekv_f16) +
+                                          sizeof(int32_t)) +
+                           (h->p_inv_sqrt_c ? d * sizeof(float) : 0));
+    }
+    return b;
+}
+
+int64_t kv_seq_bytes(const kv_seq *seq)
+{
+    return kv_seq_blocks(seq) * (int64_t)seq->pool->block_bytes + kv_seq_packed_bytes(seq);
+}
+
+/* The view of the blocks alone (what eviction hooks and block code see). */
+static void blocks_view(const kv_seq *seq, const kv_head *h, kern_kv_view *view)
+{
     view->n_tokens = h->n_tokens;
     view->block_tokens = seq->pool->block_tokens;
     view->head_dim = seq->pool->head_dim;
     view->k_blocks = h->k;
     view->v_blocks = h->v;
     view->pos_blocks = h->pos;
+    view->packed = NULL;
+}
+
+void kv_seq_view(const kv_seq *seq, int32_t layer, int32_t head, kern_kv_view *view)
+{
+    const kv_head *h = head_at(seq, layer, head);
+    blocks_view(seq, h, view);
+    if (h->packed.n) {
+        view->n_tokens += h->packed.n;
+        view->packed = &h->packed;
+    }
+}
+
+ekv_status kv_seq_pack(kv_seq *seq, int32_t layer, int32_t head, int32_t n_keep,
+                       const uint8_t *masks, const float *m, const float *inv_sqrt_c,
+                       ekv_error *err)
+{
+    kv_pool *pool = seq->pool;
+    kv_head *h = head_at(seq, layer, head);
+    const int32_t bt = pool->block_tokens, d = pool->head_dim, n = h->n_tokens;
+    const size_t mb = ((size_t)d + 7) / 8;
+    if (h->packed.n)
+        return ekv_error_set(err, EKV_EINVAL, "kv pack: head %d/%d is packed already", layer,
+                             head);
+    if (n_keep < 0 || n_keep > d || d > 512)
+        return ekv_error_set(err, EKV_EINVAL, "kv pack: %d of %d channels", n_keep, d);
+    for (int32_t t = 0; t < n; t++) {
+        int32_t kept = 0;
+        for (int32_t j = 0; j < d; j++)
+            kept += masks[(size_t)t * mb + (size_t)j / 8] >> (j % 8) & 1;
+        if (kept != n_keep || !isfinite(m[t]) || m[t] < 0)
+            return ekv_error_set(err, EKV_EINVAL, "kv pack: token %d keeps %d channels, m %g", t,
+                                 kept, (double)m[t]);
+    }
+    if (n == 0)
+        return EKV_OK;
+    const size_t rb = kern_packed_row_bytes(d, n_keep);
+    uint8_t *rows = malloc((size_t)n * rb);
+    ekv_f16 *v = malloc((size_t)n * d * sizeof *v);
+    int32_t *pos = malloc((size_t)n * sizeof *pos);
+    float *isc = inv_sqrt_c ? malloc((size_t)d * sizeof *isc) : NULL;
+    float k[512];
+    if (!rows || !v || !pos || (inv_sqrt_c && !isc)) {
+        free(rows);
+        free(v);
+        free(pos);
+        free(isc);
+        return ekv_error_set(err, EKV_ENOMEM, "kv pack: out of memory");
+    }
+    for (int32_t t = 0; t < n; t++) {
+        const int32_t b = h->ids[t / bt], r = t % bt;
+        const ekv_f16 *kb = block_k(pool, b) + r;
+        for (int32_t j = 0; j < d; j++)
+            k[j] = ekv_f16_to_f32(kb[(size_t)j * bt]);
+        kern_packed_encode(rows + (size_t)t * rb, k, masks + (size_t)t * mb, m[t], d, n_keep);
+        memcpy(v + (size_t)t * d, block_v(pool, b) + (size_t)r * d, (size_t)d * sizeof *v);
+        pos[t] = block_pos(pool, b)[r];
+    }
+    if (isc)
+        memcpy(isc, inv_sqrt_c, (size_t)d * sizeof *isc);
+    for (int32_t b = 0; b < h->n_blocks; b++)
+        pool->free_ids[pool->n_free++] = h->ids[b];
+    h->n_blocks = 0;
+    h->n_tokens = 0;
+    h->p_rows = rows;
+    h->p_v = v;
+    h->p_pos = pos;
+    h->p_inv_sqrt_c = isc;
+    h->packed = (kern_kv_packed){.n = n, .n_keep = n_keep, .row_bytes = rb, .rows = rows,
+                                 .v = v, .pos = pos, .inv_sqrt_c = isc};
+    return EKV_OK;
 }
 
 /* Row src of head h to row dst (both within its blocks). */
@@ -323,9 +429,11 @@ int32_t kv_block_token(const kv_pool *pool, const void *block, int32_t row, ekv_
 int32_t kv_seq_positions(const kv_seq *seq, int32_t layer, int32_t head, int32_t *out)
 {
     const kv_head *h = head_at(seq, layer, head);
+    for (int32_t t = 0; t < h->packed.n; t++)
+        out[t] = h->packed.pos[t];
     for (int32_t t = 0; t < h->n_tokens; t++)
-        out[t] = row_pos(seq->pool, h, t);
-    return h->n_tokens;
+        out[h->packed.n + t] = row_pos(seq->pool, h, t);
+    return h->packed.n + h->n_tokens;
 }
 
 ekv_status kv_seq_insert(kv_seq *seq, int32_t layer, int32_t head, const ekv_f16 *k,
@@ -336,6 +444,9 @@ ekv_status kv_seq_insert(kv_seq *seq, int32_t layer, int32_t head, const ekv_f16
     const int32_t bt = pool->block_tokens, d = pool->head_dim;
     if (n <= 0)
         return n == 0 ? EKV_OK : ekv_error_set(err, EKV_EINVAL, "kv insert: %d tokens", n);
+    if (h->packed.n)
+        return ekv_error_set(err, EKV_EUNSUPPORTED,
+                             "kv insert: head %d/%d holds packed (SparK) keys", layer, head);
     if (n > INT32_MAX - h->n_tokens)
         return ekv_error_set(err, EKV_EINVAL, "kv insert: too many tokens");
     /* positions increasing, and none the head already holds (both lists are sorted) */
@@ -382,13 +493,33 @@ ekv_status kv_seq_keep(kv_seq *seq, int32_t layer, int32_t head, const int32_t *
 {
     kv_pool *pool = seq->pool;
     kv_head *h = head_at(seq, layer, head);
-    const int32_t bt = pool->block_tokens;
-    if (n_keep < 0 || n_keep > h->n_tokens)
-        return ekv_error_set(err, EKV_EINVAL, "kv keep: %d of %d tokens", n_keep, h->n_tokens);
+    const int32_t bt = pool->block_tokens, np = h->packed.n;
+    if (n_keep < 0 || n_keep > np + h->n_tokens)
+        return ekv_error_set(err, EKV_EINVAL, "kv keep: %d of %d tokens", n_keep,
+                             np + h->n_tokens);
     for (int32_t i = 0; i < n_keep; i++)
-        if (keep[i] < 0 || keep[i] >= h->n_tokens || (i > 0 && keep[i] <= keep[i - 1]))
+        if (keep[i] < 0 || keep[i] >= np + h->n_tokens || (i > 0 && keep[i] <= keep[i - 1]))
             return ekv_error_set(err, EKV_EINVAL,
-                                 "kv keep: indices must be increasing and in [0, %d)", h->n_tokens);
+                                 "kv keep: indices must be increasing and in [0, %d)",
+                                 np + h->n_tokens);
+    if (np) { /* packed tokens stay; the rest are indices into the blocks */
+        if (n_keep < np || keep[np - 1] != np - 1)
+            return ekv_error_set(err, EKV_EUNSUPPORTED,
+                                 "kv keep: head %d/%d cannot drop packed (SparK) tokens", layer,
+                                 head);
+        keep += np;
+        n_keep -= np;
+        int32_t *rel = malloc(((size_t)n_keep + 1) * sizeof *rel);
+        if (!rel)
+            return ekv_error_set(err, EKV_ENOMEM, "kv keep: out of memory");
+        for (int32_t i = 0; i < n_keep; i++)
+            rel[i] = keep[i] - np;
+        h->packed.n = 0; /* the blocks alone, then the prefix back */
+        const ekv_status rc = kv_seq_keep(seq, layer, head, rel, n_keep, err);
+        h->packed.n = np;
+        free(rel);
+        return rc;
+    }
     if (pool->evict && n_keep < h->n_tokens) {
         int32_t *dropped = malloc((size_t)(h->n_tokens - n_keep) * sizeof *dropped);
         if (!dropped)
@@ -401,7 +532,7 @@ ekv_status kv_seq_keep(kv_seq *seq, int32_t layer, int32_t head, const int32_t *
                 dropped[n_dropped++] = t;
         }
         kern_kv_view view;
-        kv_seq_view(seq, layer, head, &view);
+        blocks_view(seq, h, &view);
         pool->evict(pool->evict_ctx, seq, layer, head, &view, dropped, n_dropped);
         free(dropped);
     }
@@ -447,6 +578,28 @@ kv_seq *kv_seq_clone(const kv_seq *src, ekv_error *err)
         }
         d->n_blocks = s->n_blocks;
         d->n_tokens = s->n_tokens;
+        if (s->packed.n) {
+            const size_t n = (size_t)s->packed.n, dim = (size_t)pool->head_dim;
+            d->p_rows = malloc(n * s->packed.row_bytes);
+            d->p_v = malloc(n * dim * sizeof *d->p_v);
+            d->p_pos = malloc(n * sizeof *d->p_pos);
+            d->p_inv_sqrt_c = s->p_inv_sqrt_c ? malloc(dim * sizeof(float)) : NULL;
+            if (!d->p_rows || !d->p_v || !d->p_pos || (s->p_inv_sqrt_c && !d->p_inv_sqrt_c)) {
+                kv_seq_free(dst);
+                ekv_error_set(err, EKV_ENOMEM, "kv clone: out of memory");
+                return NULL;
+            }
+            memcpy(d->p_rows, s->p_rows, n * s->packed.row_bytes);
+            memcpy(d->p_v, s->p_v, n * dim * sizeof *d->p_v);
+            memcpy(d->p_pos, s->p_pos, n * sizeof *d->p_pos);
+            if (s->p_inv_sqrt_c)
+                memcpy(d->p_inv_sqrt_c, s->p_inv_sqrt_c, dim * sizeof(float));
+            d->packed = s->packed;
+            d->packed.rows = d->p_rows;
+            d->packed.v = d->p_v;
+            d->packed.pos = d->p_pos;
+            d->packed.inv_sqrt_c = d->p_inv_sqrt_c;
+        }
     }
     dst->next_pos = src->next_pos;
     return dst;

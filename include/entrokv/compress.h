@@ -40,10 +40,43 @@ typedef enum kvc_method_id {
 
 typedef struct kvc_profile kvc_profile; /* offline UNComp head groups (kvc_profile_load) */
 
+/* SCOPE (specs/scope.md): what each KV head keeps of the generated tokens.
+ * The prompt's tokens (whatever the prefill policy kept) are never evicted
+ * while decoding; the decode pool of each (layer, KV head) is capped at a
+ * budget B(t) that includes the `recent` newest tokens. */
+typedef enum kvc_decode_mode {
+    KVC_DECODE_NONE = 0,      /* the decode pool grows without bound */
+    KVC_DECODE_SLIDE,         /* B = window, top-k every step once full */
+    KVC_DECODE_ADAPTIVE,      /* B(t) = recent + t / delta, top-k every step */
+    KVC_DECODE_DISCONTINUOUS, /* B(t) as adaptive, top-k once every delta + 1 steps */
+    KVC_DECODE_N_MODES
+} kvc_decode_mode;
+
+typedef struct kvc_decode_policy {
+    kvc_decode_mode mode;
+    int32_t recent;  /* R >= 1 */
+    int32_t window;  /* W > R: slide's budget; sets delta for the others */
+    int32_t max_new; /* T_out for delta; 0: the request's max_tokens */
+} kvc_decode_policy;
+
+/* SparK (specs/spark.md): key channels pruned per prompt token at the end
+ * of prefill, after the token policy. */
+typedef enum kvc_spark_recovery {
+    KVC_SPARK_AVG = 0, /* pruned channels rebuilt as sign * sqrt(m / c_j) */
+    KVC_SPARK_ZERO,    /* pruned channels read as 0 (ablation) */
+} kvc_spark_recovery;
+
+typedef struct kvc_spark_policy {
+    double ratio; /* fraction of head_dim pruned per token, [0, 1); 0: off */
+    kvc_spark_recovery recovery;
+} kvc_spark_policy;
+
 typedef struct kvc_policy {
     kvc_method_id method;
     double budget;               /* (0, 1]: fraction of the prompt; > 1: tokens per head */
     const kvc_profile *profile;  /* uncomp only; NULL: online entropy from the request */
+    kvc_decode_policy decode;    /* zero: no decode compression */
+    kvc_spark_policy spark;      /* zero: no channel pruning */
 } kvc_policy;
 
 /* "full", "streaming", ... ; NULL for an out-of-range id. */
@@ -58,6 +91,63 @@ ekv_status kvc_policy_parse(const char *method, double budget, kvc_policy *p, ek
  * when an absolute budget exceeds the prompt. Full always keeps n_prompt. */
 ekv_status kvc_policy_mean_tokens(const kvc_policy *p, int32_t n_prompt, int32_t *mean,
                                   ekv_error *err);
+
+/* "none", "scope-slide", "scope-adaptive", "scope-discontinuous"; NULL for
+ * an out-of-range mode. */
+const char *kvc_decode_name(kvc_decode_mode mode);
+
+/* Parses a decode method name ("" and NULL mean none) with its recent
+ * window R and budget W into d (max_new 0). EKV_EINVAL with a message for
+ * an unknown name, R < 1 or W <= R (with a method other than none). */
+ekv_status kvc_decode_parse(const char *name, int32_t recent, int32_t window,
+                            kvc_decode_policy *d, ekv_error *err);
+
+/* Parses a SparK ratio in [0, 1) and a recovery ("avg", "zero"; "" and NULL
+ * mean avg) into p. EKV_EINVAL with a message otherwise. */
+ekv_status kvc_spark_parse(double ratio, const char *recovery, kvc_spark_policy *p,
+                           ekv_error *err);
+
+/* ---- SCOPE decode-phase compression of one sequence (compress/scope.c) ---- */
+
+typedef struct kvc_scope kvc_scope;
+
+/* For a sequence whose prompt is in seq and compressed (the prefill pool):
+ * records each head's true prefill length. max_new is T_out when
+ * d->max_new is 0. NULL when d->mode is none is not an error: check d first. */
+kvc_scope *kvc_scope_create(const kvc_decode_policy *d, const kv_seq *seq, int32_t max_new,
+                            ekv_error *err);
+void kvc_scope_free(kvc_scope *s);
+
+/* Before the forward that appends decode token t (0 for the first generated
+ * token, counted per sequence): decides whether this step evicts. */
+void kvc_scope_begin(kvc_scope *s, int32_t t);
+
+/* model_probe's fn for this sequence's row (model.h): after the step's
+ * attention of (layer, head), keeps the prefill pool, the top B(t) - R
+ * candidates by this step's logit (max over the head's query heads; ties
+ * to the older token) and the last R tokens. Evicted tokens go to the
+ * pool's eviction hook (kv_seq_keep). A failure is kept for
+ * kvc_scope_status. */
+void kvc_scope_observe(kvc_scope *s, kv_seq *seq, int32_t layer, int32_t head,
+                       const float *logits, int32_t n_q, int32_t n_tokens);
+
+/* The first error kvc_scope_observe met (EKV_OK: none). */
+ekv_status kvc_scope_status(const kvc_scope *s, ekv_error *err);
+
+typedef struct kvc_scope_stats {
+    int32_t delta;           /* delta used for adaptive/discontinuous */
+    int32_t budget;          /* B(t) of the last step */
+    int32_t decode_held;     /* decode tokens each head holds now */
+    int32_t decode_peak;     /* the most any head held at once */
+    int64_t evicted;         /* tokens evicted over all heads */
+    int64_t topk_calls;      /* steps that ran the selection */
+} kvc_scope_stats;
+void kvc_scope_get_stats(const kvc_scope *s, kvc_scope_stats *st);
+
+/* B(t) for a policy and delta (exposed for tests). */
+int32_t kvc_scope_budget(const kvc_decode_policy *d, int32_t delta, int32_t t);
+/* delta = floor((T_out - R) / (W - R)), at least 1. */
+int32_t kvc_scope_delta(const kvc_decode_policy *d, int32_t t_out);
 
 /* ---- offline UNComp profile (compress/profile.c) ---- */
 
@@ -88,6 +178,9 @@ typedef struct kvc_report {
     int64_t kept_total;    /* tokens kept over all heads */
     int64_t blocks_before; /* the sequence's blocks before and after */
     int64_t blocks_after;
+    int64_t bytes_before;  /* kv_seq_bytes before compression, */
+    int64_t bytes_tokens;  /* after the token policy, */
+    int64_t bytes_after;   /* and after SparK's channel pruning */
     double seconds;        /* scoring + entropy + selection */
 } kvc_report;
 

@@ -34,7 +34,9 @@ typedef struct gen_params {
     const char *const *stops;
     size_t n_stops;
     bool ignore_eos;         /* keep going past end-of-generation tokens (benchmarks) */
-    kvc_policy kv;           /* compression of the prompt's KV after prefill (zero: full) */
+    kvc_policy kv;           /* compression of the prompt's KV after prefill (zero: full), of
+                              * the generated tokens' KV (kv.decode) and of key channels
+                              * (kv.spark) */
 } gen_params;
 
 /* Called with each piece of text that is safe to show; return false to stop. */
@@ -52,6 +54,8 @@ typedef struct gen_result {
     int64_t kv_bytes;        /* KV the sequence held at the end, from the pool */
     int64_t kv_bytes_prompt; /* KV held right after the prompt (and its compression) */
     kvc_report compression;  /* zero for full KV */
+    int64_t kv_bytes_peak;   /* the most KV held after any decode step (SCOPE keeps it bounded) */
+    kvc_scope_stats scope;   /* zero without decode compression */
 } gen_result;
 
 void gen_params_default(gen_params *p);

@@ -81,6 +81,36 @@ void kern_add(float *x, const float *y, int n);
  * n_tokens are read and then ignored). The SIMD paths need block_tokens to be
  * a multiple of 16; other geometries take the scalar path.
  */
+/*
+ * SparK's packed keys (shared/specs/spark.md): a head's first tokens may be
+ * held outside the blocks with only n_keep of their head_dim key channels.
+ * Row t (row_bytes apart, kern_packed_row_bytes) is
+ *   f32 m | mask: ceil(d/8) bytes, bit j set = channel j kept |
+ *   signs: ceil((d - n_keep)/8) bytes, bit i = the i-th pruned channel's key
+ *   was negative | padding to 2 | n_keep fp16 kept values in channel order,
+ * and rebuilds as k_j (kept) or sign_j * sqrt(m / c_j) (pruned; "avg"
+ * recovery, inv_sqrt_c[j] = 1 / sqrt(c_j)) or 0 (inv_sqrt_c NULL: the
+ * zero-fill ablation). V and positions of those tokens are dense.
+ */
+typedef struct kern_kv_packed {
+    int32_t n;                /* the view's first n tokens */
+    int32_t n_keep;
+    size_t row_bytes;
+    const uint8_t *rows;      /* n rows */
+    const ekv_f16 *v;         /* n x head_dim */
+    const int32_t *pos;       /* n */
+    const float *inv_sqrt_c;  /* head_dim; NULL: pruned channels read as 0 */
+} kern_kv_packed;
+
+size_t kern_packed_row_bytes(int32_t head_dim, int32_t n_keep);
+/* Packs key k (head_dim floats) keeping the channels set in keep_mask
+ * (exactly n_keep of them), with the recovery scalar m. */
+void kern_packed_encode(uint8_t *row, const float *k, const uint8_t *keep_mask, float m,
+                        int32_t head_dim, int32_t n_keep);
+/* The key attention uses for a packed row (the reconstruction above). */
+void kern_packed_decode(const uint8_t *row, int32_t head_dim, int32_t n_keep,
+                        const float *inv_sqrt_c, float *k);
+
 typedef struct kern_kv_view {
     int32_t n_tokens;
     int32_t block_tokens;
@@ -88,6 +118,10 @@ typedef struct kern_kv_view {
     const ekv_f16 *const *k_blocks; /* head_dim x block_tokens each (transposed) */
     const ekv_f16 *const *v_blocks; /* block_tokens x head_dim each */
     const int32_t *const *pos_blocks; /* block_tokens positions each */
+    /* NULL, or the first packed->n tokens are packed and token t >= packed->n
+     * is token t - packed->n of the blocks. Views with packed tokens take a
+     * scalar path that rebuilds the pruned terms inside the dot product. */
+    const kern_kv_packed *packed;
 } kern_kv_view;
 
 /*
@@ -101,5 +135,24 @@ typedef struct kern_kv_view {
 #define KERN_ATTN_SCRATCH(n_tokens) ((size_t)KERN_ATTN_GROUP_MAX * (size_t)(n_tokens))
 void kern_attention(const kern_kv_view *kv, const float *Q, int n_q, int q_stride,
                     const int32_t *q_pos, float scale, float *out, int out_stride, float *scores);
+
+/*
+ * What decode-time compression reads from attention (SCOPE, rolling
+ * re-selection): kern_attention_probe is kern_attention that also copies,
+ * per query, its scaled logits (scale * q . k, -inf where masked) and its
+ * softmax probabilities (0 where masked), n_q rows of kv->n_tokens floats
+ * each (query i's row at i * n_tokens; either pointer may be NULL). Both
+ * come from the one pass that computes the output - the logits before the
+ * softmax overwrites them, the probabilities as numerators times 1 / sum -
+ * and equal the values that pass used. kern_attention is this with no
+ * probe, and pays nothing for it.
+ */
+typedef struct kern_attn_probe {
+    float *logits;
+    float *probs;
+} kern_attn_probe;
+void kern_attention_probe(const kern_kv_view *kv, const float *Q, int n_q, int q_stride,
+                          const int32_t *q_pos, float scale, float *out, int out_stride,
+                          float *scores, const kern_attn_probe *pr);
 
 #endif

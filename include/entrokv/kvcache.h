@@ -47,6 +47,8 @@ ekv_status kv_seq_append(kv_seq *seq, int32_t layer, int32_t head, const float *
                          int32_t pos, ekv_error *err);
 
 int32_t kv_seq_len(const kv_seq *seq, int32_t layer, int32_t head);
+int32_t kv_seq_n_layers(const kv_seq *seq);
+int32_t kv_seq_n_kv_heads(const kv_seq *seq);
 /* One past the largest position ever appended (the next position to use);
  * eviction does not lower it. */
 int32_t kv_seq_next_pos(const kv_seq *seq);
@@ -70,6 +72,28 @@ void kv_seq_view(const kv_seq *seq, int32_t layer, int32_t head, kern_kv_view *v
 typedef void (*kv_evict_fn)(void *ctx, const kv_seq *seq, int32_t layer, int32_t head,
                             const kern_kv_view *view, const int32_t *dropped, int32_t n_dropped);
 void kv_pool_set_evict_hook(kv_pool *pool, kv_evict_fn fn, void *ctx);
+
+/*
+ * SparK (compress/spark.c): moves every token (layer, head) holds - it must
+ * hold no packed tokens yet - out of its blocks into a packed prefix
+ * (kern_kv_packed, kernels.h): per token the n_keep key channels its mask
+ * row (masks: ceil(head_dim / 8) bytes per token, bit j = keep channel j)
+ * selects, the recovery scalar m[t] and the pruned channels' signs; V and
+ * positions dense. The blocks return to the pool; later appends go to new
+ * blocks after the prefix. inv_sqrt_c (head_dim floats, copied) rebuilds
+ * pruned channels as sign * sqrt(m / c_j); NULL reads them as 0. Packed
+ * tokens are never dropped (kv_seq_keep refuses) nor inserted around
+ * (kv_seq_insert refuses); the block export/import API sees the blocks only.
+ * EKV_EINVAL for a mask row that keeps other than n_keep channels or an m
+ * that is negative or not finite.
+ */
+ekv_status kv_seq_pack(kv_seq *seq, int32_t layer, int32_t head, int32_t n_keep,
+                       const uint8_t *masks, const float *m, const float *inv_sqrt_c,
+                       ekv_error *err);
+/* Heap bytes of the packed prefixes (rows, V, positions, 1/sqrt(c)). */
+int64_t kv_seq_packed_bytes(const kv_seq *seq);
+/* What the sequence really holds: its blocks' bytes plus its packed bytes. */
+int64_t kv_seq_bytes(const kv_seq *seq);
 
 /* A copy of src (every head's tokens and positions) drawing blocks from the
  * same pool; EKV_ENOMEM when the pool cannot hold it. */

@@ -69,6 +69,22 @@ typedef struct model_tap {
     void *ctx;
 } model_tap;
 
+/* Decode-time compression's view of attention (SCOPE): after each layer's
+ * attention, before anything else of that layer, fn is called on the
+ * forward's thread once per (probed row, KV head), in row then head order,
+ * with the row's G = n_heads / n_kv_heads query heads' scaled logits and
+ * softmax probabilities over the head's n_tokens kept tokens ([G][n_tokens]
+ * each; kernels.h kern_attn_probe). The row's attention output is already
+ * computed, so fn may drop tokens of that (layer, KV head) (kv_seq_keep):
+ * only later steps see the change. A probed row's sequence must have no
+ * other row in the batch. */
+typedef struct model_probe {
+    const uint8_t *rows; /* per batch row: nonzero to probe it */
+    void (*fn)(void *ctx, int32_t layer, int32_t row, int32_t kv_head, const float *logits,
+               const float *probs, int32_t n_q, int32_t n_tokens);
+    void *ctx;
+} model_probe;
+
 typedef struct model_batch {
     int32_t n;
     const int32_t *tokens;
@@ -78,6 +94,8 @@ typedef struct model_batch {
     const uint8_t *want_logits;
     /* NULL or one tap for the whole batch (it sees every row). */
     const model_tap *tap;
+    /* NULL or the rows whose attention decode-time compression reads. */
+    const model_probe *probe;
 } model_batch;
 
 /* Runs the batch; writes n_vocab logits per requested row, in row order. On

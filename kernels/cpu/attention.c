@@ -30,7 +30,7 @@
 #include <math.h>
 #include <stdbool.h>
 
-#include "entrokv/kernels.h"
+#include "attention_internal.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -55,7 +55,7 @@ static inline int32_t pos_of(const kern_kv_view *kv, int32_t t)
 }
 
 static void attend_one_scalar(const kern_kv_view *kv, const float *q, int32_t qpos,
-                              float scale, float *out, float *scores)
+                              float scale, float *out, float *scores, const kern_attn_probe *pr)
 {
     const int32_t d = kv->head_dim, bt = kv->block_tokens;
     float max = -INFINITY;
@@ -71,15 +71,25 @@ static void attend_one_scalar(const kern_kv_view *kv, const float *q, int32_t qp
         if (scores[t] > max)
             max = scores[t];
     }
+    if (pr && pr->logits)
+        for (int32_t t = 0; t < kv->n_tokens; t++)
+            pr->logits[t] = scores[t];
     for (int32_t j = 0; j < d; j++)
         out[j] = 0.0f;
-    if (max == -INFINITY) /* nothing visible: defined as a zero output */
+    if (max == -INFINITY) { /* nothing visible: defined as a zero output */
+        if (pr && pr->probs)
+            for (int32_t t = 0; t < kv->n_tokens; t++)
+                pr->probs[t] = 0.0f;
         return;
+    }
     double sum = 0.0;
     for (int32_t t = 0; t < kv->n_tokens; t++) {
-        if (scores[t] == -INFINITY)
+        if (scores[t] == -INFINITY) {
+            scores[t] = 0.0f;
             continue;
+        }
         const float p = expf(scores[t] - max);
+        scores[t] = p;
         sum += p;
         const ekv_f16 *v = row_of(kv->v_blocks, t, bt, d);
         for (int32_t j = 0; j < d; j++)
@@ -88,6 +98,29 @@ static void attend_one_scalar(const kern_kv_view *kv, const float *q, int32_t qp
     const float inv = (float)(1.0 / sum);
     for (int32_t j = 0; j < d; j++)
         out[j] *= inv;
+    if (pr && pr->probs)
+        for (int32_t t = 0; t < kv->n_tokens; t++)
+            pr->probs[t] = scores[t] * inv;
+}
+
+/* The probe's copies for g queries whose scores (g x n, row i at i * n)
+ * hold the scaled logits (before softmax) or the softmax numerators (after,
+ * with inv[i] = 1 / their sum): query i's rows go to row q0 + i. */
+static void probe_logits(const kern_attn_probe *pr, const float *scores, int32_t n, int g, int q0)
+{
+    if (pr && pr->logits)
+        for (int i = 0; i < g; i++)
+            for (int32_t t = 0; t < n; t++)
+                pr->logits[(size_t)(q0 + i) * n + t] = scores[(size_t)i * n + t];
+}
+
+static void probe_probs(const kern_attn_probe *pr, const float *scores, int32_t n, int g, int q0,
+                        const float *inv)
+{
+    if (pr && pr->probs)
+        for (int i = 0; i < g; i++)
+            for (int32_t t = 0; t < n; t++)
+                pr->probs[(size_t)(q0 + i) * n + t] = scores[(size_t)i * n + t] * inv[i];
 }
 
 #if defined(__x86_64__)
@@ -324,12 +357,15 @@ AVX2_TARGET static void values_avx2(const kern_kv_view *kv, const float *s, int 
 
 AVX2_TARGET static void attend_group_avx2(const kern_kv_view *kv, const float *Q, int g,
                                           int q_stride, int32_t qpos, float scale, float *out,
-                                          int out_stride, float *scores)
+                                          int out_stride, float *scores,
+                                          const kern_attn_probe *pr, int q0)
 {
     float max[GROUP_MAX], inv[GROUP_MAX];
     scores_avx2(kv, Q, g, q_stride, qpos, scale, scores, max);
+    probe_logits(pr, scores, kv->n_tokens, g, q0);
     softmax_avx2(scores, kv->n_tokens, g, max, inv);
     values_avx2(kv, scores, g, inv, out, out_stride);
+    probe_probs(pr, scores, kv->n_tokens, g, q0, inv);
 }
 
 /*
@@ -479,21 +515,41 @@ AVX512_FN static void values_avx512(const kern_kv_view *kv, const float *s, int 
 
 AVX512_FN static void attend_group_avx512(const kern_kv_view *kv, const float *Q, int g,
                                           int q_stride, int32_t qpos, float scale, float *out,
-                                          int out_stride, float *scores)
+                                          int out_stride, float *scores,
+                                          const kern_attn_probe *pr, int q0)
 {
     float max[GROUP_MAX], inv[GROUP_MAX];
     scores_avx512(kv, Q, g, q_stride, qpos, scale, scores, max);
+    probe_logits(pr, scores, kv->n_tokens, g, q0);
     softmax_avx2(scores, kv->n_tokens, g, max, inv);
     values_avx512(kv, scores, g, inv, out, out_stride);
+    probe_probs(pr, scores, kv->n_tokens, g, q0, inv);
 }
 #endif
 
 void kern_attention(const kern_kv_view *kv, const float *Q, int n_q, int q_stride,
                     const int32_t *q_pos, float scale, float *out, int out_stride, float *scores)
 {
+    kern_attention_probe(kv, Q, n_q, q_stride, q_pos, scale, out, out_stride, scores, NULL);
+}
+
+void kern_attention_probe(const kern_kv_view *kv, const float *Q, int n_q, int q_stride,
+                          const int32_t *q_pos, float scale, float *out, int out_stride,
+                          float *scores, const kern_attn_probe *pr)
+{
     for (int i = 0; i < n_q;) {
         const float *q = Q + (size_t)i * q_stride;
         float *o = out + (size_t)i * out_stride;
+        if (kv->packed) { /* SparK's packed keys: the scalar path that rebuilds them */
+            kern_attn_probe one = {0};
+            if (pr) {
+                one.logits = pr->logits ? pr->logits + (size_t)i * kv->n_tokens : NULL;
+                one.probs = pr->probs ? pr->probs + (size_t)i * kv->n_tokens : NULL;
+            }
+            kern_attend_packed(kv, q, q_pos[i], scale, o, scores, pr ? &one : NULL);
+            i++;
+            continue;
+        }
 #if defined(__x86_64__)
         /* the SIMD paths take whole 16-token tiles of a block */
         const kern_isa isa = kv->block_tokens % 16 == 0 ? kern_active_isa() : KERN_ISA_SCALAR;
@@ -503,14 +559,22 @@ void kern_attention(const kern_kv_view *kv, const float *Q, int n_q, int q_strid
             while (g < GROUP_MAX && i + g < n_q && q_pos[i + g] == q_pos[i])
                 g++;
             if (isa >= KERN_ISA_AVX512 && d % 16 == 0)
-                attend_group_avx512(kv, q, g, q_stride, q_pos[i], scale, o, out_stride, scores);
+                attend_group_avx512(kv, q, g, q_stride, q_pos[i], scale, o, out_stride, scores,
+                                    pr, i);
             else
-                attend_group_avx2(kv, q, g, q_stride, q_pos[i], scale, o, out_stride, scores);
+                attend_group_avx2(kv, q, g, q_stride, q_pos[i], scale, o, out_stride, scores, pr,
+                                  i);
             i += g;
             continue;
         }
 #endif
-        attend_one_scalar(kv, q, q_pos[i], scale, o, scores);
+        kern_attn_probe one, *p1 = NULL;
+        if (pr) { /* this query's rows of the probe */
+            one.logits = pr->logits ? pr->logits + (size_t)i * kv->n_tokens : NULL;
+            one.probs = pr->probs ? pr->probs + (size_t)i * kv->n_tokens : NULL;
+            p1 = &one;
+        }
+        attend_one_scalar(kv, q, q_pos[i], scale, o, scores, p1);
         i++;
     }
 }
