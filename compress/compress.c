@@ -77,6 +77,30 @@ ekv_status kvc_policy_mean_tokens(const kvc_policy *p, int32_t n_prompt, int32_t
     return EKV_OK;
 }
 
+ekv_status kvc_policy_check(const kvc_policy *p, ekv_error *err)
+{
+    const kvc_decode_policy *d = &p->decode;
+    if ((int)d->mode < 0 || d->mode >= KVC_DECODE_N_MODES)
+        return ekv_error_set(err, EKV_EINVAL, "unknown decode method %d", (int)d->mode);
+    if (d->mode != KVC_DECODE_NONE && (d->recent < 1 || d->window <= d->recent || d->max_new < 0))
+        return ekv_error_set(err, EKV_EINVAL,
+                             "scope needs 1 <= recent < window (got recent %d, window %d)",
+                             d->recent, d->window);
+    if (!isfinite(p->spark.ratio) || p->spark.ratio < 0 || p->spark.ratio >= 1)
+        return ekv_error_set(err, EKV_EINVAL, "spark ratio must be in [0, 1), got %g",
+                             p->spark.ratio);
+    if (p->spark.recovery != KVC_SPARK_AVG && p->spark.recovery != KVC_SPARK_ZERO)
+        return ekv_error_set(err, EKV_EINVAL, "unknown spark recovery %d", (int)p->spark.recovery);
+    return EKV_OK;
+}
+
+int32_t kvc_policy_rows(const kvc_policy *p)
+{
+    if (p->spark.ratio > 0)
+        return KVC_SPARK_WINDOW;
+    return p->method != KVC_FULL ? KVC_WINDOW : 1;
+}
+
 struct kvc_capture {
     kvc_policy policy;
     const kvc_method *method;

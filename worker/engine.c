@@ -90,6 +90,7 @@ static void ereq_free(ereq *q)
     kv_seq_free(q->seq);
     if (q->cap)
         kvc_capture_free(q->cap);
+    kvc_scope_free(q->scope);
     sampler_free(q->sampler);
     stopper_free(q->stopper);
     free(q->tokens);
@@ -123,7 +124,7 @@ static ekv_status request_check(const ekv_engine *e, const engine_request *r, ek
     if (r->kv.method != KVC_FULL && !(isfinite(r->kv.budget) && r->kv.budget > 0))
         return ekv_error_set(err, EKV_EINVAL, "kv budget %g must be > 0 and finite",
                              r->kv.budget);
-    return EKV_OK;
+    return kvc_policy_check(&r->kv, err);
 }
 
 /* A queued copy of r: the prompt in a buffer that will also hold the
@@ -170,8 +171,15 @@ static void usage_fill(const ekv_engine *e, const ereq *q, engine_usage *u)
     u->completion_tokens = q->n_gen;
     if (q->seq) {
         const int64_t bb = (int64_t)kv_pool_block_bytes(e->pool);
-        u->kv_bytes = kv_seq_blocks(q->seq) * bb;
+        u->kv_bytes = kv_seq_bytes(q->seq);
         u->kv_bytes_full = engine_blocks_for(e, q->n_fed) * bb;
+        u->kv_bytes_saved_tokens = q->saved_tokens;
+        u->kv_bytes_saved_channels = q->saved_channels;
+        if (q->scope) { /* SCOPE: the evicted generated tokens, at full size */
+            kvc_scope_stats st;
+            kvc_scope_get_stats(q->scope, &st);
+            u->kv_bytes_saved_decode = st.evicted * bb / kv_pool_block_tokens(e->pool);
+        }
     }
     u->queue_s = (q->started ? q->t_sched : now) - q->t_submit;
     u->ttft_s = q->t_first > 0 ? q->t_first - q->t_submit : 0;
@@ -222,10 +230,15 @@ void engine_finish(ekv_engine *e, ereq *q, gen_finish finish, ekv_status rc, con
     if (q->cap)
         kvc_capture_free(q->cap);
     q->cap = NULL;
+    kvc_scope_free(q->scope);
+    q->scope = NULL;
 
     pthread_mutex_lock(&e->mu);
     running_remove(e, q);
     e->stats.kv_bytes_saved += u.kv_bytes_full - u.kv_bytes;
+    e->stats.kv_bytes_saved_tokens += u.kv_bytes_saved_tokens;
+    e->stats.kv_bytes_saved_channels += u.kv_bytes_saved_channels;
+    e->stats.kv_bytes_saved_decode += u.kv_bytes_saved_decode;
     publish_locked(e);
     pthread_mutex_unlock(&e->mu);
 
@@ -249,6 +262,9 @@ void engine_preempt(ekv_engine *e, ereq *q)
     if (q->cap)
         kvc_capture_free(q->cap);
     q->cap = NULL;
+    kvc_scope_free(q->scope); /* replayed token by token from the prompt's end */
+    q->scope = NULL;
+    q->saved_tokens = q->saved_channels = 0;
     q->n_fed = 0;
     q->preemptions++;
 
@@ -356,7 +372,7 @@ static void setup(ekv_engine *e, ereq *q)
     q->n_restored = 0;
     if (e->cfg.prefix_cache) {
         /* leave the observation window (or one token, for logits) to compute */
-        const int32_t keep_out = q->r.kv.method != KVC_FULL ? 8 : 1;
+        const int32_t keep_out = kvc_policy_rows(&q->r.kv);
         const engine_prefix_cache *pc = e->cfg.prefix_cache;
         q->restore_job = pc->restore_start(pc->ctx, q->tokens, q->n_prompt,
                                            q->n_prompt - keep_out, restore_landed, e);
@@ -375,7 +391,7 @@ bool engine_prompt_start(ekv_engine *e, ereq *q, int32_t n_restored)
     q->n_restored = n_restored;
     q->n_fed = n_restored;
     /* the capture sees what is computed: the prompt after the restored part */
-    if (q->r.kv.method != KVC_FULL &&
+    if ((q->r.kv.method != KVC_FULL || q->r.kv.spark.ratio > 0) &&
         !(q->cap = kvc_capture_create(&q->r.kv, e->m, q->n_prompt - n_restored, n_restored,
                                       &err))) {
         engine_finish(e, q, GEN_FINISH_LENGTH, err.code ? err.code : EKV_ENOMEM, err.msg);

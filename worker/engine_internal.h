@@ -46,6 +46,8 @@ struct ereq {
     tok_stream ts;
     kv_seq *seq;           /* NULL while queued */
     kvc_capture *cap;      /* until the prompt is compressed */
+    kvc_scope *scope;      /* SCOPE decode compression, from the prompt's end; NULL: none */
+    int64_t saved_tokens, saved_channels; /* bytes the prompt's token policy and SparK freed */
     bool cancel;           /* engine_cancel asked (under mu) */
     bool started;          /* admitted at least once */
     double t_submit, t_sched, t_first;
@@ -90,6 +92,9 @@ struct ekv_engine {
     const model_tap **taps; /* the captures' taps of this batch's sequences */
     int32_t n_taps;
     model_tap tap;          /* calls each of taps[] (the batch's one tap) */
+    uint8_t *b_probe;       /* per row: a SCOPE sequence's decode row (model_probe) */
+    ereq **b_rowq;          /* per row: its request */
+    model_probe probe;      /* hands each probed row's attention to its request's scope */
     char *piece, *safe;     /* detokenised text, and after the stop strings */
     size_t piece_cap, safe_cap;
 };

@@ -38,6 +38,16 @@ static void dispatch_tap(void *ctx, int32_t layer, const model_batch *b, const f
         e->taps[i]->fn(e->taps[i]->ctx, layer, b, q);
 }
 
+/* The batch's probe: a SCOPE sequence's decode row goes to its scope. */
+static void dispatch_probe(void *ctx, int32_t layer, int32_t row, int32_t kv_head,
+                           const float *logits, const float *probs, int32_t n_q, int32_t n_tokens)
+{
+    (void)probs;
+    const ekv_engine *e = ctx;
+    ereq *q = e->b_rowq[row];
+    kvc_scope_observe(q->scope, q->seq, layer, kv_head, logits, n_q, n_tokens);
+}
+
 ekv_status engine_scratch_init(ekv_engine *e, ekv_error *err)
 {
     const size_t B = (size_t)e->cfg.max_batch, R = (size_t)e->cfg.max_running;
@@ -56,6 +66,11 @@ ekv_status engine_scratch_init(ekv_engine *e, ekv_error *err)
     e->safe = malloc(e->safe_cap);
     e->tap.fn = dispatch_tap;
     e->tap.ctx = e;
+    e->b_probe = calloc(B, 1);
+    e->b_rowq = malloc(B * sizeof *e->b_rowq);
+    e->probe = (model_probe){.rows = e->b_probe, .fn = dispatch_probe, .ctx = e};
+    if (!e->b_probe || !e->b_rowq)
+        return ekv_error_set(err, EKV_ENOMEM, "engine: out of memory for step buffers");
     if (!e->b_tokens || !e->b_pos || !e->b_seqs || !e->b_want || !e->b_reqs ||
         !e->scratch_reqs || !e->logits || !e->taps || !e->piece || !e->safe)
         return ekv_error_set(err, EKV_ENOMEM, "engine: out of memory for step buffers");
@@ -72,6 +87,8 @@ void engine_scratch_free(ekv_engine *e)
     free(e->scratch_reqs);
     free(e->logits);
     free(e->taps);
+    free(e->b_probe);
+    free(e->b_rowq);
     free(e->piece);
     free(e->safe);
 }
@@ -170,6 +187,10 @@ static void add_rows(ekv_engine *e, ereq *q, int32_t rows, int32_t *n)
         e->b_seqs[*n + i] = q->seq;
         e->b_want[*n + i] = 0;
     }
+    for (int32_t i = 0; i < rows; i++) { /* a scope sequence runs one row a step */
+        e->b_probe[*n + i] = q->scope != NULL;
+        e->b_rowq[*n + i] = q;
+    }
     if (q->n_fed + rows == q->n_tok)
         e->b_want[*n + rows - 1] = 1;
     *n += rows;
@@ -189,6 +210,13 @@ static int32_t prefill_want(const ereq *q, int32_t budget)
     int32_t want = q->n_tok - q->n_fed;
     if (q->cap && q->n_prompt - q->n_fed < want)
         want = q->n_prompt - q->n_fed;
+    /* SCOPE starts at the prompt's end and sees each generated token's step
+     * alone: after a preemption they are replayed one row at a time, as
+     * they were decoded */
+    if (q->r.kv.decode.mode != KVC_DECODE_NONE)
+        want = q->n_fed < q->n_prompt ? (q->n_prompt - q->n_fed < want ? q->n_prompt - q->n_fed
+                                                                       : want)
+                                      : (want < 1 ? want : 1);
     return want < budget ? want : budget;
 }
 
@@ -293,9 +321,33 @@ static bool compress_prompt(ekv_engine *e, ereq *q)
     ekv_status rc = kvc_capture_compress(q->cap, e->rt, q->seq, &rep, &err);
     kvc_capture_free(q->cap);
     q->cap = NULL;
+    if (rc == EKV_OK) {
+        q->saved_tokens = rep.bytes_before - rep.bytes_tokens;
+        q->saved_channels = rep.bytes_tokens - rep.bytes_after;
+    }
     if (rc)
         engine_finish(e, q, GEN_FINISH_LENGTH, rc, err.msg);
     return rc == EKV_OK;
+}
+
+/* SCOPE around the forward: the scope starts once the prompt is in (and
+ * compressed); each later row is decode step n_fed - n_prompt. False when
+ * q failed and has been finished. */
+static bool scope_step_done(ekv_engine *e, ereq *q)
+{
+    ekv_error err = {0};
+    if (q->r.kv.decode.mode == KVC_DECODE_NONE)
+        return true;
+    if (q->scope && kvc_scope_status(q->scope, &err)) {
+        engine_finish(e, q, GEN_FINISH_LENGTH, err.code, err.msg);
+        return false;
+    }
+    if (!q->scope && q->n_fed == q->n_prompt &&
+        !(q->scope = kvc_scope_create(&q->r.kv.decode, q->seq, q->r.params.max_tokens, &err))) {
+        engine_finish(e, q, GEN_FINISH_LENGTH, err.code ? err.code : EKV_ENOMEM, err.msg);
+        return false;
+    }
+    return true;
 }
 
 void engine_step(ekv_engine *e)
@@ -317,6 +369,15 @@ void engine_step(ekv_engine *e)
                      .seqs = e->b_seqs,
                      .want_logits = e->b_want,
                      .tap = e->n_taps ? &e->tap : NULL};
+    bool probing = false;
+    for (int32_t i = 0; i < e->n_b_reqs; i++) {
+        ereq *q = e->b_reqs[i];
+        if (q->scope) {
+            kvc_scope_begin(q->scope, q->n_fed - q->n_prompt);
+            probing = true;
+        }
+    }
+    b.probe = probing ? &e->probe : NULL;
     ekv_error err = {0};
     const ekv_status rc = model_forward(e->rt, &b, e->logits, &err);
     engine_note_step(e);
@@ -336,6 +397,8 @@ void engine_step(ekv_engine *e)
             q->prompt_saved = true;
         }
         if (q->cap && q->n_fed == q->n_prompt && !compress_prompt(e, q))
+            continue;
+        if (!scope_step_done(e, q))
             continue;
         if (logits)
             sample_next(e, q, logits);

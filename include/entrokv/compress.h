@@ -92,6 +92,16 @@ ekv_status kvc_policy_parse(const char *method, double budget, kvc_policy *p, ek
 ekv_status kvc_policy_mean_tokens(const kvc_policy *p, int32_t n_prompt, int32_t *mean,
                                   ekv_error *err);
 
+/* The decode and SparK parts of p (kv.decode, kv.spark) as a request
+ * carries them: EKV_EINVAL with a message for an unknown mode or recovery,
+ * recent < 1, window <= recent, max_new < 0 or a ratio outside [0, 1). */
+ekv_status kvc_policy_check(const kvc_policy *p, ekv_error *err);
+
+/* Trailing prompt rows the capture must see computed (not restored from a
+ * prefix cache): 1 for full KV, the observation window, or SparK's
+ * 32-query window. */
+int32_t kvc_policy_rows(const kvc_policy *p);
+
 /* "none", "scope-slide", "scope-adaptive", "scope-discontinuous"; NULL for
  * an out-of-range mode. */
 const char *kvc_decode_name(kvc_decode_mode mode);

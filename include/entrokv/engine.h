@@ -85,6 +85,11 @@ typedef struct engine_usage {
     int32_t completion_tokens;
     int64_t kv_bytes;        /* KV held by the sequence at its end (after compression) */
     int64_t kv_bytes_full;   /* what full KV would have held for the same tokens */
+    /* of kv_bytes_full - kv_bytes, what each mechanism freed: the prompt's
+     * token policy, SparK's channel pruning, SCOPE's decode eviction */
+    int64_t kv_bytes_saved_tokens;
+    int64_t kv_bytes_saved_channels;
+    int64_t kv_bytes_saved_decode;
     double queue_s;          /* submit to first scheduled (to the end if never) */
     double ttft_s;           /* submit to first token sampled; 0 if none */
     int32_t preemptions;     /* times its KV was dropped and recomputed */
@@ -113,6 +118,9 @@ typedef struct engine_stats {
     int64_t kv_blocks_total;
     int64_t kv_blocks_free;
     int64_t kv_bytes_saved;      /* sum over finished sequences of full - held */
+    int64_t kv_bytes_saved_tokens;   /* ... of which by token policies, */
+    int64_t kv_bytes_saved_channels; /* SparK, */
+    int64_t kv_bytes_saved_decode;   /* SCOPE */
     uint64_t preemptions;
     uint64_t steps;
 } engine_stats;
