@@ -19,10 +19,14 @@
 static void usage(FILE *out)
 {
     fprintf(out,
-            "usage: entrokv eval ppl|passkey|sweep --model PATH [flags]\n"
+            "usage: entrokv eval ppl|longgen|passkey|sweep --model PATH [flags]\n"
             "  ppl:     --text FILE --prefix N --continue M [--windows W]\n"
             "           prefill N tokens, compress, teacher-force M more: perplexity (and its\n"
             "           ratio to full KV), mean KL to full KV, top-1 agreement\n"
+            "  longgen: --text FILE --prefix N --continue M\n"
+            "           the model's own greedy continuation of N tokens of text (M tokens,\n"
+            "           full KV) is teacher-forced under each policy, as ppl measures\n"
+            "           (for decode compression: --decode-method, --scope-recent/-window)\n"
             "  passkey: --context N --depth D[,D...] --trials T --seed S [--filler FILE]\n"
             "           a random number hidden in real text at depth D; accuracy over trials\n"
             "  sweep:   every method at budgets 5%%,10%%,20%%,50%%,100%% on both tasks;\n"
@@ -166,6 +170,33 @@ static int load_tokens(const ekv_model *m, const char *path, int32_t **ids, size
     return rc;
 }
 
+/* longgen: replaces text[prefix..] with the model's greedy continuation of
+ * text[0, prefix) under full KV (cont + 1 tokens, end-of-generation ignored). */
+static int own_continuation(const eval_opts *o, const ekv_model *m, ekv_runtime *rt,
+                            int32_t *text, size_t *n_text)
+{
+    ekv_error err = {0};
+    kv_pool *pool = model_kv_pool_create(m, o->prefix + o->cont + 64, &err);
+    gen_params gp;
+    gen_params_default(&gp);
+    gp.max_tokens = o->cont + 1;
+    gp.sampling.temperature = 0;
+    gp.ignore_eos = true;
+    gen_result r = {0};
+    fprintf(stderr, "longgen: generating %d tokens after %d of text with full KV\n", o->cont + 1,
+            o->prefix);
+    if (!pool || gen_run(rt, pool, text, o->prefix, &gp, NULL, NULL, &r, &err)) {
+        cli_error("eval", "%s", err.msg);
+        kv_pool_destroy(pool);
+        return CLI_FAIL;
+    }
+    memcpy(text + o->prefix, r.ids, (size_t)r.n_ids * sizeof *text); /* n_text >= prefix + cont + 1 */
+    *n_text = (size_t)o->prefix + (size_t)r.n_ids;
+    gen_result_free(&r);
+    kv_pool_destroy(pool);
+    return CLI_OK;
+}
+
 /* ---- sweep: table, CSV and plot ---- */
 
 static int sweep_write(const eval_opts *o, const eval_policy *pols, int n_pols,
@@ -217,7 +248,7 @@ static int sweep_write(const eval_opts *o, const eval_policy *pols, int n_pols,
 int cmd_eval(int argc, char **argv)
 {
     if (argc < 2 || (strcmp(argv[1], "ppl") && strcmp(argv[1], "passkey") &&
-                     strcmp(argv[1], "sweep"))) {
+                     strcmp(argv[1], "sweep") && strcmp(argv[1], "longgen"))) {
         if (argc >= 2 && (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h"))) {
             usage(stdout);
             return CLI_OK;
@@ -248,7 +279,9 @@ int cmd_eval(int argc, char **argv)
     }
     if (!pols || !ppl || !pk || (rc = eval_build_policies(&o, m, pols, &n_pols)))
         goto out;
-    const int want_ppl = sweep || !strcmp(task, "ppl"), want_pk = sweep || !strcmp(task, "passkey");
+    const int longgen = !strcmp(task, "longgen");
+    const int want_ppl = sweep || longgen || !strcmp(task, "ppl"),
+              want_pk = sweep || !strcmp(task, "passkey");
     if (want_ppl && (rc = load_tokens(m, o.text, &text, &n_text)))
         goto out;
     if (want_pk && (rc = load_tokens(m, o.filler ? o.filler : o.text, &filler, &n_filler)))
@@ -270,6 +303,11 @@ int cmd_eval(int argc, char **argv)
         goto out;
     }
     rc = CLI_OK;
+    if (longgen) { /* the text's first prefix tokens, then the model's own continuation */
+        o.windows = 1;
+        if ((rc = own_continuation(&o, m, rt, text, &n_text)))
+            goto out;
+    }
     if (want_ppl)
         rc = eval_run_ppl(&o, rt, text, (int32_t)n_text, pols, n_pols, ppl, 1);
     if (!rc && want_pk)

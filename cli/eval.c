@@ -35,7 +35,7 @@ static ekv_status prefill(ekv_runtime *rt, const int32_t *ids, int32_t n, int32_
     const ekv_model *m = model_runtime_model(rt);
     const ekv_model_config *c = model_config(m);
     /* records the window queries and the entropy: enough for every method */
-    kvc_policy rec = {.method = KVC_UNCOMP, .budget = 1.0};
+    kvc_policy rec = {.method = KVC_UNCOMP, .budget = 1.0, .spark = {.ratio = 0.5}};
     memset(p, 0, sizeof *p);
     ekv_status rc;
     p->logits = malloc((size_t)c->n_vocab * sizeof *p->logits);
@@ -65,9 +65,8 @@ static kv_seq *compressed_clone(ekv_runtime *rt, prefilled *p, const eval_policy
     kv_seq *s = kv_seq_clone(p->seq, err);
     if (!s)
         return NULL;
-    const size_t bb = kv_pool_block_bytes(p->pool);
-    out->kv_bytes_full = kv_seq_blocks(s) * (int64_t)bb;
-    if (pol->p.method != KVC_FULL) {
+    out->kv_bytes_full = kv_seq_bytes(s);
+    if (pol->p.method != KVC_FULL || pol->p.spark.ratio > 0) {
         kvc_report rep;
         if (kvc_capture_set_policy(p->cap, &pol->p, err) ||
             kvc_capture_compress(p->cap, rt, s, &rep, err)) {
@@ -76,7 +75,7 @@ static kv_seq *compressed_clone(ekv_runtime *rt, prefilled *p, const eval_policy
         }
         out->compress_s = rep.seconds;
     }
-    out->kv_bytes = kv_seq_blocks(s) * (int64_t)bb;
+    out->kv_bytes = kv_seq_bytes(s);
     return s;
 }
 
@@ -106,6 +105,66 @@ static ekv_status forward_all(ekv_runtime *rt, kv_seq *s, const int32_t *tokens,
     free(pos);
     free(seqs);
     free(want);
+    return rc;
+}
+
+static void scope_probe_fn(void *ctx, int32_t layer, int32_t row, int32_t kv_head,
+                           const float *logits, const float *probs, int32_t n_q, int32_t n_tokens)
+{
+    (void)row;
+    (void)probs;
+    void **sp = ctx; /* {scope, seq} */
+    kvc_scope_observe(sp[0], sp[1], layer, kv_head, logits, n_q, n_tokens);
+}
+
+/* The mean of what s holds after each of the next n appended tokens, with
+ * no eviction (what forward_decode measures step by step). */
+static double mean_bytes_growing(const kv_seq *s, int32_t n)
+{
+    const kv_pool *pool = kv_seq_pool(s);
+    const int64_t bt = kv_pool_block_tokens(pool), bb = (int64_t)kv_pool_block_bytes(pool);
+    const int64_t fixed = kv_seq_packed_bytes(s);
+    double sum = 0;
+    for (int32_t i = 1; i <= n; i++) {
+        int64_t blocks = 0;
+        for (int32_t l = 0; l < kv_seq_n_layers(s); l++)
+            for (int32_t h = 0; h < kv_seq_n_kv_heads(s); h++) {
+                kern_kv_view v;
+                kv_seq_view(s, l, h, &v);
+                const int64_t in_blocks = v.n_tokens - (v.packed ? v.packed->n : 0);
+                blocks += (in_blocks + i + bt - 1) / bt;
+            }
+        sum += (double)(fixed + blocks * bb);
+    }
+    return n ? sum / n : 0;
+}
+
+/* forward_all for a decode policy: one token per forward, SCOPE evicting
+ * after each step's attention as in generation (decode step t = i). */
+static ekv_status forward_decode(ekv_runtime *rt, kv_seq *s, const kvc_decode_policy *d,
+                                 const int32_t *tokens, int32_t n, int32_t pos0, float *logits,
+                                 eval_metrics *out, ekv_error *err)
+{
+    const int32_t V = model_config(model_runtime_model(rt))->n_vocab;
+    kvc_scope *scope = kvc_scope_create(d, s, n, err);
+    if (!scope)
+        return err ? err->code : EKV_ENOMEM;
+    void *sp[2] = {scope, s};
+    const uint8_t row = 1;
+    const model_probe probe = {.rows = &row, .fn = scope_probe_fn, .ctx = sp};
+    ekv_status rc = EKV_OK;
+    double bytes = 0;
+    for (int32_t i = 0; i < n && !rc; i++) {
+        const int32_t pos = pos0 + i;
+        model_batch b = {.n = 1, .tokens = tokens + i, .pos = &pos, .seqs = &s, .probe = &probe};
+        kvc_scope_begin(scope, i);
+        rc = model_forward(rt, &b, logits + (size_t)i * V, err);
+        if (!rc)
+            rc = kvc_scope_status(scope, err);
+        bytes += (double)kv_seq_bytes(s);
+    }
+    out->kv_bytes_mean = n ? bytes / n : 0;
+    kvc_scope_free(scope);
     return rc;
 }
 
@@ -178,7 +237,15 @@ ekv_status eval_ppl(ekv_runtime *rt, const int32_t *tokens, int32_t prefix, int3
             rc = err ? err->code : EKV_ENOMEM;
             break;
         }
-        rc = forward_all(rt, s, tokens + prefix, cont, prefix, i == 0 ? ref : logits, err);
+        float *dst = i == 0 ? ref : logits;
+        if (pols[i].p.decode.mode != KVC_DECODE_NONE) {
+            rc = forward_decode(rt, s, &pols[i].p.decode, tokens + prefix, cont, prefix, dst,
+                                &out[i], err);
+        } else {
+            out[i].kv_bytes_mean = mean_bytes_growing(s, cont);
+            rc = forward_all(rt, s, tokens + prefix, cont, prefix, dst, err);
+        }
+        out[i].kv_bytes_end = kv_seq_bytes(s);
         kv_seq_free(s);
         if (!rc)
             score_rows(i == 0 ? ref : logits, ref, tokens + prefix + 1, cont, V, lp, lq, &out[i]);

@@ -24,6 +24,8 @@ typedef struct eval_metrics {
     double top1;         /* fraction of positions whose argmax equals full KV's */
     int64_t kv_bytes;    /* KV the sequence holds right after compression (from the pool) */
     int64_t kv_bytes_full;
+    int64_t kv_bytes_end;  /* ppl: KV held after the continuation (decode policies bound it) */
+    double kv_bytes_mean;  /* ppl: mean KV held over the continuation's steps */
     double compress_s;
     int passkey_ok;      /* passkey: 1 when the answer was produced */
     char answer[64];     /* passkey: the generated text (truncated) */
@@ -33,7 +35,9 @@ typedef struct eval_metrics {
 typedef void (*eval_progress_fn)(void *ctx, int done);
 
 /* Prefills tokens[0, prefix), then per policy teacher-forces tokens[prefix,
- * prefix + cont] and compares with full KV (which must be pols[0]). */
+ * prefix + cont] and compares with full KV (which must be pols[0]). A policy
+ * with decode compression (SCOPE) feeds the continuation one token per
+ * forward, evicting as generation would, with T_out = cont. */
 ekv_status eval_ppl(ekv_runtime *rt, const int32_t *tokens, int32_t prefix, int32_t cont,
                     const eval_policy *pols, int n_pols, eval_metrics *out,
                     eval_progress_fn progress, void *pctx, ekv_error *err);

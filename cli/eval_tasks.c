@@ -45,19 +45,30 @@ static void progress_draw(void *ctx, int done_in_task)
 int eval_build_policies(eval_opts *o, const ekv_model *m, eval_policy *pols, int *n_pols)
 {
     int n = 0;
+    /* --decode-method / --spark-* apply to every policy but the reference;
+     * with them, "full" in --methods is full prefill plus the mechanism */
+    kvc_decode_policy decode;
+    kvc_spark_policy spark;
+    ekv_error err = {0};
+    if (kvc_decode_parse(o->kv.decode, o->kv.scope_recent, o->kv.scope_window, &decode, &err) ||
+        kvc_spark_parse(o->kv.spark_ratio, o->kv.spark_recovery, &spark, &err)) {
+        cli_error("eval", "%s", err.msg);
+        return CLI_USAGE;
+    }
+    const bool extra = decode.mode != KVC_DECODE_NONE || spark.ratio > 0;
     pols[n].p.method = KVC_FULL;
     pols[n].p.budget = 1.0;
     snprintf(pols[n++].label, sizeof pols[0].label, "full");
     for (int mi = 0; mi < o->n_methods; mi++) {
         const char *name = o->methods[mi];
         const int online = !strcmp(name, "uncomp-online");
-        if (!strcmp(name, "full"))
-            continue;
         for (int bi = 0; bi < o->n_budgets; bi++) {
             if (n == MAX_POLICIES) {
                 cli_error("eval", "at most %d policies", MAX_POLICIES);
                 return CLI_USAGE;
             }
+            if (!strcmp(name, "full") && !extra)
+                break; /* full KV alone is the reference */
             cli_kv_opts kv = {.method = online ? "uncomp" : name, .budget = o->budgets[bi],
                               .profile = online ? "none" : o->kv.profile};
             int rc;
@@ -78,7 +89,21 @@ int eval_build_policies(eval_opts *o, const ekv_model *m, eval_policy *pols, int
             snprintf(pols[n].label, sizeof pols[0].label, "%s",
                      !online && !strcmp(name, "uncomp") && o->uncomp_is_online ? "uncomp-online"
                                                                                : name);
+            pols[n].p.decode = decode;
+            pols[n].p.spark = spark;
+            if (extra) { /* "snapkv+scope-slide", "full+spark0.8z" */
+                char tail[24] = "";
+                if (decode.mode != KVC_DECODE_NONE)
+                    snprintf(tail, sizeof tail, "+%s", kvc_decode_name(decode.mode) + 6);
+                if (spark.ratio > 0)
+                    snprintf(tail + strlen(tail), sizeof tail - strlen(tail), "+spark%g%s",
+                             spark.ratio, spark.recovery == KVC_SPARK_ZERO ? "z" : "");
+                const size_t used = strlen(pols[n].label);
+                snprintf(pols[n].label + used, sizeof pols[0].label - used, "%s", tail);
+            }
             n++;
+            if (!strcmp(name, "full"))
+                break; /* its budget is always 1 */
         }
     }
     *n_pols = n;
@@ -138,6 +163,8 @@ int eval_run_ppl(eval_opts *o, ekv_runtime *rt, const int32_t *tokens, int32_t n
             sum[i].kv_bytes += r[i].kv_bytes / o->windows;
             sum[i].kv_bytes_full += r[i].kv_bytes_full / o->windows;
             sum[i].compress_s += r[i].compress_s / o->windows;
+            sum[i].kv_bytes_end += r[i].kv_bytes_end / o->windows;
+            sum[i].kv_bytes_mean += r[i].kv_bytes_mean / o->windows;
             if (!print)
                 continue;
             cJSON *j = result_json("ppl", &pols[i], &r[i]);
@@ -149,6 +176,8 @@ int eval_run_ppl(eval_opts *o, ekv_runtime *rt, const int32_t *tokens, int32_t n
             cJSON_AddNumberToObject(j, "kl", r[i].kl);
             cJSON_AddNumberToObject(j, "top1", r[i].top1);
             cJSON_AddNumberToObject(j, "compress_s", r[i].compress_s);
+            cJSON_AddNumberToObject(j, "kv_bytes_end", (double)r[i].kv_bytes_end);
+            cJSON_AddNumberToObject(j, "kv_bytes_mean", r[i].kv_bytes_mean);
             emit(j);
         }
     }
