@@ -11,6 +11,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 
 import helm_python as helm
@@ -288,3 +289,36 @@ def test_checkov_finds_nothing_unexplained():
         for s in r["results"]["skipped_checks"]:
             reason = s["check_result"].get("suppress_comment") or ""
             assert len(reason) > 20, f"skip without a reason: {s['check_id']} {s['resource']}"
+
+
+def test_hadolint_passes_the_dockerfiles():
+    """hadolint at its strictest threshold (info); each ignore in a
+    Dockerfile carries its reason on the line above."""
+    hadolint = os.path.join(os.path.dirname(os.path.abspath(sys.executable)), "hadolint")
+    files = sorted(os.path.join(ROOT, "deploy", f) for f in os.listdir(os.path.join(ROOT, "deploy"))
+                   if f.startswith("Dockerfile") and not f.endswith(".dockerignore"))
+    assert len(files) == 2, files
+    r = subprocess.run([hadolint, "--no-color", "--failure-threshold", "info", *files],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for f in files:
+        with open(f) as fh:
+            lines = fh.read().splitlines()
+        for i, line in enumerate(lines):
+            if "hadolint ignore" in line:
+                assert lines[i - 1].startswith("#") and "hadolint" not in lines[i - 1], f"{f}:{i + 1}"
+
+
+def test_checkov_catches_a_weakened_security_context():
+    """The scan above can fail: the same chart with a writable root and
+    privilege escalation allowed is flagged."""
+    weak = merge(example_values("cpu-small"), {"securityContext": {
+        "allowPrivilegeEscalation": True, "readOnlyRootFilesystem": False, "privileged": False,
+        "capabilities": {"drop": ["ALL"]}}})
+    with tempfile.TemporaryDirectory(prefix="ekv-checkov-weak-") as d:
+        for i, o in enumerate(objects(weak)):
+            with open(os.path.join(d, f"{i:02d}.yaml"), "w") as f:
+                yaml.safe_dump(o, f)
+        reports = checkov(d, "kubernetes")
+    failed = {f["check_id"] for r in reports for f in r["results"]["failed_checks"]}
+    assert {"CKV_K8S_20", "CKV_K8S_22"} <= failed, failed
