@@ -78,6 +78,40 @@ struct ekv_model;
 int cli_kv_policy(const char *cmd, const cli_kv_opts *o, const struct ekv_model *m,
                   const char *model_path, struct kvc_policy *policy, struct kvc_profile **profile);
 
+/* ---- flags from the environment and a config file (cli_config.c) ---- */
+
+/* One flag a subcommand takes, without its dashes ("grpc-port"); a switch
+ * takes no value. A list ends with {NULL}. */
+typedef struct cli_flag {
+    const char *name;
+    bool is_switch;
+} cli_flag;
+
+typedef struct cli_args {
+    int argc, cap;
+    char **argv;   /* NULL-terminated; each string malloc'd */
+    char **origin; /* per argument: NULL (command line), or "ENTROKV_CTX=9" / "key ... of FILE" */
+} cli_args;
+
+#define CLI_CONFIG_USAGE                                                                      \
+    "  --config FILE         JSON object of flags without dashes ({\"grpc-port\": 50051});\n" \
+    "                        every flag can also be ENTROKV_<FLAG> (ENTROKV_GRPC_PORT).\n"     \
+    "                        Precedence: command line > environment > file > default\n"
+
+/* The arguments cmd's flag parser should see: argv[0], the flags from the
+ * config file (--config FILE, else ENTROKV_CONFIG), then those from
+ * ENTROKV_* variables, then argv[1..] without --config; a flag set by a
+ * source of higher precedence is left out of the lower ones (parsers also
+ * keep the last value of a repeated flag). A key or variable that is not in
+ * flags is an error. Returns CLI_OK (free *out with
+ * cli_args_free) or CLI_USAGE / CLI_FAIL with the message printed. */
+int cli_config_args(const char *cmd, const cli_flag *flags, int argc, char **argv,
+                    cli_args *out);
+void cli_args_free(cli_args *a);
+/* After a usage error: one note per flag that came from the environment
+ * or the file, saying which, since the parser's message names only the flag. */
+void cli_args_explain(const char *cmd, const cli_args *a);
+
 /* Prints "entrokv <cmd>: message" to stderr. */
 void cli_error(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 

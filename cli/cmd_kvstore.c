@@ -43,6 +43,7 @@ static void usage(FILE *out)
 {
     fprintf(out, "usage: entrokv kvstore --listen ADDR:PORT --auth-token-file FILE\n"
                  "       [--capacity-mb 1024] [--peers HOST:PORT,...] [--auth-timeout-ms 2000]\n");
+    fputs(CLI_CONFIG_USAGE, out);
 }
 
 /* Splits a comma list in place into at most cap entries. */
@@ -55,7 +56,30 @@ static int split_peers(char *s, const char **out, int cap)
     return n;
 }
 
+/* Every flag, also what ENTROKV_* and --config may set (cli_config.c):
+ * a flag added to the parser below belongs here too. */
+static const cli_flag kvstore_flags[] = {
+    {"listen", false},      {"auth-token-file", false}, {"peers", false},
+    {"capacity-mb", false}, {"auth-timeout-ms", false}, {"http-listen", false},
+    {NULL, false},
+};
+
+static int kvstore_main(int argc, char **argv);
+
 int cmd_kvstore(int argc, char **argv)
+{
+    cli_args args;
+    int rc = cli_config_args("kvstore", kvstore_flags, argc, argv, &args);
+    if (rc)
+        return rc;
+    rc = kvstore_main(args.argc, args.argv);
+    if (rc == CLI_USAGE)
+        cli_args_explain("kvstore", &args);
+    cli_args_free(&args);
+    return rc;
+}
+
+static int kvstore_main(int argc, char **argv)
 {
     const char *listen = NULL, *token_file = NULL, *peers_arg = NULL;
     int32_t capacity_mb = 1024, auth_ms = 2000;

@@ -10,9 +10,16 @@
  *   `entrokv coordinator`: tokenizes, routes and streams, with remote
  *     workers as its groups; it loads the model only for the tokenizer.
  *
- * Shutdown: the first signal drains (no new requests, health turns
- * NOT_SERVING / 503, running streams finish), then everything stops and the
- * process exits 0. A second signal cuts the remaining streams short.
+ * Shutdown (docs/serving.md, "Lifecycle"): the first signal fails
+ * readiness at once (/readyz 503, gRPC health NOT_SERVING) while new
+ * requests are still accepted for --drain-grace seconds, so load balancers
+ * stop sending before the door closes; then new requests are refused and
+ * the running streams get until --drain-timeout seconds after the signal to
+ * finish, after which the rest are cancelled; exit 0. A second signal exits
+ * at once with 128 + the signal's number.
+ *
+ * Every flag can also come from ENTROKV_<FLAG> or a --config file
+ * (cli_config.c).
  *
  * Signals are blocked before any thread starts, so every thread inherits
  * the mask and only this thread receives them (sigtimedwait).
@@ -23,6 +30,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "cli.h"
 #include "entrokv/coordinator.h"
@@ -46,14 +54,20 @@ static void usage_split(FILE *out, serve_mode mode)
                 "  --listen HOST:PORT    where the Worker gRPC service listens (default\n"
                 "                        127.0.0.1:50061; port 0: any free port)\n"
                 "  engine flags as for `entrokv serve`: --threads --ctx --kv-tokens\n"
-                "  --max-running --max-queued --max-batch --default-max-tokens\n");
+                "  --max-running --max-queued --max-batch --default-max-tokens\n"
+                "  --drain-grace --drain-timeout --kvstore-mb --kvstore-peers\n"
+                "  --kvstore-token-file --kv-profile --config\n");
     else
         fprintf(out,
-                "usage: entrokv coordinator --model PATH --workers HOST:PORT,... [flags]\n"
+                "usage: entrokv coordinator --model PATH --workers LIST [flags]\n"
                 "  --model PATH          GGUF whose tokenizer and chat template to use\n"
-                "  --workers LIST        `entrokv worker` addresses, comma separated\n"
+                "  --workers LIST        `entrokv worker` groups, comma separated: HOST:PORT,\n"
+                "                        or dns:NAME:PORT for one group per A/AAAA record of\n"
+                "                        NAME (a headless Service), re-resolved while serving\n"
+                "  --dns-interval S      seconds between lookups of dns: entries (default 10)\n"
                 "  --host, --grpc-port, --http-port, --ctx, --default-max-tokens,\n"
-                "  --model-name          as for `entrokv serve`\n");
+                "  --model-name, --drain-grace, --drain-timeout, --config\n"
+                "                        as for `entrokv serve`\n");
 }
 
 static void usage(FILE *out)
@@ -80,6 +94,11 @@ static void usage(FILE *out)
             "                        profiles/<model>.uncomp; 'none': online entropy)\n"
             "  --kvstore-token-file F   their shared auth token\n"
             "  --model-name NAME     the model id clients see (default: the file name without .gguf)\n"
+            "  --drain-grace S       after SIGTERM, seconds new requests are still accepted\n"
+            "                        while /readyz already fails (default 5)\n"
+            "  --drain-timeout S     seconds after SIGTERM until running streams are cancelled\n"
+            "                        (default 30)\n"
+            CLI_CONFIG_USAGE
             "The listening ports are logged on stderr: \"listening grpc=HOST:PORT http=HOST:PORT\".\n");
 }
 
@@ -92,6 +111,7 @@ typedef struct serve_opts {
     int32_t kvstore_mb;                 /* host tier; 0: off */
     const char *kvstore_peers, *kvstore_token_file;
     const char *kv_profile; /* --kv-profile PATH | none */
+    float drain_grace, drain_timeout, dns_interval; /* seconds */
 } serve_opts;
 
 /* --listen HOST:PORT (worker) into host and grpc_port. */
@@ -114,23 +134,46 @@ static bool take_listen(int argc, char **argv, int *i, serve_opts *o)
     return true;
 }
 
-/* Flags that only some modes take. */
+/* Every flag and the modes that take it (also what ENTROKV_* and --config
+ * may set, cli_config.c). */
+enum { F_SERVE = 1 << MODE_SERVE, F_WORKER = 1 << MODE_WORKER, F_COORD = 1 << MODE_COORDINATOR };
+static const struct {
+    const char *name;
+    int modes;
+} serve_flags[] = {
+    {"model", F_SERVE | F_WORKER | F_COORD},      {"ctx", F_SERVE | F_WORKER | F_COORD},
+    {"default-max-tokens", F_SERVE | F_WORKER | F_COORD},
+    {"drain-grace", F_SERVE | F_WORKER | F_COORD}, {"drain-timeout", F_SERVE | F_WORKER | F_COORD},
+    {"host", F_SERVE | F_COORD},                   {"grpc-port", F_SERVE | F_COORD},
+    {"http-port", F_SERVE | F_COORD},              {"model-name", F_SERVE | F_COORD},
+    {"listen", F_WORKER},                          {"workers", F_COORD},
+    {"dns-interval", F_COORD},                     {"threads", F_SERVE | F_WORKER},
+    {"kv-tokens", F_SERVE | F_WORKER},             {"max-running", F_SERVE | F_WORKER},
+    {"max-queued", F_SERVE | F_WORKER},            {"max-batch", F_SERVE | F_WORKER},
+    {"kvstore-mb", F_SERVE | F_WORKER},            {"kvstore-peers", F_SERVE | F_WORKER},
+    {"kvstore-token-file", F_SERVE | F_WORKER},
+    {"kv-profile", F_SERVE | F_WORKER},            {"kvstore-namespace", F_SERVE | F_WORKER},
+    {"kvstore-namespace-key-file", F_SERVE | F_WORKER},
+};
+#define N_SERVE_FLAGS (sizeof serve_flags / sizeof *serve_flags)
+
+/* Whether mode takes flag ("--name"); unknown flags are not taken. */
 static bool mode_allows(serve_mode mode, const char *flag)
 {
-    static const char *engine_flags[] = {"--threads", "--kv-tokens", "--max-running",
-                                         "--max-queued", "--max-batch", "--kvstore-mb",
-                                         "--kvstore-peers", "--kvstore-token-file", "--kv-profile", NULL};
-    if (!strcmp(flag, "--listen"))
-        return mode == MODE_WORKER;
-    if (!strcmp(flag, "--workers"))
-        return mode == MODE_COORDINATOR;
-    if (!strcmp(flag, "--host") || !strcmp(flag, "--grpc-port") ||
-        !strcmp(flag, "--http-port") || !strcmp(flag, "--model-name"))
-        return mode != MODE_WORKER;
-    for (int i = 0; engine_flags[i]; i++)
-        if (!strcmp(flag, engine_flags[i]))
-            return mode != MODE_COORDINATOR;
-    return true;
+    for (size_t i = 0; i < N_SERVE_FLAGS; i++)
+        if (!strncmp(flag, "--", 2) && !strcmp(flag + 2, serve_flags[i].name))
+            return serve_flags[i].modes & (1 << mode);
+    return false;
+}
+
+/* The flags of mode, for cli_config_args. */
+static void mode_flags(serve_mode mode, cli_flag out[N_SERVE_FLAGS + 1])
+{
+    int n = 0;
+    for (size_t i = 0; i < N_SERVE_FLAGS; i++)
+        if (serve_flags[i].modes & (1 << mode))
+            out[n++] = (cli_flag){serve_flags[i].name, false};
+    out[n] = (cli_flag){NULL, false};
 }
 
 static int parse(int argc, char **argv, serve_mode mode, serve_opts *o)
@@ -145,6 +188,9 @@ static int parse(int argc, char **argv, serve_mode mode, serve_opts *o)
     o->max_batch = 256;
     o->default_max_tokens = 256;
     o->kvstore_mb = 1024;
+    o->drain_grace = 5;
+    o->drain_timeout = 30;
+    o->dns_interval = 10;
     if (mode == MODE_WORKER)
         o->grpc_port = 50061;
     for (int i = 1; i < argc; i++) {
@@ -195,6 +241,12 @@ static int parse(int argc, char **argv, serve_mode mode, serve_opts *o)
             ok = cli_take_str(argc, argv, &i, &o->kvstore_token_file);
         } else if (!strcmp(a, "--default-max-tokens")) {
             ok = cli_take_int(argc, argv, &i, 1, 1 << 20, &o->default_max_tokens);
+        } else if (!strcmp(a, "--drain-grace")) {
+            ok = cli_take_float(argc, argv, &i, 0, 86400, &o->drain_grace);
+        } else if (!strcmp(a, "--drain-timeout")) {
+            ok = cli_take_float(argc, argv, &i, 0, 86400, &o->drain_timeout);
+        } else if (!strcmp(a, "--dns-interval")) {
+            ok = cli_take_float(argc, argv, &i, 0.1, 86400, &o->dns_interval);
         } else {
             cli_error(mode_name[mode], "unknown flag '%s' (see --help)", a);
             return CLI_USAGE;
@@ -251,22 +303,6 @@ static void model_id(const serve_opts *o, char *out, size_t cap)
     snprintf(out, cap, "%.*s", (int)n, base);
 }
 
-/* The coordinator's groups: one remote worker per address in the list. */
-static ekv_status add_workers(const serve_opts *o, server *s, ekv_error *err)
-{
-    char *list = strdup(o->workers), *save = NULL;
-    if (!list)
-        return ekv_error_set(err, EKV_ENOMEM, "out of memory");
-    ekv_status rc = EKV_OK;
-    for (char *w = strtok_r(list, ",", &save); w && rc == EKV_OK; w = strtok_r(NULL, ",", &save)) {
-        rc = coord_add_remote(s->coord, w, err);
-        if (rc == EKV_OK)
-            coord_log("coordinator: worker %s added", w);
-    }
-    free(list);
-    return rc;
-}
-
 static ekv_status start_coordinator(const serve_opts *o, server *s, int32_t ctx, ekv_error *err)
 {
     s->metrics = metrics_create();
@@ -282,7 +318,7 @@ static ekv_status start_coordinator(const serve_opts *o, server *s, int32_t ctx,
     s->coord = coord_create(model_tokenizer(s->model), &cc, s->metrics, err);
     if (!s->coord)
         return err->code;
-    if (add_workers(o, s, err))
+    if (coord_add_workers(s->coord, o->workers, o->dns_interval, err))
         return err->code;
     s->grpc = ekv_grpc_start(s->coord, o->host, o->grpc_port, err);
     s->http = s->grpc ? ekv_http_start(s->coord, o->host, o->http_port, err) : NULL;
@@ -484,40 +520,83 @@ static void stop(server *s)
     model_free(s->model);
 }
 
-static int wait_signal(const sigset_t *set, double timeout_s)
+static double now_s(void)
 {
-    struct timespec ts = {(time_t)timeout_s, (long)((timeout_s - (time_t)timeout_s) * 1e9)};
-    return sigtimedwait(set, NULL, &ts);
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-/* First signal: drain and wait for the servers to go idle; a second one
- * cancels what is left. */
-static void drain(server *s, const sigset_t *set, int sig)
+/* Waits up to timeout_s for one of set; a second signal during the drain
+ * ends the process at once (an impatient operator, or Kubernetes' SIGKILL
+ * coming anyway). */
+static void wait_or_exit(const sigset_t *set, double timeout_s, serve_mode mode)
 {
-    coord_log("serve: %s, draining", strsignal(sig));
+    if (timeout_s <= 0)
+        return;
+    struct timespec ts = {(time_t)timeout_s, (long)((timeout_s - (time_t)timeout_s) * 1e9)};
+    int sig = sigtimedwait(set, NULL, &ts);
+    if (sig > 0) {
+        coord_log("%s: %s again, exiting now", mode_name[mode], strsignal(sig));
+        _exit(128 + sig);
+    }
+}
+
+static bool idle(server *s)
+{
+    return ekv_grpc_wait(s->grpc, 0) && (!s->http || ekv_http_active(s->http) == 0);
+}
+
+/* The first signal: readiness fails, new work is accepted for the grace
+ * period and refused after it, running work gets until the timeout (both
+ * counted from the signal) and is then cancelled. */
+static void drain(server *s, const serve_opts *o, const sigset_t *set, int sig)
+{
+    const double t0 = now_s();
+    const double grace = o->drain_grace < o->drain_timeout ? o->drain_grace : o->drain_timeout;
+    coord_begin_shutdown(s->coord);
+    coord_log("%s: %s: not ready; new requests accepted for %g s, running ones get %g s",
+              mode_name[o->mode], strsignal(sig), grace, (double)o->drain_timeout);
+    wait_or_exit(set, t0 + grace - now_s(), o->mode);
+    coord_log("%s: draining: new requests refused", mode_name[o->mode]);
     coord_drain(s->coord);
     if (s->http)
         ekv_http_drain(s->http);
     ekv_grpc_drain(s->grpc);
-    bool forced = false;
-    while (!ekv_grpc_wait(s->grpc, 0) || (s->http && ekv_http_active(s->http) > 0)) {
-        int again = wait_signal(set, 0.1);
-        if (again > 0 && !forced) {
-            coord_log("serve: %s again, cancelling what is left", strsignal(again));
-            forced = true;
+    while (!idle(s)) {
+        double left = t0 + o->drain_timeout - now_s();
+        if (left <= 0) {
+            coord_log("%s: drain timeout (%g s): cancelling the requests still running",
+                      mode_name[o->mode], (double)o->drain_timeout);
+            if (s->http)
+                ekv_http_abort(s->http);
             ekv_grpc_cancel_all(s->grpc);
+            /* the HTTP streams end with an error event within a poll period */
+            for (double end = now_s() + 2; !idle(s) && now_s() < end;)
+                wait_or_exit(set, 0.05, o->mode);
             break;
         }
+        wait_or_exit(set, left < 0.1 ? left : 0.1, o->mode);
     }
-    coord_log("serve: drained");
+    coord_log("%s: drained", mode_name[o->mode]);
 }
 
 static int run(int argc, char **argv, serve_mode mode)
 {
-    serve_opts o;
-    int rc = parse(argc, argv, mode, &o);
+    cli_flag flags[N_SERVE_FLAGS + 1];
+    mode_flags(mode, flags);
+    cli_args args;
+    int rc = cli_config_args(mode_name[mode], flags, argc, argv, &args);
     if (rc)
+        return rc;
+    serve_opts o;
+    rc = parse(args.argc, args.argv, mode, &o);
+    if (rc) {
+        if (rc == CLI_USAGE)
+            cli_args_explain(mode_name[mode], &args);
+        cli_args_free(&args);
         return rc < 0 ? CLI_OK : rc;
+    }
     sigset_t set;
     sigemptyset(&set);
     sigaddset(&set, SIGINT);
@@ -529,14 +608,16 @@ static int run(int argc, char **argv, serve_mode mode)
     if (start(&o, &s, &err)) {
         cli_error(mode_name[mode], "%s", err.msg);
         stop(&s);
+        cli_args_free(&args);
         return CLI_FAIL;
     }
     int sig;
-    while ((sig = wait_signal(&set, 3600)) <= 0) {
+    while ((sig = sigtimedwait(&set, NULL, &(struct timespec){3600, 0})) <= 0) {
     }
-    drain(&s, &set, sig);
+    drain(&s, &o, &set, sig);
     stop(&s);
     coord_log("%s: stopped", mode_name[mode]);
+    cli_args_free(&args);
     return CLI_OK;
 }
 

@@ -12,12 +12,21 @@
 
 #define COORD_AFFINITY_SLOTS 4096
 
+/* A slot of groups[]: FREE slots are reused; a RETIRING group gets no new
+ * requests and is freed once its running ones are done (discovery.c). */
+typedef enum group_state { GROUP_FREE, GROUP_ACTIVE, GROUP_RETIRING } group_state;
+
 typedef struct coord_group {
     char name[64];
     const coord_group_ops *ops;
     void *impl;
     int64_t in_flight;           /* submitted, not yet done (under coordinator mu) */
+    group_state state;           /* changed under groups_mu and mu */
+    atomic_bool healthy;         /* routed to only when true (remote.c's health checks) */
+    int idle_reaps;              /* RETIRING: reaps seen with nothing in flight */
 } coord_group;
+
+typedef struct coord_discovery coord_discovery;
 
 typedef struct affinity_slot {
     uint64_t hash;
@@ -33,9 +42,12 @@ struct ekv_coordinator {
     ekv_metrics *metrics;
     atomic_bool draining;
     atomic_uint_fast64_t next_id;
+    atomic_bool shutting_down;   /* readiness fails (coord_begin_shutdown) */
+    pthread_mutex_t groups_mu;   /* group membership (before mu): add, retire, free, stats */
     pthread_mutex_t mu;          /* groups' in_flight and the affinity table */
     coord_group groups[COORD_MAX_GROUPS];
-    int n_groups;
+    int n_groups;                /* slots in use or freed, the high-water mark */
+    struct coord_discovery *discovery;
     affinity_slot affinity[COORD_AFFINITY_SLOTS];
 };
 
@@ -84,5 +96,23 @@ void coord_stream_set_submitted(coord_stream *s, uint64_t engine_id);
 
 /* coordinator.c */
 void coord_group_finished(ekv_coordinator *c, int group);
+/* coord_add_group that also says which slot (for coord_retire_group) and
+ * whether the group starts healthy. */
+ekv_status coord_add_group_slot(ekv_coordinator *c, const char *name, const coord_group_ops *ops,
+                                void *impl, bool healthy, int *slot, ekv_error *err);
+/* Marks the group of impl healthy or not (its own health checks). */
+void coord_set_group_healthy(ekv_coordinator *c, const void *impl, bool healthy);
+/* No new requests for the group in slot; coord_reap_groups frees it later. */
+void coord_retire_group(ekv_coordinator *c, int slot);
+/* Frees retiring groups that have had nothing in flight for two reaps in a
+ * row (one reap apart covers a cancel racing the request's end). */
+void coord_reap_groups(ekv_coordinator *c);
+
+/* remote.c: coord_add_remote that says which slot the group took. */
+ekv_status coord_add_remote_slot(ekv_coordinator *c, const char *target, int *slot,
+                                 ekv_error *err);
+
+/* discovery.c: stops the resolver thread and frees (coord_free). */
+void coord_discovery_free(struct coord_discovery *d);
 
 #endif

@@ -43,7 +43,9 @@ ekv_coordinator *coord_create(const ekv_tokenizer *tok, const coord_config *cfg,
     c->uncomp_profile = cfg->uncomp_profile;
     c->metrics = metrics;
     atomic_init(&c->draining, false);
+    atomic_init(&c->shutting_down, false);
     atomic_init(&c->next_id, 0);
+    pthread_mutex_init(&c->groups_mu, NULL);
     pthread_mutex_init(&c->mu, NULL);
     for (int i = 0; i < COORD_AFFINITY_SLOTS; i++)
         c->affinity[i].group = -1;
@@ -54,29 +56,119 @@ void coord_free(ekv_coordinator *c)
 {
     if (!c)
         return;
+    coord_discovery_free(c->discovery); /* first: its thread adds and frees groups */
     for (int i = 0; i < c->n_groups; i++)
-        if (c->groups[i].ops->destroy)
+        if (c->groups[i].state != GROUP_FREE && c->groups[i].ops->destroy)
             c->groups[i].ops->destroy(c->groups[i].impl);
     pthread_mutex_destroy(&c->mu);
+    pthread_mutex_destroy(&c->groups_mu);
     free(c);
+}
+
+ekv_status coord_add_group_slot(ekv_coordinator *c, const char *name, const coord_group_ops *ops,
+                                void *impl, bool healthy, int *slot, ekv_error *err)
+{
+    pthread_mutex_lock(&c->groups_mu);
+    pthread_mutex_lock(&c->mu);
+    int i = 0;
+    while (i < c->n_groups && c->groups[i].state != GROUP_FREE)
+        i++;
+    if (i == COORD_MAX_GROUPS) {
+        pthread_mutex_unlock(&c->mu);
+        pthread_mutex_unlock(&c->groups_mu);
+        return ekv_error_set(err, EKV_ERANGE, "at most %d worker groups", COORD_MAX_GROUPS);
+    }
+    coord_group *g = &c->groups[i];
+    snprintf(g->name, sizeof g->name, "%s", name ? name : "group");
+    g->ops = ops;
+    g->impl = impl;
+    g->in_flight = 0;
+    g->idle_reaps = 0;
+    atomic_store(&g->healthy, healthy);
+    g->state = GROUP_ACTIVE;
+    if (i == c->n_groups)
+        c->n_groups++;
+    pthread_mutex_unlock(&c->mu);
+    pthread_mutex_unlock(&c->groups_mu);
+    if (slot)
+        *slot = i;
+    return EKV_OK;
 }
 
 ekv_status coord_add_group(ekv_coordinator *c, const char *name, const coord_group_ops *ops,
                            void *impl, ekv_error *err)
 {
+    return coord_add_group_slot(c, name, ops, impl, true, NULL, err);
+}
+
+void coord_set_group_healthy(ekv_coordinator *c, const void *impl, bool healthy)
+{
     pthread_mutex_lock(&c->mu);
-    if (c->n_groups == COORD_MAX_GROUPS) {
-        pthread_mutex_unlock(&c->mu);
-        return ekv_error_set(err, EKV_ERANGE, "at most %d worker groups", COORD_MAX_GROUPS);
-    }
-    coord_group *g = &c->groups[c->n_groups];
-    snprintf(g->name, sizeof g->name, "%s", name ? name : "group");
-    g->ops = ops;
-    g->impl = impl;
-    g->in_flight = 0;
-    c->n_groups++;
+    for (int i = 0; i < c->n_groups; i++)
+        if (c->groups[i].state != GROUP_FREE && c->groups[i].impl == impl)
+            atomic_store(&c->groups[i].healthy, healthy);
     pthread_mutex_unlock(&c->mu);
-    return EKV_OK;
+}
+
+void coord_retire_group(ekv_coordinator *c, int slot)
+{
+    pthread_mutex_lock(&c->groups_mu);
+    pthread_mutex_lock(&c->mu);
+    if (c->groups[slot].state == GROUP_ACTIVE) {
+        c->groups[slot].state = GROUP_RETIRING;
+        c->groups[slot].idle_reaps = 0;
+    }
+    pthread_mutex_unlock(&c->mu);
+    pthread_mutex_unlock(&c->groups_mu);
+}
+
+void coord_reap_groups(ekv_coordinator *c)
+{
+    coord_group freed[COORD_MAX_GROUPS];
+    int n = 0;
+    pthread_mutex_lock(&c->groups_mu);
+    pthread_mutex_lock(&c->mu);
+    for (int i = 0; i < c->n_groups; i++) {
+        coord_group *g = &c->groups[i];
+        if (g->state != GROUP_RETIRING)
+            continue;
+        g->idle_reaps = g->in_flight == 0 ? g->idle_reaps + 1 : 0;
+        if (g->idle_reaps >= 2) {
+            freed[n++] = *g;
+            g->state = GROUP_FREE;
+        }
+    }
+    pthread_mutex_unlock(&c->mu);
+    pthread_mutex_unlock(&c->groups_mu);
+    for (int i = 0; i < n; i++) {
+        coord_log("coordinator: worker group %s freed", freed[i].name);
+        if (freed[i].ops->destroy)
+            freed[i].ops->destroy(freed[i].impl);
+    }
+}
+
+bool coord_ready(ekv_coordinator *c, char *why, size_t cap)
+{
+    const char *reason = NULL;
+    if (atomic_load(&c->shutting_down) || atomic_load(&c->draining)) {
+        reason = "draining";
+    } else {
+        bool any = false;
+        pthread_mutex_lock(&c->mu);
+        for (int i = 0; i < c->n_groups && !any; i++)
+            any = c->groups[i].state == GROUP_ACTIVE && atomic_load(&c->groups[i].healthy);
+        pthread_mutex_unlock(&c->mu);
+        if (!any)
+            reason = "no healthy worker group";
+    }
+    if (why && cap)
+        snprintf(why, cap, "%s", reason ? reason : "");
+    return !reason;
+}
+
+void coord_begin_shutdown(ekv_coordinator *c)
+{
+    atomic_store(&c->shutting_down, true);
 }
 
 /* ---- the in-process engine as a group ---- */
@@ -139,7 +231,10 @@ void coord_gauges(ekv_coordinator *c, metrics_gauges *g)
 void coord_stats(ekv_coordinator *c, engine_stats *sum)
 {
     memset(sum, 0, sizeof *sum);
+    pthread_mutex_lock(&c->groups_mu);
     for (int i = 0; i < c->n_groups; i++) {
+        if (c->groups[i].state == GROUP_FREE)
+            continue;
         engine_stats s = {0};
         c->groups[i].ops->stats(c->groups[i].impl, &s);
         sum->queued += s.queued;
@@ -150,6 +245,7 @@ void coord_stats(ekv_coordinator *c, engine_stats *sum)
         sum->preemptions += s.preemptions;
         sum->steps += s.steps;
     }
+    pthread_mutex_unlock(&c->groups_mu);
 }
 
 void coord_drain(ekv_coordinator *c)
@@ -388,19 +484,30 @@ static uint64_t prefix_hash(const int32_t *ids, int32_t n)
     return h;
 }
 
-/* Picks a group for the prompt and counts the request in flight there. */
+static bool routable(const coord_group *g)
+{
+    return g->state == GROUP_ACTIVE && atomic_load(&g->healthy);
+}
+
+/* Picks a healthy group for the prompt and counts the request in flight
+ * there; -1 when no group is healthy. */
 static int route(ekv_coordinator *c, const int32_t *ids, int32_t n)
 {
     pthread_mutex_lock(&c->mu);
-    int best = 0;
-    for (int i = 1; i < c->n_groups; i++)
-        if (c->groups[i].in_flight < c->groups[best].in_flight)
+    int best = -1;
+    for (int i = 0; i < c->n_groups; i++)
+        if (routable(&c->groups[i]) &&
+            (best < 0 || c->groups[i].in_flight < c->groups[best].in_flight))
             best = i;
+    if (best < 0) {
+        pthread_mutex_unlock(&c->mu);
+        return -1;
+    }
     if (n >= COORD_PREFIX_BLOCK) {
         uint64_t h = prefix_hash(ids, COORD_PREFIX_BLOCK);
         affinity_slot *slot = &c->affinity[h % COORD_AFFINITY_SLOTS];
         int g = slot->group;
-        if (slot->hash == h && g >= 0 && g < c->n_groups &&
+        if (slot->hash == h && g >= 0 && g < c->n_groups && routable(&c->groups[g]) &&
             c->groups[g].in_flight <= c->groups[best].in_flight + COORD_AFFINITY_SLACK)
             best = g;
         slot->hash = h;
@@ -436,6 +543,8 @@ static ekv_status submit_to_group(ekv_coordinator *c, const coord_request *r,
                                   coord_stream **out, ekv_error *err)
 {
     int g = route(c, ids, n);
+    if (g < 0)
+        return ekv_error_set(err, EKV_EBUSY, "no healthy worker group");
     coord_stream *s = coord_stream_new(c, g, n, r->protocol);
     if (!s) {
         coord_group_finished(c, g);
@@ -473,8 +582,6 @@ ekv_status coord_submit(ekv_coordinator *c, const coord_request *r, coord_stream
     *out = NULL;
     if (coord_draining(c))
         return reject(c, r, ekv_error_set(err, EKV_EBUSY, "the server is shutting down"), err);
-    if (c->n_groups == 0)
-        return reject(c, r, ekv_error_set(err, EKV_EBUSY, "no worker group"), err);
     kvc_policy policy;
     ekv_status rc = check_params(c, r, &policy, err);
     if (rc)

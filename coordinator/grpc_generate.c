@@ -77,7 +77,9 @@ static grpc_status_code status_of(ekv_coordinator *coord, ekv_status rc)
     case EKV_OK: return GRPC_STATUS_OK;
     case EKV_EINVAL: return GRPC_STATUS_INVALID_ARGUMENT;
     case EKV_EBUSY:
-        return coord_draining(coord) ? GRPC_STATUS_UNAVAILABLE : GRPC_STATUS_RESOURCE_EXHAUSTED;
+        return coord_draining(coord) || !coord_ready(coord, NULL, 0)
+                   ? GRPC_STATUS_UNAVAILABLE
+                   : GRPC_STATUS_RESOURCE_EXHAUSTED;
     default: return GRPC_STATUS_INTERNAL;
     }
 }

@@ -243,7 +243,9 @@ static void health_on_request(rpc_call *c, grpc_byte_buffer *b)
         return;
     }
     bool known = known_service(req->service);
-    bool serving = !atomic_load(&c->srv->drain_req);
+    /* every service this process serves follows readiness: not draining and
+     * (the front) a healthy worker group */
+    bool serving = !atomic_load(&c->srv->drain_req) && coord_ready(c->srv->coord, NULL, 0);
     protobuf_c_message_free_unpacked(&req->base, NULL);
     Grpc__Health__V1__HealthCheckResponse__ServingStatus st =
         !known    ? GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVICE_UNKNOWN

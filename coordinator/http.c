@@ -1,6 +1,7 @@
 /*
  * http.c - the HTTP server on libmicrohttpd (see http.h): routing, request
- * bodies, JSON and SSE responses, /health and /metrics.
+ * bodies, JSON and SSE responses, /livez, /readyz (and /health, its old
+ * name) and /metrics.
  *
  * Every request has an http_conn (MHD's per-request pointer) that collects
  * the body; the last call of the access handler answers. Completions
@@ -29,14 +30,14 @@
 #define SOCKET_POLL_S 0.2
 #define SSE_BLOCK 16384
 #define HTTP_DISCARD_LIMIT (64u << 20)
+#define HTTP_ABORT_MSG "the server is shutting down: the drain timeout cut this request short"
 
 struct ekv_http {
     struct MHD_Daemon *d;
     ekv_coordinator *coord;
     int port;
-    MHD_socket quiesced_fd;
     atomic_int active;
-    atomic_bool draining, stopping;
+    atomic_bool draining, aborting, stopping;
     long long started;
 };
 
@@ -98,7 +99,7 @@ static unsigned http_code_of(ekv_coordinator *c, ekv_status rc)
 {
     switch (rc) {
     case EKV_EINVAL: return 400;
-    case EKV_EBUSY: return coord_draining(c) ? 503 : 429;
+    case EKV_EBUSY: return coord_draining(c) || !coord_ready(c, NULL, 0) ? 503 : 429;
     default: return 500;
     }
 }
@@ -189,6 +190,13 @@ static ssize_t sse_read(void *cls, uint64_t pos, char *buf, size_t max)
         if (st->finished)
             return MHD_CONTENT_READER_END_OF_STREAM;
         st->off = st->len = 0;
+        if (atomic_load(&st->h->aborting)) { /* past the drain timeout: say so, then end */
+            st->finished = true;
+            if (!sse_event(st, oai_error_json(HTTP_ABORT_MSG, "service_unavailable")) ||
+                !sse_append(st, "data: [DONE]\n\n", 14))
+                return MHD_CONTENT_READER_END_WITH_ERROR;
+            continue;
+        }
         if (!coord_stream_wait(st->s, SOCKET_POLL_S)) {
             if (client_gone(st->fd) || atomic_load(&st->h->stopping))
                 return MHD_CONTENT_READER_END_WITH_ERROR;
@@ -349,20 +357,33 @@ static enum MHD_Result handle_metrics(ekv_http *h, struct MHD_Connection *conn)
     return reply(conn, 200, "text/plain; version=0.0.4; charset=utf-8", text, false);
 }
 
-static enum MHD_Result handle_health(ekv_http *h, struct MHD_Connection *conn)
+/* /readyz: whether to send this process traffic. */
+static enum MHD_Result handle_ready(ekv_http *h, struct MHD_Connection *conn)
 {
-    bool draining = atomic_load(&h->draining);
-    return reply(conn, draining ? 503 : 200, "application/json",
-                 strdup(draining ? "{\"status\":\"draining\"}" : "{\"status\":\"ok\"}"),
-                 draining);
+    char why[128];
+    bool ready = coord_ready(h->coord, why, sizeof why);
+    if (ready && atomic_load(&h->draining)) {
+        ready = false;
+        snprintf(why, sizeof why, "draining");
+    }
+    if (ready)
+        return reply(conn, 200, "application/json", strdup("{\"status\":\"ok\"}"), false);
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "status", "unavailable");
+    cJSON_AddStringToObject(o, "reason", why);
+    char *body = cJSON_PrintUnformatted(o);
+    cJSON_Delete(o);
+    return reply(conn, 503, "application/json", body, atomic_load(&h->draining));
 }
 
 static enum MHD_Result route(ekv_http *h, struct MHD_Connection *conn, const char *url,
                              const char *method, http_conn *hc)
 {
     bool get = !strcmp(method, MHD_HTTP_METHOD_GET), post = !strcmp(method, MHD_HTTP_METHOD_POST);
-    if (!strcmp(url, "/health") && get)
-        return handle_health(h, conn);
+    if (!strcmp(url, "/livez") && get) /* answering at all is the point */
+        return reply(conn, 200, "application/json", strdup("{\"status\":\"alive\"}"), false);
+    if ((!strcmp(url, "/readyz") || !strcmp(url, "/health")) && get)
+        return handle_ready(h, conn);
     if (!strcmp(url, "/metrics") && get)
         return handle_metrics(h, conn);
     if (atomic_load(&h->draining))
@@ -377,7 +398,7 @@ static enum MHD_Result route(ekv_http *h, struct MHD_Connection *conn, const cha
         return handle_completion(h, conn, chat ? OAI_CHAT : OAI_COMPLETIONS, hc);
     }
     if (completions || chat || !strcmp(url, "/v1/models") || !strcmp(url, "/health") ||
-        !strcmp(url, "/metrics"))
+        !strcmp(url, "/metrics") || !strcmp(url, "/livez") || !strcmp(url, "/readyz"))
         return reply_error(h, conn, 405, "method not allowed");
     char msg[160];
     snprintf(msg, sizeof msg, "no route for %s %.100s", method, url);
@@ -483,7 +504,6 @@ ekv_http *ekv_http_start(ekv_coordinator *c, const char *host, int port, ekv_err
         return NULL;
     }
     h->coord = c;
-    h->quiesced_fd = MHD_INVALID_SOCKET;
     h->started = (long long)time(NULL);
     unsigned flags = MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD |
                      MHD_USE_POLL | MHD_USE_ITC | MHD_USE_ERROR_LOG |
@@ -513,10 +533,16 @@ int ekv_http_port(const ekv_http *h)
 
 void ekv_http_drain(ekv_http *h)
 {
-    if (atomic_exchange(&h->draining, true))
-        return;
-    h->quiesced_fd = MHD_quiesce_daemon(h->d);
-    coord_log("http: draining");
+    /* The listener stays open: probes of /livez and /readyz keep getting
+     * answers while the running streams finish. */
+    if (!atomic_exchange(&h->draining, true))
+        coord_log("http: draining");
+}
+
+void ekv_http_abort(ekv_http *h)
+{
+    atomic_store(&h->draining, true);
+    atomic_store(&h->aborting, true);
 }
 
 int ekv_http_active(const ekv_http *h)
@@ -530,8 +556,6 @@ void ekv_http_stop(ekv_http *h)
         return;
     atomic_store(&h->stopping, true);
     MHD_stop_daemon(h->d);
-    if (h->quiesced_fd != MHD_INVALID_SOCKET)
-        close(h->quiesced_fd);
     coord_log("http: stopped");
     free(h);
 }

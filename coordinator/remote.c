@@ -11,8 +11,14 @@
  * the status and the end of the message stream have arrived. A refusal by
  * the worker (queue full, bad request) arrives as a status and becomes
  * on_done with EKV_EBUSY / EKV_EINVAL, since the router cannot learn it
- * synchronously. The cached Stats figures are refreshed once a second.
+ * synchronously. The cached Stats figures are refreshed once a second,
+ * and the same call is the group's health check: the group is healthy
+ * (routed to) from the first Stats that answers within STATS_DEADLINE_S
+ * with a context of at least the coordinator's, until STATS_FAILURES fail
+ * in a row. A worker that is not up yet is not an error:
+ * the group stays unhealthy until it answers.
  */
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -26,6 +32,12 @@
 
 #include "coord_internal.h"
 #include "entrokv/proto/entrokv.pb-c.h"
+
+#define STATS_DEADLINE_S 2.0
+#define STATS_PERIOD_S 1.0
+#define STATS_FAILURES 3 /* in a row before a healthy group is unhealthy (a busy
+                          * machine may miss one deadline; a dead worker fails
+                          * fast, so this is about 3 s) */
 
 typedef enum rop { ROP_START, ROP_RECV, ROP_STATUS, ROP_STATS } rop;
 
@@ -66,6 +78,11 @@ struct remote_group {
     engine_stats stats;
     int32_t max_ctx;
     bool stats_ok;
+    ekv_coordinator *coord;
+    int32_t need_ctx;            /* the coordinator's context */
+    int health;                  /* -1 unknown, 0 unhealthy, 1 healthy (client thread) */
+    int failures;                /* Stats failed in a row */
+    bool thread_started;
     atomic_bool stop;
     /* the one Stats call in flight (client thread only) */
     grpc_call *stats_call;
@@ -106,6 +123,32 @@ static ProtobufCMessage *unpack(const ProtobufCMessageDescriptor *d, grpc_byte_b
 }
 
 /* ---- Stats ---- */
+
+/* After each Stats: publish the group's health, logging each change. */
+static void set_health(remote_group *g)
+{
+    char why[160] = "";
+    if (!g->stats_ok) {
+        char *d = grpc_slice_to_c_string(g->stats_details);
+        snprintf(why, sizeof why, "Stats failed (%d): %.100s", g->stats_status, d);
+        gpr_free(d);
+    } else if (g->max_ctx < g->need_ctx) {
+        snprintf(why, sizeof why, "its context is %d tokens, less than the coordinator's %d",
+                 g->max_ctx, g->need_ctx);
+    }
+    g->failures = g->stats_ok ? 0 : g->failures + 1;
+    int h = why[0] ? 0 : 1;
+    if (h == 0 && g->health == 1 && !g->stats_ok && g->failures < STATS_FAILURES)
+        return; /* one missed deadline is not a dead worker */
+    if (h != g->health) {
+        if (h)
+            coord_log("coordinator: worker %s healthy", g->target);
+        else
+            coord_log("coordinator: worker %s unhealthy: %s", g->target, why);
+    }
+    g->health = h;
+    coord_set_group_healthy(g->coord, g, h == 1);
+}
 
 static void stats_start(remote_group *g, double timeout_s)
 {
@@ -155,6 +198,7 @@ static void stats_done(remote_group *g)
     pthread_mutex_unlock(&g->mu);
     if (r)
         protobuf_c_message_free_unpacked(&r->base, NULL);
+    set_health(g);
     if (g->stats_recv)
         grpc_byte_buffer_destroy(g->stats_recv);
     grpc_byte_buffer_destroy(g->stats_send);
@@ -312,8 +356,8 @@ static void *client_main(void *arg)
         }
         if (!g->stats_call && !atomic_load(&g->stop) &&
             gpr_time_cmp(gpr_now(GPR_CLOCK_MONOTONIC), next_stats) >= 0) {
-            stats_start(g, 5);
-            next_stats = in_seconds(1);
+            stats_start(g, STATS_DEADLINE_S);
+            next_stats = in_seconds(STATS_PERIOD_S);
         }
     }
     return NULL;
@@ -427,7 +471,8 @@ static void remote_destroy(void *impl)
         grpc_call_cancel(c->call, NULL);
     pthread_mutex_unlock(&g->mu);
     atomic_store(&g->stop, true);
-    pthread_join(g->thread, NULL);
+    if (g->thread_started)
+        pthread_join(g->thread, NULL);
     grpc_completion_queue_shutdown(g->cq);
     while (grpc_completion_queue_next(g->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL).type !=
            GRPC_QUEUE_SHUTDOWN) {
@@ -446,26 +491,8 @@ static const coord_group_ops remote_ops = {
     .destroy = remote_destroy,
 };
 
-/* The first Stats, synchronously: is the worker there, and its context. */
-static ekv_status first_stats(remote_group *g, ekv_error *err)
-{
-    stats_start(g, 10);
-    if (!g->stats_call)
-        return ekv_error_set(err, EKV_EIO, "worker %s: cannot start a call", g->target);
-    grpc_event ev = grpc_completion_queue_next(g->cq, in_seconds(15), NULL);
-    if (ev.type != GRPC_OP_COMPLETE)
-        return ekv_error_set(err, EKV_EIO, "worker %s: no answer", g->target);
-    char *d = grpc_slice_to_c_string(g->stats_details);
-    grpc_status_code code = g->stats_status;
-    stats_done(g);
-    ekv_status rc = EKV_OK;
-    if (code != GRPC_STATUS_OK || !g->stats_ok)
-        rc = ekv_error_set(err, EKV_EIO, "worker %s: Stats failed (%d): %s", g->target, code, d);
-    gpr_free(d);
-    return rc;
-}
-
-ekv_status coord_add_remote(ekv_coordinator *c, const char *target, ekv_error *err)
+ekv_status coord_add_remote_slot(ekv_coordinator *c, const char *target, int *slot,
+                                 ekv_error *err)
 {
     remote_group *g = calloc(1, sizeof *g);
     if (!g)
@@ -474,26 +501,41 @@ ekv_status coord_add_remote(ekv_coordinator *c, const char *target, ekv_error *e
     snprintf(g->target, sizeof g->target, "%s", target);
     pthread_mutex_init(&g->mu, NULL);
     atomic_init(&g->stop, false);
+    g->coord = c;
+    g->need_ctx = coord_max_ctx(c);
+    g->health = -1;
     g->t_stats = (rtag){NULL, ROP_STATS};
     g->stats_details = grpc_empty_slice();
     g->cq = grpc_completion_queue_create_for_next(NULL);
+    /* A worker that is down is retried every few seconds, not after gRPC's
+     * default backoff of up to two minutes: it should be routed to soon
+     * after it comes up. */
+    grpc_arg args[2];
+    memset(args, 0, sizeof args);
+    args[0].type = args[1].type = GRPC_ARG_INTEGER;
+    args[0].key = (char *)GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS;
+    args[0].value.integer = 250;
+    args[1].key = (char *)GRPC_ARG_MAX_RECONNECT_BACKOFF_MS;
+    args[1].value.integer = 2000;
+    grpc_channel_args ch = {.num_args = 2, .args = args};
     grpc_channel_credentials *creds = grpc_insecure_credentials_create();
-    g->channel = grpc_channel_create(target, creds, NULL);
+    g->channel = grpc_channel_create(target, creds, &ch);
     grpc_channel_credentials_release(creds);
-    ekv_status rc = first_stats(g, err);
-    if (rc == EKV_OK && g->max_ctx < coord_max_ctx(c))
-        rc = ekv_error_set(err, EKV_EINVAL, "worker %s has a context of %d, less than %d",
-                           target, g->max_ctx, coord_max_ctx(c));
-    if (rc == EKV_OK && pthread_create(&g->thread, NULL, client_main, g) != 0)
+    int at = -1;
+    /* added unhealthy: the client thread's first Stats decides */
+    ekv_status rc = coord_add_group_slot(c, target, &remote_ops, g, false, &at, err);
+    g->thread_started = rc == EKV_OK && pthread_create(&g->thread, NULL, client_main, g) == 0;
+    if (rc == EKV_OK && !g->thread_started) {
+        coord_retire_group(c, at); /* never routed to: it was never healthy */
         rc = ekv_error_set(err, EKV_EIO, "cannot start the client thread");
-    if (rc == EKV_OK)
-        rc = coord_add_group(c, target, &remote_ops, g, err);
-    if (rc == EKV_OK)
-        return EKV_OK;
-    if (g->thread) {
-        atomic_store(&g->stop, true);
-        pthread_join(g->thread, NULL);
     }
+    if (rc == EKV_OK) {
+        if (slot)
+            *slot = at;
+        return EKV_OK;
+    }
+    if (at >= 0)
+        return rc; /* the retired slot owns g now; coord_reap_groups frees it */
     grpc_completion_queue_shutdown(g->cq);
     while (grpc_completion_queue_next(g->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL).type !=
            GRPC_QUEUE_SHUTDOWN) {
@@ -504,4 +546,9 @@ ekv_status coord_add_remote(ekv_coordinator *c, const char *target, ekv_error *e
     free(g);
     grpc_shutdown();
     return rc;
+}
+
+ekv_status coord_add_remote(ekv_coordinator *c, const char *target, ekv_error *err)
+{
+    return coord_add_remote_slot(c, target, NULL, err);
 }

@@ -115,10 +115,29 @@ void coord_gauges(ekv_coordinator *c, metrics_gauges *g);
 void coord_stats(ekv_coordinator *c, engine_stats *sum);
 
 /* Adds a remote worker group at target ("host:port"), reached over the
- * internal entrokv.v1.Worker gRPC service (remote.c). Checks that the
- * worker answers Stats within 10 s and that its context is at least the
- * coordinator's. The coordinator owns it and stops it in coord_free. */
+ * internal entrokv.v1.Worker gRPC service (remote.c). It need not answer
+ * yet: a Stats call once a second (2 s deadline) keeps it healthy while it
+ * answers with a context of at least the coordinator's, and only healthy
+ * groups are routed to. The coordinator owns it and stops it in coord_free. */
 ekv_status coord_add_remote(ekv_coordinator *c, const char *target, ekv_error *err);
+
+/* Adds the worker groups of a comma list (discovery.c): HOST:PORT entries
+ * are remote groups as above; dns:NAME:PORT entries are one group per
+ * A/AAAA record of NAME (a headless Service), resolved now and again every
+ * dns_interval_s seconds on a background thread, which adds the groups of
+ * new records and retires those of vanished ones (no new requests; their
+ * running streams finish, then the group is freed). EKV_EINVAL for a
+ * malformed entry; a name that does not resolve yet is not an error. */
+ekv_status coord_add_workers(ekv_coordinator *c, const char *list, double dns_interval_s,
+                             ekv_error *err);
+
+/* Readiness (/readyz, gRPC health): true while the coordinator is not
+ * shutting down and at least one group is healthy; otherwise false with
+ * the reason in why. */
+bool coord_ready(ekv_coordinator *c, char *why, size_t cap);
+/* The first step of a shutdown: readiness fails at once, requests are
+ * still accepted until coord_drain. */
+void coord_begin_shutdown(ekv_coordinator *c);
 
 /* After this, coord_submit refuses new requests with EKV_EBUSY and
  * coord_draining is true; requests already accepted run to the end. */

@@ -1,7 +1,9 @@
 /*
  * http.h - the HTTP front of the coordinator on libmicrohttpd: the
  * OpenAI-compatible POST /v1/completions and /v1/chat/completions (JSON or
- * SSE streams), GET /v1/models, GET /health and GET /metrics (Prometheus).
+ * SSE streams), GET /v1/models, GET /livez (the process answers), GET /readyz
+ * (coord_ready and not draining; 503 with {"status","reason"} otherwise;
+ * GET /health is the same) and GET /metrics (Prometheus).
  * See docs/serving.md for the API.
  *
  * Threads: one per connection (MHD_USE_THREAD_PER_CONNECTION), so a
@@ -27,9 +29,14 @@ typedef struct ekv_http ekv_http;
 /* Listens on host:port (port 0: an ephemeral one, see ekv_http_port). */
 ekv_http *ekv_http_start(ekv_coordinator *c, const char *host, int port, ekv_error *err);
 int ekv_http_port(const ekv_http *h);
-/* Stops accepting connections; requests on open connections get 503 and
- * /health says "draining"; requests in progress (streams included) go on. */
+/* New requests get 503 (/livez, /readyz, /health and /metrics still
+ * answer; /readyz says "draining"); requests in progress (streams
+ * included) go on. */
 void ekv_http_drain(ekv_http *h);
+/* After drain, past the drain timeout: SSE streams still running end now
+ * with an error event and [DONE] (their requests are cancelled); whole
+ * completions are cut by ekv_http_stop. Returns at once. */
+void ekv_http_abort(ekv_http *h);
 /* Requests in progress (bodies being read, responses being written). */
 int ekv_http_active(const ekv_http *h);
 /* Closes every connection and frees. Call after drain and active == 0 for

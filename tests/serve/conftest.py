@@ -64,6 +64,9 @@ class Server:
             where = ["--host", "127.0.0.1", "--grpc-port", "0", "--http-port", "0"]
             if cmd == "serve":
                 where += ["--threads", "2"]
+        # no grace period at SIGTERM (no load balancer here to notice readiness
+        # fail): stop() returns as soon as the running streams are done
+        where += ["--drain-grace", "0"]
         args = [BIN, cmd, "--model", MODEL, *where, *extra]
         env = dict(os.environ)
         env.setdefault("ASAN_OPTIONS", "detect_leaks=1:abort_on_error=1")

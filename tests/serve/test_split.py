@@ -5,7 +5,9 @@ spreads load over workers, passes cancellation and refusals through, and
 shuts down cleanly.
 """
 import concurrent.futures as cf
+import json
 import time
+import urllib.error
 
 import grpc
 import pytest
@@ -30,6 +32,8 @@ def split():
                for _ in range(2)]
     coord = Server("--ctx", "512", "--workers",
                    ",".join(f"127.0.0.1:{w.grpc_port}" for w in workers), cmd="coordinator")
+    # it listens at once; the workers are routed to once their health check answers
+    wait_for(lambda: coord.stderr().count(" healthy") == 2, what="both workers healthy")
     yield coord, workers
     codes = [coord.stop()] + [w.stop() for w in workers]
     assert codes == [0, 0, 0], (codes, coord.stderr()[-3000:])
@@ -114,7 +118,17 @@ def test_worker_rejects_bad_token_ids(split, pb):
         assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_coordinator_fails_fast_without_its_worker():
-    with pytest.raises(RuntimeError) as ei:
-        Server("--workers", "127.0.0.1:1", cmd="coordinator")
-    assert "127.0.0.1:1" in str(ei.value)
+def test_coordinator_without_its_worker_starts_unready_and_refuses_clearly(pb):
+    c = Server("--workers", "127.0.0.1:1", cmd="coordinator")
+    try:
+        wait_for(lambda: "worker 127.0.0.1:1 unhealthy" in c.stderr(), what="the health check")
+        with pytest.raises(urllib.error.HTTPError) as ei:
+            c.get("/readyz")
+        assert ei.value.code == 503
+        assert json.loads(ei.value.read())["reason"] == "no healthy worker group"
+        with pytest.raises(grpc.RpcError) as ei:
+            run_stream(generation(c, pb), gen_request(pb, max_tokens=2), timeout=10)
+        assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "no healthy worker group" in ei.value.details()
+    finally:
+        assert c.stop() == 0, c.stderr()[-3000:]
