@@ -3,10 +3,13 @@
  *
  *   entrokv kvstore --listen ADDR:PORT --capacity-mb N --auth-token-file F
  *                   [--peers HOST:PORT,...] [--auth-timeout-ms MS]
+ *                   [--http-listen HOST:PORT]
  *
- * Prints "kvstore: listening on ADDR:PORT" on stdout once the listener is
- * bound (port 0 picks one; scripts read the line), logs one line per event
- * on stderr, and exits 0 on SIGTERM or SIGINT after closing its connections.
+ * Prints "kvstore: listening on ADDR:PORT ..." on stdout once the listener
+ * is bound (port 0 picks one; scripts read the line; with --http-listen the
+ * line ends in "http HOST:PORT"), logs one line per event on stderr, and
+ * exits 0 on SIGTERM or SIGINT after closing its connections (/readyz says
+ * 503 from the signal on).
  */
 #include <malloc.h>
 #include <signal.h>
@@ -17,12 +20,15 @@
 
 #include "cli.h"
 #include "entrokv/kvstore.h"
+#include "kvstore_http.h"
 
 static kvstore_daemon *g_daemon;
+static volatile sig_atomic_t g_stopping;
 
 static void on_signal(int sig)
 {
     (void)sig;
+    g_stopping = 1;
     if (g_daemon)
         kvstore_daemon_stop(g_daemon);
 }
@@ -42,7 +48,8 @@ static void log_line(void *arg, const char *line)
 static void usage(FILE *out)
 {
     fprintf(out, "usage: entrokv kvstore --listen ADDR:PORT --auth-token-file FILE\n"
-                 "       [--capacity-mb 1024] [--peers HOST:PORT,...] [--auth-timeout-ms 2000]\n");
+                 "       [--capacity-mb 1024] [--peers HOST:PORT,...] [--auth-timeout-ms 2000]\n"
+                 "       [--http-listen HOST:PORT]  GET /livez, /readyz, /metrics (Prometheus)\n");
     fputs(CLI_CONFIG_USAGE, out);
 }
 
@@ -81,7 +88,7 @@ int cmd_kvstore(int argc, char **argv)
 
 static int kvstore_main(int argc, char **argv)
 {
-    const char *listen = NULL, *token_file = NULL, *peers_arg = NULL;
+    const char *listen = NULL, *token_file = NULL, *peers_arg = NULL, *http_listen = NULL;
     int32_t capacity_mb = 1024, auth_ms = 2000;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -95,6 +102,8 @@ static int kvstore_main(int argc, char **argv)
             ok = cli_take_str(argc, argv, &i, &token_file);
         else if (!strcmp(a, "--peers"))
             ok = cli_take_str(argc, argv, &i, &peers_arg);
+        else if (!strcmp(a, "--http-listen"))
+            ok = cli_take_str(argc, argv, &i, &http_listen);
         else if (!strcmp(a, "--capacity-mb"))
             ok = cli_take_int(argc, argv, &i, 1, 1 << 30, &capacity_mb);
         else if (!strcmp(a, "--auth-timeout-ms"))
@@ -140,9 +149,16 @@ static int kvstore_main(int argc, char **argv)
     cfg.auth_timeout_ms = auth_ms;
     cfg.log = log_line;
     int rc = CLI_FAIL;
+    kvstore_http *http = NULL;
     kvstore_daemon *d = kvstore_daemon_create(&cfg, &err);
     if (!d) {
         cli_error("kvstore", "%s", err.msg);
+        goto out;
+    }
+    if (http_listen && !(http = kvstore_http_start(http_listen, d, &g_stopping, &err))) {
+        cli_error("kvstore", "%s", err.msg);
+        kvstore_daemon_destroy(d);
+        rc = CLI_USAGE;
         goto out;
     }
     g_daemon = d;
@@ -156,8 +172,17 @@ static int kvstore_main(int argc, char **argv)
     char *colon = strrchr(host, ':');
     if (colon)
         *colon = 0;
-    printf("kvstore: listening on %s:%d capacity %d MiB\n", host, kvstore_daemon_port(d),
+    printf("kvstore: listening on %s:%d capacity %d MiB", host, kvstore_daemon_port(d),
            capacity_mb);
+    if (http) {
+        char hh[256];
+        snprintf(hh, sizeof hh, "%s", http_listen);
+        char *hc = strrchr(hh, ':');
+        if (hc)
+            *hc = 0;
+        printf(" http %s:%d", hh, kvstore_http_port(http));
+    }
+    printf("\n");
     fflush(stdout);
     if (kvstore_daemon_run(d, &err) != EKV_OK)
         cli_error("kvstore", "%s", err.msg);
@@ -165,6 +190,7 @@ static int kvstore_main(int argc, char **argv)
         rc = CLI_OK;
     log_line(NULL, "kvstore: stopped");
     g_daemon = NULL;
+    kvstore_http_stop(http); /* before the daemon it reads */
     kvstore_daemon_destroy(d);
 out:
     memset(token, 0, token_len);

@@ -93,6 +93,10 @@ static void usage(FILE *out)
             "  --kv-profile P        UNComp profile for kv_method \"uncomp\" (default\n"
             "                        profiles/<model>.uncomp; 'none': online entropy)\n"
             "  --kvstore-token-file F   their shared auth token\n"
+            "  --kvstore-namespace NAME  what this server stores and reads in the KV store\n"
+            "                        (default: the model's identity)\n"
+            "  --kvstore-namespace-key-file F  the namespace's secret key: values are MACed\n"
+            "                        and keyed with it (default: the auth token)\n"
             "  --model-name NAME     the model id clients see (default: the file name without .gguf)\n"
             "  --drain-grace S       after SIGTERM, seconds new requests are still accepted\n"
             "                        while /readyz already fails (default 5)\n"
@@ -110,6 +114,7 @@ typedef struct serve_opts {
     int32_t default_max_tokens;
     int32_t kvstore_mb;                 /* host tier; 0: off */
     const char *kvstore_peers, *kvstore_token_file;
+    const char *kvstore_ns, *kvstore_ns_key_file; /* namespace (docs/kvstore.md) */
     const char *kv_profile; /* --kv-profile PATH | none */
     float drain_grace, drain_timeout, dns_interval; /* seconds */
 } serve_opts;
@@ -239,6 +244,10 @@ static int parse(int argc, char **argv, serve_mode mode, serve_opts *o)
             ok = cli_take_str(argc, argv, &i, &o->kvstore_peers);
         } else if (!strcmp(a, "--kvstore-token-file")) {
             ok = cli_take_str(argc, argv, &i, &o->kvstore_token_file);
+        } else if (!strcmp(a, "--kvstore-namespace")) {
+            ok = cli_take_str(argc, argv, &i, &o->kvstore_ns);
+        } else if (!strcmp(a, "--kvstore-namespace-key-file")) {
+            ok = cli_take_str(argc, argv, &i, &o->kvstore_ns_key_file);
         } else if (!strcmp(a, "--default-max-tokens")) {
             ok = cli_take_int(argc, argv, &i, 1, 1 << 20, &o->default_max_tokens);
         } else if (!strcmp(a, "--drain-grace")) {
@@ -411,9 +420,21 @@ static ekv_status start_kvstore(const serve_opts *o, server *s, ekv_error *err)
     kc.log = kvstore_log;
     const char *peers[64];
     char *list = o->kvstore_peers ? strdup(o->kvstore_peers) : NULL, *save = NULL;
-    uint8_t *token = NULL;
-    size_t token_len = 0;
+    uint8_t *token = NULL, *ns_key = NULL;
+    size_t token_len = 0, ns_key_len = 0;
     ekv_status rc = EKV_OK;
+    char ns[160];
+    if (o->kvstore_ns)
+        snprintf(ns, sizeof ns, "%s", o->kvstore_ns);
+    else
+        kvprefix_model_id(s->model, ns, sizeof ns);
+    kc.ns = ns;
+    if (o->kvstore_ns_key_file) {
+        if ((rc = kvstore_token_load(o->kvstore_ns_key_file, &ns_key, &ns_key_len, err)))
+            goto out;
+        kc.ns_key = ns_key;
+        kc.ns_key_len = ns_key_len;
+    }
     for (char *p = list ? strtok_r(list, ",", &save) : NULL; p && kc.n_peers < 64;
          p = strtok_r(NULL, ",", &save))
         peers[kc.n_peers++] = p;
@@ -437,6 +458,10 @@ out:
     if (token) {
         memset(token, 0, token_len);
         free(token);
+    }
+    if (ns_key) {
+        memset(ns_key, 0, ns_key_len);
+        free(ns_key);
     }
     free(list);
     return rc;

@@ -1,11 +1,22 @@
 /*
  * sha256.c - SHA-256 after FIPS 180-4, section 6.2.
+ *
+ * Where the CPU has the SHA extensions (x86 SHA-NI), whole blocks go
+ * through them: the KV store MACs every value it writes and reads
+ * (docs/kvstore.md), and the portable rounds run at about a sixth of
+ * their speed.
  */
 #include "entrokv/sha256.h"
 
 #include <errno.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <string.h>
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
+#include <immintrin.h>
+#define EKV_SHA_NI 1
+#endif
 
 static const uint32_t K[64] = {
     0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
@@ -48,6 +59,71 @@ static void compress(uint32_t h[8], const uint8_t p[64])
     h[4] += e; h[5] += f; h[6] += g; h[7] += hh;
 }
 
+#ifdef EKV_SHA_NI
+/* n blocks with the SHA extensions: four rounds per sha256rnds2 pair, the
+ * message schedule four words at a time (sha256msg1 / msg2), in the
+ * ABEF / CDGH state layout the instructions use. */
+__attribute__((target("sha,sse4.1,ssse3"))) static void compress_ni(uint32_t h[8],
+                                                                     const uint8_t *p, size_t n)
+{
+    const __m128i bswap = _mm_set_epi64x(0x0c0d0e0f08090a0bULL, 0x0405060700010203ULL);
+    __m128i t = _mm_shuffle_epi32(_mm_loadu_si128((const __m128i *)&h[0]), 0xB1); /* CDAB */
+    __m128i s1 = _mm_shuffle_epi32(_mm_loadu_si128((const __m128i *)&h[4]), 0x1B); /* EFGH */
+    __m128i s0 = _mm_alignr_epi8(t, s1, 8);                                        /* ABEF */
+    s1 = _mm_blend_epi16(s1, t, 0xF0);                                             /* CDGH */
+    for (; n > 0; n--, p += 64) {
+        __m128i abef = s0, cdgh = s1, m[4];
+        for (int i = 0; i < 4; i++)
+            m[i] = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(p + 16 * i)), bswap);
+        /* at group g, m[g&3] .. m[(g+3)&3] hold W[4g .. 4g+15]; unrolled,
+         * so m[] lives in registers (16 KiB in cache: 1.45 GB/s unrolled,
+         * 1.11 as a loop, 0.24 the portable rounds; OpenSSL 1.27) */
+#pragma GCC unroll 16
+        for (int g = 0; g < 16; g++) {
+            __m128i w = _mm_add_epi32(m[g & 3], _mm_loadu_si128((const __m128i *)&K[4 * g]));
+            s1 = _mm_sha256rnds2_epu32(s1, s0, w);
+            s0 = _mm_sha256rnds2_epu32(s0, s1, _mm_shuffle_epi32(w, 0x0E));
+            if (g < 12) { /* W[4g+16 ..]: W[t-16] + s0(W[t-15]) + W[t-7] + s1(W[t-2]) */
+                __m128i x = _mm_sha256msg1_epu32(m[g & 3], m[(g + 1) & 3]);
+                x = _mm_add_epi32(x, _mm_alignr_epi8(m[(g + 3) & 3], m[(g + 2) & 3], 4));
+                m[g & 3] = _mm_sha256msg2_epu32(x, m[(g + 3) & 3]);
+            }
+        }
+        s0 = _mm_add_epi32(s0, abef);
+        s1 = _mm_add_epi32(s1, cdgh);
+    }
+    t = _mm_shuffle_epi32(s0, 0x1B);  /* FEBA */
+    s1 = _mm_shuffle_epi32(s1, 0xB1); /* DCHG */
+    _mm_storeu_si128((__m128i *)&h[0], _mm_blend_epi16(t, s1, 0xF0)); /* DCBA */
+    _mm_storeu_si128((__m128i *)&h[4], _mm_alignr_epi8(s1, t, 8));   /* HGFE */
+}
+
+static bool have_sha_ni(void)
+{
+    static int known = -1; /* a benign race: every thread computes the same answer */
+    int k = __atomic_load_n(&known, __ATOMIC_RELAXED);
+    if (k < 0) {
+        unsigned a, b, c, d;
+        bool sse41 = __get_cpuid(1, &a, &b, &c, &d) && (c & bit_SSE4_1) && (c & bit_SSSE3);
+        k = sse41 && __get_cpuid_count(7, 0, &a, &b, &c, &d) && (b & bit_SHA);
+        __atomic_store_n(&known, k, __ATOMIC_RELAXED);
+    }
+    return k;
+}
+#endif
+
+static void compress_blocks(uint32_t h[8], const uint8_t *p, size_t n)
+{
+#ifdef EKV_SHA_NI
+    if (n && have_sha_ni()) {
+        compress_ni(h, p, n);
+        return;
+    }
+#endif
+    for (; n > 0; n--, p += 64)
+        compress(h, p);
+}
+
 void sha256_init(ekv_sha256 *s)
 {
     static const uint32_t iv[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
@@ -69,11 +145,12 @@ void sha256_update(ekv_sha256 *s, const void *data, size_t len)
         len -= take;
         if (s->n_buf < 64)
             return;
-        compress(s->h, s->buf);
+        compress_blocks(s->h, s->buf, 1);
         s->n_buf = 0;
     }
-    for (; len >= 64; p += 64, len -= 64)
-        compress(s->h, p);
+    compress_blocks(s->h, p, len / 64);
+    p += len / 64 * 64;
+    len %= 64;
     memcpy(s->buf, p, len);
     s->n_buf = len;
 }

@@ -68,6 +68,10 @@ struct coord_stream {
     int32_t n_ids, cap_ids;
     char *text;
     size_t text_len, text_cap;
+    ekv_logprob *lps;            /* generated tokens' log-probabilities (logprobs) */
+    int32_t n_lps, cap_lps;
+    ekv_logprob *plps;           /* the prompt's (echo) */
+    int32_t n_plps, cap_plps;
     bool lost;                   /* an append failed for memory: finish as an error */
     bool done, done_taken;
     gen_finish finish;
@@ -88,6 +92,7 @@ coord_stream *coord_stream_new(ekv_coordinator *c, int group, int32_t n_prompt,
                                const char *protocol);
 /* Frees a stream whose request never reached a group. */
 void coord_stream_discard(coord_stream *s);
+void coord_stream_on_logprobs(void *ctx, const ekv_logprob *lp, int32_t n, bool prompt);
 void coord_stream_on_tokens(void *ctx, const int32_t *ids, int32_t n, const char *text,
                             size_t len);
 void coord_stream_on_done(void *ctx, gen_finish finish, const engine_usage *u, ekv_status rc,

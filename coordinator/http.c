@@ -159,10 +159,10 @@ static bool sse_event(sse_state *st, char *json)
 /* Formats one take of the stream as SSE events. */
 static bool sse_format(sse_state *st, const coord_chunk *ch)
 {
-    const oai_meta *m = &st->meta;
+    oai_meta *m = &st->meta;
     if (m->kind == OAI_CHAT && !st->role_sent) {
         st->role_sent = true;
-        if (!sse_event(st, oai_chunk_json(m, "", NULL, true)))
+        if (!sse_event(st, oai_chunk_json(m, NULL, true)))
             return false;
     }
     if (ch->done && ch->rc != EKV_OK) {
@@ -170,8 +170,8 @@ static bool sse_format(sse_state *st, const coord_chunk *ch)
         return sse_event(st, oai_error_json(ch->msg, "server_error")) &&
                sse_append(st, "data: [DONE]\n\n", 14);
     }
-    if (ch->text_len > 0 || ch->done) {
-        if (!sse_event(st, oai_chunk_json(m, ch->text, ch->done ? ch : NULL, false)))
+    if (oai_chunk_wanted(m, ch)) {
+        if (!sse_event(st, oai_chunk_json(m, ch, false)))
             return false;
     }
     if (!ch->done)
@@ -221,6 +221,7 @@ static void sse_free(void *cls)
 {
     sse_state *st = cls;
     coord_stream_release(st->s);
+    oai_meta_free(&st->meta);
     free(st->out);
     free(st);
 }
@@ -238,6 +239,10 @@ static enum MHD_Result reply_stream(ekv_http *h, struct MHD_Connection *conn, co
     st->include_usage = req->include_usage;
     st->fd = connection_fd(conn);
     meta_init(&st->meta, h->coord, req->kind, s);
+    if (!oai_meta_set(&st->meta, req)) {
+        sse_free(st);
+        return MHD_NO;
+    }
     struct MHD_Response *r =
         MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, SSE_BLOCK, sse_read, st, sse_free);
     if (!r) {
@@ -285,7 +290,9 @@ static enum MHD_Result reply_whole(ekv_http *h, struct MHD_Connection *conn, coo
 {
     int fd = connection_fd(conn);
     collected c = {0};
-    bool ok = true;
+    oai_meta meta = {0};
+    meta_init(&meta, h->coord, req->kind, s);
+    bool ok = oai_meta_set(&meta, req);
     while (ok && !c.done.done) {
         if (!coord_stream_wait(s, SOCKET_POLL_S)) {
             if (client_gone(fd) || atomic_load(&h->stopping))
@@ -294,17 +301,16 @@ static enum MHD_Result reply_whole(ekv_http *h, struct MHD_Connection *conn, coo
         }
         coord_chunk ch;
         coord_stream_take(s, &ch);
-        ok = collect(&c, &ch);
+        ok = collect(&c, &ch) && oai_meta_collect(&meta, &ch);
         coord_chunk_free(&ch);
     }
-    oai_meta meta;
-    meta_init(&meta, h->coord, req->kind, s);
     coord_stream_release(s); /* cancels the request if the client went away */
     enum MHD_Result ret = MHD_NO;
     if (ok && c.done.rc != EKV_OK)
         ret = reply_error(h, conn, http_code_of(h->coord, c.done.rc), c.done.msg);
     else if (ok)
         ret = reply_json(conn, 200, oai_response_json(&meta, c.text, &c.done));
+    oai_meta_free(&meta);
     free(c.text);
     return ret;
 }

@@ -44,6 +44,8 @@ static void stream_free(coord_stream *s)
     pthread_cond_destroy(&s->cv);
     free(s->ids);
     free(s->text);
+    free(s->lps);
+    free(s->plps);
     free(s);
 }
 
@@ -73,7 +75,7 @@ void coord_stream_set_submitted(coord_stream *s, uint64_t engine_id)
 
 static bool has_new(const coord_stream *s)
 {
-    return s->n_ids > 0 || s->text_len > 0 || (s->done && !s->done_taken);
+    return s->n_ids > 0 || s->text_len > 0 || s->n_plps > 0 || (s->done && !s->done_taken);
 }
 
 /* With s->mu held: tells the consumer, once per take. */
@@ -133,6 +135,43 @@ static void observe_timing(coord_stream *s, int32_t n)
         metrics_observe_itl(m, (now - s->t_last) / n, n);
     }
     s->t_last = now;
+}
+
+static bool append_lps(ekv_logprob **v, int32_t *n, int32_t *cap, const ekv_logprob *lp,
+                       int32_t k)
+{
+    if (*n + k > *cap) {
+        int32_t c = *cap ? *cap : 16;
+        while (c < *n + k)
+            c *= 2;
+        ekv_logprob *p = realloc(*v, (size_t)c * sizeof *p);
+        if (!p)
+            return false;
+        *v = p;
+        *cap = c;
+    }
+    memcpy(*v + *n, lp, (size_t)k * sizeof *lp);
+    *n += k;
+    return true;
+}
+
+/* A generated token's entry comes just before the on_tokens carrying its
+ * id, so the consumer is told with that; take keeps the two aligned. */
+void coord_stream_on_logprobs(void *ctx, const ekv_logprob *lp, int32_t n, bool prompt)
+{
+    coord_stream *s = ctx;
+    if (n <= 0)
+        return;
+    pthread_mutex_lock(&s->mu);
+    if (!s->lost && !(prompt ? append_lps(&s->plps, &s->n_plps, &s->cap_plps, lp, n)
+                             : append_lps(&s->lps, &s->n_lps, &s->cap_lps, lp, n)))
+        s->lost = true;
+    bool lost = s->lost;
+    if (prompt)
+        signal_consumer(s);
+    pthread_mutex_unlock(&s->mu);
+    if (lost)
+        coord_stream_cancel(s);
 }
 
 void coord_stream_on_tokens(void *ctx, const int32_t *ids, int32_t n, const char *text,
@@ -209,6 +248,25 @@ bool coord_stream_take(coord_stream *s, coord_chunk *c)
         s->n_ids = s->cap_ids = 0;
         s->text_len = s->text_cap = 0;
     }
+    if (s->n_plps > 0) {
+        c->prompt_lps = s->plps;
+        c->n_prompt_lps = s->n_plps;
+        s->plps = NULL;
+        s->n_plps = s->cap_plps = 0;
+    }
+    /* the ids' entries only: one may be in ahead of its on_tokens; at the
+     * end also an end-of-generation token's, which has no id */
+    const int32_t k = s->done || s->n_lps < c->n_ids ? s->n_lps : c->n_ids;
+    if (k > 0 && (c->lps = malloc((size_t)k * sizeof *c->lps))) {
+        memcpy(c->lps, s->lps, (size_t)k * sizeof *c->lps);
+        c->n_lps = k;
+        memmove(s->lps, s->lps + k, (size_t)(s->n_lps - k) * sizeof *s->lps);
+        s->n_lps -= k;
+    } else if (k > 0) {
+        s->lost = true; /* (an error at the end: the stream cannot stay aligned) */
+        s->n_lps -= k;
+        memmove(s->lps, s->lps + k, (size_t)s->n_lps * sizeof *s->lps);
+    }
     if (s->done && !s->done_taken) {
         s->done_taken = true;
         c->done = true;
@@ -284,8 +342,12 @@ void coord_chunk_free(coord_chunk *c)
 {
     free(c->ids);
     free(c->text);
+    free(c->lps);
+    free(c->prompt_lps);
     c->ids = NULL;
     c->text = NULL;
+    c->lps = c->prompt_lps = NULL;
+    c->n_lps = c->n_prompt_lps = 0;
     c->n_ids = 0;
     c->text_len = 0;
 }

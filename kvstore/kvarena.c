@@ -20,6 +20,7 @@
 
 #include <assert.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -101,7 +102,7 @@ kvarena *kvarena_create(size_t bytes, ekv_error *err)
                       npages);
         goto fail;
     }
-    a->fd = memfd_create("entrokv-kvstore", MFD_CLOEXEC);
+    a->fd = memfd_create("entrokv-kvstore", MFD_CLOEXEC | MFD_ALLOW_SEALING);
     if (a->fd < 0) {
         ekv_error_set(err, EKV_EIO, "kvarena: memfd_create: %s", strerror(errno));
         goto fail;
@@ -115,6 +116,17 @@ kvarena *kvarena_create(size_t bytes, ekv_error *err)
     void *m = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, a->fd, 0);
     if (m == MAP_FAILED) {
         ekv_error_set(err, EKV_EIO, "kvarena: mmap of %zu bytes: %s", size, strerror(errno));
+        goto fail;
+    }
+    /* Only this mapping may write: once sealed, the kernel refuses every new
+     * writable mapping and write(2) of the file, so a client that opens it
+     * through /proc/<pid>/fd (even read-write) can map it read-only only
+     * (docs/kvstore.md, "Threat model"). Sealing also forbids growing or
+     * shrinking it, which nothing here does. */
+    if (fcntl(a->fd, F_ADD_SEALS, F_SEAL_FUTURE_WRITE | F_SEAL_GROW | F_SEAL_SHRINK |
+                                      F_SEAL_SEAL) != 0) {
+        ekv_error_set(err, EKV_EIO, "kvarena: sealing the region: %s", strerror(errno));
+        munmap(m, size);
         goto fail;
     }
     a->base = m;

@@ -13,6 +13,11 @@
  * into the local tier if promote_remote_hits); put - local, and the daemon
  * too with write_through; exists / del - both. A put is OK if any tier
  * stored it.
+ *
+ * Namespaces: every op's key is first turned into the client's namespaced
+ * key (kvstore_ns_key), which is what both tiers store under; every value
+ * written carries its MAC (kvc_mac) and every value read is accepted only
+ * if its MAC verifies (here for the host tier, in kvremote.c for daemons).
  */
 #include <stdarg.h>
 #include <sched.h>
@@ -22,6 +27,32 @@
 #include <time.h>
 
 #include "kvclient_int.h"
+
+void kvc_mac(const kvstore_client *c, const kvc_item *it, const void *buf, size_t len,
+             uint8_t mac[KVSTORE_MAC_BYTES])
+{
+    ekv_hmac h;
+    kvns_mac_init(&h, c->ns_key, c->ns_key_len, c->ns, &it->key, len);
+    hmac_sha256_update(&h, buf, len);
+    hmac_sha256_final(&h, mac);
+}
+
+/* A host-tier get: the value counts only if its MAC verifies; one that
+ * does not is dropped and read as a miss (the remote tier may have it). */
+static kvstore_result local_get(kvstore_client *c, kvc_item *it, size_t *vl)
+{
+    kvstore_op *op = it->op;
+    uint8_t have[KVSTORE_MAC_BYTES], want[KVSTORE_MAC_BYTES];
+    kvstore_result r = kvstore_local_get_mac(c->local, &it->key, op->buf, op->len, vl, have);
+    if (r != KVSTORE_OK)
+        return r;
+    kvc_mac(c, it, op->buf, *vl, want);
+    if (hmac_equal(have, want, sizeof want))
+        return KVSTORE_OK;
+    atomic_fetch_add_explicit(&c->m.mac_failures, 1, memory_order_relaxed);
+    kvstore_local_delete(c->local, &it->key);
+    return KVSTORE_MISS;
+}
 
 void kvstore_client_config_default(kvstore_client_config *cfg)
 {
@@ -68,7 +99,7 @@ void kvc_item_finish(kvstore_client *c, kvc_item *it, kvstore_result r, kvstore_
         atomic_fetch_add_explicit(&c->m.restore_ns_sum, ns, memory_order_relaxed);
         atomic_fetch_add_explicit(&c->m.restore_count, 1, memory_order_relaxed);
         if (tier == KVSTORE_TIER_REMOTE && c->local && c->cfg.promote_remote_hits)
-            (void)kvstore_local_put(c->local, &op->key, op->buf, value_len);
+            (void)kvstore_local_put_mac(c->local, &it->key, op->buf, value_len, it->mac);
     }
     kvstore_batch *b = it->b;
     if (--b->remaining == 0) {
@@ -98,7 +129,9 @@ static void start_op(kvstore_client *c, kvc_item *it)
     switch (op->kind) {
     case KVSTORE_PUT:
         if (l) {
-            r = kvstore_local_put(l, &op->key, op->buf, op->len);
+            uint8_t mac[KVSTORE_MAC_BYTES];
+            kvc_mac(c, it, op->buf, op->len, mac);
+            r = kvstore_local_put_mac(l, &it->key, op->buf, op->len, mac);
             it->local_ok = r == KVSTORE_OK;
         }
         if (remote && (!l || c->cfg.write_through))
@@ -106,19 +139,19 @@ static void start_op(kvstore_client *c, kvc_item *it)
         kvc_item_finish(c, it, l ? r : KVSTORE_FAILED, KVSTORE_TIER_LOCAL, 0);
         return;
     case KVSTORE_GET:
-        if (l && (r = kvstore_local_get(l, &op->key, op->buf, op->len, &vl)) != KVSTORE_MISS) {
+        if (l && (r = local_get(c, it, &vl)) != KVSTORE_MISS) {
             kvc_item_finish(c, it, r, KVSTORE_TIER_LOCAL, vl);
             return;
         }
         break;
     case KVSTORE_EXISTS:
-        if (l && kvstore_local_exists(l, &op->key)) {
+        if (l && kvstore_local_exists(l, &it->key)) {
             kvc_item_finish(c, it, KVSTORE_OK, KVSTORE_TIER_LOCAL, 0);
             return;
         }
         break;
     case KVSTORE_DEL:
-        it->local_ok = l && kvstore_local_delete(l, &op->key);
+        it->local_ok = l && kvstore_local_delete(l, &it->key);
         if (!remote) {
             kvc_item_finish(c, it, it->local_ok ? KVSTORE_OK : KVSTORE_MISS, KVSTORE_TIER_LOCAL, 0);
             return;
@@ -147,6 +180,7 @@ static void start_batch(kvstore_client *c, kvstore_batch *b)
     for (size_t i = 0; i < b->n; i++) {
         kvc_item *it = &b->items[i];
         *it = (kvc_item){.b = b, .op = &b->ops[i]};
+        kvstore_ns_key(c->ns_key, c->ns_key_len, c->ns, &it->op->key, &it->key);
         it->op->result = KVSTORE_MISS;
         it->op->tier = KVSTORE_TIER_NONE;
         it->op->value_len = 0;
@@ -278,6 +312,24 @@ static ekv_status copy_config(kvstore_client *c, const kvstore_client_config *cf
         memcpy(c->token, cfg->auth_token, cfg->auth_token_len);
     }
     c->cfg.peers = NULL; /* kvr_init copies the names; the caller's array may go */
+    /* the namespace: its key, else the token's holders share one, else (no
+     * daemons: nobody outside this process reads the values) a random one */
+    if (cfg->ns_key_len && !cfg->ns_key)
+        return ekv_error_set(err, EKV_EINVAL, "kvstore client: a namespace key length without a key");
+    const char *ns = cfg->ns ? cfg->ns : "default";
+    if (strlen(ns) >= sizeof c->ns)
+        return ekv_error_set(err, EKV_EINVAL, "kvstore client: namespace name too long");
+    strcpy(c->ns, ns);
+    c->cfg.ns = NULL;
+    c->cfg.ns_key = NULL;
+    const uint8_t *key = cfg->ns_key_len ? cfg->ns_key : cfg->n_peers ? cfg->auth_token : NULL;
+    c->ns_key_len = cfg->ns_key_len ? cfg->ns_key_len : key ? cfg->auth_token_len : 32;
+    if (!(c->ns_key = malloc(c->ns_key_len)))
+        return ekv_error_set(err, EKV_ENOMEM, "kvstore client: out of memory");
+    if (key)
+        memcpy(c->ns_key, key, c->ns_key_len);
+    else if (kvx_nonce(c->ns_key, err) != EKV_OK)
+        return err ? err->code : EKV_EIO;
     return EKV_OK;
 }
 
@@ -335,6 +387,9 @@ void kvstore_client_destroy(kvstore_client *c)
     if (c->token)
         memset(c->token, 0, c->cfg.auth_token_len);
     free(c->token);
+    if (c->ns_key)
+        memset(c->ns_key, 0, c->ns_key_len);
+    free(c->ns_key);
     free(c);
 }
 
@@ -448,7 +503,11 @@ const kvstore_metrics *kvstore_client_metrics(const kvstore_client *c)
 
 int kvstore_client_peer_of(const kvstore_client *c, const kvstore_key *key)
 {
-    return c->ring ? kvstore_ring_lookup(c->ring, key) : -1;
+    if (!c->ring)
+        return -1;
+    kvstore_key stored; /* the ring places the namespaced key */
+    kvstore_ns_key(c->ns_key, c->ns_key_len, c->ns, key, &stored);
+    return kvstore_ring_lookup(c->ring, &stored);
 }
 
 bool kvstore_client_peer_up(const kvstore_client *c, int peer)

@@ -12,12 +12,15 @@
 
 #include <pthread.h>
 
+#include "entrokv/hmac.h"
 #include "entrokv/kvstore.h"
 #include "kvucx.h"
 
 typedef struct kvc_item {
     kvstore_batch *b;
     kvstore_op *op;
+    kvstore_key key;                /* op->key in the client's namespace (kvstore_ns_key) */
+    uint8_t mac[KVSTORE_MAC_BYTES]; /* get: the verified MAC of a remote hit (promotion) */
     struct kvc_item *next; /* remote queue */
     bool local_ok;         /* put / del: the local tier already succeeded */
 } kvc_item;
@@ -49,9 +52,8 @@ typedef struct kvc_peer {
     const char *fail; /* set by the error callback, acted on in the loop */
     uint8_t cnonce[KVWIRE_NONCE_BYTES];
     uint8_t snonce_copy[KVWIRE_NONCE_BYTES];
-    uint8_t *region; /* the daemon's value region, mapped (same host) */
+    const uint8_t *region; /* the daemon's value region, mapped read-only (same host) */
     size_t region_bytes;
-    bool region_writable; /* puts are written into it, not sent */
     _Atomic bool up;
 } kvc_peer;
 
@@ -63,13 +65,18 @@ typedef struct kvc_slot {
     double deadline;
     void *send_req, *recv_req;
     bool replied;
-    bool direct;     /* asked for a span of the peer's region (get: to read, put: to write) */
-    bool committing; /* a direct put written, its COMMIT sent */
+    bool direct;     /* a get that asked for a span of the peer's region */
     bool hashing;    /* on the hash list (kvremote.c, hash_step) */
+    bool mac_only;   /* hashing: the checksum is known (a direct get), only the MAC is left */
     int hash_next;   /* the next slot on it, -1 at its end */
-    kvstore_sum sum; /* how far hashing got */
+    kvstore_sum sum; /* how far the checksum got */
+    ekv_hmac mac;    /* the value's MAC, as far as mac_done */
+    size_t mac_done;
     kvstore_result result;
-    uint64_t checksum;
+    uint64_t checksum;     /* the value's, as the daemon sent it */
+    uint64_t checksum_got; /* mac_only: what the copy hashed to */
+    bool direct_hit;       /* read from the peer's region */
+    uint8_t want_mac[KVSTORE_MAC_BYTES]; /* get: the MAC that came with the value */
     size_t value_len;
     uint8_t hdr[KVWIRE_HEADER_BYTES];
 } kvc_slot;
@@ -77,6 +84,9 @@ typedef struct kvc_slot {
 struct kvstore_client {
     kvstore_client_config cfg;
     uint8_t *token;
+    uint8_t *ns_key; /* the namespace's secret (cfg.ns_key, the token, or random) */
+    size_t ns_key_len;
+    char ns[256];
     char **peer_names;
     kvstore_local *local;
     kvstore_metrics m;
@@ -113,6 +123,14 @@ struct kvstore_client {
 void kvc_item_finish(kvstore_client *c, kvc_item *it, kvstore_result r, kvstore_tier tier,
                      size_t value_len);
 void kvc_log(kvstore_client *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* kvns.c: an HMAC over "ekv-val1" || ns || stored_key || len, ready for the
+ * value's bytes (kvstore_value_mac a piece at a time). */
+void kvns_mac_init(ekv_hmac *h, const uint8_t *ns_key, size_t ns_key_len, const char *ns,
+                   const kvstore_key *stored_key, uint64_t len);
+/* kvclient.c: the MAC of it->op's value (len bytes of buf), stored under it->key. */
+void kvc_mac(const kvstore_client *c, const kvc_item *it, const void *buf, size_t len,
+             uint8_t mac[KVSTORE_MAC_BYTES]);
 
 /* kvremote.c */
 ekv_status kvr_init(kvstore_client *c, ekv_error *err);

@@ -14,12 +14,15 @@
  * Values move without extra copies, and the daemon hashes none of them. By
  * UCX, a PUT's rendezvous data lands directly in an entry reserved in the
  * store (committed when it is complete) and a GET's reply is sent from the
- * pinned entry, with the checksum the client put, which the client that
- * gets it verifies (it also asks us to DEL a value that failed, since
- * our copy may be the spoilt one). The store's values live in
- * a shared region, so a client on this host may instead read and write
- * them itself (get_direct, put_direct): the daemon then only pins, reserves
- * and commits, and the client checksums what it copied.
+ * pinned entry, with the checksum and the MAC the writer put, which the
+ * client that gets it verifies (it also asks us to DEL a value that failed,
+ * since our copy may be the spoilt one). The daemon holds no namespace key:
+ * MACs are the writers' and the readers' business (docs/kvstore.md, "Threat
+ * model"). The store's values live in a shared region that a client on
+ * this host may map read-only (the region is sealed against writable
+ * mappings) and read itself (get_direct): the daemon then only pins, and the
+ * client checks what it copied. Every value is written by the daemon:
+ * direct puts are refused.
  */
 #include "entrokv/kvstore.h"
 
@@ -41,13 +44,11 @@ enum { CONN_CHALLENGED, CONN_READY, CONN_DEAD };
  * UCX, so one client cannot pin the whole store. */
 #define KVD_MAX_PINS 1024
 
-/* A value a direct get exposed (pinned until the client's RELEASE of that
- * request id), or an entry a direct put reserved (until its COMMIT); either
- * way, until the connection goes. */
+/* A value a direct get exposed: pinned until the client's RELEASE of that
+ * request id, or until the connection goes. */
 typedef struct kvd_pin {
     uint64_t request_id;
     kvstore_entry *e;
-    bool reserved; /* a direct put's: aborted, not released, if never committed */
 } kvd_pin;
 
 typedef struct kvd_conn {
@@ -194,6 +195,8 @@ static void conn_reject(kvd_conn *c, const char *what, const char *why)
 {
     kvstore_daemon *d = c->d;
     atomic_fetch_add_explicit(&d->m.rejected, 1, memory_order_relaxed);
+    if (c->state == CONN_CHALLENGED) /* it never proved the token */
+        atomic_fetch_add_explicit(&d->m.auth_failures, 1, memory_order_relaxed);
     logf_(d, "kvstore: dropped %s from %s: %s; closing the connection", what, c->peer, why);
     conn_kill(c);
 }
@@ -285,7 +288,7 @@ static void accept_one(kvstore_daemon *d, ucp_conn_request_h req)
     c->auth_deadline = kvx_now() + d->auth_timeout_ms / 1000.0;
     snprintf(c->peer, sizeof c->peer, "%s", peer);
     c->same_host = same_host;
-    c->ep = kvx_accept(&d->x, req, same_host, on_ep_error, d, &err);
+    c->ep = kvx_accept(&d->x, req, on_ep_error, d, &err);
     if (!c->ep) {
         logf_(d, "kvstore: accepting %s: %s", peer, err.msg);
         free(c);
@@ -320,12 +323,8 @@ static void sweep_conns(kvstore_daemon *d, double now)
         kvx_close(&d->x, c->ep);
         c->ep = NULL;
         xfer_detach_all(d, c);
-        for (int j = 0; j < c->n_pins; j++) {
-            if (c->pins[j].reserved)
-                kvstore_local_abort(d->store, c->pins[j].e);
-            else
-                kvstore_local_release(d->store, c->pins[j].e);
-        }
+        for (int j = 0; j < c->n_pins; j++)
+            kvstore_local_release(d->store, c->pins[j].e);
         free(c->pins);
         c->pins = NULL;
         c->n_pins = 0;
@@ -410,6 +409,7 @@ static void handle_put(kvd_conn *c, const kvwire_hdr *h, void *data, size_t len,
         reply(c, h, KVWIRE_ST_NOSPACE);
         return; /* an unclaimed rendezvous is released by UCX */
     }
+    kvstore_entry_set_mac(e, h->mac); /* the writer's; readers check it */
     if (!rndv) {
         memcpy(kvstore_entry_data(e), data, len);
         put_finish(c, e, h, true);
@@ -437,16 +437,16 @@ static void on_get_sent(void *req, ucs_status_t status, void *user)
 }
 
 /* A direct get: the client copies the value out of its read-only mapping
- * of our region and checks it (kvstore_checksum_copy), so the daemon only
- * says where it lies and keeps it pinned until the client's RELEASE. */
-/* Records e as held for request h and answers with its span of the
- * region. false (nothing recorded) when out of memory. */
-static bool reply_span(kvd_conn *c, const kvwire_hdr *h, kvstore_entry *e, bool reserved)
+ * of our region and checks it (checksum and MAC), so the daemon only says
+ * where it lies and keeps it pinned until the client's RELEASE. Records e
+ * as held for request h and answers with its span of the region. false
+ * (nothing recorded) when out of memory. */
+static bool reply_span(kvd_conn *c, const kvwire_hdr *h, kvstore_entry *e)
 {
     kvstore_daemon *d = c->d;
     if (!c->pins && !(c->pins = malloc(KVD_MAX_PINS * sizeof *c->pins)))
         return false;
-    c->pins[c->n_pins++] = (kvd_pin){.request_id = h->request_id, .e = e, .reserved = reserved};
+    c->pins[c->n_pins++] = (kvd_pin){.request_id = h->request_id, .e = e};
     uint8_t *base = NULL, *label;
     size_t bytes;
     int fd;
@@ -458,8 +458,9 @@ static bool reply_span(kvd_conn *c, const kvwire_hdr *h, kvstore_entry *e, bool 
     kvwire_hdr r = {.version = KVWIRE_VERSION, .op = h->op,
                     .flags = KVWIRE_F_REPLY | KVWIRE_F_DIRECT, .request_id = h->request_id,
                     .payload_len = KVWIRE_SPAN_BYTES, .status = KVWIRE_ST_OK,
-                    .checksum = reserved ? 0 : kvstore_entry_checksum(e)};
+                    .checksum = kvstore_entry_checksum(e)};
     memcpy(r.key, h->key, KVWIRE_KEY_BYTES);
+    memcpy(r.mac, kvstore_entry_mac(e), KVWIRE_MAC_BYTES);
     if (kvx_send_small(&c->d->x, c->ep, &r, payload, sizeof payload) != EKV_OK)
         conn_kill(c); /* the sweep releases its pins */
     return true;
@@ -468,7 +469,7 @@ static bool reply_span(kvd_conn *c, const kvwire_hdr *h, kvstore_entry *e, bool 
 static void get_direct(kvd_conn *c, const kvwire_hdr *h, kvstore_entry *e)
 {
     kvstore_daemon *d = c->d;
-    if (!reply_span(c, h, e, false)) {
+    if (!reply_span(c, h, e)) {
         kvstore_local_release(d->store, e);
         reply(c, h, KVWIRE_ST_ERROR);
         return;
@@ -478,53 +479,10 @@ static void get_direct(kvd_conn *c, const kvwire_hdr *h, kvstore_entry *e)
                               memory_order_relaxed);
 }
 
-/* A direct put: reserve the entry and say where the client writes it; the
- * client's COMMIT (with the checksum of what it wrote) makes it visible. */
-static void put_direct(kvd_conn *c, const kvwire_hdr *h, const uint8_t *data)
-{
-    kvstore_daemon *d = c->d;
-    uint64_t len = kvwire_len_decode(data);
-    if (!c->direct || len == 0 || len > KVWIRE_MAX_PAYLOAD) {
-        conn_reject(c, "direct put", c->direct ? "bad length" : "region not offered");
-        return;
-    }
-    if (c->n_pins >= KVD_MAX_PINS) {
-        reply(c, h, KVWIRE_ST_ERROR);
-        return;
-    }
-    kvstore_key key;
-    memcpy(key.b, h->key, KVWIRE_KEY_BYTES);
-    kvstore_result why;
-    kvstore_entry *e = kvstore_local_reserve(d->store, &key, (size_t)len, 0, &why);
-    if (!e) {
-        reply(c, h, KVWIRE_ST_NOSPACE);
-        return;
-    }
-    if (!reply_span(c, h, e, true)) {
-        kvstore_local_abort(d->store, e);
-        reply(c, h, KVWIRE_ST_ERROR);
-    }
-}
-
-static void handle_commit(kvd_conn *c, const kvwire_hdr *h)
-{
-    for (int i = 0; i < c->n_pins; i++) {
-        kvd_pin *p = &c->pins[i];
-        if (p->request_id != h->request_id || !p->reserved)
-            continue;
-        kvstore_entry_set_checksum(p->e, h->checksum);
-        kvstore_local_commit(c->d->store, p->e);
-        *p = c->pins[--c->n_pins];
-        reply(c, h, KVWIRE_ST_OK);
-        return;
-    }
-    reply(c, h, KVWIRE_ST_ERROR); /* no such reservation */
-}
-
 static void handle_release(kvd_conn *c, const kvwire_hdr *h)
 {
     for (int i = 0; i < c->n_pins; i++) {
-        if (c->pins[i].request_id != h->request_id || c->pins[i].reserved)
+        if (c->pins[i].request_id != h->request_id)
             continue;
         kvstore_local_release(c->d->store, c->pins[i].e);
         c->pins[i] = c->pins[--c->n_pins];
@@ -577,6 +535,7 @@ static void handle_get(kvd_conn *c, const kvwire_hdr *h)
                     .request_id = h->request_id, .payload_len = (uint32_t)len,
                     .status = KVWIRE_ST_OK, .checksum = kvstore_entry_checksum(e)};
     memcpy(r.key, h->key, KVWIRE_KEY_BYTES);
+    memcpy(r.mac, kvstore_entry_mac(e), KVWIRE_MAC_BYTES);
     kvwire_encode(&r, s->hdr);
     atomic_fetch_add_explicit(&d->m.tier[KVSTORE_TIER_LOCAL].hits, 1, memory_order_relaxed);
     atomic_fetch_add_explicit(&d->m.tier[KVSTORE_TIER_LOCAL].bytes_out, len, memory_order_relaxed);
@@ -595,8 +554,8 @@ static void handle_request(kvd_conn *c, const kvwire_hdr *h, void *data, size_t 
     memcpy(key.b, h->key, KVWIRE_KEY_BYTES);
     switch (h->op) {
     case KVWIRE_OP_PUT:
-        if (h->flags & KVWIRE_F_DIRECT)
-            put_direct(c, h, data);
+        if (h->flags & KVWIRE_F_DIRECT) /* clients map the region read-only */
+            conn_reject(c, "direct put", "values are written by the daemon only");
         else
             handle_put(c, h, data, len, rndv);
         break;
@@ -609,7 +568,7 @@ static void handle_request(kvd_conn *c, const kvwire_hdr *h, void *data, size_t 
         break;
     case KVWIRE_OP_DIRECT: handle_direct(c, h); break;
     case KVWIRE_OP_RELEASE: handle_release(c, h); break;
-    case KVWIRE_OP_COMMIT: handle_commit(c, h); break;
+    case KVWIRE_OP_COMMIT: conn_reject(c, "commit", "there are no direct puts"); break;
     default: conn_reject(c, kvwire_op_name(h->op), "handshake message after authentication");
     }
 }
@@ -633,6 +592,7 @@ static ucs_status_t on_am(void *arg, const void *header, size_t hlen, void *data
         conn_reject(c, "message", err.msg);
         return UCS_OK;
     }
+    atomic_fetch_add_explicit(&d->m.requests[h.op], 1, memory_order_relaxed);
     if (h.flags & KVWIRE_F_REPLY) {
         conn_reject(c, kvwire_op_name(h.op), "a reply sent to the daemon");
         return UCS_OK;

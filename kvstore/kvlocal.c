@@ -33,6 +33,7 @@ struct kvstore_entry {
     kvstore_entry *hnext; /* hash chain */
     kvstore_key key;
     uint64_t checksum;
+    uint8_t mac[KVSTORE_MAC_BYTES]; /* kept for the reader to check (kvstore_local_put_mac) */
     size_t len;
     size_t charge;
     int32_t pins;
@@ -348,9 +349,14 @@ void *kvstore_entry_data(kvstore_entry *e) { return e->data; }
 size_t kvstore_entry_len(const kvstore_entry *e) { return e->len; }
 uint64_t kvstore_entry_checksum(const kvstore_entry *e) { return e->checksum; }
 void kvstore_entry_set_checksum(kvstore_entry *e, uint64_t checksum) { e->checksum = checksum; }
+const uint8_t *kvstore_entry_mac(const kvstore_entry *e) { return e->mac; }
+void kvstore_entry_set_mac(kvstore_entry *e, const uint8_t mac[KVSTORE_MAC_BYTES])
+{
+    memcpy(e->mac, mac, KVSTORE_MAC_BYTES);
+}
 
-kvstore_result kvstore_local_put(kvstore_local *s, const kvstore_key *key, const void *val,
-                                 size_t len)
+kvstore_result kvstore_local_put_mac(kvstore_local *s, const kvstore_key *key, const void *val,
+                                     size_t len, const uint8_t mac[KVSTORE_MAC_BYTES])
 {
     kvstore_result why;
     kvstore_entry *e = kvstore_local_reserve(s, key, len, 0, &why);
@@ -358,8 +364,16 @@ kvstore_result kvstore_local_put(kvstore_local *s, const kvstore_key *key, const
         return why;
     /* one pass, and the checksum is of the bytes stored */
     e->checksum = kvstore_checksum_copy_nt(e->data, val, len);
+    if (mac)
+        memcpy(e->mac, mac, KVSTORE_MAC_BYTES);
     kvstore_local_commit(s, e);
     return KVSTORE_OK;
+}
+
+kvstore_result kvstore_local_put(kvstore_local *s, const kvstore_key *key, const void *val,
+                                 size_t len)
+{
+    return kvstore_local_put_mac(s, key, val, len, NULL);
 }
 
 /* Drops e from the index if it is still there (it failed its checksum). */
@@ -374,6 +388,13 @@ static void drop_if_linked(kvstore_local *s, kvstore_entry *e)
 kvstore_result kvstore_local_get(kvstore_local *s, const kvstore_key *key, void *buf, size_t cap,
                                  size_t *value_len)
 {
+    return kvstore_local_get_mac(s, key, buf, cap, value_len, NULL);
+}
+
+kvstore_result kvstore_local_get_mac(kvstore_local *s, const kvstore_key *key, void *buf,
+                                     size_t cap, size_t *value_len,
+                                     uint8_t mac[KVSTORE_MAC_BYTES])
+{
     kvstore_entry *e = kvstore_local_acquire(s, key);
     if (!e) {
         ADD(tier[KVSTORE_TIER_LOCAL].misses, 1);
@@ -387,6 +408,8 @@ kvstore_result kvstore_local_get(kvstore_local *s, const kvstore_key *key, void 
         return KVSTORE_TOOSMALL;
     }
     bool good = kvstore_checksum_copy(buf, e->data, len) == e->checksum;
+    if (mac)
+        memcpy(mac, e->mac, KVSTORE_MAC_BYTES);
     if (!good)
         drop_if_linked(s, e);
     kvstore_local_release(s, e);

@@ -31,7 +31,7 @@ typedef struct save_job {
 
 /* The model's identity: its shape and name, plus a hash of the start of its
  * token embeddings, so two finetunes of one architecture never share KV. */
-static void model_id(const ekv_model *m, char *out, size_t cap)
+void kvprefix_model_id(const ekv_model *m, char *out, size_t cap)
 {
     const ekv_model_config *c = model_config(m);
     const gguf_tensor *t = gguf_find_tensor(model_gguf(m), "token_embd.weight");
@@ -71,7 +71,7 @@ kvprefix *kvprefix_create(const ekv_model *m, kvstore_client *client, int32_t tp
     p->tp_rank = tp_rank;
     p->tp_size = tp_size;
     kv_pool_destroy(probe);
-    model_id(m, p->model_id, sizeof p->model_id);
+    kvprefix_model_id(m, p->model_id, sizeof p->model_id);
     return p;
 }
 

@@ -59,6 +59,8 @@ static void maybe_complete(kvstore_client *c, kvc_slot *s)
         add(s->result == KVSTORE_OK ? &tm->hits : &tm->misses, 1);
         if (s->result == KVSTORE_OK)
             add(&tm->bytes_out, s->value_len);
+        if (s->result == KVSTORE_OK && s->direct_hit)
+            add(&c->m.direct_gets, 1);
     } else if (op->kind == KVSTORE_PUT && s->result == KVSTORE_OK) {
         add(&tm->bytes_in, op->len);
     }
@@ -67,34 +69,6 @@ static void maybe_complete(kvstore_client *c, kvc_slot *s)
     size_t vl = s->value_len;
     slot_free(c, s);
     kvc_item_finish(c, it, r, KVSTORE_TIER_REMOTE, vl);
-}
-
-/* After a forced close, an op whose send or receive UCX still holds is
- * finished for the caller anyway: the endpoint's lanes are gone, so UCX
- * touches the caller's buffer no more. An endpoint with error handling
- * (another host) completes such requests with an error during the close;
- * one without it (this host, kvucx.c) may not until the peer runs again,
- * or ever, and neither the op nor its slot waits for that: the slot is
- * free at once, and the request is freed when UCX completes it (stale). A
- * request is its slot's only while the slot points at it: a live request
- * is never freed, so its address is not reused meanwhile. */
-static void abandon(kvstore_client *c, kvc_slot *s)
-{
-    kvc_item *it = s->it;
-    add(&c->m.abandoned, 1);
-    s->send_req = s->recv_req = NULL;
-    slot_free(c, s);
-    kvc_item_finish(c, it, fail_result(it->op->kind), KVSTORE_TIER_REMOTE, 0);
-}
-
-/* A completed request that its slot no longer points at (its op was
- * abandoned): freed, and nothing else. */
-static bool stale(void *req, void *const *slot_req)
-{
-    if (*slot_req == req)
-        return false;
-    ucp_request_free(req);
-    return true;
 }
 
 static void fail_slot(kvc_slot *s)
@@ -113,15 +87,13 @@ static void unmap_region(kvc_peer *p)
         munmap((void *)p->region, p->region_bytes);
     p->region = NULL;
     p->region_bytes = 0;
-    p->region_writable = false;
 }
 
 /* The daemon's DIRECT answer: map its value region through
  * /proc/<pid>/fd/<fd> and check the id it wrote there, which tells us it
  * is the region of the process we authenticated (the pid may mean another
- * process in our namespace). Read-write where we may (puts are written
- * into it), read-only otherwise (gets only); any failure leaves both on
- * UCX. */
+ * process in our namespace). Read-only: the daemon sealed it against
+ * writable mappings, and puts go by UCX. Any failure leaves gets on UCX. */
 static void map_region(kvstore_client *c, int pi, const kvwire_hdr *h, const uint8_t *data)
 {
     kvc_peer *p = &c->peers[pi];
@@ -132,12 +104,7 @@ static void map_region(kvstore_client *c, int pi, const kvwire_hdr *h, const uin
     const char *why = NULL;
     char path[64];
     snprintf(path, sizeof path, "/proc/%u/fd/%d", d.pid, d.fd);
-    bool writable = true;
-    int fd = d.fd >= 0 ? open(path, O_RDWR | O_CLOEXEC) : -1;
-    if (fd < 0 && d.fd >= 0) {
-        writable = false;
-        fd = open(path, O_RDONLY | O_CLOEXEC);
-    }
+    int fd = d.fd >= 0 ? open(path, O_RDONLY | O_CLOEXEC) : -1;
     struct stat st;
     void *m = MAP_FAILED;
     if (fd < 0)
@@ -145,8 +112,7 @@ static void map_region(kvstore_client *c, int pi, const kvwire_hdr *h, const uin
     else if (fstat(fd, &st) != 0 || (uint64_t)st.st_size < d.region_bytes || d.region_bytes == 0 ||
              d.region_bytes > SIZE_MAX || d.id_offset > d.region_bytes - KVWIRE_ID_BYTES)
         why = "the region's size does not match";
-    else if ((m = mmap(NULL, d.region_bytes, PROT_READ | (writable ? PROT_WRITE : 0), MAP_SHARED,
-                       fd, 0)) == MAP_FAILED)
+    else if ((m = mmap(NULL, d.region_bytes, PROT_READ, MAP_SHARED, fd, 0)) == MAP_FAILED)
         why = "cannot map the region";
     else if (memcmp((const uint8_t *)m + d.id_offset, d.id, KVWIRE_ID_BYTES) != 0)
         why = "the region is not the daemon's";
@@ -160,9 +126,7 @@ static void map_region(kvstore_client *c, int pi, const kvwire_hdr *h, const uin
     }
     p->region = m;
     p->region_bytes = d.region_bytes;
-    p->region_writable = writable;
-    kvc_log(c, "kvstore: peer %s: %s values in its shared memory", p->name,
-            writable ? "reading and writing" : "reading");
+    kvc_log(c, "kvstore: peer %s: reading values in its shared memory", p->name);
 }
 
 
@@ -185,14 +149,16 @@ static void peer_fail(kvstore_client *c, int pi, const char *why)
             fail_slot(&c->slots[i]);
     ucp_ep_h ep = p->ep;
     p->ep = NULL;
-    kvx_close(&c->x, ep); /* purges where it can: callbacks run with errors */
+    /* The endpoint has peer error handling (kvucx.c), so the forced close
+     * completes every send and rendezvous receive still on it with an
+     * error, now or in a later progress: an op whose request UCX still
+     * holds waits for that callback (maybe_complete), and only then is the
+     * caller's buffer the caller's again. */
+    kvx_close(&c->x, ep);
     for (int i = 0; i < c->n_slots; i++) {
         kvc_slot *s = &c->slots[i];
-        if (!s->id || s->peer != pi)
-            continue;
-        maybe_complete(c, s);
-        if (s->id && (s->send_req || s->recv_req))
-            abandon(c, s);
+        if (s->id && s->peer == pi)
+            maybe_complete(c, s);
     }
 }
 
@@ -211,8 +177,7 @@ static void peer_connect(kvstore_client *c, int pi)
     ekv_error err;
     p->fail = NULL;
     p->same_host = kvx_addr_is_local((struct sockaddr *)&p->sa);
-    p->ep = kvx_connect(&c->x, (struct sockaddr *)&p->sa, p->salen, p->same_host,
-                        on_peer_error, p, &err);
+    p->ep = kvx_connect(&c->x, (struct sockaddr *)&p->sa, p->salen, on_peer_error, p, &err);
     if (!p->ep) {
         kvc_log(c, "kvstore: peer %s: %s", p->name, err.msg);
         p->retry_at = kvx_now() + c->cfg.reconnect_ms / 1000.0;
@@ -302,9 +267,18 @@ static void on_auth_ok(kvstore_client *c, int pi, const uint8_t *proof)
  * of its head between UCX progress calls (kvr_progress). */
 #define HASH_STEP (64u << 10)
 
-static void hash_enqueue(kvstore_client *c, kvc_slot *s)
+/* Starts the value's MAC (under the op's namespaced key, for len bytes). */
+static void mac_start(kvstore_client *c, kvc_slot *s, size_t len)
+{
+    kvns_mac_init(&s->mac, c->ns_key, c->ns_key_len, c->ns, &s->it->key, len);
+    s->mac_done = 0;
+}
+
+static void hash_enqueue(kvstore_client *c, kvc_slot *s, size_t len, bool mac_only)
 {
     kvstore_sum_init(&s->sum);
+    mac_start(c, s, len);
+    s->mac_only = mac_only;
     s->hashing = true;
     s->hash_next = -1;
     int idx = (int)(s - c->slots);
@@ -321,33 +295,67 @@ static void hash_enqueue(kvstore_client *c, kvc_slot *s)
 static void drop_remote(kvstore_client *c, kvc_slot *s)
 {
     kvwire_hdr h = {.version = KVWIRE_VERSION, .op = KVWIRE_OP_DEL, .request_id = 0};
-    memcpy(h.key, s->it->op->key.b, KVWIRE_KEY_BYTES);
+    memcpy(h.key, s->it->key.b, KVWIRE_KEY_BYTES);
     if (c->peers[s->peer].state == PEER_READY)
         (void)kvx_send_small(&c->x, c->peers[s->peer].ep, &h, NULL, 0);
 }
 
 /* A get's value has landed in the caller's buffer: good if it hashes to
- * the checksum that came with it. */
+ * the checksum that came with it and its MAC (s->mac, finished here) is
+ * the one the writer made: a value written without our namespace key is a
+ * miss, as is a spoilt one. */
 static void get_checked(kvstore_client *c, kvc_slot *s, uint64_t sum)
 {
-    if (sum == s->checksum) {
+    uint8_t mac[KVSTORE_MAC_BYTES];
+    hmac_sha256_final(&s->mac, mac);
+    if (sum != s->checksum) {
+        add(&c->m.checksum_failures, 1);
+    } else if (!hmac_equal(mac, s->want_mac, sizeof mac)) {
+        add(&c->m.mac_failures, 1);
+    } else {
+        memcpy(s->it->mac, mac, sizeof mac); /* for the host tier, if promoted */
         s->result = KVSTORE_OK;
         return;
     }
-    add(&c->m.checksum_failures, 1);
     s->result = KVSTORE_MISS;
     drop_remote(c, s);
 }
 
-static void verify_get(kvstore_client *c, kvc_slot *s)
+/* A value in buf whose checksum is sum (known) or still to compute: its
+ * MAC (and checksum) now, or a step at a time when it is large. */
+static void verify_get(kvstore_client *c, kvc_slot *s, bool have_sum, uint64_t sum)
 {
-    if (s->value_len > HASH_STEP)
-        hash_enqueue(c, s);
-    else
-        get_checked(c, s, kvstore_checksum(s->it->op->buf, s->value_len));
+    const uint8_t *v = s->it->op->buf;
+    if (s->value_len > HASH_STEP) {
+        s->checksum_got = sum;
+        hash_enqueue(c, s, s->value_len, have_sum);
+        return;
+    }
+    mac_start(c, s, s->value_len);
+    hmac_sha256_update(&s->mac, v, s->value_len);
+    get_checked(c, s, have_sum ? sum : kvstore_checksum(v, s->value_len));
 }
 
 static void send_request(kvstore_client *c, kvc_slot *s, uint64_t checksum);
+
+/* One step of len bytes of v: the checksum (unless only the MAC is left)
+ * and the MAC over the same bytes. true once the whole value is done. */
+static bool value_step(kvc_slot *s, const uint8_t *v, size_t len, uint64_t *sum)
+{
+    size_t to;
+    bool done;
+    if (s->mac_only) {
+        to = len - s->mac_done > HASH_STEP ? s->mac_done + HASH_STEP : len;
+        done = to == len;
+        *sum = s->checksum_got;
+    } else {
+        done = kvstore_sum_step(&s->sum, v, len, HASH_STEP, sum);
+        to = done ? len : s->sum.done;
+    }
+    hmac_sha256_update(&s->mac, v + s->mac_done, to - s->mac_done);
+    s->mac_done = to;
+    return done;
+}
 
 /* One step of the value at the head of the hash list; true if there was
  * one. A put that failed meanwhile (peer down, timed out) is not sent. */
@@ -360,8 +368,7 @@ static bool hash_step(kvstore_client *c)
     bool put = op->kind == KVSTORE_PUT;
     bool dropped = put && s->replied;
     uint64_t sum = 0;
-    if (!dropped &&
-        !kvstore_sum_step(&s->sum, op->buf, put ? op->len : s->value_len, HASH_STEP, &sum))
+    if (!dropped && !value_step(s, op->buf, put ? op->len : s->value_len, &sum))
         return true;
     c->hash_head = s->hash_next;
     if (c->hash_head < 0)
@@ -382,13 +389,11 @@ static bool hash_step(kvstore_client *c)
 static void on_get_data(void *req, ucs_status_t status, size_t length, void *user)
 {
     kvc_slot *s = user;
-    if (stale(req, &s->recv_req))
-        return;
-    kvstore_client *c = s->it->b->c; /* not stale: the op is still the slot's */
+    kvstore_client *c = s->it->b->c;
     s->recv_req = NULL;
     ucp_request_free(req);
     if (status == UCS_OK && length == s->value_len)
-        verify_get(c, s);
+        verify_get(c, s, false, 0);
     else
         s->result = KVSTORE_MISS;
     maybe_complete(c, s);
@@ -433,40 +438,16 @@ static void get_direct(kvstore_client *c, kvc_slot *s, const kvwire_hdr *h, cons
         s->result = KVSTORE_TOOSMALL;
     } else {
         s->checksum = h->checksum;
+        memcpy(s->want_mac, h->mac, KVSTORE_MAC_BYTES);
         const uint8_t *src = p->region + span.offset;
-        get_checked(c, s, s->value_len >= NT_GET_BYTES
-                              ? kvstore_checksum_copy_nt(op->buf, src, s->value_len)
-                              : kvstore_checksum_copy(op->buf, src, s->value_len));
-        if (s->result == KVSTORE_OK)
-            add(&c->m.direct_gets, 1);
+        /* the checksum and the MAC are of the copy: what the caller got */
+        verify_get(c, s, true,
+                   s->value_len >= NT_GET_BYTES
+                       ? kvstore_checksum_copy_nt(op->buf, src, s->value_len)
+                       : kvstore_checksum_copy(op->buf, src, s->value_len));
+        s->direct_hit = true; /* counted once the MAC verifies (maybe_complete) */
     }
     release_span(c, s->peer, h->request_id);
-}
-
-/* A direct put's answer: where to write. One pass copies the value into
- * the region (non-temporal: the daemon's reader comes much later) and
- * checksums what it wrote; COMMIT carries that checksum and its reply
- * finishes the op. */
-static void put_direct(kvstore_client *c, kvc_slot *s, const kvwire_hdr *h, const uint8_t *data)
-{
-    kvc_peer *p = &c->peers[s->peer];
-    kvstore_op *op = s->it->op;
-    kvwire_span span;
-    kvwire_span_decode(data, &span);
-    if (!span_ok(p, &span) || span.len != op->len || !p->region_writable) {
-        p->fail = "a direct put span that does not fit";
-        return;
-    }
-    uint64_t sum = kvstore_checksum_copy_nt(p->region + span.offset, op->buf, op->len);
-    kvwire_hdr commit = {.version = KVWIRE_VERSION, .op = KVWIRE_OP_COMMIT,
-                         .request_id = h->request_id, .checksum = sum};
-    memcpy(commit.key, h->key, KVWIRE_KEY_BYTES);
-    if (kvx_send_small(&c->x, p->ep, &commit, NULL, 0) != EKV_OK) {
-        p->fail = "sending commit failed";
-        return;
-    }
-    s->committing = true;
-    s->replied = false; /* the op ends with COMMIT's reply */
 }
 
 static void get_reply(kvstore_client *c, kvc_slot *s, const kvwire_hdr *h, void *data,
@@ -491,9 +472,10 @@ static void get_reply(kvstore_client *c, kvc_slot *s, const kvwire_hdr *h, void 
         return; /* an unclaimed rendezvous is released by UCX */
     }
     s->checksum = h->checksum;
+    memcpy(s->want_mac, h->mac, KVSTORE_MAC_BYTES);
     if (!rndv) {
         memcpy(op->buf, data, len);
-        verify_get(c, s);
+        verify_get(c, s, false, 0);
         return;
     }
     ucp_request_param_t p = {
@@ -503,7 +485,7 @@ static void get_reply(kvstore_client *c, kvc_slot *s, const kvwire_hdr *h, void 
     };
     ucs_status_ptr_t r = ucp_am_recv_data_nbx(c->x.worker, data, op->buf, len, &p);
     if (r == NULL)
-        verify_get(c, s);
+        verify_get(c, s, false, 0);
     else if (!UCS_PTR_IS_ERR(r))
         s->recv_req = r;
 }
@@ -513,10 +495,8 @@ static void on_reply(kvstore_client *c, int pi, const kvwire_hdr *h, void *data,
 {
     uint64_t idx = h->request_id & ((1u << SLOT_BITS) - 1);
     kvc_slot *s = idx < (uint64_t)c->n_slots ? &c->slots[idx] : NULL;
-    bool commit = h->op == KVWIRE_OP_COMMIT;
     if (!s || !s->id || s->id != h->request_id || s->peer != pi || s->replied ||
-        commit != (s && s->committing) ||
-        (!commit && (int)s->it->op->kind != (int)(h->op - KVWIRE_OP_PUT + KVSTORE_PUT))) {
+        (int)s->it->op->kind != (int)(h->op - KVWIRE_OP_PUT + KVSTORE_PUT)) {
         /* a late reply to an op that already timed out; a span it carries
          * is still pinned for us */
         if (h->op == KVWIRE_OP_GET && (h->flags & KVWIRE_F_DIRECT) && h->status == KVWIRE_ST_OK)
@@ -526,18 +506,10 @@ static void on_reply(kvstore_client *c, int pi, const kvwire_hdr *h, void *data,
     s->replied = true;
     switch (h->op) {
     case KVWIRE_OP_GET: get_reply(c, s, h, data, len, rndv); break;
-    case KVWIRE_OP_COMMIT:
-        s->result = h->status == KVWIRE_ST_OK ? KVSTORE_OK : KVSTORE_FAILED;
-        if (s->result == KVSTORE_OK)
-            add(&c->m.direct_puts, 1);
-        break;
     case KVWIRE_OP_PUT:
-        if (h->flags & KVWIRE_F_DIRECT) {
+        if (h->flags & KVWIRE_F_DIRECT) { /* we never ask for one */
             s->result = KVSTORE_FAILED;
-            if (!s->direct)
-                c->peers[pi].fail = "a direct reply to a put that did not ask";
-            else if (h->status == KVWIRE_ST_OK)
-                put_direct(c, s, h, data);
+            c->peers[pi].fail = "a direct reply to a put";
             break;
         }
         s->result = h->status == KVWIRE_ST_OK        ? KVSTORE_OK
@@ -583,7 +555,7 @@ static ucs_status_t on_am(void *arg, const void *header, size_t hlen, void *data
     else if (h.op == KVWIRE_OP_DIRECT && reply && p->state == PEER_WAIT_DIRECT && !rndv)
         on_direct(c, pi, &h, data);
     else if (reply && p->state == PEER_READY &&
-             (h.op <= KVWIRE_OP_DEL || h.op == KVWIRE_OP_COMMIT) &&
+             h.op >= KVWIRE_OP_PUT && h.op <= KVWIRE_OP_DEL &&
              (!rndv || (h.op == KVWIRE_OP_GET && !(h.flags & KVWIRE_F_DIRECT))))
         on_reply(c, pi, &h, data, len, rndv);
     else
@@ -596,9 +568,7 @@ static ucs_status_t on_am(void *arg, const void *header, size_t hlen, void *data
 static void on_sent(void *req, ucs_status_t status, void *user)
 {
     kvc_slot *s = user;
-    if (stale(req, &s->send_req))
-        return;
-    kvstore_client *c = s->it->b->c; /* not stale: the op is still the slot's */
+    kvstore_client *c = s->it->b->c;
     s->send_req = NULL;
     ucp_request_free(req);
     if (status != UCS_OK) {
@@ -609,27 +579,10 @@ static void on_sent(void *req, ucs_status_t status, void *user)
     maybe_complete(c, s);
 }
 
-/* A direct put asks for room first: the value's length, not the value. */
-static bool issue_direct_put(kvstore_client *c, kvc_slot *s)
-{
-    kvstore_op *op = s->it->op;
-    uint8_t len[KVWIRE_LEN_BYTES];
-    kvwire_len_encode(op->len, len);
-    kvwire_hdr h = {.version = KVWIRE_VERSION, .op = KVWIRE_OP_PUT, .flags = KVWIRE_F_DIRECT,
-                    .request_id = s->id, .payload_len = KVWIRE_LEN_BYTES};
-    memcpy(h.key, op->key.b, KVWIRE_KEY_BYTES);
-    if (kvx_send_small(&c->x, c->peers[s->peer].ep, &h, len, sizeof len) != EKV_OK) {
-        fail_slot(s);
-        c->peers[s->peer].fail = "send failed";
-        maybe_complete(c, s);
-    }
-    return true;
-}
-
 bool kvr_issue(kvstore_client *c, kvc_item *it)
 {
     kvstore_op *op = it->op;
-    int pi = kvstore_ring_lookup(c->ring, &op->key);
+    int pi = kvstore_ring_lookup(c->ring, &it->key);
     if (pi < 0 || c->peers[pi].state != PEER_READY) {
         kvc_item_finish(c, it, fail_result(op->kind), KVSTORE_TIER_REMOTE, 0);
         return true;
@@ -649,18 +602,21 @@ bool kvr_issue(kvstore_client *c, kvc_item *it)
     s->deadline = kvx_now() + c->cfg.op_timeout_ms / 1000.0;
     c->n_inflight++;
     bool put = op->kind == KVSTORE_PUT;
-    s->direct = (op->kind == KVSTORE_GET && c->peers[pi].region) ||
-                (put && c->peers[pi].region_writable);
-    if (put && s->direct)
-        return issue_direct_put(c, s);
-    if (put && op->len > HASH_STEP)
-        hash_enqueue(c, s); /* sent once hashed (hash_step) */
-    else
-        send_request(c, s, put ? kvstore_checksum(op->buf, op->len) : 0);
+    s->direct = op->kind == KVSTORE_GET && c->peers[pi].region;
+    if (put && op->len > HASH_STEP) {
+        hash_enqueue(c, s, op->len, false); /* sent once hashed (hash_step) */
+    } else if (put) {
+        mac_start(c, s, op->len);
+        hmac_sha256_update(&s->mac, op->buf, op->len);
+        send_request(c, s, kvstore_checksum(op->buf, op->len));
+    } else {
+        send_request(c, s, 0);
+    }
     return true;
 }
 
-/* The op's request over UCX; a put's value with it, under its checksum. */
+/* The op's request over UCX; a put's value with it, under its checksum
+ * and its MAC (s->mac, finished here). */
 static void send_request(kvstore_client *c, kvc_slot *s, uint64_t checksum)
 {
     kvstore_op *op = s->it->op;
@@ -671,7 +627,9 @@ static void send_request(kvstore_client *c, kvc_slot *s, uint64_t checksum)
                     .request_id = s->id,
                     .payload_len = put ? (uint32_t)op->len : 0,
                     .checksum = checksum};
-    memcpy(h.key, op->key.b, KVWIRE_KEY_BYTES);
+    memcpy(h.key, s->it->key.b, KVWIRE_KEY_BYTES);
+    if (put)
+        hmac_sha256_final(&s->mac, h.mac);
     kvwire_encode(&h, s->hdr);
     ucs_status_ptr_t r = kvx_send(c->peers[s->peer].ep, s->hdr, put ? op->buf : NULL,
                                   put ? op->len : 0, on_sent, s);

@@ -2,17 +2,16 @@
  * kvucx.c - UCX worker, endpoints and auth proofs shared by the daemon
  * (kvdaemon.c) and the client (kvclient.c).
  *
- * Endpoints to other hosts use UCP_ERR_HANDLING_MODE_PEER so a dead peer
- * surfaces as an error callback and its outstanding requests complete with
- * an error instead of waiting forever. UCX 1.13 will not put shared-memory
- * lanes under that mode (posix and sysv lack peer-failure support, cma lacks
- * memory invalidation), so endpoints to a peer on this host use
- * UCP_ERR_HANDLING_MODE_NONE and get posix/sysv/cma: a dead local peer is
- * still seen, by the connection manager's socket (the error callback runs)
- * and by the callers' own deadlines. Both sides apply the same rule (the
- * other side's address is one of ours), so their lane choices agree.
- * Closing is always forced: a store never waits for a peer to agree to go
- * away.
+ * Every endpoint uses UCP_ERR_HANDLING_MODE_PEER, on both sides: a dead
+ * peer surfaces as an error callback, and a forced close completes every
+ * request still outstanding on the endpoint with an error. That is what
+ * lets a store close an endpoint without waiting for its peer (a stopped
+ * or hung process) and still never hand a buffer back to its owner while
+ * UCX could move bytes into or out of it: UCX defines a forced close only
+ * under this mode. UCX 1.13 will not put shared-memory lanes under it
+ * (posix and sysv lack peer-failure support, cma lacks memory
+ * invalidation), so values between processes on one host move over tcp
+ * (docs/kvstore.md: gets there read the daemon's mapped region instead).
  */
 #include "kvucx.h"
 
@@ -44,6 +43,19 @@ ekv_status kvx_worker_init(kvx_worker *w, ucp_am_recv_callback_t cb, void *arg, 
     ucs_status_t st = ucp_config_read(NULL, NULL, &config);
     if (st != UCS_OK)
         return ekv_error_set(err, EKV_EIO, "ucx: reading config: %s", ucs_status_string(st));
+    /* UCX 1.13's tcp transport asserts (tcp_ep.c, PUT_TX_WAITING_ACK) and
+     * aborts the process when a peer stops in the middle of a put-zcopy
+     * rendezvous and its endpoint is then closed: one stalled client could
+     * take a daemon down (test_kvstore_hostile, cut-off transfers: 2 runs
+     * in 4 before this, none in 8 after). Rendezvous over tcp without it
+     * goes as active-message fragments. UCX_TCP_PUT_ENABLE still decides
+     * where it is set. (ucp_config_modify takes a transport's setting by
+     * its name without the transport's prefix; only tcp has this one.) */
+    if (!getenv("UCX_TCP_PUT_ENABLE") &&
+        (st = ucp_config_modify(config, "PUT_ENABLE", "n")) != UCS_OK) {
+        ucp_config_release(config);
+        return ekv_error_set(err, EKV_EIO, "ucx: PUT_ENABLE: %s", ucs_status_string(st));
+    }
     ucp_params_t params = {
         .field_mask = UCP_PARAM_FIELD_FEATURES,
         .features = UCP_FEATURE_AM | UCP_FEATURE_WAKEUP,
@@ -214,11 +226,11 @@ void kvx_addr_str(const struct sockaddr *sa, char *out, size_t n)
     snprintf(out, n, "%s:%d", ip, port);
 }
 
-static ucp_ep_h ep_create(kvx_worker *w, ucp_ep_params_t *p, bool same_host,
-                          ucp_err_handler_cb_t on_err, void *arg, ekv_error *err)
+static ucp_ep_h ep_create(kvx_worker *w, ucp_ep_params_t *p, ucp_err_handler_cb_t on_err,
+                          void *arg, ekv_error *err)
 {
     p->field_mask |= UCP_EP_PARAM_FIELD_ERR_HANDLER | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE;
-    p->err_mode = same_host ? UCP_ERR_HANDLING_MODE_NONE : UCP_ERR_HANDLING_MODE_PEER;
+    p->err_mode = UCP_ERR_HANDLING_MODE_PEER; /* see the top of this file */
     p->err_handler.cb = on_err;
     p->err_handler.arg = arg;
     ucp_ep_h ep;
@@ -230,7 +242,7 @@ static ucp_ep_h ep_create(kvx_worker *w, ucp_ep_params_t *p, bool same_host,
     return ep;
 }
 
-ucp_ep_h kvx_connect(kvx_worker *w, const struct sockaddr *sa, socklen_t len, bool same_host,
+ucp_ep_h kvx_connect(kvx_worker *w, const struct sockaddr *sa, socklen_t len,
                      ucp_err_handler_cb_t on_err, void *arg, ekv_error *err)
 {
     ucp_ep_params_t p = {
@@ -238,17 +250,17 @@ ucp_ep_h kvx_connect(kvx_worker *w, const struct sockaddr *sa, socklen_t len, bo
         .flags = UCP_EP_PARAMS_FLAGS_CLIENT_SERVER,
         .sockaddr = {.addr = sa, .addrlen = len},
     };
-    return ep_create(w, &p, same_host, on_err, arg, err);
+    return ep_create(w, &p, on_err, arg, err);
 }
 
-ucp_ep_h kvx_accept(kvx_worker *w, ucp_conn_request_h req, bool same_host,
-                    ucp_err_handler_cb_t on_err, void *arg, ekv_error *err)
+ucp_ep_h kvx_accept(kvx_worker *w, ucp_conn_request_h req, ucp_err_handler_cb_t on_err,
+                    void *arg, ekv_error *err)
 {
     ucp_ep_params_t p = {
         .field_mask = UCP_EP_PARAM_FIELD_CONN_REQUEST,
         .conn_request = req,
     };
-    return ep_create(w, &p, same_host, on_err, arg, err);
+    return ep_create(w, &p, on_err, arg, err);
 }
 
 bool kvx_addr_is_local(const struct sockaddr *sa)

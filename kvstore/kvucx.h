@@ -42,20 +42,21 @@ ekv_status kvx_parse_addr(const char *s, struct sockaddr_storage *ss, socklen_t 
 void kvx_addr_str(const struct sockaddr *sa, char *out, size_t n);
 
 /* True when sa is a loopback address or one of this host's interfaces:
- * the peer runs on this host, and the endpoint may use shared memory. */
+ * the peer runs on this host, and may map the daemon's value region. */
 bool kvx_addr_is_local(const struct sockaddr *sa);
 
-/* same_host: kvx_addr_is_local(the other side's address); both sides must
- * pass the same value (see kvucx.c). */
-ucp_ep_h kvx_connect(kvx_worker *w, const struct sockaddr *sa, socklen_t len, bool same_host,
+/* Endpoints with peer error handling (UCP_ERR_HANDLING_MODE_PEER): a
+ * forced close (kvx_close) completes their outstanding requests. */
+ucp_ep_h kvx_connect(kvx_worker *w, const struct sockaddr *sa, socklen_t len,
                      ucp_err_handler_cb_t on_err, void *arg, ekv_error *err);
-ucp_ep_h kvx_accept(kvx_worker *w, ucp_conn_request_h req, bool same_host,
-                    ucp_err_handler_cb_t on_err, void *arg, ekv_error *err);
+ucp_ep_h kvx_accept(kvx_worker *w, ucp_conn_request_h req, ucp_err_handler_cb_t on_err,
+                    void *arg, ekv_error *err);
 /* Completes (cb) once ep's wireup is done and everything sent on it is
  * out. Returns NULL when already done (cb not called), a request, or an
  * error pointer. */
 ucs_status_ptr_t kvx_flush(ucp_ep_h ep, ucp_send_nbx_callback_t cb, void *user);
-/* Force-closes ep: its outstanding requests complete with an error. */
+/* Force-closes ep: its outstanding requests complete with an error (their
+ * callbacks run in this call or in a later progress). */
 void kvx_close(kvx_worker *w, ucp_ep_h ep);
 
 /* Sends hdr (which must stay valid until cb runs) with data as one active

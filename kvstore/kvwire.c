@@ -1,5 +1,5 @@
 /*
- * kvwire.c - encode and validate the 64-byte KV store message header.
+ * kvwire.c - encode and validate the 96-byte KV store message header.
  *
  * Every byte is read with explicit little-endian loads, never by casting
  * the buffer to a struct, so alignment and host byte order do not matter
@@ -60,6 +60,7 @@ void kvwire_encode(const kvwire_hdr *h, uint8_t out[KVWIRE_HEADER_BYTES])
     put16(out + 52, h->status);
     put16(out + 54, 0);
     put64(out + 56, h->checksum);
+    memcpy(out + 64, h->mac, KVWIRE_MAC_BYTES);
 }
 
 const char *kvwire_op_name(uint8_t op)
@@ -123,6 +124,7 @@ ekv_status kvwire_decode(const void *buf, size_t len, kvwire_hdr *h, ekv_error *
     h->payload_len = get32(p + 48);
     h->status = get16(p + 52);
     h->checksum = get64(p + 56);
+    memcpy(h->mac, p + 64, KVWIRE_MAC_BYTES);
     if (h->version != KVWIRE_VERSION)
         return ekv_error_set(err, EKV_EFORMAT, "kvwire: version %u, expected %u", h->version,
                              KVWIRE_VERSION);

@@ -1,8 +1,9 @@
 /*
  * sampler.c - next-token sampling (see sampler.h).
  *
- * Each call copies the logits into scratch (NaN -> -inf), applies the
- * repetition penalty there, then either takes the argmax or builds the
+ * Each call copies the logits into scratch (NaN -> -inf), applies the mask
+ * hook, logit_bias and the penalties there, then either takes the argmax or
+ * builds the
  * candidate list. The vocabulary is never fully sorted: top-k is a heap
  * selection of k ids, O(n log k); top-p without top-k is a radix select on
  * probability that sorts only the few ids where the nucleus ends; min-p is a
@@ -109,6 +110,11 @@ void sampler_params_default(ekv_sampler_params *p)
     p->repeat_penalty = 1.0f;
     p->repeat_last_n = 64;
     p->seed = 0;
+    p->presence_penalty = 0.0f;
+    p->frequency_penalty = 0.0f;
+    p->logit_bias = NULL;
+    p->n_logit_bias = 0;
+    p->mask = NULL;
 }
 
 ekv_status sampler_params_check(const ekv_sampler_params *p, ekv_error *err)
@@ -132,6 +138,25 @@ ekv_status sampler_params_check(const ekv_sampler_params *p, ekv_error *err)
     if (p->repeat_last_n < 0)
         return ekv_error_set(err, EKV_EINVAL, "repeat_last_n must be >= 0, got %d",
                              (int)p->repeat_last_n);
+    if (!isfinite(p->presence_penalty) || fabsf(p->presence_penalty) > 2.0f)
+        return ekv_error_set(err, EKV_EINVAL, "presence_penalty must be in [-2, 2], got %g",
+                             (double)p->presence_penalty);
+    if (!isfinite(p->frequency_penalty) || fabsf(p->frequency_penalty) > 2.0f)
+        return ekv_error_set(err, EKV_EINVAL, "frequency_penalty must be in [-2, 2], got %g",
+                             (double)p->frequency_penalty);
+    if (p->n_logit_bias > EKV_MAX_LOGIT_BIAS || (p->n_logit_bias && !p->logit_bias))
+        return ekv_error_set(err, EKV_EINVAL, "logit_bias holds at most %d entries, got %zu",
+                             EKV_MAX_LOGIT_BIAS, p->n_logit_bias);
+    for (size_t i = 0; i < p->n_logit_bias; i++) {
+        const ekv_logit_bias *b = &p->logit_bias[i];
+        if (b->token < 0)
+            return ekv_error_set(err, EKV_EINVAL, "logit_bias: token %d is negative",
+                                 (int)b->token);
+        if (!isfinite(b->bias) || fabsf(b->bias) > 100.0f)
+            return ekv_error_set(err, EKV_EINVAL,
+                                 "logit_bias: the bias of token %d must be in [-100, 100], got %g",
+                                 (int)b->token, (double)b->bias);
+    }
     return EKV_OK;
 }
 
@@ -141,9 +166,12 @@ struct ekv_sampler {
     ekv_sampler_params p;
     int32_t n_vocab;
     uint64_t rng[4];
-    float *work;     /* n_vocab: penalized logits, then candidate weights */
+    float *work;     /* n_vocab: the processed logits (mask, bias, penalties) */
+    float *wts;      /* n_vocab: draw weights of the candidates, by position */
     int32_t *idx;    /* n_vocab: candidate ids of the current call */
     uint8_t *seen;   /* n_vocab bits: penalized already in this call */
+    int32_t *counts; /* n_vocab: generated-token counts during a call (all 0 between) */
+    ekv_logit_bias *bias; /* the request's logit_bias, copied */
 };
 
 ekv_sampler *sampler_create(const ekv_sampler_params *p, int32_t n_vocab, ekv_error *err)
@@ -160,11 +188,26 @@ ekv_sampler *sampler_create(const ekv_sampler_params *p, int32_t n_vocab, ekv_er
         goto nomem;
     s->p = *p;
     s->n_vocab = n_vocab;
+    for (size_t i = 0; i < p->n_logit_bias; i++)
+        if (p->logit_bias[i].token >= n_vocab) {
+            ekv_error_set(err, EKV_EINVAL, "logit_bias: token %d is outside the vocabulary [0, %d)",
+                          (int)p->logit_bias[i].token, (int)n_vocab);
+            free(s);
+            return NULL;
+        }
     s->work = calloc((size_t)n_vocab, sizeof *s->work);
+    s->wts = calloc((size_t)n_vocab, sizeof *s->wts);
     s->idx = calloc((size_t)n_vocab, sizeof *s->idx);
     s->seen = calloc((size_t)n_vocab / 8 + 1, 1);
-    if (!s->work || !s->idx || !s->seen)
+    s->counts = calloc((size_t)n_vocab, sizeof *s->counts);
+    if (!s->work || !s->wts || !s->idx || !s->seen || !s->counts)
         goto nomem;
+    if (p->n_logit_bias) {
+        if (!(s->bias = malloc(p->n_logit_bias * sizeof *s->bias)))
+            goto nomem;
+        memcpy(s->bias, p->logit_bias, p->n_logit_bias * sizeof *s->bias);
+    }
+    s->p.logit_bias = s->bias;
     uint64_t x = p->seed;
     for (int i = 0; i < 4; i++)
         s->rng[i] = splitmix64(&x);
@@ -180,8 +223,11 @@ void sampler_free(ekv_sampler *s)
     if (!s)
         return;
     free(s->work);
+    free(s->wts);
     free(s->idx);
     free(s->seen);
+    free(s->counts);
+    free(s->bias);
     free(s);
 }
 
@@ -193,15 +239,54 @@ static bool seen_test_set(uint8_t *bits, int32_t t)
     return was;
 }
 
-/* Copies logits into s->work with NaN turned into -inf, then divides
- * positive (multiplies non-positive) logits of each distinct token among the
- * last repeat_last_n of history by the penalty, once, as llama.cpp does. */
+static void penalize_repeats(ekv_sampler *s, const int32_t *history, size_t n_history);
+
+/* OpenAI's presence and frequency penalties over the generated tokens:
+ * logit[t] -= count[t] * frequency + (count[t] > 0) * presence. */
+static void penalize_generated(ekv_sampler *s, const int32_t *gen, size_t n_gen)
+{
+    const float fp = s->p.frequency_penalty, pp = s->p.presence_penalty;
+    if ((fp == 0.0f && pp == 0.0f) || n_gen == 0 || !gen)
+        return;
+    const int32_t n = s->n_vocab;
+    for (size_t i = 0; i < n_gen; i++)
+        if (gen[i] >= 0 && gen[i] < n)
+            s->counts[gen[i]]++;
+    for (size_t i = 0; i < n_gen; i++) {
+        const int32_t t = gen[i];
+        if (t < 0 || t >= n || s->counts[t] == 0)
+            continue; /* out of range, or this token is done already */
+        s->work[t] -= (float)s->counts[t] * fp + pp;
+        s->counts[t] = 0; /* also marks it done; the array is all zero again at the end */
+    }
+}
+
+/* Copies logits into s->work with NaN turned into -inf, runs the mask hook
+ * and adds logit_bias there, then divides positive (multiplies
+ * non-positive) logits of each distinct token among the last repeat_last_n
+ * of history by the penalty, once, as llama.cpp does, and last applies the
+ * presence/frequency penalties to the tokens after the prompt. */
 static void load_penalized(ekv_sampler *s, const float *logits, const int32_t *history,
-                           size_t n_history)
+                           size_t n_history, size_t n_prompt)
 {
     int32_t n = s->n_vocab;
     for (int32_t i = 0; i < n; i++)
         s->work[i] = isnan(logits[i]) ? -INFINITY : logits[i];
+    if (n_prompt > n_history)
+        n_prompt = n_history;
+    const int32_t *gen = history ? history + n_prompt : NULL;
+    if (s->p.mask && s->p.mask->apply)
+        s->p.mask->apply(s->p.mask->ctx, s->work, n, gen, n_history - n_prompt);
+    for (size_t i = 0; i < s->p.n_logit_bias; i++)
+        s->work[s->bias[i].token] += s->bias[i].bias;
+    penalize_repeats(s, history, n_history);
+    penalize_generated(s, gen, n_history - n_prompt);
+}
+
+/* llama.cpp's repetition penalty. */
+static void penalize_repeats(ekv_sampler *s, const int32_t *history, size_t n_history)
+{
+    int32_t n = s->n_vocab;
     float pen = s->p.repeat_penalty;
     size_t w = (size_t)s->p.repeat_last_n;
     if (pen == 1.0f || w == 0 || n_history == 0 || !history)
@@ -433,20 +518,20 @@ static int32_t filter_min_p(ekv_sampler *s, int32_t *ids, int32_t m, float lmax)
     return kept;
 }
 
-/* Draws one of ids[0..m) with weight (p/p_max)^(1/T), storing the weights in
- * s->work (the logits are no longer needed). */
+/* Draws one of ids[0..m) with weight (p/p_max)^(1/T), the weights in
+ * s->wts (s->work keeps the processed logits for the log-probabilities). */
 static int32_t draw(ekv_sampler *s, const int32_t *ids, int32_t m, float lmax)
 {
     double inv_t = 1.0 / (double)s->p.temperature, total = 0.0;
     for (int32_t i = 0; i < m; i++) {
         float w = (float)det_exp(log_ratio(s->work[ids[i]], lmax) * inv_t);
-        s->work[ids[i]] = w;
+        s->wts[i] = w;
         total += w;
     }
     double target = rng_uniform(s->rng) * total, cum = 0.0;
     int32_t last = ids[0];
     for (int32_t i = 0; i < m; i++) {
-        float w = s->work[ids[i]];
+        float w = s->wts[i];
         if (w <= 0.0f)
             continue;
         cum += w;
@@ -457,10 +542,53 @@ static int32_t draw(ekv_sampler *s, const int32_t *ids, int32_t m, float lmax)
     return last; /* rounding left target at the very top of the range */
 }
 
+/* log-softmax of v / T (inv_t = 1/T) in double: token's value and the
+ * n_top best, in ranks_before order (dividing by T > 0 keeps the order). */
+static void fill_logprobs(const float *v, int32_t n, double inv_t, int32_t token, int32_t n_top,
+                          ekv_logprob *out)
+{
+    if (n_top < 0)
+        n_top = 0;
+    if (n_top > EKV_MAX_TOP_LOGPROBS)
+        n_top = EKV_MAX_TOP_LOGPROBS;
+    if (n_top > n)
+        n_top = n;
+    double mx = -INFINITY;
+    for (int32_t i = 0; i < n; i++)
+        if ((double)v[i] * inv_t > mx)
+            mx = (double)v[i] * inv_t;
+    double lse = mx;
+    if (isfinite(mx)) {
+        double sum = 0.0;
+        for (int32_t i = 0; i < n; i++)
+            sum += exp((double)v[i] * inv_t - mx);
+        lse = mx + log(sum);
+    }
+    out->token = token;
+    out->logprob = token >= 0 && token < n ? (float)((double)v[token] * inv_t - lse) : -INFINITY;
+    out->n_top = n_top;
+    if (n_top > 0) {
+        select_top(v, n, n_top, out->top_ids);
+        for (int32_t i = 0; i < n_top; i++)
+            out->top_logprobs[i] = (float)((double)v[out->top_ids[i]] * inv_t - lse);
+    }
+}
+
+void sampler_logprobs(const float *logits, int32_t n_vocab, int32_t token, int32_t n_top,
+                      ekv_logprob *out)
+{
+    fill_logprobs(logits, n_vocab, 1.0, token, n_top, out);
+}
+
 int32_t sampler_sample(ekv_sampler *s, const float *logits, const int32_t *history,
                        size_t n_history)
 {
-    load_penalized(s, logits, history, n_history);
+    return sampler_next(s, logits, history, n_history, 0, 0, NULL);
+}
+
+/* The draw on s->work as processed by load_penalized. */
+static int32_t choose(ekv_sampler *s)
+{
     int32_t best = argmax_lowest(s->work, s->n_vocab);
     if (s->p.temperature == 0.0f)
         return best;
@@ -477,4 +605,16 @@ int32_t sampler_sample(ekv_sampler *s, const float *logits, const int32_t *histo
     }
     m = filter_min_p(s, s->idx, m, lmax);
     return draw(s, s->idx, m, lmax);
+}
+
+int32_t sampler_next(ekv_sampler *s, const float *logits, const int32_t *history,
+                     size_t n_history, size_t n_prompt, int32_t n_top, ekv_logprob *lp)
+{
+    load_penalized(s, logits, history, n_history, n_prompt);
+    const int32_t id = choose(s);
+    if (lp) {
+        const double t = (double)s->p.temperature;
+        fill_logprobs(s->work, s->n_vocab, t > 0.0 ? 1.0 / t : 1.0, id, n_top, lp);
+    }
+    return id;
 }

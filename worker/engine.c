@@ -93,6 +93,7 @@ static void ereq_free(ereq *q)
     kvc_scope_free(q->scope);
     sampler_free(q->sampler);
     stopper_free(q->stopper);
+    free(q->bias);
     free(q->tokens);
     free(q);
 }
@@ -112,6 +113,15 @@ static ekv_status request_check(const ekv_engine *e, const engine_request *r, ek
     ekv_status rc = sampler_params_check(&r->params.sampling, err);
     if (rc)
         return rc;
+    if (r->params.logprobs &&
+        (r->params.top_logprobs < 0 || r->params.top_logprobs > EKV_MAX_TOP_LOGPROBS))
+        return ekv_error_set(err, EKV_EINVAL, "top_logprobs must be in [0, %d], got %d",
+                             EKV_MAX_TOP_LOGPROBS, r->params.top_logprobs);
+    for (size_t i = 0; i < r->params.sampling.n_logit_bias; i++)
+        if (r->params.sampling.logit_bias[i].token >= e->n_vocab)
+            return ekv_error_set(err, EKV_EINVAL,
+                                 "logit_bias: token %d is outside the vocabulary [0, %d)",
+                                 r->params.sampling.logit_bias[i].token, e->n_vocab);
     if (r->params.n_stops && !r->params.stops)
         return ekv_error_set(err, EKV_EINVAL, "%zu stop strings but no array", r->params.n_stops);
     for (int32_t i = 0; i < r->n_prompt; i++)
@@ -150,7 +160,15 @@ static ekv_status ereq_new(const ekv_engine *e, const engine_request *r, ereq **
         ereq_free(q);
         return err ? err->code : EKV_EINVAL;
     }
+    const size_t n_bias = r->params.sampling.n_logit_bias;
+    if (n_bias && !(q->bias = malloc(n_bias * sizeof *q->bias))) {
+        ereq_free(q);
+        return ekv_error_set(err, EKV_ENOMEM, "engine: out of memory");
+    }
+    if (n_bias)
+        memcpy(q->bias, r->params.sampling.logit_bias, n_bias * sizeof *q->bias);
     q->r = *r;
+    q->r.params.sampling.logit_bias = q->bias;
     q->r.prompt = NULL;
     q->r.params.stops = NULL;
     q->r.params.n_stops = 0;
@@ -370,7 +388,7 @@ static void setup(ekv_engine *e, ereq *q)
         q->t_sched = gen_now();
     }
     q->n_restored = 0;
-    if (e->cfg.prefix_cache) {
+    if (e->cfg.prefix_cache && !q->r.params.prompt_logprobs) { /* echo scores every row */
         /* leave the observation window (or one token, for logits) to compute */
         const int32_t keep_out = kvc_policy_rows(&q->r.kv);
         const engine_prefix_cache *pc = e->cfg.prefix_cache;

@@ -40,6 +40,9 @@ struct ereq {
     void *restore_job;     /* the prefix cache is fetching its prefix: no rows yet */
     bool prompt_saved;     /* the prompt's KV went to the prefix cache */
     int32_t rows;          /* rows in the batch being built */
+    int32_t lp_rows;       /* of those, rows whose logits score a prompt token (echo) */
+    int32_t n_scored;      /* prompt tokens whose log-probabilities went out (echo) */
+    ekv_logit_bias *bias;  /* the request's logit_bias, copied at submit */
     int32_t preemptions;
     ekv_sampler *sampler;  /* made at first admission, kept across preemption */
     ekv_stopper *stopper;  /* owns copies of the stop strings; NULL: none */
@@ -88,7 +91,9 @@ struct ekv_engine {
     ereq **b_reqs;          /* requests with rows in the batch, row order */
     int32_t n_b_reqs;
     ereq **scratch_reqs;    /* max_running */
-    float *logits;          /* max_running rows of n_vocab */
+    float *logits;          /* logits_rows rows of n_vocab (max_running, more with echo) */
+    int32_t logits_rows;
+    ekv_logprob *lp_buf;    /* ENGINE_ECHO_CHUNK + 1 entries (engine_step.c) */
     const model_tap **taps; /* the captures' taps of this batch's sequences */
     int32_t n_taps;
     model_tap tap;          /* calls each of taps[] (the batch's one tap) */

@@ -18,10 +18,14 @@
  */
 #include "engine_internal.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
 #define TEXT_CAP 8192
+/* Prefill rows per step of a request that scores its prompt (echo with
+ * logprobs): each wants its logits, so this bounds the logits buffer. */
+#define ENGINE_ECHO_CHUNK 64
 
 int64_t engine_blocks_for(const ekv_engine *e, int32_t n)
 {
@@ -61,6 +65,8 @@ ekv_status engine_scratch_init(ekv_engine *e, ekv_error *err)
     e->b_reqs = malloc(R * sizeof *e->b_reqs);
     e->scratch_reqs = malloc(R * sizeof *e->scratch_reqs);
     e->logits = malloc(R * (size_t)e->n_vocab * sizeof *e->logits);
+    e->logits_rows = (int32_t)R;
+    e->lp_buf = malloc((ENGINE_ECHO_CHUNK + 1) * sizeof *e->lp_buf);
     e->taps = malloc(R * sizeof *e->taps);
     e->piece = malloc(e->piece_cap);
     e->safe = malloc(e->safe_cap);
@@ -72,7 +78,7 @@ ekv_status engine_scratch_init(ekv_engine *e, ekv_error *err)
     if (!e->b_probe || !e->b_rowq)
         return ekv_error_set(err, EKV_ENOMEM, "engine: out of memory for step buffers");
     if (!e->b_tokens || !e->b_pos || !e->b_seqs || !e->b_want || !e->b_reqs ||
-        !e->scratch_reqs || !e->logits || !e->taps || !e->piece || !e->safe)
+        !e->scratch_reqs || !e->logits || !e->lp_buf || !e->taps || !e->piece || !e->safe)
         return ekv_error_set(err, EKV_ENOMEM, "engine: out of memory for step buffers");
     return EKV_OK;
 }
@@ -86,6 +92,7 @@ void engine_scratch_free(ekv_engine *e)
     free(e->b_reqs);
     free(e->scratch_reqs);
     free(e->logits);
+    free(e->lp_buf);
     free(e->taps);
     free(e->b_probe);
     free(e->b_rowq);
@@ -178,14 +185,26 @@ static int32_t fit_rows(const ereq *q, int32_t want, int64_t free_left)
     return lo;
 }
 
-/* Appends rows tokens[n_fed, n_fed + rows) of q at row *n. */
+/* Whether q still has prompt tokens to score (echo with logprobs). */
+static bool scoring(const ereq *q)
+{
+    return q->r.params.prompt_logprobs && q->r.on_logprobs && q->n_scored < q->n_prompt;
+}
+
+/* Appends rows tokens[n_fed, n_fed + rows) of q at row *n. Under echo, the
+ * row at position p also wants its logits while they score prompt token
+ * p + 1 and it has not been scored yet (a recomputed row is not again). */
 static void add_rows(ekv_engine *e, ereq *q, int32_t rows, int32_t *n)
 {
+    const bool score = scoring(q);
+    q->lp_rows = 0;
     for (int32_t i = 0; i < rows; i++) {
-        e->b_tokens[*n + i] = q->tokens[q->n_fed + i];
-        e->b_pos[*n + i] = q->n_fed + i;
+        const int32_t p = q->n_fed + i;
+        e->b_tokens[*n + i] = q->tokens[p];
+        e->b_pos[*n + i] = p;
         e->b_seqs[*n + i] = q->seq;
-        e->b_want[*n + i] = 0;
+        e->b_want[*n + i] = score && p + 1 < q->n_prompt && p + 1 >= q->n_scored;
+        q->lp_rows += e->b_want[*n + i];
     }
     for (int32_t i = 0; i < rows; i++) { /* a scope sequence runs one row a step */
         e->b_probe[*n + i] = q->scope != NULL;
@@ -217,6 +236,8 @@ static int32_t prefill_want(const ereq *q, int32_t budget)
         want = q->n_fed < q->n_prompt ? (q->n_prompt - q->n_fed < want ? q->n_prompt - q->n_fed
                                                                        : want)
                                       : (want < 1 ? want : 1);
+    if (scoring(q) && want > ENGINE_ECHO_CHUNK)
+        want = ENGINE_ECHO_CHUNK;
     return want < budget ? want : budget;
 }
 
@@ -290,15 +311,22 @@ static void sample_next(ekv_engine *e, ereq *q, const float *logits)
         engine_finish(e, q, GEN_FINISH_LENGTH, EKV_OK, "");
         return;
     }
-    const int32_t id = sampler_sample(q->sampler, logits, q->tokens, (size_t)q->n_tok);
+    const bool want_lp = p->logprobs && q->r.on_logprobs;
+    ekv_logprob lp;
+    const int32_t id = sampler_next(q->sampler, logits, q->tokens, (size_t)q->n_tok,
+                                    (size_t)q->n_prompt, p->top_logprobs, want_lp ? &lp : NULL);
     if (q->t_first == 0)
         q->t_first = gen_now();
     if (!p->ignore_eos && tok_is_eog(tok, id)) {
+        if (want_lp) /* reported, not emitted: echo scoring expects max_tokens entries */
+            q->r.on_logprobs(q->r.ctx, &lp, 1, false);
         engine_finish(e, q, GEN_FINISH_EOS, EKV_OK, "");
         return;
     }
     q->tokens[q->n_tok++] = id;
     q->n_gen++;
+    if (want_lp)
+        q->r.on_logprobs(q->r.ctx, &lp, 1, false);
     bool stopped = false;
     const size_t n = tok_stream_push(&q->ts, tok, id, e->piece, e->piece_cap);
     ekv_status rc = emit(e, q, &q->tokens[q->n_tok - 1], 1, e->piece, n, &stopped, &err);
@@ -328,6 +356,40 @@ static bool compress_prompt(ekv_engine *e, ereq *q)
     if (rc)
         engine_finish(e, q, GEN_FINISH_LENGTH, rc, err.msg);
     return rc == EKV_OK;
+}
+
+/* Reports the prompt tokens q's rows just scored, from their logits rows
+ * (raw: log-softmax at temperature 1, no bias or penalty), and the first
+ * prompt token's empty entry with the first chunk. */
+static void report_prompt_logprobs(ekv_engine *e, ereq *q, const float *rows)
+{
+    if (!scoring(q) || (q->lp_rows == 0 && q->n_scored > 0))
+        return;
+    int32_t n = 0;
+    if (q->n_scored == 0) {
+        e->lp_buf[n++] = (ekv_logprob){.token = q->tokens[0], .logprob = NAN};
+        q->n_scored = 1;
+    }
+    for (int32_t j = 0; j < q->lp_rows; j++, q->n_scored++)
+        sampler_logprobs(rows + (size_t)j * e->n_vocab, e->n_vocab, q->tokens[q->n_scored],
+                         q->r.params.top_logprobs, &e->lp_buf[n++]);
+    q->r.on_logprobs(q->r.ctx, e->lp_buf, n, true);
+}
+
+/* Makes room for the batch's logits rows (echo asks for many). */
+static ekv_status reserve_logits(ekv_engine *e, int32_t n, ekv_error *err)
+{
+    int32_t want = 0;
+    for (int32_t i = 0; i < n; i++)
+        want += e->b_want[i] != 0;
+    if (want <= e->logits_rows)
+        return EKV_OK;
+    float *p = realloc(e->logits, (size_t)want * e->n_vocab * sizeof *p);
+    if (!p)
+        return ekv_error_set(err, EKV_ENOMEM, "engine: out of memory for %d logits rows", want);
+    e->logits = p;
+    e->logits_rows = want;
+    return EKV_OK;
 }
 
 /* SCOPE around the forward: the scope starts once the prompt is in (and
@@ -379,9 +441,11 @@ void engine_step(ekv_engine *e)
     }
     b.probe = probing ? &e->probe : NULL;
     ekv_error err = {0};
-    const ekv_status rc = model_forward(e->rt, &b, e->logits, &err);
+    ekv_status rc = reserve_logits(e, n, &err);
+    if (rc == EKV_OK)
+        rc = model_forward(e->rt, &b, e->logits, &err);
     engine_note_step(e);
-    int32_t k = 0; /* logits rows come in row order, one per wanting sequence */
+    int32_t k = 0; /* logits rows come in row order: echo scoring rows, then the last */
     for (int32_t i = 0; i < e->n_b_reqs; i++) {
         ereq *q = e->b_reqs[i];
         if (rc) {
@@ -389,6 +453,8 @@ void engine_step(ekv_engine *e)
             continue;
         }
         q->n_fed += q->rows;
+        report_prompt_logprobs(e, q, e->logits + (size_t)k * e->n_vocab);
+        k += q->lp_rows;
         const float *logits = q->n_fed == q->n_tok ? e->logits + (size_t)k++ * e->n_vocab : NULL;
         if (q->n_fed == q->n_prompt && !q->prompt_saved && e->cfg.prefix_cache) {
             const engine_prefix_cache *pc = e->cfg.prefix_cache;

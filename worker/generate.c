@@ -192,7 +192,8 @@ ekv_status gen_run(ekv_runtime *rt, kv_pool *kv, const int32_t *prompt, int32_t 
             out->finish = GEN_FINISH_LENGTH;
             break;
         }
-        const int32_t id = sampler_sample(sampler, logits, st.history, (size_t)st.n_history);
+        const int32_t id = sampler_next(sampler, logits, st.history, (size_t)st.n_history,
+                                        (size_t)n_prompt, 0, NULL);
         if (!p->ignore_eos && tok_is_eog(tok, id)) {
             out->finish = GEN_FINISH_EOS;
             break;

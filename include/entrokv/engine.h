@@ -105,6 +105,15 @@ typedef struct engine_request {
      * n 0. Ids are those gen_run returns (a stop string's last token
      * included, an end-of-generation token not). */
     void (*on_tokens)(void *ctx, const int32_t *ids, int32_t n, const char *text, size_t len);
+    /* NULL, or with params.logprobs: each sampled token's log-probability,
+     * just before the on_tokens that carries it, and last the
+     * end-of-generation token's that ends a request (which on_tokens does
+     * not report: vLLM and llama.cpp report it too, and lm-evaluation-
+     * harness counts on max_tokens entries after the prompt); prompt true:
+     * with params.prompt_logprobs, the prompt's tokens in order as their
+     * prefill chunks complete, the first with logprob NaN (nothing predicts
+     * it). All before the first generated token's. */
+    void (*on_logprobs)(void *ctx, const ekv_logprob *lp, int32_t n, bool prompt);
     /* Exactly once per accepted request, last, after its KV is freed. rc !=
      * EKV_OK: failed (msg says why); on success msg is "" (or NULL). */
     void (*on_done)(void *ctx, gen_finish finish, const engine_usage *u, ekv_status rc,

@@ -34,6 +34,9 @@ typedef struct gen_params {
     const char *const *stops;
     size_t n_stops;
     bool ignore_eos;         /* keep going past end-of-generation tokens (benchmarks) */
+    bool logprobs;           /* the step engine reports each sampled token's log-probability */
+    int32_t top_logprobs;    /* ... with this many alternatives, [0, EKV_MAX_TOP_LOGPROBS] */
+    bool prompt_logprobs;    /* ... and every prompt token's, from the same prefill (echo) */
     kvc_policy kv;           /* compression of the prompt's KV after prefill (zero: full), of
                               * the generated tokens' KV (kv.decode) and of key channels
                               * (kv.spark) */

@@ -45,6 +45,11 @@ typedef struct kvprefix_stats {
     uint64_t recalled_tokens; /* evicted tokens brought back by kvprefix_recall */
 } kvprefix_stats;
 
+/* The model's identity every key includes: architecture, shape and a
+ * SHA-256 of the start of its token embeddings (at most 159 characters).
+ * Also the KV store namespace `entrokv serve` uses by default. */
+void kvprefix_model_id(const ekv_model *m, char *out, size_t cap);
+
 /* client is borrowed and must outlive the kvprefix. */
 kvprefix *kvprefix_create(const ekv_model *m, kvstore_client *client, int32_t tp_rank,
                           int32_t tp_size, ekv_error *err);

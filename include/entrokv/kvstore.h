@@ -4,10 +4,12 @@
  *
  * A block is stored under a 32-byte key the caller derives
  * (kvstore_key_make: model id, prefix hash chain, layer, KV head, TP
- * layout); its value is the block's bytes, opaque here, guarded by a 64-bit
- * checksum computed on put and verified on every get. A value that fails its
- * checksum, a peer that is down, slow or dies mid-transfer: all are a miss,
- * reported within the configured timeout, never a wrong value or a hang.
+ * layout), which the client stores under its namespaced form; its value is
+ * the block's bytes, opaque here, guarded by a 64-bit checksum and a keyed
+ * MAC (the namespace's) computed on put and verified on every get. A value
+ * that fails either, a peer that is down, slow or dies mid-transfer: all
+ * are a miss, reported within the configured timeout, never a wrong value
+ * or a hang.
  *
  * Tiers (docs/kvstore.md):
  *   kvstore_local  - an in-process host pool: capacity in bytes, LRU
@@ -86,6 +88,28 @@ void kvstore_sum_init(kvstore_sum *s);
 bool kvstore_sum_step(kvstore_sum *s, const void *value, size_t len, size_t budget,
                       uint64_t *out);
 
+/* ---- namespaces and value MACs ----
+ *
+ * A client works in one namespace (a name, e.g. the model's file hash or a
+ * tenant, and a secret namespace key; docs/kvstore.md, "Threat model").
+ * What it stores goes under the namespaced key kvstore_ns_key derives from
+ * the caller's, so a client without the namespace key can neither name nor
+ * collide with another namespace's entries; each value carries the keyed
+ * MAC kvstore_value_mac, computed by the writer and checked by every
+ * reader, so a value written without the key is never accepted. */
+
+#define KVSTORE_MAC_BYTES 32
+
+/* HMAC-SHA256(ns_key, "ekv-ns1" || u32 len(ns) || ns || key), 32 bytes. */
+void kvstore_ns_key(const uint8_t *ns_key, size_t ns_key_len, const char *ns,
+                    const kvstore_key *key, kvstore_key *out);
+/* HMAC-SHA256(ns_key, "ekv-val1" || u32 len(ns) || ns || stored_key ||
+ * u64 len || value): the MAC of a value stored under stored_key (the
+ * namespaced key). All integers little-endian. */
+void kvstore_value_mac(const uint8_t *ns_key, size_t ns_key_len, const char *ns,
+                       const kvstore_key *stored_key, const void *value, size_t len,
+                       uint8_t mac[KVSTORE_MAC_BYTES]);
+
 /* ---- results and metrics ---- */
 
 typedef enum kvstore_result {
@@ -124,9 +148,12 @@ typedef struct kvstore_metrics {
     _Atomic uint64_t evictions;   /* LRU evictions in the local tier */
     _Atomic uint64_t rejected;    /* daemon: messages / connections dropped (auth, malformed) */
     _Atomic uint64_t direct_gets; /* client: remote gets read from a daemon's shared memory */
-    _Atomic uint64_t direct_puts; /* client: remote puts written into a daemon's shared memory */
-    _Atomic uint64_t abandoned;   /* client: ops finished while UCX still held a request (a
-                                     stalled peer on this host, kvremote.c) */
+    _Atomic uint64_t mac_failures; /* client: values whose MAC did not verify (written
+                                      without the namespace key, or spoilt): misses */
+    _Atomic uint64_t auth_failures; /* daemon: connections that failed or skipped the token
+                                       handshake (a wrong proof, a request before it, none
+                                       in time) */
+    _Atomic uint64_t requests[16]; /* daemon: requests received, by wire op (kvwire_op) */
 } kvstore_metrics;
 
 /* ---- tier (a): the in-process host pool ---- */
@@ -169,6 +196,14 @@ kvstore_result kvstore_local_put(kvstore_local *s, const kvstore_key *key, const
  * KVSTORE_OK and KVSTORE_TOOSMALL. */
 kvstore_result kvstore_local_get(kvstore_local *s, const kvstore_key *key, void *buf, size_t cap,
                                  size_t *value_len);
+/* The same, keeping a MAC beside the value (the client's host tier): put
+ * stores mac with the value, get copies the stored one out (all zero when
+ * none was given). The store does not check it; its reader does. */
+kvstore_result kvstore_local_put_mac(kvstore_local *s, const kvstore_key *key, const void *val,
+                                     size_t len, const uint8_t mac[KVSTORE_MAC_BYTES]);
+kvstore_result kvstore_local_get_mac(kvstore_local *s, const kvstore_key *key, void *buf,
+                                     size_t cap, size_t *value_len,
+                                     uint8_t mac[KVSTORE_MAC_BYTES]);
 bool kvstore_local_exists(kvstore_local *s, const kvstore_key *key);
 bool kvstore_local_delete(kvstore_local *s, const kvstore_key *key);
 void kvstore_local_stats_get(kvstore_local *s, kvstore_local_stats *out);
@@ -192,6 +227,10 @@ uint64_t kvstore_entry_checksum(const kvstore_entry *e);
 /* A reserved entry's checksum, when it is known only once the value is
  * written (the daemon's direct puts); before commit. */
 void kvstore_entry_set_checksum(kvstore_entry *e, uint64_t checksum);
+/* The MAC kept beside an entry's value, in private memory (the daemon's
+ * entries: what the writer's PUT carried, sent back with every GET). */
+const uint8_t *kvstore_entry_mac(const kvstore_entry *e);
+void kvstore_entry_set_mac(kvstore_entry *e, const uint8_t mac[KVSTORE_MAC_BYTES]);
 
 /* Test hook: flips one bit of the stored value at offset (the checksum is
  * left as is). false when the key is absent or offset out of range. */
@@ -235,9 +274,14 @@ typedef struct kvstore_client_config {
     int max_inflight;           /* remote ops in flight at once; 256 */
     bool write_through;         /* puts also go to the ring when there is a local tier; true */
     bool promote_remote_hits;   /* remote get hits are copied into the local tier; true */
-    bool no_direct;             /* values to and from a daemon on this host go by UCX even
-                                   where its region can be mapped (benchmarks of the
-                                   transport) */
+    bool no_direct;             /* gets from a daemon on this host go by UCX even where its
+                                   region can be mapped (benchmarks of the transport) */
+    const char *ns;             /* the namespace: what this client stores and reads lives
+                                   under keys and MACs of (ns, ns_key); NULL: "default" */
+    const uint8_t *ns_key;      /* the namespace's secret; none: the auth token (every
+                                   token holder shares the namespace), or with no peers a
+                                   random key of this process */
+    size_t ns_key_len;
     kvstore_log_fn log;         /* one line per event (connect, failure); NULL: silent */
     void *log_arg;
 } kvstore_client_config;
@@ -302,8 +346,9 @@ const kvstore_metrics *kvstore_client_metrics(const kvstore_client *c);
 int kvstore_client_peer_of(const kvstore_client *c, const kvstore_key *key);
 bool kvstore_client_peer_up(const kvstore_client *c, int peer);
 
-/* Reads a shared auth token from a file (trailing whitespace dropped; 1 to
- * 4096 bytes). *token is malloc'd; the caller wipes and frees it. */
+/* Reads a shared auth token (or a namespace key) from a file (trailing
+ * whitespace dropped; 1 to 4096 bytes). *token is malloc'd; the caller
+ * wipes and frees it. */
 ekv_status kvstore_token_load(const char *path, uint8_t **token, size_t *len, ekv_error *err);
 
 /* ---- the daemon ---- */

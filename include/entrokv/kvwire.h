@@ -1,11 +1,13 @@
 /*
- * kvwire.h - the KV store's wire header: one fixed 64-byte, versioned,
+ * kvwire.h - the KV store's wire header: one fixed 96-byte, versioned,
  * little-endian header per message, carried as the UCX active message
  * header; the message's data (a block value, nonces, proofs) is the active
  * message payload. Layout (docs/kvstore.md has the full table):
  *
  *   0 magic "EKVS" | 4 version | 5 op | 6 flags | 8 request id
  *  16 key[32] | 48 payload length | 52 status | 54 reserved (0) | 56 checksum
+ *  64 mac[32]: PUT and a GET reply: the value's keyed MAC, computed by the
+ *     writer, stored by the daemon beside the value, checked by readers
  *
  * kvwire_decode accepts exactly one well-formed header: every field is
  * checked against the op before anything uses it (known op and flags,
@@ -23,8 +25,8 @@
 #include "entrokv/status.h"
 
 #define KVWIRE_MAGIC 0x53564b45u /* bytes 'E' 'K' 'V' 'S' */
-#define KVWIRE_VERSION 1
-#define KVWIRE_HEADER_BYTES 64
+#define KVWIRE_VERSION 2 /* 2: the value MAC (namespaces, docs/kvstore.md) */
+#define KVWIRE_HEADER_BYTES 96
 #define KVWIRE_KEY_BYTES 32
 #define KVWIRE_NONCE_BYTES 32
 #define KVWIRE_MAC_BYTES 32
@@ -53,7 +55,9 @@ typedef enum kvwire_op {
                                    region. A direct PUT carries the value's length (8
                                    bytes), not the value; a direct reply with status OK
                                    carries a kvwire_span (KVWIRE_SPAN_BYTES): where to read
-                                   the value, or where to write it and then COMMIT */
+                                   the value, or where to write it and then COMMIT. The
+                                   daemon refuses direct PUTs and COMMITs: clients map
+                                   its region read-only (docs/kvstore.md) */
 #define KVWIRE_LEN_BYTES 8
 #define KVWIRE_F_KNOWN (KVWIRE_F_REPLY | KVWIRE_F_DIRECT)
 
@@ -95,6 +99,7 @@ typedef struct kvwire_hdr {
     uint32_t payload_len;
     uint16_t status;
     uint64_t checksum;
+    uint8_t mac[KVWIRE_MAC_BYTES]; /* PUT, GET reply: the value's (kvstore_value_mac) */
 } kvwire_hdr;
 
 /* Writes h into out[KVWIRE_HEADER_BYTES] (magic and reserved filled in). */

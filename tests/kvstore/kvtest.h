@@ -56,17 +56,29 @@ static inline void kvt_sleep_ms(int ms)
     nanosleep(&ts, NULL);
 }
 
+/* The key a client of the default namespace (no namespace key: the token
+ * keys it) stores k under: what the daemon's store holds. */
+static inline kvstore_key kvt_stored_key(const char *token, const kvstore_key *k)
+{
+    kvstore_key sk;
+    kvstore_ns_key((const uint8_t *)token, strlen(token), "default", k, &sk);
+    return sk;
+}
+
 typedef struct kvt_daemon {
     pid_t pid;
     int port;
+    int http_port; /* with http_listen: the bound --http-listen port */
     char log[256]; /* its stderr */
 } kvt_daemon;
 
-/* Starts `bin kvstore --listen host:0 ...`, optionally under `ip netns exec
- * ns`, and reads the bound port from its first stdout line (5 s limit). */
-static inline int kvt_daemon_start(kvt_daemon *d, const char *bin, const char *ns,
-                                   const char *host, int port, const char *token_file,
-                                   int capacity_mb, const char *log_path)
+/* Starts `bin kvstore --listen host:0 ...` (and --http-listen http_listen
+ * unless NULL), optionally under `ip netns exec ns`, and reads the bound
+ * ports from its first stdout line (5 s limit). */
+static inline int kvt_daemon_start_http(kvt_daemon *d, const char *bin, const char *ns,
+                                        const char *host, int port, const char *token_file,
+                                        int capacity_mb, const char *log_path,
+                                        const char *http_listen)
 {
     int fds[2];
     if (pipe(fds) != 0)
@@ -86,6 +98,9 @@ static inline int kvt_daemon_start(kvt_daemon *d, const char *bin, const char *n
         if (ns)
             execlp("ip", "ip", "netns", "exec", ns, bin, "kvstore", "--listen", listen,
                    "--capacity-mb", cap, "--auth-token-file", token_file, (char *)NULL);
+        else if (http_listen)
+            execl(bin, bin, "kvstore", "--listen", listen, "--capacity-mb", cap,
+                  "--auth-token-file", token_file, "--http-listen", http_listen, (char *)NULL);
         else
             execl(bin, bin, "kvstore", "--listen", listen, "--capacity-mb", cap,
                   "--auth-token-file", token_file, (char *)NULL);
@@ -115,7 +130,18 @@ static inline int kvt_daemon_start(kvt_daemon *d, const char *bin, const char *n
         return -1;
     }
     d->port = atoi(colon + 1);
+    const char *http = strstr(line, " http ");
+    const char *hcolon = http ? strrchr(http, ':') : NULL;
+    d->http_port = hcolon ? atoi(hcolon + 1) : 0;
     return 0;
+}
+
+static inline int kvt_daemon_start(kvt_daemon *d, const char *bin, const char *ns,
+                                   const char *host, int port, const char *token_file,
+                                   int capacity_mb, const char *log_path)
+{
+    return kvt_daemon_start_http(d, bin, ns, host, port, token_file, capacity_mb, log_path,
+                                 NULL);
 }
 
 /* A client of the one daemon on 127.0.0.1:port, defaults otherwise;

@@ -39,14 +39,15 @@ typedef enum lie {
     LIE_SILENT,          /* never answers */
     LIE_SPAN_OUTSIDE,    /* maps a region, then points gets past its end */
     LIE_REGION_TOO_BIG,  /* claims a region larger than its file */
-    LIE_PUT_SPAN_SHORT,  /* a direct put's room smaller than the value */
+    LIE_PUT_SPAN_SHORT,  /* a put answered with room in the region (never asked for) */
+    LIE_BAD_MAC,         /* answers gets with junk under a right checksum, a wrong MAC */
     LIE_COUNT
 } lie;
 
 static const char *LIE_NAMES[LIE_COUNT] = {
     "bad proof",        "bad checksum", "oversized value", "wrong request id",
     "wrong op",         "malformed",    "unsolicited",     "silent",
-    "span outside",     "region too big", "put span short",
+    "span outside",     "region too big", "put span short", "bad mac",
 };
 
 typedef struct fake {
@@ -108,11 +109,13 @@ static void answer(fake *f, const kvwire_hdr *req)
     memset(junk, 0x5a, sizeof junk);
     switch (f->lie) {
     case LIE_BAD_CHECKSUM:
+    case LIE_BAD_MAC:
     case LIE_OVERSIZED:
         if (get) {
             size_t len = f->lie == LIE_OVERSIZED ? sizeof junk : KVT_BLOCK_BYTES;
             h.payload_len = (uint32_t)len;
             h.checksum = kvstore_checksum(junk, len) ^ (f->lie == LIE_BAD_CHECKSUM);
+            memset(h.mac, 0x5a, sizeof h.mac); /* the fake has no namespace key */
             send_big(f, &h, junk, len);
             return;
         }
@@ -145,7 +148,7 @@ static void answer(fake *f, const kvwire_hdr *req)
         }
         break;
     case LIE_PUT_SPAN_SHORT: /* gets: a span of zeros, which fails its checksum */
-        if ((get || put) && (req->flags & KVWIRE_F_DIRECT)) {
+        if (put || (get && (req->flags & KVWIRE_F_DIRECT))) {
             send_span(f, &h, 2 * ID_OFFSET, put ? 64 : KVT_BLOCK_BYTES);
             return;
         }
@@ -247,7 +250,7 @@ static void accept_pending(fake *f)
         if (f->ep)
             kvx_close(&f->x, f->ep);
         ekv_error err;
-        f->ep = kvx_accept(&f->x, req, true, on_ep_error, f, &err);
+        f->ep = kvx_accept(&f->x, req, on_ep_error, f, &err);
         if (!f->ep || kvx_nonce(f->snonce, &err) != EKV_OK)
             continue;
         ucs_status_ptr_t r = kvx_flush(f->ep, on_wired, f);
@@ -380,7 +383,7 @@ static const char *expected_log(lie l)
     case LIE_UNSOLICITED: return "unexpected message";
     case LIE_SPAN_OUTSIDE: return "a direct get outside the region";
     case LIE_REGION_TOO_BIG: return "the region's size does not match";
-    case LIE_PUT_SPAN_SHORT: return "a direct put span that does not fit";
+    case LIE_PUT_SPAN_SHORT: return "a direct reply to a put";
     default: return NULL;
     }
 }
@@ -447,6 +450,8 @@ static void run_lie(lie l, int real_port)
     const kvstore_metrics *m = kvstore_client_metrics(c);
     if (l == LIE_BAD_CHECKSUM)
         CHECK(m->checksum_failures > 0);
+    if (l == LIE_BAD_MAC)
+        CHECK(m->mac_failures > 0 && m->checksum_failures == 0);
     if (expected_log(l) && !strstr(log.text, expected_log(l))) {
         fprintf(stderr, "  client log lacks \"%s\"\n", expected_log(l));
         CHECK(0);
@@ -524,7 +529,7 @@ static bool lurk(int port, const kvstore_key *key)
         return false;
     struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
     inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
-    ucp_ep_h ep = kvx_connect(&l.x, (struct sockaddr *)&a, sizeof a, true, lurker_err, NULL, &err);
+    ucp_ep_h ep = kvx_connect(&l.x, (struct sockaddr *)&a, sizeof a, lurker_err, NULL, &err);
     bool ok = ep && lurker_wait(&l, &l.challenged);
     if (ok) {
         uint8_t payload[KVWIRE_NONCE_BYTES + KVWIRE_MAC_BYTES];
@@ -538,7 +543,9 @@ static bool lurk(int port, const kvstore_key *key)
     }
     if (ok) {
         kvwire_hdr get = {.version = KVWIRE_VERSION, .op = KVWIRE_OP_GET, .request_id = 7};
-        memcpy(get.key, key->b, KVWIRE_KEY_BYTES);
+        kvstore_key stored; /* the client's default namespace, keyed by the token */
+        kvstore_ns_key((const uint8_t *)TOKEN, strlen(TOKEN), "default", key, &stored);
+        memcpy(get.key, stored.b, KVWIRE_KEY_BYTES);
         ok = kvx_send_small(&l.x, ep, &get, NULL, 0) == EKV_OK && lurker_wait(&l, &l.answered) &&
              l.rndv;
     }
@@ -561,7 +568,7 @@ static bool impostor_served(int port, const kvstore_key *key)
         return true;
     struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
     inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
-    ucp_ep_h ep = kvx_connect(&l.x, (struct sockaddr *)&a, sizeof a, true, lurker_err, NULL, &err);
+    ucp_ep_h ep = kvx_connect(&l.x, (struct sockaddr *)&a, sizeof a, lurker_err, NULL, &err);
     bool challenged = ep && lurker_wait(&l, &l.challenged);
     CHECK(challenged);
     if (challenged) {
@@ -650,6 +657,108 @@ static void test_a_client_that_never_takes_its_reply(void)
     CHECK_EQ_INT(kvt_daemon_stop(&d), 0);
 }
 
+/*
+ * UCX safety (issue 21): every endpoint has peer error handling, so a
+ * forced close completes what is outstanding on it, and no buffer is
+ * handed back to its owner while a transfer into or out of it may still
+ * complete. Gets of 4 MiB by UCX (rendezvous into the caller's buffers)
+ * and puts of 4 MiB (read from them) are cut off by stopping the daemon
+ * mid-transfer; the client times out, force-closes, and finishes the
+ * batch. The test frees every buffer the moment the batch is done, then
+ * lets the daemon run again and keeps the client busy: a late byte landing
+ * in (or read from) freed memory is a heap-use-after-free under ASan, and
+ * a daemon that mishandles its cut-off sends exits non-zero. Three rounds,
+ * each stopping at a different moment.
+ */
+static void test_a_cut_off_transfer_never_touches_a_returned_buffer(void)
+{
+    kvt_daemon d;
+    char logp[128];
+    snprintf(logp, sizeof logp, "%s/cutoff.log", g_dir);
+    if (kvt_daemon_start(&d, g_bin, NULL, "127.0.0.1", 0, g_token_file, 256, logp) != 0) {
+        CHECK(0);
+        return;
+    }
+    char peer[64];
+    snprintf(peer, sizeof peer, "127.0.0.1:%d", d.port);
+    const char *peers[] = {peer};
+    kvstore_client_config cfg;
+    kvstore_client_config_default(&cfg);
+    cfg.peers = peers;
+    cfg.n_peers = 1;
+    cfg.auth_token = (const uint8_t *)TOKEN;
+    cfg.auth_token_len = strlen(TOKEN);
+    cfg.no_direct = true; /* values by UCX, both ways */
+    cfg.op_timeout_ms = 300;
+    cfg.reconnect_ms = 50;
+    kvstore_client *c = kvstore_client_create(&cfg, NULL);
+    CHECK(c && kvstore_client_peer_up(c, 0));
+    enum { N = 8, SZ = 4 << 20 };
+    uint8_t *v = malloc(SZ);
+    for (int round = 0; c && v && round < 3; round++) {
+        kvt_fill(v, SZ, round);
+        double up = kvt_now() + 3; /* back from the last round's forced close */
+        while (!kvstore_client_peer_up(c, 0) && kvt_now() < up)
+            kvt_sleep_ms(10);
+        kvstore_op ops[2 * N];
+        uint8_t *bufs[2 * N];
+        for (int i = 0; i < N; i++) { /* stored first, so the gets have values */
+            kvstore_key k = kvt_key(88000 + 100 * round + i);
+            CHECK_EQ_INT(kvstore_client_put(c, &k, v, SZ), KVSTORE_OK);
+        }
+        for (int i = 0; i < 2 * N; i++) {
+            bufs[i] = malloc(SZ);
+            if (i >= N)
+                memcpy(bufs[i], v, SZ);
+            ops[i] = (kvstore_op){.kind = i < N ? KVSTORE_GET : KVSTORE_PUT,
+                                  .key = kvt_key(88000 + 100 * round + i), .buf = bufs[i],
+                                  .len = SZ};
+        }
+        kvstore_batch *b = NULL;
+        CHECK_EQ_INT(kvstore_client_submit(c, ops, 2 * N, NULL, NULL, &b, NULL), EKV_OK);
+        kvt_sleep_ms(round == 0 ? 2 : round == 1 ? 25 : 80); /* a different point each round */
+        kill(d.pid, SIGSTOP);
+        double t0 = kvt_now();
+        bool ended = kvstore_batch_wait(b, 5000) == EKV_OK;
+        CHECK(ended);
+        CHECK(kvt_now() - t0 < 3.0); /* the timeout, not the stall, ended it */
+        if (!ended) /* UCX kept a request the close should have completed */
+            kill(d.pid, SIGCONT);
+        kvstore_batch_release(b);
+        int cut = 0;
+        for (int i = 0; i < 2 * N; i++) {
+            if (ops[i].kind == KVSTORE_GET && ops[i].result == KVSTORE_OK)
+                CHECK(!memcmp(bufs[i], v, SZ));
+            cut += ops[i].result != KVSTORE_OK;
+            free(bufs[i]); /* the caller's again: UCX must be done with it */
+        }
+        fprintf(stderr, "  round %d: %d of %d ops cut off\n", round, cut, 2 * N);
+        kill(d.pid, SIGCONT);
+        /* late completions would land now: keep the client's worker busy */
+        double end = kvt_now() + 0.4;
+        uint8_t small[KVT_BLOCK_BYTES];
+        while (kvt_now() < end) {
+            kvstore_key k = kvt_key(89000);
+            (void)kvstore_client_get(c, &k, small, sizeof small, NULL);
+            kvt_sleep_ms(5);
+        }
+    }
+    if (c) { /* and the store works as before */
+        uint8_t got[KVT_BLOCK_BYTES], val[KVT_BLOCK_BYTES];
+        kvstore_key k = kvt_key(89001);
+        kvt_fill(val, sizeof val, 4);
+        double end = kvt_now() + 3;
+        while (!kvstore_client_peer_up(c, 0) && kvt_now() < end)
+            kvt_sleep_ms(10);
+        CHECK_EQ_INT(kvstore_client_put(c, &k, val, sizeof val), KVSTORE_OK);
+        CHECK_EQ_INT(kvstore_client_get(c, &k, got, sizeof got, NULL), KVSTORE_OK);
+        CHECK(!memcmp(got, val, sizeof val));
+        kvstore_client_destroy(c);
+    }
+    free(v);
+    CHECK_EQ_INT(kvt_daemon_stop(&d), 0); /* under ASan: nothing leaked or misused */
+}
+
 int main(int argc, char **argv)
 {
     int rc = kvt_setup(argc, argv, &g_bin, g_dir, "/tmp/ekv-hostile-XXXXXX", g_token_file, TOKEN);
@@ -658,6 +767,7 @@ int main(int argc, char **argv)
     RUN_TEST(test_lies_cost_only_the_liars_keys);
     RUN_TEST(test_a_client_that_never_takes_its_reply);
     RUN_TEST(test_a_client_with_the_wrong_token_is_never_served);
+    RUN_TEST(test_a_cut_off_transfer_never_touches_a_returned_buffer);
     kvt_scratch_remove(g_dir, ekv_test_failures);
     return TEST_EXIT();
 }

@@ -16,6 +16,8 @@ static kvwire_hdr make(uint8_t op, uint16_t flags, uint32_t len, uint16_t status
                     .checksum = 0xa1b2c3d4e5f60718ull};
     for (int i = 0; i < KVWIRE_KEY_BYTES; i++)
         h.key[i] = (uint8_t)(0xc0 + i);
+    for (int i = 0; i < KVWIRE_MAC_BYTES; i++)
+        h.mac[i] = (uint8_t)(0x40 + i);
     return h;
 }
 
@@ -44,6 +46,9 @@ static void test_kvwire_layout_is_little_endian_fixed(void)
     CHECK_EQ_INT(b[54] | b[55], 0);
     CHECK_EQ_INT(b[56], 0x18);
     CHECK_EQ_INT(b[63], 0xa1);
+    CHECK_EQ_INT(KVWIRE_HEADER_BYTES, 96);
+    CHECK_EQ_INT(b[64], 0x40); /* the value's MAC, as is */
+    CHECK_EQ_INT(b[95], 0x40 + 31);
 }
 
 static void test_kvwire_round_trips_every_op(void)
@@ -87,6 +92,7 @@ static void test_kvwire_round_trips_every_op(void)
         CHECK_EQ_INT(out.payload_len, cases[i].payload_len);
         CHECK_EQ_INT(out.status, cases[i].status);
         CHECK(out.checksum == cases[i].checksum);
+        CHECK(!memcmp(out.mac, cases[i].mac, KVWIRE_MAC_BYTES));
         CHECK_EQ_INT(kvwire_check_payload(&out, cases[i].payload_len, NULL), EKV_OK);
     }
 }
@@ -115,7 +121,7 @@ static void test_kvwire_rejects_bad_fields(void)
     uint8_t good[KVWIRE_HEADER_BYTES], b[KVWIRE_HEADER_BYTES];
     kvwire_encode(&h, good);
     struct { int off; uint8_t val; const char *why; } bad[] = {
-        {0, 'X', "magic"}, {3, 0, "magic"}, {4, 0, "version"}, {4, 2, "version"},
+        {0, 'X', "magic"}, {3, 0, "magic"}, {4, 0, "version"}, {4, 1, "version"}, {4, 3, "version"},
         {5, 0, "op"}, {5, KVWIRE_OP_MAX + 1, "op"}, {5, 255, "op"},
         {6, 0x04, "flags"}, {7, 0x80, "flags"}, {54, 1, "reserved"}, {55, 1, "reserved"},
         {52, 1, "status"}, /* status on a request */

@@ -195,6 +195,71 @@ static void test_options_and_stops(void)
     expect_invalid(OAI_COMPLETIONS, "{\"prompt\": \"x\", \"kv_method\": \"nope\"}", "nope");
 }
 
+/* Issue 23: nothing silently ignored, and the fields that are now honoured. */
+#define CHAT_X "\"messages\": [{\"role\": \"user\", \"content\": \"x\"}]"
+
+static void test_allow_list(void)
+{
+    expect_invalid(OAI_COMPLETIONS, "{\"prompt\": \"x\", \"foo\": 1}", "'foo'");
+    expect_invalid(OAI_CHAT, "{" CHAT_X ", \"functions\": []}", "'functions'");
+    expect_invalid(OAI_CHAT, "{" CHAT_X ", \"store\": false}", "'store'");
+    expect_invalid(OAI_CHAT, "{" CHAT_X ", \"echo\": true}", "'echo'");
+    expect_invalid(OAI_COMPLETIONS, "{\"prompt\": \"x\", \"top_logprobs\": 2}", "'top_logprobs'");
+    expect_invalid(OAI_CHAT, "{" CHAT_X ", \"response_format\": {\"type\": \"json_object\"}}",
+                   "response_format");
+    expect_ok(OAI_CHAT, "{" CHAT_X ", \"response_format\": {\"type\": \"text\"}}");
+    expect_invalid(OAI_CHAT, "{" CHAT_X ", \"tools\": [{\"type\": \"function\"}]}", "'tools'");
+    expect_invalid(OAI_CHAT, "{" CHAT_X ", \"tool_choice\": \"auto\"}", "'tool_choice'");
+    expect_ok(OAI_CHAT, "{" CHAT_X ", \"tool_choice\": \"none\", \"tools\": null}");
+    expect_invalid(OAI_COMPLETIONS, "{\"prompt\": \"x\", \"suffix\": \"y\"}", "'suffix'");
+    expect_invalid(OAI_COMPLETIONS, "{\"prompt\": \"x\", \"best_of\": 2}", "'best_of'");
+    expect_ok(OAI_COMPLETIONS, "{\"prompt\": \"x\", \"best_of\": 1, \"user\": \"u-1\"}");
+    expect_invalid(OAI_CHAT,
+                   "{\"messages\": [{\"role\": \"user\", \"content\": \"x\", \"name\": \"a\"}]}",
+                   "messages[0].name");
+    expect_invalid(OAI_COMPLETIONS,
+                   "{\"prompt\": \"x\", \"stream\": true, \"stream_options\": {\"foo\": true}}",
+                   "'foo'");
+    expect_invalid(OAI_COMPLETIONS, "{\"prompt\": \"x\", \"user\": 5}", "user");
+}
+
+static void test_penalties_bias_logprobs(void)
+{
+    expect_ok(OAI_COMPLETIONS, "{\"prompt\": \"x\", \"presence_penalty\": 0.5, "
+                               "\"frequency_penalty\": -1.25}");
+    CHECK(last.params.sampling.presence_penalty == 0.5f);
+    CHECK(last.params.sampling.frequency_penalty == -1.25f);
+    expect_invalid(OAI_COMPLETIONS, "{\"prompt\": \"x\", \"presence_penalty\": 2.5}",
+                   "presence_penalty");
+    expect_invalid(OAI_CHAT, "{" CHAT_X ", \"frequency_penalty\": -3}", "frequency_penalty");
+    expect_ok(OAI_CHAT, "{" CHAT_X ", \"logit_bias\": {\"5\": -100, \"7\": 2.5}}");
+    CHECK_EQ_INT(last.params.sampling.n_logit_bias, 2);
+    expect_invalid(OAI_CHAT, "{" CHAT_X ", \"logit_bias\": {\"x\": 1}}", "logit_bias");
+    expect_invalid(OAI_CHAT, "{" CHAT_X ", \"logit_bias\": {\"5\": 101}}", "logit_bias");
+    expect_invalid(OAI_CHAT, "{" CHAT_X ", \"logit_bias\": {\"99999999\": 1}}", "vocabulary");
+    expect_ok(OAI_COMPLETIONS, "{\"prompt\": \"x\", \"logprobs\": 3}");
+    CHECK(last.params.logprobs && last.params.top_logprobs == 3 && !last.params.prompt_logprobs);
+    expect_invalid(OAI_COMPLETIONS, "{\"prompt\": \"x\", \"logprobs\": 6}", "logprobs");
+    expect_ok(OAI_CHAT, "{" CHAT_X ", \"logprobs\": true, \"top_logprobs\": 20}");
+    CHECK(last.params.logprobs && last.params.top_logprobs == 20);
+    expect_invalid(OAI_CHAT, "{" CHAT_X ", \"logprobs\": true, \"top_logprobs\": 21}",
+                   "top_logprobs");
+    expect_invalid(OAI_CHAT, "{" CHAT_X ", \"top_logprobs\": 2}", "top_logprobs");
+    /* echo with max_tokens 0 scores the prompt only */
+    expect_ok(OAI_COMPLETIONS,
+              "{\"prompt\": \"x y\", \"echo\": true, \"logprobs\": 1, \"max_tokens\": 0}");
+    CHECK(last.params.prompt_logprobs && last.params.max_tokens == 0);
+    expect_ok(OAI_COMPLETIONS, "{\"prompt\": [[1, 2, 3]], \"echo\": true, \"max_tokens\": 0}");
+    CHECK(last.params.prompt_logprobs && last.n_prompt == 3);
+    expect_ok(OAI_COMPLETIONS, "{\"prompt\": [4, 5], \"max_tokens\": 2}");
+    CHECK_EQ_INT(last.n_prompt, 2);
+    expect_invalid(OAI_COMPLETIONS, "{\"prompt\": [1, \"a\"]}", "prompt");
+    expect_invalid(OAI_COMPLETIONS, "{\"prompt\": [1, 99999999]}", "vocabulary");
+    /* max_completion_tokens: null is not set (it used to hide max_tokens) */
+    expect_ok(OAI_CHAT, "{" CHAT_X ", \"max_completion_tokens\": null, \"max_tokens\": 9}");
+    CHECK_EQ_INT(last.params.max_tokens, 9);
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 2) {
@@ -222,6 +287,8 @@ int main(int argc, char **argv)
     RUN_TEST(test_completion_prompt_forms);
     RUN_TEST(test_max_tokens_bounds);
     RUN_TEST(test_options_and_stops);
+    RUN_TEST(test_allow_list);
+    RUN_TEST(test_penalties_bias_logprobs);
     coord_free(coord);
     tok_free(tok);
     return TEST_EXIT();

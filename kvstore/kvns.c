@@ -1,0 +1,58 @@
+/*
+ * kvns.c - namespaces: the namespaced key an entry is stored under and the
+ * keyed MAC its value carries (kvstore.h; docs/kvstore.md, "Threat model").
+ *
+ * Both are HMAC-SHA256 under the namespace key, with distinct labels so
+ * neither can stand in for the other, and with every variable-length field
+ * length-prefixed so no two inputs encode alike.
+ */
+#include <string.h>
+
+#include "kvclient_int.h"
+
+static void put_le(uint8_t *p, uint64_t v, int n)
+{
+    for (int i = 0; i < n; i++)
+        p[i] = (uint8_t)(v >> (8 * i));
+}
+
+static void start(ekv_hmac *h, const uint8_t *ns_key, size_t ns_key_len, const char *label,
+                  const char *ns)
+{
+    uint8_t n[4];
+    size_t ns_len = ns ? strlen(ns) : 0;
+    put_le(n, ns_len, 4);
+    hmac_sha256_init(h, ns_key, ns_key_len);
+    hmac_sha256_update(h, label, strlen(label));
+    hmac_sha256_update(h, n, sizeof n);
+    hmac_sha256_update(h, ns, ns_len);
+}
+
+void kvstore_ns_key(const uint8_t *ns_key, size_t ns_key_len, const char *ns,
+                    const kvstore_key *key, kvstore_key *out)
+{
+    ekv_hmac h;
+    start(&h, ns_key, ns_key_len, "ekv-ns1", ns);
+    hmac_sha256_update(&h, key->b, KVSTORE_KEY_BYTES);
+    hmac_sha256_final(&h, out->b);
+}
+
+void kvns_mac_init(ekv_hmac *h, const uint8_t *ns_key, size_t ns_key_len, const char *ns,
+                   const kvstore_key *stored_key, uint64_t len)
+{
+    uint8_t n[8];
+    put_le(n, len, 8);
+    start(h, ns_key, ns_key_len, "ekv-val1", ns);
+    hmac_sha256_update(h, stored_key->b, KVSTORE_KEY_BYTES);
+    hmac_sha256_update(h, n, sizeof n);
+}
+
+void kvstore_value_mac(const uint8_t *ns_key, size_t ns_key_len, const char *ns,
+                       const kvstore_key *stored_key, const void *value, size_t len,
+                       uint8_t mac[KVSTORE_MAC_BYTES])
+{
+    ekv_hmac h;
+    kvns_mac_init(&h, ns_key, ns_key_len, ns, stored_key, len);
+    hmac_sha256_update(&h, value, len);
+    hmac_sha256_final(&h, mac);
+}
