@@ -226,6 +226,9 @@ void coord_gauges(ekv_coordinator *c, metrics_gauges *g)
     g->kv_blocks_used = s.kv_blocks_total - s.kv_blocks_free;
     g->kv_blocks_free = s.kv_blocks_free;
     g->kv_bytes_saved = s.kv_bytes_saved;
+    g->kv_bytes_saved_by[0] = s.kv_bytes_saved_tokens;
+    g->kv_bytes_saved_by[1] = s.kv_bytes_saved_channels;
+    g->kv_bytes_saved_by[2] = s.kv_bytes_saved_decode;
 }
 
 void coord_stats(ekv_coordinator *c, engine_stats *sum)
@@ -242,6 +245,9 @@ void coord_stats(ekv_coordinator *c, engine_stats *sum)
         sum->kv_blocks_total += s.kv_blocks_total;
         sum->kv_blocks_free += s.kv_blocks_free;
         sum->kv_bytes_saved += s.kv_bytes_saved;
+        sum->kv_bytes_saved_tokens += s.kv_bytes_saved_tokens;
+        sum->kv_bytes_saved_channels += s.kv_bytes_saved_channels;
+        sum->kv_bytes_saved_decode += s.kv_bytes_saved_decode;
         sum->preemptions += s.preemptions;
         sum->steps += s.steps;
     }
@@ -269,6 +275,8 @@ void coord_request_init(const ekv_coordinator *c, coord_request *r)
     r->params.sampling.seed = ((uint64_t)ts.tv_sec * 1000000007u) ^ (uint64_t)ts.tv_nsec ^
                               (atomic_load(&((ekv_coordinator *)c)->next_id) << 32);
     r->kv_budget = 1.0;
+    r->scope_recent = 256; /* SCOPE's R and W (specs/scope.md section 5) */
+    r->scope_window = 512;
 }
 
 const char *coord_finish_reason(gen_finish f)
@@ -427,21 +435,12 @@ static ekv_status check_params(ekv_coordinator *c, const coord_request *r, kvc_p
                                ekv_error *err)
 {
     const gen_params *p = &r->params;
-    const int min_tokens = p->prompt_logprobs ? 0 : 1; /* echo may only score the prompt */
-    if (p->max_tokens < min_tokens || p->max_tokens > c->max_ctx)
-        return ekv_error_set(err, EKV_EINVAL, "max_tokens must be in [%d, %d], got %d",
-                             min_tokens, c->max_ctx, p->max_tokens);
+    if (p->max_tokens < 1 || p->max_tokens > c->max_ctx)
+        return ekv_error_set(err, EKV_EINVAL, "max_tokens must be in [1, %d], got %d",
+                             c->max_ctx, p->max_tokens);
     ekv_status rc = sampler_params_check(&p->sampling, err);
     if (rc)
         return as_invalid(err);
-    for (size_t i = 0; i < p->sampling.n_logit_bias; i++)
-        if (p->sampling.logit_bias[i].token >= tok_vocab_size(c->tok))
-            return ekv_error_set(err, EKV_EINVAL,
-                                 "logit_bias: token %d is outside the vocabulary [0, %d)",
-                                 p->sampling.logit_bias[i].token, tok_vocab_size(c->tok));
-    if (p->logprobs && (p->top_logprobs < 0 || p->top_logprobs > EKV_MAX_TOP_LOGPROBS))
-        return ekv_error_set(err, EKV_EINVAL, "top_logprobs must be in [0, %d], got %d",
-                             EKV_MAX_TOP_LOGPROBS, p->top_logprobs);
     if (p->n_stops > COORD_MAX_STOPS)
         return ekv_error_set(err, EKV_EINVAL, "at most %d stop strings, got %zu",
                              COORD_MAX_STOPS, p->n_stops);
@@ -458,6 +457,13 @@ static ekv_status check_params(ekv_coordinator *c, const coord_request *r, kvc_p
         return ekv_error_set(err, EKV_EINVAL, "kv_budget must be finite");
     rc = kvc_policy_parse(r->kv_method, r->kv_budget, policy, err);
     if (rc)
+        return as_invalid(err);
+    if ((r->decode_method && !coord_utf8_valid(r->decode_method, strlen(r->decode_method))) ||
+        (r->spark_recovery && !coord_utf8_valid(r->spark_recovery, strlen(r->spark_recovery))))
+        return ekv_error_set(err, EKV_EINVAL, "decode_method or spark_recovery is not valid UTF-8");
+    if ((rc = kvc_decode_parse(r->decode_method, r->scope_recent, r->scope_window,
+                               &policy->decode, err)) ||
+        (rc = kvc_spark_parse(r->spark_ratio, r->spark_recovery, &policy->spark, err)))
         return as_invalid(err);
     if (policy->method == KVC_UNCOMP)
         policy->profile = c->uncomp_profile;
@@ -565,7 +571,6 @@ static ekv_status submit_to_group(ekv_coordinator *c, const coord_request *r,
         .params = r->params,
         .kv = *policy,
         .on_tokens = coord_stream_on_tokens,
-        .on_logprobs = coord_stream_on_logprobs,
         .on_done = coord_stream_on_done,
         .ctx = s,
     };

@@ -232,6 +232,13 @@ char *metrics_render(ekv_metrics *m, const metrics_gauges *g, size_t *len)
     render_scalar(&o, "entrokv_kv_bytes_saved_total", "counter",
                   "KV bytes compression saved over finished sequences (full - held).",
                   gg->kv_bytes_saved);
+    static const char *const mech[3] = {"tokens", "channels", "decode"};
+    out_printf(&o, "# HELP entrokv_kv_bytes_saved_by_mechanism_total KV bytes freed by the "
+                   "prompt's token policy, SparK's key channels and SCOPE's decode eviction.\n"
+                   "# TYPE entrokv_kv_bytes_saved_by_mechanism_total counter\n");
+    for (int i = 0; i < 3; i++)
+        out_printf(&o, "entrokv_kv_bytes_saved_by_mechanism_total{mechanism=\"%s\"} %lld\n",
+                   mech[i], (long long)gg->kv_bytes_saved_by[i]);
     render_scalar(&o, "entrokv_kvstore_hits_total", "counter",
                   "Prefix KV blocks restored from the KV store.",
                   (int64_t)atomic_load(&m->kvstore.hits));

@@ -192,6 +192,9 @@ static void stats_done(remote_group *g)
                                   .kv_blocks_total = r->kv_blocks_total,
                                   .kv_blocks_free = r->kv_blocks_free,
                                   .kv_bytes_saved = r->kv_bytes_saved,
+                                  .kv_bytes_saved_tokens = r->kv_bytes_saved_tokens,
+                                  .kv_bytes_saved_channels = r->kv_bytes_saved_channels,
+                                  .kv_bytes_saved_decode = r->kv_bytes_saved_decode,
                                   .preemptions = r->preemptions, .steps = r->steps};
         g->max_ctx = r->max_ctx;
     }
@@ -241,22 +244,6 @@ static gen_finish finish_of(const char *s)
     return GEN_FINISH_STOP;
 }
 
-/* A response's TokenLogprobs to on_logprobs, one at a time. */
-static void forward_logprobs(rcall *c, Entrokv__V1__TokenLogprob **v, size_t n, bool prompt)
-{
-    for (size_t i = 0; i < n; i++) {
-        ekv_logprob lp = {.token = v[i]->token_id, .logprob = NAN};
-        if (v[i]->has_logprob_case == ENTROKV__V1__TOKEN_LOGPROB__HAS_LOGPROB_LOGPROB)
-            lp.logprob = v[i]->logprob;
-        for (size_t j = 0; j < v[i]->n_top_logprobs && j < EKV_MAX_TOP_LOGPROBS; j++) {
-            lp.top_ids[j] = v[i]->top_logprobs[j]->token_id;
-            lp.top_logprobs[j] = v[i]->top_logprobs[j]->logprob;
-            lp.n_top++;
-        }
-        c->req.on_logprobs(c->req.ctx, &lp, 1, prompt);
-    }
-}
-
 /* One GenerateResponse: its tokens out, and the finish if it is the last. */
 static void on_message(rcall *c)
 {
@@ -267,10 +254,6 @@ static void on_message(rcall *c)
     if (!m) {
         grpc_call_cancel(c->call, NULL);
         return;
-    }
-    if (c->req.on_logprobs) {
-        forward_logprobs(c, m->prompt_logprobs, m->n_prompt_logprobs, true);
-        forward_logprobs(c, m->logprobs, m->n_logprobs, false);
     }
     if (m->n_token_ids > 0 || *m->text)
         c->req.on_tokens(c->req.ctx, m->token_ids, (int32_t)m->n_token_ids, m->text,
@@ -406,26 +389,17 @@ static grpc_byte_buffer *request_of(const engine_request *r)
     p.n_stop = r->params.n_stops;
     p.stop = (char **)r->params.stops;
     p.ignore_eos = r->params.ignore_eos;
-    p.has_presence_penalty_case = ENTROKV__V1__GENERATE_REQUEST__HAS_PRESENCE_PENALTY_PRESENCE_PENALTY;
-    p.presence_penalty = sp->presence_penalty;
-    p.has_frequency_penalty_case =
-        ENTROKV__V1__GENERATE_REQUEST__HAS_FREQUENCY_PENALTY_FREQUENCY_PENALTY;
-    p.frequency_penalty = sp->frequency_penalty;
-    p.logprobs = r->params.logprobs;
-    p.top_logprobs = r->params.top_logprobs;
-    p.prompt_logprobs = r->params.prompt_logprobs;
-    Entrokv__V1__LogitBias bias[EKV_MAX_LOGIT_BIAS], *bias_ptrs[EKV_MAX_LOGIT_BIAS];
-    for (size_t i = 0; i < sp->n_logit_bias && i < EKV_MAX_LOGIT_BIAS; i++) {
-        entrokv__v1__logit_bias__init(&bias[i]);
-        bias[i].token_id = sp->logit_bias[i].token;
-        bias[i].bias = sp->logit_bias[i].bias;
-        bias_ptrs[i] = &bias[i];
-    }
-    p.n_logit_bias = sp->n_logit_bias < EKV_MAX_LOGIT_BIAS ? sp->n_logit_bias : EKV_MAX_LOGIT_BIAS;
-    p.logit_bias = bias_ptrs;
     p.kv_method = (char *)kvc_method_name(r->kv.method);
     p.has_kv_budget_case = ENTROKV__V1__GENERATE_REQUEST__HAS_KV_BUDGET_KV_BUDGET;
     p.kv_budget = (float)r->kv.budget;
+    p.decode_method = (char *)kvc_decode_name(r->kv.decode.mode);
+    p.has_scope_recent_case = ENTROKV__V1__GENERATE_REQUEST__HAS_SCOPE_RECENT_SCOPE_RECENT;
+    p.scope_recent = r->kv.decode.recent;
+    p.has_scope_window_case = ENTROKV__V1__GENERATE_REQUEST__HAS_SCOPE_WINDOW_SCOPE_WINDOW;
+    p.scope_window = r->kv.decode.window;
+    p.has_spark_ratio_case = ENTROKV__V1__GENERATE_REQUEST__HAS_SPARK_RATIO_SPARK_RATIO;
+    p.spark_ratio = (float)r->kv.spark.ratio;
+    p.spark_recovery = r->kv.spark.recovery == KVC_SPARK_ZERO ? "zero" : "avg";
     Entrokv__V1__WorkerGenerateRequest w = ENTROKV__V1__WORKER_GENERATE_REQUEST__INIT;
     w.n_prompt_ids = (size_t)r->n_prompt;
     w.prompt_ids = (int32_t *)r->prompt;

@@ -76,6 +76,10 @@ typedef struct coord_request {
     gen_params params;           /* max_tokens, sampling, stops, ignore_eos */
     const char *kv_method;       /* NULL or "" is full */
     double kv_budget;
+    const char *decode_method;   /* NULL or "" is none; else SCOPE (compress.h) */
+    int32_t scope_recent, scope_window;
+    double spark_ratio;          /* 0: no SparK */
+    const char *spark_recovery;  /* NULL or "" is avg */
     const char *protocol;        /* "grpc" / "http", for the log */
 } coord_request;
 
@@ -86,11 +90,6 @@ typedef struct coord_chunk {
     int32_t n_ids;
     char *text;
     size_t text_len;
-    ekv_logprob *lps;            /* logprobs: one per id above, and with done perhaps one
-                                  * more: the end-of-generation token's (malloc'd, owned) */
-    int32_t n_lps;
-    ekv_logprob *prompt_lps;     /* echo with logprobs: the prompt's tokens, the first with */
-    int32_t n_prompt_lps;        /* logprob NaN; before any generated token's (owned) */
     bool done;                   /* the request has finished; the fields below are set */
     gen_finish finish;
     engine_usage usage;

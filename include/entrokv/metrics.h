@@ -51,6 +51,7 @@ typedef struct metrics_gauges {
     int64_t kv_blocks_used;
     int64_t kv_blocks_free;
     int64_t kv_bytes_saved;   /* a counter in the output: it only grows */
+    int64_t kv_bytes_saved_by[3]; /* of which by token policies, SparK, SCOPE (counters) */
 } metrics_gauges;
 
 /* NULL when out of memory. */
