@@ -435,12 +435,21 @@ static ekv_status check_params(ekv_coordinator *c, const coord_request *r, kvc_p
                                ekv_error *err)
 {
     const gen_params *p = &r->params;
-    if (p->max_tokens < 1 || p->max_tokens > c->max_ctx)
-        return ekv_error_set(err, EKV_EINVAL, "max_tokens must be in [1, %d], got %d",
-                             c->max_ctx, p->max_tokens);
+    const int min_tokens = p->prompt_logprobs ? 0 : 1; /* echo may only score the prompt */
+    if (p->max_tokens < min_tokens || p->max_tokens > c->max_ctx)
+        return ekv_error_set(err, EKV_EINVAL, "max_tokens must be in [%d, %d], got %d",
+                             min_tokens, c->max_ctx, p->max_tokens);
     ekv_status rc = sampler_params_check(&p->sampling, err);
     if (rc)
         return as_invalid(err);
+    for (size_t i = 0; i < p->sampling.n_logit_bias; i++)
+        if (p->sampling.logit_bias[i].token >= tok_vocab_size(c->tok))
+            return ekv_error_set(err, EKV_EINVAL,
+                                 "logit_bias: token %d is outside the vocabulary [0, %d)",
+                                 p->sampling.logit_bias[i].token, tok_vocab_size(c->tok));
+    if (p->logprobs && (p->top_logprobs < 0 || p->top_logprobs > EKV_MAX_TOP_LOGPROBS))
+        return ekv_error_set(err, EKV_EINVAL, "top_logprobs must be in [0, %d], got %d",
+                             EKV_MAX_TOP_LOGPROBS, p->top_logprobs);
     if (p->n_stops > COORD_MAX_STOPS)
         return ekv_error_set(err, EKV_EINVAL, "at most %d stop strings, got %zu",
                              COORD_MAX_STOPS, p->n_stops);
@@ -571,6 +580,7 @@ static ekv_status submit_to_group(ekv_coordinator *c, const coord_request *r,
         .params = r->params,
         .kv = *policy,
         .on_tokens = coord_stream_on_tokens,
+        .on_logprobs = coord_stream_on_logprobs,
         .on_done = coord_stream_on_done,
         .ctx = s,
     };

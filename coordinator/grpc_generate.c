@@ -10,6 +10,7 @@
  * stream and go out together when it completes. At most one SEND_MESSAGE
  * is in flight per call, as the C core requires.
  */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -21,7 +22,20 @@
 typedef struct proto_request {
     coord_request r;
     tok_message *msgs;
+    ekv_logit_bias *bias;
+    char bad[160];           /* a field refused while converting */
 } proto_request;
+
+/* Fields this server does not know (a newer client's) are refused, never
+ * ignored: protobuf-c keeps them in the message's unknown_fields. */
+static bool unknown_field(const ProtobufCMessage *m, const char *what, char *msg, size_t cap)
+{
+    if (m->n_unknown_fields == 0)
+        return false;
+    snprintf(msg, cap, "%s field %u is not supported by this server", what,
+             (unsigned)m->unknown_fields[0].tag);
+    return true;
+}
 
 static bool messages_from_proto(proto_request *pr, Entrokv__V1__Message **m, size_t n)
 {
@@ -30,8 +44,10 @@ static bool messages_from_proto(proto_request *pr, Entrokv__V1__Message **m, siz
     pr->msgs = calloc(n, sizeof *pr->msgs);
     if (!pr->msgs)
         return false;
-    for (size_t i = 0; i < n; i++)
+    for (size_t i = 0; i < n; i++) {
+        unknown_field(&m[i]->base, "Message", pr->bad, sizeof pr->bad);
         pr->msgs[i] = (tok_message){m[i]->role, m[i]->content};
+    }
     pr->r.messages = pr->msgs;
     pr->r.n_messages = n;
     return true;
@@ -62,9 +78,18 @@ static bool request_from_proto(ekv_coordinator *coord, const Entrokv__V1__Genera
         sp->repeat_penalty = m->repeat_penalty;
     if (m->has_seed_case == ENTROKV__V1__GENERATE_REQUEST__HAS_SEED_SEED)
         sp->seed = m->seed;
+    if (m->has_presence_penalty_case ==
+        ENTROKV__V1__GENERATE_REQUEST__HAS_PRESENCE_PENALTY_PRESENCE_PENALTY)
+        sp->presence_penalty = m->presence_penalty;
+    if (m->has_frequency_penalty_case ==
+        ENTROKV__V1__GENERATE_REQUEST__HAS_FREQUENCY_PENALTY_FREQUENCY_PENALTY)
+        sp->frequency_penalty = m->frequency_penalty;
     r->params.stops = (const char *const *)m->stop;
     r->params.n_stops = m->n_stop;
     r->params.ignore_eos = m->ignore_eos;
+    r->params.logprobs = m->logprobs;
+    r->params.top_logprobs = m->top_logprobs;
+    r->params.prompt_logprobs = m->prompt_logprobs;
     r->kv_method = m->kv_method;
     if (m->has_kv_budget_case == ENTROKV__V1__GENERATE_REQUEST__HAS_KV_BUDGET_KV_BUDGET)
         r->kv_budget = m->kv_budget;
@@ -76,6 +101,23 @@ static bool request_from_proto(ekv_coordinator *coord, const Entrokv__V1__Genera
     if (m->has_spark_ratio_case == ENTROKV__V1__GENERATE_REQUEST__HAS_SPARK_RATIO_SPARK_RATIO)
         r->spark_ratio = m->spark_ratio;
     r->spark_recovery = m->spark_recovery;
+    unknown_field(&m->base, "GenerateRequest", pr->bad, sizeof pr->bad);
+    if (m->top_logprobs < 0 || m->top_logprobs > EKV_MAX_TOP_LOGPROBS)
+        snprintf(pr->bad, sizeof pr->bad, "top_logprobs must be in [0, %d], got %d",
+                 EKV_MAX_TOP_LOGPROBS, (int)m->top_logprobs);
+    if (m->n_logit_bias > EKV_MAX_LOGIT_BIAS)
+        snprintf(pr->bad, sizeof pr->bad, "logit_bias holds at most %d entries, got %zu",
+                 EKV_MAX_LOGIT_BIAS, m->n_logit_bias);
+    else if (m->n_logit_bias > 0) {
+        if (!(pr->bias = malloc(m->n_logit_bias * sizeof *pr->bias)))
+            return false;
+        for (size_t i = 0; i < m->n_logit_bias; i++) {
+            unknown_field(&m->logit_bias[i]->base, "LogitBias", pr->bad, sizeof pr->bad);
+            pr->bias[i] = (ekv_logit_bias){m->logit_bias[i]->token_id, m->logit_bias[i]->bias};
+        }
+        sp->logit_bias = pr->bias;
+        sp->n_logit_bias = m->n_logit_bias;
+    }
     return messages_from_proto(pr, m->messages, m->n_messages);
 }
 
@@ -110,9 +152,13 @@ static void generate_submit(rpc_call *c, proto_request *pr, bool ok)
 {
     ekv_coordinator *coord = c->srv->coord;
     ekv_error err = {0};
-    ekv_status rc = ok ? coord_submit(coord, &pr->r, &c->stream, &err)
-                       : ekv_error_set(&err, EKV_ENOMEM, "out of memory");
+    ekv_status rc = !ok        ? ekv_error_set(&err, EKV_ENOMEM, "out of memory")
+                    : *pr->bad ? ekv_error_set(&err, EKV_EINVAL, "%s", pr->bad)
+                               : coord_submit(coord, &pr->r, &c->stream, &err);
+    if (ok && *pr->bad)
+        metrics_count_request(coord_metrics(coord), METRICS_INVALID);
     free(pr->msgs);
+    free(pr->bias);
     if (rc) {
         rpc_finish(c, status_of(coord, rc), err.msg, NULL);
         return;
@@ -153,6 +199,7 @@ void rpc_worker_generate_on_request(rpc_call *c, grpc_byte_buffer *b)
     Entrokv__V1__GenerateRequest none = ENTROKV__V1__GENERATE_REQUEST__INIT;
     Entrokv__V1__GenerateRequest *params = m->params ? m->params : &none;
     bool ok = request_from_proto(c->srv->coord, params, &pr);
+    unknown_field(&m->base, "WorkerGenerateRequest", pr.bad, sizeof pr.bad);
     free(pr.msgs); /* messages are ignored here */
     pr.msgs = NULL;
     pr.r.messages = NULL;
@@ -187,6 +234,49 @@ void rpc_worker_stats_on_request(rpc_call *c, grpc_byte_buffer *b)
     rpc_finish(c, GRPC_STATUS_OK, "", rpc_pack(&resp.base));
 }
 
+/* The TokenLogprob messages of n entries, in one allocation that *out
+ * owns: pointers, then the messages, then their TopLogprobs (NULL with n 0
+ * or out of memory). */
+static Entrokv__V1__TokenLogprob **lp_to_proto(const ekv_logprob *lp, int32_t n, void **out)
+{
+    *out = NULL;
+    if (n <= 0)
+        return NULL;
+    size_t n_top = 0;
+    for (int32_t i = 0; i < n; i++)
+        n_top += (size_t)lp[i].n_top;
+    const size_t N = (size_t)n;
+    char *mem = malloc(N * (sizeof(void *) + sizeof(Entrokv__V1__TokenLogprob)) +
+                       n_top * (sizeof(void *) + sizeof(Entrokv__V1__TopLogprob)));
+    if (!mem)
+        return NULL;
+    Entrokv__V1__TokenLogprob **ptrs = (Entrokv__V1__TokenLogprob **)mem;
+    Entrokv__V1__TopLogprob **top_ptrs = (Entrokv__V1__TopLogprob **)(ptrs + N);
+    Entrokv__V1__TokenLogprob *msgs = (Entrokv__V1__TokenLogprob *)(top_ptrs + n_top);
+    Entrokv__V1__TopLogprob *tops = (Entrokv__V1__TopLogprob *)(msgs + N);
+    size_t t = 0;
+    for (size_t i = 0; i < N; i++) {
+        Entrokv__V1__TokenLogprob *m = &msgs[i];
+        entrokv__v1__token_logprob__init(m);
+        m->token_id = lp[i].token;
+        if (lp[i].logprob == lp[i].logprob) { /* NaN: the prompt's first token */
+            m->has_logprob_case = ENTROKV__V1__TOKEN_LOGPROB__HAS_LOGPROB_LOGPROB;
+            m->logprob = lp[i].logprob;
+        }
+        m->n_top_logprobs = (size_t)lp[i].n_top;
+        m->top_logprobs = top_ptrs + t;
+        for (int32_t j = 0; j < lp[i].n_top; j++, t++) {
+            entrokv__v1__top_logprob__init(&tops[t]);
+            tops[t].token_id = lp[i].top_ids[j];
+            tops[t].logprob = lp[i].top_logprobs[j];
+            top_ptrs[t] = &tops[t];
+        }
+        ptrs[i] = m;
+    }
+    *out = mem;
+    return ptrs;
+}
+
 static grpc_byte_buffer *response_of(const coord_chunk *ch)
 {
     Entrokv__V1__GenerateResponse resp = ENTROKV__V1__GENERATE_RESPONSE__INIT;
@@ -194,6 +284,11 @@ static grpc_byte_buffer *response_of(const coord_chunk *ch)
     resp.text = ch->text ? ch->text : (char *)"";
     resp.n_token_ids = (size_t)ch->n_ids;
     resp.token_ids = ch->ids;
+    void *mem_lp = NULL, *mem_plp = NULL;
+    if ((resp.logprobs = lp_to_proto(ch->lps, ch->n_lps, &mem_lp)))
+        resp.n_logprobs = (size_t)ch->n_lps;
+    if ((resp.prompt_logprobs = lp_to_proto(ch->prompt_lps, ch->n_prompt_lps, &mem_plp)))
+        resp.n_prompt_logprobs = (size_t)ch->n_prompt_lps;
     if (ch->done) {
         resp.finish_reason = (char *)coord_finish_reason(ch->finish);
         usage.prompt_tokens = ch->usage.prompt_tokens;
@@ -202,7 +297,10 @@ static grpc_byte_buffer *response_of(const coord_chunk *ch)
         usage.kv_bytes_full = ch->usage.kv_bytes_full;
         resp.usage = &usage;
     }
-    return rpc_pack(&resp.base);
+    grpc_byte_buffer *b = rpc_pack(&resp.base);
+    free(mem_lp);
+    free(mem_plp);
+    return b;
 }
 
 static void send_message(rpc_call *c, grpc_byte_buffer *b)

@@ -3,10 +3,14 @@
  * openai.h). Field names and shapes follow OpenAI's legacy completions and
  * chat completions APIs so the official clients work unchanged; entrokv's
  * extra fields (top_k, min_p, repeat_penalty, kv_method, kv_budget,
- * ignore_eos) sit beside them in the same body. Fields OpenAI defines that
- * entrokv does not use (frequency_penalty, user, ...) are ignored.
+ * ignore_eos) sit beside them in the same body. Nothing is ignored: each
+ * endpoint has an allow-list (FIELDS below, the table in docs/serving.md),
+ * and a field outside it, or a value entrokv cannot honour, is a 400 that
+ * names the field.
  */
 #include "openai.h"
+
+#include "coord_internal.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -93,11 +97,40 @@ static ekv_status parse_stop(oai_request *r, ekv_error *err)
     return EKV_OK;
 }
 
+/* A prompt of token ids: [1, 2, 3] (or [[1, 2, 3]] as lm-evaluation-harness
+ * sends one); the coordinator checks them against the vocabulary. */
+static ekv_status parse_prompt_ids(oai_request *r, const cJSON *v, ekv_error *err)
+{
+    const int n = cJSON_GetArraySize(v);
+    if (!(r->ids = malloc((size_t)(n > 0 ? n : 1) * sizeof *r->ids)))
+        return ekv_error_set(err, EKV_ENOMEM, "out of memory");
+    int i = 0;
+    const cJSON *t;
+    cJSON_ArrayForEach(t, v)
+    {
+        if (!cJSON_IsNumber(t) || t->valuedouble != floor(t->valuedouble) ||
+            t->valuedouble < 0 || t->valuedouble > 2147483647.0)
+            return bad_type(err, "prompt", "a string or an array of token ids");
+        r->ids[i++] = (int32_t)t->valuedouble;
+    }
+    if (n == 0)
+        return ekv_error_set(err, EKV_EINVAL, "prompt is empty");
+    r->r.prompt_ids = r->ids;
+    r->r.n_prompt_ids = (size_t)n;
+    return EKV_OK;
+}
+
 static ekv_status parse_prompt(oai_request *r, ekv_error *err)
 {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(r->json, "prompt");
-    if (v && cJSON_IsArray(v) && cJSON_GetArraySize(v) == 1)
-        v = cJSON_GetArrayItem(v, 0); /* ["text"] as clients often send it */
+    if (v && cJSON_IsArray(v) && cJSON_GetArraySize(v) == 1 &&
+        !cJSON_IsNumber(cJSON_GetArrayItem(v, 0)))
+        v = cJSON_GetArrayItem(v, 0); /* ["text"] or [[ids]] as clients often send it */
+    if (v && cJSON_IsArray(v) && cJSON_GetArraySize(v) > 0 &&
+        !cJSON_IsNumber(cJSON_GetArrayItem(v, 0)))
+        return ekv_error_set(err, EKV_EINVAL, "'prompt': only one prompt per request (n = 1)");
+    if (v && cJSON_IsArray(v))
+        return parse_prompt_ids(r, v, err);
     if (!v || cJSON_IsNull(v))
         return ekv_error_set(err, EKV_EINVAL, "prompt is empty");
     if (!cJSON_IsString(v))
@@ -171,6 +204,14 @@ static ekv_status parse_messages(oai_request *r, ekv_error *err)
         const cJSON *role = cJSON_GetObjectItemCaseSensitive(m, "role");
         if (!cJSON_IsObject(m) || !cJSON_IsString(role))
             return ekv_error_set(err, EKV_EINVAL, "messages[%zu] needs a string 'role'", i);
+        const cJSON *f;
+        cJSON_ArrayForEach(f, m)
+        {
+            if (strcmp(f->string, "role") && strcmp(f->string, "content") && !cJSON_IsNull(f))
+                return ekv_error_set(err, EKV_EINVAL,
+                                     "messages[%zu].%s is not supported (role and content are)",
+                                     i, f->string);
+        }
         r->msgs[i].role = role->valuestring;
         ekv_status rc = message_content(m, i, &r->msgs[i].content, err);
         if (rc)
@@ -190,20 +231,24 @@ static ekv_status parse_sampling(oai_request *r, ekv_error *err)
     long long k;
     bool has;
     ekv_status rc;
-    const char *max_field = r->kind == OAI_CHAT && cJSON_GetObjectItemCaseSensitive(
-                                                       o, "max_completion_tokens")
-                                ? "max_completion_tokens"
-                                : "max_tokens";
-    if ((rc = get_int(o, max_field, -2147483648.0, 2147483647.0, &k, &has, err)))
+    /* max_completion_tokens wins when set; null is not set */
+    if ((rc = get_int(o, "max_tokens", -2147483648.0, 2147483647.0, &k, &has, err)))
         return rc;
     if (has)
+        r->r.params.max_tokens = (int32_t)k;
+    if (r->kind == OAI_CHAT &&
+        (rc = get_int(o, "max_completion_tokens", -2147483648.0, 2147483647.0, &k, &has, err)))
+        return rc;
+    if (r->kind == OAI_CHAT && has)
         r->r.params.max_tokens = (int32_t)k;
     const struct {
         const char *name;
         float *dst;
     } floats[] = {{"temperature", &sp->temperature},       {"top_p", &sp->top_p},
                   {"min_p", &sp->min_p},                   {"repeat_penalty", &sp->repeat_penalty},
-                  {"repetition_penalty", &sp->repeat_penalty}};
+                  {"repetition_penalty", &sp->repeat_penalty},
+                  {"presence_penalty", &sp->presence_penalty},
+                  {"frequency_penalty", &sp->frequency_penalty}};
     for (size_t i = 0; i < sizeof floats / sizeof *floats; i++) {
         if ((rc = get_number(o, floats[i].name, &d, &has, err)))
             return rc;
@@ -224,6 +269,139 @@ static ekv_status parse_sampling(oai_request *r, ekv_error *err)
     return EKV_OK;
 }
 
+/* logit_bias: {"token id": bias in [-100, 100]}; the sampler checks the
+ * values, the engine the ids against the vocabulary. */
+static ekv_status parse_logit_bias(oai_request *r, ekv_error *err)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(r->json, "logit_bias");
+    if (!v || cJSON_IsNull(v))
+        return EKV_OK;
+    if (!cJSON_IsObject(v))
+        return bad_type(err, "logit_bias", "an object of token id strings to numbers");
+    const int n = cJSON_GetArraySize(v);
+    if (n > EKV_MAX_LOGIT_BIAS)
+        return ekv_error_set(err, EKV_EINVAL, "'logit_bias' holds at most %d entries, got %d",
+                             EKV_MAX_LOGIT_BIAS, n);
+    if (n == 0)
+        return EKV_OK;
+    if (!(r->bias = malloc((size_t)n * sizeof *r->bias)))
+        return ekv_error_set(err, EKV_ENOMEM, "out of memory");
+    int i = 0;
+    const cJSON *e;
+    cJSON_ArrayForEach(e, v)
+    {
+        char *end = NULL;
+        const long id = strtol(e->string, &end, 10);
+        if (!*e->string || *end || id < 0 || id > 2147483647L)
+            return ekv_error_set(err, EKV_EINVAL, "'logit_bias' key '%.32s' is not a token id",
+                                 e->string);
+        if (!cJSON_IsNumber(e) || !isfinite(e->valuedouble))
+            return bad_type(err, "logit_bias", "an object of token id strings to numbers");
+        r->bias[i++] = (ekv_logit_bias){(int32_t)id, (float)e->valuedouble};
+    }
+    r->r.params.sampling.logit_bias = r->bias;
+    r->r.params.sampling.n_logit_bias = (size_t)n;
+    return EKV_OK;
+}
+
+/* Completions: logprobs is the number of alternatives (0-5) and echo a
+ * boolean; chat: logprobs a boolean and top_logprobs (0-20). */
+static ekv_status parse_logprobs(oai_request *r, ekv_error *err)
+{
+    const cJSON *o = r->json;
+    long long k = 0;
+    bool has;
+    ekv_status rc;
+    if (r->kind == OAI_COMPLETIONS) {
+        if ((rc = get_int(o, "logprobs", 0, 5, &k, &has, err)) ||
+            (rc = get_bool(o, "echo", &r->echo, err)))
+            return rc;
+        r->logprobs = has;
+    } else {
+        if ((rc = get_bool(o, "logprobs", &r->logprobs, err)) ||
+            (rc = get_int(o, "top_logprobs", 0, EKV_MAX_TOP_LOGPROBS, &k, &has, err)))
+            return rc;
+        if (has && !r->logprobs)
+            return ekv_error_set(err, EKV_EINVAL, "'top_logprobs' needs 'logprobs': true");
+    }
+    r->top_logprobs = (int32_t)k;
+    gen_params *p = &r->r.params;
+    p->logprobs = r->logprobs;
+    p->top_logprobs = r->top_logprobs;
+    /* echo scores the prompt when asked for logprobs; with max_tokens 0 the
+     * prompt's prefill is all there is to run */
+    p->prompt_logprobs = r->echo && (r->logprobs || p->max_tokens == 0);
+    return EKV_OK;
+}
+
+/* The fields each endpoint takes. Those marked (value) are honoured only
+ * for some values, checked by refuse_values. */
+static const char *const COMPLETION_FIELDS[] = {
+    "model", "prompt", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options",
+    "logprobs", "echo", "stop", "presence_penalty", "frequency_penalty", "logit_bias", "user",
+    "seed", "best_of" /* (value) */, "suffix" /* (value) */,
+    "top_k", "min_p", "repeat_penalty", "repetition_penalty", "kv_method", "kv_budget",
+    "decode_method", "scope_recent", "scope_window", "spark_ratio", "spark_recovery",
+    "ignore_eos", NULL};
+static const char *const CHAT_FIELDS[] = {
+    "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n",
+    "stream", "stream_options", "logprobs", "top_logprobs", "stop", "presence_penalty",
+    "frequency_penalty", "logit_bias", "user", "seed", "response_format" /* (value) */,
+    "tools" /* (value) */, "tool_choice" /* (value) */, "parallel_tool_calls" /* (value) */,
+    "top_k", "min_p", "repeat_penalty", "repetition_penalty", "kv_method", "kv_budget",
+    "decode_method", "scope_recent", "scope_window", "spark_ratio", "spark_recovery",
+    "ignore_eos", NULL};
+
+static ekv_status check_fields(const cJSON *o, const char *const *allowed, const char *what,
+                               ekv_error *err)
+{
+    const cJSON *f;
+    cJSON_ArrayForEach(f, o)
+    {
+        size_t i = 0;
+        while (allowed[i] && strcmp(allowed[i], f->string))
+            i++;
+        if (!allowed[i])
+            return ekv_error_set(err, EKV_EINVAL, "'%.64s' is not supported by %s", f->string,
+                                 what);
+    }
+    return EKV_OK;
+}
+
+/* Fields entrokv takes only with some values (until the feature lands). */
+static ekv_status refuse_values(const cJSON *o, oai_kind kind, ekv_error *err)
+{
+    const cJSON *v;
+    if (kind == OAI_COMPLETIONS) {
+        v = cJSON_GetObjectItemCaseSensitive(o, "best_of");
+        if (v && !cJSON_IsNull(v) && !(cJSON_IsNumber(v) && v->valuedouble == 1.0))
+            return ekv_error_set(err, EKV_EINVAL, "'best_of' other than 1 is not supported");
+        v = cJSON_GetObjectItemCaseSensitive(o, "suffix");
+        if (v && !cJSON_IsNull(v) && !(cJSON_IsString(v) && !*v->valuestring))
+            return ekv_error_set(err, EKV_EINVAL, "'suffix' is not supported");
+        return EKV_OK;
+    }
+    v = cJSON_GetObjectItemCaseSensitive(o, "response_format");
+    if (v && !cJSON_IsNull(v)) {
+        const cJSON *t = cJSON_GetObjectItemCaseSensitive(v, "type");
+        if (!cJSON_IsObject(v) || cJSON_GetArraySize(v) != 1 || !cJSON_IsString(t) ||
+            strcmp(t->valuestring, "text"))
+            return ekv_error_set(err, EKV_EINVAL,
+                                 "'response_format' other than {\"type\": \"text\"} is not "
+                                 "supported yet");
+    }
+    static const char *const tool_fields[] = {"tools", "tool_choice", "parallel_tool_calls"};
+    for (size_t i = 0; i < 3; i++) {
+        v = cJSON_GetObjectItemCaseSensitive(o, tool_fields[i]);
+        const bool none = i == 1 && cJSON_IsString(v) && !strcmp(v->valuestring, "none");
+        if (v && !cJSON_IsNull(v) && !none && !(i == 0 && cJSON_IsArray(v) &&
+                                                 cJSON_GetArraySize(v) == 0))
+            return ekv_error_set(err, EKV_EINVAL, "'%s' is not supported yet (tool calls)",
+                                 tool_fields[i]);
+    }
+    return EKV_OK;
+}
+
 static ekv_status parse_options(oai_request *r, ekv_error *err)
 {
     const cJSON *o = r->json;
@@ -233,12 +411,23 @@ static ekv_status parse_options(oai_request *r, ekv_error *err)
     if ((rc = get_int(o, "n", -1e9, 1e9, &n, &has, err)))
         return rc;
     if (n != 1)
-        return ekv_error_set(err, EKV_EINVAL, "only n = 1 is supported");
+        return ekv_error_set(err, EKV_EINVAL, "'n': only n = 1 is supported");
+    const cJSON *u = cJSON_GetObjectItemCaseSensitive(o, "user");
+    if (u && !cJSON_IsNull(u) && !cJSON_IsString(u))
+        return bad_type(err, "user", "a string");
+    const cJSON *model = cJSON_GetObjectItemCaseSensitive(o, "model");
+    if (model && !cJSON_IsNull(model) && !cJSON_IsString(model))
+        return bad_type(err, "model", "a string");
     if ((rc = get_bool(o, "stream", &r->stream, err)) ||
         (rc = get_bool(o, "ignore_eos", &r->r.params.ignore_eos, err)))
         return rc;
     const cJSON *so = cJSON_GetObjectItemCaseSensitive(o, "stream_options");
-    if (cJSON_IsObject(so) && (rc = get_bool(so, "include_usage", &r->include_usage, err)))
+    if (so && !cJSON_IsNull(so) && !cJSON_IsObject(so))
+        return bad_type(err, "stream_options", "an object");
+    static const char *const so_fields[] = {"include_usage", NULL};
+    if (cJSON_IsObject(so) &&
+        ((rc = check_fields(so, so_fields, "stream_options", err)) ||
+         (rc = get_bool(so, "include_usage", &r->include_usage, err))))
         return rc;
     const cJSON *m = cJSON_GetObjectItemCaseSensitive(o, "kv_method");
     if (m && !cJSON_IsNull(m)) {
@@ -285,18 +474,29 @@ ekv_status oai_parse(ekv_coordinator *c, oai_kind kind, const char *body, size_t
     r->kind = kind;
     coord_request_init(c, &r->r);
     r->r.protocol = "http";
+    r->tok = c->tok;
     r->json = cJSON_ParseWithLength(body, len);
     if (!r->json)
         return ekv_error_set(err, EKV_EINVAL, "the body is not valid JSON");
     if (!cJSON_IsObject(r->json))
         return ekv_error_set(err, EKV_EINVAL, "the body must be a JSON object");
-    ekv_status rc = kind == OAI_CHAT ? parse_messages(r, err) : parse_prompt(r, err);
+    ekv_status rc = kind == OAI_CHAT ? check_fields(r->json, CHAT_FIELDS, "/v1/chat/completions", err)
+                                     : check_fields(r->json, COMPLETION_FIELDS, "/v1/completions",
+                                                    err);
+    if (rc == EKV_OK)
+        rc = refuse_values(r->json, kind, err);
+    if (rc == EKV_OK)
+        rc = kind == OAI_CHAT ? parse_messages(r, err) : parse_prompt(r, err);
     if (rc == EKV_OK)
         rc = parse_sampling(r, err);
     if (rc == EKV_OK)
         rc = parse_stop(r, err);
     if (rc == EKV_OK)
         rc = parse_options(r, err);
+    if (rc == EKV_OK)
+        rc = parse_logit_bias(r, err);
+    if (rc == EKV_OK)
+        rc = parse_logprobs(r, err);
     return rc;
 }
 
@@ -305,6 +505,8 @@ void oai_request_free(oai_request *r)
     cJSON_Delete(r->json);
     free(r->msgs);
     free(r->stops);
+    free(r->ids);
+    free(r->bias);
     memset(r, 0, sizeof *r);
 }
 
@@ -354,10 +556,196 @@ static void add_usage(cJSON *o, const coord_chunk *done)
     cJSON_AddNumberToObject(u, "kv_bytes_full", (double)done->usage.kv_bytes_full);
 }
 
-char *oai_response_json(const oai_meta *m, const char *text, const coord_chunk *done)
+/* ---- log-probabilities ---- */
+
+bool oai_meta_set(oai_meta *m, const oai_request *r)
 {
-    bool chat = m->kind == OAI_CHAT;
-    cJSON *o = base_object(m, chat ? "chat.completion" : "text_completion");
+    m->logprobs = r->logprobs;
+    m->top_logprobs = r->top_logprobs;
+    m->echo = r->echo;
+    m->tok = r->tok;
+    if (!r->echo)
+        return true;
+    size_t len = r->r.prompt ? r->r.prompt_len : 0;
+    for (size_t i = 0; !r->r.prompt && i < r->r.n_prompt_ids; i++) {
+        const char *piece = tok_piece(r->tok, r->r.prompt_ids[i], NULL);
+        len += piece ? strlen(piece) : 0;
+    }
+    if (!(m->echo_text = malloc(len + 1)))
+        return false;
+    if (r->r.prompt) {
+        memcpy(m->echo_text, r->r.prompt, len);
+    } else {
+        char *p = m->echo_text;
+        for (size_t i = 0; i < r->r.n_prompt_ids; i++) {
+            const char *piece = tok_piece(r->tok, r->r.prompt_ids[i], NULL);
+            const size_t n = piece ? strlen(piece) : 0;
+            memcpy(p, piece ? piece : "", n);
+            p += n;
+        }
+    }
+    m->echo_text[len] = 0;
+    return true;
+}
+
+void oai_meta_free(oai_meta *m)
+{
+    free(m->echo_text);
+    free(m->lps);
+    m->echo_text = NULL;
+    m->lps = NULL;
+    m->n_lps = m->cap_lps = 0;
+}
+
+static bool meta_append(oai_meta *m, const ekv_logprob *lp, int32_t n)
+{
+    if (n <= 0)
+        return true;
+    if (m->n_lps + n > m->cap_lps) {
+        int32_t cap = m->cap_lps ? m->cap_lps : 64;
+        while (cap < m->n_lps + n)
+            cap *= 2;
+        ekv_logprob *p = realloc(m->lps, (size_t)cap * sizeof *p);
+        if (!p)
+            return false;
+        m->lps = p;
+        m->cap_lps = cap;
+    }
+    memcpy(m->lps + m->n_lps, lp, (size_t)n * sizeof *lp);
+    m->n_lps += n;
+    return true;
+}
+
+bool oai_meta_collect(oai_meta *m, const coord_chunk *ch)
+{
+    return meta_append(m, ch->prompt_lps, ch->n_prompt_lps) && meta_append(m, ch->lps, ch->n_lps);
+}
+
+/* A token as JSON text: its bytes when they are valid UTF-8 without NUL,
+ * else "bytes:\\xNN..." as OpenAI writes part of a character. */
+static cJSON *token_string(const oai_meta *m, int32_t id)
+{
+    size_t len = 0;
+    const char *p = tok_piece(m->tok, id, &len);
+    if (!p)
+        return cJSON_CreateString("");
+    if (strlen(p) == len && coord_utf8_valid(p, len))
+        return cJSON_CreateString(p);
+    char buf[6 + 4 * 64 + 1] = "bytes:";
+    size_t o = 6;
+    for (size_t i = 0; i < len && o + 4 < sizeof buf; i++)
+        o += (size_t)snprintf(buf + o, sizeof buf - o, "\\x%02x", (unsigned char)p[i]);
+    return cJSON_CreateString(buf);
+}
+
+static cJSON *token_bytes(const oai_meta *m, int32_t id)
+{
+    size_t len = 0;
+    const char *p = tok_piece(m->tok, id, &len);
+    cJSON *a = cJSON_CreateArray();
+    for (size_t i = 0; p && i < len; i++)
+        cJSON_AddItemToArray(a, cJSON_CreateNumber((unsigned char)p[i]));
+    return a;
+}
+
+/* NaN (the prompt's first token) is null; -inf, which JSON cannot carry,
+ * is OpenAI's -9999. */
+static cJSON *lp_number(float v)
+{
+    if (isnan(v))
+        return cJSON_CreateNull();
+    return cJSON_CreateNumber(v < -9999.0f ? -9999.0 : (double)v);
+}
+
+/* The legacy completions shape: parallel arrays; top_logprobs maps token
+ * text to logprob, with the chosen token added when not among the best, as
+ * OpenAI does ("up to logprobs + 1 elements"). */
+static cJSON *completion_logprobs(oai_meta *m, const ekv_logprob *const *lists,
+                                  const int32_t *counts, int n_lists)
+{
+    cJSON *o = cJSON_CreateObject();
+    cJSON *tokens = cJSON_AddArrayToObject(o, "tokens");
+    cJSON *lps = cJSON_AddArrayToObject(o, "token_logprobs");
+    cJSON *tops = cJSON_AddArrayToObject(o, "top_logprobs");
+    cJSON *offs = cJSON_AddArrayToObject(o, "text_offset");
+    for (int l = 0; l < n_lists; l++)
+        for (int32_t i = 0; i < counts[l]; i++) {
+            const ekv_logprob *lp = &lists[l][i];
+            cJSON_AddItemToArray(tokens, token_string(m, lp->token));
+            cJSON_AddItemToArray(lps, lp_number(lp->logprob));
+            cJSON_AddItemToArray(offs, cJSON_CreateNumber((double)m->offset));
+            size_t len = 0;
+            tok_piece(m->tok, lp->token, &len);
+            m->offset += len;
+            if (isnan(lp->logprob)) {
+                cJSON_AddItemToArray(tops, cJSON_CreateNull());
+                continue;
+            }
+            cJSON *top = cJSON_CreateObject();
+            bool chosen = false;
+            for (int32_t j = 0; j < lp->n_top && j < m->top_logprobs; j++) {
+                cJSON *k = token_string(m, lp->top_ids[j]);
+                cJSON_AddItemToObject(top, k->valuestring, lp_number(lp->top_logprobs[j]));
+                cJSON_Delete(k);
+                chosen |= lp->top_ids[j] == lp->token;
+            }
+            if (!chosen) {
+                cJSON *k = token_string(m, lp->token);
+                cJSON_AddItemToObject(top, k->valuestring, lp_number(lp->logprob));
+                cJSON_Delete(k);
+            }
+            cJSON_AddItemToArray(tops, top);
+        }
+    return o;
+}
+
+/* The chat shape: {"content": [{token, logprob, bytes, top_logprobs}]}. */
+static cJSON *chat_logprobs(const oai_meta *m, const ekv_logprob *lp, int32_t n)
+{
+    cJSON *o = cJSON_CreateObject();
+    cJSON *content = cJSON_AddArrayToObject(o, "content");
+    for (int32_t i = 0; i < n; i++) {
+        cJSON *e = cJSON_CreateObject();
+        cJSON_AddItemToObject(e, "token", token_string(m, lp[i].token));
+        cJSON_AddItemToObject(e, "logprob", lp_number(lp[i].logprob));
+        cJSON_AddItemToObject(e, "bytes", token_bytes(m, lp[i].token));
+        cJSON *tops = cJSON_AddArrayToObject(e, "top_logprobs");
+        for (int32_t j = 0; j < lp[i].n_top && j < m->top_logprobs; j++) {
+            cJSON *t = cJSON_CreateObject();
+            cJSON_AddItemToObject(t, "token", token_string(m, lp[i].top_ids[j]));
+            cJSON_AddItemToObject(t, "logprob", lp_number(lp[i].top_logprobs[j]));
+            cJSON_AddItemToObject(t, "bytes", token_bytes(m, lp[i].top_ids[j]));
+            cJSON_AddItemToArray(tops, t);
+        }
+        cJSON_AddItemToArray(content, e);
+    }
+    cJSON_AddNullToObject(o, "refusal");
+    return o;
+}
+
+/* ---- responses ---- */
+
+/* text with the echoed prompt in front (NULL when out of memory). */
+static char *with_echo(const char *echo, const char *text, size_t text_len)
+{
+    const size_t a = echo ? strlen(echo) : 0;
+    char *s = malloc(a + text_len + 1);
+    if (!s)
+        return NULL;
+    if (a)
+        memcpy(s, echo, a);
+    if (text_len)
+        memcpy(s + a, text, text_len);
+    s[a + text_len] = 0;
+    return s;
+}
+
+char *oai_response_json(const oai_meta *cm, const char *text, const coord_chunk *done)
+{
+    oai_meta m = *cm; /* the text offsets count in the copy */
+    m.offset = 0;
+    bool chat = m.kind == OAI_CHAT;
+    cJSON *o = base_object(&m, chat ? "chat.completion" : "text_completion");
     cJSON *choices = cJSON_AddArrayToObject(o, "choices");
     cJSON *ch = cJSON_CreateObject();
     cJSON_AddItemToArray(choices, ch);
@@ -366,19 +754,36 @@ char *oai_response_json(const oai_meta *m, const char *text, const coord_chunk *
         cJSON *msg = cJSON_AddObjectToObject(ch, "message");
         cJSON_AddStringToObject(msg, "role", "assistant");
         cJSON_AddStringToObject(msg, "content", text ? text : "");
+        if (m.logprobs)
+            cJSON_AddItemToObject(ch, "logprobs", chat_logprobs(&m, m.lps, m.n_lps));
+        else
+            cJSON_AddNullToObject(ch, "logprobs");
     } else {
-        cJSON_AddStringToObject(ch, "text", text ? text : "");
-        cJSON_AddNullToObject(ch, "logprobs");
+        char *full = with_echo(m.echo ? m.echo_text : NULL, text, text ? strlen(text) : 0);
+        cJSON_AddStringToObject(ch, "text", full ? full : "");
+        free(full);
+        const ekv_logprob *lists[1] = {m.lps};
+        const int32_t counts[1] = {m.n_lps};
+        if (m.logprobs)
+            cJSON_AddItemToObject(ch, "logprobs", completion_logprobs(&m, lists, counts, 1));
+        else
+            cJSON_AddNullToObject(ch, "logprobs");
     }
     cJSON_AddStringToObject(ch, "finish_reason", oai_finish_reason(done->finish));
     add_usage(o, done);
     return print_and_delete(o);
 }
 
-char *oai_chunk_json(const oai_meta *m, const char *text, const coord_chunk *done,
-                     bool role_chunk)
+bool oai_chunk_wanted(const oai_meta *m, const coord_chunk *ch)
+{
+    return ch->text_len > 0 || ch->done || (m->echo && !m->echo_sent) ||
+           (m->logprobs && (ch->n_lps > 0 || (ch->n_prompt_lps > 0 && m->kind != OAI_CHAT)));
+}
+
+char *oai_chunk_json(oai_meta *m, const coord_chunk *c, bool role_chunk)
 {
     bool chat = m->kind == OAI_CHAT;
+    const char *text = c && c->text ? c->text : "";
     cJSON *o = base_object(m, chat ? "chat.completion.chunk" : "text_completion");
     cJSON *choices = cJSON_AddArrayToObject(o, "choices");
     cJSON *ch = cJSON_CreateObject();
@@ -388,14 +793,28 @@ char *oai_chunk_json(const oai_meta *m, const char *text, const coord_chunk *don
         cJSON *delta = cJSON_AddObjectToObject(ch, "delta");
         if (role_chunk)
             cJSON_AddStringToObject(delta, "role", "assistant");
-        if (role_chunk || (text && *text))
-            cJSON_AddStringToObject(delta, "content", text ? text : "");
+        if (role_chunk || *text)
+            cJSON_AddStringToObject(delta, "content", text);
+        if (m->logprobs && c && c->n_lps > 0)
+            cJSON_AddItemToObject(ch, "logprobs", chat_logprobs(m, c->lps, c->n_lps));
+        else
+            cJSON_AddNullToObject(ch, "logprobs");
     } else {
-        cJSON_AddStringToObject(ch, "text", text ? text : "");
-        cJSON_AddNullToObject(ch, "logprobs");
+        const bool echo = m->echo && !m->echo_sent;
+        m->echo_sent = true;
+        char *full = with_echo(echo ? m->echo_text : NULL, text, c ? c->text_len : 0);
+        cJSON_AddStringToObject(ch, "text", full ? full : "");
+        free(full);
+        if (m->logprobs && c && (c->n_lps > 0 || c->n_prompt_lps > 0)) {
+            const ekv_logprob *lists[2] = {c->prompt_lps, c->lps};
+            const int32_t counts[2] = {c->n_prompt_lps, c->n_lps};
+            cJSON_AddItemToObject(ch, "logprobs", completion_logprobs(m, lists, counts, 2));
+        } else {
+            cJSON_AddNullToObject(ch, "logprobs");
+        }
     }
-    if (done)
-        cJSON_AddStringToObject(ch, "finish_reason", oai_finish_reason(done->finish));
+    if (c && c->done)
+        cJSON_AddStringToObject(ch, "finish_reason", oai_finish_reason(c->finish));
     else
         cJSON_AddNullToObject(ch, "finish_reason");
     return print_and_delete(o);

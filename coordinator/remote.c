@@ -244,6 +244,22 @@ static gen_finish finish_of(const char *s)
     return GEN_FINISH_STOP;
 }
 
+/* A response's TokenLogprobs to on_logprobs, one at a time. */
+static void forward_logprobs(rcall *c, Entrokv__V1__TokenLogprob **v, size_t n, bool prompt)
+{
+    for (size_t i = 0; i < n; i++) {
+        ekv_logprob lp = {.token = v[i]->token_id, .logprob = NAN};
+        if (v[i]->has_logprob_case == ENTROKV__V1__TOKEN_LOGPROB__HAS_LOGPROB_LOGPROB)
+            lp.logprob = v[i]->logprob;
+        for (size_t j = 0; j < v[i]->n_top_logprobs && j < EKV_MAX_TOP_LOGPROBS; j++) {
+            lp.top_ids[j] = v[i]->top_logprobs[j]->token_id;
+            lp.top_logprobs[j] = v[i]->top_logprobs[j]->logprob;
+            lp.n_top++;
+        }
+        c->req.on_logprobs(c->req.ctx, &lp, 1, prompt);
+    }
+}
+
 /* One GenerateResponse: its tokens out, and the finish if it is the last. */
 static void on_message(rcall *c)
 {
@@ -254,6 +270,10 @@ static void on_message(rcall *c)
     if (!m) {
         grpc_call_cancel(c->call, NULL);
         return;
+    }
+    if (c->req.on_logprobs) {
+        forward_logprobs(c, m->prompt_logprobs, m->n_prompt_logprobs, true);
+        forward_logprobs(c, m->logprobs, m->n_logprobs, false);
     }
     if (m->n_token_ids > 0 || *m->text)
         c->req.on_tokens(c->req.ctx, m->token_ids, (int32_t)m->n_token_ids, m->text,
@@ -389,6 +409,23 @@ static grpc_byte_buffer *request_of(const engine_request *r)
     p.n_stop = r->params.n_stops;
     p.stop = (char **)r->params.stops;
     p.ignore_eos = r->params.ignore_eos;
+    p.has_presence_penalty_case = ENTROKV__V1__GENERATE_REQUEST__HAS_PRESENCE_PENALTY_PRESENCE_PENALTY;
+    p.presence_penalty = sp->presence_penalty;
+    p.has_frequency_penalty_case =
+        ENTROKV__V1__GENERATE_REQUEST__HAS_FREQUENCY_PENALTY_FREQUENCY_PENALTY;
+    p.frequency_penalty = sp->frequency_penalty;
+    p.logprobs = r->params.logprobs;
+    p.top_logprobs = r->params.top_logprobs;
+    p.prompt_logprobs = r->params.prompt_logprobs;
+    Entrokv__V1__LogitBias bias[EKV_MAX_LOGIT_BIAS], *bias_ptrs[EKV_MAX_LOGIT_BIAS];
+    for (size_t i = 0; i < sp->n_logit_bias && i < EKV_MAX_LOGIT_BIAS; i++) {
+        entrokv__v1__logit_bias__init(&bias[i]);
+        bias[i].token_id = sp->logit_bias[i].token;
+        bias[i].bias = sp->logit_bias[i].bias;
+        bias_ptrs[i] = &bias[i];
+    }
+    p.n_logit_bias = sp->n_logit_bias < EKV_MAX_LOGIT_BIAS ? sp->n_logit_bias : EKV_MAX_LOGIT_BIAS;
+    p.logit_bias = bias_ptrs;
     p.kv_method = (char *)kvc_method_name(r->kv.method);
     p.has_kv_budget_case = ENTROKV__V1__GENERATE_REQUEST__HAS_KV_BUDGET_KV_BUDGET;
     p.kv_budget = (float)r->kv.budget;

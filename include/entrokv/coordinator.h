@@ -90,6 +90,11 @@ typedef struct coord_chunk {
     int32_t n_ids;
     char *text;
     size_t text_len;
+    ekv_logprob *lps;            /* logprobs: one per id above, and with done perhaps one
+                                  * more: the end-of-generation token's (malloc'd, owned) */
+    int32_t n_lps;
+    ekv_logprob *prompt_lps;     /* echo with logprobs: the prompt's tokens, the first with */
+    int32_t n_prompt_lps;        /* logprob NaN; before any generated token's (owned) */
     bool done;                   /* the request has finished; the fields below are set */
     gen_finish finish;
     engine_usage usage;
