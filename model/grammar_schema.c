@@ -654,6 +654,15 @@ static const char *unknown_key(const cJSON *o, const char *const *known, size_t 
     return NULL;
 }
 
+/* compile_parsed for response_format: the schema's messages name where. */
+static ekv_status compile_schema_of(const cJSON *schema, ekv_grammar **out, ekv_error *err)
+{
+    ekv_error e = {0};
+    if ((*out = compile_parsed(schema, &e)))
+        return EKV_OK;
+    return ekv_error_set(err, e.code, "response_format: %s", e.msg);
+}
+
 /* response_format -> a grammar, or *out NULL for "text". */
 static ekv_status compile_response_format(const char *text, size_t len, ekv_grammar **out,
                                           ekv_error *err)
@@ -678,7 +687,7 @@ static ekv_status compile_response_format(const char *text, size_t len, ekv_gram
         else if (type->valuestring[0] == 't')
             rc = EKV_OK;
         else
-            rc = (*out = compile_parsed(NULL, err)) ? EKV_OK : err->code;
+            rc = compile_schema_of(NULL, out, err);
     } else if (strcmp(type->valuestring, "json_schema")) {
         ekv_error_set(err, rc,
                       "response_format.type must be \"text\", \"json_object\" or \"json_schema\"");
@@ -694,9 +703,7 @@ static ekv_status compile_response_format(const char *text, size_t len, ekv_gram
         else if (name && !cJSON_IsString(name))
             ekv_error_set(err, rc, "response_format.json_schema.name must be a string");
         else
-            rc = (*out = compile_parsed(cJSON_GetObjectItemCaseSensitive(js, "schema"), err))
-                     ? EKV_OK
-                     : err->code;
+            rc = compile_schema_of(cJSON_GetObjectItemCaseSensitive(js, "schema"), out, err);
     }
     cJSON_Delete(j);
     return rc;

@@ -359,6 +359,8 @@ static void test_response_format_and_cache(void)
         {"{\"type\":\"json_object\",\"extra\":1}", "response_format.extra"},
         {"{\"type\":\"json_schema\",\"json_schema\":{\"schema\":{},\"x\":1}}", "json_schema.x"},
         {"{\"type\":\"json_schema\",\"json_schema\":{\"schema\":{\"pattern\":\"a\"}}}", "'pattern'"},
+        {"{\"type\":\"json_schema\",\"json_schema\":{\"schema\":{\"pattern\":\"a\"}}}",
+         "response_format: json schema at #"},
         {"[1]", "response_format"},
         {"{", "response_format"},
     };
@@ -367,6 +369,8 @@ static void test_response_format_and_cache(void)
         memset(&err, 0, sizeof err);
         CHECK(grammar_get(bad[i].rf, strlen(bad[i].rf), &g, &err) != EKV_OK);
         CHECK(g == NULL);
+        g = (ekv_grammar *)1; /* and without an error to fill */
+        CHECK(grammar_get(bad[i].rf, strlen(bad[i].rf), &g, NULL) != EKV_OK && g == NULL);
         if (!strstr(err.msg, bad[i].needle)) {
             fprintf(stderr, "  \"%s\": message \"%s\" lacks \"%s\"\n", bad[i].rf, err.msg,
                     bad[i].needle);
