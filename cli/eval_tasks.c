@@ -94,7 +94,9 @@ int eval_build_policies(eval_opts *o, const ekv_model *m, eval_policy *pols, int
             if (extra) { /* "snapkv+scope-slide", "full+spark0.8z" */
                 char tail[24] = "";
                 if (decode.mode != KVC_DECODE_NONE)
-                    snprintf(tail, sizeof tail, "+%s", kvc_decode_name(decode.mode) + 6);
+                    snprintf(tail, sizeof tail, "+%s",
+                             kvc_decode_name(decode.mode) +
+                                 (strncmp(kvc_decode_name(decode.mode), "scope-", 6) ? 0 : 6));
                 if (spark.ratio > 0)
                     snprintf(tail + strlen(tail), sizeof tail - strlen(tail), "+spark%g%s",
                              spark.ratio, spark.recovery == KVC_SPARK_ZERO ? "z" : "");

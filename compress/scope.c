@@ -24,6 +24,10 @@
  * token (the reference's torch.topk order is unspecified). Survivors stay in
  * position order; the reference gathers them in score order, which attention
  * does not see (RoPE is applied before caching).
+ *
+ * "recent" is a baseline at the same memory as slide: the decode pool keeps
+ * only its W newest tokens (a sliding window over generated text, the
+ * prefill pool untouched), so SCOPE's selection can be compared with none.
  */
 #include "compress_internal.h"
 
@@ -35,6 +39,7 @@ static const char *const decode_names[KVC_DECODE_N_MODES] = {
     [KVC_DECODE_SLIDE] = "scope-slide",
     [KVC_DECODE_ADAPTIVE] = "scope-adaptive",
     [KVC_DECODE_DISCONTINUOUS] = "scope-discontinuous",
+    [KVC_DECODE_RECENT] = "recent",
 };
 
 const char *kvc_decode_name(kvc_decode_mode mode)
@@ -55,7 +60,7 @@ ekv_status kvc_decode_parse(const char *name, int32_t recent, int32_t window,
     if (d->mode == KVC_DECODE_N_MODES)
         return ekv_error_set(err, EKV_EINVAL,
                              "unknown decode method '%.64s' (none, scope-slide, scope-adaptive, "
-                             "scope-discontinuous)",
+                             "scope-discontinuous, recent)",
                              name);
     if (d->mode == KVC_DECODE_NONE)
         return EKV_OK;
@@ -77,7 +82,7 @@ int32_t kvc_scope_delta(const kvc_decode_policy *d, int32_t t_out)
 
 int32_t kvc_scope_budget(const kvc_decode_policy *d, int32_t delta, int32_t t)
 {
-    if (d->mode == KVC_DECODE_SLIDE)
+    if (d->mode == KVC_DECODE_SLIDE || d->mode == KVC_DECODE_RECENT)
         return d->window;
     return d->recent + t / delta;
 }
@@ -217,6 +222,10 @@ void kvc_scope_observe(kvc_scope *s, kv_seq *seq, int32_t layer, int32_t head,
     }
     for (int32_t j = 0; j < n_cand; j++) {
         float m = logits[P + j];
+        if (s->d.mode == KVC_DECODE_RECENT) { /* the baseline: the newest win */
+            s->cand[j] = (struct cand){(float)j, P + j};
+            continue;
+        }
         for (int32_t g = 1; g < n_q; g++) {
             const float v = logits[(size_t)g * n_tokens + P + j];
             m = v > m ? v : m;

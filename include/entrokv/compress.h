@@ -49,6 +49,7 @@ typedef enum kvc_decode_mode {
     KVC_DECODE_SLIDE,         /* B = window, top-k every step once full */
     KVC_DECODE_ADAPTIVE,      /* B(t) = recent + t / delta, top-k every step */
     KVC_DECODE_DISCONTINUOUS, /* B(t) as adaptive, top-k once every delta + 1 steps */
+    KVC_DECODE_RECENT,        /* baseline: B = window, the newest decode tokens only */
     KVC_DECODE_N_MODES
 } kvc_decode_mode;
 
@@ -102,7 +103,7 @@ ekv_status kvc_policy_check(const kvc_policy *p, ekv_error *err);
  * 32-query window. */
 int32_t kvc_policy_rows(const kvc_policy *p);
 
-/* "none", "scope-slide", "scope-adaptive", "scope-discontinuous"; NULL for
+/* "none", "scope-slide", "scope-adaptive", "scope-discontinuous", "recent"; NULL for
  * an out-of-range mode. */
 const char *kvc_decode_name(kvc_decode_mode mode);
 

@@ -102,7 +102,9 @@ static void ref_layer(ref_state *s, int32_t l, float logits[HKV][G][MAXN])
     const int32_t t = (int32_t)(s->layer_calls / L);
     s->layer_calls++;
     const int32_t R = s->d.recent;
-    const int32_t B = s->d.mode == KVC_DECODE_SLIDE ? s->d.window : R + t / s->delta;
+    const int32_t B = s->d.mode == KVC_DECODE_SLIDE || s->d.mode == KVC_DECODE_RECENT
+                          ? s->d.window
+                          : R + t / s->delta;
     /* every head of a layer holds the same decode count; decide on head 0 */
     const ref_head *h0 = &s->h[l][0];
     if (h0->n < h0->P + B)
@@ -134,6 +136,8 @@ static void ref_layer(ref_state *s, int32_t l, float logits[HKV][G][MAXN])
                 float sc = logits[k][0][j];
                 for (int32_t g = 1; g < G; g++)
                     sc = logits[k][g][j] > sc ? logits[k][g][j] : sc;
+                if (s->d.mode == KVC_DECODE_RECENT) /* keeps the newest */
+                    sc = (float)j;
                 if (best < 0 || sc > bs) {
                     best = j;
                     bs = sc;
@@ -293,6 +297,12 @@ static void test_discontinuous_matches_reference(void)
 /* Slide with W >= the output length never evicts (the cache equals no
  * decode compression); adaptive and discontinuous evict by design once
  * t + 1 >= R + t / delta, whatever W is. */
+static void test_recent_baseline_matches_reference(void)
+{
+    kvc_decode_policy d = {.mode = KVC_DECODE_RECENT, .recent = 4, .window = 12};
+    CHECK_EQ_INT(run_case(&d, 100, 100, P_MIXED, false), 0);
+}
+
 static void test_window_at_least_output_evicts_nothing(void)
 {
     kvc_decode_policy d = {.mode = KVC_DECODE_SLIDE, .recent = 8, .window = 120};
@@ -344,6 +354,7 @@ int main(void)
     RUN_TEST(test_slide_matches_reference);
     RUN_TEST(test_adaptive_matches_reference);
     RUN_TEST(test_discontinuous_matches_reference);
+    RUN_TEST(test_recent_baseline_matches_reference);
     RUN_TEST(test_window_at_least_output_evicts_nothing);
     RUN_TEST(test_discontinuous_period);
     return TEST_EXIT();
