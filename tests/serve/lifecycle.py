@@ -260,6 +260,24 @@ def test_env_and_config_file_set_flags_with_documented_precedence(pb, tmp_path):
         w.kill()
 
 
+def test_config_file_lists_and_fractions_reach_the_coordinator(tmp_path):
+    cfg = tmp_path / "coordinator.json"
+    cfg.write_text(json.dumps({
+        "model": MODEL, "host": "127.0.0.1", "grpc-port": 0, "http-port": 0, "ctx": 512,
+        "workers": ["127.0.0.1:1", "dns:entrokv-test.invalid:50061"], "drain-grace": 0.25,
+        "drain-timeout": 5}))
+    c = Proc("coordinator", "--config", str(cfg))
+    try:
+        c.wait_log(r"worker 127\.0\.0\.1:1 added")
+        c.wait_log(r"dns:entrokv-test\.invalid:50061 has 0 record\(s\)")
+        assert c.get("/readyz")[0] == 503
+        c.proc.send_signal(signal.SIGTERM)
+        assert c.wait_exit(20) == 0, c.stderr()[-3000:]
+        assert "new requests accepted for 0.25 s, running ones get 5 s" in c.stderr()
+    finally:
+        c.kill()
+
+
 @pytest.mark.parametrize("config,env,message", [
     ({"grpc-prot": 50051}, {}, 'unknown key "grpc-prot"'),
     ({"workers": "127.0.0.1:1"}, {}, 'unknown key "workers"'),  # a coordinator flag
@@ -321,6 +339,7 @@ def test_dns_groups_are_added_and_retired_while_requests_flow(pb, tmp_path):
     workers = [Proc("worker", "--model", MODEL, "--listen", f"127.0.0.{i}:{port}", "--threads",
                     "1", "--ctx", "512", wait_listen=False) for i in (1, 2)]
     coord = None
+    done = threading.Event()  # stops the request threads, also when the test fails
     try:
         wrap = ["unshare", "-m", "sh", "-c", f'mount --bind "{hosts}" /etc/hosts && exec "$0" "$@"']
         coord = Proc("coordinator", "--model", MODEL, "--host", "127.0.0.1", "--grpc-port", "0",
@@ -339,7 +358,7 @@ def test_dns_groups_are_added_and_retired_while_requests_flow(pb, tmp_path):
         coord.wait_log(rf"worker {re.escape(a)} healthy", 20)
         until(lambda: coord.get("/readyz")[0] == 200, 5, "readiness with group A")
 
-        failures, done = [], threading.Event()
+        failures = []
         stub = pb["entrokv_pb2_grpc"].GenerationStub(coord.channel)
         # a long stream on A (the only group now) that must survive A's removal
         long_call = stub.Generate(long_request(pb, 160), timeout=120 * SCALE)
@@ -356,7 +375,7 @@ def test_dns_groups_are_added_and_retired_while_requests_flow(pb, tmp_path):
                 except grpc.RpcError as e:
                     failures.append(f"request {i}: {e.code()} {e.details()}")
                 i += 1
-        threads = [threading.Thread(target=flow) for _ in range(2)]
+        threads = [threading.Thread(target=flow, daemon=True) for _ in range(2)]
         for t in threads:
             t.start()
         write_hosts(hosts, ["127.0.0.1", "127.0.0.2"])
@@ -387,6 +406,7 @@ def test_dns_groups_are_added_and_retired_while_requests_flow(pb, tmp_path):
             w.proc.send_signal(signal.SIGTERM)
             assert w.wait_exit(20) == 0, w.stderr()[-3000:]
     finally:
+        done.set()
         for p in [coord, *workers]:
             if p:
                 p.kill()
