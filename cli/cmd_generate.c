@@ -9,6 +9,7 @@
 
 #include "cli.h"
 #include "entrokv/generate.h"
+#include "entrokv/grammar.h"
 #include "entrokv/kvcache.h"
 #include "entrokv/model.h"
 #include "entrokv/tokenizer.h"
@@ -33,12 +34,14 @@ static void usage(FILE *out)
             "  --ctx N               context length (default: the model's)\n"
             "  --threads N           threads (default: one per core)\n"
             "  --json                print one JSON object at the end instead of streaming\n"
+            "  --response-format J   structured output: OpenAI's response_format object as JSON,\n"
+            "                        e.g. '{\"type\": \"json_object\"}' (docs/serving.md)\n"
             CLI_KV_USAGE,
             MAX_STOPS);
 }
 
 typedef struct gen_opts {
-    const char *model, *prompt, *system;
+    const char *model, *prompt, *system, *response_format;
     bool chat, special, json;
     int32_t ctx, threads;
     const char *stops[MAX_STOPS];
@@ -72,6 +75,8 @@ static int parse(int argc, char **argv, gen_opts *o)
             o->special = true;
         } else if (!strcmp(a, "--json")) {
             o->json = true;
+        } else if (!strcmp(a, "--response-format")) {
+            ok = cli_take_str(argc, argv, &i, &o->response_format);
         } else if (!strcmp(a, "--ignore-eos")) {
             o->params.ignore_eos = true;
         } else if (!strcmp(a, "--max-tokens")) {
@@ -160,6 +165,8 @@ static void print_json(const gen_result *r)
                             r->decode_s > 0 && r->n_ids > 0 ? r->n_ids / r->decode_s : 0);
     cJSON_AddNumberToObject(o, "kv_bytes_prompt", (double)r->kv_bytes_prompt);
     cJSON_AddNumberToObject(o, "kv_bytes", (double)r->kv_bytes);
+    if (r->grammar_s > 0)
+        cJSON_AddNumberToObject(o, "grammar_mask_s", r->grammar_s);
     char *s = cJSON_PrintUnformatted(o);
     if (s)
         puts(s);
@@ -181,6 +188,11 @@ int cmd_generate(int argc, char **argv)
     size_t n_ids = 0;
     gen_result res = {0};
     kvc_profile *profile = NULL;
+    if (o.response_format &&
+        grammar_get(o.response_format, strlen(o.response_format), &o.params.grammar, &err)) {
+        cli_error("generate", "--response-format: %s", err.msg);
+        return CLI_USAGE;
+    }
     ekv_model *m = model_load(o.model, &err);
     if (!m)
         goto fail;
@@ -232,5 +244,6 @@ out:
     kv_pool_destroy(kv);
     kvc_profile_free(profile);
     model_free(m);
+    grammar_release(o.params.grammar);
     return ret;
 }

@@ -611,6 +611,11 @@ ekv_status coord_submit(ekv_coordinator *c, const coord_request *r, coord_stream
     ekv_status rc = check_params(c, r, &policy, err);
     if (rc)
         return reject(c, r, rc, err);
+    coord_request with = *r; /* with its response_format compiled (once: grammar_get caches) */
+    if (r->response_format && r->response_format_len > 0 &&
+        (rc = grammar_get(r->response_format, r->response_format_len, &with.params.grammar,
+                          err)))
+        return reject(c, r, rc == EKV_ENOMEM ? rc : as_invalid(err), err);
     int32_t *ids = NULL;
     size_t n = 0;
     rc = encode(c, r, &ids, &n, err);
@@ -619,7 +624,8 @@ ekv_status coord_submit(ekv_coordinator *c, const coord_request *r, coord_stream
     if (rc == EKV_OK)
         rc = check_prompt_length(c, n, err);
     if (rc == EKV_OK)
-        rc = submit_to_group(c, r, ids, (int32_t)n, &policy, out, err);
+        rc = submit_to_group(c, &with, ids, (int32_t)n, &policy, out, err);
     free(ids);
+    grammar_release(with.params.grammar); /* the group holds its own */
     return rc ? reject(c, r, rc, err) : EKV_OK;
 }

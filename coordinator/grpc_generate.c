@@ -87,6 +87,10 @@ static bool request_from_proto(ekv_coordinator *coord, const Entrokv__V1__Genera
     r->params.stops = (const char *const *)m->stop;
     r->params.n_stops = m->n_stop;
     r->params.ignore_eos = m->ignore_eos;
+    if (m->response_format && *m->response_format) {
+        r->response_format = m->response_format;
+        r->response_format_len = strlen(m->response_format);
+    }
     r->params.logprobs = m->logprobs;
     r->params.top_logprobs = m->top_logprobs;
     r->params.prompt_logprobs = m->prompt_logprobs;

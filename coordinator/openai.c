@@ -381,22 +381,18 @@ static ekv_status refuse_values(const cJSON *o, oai_kind kind, ekv_error *err)
             return ekv_error_set(err, EKV_EINVAL, "'suffix' is not supported");
         return EKV_OK;
     }
-    v = cJSON_GetObjectItemCaseSensitive(o, "response_format");
-    if (v && !cJSON_IsNull(v)) {
-        const cJSON *t = cJSON_GetObjectItemCaseSensitive(v, "type");
-        if (!cJSON_IsObject(v) || cJSON_GetArraySize(v) != 1 || !cJSON_IsString(t) ||
-            strcmp(t->valuestring, "text"))
-            return ekv_error_set(err, EKV_EINVAL,
-                                 "'response_format' other than {\"type\": \"text\"} is not "
-                                 "supported yet");
-    }
+    /* response_format: parse_response_format, then grammar_get in the
+     * coordinator, which refuses a schema it cannot honour by name */
     static const char *const tool_fields[] = {"tools", "tool_choice", "parallel_tool_calls"};
     for (size_t i = 0; i < 3; i++) {
         v = cJSON_GetObjectItemCaseSensitive(o, tool_fields[i]);
         const bool none = i == 1 && cJSON_IsString(v) && !strcmp(v->valuestring, "none");
         if (v && !cJSON_IsNull(v) && !none && !(i == 0 && cJSON_IsArray(v) &&
                                                  cJSON_GetArraySize(v) == 0))
-            return ekv_error_set(err, EKV_EINVAL, "'%s' is not supported yet (tool calls)",
+            return ekv_error_set(err, EKV_EINVAL,
+                                 "'%s': this model's chat template does not support tools "
+                                 "(entrokv renders ChatML and Llama 3.0 templates, neither "
+                                 "with tool definitions)",
                                  tool_fields[i]);
     }
     return EKV_OK;
@@ -467,6 +463,22 @@ static ekv_status parse_options(oai_request *r, ekv_error *err)
     return EKV_OK;
 }
 
+/* response_format goes on as compact JSON text; the coordinator compiles
+ * it (grammar_get, cached by that text) and refuses what it cannot honour. */
+static ekv_status parse_response_format(oai_request *r, ekv_error *err)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(r->json, "response_format");
+    if (!v || cJSON_IsNull(v))
+        return EKV_OK;
+    if (!cJSON_IsObject(v))
+        return bad_type(err, "response_format", "an object");
+    if (!(r->response_format = cJSON_PrintUnformatted(v)))
+        return ekv_error_set(err, EKV_ENOMEM, "out of memory");
+    r->r.response_format = r->response_format;
+    r->r.response_format_len = strlen(r->response_format);
+    return EKV_OK;
+}
+
 ekv_status oai_parse(ekv_coordinator *c, oai_kind kind, const char *body, size_t len,
                      oai_request *r, ekv_error *err)
 {
@@ -494,6 +506,8 @@ ekv_status oai_parse(ekv_coordinator *c, oai_kind kind, const char *body, size_t
     if (rc == EKV_OK)
         rc = parse_options(r, err);
     if (rc == EKV_OK)
+        rc = parse_response_format(r, err);
+    if (rc == EKV_OK)
         rc = parse_logit_bias(r, err);
     if (rc == EKV_OK)
         rc = parse_logprobs(r, err);
@@ -505,6 +519,7 @@ void oai_request_free(oai_request *r)
     cJSON_Delete(r->json);
     free(r->msgs);
     free(r->stops);
+    free(r->response_format);
     free(r->ids);
     free(r->bias);
     memset(r, 0, sizeof *r);

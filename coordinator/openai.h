@@ -26,6 +26,7 @@ typedef struct oai_request {
     cJSON *json;
     tok_message *msgs;
     const char **stops;
+    char *response_format; /* response_format printed back to JSON text */
     int32_t *ids;          /* a prompt given as token ids */
     ekv_logit_bias *bias;
 } oai_request;

@@ -409,6 +409,7 @@ static grpc_byte_buffer *request_of(const engine_request *r)
     p.n_stop = r->params.n_stops;
     p.stop = (char **)r->params.stops;
     p.ignore_eos = r->params.ignore_eos;
+    p.response_format = (char *)grammar_source(r->params.grammar); /* "" for none */
     p.has_presence_penalty_case = ENTROKV__V1__GENERATE_REQUEST__HAS_PRESENCE_PENALTY_PRESENCE_PENALTY;
     p.presence_penalty = sp->presence_penalty;
     p.has_frequency_penalty_case =

@@ -93,6 +93,8 @@ static void ereq_free(ereq *q)
     kvc_scope_free(q->scope);
     sampler_free(q->sampler);
     stopper_free(q->stopper);
+    grammar_state_free(q->gs);
+    grammar_release(q->r.params.grammar);
     free(q->bias);
     free(q->tokens);
     free(q);
@@ -168,6 +170,7 @@ static ekv_status ereq_new(const ekv_engine *e, const engine_request *r, ereq **
     if (n_bias)
         memcpy(q->bias, r->params.sampling.logit_bias, n_bias * sizeof *q->bias);
     q->r = *r;
+    grammar_retain(q->r.params.grammar); /* released by ereq_free */
     q->r.params.sampling.logit_bias = q->bias;
     q->r.prompt = NULL;
     q->r.params.stops = NULL;
@@ -381,6 +384,12 @@ static void setup(ekv_engine *e, ereq *q)
     ekv_error err = {0};
     if (!q->sampler && !(q->sampler = sampler_create(&q->r.params.sampling, e->n_vocab, &err)))
         goto fail;
+    if (q->r.params.grammar && !q->gs) { /* like the sampler, kept across preemption */
+        if (!e->gvocab && !(e->gvocab = grammar_vocab_create(model_tokenizer(e->m), &err)))
+            goto fail;
+        if (!(q->gs = grammar_state_new(q->r.params.grammar, e->gvocab, &err)))
+            goto fail;
+    }
     if (!(q->seq = kv_seq_create(e->pool, c->n_layers, c->n_kv_heads, &err)))
         goto fail;
     if (!q->started) {
@@ -537,6 +546,7 @@ static ekv_status config_check(const engine_config *c, ekv_error *err)
 static void engine_free(ekv_engine *e)
 {
     engine_scratch_free(e);
+    grammar_vocab_free(e->gvocab);
     free(e->running);
     model_runtime_free(e->rt);
     kv_pool_destroy(e->pool);

@@ -46,6 +46,7 @@ struct ereq {
     int32_t preemptions;
     ekv_sampler *sampler;  /* made at first admission, kept across preemption */
     ekv_stopper *stopper;  /* owns copies of the stop strings; NULL: none */
+    grammar_state *gs;     /* structured output: where it is in the schema; NULL: none */
     tok_stream ts;
     kv_seq *seq;           /* NULL while queued */
     kvc_capture *cap;      /* until the prompt is compressed */
@@ -102,6 +103,7 @@ struct ekv_engine {
     model_probe probe;      /* hands each probed row's attention to its request's scope */
     char *piece, *safe;     /* detokenised text, and after the stop strings */
     size_t piece_cap, safe_cap;
+    ekv_grammar_vocab *gvocab; /* token bytes for grammar masks, built at the first use */
 };
 
 /* ---- engine.c (engine thread) ---- */

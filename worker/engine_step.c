@@ -300,9 +300,32 @@ static int32_t build_batch(ekv_engine *e)
 
 /* ---- after the forward ---- */
 
+/* Structured output: sets the logits of the tokens q's grammar does not
+ * allow to -inf. False (q finished) at a dead end, which a correct grammar
+ * never reaches. */
+static bool grammar_mask(ekv_engine *e, ereq *q, float *logits)
+{
+    if (grammar_mask_logits(q->gs, logits, e->n_vocab) > 0)
+        return true;
+    engine_finish(e, q, GEN_FINISH_LENGTH, EKV_EINVAL,
+                  "structured output: no token can continue the JSON");
+    return false;
+}
+
+/* Moves q's grammar over the sampled token. False (q finished) when the
+ * token was not allowed, which the mask rules out. */
+static bool grammar_take(ekv_engine *e, ereq *q, int32_t id)
+{
+    ekv_error err = {0};
+    if (grammar_accept_token(q->gs, id, &err) == EKV_OK)
+        return true;
+    engine_finish(e, q, GEN_FINISH_LENGTH, err.code, err.msg);
+    return false;
+}
+
 /* Samples q's next token from logits and applies generate.c's finish rules
  * in its order: max_tokens, end-of-generation, stop string, context. */
-static void sample_next(ekv_engine *e, ereq *q, const float *logits)
+static void sample_next(ekv_engine *e, ereq *q, float *logits)
 {
     const gen_params *p = &q->r.params;
     const ekv_tokenizer *tok = model_tokenizer(e->m);
@@ -311,6 +334,8 @@ static void sample_next(ekv_engine *e, ereq *q, const float *logits)
         engine_finish(e, q, GEN_FINISH_LENGTH, EKV_OK, "");
         return;
     }
+    if (q->gs && !grammar_mask(e, q, logits))
+        return;
     const bool want_lp = p->logprobs && q->r.on_logprobs;
     ekv_logprob lp;
     const int32_t id = sampler_next(q->sampler, logits, q->tokens, (size_t)q->n_tok,
@@ -323,6 +348,8 @@ static void sample_next(ekv_engine *e, ereq *q, const float *logits)
         engine_finish(e, q, GEN_FINISH_EOS, EKV_OK, "");
         return;
     }
+    if (q->gs && !grammar_take(e, q, id))
+        return;
     q->tokens[q->n_tok++] = id;
     q->n_gen++;
     if (want_lp)
@@ -334,6 +361,8 @@ static void sample_next(ekv_engine *e, ereq *q, const float *logits)
         engine_finish(e, q, GEN_FINISH_LENGTH, rc, err.msg);
     else if (stopped)
         engine_finish(e, q, GEN_FINISH_STOP, EKV_OK, "");
+    else if (q->gs && grammar_done(q->gs)) /* the JSON is complete: nothing may follow */
+        engine_finish(e, q, GEN_FINISH_EOS, EKV_OK, "");
     else if (q->n_gen >= p->max_tokens)
         engine_finish(e, q, GEN_FINISH_LENGTH, EKV_OK, "");
     else if (q->n_tok >= e->cfg.max_ctx)
@@ -455,7 +484,7 @@ void engine_step(ekv_engine *e)
         q->n_fed += q->rows;
         report_prompt_logprobs(e, q, e->logits + (size_t)k * e->n_vocab);
         k += q->lp_rows;
-        const float *logits = q->n_fed == q->n_tok ? e->logits + (size_t)k++ * e->n_vocab : NULL;
+        float *logits = q->n_fed == q->n_tok ? e->logits + (size_t)k++ * e->n_vocab : NULL;
         if (q->n_fed == q->n_prompt && !q->prompt_saved && e->cfg.prefix_cache) {
             const engine_prefix_cache *pc = e->cfg.prefix_cache;
             pc->save(pc->ctx, q->seq, q->tokens, q->n_prompt,

@@ -149,6 +149,8 @@ ekv_status gen_run(ekv_runtime *rt, kv_pool *kv, const int32_t *prompt, int32_t 
     out->ids = malloc(((size_t)p->max_tokens + 1) * sizeof *out->ids);
     ekv_sampler *sampler = sampler_create(&p->sampling, c->n_vocab, err);
     ekv_stopper *stopper = NULL;
+    ekv_grammar_vocab *gvocab = NULL;
+    grammar_state *gs = NULL;
     kvc_scope *scope = NULL;
     kv_seq *seq = kv_seq_create(kv, c->n_layers, c->n_kv_heads, err);
     if (!sampler || !seq) {
@@ -161,6 +163,11 @@ ekv_status gen_run(ekv_runtime *rt, kv_pool *kv, const int32_t *prompt, int32_t 
     }
     if (p->n_stops && !(stopper = stopper_create(p->stops, p->n_stops, err))) {
         rc = err ? err->code : EKV_EINVAL;
+        goto out;
+    }
+    if (p->grammar && (!(gvocab = grammar_vocab_create(tok, err)) ||
+                       !(gs = grammar_state_new(p->grammar, gvocab, err)))) {
+        rc = err ? err->code : EKV_ENOMEM;
         goto out;
     }
     memcpy(st.history, prompt, (size_t)n_prompt * sizeof *prompt);
@@ -192,12 +199,24 @@ ekv_status gen_run(ekv_runtime *rt, kv_pool *kv, const int32_t *prompt, int32_t 
             out->finish = GEN_FINISH_LENGTH;
             break;
         }
+        if (gs) {
+            const double t_mask = gen_now();
+            const int32_t n_allowed = grammar_mask_logits(gs, logits, c->n_vocab);
+            out->grammar_s += gen_now() - t_mask;
+            if (n_allowed == 0) {
+                rc = ekv_error_set(err, EKV_EINVAL,
+                                   "structured output: no token can continue the JSON");
+                goto out;
+            }
+        }
         const int32_t id = sampler_next(sampler, logits, st.history, (size_t)st.n_history,
                                         (size_t)n_prompt, 0, NULL);
         if (!p->ignore_eos && tok_is_eog(tok, id)) {
             out->finish = GEN_FINISH_EOS;
             break;
         }
+        if (gs && (rc = grammar_accept_token(gs, id, err)))
+            goto out;
         out->ids[out->n_ids++] = id;
         st.history[st.n_history++] = id;
         size_t n = tok_stream_push(&ts, tok, id, piece, sizeof piece);
@@ -205,6 +224,10 @@ ekv_status gen_run(ekv_runtime *rt, kv_pool *kv, const int32_t *prompt, int32_t 
             goto out;
         if (stopped) {
             out->finish = GEN_FINISH_STOP;
+            break;
+        }
+        if (gs && grammar_done(gs)) { /* the JSON is complete: nothing may follow */
+            out->finish = GEN_FINISH_EOS;
             break;
         }
         if (st.cancelled) {
@@ -253,6 +276,8 @@ out:
         gen_result_free(out);
     kv_seq_free(seq);
     stopper_free(stopper);
+    grammar_state_free(gs);
+    grammar_vocab_free(gvocab);
     sampler_free(sampler);
     free(st.history);
     free(logits);

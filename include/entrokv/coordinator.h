@@ -76,6 +76,8 @@ typedef struct coord_request {
     gen_params params;           /* max_tokens, sampling, stops, ignore_eos */
     const char *kv_method;       /* NULL or "" is full */
     double kv_budget;
+    const char *response_format; /* NULL, or OpenAI's response_format as JSON text: */
+    size_t response_format_len;  /* structured output (grammar.h), compiled and cached */
     const char *decode_method;   /* NULL or "" is none; else SCOPE (compress.h) */
     int32_t scope_recent, scope_window;
     double spark_ratio;          /* 0: no SparK */

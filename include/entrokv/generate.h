@@ -15,6 +15,7 @@
 #include <stdint.h>
 
 #include "entrokv/compress.h"
+#include "entrokv/grammar.h"
 #include "entrokv/kvcache.h"
 #include "entrokv/model.h"
 #include "entrokv/sampler.h"
@@ -34,6 +35,9 @@ typedef struct gen_params {
     const char *const *stops;
     size_t n_stops;
     bool ignore_eos;         /* keep going past end-of-generation tokens (benchmarks) */
+    ekv_grammar *grammar;    /* NULL, or structured output: every token masked to it
+                              * (grammar.h); the caller's reference, the engine and
+                              * gen_run hold their own while they use it */
     bool logprobs;           /* the step engine reports each sampled token's log-probability */
     int32_t top_logprobs;    /* ... with this many alternatives, [0, EKV_MAX_TOP_LOGPROBS] */
     bool prompt_logprobs;    /* ... and every prompt token's, from the same prefill (echo) */
@@ -57,6 +61,7 @@ typedef struct gen_result {
     int64_t kv_bytes;        /* KV the sequence held at the end, from the pool */
     int64_t kv_bytes_prompt; /* KV held right after the prompt (and its compression) */
     kvc_report compression;  /* zero for full KV */
+    double grammar_s;        /* of decode_s, spent computing grammar masks */
     int64_t kv_bytes_peak;   /* the most KV held after any decode step (SCOPE keeps it bounded) */
     kvc_scope_stats scope;   /* zero without decode compression */
 } gen_result;

@@ -205,8 +205,15 @@ static void test_allow_list(void)
     expect_invalid(OAI_CHAT, "{" CHAT_X ", \"store\": false}", "'store'");
     expect_invalid(OAI_CHAT, "{" CHAT_X ", \"echo\": true}", "'echo'");
     expect_invalid(OAI_COMPLETIONS, "{\"prompt\": \"x\", \"top_logprobs\": 2}", "'top_logprobs'");
-    expect_invalid(OAI_CHAT, "{" CHAT_X ", \"response_format\": {\"type\": \"json_object\"}}",
-                   "response_format");
+    expect_ok(OAI_CHAT, "{" CHAT_X ", \"response_format\": {\"type\": \"json_object\"}}");
+    CHECK(last.params.grammar != NULL); /* compiled by the coordinator */
+    expect_invalid(OAI_CHAT,
+                   "{" CHAT_X ", \"response_format\": {\"type\": \"json_schema\", \"json_schema\": "
+                   "{\"schema\": {\"type\": \"string\", \"pattern\": \"a\"}}}}",
+                   "'pattern'");
+    expect_invalid(OAI_CHAT, "{" CHAT_X ", \"response_format\": {\"type\": \"xml\"}}",
+                   "response_format.type");
+    expect_invalid(OAI_CHAT, "{" CHAT_X ", \"response_format\": \"json\"}", "response_format");
     expect_ok(OAI_CHAT, "{" CHAT_X ", \"response_format\": {\"type\": \"text\"}}");
     expect_invalid(OAI_CHAT, "{" CHAT_X ", \"tools\": [{\"type\": \"function\"}]}", "'tools'");
     expect_invalid(OAI_CHAT, "{" CHAT_X ", \"tool_choice\": \"auto\"}", "'tool_choice'");
