@@ -692,10 +692,11 @@ static void test_a_cut_off_transfer_never_touches_a_returned_buffer(void)
     cfg.op_timeout_ms = 300;
     cfg.reconnect_ms = 50;
     kvstore_client *c = kvstore_client_create(&cfg, NULL);
-    CHECK(c && kvstore_client_peer_up(c, 0));
+    kvstore_client *seed = kvt_client(d.port, TOKEN, 0); /* patient: stores the values */
+    CHECK(c && kvstore_client_peer_up(c, 0) && seed);
     enum { N = 8, SZ = 4 << 20 };
     uint8_t *v = malloc(SZ);
-    for (int round = 0; c && v && round < 3; round++) {
+    for (int round = 0; c && seed && v && round < 3; round++) {
         kvt_fill(v, SZ, round);
         double up = kvt_now() + 3; /* back from the last round's forced close */
         while (!kvstore_client_peer_up(c, 0) && kvt_now() < up)
@@ -704,7 +705,7 @@ static void test_a_cut_off_transfer_never_touches_a_returned_buffer(void)
         uint8_t *bufs[2 * N];
         for (int i = 0; i < N; i++) { /* stored first, so the gets have values */
             kvstore_key k = kvt_key(88000 + 100 * round + i);
-            CHECK_EQ_INT(kvstore_client_put(c, &k, v, SZ), KVSTORE_OK);
+            CHECK_EQ_INT(kvstore_client_put(seed, &k, v, SZ), KVSTORE_OK);
         }
         for (int i = 0; i < 2 * N; i++) {
             bufs[i] = malloc(SZ);
@@ -755,6 +756,7 @@ static void test_a_cut_off_transfer_never_touches_a_returned_buffer(void)
         CHECK(!memcmp(got, val, sizeof val));
         kvstore_client_destroy(c);
     }
+    kvstore_client_destroy(seed);
     free(v);
     CHECK_EQ_INT(kvt_daemon_stop(&d), 0); /* under ASan: nothing leaked or misused */
 }
