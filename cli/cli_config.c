@@ -216,6 +216,37 @@ static bool env_flag_name(const char *var, size_t len, char *out)
     return true;
 }
 
+static bool ends_with(const char *s, size_t n, const char *suffix)
+{
+    size_t k = strlen(suffix);
+    return n >= k && !memcmp(s + n - k, suffix, k);
+}
+
+/* Whether NAME=value (NAME without "ENTROKV_") is one of the variables
+ * Kubernetes puts into every pod for each Service of the namespace (service
+ * links): a Service called entrokv-coordinator gives
+ * ENTROKV_COORDINATOR_SERVICE_HOST, ..._SERVICE_PORT[_NAME],
+ * ..._PORT=tcp://IP:PORT and ..._PORT_<n>_TCP[_PROTO|_PORT|_ADDR]. They
+ * are not meant for us, and refusing them would stop every pod of a
+ * namespace that has such a Service. */
+static bool k8s_service_link(const char *name, size_t n, const char *value)
+{
+    char buf[FLAG_MAX * 2];
+    if (n >= sizeof buf)
+        return false;
+    memcpy(buf, name, n);
+    buf[n] = 0;
+    if (strstr(buf, "SERVICE_HOST") || strstr(buf, "SERVICE_PORT"))
+        return true;
+    if (ends_with(buf, n, "PORT") &&
+        (!strncmp(value, "tcp://", 6) || !strncmp(value, "udp://", 6) ||
+         !strncmp(value, "sctp://", 7)))
+        return true;
+    const char *p = strstr(buf, "PORT_");
+    return p && isdigit((unsigned char)p[5]) &&
+           (strstr(p, "_TCP") || strstr(p, "_UDP") || strstr(p, "_SCTP"));
+}
+
 static bool is_switch_on(const char *v)
 {
     return !strcmp(v, "1") || !strcmp(v, "true") || !strcmp(v, "yes") || !strcmp(v, "on");
@@ -231,6 +262,8 @@ static int from_env(const char *cmd, const cli_flag *flags, int argc, char **arg
         if (!eq)
             continue;
         char name[FLAG_MAX + 1];
+        if (k8s_service_link(var, (size_t)(eq - var), eq + 1))
+            continue;
         if (!env_flag_name(var, (size_t)(eq - var), name)) {
             cli_error(cmd, "environment: %.*s is not a flag name", (int)(eq - *e), *e);
             return CLI_USAGE;

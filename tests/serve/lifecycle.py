@@ -300,6 +300,27 @@ def test_bad_config_key_or_variable_exits_2_with_a_message(tmp_path, config, env
     assert message in p.stderr, p.stderr
 
 
+def test_kubernetes_service_link_variables_are_not_flags():
+    # what Kubernetes puts into every pod for a Service "entrokv-coordinator"
+    links = {"ENTROKV_COORDINATOR_SERVICE_HOST": "10.96.0.10",
+             "ENTROKV_COORDINATOR_SERVICE_PORT": "8080",
+             "ENTROKV_COORDINATOR_SERVICE_PORT_HTTP": "8080",
+             "ENTROKV_COORDINATOR_PORT": "tcp://10.96.0.10:8080",
+             "ENTROKV_COORDINATOR_PORT_8080_TCP": "tcp://10.96.0.10:8080",
+             "ENTROKV_COORDINATOR_PORT_8080_TCP_PROTO": "tcp",
+             "ENTROKV_COORDINATOR_PORT_8080_TCP_PORT": "8080",
+             "ENTROKV_COORDINATOR_PORT_8080_TCP_ADDR": "10.96.0.10"}
+    base = {k: v for k, v in os.environ.items() if not k.startswith("ENTROKV_")}
+    for cmd in ("serve", "worker", "coordinator", "kvstore"):
+        p = subprocess.run([BIN, cmd, "--help"], capture_output=True, text=True, timeout=30,
+                           env={**base, **links})
+        assert p.returncode == 0, (cmd, p.stderr)
+        # a variable that only looks like one is still refused
+        p = subprocess.run([BIN, cmd, "--help"], capture_output=True, text=True, timeout=30,
+                           env={**base, **links, "ENTROKV_COORDINATOR_PORTS": "8080"})
+        assert p.returncode == 2 and "ENTROKV_COORDINATOR_PORTS" in p.stderr, (cmd, p.stderr)
+
+
 def test_missing_config_file_exits_2():
     p = subprocess.run([BIN, "worker", "--config", "/nonexistent/entrokv.json"],
                        capture_output=True, text=True, timeout=30)
