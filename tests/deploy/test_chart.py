@@ -322,3 +322,16 @@ def test_checkov_catches_a_weakened_security_context():
         reports = checkov(d, "kubernetes")
     failed = {f["check_id"] for r in reports for f in r["results"]["failed_checks"]}
     assert {"CKV_K8S_20", "CKV_K8S_22"} <= failed, failed
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_kubernetes_waits_longer_than_the_drain(case):
+    """SIGKILL must not land before the binary's own drain timeout (counted
+    from SIGTERM) has let running streams finish or cancelled them."""
+    values = merge(helm.Chart.load(CHART).values, example_values(case))
+    for owner, tpl in pod_specs(objects(example_values(case))):
+        env = {e["name"]: e.get("value") for c in tpl["spec"]["containers"] for e in c.get("env", [])}
+        if "ENTROKV_DRAIN_TIMEOUT" not in env:
+            continue
+        assert float(env["ENTROKV_DRAIN_TIMEOUT"]) == values["serving"]["drainTimeout"], owner
+        assert tpl["spec"]["terminationGracePeriodSeconds"] >= values["serving"]["drainTimeout"] + 5, owner

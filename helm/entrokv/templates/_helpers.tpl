@@ -51,10 +51,11 @@ app.kubernetes.io/component: {{ .component }}
 {{- .Values.kvstore.token.existingSecret | default (printf "%s-kvstore-token" (include "entrokv.fullname" .)) -}}
 {{- end -}}
 
-{{/* Seconds Kubernetes waits after SIGTERM: the drain grace, the drain
-     timeout for running streams, and 10 s for the process to stop. */}}
+{{/* Seconds Kubernetes waits after SIGTERM before SIGKILL: the drain
+     timeout (counted from the signal; the grace lies inside it) and 10 s
+     for the process to stop. */}}
 {{- define "entrokv.terminationGrace" -}}
-{{ add .Values.serving.drainGrace .Values.serving.drainTimeout 10 }}
+{{ add .Values.serving.drainTimeout 10 }}
 {{- end -}}
 
 {{/* The drain settings come from the environment (docs/serving.md). */}}
