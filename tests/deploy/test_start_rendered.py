@@ -9,8 +9,9 @@ the model already in its emptyDir, as a node cache would leave it: no
 download). A prober in the node's namespace waits on the rendered probes;
 the coordinator finds the workers through the headless Service's records
 (--workers dns:...), which list only ready pods. Then chat completions go
-through the coordinator's Service name, the KV store answers /metrics, and
-SIGTERM stops every process with exit 0 within its
+through the coordinator's Service name and reach both worker groups, the
+KV store answers /metrics, SIGTERM fails the coordinator's readiness probe
+while its liveness probe still passes, and every process exits 0 within its
 terminationGracePeriodSeconds.
 
 A flag renamed in the binary, a config key or ENTROKV_* variable it does not
@@ -18,6 +19,7 @@ know, a probe path or port it does not serve: each fails this test.
 """
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -127,6 +129,15 @@ def test_start_what_cpu_small_renders():
             kvhttp = next(p["port"] for p in kvsvc["spec"]["ports"] if p["name"] == "http")
             m = client.ask(op="get", url=f"http://{kvsvc['metadata']['name']}:{kvhttp}/metrics")
             assert m["status"] == 200 and "entrokv_kvstore_capacity_bytes" in m["body"], m
+
+            # SIGTERM to the coordinator: its rendered readiness probe fails
+            # at once (traffic leaves) while liveness still passes (no restart)
+            cpod = next(p for p in cluster.pods if "-coordinator-" in p.name)
+            cpod.procs["coordinator"].send_signal(signal.SIGTERM)
+            probes = [p for p in cluster.probe_spec() if p["pod"] == cpod.name and p["kind"] != "startupProbe"]
+            res = dict(zip((p["kind"] for p in probes), client.ask(op="probe", probes=probes)["results"]))
+            assert res["readinessProbe"] is not True and res["livenessProbe"] is True, res
+            cpod.procs["coordinator"].wait(grace)  # drains on its own (a second signal would cut it short)
 
             codes = cluster.stop(timeout=grace)
             assert set(codes.values()) == {0}, f"{codes}\n{cluster.all_logs()}"
