@@ -165,6 +165,12 @@ static void print_json(const gen_result *r)
                             r->decode_s > 0 && r->n_ids > 0 ? r->n_ids / r->decode_s : 0);
     cJSON_AddNumberToObject(o, "kv_bytes_prompt", (double)r->kv_bytes_prompt);
     cJSON_AddNumberToObject(o, "kv_bytes", (double)r->kv_bytes);
+    cJSON_AddNumberToObject(o, "kv_bytes_peak", (double)r->kv_bytes_peak);
+    if (r->scope.delta) { /* SCOPE ran */
+        cJSON_AddNumberToObject(o, "scope_evicted", (double)r->scope.evicted);
+        cJSON_AddNumberToObject(o, "scope_decode_held", r->scope.decode_held);
+        cJSON_AddNumberToObject(o, "scope_decode_peak", r->scope.decode_peak);
+    }
     if (r->grammar_s > 0)
         cJSON_AddNumberToObject(o, "grammar_mask_s", r->grammar_s);
     char *s = cJSON_PrintUnformatted(o);
