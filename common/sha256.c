@@ -2,9 +2,9 @@
  * sha256.c - SHA-256 after FIPS 180-4, section 6.2.
  *
  * Where the CPU has the SHA extensions (x86 SHA-NI), whole blocks go
- * through them: the KV store MACs every value it writes and reads
- * (docs/kvstore.md), and the portable rounds run at about a sixth of
- * their speed.
+ * through them, at about six times the portable rounds' speed: model files
+ * are hashed whole (fetch-model), and the KV store runs an HMAC or two per
+ * key and per value (docs/kvstore.md).
  */
 #include "entrokv/sha256.h"
 

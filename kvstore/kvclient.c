@@ -31,10 +31,12 @@
 void kvc_mac(const kvstore_client *c, const kvc_item *it, const void *buf, size_t len,
              uint8_t mac[KVSTORE_MAC_BYTES])
 {
-    ekv_hmac h;
-    kvns_mac_init(&h, c->ns_key, c->ns_key_len, c->ns, &it->key, len);
-    hmac_sha256_update(&h, buf, len);
-    hmac_sha256_final(&h, mac);
+    kvpoly p;
+    uint8_t poly[16];
+    kvpoly_init(&p, &c->poly_key);
+    kvpoly_update(&p, buf, len);
+    kvpoly_final(&p, poly);
+    kvns_mac_finish(c->ns_key, c->ns_key_len, c->ns, &it->key, len, poly, mac);
 }
 
 /* A host-tier get: the value counts only if its MAC verifies; one that
@@ -330,6 +332,7 @@ static ekv_status copy_config(kvstore_client *c, const kvstore_client_config *cf
         memcpy(c->ns_key, key, c->ns_key_len);
     else if (kvx_nonce(c->ns_key, err) != EKV_OK)
         return err ? err->code : EKV_EIO;
+    kvns_poly_key(c->ns_key, c->ns_key_len, c->ns, &c->poly_key);
     return EKV_OK;
 }
 
@@ -390,6 +393,7 @@ void kvstore_client_destroy(kvstore_client *c)
     if (c->ns_key)
         memset(c->ns_key, 0, c->ns_key_len);
     free(c->ns_key);
+    memset(&c->poly_key, 0, sizeof c->poly_key);
     free(c);
 }
 

@@ -14,6 +14,7 @@
 
 #include "entrokv/hmac.h"
 #include "entrokv/kvstore.h"
+#include "kvpoly.h"
 #include "kvucx.h"
 
 typedef struct kvc_item {
@@ -70,8 +71,9 @@ typedef struct kvc_slot {
     bool mac_only;   /* hashing: the checksum is known (a direct get), only the MAC is left */
     int hash_next;   /* the next slot on it, -1 at its end */
     kvstore_sum sum; /* how far the checksum got */
-    ekv_hmac mac;    /* the value's MAC, as far as mac_done */
+    kvpoly poly;     /* the value's MAC: its polynomial hash, as far as mac_done */
     size_t mac_done;
+    size_t mac_len;  /* the value's length, which the MAC covers */
     kvstore_result result;
     uint64_t checksum;     /* the value's, as the daemon sent it */
     uint64_t checksum_got; /* mac_only: what the copy hashed to */
@@ -87,6 +89,7 @@ struct kvstore_client {
     uint8_t *ns_key; /* the namespace's secret (cfg.ns_key, the token, or random) */
     size_t ns_key_len;
     char ns[256];
+    kvpoly_key poly_key; /* the MAC's polynomial hash key (kvns_poly_key) */
     char **peer_names;
     kvstore_local *local;
     kvstore_metrics m;
@@ -124,10 +127,12 @@ void kvc_item_finish(kvstore_client *c, kvc_item *it, kvstore_result r, kvstore_
                      size_t value_len);
 void kvc_log(kvstore_client *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
-/* kvns.c: an HMAC over "ekv-val1" || ns || stored_key || len, ready for the
- * value's bytes (kvstore_value_mac a piece at a time). */
-void kvns_mac_init(ekv_hmac *h, const uint8_t *ns_key, size_t ns_key_len, const char *ns,
-                   const kvstore_key *stored_key, uint64_t len);
+/* kvns.c: kvstore_value_mac a piece at a time: the namespace's polynomial
+ * hash key; the MAC from the value's polynomial hash (kvpoly_final). */
+void kvns_poly_key(const uint8_t *ns_key, size_t ns_key_len, const char *ns, kvpoly_key *out);
+void kvns_mac_finish(const uint8_t *ns_key, size_t ns_key_len, const char *ns,
+                     const kvstore_key *stored_key, uint64_t len, const uint8_t poly[16],
+                     uint8_t mac[KVSTORE_MAC_BYTES]);
 /* kvclient.c: the MAC of it->op's value (len bytes of buf), stored under it->key. */
 void kvc_mac(const kvstore_client *c, const kvc_item *it, const void *buf, size_t len,
              uint8_t mac[KVSTORE_MAC_BYTES]);

@@ -270,8 +270,17 @@ static void on_auth_ok(kvstore_client *c, int pi, const uint8_t *proof)
 /* Starts the value's MAC (under the op's namespaced key, for len bytes). */
 static void mac_start(kvstore_client *c, kvc_slot *s, size_t len)
 {
-    kvns_mac_init(&s->mac, c->ns_key, c->ns_key_len, c->ns, &s->it->key, len);
+    kvpoly_init(&s->poly, &c->poly_key);
+    s->mac_len = len;
     s->mac_done = 0;
+}
+
+/* The value's MAC, once all of it went through s->poly. */
+static void mac_finish(kvstore_client *c, kvc_slot *s, uint8_t mac[KVSTORE_MAC_BYTES])
+{
+    uint8_t poly[16];
+    kvpoly_final(&s->poly, poly);
+    kvns_mac_finish(c->ns_key, c->ns_key_len, c->ns, &s->it->key, s->mac_len, poly, mac);
 }
 
 static void hash_enqueue(kvstore_client *c, kvc_slot *s, size_t len, bool mac_only)
@@ -301,13 +310,13 @@ static void drop_remote(kvstore_client *c, kvc_slot *s)
 }
 
 /* A get's value has landed in the caller's buffer: good if it hashes to
- * the checksum that came with it and its MAC (s->mac, finished here) is
- * the one the writer made: a value written without our namespace key is a
- * miss, as is a spoilt one. */
+ * the checksum that came with it and its MAC (finished here) is the one the
+ * writer made: a value written without our namespace key is a miss, as is
+ * a spoilt one. */
 static void get_checked(kvstore_client *c, kvc_slot *s, uint64_t sum)
 {
     uint8_t mac[KVSTORE_MAC_BYTES];
-    hmac_sha256_final(&s->mac, mac);
+    mac_finish(c, s, mac);
     if (sum != s->checksum) {
         add(&c->m.checksum_failures, 1);
     } else if (!hmac_equal(mac, s->want_mac, sizeof mac)) {
@@ -332,7 +341,7 @@ static void verify_get(kvstore_client *c, kvc_slot *s, bool have_sum, uint64_t s
         return;
     }
     mac_start(c, s, s->value_len);
-    hmac_sha256_update(&s->mac, v, s->value_len);
+    kvpoly_update(&s->poly, v, s->value_len);
     get_checked(c, s, have_sum ? sum : kvstore_checksum(v, s->value_len));
 }
 
@@ -352,7 +361,7 @@ static bool value_step(kvc_slot *s, const uint8_t *v, size_t len, uint64_t *sum)
         done = kvstore_sum_step(&s->sum, v, len, HASH_STEP, sum);
         to = done ? len : s->sum.done;
     }
-    hmac_sha256_update(&s->mac, v + s->mac_done, to - s->mac_done);
+    kvpoly_update(&s->poly, v + s->mac_done, to - s->mac_done);
     s->mac_done = to;
     return done;
 }
@@ -607,7 +616,7 @@ bool kvr_issue(kvstore_client *c, kvc_item *it)
         hash_enqueue(c, s, op->len, false); /* sent once hashed (hash_step) */
     } else if (put) {
         mac_start(c, s, op->len);
-        hmac_sha256_update(&s->mac, op->buf, op->len);
+        kvpoly_update(&s->poly, op->buf, op->len);
         send_request(c, s, kvstore_checksum(op->buf, op->len));
     } else {
         send_request(c, s, 0);
@@ -616,7 +625,7 @@ bool kvr_issue(kvstore_client *c, kvc_item *it)
 }
 
 /* The op's request over UCX; a put's value with it, under its checksum
- * and its MAC (s->mac, finished here). */
+ * and its MAC (finished here). */
 static void send_request(kvstore_client *c, kvc_slot *s, uint64_t checksum)
 {
     kvstore_op *op = s->it->op;
@@ -629,7 +638,7 @@ static void send_request(kvstore_client *c, kvc_slot *s, uint64_t checksum)
                     .checksum = checksum};
     memcpy(h.key, s->it->key.b, KVWIRE_KEY_BYTES);
     if (put)
-        hmac_sha256_final(&s->mac, h.mac);
+        mac_finish(c, s, h.mac);
     kvwire_encode(&h, s->hdr);
     ucs_status_ptr_t r = kvx_send(c->peers[s->peer].ep, s->hdr, put ? op->buf : NULL,
                                   put ? op->len : 0, on_sent, s);

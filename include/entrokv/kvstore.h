@@ -103,9 +103,12 @@ bool kvstore_sum_step(kvstore_sum *s, const void *value, size_t len, size_t budg
 /* HMAC-SHA256(ns_key, "ekv-ns1" || u32 len(ns) || ns || key), 32 bytes. */
 void kvstore_ns_key(const uint8_t *ns_key, size_t ns_key_len, const char *ns,
                     const kvstore_key *key, kvstore_key *out);
-/* HMAC-SHA256(ns_key, "ekv-val1" || u32 len(ns) || ns || stored_key ||
- * u64 len || value): the MAC of a value stored under stored_key (the
- * namespaced key). All integers little-endian. */
+/* The MAC of a value stored under stored_key (the namespaced key):
+ *   K   = the first 16 bytes of HMAC-SHA256(ns_key, "ekv-poly1" || u32 len(ns) || ns)
+ *   P   = the polynomial hash of the value under K (kvstore/kvpoly.h: GF(2^128))
+ *   MAC = HMAC-SHA256(ns_key, "ekv-val2" || u32 len(ns) || ns || stored_key
+ *                     || u64 len || P)
+ * All integers little-endian. */
 void kvstore_value_mac(const uint8_t *ns_key, size_t ns_key_len, const char *ns,
                        const kvstore_key *stored_key, const void *value, size_t len,
                        uint8_t mac[KVSTORE_MAC_BYTES]);

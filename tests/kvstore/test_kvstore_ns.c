@@ -28,6 +28,7 @@
 
 #include "ekv_test.h"
 #include "entrokv/hmac.h"
+#include "kvpoly.h"
 #include "kvtest.h"
 #include "kvucx.h"
 
@@ -350,9 +351,37 @@ static void test_a_client_cannot_write_the_daemons_region(void)
     CHECK_EQ_INT(kvt_daemon_stop(&d), 0);
 }
 
+/* GF(2^128) modulo x^128 + x^7 + x^2 + x + 1, bit i of the little-endian
+ * 128-bit number the coefficient of x^i: shift and add, written from the
+ * definition, independently of kvstore/kvpoly.c. */
+static void gf128_mul(uint64_t r[2], const uint64_t a[2], const uint64_t b[2])
+{
+    uint64_t z[2] = {0, 0}, v[2] = {a[0], a[1]};
+    for (int i = 0; i < 128; i++) {
+        if ((b[i / 64] >> (i % 64)) & 1)
+            z[0] ^= v[0], z[1] ^= v[1];
+        bool top = v[1] >> 63;
+        v[1] = v[1] << 1 | v[0] >> 63;
+        v[0] <<= 1;
+        if (top)
+            v[0] ^= 0x87;
+    }
+    r[0] = z[0], r[1] = z[1];
+}
+
+static void le_halves(const uint8_t b[16], uint64_t out[2])
+{
+    out[0] = out[1] = 0;
+    for (int i = 7; i >= 0; i--) {
+        out[0] = out[0] << 8 | b[i];
+        out[1] = out[1] << 8 | b[8 + i];
+    }
+}
+
 /* The namespaced key and the MAC are what docs/kvstore.md says, byte for
  * byte (HMAC-SHA256 over the documented encoding, computed here from the
- * RFC-tested HMAC), and they depend on every input. */
+ * RFC-tested HMAC and the field multiply above), and they depend on every
+ * input. */
 static void test_derivations_follow_the_spec(void)
 {
     const char *key = KEY_A, *ns = "tenant";
@@ -373,13 +402,34 @@ static void test_derivations_follow_the_spec(void)
     uint8_t value[100], mac[32], wmac[32];
     kvt_fill(value, sizeof value, 9);
     kvstore_value_mac((const uint8_t *)key, strlen(key), ns, &sk, value, sizeof value, mac);
-    uint8_t m2[8 + 4 + 6 + 32 + 8 + sizeof value] = {0};
-    memcpy(m2, "ekv-val1", 8);
+    /* K: the first 16 bytes of HMAC(key, "ekv-poly1" || 6 || "tenant") */
+    uint8_t m1[9 + 4 + 6] = {0}, kfull[32];
+    memcpy(m1, "ekv-poly1", 9);
+    m1[9] = 6;
+    memcpy(m1 + 13, ns, 6);
+    hmac_sha256(key, strlen(key), m1, sizeof m1, kfull);
+    uint64_t pk[2];
+    le_halves(kfull, pk);
+    /* P: the value's 16-byte blocks (the last zero-padded), Horner at K */
+    uint64_t x[2] = {0, 0};
+    for (size_t i = 0; i < sizeof value; i += 16) {
+        uint8_t b[16] = {0};
+        memcpy(b, value + i, sizeof value - i < 16 ? sizeof value - i : 16);
+        uint64_t bb[2];
+        le_halves(b, bb);
+        bb[0] ^= x[0], bb[1] ^= x[1];
+        gf128_mul(x, bb, pk);
+    }
+    uint8_t m2[8 + 4 + 6 + 32 + 8 + 16] = {0};
+    memcpy(m2, "ekv-val2", 8);
     m2[8] = 6;
     memcpy(m2 + 12, ns, 6);
     memcpy(m2 + 18, sk.b, 32);
     m2[50] = sizeof value;
-    memcpy(m2 + 58, value, sizeof value);
+    for (int i = 0; i < 8; i++) {
+        m2[58 + i] = (uint8_t)(x[0] >> (8 * i));
+        m2[66 + i] = (uint8_t)(x[1] >> (8 * i));
+    }
     hmac_sha256(key, strlen(key), m2, sizeof m2, wmac);
     CHECK(!memcmp(mac, wmac, 32));
     value[99] ^= 1;
@@ -387,11 +437,63 @@ static void test_derivations_follow_the_spec(void)
     CHECK(memcmp(mac, wmac, 32) != 0);
 }
 
+/* The polynomial hash (PCLMULQDQ, four blocks per reduction) against the
+ * bit-serial field multiply above, at every length up to 300 bytes and a
+ * few large ones, fed in random pieces; and the field itself: x * x^127 is
+ * x^7 + x^2 + x + 1. */
+static void test_the_polynomial_hash_is_the_fields(void)
+{
+    uint64_t xa[2] = {2, 0}, x127[2] = {0, 1ull << 63}, r[2];
+    gf128_mul(r, xa, x127);
+    CHECK(r[0] == 0x87 && r[1] == 0);
+    enum { MAX = 1 << 17 };
+    uint8_t *m = malloc(MAX);
+    kvt_fill(m, MAX, 11);
+    unsigned seed = 5;
+    int bad = 0;
+    for (size_t len = 0; len < 300 + 4 && m; len++) {
+        size_t n = len < 300 ? len : (size_t)MAX - (len - 300) * 7;
+        uint8_t key[16], got[16];
+        for (int i = 0; i < 16; i++)
+            key[i] = (uint8_t)rand_r(&seed);
+        kvpoly_key pk;
+        kvpoly_key_init(&pk, key);
+        kvpoly p;
+        kvpoly_init(&p, &pk);
+        for (size_t off = 0; off < n;) {
+            size_t step = (size_t)rand_r(&seed) % 200;
+            step = step > n - off ? n - off : step;
+            kvpoly_update(&p, m + off, step);
+            off += step;
+        }
+        kvpoly_final(&p, got);
+        uint64_t k[2], x[2] = {0, 0};
+        le_halves(key, k);
+        for (size_t i = 0; i < n; i += 16) {
+            uint8_t b[16] = {0};
+            memcpy(b, m + i, n - i < 16 ? n - i : 16);
+            uint64_t bb[2];
+            le_halves(b, bb);
+            bb[0] ^= x[0], bb[1] ^= x[1];
+            gf128_mul(x, bb, k);
+        }
+        uint8_t want[16];
+        for (int i = 0; i < 8; i++) {
+            want[i] = (uint8_t)(x[0] >> (8 * i));
+            want[8 + i] = (uint8_t)(x[1] >> (8 * i));
+        }
+        bad += memcmp(got, want, 16) != 0;
+    }
+    CHECK_EQ_INT(bad, 0);
+    free(m);
+}
+
 int main(int argc, char **argv)
 {
     int rc = kvt_setup(argc, argv, &g_bin, g_dir, "/tmp/ekv-ns-XXXXXX", g_token_file, TOKEN);
     if (rc)
         return rc;
+    RUN_TEST(test_the_polynomial_hash_is_the_fields);
     RUN_TEST(test_derivations_follow_the_spec);
     RUN_TEST(test_a_client_without_the_namespace_key_misses_its_values);
     RUN_TEST(test_a_value_without_the_right_mac_is_refused_by_every_reader);
