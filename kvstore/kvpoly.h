@@ -9,8 +9,9 @@
  * x^128 + x^7 + x^2 + x + 1 (GCM's field, without GCM's bit reflection).
  * Two different values of n blocks collide for at most n of the 2^128 keys,
  * so with k secret, and the hash itself never revealed (the MAC is an HMAC
- * over it), a forger's chance per try is n / 2^128. With PCLMULQDQ four
- * blocks share one reduction; elsewhere a bit-serial multiply does.
+ * over it), a forger's chance per try is n / 2^128. With VPCLMULQDQ
+ * (AVX-512) sixteen blocks share one reduction, with PCLMULQDQ four;
+ * elsewhere a bit-serial multiply does.
  */
 #ifndef ENTROKV_KVPOLY_H
 #define ENTROKV_KVPOLY_H
@@ -20,6 +21,7 @@
 
 typedef struct kvpoly_key {
     uint64_t pow[4][2]; /* k^1 .. k^4 as (low, high) 64-bit halves */
+    uint64_t rev[16][2]; /* k^16 .. k^1: the factors of 16 blocks, in block order */
 } kvpoly_key;
 
 typedef struct kvpoly {
