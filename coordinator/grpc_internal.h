@@ -61,6 +61,7 @@ struct rpc_call {
     int cancelled;             /* set by RECV_CLOSE_ON_SERVER */
     int pending;               /* batches in flight, wakes excluded */
     bool md_sent, send_busy, status_started, closed, watch_end;
+    bool drain_abort;          /* past the drain timeout: end with UNAVAILABLE */
     coord_stream *stream;
     rpc_call *prev, *next;     /* the server's list of accepted calls */
 };
@@ -72,7 +73,8 @@ struct ekv_grpc {
     pthread_t thread;
     int port;
     atomic_bool drain_req, cancel_req;
-    bool shutdown_started, shutdown_done, cancelled_all;
+    bool shutdown_started, shutdown_done, cancelled_all, cancelled_rest;
+    gpr_timespec cancel_all_at;  /* cancelled_all: when to cancel what is left */
     rpc_call *live;
     int n_accepting;
     rpc_tag t_shutdown;

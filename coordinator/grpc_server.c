@@ -219,6 +219,8 @@ static void on_accept(ekv_grpc *s, rpc_call *c)
     rpc_start(c, &recv, 1, &c->t_recv);
 }
 
+#define DRAIN_ABORT_MSG "the server is shutting down: the drain timeout cut this request short"
+
 /* ---- grpc.health.v1.Health ---- */
 
 static bool known_service(const char *name)
@@ -312,7 +314,9 @@ static void on_send(rpc_call *c, bool ok)
     c->send_buf = NULL;
     if (!ok)
         return; /* the call is going away; OP_CLOSE follows */
-    if (c->method == M_GENERATE || c->method == M_WORKER_GENERATE)
+    if (c->drain_abort)
+        rpc_finish(c, GRPC_STATUS_UNAVAILABLE, DRAIN_ABORT_MSG, NULL);
+    else if (c->method == M_GENERATE || c->method == M_WORKER_GENERATE)
         rpc_generate_pump(c);
     else if (c->watch_end)
         watch_end(c);
@@ -379,6 +383,22 @@ static void check_requests(ekv_grpc *s)
     }
     if (s->shutdown_started && !s->cancelled_all && atomic_load(&s->cancel_req)) {
         s->cancelled_all = true;
+        s->cancel_all_at = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
+                                        gpr_time_from_millis(500, GPR_TIMESPAN));
+        /* each call ends with a status that says why (now, or when its send
+         * in flight completes); the C core's own "Cancelling all calls"
+         * follows only for what is left after 0.5 s */
+        for (rpc_call *c = s->live; c; c = c->next) {
+            c->drain_abort = true;
+            if (c->stream)
+                coord_stream_cancel(c->stream);
+            if (!c->send_busy)
+                rpc_finish(c, GRPC_STATUS_UNAVAILABLE, DRAIN_ABORT_MSG, NULL);
+        }
+    }
+    if (s->cancelled_all && !s->cancelled_rest &&
+        gpr_time_cmp(gpr_now(GPR_CLOCK_MONOTONIC), s->cancel_all_at) >= 0) {
+        s->cancelled_rest = true;
         grpc_server_cancel_all_calls(s->server);
     }
 }
