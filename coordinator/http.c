@@ -293,7 +293,7 @@ static enum MHD_Result reply_whole(ekv_http *h, struct MHD_Connection *conn, coo
     oai_meta meta = {0};
     meta_init(&meta, h->coord, req->kind, s);
     bool ok = oai_meta_set(&meta, req);
-    while (ok && !c.done.done) {
+    while (ok && !c.done.done && !atomic_load(&h->aborting)) {
         if (!coord_stream_wait(s, SOCKET_POLL_S)) {
             if (client_gone(fd) || atomic_load(&h->stopping))
                 ok = false;
@@ -306,7 +306,9 @@ static enum MHD_Result reply_whole(ekv_http *h, struct MHD_Connection *conn, coo
     }
     coord_stream_release(s); /* cancels the request if the client went away */
     enum MHD_Result ret = MHD_NO;
-    if (ok && c.done.rc != EKV_OK)
+    if (ok && !c.done.done) /* past the drain timeout */
+        ret = reply_error(h, conn, 503, HTTP_ABORT_MSG);
+    else if (ok && c.done.rc != EKV_OK)
         ret = reply_error(h, conn, http_code_of(h->coord, c.done.rc), c.done.msg);
     else if (ok)
         ret = reply_json(conn, 200, oai_response_json(&meta, c.text, &c.done));

@@ -33,9 +33,9 @@ int ekv_http_port(const ekv_http *h);
  * answer; /readyz says "draining"); requests in progress (streams
  * included) go on. */
 void ekv_http_drain(ekv_http *h);
-/* After drain, past the drain timeout: SSE streams still running end now
- * with an error event and [DONE] (their requests are cancelled); whole
- * completions are cut by ekv_http_stop. Returns at once. */
+/* After drain, past the drain timeout: requests still running end now, SSE
+ * streams with an error event and [DONE], whole completions with a 503;
+ * their requests are cancelled. Returns at once (see ekv_http_active). */
 void ekv_http_abort(ekv_http *h);
 /* Requests in progress (bodies being read, responses being written). */
 int ekv_http_active(const ekv_http *h);

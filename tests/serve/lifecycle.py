@@ -183,9 +183,14 @@ def test_streams_past_the_drain_timeout_are_cancelled_with_a_clear_status(pb):
                     conn_ready.set()
                     if line.startswith(b"data: "):
                         sse.append(line[6:].strip())
+        whole = []
         t = threading.Thread(target=read_sse)
         t.start()
+        t2 = threading.Thread(target=lambda: whole.append(s.post(
+            "/v1/completions", {"prompt": "Count:", "max_tokens": 1800, "ignore_eos": True})))
+        t2.start()
         assert conn_ready.wait(30 * SCALE)
+        until(lambda: s.stderr().count(" accepted ") >= 3, 10, "three requests running")
         t0 = time.time()
         s.proc.send_signal(signal.SIGTERM)
         with pytest.raises(grpc.RpcError) as ei:
@@ -197,6 +202,9 @@ def test_streams_past_the_drain_timeout_are_cancelled_with_a_clear_status(pb):
         assert sse[-1] == b"[DONE]", sse[-3:]
         err = json.loads(sse[-2])["error"]
         assert "drain timeout" in err["message"] and err["type"] == "service_unavailable", err
+        t2.join(30 * SCALE)
+        code, text = whole[0]
+        assert code == 503 and "drain timeout" in text, (code, text)
         assert s.wait_exit(15) == 0, s.stderr()[-3000:]
         assert time.time() - t0 < 1.5 + 5 * SCALE, "the drain took too long"
         assert "drain timeout (1.5 s): cancelling" in s.stderr()
