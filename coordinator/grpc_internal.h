@@ -62,6 +62,8 @@ struct rpc_call {
     int pending;               /* batches in flight, wakes excluded */
     bool md_sent, send_busy, status_started, closed, watch_end;
     bool drain_abort;          /* past the drain timeout: end with UNAVAILABLE */
+    bool watch_known;          /* Health/Watch: the service is one of ours */
+    int watch_sent;            /* Health/Watch: the last status sent */
     coord_stream *stream;
     rpc_call *prev, *next;     /* the server's list of accepted calls */
 };

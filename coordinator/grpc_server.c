@@ -236,6 +236,33 @@ static grpc_byte_buffer *health_message(Grpc__Health__V1__HealthCheckResponse__S
     return rpc_pack(&resp.base);
 }
 
+/* Every service this process serves follows readiness: not draining and
+ * (the front) a healthy worker group. */
+static Grpc__Health__V1__HealthCheckResponse__ServingStatus serving_status(ekv_grpc *s)
+{
+    return !atomic_load(&s->drain_req) && coord_ready(s->coord, NULL, 0)
+               ? GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING
+               : GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__NOT_SERVING;
+}
+
+/* Sends a Watch stream its next status (no send may be in flight). */
+static void watch_send(rpc_call *c, Grpc__Health__V1__HealthCheckResponse__ServingStatus st)
+{
+    grpc_op ops[2];
+    memset(ops, 0, sizeof ops);
+    size_t n = 0;
+    if (!c->md_sent) {
+        ops[n++].op = GRPC_OP_SEND_INITIAL_METADATA;
+        c->md_sent = true;
+    }
+    c->send_buf = health_message(st);
+    ops[n].op = GRPC_OP_SEND_MESSAGE;
+    ops[n++].data.send_message.send_message = c->send_buf;
+    c->watch_sent = (int)st;
+    if (rpc_start(c, ops, n, &c->t_send))
+        c->send_busy = true;
+}
+
 static void health_on_request(rpc_call *c, grpc_byte_buffer *b)
 {
     Grpc__Health__V1__HealthCheckRequest *req = (Grpc__Health__V1__HealthCheckRequest *)rpc_unpack(
@@ -245,14 +272,10 @@ static void health_on_request(rpc_call *c, grpc_byte_buffer *b)
         return;
     }
     bool known = known_service(req->service);
-    /* every service this process serves follows readiness: not draining and
-     * (the front) a healthy worker group */
-    bool serving = !atomic_load(&c->srv->drain_req) && coord_ready(c->srv->coord, NULL, 0);
     protobuf_c_message_free_unpacked(&req->base, NULL);
     Grpc__Health__V1__HealthCheckResponse__ServingStatus st =
-        !known    ? GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVICE_UNKNOWN
-        : serving ? GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING
-                  : GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__NOT_SERVING;
+        known ? serving_status(c->srv)
+              : GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVICE_UNKNOWN;
     if (c->method == M_HEALTH_CHECK) {
         if (!known)
             rpc_finish(c, GRPC_STATUS_NOT_FOUND, "unknown service", NULL);
@@ -260,16 +283,22 @@ static void health_on_request(rpc_call *c, grpc_byte_buffer *b)
             rpc_finish(c, GRPC_STATUS_OK, "", health_message(st));
         return;
     }
-    /* Watch: the current status now; the stream stays open until drain. */
-    grpc_op ops[2];
-    memset(ops, 0, sizeof ops);
-    ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
-    c->md_sent = true;
-    c->send_buf = health_message(st);
-    ops[1].op = GRPC_OP_SEND_MESSAGE;
-    ops[1].data.send_message.send_message = c->send_buf;
-    if (rpc_start(c, ops, 2, &c->t_send))
-        c->send_busy = true;
+    /* Watch: the current status now, then each change (watch_update); the
+     * stream stays open until drain. */
+    c->watch_known = known;
+    watch_send(c, st);
+}
+
+/* A Watch stream whose service's status changed since its last message
+ * gets the new one (called from the server loop, every 100 ms at most). */
+static void watch_update(rpc_call *c)
+{
+    if (!c->watch_known || !c->md_sent || c->send_busy || c->status_started || c->closed ||
+        c->watch_end)
+        return;
+    Grpc__Health__V1__HealthCheckResponse__ServingStatus st = serving_status(c->srv);
+    if ((int)st != c->watch_sent)
+        watch_send(c, st);
 }
 
 /* Ends a Watch stream at drain: NOT_SERVING, then status OK. */
@@ -377,6 +406,9 @@ static void begin_shutdown(ekv_grpc *s)
 
 static void check_requests(ekv_grpc *s)
 {
+    for (rpc_call *c = s->live; c; c = c->next)
+        if (c->method == M_HEALTH_WATCH)
+            watch_update(c);
     if (!s->shutdown_started && atomic_load(&s->drain_req)) {
         coord_log("grpc: draining");
         begin_shutdown(s);

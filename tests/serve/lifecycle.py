@@ -131,11 +131,15 @@ def test_sigterm_readiness_fails_first_then_new_work_is_refused_and_streams_fini
         h = pb["health_pb2"].HealthCheckResponse
         assert s.get("/readyz") == (200, {"status": "ok"})
         assert health(s, pb) == h.SERVING and health(s, pb, "entrokv.v1.Generation") == h.SERVING
+        watch = pb["health_pb2_grpc"].HealthStub(s.channel).Watch(
+            pb["health_pb2"].HealthCheckRequest(service=""), timeout=60 * SCALE)
+        assert next(watch).status == h.SERVING
         stub = pb["entrokv_pb2_grpc"].GenerationStub(s.channel)
         call = stub.Generate(long_request(pb, 96), timeout=120 * SCALE)
         ids = list(next(call).token_ids)
         t0 = time.time()
         s.proc.send_signal(signal.SIGTERM)
+        assert next(watch).status == h.NOT_SERVING  # Watch hears it at once too
         until(lambda: s.get("/readyz")[0] == 503, 1, "/readyz to fail after SIGTERM")
         code, body = s.get("/readyz")
         assert body["reason"] == "draining", body
@@ -376,6 +380,11 @@ def test_dns_groups_are_added_and_retired_while_requests_flow(pb, tmp_path):
                      "--http-port", "0", "--ctx", "512", "--workers", f"dns:wg.test:{port}",
                      "--dns-interval", "0.3", "--drain-grace", "0", wrap=wrap)
         # no record yet: up, but not ready, and requests are refused clearly
+        h = pb["health_pb2"].HealthCheckResponse
+        watch = pb["health_pb2_grpc"].HealthStub(coord.channel).Watch(
+            pb["health_pb2"].HealthCheckRequest(service="entrokv.v1.Generation"),
+            timeout=60 * SCALE)
+        assert next(watch).status == h.NOT_SERVING
         assert coord.get("/livez")[0] == 200
         code, body = coord.get("/readyz")
         assert code == 503 and body["reason"] == "no healthy worker group", body
@@ -387,6 +396,8 @@ def test_dns_groups_are_added_and_retired_while_requests_flow(pb, tmp_path):
         write_hosts(hosts, ["127.0.0.1"])
         coord.wait_log(rf"worker {re.escape(a)} healthy", 20)
         until(lambda: coord.get("/readyz")[0] == 200, 5, "readiness with group A")
+        assert next(watch).status == h.SERVING  # Watch follows readiness
+        watch.cancel()
 
         failures = []
         stub = pb["entrokv_pb2_grpc"].GenerationStub(coord.channel)
