@@ -134,8 +134,6 @@ struct ekv_grammar_vocab {
     uint16_t *plain_chars; /* characters such a token starts (for the
                             * others: its plain prefix starts) */
     uint16_t *plain_len;   /* bytes of that plain prefix */
-    int32_t *plain_list;
-    int32_t n_plain;
     gtrie sfx;             /* those other tokens' bytes from the '"' or '\' on */
     int32_t *sfx_next;     /* next token with the same suffix, or -1 */
     /* right after a '\' in a string: tokens by first byte, and whether the

@@ -159,7 +159,6 @@ void grammar_vocab_free(ekv_grammar_vocab *v)
     free(v->by_first);
     free(v->tail_plain);
     free(v->tail_chars);
-    free(v->plain_list);
     trie_free(&v->sfx);
     free(v->sfx_next);
     free(v);
@@ -182,12 +181,11 @@ ekv_grammar_vocab *grammar_vocab_create(const ekv_tokenizer *t, ekv_error *err)
     v->by_first = malloc((size_t)n * sizeof *v->by_first);
     v->tail_plain = calloc((size_t)v->n_words, sizeof *v->tail_plain);
     v->tail_chars = calloc((size_t)n, sizeof *v->tail_chars);
-    v->plain_list = malloc((size_t)n * sizeof *v->plain_list);
     v->next_same = malloc((size_t)n * sizeof *v->next_same);
     v->sfx_next = malloc((size_t)n * sizeof *v->sfx_next);
     all = malloc((size_t)n * sizeof *all);
     sfx = malloc((size_t)n * sizeof *sfx);
-    if (!v->eog || !v->plain || !v->plain_chars || !v->plain_list || !v->next_same ||
+    if (!v->eog || !v->plain || !v->plain_chars || !v->next_same ||
         !v->sfx_next || !v->plain_len || !v->by_first || !v->tail_plain || !v->tail_chars ||
         !all || !sfx)
         goto oom;
@@ -209,7 +207,6 @@ ekv_grammar_vocab *grammar_vocab_create(const ekv_tokenizer *t, ekv_error *err)
         v->plain_len[id] = (uint16_t)k;
         if (k == len) {
             set_bit64(v->plain, id);
-            v->plain_list[v->n_plain++] = id;
         } else if (boundary && (p[k] == '"' || p[k] == '\\')) {
             sfx[n_sfx++] = (entry){p + k, (uint32_t)(len - k), id};
         }
@@ -368,9 +365,12 @@ static void compute_allowed(grammar_state *s)
             s->allowed[w] |= v->plain[w];
     } else {
         const uint32_t room = max - top->n;
-        for (int32_t i = 0; i < v->n_plain; i++) { /* branch-free: half pass */
-            const int32_t id = v->plain_list[i];
-            s->allowed[id >> 6] |= (uint64_t)(v->plain_chars[id] <= room) << (id & 63);
+        for (int32_t w = 0; w < v->n_words; w++) { /* in id order, branch-free */
+            const int32_t base = w * 64, n = v->n_vocab - base < 64 ? v->n_vocab - base : 64;
+            uint64_t fits = 0;
+            for (int32_t j = 0; j < n; j++)
+                fits |= (uint64_t)(v->plain_chars[base + j] <= room) << j;
+            s->allowed[w] |= fits & v->plain[w];
         }
     }
     gstate relaxed;
@@ -392,9 +392,15 @@ int32_t grammar_mask_logits(grammar_state *s, float *logits, int32_t n_vocab)
             continue;
         const int32_t base = w * 64;
         const int32_t top = base + 64 < n_vocab ? base + 64 : n_vocab;
-        for (int32_t id = base; id < top; id++)
-            if (!((bits >> (id - base)) & 1))
-                logits[id] = -INFINITY;
+        /* branch-free: inside a maxLength string about half the tokens of
+         * a word pass, in no pattern a branch predictor could learn */
+        for (int32_t id = base; id < top; id++) { /* on the float's bits */
+            const uint32_t keep = 0u - (uint32_t)((bits >> (id - base)) & 1);
+            uint32_t u;
+            memcpy(&u, &logits[id], sizeof u);
+            u = (u & keep) | (0xFF800000u & ~keep); /* 0xFF800000: -inf */
+            memcpy(&logits[id], &u, sizeof u);
+        }
     }
     return n_allowed;
 }
