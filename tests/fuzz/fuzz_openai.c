@@ -170,8 +170,9 @@ static void check_responses(oai_kind kind, const coord_chunk *done)
 {
     oai_meta m = {.kind = kind, .created = 1, .model = coord_model_name(coord)};
     snprintf(m.id, sizeof m.id, "cmpl-1");
-    char *s[4] = {oai_response_json(&m, "text", done), oai_chunk_json(&m, "t", NULL, true),
-                  oai_chunk_json(&m, NULL, done, false), oai_usage_chunk_json(&m, done)};
+    coord_chunk text = {.text = "t", .text_len = 1};
+    char *s[4] = {oai_response_json(&m, "text", done), oai_chunk_json(&m, &text, true),
+                  oai_chunk_json(&m, done, false), oai_usage_chunk_json(&m, done)};
     for (int i = 0; i < 4; i++) {
         cJSON *j = s[i] ? cJSON_Parse(s[i]) : NULL;
         if (!j)
