@@ -541,13 +541,11 @@ void kern_attention_probe(const kern_kv_view *kv, const float *Q, int n_q, int q
         const float *q = Q + (size_t)i * q_stride;
         float *o = out + (size_t)i * out_stride;
         if (kv->packed) { /* SparK's packed keys: the scalar path that rebuilds them */
-            kern_attn_probe one = {0};
-            if (pr) {
-                one.logits = pr->logits ? pr->logits + (size_t)i * kv->n_tokens : NULL;
-                one.probs = pr->probs ? pr->probs + (size_t)i * kv->n_tokens : NULL;
-            }
-            kern_attend_packed(kv, q, q_pos[i], scale, o, scores, pr ? &one : NULL);
-            i++;
+            int g = 1;
+            while (g < KERN_ATTN_GROUP_MAX && i + g < n_q && q_pos[i + g] == q_pos[i])
+                g++;
+            kern_attend_packed(kv, q, g, q_stride, q_pos[i], scale, o, out_stride, scores, pr, i);
+            i += g;
             continue;
         }
 #if defined(__x86_64__)

@@ -10,9 +10,12 @@
 /* The largest head_dim a view with packed keys may have. */
 #define KERN_PACKED_MAX_DIM 512
 
-/* One query over a view with packed tokens (kv->packed != NULL); pr: this
- * query's probe rows or NULL. scores: kv->n_tokens floats. */
-void kern_attend_packed(const kern_kv_view *kv, const float *q, int32_t qpos, float scale,
-                        float *out, float *scores, const kern_attn_probe *pr);
+/* g (<= KERN_ATTN_GROUP_MAX) queries at one position over a view with
+ * packed tokens (kv->packed != NULL); pr: the probe or NULL, these queries'
+ * rows start at q0. scores: g * kv->n_tokens floats. A query's result does
+ * not depend on g. */
+void kern_attend_packed(const kern_kv_view *kv, const float *Q, int g, int q_stride,
+                        int32_t qpos, float scale, float *out, int out_stride, float *scores,
+                        const kern_attn_probe *pr, int q0);
 
 #endif

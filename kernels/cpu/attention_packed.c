@@ -3,21 +3,41 @@
  * packed keys (kern_kv_packed, kernels.h; shared/specs/spark.md sections 3
  * and 9), and the packed row format itself.
  *
- * A packed token's logit is rebuilt inside the dot product without
- * materialising its key: scale * (sum over kept j of q_j k_j + sqrt(m) *
- * sum over pruned j of sign_j u_j), with u_j = q_j / sqrt(c_j) computed once
- * per query (the spec's section 9 trick). The tokens after the packed ones
- * live in blocks as usual. This path is scalar and per query; views without
- * packed tokens never come here (attention.c), so full-KV speed is
- * unchanged. Masking, the exp and the fp32 accumulation follow the scalar
+ * A packed token's key is rebuilt from its row (kept channels, and
+ * sign_j sqrt(m / c_j) for the pruned ones) once per token into a small
+ * register-sized buffer and shared by the query heads of a GQA group, then
+ * dotted with each query: the packed bytes are what is read from memory.
+ * The tokens after the packed ones live in blocks as usual. This path is
+ * scalar; views without packed tokens never come here (attention.c), so
+ * full-KV speed is unchanged. Masking, the exp and the fp32 accumulation follow the scalar
  * reference in attention.c.
  */
 #include <math.h>
+#include <stdbool.h>
 #include <string.h>
 
 #include "attention_internal.h"
 
 static size_t mask_bytes(int32_t d) { return ((size_t)d + 7) / 8; }
+
+/* ekv_f16_to_f32, inline (exact for every half, subnormals included): the
+ * scalar path converts every key and value element it reads. */
+static inline float h2f(ekv_f16 h)
+{
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+    uint32_t bits;
+    if (e == 0x1f) {
+        bits = sign | 0x7f800000u | (m << 13);
+    } else if (e == 0) {
+        const float f = (float)m * 5.9604644775390625e-8f; /* m * 2^-24, exact */
+        return sign ? -f : f;
+    } else {
+        bits = sign | ((e + 112u) << 23) | (m << 13);
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
 
 size_t kern_packed_row_bytes(int32_t head_dim, int32_t n_keep)
 {
@@ -63,7 +83,7 @@ void kern_packed_decode(const uint8_t *row, int32_t head_dim, int32_t n_keep,
     const float sm = sqrtf(m > 0.0f ? m : 0.0f);
     for (int32_t j = 0, ki = 0, pi = 0; j < d; j++) {
         if (mask[j / 8] >> (j % 8) & 1) {
-            k[j] = ekv_f16_to_f32(vals[ki++]);
+            k[j] = h2f(vals[ki++]);
             continue;
         }
         const float mag = inv_sqrt_c ? sm * inv_sqrt_c[j] : 0.0f;
@@ -72,84 +92,109 @@ void kern_packed_decode(const uint8_t *row, int32_t head_dim, int32_t n_keep,
     }
 }
 
-/* q . k of packed row r, with u = q / sqrt(c) precomputed (NULL: zero-fill) */
-static float packed_dot(const uint8_t *row, int32_t d, int32_t n_keep, const float *q,
-                        const float *u)
-{
-    const uint8_t *mask = row + sizeof(float), *sign = mask + mask_bytes(d);
-    const ekv_f16 *vals = (const ekv_f16 *)(const void *)(row + vals_offset(d, n_keep));
-    float kept = 0.0f, pruned = 0.0f;
-    for (int32_t j = 0, ki = 0, pi = 0; j < d; j++) {
-        if (mask[j / 8] >> (j % 8) & 1) {
-            kept += q[j] * ekv_f16_to_f32(vals[ki++]);
-            continue;
-        }
-        if (u)
-            pruned += (sign[pi / 8] >> (pi % 8) & 1) ? -u[j] : u[j];
-        pi++;
-    }
-    if (!u)
-        return kept;
-    float m;
-    memcpy(&m, row, sizeof m);
-    return kept + sqrtf(m > 0.0f ? m : 0.0f) * pruned;
-}
-
-void kern_attend_packed(const kern_kv_view *kv, const float *q, int32_t qpos, float scale,
-                        float *out, float *scores, const kern_attn_probe *pr)
+/* Token t's key as attention uses it: rebuilt from its packed row, or
+ * gathered from its block's transposed column. */
+static void key_of(const kern_kv_view *kv, int32_t t, float *k)
 {
     const kern_kv_packed *pk = kv->packed;
-    const int32_t d = kv->head_dim, bt = kv->block_tokens, n = kv->n_tokens, np = pk->n;
-    float u[KERN_PACKED_MAX_DIM];
-    if (pk->inv_sqrt_c)
-        for (int32_t j = 0; j < d; j++)
-            u[j] = q[j] * pk->inv_sqrt_c[j];
-    float max = -INFINITY;
-    for (int32_t t = 0; t < n; t++) {
-        float s = 0.0f;
-        if (t < np) {
-            if (pk->pos[t] > qpos) {
-                scores[t] = -INFINITY;
-                continue;
-            }
-            s = packed_dot(pk->rows + (size_t)t * pk->row_bytes, d, pk->n_keep, q,
-                           pk->inv_sqrt_c ? u : NULL);
-        } else {
-            const int32_t b = (t - np) / bt, r = (t - np) % bt;
-            if (kv->pos_blocks[b][r] > qpos) {
-                scores[t] = -INFINITY;
-                continue;
-            }
-            const ekv_f16 *kb = kv->k_blocks[b] + r;
-            for (int32_t j = 0; j < d; j++)
-                s += q[j] * ekv_f16_to_f32(kb[(size_t)j * bt]);
-        }
-        scores[t] = s * scale;
-        if (scores[t] > max)
-            max = scores[t];
+    const int32_t d = kv->head_dim, bt = kv->block_tokens, np = pk->n;
+    if (t < np) {
+        kern_packed_decode(pk->rows + (size_t)t * pk->row_bytes, d, pk->n_keep, pk->inv_sqrt_c,
+                           k);
+        return;
     }
-    if (pr && pr->logits)
-        memcpy(pr->logits, scores, (size_t)n * sizeof *scores);
+    const ekv_f16 *kb = kv->k_blocks[(t - np) / bt] + (t - np) % bt;
     for (int32_t j = 0; j < d; j++)
-        out[j] = 0.0f;
-    double sum = 0.0;
+        k[j] = h2f(kb[(size_t)j * bt]);
+}
+
+static int32_t pos_at(const kern_kv_view *kv, int32_t t)
+{
+    const int32_t np = kv->packed->n, bt = kv->block_tokens;
+    return t < np ? kv->packed->pos[t] : kv->pos_blocks[(t - np) / bt][(t - np) % bt];
+}
+
+static const ekv_f16 *v_at(const kern_kv_view *kv, int32_t t)
+{
+    const int32_t np = kv->packed->n, bt = kv->block_tokens, d = kv->head_dim;
+    return t < np ? kv->packed->v + (size_t)t * d
+                  : kv->v_blocks[(t - np) / bt] + (size_t)((t - np) % bt) * d;
+}
+
+void kern_attend_packed(const kern_kv_view *kv, const float *Q, int g, int q_stride,
+                        int32_t qpos, float scale, float *out, int out_stride, float *scores,
+                        const kern_attn_probe *pr, int q0)
+{
+    const int32_t d = kv->head_dim, n = kv->n_tokens;
+    float k[KERN_PACKED_MAX_DIM];
+    float max[KERN_ATTN_GROUP_MAX];
+    for (int i = 0; i < g; i++)
+        max[i] = -INFINITY;
+    /* each key is rebuilt once for the g queries that share the position;
+     * every query's sum runs over j in the same order whatever g is */
     for (int32_t t = 0; t < n; t++) {
-        if (max == -INFINITY || scores[t] == -INFINITY) {
-            scores[t] = 0.0f; /* nothing visible: a zero output */
+        if (pos_at(kv, t) > qpos) {
+            for (int i = 0; i < g; i++)
+                scores[(size_t)i * n + t] = -INFINITY;
             continue;
         }
-        const float p = expf(scores[t] - max);
-        scores[t] = p;
-        sum += p;
-        const ekv_f16 *v = t < np ? pk->v + (size_t)t * d
-                                  : kv->v_blocks[(t - np) / bt] + (size_t)((t - np) % bt) * d;
-        for (int32_t j = 0; j < d; j++)
-            out[j] += p * ekv_f16_to_f32(v[j]);
+        key_of(kv, t, k);
+        for (int i = 0; i < g; i++) {
+            const float *q = Q + (size_t)i * q_stride;
+            /* four partial sums (j mod 4) added in a fixed order: the chains
+             * overlap, and the result still does not depend on g */
+            float a4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            int32_t j = 0;
+            for (; j + 4 <= d; j += 4)
+                for (int u = 0; u < 4; u++)
+                    a4[u] += q[j + u] * k[j + u];
+            for (; j < d; j++)
+                a4[0] += q[j] * k[j];
+            float s = ((a4[0] + a4[1]) + (a4[2] + a4[3])) * scale;
+            scores[(size_t)i * n + t] = s;
+            max[i] = s > max[i] ? s : max[i];
+        }
     }
-    const float inv = sum > 0.0 ? (float)(1.0 / sum) : 0.0f;
-    for (int32_t j = 0; j < d; j++)
-        out[j] *= inv;
-    if (pr && pr->probs)
-        for (int32_t t = 0; t < n; t++)
-            pr->probs[t] = scores[t] * inv;
+    if (pr && pr->logits)
+        for (int i = 0; i < g; i++)
+            memcpy(pr->logits + (size_t)(q0 + i) * n, scores + (size_t)i * n,
+                   (size_t)n * sizeof *scores);
+    double sum[KERN_ATTN_GROUP_MAX] = {0};
+    for (int i = 0; i < g; i++) {
+        float *o = out + (size_t)i * out_stride;
+        for (int32_t j = 0; j < d; j++)
+            o[j] = 0.0f;
+    }
+    float vf[KERN_PACKED_MAX_DIM];
+    for (int32_t t = 0; t < n; t++) {
+        bool have_v = false;
+        for (int i = 0; i < g; i++) {
+            float *sc = scores + (size_t)i * n + t;
+            if (max[i] == -INFINITY || *sc == -INFINITY) {
+                *sc = 0.0f; /* masked, or nothing visible: a zero output */
+                continue;
+            }
+            const float p = expf(*sc - max[i]);
+            *sc = p;
+            sum[i] += p;
+            if (!have_v) { /* one conversion of the row for the group */
+                const ekv_f16 *v = v_at(kv, t);
+                for (int32_t j = 0; j < d; j++)
+                    vf[j] = h2f(v[j]);
+                have_v = true;
+            }
+            float *o = out + (size_t)i * out_stride;
+            for (int32_t j = 0; j < d; j++)
+                o[j] += p * vf[j];
+        }
+    }
+    for (int i = 0; i < g; i++) {
+        const float inv = sum[i] > 0.0 ? (float)(1.0 / sum[i]) : 0.0f;
+        float *o = out + (size_t)i * out_stride;
+        for (int32_t j = 0; j < d; j++)
+            o[j] *= inv;
+        if (pr && pr->probs)
+            for (int32_t t = 0; t < n; t++)
+                pr->probs[(size_t)(q0 + i) * n + t] = scores[(size_t)i * n + t] * inv;
+    }
 }
