@@ -66,7 +66,8 @@ static void usage_split(FILE *out, serve_mode mode)
                 "                        NAME (a headless Service), re-resolved while serving\n"
                 "  --dns-interval S      seconds between lookups of dns: entries (default 10)\n"
                 "  --host, --grpc-port, --http-port, --ctx, --default-max-tokens,\n"
-                "  --model-name, --drain-grace, --drain-timeout, --config\n"
+                "  --kv-method, --kv-budget, --model-name, --drain-grace,\n"
+                "  --drain-timeout, --config\n"
                 "                        as for `entrokv serve`\n");
 }
 
@@ -87,6 +88,10 @@ static void usage(FILE *out)
             "                        RESOURCE_EXHAUSTED (default 256)\n"
             "  --max-batch N         rows per forward pass (default 256)\n"
             "  --default-max-tokens N  completion length when a request does not say (256)\n"
+            "  --kv-method M         KV compression when a request names none: full,\n"
+            "                        streaming, snapkv, pyramidkv, uncomp (default full)\n"
+            "  --kv-budget B         kv_budget when a request gives none: a fraction of the\n"
+            "                        prompt (0.2) or tokens per head (128) (default 1)\n"
             "  --kvstore-mb N        host KV store tier: prompt KV kept for reuse by later\n"
             "                        requests with the same prefix (default 1024; 0: off)\n"
             "  --kvstore-peers H:P,...  kvstore daemons (entrokv kvstore) behind the host tier\n"
@@ -112,6 +117,8 @@ typedef struct serve_opts {
     char listen_host[128];
     int32_t grpc_port, http_port, threads, ctx, kv_tokens, max_running, max_queued, max_batch;
     int32_t default_max_tokens;
+    const char *kv_method;              /* request defaults (--kv-method / --kv-budget) */
+    float kv_budget;
     int32_t kvstore_mb;                 /* host tier; 0: off */
     const char *kvstore_peers, *kvstore_token_file;
     const char *kvstore_ns, *kvstore_ns_key_file; /* namespace (docs/kvstore.md) */
@@ -148,6 +155,7 @@ static const struct {
 } serve_flags[] = {
     {"model", F_SERVE | F_WORKER | F_COORD},      {"ctx", F_SERVE | F_WORKER | F_COORD},
     {"default-max-tokens", F_SERVE | F_WORKER | F_COORD},
+    {"kv-method", F_SERVE | F_COORD},              {"kv-budget", F_SERVE | F_COORD},
     {"drain-grace", F_SERVE | F_WORKER | F_COORD}, {"drain-timeout", F_SERVE | F_WORKER | F_COORD},
     {"host", F_SERVE | F_COORD},                   {"grpc-port", F_SERVE | F_COORD},
     {"http-port", F_SERVE | F_COORD},              {"model-name", F_SERVE | F_COORD},
@@ -192,6 +200,7 @@ static int parse(int argc, char **argv, serve_mode mode, serve_opts *o)
     o->max_queued = 256;
     o->max_batch = 256;
     o->default_max_tokens = 256;
+    o->kv_budget = 1.0f;
     o->kvstore_mb = 1024;
     o->drain_grace = 5;
     o->drain_timeout = 30;
@@ -250,6 +259,10 @@ static int parse(int argc, char **argv, serve_mode mode, serve_opts *o)
             ok = cli_take_str(argc, argv, &i, &o->kvstore_ns_key_file);
         } else if (!strcmp(a, "--default-max-tokens")) {
             ok = cli_take_int(argc, argv, &i, 1, 1 << 20, &o->default_max_tokens);
+        } else if (!strcmp(a, "--kv-method")) {
+            ok = cli_take_str(argc, argv, &i, &o->kv_method);
+        } else if (!strcmp(a, "--kv-budget")) {
+            ok = cli_take_float(argc, argv, &i, 1e-6, 1 << 24, &o->kv_budget);
         } else if (!strcmp(a, "--drain-grace")) {
             ok = cli_take_float(argc, argv, &i, 0, 86400, &o->drain_grace);
         } else if (!strcmp(a, "--drain-timeout")) {
@@ -265,6 +278,12 @@ static int parse(int argc, char **argv, serve_mode mode, serve_opts *o)
     }
     if (!o->model) {
         cli_error(mode_name[mode], "--model is required (see --help)");
+        return CLI_USAGE;
+    }
+    kvc_policy kv_default;
+    ekv_error kv_err = {0};
+    if (kvc_policy_parse(o->kv_method, o->kv_budget, &kv_default, &kv_err)) {
+        cli_error(mode_name[mode], "--kv-method/--kv-budget: %s", kv_err.msg);
         return CLI_USAGE;
     }
     if (o->kvstore_peers && !o->kvstore_token_file) {
@@ -324,6 +343,8 @@ static ekv_status start_coordinator(const serve_opts *o, server *s, int32_t ctx,
     cc.model_name = name;
     cc.max_ctx = ctx;
     cc.default_max_tokens = o->default_max_tokens < ctx ? o->default_max_tokens : ctx;
+    cc.default_kv_method = o->kv_method;
+    cc.default_kv_budget = o->kv_budget;
     s->coord = coord_create(model_tokenizer(s->model), &cc, s->metrics, err);
     if (!s->coord)
         return err->code;
@@ -502,6 +523,8 @@ static ekv_status start(const serve_opts *o, server *s, ekv_error *err)
     cc.model_name = name;
     cc.max_ctx = ctx;
     cc.default_max_tokens = o->default_max_tokens < ctx ? o->default_max_tokens : ctx;
+    cc.default_kv_method = o->kv_method;
+    cc.default_kv_budget = o->kv_budget;
     /* the offline UNComp profile for kv_method "uncomp" (missing: online, with a warning) */
     kvc_policy probe;
     const cli_kv_opts kv = {.method = "uncomp", .budget = 1.0, .profile = o->kv_profile};

@@ -38,6 +38,8 @@ struct ekv_coordinator {
     char model_name[128];
     int32_t max_ctx;
     int32_t default_max_tokens;
+    char default_kv_method[32];  /* "" is full */
+    double default_kv_budget;
     const kvc_profile *uncomp_profile;
     ekv_metrics *metrics;
     atomic_bool draining;

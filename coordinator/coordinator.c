@@ -21,6 +21,7 @@ void coord_config_default(coord_config *c)
     c->model_name = "model";
     c->max_ctx = 2048;
     c->default_max_tokens = 256;
+    c->default_kv_budget = 1.0;
 }
 
 ekv_coordinator *coord_create(const ekv_tokenizer *tok, const coord_config *cfg,
@@ -30,6 +31,15 @@ ekv_coordinator *coord_create(const ekv_tokenizer *tok, const coord_config *cfg,
         ekv_error_set(err, EKV_EINVAL, "coordinator: bad configuration");
         return NULL;
     }
+    /* the default kv policy is checked once here, as a request's would be */
+    kvc_policy kv_default;
+    const char *kv_method = cfg->default_kv_method ? cfg->default_kv_method : "";
+    if (strlen(kv_method) >= 32) {
+        ekv_error_set(err, EKV_EINVAL, "unknown kv method '%.40s'", kv_method);
+        return NULL;
+    }
+    if (kvc_policy_parse(kv_method, cfg->default_kv_budget, &kv_default, err))
+        return NULL;
     ekv_coordinator *c = calloc(1, sizeof *c);
     if (!c) {
         ekv_error_set(err, EKV_ENOMEM, "coordinator: out of memory");
@@ -40,6 +50,8 @@ ekv_coordinator *coord_create(const ekv_tokenizer *tok, const coord_config *cfg,
              cfg->model_name && *cfg->model_name ? cfg->model_name : "model");
     c->max_ctx = cfg->max_ctx;
     c->default_max_tokens = cfg->default_max_tokens;
+    snprintf(c->default_kv_method, sizeof c->default_kv_method, "%s", kv_method);
+    c->default_kv_budget = cfg->default_kv_budget;
     c->uncomp_profile = cfg->uncomp_profile;
     c->metrics = metrics;
     atomic_init(&c->draining, false);
@@ -274,7 +286,8 @@ void coord_request_init(const ekv_coordinator *c, coord_request *r)
     clock_gettime(CLOCK_REALTIME, &ts);
     r->params.sampling.seed = ((uint64_t)ts.tv_sec * 1000000007u) ^ (uint64_t)ts.tv_nsec ^
                               (atomic_load(&((ekv_coordinator *)c)->next_id) << 32);
-    r->kv_budget = 1.0;
+    r->kv_method = c->default_kv_method[0] ? c->default_kv_method : NULL;
+    r->kv_budget = c->default_kv_budget;
     r->scope_recent = 256; /* SCOPE's R and W (specs/scope.md section 5) */
     r->scope_window = 512;
 }

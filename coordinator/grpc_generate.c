@@ -94,7 +94,8 @@ static bool request_from_proto(ekv_coordinator *coord, const Entrokv__V1__Genera
     r->params.logprobs = m->logprobs;
     r->params.top_logprobs = m->top_logprobs;
     r->params.prompt_logprobs = m->prompt_logprobs;
-    r->kv_method = m->kv_method;
+    if (m->kv_method && *m->kv_method) /* proto3: "" is unset, the server's default stays */
+        r->kv_method = m->kv_method;
     if (m->has_kv_budget_case == ENTROKV__V1__GENERATE_REQUEST__HAS_KV_BUDGET_KV_BUDGET)
         r->kv_budget = m->kv_budget;
     r->decode_method = m->decode_method;

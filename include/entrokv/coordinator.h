@@ -59,6 +59,8 @@ typedef struct coord_config {
     const char *model_name;      /* reported by /v1/models and in responses (copied) */
     int32_t max_ctx;             /* tokens of one sequence, the groups' engine max_ctx */
     int32_t default_max_tokens;  /* when a request does not say (256) */
+    const char *default_kv_method; /* kv_method when a request names none (NULL: full) */
+    double default_kv_budget;    /* kv_budget when a request gives none (1.0) */
     const kvc_profile *uncomp_profile; /* offline UNComp groups for kv_method "uncomp";
                                         * NULL: online entropy; must outlive the coordinator */
 } coord_config;

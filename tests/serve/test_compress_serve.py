@@ -93,3 +93,45 @@ def test_metrics_count_bytes_per_mechanism(server):
     for mech in ("tokens", "channels", "decode"):
         name = f'entrokv_kv_bytes_saved_by_mechanism_total{{mechanism="{mech}"}}'
         assert server.metric(name) > 0, mech
+
+
+def test_server_default_kv_policy_applies_to_requests_that_name_none(pb):
+    """--kv-method/--kv-budget set what a request without kv_method gets (the
+    chart's serving.kv values reach the binary this way); a request that names
+    a method still overrides it, over both protocols."""
+    ref = cli_ids(["--kv-method", "snapkv", "--kv-budget", "0.25"])
+    s = Server("--ctx", "512", "--kv-tokens", "4096", "--kvstore-mb", "0",
+               "--kv-method", "snapkv", "--kv-budget", "0.25")
+    try:
+        stub = pb["entrokv_pb2_grpc"].GenerationStub(s.channel)
+
+        def run(**body):
+            req = pb["entrokv_pb2"].GenerateRequest(prompt=PROMPT, max_tokens=40, temperature=0,
+                                                    ignore_eos=True, **body)
+            ids, last = [], None
+            for msg in stub.Generate(req, timeout=120 * (4 if SLOW else 1)):
+                ids += list(msg.token_ids)
+                last = msg
+            return ids, last.usage
+
+        ids, usage = run()
+        assert ids == ref["token_ids"] and usage.kv_bytes == ref["kv_bytes"]
+        assert usage.kv_bytes < usage.kv_bytes_full
+        _, full = run(kv_method="full")
+        assert full.kv_bytes == full.kv_bytes_full
+        c = openai.OpenAI(base_url=s.http + "/v1", api_key="unused", max_retries=0,
+                          timeout=120 * (4 if SLOW else 1))
+        r = c.completions.create(model="entrokv", prompt=PROMPT, max_tokens=40, temperature=0,
+                                 extra_body={"ignore_eos": True})
+        assert r.choices[0].text == ref["text"]
+    finally:
+        assert s.stop() == 0, s.stderr()[-4000:]
+
+
+@pytest.mark.parametrize("flags", [["--kv-method", "snapk"], ["--kv-budget", "0"],
+                                   ["--kv-method", "uncomp", "--kv-budget", "-1"]])
+def test_bad_server_default_kv_policy_exits_2(flags):
+    p = subprocess.run([BIN, "serve", "--model", MODEL, "--http-port", "0", "--grpc-port", "0",
+                        *flags], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2, p.stderr
+    assert "--kv-" in p.stderr
