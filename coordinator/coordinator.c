@@ -377,6 +377,11 @@ static ekv_status check_messages(const coord_request *r, ekv_error *err)
         const tok_message *m = &r->messages[i];
         if (!m->role || !*m->role)
             return ekv_error_set(err, EKV_EINVAL, "messages[%zu].role is empty", i);
+        /* the chat template knows these three; any other role would render
+         * as text the model was never trained on */
+        if (strcmp(m->role, "system") && strcmp(m->role, "user") && strcmp(m->role, "assistant"))
+            return ekv_error_set(err, EKV_EINVAL,
+                                 "messages[%zu].role must be system, user or assistant", i);
         if (!m->content)
             return ekv_error_set(err, EKV_EINVAL, "messages[%zu].content is missing", i);
         if (!coord_utf8_valid(m->role, strlen(m->role)) ||
@@ -636,6 +641,9 @@ ekv_status coord_submit(ekv_coordinator *c, const coord_request *r, coord_stream
         rc = as_invalid(err);
     if (rc == EKV_OK)
         rc = check_prompt_length(c, n, err);
+    int32_t kept; /* an absolute budget above the prompt: a 400 now, not a failure after prefill */
+    if (rc == EKV_OK && kvc_policy_mean_tokens(&policy, (int32_t)n, &kept, err))
+        rc = as_invalid(err);
     if (rc == EKV_OK)
         rc = submit_to_group(c, &with, ids, (int32_t)n, &policy, out, err);
     free(ids);

@@ -11,6 +11,7 @@
 #include "openai.h"
 
 #include "coord_internal.h"
+#include "json_strict.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -487,9 +488,9 @@ ekv_status oai_parse(ekv_coordinator *c, oai_kind kind, const char *body, size_t
     coord_request_init(c, &r->r);
     r->r.protocol = "http";
     r->tok = c->tok;
-    r->json = cJSON_ParseWithLength(body, len);
-    if (!r->json)
-        return ekv_error_set(err, EKV_EINVAL, "the body is not valid JSON");
+    ekv_status prc = json_strict_parse(body, len, &r->json, err);
+    if (prc)
+        return prc;
     if (!cJSON_IsObject(r->json))
         return ekv_error_set(err, EKV_EINVAL, "the body must be a JSON object");
     ekv_status rc = kind == OAI_CHAT ? check_fields(r->json, CHAT_FIELDS, "/v1/chat/completions", err)

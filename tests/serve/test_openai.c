@@ -267,6 +267,99 @@ static void test_penalties_bias_logprobs(void)
     CHECK_EQ_INT(last.params.max_tokens, 9);
 }
 
+/* RFC 8259 strictness (coordinator/json_strict.c): bodies cJSON alone would
+ * accept, each refused with a message naming the problem, the body given
+ * with its length so NUL bytes travel. */
+static void expect_invalid_n(oai_kind kind, const char *body, size_t len, const char *needle)
+{
+    oai_request r;
+    ekv_error err = {0};
+    ekv_status rc = oai_parse(coord, kind, body, len, &r, &err);
+    if (rc != EKV_EINVAL || !strstr(err.msg, needle)) {
+        fprintf(stderr, "%.*s: want EINVAL mentioning '%s', got %d '%s'\n", (int)len, body, needle,
+                rc, err.msg);
+        ekv_test_failures++;
+    }
+    oai_request_free(&r);
+}
+
+#define PROMPT_X "\"prompt\": \"hi\""
+
+static void test_strict_json(void)
+{
+    expect_ok(OAI_COMPLETIONS, " \r\n\t{" PROMPT_X "} \r\n\t");
+    expect_ok(OAI_COMPLETIONS, "{" PROMPT_X ", \"stop\": [\"a\\u0001\\n\"]}");
+    expect_ok(OAI_COMPLETIONS, "{" PROMPT_X ", \"logit_bias\": {\"1\": 1, \"2\": 1}}");
+    /* data after the value */
+    expect_invalid(OAI_COMPLETIONS, "{" PROMPT_X "}x", "after");
+    expect_invalid(OAI_COMPLETIONS, "{" PROMPT_X "}{}", "after");
+    expect_invalid(OAI_COMPLETIONS, "{" PROMPT_X "} 1", "after");
+    /* raw control characters inside strings and as whitespace */
+    expect_invalid(OAI_COMPLETIONS, "{\"prompt\": \"a\x01 b\"}", "control");
+    expect_invalid(OAI_COMPLETIONS, "{\"prompt\": \"a\nb\"}", "control");
+    expect_invalid(OAI_COMPLETIONS, "{\"prompt\": \"a\tb\"}", "control");
+    expect_invalid(OAI_COMPLETIONS, "{\"pro\x1fmpt\": \"ab\"}", "control");
+    expect_invalid(OAI_COMPLETIONS, "{" PROMPT_X ",\x0b\"max_tokens\": 2}", "control");
+    expect_invalid(OAI_COMPLETIONS, "\x0c{" PROMPT_X "}", "control");
+    /* NUL bytes anywhere */
+    static const char nul1[] = "{\"prompt\": \"a\0b\"}";
+    expect_invalid_n(OAI_COMPLETIONS, nul1, sizeof nul1 - 1, "NUL");
+    static const char nul2[] = "{\"prompt\": \"ab\"}\0";
+    expect_invalid_n(OAI_COMPLETIONS, nul2, sizeof nul2 - 1, "NUL");
+    /* invalid UTF-8: a lone continuation byte, an overlong, a surrogate */
+    expect_invalid(OAI_COMPLETIONS, "{\"prompt\": \"a\x80\"}", "UTF-8");
+    expect_invalid(OAI_COMPLETIONS, "{\"prompt\": \"\xc0\xaf\"}", "UTF-8");
+    expect_invalid(OAI_COMPLETIONS, "{\"prompt\": \"\xed\xa0\x80\"}", "UTF-8");
+    /* repeated keys, at the top and deeper */
+    expect_invalid(OAI_COMPLETIONS, "{" PROMPT_X ", " PROMPT_X "}", "repeats the key 'prompt'");
+    expect_invalid(OAI_COMPLETIONS, "{" PROMPT_X ", \"max_tokens\": 1, \"max_tokens\": 9}",
+                   "max_tokens");
+    expect_invalid(OAI_COMPLETIONS, "{" PROMPT_X ", \"stream_options\": {\"include_usage\": true, "
+                                    "\"include_usage\": false}}",
+                   "include_usage");
+    expect_invalid(OAI_CHAT, "{\"messages\": [{\"role\": \"user\", \"role\": \"system\", "
+                             "\"content\": \"x\"}]}",
+                   "role");
+    expect_invalid(OAI_COMPLETIONS, "{" PROMPT_X ", \"logit_bias\": {\"1\": 1, \"1\": 2}}",
+                   "repeats");
+    /* not JSON at all */
+    expect_invalid_n(OAI_COMPLETIONS, "", 0, "JSON");
+    expect_invalid(OAI_COMPLETIONS, "   ", "JSON");
+    expect_invalid(OAI_COMPLETIONS, "{\"prompt\": \"ab}", "JSON");
+}
+
+/* Every field checked before anything runs: roles from the template's set,
+ * stream_options' type, a kv budget against the prompt length. */
+static void test_fields_checked_before_running(void)
+{
+    expect_invalid(OAI_CHAT, "{\"messages\": [{\"role\": \"wizard\", \"content\": \"x\"}]}",
+                   "role");
+    expect_invalid(OAI_CHAT, "{\"messages\": [{\"role\": \"tool\", \"content\": \"x\"}]}",
+                   "role");
+    expect_invalid(OAI_CHAT, "{\"messages\": [{\"role\": \"User\", \"content\": \"x\"}]}",
+                   "role");
+    expect_ok(OAI_CHAT, "{\"messages\": [{\"role\": \"system\", \"content\": \"s\"}, {\"role\": "
+                        "\"user\", \"content\": \"u\"}, {\"role\": \"assistant\", \"content\": "
+                        "\"a\"}, {\"role\": \"user\", \"content\": \"u\"}]}");
+    expect_invalid(OAI_COMPLETIONS, "{" PROMPT_X ", \"stream\": true, \"stream_options\": 1}",
+                   "stream_options");
+    expect_invalid(OAI_COMPLETIONS, "{" PROMPT_X ", \"stream\": true, \"stream_options\": []}",
+                   "stream_options");
+    expect_invalid(OAI_COMPLETIONS,
+                   "{" PROMPT_X ", \"stream\": true, \"stream_options\": \"include_usage\"}",
+                   "stream_options");
+    expect_invalid(OAI_COMPLETIONS,
+                   "{" PROMPT_X ", \"stream\": true, \"stream_options\": {\"include_usage\": 1}}",
+                   "include_usage");
+    /* "hi" is one or two tokens (plus BOS): 40 tokens per head is more than
+     * the prompt, refused at submit; a fraction and a small count are not */
+    expect_invalid(OAI_COMPLETIONS, "{" PROMPT_X ", \"kv_method\": \"snapkv\", \"kv_budget\": 40}",
+                   "exceeds the prompt");
+    expect_ok(OAI_COMPLETIONS, "{\"prompt\": \"one two three four five six seven eight nine\", "
+                               "\"kv_method\": \"snapkv\", \"kv_budget\": 2}");
+    expect_ok(OAI_COMPLETIONS, "{" PROMPT_X ", \"kv_method\": \"snapkv\", \"kv_budget\": 0.5}");
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 2) {
@@ -296,6 +389,8 @@ int main(int argc, char **argv)
     RUN_TEST(test_options_and_stops);
     RUN_TEST(test_allow_list);
     RUN_TEST(test_penalties_bias_logprobs);
+    RUN_TEST(test_strict_json);
+    RUN_TEST(test_fields_checked_before_running);
     coord_free(coord);
     tok_free(tok);
     return TEST_EXIT();
