@@ -9,10 +9,18 @@
  * they may hold rows of dropped tokens: finite, and past n_tokens).
  * Each head of a sequence keeps parallel arrays of block ids and of K / V /
  * position pointers, so a kern_kv_view is built without copying.
+ *
+ * Sharing: every block has a reference count (the heads whose tables hold
+ * it). kv_seq_fork makes a second table over the same blocks; a block held
+ * more than once is read-only, and whatever would write into it (an append
+ * into a partly filled last block, keep's compaction, insert) first gives
+ * the writing head a private copy (block_own: copy-on-write). A block goes
+ * back to the free stack when its last holder drops it.
  */
 #include "entrokv/kvcache.h"
 
 #include <math.h>
+#include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -24,6 +32,9 @@ struct kv_pool {
     uint8_t *mem;
     int32_t *free_ids; /* stack */
     int64_t n_free;
+    int32_t *refs;     /* per block: heads holding it (0: free) */
+    int64_t n_shared;  /* blocks with refs > 1 */
+    uint64_t n_cow;    /* copies made by copy-on-write */
     kv_evict_fn evict;
     void *evict_ctx;
 };
@@ -75,7 +86,8 @@ kv_pool *kv_pool_create(int32_t block_tokens, int32_t head_dim, int64_t n_blocks
         goto nomem;
     pool->mem = aligned_alloc(64, (size_t)n_blocks * pool->block_bytes);
     pool->free_ids = malloc((size_t)n_blocks * sizeof *pool->free_ids);
-    if (!pool->mem || !pool->free_ids)
+    pool->refs = calloc((size_t)n_blocks, sizeof *pool->refs);
+    if (!pool->mem || !pool->free_ids || !pool->refs)
         goto nomem;
     /* pop order = 0, 1, 2, ... so a fresh pool hands out consecutive blocks */
     for (int64_t i = 0; i < n_blocks; i++)
@@ -94,6 +106,7 @@ void kv_pool_destroy(kv_pool *pool)
         return;
     free(pool->mem);
     free(pool->free_ids);
+    free(pool->refs);
     free(pool);
 }
 
@@ -101,6 +114,8 @@ int64_t kv_pool_total_blocks(const kv_pool *pool) { return pool->n_blocks; }
 int64_t kv_pool_free_blocks(const kv_pool *pool) { return pool->n_free; }
 int32_t kv_pool_block_tokens(const kv_pool *pool) { return pool->block_tokens; }
 size_t kv_pool_block_bytes(const kv_pool *pool) { return pool->block_bytes; }
+int64_t kv_pool_shared_blocks(const kv_pool *pool) { return pool->n_shared; }
+uint64_t kv_pool_cow_copies(const kv_pool *pool) { return pool->n_cow; }
 
 void kv_pool_set_evict_hook(kv_pool *pool, kv_evict_fn fn, void *ctx)
 {
@@ -126,6 +141,59 @@ static ekv_f16 *block_v(const kv_pool *pool, int32_t id)
 static int32_t *block_pos(const kv_pool *pool, int32_t id)
 {
     return (int32_t *)(block_v(pool, id) + (size_t)pool->block_tokens * pool->head_dim);
+}
+
+static void block_ref(kv_pool *pool, int32_t id)
+{
+    if (++pool->refs[id] == 2)
+        pool->n_shared++;
+}
+
+/* Drops one holder of block id; the last one returns it to the pool. */
+static void block_unref(kv_pool *pool, int32_t id)
+{
+    if (pool->refs[id] == 2)
+        pool->n_shared--;
+    if (--pool->refs[id] == 0)
+        pool->free_ids[pool->n_free++] = id;
+}
+
+static int32_t block_pop(kv_pool *pool)
+{
+    const int32_t id = pool->free_ids[--pool->n_free];
+    pool->refs[id] = 1;
+    return id;
+}
+
+static void head_set_block(const kv_pool *pool, kv_head *h, int32_t b, int32_t id)
+{
+    h->ids[b] = id;
+    h->k[b] = block_k(pool, id);
+    h->v[b] = block_v(pool, id);
+    h->pos[b] = block_pos(pool, id);
+}
+
+/* Copy-on-write: gives h its own copy of its block b when others hold it
+ * too (the caller checked that the pool has a free block). */
+static void block_own(kv_pool *pool, kv_head *h, int32_t b)
+{
+    const int32_t old = h->ids[b];
+    if (pool->refs[old] <= 1)
+        return;
+    const int32_t id = block_pop(pool);
+    memcpy(block_base(pool, id), block_base(pool, old), pool->block_bytes);
+    block_unref(pool, old);
+    head_set_block(pool, h, b, id);
+    pool->n_cow++;
+}
+
+/* Blocks among h's [from, to) that others hold too: what writing them costs. */
+static int64_t head_shared_in(const kv_pool *pool, const kv_head *h, int32_t from, int32_t to)
+{
+    int64_t n = 0;
+    for (int32_t b = from < 0 ? 0 : from; b < to && b < h->n_blocks; b++)
+        n += pool->refs[h->ids[b]] > 1;
+    return n;
 }
 
 kv_seq *kv_seq_create(kv_pool *pool, int32_t n_layers, int32_t n_kv_heads, ekv_error *err)
@@ -154,7 +222,7 @@ nomem:
 static void head_release(kv_pool *pool, kv_head *h)
 {
     for (int32_t b = 0; b < h->n_blocks; b++)
-        pool->free_ids[pool->n_free++] = h->ids[b];
+        block_unref(pool, h->ids[b]);
     free(h->ids);
     free(h->k);
     free(h->v);
@@ -190,6 +258,8 @@ int64_t kv_seq_blocks_needed(const kv_seq *seq, int32_t n_tokens)
         int64_t room = (int64_t)h->n_blocks * bt - h->n_tokens;
         if (n_tokens > room)
             need += (n_tokens - room + bt - 1) / bt;
+        if (n_tokens > 0 && room > 0) /* a shared last block is copied first */
+            need += head_shared_in(seq->pool, h, h->n_blocks - 1, h->n_blocks);
     }
     return need;
 }
@@ -219,12 +289,8 @@ static int head_grow(kv_head *h)
  * pool has one and the table has room); returns its id. */
 static int32_t head_take_block(kv_pool *pool, kv_head *h)
 {
-    const int32_t id = pool->free_ids[--pool->n_free];
-    h->ids[h->n_blocks] = id;
-    h->k[h->n_blocks] = block_k(pool, id);
-    h->v[h->n_blocks] = block_v(pool, id);
-    h->pos[h->n_blocks] = block_pos(pool, id);
-    h->n_blocks++;
+    const int32_t id = block_pop(pool);
+    head_set_block(pool, h, h->n_blocks++, id);
     return id;
 }
 
@@ -241,6 +307,11 @@ ekv_status kv_seq_append(kv_seq *seq, int32_t layer, int32_t head, const float *
         if (h->n_blocks == h->cap && !head_grow(h))
             return ekv_error_set(err, EKV_ENOMEM, "kv seq: out of memory for block table");
         memset(block_base(pool, head_take_block(pool, h)), 0, pool->block_bytes);
+    } else if (pool->refs[h->ids[h->n_blocks - 1]] > 1) { /* shared: copy before writing */
+        if (pool->n_free == 0)
+            return ekv_error_set(err, EKV_ENOMEM, "kv pool exhausted (%lld blocks)",
+                                 (long long)pool->n_blocks);
+        block_own(pool, h, h->n_blocks - 1);
     }
     const int32_t b = h->ids[h->n_tokens / bt], r = h->n_tokens % bt;
     ekv_f16 *kd = block_k(pool, b) + r; /* column r of [head_dim][block_tokens] */
@@ -381,7 +452,7 @@ ekv_status kv_seq_pack(kv_seq *seq, int32_t layer, int32_t head, int32_t n_keep,
     if (isc)
         memcpy(isc, inv_sqrt_c, (size_t)d * sizeof *isc);
     for (int32_t b = 0; b < h->n_blocks; b++)
-        pool->free_ids[pool->n_free++] = h->ids[b];
+        block_unref(pool, h->ids[b]);
     h->n_blocks = 0;
     h->n_tokens = 0;
     h->p_rows = rows;
@@ -459,12 +530,15 @@ ekv_status kv_seq_insert(kv_seq *seq, int32_t layer, int32_t head, const ekv_f16
             return ekv_error_set(err, EKV_EINVAL, "kv insert: position %d is already held", pos[j]);
     }
     const int32_t m = h->n_tokens + n, blocks = (m + bt - 1) / bt;
-    if (blocks - h->n_blocks > pool->n_free)
-        return ekv_error_set(err, EKV_ENOMEM, "kv insert: needs %d blocks, %lld free",
-                             blocks - h->n_blocks, (long long)pool->n_free);
+    const int64_t cow = head_shared_in(pool, h, 0, h->n_blocks); /* the merge may move any row */
+    if (blocks - h->n_blocks + cow > pool->n_free)
+        return ekv_error_set(err, EKV_ENOMEM, "kv insert: needs %lld blocks, %lld free",
+                             (long long)(blocks - h->n_blocks + cow), (long long)pool->n_free);
     while (h->cap < blocks)
         if (!head_grow(h))
             return ekv_error_set(err, EKV_ENOMEM, "kv seq: out of memory for block table");
+    for (int32_t b = 0; b < h->n_blocks; b++)
+        block_own(pool, h, b);
     while (h->n_blocks < blocks)
         memset(block_base(pool, head_take_block(pool, h)), 0, pool->block_bytes);
     /* merge from the back: row w is always at or past every row still to be read */
@@ -520,6 +594,19 @@ ekv_status kv_seq_keep(kv_seq *seq, int32_t layer, int32_t head, const int32_t *
         free(rel);
         return rc;
     }
+    /* compaction writes from the first moved row on: those blocks must be
+     * this head's own (checked before anything changes) */
+    int32_t first_move = n_keep;
+    for (int32_t i = 0; i < n_keep; i++)
+        if (keep[i] != i) {
+            first_move = i;
+            break;
+        }
+    const int32_t blocks_kept = (n_keep + bt - 1) / bt;
+    const int64_t cow = head_shared_in(pool, h, first_move / bt, blocks_kept);
+    if (cow > pool->n_free)
+        return ekv_error_set(err, EKV_ENOMEM, "kv keep: copy-on-write needs %lld blocks, %lld free",
+                             (long long)cow, (long long)pool->n_free);
     if (pool->evict && n_keep < h->n_tokens) {
         int32_t *dropped = malloc((size_t)(h->n_tokens - n_keep) * sizeof *dropped);
         if (!dropped)
@@ -536,22 +623,24 @@ ekv_status kv_seq_keep(kv_seq *seq, int32_t layer, int32_t head, const int32_t *
         pool->evict(pool->evict_ctx, seq, layer, head, &view, dropped, n_dropped);
         free(dropped);
     }
+    for (int32_t b = first_move / bt; b < blocks_kept; b++)
+        block_own(pool, h, b);
     /* keep[i] >= i, so compacting front to back never overwrites a row still to be read */
     for (int32_t i = 0; i < n_keep; i++)
         if (keep[i] != i)
             row_move(pool, h, keep[i], i);
-    const int32_t blocks_kept = (n_keep + bt - 1) / bt;
     for (int32_t b = blocks_kept; b < h->n_blocks; b++)
-        pool->free_ids[pool->n_free++] = h->ids[b];
+        block_unref(pool, h->ids[b]);
     h->n_blocks = blocks_kept;
     h->n_tokens = n_keep;
     return EKV_OK;
 }
 
-kv_seq *kv_seq_clone(const kv_seq *src, ekv_error *err)
+/* A copy of src: its own blocks, or (share) src's blocks, shared. */
+static kv_seq *seq_copy(const kv_seq *src, bool share, ekv_error *err)
 {
     kv_pool *pool = src->pool;
-    if (kv_seq_blocks(src) > pool->n_free) {
+    if (!share && kv_seq_blocks(src) > pool->n_free) {
         ekv_error_set(err, EKV_ENOMEM, "kv clone: needs %lld blocks, %lld free",
                       (long long)kv_seq_blocks(src), (long long)pool->n_free);
         return NULL;
@@ -569,12 +658,12 @@ kv_seq *kv_seq_clone(const kv_seq *src, ekv_error *err)
                 return NULL;
             }
         for (int32_t b = 0; b < s->n_blocks; b++) {
-            int32_t id = pool->free_ids[--pool->n_free];
-            memcpy(block_base(pool, id), block_base(pool, s->ids[b]), pool->block_bytes);
-            d->ids[b] = id;
-            d->k[b] = block_k(pool, id);
-            d->v[b] = block_v(pool, id);
-            d->pos[b] = block_pos(pool, id);
+            const int32_t id = share ? s->ids[b] : block_pop(pool);
+            if (share)
+                block_ref(pool, id);
+            else
+                memcpy(block_base(pool, id), block_base(pool, s->ids[b]), pool->block_bytes);
+            head_set_block(pool, d, b, id);
         }
         d->n_blocks = s->n_blocks;
         d->n_tokens = s->n_tokens;
@@ -604,6 +693,9 @@ kv_seq *kv_seq_clone(const kv_seq *src, ekv_error *err)
     dst->next_pos = src->next_pos;
     return dst;
 }
+
+kv_seq *kv_seq_clone(const kv_seq *src, ekv_error *err) { return seq_copy(src, false, err); }
+kv_seq *kv_seq_fork(const kv_seq *src, ekv_error *err) { return seq_copy(src, true, err); }
 
 int32_t kv_seq_block_export(const kv_seq *seq, int32_t layer, int32_t head, int32_t block,
                             void *out)

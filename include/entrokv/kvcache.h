@@ -8,7 +8,10 @@
  * its own ordered list of blocks, so heads may keep different numbers of
  * tokens (ragged compression budgets cost no padding). Blocks go back to the
  * pool the moment a head drops them (kv_seq_keep) or the sequence ends
- * (kv_seq_free).
+ * (kv_seq_free) and no other sequence holds them: kv_seq_fork shares a
+ * sequence's blocks (reference counts), and a block two sequences hold is
+ * copied before either writes into it (copy-on-write), so a fork costs one
+ * block per head that diverges, not a copy of the prompt.
  *
  * Threading: a pool and its sequences belong to one step engine thread.
  * Kernels may read views from many threads while nothing appends.
@@ -32,12 +35,17 @@ int64_t kv_pool_free_blocks(const kv_pool *pool);
 int32_t kv_pool_block_tokens(const kv_pool *pool);
 /* Bytes of one block: K + V rows and positions. */
 size_t kv_pool_block_bytes(const kv_pool *pool);
+/* Blocks held by more than one sequence (kv_seq_fork), and the copies
+ * copy-on-write has made so far. */
+int64_t kv_pool_shared_blocks(const kv_pool *pool);
+uint64_t kv_pool_cow_copies(const kv_pool *pool);
 
 kv_seq *kv_seq_create(kv_pool *pool, int32_t n_layers, int32_t n_kv_heads, ekv_error *err);
 /* Returns every block to the pool. NULL is a no-op. */
 void kv_seq_free(kv_seq *seq);
 
-/* Blocks that appending n tokens to every head would take from the pool. */
+/* Blocks that appending n tokens to every head would take from the pool
+ * (a shared, partly filled last block counts: it is copied first). */
 int64_t kv_seq_blocks_needed(const kv_seq *seq, int32_t n_tokens);
 
 /* Appends one token's K and V (head_dim floats each, rounded to fp16) at
@@ -55,7 +63,7 @@ int32_t kv_seq_next_pos(const kv_seq *seq);
 /* The most tokens any one head holds. */
 int32_t kv_seq_max_len(const kv_seq *seq);
 kv_pool *kv_seq_pool(const kv_seq *seq);
-/* Blocks held by the whole sequence. */
+/* Blocks held by the whole sequence (shared ones included). */
 int64_t kv_seq_blocks(const kv_seq *seq);
 
 /* A read view of (layer, head) for kern_attention, valid until the next
@@ -98,6 +106,13 @@ int64_t kv_seq_bytes(const kv_seq *seq);
 /* A copy of src (every head's tokens and positions) drawing blocks from the
  * same pool; EKV_ENOMEM when the pool cannot hold it. */
 kv_seq *kv_seq_clone(const kv_seq *src, ekv_error *err);
+/* A sequence holding src's tokens in src's own blocks (each block's
+ * reference count goes up; no block is taken from the pool). Either may
+ * then append, keep or insert: the first write into a block both hold
+ * copies it for the writer (EKV_ENOMEM there when the pool is empty, the
+ * head unchanged). A packed (SparK) prefix is copied, not shared. NULL
+ * with EKV_ENOMEM when the host is out of memory. */
+kv_seq *kv_seq_fork(const kv_seq *src, ekv_error *err);
 
 /* Raw block transfer for the KV store tier. A block's bytes are
  * kv_pool_block_bytes: K (transposed), V and positions, in the pool's layout.

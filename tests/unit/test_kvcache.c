@@ -186,6 +186,113 @@ static void test_bad_geometry_rejected(void)
     kv_pool_destroy(pool);
 }
 
+/* Token t of (0, 0) as stored: its position and K/V rounded to fp16. */
+static void check_token(const kv_seq *seq, int32_t t, float base)
+{
+    kern_kv_view view;
+    kv_seq_view(seq, 0, 0, &view);
+    const int32_t b = t / BT, r = t % BT;
+    CHECK_EQ_INT(view.pos_blocks[b][r], (int)(base * 10));
+    CHECK_NEAR(ekv_f16_to_f32(view.k_blocks[b][(size_t)2 * BT + r]), base + 0.5f, 1e-2);
+    CHECK_NEAR(ekv_f16_to_f32(view.v_blocks[b][(size_t)r * D + 3]), -base + 0.75f, 1e-2);
+}
+
+static void append_tok(kv_seq *seq, float base)
+{
+    float k[D], v[D];
+    fill(k, base);
+    fill(v, -base);
+    CHECK(kv_seq_append(seq, 0, 0, k, v, (int32_t)(base * 10), NULL) == EKV_OK);
+}
+
+/* A fork shares every block; the first write into a shared block copies it
+ * for the writer, and the other holder still reads its own tokens. */
+static void test_fork_shares_then_copies_on_write(void)
+{
+    kv_pool *pool = kv_pool_create(BT, D, 16, NULL);
+    kv_seq *a = kv_seq_create(pool, 1, 1, NULL);
+    for (int t = 0; t < 6; t++) /* one full block and half of a second */
+        append_tok(a, (float)t);
+    CHECK_EQ_INT(kv_pool_free_blocks(pool), 14);
+    kv_seq *b = kv_seq_fork(a, NULL);
+    CHECK(b != NULL);
+    CHECK_EQ_INT(kv_pool_free_blocks(pool), 14); /* nothing copied */
+    CHECK_EQ_INT(kv_pool_shared_blocks(pool), 2);
+    CHECK_EQ_INT(kv_seq_len(b, 0, 0), 6);
+    CHECK_EQ_INT(kv_seq_next_pos(b), 51);
+    /* the partly filled shared last block must be copied before an append */
+    CHECK_EQ_INT(kv_seq_blocks_needed(b, 1), 1);
+    CHECK_EQ_INT(kv_seq_blocks_needed(b, 3), 2);
+    append_tok(b, 100.0f);
+    CHECK_EQ_INT(kv_pool_free_blocks(pool), 13);
+    CHECK_EQ_INT(kv_pool_shared_blocks(pool), 1);
+    CHECK_EQ_INT((int)kv_pool_cow_copies(pool), 1);
+    /* a's last block is its own now: no copy */
+    CHECK_EQ_INT(kv_seq_blocks_needed(a, 1), 0);
+    append_tok(a, 200.0f);
+    CHECK_EQ_INT(kv_pool_free_blocks(pool), 13);
+    for (int t = 0; t < 6; t++) {
+        check_token(a, t, (float)t);
+        check_token(b, t, (float)t);
+    }
+    check_token(a, 6, 200.0f);
+    check_token(b, 6, 100.0f);
+    /* keep on the fork: compaction writes into the shared first block */
+    const int32_t keep[] = {1, 2, 3, 4, 5, 6};
+    CHECK(kv_seq_keep(b, 0, 0, keep, 6, NULL) == EKV_OK);
+    CHECK_EQ_INT(kv_pool_shared_blocks(pool), 0);
+    for (int t = 0; t < 6; t++)
+        check_token(a, t, (float)t);
+    for (int t = 0; t < 5; t++)
+        check_token(b, t, (float)(t + 1));
+    check_token(b, 5, 100.0f);
+    kv_seq_free(a);
+    check_token(b, 0, 1.0f);
+    kv_seq_free(b);
+    CHECK_EQ_INT(kv_pool_free_blocks(pool), 16);
+    /* the last holder frees a shared block; one holder alone frees none */
+    a = kv_seq_create(pool, 1, 1, NULL);
+    for (int t = 0; t < 5; t++)
+        append_tok(a, (float)t);
+    b = kv_seq_fork(a, NULL);
+    kv_seq_free(a);
+    CHECK_EQ_INT(kv_pool_free_blocks(pool), 14);
+    CHECK_EQ_INT(kv_pool_shared_blocks(pool), 0);
+    append_tok(b, 7.0f); /* sole holder: writes in place */
+    CHECK_EQ_INT(kv_pool_free_blocks(pool), 14);
+    kv_seq_free(b);
+    CHECK_EQ_INT(kv_pool_free_blocks(pool), 16);
+    kv_pool_destroy(pool);
+}
+
+/* Copy-on-write with an empty pool fails cleanly and changes nothing. */
+static void test_fork_copy_on_write_pool_empty(void)
+{
+    kv_pool *pool = kv_pool_create(BT, D, 2, NULL);
+    kv_seq *a = kv_seq_create(pool, 1, 1, NULL);
+    for (int t = 0; t < 6; t++)
+        append_tok(a, (float)t);
+    kv_seq *b = kv_seq_fork(a, NULL);
+    float k[D], v[D];
+    fill(k, 9.0f);
+    fill(v, 9.0f);
+    ekv_error err = {0};
+    CHECK(kv_seq_append(b, 0, 0, k, v, 90, &err) == EKV_ENOMEM);
+    CHECK_EQ_INT(kv_seq_len(b, 0, 0), 6);
+    const int32_t keep[] = {1, 2};
+    CHECK(kv_seq_keep(b, 0, 0, keep, 2, &err) == EKV_ENOMEM);
+    CHECK_EQ_INT(kv_seq_len(b, 0, 0), 6);
+    for (int t = 0; t < 6; t++) {
+        check_token(a, t, (float)t);
+        check_token(b, t, (float)t);
+    }
+    CHECK_EQ_INT(kv_pool_shared_blocks(pool), 2);
+    kv_seq_free(b);
+    kv_seq_free(a);
+    CHECK_EQ_INT(kv_pool_free_blocks(pool), 2);
+    kv_pool_destroy(pool);
+}
+
 int main(void)
 {
     RUN_TEST(test_append_allocates_blocks_per_head);
@@ -193,5 +300,7 @@ int main(void)
     RUN_TEST(test_keep_compacts_and_frees_blocks);
     RUN_TEST(test_insert_puts_evicted_tokens_back_in_place);
     RUN_TEST(test_bad_geometry_rejected);
+    RUN_TEST(test_fork_shares_then_copies_on_write);
+    RUN_TEST(test_fork_copy_on_write_pool_empty);
     return TEST_EXIT();
 }
