@@ -295,6 +295,11 @@ AVX2_TARGET static void softmax_avx2(float *scores, int32_t n, int g, const floa
     }
 }
 
+void kern_attn_softmax_avx2(float *scores, int32_t n, int g, const float *max, float *inv)
+{
+    softmax_avx2(scores, n, g, max, inv);
+}
+
 /* out_i = inv_i * sum_t p_it v_t over dimensions [j0, j0 + 8 * NC), i < G */
 AVX2_INLINE void values_chunk_avx2(const kern_kv_view *kv, const float *scores, const float *inv,
                                    float *out, int out_stride, int32_t j0, const int G,
@@ -540,7 +545,7 @@ void kern_attention_probe(const kern_kv_view *kv, const float *Q, int n_q, int q
     for (int i = 0; i < n_q;) {
         const float *q = Q + (size_t)i * q_stride;
         float *o = out + (size_t)i * out_stride;
-        if (kv->packed) { /* SparK's packed keys: the scalar path that rebuilds them */
+        if (kv->packed) { /* SparK's packed keys: the path that rebuilds them */
             int g = 1;
             while (g < KERN_ATTN_GROUP_MAX && i + g < n_q && q_pos[i + g] == q_pos[i])
                 g++;

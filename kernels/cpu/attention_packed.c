@@ -7,10 +7,16 @@
  * sign_j sqrt(m / c_j) for the pruned ones) once per token into a small
  * register-sized buffer and shared by the query heads of a GQA group, then
  * dotted with each query: the packed bytes are what is read from memory.
- * The tokens after the packed ones live in blocks as usual. This path is
- * scalar; views without packed tokens never come here (attention.c), so
- * full-KV speed is unchanged. Masking, the exp and the fp32 accumulation follow the scalar
- * reference in attention.c.
+ * The tokens after the packed ones live in blocks as usual. Views without
+ * packed tokens never come here (attention.c), so full-KV speed is unchanged.
+ *
+ * The scalar path is the reference: masking, the exp and the fp32
+ * accumulation follow attention.c's scalar path. The AVX2 and AVX-512 paths
+ * (attention_packed_simd.c) rebuild the same keys bit for bit (the kept
+ * channels are expanded into place, the pruned ones get sm * inv_sqrt_c[j]
+ * with the sign bit set by XOR, exactly as -mag), then differ from the
+ * scalar path only in summation order, FMA and attention.c's vector exp: they
+ * agree with it to fp32 rounding, as attention.c's SIMD paths do.
  */
 #include <math.h>
 #include <stdbool.h>
@@ -121,9 +127,9 @@ static const ekv_f16 *v_at(const kern_kv_view *kv, int32_t t)
                   : kv->v_blocks[(t - np) / bt] + (size_t)((t - np) % bt) * d;
 }
 
-void kern_attend_packed(const kern_kv_view *kv, const float *Q, int g, int q_stride,
-                        int32_t qpos, float scale, float *out, int out_stride, float *scores,
-                        const kern_attn_probe *pr, int q0)
+static void attend_packed_scalar(const kern_kv_view *kv, const float *Q, int g, int q_stride,
+                                 int32_t qpos, float scale, float *out, int out_stride,
+                                 float *scores, const kern_attn_probe *pr, int q0)
 {
     const int32_t d = kv->head_dim, n = kv->n_tokens;
     float k[KERN_PACKED_MAX_DIM];
@@ -197,4 +203,15 @@ void kern_attend_packed(const kern_kv_view *kv, const float *Q, int g, int q_str
             for (int32_t t = 0; t < n; t++)
                 pr->probs[(size_t)(q0 + i) * n + t] = scores[(size_t)i * n + t] * inv;
     }
+}
+
+void kern_attend_packed(const kern_kv_view *kv, const float *Q, int g, int q_stride,
+                        int32_t qpos, float scale, float *out, int out_stride, float *scores,
+                        const kern_attn_probe *pr, int q0)
+{
+#if defined(__x86_64__)
+    if (kern_attend_packed_simd(kv, Q, g, q_stride, qpos, scale, out, out_stride, scores, pr, q0))
+        return;
+#endif
+    attend_packed_scalar(kv, Q, g, q_stride, qpos, scale, out, out_stride, scores, pr, q0);
 }
