@@ -21,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -45,6 +46,7 @@ typedef struct http_conn {
     char *body;
     size_t len, cap;
     bool too_big;
+    bool refused; /* a framing error already answered */
 } http_conn;
 
 typedef struct sse_state {
@@ -437,6 +439,51 @@ static bool body_append(http_conn *hc, const char *data, size_t n)
     return true;
 }
 
+/* ---- framing ----
+ * libmicrohttpd 0.9.75 takes the first of two Content-Length headers, reads
+ * a malformed one its own way and lets Content-Length ride with
+ * Transfer-Encoding; a proxy in front may frame the same bytes differently
+ * (request smuggling). So the raw headers are checked here, before any body
+ * is read, and anything RFC 9112 section 6 leaves ambiguous is refused. */
+
+typedef struct framing {
+    int n_length, n_encoding;
+    bool bad_length, bad_encoding;
+} framing;
+
+static enum MHD_Result count_framing(void *cls, enum MHD_ValueKind kind, const char *key,
+                                     const char *value)
+{
+    (void)kind;
+    framing *f = cls;
+    if (!strcasecmp(key, MHD_HTTP_HEADER_CONTENT_LENGTH)) {
+        f->n_length++;
+        /* 1*DIGIT and nothing else, at most 18 digits (no overflow) */
+        size_t n = value ? strlen(value) : 0;
+        f->bad_length |= n == 0 || n > 18 || strspn(value, "0123456789") != n;
+    } else if (!strcasecmp(key, MHD_HTTP_HEADER_TRANSFER_ENCODING)) {
+        f->n_encoding++;
+        f->bad_encoding |= !value || strcasecmp(value, "chunked");
+    }
+    return MHD_YES;
+}
+
+/* The message naming what is wrong with the request's framing, or NULL. */
+static const char *framing_error(struct MHD_Connection *conn)
+{
+    framing f = {0};
+    MHD_get_connection_values(conn, MHD_HEADER_KIND, count_framing, &f);
+    if (f.n_length > 1)
+        return "more than one Content-Length header";
+    if (f.bad_length)
+        return "a malformed Content-Length header";
+    if (f.n_length && f.n_encoding)
+        return "Content-Length together with Transfer-Encoding";
+    if (f.n_encoding > 1 || f.bad_encoding)
+        return "a Transfer-Encoding other than chunked";
+    return NULL;
+}
+
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url,
                                   const char *method, const char *version,
                                   const char *upload_data, size_t *upload_size, void **con_cls)
@@ -450,6 +497,12 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
             return MHD_NO;
         *con_cls = hc;
         atomic_fetch_add(&h->active, 1);
+        const char *bad = framing_error(conn);
+        if (bad) {
+            hc->refused = true; /* the 400 is the answer: any body is dropped */
+            return reply(conn, 400, "application/json",
+                         oai_error_json(bad, "invalid_request_error"), true);
+        }
         /* A body a little over the cap is read and dropped so the client sees
          * the 413; a huge one is refused at once and the connection closed. */
         const char *cl = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Content-Length");
@@ -457,6 +510,10 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
             hc->too_big = true;
             return reply_error(h, conn, 413, "the request body is larger than 4 MiB");
         }
+        return MHD_YES;
+    }
+    if (hc->refused) {
+        *upload_size = 0;
         return MHD_YES;
     }
     if (*upload_size) {
