@@ -116,6 +116,45 @@ AVX512_FN static void rebuild_avx512(const packed_row *r, int32_t d, const float
     }
 }
 
+/* out_i[j0, j0 + 16 nc) = sum_t p_it v_t (unnormalised), i < G, nc <= 4:
+ * the accumulators stay in registers across the tokens (G and NC are
+ * compile-time constants at each call). Masked or
+ * underflowed probabilities add nothing, so a token is skipped when every
+ * query's is 0; a query's FMAs over t are the same whatever G is (adding
+ * 0 * v to an accumulator that started at +0 never changes it). */
+#define AVX512_INLINE static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
+AVX512_INLINE void values_avx512(const kern_kv_view *kv, const float *scores, int32_t n,
+                                 float *out, int out_stride, int32_t j0, const int NC, const int G)
+{
+    __m512 acc[KERN_ATTN_GROUP_MAX][4];
+    for (int i = 0; i < G; i++)
+        for (int c = 0; c < 4; c++)
+            acc[i][c] = _mm512_setzero_ps();
+    for (int32_t t = 0; t < n; t++) {
+        __m512 vp[KERN_ATTN_GROUP_MAX];
+        bool any = false;
+        for (int i = 0; i < G; i++) {
+            const float p = scores[(size_t)i * n + t];
+            vp[i] = _mm512_set1_ps(p);
+            any |= p != 0.0f;
+        }
+        if (!any)
+            continue;
+        const ekv_f16 *v = v_at(kv, t) + j0;
+        if (t + 8 < n) /* the rows are scattered across blocks and arrays */
+            _mm_prefetch((const char *)(v_at(kv, t + 8) + j0), _MM_HINT_T0);
+        for (int c = 0; c < NC; c++) {
+            const __m512 vf =
+                _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(v + 16 * c)));
+            for (int i = 0; i < G; i++)
+                acc[i][c] = _mm512_fmadd_ps(vp[i], vf, acc[i][c]);
+        }
+    }
+    for (int i = 0; i < G; i++)
+        for (int c = 0; c < NC; c++)
+            _mm512_storeu_ps(out + (size_t)i * out_stride + j0 + 16 * c, acc[i][c]);
+}
+
 AVX512_FN static void attend_avx512(const kern_kv_view *kv, const float *Q, int g, int q_stride,
                                     int32_t qpos, float scale, float *out, int out_stride,
                                     float *scores, const kern_attn_probe *pr, int q0)
@@ -133,6 +172,8 @@ AVX512_FN static void attend_avx512(const kern_kv_view *kv, const float *Q, int 
         }
         if (t < pk->n) {
             const packed_row r = row_at(pk, t, d);
+            if (t + 8 < pk->n)
+                _mm_prefetch((const char *)(pk->rows + (size_t)(t + 8) * pk->row_bytes), _MM_HINT_T0);
             rebuild_avx512(&r, d, pk->inv_sqrt_c, k);
         } else {
             key_of_block(kv, t, k);
@@ -152,21 +193,22 @@ AVX512_FN static void attend_avx512(const kern_kv_view *kv, const float *Q, int 
             memcpy(pr->logits + (size_t)(q0 + i) * n, scores + (size_t)i * n,
                    (size_t)n * sizeof *scores);
     kern_attn_softmax_avx2(scores, n, g, max, inv);
-    for (int i = 0; i < g; i++)
-        memset(out + (size_t)i * out_stride, 0, (size_t)d * sizeof *out);
-    for (int32_t t = 0; t < n; t++) {
-        const ekv_f16 *v = v_at(kv, t);
-        for (int i = 0; i < g; i++) {
-            const float p = scores[(size_t)i * n + t];
-            if (p == 0.0f) /* masked or underflowed: adds nothing */
-                continue;
-            const __m512 vp = _mm512_set1_ps(p);
-            float *o = out + (size_t)i * out_stride;
-            for (int32_t j = 0; j < d; j += 16) {
-                const __m512 vf = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(v + j)));
-                _mm512_storeu_ps(o + j, _mm512_fmadd_ps(vp, vf, _mm512_loadu_ps(o + j)));
-            }
+    for (int32_t j0 = 0; j0 < d; j0 += 64) {
+        const int nc = d - j0 >= 64 ? 4 : (int)(d - j0) / 16;
+#define VALUES_NC(NC)                                                                      \
+    switch (g) {                                                                           \
+    case 1: values_avx512(kv, scores, n, out, out_stride, j0, NC, 1); break;               \
+    case 2: values_avx512(kv, scores, n, out, out_stride, j0, NC, 2); break;               \
+    case 3: values_avx512(kv, scores, n, out, out_stride, j0, NC, 3); break;               \
+    default: values_avx512(kv, scores, n, out, out_stride, j0, NC, 4); break;              \
+    }
+        switch (nc) {
+        case 1: VALUES_NC(1); break;
+        case 2: VALUES_NC(2); break;
+        case 3: VALUES_NC(3); break;
+        default: VALUES_NC(4); break;
         }
+#undef VALUES_NC
     }
     for (int i = 0; i < g; i++) {
         float *o = out + (size_t)i * out_stride;
@@ -262,16 +304,21 @@ AVX2_FN static void attend_avx2(const kern_kv_view *kv, const float *Q, int g, i
     for (int i = 0; i < g; i++)
         memset(out + (size_t)i * out_stride, 0, (size_t)d * sizeof *out);
     for (int32_t t = 0; t < n; t++) {
-        const ekv_f16 *v = v_at(kv, t);
+        __m256 vp[KERN_ATTN_GROUP_MAX];
+        bool any = false;
         for (int i = 0; i < g; i++) {
             const float p = scores[(size_t)i * n + t];
-            if (p == 0.0f)
-                continue;
-            const __m256 vp = _mm256_set1_ps(p);
-            float *o = out + (size_t)i * out_stride;
-            for (int32_t j = 0; j < d; j += 8) {
-                const __m256 vf = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v + j)));
-                _mm256_storeu_ps(o + j, _mm256_fmadd_ps(vp, vf, _mm256_loadu_ps(o + j)));
+            vp[i] = _mm256_set1_ps(p);
+            any |= p != 0.0f;
+        }
+        if (!any)
+            continue;
+        const ekv_f16 *v = v_at(kv, t);
+        for (int32_t j = 0; j < d; j += 8) {
+            const __m256 vf = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v + j)));
+            for (int i = 0; i < g; i++) {
+                float *o = out + (size_t)i * out_stride + j;
+                _mm256_storeu_ps(o, _mm256_fmadd_ps(vp[i], vf, _mm256_loadu_ps(o)));
             }
         }
     }
