@@ -1,4 +1,4 @@
-"""test_strict_input.py - input the server must refuse (issue 21, part 6):
+"""strict_input.py - input the server must refuse (issue 21, part 6):
 bodies that are not RFC 8259 JSON, fields of the wrong type or range, and
 HTTP framing that two parsers could read two ways. Each is sent as raw bytes
 and must get exactly one well-formed 400 (one status line, an OpenAI error
