@@ -79,6 +79,8 @@ static void running_remove(ekv_engine *e, ereq *q)
 static void publish_locked(ekv_engine *e)
 {
     e->stats.kv_blocks_free = kv_pool_free_blocks(e->pool);
+    e->stats.kv_blocks_shared = kv_pool_shared_blocks(e->pool);
+    e->stats.kv_cow_copies = kv_pool_cow_copies(e->pool);
 }
 
 /* ---- requests ---- */
@@ -87,6 +89,11 @@ static void ereq_free(ereq *q)
 {
     if (!q)
         return;
+    while (q->followers) { /* only before they ran: engine_finish ends them otherwise */
+        ereq *f = q->followers;
+        q->followers = f->fnext;
+        ereq_free(f);
+    }
     kv_seq_free(q->seq);
     if (q->cap)
         kvc_capture_free(q->cap);
@@ -130,6 +137,16 @@ static ekv_status request_check(const ekv_engine *e, const engine_request *r, ek
         if (r->prompt[i] < 0 || r->prompt[i] >= e->n_vocab)
             return ekv_error_set(err, EKV_EINVAL, "prompt token %d is %d, outside [0, %d)", i,
                                  r->prompt[i], e->n_vocab);
+    if (r->n < 0 || r->n > e->cfg.max_running)
+        return ekv_error_set(err, EKV_EINVAL, "n must be in [1, %d] (max_running), got %d",
+                             e->cfg.max_running, r->n);
+    if (r->n > 1 && !r->choice_ctx)
+        return ekv_error_set(err, EKV_EINVAL, "n %d choices but no choice_ctx", r->n);
+    if (r->n > 1 && r->params.prompt_logprobs)
+        return ekv_error_set(err, EKV_EUNSUPPORTED, "prompt log-probabilities (echo) with n > 1");
+    if (r->n > 1 && r->kv.decode.mode != KVC_DECODE_NONE)
+        return ekv_error_set(err, EKV_EUNSUPPORTED,
+                             "decode-time KV eviction (SCOPE) with n > 1");
     if ((int)r->kv.method < 0 || (int)r->kv.method >= KVC_N_METHODS)
         return ekv_error_set(err, EKV_EINVAL, "unknown kv compression method %d",
                              (int)r->kv.method);
@@ -263,6 +280,12 @@ void engine_finish(ekv_engine *e, ereq *q, gen_finish finish, ekv_status rc, con
     publish_locked(e);
     pthread_mutex_unlock(&e->mu);
 
+    while (q->followers) { /* ended before the prompt was in: they end the same way */
+        ereq *f = q->followers;
+        q->followers = f->fnext;
+        q->n_followers--;
+        engine_finish(e, f, finish == GEN_FINISH_CONTEXT ? GEN_FINISH_LENGTH : finish, rc, msg);
+    }
     if (rc && (!msg || !*msg))
         msg = ekv_status_name(rc);
     if (q->r.on_done)
@@ -371,10 +394,68 @@ static int64_t committed_blocks(const ekv_engine *e)
     int64_t need = (int64_t)e->n_running * e->blocks_per_slot;
     for (int32_t i = 0; i < e->n_running; i++) {
         const ereq *q = e->running[i];
+        /* a follower to be forked: a copy of the shared last block and a
+         * decode block, per head */
+        need += 2 * e->blocks_per_slot * q->n_followers;
         need += q->seq ? kv_seq_blocks_needed(q->seq, q->n_tok - q->n_fed)
                        : engine_blocks_for(e, q->n_tok);
     }
     return need;
+}
+
+/* Running slots the followers of running leaders will take (under mu). */
+static int32_t followers_waiting(const ekv_engine *e)
+{
+    int32_t n = 0;
+    for (int32_t i = 0; i < e->n_running; i++)
+        n += e->running[i]->n_followers;
+    return n;
+}
+
+/* q's sampler and grammar state, made once and kept across preemption. */
+static ekv_status sampling_setup(ekv_engine *e, ereq *q, ekv_error *err)
+{
+    if (!q->sampler && !(q->sampler = sampler_create(&q->r.params.sampling, e->n_vocab, err)))
+        return err && err->code ? err->code : EKV_ENOMEM;
+    if (q->r.params.grammar && !q->gs) {
+        if (!e->gvocab && !(e->gvocab = grammar_vocab_create(model_tokenizer(e->m), err)))
+            return err && err->code ? err->code : EKV_ENOMEM;
+        if (!(q->gs = grammar_state_new(q->r.params.grammar, e->gvocab, err)))
+            return err && err->code ? err->code : EKV_ENOMEM;
+    }
+    return EKV_OK;
+}
+
+void engine_fork_choices(ekv_engine *e, ereq *q, const float *logits)
+{
+    while (q->followers) {
+        ereq *f = q->followers;
+        q->followers = f->fnext;
+        f->fnext = NULL;
+        ekv_error err = {0};
+        f->started = true;
+        f->t_sched = q->t_sched;
+        pthread_mutex_lock(&e->mu);
+        q->n_followers--;
+        e->running[e->n_running++] = f; /* admit() kept its slot */
+        pthread_mutex_unlock(&e->mu);
+        if (sampling_setup(e, f, &err) || !(f->seq = kv_seq_fork(q->seq, &err))) {
+            engine_finish(e, f, GEN_FINISH_LENGTH, err.code ? err.code : EKV_ENOMEM, err.msg);
+            continue;
+        }
+        /* the prompt is in, compressed once, shared: f starts at its first token */
+        f->n_fed = q->n_fed;
+        f->n_restored = q->n_restored;
+        f->n_scored = q->n_scored;
+        f->prompt_saved = true;
+        f->saved_tokens = q->saved_tokens;
+        f->saved_channels = q->saved_channels;
+        memcpy(e->fork_logits, logits, (size_t)e->n_vocab * sizeof *logits);
+        engine_sample_next(e, f, e->fork_logits);
+    }
+    pthread_mutex_lock(&e->mu);
+    publish_locked(e);
+    pthread_mutex_unlock(&e->mu);
 }
 
 /* Gives an admitted request what it runs with; finishes it on failure. */
@@ -382,14 +463,8 @@ static void setup(ekv_engine *e, ereq *q)
 {
     const ekv_model_config *c = model_config(e->m);
     ekv_error err = {0};
-    if (!q->sampler && !(q->sampler = sampler_create(&q->r.params.sampling, e->n_vocab, &err)))
+    if (sampling_setup(e, q, &err))
         goto fail;
-    if (q->r.params.grammar && !q->gs) { /* like the sampler, kept across preemption */
-        if (!e->gvocab && !(e->gvocab = grammar_vocab_create(model_tokenizer(e->m), &err)))
-            goto fail;
-        if (!(q->gs = grammar_state_new(q->r.params.grammar, e->gvocab, &err)))
-            goto fail;
-    }
     if (!(q->seq = kv_seq_create(e->pool, c->n_layers, c->n_kv_heads, &err)))
         goto fail;
     if (!q->started) {
@@ -450,9 +525,12 @@ static void admit(ekv_engine *e)
     int32_t n_fresh = 0;
     const int64_t total = kv_pool_total_blocks(e->pool);
     pthread_mutex_lock(&e->mu);
-    while (e->q_head && e->n_running < e->cfg.max_running) {
+    while (e->q_head) {
         ereq *q = e->q_head;
-        const int64_t need = engine_blocks_for(e, q->n_tok);
+        if (e->n_running + 1 + q->n_followers + followers_waiting(e) > e->cfg.max_running)
+            break; /* each choice will take a running slot */
+        const int64_t need =
+            engine_blocks_for(e, q->n_tok) + 2 * e->blocks_per_slot * q->n_followers;
         if (need > total) {
             queue_unlink(e, q);
             q->next = rejects;
@@ -641,8 +719,33 @@ ekv_status engine_submit(ekv_engine *e, const engine_request *r, uint64_t *id, e
     if (!e)
         return ekv_error_set(err, EKV_EINVAL, "engine: no engine");
     ekv_status rc = request_check(e, r, err);
-    if (rc || (rc = ereq_new(e, r, &q, err)))
+    if (rc)
         return rc;
+    /* choice i: its own ctx and seed + i; choices 1.. wait on choice 0 */
+    const int32_t n = r->n > 1 ? r->n : 1;
+    ereq *list = NULL;
+    for (int32_t i = n - 1; i >= 0; i--) {
+        engine_request ri = *r;
+        if (n > 1) {
+            ri.ctx = r->choice_ctx[i];
+            ri.params.sampling.seed += (uint64_t)i;
+        }
+        if ((rc = ereq_new(e, &ri, &q, err))) {
+            while (list) {
+                ereq *f = list;
+                list = f->fnext;
+                ereq_free(f);
+            }
+            return rc;
+        }
+        q->choice = i;
+        if (i > 0) {
+            q->fnext = list;
+            list = q;
+        }
+    }
+    q->followers = list;
+    q->n_followers = n - 1;
     pthread_mutex_lock(&e->mu);
     if (e->draining) {
         rc = ekv_error_set(err, EKV_EBUSY, "engine: draining, not accepting requests");
@@ -651,8 +754,10 @@ ekv_status engine_submit(ekv_engine *e, const engine_request *r, uint64_t *id, e
                            e->n_queued);
     } else {
         q->id = ++e->next_id;
+        for (ereq *f = q->followers; f; f = f->fnext)
+            f->id = q->id;
         queue_push_tail(e, q);
-        e->n_open++;
+        e->n_open += n;
         if (id)
             *id = q->id;
         engine_kick_locked(e);
@@ -668,23 +773,22 @@ void engine_cancel(ekv_engine *e, uint64_t id)
     if (!e)
         return;
     pthread_mutex_lock(&e->mu);
-    for (ereq *q = e->q_head; q; q = q->next) {
+    /* every choice of an n > 1 request has the id, queued or running */
+    for (ereq *q = e->q_head, *next; q; q = next) {
+        next = q->next;
         if (q->id != id)
             continue;
         queue_unlink(e, q);
         q->next = e->cancelled;
         e->cancelled = q;
         engine_kick_locked(e);
-        goto out;
     }
     for (int32_t i = 0; i < e->n_running; i++) {
         if (e->running[i]->id != id)
             continue;
         e->running[i]->cancel = true;
         engine_kick_locked(e);
-        break;
     }
-out:
     pthread_mutex_unlock(&e->mu);
 }
 

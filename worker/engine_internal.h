@@ -54,6 +54,10 @@ struct ereq {
     int64_t saved_tokens, saved_channels; /* bytes the prompt's token policy and SparK freed */
     bool cancel;           /* engine_cancel asked (under mu) */
     bool started;          /* admitted at least once */
+    int32_t choice;        /* which of the request's n choices (engine_request.n) */
+    ereq *followers;       /* choices 1..n-1 until the prompt is in: then forked */
+    int32_t n_followers;
+    ereq *fnext;           /* next in a leader's followers */
     double t_submit, t_sched, t_first;
 };
 
@@ -93,6 +97,7 @@ struct ekv_engine {
     int32_t n_b_reqs;
     ereq **scratch_reqs;    /* max_running */
     float *logits;          /* logits_rows rows of n_vocab (max_running, more with echo) */
+    float *fork_logits;     /* n_vocab: a follower's copy of its leader's last row */
     int32_t logits_rows;
     ekv_logprob *lp_buf;    /* ENGINE_ECHO_CHUNK + 1 entries (engine_step.c) */
     const model_tap **taps; /* the captures' taps of this batch's sequences */
@@ -134,5 +139,12 @@ void engine_step(ekv_engine *e);
 ekv_status engine_flush_text(ekv_engine *e, ereq *q, bool *stopped, ekv_error *err);
 /* Blocks the pool needs for n tokens of a fresh sequence. */
 int64_t engine_blocks_for(const ekv_engine *e, int32_t n);
+/* q's prompt is in its KV (compressed) and logits holds its last row: gives
+ * each follower a fork of q's KV and its own sampler, puts it in the running
+ * list and samples its first token from a copy of logits (engine.c). */
+void engine_fork_choices(ekv_engine *e, ereq *q, const float *logits);
+/* Samples q's next token from logits (changed in place) and applies the
+ * finish rules; q may be finished on return. */
+void engine_sample_next(ekv_engine *e, ereq *q, float *logits);
 
 #endif

@@ -65,6 +65,7 @@ ekv_status engine_scratch_init(ekv_engine *e, ekv_error *err)
     e->b_reqs = malloc(R * sizeof *e->b_reqs);
     e->scratch_reqs = malloc(R * sizeof *e->scratch_reqs);
     e->logits = malloc(R * (size_t)e->n_vocab * sizeof *e->logits);
+    e->fork_logits = malloc((size_t)e->n_vocab * sizeof *e->fork_logits);
     e->logits_rows = (int32_t)R;
     e->lp_buf = malloc((ENGINE_ECHO_CHUNK + 1) * sizeof *e->lp_buf);
     e->taps = malloc(R * sizeof *e->taps);
@@ -78,7 +79,7 @@ ekv_status engine_scratch_init(ekv_engine *e, ekv_error *err)
     if (!e->b_probe || !e->b_rowq)
         return ekv_error_set(err, EKV_ENOMEM, "engine: out of memory for step buffers");
     if (!e->b_tokens || !e->b_pos || !e->b_seqs || !e->b_want || !e->b_reqs ||
-        !e->scratch_reqs || !e->logits || !e->lp_buf || !e->taps || !e->piece || !e->safe)
+        !e->scratch_reqs || !e->logits || !e->fork_logits || !e->lp_buf || !e->taps || !e->piece || !e->safe)
         return ekv_error_set(err, EKV_ENOMEM, "engine: out of memory for step buffers");
     return EKV_OK;
 }
@@ -92,6 +93,7 @@ void engine_scratch_free(ekv_engine *e)
     free(e->b_reqs);
     free(e->scratch_reqs);
     free(e->logits);
+    free(e->fork_logits);
     free(e->lp_buf);
     free(e->taps);
     free(e->b_probe);
@@ -325,7 +327,7 @@ static bool grammar_take(ekv_engine *e, ereq *q, int32_t id)
 
 /* Samples q's next token from logits and applies generate.c's finish rules
  * in its order: max_tokens, end-of-generation, stop string, context. */
-static void sample_next(ekv_engine *e, ereq *q, float *logits)
+void engine_sample_next(ekv_engine *e, ereq *q, float *logits)
 {
     const gen_params *p = &q->r.params;
     const ekv_tokenizer *tok = model_tokenizer(e->m);
@@ -495,7 +497,9 @@ void engine_step(ekv_engine *e)
             continue;
         if (!scope_step_done(e, q))
             continue;
+        if (logits && q->followers) /* n > 1: the prompt is in; the choices part here */
+            engine_fork_choices(e, q, logits);
         if (logits)
-            sample_next(e, q, logits);
+            engine_sample_next(e, q, logits);
     }
 }

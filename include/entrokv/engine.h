@@ -119,6 +119,18 @@ typedef struct engine_request {
     void (*on_done)(void *ctx, gen_finish finish, const engine_usage *u, ekv_status rc,
                     const char *msg);
     void *ctx;               /* passed to both; valid until on_done returns */
+    /* n choices (0 or 1: one): n continuations of the one prompt. The prompt
+     * is prefilled and compressed once, as one sequence; then its KV is
+     * forked (kv_seq_fork: the blocks are shared, copy-on-write) into n
+     * sequences that decode on their own. Choice i samples with seed
+     * params.sampling.seed + i and its callbacks get ctx choice_ctx[i] (n
+     * pointers, read at submit; required when n > 1, each valid until its
+     * own on_done returns, which comes once per choice). All n share the id
+     * engine_submit gives: engine_cancel ends them all. n <= max_running;
+     * not with params.prompt_logprobs. A preempted choice is recomputed
+     * alone from prompt + its own tokens. */
+    int32_t n;
+    void *const *choice_ctx;
 } engine_request;
 
 typedef struct engine_stats {
@@ -132,6 +144,8 @@ typedef struct engine_stats {
     int64_t kv_bytes_saved_decode;   /* SCOPE */
     uint64_t preemptions;
     uint64_t steps;
+    int64_t kv_blocks_shared;    /* pool blocks held by more than one sequence (n > 1) */
+    uint64_t kv_cow_copies;      /* blocks copied on write since the start */
 } engine_stats;
 
 /* m must outlive the engine; cfg NULL: defaults. EKV_EINVAL for a bad config. */
