@@ -201,3 +201,16 @@ def test_strict_rejects_grpc_budget_above_prompt(server, pb):
     # refused before prefill: no request was accepted into a group
     assert server.stderr().count(" accepted ") == accepted
     still_serving(server)
+
+
+def test_strict_rejects_grpc_unknown_role(server, pb):
+    stub = pb["entrokv_pb2_grpc"].GenerationStub(server.channel)
+    m = pb["entrokv_pb2"]
+    req = m.GenerateRequest(messages=[m.Message(role="wizard", content="Hi")], max_tokens=2)
+    with pytest.raises(grpc.RpcError) as e:
+        list(stub.Generate(req, timeout=60))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value
+    assert "role" in e.value.details()
+    ok = m.GenerateRequest(messages=[m.Message(role="system", content="Be brief."),
+                                     m.Message(role="user", content="Hi")], max_tokens=2)
+    assert len(list(stub.Generate(ok, timeout=60))) >= 1
