@@ -98,13 +98,20 @@ AVX512_FN static void rebuild_avx512(const packed_row *r, int32_t d, const float
     }
     const __m512 vsm = _mm512_set1_ps(r->sm);
     const __m512i sbit = _mm512_set1_epi32((int32_t)0x80000000u);
+    /* head_dim <= 64 (the common case): the whole sign field in one word */
+    uint64_t sw = 0;
+    if (d <= 64)
+        for (size_t b = 0; b < r->sign_bytes; b++)
+            sw |= (uint64_t)r->sign[b] << (8 * b);
     int32_t ki = 0, pi = 0;
     for (int32_t j = 0; j < d; j += 16) {
         const uint32_t keep = (uint32_t)r->mask[j / 8] | (uint32_t)r->mask[j / 8 + 1] << 8;
         const int nk = __builtin_popcount(keep);
         /* the sign bits of the next 16 - nk pruned channels, moved to the
          * pruned lanes */
-        const __mmask16 s = (__mmask16)bits_at(r->sign, r->sign_bytes, pi, 16 - nk);
+        const __mmask16 s =
+            d <= 64 ? (__mmask16)(pi < 64 ? (sw >> pi) & ((1u << (16 - nk)) - 1u) : 0)
+                    : (__mmask16)bits_at(r->sign, r->sign_bytes, pi, 16 - nk);
         const __m512i neg = _mm512_maskz_expand_epi32((__mmask16)~keep,
                                                       _mm512_maskz_mov_epi32(s, sbit));
         const __m512 kv = _mm512_maskz_expandloadu_ps((__mmask16)keep, kept + ki);
@@ -127,12 +134,15 @@ AVX512_INLINE void values_avx512(const kern_kv_view *kv, const float *scores, in
                                  float *out, int out_stride, int32_t j0, const int NC, const int G)
 {
     __m512 acc[KERN_ATTN_GROUP_MAX][4];
+    #pragma GCC unroll 4
     for (int i = 0; i < G; i++)
+        #pragma GCC unroll 4
         for (int c = 0; c < 4; c++)
             acc[i][c] = _mm512_setzero_ps();
     for (int32_t t = 0; t < n; t++) {
         __m512 vp[KERN_ATTN_GROUP_MAX];
         bool any = false;
+        #pragma GCC unroll 4
         for (int i = 0; i < G; i++) {
             const float p = scores[(size_t)i * n + t];
             vp[i] = _mm512_set1_ps(p);
@@ -143,14 +153,18 @@ AVX512_INLINE void values_avx512(const kern_kv_view *kv, const float *scores, in
         const ekv_f16 *v = v_at(kv, t) + j0;
         if (t + 8 < n) /* the rows are scattered across blocks and arrays */
             _mm_prefetch((const char *)(v_at(kv, t + 8) + j0), _MM_HINT_T0);
+        #pragma GCC unroll 4
         for (int c = 0; c < NC; c++) {
             const __m512 vf =
                 _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(v + 16 * c)));
+            #pragma GCC unroll 4
             for (int i = 0; i < G; i++)
                 acc[i][c] = _mm512_fmadd_ps(vp[i], vf, acc[i][c]);
         }
     }
+    #pragma GCC unroll 4
     for (int i = 0; i < G; i++)
+        #pragma GCC unroll 4
         for (int c = 0; c < NC; c++)
             _mm512_storeu_ps(out + (size_t)i * out_stride + j0 + 16 * c, acc[i][c]);
 }
