@@ -120,7 +120,8 @@ typedef struct kern_kv_view {
     const int32_t *const *pos_blocks; /* block_tokens positions each */
     /* NULL, or the first packed->n tokens are packed and token t >= packed->n
      * is token t - packed->n of the blocks. Views with packed tokens take a
-     * scalar path that rebuilds each packed key once per GQA group. */
+     * path that rebuilds each packed key once per GQA group (AVX2/AVX-512,
+     * scalar as the reference). */
     const kern_kv_packed *packed;
 } kern_kv_view;
 
