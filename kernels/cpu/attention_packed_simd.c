@@ -169,6 +169,25 @@ AVX512_INLINE void values_avx512(const kern_kv_view *kv, const float *scores, in
             _mm512_storeu_ps(out + (size_t)i * out_stride + j0 + 16 * c, acc[i][c]);
 }
 
+/* r[k] = the sum of v[k]'s 16 lanes, k < 16, by a fixed tree: 256-bit
+ * halves, then 128-bit quarters, then within quarters; lane 4j + m ends up
+ * holding v[4m + j], which the last permute puts back in order. */
+AVX512_FN static inline __m512 sum16(const __m512 *v)
+{
+    __m512 a[8], b[4];
+    for (int k = 0; k < 8; k++)
+        a[k] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0x44),
+                             _mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0xee));
+    for (int k = 0; k < 4; k++)
+        b[k] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0x88),
+                             _mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0xdd));
+    const __m512 c0 = _mm512_add_ps(_mm512_unpacklo_ps(b[0], b[1]), _mm512_unpackhi_ps(b[0], b[1]));
+    const __m512 c1 = _mm512_add_ps(_mm512_unpacklo_ps(b[2], b[3]), _mm512_unpackhi_ps(b[2], b[3]));
+    const __m512 d = _mm512_add_ps(_mm512_shuffle_ps(c0, c1, 0x44), _mm512_shuffle_ps(c0, c1, 0xee));
+    return _mm512_permutexvar_ps(
+        _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), d);
+}
+
 AVX512_FN static void attend_avx512(const kern_kv_view *kv, const float *Q, int g, int q_stride,
                                     int32_t qpos, float scale, float *out, int out_stride,
                                     float *scores, const kern_attn_probe *pr, int q0)
@@ -178,28 +197,46 @@ AVX512_FN static void attend_avx512(const kern_kv_view *kv, const float *Q, int 
     float k[KERN_PACKED_MAX_DIM], max[KERN_ATTN_GROUP_MAX], inv[KERN_ATTN_GROUP_MAX];
     for (int i = 0; i < KERN_ATTN_GROUP_MAX; i++)
         max[i] = -INFINITY;
-    for (int32_t t = 0; t < n; t++) {
-        if (pos_at(kv, t) > qpos) {
-            for (int i = 0; i < g; i++)
-                scores[(size_t)i * n + t] = -INFINITY;
-            continue;
+    /* a tile of 16 tokens at a time: each token's dot stays a vector of 16
+     * partial sums until sum16 reduces the tile's 16 vectors together
+     * (a fixed tree per token, so a token's score depends on its own
+     * partials only, never on its neighbours or on g) */
+    __m512 part[KERN_ATTN_GROUP_MAX][16];
+    for (int32_t t0 = 0; t0 < n; t0 += 16) {
+        const int cnt = n - t0 < 16 ? (int)(n - t0) : 16;
+        uint32_t vis = 0;
+        for (int tt = 0; tt < 16; tt++) {
+            const int32_t t = t0 + tt;
+            if (tt >= cnt || pos_at(kv, t) > qpos) {
+                for (int i = 0; i < g; i++)
+                    part[i][tt] = _mm512_setzero_ps();
+                continue;
+            }
+            vis |= 1u << tt;
+            if (t < pk->n) {
+                const packed_row r = row_at(pk, t, d);
+                if (t + 8 < pk->n)
+                    _mm_prefetch((const char *)(pk->rows + (size_t)(t + 8) * pk->row_bytes),
+                                 _MM_HINT_T0);
+                rebuild_avx512(&r, d, pk->inv_sqrt_c, k);
+            } else {
+                key_of_block(kv, t, k);
+            }
+            for (int i = 0; i < g; i++) {
+                const float *q = Q + (size_t)i * q_stride;
+                __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q), _mm512_loadu_ps(k));
+                for (int32_t j = 16; j < d; j += 16)
+                    acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + j), _mm512_loadu_ps(k + j), acc);
+                part[i][tt] = acc;
+            }
         }
-        if (t < pk->n) {
-            const packed_row r = row_at(pk, t, d);
-            if (t + 8 < pk->n)
-                _mm_prefetch((const char *)(pk->rows + (size_t)(t + 8) * pk->row_bytes), _MM_HINT_T0);
-            rebuild_avx512(&r, d, pk->inv_sqrt_c, k);
-        } else {
-            key_of_block(kv, t, k);
-        }
+        const __m512 ninf = _mm512_set1_ps(-INFINITY);
         for (int i = 0; i < g; i++) {
-            const float *q = Q + (size_t)i * q_stride;
-            __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q), _mm512_loadu_ps(k));
-            for (int32_t j = 16; j < d; j += 16)
-                acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + j), _mm512_loadu_ps(k + j), acc);
-            const float sc = _mm512_reduce_add_ps(acc) * scale;
-            scores[(size_t)i * n + t] = sc;
-            max[i] = sc > max[i] ? sc : max[i];
+            const __m512 sc = _mm512_mask_blend_ps((__mmask16)vis, ninf,
+                                                   _mm512_mul_ps(sum16(part[i]), _mm512_set1_ps(scale)));
+            _mm512_mask_storeu_ps(scores + (size_t)i * n + t0, (__mmask16)((1u << cnt) - 1u), sc);
+            const float mx = _mm512_reduce_max_ps(sc);
+            max[i] = mx > max[i] ? mx : max[i];
         }
     }
     if (pr && pr->logits)
