@@ -316,6 +316,45 @@ AVX2_FN static float hsum8(__m256 v)
     return _mm_cvtss_f32(s);
 }
 
+/* values_avx512's AVX2 twin: out_i[j0, j0 + 8 NC), NC <= 2, i < G, the
+ * accumulators (at most 8 ymm) in registers across the tokens. */
+#define AVX2_INLINE static inline __attribute__((always_inline, target("avx2,fma,f16c,bmi2")))
+AVX2_INLINE void values_avx2(const kern_kv_view *kv, const float *scores, int32_t n, float *out,
+                             int out_stride, int32_t j0, const int NC, const int G)
+{
+    __m256 acc[KERN_ATTN_GROUP_MAX][2];
+#pragma GCC unroll 4
+    for (int i = 0; i < G; i++)
+#pragma GCC unroll 2
+        for (int c = 0; c < 2; c++)
+            acc[i][c] = _mm256_setzero_ps();
+    for (int32_t t = 0; t < n; t++) {
+        __m256 vp[KERN_ATTN_GROUP_MAX];
+        bool any = false;
+#pragma GCC unroll 4
+        for (int i = 0; i < G; i++) {
+            const float p = scores[(size_t)i * n + t];
+            vp[i] = _mm256_set1_ps(p);
+            any |= p != 0.0f;
+        }
+        if (!any)
+            continue;
+        const ekv_f16 *v = v_at(kv, t) + j0;
+#pragma GCC unroll 2
+        for (int c = 0; c < NC; c++) {
+            const __m256 vf = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v + 8 * c)));
+#pragma GCC unroll 4
+            for (int i = 0; i < G; i++)
+                acc[i][c] = _mm256_fmadd_ps(vp[i], vf, acc[i][c]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < G; i++)
+#pragma GCC unroll 2
+        for (int c = 0; c < NC; c++)
+            _mm256_storeu_ps(out + (size_t)i * out_stride + j0 + 8 * c, acc[i][c]);
+}
+
 AVX2_FN static void attend_avx2(const kern_kv_view *kv, const float *Q, int g, int q_stride,
                                 int32_t qpos, float scale, float *out, int out_stride,
                                 float *scores, const kern_attn_probe *pr, int q0)
@@ -352,24 +391,20 @@ AVX2_FN static void attend_avx2(const kern_kv_view *kv, const float *Q, int g, i
             memcpy(pr->logits + (size_t)(q0 + i) * n, scores + (size_t)i * n,
                    (size_t)n * sizeof *scores);
     kern_attn_softmax_avx2(scores, n, g, max, inv);
-    for (int i = 0; i < g; i++)
-        memset(out + (size_t)i * out_stride, 0, (size_t)d * sizeof *out);
-    for (int32_t t = 0; t < n; t++) {
-        __m256 vp[KERN_ATTN_GROUP_MAX];
-        bool any = false;
-        for (int i = 0; i < g; i++) {
-            const float p = scores[(size_t)i * n + t];
-            vp[i] = _mm256_set1_ps(p);
-            any |= p != 0.0f;
-        }
-        if (!any)
-            continue;
-        const ekv_f16 *v = v_at(kv, t);
-        for (int32_t j = 0; j < d; j += 8) {
-            const __m256 vf = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v + j)));
-            for (int i = 0; i < g; i++) {
-                float *o = out + (size_t)i * out_stride + j;
-                _mm256_storeu_ps(o, _mm256_fmadd_ps(vp[i], vf, _mm256_loadu_ps(o)));
+    for (int32_t j0 = 0; j0 < d; j0 += 16) {
+        if (d - j0 >= 16) {
+            switch (g) {
+            case 1: values_avx2(kv, scores, n, out, out_stride, j0, 2, 1); break;
+            case 2: values_avx2(kv, scores, n, out, out_stride, j0, 2, 2); break;
+            case 3: values_avx2(kv, scores, n, out, out_stride, j0, 2, 3); break;
+            default: values_avx2(kv, scores, n, out, out_stride, j0, 2, 4); break;
+            }
+        } else {
+            switch (g) {
+            case 1: values_avx2(kv, scores, n, out, out_stride, j0, 1, 1); break;
+            case 2: values_avx2(kv, scores, n, out, out_stride, j0, 1, 2); break;
+            case 3: values_avx2(kv, scores, n, out, out_stride, j0, 1, 3); break;
+            default: values_avx2(kv, scores, n, out, out_stride, j0, 1, 4); break;
             }
         }
     }
