@@ -166,6 +166,46 @@ static void test_cancel_ends_every_choice(void)
     free(p.ids);
 }
 
+/* A queued n-request (its choices not yet forked) cancelled: all n end. */
+static void test_cancel_while_queued_ends_every_choice(void)
+{
+    engine_config cfg = small_config(2048, 3, 8);
+    ekv_engine *e = engine_create(g_model, &cfg, NULL);
+    CHECK(e != NULL);
+    if (!e)
+        return;
+    static req_out one, out[N_CHOICES];
+    memset(&one, 0, sizeof one);
+    memset(out, 0, sizeof out);
+    void *ctxs[N_CHOICES];
+    prompt p = topic_prompt(5, "Tell me a long story about %s.");
+    gen_params gp = greedy(400);
+    gp.ignore_eos = true;
+    engine_request r1 = make_request(&p, &gp, &one);
+    uint64_t id1 = 0, id = 0;
+    CHECK_EQ_INT(engine_submit(e, &r1, &id1, NULL), EKV_OK);
+    CHECK(wait_tokens(&one, 1));
+    /* three choices need three running slots: one is taken, so it waits */
+    engine_request r = choices_request(&p, &gp, out, ctxs, N_CHOICES);
+    CHECK_EQ_INT(engine_submit(e, &r, &id, NULL), EKV_OK);
+    engine_stats s;
+    engine_stats_get(e, &s);
+    CHECK_EQ_INT(s.queued, 1);
+    CHECK_EQ_INT(s.running, 1);
+    engine_cancel(e, id);
+    CHECK(wait_done(out, N_CHOICES));
+    for (int i = 0; i < N_CHOICES; i++) {
+        CHECK_EQ_INT(out[i].n_done, 1);
+        CHECK_EQ_INT(out[i].finish, GEN_FINISH_CANCELLED);
+        CHECK_EQ_INT(out[i].n_ids, 0);
+    }
+    engine_cancel(e, id1);
+    CHECK(wait_done(&one, 1));
+    check_idle_pool(e);
+    engine_destroy(e);
+    free(p.ids);
+}
+
 static void test_bad_n_is_refused(void)
 {
     engine_config cfg = small_config(1024, 2, 8);
@@ -203,6 +243,7 @@ int main(int argc, char **argv)
     RUN_TEST(test_seeded_choices_equal_solo_runs_and_share_the_prompt);
     RUN_TEST(test_preempted_choices_still_equal_solo_runs);
     RUN_TEST(test_cancel_ends_every_choice);
+    RUN_TEST(test_cancel_while_queued_ends_every_choice);
     RUN_TEST(test_bad_n_is_refused);
     harness_fini();
     return TEST_EXIT();
