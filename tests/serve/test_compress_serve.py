@@ -46,6 +46,18 @@ def cli_ids(flags):
     return json.loads(out.stdout)
 
 
+def grpc_run(pb, server, **body):
+    """The PROMPT's 40 greedy tokens over gRPC: (token ids, the last usage)."""
+    stub = pb["entrokv_pb2_grpc"].GenerationStub(server.channel)
+    req = pb["entrokv_pb2"].GenerateRequest(prompt=PROMPT, max_tokens=40, temperature=0,
+                                            ignore_eos=True, **body)
+    ids, last = [], None
+    for msg in stub.Generate(req, timeout=120 * (4 if SLOW else 1)):
+        ids += list(msg.token_ids)
+        last = msg
+    return ids, last.usage
+
+
 @pytest.mark.parametrize("body,flags", FIELDS)
 def test_fields_over_http_and_grpc_equal_generate(server, pb, body, flags):
     ref = cli_ids(flags)
@@ -55,16 +67,10 @@ def test_fields_over_http_and_grpc_equal_generate(server, pb, body, flags):
                              extra_body={"ignore_eos": True, **body})
     assert r.choices[0].text == ref["text"]
     assert r.usage.completion_tokens == 40
-    stub = pb["entrokv_pb2_grpc"].GenerationStub(server.channel)
-    req = pb["entrokv_pb2"].GenerateRequest(prompt=PROMPT, max_tokens=40, temperature=0,
-                                            ignore_eos=True, **body)
-    ids, last = [], None
-    for msg in stub.Generate(req, timeout=120 * (4 if SLOW else 1)):
-        ids += list(msg.token_ids)
-        last = msg
+    ids, usage = grpc_run(pb, server, **body)
     assert ids == ref["token_ids"]
-    assert last.usage.kv_bytes == ref["kv_bytes"]
-    assert last.usage.kv_bytes < last.usage.kv_bytes_full
+    assert usage.kv_bytes == ref["kv_bytes"]
+    assert usage.kv_bytes < usage.kv_bytes_full
 
 
 BAD = [
@@ -103,21 +109,10 @@ def test_server_default_kv_policy_applies_to_requests_that_name_none(pb):
     s = Server("--ctx", "512", "--kv-tokens", "4096", "--kvstore-mb", "0",
                "--kv-method", "snapkv", "--kv-budget", "0.25")
     try:
-        stub = pb["entrokv_pb2_grpc"].GenerationStub(s.channel)
-
-        def run(**body):
-            req = pb["entrokv_pb2"].GenerateRequest(prompt=PROMPT, max_tokens=40, temperature=0,
-                                                    ignore_eos=True, **body)
-            ids, last = [], None
-            for msg in stub.Generate(req, timeout=120 * (4 if SLOW else 1)):
-                ids += list(msg.token_ids)
-                last = msg
-            return ids, last.usage
-
-        ids, usage = run()
+        ids, usage = grpc_run(pb, s)
         assert ids == ref["token_ids"] and usage.kv_bytes == ref["kv_bytes"]
         assert usage.kv_bytes < usage.kv_bytes_full
-        _, full = run(kv_method="full")
+        _, full = grpc_run(pb, s, kv_method="full")
         assert full.kv_bytes == full.kv_bytes_full
         c = openai.OpenAI(base_url=s.http + "/v1", api_key="unused", max_retries=0,
                           timeout=120 * (4 if SLOW else 1))
