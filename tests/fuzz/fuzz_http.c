@@ -52,6 +52,7 @@ typedef struct fake_engine {
 static fake_engine eng = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
 static ekv_http *http;
 static int port;
+static int devnull = -1, real_stderr = -1;
 
 static ekv_status fake_submit(void *impl, const engine_request *r, uint64_t *id, ekv_error *err)
 {
@@ -121,15 +122,15 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     if (pthread_create(&t, NULL, engine_main, &eng))
         exit(1);
     pthread_detach(t);
-    /* the coordinator logs a line per request: keep them off the fuzzer's
-     * output, sanitizer reports on a copy of the real stderr */
-    int real_stderr = dup(2), devnull = open("/dev/null", O_WRONLY);
+    /* the coordinator logs lines per request to fd 2: each input sends fd 2
+     * to /dev/null while it runs (libFuzzer's own output, between inputs,
+     * keeps the real stderr); sanitizer reports go to a copy of it */
+    real_stderr = dup(2);
+    devnull = open("/dev/null", O_WRONLY);
     if (real_stderr < 0 || devnull < 0)
         exit(1);
     if (__sanitizer_set_report_fd)
         __sanitizer_set_report_fd((void *)(intptr_t)real_stderr);
-    dup2(devnull, 2);
-    close(devnull);
     return 0;
 }
 
@@ -147,6 +148,7 @@ static int connect_server(void)
         struct timespec pause = {0, 10000000};
         nanosleep(&pause, NULL);
     }
+    dup2(real_stderr, 2);
     fprintf(stderr, "fuzz_http: the server stopped accepting connections\n");
     abort();
 }
@@ -170,6 +172,7 @@ static void check_response(const char *buf, size_t n)
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
+    dup2(devnull, 2);
     int fd = connect_server();
     size_t off = 0;
     while (off < size) {
@@ -199,6 +202,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             break;
     }
     close(fd);
+    dup2(real_stderr, 2);
     check_response(buf, n);
     return 0;
 }
