@@ -15,6 +15,49 @@ static bool json_ws(unsigned char b)
     return b == ' ' || b == '\t' || b == '\n' || b == '\r';
 }
 
+static bool is_digit(unsigned char b)
+{
+    return b >= '0' && b <= '9';
+}
+
+/* The length of the number RFC 8259 section 6 allows at p
+ * (-? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?), 0 when p does
+ * not start one. cJSON hands every run of [0-9+-.eE] to strtod, which also
+ * takes 01, 1., -.5 and 1.e5; those are refused here. */
+static size_t number_len(const unsigned char *p, size_t n)
+{
+    size_t i = 0;
+    if (i < n && p[i] == '-')
+        i++;
+    if (i < n && p[i] == '0')
+        i++;
+    else if (i < n && is_digit(p[i]))
+        while (i < n && is_digit(p[i]))
+            i++;
+    else
+        return 0;
+    if (i < n && p[i] == '.') {
+        if (++i >= n || !is_digit(p[i]))
+            return 0;
+        while (i < n && is_digit(p[i]))
+            i++;
+    }
+    if (i < n && (p[i] == 'e' || p[i] == 'E')) {
+        if (++i < n && (p[i] == '+' || p[i] == '-'))
+            i++;
+        if (i >= n || !is_digit(p[i]))
+            return 0;
+        while (i < n && is_digit(p[i]))
+            i++;
+    }
+    return i;
+}
+
+static bool number_char(unsigned char b)
+{
+    return is_digit(b) || b == '-' || b == '+' || b == '.' || b == 'e' || b == 'E';
+}
+
 /* Raw control characters: never inside a string (RFC 8259 section 7), and
  * outside one only the four whitespace bytes. The scan follows string state
  * through escapes; on a body that is not JSON it may misjudge, but then the
@@ -38,6 +81,18 @@ static ekv_status check_controls(const char *body, size_t len, ekv_error *err)
                 in_str = false;
         } else if (b == '"') {
             in_str = true;
+        } else if (b != 'e' && b != 'E' && number_char(b) &&
+                   (i == 0 || !number_char((unsigned char)body[i - 1]))) {
+            /* outside strings, a run of these bytes that does not start with
+             * a letter is a number (true and false hold an 'e', never first) */
+            size_t run = i;
+            while (run < len && number_char((unsigned char)body[run]))
+                run++;
+            if (number_len((const unsigned char *)body + i, run - i) != run - i)
+                return ekv_error_set(err, EKV_EINVAL,
+                                     "the body has a malformed number '%.*s' at byte %zu",
+                                     (int)(run - i > 24 ? 24 : run - i), body + i, i);
+            i = run - 1;
         } else if (b < 0x20 && !json_ws(b)) {
             return ekv_error_set(err, EKV_EINVAL,
                                  "the body has a control character U+%04X at byte %zu", b, i);

@@ -322,6 +322,18 @@ static void test_strict_json(void)
                    "role");
     expect_invalid(OAI_COMPLETIONS, "{" PROMPT_X ", \"logit_bias\": {\"1\": 1, \"1\": 2}}",
                    "repeats");
+    /* numbers as RFC 8259 section 6 writes them, and what strtod alone takes */
+    expect_ok(OAI_COMPLETIONS, "{" PROMPT_X ", \"max_tokens\": 2, \"temperature\": 0.5e0, "
+                               "\"top_p\": 1E-0, \"seed\": 0, \"echo\": false, \"user\": \"e1\"}");
+    expect_ok(OAI_COMPLETIONS, "{" PROMPT_X ", \"logit_bias\": {\"1\": -0.25, \"2\": 1e+1}}");
+    const char *bad_numbers[] = {"01", "1.", "-.5", ".5", "+1", "1.e5", "1e", "1e+", "--1", "-",
+                                 "0x1", "1.5.5", "1e5e5", "00"};
+    for (size_t i = 0; i < sizeof bad_numbers / sizeof *bad_numbers; i++) {
+        char body[96];
+        snprintf(body, sizeof body, "{" PROMPT_X ", \"max_tokens\": %s}", bad_numbers[i]);
+        /* some (0x1) cJSON refuses itself as "not valid JSON"; the rest name the number */
+        expect_invalid(OAI_COMPLETIONS, body, strchr(bad_numbers[i], 'x') ? "JSON" : "number");
+    }
     /* not JSON at all */
     expect_invalid_n(OAI_COMPLETIONS, "", 0, "JSON");
     expect_invalid(OAI_COMPLETIONS, "   ", "JSON");
