@@ -421,6 +421,9 @@ static ekv_status parse_options(oai_request *r, ekv_error *err)
     const cJSON *so = cJSON_GetObjectItemCaseSensitive(o, "stream_options");
     if (so && !cJSON_IsNull(so) && !cJSON_IsObject(so))
         return bad_type(err, "stream_options", "an object");
+    if (so && !cJSON_IsNull(so) && !r->stream) /* as OpenAI answers it */
+        return ekv_error_set(err, EKV_EINVAL,
+                             "'stream_options' is only allowed when 'stream' is true");
     static const char *const so_fields[] = {"include_usage", NULL};
     if (cJSON_IsObject(so) &&
         ((rc = check_fields(so, so_fields, "stream_options", err)) ||

@@ -306,7 +306,7 @@ REFUSED = [
     ("chat/completions", CHAT, "web_search_options", {}),
     ("chat/completions", CHAT, "n", 3),
     ("chat/completions", CHAT, "top_logprobs", 3),   # without logprobs: true
-    ("chat/completions", CHAT, "stream_options", {"include_obfuscation": True}),
+    ("chat/completions", dict(CHAT, stream=True), "stream_options", {"include_obfuscation": True}),
 ]
 
 

@@ -322,6 +322,12 @@ static void test_strict_json(void)
                    "role");
     expect_invalid(OAI_COMPLETIONS, "{" PROMPT_X ", \"logit_bias\": {\"1\": 1, \"1\": 2}}",
                    "repeats");
+    /* stream_options without streaming (OpenAI refuses it too); null is unset */
+    expect_invalid(OAI_COMPLETIONS, "{" PROMPT_X ", \"stream_options\": {\"include_usage\": true}}",
+                   "only allowed when 'stream'");
+    expect_invalid(OAI_CHAT, "{" CHAT_X ", \"stream\": false, \"stream_options\": {}}",
+                   "only allowed when 'stream'");
+    expect_ok(OAI_COMPLETIONS, "{" PROMPT_X ", \"stream_options\": null}");
     /* numbers as RFC 8259 section 6 writes them, and what strtod alone takes */
     expect_ok(OAI_COMPLETIONS, "{" PROMPT_X ", \"max_tokens\": 2, \"temperature\": 0.5e0, "
                                "\"top_p\": 1E-0, \"seed\": 0, \"echo\": false, \"user\": \"e1\"}");
