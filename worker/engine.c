@@ -153,6 +153,12 @@ static ekv_status request_check(const ekv_engine *e, const engine_request *r, ek
     if (r->kv.method != KVC_FULL && !(isfinite(r->kv.budget) && r->kv.budget > 0))
         return ekv_error_set(err, EKV_EINVAL, "kv budget %g must be > 0 and finite",
                              r->kv.budget);
+    /* an absolute budget above the prompt fails here, not after its prefill
+     * (the coordinator checks it too; a direct Worker.Generate relies on this) */
+    int32_t kept;
+    ekv_status rc_budget = kvc_policy_mean_tokens(&r->kv, r->n_prompt, &kept, err);
+    if (rc_budget)
+        return rc_budget;
     return kvc_policy_check(&r->kv, err);
 }
 

@@ -291,6 +291,18 @@ static void test_invalid_requests_are_refused(void)
     r.kv.method = KVC_SNAPKV;
     r.kv.budget = 0;
     CHECK_EQ_INT(submit_status(e, r, "budget"), EKV_EINVAL);
+    r = ok; /* 9 tokens per head of an 8-token prompt: refused now, not after prefill */
+    r.kv.method = KVC_SNAPKV;
+    r.kv.budget = 9;
+    CHECK_EQ_INT(submit_status(e, r, "exceeds the prompt"), EKV_ERANGE);
+    static req_out at_prompt; /* a budget equal to the prompt is fine */
+    memset(&at_prompt, 0, sizeof at_prompt);
+    r = make_request(&p, &gp, &at_prompt);
+    r.kv.method = KVC_SNAPKV;
+    r.kv.budget = 8;
+    CHECK_EQ_INT(submit_status(e, r, NULL), EKV_OK);
+    CHECK(wait_done(&at_prompt, 1));
+    CHECK_EQ_INT(at_prompt.rc, EKV_OK);
     CHECK_EQ_INT(engine_submit(e, NULL, NULL, NULL), EKV_EINVAL);
 
     /* nothing refused ever reaches on_done; the valid one does, once */
