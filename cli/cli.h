@@ -58,7 +58,7 @@ typedef struct cli_kv_opts {
     "  --kv-budget B         fraction of the prompt (0.1) or tokens per head (128); default 1\n" \
     "  --kv-profile P        UNComp head-group profile, or 'none' for online entropy\n"    \
     "  --decode-method D     decode compression: none, scope-slide, scope-adaptive,\n"       \
-    "                        scope-discontinuous (SCOPE), recent (baseline); default none\n" \
+    "                        scope-discontinuous (SCOPE), recent, h2o (baselines); default none\n" \
     "  --scope-recent R      SCOPE recent window (default 256)\n"                             \
     "  --scope-window W      SCOPE decode budget incl. R (default 512)\n"                     \
     "  --spark-ratio r       SparK: fraction of key channels pruned per prompt token\n"       \

@@ -20,7 +20,7 @@ static void usage(FILE *out)
 {
     fprintf(out,
             "usage: entrokv eval ppl|longgen|passkey|sweep --model PATH [flags]\n"
-            "  ppl:     --text FILE --prefix N --continue M [--windows W]\n"
+            "  ppl:     --text FILE[,FILE...] --prefix N --continue M [--windows W]\n"
             "           prefill N tokens, compress, teacher-force M more: perplexity (and its\n"
             "           ratio to full KV), mean KL to full KV, top-1 agreement\n"
             "  longgen: --text FILE --prefix N --continue M\n"
@@ -31,8 +31,11 @@ static void usage(FILE *out)
             "           a random number hidden in real text at depth D; accuracy over trials\n"
             "  sweep:   every method at budgets 5%%,10%%,20%%,50%%,100%% on both tasks;\n"
             "           --out DIR gets sweep.csv and sweep.png (defaults: 4k contexts)\n"
+            "  several --text files (ppl, longgen, sweep): W windows of each, averaged\n"
             "  --methods a,b,...     streaming, snapkv, pyramidkv, uncomp, uncomp-online\n"
-            "                        (default: all; full KV is always the reference)\n"
+            "                        (default: all; full KV is always the reference);\n"
+            "                        a method may carry +DECODE and +sparkR (+sparkRz: zero\n"
+            "                        fill): snapkv+spark0.5, full+h2o, uncomp+spark0.8z\n"
             "  --budgets b,...       fractions or tokens per head (default 0.05,0.1,0.2,0.5,1)\n"
             "  --kv-method M --kv-budget B   one policy instead of the lists\n"
             "  --kv-profile P        UNComp profile for 'uncomp' (default profiles/<model>.uncomp)\n"
@@ -215,16 +218,17 @@ static int sweep_write(const eval_opts *o, const eval_policy *pols, int n_pols,
     }
     const int total = o->trials * o->n_depths;
     fprintf(f, "method,budget,kv_bytes_ppl,kv_fraction_ppl,ppl_ratio,kl,top1,kv_bytes_passkey,"
-               "passkey_accuracy\n");
+               "passkey_accuracy,kv_bytes_held\n");
     fprintf(stderr, "\n%-14s %7s %12s %8s %10s %8s %7s %8s\n", "method", "budget", "KV MiB/seq",
             "KV frac", "ppl ratio", "KL", "top-1", "passkey");
     for (int i = 0; i < n_pols; i++) {
         const double budget = pols[i].p.method == KVC_FULL ? 1.0 : pols[i].p.budget;
         const double frac = ppl[i].kv_bytes_full ? (double)ppl[i].kv_bytes / ppl[i].kv_bytes_full
                                                  : 1.0;
-        fprintf(f, "%s,%g,%lld,%.4f,%.5f,%.5f,%.4f,%lld,%.4f\n", pols[i].label, budget,
+        fprintf(f, "%s,%g,%lld,%.4f,%.5f,%.5f,%.4f,%lld,%.4f,%.0f\n", pols[i].label, budget,
                 (long long)ppl[i].kv_bytes, frac, ppl[i].ppl, ppl[i].kl, ppl[i].top1,
-                (long long)pk[i].kv_bytes, (double)pk[i].passkey_ok / total);
+                (long long)pk[i].kv_bytes, (double)pk[i].passkey_ok / total,
+                ppl[i].kv_bytes_mean);
         fprintf(stderr, "%-14s %7g %12.2f %8.3f %10.4f %8.4f %7.3f %8.2f\n", pols[i].label, budget,
                 ppl[i].kv_bytes / 1048576.0, frac, ppl[i].ppl, ppl[i].kl, ppl[i].top1,
                 (double)pk[i].passkey_ok / total);
@@ -268,6 +272,8 @@ int cmd_eval(int argc, char **argv)
     ekv_runtime *rt = NULL;
     int32_t *text = NULL, *filler = NULL;
     size_t n_text = 0, n_filler = 0;
+    char *texts = strdup(o.text), *next = NULL; /* a comma-separated list */
+    int n_texts = 0;
     eval_policy *pols = calloc(MAX_POLICIES, sizeof *pols);
     eval_metrics *ppl = calloc(MAX_POLICIES, sizeof *ppl), *pk = calloc(MAX_POLICIES, sizeof *pk);
     int n_pols = 0;
@@ -282,16 +288,13 @@ int cmd_eval(int argc, char **argv)
     const int longgen = !strcmp(task, "longgen");
     const int want_ppl = sweep || longgen || !strcmp(task, "ppl"),
               want_pk = sweep || !strcmp(task, "passkey");
-    if (want_ppl && (rc = load_tokens(m, o.text, &text, &n_text)))
+    if (!texts)
         goto out;
-    if (want_pk && (rc = load_tokens(m, o.filler ? o.filler : o.text, &filler, &n_filler)))
+    char first[4096]; /* passkey's filler defaults to the first text */
+    snprintf(first, sizeof first, "%.*s", (int)strcspn(o.text, ","), o.text);
+    if (want_pk && (rc = load_tokens(m, o.filler ? o.filler : first, &filler, &n_filler)))
         goto out;
     rc = CLI_USAGE;
-    if (want_ppl && n_text < (size_t)(o.prefix + o.cont + 1)) {
-        cli_error("eval", "%s has %zu tokens; --prefix + --continue + 1 = %d", o.text, n_text,
-                  o.prefix + o.cont + 1);
-        goto out;
-    }
     if (want_pk && n_filler < 64) {
         cli_error("eval", "the filler text is too short (%zu tokens)", n_filler);
         goto out;
@@ -303,13 +306,37 @@ int cmd_eval(int argc, char **argv)
         goto out;
     }
     rc = CLI_OK;
-    if (longgen) { /* the text's first prefix tokens, then the model's own continuation */
+    if (longgen)
         o.windows = 1;
-        if ((rc = own_continuation(&o, m, rt, text, &n_text)))
+    for (char *t = strtok_r(texts, ",", &next); want_ppl && t && !rc;
+         t = strtok_r(NULL, ",", &next)) {
+        free(text);
+        text = NULL;
+        if ((rc = load_tokens(m, t, &text, &n_text)))
             goto out;
-    }
-    if (want_ppl)
+        if (n_text < (size_t)(o.prefix + o.cont + 1)) {
+            cli_error("eval", "%s has %zu tokens; --prefix + --continue + 1 = %d", t, n_text,
+                      o.prefix + o.cont + 1);
+            rc = CLI_USAGE;
+            goto out;
+        }
+        /* longgen: the text's first prefix tokens, then the model's own continuation */
+        if (longgen && (rc = own_continuation(&o, m, rt, text, &n_text)))
+            goto out;
+        o.text_now = t;
         rc = eval_run_ppl(&o, rt, text, (int32_t)n_text, pols, n_pols, ppl, 1);
+        n_texts++;
+    }
+    for (int i = 0; i < n_pols && n_texts > 1; i++) { /* each text counts once */
+        ppl[i].ppl /= n_texts;
+        ppl[i].kl /= n_texts;
+        ppl[i].top1 /= n_texts;
+        ppl[i].kv_bytes /= n_texts;
+        ppl[i].kv_bytes_full /= n_texts;
+        ppl[i].kv_bytes_mean /= n_texts;
+        ppl[i].kv_bytes_end /= n_texts;
+        ppl[i].compress_s /= n_texts;
+    }
     if (!rc && want_pk)
         rc = eval_run_passkey(&o, rt, filler, (int32_t)n_filler, pols, n_pols, pk, 1);
     if (!rc && sweep)
@@ -319,6 +346,7 @@ out:
     kvc_profile_free(o.profile);
     model_free(m);
     free(text);
+    free(texts);
     free(filler);
     free(pols);
     free(ppl);

@@ -112,9 +112,8 @@ static void scope_probe_fn(void *ctx, int32_t layer, int32_t row, int32_t kv_hea
                            const float *logits, const float *probs, int32_t n_q, int32_t n_tokens)
 {
     (void)row;
-    (void)probs;
     void **sp = ctx; /* {scope, seq} */
-    kvc_scope_observe(sp[0], sp[1], layer, kv_head, logits, n_q, n_tokens);
+    kvc_scope_observe(sp[0], sp[1], layer, kv_head, logits, probs, n_q, n_tokens);
 }
 
 /* The mean of what s holds after each of the next n appended tokens, with

@@ -15,6 +15,7 @@
 
 typedef struct eval_opts {
     const char *model, *text, *filler, *out_dir;
+    const char *text_now;                /* ppl/longgen: the file of this run (JSON "text") */
     int32_t prefix, cont, windows;       /* ppl */
     int32_t context, trials;             /* passkey */
     double depths[EVAL_MAX_LIST];

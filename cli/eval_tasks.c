@@ -42,6 +42,39 @@ static void progress_draw(void *ctx, int done_in_task)
 
 /* ---- policies: full first, then every method x budget ---- */
 
+/* A --methods entry "base[+decode][+sparkR[z]]" ("snapkv+spark0.5",
+ * "full+h2o", "uncomp+spark0.8z"): the token method's name into base and
+ * what the suffixes set into decode and spark (left as given otherwise), so
+ * one run compares compositions on the same prompts. */
+static int split_method(const char *name, char *base, size_t cap, kvc_decode_policy *decode,
+                        kvc_spark_policy *spark, const eval_opts *o)
+{
+    const char *plus = strchr(name, '+');
+    const size_t len = plus ? (size_t)(plus - name) : strlen(name);
+    snprintf(base, cap, "%.*s", (int)len, name);
+    ekv_error err = {0};
+    for (const char *p = plus; p && *p == '+';) {
+        const char *end = strchr(p + 1, '+');
+        char part[32];
+        snprintf(part, sizeof part, "%.*s", (int)(end ? end - p - 1 : (long)strlen(p + 1)), p + 1);
+        if (!strncmp(part, "spark", 5)) {
+            char *e;
+            const double r = strtod(part + 5, &e);
+            const char *rec = !strcmp(e, "z") ? "zero" : !*e ? "avg" : NULL;
+            if (e == part + 5 || !rec || kvc_spark_parse(r, rec, spark, &err)) {
+                cli_error("eval", "'%s': bad SparK part '%s' (sparkR or sparkRz, R in [0, 1))%s%s",
+                          name, part, err.msg[0] ? ": " : "", err.msg);
+                return CLI_USAGE;
+            }
+        } else if (kvc_decode_parse(part, o->kv.scope_recent, o->kv.scope_window, decode, &err)) {
+            cli_error("eval", "'%s': %s", name, err.msg);
+            return CLI_USAGE;
+        }
+        p = end;
+    }
+    return CLI_OK;
+}
+
 int eval_build_policies(eval_opts *o, const ekv_model *m, eval_policy *pols, int *n_pols)
 {
     int n = 0;
@@ -55,12 +88,17 @@ int eval_build_policies(eval_opts *o, const ekv_model *m, eval_policy *pols, int
         cli_error("eval", "%s", err.msg);
         return CLI_USAGE;
     }
-    const bool extra = decode.mode != KVC_DECODE_NONE || spark.ratio > 0;
     pols[n].p.method = KVC_FULL;
     pols[n].p.budget = 1.0;
     snprintf(pols[n++].label, sizeof pols[0].label, "full");
     for (int mi = 0; mi < o->n_methods; mi++) {
-        const char *name = o->methods[mi];
+        char name[32];
+        kvc_decode_policy own_decode = decode;
+        kvc_spark_policy own_spark = spark;
+        const int composed = strchr(o->methods[mi], '+') != NULL;
+        if (split_method(o->methods[mi], name, sizeof name, &own_decode, &own_spark, o))
+            return CLI_USAGE;
+        const bool extra = own_decode.mode != KVC_DECODE_NONE || own_spark.ratio > 0;
         const int online = !strcmp(name, "uncomp-online");
         for (int bi = 0; bi < o->n_budgets; bi++) {
             if (n == MAX_POLICIES) {
@@ -89,17 +127,19 @@ int eval_build_policies(eval_opts *o, const ekv_model *m, eval_policy *pols, int
             snprintf(pols[n].label, sizeof pols[0].label, "%s",
                      !online && !strcmp(name, "uncomp") && o->uncomp_is_online ? "uncomp-online"
                                                                                : name);
-            pols[n].p.decode = decode;
-            pols[n].p.spark = spark;
-            if (extra) { /* "snapkv+scope-slide", "full+spark0.8z" */
+            pols[n].p.decode = own_decode;
+            pols[n].p.spark = own_spark;
+            if (composed) { /* as written: "snapkv+spark0.5" */
+                snprintf(pols[n].label, sizeof pols[0].label, "%s", o->methods[mi]);
+            } else if (extra) { /* "snapkv+scope-slide", "full+spark0.8z" */
                 char tail[24] = "";
-                if (decode.mode != KVC_DECODE_NONE)
+                if (own_decode.mode != KVC_DECODE_NONE)
                     snprintf(tail, sizeof tail, "+%s",
-                             kvc_decode_name(decode.mode) +
-                                 (strncmp(kvc_decode_name(decode.mode), "scope-", 6) ? 0 : 6));
-                if (spark.ratio > 0)
+                             kvc_decode_name(own_decode.mode) +
+                                 (strncmp(kvc_decode_name(own_decode.mode), "scope-", 6) ? 0 : 6));
+                if (own_spark.ratio > 0)
                     snprintf(tail + strlen(tail), sizeof tail - strlen(tail), "+spark%g%s",
-                             spark.ratio, spark.recovery == KVC_SPARK_ZERO ? "z" : "");
+                             own_spark.ratio, own_spark.recovery == KVC_SPARK_ZERO ? "z" : "");
                 const size_t used = strlen(pols[n].label);
                 snprintf(pols[n].label + used, sizeof pols[0].label - used, "%s", tail);
             }
@@ -170,6 +210,8 @@ int eval_run_ppl(eval_opts *o, ekv_runtime *rt, const int32_t *tokens, int32_t n
             if (!print)
                 continue;
             cJSON *j = result_json("ppl", &pols[i], &r[i]);
+            if (o->text_now)
+                cJSON_AddStringToObject(j, "text", o->text_now);
             cJSON_AddNumberToObject(j, "window_start", start);
             cJSON_AddNumberToObject(j, "prefix", o->prefix);
             cJSON_AddNumberToObject(j, "continue", o->cont);

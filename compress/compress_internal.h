@@ -127,6 +127,23 @@ float kvc_spark_select(const float *k, const float *c, int32_t head_dim, int32_t
 ekv_status kvc_spark_apply(const kvc_spark_policy *p, kv_seq *seq, const float *sq,
                            int32_t n_window, int32_t n_heads, ekv_error *err);
 
+/* ---- h2o.c: the H2O-style unified eviction baseline behind kvc_scope ---- */
+
+typedef struct kvc_h2o kvc_h2o;
+/* Per (layer, KV head) of seq: accumulated masses from zero, and the packed
+ * prefix that is never a candidate. */
+kvc_h2o *kvc_h2o_create(const kv_seq *seq, ekv_error *err);
+void kvc_h2o_free(kvc_h2o *a);
+/* One decode step of (layer, head), after its attention: adds the sum over
+ * the n_q query heads of probs ([n_q][n_tokens]) to each token's mass; with
+ * keep_total >= 0 then keeps the last `recent` tokens and the top
+ * keep_total - recent others by mass (ties to the older), adding what it
+ * drops to *evicted. n_tokens must be what the head held after the last
+ * call plus one. */
+ekv_status kvc_h2o_observe(kvc_h2o *a, kv_seq *seq, int32_t layer, int32_t head,
+                           const float *probs, int32_t n_q, int32_t n_tokens, int32_t keep_total,
+                           int32_t recent, int64_t *evicted, ekv_error *err);
+
 /* ---- profile.c ---- */
 
 /* HIGH (1) or LOW (0) group of (layer, kv head) in the profile. */

@@ -28,6 +28,10 @@
  * "recent" is a baseline at the same memory as slide: the decode pool keeps
  * only its W newest tokens (a sliding window over generated text, the
  * prefill pool untouched), so SCOPE's selection can be compared with none.
+ * "h2o" is the unified-eviction baseline at the same memory as slide
+ * (h2o.c): accumulated attention mass, prompt and generated tokens ranked
+ * together; it reads every step's probabilities, not only the evicting
+ * steps' logits.
  */
 #include "compress_internal.h"
 
@@ -40,6 +44,7 @@ static const char *const decode_names[KVC_DECODE_N_MODES] = {
     [KVC_DECODE_ADAPTIVE] = "scope-adaptive",
     [KVC_DECODE_DISCONTINUOUS] = "scope-discontinuous",
     [KVC_DECODE_RECENT] = "recent",
+    [KVC_DECODE_H2O] = "h2o",
 };
 
 const char *kvc_decode_name(kvc_decode_mode mode)
@@ -60,7 +65,7 @@ ekv_status kvc_decode_parse(const char *name, int32_t recent, int32_t window,
     if (d->mode == KVC_DECODE_N_MODES)
         return ekv_error_set(err, EKV_EINVAL,
                              "unknown decode method '%.64s' (none, scope-slide, scope-adaptive, "
-                             "scope-discontinuous, recent)",
+                             "scope-discontinuous, recent, h2o)",
                              name);
     if (d->mode == KVC_DECODE_NONE)
         return EKV_OK;
@@ -82,7 +87,7 @@ int32_t kvc_scope_delta(const kvc_decode_policy *d, int32_t t_out)
 
 int32_t kvc_scope_budget(const kvc_decode_policy *d, int32_t delta, int32_t t)
 {
-    if (d->mode == KVC_DECODE_SLIDE || d->mode == KVC_DECODE_RECENT)
+    if (d->mode == KVC_DECODE_SLIDE || d->mode == KVC_DECODE_RECENT || d->mode == KVC_DECODE_H2O)
         return d->window;
     return d->recent + t / delta;
 }
@@ -98,6 +103,7 @@ struct kvc_scope {
     bool evict;        /* this step runs the selection */
     int32_t step_held; /* decode tokens per head this step attends over */
     kvc_scope_stats st;
+    kvc_h2o *h2o;      /* h2o mode: the accumulated masses */
     /* selection scratch */
     struct cand { float s; int32_t i; } *cand;
     int32_t *keep;
@@ -129,6 +135,10 @@ kvc_scope *kvc_scope_create(const kvc_decode_policy *d, const kv_seq *seq, int32
             s->prefill[l * s->HKV + h] = kv_seq_len(seq, l, h);
     s->delta = kvc_scope_delta(d, d->max_new > 0 ? d->max_new : max_new);
     s->st.delta = s->delta;
+    if (d->mode == KVC_DECODE_H2O && !(s->h2o = kvc_h2o_create(seq, err))) {
+        kvc_scope_free(s);
+        return NULL;
+    }
     return s;
 nomem:
     kvc_scope_free(s);
@@ -141,6 +151,7 @@ void kvc_scope_free(kvc_scope *s)
     if (!s)
         return;
     free(s->prefill);
+    kvc_h2o_free(s->h2o);
     free(s->cand);
     free(s->keep);
     free(s->mark);
@@ -186,12 +197,20 @@ static void fail(kvc_scope *s, ekv_status rc, const ekv_error *e)
 }
 
 void kvc_scope_observe(kvc_scope *s, kv_seq *seq, int32_t layer, int32_t head,
-                       const float *logits, int32_t n_q, int32_t n_tokens)
+                       const float *logits, const float *probs, int32_t n_q, int32_t n_tokens)
 {
-    if (!s->evict || s->rc)
+    if (s->rc || (!s->evict && !s->h2o))
         return;
     ekv_error e = {0};
     const int32_t P = s->prefill[layer * s->HKV + head], R = s->d.recent;
+    if (s->h2o) { /* accumulates every step; evicts down to P + W on evicting steps */
+        const ekv_status rc =
+            kvc_h2o_observe(s->h2o, seq, layer, head, probs, n_q, n_tokens,
+                            s->evict ? P + s->budget : -1, R, &s->st.evicted, &e);
+        if (rc)
+            fail(s, rc, &e);
+        return;
+    }
     if (n_tokens != kv_seq_len(seq, layer, head) || n_tokens - P != s->step_held) {
         ekv_error_set(&e, EKV_EINVAL,
                       "scope: layer %d head %d holds %d decode tokens, expected %d", layer, head,

@@ -46,10 +46,9 @@ static void dispatch_tap(void *ctx, int32_t layer, const model_batch *b, const f
 static void dispatch_probe(void *ctx, int32_t layer, int32_t row, int32_t kv_head,
                            const float *logits, const float *probs, int32_t n_q, int32_t n_tokens)
 {
-    (void)probs;
     const ekv_engine *e = ctx;
     ereq *q = e->b_rowq[row];
-    kvc_scope_observe(q->scope, q->seq, layer, kv_head, logits, n_q, n_tokens);
+    kvc_scope_observe(q->scope, q->seq, layer, kv_head, logits, probs, n_q, n_tokens);
 }
 
 ekv_status engine_scratch_init(ekv_engine *e, ekv_error *err)

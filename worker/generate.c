@@ -120,9 +120,8 @@ static void scope_probe_fn(void *ctx, int32_t layer, int32_t row, int32_t kv_hea
                            const float *logits, const float *probs, int32_t n_q, int32_t n_tokens)
 {
     (void)row;
-    (void)probs;
     scope_probe *sp = ctx;
-    kvc_scope_observe(sp->scope, sp->seq, layer, kv_head, logits, n_q, n_tokens);
+    kvc_scope_observe(sp->scope, sp->seq, layer, kv_head, logits, probs, n_q, n_tokens);
 }
 
 ekv_status gen_run(ekv_runtime *rt, kv_pool *kv, const int32_t *prompt, int32_t n_prompt,

@@ -50,6 +50,8 @@ typedef enum kvc_decode_mode {
     KVC_DECODE_ADAPTIVE,      /* B(t) = recent + t / delta, top-k every step */
     KVC_DECODE_DISCONTINUOUS, /* B(t) as adaptive, top-k once every delta + 1 steps */
     KVC_DECODE_RECENT,        /* baseline: B = window, the newest decode tokens only */
+    KVC_DECODE_H2O,           /* baseline: P + window tokens per head, unified top by
+                               * accumulated attention mass (prompt tokens evictable) */
     KVC_DECODE_N_MODES
 } kvc_decode_mode;
 
@@ -103,7 +105,7 @@ ekv_status kvc_policy_check(const kvc_policy *p, ekv_error *err);
  * 32-query window. */
 int32_t kvc_policy_rows(const kvc_policy *p);
 
-/* "none", "scope-slide", "scope-adaptive", "scope-discontinuous", "recent"; NULL for
+/* "none", "scope-slide", "scope-adaptive", "scope-discontinuous", "recent", "h2o"; NULL for
  * an out-of-range mode. */
 const char *kvc_decode_name(kvc_decode_mode mode);
 
@@ -136,11 +138,13 @@ void kvc_scope_begin(kvc_scope *s, int32_t t);
 /* model_probe's fn for this sequence's row (model.h): after the step's
  * attention of (layer, head), keeps the prefill pool, the top B(t) - R
  * candidates by this step's logit (max over the head's query heads; ties
- * to the older token) and the last R tokens. Evicted tokens go to the
- * pool's eviction hook (kv_seq_keep). A failure is kept for
- * kvc_scope_status. */
+ * to the older token) and the last R tokens. h2o instead adds the step's
+ * probabilities (summed over the query heads) to each token's mass, every
+ * step, and on evicting steps keeps the last R and the top P + W - R of
+ * all others by mass. Evicted tokens go to the pool's eviction hook
+ * (kv_seq_keep). A failure is kept for kvc_scope_status. */
 void kvc_scope_observe(kvc_scope *s, kv_seq *seq, int32_t layer, int32_t head,
-                       const float *logits, int32_t n_q, int32_t n_tokens);
+                       const float *logits, const float *probs, int32_t n_q, int32_t n_tokens);
 
 /* The first error kvc_scope_observe met (EKV_OK: none). */
 ekv_status kvc_scope_status(const kvc_scope *s, ekv_error *err);

@@ -134,5 +134,29 @@ else
     echo "FAIL eval_ppl: $(tail -c 300 "$tmp/err")"; fails=$((fails + 1))
 fi
 
+# composed methods (one run compares token policy, SparK and decode policy on
+# the same prompts) over two texts: labels as written, one row per text and
+# policy, SparK below its token policy's bytes, h2o/recent at one memory
+expect eval_bad_spark_part 2 "bad SparK part" -- "$bin" eval ppl --model "$model" --text $lic --prefix 300 --continue 16 --methods snapkv+spark1.5
+expect eval_bad_decode_part 2 "unknown decode method" -- "$bin" eval ppl --model "$model" --text $lic --prefix 300 --continue 16 --methods full+h3o
+if "$bin" eval ppl --model "$model" --text $lic,/usr/share/common-licenses/Apache-2.0 --prefix 300 \
+    --continue 40 --methods snapkv,snapkv+spark0.5,snapkv+spark0.8z,full+h2o,full+recent \
+    --budgets 0.5 --scope-recent 4 --scope-window 12 2>"$tmp/err" | python3 -c '
+import json, sys
+rows = [json.loads(l) for l in sys.stdin]
+names = ["full", "snapkv", "snapkv+spark0.5", "snapkv+spark0.8z", "full+h2o", "full+recent"]
+assert [r["method"] for r in rows] == names * 2, [r["method"] for r in rows]
+assert len({r["text"] for r in rows}) == 2, rows
+for t in range(2):
+    by = {r["method"]: r for r in rows[6 * t: 6 * t + 6]}
+    assert by["snapkv+spark0.5"]["kv_bytes"] < by["snapkv"]["kv_bytes"], by
+    assert by["snapkv+spark0.8z"]["kv_bytes"] < by["snapkv+spark0.5"]["kv_bytes"], by
+    assert by["full+h2o"]["kv_bytes_end"] == by["full+recent"]["kv_bytes_end"] < by["full"]["kv_bytes_end"], by
+    assert by["full+h2o"]["kl"] > 0, by'; then
+    echo "ok   eval_ppl_composed"
+else
+    echo "FAIL eval_ppl_composed: $(tail -c 300 "$tmp/err")"; fails=$((fails + 1))
+fi
+
 echo "$fails failure(s)"
 [ "$fails" -eq 0 ]

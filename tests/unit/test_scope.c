@@ -234,7 +234,7 @@ static int run_case(const kvc_decode_policy *d, int32_t T, int32_t t_out,
                 const int32_t n = kv_seq_len(seq, l, h);
                 for (int32_t g = 0; g < G; g++)
                     memcpy(compact + (size_t)g * n, logits[h][g], (size_t)n * sizeof(float));
-                kvc_scope_observe(s, seq, l, h, compact, G, n);
+                kvc_scope_observe(s, seq, l, h, compact, compact, G, n);
             }
         }
         CHECK_EQ_INT(kvc_scope_status(s, &err), EKV_OK);
