@@ -33,6 +33,7 @@
 #include <unistd.h>
 
 #include "cli.h"
+#include "serve_security.h"
 #include "entrokv/coordinator.h"
 #include "entrokv/engine.h"
 #include "entrokv/grpc_server.h"
@@ -56,7 +57,9 @@ static void usage_split(FILE *out, serve_mode mode)
                 "  engine flags as for `entrokv serve`: --threads --ctx --kv-tokens\n"
                 "  --max-running --max-queued --max-batch --default-max-tokens\n"
                 "  --drain-grace --drain-timeout --kvstore-mb --kvstore-peers\n"
-                "  --kvstore-token-file --kv-profile --config\n");
+                "  --kvstore-token-file --kv-profile --config\n"
+                "  --tls-cert FILE, --tls-key FILE  the listener speaks TLS only\n"
+                SERVE_SEC_WORKER_USAGE);
     else
         fprintf(out,
                 "usage: entrokv coordinator --model PATH --workers LIST [flags]\n"
@@ -67,8 +70,11 @@ static void usage_split(FILE *out, serve_mode mode)
                 "  --dns-interval S      seconds between lookups of dns: entries (default 10)\n"
                 "  --host, --grpc-port, --http-port, --ctx, --default-max-tokens,\n"
                 "  --kv-method, --kv-budget, --model-name, --drain-grace,\n"
-                "  --drain-timeout, --config\n"
-                "                        as for `entrokv serve`\n");
+                "  --drain-timeout, --config, --tls-cert, --tls-key, --api-key,\n"
+                "  --api-key-file, --http-max-connections, --http-max-per-client,\n"
+                "  --http-timeout\n"
+                "                        as for `entrokv serve`\n"
+                SERVE_SEC_COORD_USAGE);
 }
 
 static void usage(FILE *out)
@@ -107,6 +113,10 @@ static void usage(FILE *out)
             "                        while /readyz already fails (default 5)\n"
             "  --drain-timeout S     seconds after SIGTERM until running streams are cancelled\n"
             "                        (default 30)\n"
+            SERVE_SEC_USAGE
+            "  --worker-port N       also serve the internal Worker service (for a\n"
+            "                        coordinator) on this port; never on --grpc-port\n"
+            SERVE_SEC_WORKER_USAGE
             CLI_CONFIG_USAGE
             "The listening ports are logged on stderr: \"listening grpc=HOST:PORT http=HOST:PORT\".\n");
 }
@@ -124,6 +134,7 @@ typedef struct serve_opts {
     const char *kvstore_ns, *kvstore_ns_key_file; /* namespace (docs/kvstore.md) */
     const char *kv_profile; /* --kv-profile PATH | none */
     float drain_grace, drain_timeout, dns_interval; /* seconds */
+    serve_sec_opts sec;                 /* TLS, API key, HTTP caps (serve_security.h) */
 } serve_opts;
 
 /* --listen HOST:PORT (worker) into host and grpc_port. */
@@ -167,6 +178,13 @@ static const struct {
     {"kvstore-token-file", F_SERVE | F_WORKER},
     {"kv-profile", F_SERVE | F_WORKER},            {"kvstore-namespace", F_SERVE | F_WORKER},
     {"kvstore-namespace-key-file", F_SERVE | F_WORKER},
+    {"tls-cert", F_SERVE | F_WORKER | F_COORD},    {"tls-key", F_SERVE | F_WORKER | F_COORD},
+    {"tls-client-ca", F_SERVE | F_WORKER},         {"tls-ca", F_COORD},
+    {"tls-client-cert", F_COORD},                  {"tls-client-key", F_COORD},
+    {"tls-server-name", F_COORD},                  {"worker-port", F_SERVE},
+    {"api-key", F_SERVE | F_COORD},                {"api-key-file", F_SERVE | F_COORD},
+    {"http-max-connections", F_SERVE | F_COORD},   {"http-max-per-client", F_SERVE | F_COORD},
+    {"http-timeout", F_SERVE | F_COORD},
 };
 #define N_SERVE_FLAGS (sizeof serve_flags / sizeof *serve_flags)
 
@@ -207,9 +225,11 @@ static int parse(int argc, char **argv, serve_mode mode, serve_opts *o)
     o->dns_interval = 10;
     if (mode == MODE_WORKER)
         o->grpc_port = 50061;
+    serve_sec_defaults(&o->sec);
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         bool ok = true;
+        int taken;
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
             if (mode == MODE_SERVE)
                 usage(stdout);
@@ -219,6 +239,8 @@ static int parse(int argc, char **argv, serve_mode mode, serve_opts *o)
         } else if (!mode_allows(mode, a)) {
             cli_error(mode_name[mode], "unknown flag '%s' (see --help)", a);
             return CLI_USAGE;
+        } else if ((taken = serve_sec_take(mode_name[mode], argc, argv, &i, &o->sec))) {
+            ok = taken > 0;
         } else if (!strcmp(a, "--listen")) {
             ok = take_listen(argc, argv, &i, o);
         } else if (!strcmp(a, "--workers")) {
@@ -298,6 +320,15 @@ static int parse(int argc, char **argv, serve_mode mode, serve_opts *o)
         cli_error(mode_name[mode], "--grpc-port and --http-port must differ");
         return CLI_USAGE;
     }
+    const int32_t wp = o->sec.worker_port;
+    if (wp > 0 && (wp == o->grpc_port || wp == o->http_port)) {
+        cli_error(mode_name[mode], "--worker-port must differ from --grpc-port and --http-port");
+        return CLI_USAGE;
+    }
+    if (mode == MODE_SERVE && o->sec.tls_client_ca && wp < 0) {
+        cli_error(mode_name[mode], "--tls-client-ca is for the Worker listener: add --worker-port");
+        return CLI_USAGE;
+    }
     return 0;
 }
 
@@ -311,7 +342,9 @@ typedef struct server {
     ekv_metrics *metrics;
     ekv_coordinator *coord;
     ekv_grpc *grpc;
+    ekv_grpc *worker_grpc;       /* serve --worker-port: the internal Worker service */
     ekv_http *http;
+    serve_sec sec;               /* TLS files and the API key, read at start */
     kvc_profile *profile;        /* the UNComp profile requests use, or NULL */
     metrics_kvstore *kv_metrics; /* set once metrics exist (atomic: the engine reads it) */
 } server;
@@ -331,6 +364,45 @@ static void model_id(const serve_opts *o, char *out, size_t cap)
     snprintf(out, cap, "%.*s", (int)n, base);
 }
 
+/* The public listeners: gRPC (Generation and Health) and HTTP, with TLS and
+ * the API key as the flags say; then the log line the tests and operators
+ * read the ports from. */
+static ekv_status start_public(const serve_opts *o, server *s, ekv_error *err)
+{
+    ekv_grpc_opts go = {.host = o->host, .port = o->grpc_port, .services = EKV_GRPC_GENERATION,
+                        .tls = &s->sec.tls_public, .api_key = &s->sec.api_key};
+    if (!(s->grpc = ekv_grpc_start_opts(s->coord, &go, err)))
+        return err->code;
+    if (o->sec.worker_port >= 0) {
+        ekv_grpc_opts wo = {.host = o->host, .port = o->sec.worker_port,
+                            .services = EKV_GRPC_WORKER, .tls = &s->sec.tls};
+        if (!(s->worker_grpc = ekv_grpc_start_opts(s->coord, &wo, err)))
+            return err->code;
+    }
+    ekv_http_opts ho;
+    ekv_http_opts_default(&ho);
+    ho.host = o->host;
+    ho.port = o->http_port;
+    ho.tls = &s->sec.tls_public;
+    ho.api_key = &s->sec.api_key;
+    ho.max_connections = (unsigned)o->sec.http_max_connections;
+    ho.max_per_client = (unsigned)o->sec.http_max_per_client;
+    ho.timeout_s = (unsigned)o->sec.http_timeout;
+    if (!(s->http = ekv_http_start_opts(s->coord, &ho, err)))
+        return err->code;
+    char worker[160] = "";
+    if (s->worker_grpc)
+        snprintf(worker, sizeof worker, " worker=%s:%d", o->host, ekv_grpc_port(s->worker_grpc));
+    coord_log("listening grpc=%s:%d http=%s:%d%s", o->host, ekv_grpc_port(s->grpc), o->host,
+              ekv_http_port(s->http), worker);
+    coord_log("security: tls=%s api_key=%s worker_client_certs=%s http_timeout=%ds "
+              "http_max_per_client=%d",
+              ekv_tls_server_on(&s->sec.tls) ? "on" : "off", s->sec.api_key.set ? "on" : "off",
+              s->sec.tls.client_ca_pem ? "required" : "no", o->sec.http_timeout,
+              o->sec.http_max_per_client);
+    return EKV_OK;
+}
+
 static ekv_status start_coordinator(const serve_opts *o, server *s, int32_t ctx, ekv_error *err)
 {
     s->metrics = metrics_create();
@@ -348,16 +420,12 @@ static ekv_status start_coordinator(const serve_opts *o, server *s, int32_t ctx,
     s->coord = coord_create(model_tokenizer(s->model), &cc, s->metrics, err);
     if (!s->coord)
         return err->code;
+    coord_set_worker_tls(s->coord, &s->sec.worker_tls);
     if (coord_add_workers(s->coord, o->workers, o->dns_interval, err))
         return err->code;
-    s->grpc = ekv_grpc_start(s->coord, o->host, o->grpc_port, err);
-    s->http = s->grpc ? ekv_http_start(s->coord, o->host, o->http_port, err) : NULL;
-    if (!s->http)
-        return err->code;
-    coord_log("coordinator: model=\"%s\" ctx=%d workers=%s", name, ctx, o->workers);
-    coord_log("listening grpc=%s:%d http=%s:%d", o->host, ekv_grpc_port(s->grpc), o->host,
-              ekv_http_port(s->http));
-    return EKV_OK;
+    coord_log("coordinator: model=\"%s\" ctx=%d workers=%s (%s)", name, ctx, o->workers,
+              s->sec.worker_tls.ca_pem ? "TLS" : "plaintext");
+    return start_public(o, s, err);
 }
 
 /* ---- the KV store tier ---- */
@@ -534,21 +602,21 @@ static ekv_status start(const serve_opts *o, server *s, ekv_error *err)
     s->coord = coord_create(model_tokenizer(s->model), &cc, s->metrics, err);
     if (!s->coord || coord_add_engine(s->coord, "local", s->engine, err))
         return err->code ? err->code : EKV_EINVAL;
-    s->grpc = ekv_grpc_start(s->coord, o->host, o->grpc_port, err);
-    if (!s->grpc)
-        return err->code;
     coord_log("%s: model=\"%s\" ctx=%d kv_tokens=%d max_running=%d max_queued=%d uncomp=%s",
               mode_name[o->mode], cc.model_name, ctx, ec.kv_tokens, ec.max_running,
               ec.max_queued, s->profile ? "profile" : "online");
-    if (o->mode == MODE_WORKER) {
-        coord_log("listening grpc=%s:%d", o->host, ekv_grpc_port(s->grpc));
-        return EKV_OK;
-    }
-    s->http = ekv_http_start(s->coord, o->host, o->http_port, err);
-    if (!s->http)
+    if (o->mode != MODE_WORKER)
+        return start_public(o, s, err);
+    /* A worker's one listener is internal: the Worker service, Health, and
+     * Generation (a worker answering a request itself is what the split's
+     * tests compare the coordinator with; Worker can generate anyway). */
+    ekv_grpc_opts wo = {.host = o->host, .port = o->grpc_port,
+                        .services = EKV_GRPC_WORKER | EKV_GRPC_GENERATION, .tls = &s->sec.tls};
+    if (!(s->grpc = ekv_grpc_start_opts(s->coord, &wo, err)))
         return err->code;
-    coord_log("listening grpc=%s:%d http=%s:%d", o->host, ekv_grpc_port(s->grpc), o->host,
-              ekv_http_port(s->http));
+    coord_log("listening grpc=%s:%d", o->host, ekv_grpc_port(s->grpc));
+    coord_log("security: tls=%s client_certs=%s", ekv_tls_server_on(&s->sec.tls) ? "on" : "off",
+              s->sec.tls.client_ca_pem ? "required" : "no");
     return EKV_OK;
 }
 
@@ -556,6 +624,7 @@ static void stop(server *s)
 {
     ekv_http_stop(s->http);
     ekv_grpc_free(s->grpc);
+    ekv_grpc_free(s->worker_grpc);
     if (s->engine) {
         engine_drain(s->engine);
         engine_destroy(s->engine);
@@ -566,6 +635,7 @@ static void stop(server *s)
     kvprefix_destroy(s->prefix);
     metrics_free(s->metrics);
     model_free(s->model);
+    serve_sec_free(&s->sec);
 }
 
 static double now_s(void)
@@ -592,7 +662,8 @@ static void wait_or_exit(const sigset_t *set, double timeout_s, serve_mode mode)
 
 static bool idle(server *s)
 {
-    return ekv_grpc_wait(s->grpc, 0) && (!s->http || ekv_http_active(s->http) == 0);
+    return ekv_grpc_wait(s->grpc, 0) && (!s->worker_grpc || ekv_grpc_wait(s->worker_grpc, 0)) &&
+           (!s->http || ekv_http_active(s->http) == 0);
 }
 
 /* The first signal: readiness fails, new work is accepted for the grace
@@ -611,6 +682,8 @@ static void drain(server *s, const serve_opts *o, const sigset_t *set, int sig)
     if (s->http)
         ekv_http_drain(s->http);
     ekv_grpc_drain(s->grpc);
+    if (s->worker_grpc)
+        ekv_grpc_drain(s->worker_grpc);
     while (!idle(s)) {
         double left = t0 + o->drain_timeout - now_s();
         if (left <= 0) {
@@ -619,6 +692,8 @@ static void drain(server *s, const serve_opts *o, const sigset_t *set, int sig)
             if (s->http)
                 ekv_http_abort(s->http);
             ekv_grpc_cancel_all(s->grpc);
+            if (s->worker_grpc)
+                ekv_grpc_cancel_all(s->worker_grpc);
             /* the HTTP streams end with an error event within a poll period */
             for (double end = now_s() + 2; !idle(s) && now_s() < end;)
                 wait_or_exit(set, 0.05, o->mode);
@@ -653,6 +728,10 @@ static int run(int argc, char **argv, serve_mode mode)
     signal(SIGPIPE, SIG_IGN);
     server s = {0};
     ekv_error err = {0};
+    if (!serve_sec_load(mode_name[mode], &o.sec, &s.sec)) {
+        cli_args_free(&args);
+        return CLI_FAIL;
+    }
     if (start(&o, &s, &err)) {
         cli_error(mode_name[mode], "%s", err.msg);
         stop(&s);

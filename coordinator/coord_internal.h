@@ -51,6 +51,7 @@ struct ekv_coordinator {
     int n_groups;                /* slots in use or freed, the high-water mark */
     struct coord_discovery *discovery;
     affinity_slot affinity[COORD_AFFINITY_SLOTS];
+    const ekv_tls_client *worker_tls; /* remote.c's channels (coord_set_worker_tls) */
 };
 
 struct coord_stream {

@@ -74,6 +74,8 @@ struct ekv_grpc {
     grpc_completion_queue *cq;
     pthread_t thread;
     int port;
+    unsigned services;           /* EKV_GRPC_* */
+    ekv_api_key api_key;         /* for Generation's calls */
     atomic_bool drain_req, cancel_req;
     bool shutdown_started, shutdown_done, cancelled_all, cancelled_rest;
     gpr_timespec cancel_all_at;  /* cancelled_all: when to cancel what is left */

@@ -195,6 +195,34 @@ static rpc_method method_of(const grpc_call_details *d)
     return M_UNKNOWN;
 }
 
+/* Whether this listener offers m (Health everywhere). */
+static bool method_offered(const ekv_grpc *s, rpc_method m)
+{
+    switch (m) {
+    case M_GENERATE:
+    case M_TOKENIZE: return s->services & EKV_GRPC_GENERATION;
+    case M_WORKER_GENERATE:
+    case M_WORKER_STATS: return s->services & EKV_GRPC_WORKER;
+    case M_HEALTH_CHECK:
+    case M_HEALTH_WATCH: return true;
+    default: return false;
+    }
+}
+
+/* Generation's calls carry `authorization: Bearer KEY` when a key is set. */
+static bool call_authorized(const ekv_grpc *s, const rpc_call *c)
+{
+    if (!s->api_key.set || (c->method != M_GENERATE && c->method != M_TOKENIZE))
+        return true;
+    for (size_t i = 0; i < c->md.count; i++) {
+        const grpc_metadata *m = &c->md.metadata[i];
+        if (grpc_slice_str_cmp(m->key, "authorization") == 0)
+            return ekv_api_key_check(&s->api_key, (const char *)GRPC_SLICE_START_PTR(m->value),
+                                     GRPC_SLICE_LENGTH(m->value));
+    }
+    return false;
+}
+
 static void on_accept(ekv_grpc *s, rpc_call *c)
 {
     c->next = s->live;
@@ -206,12 +234,17 @@ static void on_accept(ekv_grpc *s, rpc_call *c)
     close_op.data.recv_close_on_server.cancelled = &c->cancelled;
     if (!rpc_start(c, &close_op, 1, &c->t_close))
         return;
-    if (c->method == M_UNKNOWN) {
+    if (!method_offered(s, c->method)) {
         char *path = grpc_slice_to_c_string(c->details.method);
         char msg[300];
         snprintf(msg, sizeof msg, "unknown method %s", path);
         gpr_free(path);
         rpc_finish(c, GRPC_STATUS_UNIMPLEMENTED, msg, NULL);
+        return;
+    }
+    if (!call_authorized(s, c)) {
+        rpc_finish(c, GRPC_STATUS_UNAUTHENTICATED,
+                   "an API key is required: metadata authorization: Bearer KEY", NULL);
         return;
     }
     grpc_op recv = {.op = GRPC_OP_RECV_MESSAGE};
@@ -223,10 +256,12 @@ static void on_accept(ekv_grpc *s, rpc_call *c)
 
 /* ---- grpc.health.v1.Health ---- */
 
-static bool known_service(const char *name)
+static bool known_service(const ekv_grpc *s, const char *name)
 {
-    return !*name || !strcmp(name, "entrokv.v1.Generation") ||
-           !strcmp(name, "entrokv.v1.Worker") || !strcmp(name, "grpc.health.v1.Health");
+    return !*name ||
+           (!strcmp(name, "entrokv.v1.Generation") && (s->services & EKV_GRPC_GENERATION)) ||
+           (!strcmp(name, "entrokv.v1.Worker") && (s->services & EKV_GRPC_WORKER)) ||
+           !strcmp(name, "grpc.health.v1.Health");
 }
 
 static grpc_byte_buffer *health_message(Grpc__Health__V1__HealthCheckResponse__ServingStatus st)
@@ -271,7 +306,7 @@ static void health_on_request(rpc_call *c, grpc_byte_buffer *b)
         rpc_finish(c, GRPC_STATUS_INVALID_ARGUMENT, "malformed HealthCheckRequest", NULL);
         return;
     }
-    bool known = known_service(req->service);
+    bool known = known_service(c->srv, req->service);
     protobuf_c_message_free_unpacked(&req->base, NULL);
     Grpc__Health__V1__HealthCheckResponse__ServingStatus st =
         known ? serving_status(c->srv)
@@ -464,8 +499,23 @@ static void *server_main(void *arg)
 
 /* ---- public ---- */
 
-static grpc_server *make_server(ekv_grpc *s, const char *host, int port, ekv_error *err)
+/* TLS credentials from o->tls, or plaintext ones. */
+static grpc_server_credentials *server_credentials(const ekv_grpc_opts *o)
 {
+    if (!ekv_tls_server_on(o->tls))
+        return grpc_insecure_server_credentials_create();
+    grpc_ssl_pem_key_cert_pair pair = {o->tls->key_pem, o->tls->cert_pem};
+    return grpc_ssl_server_credentials_create_ex(
+        o->tls->client_ca_pem, &pair, 1,
+        o->tls->client_ca_pem ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
+                              : GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE,
+        NULL);
+}
+
+static grpc_server *make_server(ekv_grpc *s, const ekv_grpc_opts *o, ekv_error *err)
+{
+    const char *host = o->host;
+    const int port = o->port;
     grpc_arg args[2];
     memset(args, 0, sizeof args);
     args[0].type = GRPC_ARG_INTEGER;
@@ -479,11 +529,15 @@ static grpc_server *make_server(ekv_grpc *s, const char *host, int port, ekv_err
     grpc_server_register_completion_queue(srv, s->cq, NULL);
     char addr[300];
     snprintf(addr, sizeof addr, strchr(host, ':') ? "[%s]:%d" : "%s:%d", host, port);
-    grpc_server_credentials *creds = grpc_insecure_server_credentials_create();
-    s->port = grpc_server_add_http2_port(srv, addr, creds);
-    grpc_server_credentials_release(creds);
+    grpc_server_credentials *creds = server_credentials(o);
+    s->port = creds ? grpc_server_add_http2_port(srv, addr, creds) : 0;
+    if (creds)
+        grpc_server_credentials_release(creds);
     if (s->port == 0) {
-        ekv_error_set(err, EKV_EIO, "grpc: cannot listen on %s", addr);
+        ekv_error_set(err, EKV_EIO, "grpc: cannot listen on %s%s", addr,
+                      ekv_tls_server_on(o->tls)
+                          ? " (or the TLS certificate, key or client CA is not valid)"
+                          : "");
         grpc_server_shutdown_and_notify(srv, s->cq, &s->t_shutdown);
         grpc_completion_queue_next(s->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
         grpc_server_destroy(srv);
@@ -494,6 +548,13 @@ static grpc_server *make_server(ekv_grpc *s, const char *host, int port, ekv_err
 
 ekv_grpc *ekv_grpc_start(ekv_coordinator *c, const char *host, int port, ekv_error *err)
 {
+    ekv_grpc_opts o = {.host = host, .port = port,
+                       .services = EKV_GRPC_GENERATION | EKV_GRPC_WORKER};
+    return ekv_grpc_start_opts(c, &o, err);
+}
+
+ekv_grpc *ekv_grpc_start_opts(ekv_coordinator *c, const ekv_grpc_opts *o, ekv_error *err)
+{
     ekv_grpc *s = calloc(1, sizeof *s);
     if (!s) {
         ekv_error_set(err, EKV_ENOMEM, "grpc: out of memory");
@@ -501,6 +562,9 @@ ekv_grpc *ekv_grpc_start(ekv_coordinator *c, const char *host, int port, ekv_err
     }
     grpc_init();
     s->coord = c;
+    s->services = o->services;
+    if (o->api_key)
+        s->api_key = *o->api_key;
     s->t_shutdown = (rpc_tag){NULL, OP_SHUTDOWN};
     atomic_init(&s->drain_req, false);
     atomic_init(&s->cancel_req, false);
@@ -511,7 +575,7 @@ ekv_grpc *ekv_grpc_start(ekv_coordinator *c, const char *host, int port, ekv_err
     pthread_cond_init(&s->done_cv, &ca);
     pthread_condattr_destroy(&ca);
     s->cq = grpc_completion_queue_create_for_next(NULL);
-    s->server = make_server(s, host, port, err);
+    s->server = make_server(s, o, err);
     if (!s->server)
         goto fail;
     grpc_server_start(s->server);

@@ -37,6 +37,8 @@ struct ekv_http {
     struct MHD_Daemon *d;
     ekv_coordinator *coord;
     int port;
+    ekv_api_key api_key;
+    unsigned timeout_s;
     atomic_int active;
     atomic_bool draining, aborting, stopping;
     long long started;
@@ -47,10 +49,12 @@ typedef struct http_conn {
     size_t len, cap;
     bool too_big;
     bool refused; /* a framing error already answered */
+    double t_headers; /* when the headers were in (the body's deadline counts from it) */
 } http_conn;
 
 typedef struct sse_state {
     ekv_http *h;
+    struct MHD_Connection *conn;
     coord_stream *s;
     oai_meta meta;
     bool include_usage;
@@ -61,6 +65,24 @@ typedef struct sse_state {
 } sse_state;
 
 /* ---- small helpers ---- */
+
+static double mono_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* Restarts the connection's idle timer: the time a request spent waiting
+ * for the engine is not the client's idleness. (MHD restarts the timer
+ * when a connection's timeout goes from 0 to a value.) */
+static void idle_timer_restart(ekv_http *h, struct MHD_Connection *conn)
+{
+    if (!h->timeout_s)
+        return;
+    MHD_set_connection_option(conn, MHD_CONNECTION_OPTION_TIMEOUT, 0u);
+    MHD_set_connection_option(conn, MHD_CONNECTION_OPTION_TIMEOUT, h->timeout_s);
+}
 
 static enum MHD_Result reply(struct MHD_Connection *conn, unsigned code, const char *ctype,
                              char *body, bool close)
@@ -214,6 +236,7 @@ static ssize_t sse_read(void *cls, uint64_t pos, char *buf, size_t max)
     size_t n = st->len - st->off < max ? st->len - st->off : max;
     memcpy(buf, st->out + st->off, n);
     st->off += n;
+    idle_timer_restart(st->h, st->conn);
     return (ssize_t)n;
 }
 
@@ -237,6 +260,7 @@ static enum MHD_Result reply_stream(ekv_http *h, struct MHD_Connection *conn, co
         return MHD_NO;
     }
     st->h = h;
+    st->conn = conn;
     st->s = s;
     st->include_usage = req->include_usage;
     st->fd = connection_fd(conn);
@@ -307,6 +331,7 @@ static enum MHD_Result reply_whole(ekv_http *h, struct MHD_Connection *conn, coo
         coord_chunk_free(&ch);
     }
     coord_stream_release(s); /* cancels the request if the client went away */
+    idle_timer_restart(h, conn);
     enum MHD_Result ret = MHD_NO;
     if (ok && !c.done.done) /* past the drain timeout */
         ret = reply_error(h, conn, 503, HTTP_ABORT_MSG);
@@ -484,6 +509,48 @@ static const char *framing_error(struct MHD_Connection *conn)
     return NULL;
 }
 
+/* ---- the API key ---- */
+
+/* Probes and metrics stay open: a kubelet or Prometheus has no key. */
+static bool open_route(const char *url)
+{
+    return !strcmp(url, "/livez") || !strcmp(url, "/readyz") || !strcmp(url, "/health") ||
+           !strcmp(url, "/metrics");
+}
+
+static bool authorized(ekv_http *h, struct MHD_Connection *conn, const char *url)
+{
+    if (!h->api_key.set || open_route(url))
+        return true;
+    const char *v = MHD_lookup_connection_value(conn, MHD_HEADER_KIND,
+                                                MHD_HTTP_HEADER_AUTHORIZATION);
+    return v && ekv_api_key_check(&h->api_key, v, strlen(v));
+}
+
+/* 401 as RFC 6750 writes it, with OpenAI's error body. */
+static enum MHD_Result reply_unauthorized(struct MHD_Connection *conn, bool given)
+{
+    char *body = oai_error_json(given ? "the API key is not valid"
+                                      : "an API key is required: Authorization: Bearer KEY",
+                                "authentication_error");
+    if (!body)
+        return MHD_NO;
+    struct MHD_Response *r =
+        MHD_create_response_from_buffer(strlen(body), body, MHD_RESPMEM_MUST_FREE);
+    if (!r) {
+        free(body);
+        return MHD_NO;
+    }
+    MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE, "application/json");
+    MHD_add_response_header(r, MHD_HTTP_HEADER_WWW_AUTHENTICATE,
+                            given ? "Bearer realm=\"entrokv\", error=\"invalid_token\""
+                                  : "Bearer realm=\"entrokv\"");
+    MHD_add_response_header(r, MHD_HTTP_HEADER_CONNECTION, "close");
+    enum MHD_Result ret = MHD_queue_response(conn, MHD_HTTP_UNAUTHORIZED, r);
+    MHD_destroy_response(r);
+    return ret;
+}
+
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url,
                                   const char *method, const char *version,
                                   const char *upload_data, size_t *upload_size, void **con_cls)
@@ -496,12 +563,19 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         if (!hc)
             return MHD_NO;
         *con_cls = hc;
+        hc->t_headers = mono_s();
         atomic_fetch_add(&h->active, 1);
         const char *bad = framing_error(conn);
         if (bad) {
             hc->refused = true; /* the 400 is the answer: any body is dropped */
             return reply(conn, 400, "application/json",
                          oai_error_json(bad, "invalid_request_error"), true);
+        }
+        if (!authorized(h, conn, url)) {
+            hc->refused = true; /* the body is not read, let alone parsed */
+            return reply_unauthorized(conn, MHD_lookup_connection_value(
+                                                conn, MHD_HEADER_KIND,
+                                                MHD_HTTP_HEADER_AUTHORIZATION) != NULL);
         }
         /* A body a little over the cap is read and dropped so the client sees
          * the 413; a huge one is refused at once and the connection closed. */
@@ -516,6 +590,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         *upload_size = 0;
         return MHD_YES;
     }
+    if (*upload_size && h->timeout_s && mono_s() - hc->t_headers > h->timeout_s)
+        return MHD_NO; /* a body trickled in, each piece inside the idle timeout: closed
+                        * (libmicrohttpd 0.9.75 cannot answer before the body is in) */
     if (*upload_size) {
         bool ok = body_append(hc, upload_data, *upload_size);
         *upload_size = 0;
@@ -552,8 +629,33 @@ static void on_mhd_log(void *cls, const char *fmt, va_list ap)
 
 /* ---- lifecycle ---- */
 
+void ekv_http_opts_default(ekv_http_opts *o)
+{
+    memset(o, 0, sizeof *o);
+    o->host = "127.0.0.1";
+    o->max_connections = HTTP_MAX_CONNECTIONS;
+    o->max_per_client = HTTP_MAX_PER_CLIENT;
+    o->timeout_s = HTTP_TIMEOUT_S;
+}
+
 ekv_http *ekv_http_start(ekv_coordinator *c, const char *host, int port, ekv_error *err)
 {
+    ekv_http_opts o;
+    ekv_http_opts_default(&o);
+    o.host = host;
+    o.port = port;
+    return ekv_http_start_opts(c, &o, err);
+}
+
+ekv_http *ekv_http_start_opts(ekv_coordinator *c, const ekv_http_opts *o, ekv_error *err)
+{
+    const char *host = o->host;
+    const int port = o->port;
+    const bool tls = ekv_tls_server_on(o->tls);
+    if (tls && MHD_is_feature_supported(MHD_FEATURE_TLS) != MHD_YES) {
+        ekv_error_set(err, EKV_EINVAL, "http: this libmicrohttpd was built without TLS");
+        return NULL;
+    }
     char service[16];
     snprintf(service, sizeof service, "%d", port);
     struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
@@ -570,19 +672,29 @@ ekv_http *ekv_http_start(ekv_coordinator *c, const char *host, int port, ekv_err
     }
     h->coord = c;
     h->started = (long long)time(NULL);
+    h->timeout_s = o->timeout_s;
+    if (o->api_key)
+        h->api_key = *o->api_key;
     unsigned flags = MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD |
                      MHD_USE_POLL | MHD_USE_ITC | MHD_USE_ERROR_LOG |
-                     (ai->ai_family == AF_INET6 ? MHD_USE_IPv6 : 0);
+                     (ai->ai_family == AF_INET6 ? MHD_USE_IPv6 : 0) | (tls ? MHD_USE_TLS : 0);
+    /* The TLS options go last: an MHD_OPTION_END in their place leaves
+     * them out for plain HTTP. */
     h->d = MHD_start_daemon(flags, (uint16_t)port, NULL, NULL, on_request, h,
                             MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log, NULL,
                             MHD_OPTION_SOCK_ADDR, ai->ai_addr,
                             MHD_OPTION_NOTIFY_COMPLETED, on_completed, h,
-                            MHD_OPTION_CONNECTION_LIMIT, (unsigned)HTTP_MAX_CONNECTIONS,
-                            MHD_OPTION_CONNECTION_TIMEOUT, 300u,
+                            MHD_OPTION_CONNECTION_LIMIT, o->max_connections,
+                            MHD_OPTION_PER_IP_CONNECTION_LIMIT, o->max_per_client,
+                            MHD_OPTION_CONNECTION_TIMEOUT, o->timeout_s,
+                            tls ? MHD_OPTION_HTTPS_MEM_CERT : MHD_OPTION_END,
+                            tls ? o->tls->cert_pem : NULL,
+                            MHD_OPTION_HTTPS_MEM_KEY, tls ? o->tls->key_pem : NULL,
                             MHD_OPTION_END);
     freeaddrinfo(ai);
     if (!h->d) {
-        ekv_error_set(err, EKV_EIO, "http: cannot listen on %s:%d", host, port);
+        ekv_error_set(err, EKV_EIO, "http: cannot listen on %s:%d%s", host, port,
+                      tls ? " (or the TLS certificate or key is not valid)" : "");
         free(h);
         return NULL;
     }

@@ -540,6 +540,21 @@ static const coord_group_ops remote_ops = {
     .destroy = remote_destroy,
 };
 
+void coord_set_worker_tls(ekv_coordinator *c, const ekv_tls_client *tls)
+{
+    c->worker_tls = tls;
+}
+
+/* TLS to the workers when a CA is configured (and a client certificate for
+ * workers that require one), else plaintext. */
+static grpc_channel_credentials *channel_credentials(const ekv_tls_client *t)
+{
+    if (!t || !t->ca_pem)
+        return grpc_insecure_credentials_create();
+    grpc_ssl_pem_key_cert_pair pair = {t->key_pem, t->cert_pem};
+    return grpc_ssl_credentials_create(t->ca_pem, t->cert_pem ? &pair : NULL, NULL, NULL);
+}
+
 ekv_status coord_add_remote_slot(ekv_coordinator *c, const char *target, int *slot,
                                  ekv_error *err)
 {
@@ -559,7 +574,7 @@ ekv_status coord_add_remote_slot(ekv_coordinator *c, const char *target, int *sl
     /* A worker that is down is retried every few seconds, not after gRPC's
      * default backoff of up to two minutes: it should be routed to soon
      * after it comes up. */
-    grpc_arg args[2];
+    grpc_arg args[3];
     memset(args, 0, sizeof args);
     args[0].type = args[1].type = GRPC_ARG_INTEGER;
     args[0].key = (char *)GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS;
@@ -567,7 +582,14 @@ ekv_status coord_add_remote_slot(ekv_coordinator *c, const char *target, int *sl
     args[1].key = (char *)GRPC_ARG_MAX_RECONNECT_BACKOFF_MS;
     args[1].value.integer = 2000;
     grpc_channel_args ch = {.num_args = 2, .args = args};
-    grpc_channel_credentials *creds = grpc_insecure_credentials_create();
+    const ekv_tls_client *tls = c->worker_tls;
+    if (tls && tls->ca_pem && tls->server_name) { /* the name the workers' certificates carry */
+        args[2].type = GRPC_ARG_STRING;
+        args[2].key = (char *)GRPC_SSL_TARGET_NAME_OVERRIDE_ARG;
+        args[2].value.string = tls->server_name;
+        ch.num_args = 3;
+    }
+    grpc_channel_credentials *creds = channel_credentials(tls);
     g->channel = grpc_channel_create(target, creds, &ch);
     grpc_channel_credentials_release(creds);
     int at = -1;

@@ -34,6 +34,7 @@
 #include "entrokv/engine.h"
 #include "entrokv/generate.h"
 #include "entrokv/metrics.h"
+#include "entrokv/security.h"
 #include "entrokv/status.h"
 #include "entrokv/tokenizer.h"
 
@@ -133,6 +134,9 @@ void coord_stats(ekv_coordinator *c, engine_stats *sum);
  * answers with a context of at least the coordinator's, and only healthy
  * groups are routed to. The coordinator owns it and stops it in coord_free. */
 ekv_status coord_add_remote(ekv_coordinator *c, const char *target, ekv_error *err);
+/* TLS for the remote groups added after this call (NULL or no ca_pem:
+ * plaintext); tls must outlive the coordinator. */
+void coord_set_worker_tls(ekv_coordinator *c, const ekv_tls_client *tls);
 
 /* Adds the worker groups of a comma list (discovery.c): HOST:PORT entries
  * are remote groups as above; dns:NAME:PORT entries are one group per
