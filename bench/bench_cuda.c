@@ -10,7 +10,8 @@
  * compression work (window scores, entropy, selection) against that layer's
  * prefill attention. A third times whole decode steps of a random-weight
  * Llama-3.1-8B (fp16, 32 layers, cuBLAS GEMMs + these kernels): tokens/s,
- * full KV vs 10%. One JSON line per measurement on stdout (--json), a human
+ * full KV vs 10%. The cuda-spark lines (bench_cuda_spark.c) time decode over
+ * SparK's packed keys against the dense kernel's time on the same shapes. One JSON line per measurement on stdout (--json), a human
  * summary on stderr.
  *
  * Built only with EKV_HAVE_CUDA (cmake/cuda.cmake).
@@ -38,7 +39,7 @@ typedef struct cuda_opts {
     int n_contexts, n_batches;
     int32_t iters;
     float hbm_gbps, budget;
-    bool json, reference, compress, step, sweep;
+    bool json, reference, compress, step, sweep, spark;
     const char *python, *ref_script;
 } cuda_opts;
 
@@ -47,6 +48,12 @@ typedef struct run_result {
     int64_t bytes;
     int per_sm; /* decode thread blocks resident per SM */
 } run_result;
+
+/* bench_cuda_spark.c: the cuda-spark lines; dense_ms[ci * stride + bi] is
+ * the dense kernel's time on each shape (0 where it failed). */
+int bench_cuda_spark(ekv_cuda *ctx, const char *device, double hbm, const int32_t *contexts,
+                     int n_contexts, const int32_t *batches, int n_batches, int32_t iters,
+                     bool json, const double *dense_ms, int stride);
 
 static int parse_list(const char *s, int32_t *out, int *n)
 {
@@ -69,7 +76,7 @@ static int parse(int argc, char **argv, cuda_opts *o)
     parse_list("1,16,64", o->batches, &o->n_batches);
     o->iters = 20;
     o->budget = 0.1f;
-    o->reference = o->compress = o->step = true;
+    o->reference = o->compress = o->step = o->spark = true;
     o->python = "python3";
     o->ref_script = EKV_SOURCE_DIR "/bench/torch_sdpa_ref.py";
     for (int i = 1; i < argc; i++) {
@@ -82,6 +89,8 @@ static int parse(int argc, char **argv, cuda_opts *o)
             o->compress = false;
         else if (!strcmp(a, "--no-step"))
             o->step = false;
+        else if (!strcmp(a, "--no-spark"))
+            o->spark = false;
         else if (!strcmp(a, "--sweep"))
             o->sweep = true;
         else if (!strcmp(a, "--iters")) {
@@ -657,6 +666,11 @@ static int run(const cuda_opts *o)
                             " (%d blocks/SM)\n", st, order ? "in order" : "shuffled", o->contexts[ci],
                             o->batches[bi], r.ms, 100.0 * r.gbps / hbm, r.per_sm);
                 }
+    if (o->spark) {
+        fprintf(stderr, "SparK packed keys (every prompt token packed, avg recovery) vs dense:\n");
+        failures += bench_cuda_spark(ctx, info.name, hbm, o->contexts, o->n_contexts, o->batches,
+                                     o->n_batches, o->iters, o->json, full_ms, MAX_LIST);
+    }
     if (o->compress) { /* warm-up, untimed: lazy module loading, cuSOLVER / cuBLAS set-up */
         compress_result c;
         if (time_compress(ctx, 512, o->budget, &c, &err) != EKV_OK)

@@ -11,6 +11,9 @@
 #   # bug: what the planted bug is
 #   # tests: a ctest -R regex naming the tests that must catch it
 #   # fast: yes|no
+#   # device: cuda   (optional) its tests run only on a GPU: with no device
+#                    it is SKIPPED (not counted as missed); with one, the
+#                    scratch tree is built with CUDA
 #
 # The working tree (uncommitted files included, build outputs not) is copied
 # to a scratch tree under $MUTATE_WORK (default build/mutate), built once in
@@ -59,6 +62,19 @@ for p in "${patches[@]}"; do
     fi
 done
 
+# Mutations of GPU code are caught only where a device runs their tests.
+gpu=0
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    gpu=1
+fi
+needs_gpu() { [ "$(header device "$1")" = cuda ]; }
+cuda=OFF
+for p in "${patches[@]}"; do
+    if needs_gpu "$p" && [ "$gpu" = 1 ]; then
+        cuda=ON
+    fi
+done
+
 work=$(realpath -m "${MUTATE_WORK:-build/mutate}")
 src=$work/src
 bld=$work/build
@@ -100,7 +116,7 @@ done
 # pytest serving tests).
 targets=()
 build() { # build LOGFILE: configure once, then rebuild the targets
-    cmake -S "$src" -B "$bld" -DCMAKE_BUILD_TYPE=Release -DEKV_CUDA=OFF >>"$1" 2>&1 || return 1
+    cmake -S "$src" -B "$bld" -DCMAKE_BUILD_TYPE=Release -DEKV_CUDA=$cuda >>"$1" 2>&1 || return 1
     if [ ${#targets[@]} -eq 0 ]; then
         local all
         all=$(cmake --build "$bld" --target help 2>/dev/null | sed -n 's/^\.\.\. \([^ ]*\).*/\1/p')
@@ -136,8 +152,18 @@ failed_tests() { # failed_tests LOG: the names ctest lists as failed
     sed -n 's/^[[:space:]]*[0-9]\+ - \([^ ]*\) (.*$/\1/p' "$1" | sort -u | paste -sd, -
 }
 
-union=$(for p in "${patches[@]}"; do header tests "$p"; done | sort -u | paste -sd'|' -)
-echo "mutate.sh: building the unmutated tree"
+union=$(for p in "${patches[@]}"; do
+    needs_gpu "$p" && [ "$gpu" = 0 ] && continue
+    header tests "$p"
+done | sort -u | paste -sd'|' -)
+if [ -z "$union" ]; then # every selected mutation needs a GPU, and none is here
+    for p in "${patches[@]}"; do
+        printf 'mutate.sh: SKIPPED %s (needs a GPU)\n' "$(basename "$p" .patch)"
+    done
+    echo "mutate.sh: 0 of ${#patches[@]} run: no GPU here"
+    exit 0
+fi
+echo "mutate.sh: building the unmutated tree (CUDA $cuda)"
 if ! build "$logs/baseline-build.log"; then
     echo "mutate.sh: warning: part of the unmutated tree does not build:" \
         "$(grep -c ': error' "$logs/baseline-build.log") errors, see $logs/baseline-build.log" >&2
@@ -157,10 +183,17 @@ fi
 
 results=()
 n_caught=0
+n_skipped=0
 for p in "${patches[@]}"; do
     name=$(basename "$p" .patch)
     bug=$(header bug "$p")
     tests=$(header tests "$p")
+    if needs_gpu "$p" && [ "$gpu" = 0 ]; then
+        n_skipped=$((n_skipped + 1))
+        printf 'mutate.sh: SKIPPED %s (needs a GPU)\n' "$name"
+        results+=("$(printf '| %s | %s | SKIPPED | needs a GPU |' "$name" "$bug")")
+        continue
+    fi
     log=$logs/$name.log
     : >"$log"
     start=$SECONDS
@@ -187,5 +220,5 @@ echo "| mutation | planted bug | result | failed tests |"
 echo "|---|---|---|---|"
 printf '%s\n' "${results[@]}"
 echo
-echo "mutate.sh: ${n_caught} of ${#patches[@]} caught (logs in $logs)"
-[ "$n_caught" -eq ${#patches[@]} ]
+echo "mutate.sh: ${n_caught} of $((${#patches[@]} - n_skipped)) caught, ${n_skipped} skipped (need a GPU; logs in $logs)"
+[ "$n_caught" -eq $((${#patches[@]} - n_skipped)) ]

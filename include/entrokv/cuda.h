@@ -169,6 +169,8 @@ void ekv_cuda_kv_release(ekv_cuda_kv_pool *pool, const int32_t *ids, int32_t n);
  * of them. Slots past n_tokens are zero with position INT32_MAX. Waits. */
 ekv_status ekv_cuda_kv_upload_view(ekv_cuda_kv_pool *pool, const kern_kv_view *view,
                                    int32_t *ids, ekv_error *err);
+/* (A view with SparK's packed tokens is EKV_EUNSUPPORTED here: its keys
+ * have no block layout; ekv_cuda_kv_upload_packed takes it.) */
 /* Copies block `id` to host: k (head_dim * bt), v (bt * head_dim), pos (bt). Waits. */
 ekv_status ekv_cuda_kv_download_block(ekv_cuda_kv_pool *pool, int32_t id, ekv_f16 *k,
                                       ekv_f16 *v, int32_t *pos, ekv_error *err);
@@ -235,6 +237,53 @@ void ekv_cuda_decode_force_simt(bool on);
 void ekv_cuda_decode_set_stages(int stages);
 /* Thread blocks per SM the last decode launch could keep resident. */
 int ekv_cuda_decode_blocks_per_sm(void);
+
+/* ---- SparK's packed keys (kernels/cuda/spark.cu) ---- */
+
+/*
+ * A head's packed prefix on the device: kern_kv_packed (kernels.h) with
+ * device pointers, the same bytes (rows of row_bytes, V n x head_dim fp16,
+ * positions, 1/sqrt(c_j)), in one allocation (mem). inv_sqrt_c NULL is the
+ * zero-fill ablation; n = 0: the head has no packed tokens. The decode
+ * kernel reads a device array of these, one per head, copied as they are.
+ */
+typedef struct ekv_cuda_packed_head {
+    int32_t n, n_keep;
+    int32_t row_bytes;
+    int32_t reserved;
+    const uint8_t *rows;
+    const ekv_f16 *v;
+    const int32_t *pos;
+    const float *inv_sqrt_c;
+    void *mem; /* owned: ekv_cuda_packed_free */
+} ekv_cuda_packed_head;
+
+/* Uploads a host head whose first tokens may be packed (a kern_kv_view from
+ * kv_seq_view after kv_seq_pack): the packed prefix into a new device
+ * allocation described by *ph, and the tokens after it into newly taken
+ * pool blocks as ekv_cuda_kv_upload_view does (ids receives
+ * ceil((n_tokens - packed->n) / block_tokens) of them). A view without
+ * packed tokens gives ph->n = 0. EKV_EINVAL for a geometry other than the
+ * pool's or a malformed packed prefix; nothing is held on error. Waits. */
+ekv_status ekv_cuda_kv_upload_packed(ekv_cuda_kv_pool *pool, const kern_kv_view *view,
+                                     ekv_cuda_packed_head *ph, int32_t *ids, ekv_error *err);
+void ekv_cuda_packed_free(ekv_cuda_packed_head *ph); /* frees ph->mem, zeroes *ph */
+
+/*
+ * ekv_cuda_decode_attention over heads whose first packed[i].n tokens are
+ * packed (packed: device array of heads->n_heads): head i has n_tokens[i]
+ * tokens in all, the packed ones first, then n_tokens[i] - packed[i].n in
+ * its blocks. Each packed key is rebuilt inside the kernel as the CPU's
+ * kern_attend_packed rebuilds it (kept channels, sign_j sqrt(m / c_j) or
+ * 0). group <= 8, head_dim 64 / 128 / 256, any block_tokens; workspace:
+ * ekv_cuda_decode_workspace bytes. CUDA cores only.
+ */
+ekv_status ekv_cuda_decode_packed(ekv_cuda *ctx, const ekv_cuda_kv_pool *pool,
+                                  const ekv_cuda_kv_heads *heads,
+                                  const ekv_cuda_packed_head *packed, int n_seq, int n_kv_heads,
+                                  int n_q_heads, const float *Q, const int32_t *q_pos,
+                                  int32_t max_tokens, float scale, float *out, void *workspace,
+                                  ekv_error *err);
 
 /* ---- compression (kernels/cuda/window.cu, kernels/cuda/entropy.cu,
  *      kernels/cuda/select.cu) ---- */

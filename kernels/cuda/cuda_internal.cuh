@@ -93,4 +93,75 @@ __device__ __forceinline__ const int32_t *kv_pos_block(const uint8_t *base, size
     return (const int32_t *)(base + (size_t)id * bb + 2 * (size_t)bt * d * 2);
 }
 
+/* The last step of a decode thread block (decode.cu, spark.cu): its WARPS
+ * warps' online-softmax states (st_m, st_l, st_o, each warp's rows at
+ * warp * GMAX) merged into the split's partial (m, l, o) per query row,
+ * the layout decode_reduce_kernel reads. */
+template <int D, int WARPS, int GMAX>
+__device__ void merge_warps(const float *st_m, const float *st_l, const float *st_o, int g,
+                            size_t prow, int split, int n_splits, float *part_m, float *part_l,
+                            float *part_o)
+{
+    __syncthreads();
+    for (int e = threadIdx.x; e < g * D; e += blockDim.x) {
+        const int i = e / D, j = e % D;
+        float M = -INFINITY;
+        for (int w = 0; w < WARPS; w++)
+            M = fmaxf(M, st_m[w * GMAX + i]);
+        float L = 0.0f, O = 0.0f;
+        if (M != -INFINITY)
+            for (int w = 0; w < WARPS; w++) {
+                const float mw = st_m[w * GMAX + i];
+                if (mw == -INFINITY)
+                    continue;
+                const float f = expf(mw - M);
+                L += st_l[w * GMAX + i] * f;
+                O += st_o[((size_t)w * GMAX + i) * D + j] * f;
+            }
+        const size_t pi = (prow + i) * n_splits + split;
+        part_o[pi * D + j] = O;
+        if (j == 0) {
+            part_m[pi] = M;
+            part_l[pi] = L;
+        }
+    }
+}
+
+/* A decode thread block's split (grid: split, KV head, sequence; decode.cu,
+ * spark.cu): its head (seq * n_kv + KV head), the head's length, the
+ * split's first token and the group's first query row. false when the split
+ * starts past the head (its partials are marked empty). */
+typedef struct split_at {
+    int split, g, h;
+    int32_t n, t0;
+    size_t prow;
+} split_at;
+
+__device__ __forceinline__ bool split_open(split_at *a, const int32_t *n_tokens, int n_kv,
+                                           int n_qh, int split_tokens, int n_splits,
+                                           float *part_m)
+{
+    const int kvh = blockIdx.y, seq = blockIdx.z;
+    a->split = blockIdx.x;
+    a->g = n_qh / n_kv;
+    a->h = seq * n_kv + kvh;
+    a->n = n_tokens[a->h];
+    a->t0 = a->split * split_tokens;
+    a->prow = (size_t)seq * n_qh + (size_t)kvh * a->g;
+    if (a->t0 < a->n)
+        return true;
+    if (threadIdx.x < a->g)
+        part_m[(a->prow + threadIdx.x) * n_splits + a->split] = -INFINITY;
+    return false;
+}
+
+/* decode.cu, for spark.cu's packed-key decode, which shares its workspace
+ * and its reduce pass: the most splits ekv_cuda_decode_workspace has room
+ * for, and the launch merging the splits' partials (m, l, o per query row
+ * and split, at the workspace's start) into out. */
+int32_t ekv_decode_max_splits(int heads, int32_t max_tokens);
+ekv_status ekv_decode_reduce(ekv_cuda *ctx, const int32_t *n_tokens, int n_seq, int n_kv, int n_qh,
+                             int d, int32_t split_tokens, int32_t n_splits, const void *workspace,
+                             float *out, ekv_error *err);
+
 #endif

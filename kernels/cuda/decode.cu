@@ -118,66 +118,6 @@ __device__ __forceinline__ void issue_block(const uint8_t *base, size_t bb, int3
         __pipeline_memcpy_async(dst + 16 * w, src + 16 * w, 16);
 }
 
-/* The thread block's last step: its warps' states (st_m, st_l, st_o, each
- * warp's rows at warp * DEC_G_MAX) merged into the split's partial (m, l, o)
- * per query row. */
-template <int D>
-__device__ void merge_warps(const float *st_m, const float *st_l, const float *st_o, int g,
-                            size_t prow, int split, int n_splits, float *part_m, float *part_l,
-                            float *part_o)
-{
-    __syncthreads();
-    for (int e = threadIdx.x; e < g * D; e += blockDim.x) {
-        const int i = e / D, j = e % D;
-        float M = -INFINITY;
-        for (int w = 0; w < DEC_WARPS; w++)
-            M = fmaxf(M, st_m[w * DEC_G_MAX + i]);
-        float L = 0.0f, O = 0.0f;
-        if (M != -INFINITY)
-            for (int w = 0; w < DEC_WARPS; w++) {
-                const float mw = st_m[w * DEC_G_MAX + i];
-                if (mw == -INFINITY)
-                    continue;
-                const float f = expf(mw - M);
-                L += st_l[w * DEC_G_MAX + i] * f;
-                O += st_o[((size_t)w * DEC_G_MAX + i) * D + j] * f;
-            }
-        const size_t pi = (prow + i) * n_splits + split;
-        part_o[pi * D + j] = O;
-        if (j == 0) {
-            part_m[pi] = M;
-            part_l[pi] = L;
-        }
-    }
-}
-
-/* This thread block's split: its head (seq * n_kv + KV head), the head's
- * length, the split's first token and the group's first query row. false
- * when the split starts past the head (its partials are marked empty). */
-typedef struct split_at {
-    int split, g, h;
-    int32_t n, t0;
-    size_t prow;
-} split_at;
-
-__device__ __forceinline__ bool split_open(split_at *a, const int32_t *n_tokens, int n_kv,
-                                           int n_qh, int split_tokens, int n_splits,
-                                           float *part_m)
-{
-    const int kvh = blockIdx.y, seq = blockIdx.z;
-    a->split = blockIdx.x;
-    a->g = n_qh / n_kv;
-    a->h = seq * n_kv + kvh;
-    a->n = n_tokens[a->h];
-    a->t0 = a->split * split_tokens;
-    a->prow = (size_t)seq * n_qh + (size_t)kvh * a->g;
-    if (a->t0 < a->n)
-        return true;
-    if (threadIdx.x < a->g)
-        part_m[(a->prow + threadIdx.x) * n_splits + a->split] = -INFINITY;
-    return false;
-}
-
 template <int D>
 __global__ void __launch_bounds__(DEC_WARPS * 32)
     decode_split_kernel(const uint8_t *base, size_t bb, const int32_t *table,
@@ -314,7 +254,8 @@ __global__ void __launch_bounds__(DEC_WARPS * 32)
             o[1] = acc[i][c].y;
         }
     }
-    merge_warps<D>(st_m, st_l, st_o, g, prow, split, n_splits, part_m, part_l, part_o);
+    merge_warps<D, DEC_WARPS, DEC_G_MAX>(st_m, st_l, st_o, g, prow, split, n_splits, part_m,
+                                           part_l, part_o);
 }
 
 /* ---- the tensor-core path (head_dim 64 / 128, group <= 8) ----
@@ -577,7 +518,8 @@ __global__ void __launch_bounds__(DEC_WARPS * 32)
             if (head < g)
                 st_o[((size_t)warp * DEC_G_MAX + head) * D + dim] = acc[t][e];
         }
-    merge_warps<D>(st_m, st_l, st_o, g, prow, split, n_splits, part_m, part_l, part_o);
+    merge_warps<D, DEC_WARPS, DEC_G_MAX>(st_m, st_l, st_o, g, prow, split, n_splits, part_m,
+                                           part_l, part_o);
 }
 
 #define RED_THREADS 128
@@ -715,12 +657,25 @@ ekv_status ekv_cuda_decode_attention(ekv_cuda *ctx, const ekv_cuda_kv_pool *pool
     }
     if (rc != EKV_OK)
         return rc;
-    const size_t red_smem = ((size_t)ns + RED_THREADS / 32) * sizeof(float);
+    return ekv_decode_reduce(ctx, heads->n_tokens, n_seq, n_kv_heads, n_q_heads, d, st, ns,
+                             workspace, out, err);
+}
+
+int32_t ekv_decode_max_splits(int heads, int32_t max_tokens)
+{
+    return max_splits(heads > 0 ? heads : 1, max_tokens);
+}
+
+ekv_status ekv_decode_reduce(ekv_cuda *ctx, const int32_t *n_tokens, int n_seq, int n_kv, int n_qh,
+                             int d, int32_t split_tokens, int32_t n_splits, const void *workspace,
+                             float *out, ekv_error *err)
+{
+    const size_t red_smem = ((size_t)n_splits + RED_THREADS / 32) * sizeof(float);
     if (red_smem > 48 * 1024)
-        return ekv_error_set(err, EKV_EUNSUPPORTED, "cuda decode: %d splits is too many", ns);
-    const size_t rows = (size_t)n_seq * n_q_heads * ns;
+        return ekv_error_set(err, EKV_EUNSUPPORTED, "cuda decode: %d splits is too many", n_splits);
+    const size_t rows = (size_t)n_seq * n_qh * n_splits;
     const float *pm = (const float *)workspace, *pl = pm + rows, *po = pl + rows;
-    decode_reduce_kernel<<<n_seq * n_q_heads, RED_THREADS, red_smem, ctx->stream>>>(
-        heads->n_tokens, n_kv_heads, n_q_heads, d, st, ns, pm, pl, po, out);
+    decode_reduce_kernel<<<n_seq * n_qh, RED_THREADS, red_smem, ctx->stream>>>(
+        n_tokens, n_kv, n_qh, d, split_tokens, n_splits, pm, pl, po, out);
     return ekv_cuda_launched("decode reduce", err);
 }

@@ -99,8 +99,9 @@ ekv_status ekv_cuda_kv_upload_view(ekv_cuda_kv_pool *pool, const kern_kv_view *v
     const int32_t bt = pool->block_tokens;
     if (view->block_tokens != bt || view->head_dim != pool->head_dim || view->n_tokens < 0)
         return ekv_error_set(err, EKV_EINVAL, "cuda kv upload: view geometry differs from the pool");
-    if (view->packed) /* SparK's packed keys have no device layout yet (docs/COMPRESSION.md) */
-        return ekv_error_set(err, EKV_EUNSUPPORTED, "cuda kv upload: the head holds packed keys");
+    if (view->packed) /* SparK's packed rows have no block layout: spark.cu holds them */
+        return ekv_error_set(err, EKV_EUNSUPPORTED,
+                             "cuda kv upload: the head holds packed keys (ekv_cuda_kv_upload_packed)");
     const int32_t n_blocks = (view->n_tokens + bt - 1) / bt;
     ekv_status rc = ekv_cuda_kv_alloc(pool, n_blocks, ids, err);
     if (rc != EKV_OK)

@@ -14,6 +14,10 @@
  *                          offsets) and decode (ragged, empty, compressed heads
  *                          with gaps in their positions, the newest masked)
  *   test_cuda_compress     kvc_window_scores over the same kind of heads
+ *   test_cuda_spark        kern_attention over SparK-packed heads (every case
+ *                          of spark_fixture.h), and the kernel's own row
+ *                          reading (kernels/cuda/spark_row.h, plain C here)
+ *                          against the spec's rebuilt keys
  *
  * Covered elsewhere and not repeated: kern_get_row (unit.test_matmul,
  * against its own dequantization), kvc_select_snap (unit.test_compress,
@@ -58,6 +62,9 @@ static float f16r(float x) /* what fp16 storage keeps of x */
 {
     return ekv_f16_to_f32(ekv_f32_to_f16(x));
 }
+
+#include "../../kernels/cuda/spark_row.h" /* C and CUDA alike: the kernel's row reading */
+#include "spark_fixture.h"                 /* after rnd_fill, which it uses */
 
 /* |got - want| <= atol + rtol |want| everywhere; prints the first misses. */
 static void near_all(const char *what, const float *got, const double *want, size_t n,
@@ -515,6 +522,124 @@ static void test_decode_reference(void)
     check_decode(1, 2, 4, 128, none, 0, 0, 1);   /* nothing cached at all */
 }
 
+/* ---- SparK's packed keys ---- */
+
+/* test_cuda_spark's reference: kern_attention over each case's packed heads
+ * (kern_attend_packed) against the brute force over the keys the spec
+ * rebuilds (spark_fixture.h, in double). The rebuilt keys differ from the
+ * CPU's by fp32 rounding of sqrt(m) / sqrt(c_j) (~1e-7 relative), which
+ * scores of magnitude qmag carry into the output: hence the bound. */
+static void check_spark_case(int ci)
+{
+    const spark_case *cs = &SPARK_CASES[ci];
+    spark_heads sh;
+    ekv_error err = {0};
+    CHECK_EQ_INT(spark_heads_make(&sh, cs, 1, &err), EKV_OK);
+    if (!sh.pool)
+        return;
+    const int d = cs->d;
+    float *q = malloc((size_t)d * 4), *got = malloc((size_t)d * 4);
+    float *scores = malloc(KERN_ATTN_SCRATCH(sh.max_len + 1) * 4);
+    double *want = malloc((size_t)d * 8), worst = 0;
+    const float scale = 1.0f / sqrtf((float)d);
+    const double atol = 1e-5 * cs->qmag;
+    int bad = 0;
+    for (int s = 0; s < cs->n_seq; s++) {
+        const int32_t qpos = kv_seq_next_pos(sh.seqs[s]) - cs->qpos_minus;
+        for (int h = 0; h < cs->n_kv; h++) {
+            const int i = s * cs->n_kv + h;
+            kern_kv_view view;
+            kv_seq_view(sh.seqs[s], 0, h, &view);
+            CHECK_EQ_INT(view.n_tokens, sh.len[i]);
+            CHECK((view.packed != NULL) == (cs->packed[i] > 0));
+            for (int g = 0; g < cs->group; g++) {
+                rnd_fill(q, (size_t)d, -cs->qmag, cs->qmag);
+                kern_attention(&view, q, 1, d, &qpos, scale, got, d, scores);
+                brute_attention(sh.khat[i], sh.vv[i], sh.pos[i], sh.len[i], d, q, qpos, scale,
+                                want);
+                for (int j = 0; j < d; j++) {
+                    const double e = fabs(got[j] - want[j]);
+                    worst = e > worst ? e : worst;
+                    bad += !(e <= atol + 1e-4 * fabs(want[j]));
+                }
+            }
+        }
+    }
+    if (bad)
+        fprintf(stderr, "spark case %d (d=%d ratio=%.1f %s): %d values differ, worst %.3g\n", ci,
+                d, cs->ratio, cs->avg ? "avg" : "zero", bad, worst);
+    CHECK_EQ_INT(bad, 0);
+    spark_heads_free(&sh);
+    free(q);
+    free(got);
+    free(scores);
+    free(want);
+}
+
+static void test_spark_decode_reference(void)
+{
+    for (int ci = 0; ci < SPARK_N_CASES; ci++)
+        check_spark_case(ci);
+}
+
+/* The CUDA kernel's own reading of a packed row (kernels/cuda/spark_row.h,
+ * compiled here as C): for random keys, masks and m, at every n_keep from
+ * "all kept" to "none kept", both recoveries and 1-8 queries, q . k against
+ * the key the spec rebuilds (kept: fp16(k_j); pruned: sign(k_j) sqrt(m) /
+ * sqrt(c_j), or 0) in double. */
+static void test_spark_row_matches_spec(void)
+{
+    static const int dims[] = {64, 128, 256};
+    int bad = 0;
+    for (int di = 0; di < 3; di++) {
+        const int d = dims[di];
+        const int32_t keeps[] = {d, kvc_spark_keep(0.5, d), kvc_spark_keep(0.8, d), 7, 1, 0};
+        float k[256], isc[256], q[8 * 256], s[8];
+        uint8_t row[1024], mask[32];
+        int perm[256];
+        for (int ki = 0; ki < 6; ki++)
+            for (int trial = 0; trial < 8; trial++) {
+                const int32_t n_keep = keeps[ki], g = 1 + trial;
+                rnd_fill(k, (size_t)d, -2, 2);
+                rnd_fill(q, (size_t)g * d, -1, 1);
+                for (int j = 0; j < d; j++) {
+                    isc[j] = 1.0f / sqrtf(rnd_f(0.05f, 3.0f));
+                    perm[j] = j;
+                }
+                for (int j = d - 1; j > 0; j--) { /* the kept channels: a random n_keep */
+                    const int r = (int)(rnd_u32() % (uint32_t)(j + 1)), t = perm[j];
+                    perm[j] = perm[r];
+                    perm[r] = t;
+                }
+                memset(mask, 0, sizeof mask);
+                for (int j = 0; j < n_keep; j++)
+                    mask[perm[j] / 8] |= (uint8_t)(1u << (perm[j] % 8));
+                const float m = rnd_f(0, 2);
+                CHECK(kern_packed_row_bytes(d, n_keep) <= sizeof row);
+                kern_packed_encode(row, k, mask, m, d, n_keep);
+                for (int avg = 0; avg < 2; avg++) {
+                    spk_row_dot(row, d, n_keep, avg ? isc : NULL, q, g, s);
+                    for (int i = 0; i < g; i++) {
+                        double want = 0, mag = 0;
+                        for (int j = 0; j < d; j++) {
+                            double kj;
+                            if (mask[j / 8] >> (j % 8) & 1)
+                                kj = f16r(k[j]);
+                            else
+                                kj = avg ? (k[j] < 0 ? -1.0 : 1.0) * sqrt((double)m) * isc[j] : 0;
+                            want += (double)q[i * d + j] * kj;
+                            mag += fabs((double)q[i * d + j] * kj);
+                        }
+                        bad += !(fabs(s[i] - want) <= 1e-6 * mag + 1e-6);
+                    }
+                }
+            }
+    }
+    if (bad)
+        fprintf(stderr, "spark_row.h: %d dots differ from the spec's\n", bad);
+    CHECK_EQ_INT(bad, 0);
+}
+
 /* ---- compression ---- */
 
 /* test_cuda_compress's window-score reference: for each token t, the sum
@@ -588,5 +713,7 @@ int main(void)
     RUN_TEST(test_prefill_reference);
     RUN_TEST(test_decode_reference);
     RUN_TEST(test_window_scores_reference);
+    RUN_TEST(test_spark_decode_reference);
+    RUN_TEST(test_spark_row_matches_spec);
     return TEST_EXIT();
 }
