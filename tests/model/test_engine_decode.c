@@ -7,7 +7,7 @@
  *    pruning; a long generation under SCOPE holds at most P + W tokens per
  *    head after every step (P the true prefill length), while full KV grows.
  *  - engine: requests under SCOPE (each strategy, after different prefill
- *    policies), SparK (avg and zero-fill, alone and after SnapKV) and full
+ *    policies), the h2o baseline (its masses accumulate every step), SparK (avg and zero-fill, alone and after SnapKV) and full
  *    KV run in one batch, and each equals gen_run of that request alone -
  *    also when a small pool preempts them and they are replayed.
  */
@@ -113,7 +113,7 @@ static void run_mixed(int32_t kv_tokens, int32_t max_running, bool expect_preemp
         decode_params(KVC_FULL, 1, KVC_DECODE_NONE, 0, 0, 0.8, KVC_SPARK_ZERO),
         decode_params(KVC_FULL, 1, KVC_DECODE_NONE, 0, 0, 0, KVC_SPARK_AVG),
         decode_params(KVC_PYRAMIDKV, 0.5, KVC_DECODE_SLIDE, 8, 16, 0.5, KVC_SPARK_AVG),
-        decode_params(KVC_STREAMING, 0.5, KVC_DECODE_NONE, 0, 0, 0, KVC_SPARK_AVG),
+        decode_params(KVC_STREAMING, 0.5, KVC_DECODE_H2O, 4, 12, 0, KVC_SPARK_AVG),
     };
     prompt ps[N_REQ];
     static req_out out[N_REQ];
