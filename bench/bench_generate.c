@@ -1,24 +1,30 @@
 /*
  * bench_generate.c - `entrokv bench generate`: prefill and decode tokens/s at
- * several context lengths, with llama.cpp (llama-cpp-python on the same GGUF
- * and thread count) measured in the same run as the reference.
+ * several context lengths against llama.cpp's own llama-bench (same GGUF,
+ * same thread count, flash attention on and off, the faster taken per shape),
+ * the two engines alternating over --reps repetitions; and each decode point
+ * as a fraction of the machine's memory-bandwidth bound, measured in the
+ * same run (bench_bandwidth.c).
  *
  * Prompts are real text (Debian's GPL-3, repeated when a context needs more
  * tokens than it has). A context of N means a prompt of N - n_decode tokens
  * followed by n_decode greedy decode steps, so the last step attends over N
- * tokens. Output: one JSON line per measurement and per ratio on stdout, a
- * human summary on stderr.
+ * tokens; for llama-bench that is `-p N-n_decode` and `-n n_decode -d
+ * N-n_decode`. Output on stdout, one JSON object a line: every repetition
+ * ("generate"), then the run's versions, flags and bandwidth
+ * ("generate_meta"), median/min/max per engine and context with the decode
+ * bound ("generate_summary") and the ratios of the medians
+ * ("generate_ratio"). A human summary goes to stderr.
  */
 #include <cjson/cJSON.h>
 #include <errno.h>
-#include <fcntl.h>
-#include <spawn.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
+#include "bench_ref.h"
 #include "cli.h"
 #include "entrokv/generate.h"
 #include "entrokv/kvcache.h"
@@ -30,20 +36,30 @@
 #endif
 
 #define MAX_CONTEXTS 16
-
-extern char **environ;
+#define MAX_REPS 100
 
 typedef struct bench_opts {
-    const char *model, *text, *ref_script, *python;
-    int32_t threads, n_decode, chunk;
+    const char *model, *text, *llama_bench;
+    int32_t threads, n_decode, chunk, reps, bw_mib;
     int32_t contexts[MAX_CONTEXTS];
     int n_contexts;
-    bool reference;
+    bool reference, fa_on, fa_off;
 } bench_opts;
 
 typedef struct bench_result {
     double prefill_tps, decode_tps;
 } bench_result;
+
+/* Every repetition of one context: [0] entrokv, [1] llama.cpp FA on, [2] off. */
+enum { ENG_OURS, ENG_FA_ON, ENG_FA_OFF, ENG_N };
+typedef struct ctx_runs {
+    bench_result r[ENG_N][MAX_REPS];
+    int n[ENG_N];
+} ctx_runs;
+
+typedef struct stat3 {
+    double median, min, max;
+} stat3;
 
 static int parse_contexts(const char *s, bench_opts *o)
 {
@@ -63,9 +79,9 @@ static int parse_contexts(const char *s, bench_opts *o)
 
 static int parse(int argc, char **argv, bench_opts *o)
 {
-    *o = (bench_opts){.text = "/usr/share/common-licenses/GPL-3",
-                      .ref_script = EKV_SOURCE_DIR "/bench/llamacpp_ref.py",
-                      .threads = 2, .n_decode = 64, .chunk = 512, .reference = true};
+    *o = (bench_opts){.text = "/usr/share/common-licenses/GPL-3", .threads = 2, .n_decode = 64,
+                      .chunk = 512, .reps = 5, .bw_mib = 1024, .reference = true,
+                      .fa_on = true, .fa_off = true};
     parse_contexts("128,512,2048,8192", o);
     for (int i = 2; i < argc; i++) {
         const char *a = argv[i], *s;
@@ -80,15 +96,27 @@ static int parse(int argc, char **argv, bench_opts *o)
             ok = cli_take_int(argc, argv, &i, 1, 100000, &o->n_decode);
         else if (!strcmp(a, "--chunk"))
             ok = cli_take_int(argc, argv, &i, 1, 4096, &o->chunk);
-        else if (!strcmp(a, "--ref-script"))
-            ok = cli_take_str(argc, argv, &i, &o->ref_script);
-        else if (!strcmp(a, "--python"))
-            ok = cli_take_str(argc, argv, &i, &o->python);
+        else if (!strcmp(a, "--reps"))
+            ok = cli_take_int(argc, argv, &i, 1, MAX_REPS, &o->reps);
+        else if (!strcmp(a, "--bw-mib"))
+            ok = cli_take_int(argc, argv, &i, 0, 65536, &o->bw_mib);
+        else if (!strcmp(a, "--llama-bench"))
+            ok = cli_take_str(argc, argv, &i, &o->llama_bench);
         else if (!strcmp(a, "--no-reference"))
             o->reference = false;
         else if (!strcmp(a, "--json"))
             ; /* JSON lines are always printed on stdout */
-        else if (!strcmp(a, "--contexts")) {
+        else if (!strcmp(a, "--flash-attn")) {
+            ok = cli_take_str(argc, argv, &i, &s);
+            if (ok && strcmp(s, "on") && strcmp(s, "off") && strcmp(s, "both")) {
+                cli_error("bench", "--flash-attn expects on, off or both");
+                return CLI_USAGE;
+            }
+            if (ok) {
+                o->fa_on = strcmp(s, "off") != 0;
+                o->fa_off = strcmp(s, "on") != 0;
+            }
+        } else if (!strcmp(a, "--contexts")) {
             ok = cli_take_str(argc, argv, &i, &s);
             if (ok && parse_contexts(s, o)) {
                 cli_error("bench", "--contexts expects a list like 128,512");
@@ -105,6 +133,10 @@ static int parse(int argc, char **argv, bench_opts *o)
         cli_error("bench", "--model is required");
         return CLI_USAGE;
     }
+    if (o->bw_mib > 0 && o->bw_mib < 16) {
+        cli_error("bench", "--bw-mib must be 0 (off) or at least 16");
+        return CLI_USAGE;
+    }
     for (int i = 0; i < o->n_contexts; i++)
         if (o->contexts[i] <= o->n_decode) {
             cli_error("bench", "context %d must exceed --n-decode %d", o->contexts[i], o->n_decode);
@@ -112,7 +144,6 @@ static int parse(int argc, char **argv, bench_opts *o)
         }
     return 0;
 }
-
 /* n ids of real text: the file's tokens, repeated as often as needed. */
 static int32_t *text_tokens(const ekv_tokenizer *tok, const char *path, int32_t n, ekv_error *err)
 {
@@ -179,113 +210,205 @@ out:
     return rc;
 }
 
-/* Runs argv and returns its stdout (malloc'd), or NULL if it failed; its
- * stderr is discarded when quiet. */
-static char *capture(char *const argv[], bool quiet)
+static int cmp_double(const void *a, const void *b)
 {
-    int fds[2];
-    if (pipe(fds) != 0)
-        return NULL;
-    posix_spawn_file_actions_t fa;
-    posix_spawn_file_actions_init(&fa);
-    posix_spawn_file_actions_adddup2(&fa, fds[1], STDOUT_FILENO);
-    posix_spawn_file_actions_addclose(&fa, fds[0]);
-    if (quiet)
-        posix_spawn_file_actions_addopen(&fa, STDERR_FILENO, "/dev/null", O_WRONLY, 0);
-    pid_t pid;
-    int rc = posix_spawnp(&pid, argv[0], &fa, NULL, argv, environ);
-    posix_spawn_file_actions_destroy(&fa);
-    close(fds[1]);
-    if (rc != 0) {
-        close(fds[0]);
-        return NULL;
-    }
-    size_t cap = 4096, len = 0;
-    char *buf = malloc(cap);
-    ssize_t n;
-    while (buf && (n = read(fds[0], buf + len, cap - len - 1)) > 0) {
-        len += (size_t)n;
-        if (len + 1 == cap) {
-            char *b2 = realloc(buf, cap *= 2);
-            if (!b2) {
-                free(buf);
-                buf = NULL;
-            }
-            buf = b2;
-        }
-    }
-    close(fds[0]);
-    int status;
-    while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
-        ;
-    if (!buf || !WIFEXITED(status) || WEXITSTATUS(status) != 0) {
-        free(buf);
-        return NULL;
-    }
-    buf[len] = 0;
-    return buf;
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
 }
 
-/* The first interpreter that can import llama_cpp. */
-static const char *find_python(const bench_opts *o)
+/* Median (the mean of the middle two for an even count), min and max. */
+static stat3 stats(const bench_result *r, int n, bool decode)
 {
-    static const char *candidates[] = {".venv/bin/python", EKV_SOURCE_DIR "/.venv/bin/python",
-                                       "python3"};
-    if (o->python)
-        return o->python;
-    for (size_t i = 0; i < sizeof candidates / sizeof candidates[0]; i++) {
-        char *argv[] = {(char *)candidates[i], "-c", "import llama_cpp", NULL};
-        char *outp = capture(argv, true);
-        if (outp) {
-            free(outp);
-            return candidates[i];
-        }
-    }
-    return NULL;
+    double v[MAX_REPS];
+    for (int i = 0; i < n; i++)
+        v[i] = decode ? r[i].decode_tps : r[i].prefill_tps;
+    qsort(v, (size_t)n, sizeof *v, cmp_double);
+    return (stat3){.median = n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2, .min = v[0],
+                   .max = v[n - 1]};
 }
 
-static bool reference(const bench_opts *o, const char *python, const int32_t *prompt,
-                      int32_t n_prompt, bench_result *r)
+static void print_stat(const char *key, stat3 s)
 {
-    char path[] = "/tmp/entrokv-bench-XXXXXX";
-    int fd = mkstemp(path);
-    if (fd < 0)
+    printf(",\"%s\":{\"median\":%.2f,\"min\":%.2f,\"max\":%.2f}", key, s.median, s.min, s.max);
+}
+
+/* One repetition of llama-bench at one context: the prompt, then generation
+ * at the prompt's depth, with each flash attention setting asked for. */
+static bool reference(const bench_opts *o, const char *llama_bench, int32_t n_prompt, int round,
+                      ctx_runs *cr, llamacpp_info *info)
+{
+    llamacpp_row pp[2], tg[2];
+    /* llama-bench's warm-up repeats the whole prompt; past 1k tokens the
+     * first pass's page faults are far below 1% of it, so it is skipped */
+    int npp = llamacpp_bench(llama_bench, o->model, o->threads, o->fa_on, o->fa_off, n_prompt, 0,
+                             0, n_prompt < 1024, pp, 2, info);
+    int ntg = npp > 0 ? llamacpp_bench(llama_bench, o->model, o->threads, o->fa_on, o->fa_off, 0,
+                                       o->n_decode, n_prompt, true, tg, 2, info)
+                      : -1;
+    if (npp <= 0 || ntg != npp)
         return false;
-    FILE *f = fdopen(fd, "w");
-    for (int32_t i = 0; f && i < n_prompt; i++)
-        fprintf(f, "%d ", prompt[i]);
+    for (int k = 0; k < npp; k++) {
+        if (pp[k].flash_attn != tg[k].flash_attn || pp[k].n_prompt != n_prompt ||
+            tg[k].n_gen != o->n_decode || tg[k].n_depth != n_prompt)
+            return false;
+        int e = pp[k].flash_attn ? ENG_FA_ON : ENG_FA_OFF;
+        bench_result *r = &cr->r[e][cr->n[e]++];
+        *r = (bench_result){.prefill_tps = pp[k].tokens_per_s, .decode_tps = tg[k].tokens_per_s};
+        printf("{\"bench\":\"generate\",\"engine\":\"llama.cpp\",\"round\":%d,\"context\":%d,"
+               "\"prompt_tokens\":%d,\"decode_tokens\":%d,\"threads\":%d,\"flash_attn\":\"%s\","
+               "\"prefill_tokens_per_s\":%.2f,\"decode_tokens_per_s\":%.2f}\n",
+               round, n_prompt + o->n_decode, n_prompt, o->n_decode, o->threads,
+               pp[k].flash_attn ? "on" : "off", r->prefill_tps, r->decode_tps);
+    }
+    return true;
+}
+
+/* Prints the file's JSON object as the value of key, if it parses. */
+static void print_json_file(const char *key, const char *path)
+{
+    FILE *f = fopen(path, "rb");
+    char buf[4096];
+    size_t n = f ? fread(buf, 1, sizeof buf - 1, f) : 0;
     if (f)
         fclose(f);
-    char threads[16], n_decode[16];
-    snprintf(threads, sizeof threads, "%d", o->threads);
-    snprintf(n_decode, sizeof n_decode, "%d", o->n_decode);
-    char *argv[] = {(char *)python, (char *)o->ref_script, "--model", (char *)o->model,
-                    "--tokens-file", path, "--threads", threads, "--n-decode", n_decode, NULL};
-    char *out = capture(argv, false);
-    unlink(path);
-    if (!out)
-        return false;
-    cJSON *j = cJSON_Parse(out);
-    free(out);
-    const cJSON *p = cJSON_GetObjectItem(j, "prefill_tokens_per_s");
-    const cJSON *d = cJSON_GetObjectItem(j, "decode_tokens_per_s");
-    bool ok = cJSON_IsNumber(p) && cJSON_IsNumber(d);
-    if (ok) {
-        r->prefill_tps = p->valuedouble;
-        r->decode_tps = d->valuedouble;
-    }
+    buf[n] = 0;
+    cJSON *j = n ? cJSON_Parse(buf) : NULL;
+    char *s = cJSON_IsObject(j) ? cJSON_PrintUnformatted(j) : NULL;
+    if (s)
+        printf(",\"%s\":%s", key, s);
+    free(s);
     cJSON_Delete(j);
-    return ok;
 }
 
-static void print_line(const char *engine, int32_t ctx, int32_t n_prompt, const bench_opts *o,
-                       const bench_result *r)
+static void print_meta(const bench_opts *o, const char *llama_bench, const llamacpp_info *info,
+                       const double bw[6], uint64_t weight_bytes)
 {
-    printf("{\"bench\":\"generate\",\"engine\":\"%s\",\"context\":%d,\"prompt_tokens\":%d,"
-           "\"decode_tokens\":%d,\"threads\":%d,\"prefill_tokens_per_s\":%.2f,"
-           "\"decode_tokens_per_s\":%.2f}\n",
-           engine, ctx, n_prompt, o->n_decode, o->threads, r->prefill_tps, r->decode_tps);
+    char *git[] = {"git", "-C", EKV_SOURCE_DIR, "describe", "--always", "--dirty", NULL};
+    char *commit = bench_capture(git, true);
+    if (commit)
+        commit[strcspn(commit, "\n")] = 0;
+    char date[32];
+    time_t now = time(NULL);
+    strftime(date, sizeof date, "%Y-%m-%dT%H:%M:%SZ", gmtime(&now));
+    printf("{\"bench\":\"generate_meta\",\"date\":\"%s\",\"entrokv_commit\":\"%s\","
+           "\"model\":\"%s\",\"threads\":%d,\"reps\":%d,\"n_decode\":%d,\"chunk\":%d,"
+           "\"text\":\"%s\"",
+           date, commit ? commit : "unknown", o->model, o->threads, o->reps, o->n_decode, o->chunk,
+           o->text);
+    free(commit);
+    if (bw[0] > 0)
+        printf(",\"read_bandwidth\":{\"threads\":%d,\"buffer_mib\":%d,\"passes\":5,"
+               "\"best_gb_per_s\":%.2f,\"before\":{\"best\":%.2f,\"median\":%.2f},"
+               "\"after\":{\"best\":%.2f,\"median\":%.2f},\"weights_sized\":{\"bytes\":%llu,"
+               "\"best\":%.2f,\"median\":%.2f}}",
+               o->threads, o->bw_mib, (bw[0] > bw[2] ? bw[0] : bw[2]) / 1e9, bw[0] / 1e9,
+               bw[1] / 1e9, bw[2] / 1e9, bw[3] / 1e9, (unsigned long long)weight_bytes,
+               bw[4] / 1e9, bw[5] / 1e9);
+    if (llama_bench && info->build_commit[0]) {
+        printf(",\"llama_cpp\":{\"tool\":\"llama-bench\",\"path\":\"%s\",\"build_commit\":\"%s\","
+               "\"build_number\":%lld,\"cpu_info\":\"%s\",\"type_k\":\"%s\",\"n_batch\":%d,"
+               "\"n_ubatch\":%d,\"flash_attn_tried\":\"%s\",\"args\":\"-t %d -fa %s -r 1 -o jsonl; "
+               "prefill: -p P -n 0 -d 0 (--no-warmup when P >= 1024); decode: -p 0 -n %d -d P\"",
+               llama_bench, info->build_commit, (long long)info->build_number, info->cpu_info,
+               info->type_k, info->n_batch, info->n_ubatch,
+               o->fa_on && o->fa_off ? "on,off" : o->fa_on ? "on" : "off", o->threads,
+               o->fa_on && o->fa_off ? "on,off" : o->fa_on ? "on" : "off", o->n_decode);
+        char path[4096];
+        snprintf(path, sizeof path, "%s", llama_bench);
+        char *slash = strrchr(path, '/');
+        if (slash && (size_t)(slash - path) + 20 < sizeof path) {
+            strcpy(slash, "/../version.json");
+            print_json_file("setup", path);
+        }
+        printf("}");
+    }
+    printf("}\n");
+}
+
+/* Decode reads every weight and the K and V (fp16) of every cached token once
+ * per step; step i attends over n_prompt + i + 1 tokens. */
+static double decode_bytes_per_token(const ekv_model *m, int32_t n_prompt, int32_t n_decode)
+{
+    const ekv_model_config *c = model_config(m);
+    const double kv_per_token = 2.0 * c->n_layers * c->n_kv_heads * c->head_dim * 2;
+    return (double)model_weight_bytes(m) + kv_per_token * (n_prompt + (n_decode + 1) / 2.0);
+}
+
+static void summarize(const bench_opts *o, const ekv_model *m, const ctx_runs *runs,
+                      double bw_best)
+{
+    fprintf(stderr, "\n%-8s %-26s %-26s %-12s %s\n", "context", "prefill tok/s median (x)",
+            "decode tok/s median (x)", "llama FA p/d", "decode / bound (ours, llama)");
+    for (int i = 0; i < o->n_contexts; i++) {
+        const ctx_runs *cr = &runs[i];
+        const int32_t ctx = o->contexts[i], n_prompt = ctx - o->n_decode;
+        const double bytes = decode_bytes_per_token(m, n_prompt, o->n_decode);
+        const double bound = bw_best > 0 ? bw_best / bytes : 0;
+        stat3 s[ENG_N][2];
+        for (int e = 0; e < ENG_N; e++)
+            for (int d = 0; d < 2 && cr->n[e]; d++)
+                s[e][d] = stats(cr->r[e], cr->n[e], d);
+        /* llama.cpp's figure per phase: the faster flash attention setting */
+        int best[2] = {0, 0};
+        for (int d = 0; d < 2; d++) {
+            best[d] = !cr->n[ENG_FA_ON]    ? ENG_FA_OFF
+                      : !cr->n[ENG_FA_OFF] ? ENG_FA_ON
+                      : s[ENG_FA_ON][d].median >= s[ENG_FA_OFF][d].median ? ENG_FA_ON
+                                                                          : ENG_FA_OFF;
+        }
+        const bool have_ref = cr->n[ENG_FA_ON] || cr->n[ENG_FA_OFF];
+        for (int e = 0; e < (have_ref ? 2 : 1); e++) {
+            const stat3 *pp = e ? &s[best[0]][0] : &s[ENG_OURS][0];
+            const stat3 *tg = e ? &s[best[1]][1] : &s[ENG_OURS][1];
+            printf("{\"bench\":\"generate_summary\",\"engine\":\"%s\",\"context\":%d,"
+                   "\"prompt_tokens\":%d,\"decode_tokens\":%d,\"threads\":%d,\"reps\":%d",
+                   e ? "llama.cpp" : "entrokv", ctx, n_prompt, o->n_decode, o->threads,
+                   cr->n[e ? best[1] : ENG_OURS]);
+            print_stat("prefill_tokens_per_s", *pp);
+            print_stat("decode_tokens_per_s", *tg);
+            if (e) {
+                printf(",\"prefill_flash_attn\":\"%s\",\"decode_flash_attn\":\"%s\"",
+                       best[0] == ENG_FA_ON ? "on" : "off", best[1] == ENG_FA_ON ? "on" : "off");
+                for (int f = ENG_FA_ON; f <= ENG_FA_OFF; f++)
+                    if (cr->n[f])
+                        printf(",\"flash_attn_%s\":{\"prefill_median\":%.2f,\"decode_median\":%.2f}",
+                               f == ENG_FA_ON ? "on" : "off", s[f][0].median, s[f][1].median);
+            }
+            printf(",\"decode_bytes_per_token\":%.0f", bytes);
+            if (bound > 0)
+                printf(",\"decode_bound_tokens_per_s\":%.2f,\"decode_fraction_of_bound\":%.3f",
+                       bound, tg->median / bound);
+            printf("}\n");
+        }
+        const stat3 *ours = s[ENG_OURS];
+        if (have_ref) {
+            const double pr = ours[0].median / s[best[0]][0].median,
+                         dr = ours[1].median / s[best[1]][1].median;
+            printf("{\"bench\":\"generate_ratio\",\"ratio_vs\":\"llama.cpp\",\"context\":%d,"
+                   "\"prefill_ratio\":%.3f,\"decode_ratio\":%.3f}\n", ctx, pr, dr);
+            fprintf(stderr, "%-8d %8.1f (%5.2fx)           %8.1f (%5.2fx)           %-3s/%-3s      "
+                            "%.2f, %.2f\n", ctx, ours[0].median, pr, ours[1].median, dr,
+                    best[0] == ENG_FA_ON ? "on" : "off", best[1] == ENG_FA_ON ? "on" : "off",
+                    bound > 0 ? ours[1].median / bound : 0,
+                    bound > 0 ? s[best[1]][1].median / bound : 0);
+        } else {
+            fprintf(stderr, "%-8d %8.1f                   %8.1f                   -            %.2f\n",
+                    ctx, ours[0].median, ours[1].median, bound > 0 ? ours[1].median / bound : 0);
+        }
+    }
     fflush(stdout);
+}
+
+/* bw[0] best, bw[1] median of five passes over a buffer of `bytes`. */
+static bool read_bandwidth(const bench_opts *o, const char *when, size_t bytes, double bw[2])
+{
+    if (!bench_read_bandwidth(o->threads, bytes, 5, &bw[0], &bw[1])) {
+        cli_error("bench", "the read-bandwidth kernel could not run (%zu MiB)", bytes >> 20);
+        return false;
+    }
+    fprintf(stderr, "read bandwidth %s (%d threads, %zu MiB): best %.1f GB/s, median %.1f GB/s\n",
+            when, o->threads, bytes >> 20, bw[0] / 1e9, bw[1] / 1e9);
+    return true;
 }
 
 static int bench_generate(const bench_opts *o)
@@ -299,7 +422,20 @@ static int bench_generate(const bench_opts *o)
     ekv_runtime *rt = NULL;
     kv_pool *kv = NULL;
     int32_t *ids = NULL;
-    ekv_model *m = model_load(o->model, &err);
+    ctx_runs *runs = calloc((size_t)o->n_contexts, sizeof *runs);
+    llamacpp_info info = {0};
+    /* best and median: before the rounds, after them, and over a buffer the
+     * size of the weights (which a last-level cache may hold) */
+    double bw[6] = {0};
+    const char *llama_bench = o->reference ? llamacpp_find_bench(o->llama_bench) : NULL;
+    if (o->reference && !llama_bench) {
+        cli_error("bench", "no llama-bench found%s%s: run scripts/setup.sh --bench, or pass "
+                           "--llama-bench PATH or --no-reference",
+                  o->llama_bench ? " at " : "", o->llama_bench ? o->llama_bench : "");
+        free(runs);
+        return CLI_FAIL;
+    }
+    ekv_model *m = runs ? model_load(o->model, &err) : NULL;
     if (!m)
         goto fail;
     kv = model_kv_pool_create(m, max_ctx, &err);
@@ -307,45 +443,51 @@ static int bench_generate(const bench_opts *o)
     ids = rt ? text_tokens(model_tokenizer(m), o->text, max_ctx, &err) : NULL;
     if (!ids)
         goto fail;
-    const char *python = o->reference ? find_python(o) : NULL;
-    if (o->reference && !python) {
-        cli_error("bench", "no Python with llama_cpp found: run scripts/setup.sh --bench, or "
-                           "pass --python or --no-reference");
+    if (o->bw_mib > 0 && !read_bandwidth(o, "before", (size_t)o->bw_mib << 20, &bw[0]))
         goto out;
-    }
     bench_result warm;
     if (measure(rt, kv, ids, 32, 4, &warm, &err))
         goto fail;
-    fprintf(stderr, "%-8s %-22s %-22s %s\n", "context", "prefill tok/s (ratio)",
-            "decode tok/s (ratio)", "threads");
-    for (int i = 0; i < o->n_contexts; i++) {
-        const int32_t ctx = o->contexts[i], n_prompt = ctx - o->n_decode;
-        bench_result ours, ref = {0};
-        if (measure(rt, kv, ids, n_prompt, o->n_decode, &ours, &err))
-            goto fail;
-        print_line("entrokv", ctx, n_prompt, o, &ours);
-        bool have_ref = python && reference(o, python, ids, n_prompt, &ref);
-        if (python && !have_ref)
-            fprintf(stderr, "entrokv bench: the llama.cpp reference failed at context %d\n", ctx);
-        if (have_ref) {
-            print_line("llama.cpp", ctx, n_prompt, o, &ref);
-            printf("{\"bench\":\"generate\",\"ratio_vs\":\"llama.cpp\",\"context\":%d,"
-                   "\"prefill_ratio\":%.3f,\"decode_ratio\":%.3f}\n",
-                   ctx, ours.prefill_tps / ref.prefill_tps, ours.decode_tps / ref.decode_tps);
-            fprintf(stderr, "%-8d %8.1f (%5.2fx)      %8.1f (%5.2fx)      %d\n", ctx,
-                    ours.prefill_tps, ours.prefill_tps / ref.prefill_tps, ours.decode_tps,
-                    ours.decode_tps / ref.decode_tps, o->threads);
-        } else {
-            fprintf(stderr, "%-8d %8.1f               %8.1f               %d\n", ctx,
-                    ours.prefill_tps, ours.decode_tps, o->threads);
+    /* Rounds outermost, engines alternating inside each (and which goes first
+     * alternating between rounds), so drift in the machine's speed falls on
+     * both engines alike. */
+    for (int round = 0; round < o->reps; round++) {
+        for (int i = 0; i < o->n_contexts; i++) {
+            const int32_t ctx = o->contexts[i], n_prompt = ctx - o->n_decode;
+            for (int turn = 0; turn < 2; turn++) {
+                if ((turn + round) % 2) {
+                    if (llama_bench && !reference(o, llama_bench, n_prompt, round, &runs[i], &info)) {
+                        cli_error("bench", "the llama.cpp reference failed at context %d", ctx);
+                        goto out;
+                    }
+                    continue;
+                }
+                bench_result *r = &runs[i].r[ENG_OURS][runs[i].n[ENG_OURS]++];
+                if (measure(rt, kv, ids, n_prompt, o->n_decode, r, &err))
+                    goto fail;
+                printf("{\"bench\":\"generate\",\"engine\":\"entrokv\",\"round\":%d,\"context\":%d,"
+                       "\"prompt_tokens\":%d,\"decode_tokens\":%d,\"threads\":%d,"
+                       "\"prefill_tokens_per_s\":%.2f,\"decode_tokens_per_s\":%.2f}\n",
+                       round, ctx, n_prompt, o->n_decode, o->threads, r->prefill_tps,
+                       r->decode_tps);
+            }
+            fflush(stdout);
         }
-        fflush(stdout);
+        fprintf(stderr, "round %d/%d done\n", round + 1, o->reps);
     }
+    /* bandwidth again after the rounds: the bound is the better of the two */
+    if (o->bw_mib > 0 && !read_bandwidth(o, "after", (size_t)o->bw_mib << 20, &bw[2]))
+        goto out;
+    if (o->bw_mib > 0 && !read_bandwidth(o, "weights-sized", model_weight_bytes(m), &bw[4]))
+        goto out;
+    print_meta(o, llama_bench, &info, bw, model_weight_bytes(m));
+    summarize(o, m, runs, bw[0] > bw[2] ? bw[0] : bw[2]);
     ret = CLI_OK;
     goto out;
 fail:
     cli_error("bench", "%s", err.msg);
 out:
+    free(runs);
     free(ids);
     model_runtime_free(rt);
     kv_pool_destroy(kv);
@@ -358,8 +500,10 @@ int cmd_bench(int argc, char **argv)
     if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
         fprintf(argc < 2 ? stderr : stdout,
                 "usage: entrokv bench generate --model PATH [--contexts 128,512,2048,8192]\n"
-                "       [--threads 2] [--n-decode 64] [--chunk 512] [--text FILE]\n"
-                "       [--python PY] [--ref-script PATH] [--no-reference] [--json]\n");
+                "       [--threads 2] [--n-decode 64] [--chunk 512] [--text FILE] [--reps 5]\n"
+                "       [--flash-attn both|on|off] [--bw-mib 1024] [--llama-bench PATH]\n"
+                "       [--no-reference] [--json]\n"
+                "       entrokv bench serve|kvstore|restore --help\n");
         return argc < 2 ? CLI_USAGE : CLI_OK;
     }
     if (!strcmp(argv[1], "kvstore"))
@@ -387,11 +531,17 @@ int cmd_bench(int argc, char **argv)
 }
 
 /* `entrokv bench serve`: bench/bench_serve.py drives this binary's server and
- * llama.cpp's (llama-cpp-python[server]) with real HTTP clients. */
+ * llama.cpp's llama-server with real HTTP clients (it needs only Python's
+ * standard library). */
 int bench_serve(int argc, char **argv)
 {
-    bench_opts o = {0};
-    const char *python = find_python(&o);
+    static const char *pythons[] = {".venv/bin/python", EKV_SOURCE_DIR "/.venv/bin/python"};
+    const char *python = "python3";
+    for (size_t i = 0; i < sizeof pythons / sizeof pythons[0]; i++)
+        if (access(pythons[i], X_OK) == 0) {
+            python = pythons[i];
+            break;
+        }
     char self[4096];
     ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
     if (n <= 0) {
@@ -403,14 +553,10 @@ int bench_serve(int argc, char **argv)
     if (!args)
         return CLI_FAIL;
     int k = 0;
-    args[k++] = (char *)(python ? python : "python3");
+    args[k++] = (char *)python;
     args[k++] = EKV_SOURCE_DIR "/bench/bench_serve.py";
     args[k++] = "--entrokv";
     args[k++] = self;
-    if (python) {
-        args[k++] = "--python";
-        args[k++] = (char *)python;
-    }
     for (int i = 1; i < argc; i++)
         args[k++] = argv[i];
     args[k] = NULL;

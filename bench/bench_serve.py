@@ -1,21 +1,26 @@
 #!/usr/bin/env python3
 """bench_serve.py - `entrokv bench serve`: serving throughput and latency
-under concurrency, entrokv against llama.cpp's server in the same run.
+under concurrency, entrokv against llama.cpp's own llama-server in the same
+run.
 
-For each server (entrokv full KV, entrokv with compressed KV, and
-llama-cpp-python's OpenAI server on the same GGUF and thread count) and
-each concurrency C in --concurrency, C clients each send --rounds
-streaming /v1/completions requests (greedy, --max-tokens, distinct
---prompt-tokens-long windows of real text, so no prefix is shared) and
-record time to first token, the gaps between streamed tokens, and the
-tokens generated (from the final usage). entrokv runs with a fixed KV pool
-(--kv-tokens) and its prefix store off, so compressed KV shows as more
-sequences fitting in the same memory.
+For each concurrency C in --concurrency, and for each server in turn
+(entrokv full KV, entrokv with compressed KV, and llama-server started with
+`-np C -cb`: C slots, continuous batching), the server is started fresh on
+the same GGUF and thread count, warmed up, and C clients each send streaming
+/v1/completions requests (greedy, --max-tokens with end-of-generation
+ignored, distinct windows of real text so no prefix is shared; at least
+--min-requests per wave) recording time to first token, the gaps between
+streamed tokens, and the tokens generated (from the final usage). Which
+server goes first alternates between concurrencies. entrokv runs with a
+fixed KV pool (--kv-tokens) and its prefix store off, so compressed KV shows
+as more sequences fitting in the same memory; llama-server gets --ctx tokens
+per slot (-c ctx*C) and its prompt cache off (--cache-ram 0), so KV room is
+never what limits it.
 
 Prints one JSON line per (server, concurrency): output tokens/s over the
-wave, p50/p99 TTFT and inter-token latency, completed/failed requests; then
-a summary with ratios against llama.cpp. Exit 0 when every request
-completed on the entrokv servers.
+wave, p50/p99 TTFT and inter-token latency, completed/failed requests; a
+"serve_meta" line (versions, flags); then ratios against llama-server.
+Exit 0 when every request completed on the entrokv servers.
 """
 import argparse
 import http.client
@@ -104,6 +109,7 @@ def wave(port, prompts, conc, rounds, extra, max_tokens):
     def client(i):
         for r in range(rounds):
             body = {"prompt": prompts[(i * rounds + r) % len(prompts)], "max_tokens": max_tokens,
+                    "ignore_eos": True,
                     "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
             body.update(extra)
             res = []
@@ -150,17 +156,38 @@ def start_entrokv(a, extra_args):
     return proc, port
 
 
-def start_llamacpp(a):
-    port = free_port()
+def find_llama_server(a):
+    if a.llama_server:
+        return a.llama_server
     here = os.path.dirname(os.path.abspath(__file__))
-    args = [a.python, os.path.join(here, "llamacpp_server.py"), "--model", a.model, "--host", "127.0.0.1",
-            "--port", str(port), "--n_threads", str(a.threads), "--n_threads_batch",
-            str(a.threads), "--n_ctx", str(a.ctx), "--n_batch", "512",
-            # queue concurrent requests instead of cutting the running stream short
-            "--interrupt_requests", "False"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for d in (os.getcwd(), os.path.dirname(here)):
+        p = os.path.join(d, "build", "llamacpp", "bin", "llama-server")
+        if os.access(p, os.X_OK):
+            return p
+    return None
+
+
+def llama_server_args(a, conc, port):
+    return [a.llama_server, "-m", a.model, "--host", "127.0.0.1", "--port", str(port),
+            "-t", str(a.threads), "-tb", str(a.threads), "-np", str(conc), "-cb",
+            "-c", str(a.ctx * conc), "--cache-ram", "0"]
+
+
+def start_llamacpp(a, conc):
+    port = free_port()
+    log = tempfile.NamedTemporaryFile(prefix="bench-llama-server-", suffix=".log", delete=False)
+    proc = subprocess.Popen(llama_server_args(a, conc, port), stdout=subprocess.DEVNULL,
+                            stderr=log)
     wait_http(port, proc, 180)
     return proc, port
+
+
+def llama_server_version(path):
+    try:
+        r = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60)
+        return " ".join((r.stdout + r.stderr).split())[:200]
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def stop(proc):
@@ -176,48 +203,67 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--entrokv", required=True)
     p.add_argument("--model", required=True)
-    p.add_argument("--python", default=sys.executable)
+    p.add_argument("--llama-server", help="llama.cpp's llama-server (default: the one "
+                   "scripts/setup.sh --bench builds in build/llamacpp/bin)")
     p.add_argument("--text", default="/usr/share/common-licenses/GPL-3")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--ctx", type=int, default=1024)
     p.add_argument("--kv-tokens", type=int, default=4096)
     p.add_argument("--prompt-chars", type=int, default=1400)
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=1, help="requests per client")
+    p.add_argument("--min-requests", type=int, default=8,
+                   help="raise the requests per client so a wave has at least this many")
     p.add_argument("--concurrency", default="1,4,16,64")
     p.add_argument("--kv-method", default="snapkv")
     p.add_argument("--kv-budget", type=float, default=0.1)
+    p.add_argument("--no-compressed", action="store_true", help="skip the compressed-KV server")
     p.add_argument("--no-reference", action="store_true")
-    p.add_argument("--eos-ids", default="1,2",
-                   help="end-of-generation token ids biased away on llama.cpp's server "
-                        "(SmolLM2: <|im_start|> 1, <|im_end|> 2)")
     a = p.parse_args()
-    concs = [int(c) for c in a.concurrency.split(",")]
-    a.eos_ids = [int(t) for t in a.eos_ids.split(",")]
-    prompts = make_prompts(a.text, max(concs) * a.rounds, a.prompt_chars)
-    # every request generates exactly --max-tokens tokens: entrokv ignores
-    # end-of-generation tokens on request, llama.cpp's server has no such
-    # field, so the model's EOS gets a -100 logit bias there
-    servers = [("entrokv-full", lambda: start_entrokv(a, []), {"ignore_eos": True}),
-               (f"entrokv-{a.kv_method}-{a.kv_budget:g}", lambda: start_entrokv(a, []),
-                {"kv_method": a.kv_method, "kv_budget": a.kv_budget, "ignore_eos": True})]
+    try:
+        concs = [int(c) for c in a.concurrency.split(",")]
+    except ValueError:
+        p.error("--concurrency expects a list like 1,4,16")
+    if not concs or min(concs) < 1 or a.rounds < 1 or a.min_requests < 1 or a.max_tokens < 1:
+        p.error("concurrency, --rounds, --min-requests and --max-tokens must be >= 1")
     if not a.no_reference:
-        servers.append(("llama.cpp-server", lambda: start_llamacpp(a),
-                        {"logit_bias": {str(t): -100 for t in a.eos_ids}}))
+        a.llama_server = find_llama_server(a)
+        if not a.llama_server:
+            p.error("no llama-server found: run scripts/setup.sh --bench, or pass "
+                    "--llama-server PATH or --no-reference")
+    rounds = {c: max(a.rounds, -(-a.min_requests // c)) for c in concs}
+    prompts = make_prompts(a.text, max(c * rounds[c] for c in concs), a.prompt_chars)
+    servers = [("entrokv-full", lambda c: start_entrokv(a, []), {})]
+    if not a.no_compressed:
+        servers.append((f"entrokv-{a.kv_method}-{a.kv_budget:g}", lambda c: start_entrokv(a, []),
+                        {"kv_method": a.kv_method, "kv_budget": a.kv_budget}))
+    if not a.no_reference:
+        servers.append(("llama.cpp-server", lambda c: start_llamacpp(a, c), {}))
+    meta = {"bench": "serve_meta", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "threads": a.threads, "model": a.model, "ctx": a.ctx,
+            "kv_tokens": a.kv_tokens, "prompt_chars": a.prompt_chars,
+            "max_tokens": a.max_tokens, "rounds": rounds, "text": a.text}
+    if not a.no_reference:
+        meta["llama_server"] = {"path": a.llama_server,
+                                "version": llama_server_version(a.llama_server),
+                                "args": " ".join(llama_server_args(a, "C", "PORT")[1:])}
+    print(json.dumps(meta), flush=True)
     rows = {}
     ok = True
-    for name, start, extra in servers:
-        try:
-            proc, port = start()
-        except (RuntimeError, OSError) as e:
-            print(f"bench serve: {name} did not start: {e}", file=sys.stderr)
-            ok = ok and name.startswith("llama")
-            continue
-        try:
-            # warm-up with a prompt the waves never use (llama.cpp caches the last prompt)
-            one_request(port, {"prompt": "Warm-up.", "max_tokens": 4, "stream": True}, [])
-            for c in concs:
-                r = wave(port, prompts, c, a.rounds, extra, a.max_tokens)
+    for k, c in enumerate(concs):
+        # which server goes first alternates, so drift falls on all alike
+        order = servers if k % 2 == 0 else servers[::-1]
+        for name, start, extra in order:
+            try:
+                proc, port = start(c)
+            except (RuntimeError, OSError) as e:
+                print(f"bench serve: {name} did not start: {e}", file=sys.stderr)
+                ok = ok and name.startswith("llama")
+                continue
+            try:
+                # warm-up with a prompt the waves never use
+                one_request(port, {"prompt": "Warm-up.", "max_tokens": 4, "stream": True}, [])
+                r = wave(port, prompts, c, rounds[c], extra, a.max_tokens)
                 r.update({"bench": "serve", "server": name, "threads": a.threads,
                           "kv_tokens": a.kv_tokens if name.startswith("entrokv") else None})
                 rows[(name, c)] = r
@@ -228,8 +274,8 @@ def main():
                       f"  failed {r['failed']}", file=sys.stderr, flush=True)
                 if name.startswith("entrokv") and r["failed"]:
                     ok = False
-        finally:
-            stop(proc)
+            finally:
+                stop(proc)
     print("\nratios (output tokens/s):", file=sys.stderr)
     for c in concs:
         ref = rows.get(("llama.cpp-server", c))
@@ -240,11 +286,15 @@ def main():
             line = {"bench": "serve_ratio", "server": name, "concurrency": c}
             if ref and ref["output_tokens_per_s"]:
                 line["vs_llama_cpp"] = round(r["output_tokens_per_s"] / ref["output_tokens_per_s"], 2)
+                # latency ratios: below 1 means entrokv answers sooner
+                for key in ("ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s"):
+                    if r[key] is not None and ref[key]:
+                        line[f"{key[:-2]}_vs_llama_cpp"] = round(r[key] / ref[key], 2)
             if full and full["output_tokens_per_s"] and name != "entrokv-full":
                 line["vs_entrokv_full"] = round(r["output_tokens_per_s"] / full["output_tokens_per_s"], 2)
             print(json.dumps(line), flush=True)
             print(f"  c={c:3d} {name:24s} " + " ".join(f"{k}={v}" for k, v in line.items()
-                                                          if k.startswith("vs_")), file=sys.stderr)
+                                                          if "vs_" in k), file=sys.stderr)
     return 0 if ok else 1
 
 

@@ -3,16 +3,20 @@
 #
 # Idempotent: re-running skips what is already there. Usage:
 #   scripts/setup.sh            # Debian packages, Python venv, Release build, model
-#   scripts/setup.sh --bench    # also llama-cpp-python (the benchmark reference; builds llama.cpp, ~10 min)
+#   scripts/setup.sh --bench    # also llama.cpp's llama-bench and llama-server, the benchmark
+#                               # reference (scripts/setup_llamacpp.sh; ~15 min on 2 cores)
+#   scripts/setup.sh --fixtures # also llama-cpp-python, which tests/fixtures/make_fixtures.py uses
 #   scripts/setup.sh --no-build # dependencies only
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 want_bench=0
+want_fixtures=0
 want_build=1
 for arg in "$@"; do
     case "$arg" in
         --bench) want_bench=1 ;;
+        --fixtures) want_fixtures=1 ;;
         --no-build) want_build=0 ;;
         *) echo "setup.sh: unknown option $arg" >&2; exit 2 ;;
     esac
@@ -58,9 +62,12 @@ if [ ! -x .venv/checkov/bin/python ]; then
     python3 -m venv .venv/checkov
 fi
 .venv/checkov/bin/python -m pip install -q --disable-pip-version-check -r scripts/requirements-checkov.txt
-if [ "$want_bench" = 1 ]; then
+if [ "$want_fixtures" = 1 ]; then
     .venv/bin/python -c "import llama_cpp" 2>/dev/null ||
         CMAKE_ARGS="-DGGML_NATIVE=ON" .venv/bin/python -m pip install -q -r scripts/requirements-bench.txt
+fi
+if [ "$want_bench" = 1 ]; then
+    bash scripts/setup_llamacpp.sh
 fi
 
 if [ "$want_build" = 1 ]; then
