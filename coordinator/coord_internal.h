@@ -54,19 +54,11 @@ struct ekv_coordinator {
     const ekv_tls_client *worker_tls; /* remote.c's channels (coord_set_worker_tls) */
 };
 
-struct coord_stream {
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    int refs;                    /* the caller's and the group's */
-    ekv_coordinator *coord;
-    int group;
-    uint64_t id;                 /* log id */
-    uint64_t engine_id;
-    bool submitted;              /* engine_id is valid */
-    bool cancel_sent;
-    int32_t n_prompt;
-    const char *protocol;
-    /* what the consumer has not taken yet */
+/* One choice of a stream (n > 1: one per continuation), what its
+ * callbacks get as ctx: its news not taken yet and its done record. */
+typedef struct coord_choice {
+    coord_stream *s;
+    int32_t index;
     int32_t *ids;
     int32_t n_ids, cap_ids;
     char *text;
@@ -75,24 +67,48 @@ struct coord_stream {
     int32_t n_lps, cap_lps;
     ekv_logprob *plps;           /* the prompt's (echo) */
     int32_t n_plps, cap_plps;
-    bool lost;                   /* an append failed for memory: finish as an error */
     bool done, done_taken;
     gen_finish finish;
     engine_usage usage;
     ekv_status rc;
     char msg[256];
+    double t_last;               /* for the inter-token histogram */
+    bool got_first;
+} coord_choice;
+
+struct coord_stream {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int refs;                    /* the caller's, and the group's: one per choice */
+    ekv_coordinator *coord;
+    int group;
+    uint64_t id;                 /* log id */
+    uint64_t engine_id;
+    bool submitted;              /* engine_id is valid */
+    bool cancel_sent;
+    int32_t n_prompt;
+    const char *protocol;
+    coord_choice *ch;            /* n_choices of them */
+    void **ctxs;                 /* &ch[i], the engine_request's choice_ctx */
+    int32_t n_choices;
+    int32_t n_done, n_done_taken;
+    int32_t cursor;              /* the choice take looks at first (round robin) */
+    ekv_status worst_rc;         /* the first failure among the choices, for the metrics */
+    gen_finish worst_finish;
+    bool lost;                   /* an append failed for memory: finish as an error */
     /* notify hook */
     void (*notify)(void *ctx);
     void *notify_ctx;
     bool armed;
-    /* timing for the TTFT and inter-token histograms */
-    double t_submit, t_last;
+    /* timing for the TTFT histogram */
+    double t_submit;
     bool got_first;
 };
 
 /* stream.c */
+/* A stream of n_choices (>= 1) choices. */
 coord_stream *coord_stream_new(ekv_coordinator *c, int group, int32_t n_prompt,
-                               const char *protocol);
+                               int32_t n_choices, const char *protocol);
 /* Frees a stream whose request never reached a group. */
 void coord_stream_discard(coord_stream *s);
 void coord_stream_on_logprobs(void *ctx, const ekv_logprob *lp, int32_t n, bool prompt);

@@ -241,6 +241,8 @@ void coord_gauges(ekv_coordinator *c, metrics_gauges *g)
     g->kv_bytes_saved_by[0] = s.kv_bytes_saved_tokens;
     g->kv_bytes_saved_by[1] = s.kv_bytes_saved_channels;
     g->kv_bytes_saved_by[2] = s.kv_bytes_saved_decode;
+    g->kv_blocks_shared = s.kv_blocks_shared;
+    g->kv_cow_copies = (int64_t)s.kv_cow_copies;
 }
 
 void coord_stats(ekv_coordinator *c, engine_stats *sum)
@@ -262,6 +264,8 @@ void coord_stats(ekv_coordinator *c, engine_stats *sum)
         sum->kv_bytes_saved_decode += s.kv_bytes_saved_decode;
         sum->preemptions += s.preemptions;
         sum->steps += s.steps;
+        sum->kv_blocks_shared += s.kv_blocks_shared;
+        sum->kv_cow_copies += s.kv_cow_copies;
     }
     pthread_mutex_unlock(&c->groups_mu);
 }
@@ -494,6 +498,18 @@ static ekv_status check_params(ekv_coordinator *c, const coord_request *r, kvc_p
         return as_invalid(err);
     if (policy->method == KVC_UNCOMP)
         policy->profile = c->uncomp_profile;
+    if (r->n < 0 || r->n > COORD_MAX_N)
+        return ekv_error_set(err, EKV_EINVAL, "n must be in [1, %d], got %d", COORD_MAX_N, r->n);
+    /* the engine forks the prompt's KV after its prefill: the prompt is
+     * scored once, not per choice, and SCOPE would evict from shared blocks */
+    if (r->n > 1 && p->prompt_logprobs)
+        return ekv_error_set(err, EKV_EINVAL,
+                             "n > 1 with the prompt's log-probabilities (echo with logprobs "
+                             "or max_tokens 0) is not supported");
+    if (r->n > 1 && policy->decode.mode != KVC_DECODE_NONE)
+        return ekv_error_set(err, EKV_EINVAL,
+                             "n > 1 with a decode_method (SCOPE decode-time eviction) is not "
+                             "supported");
     return EKV_OK;
 }
 
@@ -531,9 +547,9 @@ static bool routable(const coord_group *g)
     return g->state == GROUP_ACTIVE && atomic_load(&g->healthy);
 }
 
-/* Picks a healthy group for the prompt and counts the request in flight
- * there; -1 when no group is healthy. */
-static int route(ekv_coordinator *c, const int32_t *ids, int32_t n)
+/* Picks a healthy group for the prompt and counts the request's n_seqs
+ * sequences (its choices) in flight there; -1 when no group is healthy. */
+static int route(ekv_coordinator *c, const int32_t *ids, int32_t n, int32_t n_seqs)
 {
     pthread_mutex_lock(&c->mu);
     int best = -1;
@@ -555,11 +571,12 @@ static int route(ekv_coordinator *c, const int32_t *ids, int32_t n)
         slot->hash = h;
         slot->group = best;
     }
-    c->groups[best].in_flight++;
+    c->groups[best].in_flight += n_seqs;
     pthread_mutex_unlock(&c->mu);
     return best;
 }
 
+/* Once per choice: each was counted in flight. */
 void coord_group_finished(ekv_coordinator *c, int group)
 {
     pthread_mutex_lock(&c->mu);
@@ -584,12 +601,14 @@ static ekv_status submit_to_group(ekv_coordinator *c, const coord_request *r,
                                   const int32_t *ids, int32_t n, const kvc_policy *policy,
                                   coord_stream **out, ekv_error *err)
 {
-    int g = route(c, ids, n);
+    const int32_t n_choices = r->n > 1 ? r->n : 1;
+    int g = route(c, ids, n, n_choices);
     if (g < 0)
         return ekv_error_set(err, EKV_EBUSY, "no healthy worker group");
-    coord_stream *s = coord_stream_new(c, g, n, r->protocol);
+    coord_stream *s = coord_stream_new(c, g, n, n_choices, r->protocol);
     if (!s) {
-        coord_group_finished(c, g);
+        for (int32_t i = 0; i < n_choices; i++)
+            coord_group_finished(c, g);
         return ekv_error_set(err, EKV_ENOMEM, "out of memory");
     }
     engine_request er = {
@@ -600,21 +619,24 @@ static ekv_status submit_to_group(ekv_coordinator *c, const coord_request *r,
         .on_tokens = coord_stream_on_tokens,
         .on_logprobs = coord_stream_on_logprobs,
         .on_done = coord_stream_on_done,
-        .ctx = s,
+        .ctx = s->ctxs[0],
+        .n = n_choices,
+        .choice_ctx = n_choices > 1 ? s->ctxs : NULL,
     };
     uint64_t engine_id = 0;
     ekv_status rc = c->groups[g].ops->submit(c->groups[g].impl, &er, &engine_id, err);
     if (rc) {
-        coord_group_finished(c, g);
+        for (int32_t i = 0; i < n_choices; i++)
+            coord_group_finished(c, g);
         coord_stream_discard(s);
         return rc == EKV_ERANGE ? EKV_EINVAL : rc;
     }
     coord_stream_set_submitted(s, engine_id);
     coord_log("req-%llu accepted protocol=%s group=%s prompt_tokens=%d max_tokens=%d "
-              "temperature=%g kv_method=%s",
+              "temperature=%g kv_method=%s n=%d",
               (unsigned long long)coord_stream_id(s), r->protocol ? r->protocol : "?",
               c->groups[g].name, n, r->params.max_tokens, r->params.sampling.temperature,
-              kvc_method_name(policy->method));
+              kvc_method_name(policy->method), n_choices);
     *out = s;
     return EKV_OK;
 }

@@ -8,7 +8,9 @@
  * server thread's queue. The server thread then sends everything new as one
  * GenerateResponse; while a send is in flight new tokens accumulate in the
  * stream and go out together when it completes. At most one SEND_MESSAGE
- * is in flight per call, as the C core requires.
+ * is in flight per call, as the C core requires. With n > 1 each message
+ * is one choice's (its index); a choice's end is a message with its
+ * finish_reason and usage, and the status follows the last choice's.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -94,6 +96,7 @@ static bool request_from_proto(ekv_coordinator *coord, const Entrokv__V1__Genera
     r->params.logprobs = m->logprobs;
     r->params.top_logprobs = m->top_logprobs;
     r->params.prompt_logprobs = m->prompt_logprobs;
+    r->n = m->n; /* coord_submit checks it */
     if (m->kv_method && *m->kv_method) /* proto3: "" is unset, the server's default stays */
         r->kv_method = m->kv_method;
     if (m->has_kv_budget_case == ENTROKV__V1__GENERATE_REQUEST__HAS_KV_BUDGET_KV_BUDGET)
@@ -235,6 +238,8 @@ void rpc_worker_stats_on_request(rpc_call *c, grpc_byte_buffer *b)
     resp.kv_bytes_saved_decode = st.kv_bytes_saved_decode;
     resp.preemptions = st.preemptions;
     resp.steps = st.steps;
+    resp.kv_blocks_shared = st.kv_blocks_shared;
+    resp.kv_cow_copies = st.kv_cow_copies;
     resp.max_ctx = coord_max_ctx(c->srv->coord);
     rpc_finish(c, GRPC_STATUS_OK, "", rpc_pack(&resp.base));
 }
@@ -287,6 +292,7 @@ static grpc_byte_buffer *response_of(const coord_chunk *ch)
     Entrokv__V1__GenerateResponse resp = ENTROKV__V1__GENERATE_RESPONSE__INIT;
     Entrokv__V1__Usage usage = ENTROKV__V1__USAGE__INIT;
     resp.text = ch->text ? ch->text : (char *)"";
+    resp.index = ch->index;
     resp.n_token_ids = (size_t)ch->n_ids;
     resp.token_ids = ch->ids;
     void *mem_lp = NULL, *mem_plp = NULL;
@@ -336,7 +342,8 @@ void rpc_generate_pump(rpc_call *c)
     coord_chunk ch;
     if (!coord_stream_take(c->stream, &ch))
         return;
-    if (!ch.done)
+    /* n > 1: a choice's end is a message; the call ends after the last */
+    if (!ch.done || (ch.rc == EKV_OK && !ch.last))
         send_message(c, response_of(&ch));
     else if (ch.rc == EKV_OK)
         rpc_finish(c, GRPC_STATUS_OK, "", response_of(&ch));

@@ -56,12 +56,16 @@ typedef struct sse_state {
     ekv_http *h;
     struct MHD_Connection *conn;
     coord_stream *s;
-    oai_meta meta;
+    oai_meta meta[COORD_MAX_N];  /* one per choice */
+    bool role_sent[COORD_MAX_N];
+    int32_t n;
+    engine_usage usage;          /* the choices' sum */
+    int32_t n_done;
     bool include_usage;
     int fd;
     char *out;
     size_t len, off, cap;
-    bool role_sent, finished;
+    bool finished;
 } sse_state;
 
 /* ---- small helpers ---- */
@@ -144,9 +148,11 @@ static bool client_gone(int fd)
     return poll(&p, 1, 0) > 0 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR | POLLNVAL));
 }
 
-static void meta_init(oai_meta *m, ekv_coordinator *c, oai_kind kind, coord_stream *s)
+static void meta_init(oai_meta *m, ekv_coordinator *c, oai_kind kind, coord_stream *s,
+                      int32_t index)
 {
     m->kind = kind;
+    m->index = index;
     snprintf(m->id, sizeof m->id, "%s-%llu", kind == OAI_CHAT ? "chatcmpl" : "cmpl",
              (unsigned long long)coord_stream_id(s));
     m->created = (long long)time(NULL);
@@ -180,17 +186,19 @@ static bool sse_event(sse_state *st, char *json)
     return ok;
 }
 
-/* Formats one take of the stream as SSE events. */
+/* Formats one take of the stream (one choice's news) as SSE events. */
 static bool sse_format(sse_state *st, const coord_chunk *ch)
 {
-    oai_meta *m = &st->meta;
-    if (m->kind == OAI_CHAT && !st->role_sent) {
-        st->role_sent = true;
+    if (ch->index < 0 || ch->index >= st->n)
+        return false;
+    oai_meta *m = &st->meta[ch->index];
+    if (m->kind == OAI_CHAT && !st->role_sent[ch->index]) {
+        st->role_sent[ch->index] = true;
         if (!sse_event(st, oai_chunk_json(m, NULL, true)))
             return false;
     }
     if (ch->done && ch->rc != EKV_OK) {
-        st->finished = true;
+        st->finished = true; /* (release cancels the other choices) */
         return sse_event(st, oai_error_json(ch->msg, "server_error")) &&
                sse_append(st, "data: [DONE]\n\n", 14);
     }
@@ -200,8 +208,11 @@ static bool sse_format(sse_state *st, const coord_chunk *ch)
     }
     if (!ch->done)
         return true;
+    oai_usage_add(&st->usage, &ch->usage, st->n_done++ == 0);
+    if (!ch->last)
+        return true;
     st->finished = true;
-    if (st->include_usage && !sse_event(st, oai_usage_chunk_json(m, ch)))
+    if (st->include_usage && !sse_event(st, oai_usage_chunk_json(m, &st->usage)))
         return false;
     return sse_append(st, "data: [DONE]\n\n", 14);
 }
@@ -246,7 +257,8 @@ static void sse_free(void *cls)
 {
     sse_state *st = cls;
     coord_stream_release(st->s);
-    oai_meta_free(&st->meta);
+    for (int32_t i = 0; i < st->n; i++)
+        oai_meta_free(&st->meta[i]);
     free(st->out);
     free(st);
 }
@@ -264,8 +276,12 @@ static enum MHD_Result reply_stream(ekv_http *h, struct MHD_Connection *conn, co
     st->s = s;
     st->include_usage = req->include_usage;
     st->fd = connection_fd(conn);
-    meta_init(&st->meta, h->coord, req->kind, s);
-    if (!oai_meta_set(&st->meta, req)) {
+    bool ok = true;
+    for (; ok && st->n < coord_stream_choices(s) && st->n < COORD_MAX_N; st->n++) {
+        meta_init(&st->meta[st->n], h->coord, req->kind, s, st->n);
+        ok = oai_meta_set(&st->meta[st->n], req);
+    }
+    if (!ok) {
         sse_free(st);
         return MHD_NO;
     }
@@ -311,15 +327,74 @@ static bool collect(collected *c, const coord_chunk *ch)
     return true;
 }
 
+/* Each choice's text, done record and log-probabilities, until the last. */
+typedef struct whole {
+    int32_t n;
+    collected c[COORD_MAX_N];
+    oai_meta meta[COORD_MAX_N];
+    engine_usage usage;
+    int32_t n_done;
+    const coord_chunk *failed;   /* the first choice that failed, or NULL */
+    bool over;                   /* every choice's done record is in */
+} whole;
+
+static void whole_free(whole *w)
+{
+    for (int32_t i = 0; i < w->n; i++) {
+        oai_meta_free(&w->meta[i]);
+        free(w->c[i].text);
+    }
+}
+
+static bool whole_take(whole *w, const coord_chunk *ch)
+{
+    if (ch->index < 0 || ch->index >= w->n)
+        return false;
+    collected *c = &w->c[ch->index];
+    if (!collect(c, ch) || !oai_meta_collect(&w->meta[ch->index], ch))
+        return false;
+    if (ch->done) {
+        oai_usage_add(&w->usage, &ch->usage, w->n_done++ == 0);
+        if (ch->rc != EKV_OK && !w->failed)
+            w->failed = &c->done;
+        w->over = ch->last || w->failed;
+    }
+    return true;
+}
+
+/* The response of w: all its choices, or with best_of the n best. */
+static char *whole_json(whole *w, const oai_request *req)
+{
+    int32_t order[COORD_MAX_N];
+    const int32_t n = req->best_of > 1 ? req->n : w->n;
+    if (req->best_of > 1)
+        oai_best_of(w->meta, w->n, n, order);
+    else
+        for (int32_t i = 0; i < n; i++)
+            order[i] = i;
+    oai_meta m[COORD_MAX_N];
+    const char *text[COORD_MAX_N];
+    coord_chunk done[COORD_MAX_N];
+    for (int32_t i = 0; i < n; i++) {
+        m[i] = w->meta[order[i]];
+        m[i].index = i;
+        text[i] = w->c[order[i]].text;
+        done[i] = w->c[order[i]].done;
+    }
+    return oai_response_json(m, text, done, n, &w->usage);
+}
+
 static enum MHD_Result reply_whole(ekv_http *h, struct MHD_Connection *conn, coord_stream *s,
                                    const oai_request *req)
 {
     int fd = connection_fd(conn);
-    collected c = {0};
-    oai_meta meta = {0};
-    meta_init(&meta, h->coord, req->kind, s);
-    bool ok = oai_meta_set(&meta, req);
-    while (ok && !c.done.done && !atomic_load(&h->aborting)) {
+    whole *w = calloc(1, sizeof *w);
+    bool ok = w != NULL;
+    for (; ok && w->n < coord_stream_choices(s) && w->n < COORD_MAX_N; w->n++) {
+        meta_init(&w->meta[w->n], h->coord, req->kind, s, w->n);
+        ok = oai_meta_set(&w->meta[w->n], req);
+    }
+    while (ok && !w->over && !atomic_load(&h->aborting)) {
         if (!coord_stream_wait(s, SOCKET_POLL_S)) {
             if (client_gone(fd) || atomic_load(&h->stopping))
                 ok = false;
@@ -327,20 +402,21 @@ static enum MHD_Result reply_whole(ekv_http *h, struct MHD_Connection *conn, coo
         }
         coord_chunk ch;
         coord_stream_take(s, &ch);
-        ok = collect(&c, &ch) && oai_meta_collect(&meta, &ch);
+        ok = whole_take(w, &ch);
         coord_chunk_free(&ch);
     }
     coord_stream_release(s); /* cancels the request if the client went away */
     idle_timer_restart(h, conn);
     enum MHD_Result ret = MHD_NO;
-    if (ok && !c.done.done) /* past the drain timeout */
+    if (ok && !w->over) /* past the drain timeout */
         ret = reply_error(h, conn, 503, HTTP_ABORT_MSG);
-    else if (ok && c.done.rc != EKV_OK)
-        ret = reply_error(h, conn, http_code_of(h->coord, c.done.rc), c.done.msg);
+    else if (ok && w->failed)
+        ret = reply_error(h, conn, http_code_of(h->coord, w->failed->rc), w->failed->msg);
     else if (ok)
-        ret = reply_json(conn, 200, oai_response_json(&meta, c.text, &c.done));
-    oai_meta_free(&meta);
-    free(c.text);
+        ret = reply_json(conn, 200, whole_json(w, req));
+    if (w)
+        whole_free(w);
+    free(w);
     return ret;
 }
 

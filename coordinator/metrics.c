@@ -229,6 +229,12 @@ char *metrics_render(ekv_metrics *m, const metrics_gauges *g, size_t *len)
                   gg->kv_blocks_used);
     render_scalar(&o, "entrokv_kv_blocks_free", "gauge", "KV pool blocks free.",
                   gg->kv_blocks_free);
+    render_scalar(&o, "entrokv_kv_blocks_shared", "gauge",
+                  "KV pool blocks held by more than one sequence (the prompt of n > 1 choices).",
+                  gg->kv_blocks_shared);
+    render_scalar(&o, "entrokv_kv_cow_copies_total", "counter",
+                  "Shared KV blocks copied on write when a choice first wrote to them.",
+                  gg->kv_cow_copies);
     render_scalar(&o, "entrokv_kv_bytes_saved_total", "counter",
                   "KV bytes compression saved over finished sequences (full - held).",
                   gg->kv_bytes_saved);

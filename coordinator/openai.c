@@ -340,7 +340,7 @@ static ekv_status parse_logprobs(oai_request *r, ekv_error *err)
 static const char *const COMPLETION_FIELDS[] = {
     "model", "prompt", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options",
     "logprobs", "echo", "stop", "presence_penalty", "frequency_penalty", "logit_bias", "user",
-    "seed", "best_of" /* (value) */, "suffix" /* (value) */,
+    "seed", "best_of", "suffix" /* (value) */,
     "top_k", "min_p", "repeat_penalty", "repetition_penalty", "kv_method", "kv_budget",
     "decode_method", "scope_recent", "scope_window", "spark_ratio", "spark_recovery",
     "ignore_eos", NULL};
@@ -374,9 +374,6 @@ static ekv_status refuse_values(const cJSON *o, oai_kind kind, ekv_error *err)
 {
     const cJSON *v;
     if (kind == OAI_COMPLETIONS) {
-        v = cJSON_GetObjectItemCaseSensitive(o, "best_of");
-        if (v && !cJSON_IsNull(v) && !(cJSON_IsNumber(v) && v->valuedouble == 1.0))
-            return ekv_error_set(err, EKV_EINVAL, "'best_of' other than 1 is not supported");
         v = cJSON_GetObjectItemCaseSensitive(o, "suffix");
         if (v && !cJSON_IsNull(v) && !(cJSON_IsString(v) && !*v->valuestring))
             return ekv_error_set(err, EKV_EINVAL, "'suffix' is not supported");
@@ -403,12 +400,7 @@ static ekv_status parse_options(oai_request *r, ekv_error *err)
 {
     const cJSON *o = r->json;
     ekv_status rc;
-    long long n = 1;
     bool has;
-    if ((rc = get_int(o, "n", -1e9, 1e9, &n, &has, err)))
-        return rc;
-    if (n != 1)
-        return ekv_error_set(err, EKV_EINVAL, "'n': only n = 1 is supported");
     const cJSON *u = cJSON_GetObjectItemCaseSensitive(o, "user");
     if (u && !cJSON_IsNull(u) && !cJSON_IsString(u))
         return bad_type(err, "user", "a string");
@@ -483,6 +475,39 @@ static ekv_status parse_response_format(oai_request *r, ekv_error *err)
     return EKV_OK;
 }
 
+/* n choices, and for completions best_of: best_of are generated (with
+ * their log-probabilities, which rank them) and the n with the highest
+ * cumulative logprob returned. Like OpenAI: best_of >= n, not streamed. */
+static ekv_status parse_choices(oai_request *r, ekv_error *err)
+{
+    long long n = 1, best_of = 1;
+    bool has_n = false, has_best = false;
+    ekv_status rc;
+    if ((rc = get_int(r->json, "n", -1e9, 1e9, &n, &has_n, err)) ||
+        (r->kind == OAI_COMPLETIONS &&
+         (rc = get_int(r->json, "best_of", -1e9, 1e9, &best_of, &has_best, err))))
+        return rc;
+    if (n < 1 || n > COORD_MAX_N)
+        return ekv_error_set(err, EKV_EINVAL, "'n' must be in [1, %d], got %lld", COORD_MAX_N, n);
+    if (!has_best)
+        best_of = n;
+    if (best_of < 1 || best_of > COORD_MAX_N)
+        return ekv_error_set(err, EKV_EINVAL, "'best_of' must be in [1, %d], got %lld",
+                             COORD_MAX_N, best_of);
+    if (best_of < n)
+        return ekv_error_set(err, EKV_EINVAL, "'best_of' (%lld) must be at least 'n' (%lld)",
+                             best_of, n);
+    if (best_of > n && r->stream)
+        return ekv_error_set(err, EKV_EINVAL, "'best_of' cannot be used with 'stream' "
+                                              "(the best are known only at the end)");
+    r->n = (int32_t)n;
+    r->best_of = best_of > n ? (int32_t)best_of : 1;
+    r->r.n = r->best_of > 1 ? r->best_of : r->n;
+    if (r->best_of > 1)
+        r->r.params.logprobs = true; /* what ranks them; shown only if asked for */
+    return EKV_OK;
+}
+
 ekv_status oai_parse(ekv_coordinator *c, oai_kind kind, const char *body, size_t len,
                      oai_request *r, ekv_error *err)
 {
@@ -515,6 +540,8 @@ ekv_status oai_parse(ekv_coordinator *c, oai_kind kind, const char *body, size_t
         rc = parse_logit_bias(r, err);
     if (rc == EKV_OK)
         rc = parse_logprobs(r, err);
+    if (rc == EKV_OK)
+        rc = parse_choices(r, err);
     return rc;
 }
 

@@ -43,15 +43,52 @@ static cJSON *base_object(const oai_meta *m, const char *object)
     return o;
 }
 
-static void add_usage(cJSON *o, const coord_chunk *done)
+static void add_usage(cJSON *o, const engine_usage *usage)
 {
     cJSON *u = cJSON_AddObjectToObject(o, "usage");
-    cJSON_AddNumberToObject(u, "prompt_tokens", done->usage.prompt_tokens);
-    cJSON_AddNumberToObject(u, "completion_tokens", done->usage.completion_tokens);
-    cJSON_AddNumberToObject(u, "total_tokens",
-                            done->usage.prompt_tokens + done->usage.completion_tokens);
-    cJSON_AddNumberToObject(u, "kv_bytes", (double)done->usage.kv_bytes);
-    cJSON_AddNumberToObject(u, "kv_bytes_full", (double)done->usage.kv_bytes_full);
+    cJSON_AddNumberToObject(u, "prompt_tokens", usage->prompt_tokens);
+    cJSON_AddNumberToObject(u, "completion_tokens", usage->completion_tokens);
+    cJSON_AddNumberToObject(u, "total_tokens", usage->prompt_tokens + usage->completion_tokens);
+    cJSON_AddNumberToObject(u, "kv_bytes", (double)usage->kv_bytes);
+    cJSON_AddNumberToObject(u, "kv_bytes_full", (double)usage->kv_bytes_full);
+}
+
+void oai_usage_add(engine_usage *sum, const engine_usage *u, bool first)
+{
+    if (first)
+        sum->prompt_tokens = u->prompt_tokens;
+    sum->completion_tokens += u->completion_tokens;
+    sum->kv_bytes += u->kv_bytes;
+    sum->kv_bytes_full += u->kv_bytes_full;
+}
+
+double oai_cumulative_logprob(const oai_meta *m)
+{
+    double sum = 0;
+    for (int32_t i = 0; i < m->n_lps; i++)
+        if (!isnan(m->lps[i].logprob)) /* (a prompt's first token; never with best_of) */
+            sum += (double)m->lps[i].logprob;
+    return sum;
+}
+
+void oai_best_of(const oai_meta *m, int32_t best_of, int32_t n, int32_t *order)
+{
+    int32_t idx[COORD_MAX_N];
+    double score[COORD_MAX_N];
+    const int32_t k = best_of < COORD_MAX_N ? best_of : COORD_MAX_N;
+    for (int32_t i = 0; i < k; i++) {
+        idx[i] = i;
+        score[i] = oai_cumulative_logprob(&m[i]);
+    }
+    /* insertion sort, best first; equal scores keep the lower index first */
+    for (int32_t i = 1; i < k; i++)
+        for (int32_t j = i; j > 0 && score[idx[j]] > score[idx[j - 1]]; j--) {
+            int32_t t = idx[j];
+            idx[j] = idx[j - 1];
+            idx[j - 1] = t;
+        }
+    for (int32_t i = 0; i < n && i < k; i++)
+        order[i] = idx[i];
 }
 
 /* ---- log-probabilities ---- */
@@ -238,17 +275,14 @@ static char *with_echo(const char *echo, const char *text, size_t text_len)
     return s;
 }
 
-char *oai_response_json(const oai_meta *cm, const char *text, const coord_chunk *done)
+/* One choice of a whole response. */
+static cJSON *response_choice(const oai_meta *cm, const char *text, const coord_chunk *done)
 {
     oai_meta m = *cm; /* the text offsets count in the copy */
     m.offset = 0;
-    bool chat = m.kind == OAI_CHAT;
-    cJSON *o = base_object(&m, chat ? "chat.completion" : "text_completion");
-    cJSON *choices = cJSON_AddArrayToObject(o, "choices");
     cJSON *ch = cJSON_CreateObject();
-    cJSON_AddItemToArray(choices, ch);
-    cJSON_AddNumberToObject(ch, "index", 0);
-    if (chat) {
+    cJSON_AddNumberToObject(ch, "index", m.index);
+    if (m.kind == OAI_CHAT) {
         cJSON *msg = cJSON_AddObjectToObject(ch, "message");
         cJSON_AddStringToObject(msg, "role", "assistant");
         cJSON_AddStringToObject(msg, "content", text ? text : "");
@@ -268,7 +302,17 @@ char *oai_response_json(const oai_meta *cm, const char *text, const coord_chunk 
             cJSON_AddNullToObject(ch, "logprobs");
     }
     cJSON_AddStringToObject(ch, "finish_reason", oai_finish_reason(done->finish));
-    add_usage(o, done);
+    return ch;
+}
+
+char *oai_response_json(const oai_meta *m, const char *const *text, const coord_chunk *done,
+                        int32_t n, const engine_usage *usage)
+{
+    cJSON *o = base_object(&m[0], m[0].kind == OAI_CHAT ? "chat.completion" : "text_completion");
+    cJSON *choices = cJSON_AddArrayToObject(o, "choices");
+    for (int32_t i = 0; i < n; i++)
+        cJSON_AddItemToArray(choices, response_choice(&m[i], text[i], &done[i]));
+    add_usage(o, usage);
     return print_and_delete(o);
 }
 
@@ -286,7 +330,7 @@ char *oai_chunk_json(oai_meta *m, const coord_chunk *c, bool role_chunk)
     cJSON *choices = cJSON_AddArrayToObject(o, "choices");
     cJSON *ch = cJSON_CreateObject();
     cJSON_AddItemToArray(choices, ch);
-    cJSON_AddNumberToObject(ch, "index", 0);
+    cJSON_AddNumberToObject(ch, "index", m->index);
     if (chat) {
         cJSON *delta = cJSON_AddObjectToObject(ch, "delta");
         if (role_chunk)
@@ -318,10 +362,10 @@ char *oai_chunk_json(oai_meta *m, const coord_chunk *c, bool role_chunk)
     return print_and_delete(o);
 }
 
-char *oai_usage_chunk_json(const oai_meta *m, const coord_chunk *done)
+char *oai_usage_chunk_json(const oai_meta *m, const engine_usage *usage)
 {
     cJSON *o = base_object(m, m->kind == OAI_CHAT ? "chat.completion.chunk" : "text_completion");
     cJSON_AddArrayToObject(o, "choices");
-    add_usage(o, done);
+    add_usage(o, usage);
     return print_and_delete(o);
 }

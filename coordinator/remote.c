@@ -7,8 +7,10 @@
  * thread) creates the call and starts its first batches; every later batch
  * is started by the client thread. Each call's start_batch calls are
  * serialised by the call's mutex. Responses become the engine callbacks:
- * every GenerateResponse is one on_tokens, and on_done follows once both
- * the status and the end of the message stream have arrived. A refusal by
+ * every GenerateResponse is one on_tokens (to the ctx of the choice its
+ * index names: n > 1 goes to the worker, whose engine forks the choices),
+ * and each choice's on_done follows once both the status and the end of
+ * the message stream have arrived. A refusal by
  * the worker (queue full, bad request) arrives as a status and becomes
  * on_done with EKV_EBUSY / EKV_EINVAL, since the router cannot learn it
  * synchronously. The cached Stats figures are refreshed once a second,
@@ -55,15 +57,18 @@ struct rcall {
     uint64_t id;
     pthread_mutex_t mu;
     engine_request req;          /* callbacks and ctx only */
+    int32_t n;                   /* choices: responses carry their index */
+    void *ctxs[COORD_MAX_N];     /* each choice's ctx (req.choice_ctx, copied) */
     rtag t_start, t_recv, t_status;
     grpc_metadata_array init_md, trail_md;
     grpc_byte_buffer *send_buf, *recv_buf;
     grpc_status_code status;
     grpc_slice details;
     int pending;
-    bool got_status, stream_ended, got_final;
-    gen_finish finish;
-    engine_usage usage;
+    bool got_status, stream_ended;
+    bool got_final[COORD_MAX_N]; /* per choice: its finish_reason and usage arrived */
+    gen_finish finish[COORD_MAX_N];
+    engine_usage usage[COORD_MAX_N];
     rcall *prev, *next;
 };
 
@@ -195,7 +200,9 @@ static void stats_done(remote_group *g)
                                   .kv_bytes_saved_tokens = r->kv_bytes_saved_tokens,
                                   .kv_bytes_saved_channels = r->kv_bytes_saved_channels,
                                   .kv_bytes_saved_decode = r->kv_bytes_saved_decode,
-                                  .preemptions = r->preemptions, .steps = r->steps};
+                                  .preemptions = r->preemptions, .steps = r->steps,
+                                  .kv_blocks_shared = r->kv_blocks_shared,
+                                  .kv_cow_copies = r->kv_cow_copies};
         g->max_ctx = r->max_ctx;
     }
     pthread_mutex_unlock(&g->mu);
@@ -245,7 +252,8 @@ static gen_finish finish_of(const char *s)
 }
 
 /* A response's TokenLogprobs to on_logprobs, one at a time. */
-static void forward_logprobs(rcall *c, Entrokv__V1__TokenLogprob **v, size_t n, bool prompt)
+static void forward_logprobs(rcall *c, void *ctx, Entrokv__V1__TokenLogprob **v, size_t n,
+                             bool prompt)
 {
     for (size_t i = 0; i < n; i++) {
         ekv_logprob lp = {.token = v[i]->token_id, .logprob = NAN};
@@ -256,7 +264,7 @@ static void forward_logprobs(rcall *c, Entrokv__V1__TokenLogprob **v, size_t n, 
             lp.top_logprobs[j] = v[i]->top_logprobs[j]->logprob;
             lp.n_top++;
         }
-        c->req.on_logprobs(c->req.ctx, &lp, 1, prompt);
+        c->req.on_logprobs(ctx, &lp, 1, prompt);
     }
 }
 
@@ -267,25 +275,30 @@ static void on_message(rcall *c)
         &entrokv__v1__generate_response__descriptor, c->recv_buf);
     grpc_byte_buffer_destroy(c->recv_buf);
     c->recv_buf = NULL;
-    if (!m) {
+    /* a worker naming a choice we did not ask for, or speaking after a
+     * choice's end, is not to be trusted with the rest */
+    const int32_t i = m ? m->index : -1;
+    if (!m || i < 0 || i >= c->n || c->got_final[i]) {
+        if (m)
+            protobuf_c_message_free_unpacked(&m->base, NULL);
         grpc_call_cancel(c->call, NULL);
         return;
     }
+    void *ctx = c->ctxs[i];
     if (c->req.on_logprobs) {
-        forward_logprobs(c, m->prompt_logprobs, m->n_prompt_logprobs, true);
-        forward_logprobs(c, m->logprobs, m->n_logprobs, false);
+        forward_logprobs(c, ctx, m->prompt_logprobs, m->n_prompt_logprobs, true);
+        forward_logprobs(c, ctx, m->logprobs, m->n_logprobs, false);
     }
     if (m->n_token_ids > 0 || *m->text)
-        c->req.on_tokens(c->req.ctx, m->token_ids, (int32_t)m->n_token_ids, m->text,
-                         strlen(m->text));
+        c->req.on_tokens(ctx, m->token_ids, (int32_t)m->n_token_ids, m->text, strlen(m->text));
     if (*m->finish_reason) {
-        c->got_final = true;
-        c->finish = finish_of(m->finish_reason);
+        c->got_final[i] = true;
+        c->finish[i] = finish_of(m->finish_reason);
         if (m->usage)
-            c->usage = (engine_usage){.prompt_tokens = m->usage->prompt_tokens,
-                                      .completion_tokens = m->usage->completion_tokens,
-                                      .kv_bytes = m->usage->kv_bytes,
-                                      .kv_bytes_full = m->usage->kv_bytes_full};
+            c->usage[i] = (engine_usage){.prompt_tokens = m->usage->prompt_tokens,
+                                         .completion_tokens = m->usage->completion_tokens,
+                                         .kv_bytes = m->usage->kv_bytes,
+                                         .kv_bytes_full = m->usage->kv_bytes_full};
     }
     protobuf_c_message_free_unpacked(&m->base, NULL);
 }
@@ -309,8 +322,11 @@ static void call_done(rcall *c)
     snprintf(msg, sizeof msg, "worker %.64s: %.160s", c->g->target, d);
     gpr_free(d);
     ekv_status rc = status_to_ekv(c->status);
-    gen_finish f = c->got_final && c->status == GRPC_STATUS_OK ? c->finish : GEN_FINISH_CANCELLED;
-    c->req.on_done(c->req.ctx, f, &c->usage, rc, rc ? msg : NULL);
+    for (int32_t i = 0; i < c->n; i++) {
+        gen_finish f = c->got_final[i] && c->status == GRPC_STATUS_OK ? c->finish[i]
+                                                                       : GEN_FINISH_CANCELLED;
+        c->req.on_done(c->ctxs[i], f, &c->usage[i], rc, rc ? msg : NULL);
+    }
 }
 
 static void call_free(rcall *c)
@@ -418,6 +434,7 @@ static grpc_byte_buffer *request_of(const engine_request *r)
     p.logprobs = r->params.logprobs;
     p.top_logprobs = r->params.top_logprobs;
     p.prompt_logprobs = r->params.prompt_logprobs;
+    p.n = r->n > 1 ? r->n : 0; /* the worker forks the choices itself */
     Entrokv__V1__LogitBias bias[EKV_MAX_LOGIT_BIAS], *bias_ptrs[EKV_MAX_LOGIT_BIAS];
     for (size_t i = 0; i < sp->n_logit_bias && i < EKV_MAX_LOGIT_BIAS; i++) {
         entrokv__v1__logit_bias__init(&bias[i]);
@@ -449,12 +466,18 @@ static ekv_status remote_submit(void *impl, const engine_request *r, uint64_t *i
                                 ekv_error *err)
 {
     remote_group *g = impl;
+    if (r->n > COORD_MAX_N || (r->n > 1 && !r->choice_ctx))
+        return ekv_error_set(err, EKV_EINVAL, "n must be in [1, %d], got %d", COORD_MAX_N, r->n);
     rcall *c = calloc(1, sizeof *c);
     if (!c)
         return ekv_error_set(err, EKV_ENOMEM, "out of memory");
     c->g = g;
     c->req = *r;
     c->req.prompt = NULL;
+    c->n = r->n > 1 ? r->n : 1;
+    for (int32_t i = 0; i < c->n; i++)
+        c->ctxs[i] = r->n > 1 ? r->choice_ctx[i] : r->ctx;
+    c->req.choice_ctx = NULL;
     c->t_start = (rtag){c, ROP_START};
     c->t_recv = (rtag){c, ROP_RECV};
     c->t_status = (rtag){c, ROP_STATUS};

@@ -16,18 +16,34 @@
 #include "coord_internal.h"
 
 coord_stream *coord_stream_new(ekv_coordinator *c, int group, int32_t n_prompt,
-                               const char *protocol)
+                               int32_t n_choices, const char *protocol)
 {
+    if (n_choices < 1)
+        n_choices = 1;
     coord_stream *s = calloc(1, sizeof *s);
     if (!s)
         return NULL;
+    s->ch = calloc((size_t)n_choices, sizeof *s->ch);
+    s->ctxs = calloc((size_t)n_choices, sizeof *s->ctxs);
+    if (!s->ch || !s->ctxs) {
+        free(s->ch);
+        free(s->ctxs);
+        free(s);
+        return NULL;
+    }
+    for (int32_t i = 0; i < n_choices; i++) {
+        s->ch[i].s = s;
+        s->ch[i].index = i;
+        s->ctxs[i] = &s->ch[i];
+    }
+    s->n_choices = n_choices;
     pthread_condattr_t ca;
     pthread_condattr_init(&ca);
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     pthread_cond_init(&s->cv, &ca);
     pthread_condattr_destroy(&ca);
     pthread_mutex_init(&s->mu, NULL);
-    s->refs = 2;
+    s->refs = 1 + n_choices;
     s->coord = c;
     s->group = group;
     s->id = atomic_fetch_add(&c->next_id, 1) + 1;
@@ -42,10 +58,14 @@ static void stream_free(coord_stream *s)
 {
     pthread_mutex_destroy(&s->mu);
     pthread_cond_destroy(&s->cv);
-    free(s->ids);
-    free(s->text);
-    free(s->lps);
-    free(s->plps);
+    for (int32_t i = 0; i < s->n_choices; i++) {
+        free(s->ch[i].ids);
+        free(s->ch[i].text);
+        free(s->ch[i].lps);
+        free(s->ch[i].plps);
+    }
+    free(s->ch);
+    free(s->ctxs);
     free(s);
 }
 
@@ -73,9 +93,22 @@ void coord_stream_set_submitted(coord_stream *s, uint64_t engine_id)
     pthread_mutex_unlock(&s->mu);
 }
 
+int32_t coord_stream_choices(const coord_stream *s)
+{
+    return s->n_choices;
+}
+
+static bool choice_has_new(const coord_choice *ch)
+{
+    return ch->n_ids > 0 || ch->text_len > 0 || ch->n_plps > 0 || (ch->done && !ch->done_taken);
+}
+
 static bool has_new(const coord_stream *s)
 {
-    return s->n_ids > 0 || s->text_len > 0 || s->n_plps > 0 || (s->done && !s->done_taken);
+    for (int32_t i = 0; i < s->n_choices; i++)
+        if (choice_has_new(&s->ch[i]))
+            return true;
+    return false;
 }
 
 /* With s->mu held: tells the consumer, once per take. */
@@ -88,7 +121,7 @@ static void signal_consumer(coord_stream *s)
     }
 }
 
-static bool append(coord_stream *s, const int32_t *ids, int32_t n, const char *text, size_t len)
+static bool append(coord_choice *s, const int32_t *ids, int32_t n, const char *text, size_t len)
 {
     if (s->n_ids + n > s->cap_ids) {
         int32_t cap = s->cap_ids ? s->cap_ids : 16;
@@ -120,8 +153,11 @@ static bool append(coord_stream *s, const int32_t *ids, int32_t n, const char *t
     return true;
 }
 
-static void observe_timing(coord_stream *s, int32_t n)
+/* TTFT once per request (its first token of any choice); the inter-token
+ * gaps per choice, each choice being a sequence of its own. */
+static void observe_timing(coord_choice *ch, int32_t n)
 {
+    coord_stream *s = ch->s;
     ekv_metrics *m = s->coord->metrics;
     double now = gen_now();
     if (n <= 0)
@@ -129,12 +165,15 @@ static void observe_timing(coord_stream *s, int32_t n)
     if (!s->got_first) {
         s->got_first = true;
         metrics_observe_ttft(m, now - s->t_submit);
+    }
+    if (!ch->got_first) {
+        ch->got_first = true;
         if (n > 1)
             metrics_observe_itl(m, 0, n - 1);
     } else {
-        metrics_observe_itl(m, (now - s->t_last) / n, n);
+        metrics_observe_itl(m, (now - ch->t_last) / n, n);
     }
-    s->t_last = now;
+    ch->t_last = now;
 }
 
 static bool append_lps(ekv_logprob **v, int32_t *n, int32_t *cap, const ekv_logprob *lp,
@@ -159,12 +198,13 @@ static bool append_lps(ekv_logprob **v, int32_t *n, int32_t *cap, const ekv_logp
  * id, so the consumer is told with that; take keeps the two aligned. */
 void coord_stream_on_logprobs(void *ctx, const ekv_logprob *lp, int32_t n, bool prompt)
 {
-    coord_stream *s = ctx;
+    coord_choice *ch = ctx;
+    coord_stream *s = ch->s;
     if (n <= 0)
         return;
     pthread_mutex_lock(&s->mu);
-    if (!s->lost && !(prompt ? append_lps(&s->plps, &s->n_plps, &s->cap_plps, lp, n)
-                             : append_lps(&s->lps, &s->n_lps, &s->cap_lps, lp, n)))
+    if (!s->lost && !(prompt ? append_lps(&ch->plps, &ch->n_plps, &ch->cap_plps, lp, n)
+                             : append_lps(&ch->lps, &ch->n_lps, &ch->cap_lps, lp, n)))
         s->lost = true;
     bool lost = s->lost;
     if (prompt)
@@ -177,10 +217,11 @@ void coord_stream_on_logprobs(void *ctx, const ekv_logprob *lp, int32_t n, bool 
 void coord_stream_on_tokens(void *ctx, const int32_t *ids, int32_t n, const char *text,
                             size_t len)
 {
-    coord_stream *s = ctx;
+    coord_choice *ch = ctx;
+    coord_stream *s = ch->s;
     pthread_mutex_lock(&s->mu);
-    observe_timing(s, n);
-    if (!s->lost && !append(s, ids, n > 0 ? n : 0, text, len))
+    observe_timing(ch, n);
+    if (!s->lost && !append(ch, ids, n > 0 ? n : 0, text, len))
         s->lost = true;
     bool lost = s->lost;
     signal_consumer(s);
@@ -200,30 +241,44 @@ static metrics_status done_status(gen_finish finish, ekv_status rc)
     return finish == GEN_FINISH_CANCELLED ? METRICS_CANCELLED : METRICS_OK;
 }
 
+/* Once per choice. The request is counted in the metrics once, when its
+ * last choice is done; its prompt's tokens once, each choice's completion. */
 void coord_stream_on_done(void *ctx, gen_finish finish, const engine_usage *u, ekv_status rc,
                           const char *msg)
 {
-    coord_stream *s = ctx;
+    coord_choice *ch = ctx;
+    coord_stream *s = ch->s;
     ekv_coordinator *c = s->coord;
     engine_usage usage = u ? *u : (engine_usage){0};
     pthread_mutex_lock(&s->mu);
-    s->done = true;
-    s->finish = finish;
-    s->usage = usage;
-    s->rc = rc;
+    ch->done = true;
+    ch->finish = finish;
+    ch->usage = usage;
+    ch->rc = rc;
     if (rc == EKV_OK && s->lost) {
-        s->rc = EKV_ENOMEM;
+        ch->rc = EKV_ENOMEM;
         msg = "out of memory buffering the stream";
     }
-    snprintf(s->msg, sizeof s->msg, "%s", msg ? msg : "");
-    metrics_count_request(c->metrics, done_status(finish, s->rc));
-    metrics_add_tokens(c->metrics, usage.prompt_tokens, usage.completion_tokens);
-    coord_log("req-%llu done finish=%s prompt_tokens=%d completion_tokens=%d ttft_s=%.3f "
+    snprintf(ch->msg, sizeof ch->msg, "%s", msg ? msg : "");
+    if (s->n_done == 0 || (ch->rc && !s->worst_rc) ||
+        (!s->worst_rc && finish == GEN_FINISH_CANCELLED)) {
+        s->worst_rc = ch->rc;
+        s->worst_finish = finish;
+    }
+    const bool first = s->n_done == 0;
+    const bool all = ++s->n_done == s->n_choices;
+    if (all)
+        metrics_count_request(c->metrics, done_status(s->worst_finish, s->worst_rc));
+    metrics_add_tokens(c->metrics, first ? usage.prompt_tokens : 0, usage.completion_tokens);
+    char which[32] = "";
+    if (s->n_choices > 1)
+        snprintf(which, sizeof which, " choice=%d", ch->index);
+    coord_log("req-%llu%s done finish=%s prompt_tokens=%d completion_tokens=%d ttft_s=%.3f "
               "kv_bytes=%lld kv_bytes_full=%lld%s%s",
-              (unsigned long long)s->id, s->rc ? "error" : coord_finish_reason(finish),
+              (unsigned long long)s->id, which, ch->rc ? "error" : coord_finish_reason(finish),
               usage.prompt_tokens, usage.completion_tokens, usage.ttft_s,
-              (long long)usage.kv_bytes, (long long)usage.kv_bytes_full, s->rc ? " error=" : "",
-              s->rc ? s->msg : "");
+              (long long)usage.kv_bytes, (long long)usage.kv_bytes_full, ch->rc ? " error=" : "",
+              ch->rc ? ch->msg : "");
     signal_consumer(s);
     int group = s->group;
     bool last = --s->refs == 0;
@@ -233,49 +288,68 @@ void coord_stream_on_done(void *ctx, gen_finish finish, const engine_usage *u, e
         stream_free(s);
 }
 
+/* Moves choice ch's news into c (under s->mu). */
+static void take_choice(coord_stream *s, coord_choice *ch, coord_chunk *c)
+{
+    c->index = ch->index;
+    if (ch->n_ids > 0 || ch->text_len > 0) {
+        c->ids = ch->ids;
+        c->n_ids = ch->n_ids;
+        c->text = ch->text;
+        c->text_len = ch->text_len;
+        ch->ids = NULL;
+        ch->text = NULL;
+        ch->n_ids = ch->cap_ids = 0;
+        ch->text_len = ch->text_cap = 0;
+    }
+    if (ch->n_plps > 0) {
+        c->prompt_lps = ch->plps;
+        c->n_prompt_lps = ch->n_plps;
+        ch->plps = NULL;
+        ch->n_plps = ch->cap_plps = 0;
+    }
+    /* the ids' entries only: one may be in ahead of its on_tokens; at the
+     * end also an end-of-generation token's, which has no id */
+    const int32_t k = ch->done || ch->n_lps < c->n_ids ? ch->n_lps : c->n_ids;
+    if (k > 0 && (c->lps = malloc((size_t)k * sizeof *c->lps))) {
+        memcpy(c->lps, ch->lps, (size_t)k * sizeof *c->lps);
+        c->n_lps = k;
+        memmove(ch->lps, ch->lps + k, (size_t)(ch->n_lps - k) * sizeof *ch->lps);
+        ch->n_lps -= k;
+    } else if (k > 0) {
+        s->lost = true; /* (an error at the end: the stream cannot stay aligned) */
+        ch->n_lps -= k;
+        memmove(ch->lps, ch->lps + k, (size_t)ch->n_lps * sizeof *ch->lps);
+    }
+    if (ch->done && !ch->done_taken) {
+        ch->done_taken = true;
+        c->done = true;
+        c->finish = ch->finish;
+        c->usage = ch->usage;
+        c->rc = ch->rc;
+        memcpy(c->msg, ch->msg, sizeof c->msg);
+        c->last = ++s->n_done_taken == s->n_choices;
+    }
+}
+
 bool coord_stream_take(coord_stream *s, coord_chunk *c)
 {
     memset(c, 0, sizeof *c);
     pthread_mutex_lock(&s->mu);
-    bool any = has_new(s);
-    if (s->n_ids > 0 || s->text_len > 0) {
-        c->ids = s->ids;
-        c->n_ids = s->n_ids;
-        c->text = s->text;
-        c->text_len = s->text_len;
-        s->ids = NULL;
-        s->text = NULL;
-        s->n_ids = s->cap_ids = 0;
-        s->text_len = s->text_cap = 0;
+    bool any = false;
+    /* one choice per take, round robin, so none starves the others */
+    for (int32_t k = 0; k < s->n_choices && !any; k++) {
+        coord_choice *ch = &s->ch[(s->cursor + k) % s->n_choices];
+        if (!choice_has_new(ch))
+            continue;
+        any = true;
+        take_choice(s, ch, c);
+        s->cursor = (ch->index + 1) % s->n_choices;
     }
-    if (s->n_plps > 0) {
-        c->prompt_lps = s->plps;
-        c->n_prompt_lps = s->n_plps;
-        s->plps = NULL;
-        s->n_plps = s->cap_plps = 0;
-    }
-    /* the ids' entries only: one may be in ahead of its on_tokens; at the
-     * end also an end-of-generation token's, which has no id */
-    const int32_t k = s->done || s->n_lps < c->n_ids ? s->n_lps : c->n_ids;
-    if (k > 0 && (c->lps = malloc((size_t)k * sizeof *c->lps))) {
-        memcpy(c->lps, s->lps, (size_t)k * sizeof *c->lps);
-        c->n_lps = k;
-        memmove(s->lps, s->lps + k, (size_t)(s->n_lps - k) * sizeof *s->lps);
-        s->n_lps -= k;
-    } else if (k > 0) {
-        s->lost = true; /* (an error at the end: the stream cannot stay aligned) */
-        s->n_lps -= k;
-        memmove(s->lps, s->lps + k, (size_t)s->n_lps * sizeof *s->lps);
-    }
-    if (s->done && !s->done_taken) {
-        s->done_taken = true;
-        c->done = true;
-        c->finish = s->finish;
-        c->usage = s->usage;
-        c->rc = s->rc;
-        memcpy(c->msg, s->msg, sizeof c->msg);
-    }
-    s->armed = true;
+    /* re-armed only once nothing is left, so a notify follows any news */
+    s->armed = !has_new(s);
+    if (!s->armed)
+        pthread_cond_broadcast(&s->cv);
     pthread_mutex_unlock(&s->mu);
     return any;
 }
@@ -313,7 +387,7 @@ void coord_stream_set_notify(coord_stream *s, void (*fn)(void *ctx), void *ctx)
 void coord_stream_cancel(coord_stream *s)
 {
     pthread_mutex_lock(&s->mu);
-    bool send = s->submitted && !s->done && !s->cancel_sent;
+    bool send = s->submitted && s->n_done < s->n_choices && !s->cancel_sent;
     if (send)
         s->cancel_sent = true;
     uint64_t engine_id = s->engine_id;

@@ -12,10 +12,11 @@
  * group that last served it, and a request goes there unless that group is
  * busier than the least loaded one by more than COORD_AFFINITY_SLACK.
  *
- * Streams: coord_submit returns a coord_stream holding two references, the
- * caller's and the group's. The group's callbacks (on its engine thread)
- * append tokens and text and finally the done record; the caller takes what
- * is new with coord_stream_take, waiting on coord_stream_wait or on a notify
+ * Streams: coord_submit returns a coord_stream holding the caller's
+ * reference and the group's (one per choice: a request of n choices gets
+ * n done records, each choice's callbacks their own ctx). The group's
+ * callbacks (on its engine thread) append tokens and text and finally the
+ * done record; the caller takes what is new with coord_stream_take, waiting on coord_stream_wait or on a notify
  * hook (the gRPC server wakes its completion queue from it). The caller
  * drops its reference with coord_stream_release, which cancels the request
  * if it has not finished (a client that went away frees its KV at once).
@@ -42,6 +43,7 @@
 #define COORD_PREFIX_BLOCK 16     /* tokens hashed for prefix affinity */
 #define COORD_AFFINITY_SLACK 4    /* in-flight requests an affine group may exceed the least loaded by */
 #define COORD_MAX_GROUPS 64
+#define COORD_MAX_N 16            /* choices (n, best_of) of one request */
 
 typedef struct ekv_coordinator ekv_coordinator;
 typedef struct coord_stream coord_stream;
@@ -86,11 +88,17 @@ typedef struct coord_request {
     double spark_ratio;          /* 0: no SparK */
     const char *spark_recovery;  /* NULL or "" is avg */
     const char *protocol;        /* "grpc" / "http", for the log */
+    /* n choices (0 or 1: one), in [1, COORD_MAX_N]: n continuations of the
+     * one prompt, prefilled and compressed once, its KV blocks shared
+     * (engine.h); choice i samples with seed params.sampling.seed + i. Not
+     * with prompt_logprobs or a decode_method (EKV_EINVAL). */
+    int32_t n;
 } coord_request;
 
-/* Everything new in a stream since the previous take. ids and text are
- * malloc'd and owned by the chunk (coord_chunk_free). */
+/* Everything new in one choice of a stream since the previous take. ids
+ * and text are malloc'd and owned by the chunk (coord_chunk_free). */
 typedef struct coord_chunk {
+    int32_t index;               /* the choice, in [0, coord_stream_choices) */
     int32_t *ids;
     int32_t n_ids;
     char *text;
@@ -100,7 +108,8 @@ typedef struct coord_chunk {
     int32_t n_lps;
     ekv_logprob *prompt_lps;     /* echo with logprobs: the prompt's tokens, the first with */
     int32_t n_prompt_lps;        /* logprob NaN; before any generated token's (owned) */
-    bool done;                   /* the request has finished; the fields below are set */
+    bool done;                   /* the choice has finished; the fields below are set */
+    bool last;                   /* with done: every choice's done has now been taken */
     gen_finish finish;
     engine_usage usage;
     ekv_status rc;               /* EKV_OK, or why the engine failed it */
@@ -181,8 +190,12 @@ ekv_status coord_tokenize(ekv_coordinator *c, const coord_request *r, int32_t **
 /* The request's id in the log ("req-<n>"). */
 uint64_t coord_stream_id(const coord_stream *s);
 int32_t coord_stream_prompt_tokens(const coord_stream *s);
-/* Moves what is new into *c (zeroed first). Returns whether anything was:
- * tokens, text or the done record (which is returned once). */
+/* The request's n choices (1 unless coord_request.n said more). */
+int32_t coord_stream_choices(const coord_stream *s);
+/* Moves what is new in one choice into *c (zeroed first; choices in turn,
+ * so none starves). Returns whether anything was: tokens, text or the
+ * choice's done record (which is returned once). The stream is over when
+ * a chunk has last set. */
 bool coord_stream_take(coord_stream *s, coord_chunk *c);
 /* Blocks until something is new or timeout_s passes; true if something is. */
 bool coord_stream_wait(coord_stream *s, double timeout_s);

@@ -12,7 +12,8 @@
  * Names (all prefixed entrokv_): requests_total{status}, prompt_tokens_total,
  * generated_tokens_total, ttft_seconds, inter_token_latency_seconds,
  * queue_depth, running_sequences, kv_blocks_used, kv_blocks_free,
- * kv_bytes_saved_total, kvstore_hits_total, kvstore_misses_total.
+ * kv_blocks_shared, kv_cow_copies_total, kv_bytes_saved_total,
+ * kvstore_hits_total, kvstore_misses_total.
  */
 #ifndef ENTROKV_METRICS_H
 #define ENTROKV_METRICS_H
@@ -52,6 +53,8 @@ typedef struct metrics_gauges {
     int64_t kv_blocks_free;
     int64_t kv_bytes_saved;   /* a counter in the output: it only grows */
     int64_t kv_bytes_saved_by[3]; /* of which by token policies, SparK, SCOPE (counters) */
+    int64_t kv_blocks_shared; /* blocks held by more than one sequence (n > 1 choices) */
+    int64_t kv_cow_copies;    /* blocks copied on write (a counter in the output) */
 } metrics_gauges;
 
 /* NULL when out of memory. */

@@ -164,6 +164,8 @@ static void check_accepted(const oai_request *r, const engine_request *er)
             abort();
     if (!er->on_done || !er->on_tokens || !er->ctx)
         abort();
+    if (er->n < 0 || er->n > COORD_MAX_N || (er->n > 1 && !er->choice_ctx))
+        abort();
 }
 
 static void check_responses(oai_kind kind, const coord_chunk *done)
@@ -171,8 +173,10 @@ static void check_responses(oai_kind kind, const coord_chunk *done)
     oai_meta m = {.kind = kind, .created = 1, .model = coord_model_name(coord)};
     snprintf(m.id, sizeof m.id, "cmpl-1");
     coord_chunk text = {.text = "t", .text_len = 1};
-    char *s[4] = {oai_response_json(&m, "text", done), oai_chunk_json(&m, &text, true),
-                  oai_chunk_json(&m, done, false), oai_usage_chunk_json(&m, done)};
+    const char *texts[1] = {"text"};
+    char *s[4] = {oai_response_json(&m, texts, done, 1, &done->usage),
+                  oai_chunk_json(&m, &text, true), oai_chunk_json(&m, done, false),
+                  oai_usage_chunk_json(&m, &done->usage)};
     for (int i = 0; i < 4; i++) {
         cJSON *j = s[i] ? cJSON_Parse(s[i]) : NULL;
         if (!j)
@@ -209,18 +213,30 @@ static void one_request(oai_kind kind, const uint8_t *data, size_t size)
     if (!s || group.n != before + 1)
         abort();
     check_accepted(&r, &group.r);
-    /* play the engine: one token, then done; the stream must hand both back */
+    /* play the engine: one token, then done, per choice; the stream must
+     * hand each back once, tagged with its choice */
     int32_t id = group.r.prompt[0];
     engine_usage u = {.prompt_tokens = group.r.n_prompt, .completion_tokens = 1};
-    dup2(devnull, 2); /* on_done logs too */
-    group.r.on_tokens(group.r.ctx, &id, 1, "x", 1);
-    group.r.on_done(group.r.ctx, GEN_FINISH_LENGTH, &u, EKV_OK, NULL);
-    dup2(real_stderr, 2);
-    coord_chunk c;
-    if (!coord_stream_take(s, &c) || !c.done || c.n_ids != 1 || c.ids[0] != id)
+    const int32_t n = group.r.n > 1 ? group.r.n : 1;
+    if (coord_stream_choices(s) != n)
         abort();
-    check_responses(kind, &c);
-    coord_chunk_free(&c);
+    dup2(devnull, 2); /* on_done logs too */
+    for (int32_t i = 0; i < n; i++) {
+        void *ctx = n > 1 ? group.r.choice_ctx[i] : group.r.ctx;
+        group.r.on_tokens(ctx, &id, 1, "x", 1);
+        group.r.on_done(ctx, GEN_FINISH_LENGTH, &u, EKV_OK, NULL);
+    }
+    dup2(real_stderr, 2);
+    bool got[COORD_MAX_N] = {0};
+    for (int32_t i = 0; i < n; i++) {
+        coord_chunk c;
+        if (!coord_stream_take(s, &c) || !c.done || c.n_ids != 1 || c.ids[0] != id ||
+            c.index < 0 || c.index >= n || got[c.index] || c.last != (i == n - 1))
+            abort();
+        got[c.index] = true;
+        check_responses(kind, &c);
+        coord_chunk_free(&c);
+    }
     coord_stream_release(s);
     oai_request_free(&r);
 }

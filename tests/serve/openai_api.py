@@ -281,8 +281,11 @@ CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
 COMP = {"prompt": "Hi", "max_tokens": 2}
 REFUSED = [
     ("completions", COMP, "suffix", " end"),
-    ("completions", COMP, "best_of", 2),
-    ("completions", COMP, "n", 2),
+    ("completions", COMP, "best_of", 17),            # above the limit (docs/serving.md)
+    ("completions", dict(COMP, n=3), "best_of", 2),  # fewer than n
+    ("completions", dict(COMP, stream=True), "best_of", 2),  # with stream, as OpenAI
+    ("completions", COMP, "n", 0),
+    ("completions", COMP, "n", 17),
     ("completions", COMP, "top_logprobs", 2),
     ("completions", COMP, "metadata", {"a": "b"}),
     ("completions", COMP, "x_not_an_openai_field", 1),
@@ -304,7 +307,8 @@ REFUSED = [
     ("chat/completions", CHAT, "reasoning_effort", "low"),
     ("chat/completions", CHAT, "service_tier", "auto"),
     ("chat/completions", CHAT, "web_search_options", {}),
-    ("chat/completions", CHAT, "n", 3),
+    ("chat/completions", CHAT, "n", 17),
+    ("chat/completions", CHAT, "best_of", 2),        # a completions field
     ("chat/completions", CHAT, "top_logprobs", 3),   # without logprobs: true
     ("chat/completions", dict(CHAT, stream=True), "stream_options", {"include_obfuscation": True}),
 ]

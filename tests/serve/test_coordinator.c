@@ -186,6 +186,89 @@ static void test_stream_coalesces_and_notifies_once_per_take(const ekv_tokenizer
     metrics_free(m);
 }
 
+/* n choices: one engine request with a ctx per choice, counted in flight n
+ * times for routing; each choice's news comes out tagged with its index,
+ * its done record once, `last` on the final one; the request is counted
+ * once in the metrics, its prompt once, every choice's completion. */
+static void test_stream_of_n_choices(const ekv_tokenizer *tok)
+{
+    coord_config cfg;
+    coord_config_default(&cfg);
+    ekv_metrics *m = metrics_create();
+    ekv_coordinator *c = coord_create(tok, &cfg, m, NULL);
+    fake_group g[2] = {{.index = 0}, {.index = 1}};
+    for (int i = 0; i < 2; i++)
+        CHECK(coord_add_group(c, "fake", &fake_ops, &g[i], NULL) == EKV_OK);
+    coord_request r = prompt_request(c, "Hello");
+    r.n = 3;
+    coord_stream *s, *o[2];
+    CHECK(coord_submit(c, &r, &s, NULL) == EKV_OK);
+    CHECK(coord_stream_choices(s) == 3);
+    CHECK(g[0].n_submits == 1 && g[0].reqs[0].n == 3 && g[0].reqs[0].choice_ctx);
+    /* three in flight on group 0: the next two single requests go to group 1 */
+    coord_request one = prompt_request(c, "Hi");
+    CHECK(coord_submit(c, &one, &o[0], NULL) == EKV_OK);
+    CHECK(coord_submit(c, &one, &o[1], NULL) == EKV_OK);
+    CHECK(g[1].n_submits == 2);
+    void *ctx[3];
+    for (int i = 0; i < 3; i++)
+        ctx[i] = g[0].reqs[0].choice_ctx[i];
+    CHECK(ctx[0] != ctx[1] && ctx[1] != ctx[2]);
+    engine_request *er = &g[0].reqs[0];
+    int32_t a = 11, b = 12;
+    er->on_tokens(ctx[2], &b, 1, "c", 1);
+    er->on_tokens(ctx[0], &a, 1, "a", 1);
+    coord_chunk ch;
+    bool seen[3] = {false, false, false};
+    for (int k = 0; k < 2; k++) {
+        CHECK(coord_stream_take(s, &ch) && !ch.done && ch.n_ids == 1);
+        CHECK(ch.index == 0 || ch.index == 2);
+        if (ch.index == 0 || ch.index == 2) {
+            CHECK(!seen[ch.index]);
+            seen[ch.index] = true;
+            CHECK(ch.ids[0] == (ch.index == 0 ? 11 : 12));
+            CHECK(ch.text_len == 1 && ch.text[0] == (ch.index == 0 ? 'a' : 'c'));
+        }
+        coord_chunk_free(&ch);
+    }
+    CHECK(!coord_stream_take(s, &ch));
+    engine_usage u = {.prompt_tokens = 5, .completion_tokens = 2, .kv_bytes = 10};
+    for (int i = 1; i < 3; i++)
+        er->on_done(ctx[(i + 1) % 3], GEN_FINISH_STOP, &u, EKV_OK, NULL);
+    int dones = 0, lasts = 0;
+    while (coord_stream_take(s, &ch)) {
+        CHECK(ch.done && ch.index >= 0 && ch.index < 3);
+        dones++;
+        lasts += ch.last;
+        coord_chunk_free(&ch);
+    }
+    CHECK(dones == 2 && lasts == 0);
+    er->on_done(ctx[1], GEN_FINISH_LENGTH, &u, EKV_OK, NULL);
+    CHECK(coord_stream_take(s, &ch) && ch.done && ch.last && ch.index == 1);
+    CHECK(!strcmp(coord_finish_reason(ch.finish), "length"));
+    coord_chunk_free(&ch);
+    coord_stream_release(s);
+    CHECK(g[0].n_cancels == 0);
+    char *text = metrics_render(m, NULL, NULL);
+    CHECK(text && strstr(text, "entrokv_requests_total{status=\"ok\"} 1\n"));
+    CHECK(text && strstr(text, "entrokv_prompt_tokens_total 5\n"));
+    CHECK(text && strstr(text, "entrokv_generated_tokens_total 6\n"));
+    free(text);
+    for (int i = 0; i < 2; i++) {
+        coord_stream_release(o[i]);
+        fake_finish(&g[1], i, GEN_FINISH_CANCELLED);
+    }
+    /* out of range: refused before any group sees it */
+    r.n = COORD_MAX_N + 1;
+    ekv_error err = {0};
+    CHECK(coord_submit(c, &r, &s, &err) == EKV_EINVAL && strstr(err.msg, "n must be"));
+    r.n = -1;
+    CHECK(coord_submit(c, &r, &s, &err) == EKV_EINVAL);
+    CHECK(g[0].n_submits == 1);
+    coord_free(c);
+    metrics_free(m);
+}
+
 static void expect_invalid(ekv_coordinator *c, coord_request *r, const char *needle)
 {
     coord_stream *s = NULL;
@@ -301,6 +384,7 @@ int main(int argc, char **argv)
     const ekv_tokenizer *tok = model_tokenizer(model);
     test_routing_least_loaded_then_prefix_affinity(tok);
     test_stream_coalesces_and_notifies_once_per_take(tok);
+    test_stream_of_n_choices(tok);
     test_bad_requests_are_einval_with_a_message(tok);
     test_gauges_sum_groups_and_kvstore_counters_render(tok);
     test_utf8_validation();

@@ -18,12 +18,16 @@
 
 static int n_submits;
 static engine_request last;
+static void *last_ctxs[COORD_MAX_N]; /* last.choice_ctx's pointers (n > 1), copied */
 
 static ekv_status fake_submit(void *impl, const engine_request *r, uint64_t *id, ekv_error *err)
 {
     (void)impl, (void)err;
     last = *r;
     last.prompt = NULL; /* the caller's only during submit */
+    for (int32_t i = 0; r->n > 1 && i < r->n && i < COORD_MAX_N; i++)
+        last_ctxs[i] = r->choice_ctx[i];
+    last.choice_ctx = NULL;
     *id = (uint64_t)++n_submits;
     return EKV_OK;
 }
@@ -55,7 +59,9 @@ static ekv_status submit(oai_kind kind, const char *body, ekv_error *err)
         rc = coord_submit(coord, &r.r, &s, err);
         if (s) {
             engine_usage u = {0};
-            last.on_done(last.ctx, GEN_FINISH_LENGTH, &u, EKV_OK, NULL);
+            for (int32_t i = 0; i < (last.n > 1 ? last.n : 1); i++)
+                last.on_done(last.n > 1 ? last_ctxs[i] : last.ctx, GEN_FINISH_LENGTH, &u,
+                             EKV_OK, NULL);
             coord_stream_release(s);
         }
     }
@@ -186,7 +192,6 @@ static void test_options_and_stops(void)
                    "{\"prompt\": \"x\", \"stop\": [\"1\",\"2\",\"3\",\"4\",\"5\",\"6\",\"7\","
                    "\"8\",\"9\",\"10\",\"11\",\"12\",\"13\",\"14\",\"15\",\"16\",\"17\"]}",
                    "stop");
-    expect_invalid(OAI_COMPLETIONS, "{\"prompt\": \"x\", \"n\": 2}", "n = 1");
     expect_invalid(OAI_COMPLETIONS, "{\"prompt\": \"x\", \"stream\": \"yes\"}", "stream");
     expect_invalid(OAI_COMPLETIONS, "{\"prompt\": \"x\", \"temperature\": \"hot\"}",
                    "temperature");
@@ -219,7 +224,6 @@ static void test_allow_list(void)
     expect_invalid(OAI_CHAT, "{" CHAT_X ", \"tool_choice\": \"auto\"}", "'tool_choice'");
     expect_ok(OAI_CHAT, "{" CHAT_X ", \"tool_choice\": \"none\", \"tools\": null}");
     expect_invalid(OAI_COMPLETIONS, "{\"prompt\": \"x\", \"suffix\": \"y\"}", "'suffix'");
-    expect_invalid(OAI_COMPLETIONS, "{\"prompt\": \"x\", \"best_of\": 2}", "'best_of'");
     expect_ok(OAI_COMPLETIONS, "{\"prompt\": \"x\", \"best_of\": 1, \"user\": \"u-1\"}");
     expect_invalid(OAI_CHAT,
                    "{\"messages\": [{\"role\": \"user\", \"content\": \"x\", \"name\": \"a\"}]}",
@@ -228,6 +232,44 @@ static void test_allow_list(void)
                    "{\"prompt\": \"x\", \"stream\": true, \"stream_options\": {\"foo\": true}}",
                    "'foo'");
     expect_invalid(OAI_COMPLETIONS, "{\"prompt\": \"x\", \"user\": 5}", "user");
+}
+
+/* n and best_of: n reaches the engine with a ctx per choice; the values
+ * OpenAI refuses, and what the fork cannot do, are 400s naming the field. */
+static void test_choices(void)
+{
+    expect_ok(OAI_COMPLETIONS, "{\"prompt\": \"x\", \"n\": 3, \"seed\": 7}");
+    CHECK_EQ_INT(last.n, 3);
+    CHECK(last_ctxs[0] && last_ctxs[1] != last_ctxs[2]);
+    CHECK(last.params.sampling.seed == 7); /* the engine adds i for choice i */
+    CHECK(!last.params.logprobs);
+    expect_ok(OAI_CHAT, "{" CHAT_X ", \"n\": 16}");
+    CHECK_EQ_INT(last.n, 16);
+    expect_ok(OAI_CHAT, "{" CHAT_X ", \"n\": 1}");
+    CHECK(last.n <= 1);
+    expect_invalid(OAI_CHAT, "{" CHAT_X ", \"n\": 0}", "'n'");
+    expect_invalid(OAI_CHAT, "{" CHAT_X ", \"n\": 17}", "'n'");
+    expect_invalid(OAI_COMPLETIONS, "{\"prompt\": \"x\", \"n\": -1}", "'n'");
+    expect_invalid(OAI_COMPLETIONS, "{\"prompt\": \"x\", \"n\": 1.5}", "'n'");
+    expect_invalid(OAI_COMPLETIONS, "{\"prompt\": \"x\", \"n\": \"2\"}", "'n'");
+    /* best_of: generated best_of, ranked by their logprobs */
+    expect_ok(OAI_COMPLETIONS, "{\"prompt\": \"x\", \"n\": 2, \"best_of\": 3}");
+    CHECK_EQ_INT(last.n, 3);
+    CHECK(last.params.logprobs);
+    expect_invalid(OAI_COMPLETIONS, "{\"prompt\": \"x\", \"n\": 2, \"best_of\": 1}",
+                   "'best_of'");
+    expect_invalid(OAI_COMPLETIONS, "{\"prompt\": \"x\", \"best_of\": 17}", "'best_of'");
+    expect_invalid(OAI_COMPLETIONS, "{\"prompt\": \"x\", \"best_of\": 0}", "'best_of'");
+    expect_invalid(OAI_COMPLETIONS, "{\"prompt\": \"x\", \"best_of\": 2, \"stream\": true}",
+                   "'stream'");
+    expect_ok(OAI_COMPLETIONS, "{\"prompt\": \"x\", \"n\": 2, \"stream\": true}");
+    expect_invalid(OAI_CHAT, "{" CHAT_X ", \"best_of\": 2}", "'best_of'");
+    /* what the fork cannot do */
+    expect_invalid(OAI_COMPLETIONS,
+                   "{\"prompt\": \"x\", \"n\": 2, \"echo\": true, \"logprobs\": 1}", "n > 1");
+    expect_ok(OAI_COMPLETIONS, "{\"prompt\": \"x\", \"n\": 2, \"echo\": true}");
+    expect_invalid(OAI_CHAT, "{" CHAT_X ", \"n\": 2, \"decode_method\": \"scope-slide\"}",
+                   "decode_method");
 }
 
 static void test_penalties_bias_logprobs(void)
@@ -407,6 +449,7 @@ int main(int argc, char **argv)
     RUN_TEST(test_options_and_stops);
     RUN_TEST(test_allow_list);
     RUN_TEST(test_penalties_bias_logprobs);
+    RUN_TEST(test_choices);
     RUN_TEST(test_strict_json);
     RUN_TEST(test_fields_checked_before_running);
     coord_free(coord);

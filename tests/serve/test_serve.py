@@ -220,7 +220,8 @@ BAD_HTTP = {
     "negative_temperature": b'{"prompt": "hi", "temperature": -1}',
     "temperature_string": b'{"prompt": "hi", "temperature": "hot"}',
     "unknown_kv_method": b'{"prompt": "hi", "kv_method": "zip"}',
-    "n_two": b'{"prompt": "hi", "n": 2}',
+    "n_zero": b'{"prompt": "hi", "n": 0}',
+    "n_over_limit": b'{"prompt": "hi", "n": 17}',
     "stop_not_strings": b'{"prompt": "hi", "stop": [1, 2]}',
 }
 
