@@ -51,6 +51,7 @@ typedef struct cli_kv_opts {
     int32_t scope_recent, scope_window; /* --scope-recent R, --scope-window W */
     double spark_ratio;  /* --spark-ratio r (0: off) */
     const char *spark_recovery; /* --spark-recovery avg | zero */
+    int32_t recall;      /* --recall R: evicted blocks per head rejoining each step (0: off) */
 } cli_kv_opts;
 
 #define CLI_KV_USAGE                                                                          \
@@ -62,7 +63,10 @@ typedef struct cli_kv_opts {
     "  --scope-recent R      SCOPE recent window (default 256)\n"                             \
     "  --scope-window W      SCOPE decode budget incl. R (default 512)\n"                     \
     "  --spark-ratio r       SparK: fraction of key channels pruned per prompt token\n"       \
-    "  --spark-recovery M    SparK recovery of pruned channels: avg (default) or zero\n"
+    "  --spark-recovery M    SparK recovery of pruned channels: avg (default) or zero\n"       \
+    "  --recall R            recall: per KV head, the R evicted 16-token blocks whose key\n"  \
+    "                        digests bound q.k highest rejoin attention each decode step;\n"  \
+    "                        their 16R tokens come out of the budget (default 0: off)\n"
 
 void cli_kv_defaults(cli_kv_opts *o);
 /* Consumes argv[*i] if it is one of the --kv-* flags: 1 taken, 0 not a kv

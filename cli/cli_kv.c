@@ -35,6 +35,8 @@ int cli_kv_take(int argc, char **argv, int *i, cli_kv_opts *o)
         return cli_take_int(argc, argv, i, 1, 1 << 24, &o->scope_recent) ? 1 : -1;
     if (!strcmp(a, "--scope-window"))
         return cli_take_int(argc, argv, i, 2, 1 << 24, &o->scope_window) ? 1 : -1;
+    if (!strcmp(a, "--recall"))
+        return cli_take_int(argc, argv, i, 0, KVC_RECALL_MAX, &o->recall) ? 1 : -1;
     if (!strcmp(a, "--spark-recovery"))
         return cli_take_str(argc, argv, i, &o->spark_recovery) ? 1 : -1;
     if (!strcmp(a, "--spark-ratio")) {
@@ -82,6 +84,7 @@ int cli_kv_policy(const char *cmd, const cli_kv_opts *o, const struct ekv_model 
         cli_error(cmd, "%s", err.msg);
         return CLI_USAGE;
     }
+    policy->recall = o->recall;
     if (policy->method != KVC_UNCOMP || (o->profile && !strcmp(o->profile, "none")))
         return CLI_OK;
     char path[4096];

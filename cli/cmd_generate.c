@@ -171,6 +171,17 @@ static void print_json(const gen_result *r)
         cJSON_AddNumberToObject(o, "scope_decode_held", r->scope.decode_held);
         cJSON_AddNumberToObject(o, "scope_decode_peak", r->scope.decode_peak);
     }
+    if (r->recall.digest_blocks) { /* recall ran (kvrecall.h) */
+        const double steps = r->n_ids > 1 ? r->n_ids - 1 : 1; /* decode forwards */
+        cJSON_AddNumberToObject(o, "recall_evicted_tokens", (double)r->recall.evicted_tokens);
+        cJSON_AddNumberToObject(o, "recall_digest_blocks", (double)r->recall.digest_blocks);
+        cJSON_AddNumberToObject(o, "recall_blocks", (double)r->recall.blocks_recalled);
+        cJSON_AddNumberToObject(o, "recall_bytes_per_token", r->recall.bytes_recalled / steps);
+        cJSON_AddNumberToObject(o, "recall_deadline_misses", (double)r->recall.deadline_misses);
+        cJSON_AddNumberToObject(o, "recall_promotions", (double)r->recall.promotions);
+        cJSON_AddNumberToObject(o, "recall_select_s", r->recall.select_s);
+        cJSON_AddNumberToObject(o, "recall_buffer_bytes", (double)r->recall.buffer_bytes);
+    }
     if (r->grammar_s > 0)
         cJSON_AddNumberToObject(o, "grammar_mask_s", r->grammar_s);
     char *s = cJSON_PrintUnformatted(o);

@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "entrokv/generate.h"
+#include "entrokv/kvrecall.h"
 #include "entrokv/tokenizer.h"
 
 /* A prefilled sequence and the capture that recorded its prompt. */
@@ -77,6 +78,21 @@ static kv_seq *compressed_clone(ekv_runtime *rt, prefilled *p, const eval_policy
     }
     out->kv_bytes = kv_seq_bytes(s);
     return s;
+}
+
+/* The recall store's counters after n forwarded tokens into out. */
+static void recall_metrics(const kv_seq *s, int32_t n, eval_metrics *out)
+{
+    const kv_recall *rc = kv_seq_recall(s);
+    if (!rc)
+        return;
+    kv_recall_stats st;
+    kv_recall_get_stats(rc, &st);
+    out->recall_blocks = st.blocks_recalled;
+    out->recall_bytes_token = n > 0 ? (double)st.bytes_recalled / n : 0;
+    out->recall_evicted = st.evicted_tokens;
+    out->recall_buffer_bytes = st.buffer_bytes;
+    out->recall_select_s = st.select_s;
 }
 
 /* Logits of every row of tokens[0, n) at positions pos0.., appended to s. */
@@ -245,6 +261,7 @@ ekv_status eval_ppl(ekv_runtime *rt, const int32_t *tokens, int32_t prefix, int3
             rc = forward_all(rt, s, tokens + prefix, cont, prefix, dst, err);
         }
         out[i].kv_bytes_end = kv_seq_bytes(s);
+        recall_metrics(s, cont, &out[i]);
         kv_seq_free(s);
         if (!rc)
             score_rows(i == 0 ? ref : logits, ref, tokens + prefix + 1, cont, V, lp, lq, &out[i]);
@@ -319,6 +336,7 @@ ekv_status eval_passkey(ekv_runtime *rt, const int32_t *prompt, int32_t n, const
         }
         char text[2048];
         rc = greedy(rt, s, p.logits, n, max_new, text, sizeof text, err);
+        recall_metrics(s, max_new, &out[i]);
         kv_seq_free(s);
         snprintf(out[i].answer, sizeof out[i].answer, "%.63s", text);
         out[i].passkey_ok = first_number_is(text, key);

@@ -29,6 +29,12 @@ typedef struct eval_metrics {
     double compress_s;
     int passkey_ok;      /* passkey: 1 when the answer was produced */
     char answer[64];     /* passkey: the generated text (truncated) */
+    /* recall (kvrecall.h), when the policy recalls */
+    int64_t recall_blocks;      /* blocks that joined attention, all heads and steps */
+    double recall_bytes_token;  /* their bytes per forwarded token */
+    int64_t recall_buffer_bytes; /* the recall buffer (resident beside kv_bytes) */
+    int64_t recall_evicted;     /* tokens in the recall store, all heads */
+    double recall_select_s;     /* ranking + view building, summed over threads */
 } eval_metrics;
 
 /* Called after each policy with its index, for progress. */

@@ -144,6 +144,18 @@ int eval_build_policies(eval_opts *o, const ekv_model *m, eval_policy *pols, int
                 snprintf(pols[n].label + used, sizeof pols[0].label - used, "%s", tail);
             }
             n++;
+            if (o->kv.recall > 0 && strcmp(name, "full")) { /* the same policy with recall */
+                if (n == MAX_POLICIES) {
+                    cli_error("eval", "at most %d policies", MAX_POLICIES);
+                    return CLI_USAGE;
+                }
+                pols[n] = pols[n - 1];
+                pols[n].p.recall = o->kv.recall;
+                const size_t used = strlen(pols[n].label);
+                snprintf(pols[n].label + used, sizeof pols[0].label - used, "+recall%d",
+                         o->kv.recall);
+                n++;
+            }
             if (!strcmp(name, "full"))
                 break; /* its budget is always 1 */
         }
@@ -173,6 +185,14 @@ static cJSON *result_json(const char *task, const eval_policy *pol, const eval_m
     cJSON_AddNumberToObject(o, "kv_bytes", (double)r->kv_bytes);
     cJSON_AddNumberToObject(o, "kv_fraction",
                             r->kv_bytes_full ? (double)r->kv_bytes / r->kv_bytes_full : 1.0);
+    if (pol->p.recall > 0) {
+        cJSON_AddNumberToObject(o, "recall", pol->p.recall);
+        cJSON_AddNumberToObject(o, "recall_blocks", (double)r->recall_blocks);
+        cJSON_AddNumberToObject(o, "recall_bytes_per_token", r->recall_bytes_token);
+        cJSON_AddNumberToObject(o, "recall_evicted_tokens", (double)r->recall_evicted);
+        cJSON_AddNumberToObject(o, "recall_buffer_bytes", (double)r->recall_buffer_bytes);
+        cJSON_AddNumberToObject(o, "recall_select_s", r->recall_select_s);
+    }
     return o;
 }
 

@@ -57,8 +57,8 @@ ekv_status kvc_policy_parse(const char *method, double budget, kvc_policy *p, ek
     return EKV_OK;
 }
 
-ekv_status kvc_policy_mean_tokens(const kvc_policy *p, int32_t n_prompt, int32_t *mean,
-                                  ekv_error *err)
+static ekv_status mean_tokens(const kvc_policy *p, int32_t n_prompt, int32_t *mean,
+                              ekv_error *err)
 {
     if (p->method == KVC_FULL) {
         *mean = n_prompt;
@@ -77,6 +77,20 @@ ekv_status kvc_policy_mean_tokens(const kvc_policy *p, int32_t n_prompt, int32_t
     return EKV_OK;
 }
 
+ekv_status kvc_policy_mean_tokens(const kvc_policy *p, int32_t n_prompt, int32_t *mean,
+                                  ekv_error *err)
+{
+    ekv_status rc = mean_tokens(p, n_prompt, mean, err);
+    if (rc || p->method == KVC_FULL || p->recall <= 0)
+        return rc;
+    if ((int64_t)p->recall * KVC_RECALL_BLOCK >= *mean)
+        return ekv_error_set(err, EKV_ERANGE,
+                             "recall of %d blocks (%d tokens per head) leaves no resident KV "
+                             "from a budget of %d tokens per head",
+                             p->recall, p->recall * KVC_RECALL_BLOCK, *mean);
+    return EKV_OK;
+}
+
 ekv_status kvc_policy_check(const kvc_policy *p, ekv_error *err)
 {
     const kvc_decode_policy *d = &p->decode;
@@ -91,6 +105,9 @@ ekv_status kvc_policy_check(const kvc_policy *p, ekv_error *err)
                              p->spark.ratio);
     if (p->spark.recovery != KVC_SPARK_AVG && p->spark.recovery != KVC_SPARK_ZERO)
         return ekv_error_set(err, EKV_EINVAL, "unknown spark recovery %d", (int)p->spark.recovery);
+    if (p->recall < 0 || p->recall > KVC_RECALL_MAX)
+        return ekv_error_set(err, EKV_EINVAL, "recall must be in [0, %d] blocks, got %d",
+                             KVC_RECALL_MAX, p->recall);
     return EKV_OK;
 }
 
@@ -371,6 +388,16 @@ ekv_status kvc_capture_compress(kvc_capture *c, ekv_runtime *rt, kv_seq *seq, kv
     ekv_status rc = kvc_policy_mean_tokens(&c->policy, n, &ctx.mean, err);
     if (rc)
         return rc;
+    if (c->policy.recall > 0 && c->policy.method != KVC_FULL) {
+        /* the recall buffer comes out of the budget; what is dropped from
+         * here on goes to the sequence's recall store */
+        if (kv_pool_block_tokens(kv_seq_pool(seq)) != KVC_RECALL_BLOCK)
+            return ekv_error_set(err, EKV_EINVAL, "kv recall needs %d-token blocks",
+                                 KVC_RECALL_BLOCK);
+        ctx.mean -= c->policy.recall * KVC_RECALL_BLOCK;
+        if ((rc = kv_seq_recall_enable(seq, c->policy.recall, err)))
+            return rc;
+    }
     ctx.total = (int64_t)ctx.mean * nh;
     rep->budget_total = ctx.total;
     int32_t *budget = malloc((size_t)nh * sizeof *budget);

@@ -496,6 +496,9 @@ static ekv_status check_params(ekv_coordinator *c, const coord_request *r, kvc_p
                                &policy->decode, err)) ||
         (rc = kvc_spark_parse(r->spark_ratio, r->spark_recovery, &policy->spark, err)))
         return as_invalid(err);
+    policy->recall = r->recall;
+    if ((rc = kvc_policy_check(policy, err)))
+        return as_invalid(err);
     if (policy->method == KVC_UNCOMP)
         policy->profile = c->uncomp_profile;
     if (r->n < 0 || r->n > COORD_MAX_N)

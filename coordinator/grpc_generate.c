@@ -109,6 +109,7 @@ static bool request_from_proto(ekv_coordinator *coord, const Entrokv__V1__Genera
     if (m->has_spark_ratio_case == ENTROKV__V1__GENERATE_REQUEST__HAS_SPARK_RATIO_SPARK_RATIO)
         r->spark_ratio = m->spark_ratio;
     r->spark_recovery = m->spark_recovery;
+    r->recall = m->recall;
     unknown_field(&m->base, "GenerateRequest", pr->bad, sizeof pr->bad);
     if (m->top_logprobs < 0 || m->top_logprobs > EKV_MAX_TOP_LOGPROBS)
         snprintf(pr->bad, sizeof pr->bad, "top_logprobs must be in [0, %d], got %d",

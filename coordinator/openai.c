@@ -343,7 +343,7 @@ static const char *const COMPLETION_FIELDS[] = {
     "seed", "best_of", "suffix" /* (value) */,
     "top_k", "min_p", "repeat_penalty", "repetition_penalty", "kv_method", "kv_budget",
     "decode_method", "scope_recent", "scope_window", "spark_ratio", "spark_recovery",
-    "ignore_eos", NULL};
+    "recall", "ignore_eos", NULL};
 static const char *const CHAT_FIELDS[] = {
     "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n",
     "stream", "stream_options", "logprobs", "top_logprobs", "stop", "presence_penalty",
@@ -351,7 +351,7 @@ static const char *const CHAT_FIELDS[] = {
     "tools" /* (value) */, "tool_choice" /* (value) */, "parallel_tool_calls" /* (value) */,
     "top_k", "min_p", "repeat_penalty", "repetition_penalty", "kv_method", "kv_budget",
     "decode_method", "scope_recent", "scope_window", "spark_ratio", "spark_recovery",
-    "ignore_eos", NULL};
+    "recall", "ignore_eos", NULL};
 
 static ekv_status check_fields(const cJSON *o, const char *const *allowed, const char *what,
                                ekv_error *err)
@@ -456,6 +456,13 @@ static ekv_status parse_options(oai_request *r, ekv_error *err)
         return rc;
     if (has)
         r->r.spark_ratio = b;
+    if ((rc = get_number(o, "recall", &b, &has, err)))
+        return rc;
+    if (has && (b != floor(b) || b < 0 || b > KVC_RECALL_MAX))
+        return ekv_error_set(err, EKV_EINVAL, "recall must be a whole number in [0, %d]",
+                             KVC_RECALL_MAX);
+    if (has)
+        r->r.recall = (int32_t)b;
     return EKV_OK;
 }
 

@@ -455,6 +455,7 @@ static grpc_byte_buffer *request_of(const engine_request *r)
     p.has_spark_ratio_case = ENTROKV__V1__GENERATE_REQUEST__HAS_SPARK_RATIO_SPARK_RATIO;
     p.spark_ratio = (float)r->kv.spark.ratio;
     p.spark_recovery = r->kv.spark.recovery == KVC_SPARK_ZERO ? "zero" : "avg";
+    p.recall = r->kv.recall;
     Entrokv__V1__WorkerGenerateRequest w = ENTROKV__V1__WORKER_GENERATE_REQUEST__INIT;
     w.n_prompt_ids = (size_t)r->n_prompt;
     w.prompt_ids = (int32_t *)r->prompt;

@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include "entrokv/kernels.h"
+#include "entrokv/kvrecall.h"
 
 struct ekv_runtime {
     const ekv_model *m;
@@ -23,7 +24,13 @@ struct ekv_runtime {
     int32_t max_ctx;
     /* activations, max_batch rows each */
     float *x, *xb, *q, *k, *v, *att, *gate, *up;
-    float *scores; /* KERN_ATTN_SCRATCH(max_ctx) floats per thread */
+    float *scores; /* KERN_ATTN_SCRATCH(scores_ctx) floats per thread */
+    int32_t scores_ctx; /* max_ctx, more while recall blocks join a view */
+    /* recall (kvrecall.h): per thread, recall_bytes of view scratch then
+     * recall_probe floats where a probed row's attention over its recalled
+     * blocks lands before the resident part is copied out */
+    uint8_t *recall_buf;
+    size_t recall_bytes, recall_probe;
     void *mm_scratch;
     size_t mm_scratch_bytes;
     /* model_probe: per (row, KV head) of the batch, the offset of its
@@ -67,6 +74,7 @@ ekv_runtime *model_runtime_create(const ekv_model *m, int32_t max_batch, int32_t
     rt->gate = alloc_floats(B * F);
     rt->up = alloc_floats(B * F);
     rt->scores = alloc_floats((size_t)ekv_pool_size(rt->pool) * KERN_ATTN_SCRATCH(max_ctx));
+    rt->scores_ctx = max_ctx;
     /* the largest scratch any of the model's matrix products needs */
     for (int32_t l = 0; l < c->n_layers; l++) {
         const ekv_layer *L = &m->layers[l];
@@ -110,6 +118,7 @@ void model_runtime_free(ekv_runtime *rt)
     free(rt->mm_scratch);
     free(rt->probe_off);
     free(rt->probe_buf);
+    free(rt->recall_buf);
     free(rt);
 }
 
@@ -171,6 +180,77 @@ static void task_swiglu(void *p, int ith, int nth)
         kern_swiglu(t->rt->gate + i * F, t->rt->up + i * F, F);
 }
 
+/* Attention of a probed row whose view ext is the resident view plus nr
+ * recall blocks (placed after the packed prefix): the probe's rows are the
+ * resident tokens' entries of ext's, copied from tmp into dst. */
+static void attend_probed_recall(ekv_runtime *rt, const kern_kv_view *res, const kern_kv_view *ext,
+                                 int32_t nr, const float *q, int32_t G, const int32_t *qpos,
+                                 float scale, float *out, float *scores, float *tmp, float *dst)
+{
+    const int32_t D = rt->m->cfg.head_dim, ne = ext->n_tokens, n = res->n_tokens;
+    const int32_t np = res->packed ? res->packed->n : 0, skip = nr * ext->block_tokens;
+    const kern_attn_probe pr = {.logits = tmp, .probs = tmp + (size_t)G * ne};
+    kern_attention_probe(ext, q, G, D, qpos, scale, out, D, scores, &pr);
+    for (int32_t part = 0; part < 2; part++)
+        for (int32_t g = 0; g < G; g++) {
+            const float *src = tmp + ((size_t)part * G + g) * ne;
+            float *d = dst + ((size_t)part * G + g) * n;
+            memcpy(d, src, (size_t)np * sizeof *d);
+            memcpy(d + np, src + np + skip, (size_t)(n - np) * sizeof *d);
+        }
+}
+
+/* Sizes the per-thread recall scratch (and the score scratch) for layer l's
+ * rows whose sequences recall; EKV_ENOMEM. */
+static ekv_status recall_prepare(ekv_runtime *rt, const model_batch *b, int32_t l, ekv_error *err)
+{
+    const ekv_model_config *c = &rt->m->cfg;
+    const int32_t HKV = c->n_kv_heads, G = c->n_heads / c->n_kv_heads;
+    size_t bytes = 0, probe = 0;
+    int32_t ctx = rt->scores_ctx;
+    for (int32_t i = 0; i < b->n; i++) {
+        const kv_recall *rec = kv_seq_recall(b->seqs[i]);
+        if (!rec)
+            continue;
+        const int32_t bt = kv_pool_block_tokens(kv_seq_pool(b->seqs[i]));
+        for (int32_t h = 0; h < HKV; h++) {
+            const int32_t n = kv_seq_len(b->seqs[i], l, h) + 1; /* + this row, worst case */
+            const size_t s = kv_recall_scratch_bytes(rec, l, h, n / bt + 2);
+            const int32_t ne = n + kv_recall_r(rec) * bt;
+            bytes = s > bytes ? s : bytes;
+            ctx = ne > ctx ? ne : ctx;
+            if (b->probe && b->probe->rows[i] && 2 * (size_t)G * ne > probe)
+                probe = 2 * (size_t)G * ne;
+        }
+    }
+    if (bytes == 0)
+        return EKV_OK;
+    ctx = (ctx + 15) & ~15; /* each thread's scores stay 64-byte aligned */
+    bytes = (bytes + 63) & ~(size_t)63;
+    probe = (probe + 15) & ~(size_t)15;
+    const size_t nt = (size_t)ekv_pool_size(rt->pool);
+    if (ctx > rt->scores_ctx) {
+        float *sc = alloc_floats(nt * KERN_ATTN_SCRATCH(ctx));
+        if (!sc)
+            return ekv_error_set(err, EKV_ENOMEM, "runtime: out of memory for recall scores");
+        free(rt->scores);
+        rt->scores = sc;
+        rt->scores_ctx = ctx;
+    }
+    if (bytes > rt->recall_bytes || probe > rt->recall_probe) {
+        bytes = bytes > rt->recall_bytes ? bytes : rt->recall_bytes;
+        probe = probe > rt->recall_probe ? probe : rt->recall_probe;
+        uint8_t *nb = aligned_alloc(64, nt * (bytes + probe * sizeof(float)));
+        if (!nb)
+            return ekv_error_set(err, EKV_ENOMEM, "runtime: out of memory for recall");
+        free(rt->recall_buf);
+        rt->recall_buf = nb;
+        rt->recall_bytes = bytes;
+        rt->recall_probe = probe;
+    }
+    return EKV_OK;
+}
+
 /* Work items are (row, KV head), dealt round-robin over the parts so that
  * the long rows at the end of a causal prefill chunk spread over all
  * threads; scratch is per thread, not per part. */
@@ -181,7 +261,11 @@ static void task_attention(void *p, int ith, int nth)
     const ekv_model_config *c = &rt->m->cfg;
     const int32_t D = c->head_dim, H = c->n_heads, HKV = c->n_kv_heads, G = H / HKV;
     const float scale = 1.0f / sqrtf((float)D);
-    float *scores = rt->scores + (size_t)ekv_pool_thread_index() * KERN_ATTN_SCRATCH(rt->max_ctx);
+    const int ti = ekv_pool_thread_index();
+    float *scores = rt->scores + (size_t)ti * KERN_ATTN_SCRATCH(rt->scores_ctx);
+    uint8_t *rbuf = rt->recall_buf ? rt->recall_buf + (size_t)ti * (rt->recall_bytes +
+                                                                   rt->recall_probe * sizeof(float))
+                                   : NULL;
     int32_t qpos[64];
     const long n_items = (long)t->b->n * HKV;
     for (long item = ith; item < n_items; item += nth) {
@@ -193,6 +277,19 @@ static void task_attention(void *p, int ith, int nth)
             qpos[g] = t->b->pos[i];
         const size_t off = ((size_t)i * H + (size_t)kvh * G) * D;
         const int64_t po = t->b->probe ? rt->probe_off[item] : -1;
+        kv_recall *rec = kv_seq_recall(t->b->seqs[i]);
+        if (rec) {
+            kern_kv_view ext;
+            const int32_t nr = kv_recall_view(rec, t->layer, kvh, rt->q + off, G, D, qpos[0],
+                                              &view, &ext, rbuf);
+            if (nr > 0 && po >= 0) { /* the probe sees the resident tokens only */
+                attend_probed_recall(rt, &view, &ext, nr, rt->q + off, G, qpos, scale,
+                                     rt->att + off, scores, (float *)(rbuf + rt->recall_bytes),
+                                     rt->probe_buf + po);
+                continue;
+            }
+            view = ext;
+        }
         if (po < 0) {
             kern_attention(&view, rt->q + off, G, D, qpos, scale, rt->att + off, D, scores);
             continue;
@@ -325,7 +422,7 @@ static ekv_status layer_forward(ekv_runtime *rt, const model_batch *b, int32_t l
         b->tap->fn(b->tap->ctx, l, b, rt->q);
     if ((rc = append_kv(rt, b, l, err)))
         return rc;
-    if (b->probe && (rc = probe_prepare(rt, b, l, err)))
+    if ((b->probe && (rc = probe_prepare(rt, b, l, err))) || (rc = recall_prepare(rt, b, l, err)))
         return rc;
     ekv_pool_run(rt->pool, task_attention, &t);
     if (b->probe)

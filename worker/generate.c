@@ -267,6 +267,8 @@ ekv_status gen_run(ekv_runtime *rt, kv_pool *kv, const int32_t *prompt, int32_t 
     out->kv_bytes = kv_seq_bytes(seq);
     if (scope)
         kvc_scope_get_stats(scope, &out->scope);
+    if (kv_seq_recall(seq))
+        kv_recall_get_stats(kv_seq_recall(seq), &out->recall);
 out:
     kvc_scope_free(scope);
     if (!out->text && rc == EKV_OK)

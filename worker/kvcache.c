@@ -19,6 +19,8 @@
  */
 #include "entrokv/kvcache.h"
 
+#include "entrokv/kvrecall.h"
+
 #include <math.h>
 #include <stdbool.h>
 #include <stdlib.h>
@@ -62,6 +64,7 @@ struct kv_seq {
     int32_t n_kv_heads;
     kv_head *heads; /* [layer * n_kv_heads + head] */
     int32_t next_pos; /* one past the largest position ever appended */
+    kv_recall *recall; /* NULL, or where kv_seq_keep's dropped tokens go */
 };
 
 kv_pool *kv_pool_create(int32_t block_tokens, int32_t head_dim, int64_t n_blocks, ekv_error *err)
@@ -240,6 +243,7 @@ void kv_seq_free(kv_seq *seq)
         return;
     for (int32_t i = 0; i < seq->n_layers * seq->n_kv_heads; i++)
         head_release(seq->pool, &seq->heads[i]);
+    kv_recall_free(seq->recall);
     free(seq->heads);
     free(seq);
 }
@@ -562,6 +566,41 @@ ekv_status kv_seq_insert(kv_seq *seq, int32_t layer, int32_t head, const ekv_f16
     return EKV_OK;
 }
 
+/* Copies the tokens keep[] leaves out of h into the sequence's recall store. */
+static ekv_status recall_dropped(kv_seq *seq, const kv_head *h, int32_t layer, int32_t head,
+                                 const int32_t *keep, int32_t n_keep, ekv_error *err)
+{
+    int32_t *dropped = malloc((size_t)(h->n_tokens - n_keep) * sizeof *dropped);
+    if (!dropped)
+        return ekv_error_set(err, EKV_ENOMEM, "kv keep: out of memory");
+    int32_t n_dropped = 0;
+    for (int32_t t = 0, i = 0; t < h->n_tokens; t++) {
+        if (i < n_keep && keep[i] == t)
+            i++;
+        else
+            dropped[n_dropped++] = t;
+    }
+    kern_kv_view view;
+    blocks_view(seq, h, &view);
+    ekv_status rc = kv_recall_add(seq->recall, layer, head, &view, dropped, n_dropped, err);
+    free(dropped);
+    return rc;
+}
+
+ekv_status kv_seq_recall_enable(kv_seq *seq, int32_t r, ekv_error *err)
+{
+    if (seq->recall)
+        return kv_recall_r(seq->recall) == r
+                   ? EKV_OK
+                   : ekv_error_set(err, EKV_EINVAL, "kv recall: already enabled with r %d",
+                                   kv_recall_r(seq->recall));
+    seq->recall = kv_recall_create(seq->n_layers, seq->n_kv_heads, seq->pool->head_dim,
+                                   seq->pool->block_tokens, r, err);
+    return seq->recall ? EKV_OK : err ? err->code : EKV_ENOMEM;
+}
+
+kv_recall *kv_seq_recall(const kv_seq *seq) { return seq->recall; }
+
 ekv_status kv_seq_keep(kv_seq *seq, int32_t layer, int32_t head, const int32_t *keep,
                        int32_t n_keep, ekv_error *err)
 {
@@ -607,6 +646,11 @@ ekv_status kv_seq_keep(kv_seq *seq, int32_t layer, int32_t head, const int32_t *
     if (cow > pool->n_free)
         return ekv_error_set(err, EKV_ENOMEM, "kv keep: copy-on-write needs %lld blocks, %lld free",
                              (long long)cow, (long long)pool->n_free);
+    if (seq->recall && n_keep < h->n_tokens) { /* first: it may fail, nothing changed yet */
+        ekv_status rc = recall_dropped(seq, h, layer, head, keep, n_keep, err);
+        if (rc)
+            return rc;
+    }
     if (pool->evict && n_keep < h->n_tokens) {
         int32_t *dropped = malloc((size_t)(h->n_tokens - n_keep) * sizeof *dropped);
         if (!dropped)
@@ -691,6 +735,10 @@ static kv_seq *seq_copy(const kv_seq *src, bool share, ekv_error *err)
         }
     }
     dst->next_pos = src->next_pos;
+    if (src->recall && !(dst->recall = kv_recall_clone(src->recall, err))) {
+        kv_seq_free(dst);
+        return NULL;
+    }
     return dst;
 }
 

@@ -80,7 +80,16 @@ typedef struct kvc_policy {
     const kvc_profile *profile;  /* uncomp only; NULL: online entropy from the request */
     kvc_decode_policy decode;    /* zero: no decode compression */
     kvc_spark_policy spark;      /* zero: no channel pruning */
+    /* Recall (kvrecall.h): blocks of KVC_RECALL_BLOCK evicted tokens per KV
+     * head that rejoin attention each decode step; 0: off. They come out of
+     * the budget: the prefill policy keeps mean - recall * KVC_RECALL_BLOCK
+     * tokens per head on average (split across heads by the method as
+     * ever), so resident + recall buffer stays within it. */
+    int32_t recall;
 } kvc_policy;
+
+#define KVC_RECALL_BLOCK 16 /* the KV pool's block (model_kv_pool_create) */
+#define KVC_RECALL_MAX 1024
 
 /* "full", "streaming", ... ; NULL for an out-of-range id. */
 const char *kvc_method_name(kvc_method_id id);
@@ -91,13 +100,16 @@ const char *kvc_method_name(kvc_method_id id);
 ekv_status kvc_policy_parse(const char *method, double budget, kvc_policy *p, ekv_error *err);
 
 /* Mean tokens per head the policy keeps of an n_prompt-token prompt; EKV_ERANGE
- * when an absolute budget exceeds the prompt. Full always keeps n_prompt. */
+ * when an absolute budget exceeds the prompt, or when recall's buffer
+ * (recall * KVC_RECALL_BLOCK tokens) leaves the prefill policy no resident
+ * token. Full always keeps n_prompt. */
 ekv_status kvc_policy_mean_tokens(const kvc_policy *p, int32_t n_prompt, int32_t *mean,
                                   ekv_error *err);
 
-/* The decode and SparK parts of p (kv.decode, kv.spark) as a request
- * carries them: EKV_EINVAL with a message for an unknown mode or recovery,
- * recent < 1, window <= recent, max_new < 0 or a ratio outside [0, 1). */
+/* The decode, SparK and recall parts of p (kv.decode, kv.spark, kv.recall)
+ * as a request carries them: EKV_EINVAL with a message for an unknown mode
+ * or recovery, recent < 1, window <= recent, max_new < 0, a ratio outside
+ * [0, 1) or recall outside [0, KVC_RECALL_MAX]. */
 ekv_status kvc_policy_check(const kvc_policy *p, ekv_error *err);
 
 /* Trailing prompt rows the capture must see computed (not restored from a

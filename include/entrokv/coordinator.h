@@ -87,6 +87,7 @@ typedef struct coord_request {
     int32_t scope_recent, scope_window;
     double spark_ratio;          /* 0: no SparK */
     const char *spark_recovery;  /* NULL or "" is avg */
+    int32_t recall;              /* blocks per KV head recalled each step (0: off) */
     const char *protocol;        /* "grpc" / "http", for the log */
     /* n choices (0 or 1: one), in [1, COORD_MAX_N]: n continuations of the
      * one prompt, prefilled and compressed once, its KV blocks shared

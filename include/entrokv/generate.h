@@ -17,6 +17,7 @@
 #include "entrokv/compress.h"
 #include "entrokv/grammar.h"
 #include "entrokv/kvcache.h"
+#include "entrokv/kvrecall.h"
 #include "entrokv/model.h"
 #include "entrokv/sampler.h"
 #include "entrokv/stopper.h"
@@ -64,6 +65,7 @@ typedef struct gen_result {
     double grammar_s;        /* of decode_s, spent computing grammar masks */
     int64_t kv_bytes_peak;   /* the most KV held after any decode step (SCOPE keeps it bounded) */
     kvc_scope_stats scope;   /* zero without decode compression */
+    kv_recall_stats recall;  /* zero without recall (kv.recall) */
 } gen_result;
 
 void gen_params_default(gen_params *p);

@@ -82,6 +82,18 @@ typedef void (*kv_evict_fn)(void *ctx, const kv_seq *seq, int32_t layer, int32_t
 void kv_pool_set_evict_hook(kv_pool *pool, kv_evict_fn fn, void *ctx);
 
 /*
+ * Recall (kvrecall.h): from now on every token kv_seq_keep drops is copied
+ * into the sequence's own recall store (created here, freed with the
+ * sequence, copied by clone and fork), and attention lets the top r of its
+ * blocks per (layer, KV head) join each step. EKV_EINVAL when already
+ * enabled with another r; EKV_ENOMEM.
+ */
+typedef struct kv_recall kv_recall;
+ekv_status kv_seq_recall_enable(kv_seq *seq, int32_t r, ekv_error *err);
+/* NULL unless recall is enabled. */
+kv_recall *kv_seq_recall(const kv_seq *seq);
+
+/*
  * SparK (compress/spark.c): moves every token (layer, head) holds - it must
  * hold no packed tokens yet - out of its blocks into a packed prefix
  * (kern_kv_packed, kernels.h): per token the n_keep key channels its mask

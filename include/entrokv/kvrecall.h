@@ -1,0 +1,98 @@
+/*
+ * kvrecall.h - recall of evicted KV during decode (Quest / ArkVale-style
+ * page digests; issue 20).
+ *
+ * A recall store belongs to one sequence (kv_seq_recall_enable, kvcache.h).
+ * Every token kv_seq_keep drops from a (layer, KV head) is copied into the
+ * store's host pool for that head, packed in eviction order into recall
+ * blocks of block_tokens tokens laid out like the KV pool's blocks (K
+ * transposed, V by token, original positions), and each block keeps a
+ * resident digest: the per-channel minimum and maximum of its keys, as
+ * attention reads them (post-RoPE, fp16-rounded). For a query q the digest
+ * bounds every key k of the block from above:
+ *   q . k = sum_c q_c k_c <= sum_c max(q_c min_c, q_c max_c)
+ * (each term is linear in k_c over [min_c, max_c], so its maximum sits at an
+ * end; Quest, Tang et al. 2024).
+ *
+ * At decode, attention over (layer, KV head) first ranks the head's recall
+ * blocks by that bound (max over the GQA group's queries) and lets the top
+ * R join attention as ordinary keys at their original positions
+ * (kv_recall_view). On the CPU the host pool is the memory attention reads,
+ * so a recall is zero-copy; "bytes recalled" counts what a device-resident
+ * cache would copy (R blocks per head per step, no reuse). A partly filled
+ * recall block pads its empty slots with position INT32_MAX, which the
+ * causal mask always hides (exact zeros in the softmax).
+ *
+ * Threading: kv_recall_add runs on the step engine's thread (kv_seq_keep);
+ * kv_recall_view may run concurrently for different (row, KV head) items
+ * with caller-owned scratch; the counters are atomic.
+ */
+#ifndef ENTROKV_KVRECALL_H
+#define ENTROKV_KVRECALL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "entrokv/kernels.h"
+#include "entrokv/status.h"
+
+typedef struct kv_recall kv_recall;
+
+/* A store recalling up to r blocks per (layer, KV head) per step. */
+kv_recall *kv_recall_create(int32_t n_layers, int32_t n_kv_heads, int32_t head_dim,
+                            int32_t block_tokens, int32_t r, ekv_error *err);
+void kv_recall_free(kv_recall *rc); /* NULL is a no-op */
+/* An independent copy (kv_seq_clone / kv_seq_fork); NULL with EKV_ENOMEM. */
+kv_recall *kv_recall_clone(const kv_recall *rc, ekv_error *err);
+int32_t kv_recall_r(const kv_recall *rc);
+
+/* Copies the n dropped tokens (increasing indices into view) of (layer,
+ * head) into the store and updates the digests. EKV_ENOMEM leaves the
+ * store as it was. */
+ekv_status kv_recall_add(kv_recall *rc, int32_t layer, int32_t head, const kern_kv_view *view,
+                         const int32_t *dropped, int32_t n, ekv_error *err);
+
+/* Recall blocks (and tokens) the store holds for (layer, head). */
+int32_t kv_recall_blocks(const kv_recall *rc, int32_t layer, int32_t head);
+int32_t kv_recall_tokens(const kv_recall *rc, int32_t layer, int32_t head);
+/* Block b of (layer, head): its K (head_dim x block_tokens, transposed), V
+ * (block_tokens x head_dim), positions (INT32_MAX past the filled slots)
+ * and digest (head_dim floats each); returns the filled slots. */
+int32_t kv_recall_block(const kv_recall *rc, int32_t layer, int32_t head, int32_t b,
+                        const ekv_f16 **k, const ekv_f16 **v, const int32_t **pos,
+                        const float **kmin, const float **kmax);
+
+/* The digest's upper bound of q . k over a block (head_dim d). */
+float kv_digest_bound(const float *kmin, const float *kmax, const float *q, int32_t d);
+
+/* Scratch bytes kv_recall_view needs for (layer, head) beside a resident
+ * view of n_resident_blocks blocks. */
+size_t kv_recall_scratch_bytes(const kv_recall *rc, int32_t layer, int32_t head,
+                               int32_t n_resident_blocks);
+
+/* Builds into *out the resident view plus the top-R recall blocks of
+ * (layer, head) for the n_q queries Q (q_stride apart; the ones at q_pos[0]
+ * decide: only blocks holding a token at or before it count), recall blocks
+ * first (the resident view's packed prefix, if any, stays first). The
+ * pointer arrays live in scratch (kv_recall_scratch_bytes, 8-byte aligned)
+ * and stay valid until it is reused. Returns the blocks recalled (0: *out
+ * is the resident view). */
+int32_t kv_recall_view(kv_recall *rc, int32_t layer, int32_t head, const float *Q, int n_q,
+                       int q_stride, int32_t q_pos, const kern_kv_view *resident,
+                       kern_kv_view *out, void *scratch);
+
+typedef struct kv_recall_stats {
+    int64_t evicted_tokens;  /* tokens the store holds, all heads */
+    int64_t digest_blocks;   /* recall blocks (digests) held, all heads */
+    int64_t selections;      /* (row, layer, KV head) rankings run */
+    int64_t blocks_recalled; /* blocks that joined attention */
+    int64_t bytes_recalled;  /* their K, V and positions */
+    int64_t deadline_misses; /* recalls skipped for lateness (0: the host pool never is) */
+    int64_t promotions;      /* blocks promoted into the resident set (0: not yet) */
+    double select_s;         /* summed over threads: ranking and view building */
+    int64_t host_bytes;      /* the store's K/V/positions and digests */
+    int64_t buffer_bytes;    /* the recall buffer: r blocks per (layer, KV head) */
+} kv_recall_stats;
+void kv_recall_get_stats(const kv_recall *rc, kv_recall_stats *st);
+
+#endif

@@ -1,0 +1,360 @@
+/*
+ * kvrecall.c - the recall store of one sequence: evicted K/V in the host
+ * pool, a key min/max digest per recall block, and the per-step ranking
+ * that lets the top R blocks of each (layer, KV head) join attention (see
+ * kvrecall.h).
+ */
+#include "entrokv/kvrecall.h"
+
+#include <math.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+typedef struct rc_head {
+    int32_t n_blocks, cap, n_tokens;
+    ekv_f16 *k;      /* cap blocks of head_dim x block_tokens (transposed) */
+    ekv_f16 *v;      /* cap blocks of block_tokens x head_dim */
+    int32_t *pos;    /* cap blocks of block_tokens (INT32_MAX: empty slot) */
+    float *kmin;     /* cap digests of head_dim */
+    float *kmax;
+    int32_t *minpos; /* per block: its earliest position */
+} rc_head;
+
+struct kv_recall {
+    int32_t n_layers, n_kv_heads, d, bt, r;
+    rc_head *heads;
+    _Atomic int64_t selections, blocks_recalled, select_ns;
+};
+
+kv_recall *kv_recall_create(int32_t n_layers, int32_t n_kv_heads, int32_t head_dim,
+                            int32_t block_tokens, int32_t r, ekv_error *err)
+{
+    if (n_layers <= 0 || n_kv_heads <= 0 || head_dim <= 0 || block_tokens <= 0 || r <= 0 ||
+        n_layers > 4096 || n_kv_heads > 4096 || head_dim > 4096 || block_tokens > 4096 ||
+        r > 4096) {
+        ekv_error_set(err, EKV_EINVAL, "kv recall: bad shape (%d x %d x %d, %d-token blocks, r %d)",
+                      n_layers, n_kv_heads, head_dim, block_tokens, r);
+        return NULL;
+    }
+    kv_recall *rc = calloc(1, sizeof *rc);
+    if (rc)
+        rc->heads = calloc((size_t)n_layers * n_kv_heads, sizeof *rc->heads);
+    if (!rc || !rc->heads) {
+        free(rc);
+        ekv_error_set(err, EKV_ENOMEM, "kv recall: out of memory");
+        return NULL;
+    }
+    rc->n_layers = n_layers;
+    rc->n_kv_heads = n_kv_heads;
+    rc->d = head_dim;
+    rc->bt = block_tokens;
+    rc->r = r;
+    return rc;
+}
+
+static void head_free(rc_head *h)
+{
+    free(h->k);
+    free(h->v);
+    free(h->pos);
+    free(h->kmin);
+    free(h->kmax);
+    free(h->minpos);
+    memset(h, 0, sizeof *h);
+}
+
+void kv_recall_free(kv_recall *rc)
+{
+    if (!rc)
+        return;
+    for (int32_t i = 0; i < rc->n_layers * rc->n_kv_heads; i++)
+        head_free(&rc->heads[i]);
+    free(rc->heads);
+    free(rc);
+}
+
+int32_t kv_recall_r(const kv_recall *rc) { return rc->r; }
+
+static rc_head *head_of(const kv_recall *rc, int32_t layer, int32_t head)
+{
+    return &rc->heads[(size_t)layer * rc->n_kv_heads + head];
+}
+
+/* Grows h to hold cap blocks; false (h unchanged in content) on ENOMEM. */
+static bool head_reserve(const kv_recall *rc, rc_head *h, int32_t cap)
+{
+    if (cap <= h->cap)
+        return true;
+    if (cap < 2 * h->cap)
+        cap = 2 * h->cap;
+    const size_t kv = (size_t)rc->d * rc->bt;
+#define GROW(field, per)                                                                      \
+    do {                                                                                      \
+        void *p = realloc(h->field, (size_t)cap * (per) * sizeof *h->field);                  \
+        if (!p)                                                                               \
+            return false;                                                                     \
+        h->field = p;                                                                         \
+    } while (0)
+    GROW(k, kv);
+    GROW(v, kv);
+    GROW(pos, (size_t)rc->bt);
+    GROW(kmin, (size_t)rc->d);
+    GROW(kmax, (size_t)rc->d);
+    GROW(minpos, 1);
+#undef GROW
+    h->cap = cap;
+    return true;
+}
+
+kv_recall *kv_recall_clone(const kv_recall *src, ekv_error *err)
+{
+    kv_recall *rc = kv_recall_create(src->n_layers, src->n_kv_heads, src->d, src->bt, src->r, err);
+    if (!rc)
+        return NULL;
+    const size_t kv = (size_t)src->d * src->bt;
+    for (int32_t i = 0; i < src->n_layers * src->n_kv_heads; i++) {
+        const rc_head *s = &src->heads[i];
+        rc_head *h = &rc->heads[i];
+        if (!s->n_blocks)
+            continue;
+        if (!head_reserve(rc, h, s->n_blocks)) {
+            kv_recall_free(rc);
+            ekv_error_set(err, EKV_ENOMEM, "kv recall: out of memory");
+            return NULL;
+        }
+        const size_t nb = (size_t)s->n_blocks;
+        memcpy(h->k, s->k, nb * kv * sizeof *h->k);
+        memcpy(h->v, s->v, nb * kv * sizeof *h->v);
+        memcpy(h->pos, s->pos, nb * src->bt * sizeof *h->pos);
+        memcpy(h->kmin, s->kmin, nb * src->d * sizeof *h->kmin);
+        memcpy(h->kmax, s->kmax, nb * src->d * sizeof *h->kmax);
+        memcpy(h->minpos, s->minpos, nb * sizeof *h->minpos);
+        h->n_blocks = s->n_blocks;
+        h->n_tokens = s->n_tokens;
+    }
+    return rc;
+}
+
+ekv_status kv_recall_add(kv_recall *rc, int32_t layer, int32_t head, const kern_kv_view *view,
+                         const int32_t *dropped, int32_t n, ekv_error *err)
+{
+    if (layer < 0 || layer >= rc->n_layers || head < 0 || head >= rc->n_kv_heads ||
+        view->head_dim != rc->d || view->packed)
+        return ekv_error_set(err, EKV_EINVAL, "kv recall: bad head %d/%d or view", layer, head);
+    if (n <= 0)
+        return EKV_OK;
+    rc_head *h = head_of(rc, layer, head);
+    const int32_t bt = rc->bt, d = rc->d, vbt = view->block_tokens;
+    if ((int64_t)h->n_tokens + n > INT32_MAX / 2)
+        return ekv_error_set(err, EKV_ERANGE, "kv recall: too many evicted tokens");
+    const int32_t need = (h->n_tokens + n + bt - 1) / bt;
+    if (!head_reserve(rc, h, need))
+        return ekv_error_set(err, EKV_ENOMEM, "kv recall: out of memory for %d blocks", need);
+    const size_t kv = (size_t)d * bt;
+    for (int32_t i = 0; i < n; i++) {
+        const int32_t t = dropped[i], slot = h->n_tokens % bt, b = h->n_tokens / bt;
+        ekv_f16 *kb = h->k + (size_t)b * kv, *vb = h->v + (size_t)b * kv;
+        int32_t *pb = h->pos + (size_t)b * bt;
+        float *mn = h->kmin + (size_t)b * d, *mx = h->kmax + (size_t)b * d;
+        if (slot == 0) { /* a fresh block: empty slots read as zero keys the mask hides */
+            memset(kb, 0, kv * sizeof *kb);
+            memset(vb, 0, kv * sizeof *vb);
+            for (int32_t s = 0; s < bt; s++)
+                pb[s] = INT32_MAX;
+            for (int32_t c = 0; c < d; c++) {
+                mn[c] = INFINITY;
+                mx[c] = -INFINITY;
+            }
+            h->minpos[b] = INT32_MAX;
+            h->n_blocks = b + 1;
+        }
+        const ekv_f16 *sk = view->k_blocks[t / vbt];
+        const int32_t sr = t % vbt;
+        for (int32_t c = 0; c < d; c++) {
+            const ekv_f16 x = sk[(size_t)c * vbt + sr];
+            kb[(size_t)c * bt + slot] = x;
+            const float f = ekv_f16_to_f32(x);
+            if (f < mn[c])
+                mn[c] = f;
+            if (f > mx[c])
+                mx[c] = f;
+        }
+        memcpy(vb + (size_t)slot * d, view->v_blocks[t / vbt] + (size_t)sr * d,
+               (size_t)d * sizeof *vb);
+        pb[slot] = view->pos_blocks[t / vbt][sr];
+        if (pb[slot] < h->minpos[b])
+            h->minpos[b] = pb[slot];
+        h->n_tokens++;
+    }
+    return EKV_OK;
+}
+
+int32_t kv_recall_blocks(const kv_recall *rc, int32_t layer, int32_t head)
+{
+    return head_of(rc, layer, head)->n_blocks;
+}
+
+int32_t kv_recall_tokens(const kv_recall *rc, int32_t layer, int32_t head)
+{
+    return head_of(rc, layer, head)->n_tokens;
+}
+
+int32_t kv_recall_block(const kv_recall *rc, int32_t layer, int32_t head, int32_t b,
+                        const ekv_f16 **k, const ekv_f16 **v, const int32_t **pos,
+                        const float **kmin, const float **kmax)
+{
+    const rc_head *h = head_of(rc, layer, head);
+    if (b < 0 || b >= h->n_blocks)
+        return 0;
+    const size_t kv = (size_t)rc->d * rc->bt;
+    if (k)
+        *k = h->k + b * kv;
+    if (v)
+        *v = h->v + b * kv;
+    if (pos)
+        *pos = h->pos + (size_t)b * rc->bt;
+    if (kmin)
+        *kmin = h->kmin + (size_t)b * rc->d;
+    if (kmax)
+        *kmax = h->kmax + (size_t)b * rc->d;
+    const int32_t rest = h->n_tokens - b * rc->bt;
+    return rest < rc->bt ? rest : rc->bt;
+}
+
+float kv_digest_bound(const float *kmin, const float *kmax, const float *q, int32_t d)
+{
+    float s = 0.0f;
+    for (int32_t c = 0; c < d; c++) {
+        const float a = q[c] * kmin[c], b = q[c] * kmax[c];
+        s += a > b ? a : b;
+    }
+    return s;
+}
+
+size_t kv_recall_scratch_bytes(const kv_recall *rc, int32_t layer, int32_t head,
+                               int32_t n_resident_blocks)
+{
+    const rc_head *h = head_of(rc, layer, head);
+    const size_t nb = (size_t)rc->r + (size_t)n_resident_blocks;
+    return 3 * nb * sizeof(void *) + (size_t)h->n_blocks * sizeof(float) +
+           ((size_t)rc->r + 1) * sizeof(int32_t) + 16;
+}
+
+static int64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* The r best blocks by bound (ties to the older block), in block order,
+ * into top; returns how many (fewer when fewer blocks are eligible). */
+static int32_t top_blocks(const rc_head *h, const float *bound, int32_t q_pos, int32_t r,
+                          int32_t *top)
+{
+    int32_t n = 0;
+    for (int32_t b = 0; b < h->n_blocks; b++) {
+        if (h->minpos[b] > q_pos)
+            continue;
+        /* insertion into top[0..n) kept sorted by bound, descending */
+        int32_t i = n < r ? n : r;
+        if (i == r && !(bound[b] > bound[top[r - 1]]))
+            continue;
+        while (i > 0 && bound[b] > bound[top[i - 1]]) {
+            if (i < r)
+                top[i] = top[i - 1];
+            i--;
+        }
+        top[i] = b;
+        if (n < r)
+            n++;
+    }
+    /* block order, so the view does not depend on the ranking's ties */
+    for (int32_t i = 1; i < n; i++)
+        for (int32_t j = i; j > 0 && top[j] < top[j - 1]; j--) {
+            const int32_t x = top[j];
+            top[j] = top[j - 1];
+            top[j - 1] = x;
+        }
+    return n;
+}
+
+int32_t kv_recall_view(kv_recall *rc, int32_t layer, int32_t head, const float *Q, int n_q,
+                       int q_stride, int32_t q_pos, const kern_kv_view *resident,
+                       kern_kv_view *out, void *scratch)
+{
+    *out = *resident;
+    const rc_head *h = head_of(rc, layer, head);
+    if (h->n_blocks == 0)
+        return 0;
+    const int64_t t0 = now_ns();
+    const int32_t bt = rc->bt, d = rc->d;
+    const int32_t packed_n = resident->packed ? resident->packed->n : 0;
+    const int32_t n_res = resident->n_tokens - packed_n;
+    const int32_t res_blocks = (n_res + bt - 1) / bt;
+    const size_t nb = (size_t)rc->r + (size_t)res_blocks;
+    const ekv_f16 **kp = scratch;
+    const ekv_f16 **vp = kp + nb;
+    const int32_t **pp = (const int32_t **)(vp + nb);
+    float *bound = (float *)(pp + nb);
+    int32_t *top = (int32_t *)(bound + h->n_blocks);
+    int32_t n_top;
+    if (h->n_blocks <= rc->r) { /* everything fits: no ranking needed */
+        n_top = 0;
+        for (int32_t b = 0; b < h->n_blocks; b++)
+            if (h->minpos[b] <= q_pos)
+                top[n_top++] = b;
+    } else {
+        for (int32_t b = 0; b < h->n_blocks; b++) {
+            const float *mn = h->kmin + (size_t)b * d, *mx = h->kmax + (size_t)b * d;
+            float best = -INFINITY;
+            for (int g = 0; g < n_q; g++) {
+                const float s = kv_digest_bound(mn, mx, Q + (size_t)g * q_stride, d);
+                best = s > best ? s : best;
+            }
+            bound[b] = best;
+        }
+        n_top = top_blocks(h, bound, q_pos, rc->r, top);
+    }
+    if (n_top > 0) {
+        const size_t kv = (size_t)d * bt;
+        for (int32_t i = 0; i < n_top; i++) {
+            kp[i] = h->k + (size_t)top[i] * kv;
+            vp[i] = h->v + (size_t)top[i] * kv;
+            pp[i] = h->pos + (size_t)top[i] * bt;
+        }
+        for (int32_t b = 0; b < res_blocks; b++) {
+            kp[n_top + b] = resident->k_blocks[b];
+            vp[n_top + b] = resident->v_blocks[b];
+            pp[n_top + b] = resident->pos_blocks[b];
+        }
+        out->k_blocks = kp;
+        out->v_blocks = vp;
+        out->pos_blocks = pp;
+        out->n_tokens = resident->n_tokens + n_top * bt;
+    }
+    atomic_fetch_add_explicit(&rc->selections, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&rc->blocks_recalled, n_top, memory_order_relaxed);
+    atomic_fetch_add_explicit(&rc->select_ns, now_ns() - t0, memory_order_relaxed);
+    return n_top;
+}
+
+void kv_recall_get_stats(const kv_recall *rc, kv_recall_stats *st)
+{
+    memset(st, 0, sizeof *st);
+    const size_t kv = (size_t)rc->d * rc->bt;
+    const int64_t block_bytes = (int64_t)(2 * kv * sizeof(ekv_f16) + (size_t)rc->bt * 4);
+    for (int32_t i = 0; i < rc->n_layers * rc->n_kv_heads; i++) {
+        st->evicted_tokens += rc->heads[i].n_tokens;
+        st->digest_blocks += rc->heads[i].n_blocks;
+    }
+    st->host_bytes = st->digest_blocks * (block_bytes + 2 * rc->d * (int64_t)sizeof(float) + 4);
+    st->buffer_bytes = (int64_t)rc->r * block_bytes * rc->n_layers * rc->n_kv_heads;
+    st->selections = atomic_load(&rc->selections);
+    st->blocks_recalled = atomic_load(&rc->blocks_recalled);
+    st->bytes_recalled = st->blocks_recalled * block_bytes;
+    st->select_s = (double)atomic_load(&rc->select_ns) * 1e-9;
+}
