@@ -11,11 +11,11 @@ the same GGUF and thread count, warmed up, and C clients each send streaming
 ignored, distinct windows of real text so no prefix is shared; at least
 --min-requests per wave) recording time to first token, the gaps between
 streamed tokens, and the tokens generated (from the final usage). Which
-server goes first alternates between concurrencies. entrokv runs with a
-fixed KV pool (--kv-tokens) and its prefix store off, so compressed KV shows
-as more sequences fitting in the same memory; llama-server gets --ctx tokens
-per slot (-c ctx*C) and its prompt cache off (--cache-ram 0), so KV room is
-never what limits it.
+server goes first alternates between concurrencies. llama-server gets
+--ctx tokens per slot (-c ctx*C) and its prompt cache off (--cache-ram 0);
+entrokv gets the same KV room (a pool of ctx*C tokens) and its prefix store
+off, unless --kv-tokens fixes its pool: then compressed KV shows as more
+sequences fitting in the same memory.
 
 Prints one JSON line per (server, concurrency): output tokens/s over the
 wave, p50/p99 TTFT and inter-token latency, completed/failed requests; a
@@ -144,12 +144,17 @@ def make_prompts(text_path, n, chars):
     return [text[i * step:i * step + chars] + "\n\nContinue the text:" for i in range(n)]
 
 
-def start_entrokv(a, extra_args):
+def kv_tokens(a, conc):
+    return a.kv_tokens or a.ctx * conc
+
+
+def start_entrokv(a, conc, extra_args):
     port = free_port()
     log = tempfile.NamedTemporaryFile(prefix="bench-serve-", suffix=".log", delete=False)
     args = [a.entrokv, "serve", "--model", a.model, "--host", "127.0.0.1", "--grpc-port", "0",
             "--http-port", str(port), "--threads", str(a.threads), "--ctx", str(a.ctx),
-            "--kv-tokens", str(a.kv_tokens), "--max-running", "64", "--max-queued", "1024",
+            "--kv-tokens", str(kv_tokens(a, conc)), "--max-running", str(max(64, conc)),
+            "--max-queued", "1024",
             "--kvstore-mb", "0", *extra_args]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log)
     wait_http(port, proc, 120)
@@ -208,7 +213,8 @@ def main():
     p.add_argument("--text", default="/usr/share/common-licenses/GPL-3")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--ctx", type=int, default=1024)
-    p.add_argument("--kv-tokens", type=int, default=4096)
+    p.add_argument("--kv-tokens", type=int, default=0,
+                   help="entrokv's KV pool in tokens (default: ctx * C, llama-server's KV room)")
     p.add_argument("--prompt-chars", type=int, default=1400)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=1, help="requests per client")
@@ -233,15 +239,15 @@ def main():
                     "--llama-server PATH or --no-reference")
     rounds = {c: max(a.rounds, -(-a.min_requests // c)) for c in concs}
     prompts = make_prompts(a.text, max(c * rounds[c] for c in concs), a.prompt_chars)
-    servers = [("entrokv-full", lambda c: start_entrokv(a, []), {})]
+    servers = [("entrokv-full", lambda c: start_entrokv(a, c, []), {})]
     if not a.no_compressed:
-        servers.append((f"entrokv-{a.kv_method}-{a.kv_budget:g}", lambda c: start_entrokv(a, []),
+        servers.append((f"entrokv-{a.kv_method}-{a.kv_budget:g}", lambda c: start_entrokv(a, c, []),
                         {"kv_method": a.kv_method, "kv_budget": a.kv_budget}))
     if not a.no_reference:
         servers.append(("llama.cpp-server", lambda c: start_llamacpp(a, c), {}))
     meta = {"bench": "serve_meta", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "threads": a.threads, "model": a.model, "ctx": a.ctx,
-            "kv_tokens": a.kv_tokens, "prompt_chars": a.prompt_chars,
+            "kv_tokens": a.kv_tokens or "ctx*C", "prompt_chars": a.prompt_chars,
             "max_tokens": a.max_tokens, "rounds": rounds, "text": a.text}
     if not a.no_reference:
         meta["llama_server"] = {"path": a.llama_server,
@@ -265,7 +271,7 @@ def main():
                 one_request(port, {"prompt": "Warm-up.", "max_tokens": 4, "stream": True}, [])
                 r = wave(port, prompts, c, rounds[c], extra, a.max_tokens)
                 r.update({"bench": "serve", "server": name, "threads": a.threads,
-                          "kv_tokens": a.kv_tokens if name.startswith("entrokv") else None})
+                          "kv_tokens": kv_tokens(a, c) if name.startswith("entrokv") else None})
                 rows[(name, c)] = r
                 print(json.dumps(r), flush=True)
                 print(f"  {name:24s} c={c:3d} {r['output_tokens_per_s']:8.1f} tok/s  TTFT p50 "
