@@ -595,7 +595,8 @@ static void test_spark_row_matches_spec(void)
         const int d = dims[di];
         const int32_t keeps[] = {d, kvc_spark_keep(0.5, d), kvc_spark_keep(0.8, d), 7, 1, 0};
         float k[256], isc[256], q[8 * 256], s[8];
-        uint8_t row[1024], mask[32];
+        uint32_t row_words[256]; /* rows are 4-aligned, as kv_seq_pack's are */
+        uint8_t *row = (uint8_t *)row_words, mask[32];
         int perm[256];
         for (int ki = 0; ki < 6; ki++)
             for (int trial = 0; trial < 8; trial++) {
@@ -615,7 +616,7 @@ static void test_spark_row_matches_spec(void)
                 for (int j = 0; j < n_keep; j++)
                     mask[perm[j] / 8] |= (uint8_t)(1u << (perm[j] % 8));
                 const float m = rnd_f(0, 2);
-                CHECK(kern_packed_row_bytes(d, n_keep) <= sizeof row);
+                CHECK(kern_packed_row_bytes(d, n_keep) <= sizeof row_words);
                 kern_packed_encode(row, k, mask, m, d, n_keep);
                 for (int avg = 0; avg < 2; avg++) {
                     spk_row_dot(row, d, n_keep, avg ? isc : NULL, q, g, s);
