@@ -42,6 +42,8 @@ struct ekv_http {
     atomic_int active;
     atomic_bool draining, aborting, stopping;
     long long started;
+    atomic_llong log_second;     /* on_mhd_log's rate limit: the current second, */
+    atomic_int log_lines, log_dropped; /* lines logged in it, lines dropped since */
 };
 
 typedef struct http_conn {
@@ -692,15 +694,31 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     atomic_fetch_sub(&h->active, 1);
 }
 
+/* libmicrohttpd logs each connection it refuses (a cap reached, a failed
+ * TLS handshake): a flood of those would be a flood of lines, so at most
+ * MHD_LOG_PER_S get through each second and the next one counts the rest. */
+#define MHD_LOG_PER_S 10
 static void on_mhd_log(void *cls, const char *fmt, va_list ap)
 {
-    (void)cls;
+    ekv_http *h = cls;
+    long long now = (long long)mono_s(), was = atomic_load(&h->log_second);
+    if (now != was && atomic_compare_exchange_strong(&h->log_second, &was, now))
+        atomic_store(&h->log_lines, 0);
+    if (atomic_fetch_add(&h->log_lines, 1) >= MHD_LOG_PER_S) {
+        atomic_fetch_add(&h->log_dropped, 1);
+        return;
+    }
     char line[512];
     vsnprintf(line, sizeof line, fmt, ap);
     size_t n = strlen(line);
     while (n && line[n - 1] == '\n')
         line[--n] = 0;
-    coord_log("http: %s", line);
+    int dropped = atomic_exchange(&h->log_dropped, 0);
+    if (dropped)
+        coord_log("http: %s (%d lines before it dropped: at most %d a second)", line, dropped,
+                  MHD_LOG_PER_S);
+    else
+        coord_log("http: %s", line);
 }
 
 /* ---- lifecycle ---- */
@@ -757,7 +775,7 @@ ekv_http *ekv_http_start_opts(ekv_coordinator *c, const ekv_http_opts *o, ekv_er
     /* The TLS options go last: an MHD_OPTION_END in their place leaves
      * them out for plain HTTP. */
     h->d = MHD_start_daemon(flags, (uint16_t)port, NULL, NULL, on_request, h,
-                            MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log, NULL,
+                            MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log, h,
                             MHD_OPTION_SOCK_ADDR, ai->ai_addr,
                             MHD_OPTION_NOTIFY_COMPLETED, on_completed, h,
                             MHD_OPTION_CONNECTION_LIMIT, o->max_connections,

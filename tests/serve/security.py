@@ -353,6 +353,9 @@ def test_many_slow_clients_neither_starve_others_nor_stay(guarded):
         took = time.time() - t0
         assert closed == SLOW_CLIENTS, (closed, took, left)
         assert took < TIMEOUT_S + 4 * T, took
+        # each refusal is logged by libmicrohttpd; the log is rate-limited
+        refusals = guarded.stderr().count("connection limit")
+        assert 0 < refusals <= 40, refusals
     finally:
         for s in socks:
             s.close()
