@@ -59,6 +59,7 @@ def pki(tmp_path_factory):
     make_ca(d, "ca")
     make_ca(d, "evil")
     make_cert(d, "server", "ca", "DNS:localhost,IP:127.0.0.1")
+    make_cert(d, "named", "ca", "DNS:entrokv-worker")  # as a headless Service's pods carry
     make_cert(d, "client", "ca", None)
     make_cert(d, "evil_server", "evil", "DNS:localhost,IP:127.0.0.1")
     make_cert(d, "evil_client", "evil", None)
@@ -254,14 +255,17 @@ def test_bad_tls_files_are_refused_at_start(pki, tmp_path):
 # ---- coordinator -> worker over mutual TLS ----
 
 def test_coordinator_reaches_a_worker_over_mutual_tls(pki):
+    """The worker's certificate names entrokv-worker, not the address the
+    coordinator dials: --tls-server-name says which name to expect."""
     w = Server("--ctx", "512", "--max-running", "2", "--kvstore-mb", "0", "--tls-cert",
-               f"{pki}/server.pem", "--tls-key", f"{pki}/server.key", "--tls-client-ca",
+               f"{pki}/named.pem", "--tls-key", f"{pki}/named.key", "--tls-client-ca",
                f"{pki}/ca.pem", cmd="worker")
     c = None
     try:
         c = Server("--ctx", "512", "--workers", f"127.0.0.1:{w.grpc_port}", "--tls-ca",
                    f"{pki}/ca.pem", "--tls-client-cert", f"{pki}/client.pem",
-                   "--tls-client-key", f"{pki}/client.key", cmd="coordinator")
+                   "--tls-client-key", f"{pki}/client.key", "--tls-server-name",
+                   "entrokv-worker", cmd="coordinator")
         end = time.time() + 60 * T
         while time.time() < end:
             try:
