@@ -76,7 +76,7 @@ static void running_remove(ekv_engine *e, ereq *q)
 }
 
 /* The engine thread owns the pool; others read the figure published here. */
-static void publish_locked(ekv_engine *e)
+void engine_publish_locked(ekv_engine *e)
 {
     e->stats.kv_blocks_free = kv_pool_free_blocks(e->pool);
     e->stats.kv_blocks_shared = kv_pool_shared_blocks(e->pool);
@@ -283,7 +283,7 @@ void engine_finish(ekv_engine *e, ereq *q, gen_finish finish, ekv_status rc, con
     e->stats.kv_bytes_saved_tokens += u.kv_bytes_saved_tokens;
     e->stats.kv_bytes_saved_channels += u.kv_bytes_saved_channels;
     e->stats.kv_bytes_saved_decode += u.kv_bytes_saved_decode;
-    publish_locked(e);
+    engine_publish_locked(e);
     pthread_mutex_unlock(&e->mu);
 
     while (q->followers) { /* ended before the prompt was in: they end the same way */
@@ -327,7 +327,7 @@ void engine_preempt(ekv_engine *e, ereq *q)
         queue_push_head(e, q);
     }
     e->stats.preemptions++;
-    publish_locked(e);
+    engine_publish_locked(e);
     pthread_mutex_unlock(&e->mu);
 }
 
@@ -335,7 +335,7 @@ void engine_note_step(ekv_engine *e)
 {
     pthread_mutex_lock(&e->mu);
     e->stats.steps++;
-    publish_locked(e);
+    engine_publish_locked(e);
     pthread_mutex_unlock(&e->mu);
 }
 
@@ -418,58 +418,12 @@ static int32_t followers_waiting(const ekv_engine *e)
     return n;
 }
 
-/* q's sampler and grammar state, made once and kept across preemption. */
-static ekv_status sampling_setup(ekv_engine *e, ereq *q, ekv_error *err)
-{
-    if (!q->sampler && !(q->sampler = sampler_create(&q->r.params.sampling, e->n_vocab, err)))
-        return err && err->code ? err->code : EKV_ENOMEM;
-    if (q->r.params.grammar && !q->gs) {
-        if (!e->gvocab && !(e->gvocab = grammar_vocab_create(model_tokenizer(e->m), err)))
-            return err && err->code ? err->code : EKV_ENOMEM;
-        if (!(q->gs = grammar_state_new(q->r.params.grammar, e->gvocab, err)))
-            return err && err->code ? err->code : EKV_ENOMEM;
-    }
-    return EKV_OK;
-}
-
-void engine_fork_choices(ekv_engine *e, ereq *q, const float *logits)
-{
-    while (q->followers) {
-        ereq *f = q->followers;
-        q->followers = f->fnext;
-        f->fnext = NULL;
-        ekv_error err = {0};
-        f->started = true;
-        f->t_sched = q->t_sched;
-        pthread_mutex_lock(&e->mu);
-        q->n_followers--;
-        e->running[e->n_running++] = f; /* admit() kept its slot */
-        pthread_mutex_unlock(&e->mu);
-        if (sampling_setup(e, f, &err) || !(f->seq = kv_seq_fork(q->seq, &err))) {
-            engine_finish(e, f, GEN_FINISH_LENGTH, err.code ? err.code : EKV_ENOMEM, err.msg);
-            continue;
-        }
-        /* the prompt is in, compressed once, shared: f starts at its first token */
-        f->n_fed = q->n_fed;
-        f->n_restored = q->n_restored;
-        f->n_scored = q->n_scored;
-        f->prompt_saved = true;
-        f->saved_tokens = q->saved_tokens;
-        f->saved_channels = q->saved_channels;
-        memcpy(e->fork_logits, logits, (size_t)e->n_vocab * sizeof *logits);
-        engine_sample_next(e, f, e->fork_logits);
-    }
-    pthread_mutex_lock(&e->mu);
-    publish_locked(e);
-    pthread_mutex_unlock(&e->mu);
-}
-
 /* Gives an admitted request what it runs with; finishes it on failure. */
 static void setup(ekv_engine *e, ereq *q)
 {
     const ekv_model_config *c = model_config(e->m);
     ekv_error err = {0};
-    if (sampling_setup(e, q, &err))
+    if (engine_sampling_setup(e, q, &err))
         goto fail;
     if (!(q->seq = kv_seq_create(e->pool, c->n_layers, c->n_kv_heads, &err)))
         goto fail;

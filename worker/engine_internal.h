@@ -126,6 +126,8 @@ bool engine_prompt_start(ekv_engine *e, ereq *q, int32_t n_restored);
 void engine_kick_locked(ekv_engine *e);
 /* Publishes the pool's free blocks and bumps the step counter. */
 void engine_note_step(ekv_engine *e);
+/* Publishes the pool's free and shared blocks and copies (under mu). */
+void engine_publish_locked(ekv_engine *e);
 
 /* ---- engine_step.c (engine thread) ---- */
 
@@ -139,9 +141,11 @@ void engine_step(ekv_engine *e);
 ekv_status engine_flush_text(ekv_engine *e, ereq *q, bool *stopped, ekv_error *err);
 /* Blocks the pool needs for n tokens of a fresh sequence. */
 int64_t engine_blocks_for(const ekv_engine *e, int32_t n);
+/* q's sampler and grammar state, made once and kept across preemption. */
+ekv_status engine_sampling_setup(ekv_engine *e, ereq *q, ekv_error *err);
 /* q's prompt is in its KV (compressed) and logits holds its last row: gives
  * each follower a fork of q's KV and its own sampler, puts it in the running
- * list and samples its first token from a copy of logits (engine.c). */
+ * list and samples its first token from a copy of logits. */
 void engine_fork_choices(ekv_engine *e, ereq *q, const float *logits);
 /* Samples q's next token from logits (changed in place) and applies the
  * finish rules; q may be finished on return. */

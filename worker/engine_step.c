@@ -502,3 +502,50 @@ void engine_step(ekv_engine *e)
             engine_sample_next(e, q, logits);
     }
 }
+
+/* ---- a request's sampler, and the n > 1 choices' fork (moved from engine.c) ---- */
+
+ekv_status engine_sampling_setup(ekv_engine *e, ereq *q, ekv_error *err)
+{
+    if (!q->sampler && !(q->sampler = sampler_create(&q->r.params.sampling, e->n_vocab, err)))
+        return err && err->code ? err->code : EKV_ENOMEM;
+    if (q->r.params.grammar && !q->gs) {
+        if (!e->gvocab && !(e->gvocab = grammar_vocab_create(model_tokenizer(e->m), err)))
+            return err && err->code ? err->code : EKV_ENOMEM;
+        if (!(q->gs = grammar_state_new(q->r.params.grammar, e->gvocab, err)))
+            return err && err->code ? err->code : EKV_ENOMEM;
+    }
+    return EKV_OK;
+}
+
+void engine_fork_choices(ekv_engine *e, ereq *q, const float *logits)
+{
+    while (q->followers) {
+        ereq *f = q->followers;
+        q->followers = f->fnext;
+        f->fnext = NULL;
+        ekv_error err = {0};
+        f->started = true;
+        f->t_sched = q->t_sched;
+        pthread_mutex_lock(&e->mu);
+        q->n_followers--;
+        e->running[e->n_running++] = f; /* admit() kept its slot */
+        pthread_mutex_unlock(&e->mu);
+        if (engine_sampling_setup(e, f, &err) || !(f->seq = kv_seq_fork(q->seq, &err))) {
+            engine_finish(e, f, GEN_FINISH_LENGTH, err.code ? err.code : EKV_ENOMEM, err.msg);
+            continue;
+        }
+        /* the prompt is in, compressed once, shared: f starts at its first token */
+        f->n_fed = q->n_fed;
+        f->n_restored = q->n_restored;
+        f->n_scored = q->n_scored;
+        f->prompt_saved = true;
+        f->saved_tokens = q->saved_tokens;
+        f->saved_channels = q->saved_channels;
+        memcpy(e->fork_logits, logits, (size_t)e->n_vocab * sizeof *logits);
+        engine_sample_next(e, f, e->fork_logits);
+    }
+    pthread_mutex_lock(&e->mu);
+    engine_publish_locked(e);
+    pthread_mutex_unlock(&e->mu);
+}
