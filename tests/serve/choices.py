@@ -59,7 +59,7 @@ def by_index(choices):
     return sorted(choices, key=lambda c: c.index)
 
 
-SAMPLED = dict(max_tokens=24, temperature=0.9, top_p=0.95)
+SAMPLED = dict(max_tokens=4 if SLOW else 24, temperature=0.9, top_p=0.95)
 
 
 def test_each_seeded_choice_equals_a_solo_request_with_seed_plus_i(server):
@@ -177,8 +177,8 @@ def grpc_choices(server, pb, **kw):
 
 
 def test_grpc_n_equals_the_http_choices(server, pb):
-    g = grpc_choices(server, pb, prompt=PROMPT, n=3, seed=99, max_tokens=24, temperature=0.9,
-                     top_p=0.95)
+    g = grpc_choices(server, pb, prompt=PROMPT, n=3, seed=99, max_tokens=SAMPLED["max_tokens"],
+                     temperature=0.9, top_p=0.95)
     r = oai(server).completions.create(model="m", prompt=PROMPT, n=3, seed=99, **SAMPLED)
     assert sorted(g) == [0, 1, 2]
     for c in r.choices:
@@ -207,8 +207,8 @@ def test_n_through_the_coordinator_equals_local(server, split, pb):
     # the worker forked them (one request carrying n, not n requests)
     assert stats.Stats(pb["entrokv_pb2"].StatsRequest(), timeout=30).kv_cow_copies > cow0
     # and streamed over gRPC through the coordinator, each choice tagged
-    g = grpc_choices(coord, pb, prompt=PROMPT, n=3, seed=4321, max_tokens=24, temperature=0.9,
-                     top_p=0.95)
+    g = grpc_choices(coord, pb, prompt=PROMPT, n=3, seed=4321, max_tokens=SAMPLED["max_tokens"],
+                     temperature=0.9, top_p=0.95)
     assert [g[i][0] for i in range(3)] == [c.text for c in local]
 
 
