@@ -144,7 +144,7 @@ int eval_build_policies(eval_opts *o, const ekv_model *m, eval_policy *pols, int
                 snprintf(pols[n].label + used, sizeof pols[0].label - used, "%s", tail);
             }
             n++;
-            if (o->kv.recall > 0 && strcmp(name, "full")) { /* the same policy with recall */
+            if (o->kv.recall > 0 && pols[n - 1].p.method != KVC_FULL) { /* + recall */
                 if (n == MAX_POLICIES) {
                     cli_error("eval", "at most %d policies", MAX_POLICIES);
                     return CLI_USAGE;

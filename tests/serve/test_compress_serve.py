@@ -1,5 +1,5 @@
-"""test_compress_serve.py - SCOPE and SparK request fields (decode_method,
-scope_recent, scope_window, spark_ratio, spark_recovery) through the real
+"""test_compress_serve.py - SCOPE, SparK and recall request fields (decode_method,
+scope_recent, scope_window, spark_ratio, spark_recovery, recall) through the real
 clients: the openai package over HTTP and grpcio over gRPC give the tokens
 `entrokv generate` gives with the same flags, the KV held drops, bad values
 are refused with the protocol's error, and /metrics counts the bytes each
@@ -28,6 +28,8 @@ FIELDS = [
     ({"spark_ratio": 0.8, "spark_recovery": "zero", "kv_method": "snapkv", "kv_budget": 0.5},
      ["--spark-ratio", "0.8", "--spark-recovery", "zero", "--kv-method", "snapkv",
       "--kv-budget", "0.5"]),
+    ({"kv_method": "snapkv", "kv_budget": 0.5, "recall": 2},
+     ["--kv-method", "snapkv", "--kv-budget", "0.5", "--recall", "2"]),
 ]
 
 
@@ -79,6 +81,9 @@ BAD = [
     {"spark_ratio": 1.0},
     {"spark_ratio": -0.5},
     {"spark_recovery": "mean", "spark_ratio": 0.5},
+    {"recall": -1},
+    {"recall": 1025},
+    {"recall": 8, "kv_method": "snapkv", "kv_budget": 0.2},  # 128 tokens: no resident left
 ]
 
 
@@ -92,6 +97,14 @@ def test_bad_values_are_refused(server, pb, body):
         list(stub.Generate(pb["entrokv_pb2"].GenerateRequest(prompt=PROMPT, max_tokens=4,
                                                              **body), timeout=60))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_fractional_recall_is_refused_over_http(server):
+    # gRPC's int32 field cannot carry one; JSON can
+    c = openai.OpenAI(base_url=server.http + "/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError):
+        c.completions.create(model="entrokv", prompt=PROMPT, max_tokens=4,
+                             extra_body={"recall": 1.5, "kv_method": "snapkv", "kv_budget": 0.5})
 
 
 def test_metrics_count_bytes_per_mechanism(server):
