@@ -5,6 +5,9 @@
  * take), or walk away mid-stream (coord_stream_release, which cancels),
  * while a fake engine thread plays each request's on_tokens and on_done.
  *
+ * Every fourth request asks for N_CHOICES choices, whose tokens the engine
+ * plays interleaved, one choice after another, each with its own ctx.
+ *
  * Checks: every request finishes exactly once; a client that stays gets
  * every token, in order, with its text, and the done record once, each
  * waking its coord_stream_wait (not found when the wait timed out); a client
@@ -28,6 +31,7 @@
 #define N_CLIENTS 4
 #define PER_CLIENT 24
 #define N_TOKENS 12
+#define N_CHOICES 3
 #define MAX_REQS (N_CLIENTS * PER_CLIENT)
 
 /* ---- a fake engine on its own thread ---- */
@@ -35,6 +39,8 @@
 typedef struct job {
     engine_request r;
     uint64_t id;
+    void *ctx[N_CHOICES];        /* each choice's (r.choice_ctx is read at submit) */
+    int n;
 } job;
 
 typedef struct fake_engine {
@@ -59,6 +65,9 @@ static ekv_status fake_submit(void *impl, const engine_request *r, uint64_t *id,
     job *j = &e->queue[e->tail];
     j->r = *r;
     j->r.prompt = NULL; /* the caller's only during submit */
+    j->n = r->n > 1 ? r->n : 1;
+    for (int i = 0; i < j->n && i < N_CHOICES; i++)
+        j->ctx[i] = r->n > 1 ? r->choice_ctx[i] : r->ctx;
     j->id = (uint64_t)++e->tail;
     *id = j->id;
     pthread_cond_signal(&e->cv);
@@ -104,7 +113,8 @@ static void *engine_main(void *p)
             int32_t id = 100 + k;
             char text[16];
             int len = snprintf(text, sizeof text, "%d,", k);
-            j.r.on_tokens(j.r.ctx, &id, 1, text, (size_t)len);
+            for (int i = 0; i < j.n; i++)
+                j.r.on_tokens(j.ctx[i], &id, 1, text, (size_t)len);
             if (k % 3 == 0)
                 sched_yield(); /* let a consumer in between tokens */
         }
@@ -116,7 +126,8 @@ static void *engine_main(void *p)
         if (finish == GEN_FINISH_CANCELLED)
             atomic_fetch_add(&e->cancelled_done, 1);
         atomic_fetch_add(&e->done_calls, 1);
-        j.r.on_done(j.r.ctx, finish, &u, EKV_OK, NULL);
+        for (int i = 0; i < j.n; i++)
+            j.r.on_done(j.ctx[i], finish, &u, EKV_OK, NULL);
     }
 }
 
@@ -139,16 +150,16 @@ typedef struct client {
     int left;           /* requests walked away from */
 } client;
 
-static bool drain(coord_stream *s, int leave_after)
+static bool drain(coord_stream *s, int n_choices, int leave_after)
 {
-    char expect[256] = "", got[256] = "";
+    char expect[256] = "", got[N_CHOICES][256] = {""};
     for (int k = 0; k < N_TOKENS; k++) {
         size_t n = strlen(expect);
         snprintf(expect + n, sizeof expect - n, "%d,", k);
     }
-    int n_ids = 0, dones = 0;
-    bool ok = true;
-    while (!dones) {
+    int n_ids[N_CHOICES] = {0}, dones = 0, lasts = 0;
+    bool ok = coord_stream_choices(s) == n_choices;
+    while (dones < n_choices) {
         /* the engine answers within milliseconds; a wait that lasts its
          * whole time (and then finds news anyway) was never woken */
         double t0 = now_s();
@@ -159,26 +170,35 @@ static bool drain(coord_stream *s, int leave_after)
         }
         coord_chunk ch;
         coord_stream_take(s, &ch);
-        for (int32_t i = 0; i < ch.n_ids; i++, n_ids++)
-            if (ch.ids[i] != 100 + n_ids)
+        if (ch.index < 0 || ch.index >= n_choices) {
+            coord_chunk_free(&ch);
+            return false;
+        }
+        const int c = ch.index;
+        for (int32_t i = 0; i < ch.n_ids; i++, n_ids[c]++)
+            if (ch.ids[i] != 100 + n_ids[c])
                 ok = false;
         if (ch.text_len) {
-            size_t n = strlen(got);
-            if (n + ch.text_len < sizeof got)
-                memcpy(got + n, ch.text, ch.text_len + 1);
+            size_t n = strlen(got[c]);
+            if (n + ch.text_len < sizeof got[c])
+                memcpy(got[c] + n, ch.text, ch.text_len + 1);
             else
                 ok = false;
         }
         if (ch.done) {
             dones++;
-            if (ch.rc != EKV_OK || ch.finish != GEN_FINISH_LENGTH)
+            lasts += ch.last;
+            if (ch.rc != EKV_OK || ch.finish != GEN_FINISH_LENGTH || ch.last != (dones == n_choices))
                 ok = false;
         }
         coord_chunk_free(&ch);
-        if (leave_after >= 0 && n_ids >= leave_after)
+        if (leave_after >= 0 && n_ids[c] >= leave_after)
             return true; /* the caller releases the stream mid-flight */
     }
-    if (n_ids != N_TOKENS || strcmp(got, expect) != 0)
+    for (int c = 0; c < n_choices; c++)
+        if (n_ids[c] != N_TOKENS || strcmp(got[c], expect) != 0)
+            ok = false;
+    if (lasts != 1)
         ok = false;
     if (coord_stream_take(s, &(coord_chunk){0})) /* nothing after the done record */
         ok = false;
@@ -195,6 +215,7 @@ static void *client_main(void *p)
         r.prompt_len = strlen(r.prompt);
         r.params.max_tokens = N_TOKENS;
         r.protocol = "test";
+        r.n = i % 4 == 1 ? N_CHOICES : 1;
         coord_stream *s = NULL;
         ekv_error err = {0};
         if (coord_submit(cl->c, &r, &s, &err) != EKV_OK) {
@@ -204,7 +225,7 @@ static void *client_main(void *p)
         }
         /* every third request is abandoned, after 0 to 2 tokens */
         int leave_after = i % 3 == 2 ? (i / 3) % 3 : -1;
-        if (!drain(s, leave_after)) {
+        if (!drain(s, r.n, leave_after)) {
             cl->bad++;
             coord_stream_release(s);
             break; /* one is enough; the counts below show the rest missing */
