@@ -254,18 +254,22 @@ def test_bad_tls_files_are_refused_at_start(pki, tmp_path):
 
 # ---- coordinator -> worker over mutual TLS ----
 
-def test_coordinator_reaches_a_worker_over_mutual_tls(pki):
+def test_coordinator_reaches_a_worker_over_mutual_tls(pki, monkeypatch):
     """The worker's certificate names entrokv-worker, not the address the
-    coordinator dials: --tls-server-name says which name to expect."""
+    coordinator dials: --tls-server-name says which name to expect. The
+    coordinator's API key comes from the environment (ENTROKV_API_KEY), as
+    the chart passes a Secret."""
     w = Server("--ctx", "512", "--max-running", "2", "--kvstore-mb", "0", "--tls-cert",
                f"{pki}/named.pem", "--tls-key", f"{pki}/named.key", "--tls-client-ca",
                f"{pki}/ca.pem", cmd="worker")
     c = None
     try:
+        monkeypatch.setenv("ENTROKV_API_KEY", KEY)
         c = Server("--ctx", "512", "--workers", f"127.0.0.1:{w.grpc_port}", "--tls-ca",
                    f"{pki}/ca.pem", "--tls-client-cert", f"{pki}/client.pem",
                    "--tls-client-key", f"{pki}/client.key", "--tls-server-name",
                    "entrokv-worker", cmd="coordinator")
+        monkeypatch.delenv("ENTROKV_API_KEY")
         end = time.time() + 60 * T
         while time.time() < end:
             try:
@@ -277,10 +281,12 @@ def test_coordinator_reaches_a_worker_over_mutual_tls(pki):
         else:
             raise AssertionError("the coordinator never saw its TLS worker healthy:\n"
                                  + c.stderr()[-3000:] + w.stderr()[-3000:])
-        r = openai.OpenAI(base_url=c.http + "/v1", api_key="x", max_retries=0,
-                          timeout=60 * T).completions.create(model="m", prompt="Hi",
-                                                             max_tokens=3)
+        client = lambda key: openai.OpenAI(base_url=c.http + "/v1", api_key=key, max_retries=0,
+                                           timeout=60 * T)
+        r = client(KEY).completions.create(model="m", prompt="Hi", max_tokens=3)
         assert r.usage.completion_tokens == 3
+        with pytest.raises(openai.AuthenticationError):
+            client("x").completions.create(model="m", prompt="Hi", max_tokens=3)
     finally:
         if c:
             assert c.stop() == 0
