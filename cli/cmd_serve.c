@@ -413,6 +413,9 @@ static ekv_status start_coordinator(const serve_opts *o, server *s, int32_t ctx,
     char name[128];
     model_id(o, name, sizeof name);
     cc.model_name = name;
+    char identity[160]; /* workers serving another model are refused */
+    kvprefix_model_id(s->model, identity, sizeof identity);
+    cc.model_identity = identity;
     cc.max_ctx = ctx;
     cc.default_max_tokens = o->default_max_tokens < ctx ? o->default_max_tokens : ctx;
     cc.default_kv_method = o->kv_method;
@@ -589,6 +592,9 @@ static ekv_status start(const serve_opts *o, server *s, ekv_error *err)
     char name[128];
     model_id(o, name, sizeof name);
     cc.model_name = name;
+    char identity[160]; /* workers serving another model are refused */
+    kvprefix_model_id(s->model, identity, sizeof identity);
+    cc.model_identity = identity;
     cc.max_ctx = ctx;
     cc.default_max_tokens = o->default_max_tokens < ctx ? o->default_max_tokens : ctx;
     cc.default_kv_method = o->kv_method;

@@ -53,6 +53,7 @@ const char *ekv_status_name(ekv_status code)
     case EKV_ERANGE: return "out of range";
     case EKV_EUNSUPPORTED: return "unsupported";
     case EKV_EBUSY: return "busy";
+    case EKV_EUNAVAILABLE: return "unavailable";
     }
     return "unknown";
 }

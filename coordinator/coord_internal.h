@@ -36,6 +36,7 @@ typedef struct affinity_slot {
 struct ekv_coordinator {
     const ekv_tokenizer *tok;
     char model_name[128];
+    char model_identity[160];    /* "" : remote groups' models are not checked */
     int32_t max_ctx;
     int32_t default_max_tokens;
     char default_kv_method[32];  /* "" is full */
@@ -46,13 +47,24 @@ struct ekv_coordinator {
     atomic_uint_fast64_t next_id;
     atomic_bool shutting_down;   /* readiness fails (coord_begin_shutdown) */
     pthread_mutex_t groups_mu;   /* group membership (before mu): add, retire, free, stats */
-    pthread_mutex_t mu;          /* groups' in_flight and the affinity table */
+    pthread_mutex_t mu;          /* groups' in_flight, the affinity table, rr */
+    unsigned rr;                 /* where route's scan starts: ties go round-robin */
     coord_group groups[COORD_MAX_GROUPS];
     int n_groups;                /* slots in use or freed, the high-water mark */
     struct coord_discovery *discovery;
     affinity_slot affinity[COORD_AFFINITY_SLOTS];
     const ekv_tls_client *worker_tls; /* remote.c's channels (coord_set_worker_tls) */
 };
+
+/* What coord_stream_on_done needs to submit a request again (stream.c). */
+typedef struct coord_retry {
+    int32_t *ids;
+    int32_t n;
+    engine_request er;           /* prompt ids, params (stops copied, grammar held), kv */
+    char **stops;                /* er.params.stops' copies, one allocation */
+    uint64_t tried;              /* bit g: group g failed this request */
+    int attempts;
+} coord_retry;
 
 /* One choice of a stream (n > 1: one per continuation), what its
  * callbacks get as ctx: its news not taken yet and its done record. */
@@ -86,6 +98,9 @@ struct coord_stream {
     uint64_t engine_id;
     bool submitted;              /* engine_id is valid */
     bool cancel_sent;
+    bool cancel_wanted;          /* coord_stream_cancel ran (a retry must not resurrect it) */
+    bool produced;               /* anything reached the stream: no retry after that */
+    coord_retry *retry;          /* NULL: the request is not resubmitted (n > 1 never is) */
     int32_t n_prompt;
     const char *protocol;
     coord_choice *ch;            /* n_choices of them */
@@ -117,9 +132,17 @@ void coord_stream_on_tokens(void *ctx, const int32_t *ids, int32_t n, const char
 void coord_stream_on_done(void *ctx, gen_finish finish, const engine_usage *u, ekv_status rc,
                           const char *msg);
 void coord_stream_set_submitted(coord_stream *s, uint64_t engine_id);
+/* Keeps what a resubmission needs (a copy of ids and er's stops, a
+ * reference to its grammar); false when out of memory (no retries then). */
+bool coord_stream_keep_request(coord_stream *s, const int32_t *ids, int32_t n,
+                               const engine_request *er);
 
 /* coordinator.c */
 void coord_group_finished(ekv_coordinator *c, int group);
+/* Picks a healthy group outside the exclude bits and counts the request's
+ * n_seqs sequences in flight there; -1 when there is none. */
+int coord_route(ekv_coordinator *c, const int32_t *ids, int32_t n, int32_t n_seqs,
+                uint64_t exclude);
 /* coord_add_group that also says which slot (for coord_retire_group) and
  * whether the group starts healthy. */
 ekv_status coord_add_group_slot(ekv_coordinator *c, const char *name, const coord_group_ops *ops,

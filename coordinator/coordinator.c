@@ -48,6 +48,8 @@ ekv_coordinator *coord_create(const ekv_tokenizer *tok, const coord_config *cfg,
     c->tok = tok;
     snprintf(c->model_name, sizeof c->model_name, "%s",
              cfg->model_name && *cfg->model_name ? cfg->model_name : "model");
+    snprintf(c->model_identity, sizeof c->model_identity, "%s",
+             cfg->model_identity ? cfg->model_identity : "");
     c->max_ctx = cfg->max_ctx;
     c->default_max_tokens = cfg->default_max_tokens;
     snprintf(c->default_kv_method, sizeof c->default_kv_method, "%s", kv_method);
@@ -216,6 +218,11 @@ ekv_status coord_add_engine(ekv_coordinator *c, const char *name, ekv_engine *e,
 const char *coord_model_name(const ekv_coordinator *c)
 {
     return c->model_name;
+}
+
+const char *coord_model_identity(const ekv_coordinator *c)
+{
+    return c->model_identity;
 }
 
 int32_t coord_max_ctx(const ekv_coordinator *c)
@@ -550,16 +557,24 @@ static bool routable(const coord_group *g)
     return g->state == GROUP_ACTIVE && atomic_load(&g->healthy);
 }
 
-/* Picks a healthy group for the prompt and counts the request's n_seqs
- * sequences (its choices) in flight there; -1 when no group is healthy. */
-static int route(ekv_coordinator *c, const int32_t *ids, int32_t n, int32_t n_seqs)
+/* Picks a healthy group outside the exclude bits for the prompt and
+ * counts the request's n_seqs sequences (its choices) in flight there; -1
+ * when there is none. */
+int coord_route(ekv_coordinator *c, const int32_t *ids, int32_t n, int32_t n_seqs,
+                uint64_t exclude)
 {
     pthread_mutex_lock(&c->mu);
     int best = -1;
-    for (int i = 0; i < c->n_groups; i++)
-        if (routable(&c->groups[i]) &&
+    /* the scan starts one group later each time, so equally loaded groups
+     * take turns instead of the lowest index taking every tie */
+    const int ng = c->n_groups;
+    const unsigned start = ng > 0 ? c->rr++ % (unsigned)ng : 0;
+    for (int k = 0; k < ng; k++) {
+        int i = (int)((start + (unsigned)k) % (unsigned)ng);
+        if (routable(&c->groups[i]) && !(exclude >> i & 1) &&
             (best < 0 || c->groups[i].in_flight < c->groups[best].in_flight))
             best = i;
+    }
     if (best < 0) {
         pthread_mutex_unlock(&c->mu);
         return -1;
@@ -569,6 +584,7 @@ static int route(ekv_coordinator *c, const int32_t *ids, int32_t n, int32_t n_se
         affinity_slot *slot = &c->affinity[h % COORD_AFFINITY_SLOTS];
         int g = slot->group;
         if (slot->hash == h && g >= 0 && g < c->n_groups && routable(&c->groups[g]) &&
+            !(exclude >> g & 1) &&
             c->groups[g].in_flight <= c->groups[best].in_flight + COORD_AFFINITY_SLACK)
             best = g;
         slot->hash = h;
@@ -605,7 +621,7 @@ static ekv_status submit_to_group(ekv_coordinator *c, const coord_request *r,
                                   coord_stream **out, ekv_error *err)
 {
     const int32_t n_choices = r->n > 1 ? r->n : 1;
-    int g = route(c, ids, n, n_choices);
+    int g = coord_route(c, ids, n, n_choices, 0);
     if (g < 0)
         return ekv_error_set(err, EKV_EBUSY, "no healthy worker group");
     coord_stream *s = coord_stream_new(c, g, n, n_choices, r->protocol);
@@ -626,6 +642,10 @@ static ekv_status submit_to_group(ekv_coordinator *c, const coord_request *r,
         .n = n_choices,
         .choice_ctx = n_choices > 1 ? s->ctxs : NULL,
     };
+    /* kept for a resubmission should the group fail before any output;
+     * without memory for it the request just is not retried */
+    if (er.n <= 1)
+        (void)coord_stream_keep_request(s, ids, n, &er);
     uint64_t engine_id = 0;
     ekv_status rc = c->groups[g].ops->submit(c->groups[g].impl, &er, &engine_id, err);
     if (rc) {

@@ -135,6 +135,7 @@ static grpc_status_code status_of(ekv_coordinator *coord, ekv_status rc)
     switch (rc) {
     case EKV_OK: return GRPC_STATUS_OK;
     case EKV_EINVAL: return GRPC_STATUS_INVALID_ARGUMENT;
+    case EKV_EUNAVAILABLE: return GRPC_STATUS_UNAVAILABLE; /* a worker group failed */
     case EKV_EBUSY:
         return coord_draining(coord) || !coord_ready(coord, NULL, 0)
                    ? GRPC_STATUS_UNAVAILABLE
@@ -242,6 +243,7 @@ void rpc_worker_stats_on_request(rpc_call *c, grpc_byte_buffer *b)
     resp.kv_blocks_shared = st.kv_blocks_shared;
     resp.kv_cow_copies = st.kv_cow_copies;
     resp.max_ctx = coord_max_ctx(c->srv->coord);
+    resp.model_identity = (char *)coord_model_identity(c->srv->coord);
     rpc_finish(c, GRPC_STATUS_OK, "", rpc_pack(&resp.base));
 }
 

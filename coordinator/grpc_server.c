@@ -516,7 +516,7 @@ static grpc_server *make_server(ekv_grpc *s, const ekv_grpc_opts *o, ekv_error *
 {
     const char *host = o->host;
     const int port = o->port;
-    grpc_arg args[2];
+    grpc_arg args[4];
     memset(args, 0, sizeof args);
     args[0].type = GRPC_ARG_INTEGER;
     args[0].key = (char *)GRPC_ARG_ALLOW_REUSEPORT; /* a port in use is an error, not shared */
@@ -524,7 +524,14 @@ static grpc_server *make_server(ekv_grpc *s, const ekv_grpc_opts *o, ekv_error *
     args[1].type = GRPC_ARG_INTEGER;
     args[1].key = (char *)GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH;
     args[1].value.integer = MAX_MESSAGE_BYTES;
-    grpc_channel_args ch = {.num_args = 2, .args = args};
+    /* a coordinator's keepalive pings (every 2 s, remote.c) are welcome,
+     * not a reason for GOAWAY "too_many_pings" */
+    args[2].type = args[3].type = GRPC_ARG_INTEGER;
+    args[2].key = (char *)GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS;
+    args[2].value.integer = 1000;
+    args[3].key = (char *)GRPC_ARG_HTTP2_MAX_PING_STRIKES;
+    args[3].value.integer = 0;
+    grpc_channel_args ch = {.num_args = 4, .args = args};
     grpc_server *srv = grpc_server_create(&ch, NULL);
     grpc_server_register_completion_queue(srv, s->cq, NULL);
     char addr[300];

@@ -129,6 +129,7 @@ static unsigned http_code_of(ekv_coordinator *c, ekv_status rc)
 {
     switch (rc) {
     case EKV_EINVAL: return 400;
+    case EKV_EUNAVAILABLE: return 503; /* a worker group failed */
     case EKV_EBUSY: return coord_draining(c) || !coord_ready(c, NULL, 0) ? 503 : 429;
     default: return 500;
     }

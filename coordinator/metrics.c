@@ -31,6 +31,7 @@ struct ekv_metrics {
     pthread_mutex_t mu;
     uint64_t requests[METRICS_N_STATUS];
     uint64_t prompt_tokens, generated_tokens;
+    uint64_t retries;            /* metrics_count_retry */
     histogram ttft, itl;
     metrics_kvstore kvstore;
 };
@@ -82,6 +83,15 @@ void metrics_count_request(ekv_metrics *m, metrics_status s)
         return;
     pthread_mutex_lock(&m->mu);
     m->requests[s]++;
+    pthread_mutex_unlock(&m->mu);
+}
+
+void metrics_count_retry(ekv_metrics *m)
+{
+    if (!m)
+        return;
+    pthread_mutex_lock(&m->mu);
+    m->retries++;
     pthread_mutex_unlock(&m->mu);
 }
 
@@ -194,6 +204,7 @@ static void snapshot(ekv_metrics *m, ekv_metrics *copy)
     memcpy(copy->requests, m->requests, sizeof m->requests);
     copy->prompt_tokens = m->prompt_tokens;
     copy->generated_tokens = m->generated_tokens;
+    copy->retries = m->retries;
     copy->ttft = m->ttft;
     copy->itl = m->itl;
     pthread_mutex_unlock(&m->mu);
@@ -219,6 +230,10 @@ char *metrics_render(ekv_metrics *m, const metrics_gauges *g, size_t *len)
                   "Prompt tokens of finished requests.", (int64_t)s->prompt_tokens);
     render_scalar(&o, "entrokv_generated_tokens_total", "counter",
                   "Tokens generated for finished requests.", (int64_t)s->generated_tokens);
+    render_scalar(&o, "entrokv_request_retries_total", "counter",
+                  "Requests resubmitted to another worker group after theirs failed before "
+                  "their first token.",
+                  (int64_t)s->retries);
     render_histogram(&o, &s->ttft);
     render_histogram(&o, &s->itl);
     render_scalar(&o, "entrokv_queue_depth", "gauge", "Requests waiting to be scheduled.",

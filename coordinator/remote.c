@@ -18,7 +18,16 @@
  * (routed to) from the first Stats that answers within STATS_DEADLINE_S
  * with a context of at least the coordinator's, until STATS_FAILURES fail
  * in a row. A worker that is not up yet is not an error:
- * the group stays unhealthy until it answers.
+ * the group stays unhealthy until it answers. A worker whose Stats name
+ * another model than the coordinator's (model_identity) is refused: never
+ * routed to, with one log line, until it answers with the right model.
+ *
+ * A worker that dies (kill -9) resets its connection; one that stops
+ * answering (SIGSTOP, a network partition) misses the channel's keepalive
+ * pings (KEEPALIVE_MS, then KEEPALIVE_TIMEOUT_MS): either way gRPC fails
+ * the running calls with UNAVAILABLE, which becomes EKV_EUNAVAILABLE, and
+ * the coordinator resubmits a request that produced nothing yet
+ * (stream.c). No Generate call can hang on a silent worker.
  */
 #include <math.h>
 #include <stdio.h>
@@ -37,6 +46,8 @@
 
 #define STATS_DEADLINE_S 2.0
 #define STATS_PERIOD_S 1.0
+#define KEEPALIVE_MS 2000         /* a ping after this long without a frame from the worker */
+#define KEEPALIVE_TIMEOUT_MS 3000 /* unanswered this long: the connection and its calls fail */
 #define STATS_FAILURES 3 /* in a row before a healthy group is unhealthy (a busy
                           * machine may miss one deadline; a dead worker fails
                           * fast, so this is about 3 s) */
@@ -85,8 +96,10 @@ struct remote_group {
     bool stats_ok;
     ekv_coordinator *coord;
     int32_t need_ctx;            /* the coordinator's context */
+    char identity[160];          /* the model the worker's last Stats named */
     int health;                  /* -1 unknown, 0 unhealthy, 1 healthy (client thread) */
     int failures;                /* Stats failed in a row */
+    bool refused_logged;         /* another model: said once, not every second */
     bool thread_started;
     atomic_bool stop;
     /* the one Stats call in flight (client thread only) */
@@ -141,6 +154,18 @@ static void set_health(remote_group *g)
         snprintf(why, sizeof why, "its context is %d tokens, less than the coordinator's %d",
                  g->max_ctx, g->need_ctx);
     }
+    const char *want = coord_model_identity(g->coord);
+    bool refused = g->stats_ok && *want && strcmp(g->identity, want);
+    if (refused && !g->refused_logged)
+        coord_log("coordinator: worker %s refused: it serves model %s, this coordinator %s",
+                  g->target, *g->identity ? g->identity : "(none)", want);
+    g->refused_logged = refused;
+    if (refused) {
+        g->failures = 0;
+        g->health = 0;
+        coord_set_group_healthy(g->coord, g, false);
+        return;
+    }
     g->failures = g->stats_ok ? 0 : g->failures + 1;
     int h = why[0] ? 0 : 1;
     if (h == 0 && g->health == 1 && !g->stats_ok && g->failures < STATS_FAILURES)
@@ -153,6 +178,16 @@ static void set_health(remote_group *g)
     }
     g->health = h;
     coord_set_group_healthy(g->coord, g, h == 1);
+    /* Calls still waiting on a worker that stopped answering would wait
+     * for the reconnect (up to gRPC's 20 s connect timeout): fail them now,
+     * so the router moves those that produced nothing to another group. */
+    if (h == 0 && !g->stats_ok) {
+        pthread_mutex_lock(&g->mu);
+        for (rcall *c = g->calls; c; c = c->next)
+            grpc_call_cancel_with_status(c->call, GRPC_STATUS_UNAVAILABLE,
+                                         "the worker stopped answering its health checks", NULL);
+        pthread_mutex_unlock(&g->mu);
+    }
 }
 
 static void stats_start(remote_group *g, double timeout_s)
@@ -204,6 +239,7 @@ static void stats_done(remote_group *g)
                                   .kv_blocks_shared = r->kv_blocks_shared,
                                   .kv_cow_copies = r->kv_cow_copies};
         g->max_ctx = r->max_ctx;
+        snprintf(g->identity, sizeof g->identity, "%s", r->model_identity);
     }
     pthread_mutex_unlock(&g->mu);
     if (r)
@@ -309,8 +345,10 @@ static ekv_status status_to_ekv(grpc_status_code s)
     case GRPC_STATUS_OK:
     case GRPC_STATUS_CANCELLED: return EKV_OK;
     case GRPC_STATUS_INVALID_ARGUMENT: return EKV_EINVAL;
-    case GRPC_STATUS_RESOURCE_EXHAUSTED:
-    case GRPC_STATUS_UNAVAILABLE: return EKV_EBUSY;
+    case GRPC_STATUS_RESOURCE_EXHAUSTED: return EKV_EBUSY; /* its queue is full */
+    /* the worker died, stopped answering (keepalive) or is draining */
+    case GRPC_STATUS_UNAVAILABLE:
+    case GRPC_STATUS_DEADLINE_EXCEEDED: return EKV_EUNAVAILABLE;
     default: return EKV_EIO;
     }
 }
@@ -598,20 +636,31 @@ ekv_status coord_add_remote_slot(ekv_coordinator *c, const char *target, int *sl
     /* A worker that is down is retried every few seconds, not after gRPC's
      * default backoff of up to two minutes: it should be routed to soon
      * after it comes up. */
-    grpc_arg args[3];
+    grpc_arg args[7];
     memset(args, 0, sizeof args);
-    args[0].type = args[1].type = GRPC_ARG_INTEGER;
+    for (int i = 0; i < 6; i++)
+        args[i].type = GRPC_ARG_INTEGER;
     args[0].key = (char *)GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS;
     args[0].value.integer = 250;
     args[1].key = (char *)GRPC_ARG_MAX_RECONNECT_BACKOFF_MS;
     args[1].value.integer = 2000;
-    grpc_channel_args ch = {.num_args = 2, .args = args};
+    /* keepalive: a stopped worker fails its calls instead of hanging them
+     * (the worker's server accepts pings this often: grpc_server.c) */
+    args[2].key = (char *)GRPC_ARG_KEEPALIVE_TIME_MS;
+    args[2].value.integer = KEEPALIVE_MS;
+    args[3].key = (char *)GRPC_ARG_KEEPALIVE_TIMEOUT_MS;
+    args[3].value.integer = KEEPALIVE_TIMEOUT_MS;
+    args[4].key = (char *)GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS;
+    args[4].value.integer = 1;
+    args[5].key = (char *)GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA;
+    args[5].value.integer = 0; /* no cap: a long prefill sends no data for a while */
+    grpc_channel_args ch = {.num_args = 6, .args = args};
     const ekv_tls_client *tls = c->worker_tls;
     if (tls && tls->ca_pem && tls->server_name) { /* the name the workers' certificates carry */
-        args[2].type = GRPC_ARG_STRING;
-        args[2].key = (char *)GRPC_SSL_TARGET_NAME_OVERRIDE_ARG;
-        args[2].value.string = tls->server_name;
-        ch.num_args = 3;
+        args[6].type = GRPC_ARG_STRING;
+        args[6].key = (char *)GRPC_SSL_TARGET_NAME_OVERRIDE_ARG;
+        args[6].value.string = tls->server_name;
+        ch.num_args = 7;
     }
     grpc_channel_credentials *creds = channel_credentials(tls);
     g->channel = grpc_channel_create(target, creds, &ch);

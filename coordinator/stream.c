@@ -54,8 +54,51 @@ coord_stream *coord_stream_new(ekv_coordinator *c, int group, int32_t n_prompt,
     return s;
 }
 
+static void retry_free(coord_retry *r)
+{
+    if (!r)
+        return;
+    grammar_release(r->er.params.grammar);
+    free(r->ids);
+    free(r->stops);
+    free(r);
+}
+
+bool coord_stream_keep_request(coord_stream *s, const int32_t *ids, int32_t n,
+                               const engine_request *er)
+{
+    size_t bytes = er->params.n_stops * sizeof(char *);
+    for (size_t i = 0; i < er->params.n_stops; i++)
+        bytes += strlen(er->params.stops[i]) + 1;
+    coord_retry *r = calloc(1, sizeof *r);
+    if (r) {
+        r->ids = malloc((size_t)(n > 0 ? n : 1) * sizeof *ids);
+        r->stops = malloc(bytes ? bytes : 1);
+    }
+    if (!r || !r->ids || !r->stops) {
+        retry_free(r);
+        return false;
+    }
+    memcpy(r->ids, ids, (size_t)n * sizeof *ids);
+    r->n = n;
+    char *text = (char *)(r->stops + er->params.n_stops);
+    for (size_t i = 0; i < er->params.n_stops; i++) {
+        size_t len = strlen(er->params.stops[i]) + 1;
+        memcpy(text, er->params.stops[i], len);
+        r->stops[i] = text;
+        text += len;
+    }
+    r->er = *er;
+    r->er.prompt = r->ids;
+    r->er.params.stops = (const char *const *)r->stops;
+    grammar_retain(r->er.params.grammar);
+    s->retry = r;
+    return true;
+}
+
 static void stream_free(coord_stream *s)
 {
+    retry_free(s->retry);
     pthread_mutex_destroy(&s->mu);
     pthread_cond_destroy(&s->cv);
     for (int32_t i = 0; i < s->n_choices; i++) {
@@ -203,6 +246,7 @@ void coord_stream_on_logprobs(void *ctx, const ekv_logprob *lp, int32_t n, bool 
     if (n <= 0)
         return;
     pthread_mutex_lock(&s->mu);
+    s->produced = true;
     if (!s->lost && !(prompt ? append_lps(&ch->plps, &ch->n_plps, &ch->cap_plps, lp, n)
                              : append_lps(&ch->lps, &ch->n_lps, &ch->cap_lps, lp, n)))
         s->lost = true;
@@ -220,6 +264,7 @@ void coord_stream_on_tokens(void *ctx, const int32_t *ids, int32_t n, const char
     coord_choice *ch = ctx;
     coord_stream *s = ch->s;
     pthread_mutex_lock(&s->mu);
+    s->produced |= n > 0 || len > 0;
     observe_timing(ch, n);
     if (!s->lost && !append(ch, ids, n > 0 ? n : 0, text, len))
         s->lost = true;
@@ -234,11 +279,91 @@ static metrics_status done_status(gen_finish finish, ekv_status rc)
 {
     if (rc == EKV_EBUSY) /* a remote worker's queue was full */
         return METRICS_REJECTED;
+    if (rc == EKV_EUNAVAILABLE) /* a remote worker failed */
+        return METRICS_ERROR;
     if (rc == EKV_EINVAL)
         return METRICS_INVALID;
     if (rc != EKV_OK)
         return METRICS_ERROR;
     return finish == GEN_FINISH_CANCELLED ? METRICS_CANCELLED : METRICS_OK;
+}
+
+/* The failed group's request submitted to another healthy group, if it
+ * produced nothing yet (the client has seen nothing, so it cannot tell) and
+ * attempts remain; true when a group took it. On the failed group's
+ * thread, inside its on_done. */
+static bool resubmit(coord_stream *s, const char *why)
+{
+    ekv_coordinator *c = s->coord;
+    pthread_mutex_lock(&s->mu);
+    coord_retry *r = s->retry;
+    const int failed = s->group;
+    if (!r || s->produced || s->cancel_wanted || s->n_done > 0) {
+        pthread_mutex_unlock(&s->mu);
+        return false;
+    }
+    s->refs++; /* the new group's on_done may finish s before we are done with it */
+    r->tried |= 1ull << failed;
+    pthread_mutex_unlock(&s->mu);
+    /* r's ids and er are read-only from here; tried and attempts change
+     * under s->mu, as the new group may fail and retry on its own thread */
+    bool taken = false;
+    for (;;) {
+        pthread_mutex_lock(&s->mu);
+        const uint64_t tried = r->tried;
+        const bool more = !taken && r->attempts < COORD_MAX_RETRIES;
+        pthread_mutex_unlock(&s->mu);
+        int g = more ? coord_route(c, r->ids, r->n, 1, tried) : -1;
+        if (g < 0)
+            break;
+        pthread_mutex_lock(&s->mu);
+        const int attempt = ++r->attempts;
+        s->group = g;
+        s->submitted = false;
+        pthread_mutex_unlock(&s->mu);
+        metrics_count_retry(c->metrics);
+        coord_log("req-%llu retried on group %s (attempt %d): group %s failed before its "
+                  "first token: %s",
+                  (unsigned long long)s->id, c->groups[g].name, attempt,
+                  c->groups[failed].name, why ? why : "");
+        uint64_t engine_id = 0;
+        ekv_error err = {0};
+        if (c->groups[g].ops->submit(c->groups[g].impl, &r->er, &engine_id, &err) != EKV_OK) {
+            coord_log("req-%llu: group %s refused the retry: %s", (unsigned long long)s->id,
+                      c->groups[g].name, err.msg);
+            coord_group_finished(c, g);
+            pthread_mutex_lock(&s->mu);
+            r->tried |= 1ull << g;
+            s->group = failed; /* the failed group's on_done finishes s */
+            pthread_mutex_unlock(&s->mu);
+            continue;
+        }
+        taken = true;
+        pthread_mutex_lock(&s->mu);
+        /* unless the new group already failed and retried in turn */
+        bool cancel = false;
+        if (r->attempts == attempt && s->n_done == 0) {
+            s->engine_id = engine_id;
+            s->submitted = true;
+            cancel = s->cancel_wanted && !s->cancel_sent;
+            s->cancel_sent |= cancel;
+        }
+        pthread_mutex_unlock(&s->mu);
+        if (cancel) /* the client left while the request moved */
+            c->groups[g].ops->cancel(c->groups[g].impl, engine_id);
+    }
+    if (taken)
+        coord_group_finished(c, failed);
+    else
+        coord_log("req-%llu: group %s failed before its first token and no other healthy "
+                  "group took it",
+                  (unsigned long long)s->id, c->groups[failed].name);
+    pthread_mutex_lock(&s->mu);
+    bool last = --s->refs == 0;
+    pthread_mutex_unlock(&s->mu);
+    if (last)
+        stream_free(s);
+    return taken;
 }
 
 /* Once per choice. The request is counted in the metrics once, when its
@@ -249,6 +374,8 @@ void coord_stream_on_done(void *ctx, gen_finish finish, const engine_usage *u, e
     coord_choice *ch = ctx;
     coord_stream *s = ch->s;
     ekv_coordinator *c = s->coord;
+    if (rc == EKV_EUNAVAILABLE && resubmit(s, msg))
+        return;
     engine_usage usage = u ? *u : (engine_usage){0};
     pthread_mutex_lock(&s->mu);
     ch->done = true;
@@ -387,6 +514,7 @@ void coord_stream_set_notify(coord_stream *s, void (*fn)(void *ctx), void *ctx)
 void coord_stream_cancel(coord_stream *s)
 {
     pthread_mutex_lock(&s->mu);
+    s->cancel_wanted = true;
     bool send = s->submitted && s->n_done < s->n_choices && !s->cancel_sent;
     if (send)
         s->cancel_sent = true;

@@ -11,6 +11,13 @@
  * prefix affinity: the hash of a prompt's first 16-token block remembers the
  * group that last served it, and a request goes there unless that group is
  * busier than the least loaded one by more than COORD_AFFINITY_SLACK.
+ * Ties between equally loaded groups go round-robin, not to the lowest
+ * index. A request whose group fails with EKV_EUNAVAILABLE (a remote
+ * worker died, stalled or is draining) before it produced anything is
+ * submitted again to another healthy group, at most COORD_MAX_RETRIES
+ * times (entrokv_request_retries_total); after its first output the
+ * failure ends the stream with EKV_EUNAVAILABLE (gRPC UNAVAILABLE, HTTP
+ * 503 or an error event).
  *
  * Streams: coord_submit returns a coord_stream holding the caller's
  * reference and the group's (one per choice: a request of n choices gets
@@ -44,6 +51,7 @@
 #define COORD_AFFINITY_SLACK 4    /* in-flight requests an affine group may exceed the least loaded by */
 #define COORD_MAX_GROUPS 64
 #define COORD_MAX_N 16            /* choices (n, best_of) of one request */
+#define COORD_MAX_RETRIES 2       /* resubmissions of a request whose group failed before output */
 
 typedef struct ekv_coordinator ekv_coordinator;
 typedef struct coord_stream coord_stream;
@@ -66,6 +74,8 @@ typedef struct coord_config {
     double default_kv_budget;    /* kv_budget when a request gives none (1.0) */
     const kvc_profile *uncomp_profile; /* offline UNComp groups for kv_method "uncomp";
                                         * NULL: online entropy; must outlive the coordinator */
+    const char *model_identity;  /* kvprefix_model_id of the model (copied): remote groups
+                                  * whose Stats report another are refused; NULL: unchecked */
 } coord_config;
 
 /* A request as both protocols describe it. coord_request_init sets the
@@ -132,6 +142,8 @@ ekv_status coord_add_engine(ekv_coordinator *c, const char *name, ekv_engine *e,
 
 const char *coord_model_name(const ekv_coordinator *c);
 int32_t coord_max_ctx(const ekv_coordinator *c);
+/* cfg->model_identity, or "" when none was given. */
+const char *coord_model_identity(const ekv_coordinator *c);
 ekv_metrics *coord_metrics(ekv_coordinator *c);
 /* Sums the groups' engine_stats into gauges for /metrics. */
 void coord_gauges(ekv_coordinator *c, metrics_gauges *g);
@@ -141,8 +153,12 @@ void coord_stats(ekv_coordinator *c, engine_stats *sum);
 /* Adds a remote worker group at target ("host:port"), reached over the
  * internal entrokv.v1.Worker gRPC service (remote.c). It need not answer
  * yet: a Stats call once a second (2 s deadline) keeps it healthy while it
- * answers with a context of at least the coordinator's, and only healthy
- * groups are routed to. The coordinator owns it and stops it in coord_free. */
+ * answers with a context of at least the coordinator's and the
+ * coordinator's model identity (when it has one; another model is refused,
+ * with a log line), and only healthy groups are routed to. The channel
+ * sends keepalive pings, so a worker killed or stopped (SIGSTOP) fails its
+ * running calls with EKV_EUNAVAILABLE within seconds, never a hang. The
+ * coordinator owns it and stops it in coord_free. */
 ekv_status coord_add_remote(ekv_coordinator *c, const char *target, ekv_error *err);
 /* TLS for the remote groups added after this call (NULL or no ca_pem:
  * plaintext); tls must outlive the coordinator. */

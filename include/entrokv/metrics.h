@@ -64,6 +64,8 @@ void metrics_free(ekv_metrics *m);
 const char *metrics_status_name(metrics_status s);
 void metrics_count_request(ekv_metrics *m, metrics_status s);
 void metrics_add_tokens(ekv_metrics *m, int64_t prompt, int64_t generated);
+/* A request resubmitted to another worker group after its group failed. */
+void metrics_count_retry(ekv_metrics *m);
 void metrics_observe_ttft(ekv_metrics *m, double seconds);
 /* n gaps of seconds each (a callback that delivered n tokens at once after
  * a gap g observes n gaps of g / n). */

@@ -16,7 +16,8 @@ typedef enum ekv_status {
     EKV_ENOMEM,      /* allocation failed or pool exhausted */
     EKV_ERANGE,      /* value out of the supported range (e.g. context) */
     EKV_EUNSUPPORTED, /* valid but not supported by this build */
-    EKV_EBUSY         /* a bounded queue or pool is full; try again later */
+    EKV_EBUSY,        /* a bounded queue or pool is full; try again later */
+    EKV_EUNAVAILABLE  /* a peer (a remote worker group) failed or stopped answering */
 } ekv_status;
 
 typedef struct ekv_error {

@@ -107,7 +107,8 @@ static void test_routing_least_loaded_then_prefix_affinity(const ekv_tokenizer *
         CHECK(coord_submit(c, &r, &s[n++], NULL) == EKV_OK);
     }
     CHECK(g[0].n_submits == 2 && g[1].n_submits == 2 && g[2].n_submits == 2);
-    /* a long prompt goes to group 0 (ties: lowest), and its prefix stays there */
+    /* a long prompt goes to group 0 (ties: round-robin, and it is group 0's
+     * turn after six requests), and its prefix stays there */
     char buf[512];
     snprintf(buf, sizeof buf, "%sQuestion one?", long_prefix);
     coord_request r = prompt_request(c, buf);
@@ -358,6 +359,117 @@ static void test_gauges_sum_groups_and_kvstore_counters_render(const ekv_tokeniz
     metrics_free(m);
 }
 
+/* Which group of g[0..n) took one more request since before[]; -1: none. */
+static int took(const fake_group *g, int n, int *before)
+{
+    int k = -1;
+    for (int i = 0; i < n; i++) {
+        if (g[i].n_submits > before[i])
+            k = i;
+        before[i] = g[i].n_submits;
+    }
+    return k;
+}
+
+static void fail_unavailable(fake_group *g, int i)
+{
+    g->reqs[i].on_done(g->reqs[i].ctx, GEN_FINISH_CANCELLED, NULL, EKV_EUNAVAILABLE,
+                       "worker x: Socket closed");
+}
+
+static void test_ties_take_turns_and_failed_groups_are_retried(const ekv_tokenizer *tok)
+{
+    coord_config cfg;
+    coord_config_default(&cfg);
+    ekv_metrics *m = metrics_create();
+    ekv_coordinator *c = coord_create(tok, &cfg, m, NULL);
+    fake_group g[2] = {{.index = 0}, {.index = 1}};
+    for (int i = 0; i < 2; i++)
+        CHECK(coord_add_group(c, "fake", &fake_ops, &g[i], NULL) == EKV_OK);
+    int before[2] = {0, 0};
+    /* one at a time, each done before the next: every choice is a tie */
+    int per_group[2] = {0, 0};
+    for (int i = 0; i < 4; i++) {
+        coord_request r = prompt_request(c, "Hello");
+        coord_stream *s = NULL;
+        CHECK(coord_submit(c, &r, &s, NULL) == EKV_OK);
+        int k = took(g, 2, before);
+        CHECK(k >= 0);
+        if (k < 0)
+            return;
+        per_group[k]++;
+        fake_finish(&g[k], g[k].n_submits - 1, GEN_FINISH_LENGTH);
+        coord_stream_release(s);
+    }
+    CHECK(per_group[0] == 2 && per_group[1] == 2);
+
+    /* failed before any output: resubmitted to the other group, same prompt */
+    coord_request r = prompt_request(c, "Hello there");
+    coord_stream *s = NULL;
+    CHECK(coord_submit(c, &r, &s, NULL) == EKV_OK);
+    int a = took(g, 2, before), n_prompt = g[a].reqs[g[a].n_submits - 1].n_prompt;
+    fail_unavailable(&g[a], g[a].n_submits - 1);
+    int b = took(g, 2, before);
+    CHECK(b == 1 - a);
+    if (b != 1 - a)
+        return;
+    engine_request *rb = &g[b].reqs[g[b].n_submits - 1];
+    CHECK(rb->n_prompt == n_prompt && rb->params.max_tokens == 8);
+    coord_chunk ch;
+    CHECK(!coord_stream_take(s, &ch)); /* the client saw nothing of it */
+    coord_chunk_free(&ch);
+    int32_t ids[2] = {5, 6};
+    rb->on_tokens(rb->ctx, ids, 2, "ab", 2);
+    fake_finish(&g[b], g[b].n_submits - 1, GEN_FINISH_LENGTH);
+    CHECK(coord_stream_take(s, &ch) && ch.n_ids == 2 && ch.done && ch.rc == EKV_OK);
+    coord_chunk_free(&ch);
+    coord_stream_release(s);
+
+    /* failed after output: the stream ends UNAVAILABLE, nothing resubmitted */
+    r = prompt_request(c, "Hello again");
+    CHECK(coord_submit(c, &r, &s, NULL) == EKV_OK);
+    a = took(g, 2, before);
+    engine_request *ra = &g[a].reqs[g[a].n_submits - 1];
+    ra->on_tokens(ra->ctx, ids, 1, "a", 1);
+    fail_unavailable(&g[a], g[a].n_submits - 1);
+    CHECK(took(g, 2, before) == -1);
+    CHECK(coord_stream_take(s, &ch) && ch.n_ids == 1 && ch.done && ch.rc == EKV_EUNAVAILABLE &&
+          strstr(ch.msg, "Socket closed"));
+    coord_chunk_free(&ch);
+    coord_stream_release(s);
+
+    /* both groups fail it: after each was tried once, the error ends it */
+    r = prompt_request(c, "Hello once more");
+    CHECK(coord_submit(c, &r, &s, NULL) == EKV_OK);
+    a = took(g, 2, before);
+    fail_unavailable(&g[a], g[a].n_submits - 1);
+    b = took(g, 2, before);
+    CHECK(b == 1 - a);
+    if (b == 1 - a)
+        fail_unavailable(&g[b], g[b].n_submits - 1);
+    CHECK(took(g, 2, before) == -1);
+    CHECK(coord_stream_take(s, &ch) && ch.done && ch.rc == EKV_EUNAVAILABLE);
+    coord_chunk_free(&ch);
+    coord_stream_release(s);
+
+    /* a refusal (queue full) is not retried: it is the client's to see */
+    r = prompt_request(c, "Hello, busy");
+    CHECK(coord_submit(c, &r, &s, NULL) == EKV_OK);
+    a = took(g, 2, before);
+    g[a].reqs[g[a].n_submits - 1].on_done(g[a].reqs[g[a].n_submits - 1].ctx,
+                                          GEN_FINISH_CANCELLED, NULL, EKV_EBUSY, "full");
+    CHECK(took(g, 2, before) == -1);
+    CHECK(coord_stream_take(s, &ch) && ch.done && ch.rc == EKV_EBUSY);
+    coord_chunk_free(&ch);
+    coord_stream_release(s);
+
+    char *text = metrics_render(m, NULL, NULL);
+    CHECK(text && strstr(text, "entrokv_request_retries_total 2\n"));
+    free(text);
+    coord_free(c);
+    metrics_free(m);
+}
+
 static void test_utf8_validation(void)
 {
     CHECK(coord_utf8_valid("", 0));
@@ -387,6 +499,7 @@ int main(int argc, char **argv)
     test_stream_of_n_choices(tok);
     test_bad_requests_are_einval_with_a_message(tok);
     test_gauges_sum_groups_and_kvstore_counters_render(tok);
+    test_ties_take_turns_and_failed_groups_are_retried(tok);
     test_utf8_validation();
     model_free(model);
     printf("%s: %d failure(s)\n", failures ? "FAIL" : "ok", failures);
