@@ -69,7 +69,7 @@ static void usage_split(FILE *out, serve_mode mode)
                 "                        NAME (a headless Service), re-resolved while serving\n"
                 "  --dns-interval S      seconds between lookups of dns: entries (default 10)\n"
                 "  --host, --grpc-port, --http-port, --ctx, --default-max-tokens,\n"
-                "  --kv-method, --kv-budget, --model-name, --drain-grace,\n"
+                "  --kv-method, --kv-budget, --model-name, --max-prompt-bytes, --drain-grace,\n"
                 "  --drain-timeout, --config, --tls-cert, --tls-key, --api-key,\n"
                 "  --api-key-file, --http-max-connections, --http-max-per-client,\n"
                 "  --http-timeout\n"
@@ -109,6 +109,8 @@ static void usage(FILE *out)
             "  --kvstore-namespace-key-file F  the namespace's secret key: values are MACed\n"
             "                        and keyed with it (default: the auth token)\n"
             "  --model-name NAME     the model id clients see (default: the file name without .gguf)\n"
+            "  --max-prompt-bytes N  longer prompts (or chat messages' text) are refused before\n"
+            "                        tokenizing: 400 / INVALID_ARGUMENT (default 1048576)\n"
             "  --drain-grace S       after SIGTERM, seconds new requests are still accepted\n"
             "                        while /readyz already fails (default 5)\n"
             "  --drain-timeout S     seconds after SIGTERM until running streams are cancelled\n"
@@ -127,6 +129,7 @@ typedef struct serve_opts {
     char listen_host[128];
     int32_t grpc_port, http_port, threads, ctx, kv_tokens, max_running, max_queued, max_batch;
     int32_t default_max_tokens;
+    int32_t max_prompt_bytes;           /* 0: the coordinator's default */
     const char *kv_method;              /* request defaults (--kv-method / --kv-budget) */
     float kv_budget;
     int32_t kvstore_mb;                 /* host tier; 0: off */
@@ -172,6 +175,7 @@ static const struct {
     {"http-port", F_SERVE | F_COORD},              {"model-name", F_SERVE | F_COORD},
     {"listen", F_WORKER},                          {"workers", F_COORD},
     {"dns-interval", F_COORD},                     {"threads", F_SERVE | F_WORKER},
+    {"max-prompt-bytes", F_SERVE | F_COORD},
     {"kv-tokens", F_SERVE | F_WORKER},             {"max-running", F_SERVE | F_WORKER},
     {"max-queued", F_SERVE | F_WORKER},            {"max-batch", F_SERVE | F_WORKER},
     {"kvstore-mb", F_SERVE | F_WORKER},            {"kvstore-peers", F_SERVE | F_WORKER},
@@ -279,6 +283,8 @@ static int parse(int argc, char **argv, serve_mode mode, serve_opts *o)
             ok = cli_take_str(argc, argv, &i, &o->kvstore_ns);
         } else if (!strcmp(a, "--kvstore-namespace-key-file")) {
             ok = cli_take_str(argc, argv, &i, &o->kvstore_ns_key_file);
+        } else if (!strcmp(a, "--max-prompt-bytes")) {
+            ok = cli_take_int(argc, argv, &i, 1, 1 << 30, &o->max_prompt_bytes);
         } else if (!strcmp(a, "--default-max-tokens")) {
             ok = cli_take_int(argc, argv, &i, 1, 1 << 20, &o->default_max_tokens);
         } else if (!strcmp(a, "--kv-method")) {
@@ -416,6 +422,7 @@ static ekv_status start_coordinator(const serve_opts *o, server *s, int32_t ctx,
     char identity[160]; /* workers serving another model are refused */
     kvprefix_model_id(s->model, identity, sizeof identity);
     cc.model_identity = identity;
+    cc.max_prompt_bytes = (size_t)o->max_prompt_bytes;
     cc.max_ctx = ctx;
     cc.default_max_tokens = o->default_max_tokens < ctx ? o->default_max_tokens : ctx;
     cc.default_kv_method = o->kv_method;
@@ -595,6 +602,7 @@ static ekv_status start(const serve_opts *o, server *s, ekv_error *err)
     char identity[160]; /* workers serving another model are refused */
     kvprefix_model_id(s->model, identity, sizeof identity);
     cc.model_identity = identity;
+    cc.max_prompt_bytes = (size_t)o->max_prompt_bytes;
     cc.max_ctx = ctx;
     cc.default_max_tokens = o->default_max_tokens < ctx ? o->default_max_tokens : ctx;
     cc.default_kv_method = o->kv_method;

@@ -38,6 +38,7 @@ struct ekv_coordinator {
     char model_name[128];
     char model_identity[160];    /* "" : remote groups' models are not checked */
     int32_t max_ctx;
+    size_t max_prompt_bytes;
     int32_t default_max_tokens;
     char default_kv_method[32];  /* "" is full */
     double default_kv_budget;

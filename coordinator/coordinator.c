@@ -51,6 +51,7 @@ ekv_coordinator *coord_create(const ekv_tokenizer *tok, const coord_config *cfg,
     snprintf(c->model_identity, sizeof c->model_identity, "%s",
              cfg->model_identity ? cfg->model_identity : "");
     c->max_ctx = cfg->max_ctx;
+    c->max_prompt_bytes = cfg->max_prompt_bytes ? cfg->max_prompt_bytes : COORD_MAX_PROMPT_BYTES;
     c->default_max_tokens = cfg->default_max_tokens;
     snprintf(c->default_kv_method, sizeof c->default_kv_method, "%s", kv_method);
     c->default_kv_budget = cfg->default_kv_budget;
@@ -429,6 +430,18 @@ static ekv_status encode(ekv_coordinator *c, const coord_request *r, int32_t **i
     bool has_prompt = r->prompt && r->prompt_len > 0;
     if (has_prompt && r->n_messages > 0)
         return ekv_error_set(err, EKV_EINVAL, "set either prompt or messages, not both");
+    /* bytes before tokens: a prompt of megabytes is refused before it costs
+     * the tokenizer (or the chat template) anything */
+    size_t bytes = has_prompt ? r->prompt_len : 0;
+    for (size_t i = 0; i < r->n_messages; i++)
+        bytes += (r->messages[i].role ? strlen(r->messages[i].role) : 0) +
+                 (r->messages[i].content ? strlen(r->messages[i].content) : 0);
+    if (bytes > c->max_prompt_bytes)
+        return ekv_error_set(err, EKV_EINVAL,
+                             "the %s is %zu bytes, more than the limit of %zu bytes "
+                             "(--max-prompt-bytes)",
+                             r->n_messages > 0 ? "messages' text" : "prompt", bytes,
+                             c->max_prompt_bytes);
     if (r->n_messages > 0) {
         ekv_status rc = check_messages(r, err);
         if (rc)

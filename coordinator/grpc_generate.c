@@ -11,6 +11,11 @@
  * is in flight per call, as the C core requires. With n > 1 each message
  * is one choice's (its index); a choice's end is a message with its
  * finish_reason and usage, and the status follows the last choice's.
+ *
+ * Generate and Tokenize are prepared (chat template, tokenizer, checks,
+ * submit) on the preparation pool, not on the server thread (see
+ * grpc_internal.h); Worker.Generate, which carries token ids, is cheap and
+ * stays inline.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -157,23 +162,124 @@ static void grpc_wake(void *ctx)
     pthread_mutex_unlock(&c->mu);
 }
 
-/* Submits pr; on success the call streams from the request's coord_stream. */
-static void generate_submit(rpc_call *c, proto_request *pr, bool ok)
+/* Submits pr (any thread): the stream, or the status and message why not. */
+static ekv_status submit_request(ekv_coordinator *coord, proto_request *pr, bool ok,
+                                 coord_stream **stream, ekv_error *err)
 {
-    ekv_coordinator *coord = c->srv->coord;
-    ekv_error err = {0};
-    ekv_status rc = !ok        ? ekv_error_set(&err, EKV_ENOMEM, "out of memory")
-                    : *pr->bad ? ekv_error_set(&err, EKV_EINVAL, "%s", pr->bad)
-                               : coord_submit(coord, &pr->r, &c->stream, &err);
+    *stream = NULL;
+    ekv_status rc = !ok        ? ekv_error_set(err, EKV_ENOMEM, "out of memory")
+                    : *pr->bad ? ekv_error_set(err, EKV_EINVAL, "%s", pr->bad)
+                               : coord_submit(coord, &pr->r, stream, err);
     if (ok && *pr->bad)
         metrics_count_request(coord_metrics(coord), METRICS_INVALID);
     free(pr->msgs);
     free(pr->bias);
+    pr->msgs = NULL;
+    pr->bias = NULL;
+    return rc;
+}
+
+/* On the server thread: the call streams from s, or ends with rc. */
+static void start_streaming(rpc_call *c, ekv_status rc, const ekv_error *err, coord_stream *s)
+{
     if (rc) {
-        rpc_finish(c, status_of(coord, rc), err.msg, NULL);
+        rpc_finish(c, status_of(c->srv->coord, rc), err->msg, NULL);
         return;
     }
+    c->stream = s;
     coord_stream_set_notify(c->stream, grpc_wake, c);
+}
+
+/* Submits pr inline; on success the call streams from the request's stream. */
+static void generate_submit(rpc_call *c, proto_request *pr, bool ok)
+{
+    ekv_error err = {0};
+    coord_stream *s = NULL;
+    ekv_status rc = submit_request(c->srv->coord, pr, ok, &s, &err);
+    start_streaming(c, rc, &err, s);
+}
+
+/* ---- preparation off the server thread ---- */
+
+typedef struct prep_call {
+    prep_job job;
+    rpc_call *c;
+    ekv_coordinator *coord;
+    rpc_method method;
+    ProtobufCMessage *m;         /* the request message pr points into (freed by run) */
+    proto_request pr;            /* Generate */
+    bool ok;
+    ekv_status rc;               /* the result, */
+    ekv_error err;
+    coord_stream *stream;        /* Generate's, */
+    int32_t *ids;                /* Tokenize's */
+    size_t n_ids;
+} prep_call;
+
+/* Hands the result to the server thread: OP_PREPARED. */
+static void prep_post(prep_call *p)
+{
+    rpc_call *c = p->c;
+    pthread_mutex_lock(&c->mu);
+    c->prepared = &p->job;
+    /* an empty batch completes at once (as grpc_wake's); the call is alive:
+     * its pending count includes this preparation */
+    grpc_call_error e = grpc_call_start_batch(c->call, NULL, 0, &c->t_prep, NULL);
+    pthread_mutex_unlock(&c->mu);
+    if (e != GRPC_CALL_OK)
+        coord_log("grpc: cannot post a prepared request: %s", grpc_call_error_to_string(e));
+}
+
+static void tokenize_request(prep_call *p);
+
+static void prep_run(prep_job *j)
+{
+    prep_call *p = (prep_call *)j;
+    if (p->method == M_TOKENIZE)
+        tokenize_request(p);
+    else
+        p->rc = submit_request(p->coord, &p->pr, p->ok, &p->stream, &p->err);
+    protobuf_c_message_free_unpacked(p->m, NULL);
+    p->m = NULL;
+    prep_post(p);
+}
+
+/* The server thread's part: count the call pending and queue its work
+ * (inline when the pool could not start). */
+static void prepare(rpc_call *c, prep_call *p)
+{
+    p->job.run = prep_run;
+    p->c = c;
+    p->coord = c->srv->coord;
+    p->method = c->method;
+    c->pending++; /* OP_PREPARED counts it down */
+    if (c->srv->prep)
+        prep_pool_submit(c->srv->prep, &p->job);
+    else
+        prep_run(&p->job);
+}
+
+static grpc_byte_buffer *tokenize_response(const int32_t *ids, size_t n);
+
+void rpc_on_prepared(rpc_call *c)
+{
+    pthread_mutex_lock(&c->mu);
+    prep_call *p = (prep_call *)c->prepared;
+    c->prepared = NULL;
+    pthread_mutex_unlock(&c->mu);
+    if (!p)
+        return;
+    if (p->method == M_TOKENIZE) {
+        if (p->rc)
+            rpc_finish(c, status_of(p->coord, p->rc), p->err.msg, NULL);
+        else
+            rpc_finish(c, GRPC_STATUS_OK, "", tokenize_response(p->ids, p->n_ids));
+        free(p->ids);
+    } else {
+        /* a client gone meanwhile: the stream is released (cancelled) with the call */
+        start_streaming(c, p->rc, &p->err, p->stream);
+    }
+    free(p);
 }
 
 static void malformed(rpc_call *c, const char *msg)
@@ -190,9 +296,15 @@ void rpc_generate_on_request(rpc_call *c, grpc_byte_buffer *b)
         malformed(c, "malformed GenerateRequest");
         return;
     }
-    proto_request pr = {0};
-    generate_submit(c, &pr, request_from_proto(c->srv->coord, m, &pr));
-    protobuf_c_message_free_unpacked(&m->base, NULL);
+    prep_call *p = calloc(1, sizeof *p);
+    if (!p) {
+        protobuf_c_message_free_unpacked(&m->base, NULL);
+        rpc_finish(c, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory", NULL);
+        return;
+    }
+    p->m = &m->base;
+    p->ok = request_from_proto(c->srv->coord, m, &p->pr); /* pointers into m: cheap */
+    prepare(c, p);
 }
 
 /* Worker.Generate: token ids from the coordinator plus the parameters of
@@ -357,34 +469,42 @@ void rpc_generate_pump(rpc_call *c)
 
 /* ---- Tokenize ---- */
 
+/* On a preparation thread. */
+static void tokenize_request(prep_call *p)
+{
+    Entrokv__V1__TokenizeRequest *m = (Entrokv__V1__TokenizeRequest *)p->m;
+    proto_request pr = {0};
+    coord_request_init(p->coord, &pr.r);
+    pr.r.prompt = m->text;
+    pr.r.prompt_len = strlen(m->text);
+    p->rc = messages_from_proto(&pr, m->messages, m->n_messages)
+                ? coord_tokenize(p->coord, &pr.r, &p->ids, &p->n_ids, &p->err)
+                : ekv_error_set(&p->err, EKV_ENOMEM, "out of memory");
+    free(pr.msgs);
+}
+
+static grpc_byte_buffer *tokenize_response(const int32_t *ids, size_t n)
+{
+    Entrokv__V1__TokenizeResponse resp = ENTROKV__V1__TOKENIZE_RESPONSE__INIT;
+    resp.n_token_ids = n;
+    resp.token_ids = (int32_t *)ids;
+    return rpc_pack(&resp.base);
+}
+
 void rpc_tokenize_on_request(rpc_call *c, grpc_byte_buffer *b)
 {
-    ekv_coordinator *coord = c->srv->coord;
     Entrokv__V1__TokenizeRequest *m = (Entrokv__V1__TokenizeRequest *)rpc_unpack(
         &entrokv__v1__tokenize_request__descriptor, b);
     if (!m) {
         rpc_finish(c, GRPC_STATUS_INVALID_ARGUMENT, "malformed TokenizeRequest", NULL);
         return;
     }
-    proto_request pr = {0};
-    coord_request_init(coord, &pr.r);
-    pr.r.prompt = m->text;
-    pr.r.prompt_len = strlen(m->text);
-    ekv_error err = {0};
-    int32_t *ids = NULL;
-    size_t n = 0;
-    ekv_status rc = messages_from_proto(&pr, m->messages, m->n_messages)
-                        ? coord_tokenize(coord, &pr.r, &ids, &n, &err)
-                        : ekv_error_set(&err, EKV_ENOMEM, "out of memory");
-    free(pr.msgs);
-    protobuf_c_message_free_unpacked(&m->base, NULL);
-    if (rc) {
-        rpc_finish(c, status_of(coord, rc), err.msg, NULL);
+    prep_call *p = calloc(1, sizeof *p);
+    if (!p) {
+        protobuf_c_message_free_unpacked(&m->base, NULL);
+        rpc_finish(c, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory", NULL);
         return;
     }
-    Entrokv__V1__TokenizeResponse resp = ENTROKV__V1__TOKENIZE_RESPONSE__INIT;
-    resp.n_token_ids = n;
-    resp.token_ids = ids;
-    rpc_finish(c, GRPC_STATUS_OK, "", rpc_pack(&resp.base));
-    free(ids);
+    p->m = &m->base;
+    prepare(c, p);
 }

@@ -4,8 +4,16 @@
  * (Generation's Generate and Tokenize). Private to coordinator/.
  *
  * Every field of an rpc_call is owned by the server thread except `wakes`,
- * which the engine thread increments under `mu`. `mu` also serialises every
+ * which the engine thread increments under `mu`, and `prepared`, which a
+ * preparation thread sets under `mu`. `mu` also serialises every
  * grpc_call_start_batch on the call, as the C core requires.
+ *
+ * Preparation (tokenizing, chat rendering, the checks: prep_pool.c): a
+ * Generate or Tokenize request is handed to the pool with the call's
+ * `pending` counted up; the pool thread does the work, stores its result
+ * in `prepared` and starts an empty batch (tag t_prep), which completes as
+ * OP_PREPARED on the server thread: that counts `pending` down and
+ * answers or starts the stream.
  */
 #ifndef ENTROKV_GRPC_INTERNAL_H
 #define ENTROKV_GRPC_INTERNAL_H
@@ -25,6 +33,7 @@ typedef enum rpc_op {
     OP_SEND,     /* a streamed message was written */
     OP_STATUS,   /* the final batch (last message + status) completed */
     OP_WAKE,     /* empty batch from the notify hook: the stream has news */
+    OP_PREPARED, /* empty batch from a preparation thread: its result is in `prepared` */
     OP_SHUTDOWN, /* grpc_server_shutdown_and_notify completed */
 } rpc_op;
 
@@ -40,6 +49,16 @@ typedef enum rpc_method {
 
 typedef struct rpc_call rpc_call;
 
+/* A unit of work for the preparation pool: run on a pool thread. */
+typedef struct prep_job {
+    struct prep_job *next;
+    void (*run)(struct prep_job *j);
+} prep_job;
+
+#define PREP_MAX_THREADS 8
+#define PREP_THREADS 2            /* one huge prompt holds one; the other stays free */
+typedef struct prep_pool prep_pool;
+
 typedef struct rpc_tag {
     rpc_call *call;
     rpc_op op;
@@ -53,7 +72,8 @@ struct rpc_call {
     rpc_method method;
     pthread_mutex_t mu;
     int wakes;                 /* wake batches in the queue (under mu) */
-    rpc_tag t_accept, t_recv, t_close, t_send, t_status, t_wake;
+    rpc_tag t_accept, t_recv, t_close, t_send, t_status, t_wake, t_prep;
+    prep_job *prepared;        /* a finished preparation (under mu) */
     grpc_byte_buffer *recv_buf;
     grpc_byte_buffer *send_buf;
     grpc_byte_buffer *status_buf;
@@ -70,6 +90,7 @@ struct rpc_call {
 
 struct ekv_grpc {
     ekv_coordinator *coord;
+    prep_pool *prep;             /* NULL: requests are prepared inline */
     grpc_server *server;
     grpc_completion_queue *cq;
     pthread_t thread;
@@ -95,7 +116,15 @@ grpc_byte_buffer *rpc_pack(const ProtobufCMessage *m);
 /* Unpacks b with desc; NULL when malformed. Free with protobuf_c_message_free_unpacked. */
 ProtobufCMessage *rpc_unpack(const ProtobufCMessageDescriptor *desc, grpc_byte_buffer *b);
 
+/* prep_pool.c: n_threads (at most PREP_MAX_THREADS) started; NULL when
+ * none could be. prep_pool_free runs what is queued, then joins. */
+prep_pool *prep_pool_create(int n_threads);
+void prep_pool_submit(prep_pool *p, prep_job *j);
+void prep_pool_free(prep_pool *p);
+
 /* grpc_generate.c */
+/* OP_PREPARED: the call's finished preparation answered or started. */
+void rpc_on_prepared(rpc_call *c);
 void rpc_generate_on_request(rpc_call *c, grpc_byte_buffer *b);
 void rpc_generate_pump(rpc_call *c);
 void rpc_tokenize_on_request(rpc_call *c, grpc_byte_buffer *b);

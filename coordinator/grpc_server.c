@@ -114,8 +114,9 @@ static rpc_call *call_new(ekv_grpc *s)
     grpc_call_details_init(&c->details);
     grpc_metadata_array_init(&c->md);
     c->status_msg = grpc_empty_slice();
-    rpc_tag *tags[] = {&c->t_accept, &c->t_recv, &c->t_close, &c->t_send, &c->t_status, &c->t_wake};
-    rpc_op ops[] = {OP_ACCEPT, OP_RECV, OP_CLOSE, OP_SEND, OP_STATUS, OP_WAKE};
+    rpc_tag *tags[] = {&c->t_accept, &c->t_recv, &c->t_close, &c->t_send,
+                       &c->t_status, &c->t_wake, &c->t_prep};
+    rpc_op ops[] = {OP_ACCEPT, OP_RECV, OP_CLOSE, OP_SEND, OP_STATUS, OP_WAKE, OP_PREPARED};
     for (size_t i = 0; i < sizeof tags / sizeof *tags; i++)
         *tags[i] = (rpc_tag){c, ops[i]};
     return c;
@@ -419,6 +420,10 @@ static void on_event(ekv_grpc *s, rpc_tag *t, bool ok)
     case OP_STATUS:
         c->pending--;
         break;
+    case OP_PREPARED:
+        c->pending--;
+        rpc_on_prepared(c);
+        break;
     case OP_WAKE:
         pthread_mutex_lock(&c->mu);
         c->wakes--;
@@ -572,6 +577,7 @@ ekv_grpc *ekv_grpc_start_opts(ekv_coordinator *c, const ekv_grpc_opts *o, ekv_er
     s->services = o->services;
     if (o->api_key)
         s->api_key = *o->api_key;
+    s->prep = prep_pool_create(PREP_THREADS);
     s->t_shutdown = (rpc_tag){NULL, OP_SHUTDOWN};
     atomic_init(&s->drain_req, false);
     atomic_init(&s->cancel_req, false);
@@ -600,6 +606,7 @@ fail:
            GRPC_QUEUE_SHUTDOWN) {
     }
     grpc_completion_queue_destroy(s->cq);
+    prep_pool_free(s->prep);
     pthread_mutex_destroy(&s->done_mu);
     pthread_cond_destroy(&s->done_cv);
     free(s);
@@ -650,6 +657,7 @@ void ekv_grpc_free(ekv_grpc *s)
     if (!ekv_grpc_wait(s, 5.0))
         ekv_grpc_cancel_all(s);
     pthread_join(s->thread, NULL);
+    prep_pool_free(s->prep); /* idle: every call, its preparation included, is over */
     grpc_server_destroy(s->server);
     grpc_completion_queue_destroy(s->cq);
     pthread_mutex_destroy(&s->done_mu);

@@ -51,6 +51,7 @@
 #define COORD_AFFINITY_SLACK 4    /* in-flight requests an affine group may exceed the least loaded by */
 #define COORD_MAX_GROUPS 64
 #define COORD_MAX_N 16            /* choices (n, best_of) of one request */
+#define COORD_MAX_PROMPT_BYTES (1u << 20) /* coord_config.max_prompt_bytes' default */
 #define COORD_MAX_RETRIES 2       /* resubmissions of a request whose group failed before output */
 
 typedef struct ekv_coordinator ekv_coordinator;
@@ -74,6 +75,9 @@ typedef struct coord_config {
     double default_kv_budget;    /* kv_budget when a request gives none (1.0) */
     const kvc_profile *uncomp_profile; /* offline UNComp groups for kv_method "uncomp";
                                         * NULL: online entropy; must outlive the coordinator */
+    size_t max_prompt_bytes;     /* a prompt, or the messages' roles and contents together,
+                                  * longer than this is refused before tokenizing
+                                  * (EKV_EINVAL naming the limit); 0: COORD_MAX_PROMPT_BYTES */
     const char *model_identity;  /* kvprefix_model_id of the model (copied): remote groups
                                   * whose Stats report another are refused; NULL: unchecked */
 } coord_config;
