@@ -503,7 +503,7 @@ int cmd_bench(int argc, char **argv)
                 "       [--threads 2] [--n-decode 64] [--chunk 512] [--text FILE] [--reps 5]\n"
                 "       [--flash-attn both|on|off] [--bw-mib 1024] [--llama-bench PATH]\n"
                 "       [--no-reference] [--json]\n"
-                "       entrokv bench serve|kvstore|restore --help\n");
+                "       entrokv bench serve|kvstore|restore|soak --help\n");
         return argc < 2 ? CLI_USAGE : CLI_OK;
     }
     if (!strcmp(argv[1], "kvstore"))
@@ -512,6 +512,8 @@ int cmd_bench(int argc, char **argv)
         return bench_restore(argc - 1, argv + 1);
     if (!strcmp(argv[1], "serve"))
         return bench_serve(argc - 1, argv + 1);
+    if (!strcmp(argv[1], "soak"))
+        return bench_soak(argc - 1, argv + 1);
 #ifdef EKV_HAVE_CUDA
     if (!strcmp(argv[1], "cuda-attention")) {
         int bench_cuda(int argc, char **argv); /* bench/bench_cuda.c */
@@ -519,7 +521,7 @@ int cmd_bench(int argc, char **argv)
     }
 #endif
     if (strcmp(argv[1], "generate") != 0) {
-        cli_error("bench", "unknown benchmark '%s' (available: generate, kvstore, restore, serve)",
+        cli_error("bench", "unknown benchmark '%s' (available: generate, kvstore, restore, serve, soak)",
                   argv[1]);
         return CLI_USAGE;
     }
@@ -530,10 +532,9 @@ int cmd_bench(int argc, char **argv)
     return bench_generate(&o);
 }
 
-/* `entrokv bench serve`: bench/bench_serve.py drives this binary's server and
- * llama.cpp's llama-server with real HTTP clients (it needs only Python's
- * standard library). */
-int bench_serve(int argc, char **argv)
+/* Runs bench/<script> with the project's .venv Python (else python3),
+ * --entrokv this binary and argv[1..]; returns only when it cannot. */
+static int run_script(const char *script, int argc, char **argv)
 {
     static const char *pythons[] = {".venv/bin/python", EKV_SOURCE_DIR "/.venv/bin/python"};
     const char *python = "python3";
@@ -554,7 +555,7 @@ int bench_serve(int argc, char **argv)
         return CLI_FAIL;
     int k = 0;
     args[k++] = (char *)python;
-    args[k++] = EKV_SOURCE_DIR "/bench/bench_serve.py";
+    args[k++] = (char *)script;
     args[k++] = "--entrokv";
     args[k++] = self;
     for (int i = 1; i < argc; i++)
@@ -564,4 +565,20 @@ int bench_serve(int argc, char **argv)
     cli_error("bench", "cannot run %s: %s", args[0], strerror(errno));
     free(args);
     return CLI_FAIL;
+}
+
+/* `entrokv bench serve`: bench/bench_serve.py drives this binary's server and
+ * llama.cpp's llama-server with real HTTP clients (it needs only Python's
+ * standard library). */
+int bench_serve(int argc, char **argv)
+{
+    return run_script(EKV_SOURCE_DIR "/bench/bench_serve.py", argc, argv);
+}
+
+/* `entrokv bench soak --minutes N`: bench/bench_soak.py runs a coordinator
+ * and two workers of this binary under faults (issue 21); it needs grpcio
+ * and grpcio-tools (the project's .venv). */
+int bench_soak(int argc, char **argv)
+{
+    return run_script(EKV_SOURCE_DIR "/bench/bench_soak.py", argc, argv);
 }
