@@ -201,8 +201,8 @@ static void finish_batches(kvstore_client *c)
         c->n_active--;
         if (b->done)
             b->done(b, b->ops, b->n, b->arg);
-        bool auto_free = b->auto_free;
         pthread_mutex_lock(&c->mu);
+        bool auto_free = b->auto_free; /* under mu: kvstore_batch_abandon sets it */
         atomic_store(&b->finished, true);
         c->unfinished--;
         pthread_cond_broadcast(&c->done_cv);
@@ -463,6 +463,19 @@ void kvstore_batch_release(kvstore_batch *b)
         return;
     kvstore_batch_wait(b, -1);
     free(b);
+}
+
+void kvstore_batch_abandon(kvstore_batch *b)
+{
+    if (!b)
+        return;
+    kvstore_client *c = b->c;
+    pthread_mutex_lock(&c->mu);
+    bool done = atomic_load(&b->finished);
+    b->auto_free = !done; /* finish_batches frees it, or we do now */
+    pthread_mutex_unlock(&c->mu);
+    if (done)
+        free(b);
 }
 
 static kvstore_result one_op(kvstore_client *c, kvstore_op *op)

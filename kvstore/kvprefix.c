@@ -3,6 +3,7 @@
  */
 #include "entrokv/kvprefix.h"
 
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -165,21 +166,36 @@ struct kvprefix_job {
     void (*wake)(void *);
     void *wake_arg;
     _Atomic bool arrived; /* every get has its result */
+    atomic_int owners;    /* the engine's (until finish) and the store's (until done): 2 */
+    pthread_mutex_t mu;   /* a wake and a drop never overlap */
+    bool dropped;         /* under mu: nobody to wake */
 };
+
+static void job_free(kvprefix_job *j)
+{
+    pthread_mutex_destroy(&j->mu);
+    free(j->ops);
+    free(j->values);
+    free(j);
+}
+
+/* Drops one owner's hold on j; the last one frees it. */
+static void job_put(kvprefix_job *j)
+{
+    if (atomic_fetch_sub(&j->owners, 1) == 1)
+        job_free(j);
+}
 
 static void job_arrived(kvstore_batch *b, kvstore_op *ops, size_t n, void *arg)
 {
     kvprefix_job *j = arg;
     atomic_store(&j->arrived, true);
-    if (j->wake)
+    /* a job dropped before now has no engine to wake (it may be gone) */
+    pthread_mutex_lock(&j->mu);
+    if (j->wake && !j->dropped)
         j->wake(j->wake_arg);
-}
-
-static void job_free(kvprefix_job *j)
-{
-    free(j->ops);
-    free(j->values);
-    free(j);
+    pthread_mutex_unlock(&j->mu);
+    job_put(j);
 }
 
 /* Gets the block-rows of tokens' first n_blocks blocks that need[] marks
@@ -198,6 +214,8 @@ static kvprefix_job *job_start(kvprefix *p, const int32_t *tokens, int32_t n_blo
     kvstore_key *keys = malloc((size_t)n_blocks * sizeof *keys);
     if (j) {
         *j = (kvprefix_job){.p = p, .n_blocks = n_get, .wake = wake, .wake_arg = wake_arg};
+        atomic_init(&j->owners, 2);
+        pthread_mutex_init(&j->mu, NULL);
         j->ops = calloc((size_t)n_get, sizeof *j->ops);
         j->values = malloc((size_t)n_get * p->value_bytes);
     }
@@ -249,6 +267,16 @@ bool kvprefix_restore_ready(const kvprefix_job *j)
 int32_t kvprefix_restore_finish(kvprefix_job *j, kv_seq *seq)
 {
     kvprefix *p = j->p;
+    if (!seq) {
+        /* a drop (a cancel, say) never waits on the store: the engine goes
+         * on at once, and whichever of us is last frees the job */
+        pthread_mutex_lock(&j->mu); /* waits out a wake in progress, never the store */
+        j->dropped = true;
+        pthread_mutex_unlock(&j->mu);
+        kvstore_batch_abandon(j->batch);
+        job_put(j);
+        return 0;
+    }
     kvstore_batch_release(j->batch); /* waits if needed, bounded by the op timeout */
     int32_t got = 0;
     if (seq && kv_seq_max_len(seq) == 0) {
@@ -281,7 +309,7 @@ out:
     } else if (seq) {
         atomic_fetch_add(&p->misses, 1);
     }
-    job_free(j);
+    job_put(j); /* the store's done ran before the release returned: ours is the last */
     return got * p->bt;
 }
 
@@ -363,7 +391,7 @@ int64_t kvprefix_recall(kvprefix *p, kv_seq *seq, const int32_t *tokens, int32_t
     free(v);
     free(pos);
     if (job)
-        job_free(job);
+        job_put(job);
     free(need);
     free(slot);
     return recalled;

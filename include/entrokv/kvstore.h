@@ -336,6 +336,11 @@ bool kvstore_batch_done(const kvstore_batch *b);
 ekv_status kvstore_batch_wait(kvstore_batch *b, int timeout_ms);
 /* Waits for the batch if needed, then frees the handle. NULL is a no-op. */
 void kvstore_batch_release(kvstore_batch *b);
+/* Gives the handle back without waiting: freed now if the batch is done,
+ * else by the store once its done callback has run (that callback must
+ * then free what the ops point into). For a caller that must not block,
+ * such as the engine dropping a cancelled request's restore. */
+void kvstore_batch_abandon(kvstore_batch *b);
 
 /* Synchronous one-op helpers (submit + wait). */
 kvstore_result kvstore_client_put(kvstore_client *c, const kvstore_key *key, const void *val,
