@@ -14,6 +14,7 @@ our code.
 import json
 import os
 import re
+import select
 import socket
 import ssl
 import subprocess
@@ -345,24 +346,34 @@ def closed_by_server(s, wait):
         return False
 
 
+def closed_now(socks, wait):
+    """The sockets of socks the server has closed, waiting up to wait s."""
+    r, _, _ = select.select(socks, [], [], wait)
+    return {s for s in r if closed_by_server(s, 0.01)}
+
+
 def test_many_slow_clients_neither_starve_others_nor_stay(guarded):
     base = sorted(completion(guarded)[0] for _ in range(3))[1]
+    t0 = time.time()
     socks = [half_sent(i, guarded.http_port) for i in range(SLOW_CLIENTS)]
     try:
-        t0 = time.time()
         # served as usual while 200 half-sent requests are open
         during = sorted(completion(guarded)[0] for _ in range(3))[1]
         assert during < 3 * base + 1.0 * T, (base, during)
         # the per-client cap: past PER_CLIENT from one address are closed at once
-        capped = sum(closed_by_server(s, 0.05) for s in socks)
-        assert capped >= SLOW_CLIENTS - PER_CLIENT - 5, capped
+        time.sleep(0.2)
+        capped = closed_now(socks, 0)
+        held = [s for s in socks if s not in capped]
+        assert len(capped) >= SLOW_CLIENTS - PER_CLIENT - 5, len(capped)
+        if time.time() - t0 < TIMEOUT_S - 0.3:  # (a loaded machine may be past it)
+            assert len(held) >= PER_CLIENT - 5, len(held)
         # the rest once they have been idle for the timeout
-        left = time.time() - t0
-        closed = sum(closed_by_server(s, max(0.05, TIMEOUT_S + 3 * T - (time.time() - t0)))
-                     for s in socks)
+        end = t0 + TIMEOUT_S + 3 * T
+        while held and time.time() < end:
+            gone = closed_now(held, min(0.5, max(0.0, end - time.time())))
+            held = [s for s in held if s not in gone]
         took = time.time() - t0
-        assert closed == SLOW_CLIENTS, (closed, took, left)
-        assert took < TIMEOUT_S + 4 * T, took
+        assert not held, (len(held), took)
         # each refusal is logged by libmicrohttpd; the log is rate-limited
         refusals = guarded.stderr().count("connection limit")
         assert 0 < refusals <= 40, refusals
