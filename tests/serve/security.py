@@ -114,7 +114,8 @@ def oai(s, pki, key):
 
 def test_https_with_the_right_key_serves_whole_and_streamed(tls_server, pki):
     c = oai(tls_server, pki, KEY)
-    r = c.completions.create(model="m", prompt="The capital of France is", max_tokens=4)
+    r = c.completions.create(model="m", prompt="The capital of France is", max_tokens=4,
+                             extra_body={"ignore_eos": True})
     assert r.usage.completion_tokens == 4
     chunks = list(c.chat.completions.create(
         model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=3, stream=True))
@@ -284,7 +285,8 @@ def test_coordinator_reaches_a_worker_over_mutual_tls(pki, monkeypatch):
                                  + c.stderr()[-3000:] + w.stderr()[-3000:])
         client = lambda key: openai.OpenAI(base_url=c.http + "/v1", api_key=key, max_retries=0,
                                            timeout=60 * T)
-        r = client(KEY).completions.create(model="m", prompt="Hi", max_tokens=3)
+        r = client(KEY).completions.create(model="m", prompt="Hi", max_tokens=3,
+                                           extra_body={"ignore_eos": True})
         assert r.usage.completion_tokens == 3
         with pytest.raises(openai.AuthenticationError):
             client("x").completions.create(model="m", prompt="Hi", max_tokens=3)
