@@ -2,7 +2,8 @@
 """bench_soak.py - `entrokv bench soak`: a bounded fault soak of the split
 deployment (issue 21, part 7).
 
-Starts two `entrokv worker`s on fixed local ports and an `entrokv
+Starts an `entrokv kvstore` daemon (unless --no-kvstore), two `entrokv
+worker`s on fixed local ports storing their prefix KV in it, and an `entrokv
 coordinator` in front of them, computes each test prompt's greedy tokens
 alone (the references), then for --minutes runs --clients client threads
 mixing:
@@ -15,7 +16,8 @@ mixing:
 
 while a fault thread, one fault at a time and always leaving one worker
 untouched, kills a worker with SIGKILL and restarts it on the same port, or
-stops one with SIGSTOP for a few seconds.
+stops one with SIGSTOP for a few seconds, or does the same to the KV store
+daemon (three faults in ten).
 
 Every completed greedy request must equal its reference; every failure
 must be a clear status (gRPC UNAVAILABLE / RESOURCE_EXHAUSTED / the
@@ -45,10 +47,15 @@ import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
+# two share a prefix of several KV blocks, which the workers store in and
+# restore from the KV store daemon
+SHARED = ("A river begins as rain on high ground, gathers into streams, cuts a valley "
+          "through soft rock, slows across a plain and meets the sea at a delta. ")
 PROMPTS = [
     "The capital of France is", "Once upon a time", "def fib(n):",
     "The three primary colors are", "Water boils at", "List three fruits:",
     "The quick brown fox", "In 1492, Columbus",
+    SHARED + "Where does a river begin?", SHARED + "Where does a river end?",
 ]
 
 
@@ -85,19 +92,19 @@ class Proc:
 
     def start(self):
         self.log_mark = len(self.text()) if hasattr(self, "proc") else 0
-        self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=self.log)
+        self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=self.log)
 
     def text(self):
         with open(self.log.name, errors="replace") as f:
             return f.read()
 
-    def wait_listen(self, timeout=120):
+    def wait_listen(self, timeout=120, what="listening grpc="):
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited {self.proc.returncode}: "
                                    f"{self.text()[-2000:]}")
-            if "listening grpc=" in self.text()[self.log_mark:]:
+            if what in self.text()[self.log_mark:]:
                 return
             time.sleep(0.1)
         raise RuntimeError(f"{self.name} did not start")
@@ -150,9 +157,20 @@ class Soak:
         self.ports = [free_port() for _ in range(2)]
         common = ["--model", a.model, "--ctx", str(a.ctx), "--drain-grace", "0",
                   "--drain-timeout", "5"]
+        store = ["--kvstore-mb", "0"]
+        self.daemon = None
+        if not a.no_kvstore:  # the workers' prefix KV goes to one daemon
+            token = os.path.join(tempfile.mkdtemp(prefix="entrokv-soak-kv-"), "token")
+            with open(token, "w") as f:
+                f.write("soak-token\n")
+            kv_port = free_port()
+            self.daemon = Proc([a.entrokv, "kvstore", "--listen", f"127.0.0.1:{kv_port}",
+                                "--capacity-mb", "64", "--auth-token-file", token], "kvstore")
+            self.daemon.wait_listen(what="listening on")
+            store += ["--kvstore-peers", f"127.0.0.1:{kv_port}", "--kvstore-token-file", token]
         self.workers = [Proc([a.entrokv, "worker", *common, "--listen", f"127.0.0.1:{p}",
                               "--threads", str(a.worker_threads), "--max-running", "8",
-                              "--max-queued", "64", "--kvstore-mb", "0"], f"worker{i}")
+                              "--max-queued", "64", *store], f"worker{i}")
                         for i, p in enumerate(self.ports)]
         for w in self.workers:
             w.wait_listen()
@@ -340,6 +358,9 @@ class Soak:
             if time.time() + wait + 10 > self.stop_at:
                 return
             time.sleep(wait)
+            if self.daemon and rnd.random() < 0.3:
+                self.daemon_fault(rnd)
+                continue
             w = self.workers[rnd.randrange(2)]
             if rnd.random() < 0.5:
                 log(f"kill -9 {w.name}")
@@ -357,6 +378,33 @@ class Soak:
                 self.counts.add("faults_sigstop_worker")
                 time.sleep(s)
                 w.proc.send_signal(signal.SIGCONT)
+
+    def daemon_fault(self, rnd):
+        d = self.daemon
+        if rnd.random() < 0.5:
+            log("kill -9 kvstore")
+            d.proc.kill()
+            d.proc.wait()
+            self.counts.add("faults_kill9_kvstore")
+            time.sleep(rnd.uniform(1, 3))
+            for _ in range(10):  # its port may take a moment to be free again
+                d.start()
+                try:
+                    d.wait_listen(timeout=10, what="listening on")
+                    self.counts.add("kvstore_restarts")
+                    return
+                except RuntimeError:
+                    d.proc.kill()
+                    d.proc.wait()
+                    time.sleep(1)
+            self.counts.add("kvstore_restart_failed")  # restores are misses from here on
+        else:
+            s = rnd.uniform(3, 8)
+            log(f"SIGSTOP kvstore for {s:.1f} s")
+            d.proc.send_signal(signal.SIGSTOP)
+            self.counts.add("faults_sigstop_kvstore")
+            time.sleep(s)
+            d.proc.send_signal(signal.SIGCONT)
 
     # ---- idle state ----
 
@@ -431,8 +479,7 @@ class Soak:
         counts.update({
             "minutes": a.minutes, "wall_s": round(wall, 1), "clients": a.clients,
             "requests": sum(v for k, v in counts.items() if k.startswith("sent_")),
-            "faults_injected": counts.get("faults_kill9_worker", 0) +
-                               counts.get("faults_sigstop_worker", 0),
+            "faults_injected": sum(v for k, v in counts.items() if k.startswith("faults_")),
             "retries": int(g.get("entrokv_request_retries_total", 0)),
             "wrong_tokens": counts.get("wrong_tokens", 0),
             "unclear_failures": counts.get("unclear_failures", 0),
@@ -450,6 +497,10 @@ class Soak:
     def close(self):
         self.channel.close()
         codes = [self.coord.stop()] + [w.stop() for w in self.workers]
+        if self.daemon:
+            self.daemon.proc.send_signal(signal.SIGCONT)
+            self.daemon.proc.kill()
+            self.daemon.proc.wait()
         return codes
 
 
@@ -465,6 +516,8 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--max-prompt-bytes", type=int, default=65536)
     ap.add_argument("--worker-threads", type=int, default=1)
+    ap.add_argument("--no-kvstore", action="store_true",
+                    help="workers without a KV store daemon (no daemon faults)")
     ap.add_argument("--fault-every", type=float, default=12.0, help="mean seconds between faults")
     ap.add_argument("--request-timeout", type=float, default=120.0)
     ap.add_argument("--fd-slack", type=int, default=8)
