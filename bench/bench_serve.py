@@ -173,9 +173,11 @@ def find_llama_server(a):
 
 
 def llama_server_args(a, conc, port):
+    """conc None: the command line as the JSON shows it (C, ctx*C)."""
+    ctx = f"{a.ctx}*C" if conc is None else str(a.ctx * conc)
     return [a.llama_server, "-m", a.model, "--host", "127.0.0.1", "--port", str(port),
-            "-t", str(a.threads), "-tb", str(a.threads), "-np", str(conc), "-cb",
-            "-c", str(a.ctx * conc), "--cache-ram", "0"]
+            "-t", str(a.threads), "-tb", str(a.threads), "-np", "C" if conc is None else str(conc),
+            "-cb", "-c", ctx, "--cache-ram", "0"]
 
 
 def start_llamacpp(a, conc):
@@ -252,7 +254,7 @@ def main():
     if not a.no_reference:
         meta["llama_server"] = {"path": a.llama_server,
                                 "version": llama_server_version(a.llama_server),
-                                "args": " ".join(llama_server_args(a, "C", "PORT")[1:])}
+                                "args": " ".join(llama_server_args(a, None, "PORT")[1:])}
     print(json.dumps(meta), flush=True)
     rows = {}
     ok = True

@@ -56,9 +56,19 @@ jobs=$(nproc)
 echo "setup_llamacpp: building llama-bench and llama-server (llama.cpp $commit), $jobs jobs"
 # GIT_CEILING_DIRECTORIES: llama.cpp's build-info asks git for the commit, and
 # without the ceiling git would answer with entrokv's own repository.
-GIT_CEILING_DIRECTORIES="$src/vendor" cmake -S "$llama" -B "$root/build" "${flags[@]}" \
-    -DLLAMA_BUILD_COMMIT="$commit" >"$root/cmake.log"
-nice -n 10 cmake --build "$root/build" -j"$jobs" --target llama-bench llama-server >"$root/build.log"
+# Its compiler warnings go to the logs; on failure their tail is shown.
+if ! GIT_CEILING_DIRECTORIES="$src/vendor" cmake -S "$llama" -B "$root/build" "${flags[@]}" \
+    -DLLAMA_BUILD_COMMIT="$commit" >"$root/cmake.log" 2>&1; then
+    tail -n 30 "$root/cmake.log" >&2
+    echo "setup_llamacpp: configuring llama.cpp failed (log: $root/cmake.log)" >&2
+    exit 1
+fi
+if ! nice -n 10 cmake --build "$root/build" -j"$jobs" --target llama-bench llama-server \
+    >"$root/build.log" 2>&1; then
+    grep -E "error|Error" "$root/build.log" | tail -n 30 >&2
+    echo "setup_llamacpp: building llama.cpp failed (log: $root/build.log)" >&2
+    exit 1
+fi
 mkdir -p "$root/bin"
 cp "$root/build/bin/llama-bench" "$root/build/bin/llama-server" "$root/bin/"
 printf '{"llama_cpp_python": "%s", "llama_cpp_commit": "%s", "source": "%s", "flags": "%s", "compiler": "%s"}\n' \
