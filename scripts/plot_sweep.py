@@ -8,6 +8,7 @@ import csv
 import sys
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -42,8 +43,11 @@ ax2.set_xlabel("KV MiB per sequence (from the pool)")
 ax2.set_ylabel("accuracy")
 ax2.set_ylim(-0.05, 1.05)
 ax2.set_title("passkey retrieval")
+plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")  # 20, not 2x10^1
 for ax in (ax1, ax2):
     ax.grid(True, which="both", alpha=0.3)
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
 ax2.legend(fontsize="small", ncol=2 if len(methods) > 8 else 1)
 fig.tight_layout()
 fig.savefig(sys.argv[2], dpi=110)
