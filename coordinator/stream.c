@@ -519,9 +519,10 @@ void coord_stream_cancel(coord_stream *s)
     if (send)
         s->cancel_sent = true;
     uint64_t engine_id = s->engine_id;
+    const int group = s->group; /* under mu: a resubmission moves the request */
     pthread_mutex_unlock(&s->mu);
     if (send) {
-        coord_group *g = &s->coord->groups[s->group];
+        coord_group *g = &s->coord->groups[group];
         g->ops->cancel(g->impl, engine_id);
     }
 }
