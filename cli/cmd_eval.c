@@ -39,6 +39,8 @@ static void usage(FILE *out)
             "  --budgets b,...       fractions or tokens per head (default 0.05,0.1,0.2,0.5,1)\n"
             "  --kv-method M --kv-budget B   one policy instead of the lists\n"
             "  --kv-profile P        UNComp profile for 'uncomp' (default profiles/<model>.uncomp)\n"
+            "  --recall R            also run each evicting policy with recall R (+recallR: 16R\n"
+            "                        tokens per head of its budget recalled each step)\n"
             "  --threads N           threads (default: one per core)\n"
             "text defaults to %s (not used for calibration).\n",
             DEFAULT_TEXT);
