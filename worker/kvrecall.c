@@ -225,10 +225,11 @@ int32_t kv_recall_block(const kv_recall *rc, int32_t layer, int32_t head, int32_
 }
 
 /* Sixteen running sums, so the compiler vectorises the loop (a float
- * reduction in one sum it may not reorder), in one clone per ISA; every
- * term is the exact bound's. */
-__attribute__((target_clones("avx512f", "avx2", "default")))
-float kv_digest_bound(const float *kmin, const float *kmax, const float *q, int32_t d)
+ * reduction in one sum it may not reorder); every term is the exact
+ * bound's. Inlined into one wrapper per ISA (kernels.h's choice), so the
+ * same loop is compiled for AVX-512, AVX2 and the baseline. */
+static inline __attribute__((always_inline)) float bound16(const float *kmin, const float *kmax,
+                                                          const float *q, int32_t d)
 {
     float acc[16] = {0};
     int32_t c = 0;
@@ -245,6 +246,33 @@ float kv_digest_bound(const float *kmin, const float *kmax, const float *q, int3
     for (int j = 0; j < 16; j++)
         s += acc[j];
     return s;
+}
+
+#if defined(__x86_64__)
+__attribute__((target("avx512f"))) static float bound_avx512(const float *kmin,
+                                                             const float *kmax, const float *q,
+                                                             int32_t d)
+{
+    return bound16(kmin, kmax, q, d);
+}
+
+__attribute__((target("avx2"))) static float bound_avx2(const float *kmin, const float *kmax,
+                                                        const float *q, int32_t d)
+{
+    return bound16(kmin, kmax, q, d);
+}
+#endif
+
+float kv_digest_bound(const float *kmin, const float *kmax, const float *q, int32_t d)
+{
+#if defined(__x86_64__)
+    const kern_isa isa = kern_active_isa();
+    if (isa >= KERN_ISA_AVX512)
+        return bound_avx512(kmin, kmax, q, d);
+    if (isa >= KERN_ISA_AVX2)
+        return bound_avx2(kmin, kmax, q, d);
+#endif
+    return bound16(kmin, kmax, q, d);
 }
 
 size_t kv_recall_scratch_bytes(const kv_recall *rc, int32_t layer, int32_t head,
