@@ -566,9 +566,10 @@ ekv_status kv_seq_insert(kv_seq *seq, int32_t layer, int32_t head, const ekv_f16
     return EKV_OK;
 }
 
-/* Copies the tokens keep[] leaves out of h into the sequence's recall store. */
-static ekv_status recall_dropped(kv_seq *seq, const kv_head *h, int32_t layer, int32_t head,
-                                 const int32_t *keep, int32_t n_keep, ekv_error *err)
+/* The slots of h that keep[] (ascending) leaves out: what the recall store
+ * and the eviction hook are given. */
+static ekv_status dropped_slots(const kv_head *h, const int32_t *keep, int32_t n_keep,
+                                int32_t **out, int32_t *n_out, ekv_error *err)
 {
     int32_t *dropped = malloc((size_t)(h->n_tokens - n_keep) * sizeof *dropped);
     if (!dropped)
@@ -580,11 +581,9 @@ static ekv_status recall_dropped(kv_seq *seq, const kv_head *h, int32_t layer, i
         else
             dropped[n_dropped++] = t;
     }
-    kern_kv_view view;
-    blocks_view(seq, h, &view);
-    ekv_status rc = kv_recall_add(seq->recall, layer, head, &view, dropped, n_dropped, err);
-    free(dropped);
-    return rc;
+    *out = dropped;
+    *n_out = n_dropped;
+    return EKV_OK;
 }
 
 ekv_status kv_seq_recall_enable(kv_seq *seq, int32_t r, ekv_error *err)
@@ -646,26 +645,21 @@ ekv_status kv_seq_keep(kv_seq *seq, int32_t layer, int32_t head, const int32_t *
     if (cow > pool->n_free)
         return ekv_error_set(err, EKV_ENOMEM, "kv keep: copy-on-write needs %lld blocks, %lld free",
                              (long long)cow, (long long)pool->n_free);
-    if (seq->recall && n_keep < h->n_tokens) { /* first: it may fail, nothing changed yet */
-        ekv_status rc = recall_dropped(seq, h, layer, head, keep, n_keep, err);
+    if ((seq->recall || pool->evict) && n_keep < h->n_tokens) {
+        /* before anything moves: the recall copy may fail, nothing changed yet */
+        int32_t *dropped = NULL, n_dropped = 0;
+        ekv_status rc = dropped_slots(h, keep, n_keep, &dropped, &n_dropped, err);
         if (rc)
             return rc;
-    }
-    if (pool->evict && n_keep < h->n_tokens) {
-        int32_t *dropped = malloc((size_t)(h->n_tokens - n_keep) * sizeof *dropped);
-        if (!dropped)
-            return ekv_error_set(err, EKV_ENOMEM, "kv keep: out of memory");
-        int32_t n_dropped = 0;
-        for (int32_t t = 0, i = 0; t < h->n_tokens; t++) {
-            if (i < n_keep && keep[i] == t)
-                i++;
-            else
-                dropped[n_dropped++] = t;
-        }
         kern_kv_view view;
         blocks_view(seq, h, &view);
-        pool->evict(pool->evict_ctx, seq, layer, head, &view, dropped, n_dropped);
+        if (seq->recall)
+            rc = kv_recall_add(seq->recall, layer, head, &view, dropped, n_dropped, err);
+        if (!rc && pool->evict)
+            pool->evict(pool->evict_ctx, seq, layer, head, &view, dropped, n_dropped);
         free(dropped);
+        if (rc)
+            return rc;
     }
     for (int32_t b = first_move / bt; b < blocks_kept; b++)
         block_own(pool, h, b);
