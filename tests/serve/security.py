@@ -305,7 +305,7 @@ TIMEOUT_S = 2
 
 @pytest.fixture(scope="module")
 def guarded():
-    s = Server("--ctx", "512", "--max-running", "1", "--kvstore-mb", "0", "--http-timeout",
+    s = Server("--ctx", "1024", "--max-running", "1", "--kvstore-mb", "0", "--http-timeout",
                str(TIMEOUT_S), "--http-max-per-client", str(PER_CLIENT))
     yield s
     rc = s.stop()
@@ -407,9 +407,13 @@ def test_long_waits_for_the_engine_are_not_idleness(guarded):
     """One sequence at a time: a stream queued behind a long request waits
     longer than the idle timeout for its first token, and still gets every
     token; so does the long whole request itself."""
+    # Size the long request from this machine's decode speed so that it runs
+    # well past the timeout (a fixed token count was too short on a fast runner).
+    probe_s, _ = completion(guarded, max_tokens=64, ignore_eos=True)
+    long_tokens = max(200, min(1000, int(64 / probe_s * (TIMEOUT_S + 3))))
     res = {}
     t = threading.Thread(target=lambda: res.setdefault(
-        "whole", completion(guarded, max_tokens=200, ignore_eos=True)))
+        "whole", completion(guarded, max_tokens=long_tokens, ignore_eos=True)))
     t.start()
     time.sleep(0.3)
     body = json.dumps({"prompt": "Hi", "max_tokens": 3, "stream": True}).encode()
@@ -422,5 +426,5 @@ def test_long_waits_for_the_engine_are_not_idleness(guarded):
     t.join()
     took, out = res["whole"]
     assert took > TIMEOUT_S, f"the long request took {took:.1f} s: no wait to prove anything"
-    assert json.loads(out)["usage"]["completion_tokens"] == 200
+    assert json.loads(out)["usage"]["completion_tokens"] == long_tokens
     assert waited > TIMEOUT_S and text.rstrip().endswith("data: [DONE]"), (waited, text)
