@@ -149,7 +149,7 @@ ekv_status ekv_cuda_prefill_attention(ekv_cuda *ctx, const float *Q, int n_q, in
 /* ---- the device KV block pool (kernels/cuda/kvpool.cu) ---- */
 
 /*
- * Blocks laid out exactly as worker/kvcache.c's: block_tokens x head_dim fp16
+ * Blocks laid out exactly as kv/kvcache.c's: block_tokens x head_dim fp16
  * K transposed ([head_dim][block_tokens]), then V rows ([block_tokens]
  * [head_dim]), then block_tokens int32 positions, each block rounded up to 64
  * bytes. Ids are handed out by a host-side free stack (0, 1, 2, ... first).

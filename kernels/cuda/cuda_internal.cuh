@@ -39,7 +39,7 @@ struct ekv_cuda_kv_pool {
     int64_t n_free;
 };
 
-/* Block geometry inside the pool (the same as worker/kvcache.c). */
+/* Block geometry inside the pool (the same as kv/kvcache.c). */
 static inline size_t kv_k_offset(void) { return 0; }
 static inline size_t kv_v_offset(int bt, int d) { return (size_t)bt * d * sizeof(__half); }
 static inline size_t kv_pos_offset(int bt, int d) { return 2 * (size_t)bt * d * sizeof(__half); }

@@ -1,12 +1,12 @@
 /*
- * kvpool.cu - the device KV block pool: worker/kvcache.c's block layout in
+ * kvpool.cu - the device KV block pool: kv/kvcache.c's block layout in
  * GPU memory, a host-side free stack of block ids, uploads from host views,
  * gather / scatter of whole blocks to contiguous (pinned host) buffers for
  * the KV store tier, and out-of-place compaction after selection.
  *
  * Block = K [head_dim][bt] fp16 (transposed), V [bt][head_dim] fp16, pos [bt]
  * int32, rounded up to 64 bytes: a block copied to the host byte for byte is
- * a worker/kvcache.c block.
+ * a kv/kvcache.c block.
  */
 #include "cuda_internal.cuh"
 

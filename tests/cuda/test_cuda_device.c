@@ -59,7 +59,7 @@ static void test_pool_ids(void)
     CHECK_OK(ekv_cuda_kv_pool_create(g_ctx, 16, 128, 10, &p, &g_err));
     if (!p)
         return;
-    CHECK_EQ_INT(ekv_cuda_kv_block_bytes(p), 8256); /* as worker/kvcache.c */
+    CHECK_EQ_INT(ekv_cuda_kv_block_bytes(p), 8256); /* as kv/kvcache.c */
     int32_t ids[11];
     CHECK_OK(ekv_cuda_kv_alloc(p, 3, ids, &g_err));
     CHECK(ids[0] == 0 && ids[1] == 1 && ids[2] == 2);
