@@ -130,7 +130,7 @@ const ekv_model *model_runtime_model(const ekv_runtime *rt) { return rt->m; }
 static ekv_status matmul(ekv_runtime *rt, const ekv_weight *w, const float *x, int32_t n_rows,
                          float *y, ekv_error *err)
 {
-    return kern_matmul(rt->pool, w->data, w->type, w->n_rows, w->n_cols, x, n_rows, y, w->n_rows,
+    return kern_matmul(rt->pool, w->data, w->type, w->n_rows, w->n_cols, w->stride, x, n_rows, y, w->n_rows,
                        rt->mm_scratch, err);
 }
 

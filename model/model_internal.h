@@ -12,6 +12,10 @@ typedef struct ekv_weight {
     uint32_t type;
     int64_t n_rows; /* output dimension */
     int64_t n_cols; /* input dimension (contiguous) */
+    /* bytes from one row to the next; 0: dense rows. A tensor-parallel
+     * rank's slice of a row-split matrix (some input columns of every row)
+     * keeps the full matrix's stride (kernels.h kern_matmul). */
+    size_t stride;
 } ekv_weight;
 
 typedef struct ekv_layer {

@@ -41,13 +41,18 @@ size_t kern_matmul_scratch_bytes(uint32_t wtype, int64_t m, int64_t k);
 
 /*
  * Y[m][n] = X[m][k] . W[n][k]^T
+ *   W: row i at W + i * ldw bytes; ldw 0 means densely packed rows
+ *   (row_bytes(wtype, k)). A larger ldw views k columns of a wider matrix
+ *   without copying (a tensor-parallel rank's slice of a row-split weight):
+ *   W then points at the slice's first block, so its first column must fall
+ *   on a block boundary of the type (32 values, 256 for the K-quants).
  *   X: m rows of k floats (row stride k); Y: m rows of n floats (row stride ldy >= n).
  *   scratch: kern_matmul_scratch_bytes(wtype, m, k) bytes, 64-byte aligned.
  * Work is split over the pool's threads by weight rows; each thread keeps its
  * weight rows hot across all m activation rows (prefill is matrix-matrix).
  */
 ekv_status kern_matmul(ekv_pool *pool, const void *W, uint32_t wtype, int64_t n, int64_t k,
-                       const float *X, int64_t m, float *Y, int64_t ldy, void *scratch,
+                       size_t ldw, const float *X, int64_t m, float *Y, int64_t ldy, void *scratch,
                        ekv_error *err);
 
 /* Dequantizes row `row` of a matrix with k columns to floats (embeddings). */

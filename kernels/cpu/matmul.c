@@ -192,7 +192,7 @@ static void gemm_task(void *ctx, int ith, int nth)
 }
 
 ekv_status kern_matmul(ekv_pool *pool, const void *W, uint32_t wtype, int64_t n, int64_t k,
-                       const float *X, int64_t m, float *Y, int64_t ldy, void *scratch,
+                       size_t ldw, const float *X, int64_t m, float *Y, int64_t ldy, void *scratch,
                        ekv_error *err)
 {
     kern_init();
@@ -212,6 +212,11 @@ ekv_status kern_matmul(ekv_pool *pool, const void *W, uint32_t wtype, int64_t n,
     uint64_t row_bytes;
     if (!W || !X || !Y || !ekv_dtype_row_bytes(wtype, (uint64_t)k, &row_bytes))
         return ekv_error_set(err, EKV_EINVAL, "matmul: missing operand");
+    if (ldw == 0)
+        ldw = (size_t)row_bytes;
+    if (ldw < row_bytes)
+        return ekv_error_set(err, EKV_EINVAL, "matmul: weight row stride %zu below a row's %llu bytes",
+                             ldw, (unsigned long long)row_bytes);
     size_t prep_bytes = quant_prep_row_bytes(kind, k);
     if (prep_bytes && (!scratch || ((uintptr_t)scratch & 63)))
         return ekv_error_set(err, EKV_EINVAL,
@@ -221,7 +226,7 @@ ekv_status kern_matmul(ekv_pool *pool, const void *W, uint32_t wtype, int64_t n,
     matmul_job job = {
         .kt = &isa_tables[atomic_load(&isa_active)],
         .kind = kind,
-        .g = {.w = W, .w_stride = (size_t)row_bytes, .y = Y, .ldy = ldy, .k = k},
+        .g = {.w = W, .w_stride = ldw, .y = Y, .ldy = ldy, .k = k},
         .X = X,
         .scratch = scratch,
         .prep_bytes = prep_bytes,

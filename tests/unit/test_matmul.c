@@ -15,7 +15,9 @@
  *   (c) kern_get_row equals the dequantization written here;
  *   (d) unsupported types and bad shapes are errors, not crashes;
  *   (e) pools of 1, 2 and 3 threads give bit-identical results, and a row
- *       computed alone equals the same row computed in a batch.
+ *       computed alone equals the same row computed in a batch;
+ *   (f) a slice of a matrix's columns read in place with the full row
+ *       stride equals a packed copy of the slice.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -323,7 +325,7 @@ static float *run_matmul(ekv_pool *pool, const wmat *w, const float *X, int64_t 
         Y[t] = SENTINEL;
     void *scratch = scratch_for(w->type, m, w->k);
     ekv_error err = {0};
-    ekv_status st = kern_matmul(pool, w->data, w->type, w->n, w->k, X, m, Y, ldy, scratch, &err);
+    ekv_status st = kern_matmul(pool, w->data, w->type, w->n, w->k, 0, X, m, Y, ldy, scratch, &err);
     if (st != EKV_OK)
         fprintf(stderr, "kern_matmul: %s\n", err.msg);
     CHECK_EQ_INT(st, EKV_OK);
@@ -455,6 +457,54 @@ static void test_matmul_large_prefill_chunks(void)
         check_shape(types[t], 1500, 64, 100);
 }
 
+/* (f) a weight slice: columns [c0, c0 + kk) of every row of a wider matrix,
+ * read in place with the full matrix's row stride (a tensor-parallel rank's
+ * share of a row-split projection). It must give the bits a packed copy of
+ * those columns gives, and match the double reference over them. */
+static void test_matmul_strided_column_slice(void)
+{
+    for (size_t t = 0; t < sizeof TYPES / sizeof TYPES[0]; t++) {
+        const int be = block_elems(TYPES[t]);
+        const int64_t k = be == 256 ? 1536 : 576, n = 19, m = 3;
+        const int64_t c0 = be == 256 ? 512 : 192, kk = be == 256 ? 768 : 320;
+        wmat w, p;
+        make_weights(&w, TYPES[t], n, k);
+        make_weights(&p, TYPES[t], n, kk); /* overwritten with w's columns */
+        const size_t off = (size_t)(c0 / be) * ekv_dtype_get(TYPES[t])->block_bytes;
+        for (int64_t i = 0; i < n; i++) {
+            memcpy(p.data + (size_t)i * p.row_bytes, w.data + (size_t)i * w.row_bytes + off,
+                   p.row_bytes);
+            memcpy(p.deq + i * kk, w.deq + i * k + c0, sizeof(double) * (size_t)kk);
+            memcpy(p.off + i * kk, w.off + i * k + c0, sizeof(double) * (size_t)kk);
+            memcpy(p.mag + i * kk, w.mag + i * k + c0, sizeof(double) * (size_t)kk);
+        }
+        float *X = make_activations(m, kk);
+        float *ys = malloc(sizeof(float) * (size_t)(m * n));
+        void *scratch = scratch_for(TYPES[t], m, kk);
+        ekv_error err = {0};
+        CHECK_EQ_INT(kern_matmul(pools[2], w.data + off, w.type, n, kk, w.row_bytes, X, m, ys, n,
+                                 scratch, &err), EKV_OK);
+        float *yp = run_matmul(pools[2], &p, X, m);
+        for (int64_t j = 0; j < m; j++) {
+            CHECK(memcmp(ys + j * n, yp + j * (n + 3), sizeof(float) * (size_t)n) == 0);
+            for (int64_t i = 0; i < n; i++) {
+                ref r;
+                reference(&p, X + j * kk, i, &r);
+                CHECK_NEAR(ys[j * n + i], r.exact, r.bound + 1e-5 * r.abs + 1e-30);
+            }
+        }
+        /* a stride shorter than a row of the slice is an error */
+        CHECK_EQ_INT(kern_matmul(pools[2], w.data, w.type, n, kk, p.row_bytes - 1, X, m, ys, n,
+                                 scratch, &err), EKV_EINVAL);
+        free(scratch);
+        free(ys);
+        free(yp);
+        free(X);
+        free_weights(&p);
+        free_weights(&w);
+    }
+}
+
 /* (c) */
 static void test_get_row_matches_dequantization(void)
 {
@@ -486,27 +536,27 @@ static void test_unsupported_and_bad_shapes_are_errors(void)
         CHECK(!kern_matmul_supports(bad[t]));
         CHECK_EQ_INT(kern_matmul_scratch_bytes(bad[t], 1, 64), 0);
         err.code = EKV_OK;
-        CHECK_EQ_INT(kern_matmul(pools[1], W, bad[t], 2, 64, X, 1, Y, 2, scratch, &err), EKV_EUNSUPPORTED);
+        CHECK_EQ_INT(kern_matmul(pools[1], W, bad[t], 2, 64, 0, X, 1, Y, 2, scratch, &err), EKV_EUNSUPPORTED);
         CHECK(err.msg[0] != '\0');
         CHECK_EQ_INT(kern_get_row(W, bad[t], 64, 0, row, &err), EKV_EUNSUPPORTED);
     }
     for (size_t t = 0; t < sizeof TYPES / sizeof TYPES[0]; t++)
         CHECK(kern_matmul_supports(TYPES[t]));
     /* k not a whole number of blocks, ldy < n, negative sizes, missing scratch */
-    CHECK_EQ_INT(kern_matmul(pools[1], W, EKV_Q4_1, 2, 48, X, 1, Y, 2, scratch, &err), EKV_EINVAL);
-    CHECK_EQ_INT(kern_matmul(pools[1], W, EKV_Q6_K, 2, 64, X, 1, Y, 2, scratch, &err), EKV_EINVAL);
-    CHECK_EQ_INT(kern_matmul(pools[1], W, EKV_Q8_0, 4, 64, X, 1, Y, 2, scratch, &err), EKV_EINVAL);
-    CHECK_EQ_INT(kern_matmul(pools[1], W, EKV_Q8_0, -1, 64, X, 1, Y, 2, scratch, &err), EKV_EINVAL);
-    CHECK_EQ_INT(kern_matmul(pools[1], W, EKV_Q8_0, 2, 64, X, 1, Y, 2, NULL, &err), EKV_EINVAL);
-    CHECK_EQ_INT(kern_matmul(pools[1], W, EKV_Q8_0, 2, 64, X, 1, Y, 2, (char *)scratch + 8, &err),
+    CHECK_EQ_INT(kern_matmul(pools[1], W, EKV_Q4_1, 2, 48, 0, X, 1, Y, 2, scratch, &err), EKV_EINVAL);
+    CHECK_EQ_INT(kern_matmul(pools[1], W, EKV_Q6_K, 2, 64, 0, X, 1, Y, 2, scratch, &err), EKV_EINVAL);
+    CHECK_EQ_INT(kern_matmul(pools[1], W, EKV_Q8_0, 4, 64, 0, X, 1, Y, 2, scratch, &err), EKV_EINVAL);
+    CHECK_EQ_INT(kern_matmul(pools[1], W, EKV_Q8_0, -1, 64, 0, X, 1, Y, 2, scratch, &err), EKV_EINVAL);
+    CHECK_EQ_INT(kern_matmul(pools[1], W, EKV_Q8_0, 2, 64, 0, X, 1, Y, 2, NULL, &err), EKV_EINVAL);
+    CHECK_EQ_INT(kern_matmul(pools[1], W, EKV_Q8_0, 2, 64, 0, X, 1, Y, 2, (char *)scratch + 8, &err),
                  EKV_EINVAL);
     CHECK_EQ_INT(kern_get_row(W, EKV_Q4_0, 40, 0, row, &err), EKV_EINVAL);
     CHECK_EQ_INT(kern_matmul_scratch_bytes(EKV_Q4_0, 1, 40), 0);
     /* F32 needs no scratch; empty products are fine */
     CHECK_EQ_INT(kern_matmul_scratch_bytes(EKV_F32, 4, 64), 0);
-    CHECK_EQ_INT(kern_matmul(pools[1], W, EKV_F32, 2, 16, X, 1, Y, 2, NULL, &err), EKV_OK);
-    CHECK_EQ_INT(kern_matmul(pools[1], W, EKV_Q8_0, 0, 64, X, 1, Y, 0, NULL, &err), EKV_OK);
-    CHECK_EQ_INT(kern_matmul(pools[1], W, EKV_Q8_0, 2, 64, X, 0, Y, 2, NULL, &err), EKV_OK);
+    CHECK_EQ_INT(kern_matmul(pools[1], W, EKV_F32, 2, 16, 0, X, 1, Y, 2, NULL, &err), EKV_OK);
+    CHECK_EQ_INT(kern_matmul(pools[1], W, EKV_Q8_0, 0, 64, 0, X, 1, Y, 0, NULL, &err), EKV_OK);
+    CHECK_EQ_INT(kern_matmul(pools[1], W, EKV_Q8_0, 2, 64, 0, X, 0, Y, 2, NULL, &err), EKV_OK);
     free(scratch);
 }
 
@@ -546,6 +596,7 @@ int main(void)
     RUN_TEST(test_matmul_q4_k);
     RUN_TEST(test_matmul_q6_k);
     RUN_TEST(test_matmul_large_prefill_chunks);
+    RUN_TEST(test_matmul_strided_column_slice);
     for (int t = 1; t <= 3; t++)
         ekv_pool_destroy(pools[t]);
     return TEST_EXIT();
