@@ -200,6 +200,65 @@ def test_security_context_everywhere(case):
             assert c["resources"]["limits"] and c["resources"]["requests"], owner
 
 
+def coordinator_pod(objs):
+    return find(objs, "Deployment", "-coordinator")["spec"]["template"]["spec"]
+
+
+def test_coordinator_tls_and_api_key_from_secrets():
+    """coordinator.tls.secret and coordinator.apiKey.secret: the Secrets
+    mounted read-only, the flags (docs/serving.md, "Security") pointing at
+    the mounted files, the probes and the metrics scrape over HTTPS; every
+    object still valid. Without them: none of it."""
+    plain = coordinator_pod(objects(example_values("cpu-small")))
+    args = plain["containers"][0]["args"]
+    assert not {"--tls-cert", "--tls-key", "--api-key", "--api-key-file"} & set(args)
+    assert {p["name"] for p in plain["containers"][0]["ports"]} == {"grpc", "http"}
+    assert not [v for v in plain["volumes"] if "secret" in v]
+
+    vals = merge(example_values("cpu-small"), {
+        "coordinator": {"tls": {"secret": "front-tls"}, "apiKey": {"secret": "front-key", "key": "k"}},
+        "serviceMonitor": {"enabled": True}})
+    report = helm.lint(CHART, vals, strict=True, namespace=NAMESPACE)
+    assert report["errors"] == [] and not [m for m in report["messages"] if m["severity"] >= 2], report
+    objs = objects(vals)
+    for o in objs:
+        if o["kind"] != "ServiceMonitor":
+            kubernetes_validate.validate(o, KUBE, strict=True)
+    spec = coordinator_pod(objs)
+    c = spec["containers"][0]
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    vols = {v["name"]: v for v in spec["volumes"]}
+
+    def secret_file(flag, secret, key):
+        """The file flag names lies in a read-only mount of key of secret."""
+        path = c["args"][c["args"].index(flag) + 1]
+        m = next(m for m in mounts.values() if path.startswith(m["mountPath"].rstrip("/") + "/"))
+        assert m["readOnly"] is True, m
+        s = vols[m["name"]]["secret"]
+        assert s["secretName"] == secret, s
+        rel = path[len(m["mountPath"].rstrip("/")) + 1:]
+        assert {"key": key, "path": rel} in s["items"], (s, rel)
+        assert s["defaultMode"] & 0o007 == 0, s  # not world-readable
+
+    secret_file("--tls-cert", "front-tls", "tls.crt")
+    secret_file("--tls-key", "front-tls", "tls.key")
+    secret_file("--api-key-file", "front-key", "k")
+    assert "--api-key" not in c["args"]  # never the key itself in the process list
+    # the probes speak HTTPS to the HTTP port, now named https
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports["https"] == vals["coordinator"].get("httpPort", 8080) and "http" not in ports
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        g = c[probe]["httpGet"]
+        assert g["scheme"] == "HTTPS" and g["port"] == "https", (probe, g)
+    svc = find(objs, "Service", "demo-entrokv")
+    assert [p["name"] for p in svc["spec"]["ports"]] == ["grpc", "https"]
+    assert find(objs, "Service", "demo-entrokv")["spec"]["ports"][1]["targetPort"] == "https"
+    ends = find(objs, "ServiceMonitor")["spec"]["endpoints"]
+    https = [e for e in ends if e["port"] == "https"]
+    assert len(https) == 1 and https[0]["scheme"] == "https" and https[0]["path"] == "/metrics"
+    assert [e["port"] for e in ends if e["port"] == "http"] == ["http"]  # the KV store's, still plain
+
+
 def test_network_policies_limit_who_reaches_whom():
     objs = objects(example_values("cpu-small"))
     pol = {o["metadata"]["name"].rsplit("-", 1)[1]: o for o in objs if o["kind"] == "NetworkPolicy"}
@@ -223,6 +282,8 @@ BAD_VALUES = [
     ({"coordinator": {"grpcPort": 70000}}, "/coordinator/grpcPort", "maximum"),
     ({"kvstore": {"peers": ["no-port"]}}, "/kvstore/peers/0", "pattern"),
     ({"workrs": {"replicas": 1}}, "'workrs' not allowed", ""),
+    ({"coordinator": {"tls": {"secret": "Not_A_Name"}}}, "/coordinator/tls/secret", "pattern"),
+    ({"coordinator": {"apiKey": {"key": "a/b"}}}, "/coordinator/apiKey/key", "pattern"),
 ]
 
 
