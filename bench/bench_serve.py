@@ -156,6 +156,8 @@ def start_entrokv(a, conc, extra_args):
             "--kv-tokens", str(kv_tokens(a, conc)), "--max-running", str(max(64, conc)),
             "--max-queued", "1024",
             "--kvstore-mb", "0", *extra_args]
+    if a.prefill_chunk is not None:
+        args += ["--prefill-chunk", str(a.prefill_chunk)]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log)
     wait_http(port, proc, 120)
     return proc, port
@@ -217,6 +219,8 @@ def main():
     p.add_argument("--ctx", type=int, default=1024)
     p.add_argument("--kv-tokens", type=int, default=0,
                    help="entrokv's KV pool in tokens (default: ctx * C, llama-server's KV room)")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="entrokv's --prefill-chunk (default: the server's own default)")
     p.add_argument("--prompt-chars", type=int, default=1400)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=1, help="requests per client")
@@ -250,6 +254,7 @@ def main():
     meta = {"bench": "serve_meta", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "threads": a.threads, "model": a.model, "ctx": a.ctx,
             "kv_tokens": a.kv_tokens or "ctx*C", "prompt_chars": a.prompt_chars,
+            "prefill_chunk": a.prefill_chunk if a.prefill_chunk is not None else "default",
             "max_tokens": a.max_tokens, "rounds": rounds, "text": a.text}
     if not a.no_reference:
         meta["llama_server"] = {"path": a.llama_server,

@@ -55,7 +55,7 @@ static void usage_split(FILE *out, serve_mode mode)
                 "  --listen HOST:PORT    where the Worker gRPC service listens (default\n"
                 "                        127.0.0.1:50061; port 0: any free port)\n"
                 "  engine flags as for `entrokv serve`: --threads --ctx --kv-tokens\n"
-                "  --max-running --max-queued --max-batch --default-max-tokens\n"
+                "  --max-running --max-queued --max-batch --prefill-chunk --default-max-tokens\n"
                 "  --drain-grace --drain-timeout --kvstore-mb --kvstore-peers\n"
                 "  --kvstore-token-file --kv-profile --config\n"
                 "  --tls-cert FILE, --tls-key FILE  the listener speaks TLS only\n"
@@ -93,6 +93,9 @@ static void usage(FILE *out)
             "  --max-queued N        requests waiting beyond those; more get 429 /\n"
             "                        RESOURCE_EXHAUSTED (default 256)\n"
             "  --max-batch N         rows per forward pass (default 256)\n"
+            "  --prefill-chunk N     prompt rows per forward pass while streams decode, so\n"
+            "                        their next tokens do not wait behind long prompts\n"
+            "                        (default 64; 0: up to --max-batch)\n"
             "  --default-max-tokens N  completion length when a request does not say (256)\n"
             "  --kv-method M         KV compression when a request names none: full,\n"
             "                        streaming, snapkv, pyramidkv, uncomp (default full)\n"
@@ -128,6 +131,7 @@ typedef struct serve_opts {
     const char *model, *host, *model_name, *workers;
     char listen_host[128];
     int32_t grpc_port, http_port, threads, ctx, kv_tokens, max_running, max_queued, max_batch;
+    int32_t prefill_chunk;
     int32_t default_max_tokens;
     int32_t max_prompt_bytes;           /* 0: the coordinator's default */
     const char *kv_method;              /* request defaults (--kv-method / --kv-budget) */
@@ -178,6 +182,7 @@ static const struct {
     {"max-prompt-bytes", F_SERVE | F_COORD},
     {"kv-tokens", F_SERVE | F_WORKER},             {"max-running", F_SERVE | F_WORKER},
     {"max-queued", F_SERVE | F_WORKER},            {"max-batch", F_SERVE | F_WORKER},
+    {"prefill-chunk", F_SERVE | F_WORKER},
     {"kvstore-mb", F_SERVE | F_WORKER},            {"kvstore-peers", F_SERVE | F_WORKER},
     {"kvstore-token-file", F_SERVE | F_WORKER},
     {"kv-profile", F_SERVE | F_WORKER},            {"kvstore-namespace", F_SERVE | F_WORKER},
@@ -221,6 +226,7 @@ static int parse(int argc, char **argv, serve_mode mode, serve_opts *o)
     o->max_running = 32;
     o->max_queued = 256;
     o->max_batch = 256;
+    o->prefill_chunk = ENGINE_PREFILL_CHUNK;
     o->default_max_tokens = 256;
     o->kv_budget = 1.0f;
     o->kvstore_mb = 1024;
@@ -271,6 +277,8 @@ static int parse(int argc, char **argv, serve_mode mode, serve_opts *o)
             ok = cli_take_int(argc, argv, &i, 1, 1 << 20, &o->max_queued);
         } else if (!strcmp(a, "--max-batch")) {
             ok = cli_take_int(argc, argv, &i, 1, 65536, &o->max_batch);
+        } else if (!strcmp(a, "--prefill-chunk")) {
+            ok = cli_take_int(argc, argv, &i, 0, 65536, &o->prefill_chunk);
         } else if (!strcmp(a, "--kvstore-mb")) {
             ok = cli_take_int(argc, argv, &i, 0, 1 << 24, &o->kvstore_mb);
         } else if (!strcmp(a, "--kv-profile")) {
@@ -589,6 +597,7 @@ static ekv_status start(const serve_opts *o, server *s, ekv_error *err)
     ec.max_running = o->max_running;
     ec.max_queued = o->max_queued;
     ec.max_batch = o->max_batch;
+    ec.prefill_chunk = o->prefill_chunk;
     s->engine = engine_create(s->model, &ec, err);
     s->metrics = s->engine ? metrics_create() : NULL;
     if (!s->metrics)

@@ -555,6 +555,7 @@ void engine_config_default(engine_config *c)
     memset(c, 0, sizeof *c);
     c->n_threads = 0;
     c->max_batch = 256;
+    c->prefill_chunk = ENGINE_PREFILL_CHUNK;
     c->max_ctx = 2048;
     c->kv_tokens = 8192;
     c->max_running = 32;
@@ -566,6 +567,9 @@ static ekv_status config_check(const engine_config *c, ekv_error *err)
     if (c->max_batch < 1 || c->max_batch > 65536)
         return ekv_error_set(err, EKV_EINVAL, "engine: max_batch %d outside [1, 65536]",
                              c->max_batch);
+    if (c->prefill_chunk < 0)
+        return ekv_error_set(err, EKV_EINVAL, "engine: prefill_chunk %d must be >= 0",
+                             c->prefill_chunk);
     if (c->max_ctx < 2 || c->max_ctx > (1 << 24))
         return ekv_error_set(err, EKV_EINVAL, "engine: max_ctx %d outside [2, 2^24]", c->max_ctx);
     if (c->kv_tokens < 1)

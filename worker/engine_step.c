@@ -5,12 +5,16 @@
  * finish checks.
  *
  * Row order: one decode row per decoding sequence first (oldest admission
- * first), then prefill chunks in admission order in the rows left, so decode
- * latency does not wait behind long prompts. A sequence's next rows are
- * always tokens[n_fed..]: the prompt at first, prompt + generated tokens
- * after a preemption; the row reaching n_tok wants logits. A sequence with a
- * compression capture stops its chunks at the prompt's end and is compressed
- * right after that forward, before any generated token enters its cache.
+ * first), then prefill chunks in admission order in the rows left, at most
+ * prefill_chunk of them while there are decode rows (chunked prefill, as
+ * Sarathi-Serve and vLLM do), so decode latency does not wait behind long
+ * prompts. Chunk boundaries change nothing: the kernels are batch-invariant
+ * and a capture records each prompt row by its position (test_prefill_chunk).
+ * A sequence's next rows are always tokens[n_fed..]: the prompt at first,
+ * prompt + generated tokens after a preemption; the row reaching n_tok
+ * wants logits. A sequence with a compression capture stops its chunks at
+ * the prompt's end and is compressed right after that forward, before any
+ * generated token enters its cache.
  *
  * Memory: decode rows are served first; while the pool cannot hold them the
  * newest running sequence is preempted (engine.c). Prefill chunks are cut to
@@ -283,11 +287,16 @@ static int32_t build_batch(ekv_engine *e)
         for (int32_t i = 0; i < e->n_running; i++)
             if (is_decode(e->running[i]))
                 add_rows(e, e->running[i], 1, &n);
-        for (int32_t i = 0; i < e->n_running && n < e->cfg.max_batch; i++) {
+        /* beside decode rows, prompts get prefill_chunk rows: a step's time,
+         * every stream's next token, grows with its rows */
+        int32_t limit = e->cfg.max_batch;
+        if (n > 0 && e->cfg.prefill_chunk > 0 && e->cfg.prefill_chunk < limit - n)
+            limit = n + e->cfg.prefill_chunk;
+        for (int32_t i = 0; i < e->n_running && n < limit; i++) {
             ereq *q = e->running[i];
             if (is_decode(q))
                 continue;
-            const int32_t rows = fit_rows(q, prefill_want(q, e->cfg.max_batch - n), free_left);
+            const int32_t rows = fit_rows(q, prefill_want(q, limit - n), free_left);
             if (rows == 0)
                 continue;
             free_left -= kv_seq_blocks_needed(q->seq, rows);

@@ -66,9 +66,18 @@ typedef struct engine_prefix_cache {
     void *ctx;
 } engine_prefix_cache;
 
+/* engine_config.prefill_chunk's default (measured in docs/serving.md,
+ * "Prefill chunk"). */
+#define ENGINE_PREFILL_CHUNK 64
+
 typedef struct engine_config {
     int n_threads;        /* <= 0: one per core */
     int32_t max_batch;    /* rows per forward: decode rows + prefill chunk */
+    /* prefill rows per step while any sequence decodes (0: up to max_batch):
+     * bounds how long a step, and so one token of every stream, waits
+     * behind other requests' prompts; a step without decode rows fills
+     * max_batch */
+    int32_t prefill_chunk;
     int32_t max_ctx;      /* tokens of one sequence (prompt + generated) */
     int32_t kv_tokens;    /* pool size: tokens per head over all sequences */
     int32_t max_running;  /* sequences in the batch at once; <= max_batch */
@@ -76,8 +85,8 @@ typedef struct engine_config {
     const engine_prefix_cache *prefix_cache; /* NULL: none; must outlive the engine */
 } engine_config;
 
-/* n_threads 0, max_batch 256, max_ctx 2048, kv_tokens 8192, max_running 32,
- * max_queued 256. */
+/* n_threads 0, max_batch 256, prefill_chunk 64, max_ctx 2048, kv_tokens 8192,
+ * max_running 32, max_queued 256. */
 void engine_config_default(engine_config *c);
 
 typedef struct engine_usage {
