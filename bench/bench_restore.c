@@ -167,7 +167,9 @@ static int run(const restore_opts *o)
     if (turn(&b, p_local, t1, n1, 1, &restored, &err) < 0 ||
         (p_remote && turn(&b, p_remote, t1, n1, 1, &restored, &err) < 0))
         goto fail;
-    usleep(500000); /* let the asynchronous saves land */
+    kvprefix_drain(p_local); /* the saves handed to the stores... */
+    kvprefix_drain(p_remote);
+    usleep(500000); /* ...and their puts landed */
     double rec[32], loc[32], rem[32];
     const int reps = o->repeats;
     for (int i = 0; i < reps; i++) {

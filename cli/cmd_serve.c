@@ -654,6 +654,7 @@ static void stop(server *s)
     }
     coord_free(s->coord);
     kvc_profile_free(s->profile);
+    kvprefix_drain(s->prefix); /* the copier's last submits, before the client goes */
     kvstore_client_destroy(s->kvstore); /* first: its last saves' callbacks use the prefix */
     kvprefix_destroy(s->prefix);
     metrics_free(s->metrics);

@@ -20,6 +20,7 @@
 #include "entrokv/kvcache.h"
 
 #include "entrokv/kvrecall.h"
+#include "kvcache_int.h"
 
 #include <math.h>
 #include <stdbool.h>
@@ -39,6 +40,8 @@ struct kv_pool {
     uint64_t n_cow;    /* copies made by copy-on-write */
     kv_evict_fn evict;
     void *evict_ctx;
+    kv_pin_state pins; /* kvpin.c */
+    bool pins_ok;      /* pins initialised */
 };
 
 typedef struct kv_head {
@@ -92,6 +95,8 @@ kv_pool *kv_pool_create(int32_t block_tokens, int32_t head_dim, int64_t n_blocks
     pool->refs = calloc((size_t)n_blocks, sizeof *pool->refs);
     if (!pool->mem || !pool->free_ids || !pool->refs)
         goto nomem;
+    if (!(pool->pins_ok = kv_pins_init(&pool->pins)))
+        goto nomem;
     /* pop order = 0, 1, 2, ... so a fresh pool hands out consecutive blocks */
     for (int64_t i = 0; i < n_blocks; i++)
         pool->free_ids[i] = (int32_t)(n_blocks - 1 - i);
@@ -107,6 +112,8 @@ void kv_pool_destroy(kv_pool *pool)
 {
     if (!pool)
         return;
+    if (pool->pins_ok)
+        kv_pins_fini(pool, &pool->pins); /* waits for pins still being copied */
     free(pool->mem);
     free(pool->free_ids);
     free(pool->refs);
@@ -160,6 +167,11 @@ static void block_unref(kv_pool *pool, int32_t id)
     if (--pool->refs[id] == 0)
         pool->free_ids[pool->n_free++] = id;
 }
+
+kv_pin_state *kv_pool_pin_state(kv_pool *pool) { return &pool->pins; }
+uint8_t *kv_pool_block_mem(const kv_pool *pool, int32_t id) { return block_base(pool, id); }
+void kv_pool_block_ref(kv_pool *pool, int32_t id) { block_ref(pool, id); }
+void kv_pool_block_unref(kv_pool *pool, int32_t id) { block_unref(pool, id); }
 
 static int32_t block_pop(kv_pool *pool)
 {
@@ -738,6 +750,15 @@ static kv_seq *seq_copy(const kv_seq *src, bool share, ekv_error *err)
 
 kv_seq *kv_seq_clone(const kv_seq *src, ekv_error *err) { return seq_copy(src, false, err); }
 kv_seq *kv_seq_fork(const kv_seq *src, ekv_error *err) { return seq_copy(src, true, err); }
+
+int32_t kv_seq_whole_block(const kv_seq *seq, int32_t layer, int32_t head, int32_t b)
+{
+    const kv_head *h = head_at(seq, layer, head);
+    if (b < 0 || b >= h->n_blocks || h->packed.n ||
+        h->n_tokens < (b + 1) * seq->pool->block_tokens)
+        return -1;
+    return h->ids[b];
+}
 
 int32_t kv_seq_block_export(const kv_seq *seq, int32_t layer, int32_t head, int32_t block,
                             void *out)

@@ -21,14 +21,34 @@ struct kvprefix {
     int32_t head_dim;
     void (*on_saved)(void *); /* kvprefix_on_saved */
     void *on_saved_arg;
+    /* the copier: saves' blocks are copied out of the pool here, not on
+     * the engine's thread */
+    pthread_t thread;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;      /* work queued, or a job done (kvprefix_drain) */
+    struct save_job *head, *tail; /* queued saves, oldest first */
+    int32_t queued;         /* on the queue or being copied */
+    bool stop;
+    bool held;              /* kvprefix_hold: the copier starts nothing */
 };
 
-/* What a save hands the store: the ops and the values they point into. */
+/* A save: queued with its blocks pinned, then copied into values, which
+ * the store's puts send. */
 typedef struct save_job {
     kvprefix *p;
+    kv_pin *pin;
+    int32_t n_blocks, first_block, n_save;
+    int32_t *tokens;   /* the n_blocks whole blocks' tokens: the copier makes the keys */
     kvstore_op *ops;
     uint8_t *values;
+    struct save_job *next;
 } save_job;
+
+/* Saves queued or being copied at most: beyond, a save is skipped (its
+ * pins would hold pool blocks the engine may need). */
+#define KVPREFIX_MAX_QUEUED 8
+
+static bool start_copier(kvprefix *p);
 
 /* The model's identity: its shape and name, plus a hash of the start of its
  * token embeddings, so two finetunes of one architecture never share KV. */
@@ -73,12 +93,44 @@ kvprefix *kvprefix_create(const ekv_model *m, kvstore_client *client, int32_t tp
     p->tp_size = tp_size;
     kv_pool_destroy(probe);
     kvprefix_model_id(m, p->model_id, sizeof p->model_id);
+    if (!start_copier(p)) {
+        free(p);
+        ekv_error_set(err, EKV_ENOMEM, "kvprefix: cannot start the copy thread");
+        return NULL;
+    }
     return p;
 }
 
 void kvprefix_destroy(kvprefix *p)
 {
+    if (!p)
+        return;
+    pthread_mutex_lock(&p->mu);
+    p->stop = true;
+    pthread_cond_broadcast(&p->cv);
+    pthread_mutex_unlock(&p->mu);
+    pthread_join(p->thread, NULL); /* it finishes the queue first */
+    pthread_cond_destroy(&p->cv);
+    pthread_mutex_destroy(&p->mu);
     free(p);
+}
+
+void kvprefix_hold(kvprefix *p, bool held)
+{
+    pthread_mutex_lock(&p->mu);
+    p->held = held;
+    pthread_cond_broadcast(&p->cv);
+    pthread_mutex_unlock(&p->mu);
+}
+
+void kvprefix_drain(kvprefix *p)
+{
+    if (!p)
+        return;
+    pthread_mutex_lock(&p->mu);
+    while (p->queued > 0)
+        pthread_cond_wait(&p->cv, &p->mu);
+    pthread_mutex_unlock(&p->mu);
 }
 
 void kvprefix_on_saved(kvprefix *p, void (*fn)(void *), void *arg)
@@ -100,14 +152,96 @@ static void make_keys(const kvprefix *p, const int32_t *tokens, int32_t n_blocks
     }
 }
 
+static void save_job_free(save_job *job)
+{
+    free(job->tokens);
+    free(job->values);
+    free(job->ops);
+    free(job);
+}
+
 static void save_done(kvstore_batch *b, kvstore_op *ops, size_t n, void *arg)
 {
     save_job *job = arg;
     if (job->p->on_saved)
         job->p->on_saved(job->p->on_saved_arg);
-    free(job->values);
-    free(job->ops);
-    free(job);
+    save_job_free(job);
+}
+
+/* On the copier: the pinned blocks into one value per block-row, the pins
+ * released (the pool gets them back once the sequence lets go too), then
+ * the puts. */
+static void save_copy(save_job *job)
+{
+    kvprefix *p = job->p;
+    const int32_t n_save = job->n_save;
+    kvstore_key *keys = malloc((size_t)job->n_blocks * sizeof *keys);
+    job->ops = calloc((size_t)n_save, sizeof *job->ops);
+    job->values = malloc((size_t)n_save * p->value_bytes);
+    if (keys && job->ops && job->values) {
+        make_keys(p, job->tokens, job->n_blocks, keys); /* the chain runs over every block */
+        for (int32_t i = 0; i < n_save; i++) {
+            uint8_t *v = job->values + (size_t)i * p->value_bytes;
+            for (int32_t l = 0; l < p->L; l++)
+                for (int32_t h = 0; h < p->HKV; h++)
+                    memcpy(v + ((size_t)l * p->HKV + h) * p->block_bytes,
+                           kv_pin_block(job->pin, l, h, i), p->block_bytes);
+            job->ops[i] = (kvstore_op){.kind = KVSTORE_PUT, .key = keys[job->first_block + i],
+                                       .buf = v, .len = p->value_bytes};
+        }
+    }
+    free(keys);
+    kv_pin_release(job->pin);
+    job->pin = NULL;
+    if (job->ops && job->values) {
+        /* counted first: the puts' done (on_saved) may run before submit returns */
+        atomic_fetch_add(&p->saved, (uint64_t)n_save);
+        if (kvstore_client_submit(p->client, job->ops, (size_t)n_save, save_done, job, NULL,
+                                  NULL) == EKV_OK)
+            return;
+        atomic_fetch_sub(&p->saved, (uint64_t)n_save);
+    }
+    atomic_fetch_add(&p->skipped, 1);
+    save_job_free(job);
+}
+
+static void *copier_main(void *arg)
+{
+    kvprefix *p = arg;
+    pthread_mutex_lock(&p->mu);
+    for (;;) {
+        while ((!p->head || p->held) && !p->stop)
+            pthread_cond_wait(&p->cv, &p->mu);
+        save_job *job = p->head;
+        if (!job)
+            break; /* stopping with nothing left */
+        p->head = job->next;
+        if (!p->head)
+            p->tail = NULL;
+        pthread_mutex_unlock(&p->mu);
+        save_copy(job);
+        pthread_mutex_lock(&p->mu);
+        p->queued--;
+        pthread_cond_broadcast(&p->cv);
+    }
+    pthread_mutex_unlock(&p->mu);
+    return NULL;
+}
+
+static bool start_copier(kvprefix *p)
+{
+    if (pthread_mutex_init(&p->mu, NULL))
+        return false;
+    if (pthread_cond_init(&p->cv, NULL)) {
+        pthread_mutex_destroy(&p->mu);
+        return false;
+    }
+    if (pthread_create(&p->thread, NULL, copier_main, p)) {
+        pthread_cond_destroy(&p->cv);
+        pthread_mutex_destroy(&p->mu);
+        return false;
+    }
+    return true;
 }
 
 void kvprefix_save(kvprefix *p, const kv_seq *seq, const int32_t *tokens, int32_t n,
@@ -118,43 +252,45 @@ void kvprefix_save(kvprefix *p, const kv_seq *seq, const int32_t *tokens, int32_
         first_block = 0;
     if (n_blocks <= first_block)
         return;
+    kv_pool *pool = kv_seq_pool(seq);
+    kv_pool_reap(pool); /* the pool's thread: earlier saves' pins go back */
     const int32_t n_save = n_blocks - first_block;
-    save_job *job = calloc(1, sizeof *job);
-    kvstore_key *keys = malloc((size_t)n_blocks * sizeof *keys);
-    if (job) {
-        job->p = p;
-        job->ops = calloc((size_t)n_save, sizeof *job->ops);
-        job->values = malloc((size_t)n_save * p->value_bytes);
-    }
-    if (!job || !keys || !job->ops || !job->values)
+    /* what pinning costs the pool later: compression's compaction writes
+     * into kept blocks, and each pinned one is copied first */
+    const int64_t pinned = (int64_t)n_save * p->L * p->HKV;
+    pthread_mutex_lock(&p->mu);
+    const bool room = p->queued < KVPREFIX_MAX_QUEUED;
+    pthread_mutex_unlock(&p->mu);
+    save_job *job = NULL;
+    int32_t *toks = NULL;
+    if (!room || kv_pool_free_blocks(pool) < pinned)
         goto skip;
-    make_keys(p, tokens, n_blocks, keys);
-    for (int32_t i = 0; i < n_save; i++) {
-        uint8_t *v = job->values + (size_t)i * p->value_bytes;
-        for (int32_t l = 0; l < p->L; l++)
-            for (int32_t h = 0; h < p->HKV; h++)
-                kv_seq_block_export(seq, l, h, first_block + i,
-                                    v + ((size_t)l * p->HKV + h) * p->block_bytes);
-        job->ops[i].kind = KVSTORE_PUT;
-        job->ops[i].key = keys[first_block + i];
-        job->ops[i].buf = v;
-        job->ops[i].len = p->value_bytes;
-    }
-    free(keys);
-    if (kvstore_client_submit(p->client, job->ops, (size_t)n_save, save_done, job, NULL, NULL) ==
-        EKV_OK) {
-        atomic_fetch_add(&p->saved, (uint64_t)n_save);
-        return;
-    }
-    keys = NULL;
+    job = calloc(1, sizeof *job);
+    toks = malloc((size_t)n_blocks * p->bt * sizeof *toks);
+    if (!job || !toks)
+        goto skip;
+    memcpy(toks, tokens, (size_t)n_blocks * p->bt * sizeof *toks);
+    *job = (save_job){.p = p, .n_blocks = n_blocks, .first_block = first_block,
+                      .n_save = n_save, .tokens = toks};
+    toks = NULL;
+    /* references, not a copy: the copier reads the blocks meanwhile */
+    if (!(job->pin = kv_seq_pin(seq, first_block, n_save, NULL)))
+        goto skip;
+    pthread_mutex_lock(&p->mu);
+    if (p->tail)
+        p->tail->next = job;
+    else
+        p->head = job;
+    p->tail = job;
+    p->queued++;
+    pthread_cond_broadcast(&p->cv);
+    pthread_mutex_unlock(&p->mu);
+    return;
 skip:
     atomic_fetch_add(&p->skipped, 1);
-    free(keys);
-    if (job) {
-        free(job->ops);
-        free(job->values);
-        free(job);
-    }
+    free(toks);
+    if (job)
+        save_job_free(job);
 }
 
 struct kvprefix_job {
@@ -278,6 +414,7 @@ int32_t kvprefix_restore_finish(kvprefix_job *j, kv_seq *seq)
         return 0;
     }
     kvstore_batch_release(j->batch); /* waits if needed, bounded by the op timeout */
+    kv_pool_reap(kv_seq_pool(seq)); /* the pool's thread: saves' pins go back first */
     int32_t got = 0;
     if (seq && kv_seq_max_len(seq) == 0) {
         int32_t n_blocks = j->n_blocks;
@@ -348,6 +485,7 @@ int64_t kvprefix_recall(kvprefix *p, kv_seq *seq, const int32_t *tokens, int32_t
         for (int32_t j = 0; j < reqs[q].n; j++)
             if (reqs[q].pos[j] / p->bt < n_blocks)
                 need[reqs[q].pos[j] / p->bt] = true;
+    kv_pool_reap(kv_seq_pool(seq)); /* the pool's thread: saves' pins go back first */
     kvprefix_job *job = job_start(p, tokens, n_blocks, need, NULL, NULL);
     if (job)
         kvstore_batch_release(job->batch); /* waits, bounded by the client's op timeout */

@@ -245,6 +245,17 @@ static void restore_landed(void *arg)
     pthread_mutex_unlock(&e->mu);
 }
 
+/* The pool's release hook: a copy off this thread (a prefix save) let go
+ * of pinned blocks; the engine thread gives them back (kv_pool_reap). */
+static void pins_released(void *arg)
+{
+    ekv_engine *e = arg;
+    pthread_mutex_lock(&e->mu);
+    e->pins_released = true;
+    engine_kick_locked(e);
+    pthread_mutex_unlock(&e->mu);
+}
+
 /* Drops q's restore in flight, if any (cancel, preemption, shutdown). */
 static void drop_restore(ekv_engine *e, ereq *q)
 {
@@ -346,7 +357,7 @@ static bool wait_for_work(ekv_engine *e)
 {
     pthread_mutex_lock(&e->mu);
     for (;;) {
-        const bool other = e->stopping || e->q_head || e->cancelled;
+        const bool other = e->stopping || e->q_head || e->cancelled || e->pins_released;
         if (other || (e->n_running > 0 && !e->restore_wait))
             break;
         if (e->n_running == 0) {
@@ -366,8 +377,15 @@ static bool wait_for_work(ekv_engine *e)
         pthread_cond_timedwait(&e->work_cv, &e->mu, &ts);
     }
     e->restore_wait = false;
+    const bool reap = e->pins_released;
+    e->pins_released = false;
     const bool go = !e->stopping;
     pthread_mutex_unlock(&e->mu);
+    if (reap && kv_pool_reap(e->pool) > 0) {
+        pthread_mutex_lock(&e->mu);
+        engine_publish_locked(e); /* the free blocks the stats show */
+        pthread_mutex_unlock(&e->mu);
+    }
     return go;
 }
 
@@ -478,9 +496,11 @@ static void reject(ekv_engine *e, ereq *q)
 }
 
 /* Moves requests from the queue head to the running list, first come first
- * served, while a slot is free and the pool has room for them. */
-static void admit(ekv_engine *e)
+ * served, while a slot is free and the pool has room for them. True when
+ * nothing runs and the head still waits for blocks: pins hold them. */
+static bool admit(ekv_engine *e)
 {
+    bool blocked = false;
     ereq **fresh = e->scratch_reqs, *rejects = NULL;
     int32_t n_fresh = 0;
     const int64_t total = kv_pool_total_blocks(e->pool);
@@ -497,8 +517,10 @@ static void admit(ekv_engine *e)
             rejects = q;
             continue;
         }
-        if (need + committed_blocks(e) > kv_pool_free_blocks(e->pool))
+        if (need + committed_blocks(e) > kv_pool_free_blocks(e->pool)) {
+            blocked = e->n_running == 0; /* only pinned blocks can be in the way */
             break;
+        }
         queue_unlink(e, q);
         e->running[e->n_running++] = q;
         fresh[n_fresh++] = q;
@@ -511,6 +533,7 @@ static void admit(ekv_engine *e)
     }
     for (int32_t i = 0; i < n_fresh; i++)
         setup(e, fresh[i]);
+    return blocked;
 }
 
 /* Everything still accepted ends as cancelled. */
@@ -540,7 +563,8 @@ static void *engine_main(void *arg)
     ekv_engine *e = arg;
     while (wait_for_work(e)) {
         reap_cancelled(e);
-        admit(e);
+        if (admit(e) && kv_pool_wait_released(e->pool, 100)) /* not a spin: wait for a copy */
+            kv_pool_reap(e->pool);
         if (e->n_running > 0)
             engine_step(e);
     }
@@ -652,6 +676,7 @@ ekv_engine *engine_create(const ekv_model *m, const engine_config *cfg, ekv_erro
     }
     e->stats.kv_blocks_total = kv_pool_total_blocks(e->pool);
     e->stats.kv_blocks_free = kv_pool_free_blocks(e->pool);
+    kv_pool_set_release_hook(e->pool, pins_released, e);
     if (pthread_create(&e->thread, NULL, engine_main, e)) {
         ekv_error_set(err, EKV_EIO, "engine: cannot start the engine thread");
         goto fail;

@@ -85,6 +85,7 @@ struct ekv_engine {
     uint64_t next_id;
     bool draining, stopping;
     uint64_t kicks;         /* work_cv signals so far (engine_kick_locked) */
+    bool pins_released;     /* a copy let go of pool blocks: kv_pool_reap them */
     bool restore_wait;      /* the last step had nothing to run but restores... */
     uint64_t restore_wait_kicks; /* ...and saw this many kicks before looking */
     engine_stats stats;     /* kv_bytes_saved, preemptions, steps, pool blocks */

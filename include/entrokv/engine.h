@@ -54,7 +54,10 @@ typedef struct ekv_engine ekv_engine;
  * With seq NULL it discards the job (the request was cancelled or
  * preempted); it may wait for the store, bounded by its op timeout. When a
  * prompt's prefill completes, before compression, save offers its full KV
- * (blocks below first_block came from the store already).
+ * (blocks below first_block came from the store already); it must not copy
+ * it on the engine thread (kvprefix pins the blocks, kv_seq_pin, and copies
+ * them on its own thread): the engine gives released pins' blocks back to
+ * its pool (kv_pool_reap) when the pool's release hook wakes it.
  */
 typedef struct engine_prefix_cache {
     void *(*restore_start)(void *ctx, const int32_t *tokens, int32_t n, int32_t max_tokens,

@@ -14,11 +14,13 @@
  * block per head that diverges, not a copy of the prompt.
  *
  * Threading: a pool and its sequences belong to one step engine thread.
- * Kernels may read views from many threads while nothing appends.
+ * Kernels may read views from many threads while nothing appends. Pinned
+ * blocks (kv_seq_pin) may be read on any thread until released.
  */
 #ifndef ENTROKV_KVCACHE_H
 #define ENTROKV_KVCACHE_H
 
+#include <stdbool.h>
 #include <stdint.h>
 
 #include "entrokv/kernels.h"
@@ -35,7 +37,7 @@ int64_t kv_pool_free_blocks(const kv_pool *pool);
 int32_t kv_pool_block_tokens(const kv_pool *pool);
 /* Bytes of one block: K + V rows and positions. */
 size_t kv_pool_block_bytes(const kv_pool *pool);
-/* Blocks held by more than one sequence (kv_seq_fork), and the copies
+/* Blocks held more than once (kv_seq_fork, or a pin: kv_seq_pin), and the copies
  * copy-on-write has made so far. */
 int64_t kv_pool_shared_blocks(const kv_pool *pool);
 uint64_t kv_pool_cow_copies(const kv_pool *pool);
@@ -136,6 +138,39 @@ int32_t kv_seq_block_export(const kv_seq *seq, int32_t layer, int32_t head, int3
                             void *out);
 ekv_status kv_seq_block_import(kv_seq *seq, int32_t layer, int32_t head, const void *in,
                                int32_t n, ekv_error *err);
+
+/*
+ * Pins: blocks held by reference so another thread can copy them while the
+ * pool's thread goes on (the KV store tier saves a prompt's KV this way,
+ * off the step engine's thread). kv_seq_pin (the pool's thread) takes one
+ * more reference on whole blocks [first_block, first_block + n_blocks) of
+ * every head of seq, as a fork does; since nothing writes a block held
+ * twice (copy-on-write), kv_pin_block's bytes stay as they were whatever
+ * the sequence does meanwhile (append, keep, free). EKV_EINVAL when a head
+ * lacks one of those blocks whole (or has a packed prefix).
+ *
+ * kv_pin_release may run on any thread and never blocks on the pool: it
+ * queues the pin and calls the release hook (which must not block nor call
+ * pin functions: it runs under the pins' lock). The blocks go back to the
+ * pool, unless a sequence still holds them, when the pool's thread calls
+ * kv_pool_reap. kv_pool_destroy waits until every pin has been released.
+ */
+typedef struct kv_pin kv_pin;
+kv_pin *kv_seq_pin(const kv_seq *seq, int32_t first_block, int32_t n_blocks, ekv_error *err);
+int32_t kv_pin_blocks(const kv_pin *pin); /* blocks per head */
+/* Block `block` (0-based within the pin) of (layer, head), in
+ * kv_seq_block_export's layout; NULL out of range. */
+const void *kv_pin_block(const kv_pin *pin, int32_t layer, int32_t head, int32_t block);
+void kv_pin_release(kv_pin *pin); /* NULL is a no-op */
+/* The pool's thread: drops the released pins' references; returns how
+ * many pins it reaped. */
+int64_t kv_pool_reap(kv_pool *pool);
+/* Pins made and not yet reaped. */
+int64_t kv_pool_pins(kv_pool *pool);
+/* Waits (at most timeout_ms) until a released pin waits to be reaped or no
+ * pin is left; true when one waits. */
+bool kv_pool_wait_released(kv_pool *pool, int timeout_ms);
+void kv_pool_set_release_hook(kv_pool *pool, void (*fn)(void *), void *arg);
 
 /* Token `row` of an exported block (kv_seq_block_export's layout): its K
  * and V rows (head_dim fp16 each) into k and v; returns its position. */

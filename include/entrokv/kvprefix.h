@@ -18,10 +18,12 @@
  * query (docs/kvstore.md).
  *
  * Threading: save, restore and recall are called from the step engine's
- * thread; save copies the blocks and returns while the store works in the
- * background; restore either waits for its gets (kvprefix_restore) or runs
- * in the background (kvprefix_restore_start / _finish); recall waits
- * (bounded by the client's op timeout).
+ * thread (the thread that owns the KV pool). save copies nothing there: it
+ * pins the blocks (kv_seq_pin: references, copy-on-write keeps the engine
+ * off them) and the kvprefix's own copier thread copies them out, releases
+ * the pins and hands the values to the store; restore either waits for its
+ * gets (kvprefix_restore) or runs in the background (kvprefix_restore_start
+ * / _finish); recall waits (bounded by the client's op timeout).
  */
 #ifndef ENTROKV_KVPREFIX_H
 #define ENTROKV_KVPREFIX_H
@@ -38,7 +40,7 @@ typedef struct kvprefix kvprefix;
 
 typedef struct kvprefix_stats {
     uint64_t saved_blocks;    /* block-rows submitted to the store */
-    uint64_t save_skipped;    /* saves dropped because the store was busy */
+    uint64_t save_skipped;    /* saves dropped: the store or the copier busy, the pool short */
     uint64_t restored_blocks; /* block-rows restored */
     uint64_t restore_misses;  /* restores that found nothing */
     uint64_t restored_tokens;
@@ -50,7 +52,9 @@ typedef struct kvprefix_stats {
  * Also the KV store namespace `entrokv serve` uses by default. */
 void kvprefix_model_id(const ekv_model *m, char *out, size_t cap);
 
-/* client is borrowed and must outlive the kvprefix. */
+/* client is borrowed and must outlive the kvprefix's saves: destroy the
+ * engine (the pool waits for the copier's pins), kvprefix_drain, then the
+ * client, then the kvprefix. */
 kvprefix *kvprefix_create(const ekv_model *m, kvstore_client *client, int32_t tp_rank,
                           int32_t tp_size, ekv_error *err);
 void kvprefix_destroy(kvprefix *p);
@@ -62,9 +66,20 @@ void kvprefix_on_saved(kvprefix *p, void (*fn)(void *), void *arg);
 
 /* Stores the whole blocks of seq's first n tokens from block first_block on
  * (blocks before it are already stored, e.g. restored ones). seq must hold
- * tokens[0, n) uncompressed in every head. */
+ * tokens[0, n) uncompressed in every head. Returns at once: the blocks are
+ * pinned and queued for the copier, and go back to the pool (once seq lets
+ * go of them too) at a kv_pool_reap after it has copied them. Skipped
+ * (counted in save_skipped) when the copier has 8 saves
+ * waiting or the pool has fewer free blocks than it would pin (writing into
+ * a pinned block copies it first). */
 void kvprefix_save(kvprefix *p, const kv_seq *seq, const int32_t *tokens, int32_t n,
                    int32_t first_block);
+/* Waits until the copier has handed every queued save to the store (NULL:
+ * a no-op). */
+void kvprefix_drain(kvprefix *p);
+/* Tests: while held, the copier starts no save (so a test can act on a
+ * sequence whose save is pending); kvprefix_destroy ends a hold. */
+void kvprefix_hold(kvprefix *p, bool held);
 
 /* Restores into the empty seq the longest stored prefix of tokens[0, n) of
  * whole blocks, at most max_tokens tokens; returns the tokens restored (0:

@@ -2,6 +2,7 @@
  * test_kvcache.c - block pool accounting, per-head ragged lists, keep/compact
  * and release of blocks.
  */
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -293,6 +294,76 @@ static void test_fork_copy_on_write_pool_empty(void)
     kv_pool_destroy(pool);
 }
 
+static void pin_hook(void *arg)
+{
+    (*(int *)arg)++;
+}
+
+static void *release_pin(void *arg)
+{
+    kv_pin_release(arg);
+    return NULL;
+}
+
+/* A pin holds whole blocks by reference: the sequence may compact, append
+ * and free meanwhile without touching the pinned bytes; a release on
+ * another thread only queues the pin (the hook runs), and the blocks go
+ * back at the pool thread's kv_pool_reap, not before. */
+static void test_pin_holds_blocks_until_released_and_reaped(void)
+{
+    kv_pool *pool = kv_pool_create(BT, D, 16, NULL);
+    kv_seq *seq = kv_seq_create(pool, 1, 1, NULL);
+    float k[D], v[D];
+    for (int t = 0; t < 10; t++) { /* blocks 0 and 1 whole, block 2 partial */
+        fill(k, (float)t);
+        fill(v, -(float)t);
+        CHECK(kv_seq_append(seq, 0, 0, k, v, t, NULL) == EKV_OK);
+    }
+    ekv_error err = {0};
+    CHECK(kv_seq_pin(seq, 1, 2, &err) == NULL); /* block 2 is not whole */
+    CHECK_EQ_INT(err.code, EKV_EINVAL);
+    CHECK(kv_seq_pin(seq, -1, 1, NULL) == NULL);
+    kv_pin *pin = kv_seq_pin(seq, 0, 2, NULL);
+    CHECK(pin != NULL);
+    if (!pin)
+        return;
+    int hooked = 0;
+    kv_pool_set_release_hook(pool, pin_hook, &hooked);
+    CHECK_EQ_INT(kv_pin_blocks(pin), 2);
+    CHECK(kv_pin_block(pin, 0, 0, 2) == NULL && kv_pin_block(pin, 1, 0, 0) == NULL);
+    const size_t bb = kv_pool_block_bytes(pool);
+    uint8_t want[2][512], now[512];
+    CHECK(bb <= sizeof now);
+    for (int b = 0; b < 2; b++)
+        kv_seq_block_export(seq, 0, 0, b, want[b]);
+    CHECK_EQ_INT(kv_pool_pins(pool), 1);
+    CHECK_EQ_INT(kv_pool_shared_blocks(pool), 2);
+    /* compaction writes into both pinned blocks: each is copied first */
+    const int32_t keep[] = {1, 3, 5, 7, 9};
+    CHECK(kv_seq_keep(seq, 0, 0, keep, 5, NULL) == EKV_OK);
+    CHECK_EQ_INT(kv_pool_cow_copies(pool), 2);
+    for (int b = 0; b < 2; b++)
+        CHECK(memcmp(kv_pin_block(pin, 0, 0, b), want[b], bb) == 0);
+    kv_seq_block_export(seq, 0, 0, 0, now);
+    CHECK(memcmp(now, want[0], bb) != 0); /* the sequence's own copy changed */
+    kv_seq_free(seq);
+    CHECK_EQ_INT(kv_pool_free_blocks(pool), 14); /* the pin's two */
+    CHECK_EQ_INT(kv_pool_reap(pool), 0);
+    pthread_t th;
+    CHECK(pthread_create(&th, NULL, release_pin, pin) == 0);
+    pthread_join(th, NULL);
+    CHECK_EQ_INT(hooked, 1);
+    CHECK(kv_pool_wait_released(pool, 1000));
+    CHECK_EQ_INT(kv_pool_free_blocks(pool), 14); /* released, not yet reaped */
+    CHECK_EQ_INT(kv_pool_reap(pool), 1);
+    CHECK_EQ_INT(kv_pool_pins(pool), 0);
+    CHECK_EQ_INT(kv_pool_free_blocks(pool), 16);
+    CHECK_EQ_INT(kv_pool_shared_blocks(pool), 0);
+    CHECK(!kv_pool_wait_released(pool, 1000)); /* no pins: at once */
+    kv_pin_release(NULL);
+    kv_pool_destroy(pool);
+}
+
 int main(void)
 {
     RUN_TEST(test_append_allocates_blocks_per_head);
@@ -302,5 +373,6 @@ int main(void)
     RUN_TEST(test_bad_geometry_rejected);
     RUN_TEST(test_fork_shares_then_copies_on_write);
     RUN_TEST(test_fork_copy_on_write_pool_empty);
+    RUN_TEST(test_pin_holds_blocks_until_released_and_reaped);
     return TEST_EXIT();
 }
