@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # tsan.sh - the threaded code under ThreadSanitizer: the thread pool
-# (tests/unit/test_common.c, test_threadpool_stress.c), the step engine
+# (tests/unit/test_common.c, test_threadpool_stress.c), the TP
+# communicator's threads backend (tests/unit/test_comm.c), the step engine
 # (tests/model/test_engine.c, on the demo model) and the coordinator
 # (tests/serve/test_coordinator.c, and test_coordinator_threads.c: streams
 # with producer and consumers on different threads).
@@ -24,13 +25,13 @@ jobs="${EKV_TSAN_JOBS:-$(nproc)}"
 cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DEKV_TSAN=ON -DEKV_CUDA=OFF \
     -DEKV_TESTS=ON >/dev/null
 cmake --build "$build" -j"$jobs" \
-    --target test_common test_threadpool_stress test_engine test_coordinator \
+    --target test_common test_threadpool_stress test_comm test_engine test_coordinator \
     test_coordinator_threads
 
 export TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1 suppressions=$PWD/tests/tsan.supp ${TSAN_OPTIONS:-}"
 export EKV_POOL_STRESS_SECONDS="${EKV_POOL_STRESS_SECONDS:-2}"
 ctest --test-dir "$build" --output-on-failure \
-    -R '^(unit\.test_common|unit\.test_threadpool_stress|serve\.test_coordinator|serve\.test_coordinator_threads)$'
+    -R '^(unit\.test_common|unit\.test_threadpool_stress|unit\.test_comm|serve\.test_coordinator|serve\.test_coordinator_threads)$'
 
 model="${EKV_MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}"
 filters="${EKV_TSAN_ENGINE_TESTS-full_queue cancel drain}"
