@@ -507,6 +507,51 @@ static void test_daemon_killed_during_gets_is_a_miss_not_a_hang(void)
     free(outs);
 }
 
+/* kill -9 leaves the daemon's connections in TIME_WAIT on its port: a
+ * daemon restarted at once on the same port must still listen (UCX's
+ * connection manager binds with SO_REUSEADDR), and the client that had a
+ * connection to the old one reconnects by itself and round-trips values. */
+static void test_killed_daemon_restarts_on_its_port_and_clients_reconnect(void)
+{
+    kvt_daemon d;
+    if (start(&d, "restart1") != 0) {
+        CHECK(0);
+        return;
+    }
+    const int port = d.port;
+    kvstore_client *c = client_for(port, TOKEN, 2000, 0);
+    CHECK(c && kvstore_client_peer_up(c, 0));
+    if (c)
+        round_trip(c, 7000, 8, KVT_BLOCK_BYTES);
+    kill(d.pid, SIGKILL);
+    waitpid(d.pid, NULL, 0);
+    d.pid = 0;
+    /* the client sees the connection go (it closes its end, so the old
+     * daemon's side is what lingers in TIME_WAIT) */
+    double end = kvt_now() + 5;
+    while (c && kvstore_client_peer_up(c, 0) && kvt_now() < end)
+        kvt_sleep_ms(10);
+    CHECK(c && !kvstore_client_peer_up(c, 0));
+    char log[128];
+    snprintf(log, sizeof log, "%s/restart2.log", g_dir);
+    int rc = kvt_daemon_start(&d, g_bin, NULL, "127.0.0.1", port, g_token_file, 256, log);
+    CHECK_EQ_INT(rc, 0);
+    if (rc != 0) {
+        kvt_daemon_log_tail(&d, 4);
+        kvstore_client_destroy(c);
+        return;
+    }
+    CHECK_EQ_INT(d.port, port);
+    end = kvt_now() + 5;
+    while (c && !kvstore_client_peer_up(c, 0) && kvt_now() < end)
+        kvt_sleep_ms(20);
+    CHECK(c && kvstore_client_peer_up(c, 0));
+    if (c)
+        round_trip(c, 7100, 8, KVT_BLOCK_BYTES); /* the new daemon starts empty */
+    kvstore_client_destroy(c);
+    CHECK_EQ_INT(kvt_daemon_stop(&d), 0);
+}
+
 /* Large puts are hashed a step at a time before they are sent; ops that
  * time out meanwhile (the daemon stopped) are failed, not sent, and the
  * client comes back once the daemon does. */
@@ -721,6 +766,7 @@ int main(int argc, char **argv)
     RUN_TEST(test_bad_peers_are_refused_while_good_clients_work);
     RUN_TEST(test_stopped_daemon_is_a_miss_within_the_timeout);
     RUN_TEST(test_daemon_killed_during_gets_is_a_miss_not_a_hang);
+    RUN_TEST(test_killed_daemon_restarts_on_its_port_and_clients_reconnect);
     RUN_TEST(test_puts_failing_while_hashed_are_not_sent);
     RUN_TEST(test_a_stalled_daemon_keeps_no_slots);
     RUN_TEST(test_corrupted_value_on_the_daemon_is_a_miss);
