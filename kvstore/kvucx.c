@@ -60,10 +60,11 @@ ekv_status kvx_worker_init(kvx_worker *w, ucp_am_recv_callback_t cb, void *arg, 
      * TIME_WAIT / FIN_WAIT for up to a minute, and without SO_REUSEADDR
      * its restart on the same port fails to bind ("Address already in
      * use"). Linux still refuses a second listener on a port that one
-     * holds, so a port in use stays an error. (REUSEADDR is the tcp and
-     * rdma connection managers' setting, UCX_TCP_CM_ / UCX_RDMA_CM_;
-     * either variable, where set, still decides.) */
-    if (!getenv("UCX_TCP_CM_REUSEADDR") && !getenv("UCX_RDMA_CM_REUSEADDR") &&
+     * holds, so a port in use stays an error. This is the tcp connection
+     * manager's UCX_TCP_CM_REUSEADDR ("CM_REUSEADDR" under the tcp prefix),
+     * which still decides where it is set; the rdma one
+     * (UCX_RDMA_CM_REUSEADDR) is left to the environment. */
+    if (!getenv("UCX_TCP_CM_REUSEADDR") &&
         (st = ucp_config_modify(config, "CM_REUSEADDR", "y")) != UCS_OK) {
         ucp_config_release(config);
         return ekv_error_set(err, EKV_EIO, "ucx: REUSEADDR: %s", ucs_status_string(st));
