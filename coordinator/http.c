@@ -260,6 +260,20 @@ static enum MHD_Result reply_unauthorized(struct MHD_Connection *conn, bool give
     return ret;
 }
 
+/* The request the front put in place of a head it refused: the 400 (431
+ * for a head too large) it names, then the connection closes. */
+static enum MHD_Result reply_front_refused(struct MHD_Connection *conn)
+{
+    const char *v =
+        MHD_lookup_connection_value(conn, MHD_HEADER_KIND, HTTP_FRONT_REASON_HEADER);
+    unsigned code = 400;
+    const char *why = v ? http_front_reason(atoi(v), &code) : NULL;
+    return http_reply(conn, code, "application/json",
+                      oai_error_json(why ? why : "malformed request framing",
+                                     "invalid_request_error"),
+                      true);
+}
+
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url,
                                   const char *method, const char *version,
                                   const char *upload_data, size_t *upload_size, void **con_cls)
@@ -274,6 +288,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         *con_cls = hc;
         hc->t_headers = mono_s();
         atomic_fetch_add(&h->active, 1);
+        if (h->front && !strcmp(url, http_front_refuse_path(h->front)))
+            return reply_front_refused(conn);
         const char *bad = framing_error(conn);
         if (bad) {
             hc->refused = true; /* the 400 is the answer: any body is dropped */
@@ -402,7 +418,9 @@ ekv_http *ekv_http_start_opts(ekv_coordinator *c, const ekv_http_opts *o, ekv_er
         h->api_key = *o->api_key;
     unsigned flags = MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD |
                      MHD_USE_POLL | MHD_USE_ITC | MHD_USE_ERROR_LOG |
-                     (ai->ai_family == AF_INET6 ? MHD_USE_IPv6 : 0) | (tls ? MHD_USE_TLS : 0);
+                     (ai->ai_family == AF_INET6 ? MHD_USE_IPv6 : 0) |
+                     /* plain HTTP: connections come from the front (http_front.c) */
+                     (tls ? MHD_USE_TLS : MHD_USE_NO_LISTEN_SOCKET);
     /* The TLS options go last: an MHD_OPTION_END in their place leaves
      * them out for plain HTTP. */
     h->d = MHD_start_daemon(flags, (uint16_t)port, NULL, NULL, on_request, h,
@@ -416,15 +434,31 @@ ekv_http *ekv_http_start_opts(ekv_coordinator *c, const ekv_http_opts *o, ekv_er
                             tls ? o->tls->cert_pem : NULL,
                             MHD_OPTION_HTTPS_MEM_KEY, tls ? o->tls->key_pem : NULL,
                             MHD_OPTION_END);
-    freeaddrinfo(ai);
     if (!h->d) {
+        freeaddrinfo(ai);
         ekv_error_set(err, EKV_EIO, "http: cannot listen on %s:%d%s", host, port,
                       tls ? " (or the TLS certificate or key is not valid)" : "");
         free(h);
         return NULL;
     }
-    const union MHD_DaemonInfo *di = MHD_get_daemon_info(h->d, MHD_DAEMON_INFO_BIND_PORT);
-    h->port = di ? di->port : port;
+    if (!tls) {
+        /* a few relays over the cap: MHD refuses those connections itself */
+        ekv_error ferr = {0};
+        h->front = http_front_start(h->d, ai, (int)o->max_connections + 64, &ferr);
+        if (!h->front) {
+            freeaddrinfo(ai);
+            MHD_stop_daemon(h->d);
+            ekv_error_set(err, EKV_EIO, "http: cannot listen on %s:%d (%s)", host, port,
+                          ferr.msg);
+            free(h);
+            return NULL;
+        }
+        h->port = http_front_port(h->front);
+    } else {
+        const union MHD_DaemonInfo *di = MHD_get_daemon_info(h->d, MHD_DAEMON_INFO_BIND_PORT);
+        h->port = di ? di->port : port;
+    }
+    freeaddrinfo(ai);
     return h;
 }
 
@@ -457,7 +491,11 @@ void ekv_http_stop(ekv_http *h)
     if (!h)
         return;
     atomic_store(&h->stopping, true);
+    if (h->front)
+        http_front_stop_accepting(h->front);
     MHD_stop_daemon(h->d);
+    if (h->front)
+        http_front_free(h->front);
     coord_log("http: stopped");
     free(h);
 }

@@ -171,6 +171,31 @@ def test_untrusted_or_plaintext_http_is_refused(tls_server, pki):
         assert not out.startswith(b"HTTP/"), out
 
 
+def test_https_conflicting_framing_is_400(tls_server, pki):
+    """Over TLS libmicrohttpd reads the bytes itself (the plain-HTTP front
+    is not in the path): the request handler still refuses duplicate and
+    conflicting framing headers, before the API key is asked for."""
+    body = b'{"model":"m","prompt":"Hi","max_tokens":1}'
+    n = str(len(body)).encode()
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+    for framing in (b"Content-Length: " + n + b"\r\nContent-Length: 5\r\n",
+                    b"Content-Length: " + n + b"\r\nTransfer-Encoding: chunked\r\n",
+                    b"Transfer-Encoding: gzip\r\n"):
+        with socket.create_connection(("127.0.0.1", tls_server.http_port), timeout=10 * T) as raw:
+            with ctx_for(pki).wrap_socket(raw, server_hostname="localhost") as s:
+                s.sendall(head + framing + b"\r\n" + body)
+                out = b""
+                while True:
+                    try:
+                        b = s.recv(65536)
+                    except (ConnectionResetError, ssl.SSLError):
+                        break
+                    if not b:
+                        break
+                    out += b
+        assert out.startswith(b"HTTP/1.1 400 ") and out.count(b"HTTP/1.") == 1, (framing, out)
+
+
 # ---- gRPC ----
 
 def grpc_channel(s, pki, port=None, ca="ca", client=None):
