@@ -42,6 +42,7 @@ struct kv_pool {
     void *evict_ctx;
     kv_pin_state pins; /* kvpin.c */
     bool pins_ok;      /* pins initialised */
+    kv_recall_tier *recall_tier; /* NULL, or where its sequences' recall stores attach */
 };
 
 typedef struct kv_head {
@@ -126,6 +127,8 @@ int32_t kv_pool_block_tokens(const kv_pool *pool) { return pool->block_tokens; }
 size_t kv_pool_block_bytes(const kv_pool *pool) { return pool->block_bytes; }
 int64_t kv_pool_shared_blocks(const kv_pool *pool) { return pool->n_shared; }
 uint64_t kv_pool_cow_copies(const kv_pool *pool) { return pool->n_cow; }
+
+void kv_pool_set_recall_tier(kv_pool *pool, kv_recall_tier *tier) { pool->recall_tier = tier; }
 
 void kv_pool_set_evict_hook(kv_pool *pool, kv_evict_fn fn, void *ctx)
 {
@@ -607,6 +610,11 @@ ekv_status kv_seq_recall_enable(kv_seq *seq, int32_t r, ekv_error *err)
                                    kv_recall_r(seq->recall));
     seq->recall = kv_recall_create(seq->n_layers, seq->n_kv_heads, seq->pool->head_dim,
                                    seq->pool->block_tokens, r, err);
+    if (seq->recall && seq->pool->recall_tier &&
+        kv_recall_attach_tier(seq->recall, seq->pool->recall_tier, err)) {
+        kv_recall_free(seq->recall);
+        seq->recall = NULL;
+    }
     return seq->recall ? EKV_OK : err ? err->code : EKV_ENOMEM;
 }
 

@@ -6,6 +6,8 @@
  */
 #include "entrokv/kvrecall.h"
 
+#include "entrokv/kvrecall_tier.h"
+
 #include <math.h>
 #include <stdatomic.h>
 #include <stdbool.h>
@@ -15,9 +17,11 @@
 
 typedef struct rc_head {
     int32_t n_blocks, cap, n_tokens;
-    ekv_f16 *k;      /* cap blocks of head_dim x block_tokens (transposed) */
-    ekv_f16 *v;      /* cap blocks of block_tokens x head_dim */
-    int32_t *pos;    /* cap blocks of block_tokens (INT32_MAX: empty slot) */
+    /* per block, one allocation (blk_bytes): K (head_dim x block_tokens,
+     * transposed), V (block_tokens x head_dim), positions (block_tokens,
+     * INT32_MAX: empty slot); NULL once the block lives only in the tier
+     * behind the store (kvrecall_tier.h) */
+    uint8_t **blk;
     float *kmin;     /* cap digests of head_dim */
     float *kmax;
     int32_t *minpos; /* per block: its earliest position */
@@ -26,8 +30,24 @@ typedef struct rc_head {
 struct kv_recall {
     int32_t n_layers, n_kv_heads, d, bt, r;
     rc_head *heads;
-    _Atomic int64_t selections, blocks_recalled, select_ns;
+    kvrt_seq *tier; /* NULL: the host pool alone */
+    _Atomic int64_t selections, blocks_recalled, select_ns, promotions;
 };
+
+/* A block's bytes and where its K, V and positions start in them. */
+static size_t blk_bytes(const kv_recall *rc)
+{
+    return (size_t)rc->d * rc->bt * 2 * sizeof(ekv_f16) + (size_t)rc->bt * sizeof(int32_t);
+}
+static ekv_f16 *blk_k(uint8_t *p) { return (ekv_f16 *)p; }
+static ekv_f16 *blk_v(const kv_recall *rc, uint8_t *p)
+{
+    return (ekv_f16 *)p + (size_t)rc->d * rc->bt;
+}
+static int32_t *blk_pos(const kv_recall *rc, uint8_t *p)
+{
+    return (int32_t *)((ekv_f16 *)p + (size_t)rc->d * rc->bt * 2);
+}
 
 kv_recall *kv_recall_create(int32_t n_layers, int32_t n_kv_heads, int32_t head_dim,
                             int32_t block_tokens, int32_t r, ekv_error *err)
@@ -57,9 +77,9 @@ kv_recall *kv_recall_create(int32_t n_layers, int32_t n_kv_heads, int32_t head_d
 
 static void head_free(rc_head *h)
 {
-    free(h->k);
-    free(h->v);
-    free(h->pos);
+    for (int32_t b = 0; b < h->n_blocks; b++)
+        free(h->blk[b]);
+    free(h->blk);
     free(h->kmin);
     free(h->kmax);
     free(h->minpos);
@@ -70,6 +90,8 @@ void kv_recall_free(kv_recall *rc)
 {
     if (!rc)
         return;
+    if (rc->tier) /* before the blocks go: it counts their host bytes */
+        kvrt_detach(rc->tier, rc->heads ? kv_recall_host_blocks(rc) : 0);
     for (int32_t i = 0; i < rc->n_layers * rc->n_kv_heads; i++)
         head_free(&rc->heads[i]);
     free(rc->heads);
@@ -90,7 +112,6 @@ static bool head_reserve(const kv_recall *rc, rc_head *h, int32_t cap)
         return true;
     if (cap < 2 * h->cap)
         cap = 2 * h->cap;
-    const size_t kv = (size_t)rc->d * rc->bt;
 #define GROW(field, per)                                                                      \
     do {                                                                                      \
         void *p = realloc(h->field, (size_t)cap * (per) * sizeof *h->field);                  \
@@ -98,9 +119,7 @@ static bool head_reserve(const kv_recall *rc, rc_head *h, int32_t cap)
             return false;                                                                     \
         h->field = p;                                                                         \
     } while (0)
-    GROW(k, kv);
-    GROW(v, kv);
-    GROW(pos, (size_t)rc->bt);
+    GROW(blk, 1);
     GROW(kmin, (size_t)rc->d);
     GROW(kmax, (size_t)rc->d);
     GROW(minpos, 1);
@@ -114,28 +133,65 @@ kv_recall *kv_recall_clone(const kv_recall *src, ekv_error *err)
     kv_recall *rc = kv_recall_create(src->n_layers, src->n_kv_heads, src->d, src->bt, src->r, err);
     if (!rc)
         return NULL;
-    const size_t kv = (size_t)src->d * src->bt;
+    const size_t bb = blk_bytes(src);
+    int64_t host = 0;
     for (int32_t i = 0; i < src->n_layers * src->n_kv_heads; i++) {
         const rc_head *s = &src->heads[i];
         rc_head *h = &rc->heads[i];
         if (!s->n_blocks)
             continue;
-        if (!head_reserve(rc, h, s->n_blocks)) {
-            kv_recall_free(rc);
-            ekv_error_set(err, EKV_ENOMEM, "kv recall: out of memory");
-            return NULL;
+        if (!head_reserve(rc, h, s->n_blocks))
+            goto oom;
+        for (int32_t b = 0; b < s->n_blocks; b++) {
+            h->blk[b] = NULL; /* spilled blocks stay in the tier (kvrt_clone) */
+            h->n_blocks = b + 1;
+            if (s->blk[b] && !(h->blk[b] = malloc(bb)))
+                goto oom;
+            if (s->blk[b]) {
+                memcpy(h->blk[b], s->blk[b], bb);
+                host++;
+            }
         }
         const size_t nb = (size_t)s->n_blocks;
-        memcpy(h->k, s->k, nb * kv * sizeof *h->k);
-        memcpy(h->v, s->v, nb * kv * sizeof *h->v);
-        memcpy(h->pos, s->pos, nb * src->bt * sizeof *h->pos);
         memcpy(h->kmin, s->kmin, nb * src->d * sizeof *h->kmin);
         memcpy(h->kmax, s->kmax, nb * src->d * sizeof *h->kmax);
         memcpy(h->minpos, s->minpos, nb * sizeof *h->minpos);
-        h->n_blocks = s->n_blocks;
         h->n_tokens = s->n_tokens;
     }
+    if (src->tier && !(rc->tier = kvrt_clone(src->tier, host, err))) {
+        kv_recall_free(rc);
+        return NULL;
+    }
+    atomic_store(&rc->promotions, atomic_load(&((kv_recall *)src)->promotions));
     return rc;
+oom:
+    kv_recall_free(rc);
+    ekv_error_set(err, EKV_ENOMEM, "kv recall: out of memory");
+    return NULL;
+}
+
+ekv_status kv_recall_attach_tier(kv_recall *rc, kv_recall_tier *t, ekv_error *err)
+{
+    if (rc->tier || kv_recall_host_blocks(rc))
+        return ekv_error_set(err, EKV_EINVAL, "kv recall: attach a tier to an empty store");
+    rc->tier = kvrt_attach(t, rc->n_layers, rc->n_kv_heads, rc->r, blk_bytes(rc), err);
+    return rc->tier ? EKV_OK : err ? err->code : EKV_ENOMEM;
+}
+
+int64_t kv_recall_host_blocks(const kv_recall *rc)
+{
+    int64_t n = 0;
+    for (int32_t i = 0; i < rc->n_layers * rc->n_kv_heads; i++)
+        for (int32_t b = 0; b < rc->heads[i].n_blocks; b++)
+            n += rc->heads[i].blk[b] != NULL;
+    return n;
+}
+
+void kv_recall_count_promotions(kv_recall *rc, int64_t n)
+{
+    atomic_fetch_add_explicit(&rc->promotions, n, memory_order_relaxed);
+    if (rc->tier)
+        kv_recall_tier_count_promotions(kvrt_tier(rc->tier), n);
 }
 
 ekv_status kv_recall_add(kv_recall *rc, int32_t layer, int32_t head, const kern_kv_view *view,
@@ -153,11 +209,18 @@ ekv_status kv_recall_add(kv_recall *rc, int32_t layer, int32_t head, const kern_
     const int32_t need = (h->n_tokens + n + bt - 1) / bt;
     if (!head_reserve(rc, h, need))
         return ekv_error_set(err, EKV_ENOMEM, "kv recall: out of memory for %d blocks", need);
+    const int32_t first_new = h->n_blocks; /* the partial last block, if any, is in host memory */
+    for (int32_t b = first_new; b < need; b++)
+        if (!(h->blk[b] = malloc(blk_bytes(rc)))) {
+            while (b-- > first_new)
+                free(h->blk[b]);
+            return ekv_error_set(err, EKV_ENOMEM, "kv recall: out of memory for %d blocks", need);
+        }
     const size_t kv = (size_t)d * bt;
     for (int32_t i = 0; i < n; i++) {
         const int32_t t = dropped[i], slot = h->n_tokens % bt, b = h->n_tokens / bt;
-        ekv_f16 *kb = h->k + (size_t)b * kv, *vb = h->v + (size_t)b * kv;
-        int32_t *pb = h->pos + (size_t)b * bt;
+        ekv_f16 *kb = blk_k(h->blk[b]), *vb = blk_v(rc, h->blk[b]);
+        int32_t *pb = blk_pos(rc, h->blk[b]);
         float *mn = h->kmin + (size_t)b * d, *mx = h->kmax + (size_t)b * d;
         if (slot == 0) { /* a fresh block: empty slots read as zero keys the mask hides */
             memset(kb, 0, kv * sizeof *kb);
@@ -189,6 +252,11 @@ ekv_status kv_recall_add(kv_recall *rc, int32_t layer, int32_t head, const kern_
             h->minpos[b] = pb[slot];
         h->n_tokens++;
     }
+    /* the tier may put complete blocks away (beyond the host cap); its
+     * failure to track them costs only the cap, never a block */
+    if (rc->tier && !kvrt_added(rc->tier, layer, head, h->blk, h->n_blocks, h->n_tokens / bt,
+                                need - first_new))
+        return ekv_error_set(err, EKV_ENOMEM, "kv recall: out of memory in the tier");
     return EKV_OK;
 }
 
@@ -209,13 +277,13 @@ int32_t kv_recall_block(const kv_recall *rc, int32_t layer, int32_t head, int32_
     const rc_head *h = head_of(rc, layer, head);
     if (b < 0 || b >= h->n_blocks)
         return 0;
-    const size_t kv = (size_t)rc->d * rc->bt;
+    uint8_t *p = h->blk[b]; /* NULL: spilled to the tier */
     if (k)
-        *k = h->k + b * kv;
+        *k = p ? blk_k(p) : NULL;
     if (v)
-        *v = h->v + b * kv;
+        *v = p ? blk_v(rc, p) : NULL;
     if (pos)
-        *pos = h->pos + (size_t)b * rc->bt;
+        *pos = p ? blk_pos(rc, p) : NULL;
     if (kmin)
         *kmin = h->kmin + (size_t)b * rc->d;
     if (kmax)
@@ -360,27 +428,39 @@ int32_t kv_recall_view(kv_recall *rc, int32_t layer, int32_t head, const float *
         }
         n_top = top_blocks(h, bound, q_pos, rc->r, top);
     }
+    int32_t n_in = 0; /* blocks that join: a spilled one not fetched in time is skipped */
     if (n_top > 0) {
-        const size_t kv = (size_t)d * bt;
+        if (rc->tier)
+            kvrt_view_begin(rc->tier, layer, head, h->blk, h->n_blocks);
         for (int32_t i = 0; i < n_top; i++) {
-            kp[i] = h->k + (size_t)top[i] * kv;
-            vp[i] = h->v + (size_t)top[i] * kv;
-            pp[i] = h->pos + (size_t)top[i] * bt;
+            uint8_t *p = h->blk[top[i]];
+            if (!p && rc->tier)
+                p = (uint8_t *)kvrt_fetch(rc->tier, layer, head, top[i], top, n_top);
+            if (!p)
+                continue;
+            kp[n_in] = blk_k(p);
+            vp[n_in] = blk_v(rc, p);
+            pp[n_in] = blk_pos(rc, p);
+            n_in++;
         }
+        if (rc->tier) /* after the pointers are taken: it may move host copies into slots */
+            kvrt_view_end(rc->tier, layer, head, h->blk, top, n_top, n_in);
+    }
+    if (n_in > 0) {
         for (int32_t b = 0; b < res_blocks; b++) {
-            kp[n_top + b] = resident->k_blocks[b];
-            vp[n_top + b] = resident->v_blocks[b];
-            pp[n_top + b] = resident->pos_blocks[b];
+            kp[n_in + b] = resident->k_blocks[b];
+            vp[n_in + b] = resident->v_blocks[b];
+            pp[n_in + b] = resident->pos_blocks[b];
         }
         out->k_blocks = kp;
         out->v_blocks = vp;
         out->pos_blocks = pp;
-        out->n_tokens = resident->n_tokens + n_top * bt;
+        out->n_tokens = resident->n_tokens + n_in * bt;
     }
     atomic_fetch_add_explicit(&rc->selections, 1, memory_order_relaxed);
-    atomic_fetch_add_explicit(&rc->blocks_recalled, n_top, memory_order_relaxed);
+    atomic_fetch_add_explicit(&rc->blocks_recalled, n_in, memory_order_relaxed);
     atomic_fetch_add_explicit(&rc->select_ns, now_ns() - t0, memory_order_relaxed);
-    return n_top;
+    return n_in;
 }
 
 void kv_recall_get_stats(const kv_recall *rc, kv_recall_stats *st)
@@ -392,7 +472,11 @@ void kv_recall_get_stats(const kv_recall *rc, kv_recall_stats *st)
         st->evicted_tokens += rc->heads[i].n_tokens;
         st->digest_blocks += rc->heads[i].n_blocks;
     }
-    st->host_bytes = st->digest_blocks * (block_bytes + 2 * rc->d * (int64_t)sizeof(float) + 4);
+    st->spilled_blocks = st->digest_blocks - kv_recall_host_blocks(rc);
+    st->host_bytes = (st->digest_blocks - st->spilled_blocks) * block_bytes +
+                     st->digest_blocks * (2 * rc->d * (int64_t)sizeof(float) + 4);
+    st->deadline_misses = rc->tier ? kvrt_misses(rc->tier) : 0;
+    st->promotions = atomic_load(&rc->promotions);
     st->buffer_bytes = (int64_t)rc->r * block_bytes * rc->n_layers * rc->n_kv_heads;
     st->selections = atomic_load(&rc->selections);
     st->blocks_recalled = atomic_load(&rc->blocks_recalled);

@@ -81,6 +81,10 @@ void kv_seq_view(const kv_seq *seq, int32_t layer, int32_t head, kern_kv_view *v
  */
 typedef void (*kv_evict_fn)(void *ctx, const kv_seq *seq, int32_t layer, int32_t head,
                             const kern_kv_view *view, const int32_t *dropped, int32_t n_dropped);
+/* The recall tier (kvrecall_tier.h) the recall stores of this pool's
+ * sequences attach to when enabled (NULL: none); it must outlive them. */
+typedef struct kv_recall_tier kv_recall_tier;
+void kv_pool_set_recall_tier(kv_pool *pool, kv_recall_tier *tier);
 void kv_pool_set_evict_hook(kv_pool *pool, kv_evict_fn fn, void *ctx);
 
 /*

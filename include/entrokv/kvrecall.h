@@ -21,7 +21,9 @@
  * so a recall is zero-copy; "bytes recalled" counts what a device-resident
  * cache would copy (R blocks per head per step, no reuse). A partly filled
  * recall block pads its empty slots with position INT32_MAX, which the
- * causal mask always hides (exact zeros in the softmax).
+ * causal mask always hides (exact zeros in the softmax). Each block is one
+ * allocation, so the tier behind the store can take it out of host memory
+ * (kv_recall_attach_tier).
  *
  * Threading: kv_recall_add runs on the step engine's thread (kv_seq_keep);
  * kv_recall_view may run concurrently for different (row, KV head) items
@@ -88,11 +90,29 @@ typedef struct kv_recall_stats {
     int64_t blocks_recalled; /* blocks that joined attention */
     int64_t bytes_recalled;  /* their K, V and positions */
     int64_t deadline_misses; /* recalls skipped for lateness (0: the host pool never is) */
-    int64_t promotions;      /* blocks promoted into the resident set (0: not yet) */
+    int64_t promotions;      /* blocks promoted into the resident set (kv_recall_count_promotions) */
     double select_s;         /* summed over threads: ranking and view building */
-    int64_t host_bytes;      /* the store's K/V/positions and digests */
+    int64_t host_bytes;      /* the store's K/V/positions in host memory, and digests */
+    int64_t spilled_blocks;  /* blocks whose K/V live only in the tier (kvrecall_tier.h) */
     int64_t buffer_bytes;    /* the recall buffer: r blocks per (layer, KV head) */
 } kv_recall_stats;
 void kv_recall_get_stats(const kv_recall *rc, kv_recall_stats *st);
+
+/* Counts n blocks promoted into the resident set, in the store's stats and
+ * its tier's (the engine's /metrics). */
+void kv_recall_count_promotions(kv_recall *rc, int64_t n);
+
+/*
+ * The tier behind the store (kvrecall_tier.h): a host-memory cap shared by
+ * the engine's stores, complete blocks beyond it in the KV store daemons.
+ * Attach before the first add (kv_seq_recall_enable does, when the pool has
+ * a tier). A spilled block's K/V/positions are gone from host memory:
+ * kv_recall_block gives NULL for them (digests stay), and kv_recall_view
+ * joins it only once fetched back, skipping it (a deadline miss) before.
+ */
+typedef struct kv_recall_tier kv_recall_tier;
+ekv_status kv_recall_attach_tier(kv_recall *rc, kv_recall_tier *t, ekv_error *err);
+/* Blocks whose K/V are in host memory now. */
+int64_t kv_recall_host_blocks(const kv_recall *rc);
 
 #endif
