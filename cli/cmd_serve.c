@@ -39,6 +39,7 @@
 #include "entrokv/grpc_server.h"
 #include "entrokv/http.h"
 #include "entrokv/kvprefix.h"
+#include "entrokv/kvrecall_store.h"
 #include "entrokv/kvstore.h"
 #include "entrokv/metrics.h"
 #include "entrokv/model.h"
@@ -56,7 +57,7 @@ static void usage_split(FILE *out, serve_mode mode)
                 "                        127.0.0.1:50061; port 0: any free port)\n"
                 "  engine flags as for `entrokv serve`: --threads --ctx --kv-tokens\n"
                 "  --max-running --max-queued --max-batch --prefill-chunk --default-max-tokens\n"
-                "  --drain-grace --drain-timeout --kvstore-mb --kvstore-peers\n"
+                "  --drain-grace --drain-timeout --kvstore-mb --kvstore-peers --recall-host-mb\n"
                 "  --kvstore-token-file --kv-profile --config\n"
                 "  --tls-cert FILE, --tls-key FILE  the listener speaks TLS only\n"
                 SERVE_SEC_WORKER_USAGE);
@@ -104,6 +105,9 @@ static void usage(FILE *out)
             "  --kvstore-mb N        host KV store tier: prompt KV kept for reuse by later\n"
             "                        requests with the same prefix (default 1024; 0: off)\n"
             "  --kvstore-peers H:P,...  kvstore daemons (entrokv kvstore) behind the host tier\n"
+            "  --recall-host-mb N    host memory for evicted blocks kept for recall (requests\n"
+            "                        with recall), over all sequences; beyond it they go to\n"
+            "                        the --kvstore-peers daemons (default: no cap)\n"
             "  --kv-profile P        UNComp profile for kv_method \"uncomp\" (default\n"
             "                        profiles/<model>.uncomp; 'none': online entropy)\n"
             "  --kvstore-token-file F   their shared auth token\n"
@@ -137,6 +141,7 @@ typedef struct serve_opts {
     const char *kv_method;              /* request defaults (--kv-method / --kv-budget) */
     float kv_budget;
     int32_t kvstore_mb;                 /* host tier; 0: off */
+    int32_t recall_host_mb;             /* recall blocks in host memory; -1: no cap */
     const char *kvstore_peers, *kvstore_token_file;
     const char *kvstore_ns, *kvstore_ns_key_file; /* namespace (docs/kvstore.md) */
     const char *kv_profile; /* --kv-profile PATH | none */
@@ -184,7 +189,7 @@ static const struct {
     {"max-queued", F_SERVE | F_WORKER},            {"max-batch", F_SERVE | F_WORKER},
     {"prefill-chunk", F_SERVE | F_WORKER},
     {"kvstore-mb", F_SERVE | F_WORKER},            {"kvstore-peers", F_SERVE | F_WORKER},
-    {"kvstore-token-file", F_SERVE | F_WORKER},
+    {"kvstore-token-file", F_SERVE | F_WORKER},   {"recall-host-mb", F_SERVE | F_WORKER},
     {"kv-profile", F_SERVE | F_WORKER},            {"kvstore-namespace", F_SERVE | F_WORKER},
     {"kvstore-namespace-key-file", F_SERVE | F_WORKER},
     {"tls-cert", F_SERVE | F_WORKER | F_COORD},    {"tls-key", F_SERVE | F_WORKER | F_COORD},
@@ -230,6 +235,7 @@ static int parse(int argc, char **argv, serve_mode mode, serve_opts *o)
     o->default_max_tokens = 256;
     o->kv_budget = 1.0f;
     o->kvstore_mb = 1024;
+    o->recall_host_mb = -1;
     o->drain_grace = 5;
     o->drain_timeout = 30;
     o->dns_interval = 10;
@@ -281,6 +287,8 @@ static int parse(int argc, char **argv, serve_mode mode, serve_opts *o)
             ok = cli_take_int(argc, argv, &i, 0, 65536, &o->prefill_chunk);
         } else if (!strcmp(a, "--kvstore-mb")) {
             ok = cli_take_int(argc, argv, &i, 0, 1 << 24, &o->kvstore_mb);
+        } else if (!strcmp(a, "--recall-host-mb")) {
+            ok = cli_take_int(argc, argv, &i, 0, 1 << 24, &o->recall_host_mb);
         } else if (!strcmp(a, "--kv-profile")) {
             ok = cli_take_str(argc, argv, &i, &o->kv_profile);
         } else if (!strcmp(a, "--kvstore-peers")) {
@@ -322,6 +330,10 @@ static int parse(int argc, char **argv, serve_mode mode, serve_opts *o)
         cli_error(mode_name[mode], "--kv-method/--kv-budget: %s", kv_err.msg);
         return CLI_USAGE;
     }
+    if (o->recall_host_mb >= 0 && !o->kvstore_peers) {
+        cli_error(mode_name[mode], "--recall-host-mb needs --kvstore-peers (where the rest goes)");
+        return CLI_USAGE;
+    }
     if (o->kvstore_peers && !o->kvstore_token_file) {
         cli_error(mode_name[mode], "--kvstore-peers needs --kvstore-token-file");
         return CLI_USAGE;
@@ -350,6 +362,8 @@ static int parse(int argc, char **argv, serve_mode mode, serve_opts *o)
 typedef struct server {
     ekv_model *model;
     kvstore_client *kvstore;  /* the KV store tier: host pool and daemons */
+    kvstore_client *recall_kvstore; /* --recall-host-mb: the daemons alone, for recall blocks */
+    kv_recall_tier *recall_tier;    /* the engine's recall counters, and cap */
     kvprefix *prefix;
     engine_prefix_cache prefix_cache;
     ekv_engine *engine;
@@ -557,10 +571,21 @@ static ekv_status start_kvstore(const serve_opts *o, server *s, ekv_error *err)
         rc = err->code ? err->code : EKV_ENOMEM;
         goto out;
     }
+    if (o->recall_host_mb >= 0) { /* its own client: no host tier to copy blocks into */
+        kc.local_capacity = 0;
+        kc.promote_remote_hits = false;
+        if (!(s->recall_kvstore = kvstore_client_create(&kc, err))) {
+            rc = err->code ? err->code : EKV_ENOMEM;
+            goto out;
+        }
+    }
     kvprefix_on_saved(s->prefix, prefix_saved, s);
     s->prefix_cache = (engine_prefix_cache){prefix_restore_start, prefix_restore_ready,
                                             prefix_restore_finish, prefix_save, s};
     coord_log("kvstore: host tier %d MiB, %d daemon(s)", o->kvstore_mb, kc.n_peers);
+    if (s->recall_kvstore)
+        coord_log("recall: %d MiB of evicted blocks in host memory, the rest on the daemons",
+                  o->recall_host_mb);
 out:
     if (token) {
         memset(token, 0, token_len);
@@ -591,6 +616,14 @@ static ekv_status start(const serve_opts *o, server *s, ekv_error *err)
     if (start_kvstore(o, s, err))
         return err->code;
     ec.prefix_cache = s->prefix ? &s->prefix_cache : NULL;
+    kv_recall_backend rb;
+    if (s->recall_kvstore)
+        kvrecall_store_backend(s->recall_kvstore, &rb);
+    if (!(s->recall_tier = kv_recall_tier_create(
+              s->recall_kvstore ? (int64_t)o->recall_host_mb << 20 : -1,
+              s->recall_kvstore ? &rb : NULL, err)))
+        return err->code;
+    ec.recall_tier = s->recall_tier;
     ec.n_threads = o->threads;
     ec.max_ctx = ctx;
     ec.kv_tokens = o->kv_tokens ? o->kv_tokens : 4 * ctx;
@@ -657,6 +690,8 @@ static void stop(server *s)
     kvprefix_drain(s->prefix); /* the copier's last submits, before the client goes */
     kvstore_client_destroy(s->kvstore); /* first: its last saves' callbacks use the prefix */
     kvprefix_destroy(s->prefix);
+    kvstore_client_destroy(s->recall_kvstore); /* finishes the ops whose callbacks use it */
+    kv_recall_tier_destroy(s->recall_tier);
     metrics_free(s->metrics);
     model_free(s->model);
     serve_sec_free(&s->sec);

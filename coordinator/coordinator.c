@@ -251,6 +251,11 @@ void coord_gauges(ekv_coordinator *c, metrics_gauges *g)
     g->kv_bytes_saved_by[2] = s.kv_bytes_saved_decode;
     g->kv_blocks_shared = s.kv_blocks_shared;
     g->kv_cow_copies = (int64_t)s.kv_cow_copies;
+    g->recall_blocks = s.recall_blocks;
+    g->recall_bytes = s.recall_bytes;
+    g->recall_deadline_misses = s.recall_deadline_misses;
+    g->recall_promotions = s.recall_promotions;
+    g->recall_spilled_blocks = s.recall_spilled_blocks;
 }
 
 void coord_stats(ekv_coordinator *c, engine_stats *sum)
@@ -274,6 +279,11 @@ void coord_stats(ekv_coordinator *c, engine_stats *sum)
         sum->steps += s.steps;
         sum->kv_blocks_shared += s.kv_blocks_shared;
         sum->kv_cow_copies += s.kv_cow_copies;
+        sum->recall_blocks += s.recall_blocks;
+        sum->recall_bytes += s.recall_bytes;
+        sum->recall_deadline_misses += s.recall_deadline_misses;
+        sum->recall_promotions += s.recall_promotions;
+        sum->recall_spilled_blocks += s.recall_spilled_blocks;
     }
     pthread_mutex_unlock(&c->groups_mu);
 }

@@ -260,6 +260,21 @@ char *metrics_render(ekv_metrics *m, const metrics_gauges *g, size_t *len)
     for (int i = 0; i < 3; i++)
         out_printf(&o, "entrokv_kv_bytes_saved_by_mechanism_total{mechanism=\"%s\"} %lld\n",
                    mech[i], (long long)gg->kv_bytes_saved_by[i]);
+    render_scalar(&o, "entrokv_recall_blocks_total", "counter",
+                  "Evicted KV blocks recalled into attention (per layer, KV head and step).",
+                  gg->recall_blocks);
+    render_scalar(&o, "entrokv_recall_bytes_total", "counter",
+                  "K, V and position bytes of the recalled blocks.", gg->recall_bytes);
+    render_scalar(&o, "entrokv_recall_deadline_misses_total", "counter",
+                  "Recall blocks skipped for a step because the KV store had not delivered "
+                  "them in time.",
+                  gg->recall_deadline_misses);
+    render_scalar(&o, "entrokv_recall_promotions_total", "counter",
+                  "Recall blocks promoted into the resident set.", gg->recall_promotions);
+    render_scalar(&o, "entrokv_recall_spilled_blocks_total", "counter",
+                  "Recall blocks put to the KV store daemons beyond the host cap "
+                  "(--recall-host-mb).",
+                  gg->recall_spilled_blocks);
     render_scalar(&o, "entrokv_kvstore_hits_total", "counter",
                   "Prefix KV blocks restored from the KV store.",
                   (int64_t)atomic_load(&m->kvstore.hits));

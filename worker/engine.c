@@ -17,6 +17,7 @@
  * RNG stream is kept, and nothing already streamed is emitted again).
  */
 #include "engine_internal.h"
+#include "entrokv/kvrecall_tier.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -677,6 +678,7 @@ ekv_engine *engine_create(const ekv_model *m, const engine_config *cfg, ekv_erro
     e->stats.kv_blocks_total = kv_pool_total_blocks(e->pool);
     e->stats.kv_blocks_free = kv_pool_free_blocks(e->pool);
     kv_pool_set_release_hook(e->pool, pins_released, e);
+    kv_pool_set_recall_tier(e->pool, cfg->recall_tier);
     if (pthread_create(&e->thread, NULL, engine_main, e)) {
         ekv_error_set(err, EKV_EIO, "engine: cannot start the engine thread");
         goto fail;
@@ -788,6 +790,15 @@ void engine_stats_get(ekv_engine *e, engine_stats *s)
     s->queued = e->n_queued;
     s->running = e->n_running;
     pthread_mutex_unlock(&e->mu);
+    if (e->cfg.recall_tier) { /* its own atomics */
+        kv_recall_tier_stats ts;
+        kv_recall_tier_stats_get(e->cfg.recall_tier, &ts);
+        s->recall_blocks = ts.blocks_recalled;
+        s->recall_bytes = ts.bytes_recalled;
+        s->recall_deadline_misses = ts.deadline_misses;
+        s->recall_promotions = ts.promotions;
+        s->recall_spilled_blocks = ts.spilled_blocks;
+    }
 }
 
 void engine_drain(ekv_engine *e)

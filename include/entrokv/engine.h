@@ -86,6 +86,10 @@ typedef struct engine_config {
     int32_t max_running;  /* sequences in the batch at once; <= max_batch */
     int32_t max_queued;   /* waiting requests; engine_submit says EKV_EBUSY beyond */
     const engine_prefix_cache *prefix_cache; /* NULL: none; must outlive the engine */
+    /* NULL: none; else the recall stores of the engine's sequences attach
+     * to it (kvrecall_tier.h: a host cap, the daemon behind it, counters);
+     * must outlive the engine */
+    struct kv_recall_tier *recall_tier;
 } engine_config;
 
 /* n_threads 0, max_batch 256, prefill_chunk 64, max_ctx 2048, kv_tokens 8192,
@@ -158,6 +162,10 @@ typedef struct engine_stats {
     uint64_t steps;
     int64_t kv_blocks_shared;    /* pool blocks held by more than one sequence (n > 1) */
     uint64_t kv_cow_copies;      /* blocks copied on write since the start */
+    /* recall (with a recall tier): blocks and bytes that joined attention,
+     * top-R blocks skipped as late, promotions, blocks spilled to the tier */
+    int64_t recall_blocks, recall_bytes, recall_deadline_misses, recall_promotions;
+    int64_t recall_spilled_blocks;
 } engine_stats;
 
 /* m must outlive the engine; cfg NULL: defaults. EKV_EINVAL for a bad config. */

@@ -13,7 +13,9 @@
  * generated_tokens_total, ttft_seconds, inter_token_latency_seconds,
  * queue_depth, running_sequences, kv_blocks_used, kv_blocks_free,
  * kv_blocks_shared, kv_cow_copies_total, kv_bytes_saved_total,
- * kvstore_hits_total, kvstore_misses_total.
+ * kvstore_hits_total, kvstore_misses_total, recall_blocks_total,
+ * recall_bytes_total, recall_deadline_misses_total, recall_promotions_total,
+ * recall_spilled_blocks_total.
  */
 #ifndef ENTROKV_METRICS_H
 #define ENTROKV_METRICS_H
@@ -55,6 +57,9 @@ typedef struct metrics_gauges {
     int64_t kv_bytes_saved_by[3]; /* of which by token policies, SparK, SCOPE (counters) */
     int64_t kv_blocks_shared; /* blocks held by more than one sequence (n > 1 choices) */
     int64_t kv_cow_copies;    /* blocks copied on write (a counter in the output) */
+    /* recall (kvrecall_tier.h), counters in the output */
+    int64_t recall_blocks, recall_bytes, recall_deadline_misses, recall_promotions;
+    int64_t recall_spilled_blocks;
 } metrics_gauges;
 
 /* NULL when out of memory. */

@@ -1,0 +1,136 @@
+/*
+ * recall_fake_backend.h - an in-process backend for the recall tier
+ * (kvrecall_tier.h) whose ops complete only when the test pumps them (a
+ * daemon's latency, made deterministic), fail (MODE_DOWN: a daemon that is
+ * down) or never complete (MODE_STALL: a stopped one). Single-threaded:
+ * the test pumps between views, never inside one.
+ */
+#ifndef EKV_RECALL_FAKE_BACKEND_H
+#define EKV_RECALL_FAKE_BACKEND_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "entrokv/kvrecall_tier.h"
+
+enum { MODE_OK, MODE_DOWN, MODE_STALL };
+
+typedef struct fake_op {
+    int kind; /* 1 put, 2 get */
+    uint8_t key[KV_RECALL_KEY_BYTES];
+    void *buf;
+    size_t len;
+    kv_recall_done_fn done;
+    void *arg;
+} fake_op;
+
+typedef struct fake_entry {
+    uint8_t key[KV_RECALL_KEY_BYTES];
+    uint8_t *val;
+    size_t len;
+} fake_entry;
+
+typedef struct fake_be {
+    int mode;
+    fake_op q[4096];
+    int nq;
+    fake_entry e[4096];
+    int ne;
+    int64_t puts, gets, dels;
+} fake_be;
+
+static inline fake_entry *find(fake_be *f, const uint8_t *key)
+{
+    for (int i = 0; i < f->ne; i++)
+        if (!memcmp(f->e[i].key, key, KV_RECALL_KEY_BYTES))
+            return &f->e[i];
+    return NULL;
+}
+
+static inline bool fake_queue(fake_be *f, int kind, const uint8_t *key, void *buf, size_t len,
+                       kv_recall_done_fn done, void *arg)
+{
+    if (f->nq == 4096)
+        return false;
+    fake_op *o = &f->q[f->nq++];
+    o->kind = kind;
+    memcpy(o->key, key, KV_RECALL_KEY_BYTES);
+    o->buf = buf;
+    o->len = len;
+    o->done = done;
+    o->arg = arg;
+    return true;
+}
+
+static inline bool fake_put(void *ctx, const uint8_t *key, const void *val, size_t len,
+                     kv_recall_done_fn done, void *arg)
+{
+    ((fake_be *)ctx)->puts++;
+    return fake_queue(ctx, 1, key, (void *)val, len, done, arg);
+}
+
+static inline bool fake_get(void *ctx, const uint8_t *key, void *buf, size_t len, kv_recall_done_fn done,
+                     void *arg)
+{
+    ((fake_be *)ctx)->gets++;
+    return fake_queue(ctx, 2, key, buf, len, done, arg);
+}
+
+static inline bool fake_del(void *ctx, const uint8_t (*keys)[KV_RECALL_KEY_BYTES], size_t n)
+{
+    fake_be *f = ctx;
+    for (size_t i = 0; i < n; i++) {
+        fake_entry *e = find(f, keys[i]);
+        if (!e)
+            continue;
+        free(e->val);
+        *e = f->e[--f->ne];
+        f->dels++;
+    }
+    return true;
+}
+
+/* Completes every queued op (unless stalled); returns how many. */
+static inline int pump(fake_be *f)
+{
+    if (f->mode == MODE_STALL)
+        return 0;
+    int n = f->nq;
+    fake_op ops[4096];
+    memcpy(ops, f->q, (size_t)n * sizeof *ops);
+    f->nq = 0;
+    for (int i = 0; i < n; i++) {
+        fake_op *o = &ops[i];
+        bool ok = false;
+        if (f->mode == MODE_OK && o->kind == 1) {
+            fake_entry *e = find(f, o->key);
+            if (!e) {
+                e = &f->e[f->ne++];
+                memcpy(e->key, o->key, KV_RECALL_KEY_BYTES);
+            } else {
+                free(e->val);
+            }
+            e->val = malloc(o->len);
+            memcpy(e->val, o->buf, o->len);
+            e->len = o->len;
+            ok = true;
+        } else if (f->mode == MODE_OK && o->kind == 2) {
+            fake_entry *e = find(f, o->key);
+            if (e && e->len == o->len) {
+                memcpy(o->buf, e->val, o->len);
+                ok = true;
+            }
+        }
+        o->done(o->arg, ok);
+    }
+    return n;
+}
+
+static inline kv_recall_backend backend_of(fake_be *f)
+{
+    return (kv_recall_backend){fake_put, fake_get, fake_del, f};
+}
+
+#endif
