@@ -112,7 +112,7 @@ ekv_status comm_allgather(ekv_comm *c, const void *send, size_t bytes_per_rank,
         return ekv_error_set(err, EKV_EINVAL,
                              "allgather: the send buffer overlaps the receive buffer "
                              "elsewhere than at this rank's own part");
-    if (c->size == 1) {
+    if (c->size == 1 && !c->ops->device_buffers) {
         if (s != own)
             memcpy(recv, send, bytes_per_rank);
         return comm_leave(c, EKV_OK, 0);

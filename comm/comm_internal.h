@@ -13,6 +13,7 @@
 
 typedef struct comm_ops {
     const char *name;
+    int device_buffers; /* buffers are GPU memory: comm.c must not touch them */
     ekv_status (*allreduce_sum_f32)(ekv_comm *c, float *buf, size_t n, ekv_error *err);
     ekv_status (*allgather)(ekv_comm *c, const void *send, size_t bytes_per_rank,
                             void *recv, ekv_error *err);

@@ -12,7 +12,7 @@
  *   comm_open_mpi      one rank per process under mpirun (OpenMPI); EKV_EUNSUPPORTED
  *                      in a build without MPI.
  *   comm_open_nccl     NCCL over GPU buffers, bootstrapped through an MPI
- *                      communicator; only in a CUDA + NCCL build.
+ *                      communicator; NCCL is loaded at run time.
  *
  * Contract, for every backend:
  *  - Collective: every rank of the group calls the same collective with the
@@ -76,10 +76,13 @@ void comm_threads_group_abort(comm_threads_group *g);
  * without MPI. */
 ekv_comm *comm_open_mpi(int timeout_ms, ekv_error *err);
 
-/* NCCL over the GPU `device`, its unique id broadcast through the MPI
+/* NCCL over the GPU `device` (NCCL and the CUDA runtime loaded at run time;
+ * not yet run on a device), its unique id broadcast through the MPI
  * communicator `boot` (which must outlive the NCCL one). Buffers passed to
- * its collectives are device pointers. EKV_EUNSUPPORTED unless built with
- * CUDA and NCCL. */
+ * its collectives are device pointers. EKV_EUNSUPPORTED where libnccl.so.2 or
+ * the CUDA runtime cannot be loaded, EKV_EUNAVAILABLE where no device answers.
+ * Opening is collective over boot; a peer that never joins blocks
+ * ncclCommInitRank (not bounded by the timeout). */
 ekv_comm *comm_open_nccl(ekv_comm *boot, int device, ekv_error *err);
 
 /* ---- the collectives ---- */

@@ -366,12 +366,35 @@ static void test_threads_open_rejects_bad_ranks(void)
     comm_free(c);
 }
 
-static void test_unbuilt_backends_say_so(void)
+/* No bootstrap communicator or a negative device: refused before NCCL is
+ * even looked for. (NCCL itself is exercised only where a GPU is lent.) */
+static void test_nccl_rejects_bad_arguments(void)
 {
     ekv_error err = {0};
-    ekv_comm *c = comm_open_nccl(NULL, 0, &err);
-    CHECK(c == NULL);
-    CHECK(err.code == EKV_EUNSUPPORTED || err.code == EKV_EINVAL);
+    CHECK(comm_open_nccl(NULL, 0, &err) == NULL);
+    CHECK_EQ_INT(err.code, EKV_EINVAL);
+    ekv_comm *boot = comm_open_local(&err);
+    CHECK(comm_open_nccl(boot, -1, &err) == NULL);
+    CHECK_EQ_INT(err.code, EKV_EINVAL);
+    comm_free(boot);
+}
+
+/* Where NCCL or a GPU is missing (this CI), opening says which, as a value. */
+static void test_nccl_without_a_device_is_an_error_value(void)
+{
+    ekv_error err = {0};
+    ekv_comm *boot = comm_open_local(&err);
+    ekv_comm *c = comm_open_nccl(boot, 0, &err);
+    if (c) { /* a GPU machine: a one-rank NCCL communicator */
+        CHECK_STR(comm_backend_name(c), "nccl");
+        CHECK_EQ_INT(comm_barrier(c, &err), EKV_OK);
+    } else {
+        CHECK(err.code == EKV_EUNSUPPORTED || err.code == EKV_EUNAVAILABLE);
+        CHECK(strstr(err.msg, "NCCL") != NULL);
+        fprintf(stderr, "  (NCCL here: %s)\n", err.msg);
+    }
+    comm_free(c);
+    comm_free(boot);
 }
 
 int main(void)
@@ -382,6 +405,7 @@ int main(void)
     RUN_TEST(test_threads_abort_wakes_every_waiting_rank);
     RUN_TEST(test_threads_mismatched_collectives_are_einval_and_the_group_goes_on);
     RUN_TEST(test_threads_open_rejects_bad_ranks);
-    RUN_TEST(test_unbuilt_backends_say_so);
+    RUN_TEST(test_nccl_rejects_bad_arguments);
+    RUN_TEST(test_nccl_without_a_device_is_an_error_value);
     return TEST_EXIT();
 }
