@@ -759,6 +759,20 @@ static kv_seq *seq_copy(const kv_seq *src, bool share, ekv_error *err)
 kv_seq *kv_seq_clone(const kv_seq *src, ekv_error *err) { return seq_copy(src, false, err); }
 kv_seq *kv_seq_fork(const kv_seq *src, ekv_error *err) { return seq_copy(src, true, err); }
 
+int32_t kv_seq_take_block(kv_seq *seq, int32_t layer, int32_t head)
+{
+    kv_pool *pool = seq->pool;
+    kv_head *h = head_at(seq, layer, head);
+    if (pool->n_free == 0 || h->packed.n || h->n_tokens != h->n_blocks * pool->block_tokens ||
+        (h->n_blocks == h->cap && !head_grow(h)))
+        return -1;
+    const int32_t id = head_take_block(pool, h);
+    h->n_tokens += pool->block_tokens;
+    if (h->n_tokens > seq->next_pos)
+        seq->next_pos = h->n_tokens;
+    return id;
+}
+
 int32_t kv_seq_whole_block(const kv_seq *seq, int32_t layer, int32_t head, int32_t b)
 {
     const kv_head *h = head_at(seq, layer, head);

@@ -30,6 +30,10 @@ kv_pin_state *kv_pool_pin_state(kv_pool *pool);
 uint8_t *kv_pool_block_mem(const kv_pool *pool, int32_t id);
 void kv_pool_block_ref(kv_pool *pool, int32_t id);
 void kv_pool_block_unref(kv_pool *pool, int32_t id);
+/* Appends an unwritten block to (layer, head), which holds whole blocks and
+ * no packed prefix, counted as block_tokens tokens at the next positions;
+ * its id, or -1 (pool empty, no memory, a ragged head). */
+int32_t kv_seq_take_block(kv_seq *seq, int32_t layer, int32_t head);
 /* The id of block b of (layer, head) if the head holds it whole and has no
  * packed (SparK) prefix; else -1. */
 int32_t kv_seq_whole_block(const kv_seq *seq, int32_t layer, int32_t head, int32_t b);

@@ -18,6 +18,7 @@
 
 struct kv_pin {
     kv_pool *pool;
+    bool writable; /* kv_seq_reserve's: the holder fills the blocks */
     int32_t n_layers, n_kv_heads, n_blocks;
     int32_t *ids; /* [layer][head][block] */
     kv_pin *next; /* on the pool's released list */
@@ -72,6 +73,43 @@ kv_pin *kv_seq_pin(const kv_seq *seq, int32_t first_block, int32_t n_blocks, ekv
     s->n_pins++;
     pthread_mutex_unlock(&s->mu);
     return pin;
+}
+
+kv_pin *kv_seq_reserve(kv_seq *seq, int32_t n_blocks, ekv_error *err)
+{
+    const int32_t L = kv_seq_n_layers(seq), H = kv_seq_n_kv_heads(seq);
+    if (n_blocks <= 0 || kv_seq_max_len(seq) != 0) {
+        ekv_error_set(err, EKV_EINVAL, "kv reserve: %d blocks into a sequence of %d tokens",
+                      n_blocks, kv_seq_max_len(seq));
+        return NULL;
+    }
+    if (kv_pool_free_blocks(kv_seq_pool(seq)) < (int64_t)n_blocks * L * H) {
+        ekv_error_set(err, EKV_ENOMEM, "kv reserve: needs %lld blocks, %lld free",
+                      (long long)n_blocks * L * H,
+                      (long long)kv_pool_free_blocks(kv_seq_pool(seq)));
+        return NULL;
+    }
+    kv_pin *pin = NULL;
+    for (int32_t l = 0; l < L; l++)
+        for (int32_t h = 0; h < H; h++)
+            for (int32_t b = 0; b < n_blocks; b++)
+                if (kv_seq_take_block(seq, l, h) < 0)
+                    goto undo;
+    if ((pin = kv_seq_pin(seq, 0, n_blocks, err))) {
+        pin->writable = true;
+        return pin;
+    }
+undo:
+    for (int32_t l = 0; l < L; l++)
+        for (int32_t h = 0; h < H; h++)
+            kv_seq_keep(seq, l, h, NULL, 0, NULL);
+    ekv_error_set(err, EKV_ENOMEM, "kv reserve: out of memory");
+    return NULL;
+}
+
+void *kv_pin_block_write(const kv_pin *pin, int32_t layer, int32_t head, int32_t block)
+{
+    return pin->writable ? (void *)kv_pin_block(pin, layer, head, block) : NULL;
 }
 
 int32_t kv_pin_blocks(const kv_pin *pin)

@@ -41,6 +41,7 @@ typedef struct save_job {
     int32_t *tokens;   /* the n_blocks whole blocks' tokens: the copier makes the keys */
     kvstore_op *ops;
     uint8_t *values;
+    struct kvprefix_job *restore; /* set: not a save, this restore's copy into the pool */
     struct save_job *next;
 } save_job;
 
@@ -49,6 +50,7 @@ typedef struct save_job {
 #define KVPREFIX_MAX_QUEUED 8
 
 static bool start_copier(kvprefix *p);
+static void restore_copy(struct kvprefix_job *j);
 
 /* The model's identity: its shape and name, plus a hash of the start of its
  * token embeddings, so two finetunes of one architecture never share KV. */
@@ -219,7 +221,12 @@ static void *copier_main(void *arg)
         if (!p->head)
             p->tail = NULL;
         pthread_mutex_unlock(&p->mu);
-        save_copy(job);
+        if (job->restore) {
+            restore_copy(job->restore);
+            save_job_free(job);
+        } else {
+            save_copy(job);
+        }
         pthread_mutex_lock(&p->mu);
         p->queued--;
         pthread_cond_broadcast(&p->cv);
@@ -242,6 +249,19 @@ static bool start_copier(kvprefix *p)
         return false;
     }
     return true;
+}
+
+static void enqueue(kvprefix *p, save_job *job)
+{
+    pthread_mutex_lock(&p->mu);
+    if (p->tail)
+        p->tail->next = job;
+    else
+        p->head = job;
+    p->tail = job;
+    p->queued++;
+    pthread_cond_broadcast(&p->cv);
+    pthread_mutex_unlock(&p->mu);
 }
 
 void kvprefix_save(kvprefix *p, const kv_seq *seq, const int32_t *tokens, int32_t n,
@@ -276,15 +296,7 @@ void kvprefix_save(kvprefix *p, const kv_seq *seq, const int32_t *tokens, int32_
     /* references, not a copy: the copier reads the blocks meanwhile */
     if (!(job->pin = kv_seq_pin(seq, first_block, n_save, NULL)))
         goto skip;
-    pthread_mutex_lock(&p->mu);
-    if (p->tail)
-        p->tail->next = job;
-    else
-        p->head = job;
-    p->tail = job;
-    p->queued++;
-    pthread_cond_broadcast(&p->cv);
-    pthread_mutex_unlock(&p->mu);
+    enqueue(p, job);
     return;
 skip:
     atomic_fetch_add(&p->skipped, 1);
@@ -302,13 +314,21 @@ struct kvprefix_job {
     void (*wake)(void *);
     void *wake_arg;
     _Atomic bool arrived; /* every get has its result */
-    atomic_int owners;    /* the engine's (until finish) and the store's (until done): 2 */
+    atomic_int owners;    /* the engine's (until finish), the store's (until done) and,
+                             while it copies, the copier's */
     pthread_mutex_t mu;   /* a wake and a drop never overlap */
+    pthread_cond_t cv;    /* copied (kvprefix_restore waits on it) */
     bool dropped;         /* under mu: nobody to wake */
+    /* the second half: the copier fills the blocks finish reserved */
+    bool placing;         /* the engine's: finish reserved got blocks and queued the copy */
+    int32_t got;          /* block-rows being copied */
+    kv_pin *pin;          /* on the reserved blocks, until the copier releases it */
+    _Atomic bool copied;
 };
 
 static void job_free(kvprefix_job *j)
 {
+    pthread_cond_destroy(&j->cv);
     pthread_mutex_destroy(&j->mu);
     free(j->ops);
     free(j->values);
@@ -352,6 +372,7 @@ static kvprefix_job *job_start(kvprefix *p, const int32_t *tokens, int32_t n_blo
         *j = (kvprefix_job){.p = p, .n_blocks = n_get, .wake = wake, .wake_arg = wake_arg};
         atomic_init(&j->owners, 2);
         pthread_mutex_init(&j->mu, NULL);
+        pthread_cond_init(&j->cv, NULL);
         j->ops = calloc((size_t)n_get, sizeof *j->ops);
         j->values = malloc((size_t)n_get * p->value_bytes);
     }
@@ -397,57 +418,95 @@ kvprefix_job *kvprefix_restore_start(kvprefix *p, const int32_t *tokens, int32_t
 
 bool kvprefix_restore_ready(const kvprefix_job *j)
 {
-    return atomic_load(&j->arrived);
+    return j->placing ? atomic_load(&j->copied) : atomic_load(&j->arrived);
+}
+
+/* On the copier: the arrived block-rows into the blocks finish reserved
+ * (unless the request was dropped meanwhile), then the pin released and
+ * the engine woken. */
+static void restore_copy(kvprefix_job *j)
+{
+    kvprefix *p = j->p;
+    pthread_mutex_lock(&j->mu);
+    const bool dropped = j->dropped;
+    pthread_mutex_unlock(&j->mu);
+    for (int32_t i = 0; i < j->got && !dropped; i++) {
+        const uint8_t *v = j->values + (size_t)i * p->value_bytes;
+        for (int32_t l = 0; l < p->L; l++)
+            for (int32_t h = 0; h < p->HKV; h++)
+                memcpy(kv_pin_block_write(j->pin, l, h, i),
+                       v + ((size_t)l * p->HKV + h) * p->block_bytes, p->block_bytes);
+    }
+    kv_pin_release(j->pin); /* the pool's thread reaps it: before finish reads the blocks */
+    j->pin = NULL;
+    pthread_mutex_lock(&j->mu);
+    atomic_store(&j->copied, true);
+    if (j->wake && !j->dropped)
+        j->wake(j->wake_arg);
+    pthread_cond_broadcast(&j->cv);
+    pthread_mutex_unlock(&j->mu);
+    job_put(j);
 }
 
 int32_t kvprefix_restore_finish(kvprefix_job *j, kv_seq *seq)
 {
     kvprefix *p = j->p;
     if (!seq) {
-        /* a drop (a cancel, say) never waits on the store: the engine goes
-         * on at once, and whichever of us is last frees the job */
+        /* a drop (a cancel, say) never waits on the store nor the copier:
+         * the engine goes on at once, and whichever of us is last frees the
+         * job (a pending copy's pin keeps its blocks until it is done) */
         pthread_mutex_lock(&j->mu); /* waits out a wake in progress, never the store */
         j->dropped = true;
         pthread_mutex_unlock(&j->mu);
         kvstore_batch_abandon(j->batch);
+        j->batch = NULL;
         job_put(j);
         return 0;
     }
+    kv_pool *pool = kv_seq_pool(seq);
+    if (j->placing) { /* the copier is done (ready): the prefix is in seq */
+        kv_pool_reap(pool); /* the copy's pin goes back: seq alone holds the blocks */
+        const int32_t got = j->got;
+        atomic_fetch_add(&p->restored, (uint64_t)got);
+        atomic_fetch_add(&p->restored_tokens, (uint64_t)got * p->bt);
+        job_put(j);
+        return got * p->bt;
+    }
     kvstore_batch_release(j->batch); /* waits if needed, bounded by the op timeout */
-    kv_pool_reap(kv_seq_pool(seq)); /* the pool's thread: saves' pins go back first */
+    j->batch = NULL;
+    kv_pool_reap(pool); /* the pool's thread: saves' pins go back first */
     int32_t got = 0;
-    if (seq && kv_seq_max_len(seq) == 0) {
+    if (kv_seq_max_len(seq) == 0) {
         int32_t n_blocks = j->n_blocks;
-        const int64_t room = kv_pool_free_blocks(kv_seq_pool(seq)) / ((int64_t)p->L * p->HKV);
+        const int64_t room = kv_pool_free_blocks(pool) / ((int64_t)p->L * p->HKV);
         if (n_blocks > room)
             n_blocks = (int32_t)room;
         while (got < n_blocks && job_got(j, got))
             got++;
-        for (int32_t i = 0; i < got; i++) {
-            const uint8_t *v = j->values + (size_t)i * p->value_bytes;
-            for (int32_t l = 0; l < p->L; l++)
-                for (int32_t h = 0; h < p->HKV; h++)
-                    if (kv_seq_block_import(seq, l, h,
-                                            v + ((size_t)l * p->HKV + h) * p->block_bytes, p->bt,
-                                            NULL) != EKV_OK)
-                        goto undo; /* cannot happen: room was checked */
+    }
+    /* the blocks are taken here, their bytes copied on the copier: the
+     * engine keeps stepping the others and calls again once ready */
+    if (got > 0 && (j->pin = kv_seq_reserve(seq, got, NULL))) {
+        save_job *w = calloc(1, sizeof *w);
+        if (w) {
+            j->placing = true;
+            j->got = got;
+            w->p = p;
+            w->restore = j;
+            atomic_fetch_add(&j->owners, 1); /* the copier's */
+            enqueue(p, w);
+            return KVPREFIX_PENDING;
         }
+        kv_pin_release(j->pin); /* no copy: give the blocks back */
+        j->pin = NULL;
+        for (int32_t l = 0; l < p->L; l++)
+            for (int32_t h = 0; h < p->HKV; h++)
+                kv_seq_keep(seq, l, h, NULL, 0, NULL);
+        kv_pool_reap(pool);
     }
-    goto out;
-undo:
-    for (int32_t l = 0; l < p->L; l++)
-        for (int32_t h = 0; h < p->HKV; h++)
-            kv_seq_keep(seq, l, h, NULL, 0, NULL);
-    got = 0;
-out:
-    if (got > 0) {
-        atomic_fetch_add(&p->restored, (uint64_t)got);
-        atomic_fetch_add(&p->restored_tokens, (uint64_t)got * p->bt);
-    } else if (seq) {
-        atomic_fetch_add(&p->misses, 1);
-    }
+    atomic_fetch_add(&p->misses, 1);
     job_put(j); /* the store's done ran before the release returned: ours is the last */
-    return got * p->bt;
+    return 0;
 }
 
 int32_t kvprefix_restore(kvprefix *p, kv_seq *seq, const int32_t *tokens, int32_t n,
@@ -456,7 +515,16 @@ int32_t kvprefix_restore(kvprefix *p, kv_seq *seq, const int32_t *tokens, int32_
     if (kv_seq_max_len(seq) != 0)
         return 0;
     kvprefix_job *j = kvprefix_restore_start(p, tokens, n, max_tokens, NULL, NULL);
-    return j ? kvprefix_restore_finish(j, seq) : 0;
+    if (!j)
+        return 0;
+    int32_t got = kvprefix_restore_finish(j, seq);
+    if (got != KVPREFIX_PENDING)
+        return got;
+    pthread_mutex_lock(&j->mu); /* the copier's turn */
+    while (!atomic_load(&j->copied))
+        pthread_cond_wait(&j->cv, &j->mu);
+    pthread_mutex_unlock(&j->mu);
+    return kvprefix_restore_finish(j, seq);
 }
 
 int64_t kvprefix_recall(kvprefix *p, kv_seq *seq, const int32_t *tokens, int32_t n,

@@ -269,6 +269,8 @@ static void settle_restores(ekv_engine *e)
         if (!q->restore_job || !pc->restore_ready(pc->ctx, q->restore_job))
             continue;
         const int32_t got = pc->restore_finish(pc->ctx, q->restore_job, q->seq);
+        if (got < 0)
+            continue; /* its blocks are being filled off this thread: ready again later */
         q->restore_job = NULL;
         engine_prompt_start(e, q, got);
     }

@@ -50,7 +50,11 @@ typedef struct ekv_engine ekv_engine;
  * is nothing to ask for; the engine goes on stepping the other sequences
  * while the store works, and wake(wake_arg) (on the store's thread, must not
  * block) tells it the job is ready. restore_finish puts the restored prefix
- * into the empty seq and returns its tokens; only the rest is prefilled.
+ * into the empty seq and returns its tokens; only the rest is prefilled. It
+ * may instead return a negative value: the job goes on (kvprefix reserves
+ * seq's blocks and fills them on its own thread), seq's KV must not be
+ * touched, and the engine calls restore_finish again once ready (woken
+ * again by wake).
  * With seq NULL it discards the job (the request was cancelled or
  * preempted); it may wait for the store, bounded by its op timeout. When a
  * prompt's prefill completes, before compression, save offers its full KV

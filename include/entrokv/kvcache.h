@@ -161,6 +161,17 @@ ekv_status kv_seq_block_import(kv_seq *seq, int32_t layer, int32_t head, const v
  */
 typedef struct kv_pin kv_pin;
 kv_pin *kv_seq_pin(const kv_seq *seq, int32_t first_block, int32_t n_blocks, ekv_error *err);
+/* The other way (a restore filled off the pool's thread): appends n_blocks
+ * unwritten whole blocks to every head of the empty seq, counted as tokens
+ * at positions [0, n_blocks * block_tokens), and returns a pin on them
+ * through which another thread writes them (kv_pin_block_write) before
+ * releasing it. Nothing may read seq's heads until then (the caller sees
+ * to it); freeing seq meanwhile is safe, the pin holds the blocks.
+ * EKV_EINVAL unless seq is empty; EKV_ENOMEM when the pool lacks the
+ * blocks (seq stays empty). */
+kv_pin *kv_seq_reserve(kv_seq *seq, int32_t n_blocks, ekv_error *err);
+/* A kv_seq_reserve pin's block to fill; NULL for a kv_seq_pin pin. */
+void *kv_pin_block_write(const kv_pin *pin, int32_t layer, int32_t head, int32_t block);
 int32_t kv_pin_blocks(const kv_pin *pin); /* blocks per head */
 /* Block `block` (0-based within the pin) of (layer, head), in
  * kv_seq_block_export's layout; NULL out of range. */

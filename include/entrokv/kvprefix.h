@@ -21,9 +21,10 @@
  * thread (the thread that owns the KV pool). save copies nothing there: it
  * pins the blocks (kv_seq_pin: references, copy-on-write keeps the engine
  * off them) and the kvprefix's own copier thread copies them out, releases
- * the pins and hands the values to the store; restore either waits for its
- * gets (kvprefix_restore) or runs in the background (kvprefix_restore_start
- * / _finish); recall waits (bounded by the client's op timeout).
+ * the pins and hands the values to the store; restore either waits
+ * (kvprefix_restore) or runs in the background (kvprefix_restore_start /
+ * _finish), its copy into the pool on the copier too; recall waits (bounded
+ * by the client's op timeout) and copies on the calling thread.
  */
 #ifndef ENTROKV_KVPREFIX_H
 #define ENTROKV_KVPREFIX_H
@@ -83,22 +84,29 @@ void kvprefix_hold(kvprefix *p, bool held);
 
 /* Restores into the empty seq the longest stored prefix of tokens[0, n) of
  * whole blocks, at most max_tokens tokens; returns the tokens restored (0:
- * nothing found, or the pool had no room). Waits for the store: start +
- * finish. */
+ * nothing found, or the pool had no room). Waits for the store and the
+ * copier: start + finish (+ finish). */
 int32_t kvprefix_restore(kvprefix *p, kv_seq *seq, const int32_t *tokens, int32_t n,
                          int32_t max_tokens);
 
 /*
- * The same in two halves, so the caller keeps working while the gets are in
- * flight (the step engine keeps decoding other sequences). start submits the
- * gets and returns at once (NULL: nothing to restore, or the store is busy);
- * wake(wake_arg), if set, is called on the store's thread when they have all
- * arrived (it must not block). ready says whether they have. finish imports
- * the stored prefix into the empty seq and frees the job; it waits if the
- * gets are still in flight (bounded by the store's op timeout). finish with
- * seq NULL discards the job (a cancelled request). Every job must be
- * finished, on the thread that started it.
+ * The same in steps, so the caller keeps working while the gets are in
+ * flight and while the prefix is copied into the pool (the step engine
+ * keeps decoding other sequences). start submits the gets and returns at
+ * once (NULL: nothing to restore, or the store is busy); wake(wake_arg), if
+ * set, is called (on the store's or the copier's thread; it must not block)
+ * each time the job becomes ready. ready says whether it is. finish, once
+ * the gets are in (it waits for them otherwise, bounded by the store's op
+ * timeout), takes the blocks for the stored prefix from the pool into the
+ * empty seq (kv_seq_reserve) and queues their copy on the copier: it
+ * returns KVPREFIX_PENDING, and the caller must not touch seq's KV until
+ * ready again, then call finish again, which returns the tokens restored
+ * and frees the job. A miss returns 0 at the first call. finish with seq
+ * NULL discards the job at any step (a cancelled request; then free seq as
+ * usual: a pending copy's pin holds its blocks). Every job must be finished
+ * on the thread that owns seq's pool.
  */
+#define KVPREFIX_PENDING (-1)
 typedef struct kvprefix_job kvprefix_job;
 kvprefix_job *kvprefix_restore_start(kvprefix *p, const int32_t *tokens, int32_t n,
                                      int32_t max_tokens, void (*wake)(void *), void *wake_arg);
