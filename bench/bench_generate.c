@@ -27,7 +27,9 @@
 #include "bench_ref.h"
 #include "cli.h"
 #include "entrokv/generate.h"
+#include "entrokv/compress.h"
 #include "entrokv/kvcache.h"
+#include "entrokv/kvrecall.h"
 #include "entrokv/model.h"
 #include "entrokv/tokenizer.h"
 
@@ -39,6 +41,7 @@
 #define MAX_REPS 100
 
 typedef struct bench_opts {
+    cli_kv_opts kv; /* --kv-method, --kv-budget, --recall ...: entrokv's prompt compression */
     const char *model, *text, *llama_bench;
     int32_t threads, n_decode, chunk, reps, bw_mib;
     int32_t contexts[MAX_CONTEXTS];
@@ -48,6 +51,9 @@ typedef struct bench_opts {
 
 typedef struct bench_result {
     double prefill_tps, decode_tps;
+    /* with --recall: the store's counters after the decode steps */
+    int64_t recall_blocks, recall_bytes, recall_evicted;
+    double recall_select_s;
 } bench_result;
 
 /* Every repetition of one context: [0] entrokv, [1] llama.cpp FA on, [2] off. */
@@ -83,9 +89,15 @@ static int parse(int argc, char **argv, bench_opts *o)
                       .chunk = 512, .reps = 5, .bw_mib = 1024, .reference = true,
                       .fa_on = true, .fa_off = true};
     parse_contexts("128,512,2048,8192", o);
+    cli_kv_defaults(&o->kv);
     for (int i = 2; i < argc; i++) {
         const char *a = argv[i], *s;
         bool ok = true;
+        const int kv = cli_kv_take(argc, argv, &i, &o->kv);
+        if (kv < 0)
+            return CLI_USAGE;
+        if (kv)
+            continue;
         if (!strcmp(a, "--model"))
             ok = cli_take_str(argc, argv, &i, &o->model);
         else if (!strcmp(a, "--text"))
@@ -181,20 +193,33 @@ static int32_t argmax(const float *x, int32_t n)
     return best;
 }
 
-/* Prefill n_prompt ids, then n_decode greedy steps, timing each phase. */
-static ekv_status measure(ekv_runtime *rt, kv_pool *kv, const int32_t *prompt, int32_t n_prompt,
-                          int32_t n_decode, bench_result *r, ekv_error *err)
+/* Prefill n_prompt ids (compressed with pol unless NULL, the compression
+ * timed with the prefill), then n_decode greedy steps, timing each phase. */
+static ekv_status measure(ekv_runtime *rt, kv_pool *kv, const kvc_policy *pol,
+                          const int32_t *prompt, int32_t n_prompt, int32_t n_decode,
+                          bench_result *r, ekv_error *err)
 {
-    const ekv_model_config *c = model_config(model_runtime_model(rt));
+    const ekv_model *m = model_runtime_model(rt);
+    const ekv_model_config *c = model_config(m);
     float *logits = malloc((size_t)c->n_vocab * sizeof *logits);
     kv_seq *seq = kv_seq_create(kv, c->n_layers, c->n_kv_heads, err);
+    kvc_capture *cap = NULL;
     ekv_status rc = EKV_OK;
+    *r = (bench_result){0};
     if (!logits || !seq) {
         rc = seq ? ekv_error_set(err, EKV_ENOMEM, "out of memory") : err->code;
         goto out;
     }
     double t0 = gen_now();
-    rc = model_prefill(rt, seq, prompt, n_prompt, 0, NULL, logits, err);
+    if (pol && !(cap = kvc_capture_create(pol, m, n_prompt, 0, err))) {
+        rc = err->code;
+        goto out;
+    }
+    rc = model_prefill(rt, seq, prompt, n_prompt, 0, cap ? kvc_capture_tap(cap, seq) : NULL,
+                       logits, err);
+    kvc_report rep;
+    if (!rc && cap)
+        rc = kvc_capture_compress(cap, rt, seq, &rep, err);
     double t1 = gen_now();
     for (int32_t i = 0; i < n_decode && !rc; i++) {
         int32_t id = argmax(logits, c->n_vocab), p = n_prompt + i;
@@ -204,7 +229,16 @@ static ekv_status measure(ekv_runtime *rt, kv_pool *kv, const int32_t *prompt, i
     double t2 = gen_now();
     r->prefill_tps = n_prompt / (t1 - t0);
     r->decode_tps = n_decode / (t2 - t1);
+    if (kv_seq_recall(seq)) {
+        kv_recall_stats st;
+        kv_recall_get_stats(kv_seq_recall(seq), &st);
+        r->recall_blocks = st.blocks_recalled;
+        r->recall_bytes = st.bytes_recalled;
+        r->recall_evicted = st.evicted_tokens;
+        r->recall_select_s = st.select_s;
+    }
 out:
+    kvc_capture_free(cap);
     kv_seq_free(seq);
     free(logits);
     return rc;
@@ -421,6 +455,7 @@ static int bench_generate(const bench_opts *o)
             max_ctx = o->contexts[i];
     ekv_runtime *rt = NULL;
     kv_pool *kv = NULL;
+    kvc_profile *prof = NULL;
     int32_t *ids = NULL;
     ctx_runs *runs = calloc((size_t)o->n_contexts, sizeof *runs);
     llamacpp_info info = {0};
@@ -446,8 +481,13 @@ static int bench_generate(const bench_opts *o)
     if (o->bw_mib > 0 && !read_bandwidth(o, "before", (size_t)o->bw_mib << 20, &bw[0]))
         goto out;
     bench_result warm;
-    if (measure(rt, kv, ids, 32, 4, &warm, &err))
+    if (measure(rt, kv, NULL, ids, 32, 4, &warm, &err))
         goto fail;
+    kvc_policy pol;
+    const bool compress = strcmp(o->kv.method, "full") != 0 || o->kv.recall > 0;
+    if (compress && (ret = cli_kv_policy("bench", &o->kv, m, o->model, &pol, &prof)) != CLI_OK)
+        goto out;
+    ret = CLI_FAIL;
     /* Rounds outermost, engines alternating inside each (and which goes first
      * alternating between rounds), so drift in the machine's speed falls on
      * both engines alike. */
@@ -463,13 +503,24 @@ static int bench_generate(const bench_opts *o)
                     continue;
                 }
                 bench_result *r = &runs[i].r[ENG_OURS][runs[i].n[ENG_OURS]++];
-                if (measure(rt, kv, ids, n_prompt, o->n_decode, r, &err))
+                if (measure(rt, kv, compress ? &pol : NULL, ids, n_prompt, o->n_decode, r, &err))
                     goto fail;
                 printf("{\"bench\":\"generate\",\"engine\":\"entrokv\",\"round\":%d,\"context\":%d,"
                        "\"prompt_tokens\":%d,\"decode_tokens\":%d,\"threads\":%d,"
-                       "\"prefill_tokens_per_s\":%.2f,\"decode_tokens_per_s\":%.2f}\n",
+                       "\"prefill_tokens_per_s\":%.2f,\"decode_tokens_per_s\":%.2f",
                        round, ctx, n_prompt, o->n_decode, o->threads, r->prefill_tps,
                        r->decode_tps);
+                if (compress)
+                    printf(",\"kv_method\":\"%s\",\"kv_budget\":%g,\"recall\":%d", o->kv.method,
+                           o->kv.budget, o->kv.recall);
+                if (o->kv.recall > 0) /* per decode step (one token): what recall moved */
+                    printf(",\"recall_blocks\":%lld,\"recall_bytes\":%lld,"
+                           "\"recall_bytes_per_token\":%.1f,\"recall_evicted_tokens\":%lld,"
+                           "\"recall_select_s\":%.6f",
+                           (long long)r->recall_blocks, (long long)r->recall_bytes,
+                           (double)r->recall_bytes / o->n_decode, (long long)r->recall_evicted,
+                           r->recall_select_s);
+                printf("}\n");
             }
             fflush(stdout);
         }
@@ -487,6 +538,7 @@ static int bench_generate(const bench_opts *o)
 fail:
     cli_error("bench", "%s", err.msg);
 out:
+    kvc_profile_free(prof);
     free(runs);
     free(ids);
     model_runtime_free(rt);
@@ -502,7 +554,9 @@ int cmd_bench(int argc, char **argv)
                 "usage: entrokv bench generate --model PATH [--contexts 128,512,2048,8192]\n"
                 "       [--threads 2] [--n-decode 64] [--chunk 512] [--text FILE] [--reps 5]\n"
                 "       [--flash-attn both|on|off] [--bw-mib 1024] [--llama-bench PATH]\n"
-                "       [--no-reference] [--json]\n"
+                "       [--no-reference] [--json] [--kv-method M --kv-budget B [--recall R]]\n"
+                "       (entrokv's prompt compressed with M at B, recall R per head and step;\n"
+                "       the JSON lines then carry recall_bytes_per_token)\n"
                 "       entrokv bench serve|kvstore|restore|soak --help\n");
         return argc < 2 ? CLI_USAGE : CLI_OK;
     }

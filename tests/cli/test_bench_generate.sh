@@ -130,5 +130,30 @@ expect bench_fa_bad 2 "--flash-attn expects on, off or both" -- \
     "$bin" bench generate "${args[@]}" --flash-attn maybe
 expect bench_bw_small 2 "--bw-mib" -- "$bin" bench generate "${args[@]}" --bw-mib 3
 
+# --recall: the entrokv lines carry the recall counters; with R = 1 every
+# (layer, KV head) recalls one block at every decode step (the evicted
+# blocks all precede the decode positions), each block 16 tokens of fp16 K
+# and V (head_dim 64) and int32 positions
+if "$bin" bench generate --model "$model" --contexts 96 --n-decode 4 --reps 1 --bw-mib 0 \
+    --text "$tmp/text" --no-reference --kv-method snapkv --kv-budget 0.5 --recall 1 \
+    >"$tmp/rout" 2>"$tmp/rerr"; then
+    if python3 - "$tmp/rout" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+r = [x for x in rows if x["bench"] == "generate"][0]
+heads = 30 * 3  # SmolLM2-135M: 30 layers x 3 KV heads
+block = 2 * 16 * 64 * 2 + 16 * 4
+assert r["kv_method"] == "snapkv" and r["recall"] == 1, r
+assert r["recall_blocks"] == 4 * heads, r
+assert r["recall_bytes"] == 4 * heads * block, r
+assert r["recall_bytes_per_token"] == heads * block, r
+assert r["recall_evicted_tokens"] > 0, r
+PY
+    then ok bench_recall_fields; else fail "bench_recall_fields: $(head -c 600 "$tmp/rout")"; fi
+else
+    fail "bench --recall: $(head -c 400 "$tmp/rerr")"
+fi
+expect bench_recall_bad 2 "recall" -- "$bin" bench generate "${args[@]}" --no-reference --recall -1
+
 [ "$fails" -eq 0 ] || { echo "$fails failed"; exit 1; }
 echo "all passed"
