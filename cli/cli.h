@@ -53,6 +53,8 @@ typedef struct cli_kv_opts {
     double spark_ratio;  /* --spark-ratio r (0: off) */
     const char *spark_recovery; /* --spark-recovery avg | zero */
     int32_t recall;      /* --recall R: evicted blocks per head rejoining each step (0: off) */
+    int32_t recall_every;   /* --recall-every K (0: default) */
+    int32_t recall_promote; /* --recall-promote 0|1 (default 1) */
 } cli_kv_opts;
 
 #define CLI_KV_USAGE                                                                          \
@@ -67,7 +69,10 @@ typedef struct cli_kv_opts {
     "  --spark-recovery M    SparK recovery of pruned channels: avg (default) or zero\n"       \
     "  --recall R            recall: per KV head, the R evicted 16-token blocks whose key\n"  \
     "                        digests bound q.k highest rejoin attention each decode step;\n"  \
-    "                        their 16R tokens come out of the budget (default 0: off)\n"
+    "                        their 16R tokens come out of the budget (default 0: off)\n"  \
+    "  --recall-every K      rank the recall blocks every K decode steps (default 1)\n"      \
+    "  --recall-promote 0|1  promote recall blocks that keep winning attention mass into\n"  \
+    "                        the resident set, demoting the weakest (default 1)\n"
 
 void cli_kv_defaults(cli_kv_opts *o);
 /* Consumes argv[*i] if it is one of the --kv-* flags: 1 taken, 0 not a kv

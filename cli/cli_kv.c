@@ -9,6 +9,7 @@
 
 #include "cli.h"
 #include "entrokv/compress.h"
+#include "entrokv/kvrecall.h"
 
 void cli_kv_defaults(cli_kv_opts *o)
 {
@@ -20,6 +21,7 @@ void cli_kv_defaults(cli_kv_opts *o)
     o->scope_window = 512; /* and its smaller W */
     o->spark_ratio = 0.0;
     o->spark_recovery = "avg";
+    o->recall_promote = 1;
 }
 
 int cli_kv_take(int argc, char **argv, int *i, cli_kv_opts *o)
@@ -37,6 +39,10 @@ int cli_kv_take(int argc, char **argv, int *i, cli_kv_opts *o)
         return cli_take_int(argc, argv, i, 2, 1 << 24, &o->scope_window) ? 1 : -1;
     if (!strcmp(a, "--recall"))
         return cli_take_int(argc, argv, i, 0, KVC_RECALL_MAX, &o->recall) ? 1 : -1;
+    if (!strcmp(a, "--recall-every"))
+        return cli_take_int(argc, argv, i, 1, KV_RECALL_EVERY_MAX, &o->recall_every) ? 1 : -1;
+    if (!strcmp(a, "--recall-promote"))
+        return cli_take_int(argc, argv, i, 0, 1, &o->recall_promote) ? 1 : -1;
     if (!strcmp(a, "--spark-recovery"))
         return cli_take_str(argc, argv, i, &o->spark_recovery) ? 1 : -1;
     if (!strcmp(a, "--spark-ratio")) {
@@ -85,6 +91,8 @@ int cli_kv_policy(const char *cmd, const cli_kv_opts *o, const struct ekv_model 
         return CLI_USAGE;
     }
     policy->recall = o->recall;
+    policy->recall_every = o->recall_every;
+    policy->recall_no_promote = !o->recall_promote;
     if (policy->method != KVC_UNCOMP || (o->profile && !strcmp(o->profile, "none")))
         return CLI_OK;
     char path[4096];

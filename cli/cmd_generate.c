@@ -179,6 +179,7 @@ static void print_json(const gen_result *r)
         cJSON_AddNumberToObject(o, "recall_bytes_per_token", r->recall.bytes_recalled / steps);
         cJSON_AddNumberToObject(o, "recall_deadline_misses", (double)r->recall.deadline_misses);
         cJSON_AddNumberToObject(o, "recall_promotions", (double)r->recall.promotions);
+        cJSON_AddNumberToObject(o, "recall_rankings", (double)r->recall.selections);
         cJSON_AddNumberToObject(o, "recall_select_s", r->recall.select_s);
         cJSON_AddNumberToObject(o, "recall_buffer_bytes", (double)r->recall.buffer_bytes);
     }

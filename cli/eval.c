@@ -93,13 +93,15 @@ static void recall_metrics(const kv_seq *s, int32_t n, eval_metrics *out)
     out->recall_evicted = st.evicted_tokens;
     out->recall_buffer_bytes = st.buffer_bytes;
     out->recall_select_s = st.select_s;
+    out->recall_rankings = st.selections;
+    out->recall_promotions = st.promotions;
 }
 
-/* Logits of every row of tokens[0, n) at positions pos0.., appended to s. */
+/* Logits of every row of tokens[0, n) at positions pos0.., appended to s,
+ * chunk rows per forward. */
 static ekv_status forward_all(ekv_runtime *rt, kv_seq *s, const int32_t *tokens, int32_t n,
-                              int32_t pos0, float *logits, ekv_error *err)
+                              int32_t pos0, float *logits, int32_t chunk, ekv_error *err)
 {
-    const int32_t chunk = model_runtime_max_batch(rt);
     const int32_t V = model_config(model_runtime_model(rt))->n_vocab;
     int32_t *pos = malloc((size_t)chunk * sizeof *pos);
     kv_seq **seqs = malloc((size_t)chunk * sizeof *seqs);
@@ -257,8 +259,12 @@ ekv_status eval_ppl(ekv_runtime *rt, const int32_t *tokens, int32_t prefix, int3
             rc = forward_decode(rt, s, &pols[i].p.decode, tokens + prefix, cont, prefix, dst,
                                 &out[i], err);
         } else {
+            /* recall decodes one token per forward, as generation does: a
+             * row alone in its step ranks every K steps and promotes
+             * (kvrecall.h); a teacher-forced batch would do neither */
             out[i].kv_bytes_mean = mean_bytes_growing(s, cont);
-            rc = forward_all(rt, s, tokens + prefix, cont, prefix, dst, err);
+            rc = forward_all(rt, s, tokens + prefix, cont, prefix, dst,
+                             pols[i].p.recall > 0 ? 1 : model_runtime_max_batch(rt), err);
         }
         out[i].kv_bytes_end = kv_seq_bytes(s);
         recall_metrics(s, cont, &out[i]);

@@ -35,6 +35,8 @@ typedef struct eval_metrics {
     int64_t recall_buffer_bytes; /* the recall buffer (resident beside kv_bytes) */
     int64_t recall_evicted;     /* tokens in the recall store, all heads */
     double recall_select_s;     /* ranking + view building, summed over threads */
+    int64_t recall_rankings;    /* (row, layer, KV head) rankings run */
+    int64_t recall_promotions;  /* recall blocks promoted (one resident block demoted each) */
 } eval_metrics;
 
 /* Called after each policy with its index, for progress. */

@@ -151,9 +151,15 @@ int eval_build_policies(eval_opts *o, const ekv_model *m, eval_policy *pols, int
                 }
                 pols[n] = pols[n - 1];
                 pols[n].p.recall = o->kv.recall;
+                pols[n].p.recall_every = o->kv.recall_every;
+                pols[n].p.recall_no_promote = !o->kv.recall_promote;
                 const size_t used = strlen(pols[n].label);
-                snprintf(pols[n].label + used, sizeof pols[0].label - used, "+recall%d",
-                         o->kv.recall);
+                snprintf(pols[n].label + used, sizeof pols[0].label - used, "+recall%d%s",
+                         o->kv.recall, o->kv.recall_promote ? "" : "np");
+                if (o->kv.recall_every > 1)
+                    snprintf(pols[n].label + strlen(pols[n].label),
+                             sizeof pols[0].label - strlen(pols[n].label), "k%d",
+                             o->kv.recall_every);
                 n++;
             }
             if (!strcmp(name, "full"))
@@ -192,6 +198,10 @@ static cJSON *result_json(const char *task, const eval_policy *pol, const eval_m
         cJSON_AddNumberToObject(o, "recall_evicted_tokens", (double)r->recall_evicted);
         cJSON_AddNumberToObject(o, "recall_buffer_bytes", (double)r->recall_buffer_bytes);
         cJSON_AddNumberToObject(o, "recall_select_s", r->recall_select_s);
+        cJSON_AddNumberToObject(o, "recall_every", pol->p.recall_every ? pol->p.recall_every : 1);
+        cJSON_AddNumberToObject(o, "recall_promote", !pol->p.recall_no_promote);
+        cJSON_AddNumberToObject(o, "recall_rankings", (double)r->recall_rankings);
+        cJSON_AddNumberToObject(o, "recall_promotions", (double)r->recall_promotions);
     }
     return o;
 }

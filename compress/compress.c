@@ -18,6 +18,7 @@
 #include <string.h>
 
 #include "entrokv/generate.h"
+#include "entrokv/kvrecall.h"
 
 /* Prompt tokens whose queries are centred together for the entropy. */
 #define KVC_ENTROPY_WINDOW 512
@@ -108,6 +109,9 @@ ekv_status kvc_policy_check(const kvc_policy *p, ekv_error *err)
     if (p->recall < 0 || p->recall > KVC_RECALL_MAX)
         return ekv_error_set(err, EKV_EINVAL, "recall must be in [0, %d] blocks, got %d",
                              KVC_RECALL_MAX, p->recall);
+    if (p->recall_every < 0 || p->recall_every > KV_RECALL_EVERY_MAX)
+        return ekv_error_set(err, EKV_EINVAL, "recall_every must be in [0, %d], got %d",
+                             KV_RECALL_EVERY_MAX, p->recall_every);
     return EKV_OK;
 }
 
@@ -395,7 +399,10 @@ ekv_status kvc_capture_compress(kvc_capture *c, ekv_runtime *rt, kv_seq *seq, kv
             return ekv_error_set(err, EKV_EINVAL, "kv recall needs %d-token blocks",
                                  KVC_RECALL_BLOCK);
         ctx.mean -= c->policy.recall * KVC_RECALL_BLOCK;
-        if ((rc = kv_seq_recall_enable(seq, c->policy.recall, err)))
+        if ((rc = kv_seq_recall_enable(seq, c->policy.recall, err)) ||
+            (rc = kv_recall_set_mode(kv_seq_recall(seq),
+                                     c->policy.recall_every ? c->policy.recall_every : 1,
+                                     !c->policy.recall_no_promote, err)))
             return rc;
     }
     ctx.total = (int64_t)ctx.mean * nh;

@@ -537,6 +537,13 @@ ekv_status kv_seq_insert(kv_seq *seq, int32_t layer, int32_t head, const ekv_f16
     if (h->packed.n)
         return ekv_error_set(err, EKV_EUNSUPPORTED,
                              "kv insert: head %d/%d holds packed (SparK) keys", layer, head);
+    if (seq->recall) { /* a promotion puts old positions among newer ones */
+        kv_recall_stats st;
+        kv_recall_get_stats(seq->recall, &st);
+        if (st.promotions)
+            return ekv_error_set(err, EKV_EUNSUPPORTED,
+                                 "kv insert: recall promoted blocks, positions are not in order");
+    }
     if (n > INT32_MAX - h->n_tokens)
         return ekv_error_set(err, EKV_EINVAL, "kv insert: too many tokens");
     /* positions increasing, and none the head already holds (both lists are sorted) */
@@ -619,6 +626,27 @@ ekv_status kv_seq_recall_enable(kv_seq *seq, int32_t r, ekv_error *err)
 }
 
 kv_recall *kv_seq_recall(const kv_seq *seq) { return seq->recall; }
+
+int32_t kv_seq_recall_promote(kv_seq *seq, int32_t layer)
+{
+    kv_pool *pool = seq->pool;
+    int32_t moved = 0;
+    if (!seq->recall || !kv_recall_promotes(seq->recall))
+        return 0;
+    for (int32_t head = 0; head < seq->n_kv_heads; head++) {
+        kv_head *h = head_at(seq, layer, head);
+        int32_t block;
+        const int32_t rb = kv_recall_pick(seq->recall, layer, head, h->n_tokens, &block);
+        if (rb < 0 || rb >= h->n_blocks || (pool->refs[h->ids[rb]] > 1 && pool->n_free == 0))
+            continue; /* a shared block with no free one to copy into waits */
+        block_own(pool, h, rb);
+        const int32_t id = h->ids[rb];
+        kv_recall_exchange(seq->recall, layer, head, block, rb, block_k(pool, id),
+                           block_v(pool, id), block_pos(pool, id));
+        moved++;
+    }
+    return moved;
+}
 
 ekv_status kv_seq_keep(kv_seq *seq, int32_t layer, int32_t head, const int32_t *keep,
                        int32_t n_keep, ekv_error *err)

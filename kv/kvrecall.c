@@ -25,13 +25,26 @@ typedef struct rc_head {
     float *kmin;     /* cap digests of head_dim */
     float *kmax;
     int32_t *minpos; /* per block: its earliest position */
+    /* promotion (kv_recall_observe / _pick / _exchange): decayed attention
+     * mass per recall block (cap) and per resident block (res_n of res_cap) */
+    float *mass;
+    float *res_mass;
+    int32_t res_n, res_cap;
+    /* the last tracked row's ranking (top, n_top of r: what a row within
+     * `every` steps of ranked_pos reuses) and the blocks that joined its
+     * view, in view order (in, n_in of r: what observe attributes mass to) */
+    int32_t *top, *in;
+    int32_t n_top, n_in, ranked_pos;
+    bool reusable;
 } rc_head;
 
 struct kv_recall {
     int32_t n_layers, n_kv_heads, d, bt, r;
+    int32_t every;  /* rank every this many steps (tracked rows) */
+    bool promote;   /* observe attention mass and promote blocks that keep winning */
     rc_head *heads;
     kvrt_seq *tier; /* NULL: the host pool alone */
-    _Atomic int64_t selections, blocks_recalled, select_ns, promotions;
+    _Atomic int64_t selections, blocks_recalled, select_ns, promotions, reuses;
 };
 
 /* A block's bytes and where its K, V and positions start in them. */
@@ -72,7 +85,19 @@ kv_recall *kv_recall_create(int32_t n_layers, int32_t n_kv_heads, int32_t head_d
     rc->d = head_dim;
     rc->bt = block_tokens;
     rc->r = r;
+    rc->every = 1;
+    rc->promote = true;
     return rc;
+}
+
+ekv_status kv_recall_set_mode(kv_recall *rc, int32_t every, bool promote, ekv_error *err)
+{
+    if (every < 1 || every > KV_RECALL_EVERY_MAX)
+        return ekv_error_set(err, EKV_EINVAL, "kv recall: rank every %d steps (1..%d)", every,
+                             KV_RECALL_EVERY_MAX);
+    rc->every = every;
+    rc->promote = promote;
+    return EKV_OK;
 }
 
 static void head_free(rc_head *h)
@@ -83,6 +108,9 @@ static void head_free(rc_head *h)
     free(h->kmin);
     free(h->kmax);
     free(h->minpos);
+    free(h->mass);
+    free(h->res_mass);
+    free(h->top);
     memset(h, 0, sizeof *h);
 }
 
@@ -123,6 +151,7 @@ static bool head_reserve(const kv_recall *rc, rc_head *h, int32_t cap)
     GROW(kmin, (size_t)rc->d);
     GROW(kmax, (size_t)rc->d);
     GROW(minpos, 1);
+    GROW(mass, 1);
 #undef GROW
     h->cap = cap;
     return true;
@@ -133,6 +162,8 @@ kv_recall *kv_recall_clone(const kv_recall *src, ekv_error *err)
     kv_recall *rc = kv_recall_create(src->n_layers, src->n_kv_heads, src->d, src->bt, src->r, err);
     if (!rc)
         return NULL;
+    rc->every = src->every;
+    rc->promote = src->promote;
     const size_t bb = blk_bytes(src);
     int64_t host = 0;
     for (int32_t i = 0; i < src->n_layers * src->n_kv_heads; i++) {
@@ -156,6 +187,7 @@ kv_recall *kv_recall_clone(const kv_recall *src, ekv_error *err)
         memcpy(h->kmin, s->kmin, nb * src->d * sizeof *h->kmin);
         memcpy(h->kmax, s->kmax, nb * src->d * sizeof *h->kmax);
         memcpy(h->minpos, s->minpos, nb * sizeof *h->minpos);
+        memcpy(h->mass, s->mass, nb * sizeof *h->mass);
         h->n_tokens = s->n_tokens;
     }
     if (src->tier && !(rc->tier = kvrt_clone(src->tier, host, err))) {
@@ -217,6 +249,7 @@ ekv_status kv_recall_add(kv_recall *rc, int32_t layer, int32_t head, const kern_
             return ekv_error_set(err, EKV_ENOMEM, "kv recall: out of memory for %d blocks", need);
         }
     const size_t kv = (size_t)d * bt;
+    h->res_n = 0; /* the resident blocks are compacted: their masses start afresh */
     for (int32_t i = 0; i < n; i++) {
         const int32_t t = dropped[i], slot = h->n_tokens % bt, b = h->n_tokens / bt;
         ekv_f16 *kb = blk_k(h->blk[b]), *vb = blk_v(rc, h->blk[b]);
@@ -232,6 +265,7 @@ ekv_status kv_recall_add(kv_recall *rc, int32_t layer, int32_t head, const kern_
                 mx[c] = -INFINITY;
             }
             h->minpos[b] = INT32_MAX;
+            h->mass[b] = 0.0f;
             h->n_blocks = b + 1;
         }
         const ekv_f16 *sk = view->k_blocks[t / vbt];
@@ -395,8 +429,15 @@ int32_t kv_recall_view(kv_recall *rc, int32_t layer, int32_t head, const float *
                        int q_stride, int32_t q_pos, const kern_kv_view *resident,
                        kern_kv_view *out, void *scratch)
 {
+    return kv_recall_view_at(rc, layer, head, Q, n_q, q_stride, q_pos, 0, resident, out, scratch);
+}
+
+int32_t kv_recall_view_at(kv_recall *rc, int32_t layer, int32_t head, const float *Q, int n_q,
+                          int q_stride, int32_t q_pos, int flags, const kern_kv_view *resident,
+                          kern_kv_view *out, void *scratch)
+{
     *out = *resident;
-    const rc_head *h = head_of(rc, layer, head);
+    rc_head *h = head_of(rc, layer, head);
     if (h->n_blocks == 0)
         return 0;
     const int64_t t0 = now_ns();
@@ -410,12 +451,25 @@ int32_t kv_recall_view(kv_recall *rc, int32_t layer, int32_t head, const float *
     const int32_t **pp = (const int32_t **)(vp + nb);
     float *bound = (float *)(pp + nb);
     int32_t *top = (int32_t *)(bound + h->n_blocks);
+    const bool track = (flags & KV_RECALL_TRACK) &&
+                       (h->top || (h->top = malloc(2 * (size_t)rc->r * sizeof *h->top)));
+    if (track)
+        h->in = h->top + rc->r;
     int32_t n_top;
     if (h->n_blocks <= rc->r) { /* everything fits: no ranking needed */
         n_top = 0;
         for (int32_t b = 0; b < h->n_blocks; b++)
             if (h->minpos[b] <= q_pos)
                 top[n_top++] = b;
+        if (track)
+            h->reusable = false;
+    } else if (track && h->reusable && q_pos >= h->ranked_pos &&
+               q_pos - h->ranked_pos < rc->every) {
+        /* within `every` steps of the last ranking: its choice stands
+         * (blocks evicted since wait for the next ranking) */
+        n_top = h->n_top;
+        memcpy(top, h->top, (size_t)n_top * sizeof *top);
+        atomic_fetch_add_explicit(&rc->reuses, 1, memory_order_relaxed);
     } else {
         for (int32_t b = 0; b < h->n_blocks; b++) {
             const float *mn = h->kmin + (size_t)b * d, *mx = h->kmax + (size_t)b * d;
@@ -427,6 +481,13 @@ int32_t kv_recall_view(kv_recall *rc, int32_t layer, int32_t head, const float *
             bound[b] = best;
         }
         n_top = top_blocks(h, bound, q_pos, rc->r, top);
+        atomic_fetch_add_explicit(&rc->selections, 1, memory_order_relaxed);
+        if (track) {
+            h->ranked_pos = q_pos;
+            h->reusable = true;
+            memcpy(h->top, top, (size_t)n_top * sizeof *top);
+            h->n_top = n_top;
+        }
     }
     int32_t n_in = 0; /* blocks that join: a spilled one not fetched in time is skipped */
     if (n_top > 0) {
@@ -441,11 +502,15 @@ int32_t kv_recall_view(kv_recall *rc, int32_t layer, int32_t head, const float *
             kp[n_in] = blk_k(p);
             vp[n_in] = blk_v(rc, p);
             pp[n_in] = blk_pos(rc, p);
+            if (track)
+                h->in[n_in] = top[i];
             n_in++;
         }
         if (rc->tier) /* after the pointers are taken: it may move host copies into slots */
             kvrt_view_end(rc->tier, layer, head, h->blk, top, n_top, n_in);
     }
+    if (track)
+        h->n_in = n_in;
     if (n_in > 0) {
         for (int32_t b = 0; b < res_blocks; b++) {
             kp[n_in + b] = resident->k_blocks[b];
@@ -457,10 +522,122 @@ int32_t kv_recall_view(kv_recall *rc, int32_t layer, int32_t head, const float *
         out->pos_blocks = pp;
         out->n_tokens = resident->n_tokens + n_in * bt;
     }
-    atomic_fetch_add_explicit(&rc->selections, 1, memory_order_relaxed);
     atomic_fetch_add_explicit(&rc->blocks_recalled, n_in, memory_order_relaxed);
     atomic_fetch_add_explicit(&rc->select_ns, now_ns() - t0, memory_order_relaxed);
     return n_in;
+}
+
+bool kv_recall_promotes(const kv_recall *rc) { return rc->promote && !rc->tier; }
+
+/* Sum of probs over [from, to) in every query's row, over n_q. */
+static float span_mass(const float *probs, int n_q, int32_t n_tokens, int32_t from, int32_t to)
+{
+    float s = 0.0f;
+    for (int g = 0; g < n_q; g++)
+        for (int32_t t = from; t < to; t++)
+            s += probs[(size_t)g * n_tokens + t];
+    return s / (float)n_q;
+}
+
+void kv_recall_observe(kv_recall *rc, int32_t layer, int32_t head, const float *probs, int n_q,
+                       int32_t n_tokens, int32_t n_packed)
+{
+    rc_head *h = head_of(rc, layer, head);
+    const int32_t bt = rc->bt, rec_end = n_packed + h->n_in * bt;
+    if (!rc->promote || n_tokens < rec_end)
+        return;
+    const int32_t res_blocks = (n_tokens - rec_end + bt - 1) / bt;
+    if (res_blocks > h->res_cap) {
+        const int32_t cap = res_blocks > 2 * h->res_cap ? res_blocks : 2 * h->res_cap;
+        float *m = realloc(h->res_mass, (size_t)cap * sizeof *m);
+        if (!m)
+            return; /* promotion is an optimisation: without memory it waits */
+        h->res_mass = m;
+        h->res_cap = cap;
+    }
+    for (int32_t j = h->res_n; j < res_blocks; j++)
+        h->res_mass[j] = 0.0f;
+    h->res_n = res_blocks;
+    for (int32_t b = 0; b < h->n_blocks; b++)
+        h->mass[b] *= KV_RECALL_DECAY;
+    for (int32_t j = 0; j < res_blocks; j++) {
+        const int32_t from = rec_end + j * bt, to = from + bt < n_tokens ? from + bt : n_tokens;
+        h->res_mass[j] = KV_RECALL_DECAY * h->res_mass[j] +
+                         span_mass(probs, n_q, n_tokens, from, to);
+    }
+    for (int32_t i = 0; i < h->n_in; i++) {
+        const int32_t from = n_packed + i * bt;
+        h->mass[h->in[i]] += span_mass(probs, n_q, n_tokens, from, from + bt);
+    }
+}
+
+int32_t kv_recall_pick(const kv_recall *rc, int32_t layer, int32_t head, int32_t n_resident,
+                       int32_t *block)
+{
+    const rc_head *h = head_of(rc, layer, head);
+    const int32_t bt = rc->bt, full = h->n_tokens / bt;
+    /* everything recalled every step: nothing to gain */
+    if (!rc->promote || rc->tier || h->n_blocks <= rc->r)
+        return -1;
+    int32_t best = -1;
+    for (int32_t i = 0; i < h->n_in; i++) {
+        const int32_t b = h->in[i];
+        if (b < full && h->blk[b] && (best < 0 || h->mass[b] > h->mass[best]))
+            best = b;
+    }
+    /* the newest full block and the partial tail are the recent window */
+    const int32_t cand = n_resident / bt - 1;
+    int32_t weak = -1;
+    for (int32_t j = 0; j < cand && j < h->res_n; j++)
+        if (weak < 0 || h->res_mass[j] < h->res_mass[weak])
+            weak = j;
+    if (best < 0 || weak < 0 || !(h->mass[best] > KV_RECALL_MARGIN * h->res_mass[weak]))
+        return -1;
+    *block = best;
+    return weak;
+}
+
+void kv_recall_exchange(kv_recall *rc, int32_t layer, int32_t head, int32_t block,
+                        int32_t res_block, ekv_f16 *k, ekv_f16 *v, int32_t *pos)
+{
+    rc_head *h = head_of(rc, layer, head);
+    const int32_t bt = rc->bt, d = rc->d;
+    const size_t kv = (size_t)d * bt;
+    ekv_f16 *rk = blk_k(h->blk[block]), *rv = blk_v(rc, h->blk[block]);
+    int32_t *rp = blk_pos(rc, h->blk[block]);
+    for (size_t i = 0; i < kv; i++) {
+        ekv_f16 x = rk[i];
+        rk[i] = k[i];
+        k[i] = x;
+        x = rv[i];
+        rv[i] = v[i];
+        v[i] = x;
+    }
+    float *mn = h->kmin + (size_t)block * d, *mx = h->kmax + (size_t)block * d;
+    h->minpos[block] = INT32_MAX;
+    for (int32_t s = 0; s < bt; s++) {
+        const int32_t x = rp[s];
+        rp[s] = pos[s];
+        pos[s] = x;
+        if (rp[s] < h->minpos[block])
+            h->minpos[block] = rp[s];
+    }
+    for (int32_t c = 0; c < d; c++) {
+        mn[c] = INFINITY;
+        mx[c] = -INFINITY;
+        for (int32_t s = 0; s < bt; s++) {
+            const float f = ekv_f16_to_f32(rk[(size_t)c * bt + s]);
+            mn[c] = f < mn[c] ? f : mn[c];
+            mx[c] = f > mx[c] ? f : mx[c];
+        }
+    }
+    if (res_block < h->res_n) {
+        const float m = h->mass[block];
+        h->mass[block] = h->res_mass[res_block];
+        h->res_mass[res_block] = m;
+    }
+    h->reusable = false; /* the block the ranking chose now holds other keys */
+    kv_recall_count_promotions(rc, 1);
 }
 
 void kv_recall_get_stats(const kv_recall *rc, kv_recall_stats *st)
@@ -479,6 +656,7 @@ void kv_recall_get_stats(const kv_recall *rc, kv_recall_stats *st)
     st->promotions = atomic_load(&rc->promotions);
     st->buffer_bytes = (int64_t)rc->r * block_bytes * rc->n_layers * rc->n_kv_heads;
     st->selections = atomic_load(&rc->selections);
+    st->reuses = atomic_load(&rc->reuses);
     st->blocks_recalled = atomic_load(&rc->blocks_recalled);
     st->bytes_recalled = st->blocks_recalled * block_bytes;
     st->select_s = (double)atomic_load(&rc->select_ns) * 1e-9;

@@ -31,6 +31,9 @@ struct ekv_runtime {
      * blocks lands before the resident part is copied out */
     uint8_t *recall_buf;
     size_t recall_bytes, recall_probe;
+    /* per row: 1 when it is its recalling sequence's only row (a decode
+     * step): it tracks its selection and its attention mass promotes */
+    uint8_t *recall_track;
     void *mm_scratch;
     size_t mm_scratch_bytes;
     /* model_probe: per (row, KV head) of the batch, the offset of its
@@ -119,6 +122,7 @@ void model_runtime_free(ekv_runtime *rt)
     free(rt->probe_off);
     free(rt->probe_buf);
     free(rt->recall_buf);
+    free(rt->recall_track);
     free(rt);
 }
 
@@ -208,10 +212,17 @@ static ekv_status recall_prepare(ekv_runtime *rt, const model_batch *b, int32_t 
     const int32_t HKV = c->n_kv_heads, G = c->n_heads / c->n_kv_heads;
     size_t bytes = 0, probe = 0;
     int32_t ctx = rt->scores_ctx;
+    if (!rt->recall_track && !(rt->recall_track = calloc((size_t)rt->max_batch, 1)))
+        return ekv_error_set(err, EKV_ENOMEM, "runtime: out of memory for recall");
     for (int32_t i = 0; i < b->n; i++) {
         const kv_recall *rec = kv_seq_recall(b->seqs[i]);
+        rt->recall_track[i] = 0;
         if (!rec)
             continue;
+        int32_t j = 0;
+        while (j < b->n && (j == i || b->seqs[j] != b->seqs[i]))
+            j++;
+        rt->recall_track[i] = j == b->n;
         const int32_t bt = kv_pool_block_tokens(kv_seq_pool(b->seqs[i]));
         for (int32_t h = 0; h < HKV; h++) {
             const int32_t n = kv_seq_len(b->seqs[i], l, h) + 1; /* + this row, worst case */
@@ -219,7 +230,8 @@ static ekv_status recall_prepare(ekv_runtime *rt, const model_batch *b, int32_t 
             const int32_t ne = n + kv_recall_r(rec) * bt;
             bytes = s > bytes ? s : bytes;
             ctx = ne > ctx ? ne : ctx;
-            if (b->probe && b->probe->rows[i] && 2 * (size_t)G * ne > probe)
+            if (((b->probe && b->probe->rows[i]) || rt->recall_track[i]) &&
+                2 * (size_t)G * ne > probe)
                 probe = 2 * (size_t)G * ne;
         }
     }
@@ -280,12 +292,24 @@ static void task_attention(void *p, int ith, int nth)
         kv_recall *rec = kv_seq_recall(t->b->seqs[i]);
         if (rec) {
             kern_kv_view ext;
-            const int32_t nr = kv_recall_view(rec, t->layer, kvh, rt->q + off, G, D, qpos[0],
-                                              &view, &ext, rbuf);
+            const int track = rt->recall_track[i] ? KV_RECALL_TRACK : 0;
+            const int32_t nr = kv_recall_view_at(rec, t->layer, kvh, rt->q + off, G, D, qpos[0],
+                                                 track, &view, &ext, rbuf);
+            float *tmp = (float *)(rbuf + rt->recall_bytes);
+            const int32_t np = ext.packed ? ext.packed->n : 0;
             if (nr > 0 && po >= 0) { /* the probe sees the resident tokens only */
                 attend_probed_recall(rt, &view, &ext, nr, rt->q + off, G, qpos, scale,
-                                     rt->att + off, scores, (float *)(rbuf + rt->recall_bytes),
-                                     rt->probe_buf + po);
+                                     rt->att + off, scores, tmp, rt->probe_buf + po);
+                if (track)
+                    kv_recall_observe(rec, t->layer, kvh, tmp + (size_t)G * ext.n_tokens, G,
+                                      ext.n_tokens, np);
+                continue;
+            }
+            if (track && po < 0 && kv_recall_promotes(rec)) { /* its mass decides promotion */
+                const kern_attn_probe pr = {.probs = tmp};
+                kern_attention_probe(&ext, rt->q + off, G, D, qpos, scale, rt->att + off, D,
+                                     scores, &pr);
+                kv_recall_observe(rec, t->layer, kvh, tmp, G, ext.n_tokens, np);
                 continue;
             }
             view = ext;
@@ -427,6 +451,9 @@ static ekv_status layer_forward(ekv_runtime *rt, const model_batch *b, int32_t l
     ekv_pool_run(rt->pool, task_attention, &t);
     if (b->probe)
         probe_report(rt, b, l);
+    for (int32_t i = 0; rt->recall_track && i < n; i++)
+        if (rt->recall_track[i])
+            kv_seq_recall_promote(b->seqs[i], l);
     if ((rc = matmul(rt, &L->wo, rt->att, n, rt->xb, err)))
         return rc;
     for (int32_t i = 0; i < n; i++)

@@ -86,6 +86,11 @@ typedef struct kvc_policy {
      * tokens per head on average (split across heads by the method as
      * ever), so resident + recall buffer stays within it. */
     int32_t recall;
+    /* Recall's ranking every recall_every decode steps (0: the default,
+     * every step) and its promotion of recall blocks that keep winning into
+     * the resident set (kvrecall.h; recall_no_promote 1: off). */
+    int32_t recall_every;
+    uint8_t recall_no_promote;
 } kvc_policy;
 
 #define KVC_RECALL_BLOCK 16 /* the KV pool's block (model_kv_pool_create) */

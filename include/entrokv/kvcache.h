@@ -98,6 +98,12 @@ typedef struct kv_recall kv_recall;
 ekv_status kv_seq_recall_enable(kv_seq *seq, int32_t r, ekv_error *err);
 /* NULL unless recall is enabled. */
 kv_recall *kv_seq_recall(const kv_seq *seq);
+/* After a tracked row's attention over layer (kvrecall.h, promotion): for
+ * each KV head, swaps the recall block kv_recall_pick names with the
+ * weakest resident block (copy-on-write first; a shared block with no free
+ * block to copy into waits). Returns the blocks promoted. The head's
+ * positions are then no longer in increasing order: kv_seq_insert refuses. */
+int32_t kv_seq_recall_promote(kv_seq *seq, int32_t layer);
 
 /*
  * SparK (compress/spark.c): moves every token (layer, head) holds - it must

@@ -32,6 +32,7 @@
 #ifndef ENTROKV_KVRECALL_H
 #define ENTROKV_KVRECALL_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -47,6 +48,12 @@ void kv_recall_free(kv_recall *rc); /* NULL is a no-op */
 /* An independent copy (kv_seq_clone / kv_seq_fork); NULL with EKV_ENOMEM. */
 kv_recall *kv_recall_clone(const kv_recall *rc, ekv_error *err);
 int32_t kv_recall_r(const kv_recall *rc);
+
+/* Ranking every `every` decode steps (1..KV_RECALL_EVERY_MAX; between
+ * rankings a tracked row reuses the last choice) and promotion on or off.
+ * Defaults: every 1, promotion on. EKV_EINVAL for a bad every. */
+#define KV_RECALL_EVERY_MAX 64
+ekv_status kv_recall_set_mode(kv_recall *rc, int32_t every, bool promote, ekv_error *err);
 
 /* Copies the n dropped tokens (increasing indices into view) of (layer,
  * head) into the store and updates the digests. EKV_ENOMEM leaves the
@@ -83,14 +90,58 @@ int32_t kv_recall_view(kv_recall *rc, int32_t layer, int32_t head, const float *
                        int q_stride, int32_t q_pos, const kern_kv_view *resident,
                        kern_kv_view *out, void *scratch);
 
+/* Promotion and demotion (UNComp's rolling decode re-selection, specs/
+ * uncomp.md section 5, at block granularity). A tracked row is its
+ * sequence's only row in the step (decode, not a teacher-forced batch):
+ * kv_recall_view_at with KV_RECALL_TRACK remembers its selection per
+ * (layer, KV head) and may reuse the last ranking (kv_recall_set_mode);
+ * kv_recall_observe then takes that row's attention probabilities over the
+ * view (n_q rows of n_tokens, kern_attention_probe) and keeps a decayed
+ * attention mass, mass = KV_RECALL_DECAY * mass + this step's, for every
+ * recall block it recalled and every resident block (recall blocks not
+ * recalled decay only). kv_recall_pick names the recall block with the most
+ * mass among those recalled and the weakest resident block outside the
+ * recent window (the newest full block and the partial tail); when the
+ * first's mass exceeds KV_RECALL_MARGIN times the second's, the caller
+ * (kv_seq_recall_promote, kvcache.h) swaps them with kv_recall_exchange:
+ * the bytes trade places bit for bit, the recall block's digest is rebuilt
+ * and the masses trade too. Token counts never change, so resident +
+ * recall buffer stays at the budget and the per-head split stays the
+ * entropy allocation's. Nothing happens when every block is recalled every
+ * step anyway (blocks <= R). kv_recall_add (a compaction) restarts the
+ * resident masses. Observe, pick and exchange touch one (layer, head); the
+ * caller runs them for distinct heads at once or one at a time. With a
+ * tier attached (kv_recall_attach_tier) nothing is promoted: a block's
+ * copy on the daemons would go stale when its bytes trade places. */
+#define KV_RECALL_TRACK 1
+#define KV_RECALL_DECAY 0.9f
+#define KV_RECALL_MARGIN 2.0f
+int32_t kv_recall_view_at(kv_recall *rc, int32_t layer, int32_t head, const float *Q, int n_q,
+                          int q_stride, int32_t q_pos, int flags, const kern_kv_view *resident,
+                          kern_kv_view *out, void *scratch);
+bool kv_recall_promotes(const kv_recall *rc);
+void kv_recall_observe(kv_recall *rc, int32_t layer, int32_t head, const float *probs, int n_q,
+                       int32_t n_tokens, int32_t n_packed);
+/* The resident block (of n_resident tokens) to demote and, in *block, the
+ * recall block to promote; -1 when none should move. */
+int32_t kv_recall_pick(const kv_recall *rc, int32_t layer, int32_t head, int32_t n_resident,
+                       int32_t *block);
+/* Swaps recall block `block` of (layer, head) with the resident block
+ * res_block whose K, V and positions are k, v, pos (the pool's block
+ * layout, writable: the caller owns it). */
+void kv_recall_exchange(kv_recall *rc, int32_t layer, int32_t head, int32_t block,
+                        int32_t res_block, ekv_f16 *k, ekv_f16 *v, int32_t *pos);
+
 typedef struct kv_recall_stats {
     int64_t evicted_tokens;  /* tokens the store holds, all heads */
     int64_t digest_blocks;   /* recall blocks (digests) held, all heads */
     int64_t selections;      /* (row, layer, KV head) rankings run */
+    int64_t reuses;          /* views that reused the last ranking (every > 1) */
     int64_t blocks_recalled; /* blocks that joined attention */
     int64_t bytes_recalled;  /* their K, V and positions */
     int64_t deadline_misses; /* recalls skipped for lateness (0: the host pool never is) */
-    int64_t promotions;      /* blocks promoted into the resident set (kv_recall_count_promotions) */
+    int64_t promotions;      /* blocks promoted into the resident set, one demoted each
+                              * (kv_recall_exchange counts through kv_recall_count_promotions) */
     double select_s;         /* summed over threads: ranking and view building */
     int64_t host_bytes;      /* the store's K/V/positions in host memory, and digests */
     int64_t spilled_blocks;  /* blocks whose K/V live only in the tier (kvrecall_tier.h) */
