@@ -125,7 +125,9 @@ int32_t kvc_policy_rows(const kvc_policy *p)
 struct kvc_capture {
     kvc_policy policy;
     const kvc_method *method;
-    int32_t L, H, HKV, D;
+    int32_t L, H, HKV, D; /* H, HKV: this rank's heads (model_shard) */
+    int32_t HKV_all, kv0; /* the model's KV heads; this rank's first */
+    int32_t shard_size;
     int32_t n_prompt, pos0, window;
     kv_seq *seq;
     model_tap tap;
@@ -158,6 +160,15 @@ void kvc_capture_free(kvc_capture *c)
 kvc_capture *kvc_capture_create(const kvc_policy *p, const ekv_model *m, int32_t n_prompt,
                                 int32_t pos0, ekv_error *err)
 {
+    const model_shard whole = {.size = 1, .n_kv_heads = model_config(m)->n_kv_heads,
+                               .n_heads = model_config(m)->n_heads};
+    return kvc_capture_create_shard(p, m, &whole, n_prompt, pos0, err);
+}
+
+kvc_capture *kvc_capture_create_shard(const kvc_policy *p, const ekv_model *m,
+                                      const model_shard *s, int32_t n_prompt, int32_t pos0,
+                                      ekv_error *err)
+{
     const ekv_model_config *cfg = model_config(m);
     if (p->method < 0 || p->method >= KVC_N_METHODS) {
         ekv_error_set(err, EKV_EINVAL, "kv policy: bad method %d", (int)p->method);
@@ -178,8 +189,11 @@ kvc_capture *kvc_capture_create(const kvc_policy *p, const ekv_model *m, int32_t
     c->policy = *p;
     c->method = methods[p->method];
     c->L = cfg->n_layers;
-    c->H = cfg->n_heads;
-    c->HKV = cfg->n_kv_heads;
+    c->H = s->n_heads;
+    c->HKV = s->n_kv_heads;
+    c->HKV_all = cfg->n_kv_heads;
+    c->kv0 = s->kv_head0;
+    c->shard_size = s->size;
     c->D = cfg->head_dim;
     c->n_prompt = n_prompt;
     c->pos0 = pos0;
@@ -225,7 +239,7 @@ static void capture_tap(void *ctx, int32_t layer, const model_batch *b, const fl
     const size_t row = (size_t)c->H * c->D;
     const int32_t ew = c->n_prompt < KVC_ENTROPY_WINDOW ? c->n_prompt : KVC_ENTROPY_WINDOW;
     for (int32_t i = 0; i < b->n; i++) {
-        if (b->seqs[i] != c->seq)
+        if (model_batch_seq(b, i) != c->seq)
             continue;
         const int32_t idx = b->pos[i] - c->pos0;
         if (idx < 0 || idx >= c->n_prompt)
@@ -355,28 +369,61 @@ static void task_select(void *p, int ith, int nth)
     }
 }
 
-static ekv_status kv_entropy_of(kvc_capture *c, float *kv_entropy, ekv_error *err)
+/* kv_entropy[L][HKV_all]: every KV head's entropy. Under tensor
+ * parallelism each rank measures its own heads and the ranks allgather
+ * them, so all derive the same budgets. A rank's block is padded to the
+ * largest rank's head count (allgather moves equal blocks). */
+static ekv_status kv_entropy_of(kvc_capture *c, ekv_comm *comm, float *kv_entropy, ekv_error *err)
 {
     const float *e;
     ekv_status rc = kvc_capture_entropy(c, &e, err);
     if (rc)
         return rc;
     const int32_t G = c->H / c->HKV;
+    const int32_t np = comm ? comm_size(comm) : 1;
+    const int32_t per = (c->HKV_all + np - 1) / np; /* the most any rank holds */
+    float *mine = calloc((size_t)c->L * per, sizeof *mine);
+    float *all = calloc((size_t)c->L * per * np, sizeof *all);
+    if (!mine || !all) {
+        rc = ekv_error_set(err, EKV_ENOMEM, "kv compress: out of memory");
+        goto out;
+    }
     for (int32_t l = 0; l < c->L; l++)
         for (int32_t g = 0; g < c->HKV; g++) {
             double s = 0;
             for (int32_t i = 0; i < G; i++)
                 s += e[l * c->H + g * G + i];
-            kv_entropy[l * c->HKV + g] = (float)(s / G); /* deviation 1: mean of the group */
+            mine[l * per + g] = (float)(s / G); /* deviation 1: mean of the group */
         }
-    return EKV_OK;
+    const size_t bytes = (size_t)c->L * per * sizeof *mine;
+    if (comm && np > 1)
+        rc = comm_allgather(comm, mine, bytes, all, err);
+    else
+        memcpy(all, mine, bytes);
+    if (rc)
+        goto out;
+    /* rank r's heads start where the ranks before it end (model_shard_plan) */
+    for (int32_t r = 0, h0 = 0; r < np; r++) {
+        const int32_t nr = c->HKV_all / np + (r < c->HKV_all % np);
+        for (int32_t l = 0; l < c->L; l++)
+            for (int32_t g = 0; g < nr; g++)
+                kv_entropy[l * c->HKV_all + h0 + g] = all[((size_t)r * c->L + l) * per + g];
+        h0 += nr;
+    }
+out:
+    free(mine);
+    free(all);
+    return rc;
 }
 
 ekv_status kvc_capture_compress(kvc_capture *c, ekv_runtime *rt, kv_seq *seq, kvc_report *rep,
                                 ekv_error *err)
 {
     const double t0 = gen_now();
-    const int32_t n = kv_seq_len(seq, 0, 0), nh = c->L * c->HKV;
+    /* nh: this rank's heads; na: the model's, over which budgets are split */
+    const int32_t n = kv_seq_len(seq, 0, 0), nh = c->L * c->HKV, na = c->L * c->HKV_all;
+    const model_shard *sh = model_runtime_shard(rt);
+    ekv_comm *comm = model_runtime_comm(rt);
     memset(rep, 0, sizeof *rep);
     rep->n_prompt = c->n_prompt;
     rep->blocks_before = rep->blocks_after = kv_seq_blocks(seq);
@@ -387,7 +434,9 @@ ekv_status kvc_capture_compress(kvc_capture *c, ekv_runtime *rt, kv_seq *seq, kv
     if (n < c->n_prompt)
         return ekv_error_set(err, EKV_EINVAL, "kv compress: %d tokens held, prompt has %d", n,
                              c->n_prompt);
-    kvc_ctx ctx = {.n_layers = c->L, .n_kv_heads = c->HKV, .n_tokens = n,
+    if (sh->size != c->shard_size || sh->kv_head0 != c->kv0 || sh->n_kv_heads != c->HKV)
+        return ekv_error_set(err, EKV_EINVAL, "kv compress: the capture's shard is not the runtime's");
+    kvc_ctx ctx = {.n_layers = c->L, .n_kv_heads = c->HKV_all, .n_tokens = n,
                    .profile = c->policy.profile};
     ekv_status rc = kvc_policy_mean_tokens(&c->policy, n, &ctx.mean, err);
     if (rc)
@@ -405,9 +454,9 @@ ekv_status kvc_capture_compress(kvc_capture *c, ekv_runtime *rt, kv_seq *seq, kv
                                      !c->policy.recall_no_promote, err)))
             return rc;
     }
-    ctx.total = (int64_t)ctx.mean * nh;
+    ctx.total = (int64_t)ctx.mean * na;
     rep->budget_total = ctx.total;
-    int32_t *budget = malloc((size_t)nh * sizeof *budget);
+    int32_t *budget = malloc((size_t)na * sizeof *budget);
     int64_t *offset = malloc((size_t)(nh + 1) * sizeof *offset);
     float *kv_entropy = NULL;
     int32_t *keep = NULL;
@@ -417,15 +466,20 @@ ekv_status kvc_capture_compress(kvc_capture *c, ekv_runtime *rt, kv_seq *seq, kv
         goto out;
     }
     if (c->method->needs_entropy && !c->policy.profile) {
-        if (!(kv_entropy = malloc((size_t)nh * sizeof *kv_entropy))) {
+        if (!(kv_entropy = malloc((size_t)na * sizeof *kv_entropy))) {
             rc = ekv_error_set(err, EKV_ENOMEM, "kv compress: out of memory");
             goto out;
         }
-        if ((rc = kv_entropy_of(c, kv_entropy, err)))
+        if ((rc = kv_entropy_of(c, comm, kv_entropy, err)))
             goto out;
         ctx.kv_entropy = kv_entropy;
     }
     c->method->allocate(&ctx, budget);
+    /* every rank allocated over all heads; keep this rank's, [L][HKV] */
+    if (c->HKV != c->HKV_all)
+        for (int32_t l = 0; l < c->L; l++)
+            memmove(budget + (size_t)l * c->HKV, budget + (size_t)l * c->HKV_all + c->kv0,
+                    (size_t)c->HKV * sizeof *budget);
     offset[0] = 0;
     for (int32_t i = 0; i < nh; i++)
         offset[i + 1] = offset[i] + (budget[i] < n ? budget[i] : 0);

@@ -20,6 +20,11 @@
 struct ekv_runtime {
     const ekv_model *m;
     ekv_pool *pool;
+    /* tensor parallelism (shard.c): this rank's heads and MLP rows, the
+     * views of its share of each layer, and the group (NULL: one rank) */
+    model_shard sh;
+    ekv_layer *layers;
+    ekv_comm *comm;
     int32_t max_batch;
     int32_t max_ctx;
     /* activations, max_batch rows each */
@@ -51,6 +56,12 @@ static void *alloc_floats(size_t n)
 ekv_runtime *model_runtime_create(const ekv_model *m, int32_t max_batch, int32_t max_ctx,
                                   int n_threads, ekv_error *err)
 {
+    return model_runtime_create_tp(m, max_batch, max_ctx, n_threads, NULL, err);
+}
+
+ekv_runtime *model_runtime_create_tp(const ekv_model *m, int32_t max_batch, int32_t max_ctx,
+                                     int n_threads, ekv_comm *comm, ekv_error *err)
+{
     const ekv_model_config *c = &m->cfg;
     if (max_batch <= 0 || max_batch > 65536 || max_ctx <= 0 || max_ctx > (1 << 24)) {
         ekv_error_set(err, EKV_EINVAL, "runtime: max_batch %d / max_ctx %d out of range",
@@ -61,13 +72,21 @@ ekv_runtime *model_runtime_create(const ekv_model *m, int32_t max_batch, int32_t
     if (!rt)
         goto nomem;
     rt->m = m;
+    rt->comm = comm && comm_size(comm) > 1 ? comm : NULL;
+    if (model_shard_plan(m, comm ? comm_rank(comm) : 0, comm ? comm_size(comm) : 1, &rt->sh, err))
+        goto fail;
+    if (!(rt->layers = malloc((size_t)c->n_layers * sizeof *rt->layers)))
+        goto nomem;
+    model_shard_layers(m, &rt->sh, rt->layers);
     rt->max_batch = max_batch;
     rt->max_ctx = max_ctx;
     rt->pool = ekv_pool_create(n_threads, err);
     if (!rt->pool)
         goto fail;
-    const size_t B = (size_t)max_batch, E = c->n_embd, F = c->n_ff;
-    const size_t Q = (size_t)c->n_heads * c->head_dim, KV = (size_t)c->n_kv_heads * c->head_dim;
+    /* activations of this rank's heads and MLP rows only */
+    const size_t B = (size_t)max_batch, E = c->n_embd, F = rt->sh.n_ff;
+    const size_t Q = (size_t)rt->sh.n_heads * c->head_dim;
+    const size_t KV = (size_t)rt->sh.n_kv_heads * c->head_dim;
     rt->x = alloc_floats(B * E);
     rt->xb = alloc_floats(B * (E > Q ? E : Q));
     rt->q = alloc_floats(B * Q);
@@ -80,7 +99,7 @@ ekv_runtime *model_runtime_create(const ekv_model *m, int32_t max_batch, int32_t
     rt->scores_ctx = max_ctx;
     /* the largest scratch any of the model's matrix products needs */
     for (int32_t l = 0; l < c->n_layers; l++) {
-        const ekv_layer *L = &m->layers[l];
+        const ekv_layer *L = &rt->layers[l];
         const ekv_weight *lw[] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w_gate, &L->w_up, &L->w_down};
         for (size_t i = 0; i < sizeof lw / sizeof lw[0]; i++) {
             size_t s = kern_matmul_scratch_bytes(lw[i]->type, max_batch, lw[i]->n_cols);
@@ -109,6 +128,7 @@ void model_runtime_free(ekv_runtime *rt)
     if (!rt)
         return;
     ekv_pool_destroy(rt->pool);
+    free(rt->layers);
     free(rt->x);
     free(rt->xb);
     free(rt->q);
@@ -130,6 +150,17 @@ ekv_pool *model_runtime_pool(ekv_runtime *rt) { return rt->pool; }
 int32_t model_runtime_max_batch(const ekv_runtime *rt) { return rt->max_batch; }
 int32_t model_runtime_max_ctx(const ekv_runtime *rt) { return rt->max_ctx; }
 const ekv_model *model_runtime_model(const ekv_runtime *rt) { return rt->m; }
+const model_shard *model_runtime_shard(const ekv_runtime *rt) { return &rt->sh; }
+ekv_comm *model_runtime_comm(const ekv_runtime *rt) { return rt->comm; }
+
+/* Sums the ranks' partial products of a row-split projection (n rows of
+ * n_embd); nothing with one rank. */
+static ekv_status allreduce_rows(ekv_runtime *rt, float *buf, int32_t n, ekv_error *err)
+{
+    if (!rt->comm)
+        return EKV_OK;
+    return comm_allreduce_sum_f32(rt->comm, buf, (size_t)n * rt->m->cfg.n_embd, err);
+}
 
 static ekv_status matmul(ekv_runtime *rt, const ekv_weight *w, const float *x, int32_t n_rows,
                          float *y, ekv_error *err)
@@ -162,7 +193,7 @@ static void task_rope(void *p, int ith, int nth)
 {
     rows_task *t = p;
     const ekv_model_config *c = &t->rt->m->cfg;
-    const int32_t D = c->head_dim, H = c->n_heads, HKV = c->n_kv_heads;
+    const int32_t D = c->head_dim, H = t->rt->sh.n_heads, HKV = t->rt->sh.n_kv_heads;
     long lo, hi;
     ekv_split_range(t->b->n, ith, nth, &lo, &hi);
     for (long i = lo; i < hi; i++) {
@@ -177,7 +208,7 @@ static void task_rope(void *p, int ith, int nth)
 static void task_swiglu(void *p, int ith, int nth)
 {
     rows_task *t = p;
-    const int32_t F = t->rt->m->cfg.n_ff;
+    const int32_t F = t->rt->sh.n_ff;
     long lo, hi;
     ekv_split_range(t->b->n, ith, nth, &lo, &hi);
     for (long i = lo; i < hi; i++)
@@ -209,23 +240,23 @@ static void attend_probed_recall(ekv_runtime *rt, const kern_kv_view *res, const
 static ekv_status recall_prepare(ekv_runtime *rt, const model_batch *b, int32_t l, ekv_error *err)
 {
     const ekv_model_config *c = &rt->m->cfg;
-    const int32_t HKV = c->n_kv_heads, G = c->n_heads / c->n_kv_heads;
+    const int32_t HKV = rt->sh.n_kv_heads, G = c->n_heads / c->n_kv_heads;
     size_t bytes = 0, probe = 0;
     int32_t ctx = rt->scores_ctx;
     if (!rt->recall_track && !(rt->recall_track = calloc((size_t)rt->max_batch, 1)))
         return ekv_error_set(err, EKV_ENOMEM, "runtime: out of memory for recall");
     for (int32_t i = 0; i < b->n; i++) {
-        const kv_recall *rec = kv_seq_recall(b->seqs[i]);
+        const kv_recall *rec = kv_seq_recall(model_batch_seq(b, i));
         rt->recall_track[i] = 0;
         if (!rec)
             continue;
         int32_t j = 0;
-        while (j < b->n && (j == i || b->seqs[j] != b->seqs[i]))
+        while (j < b->n && (j == i || model_batch_seq(b, j) != model_batch_seq(b, i)))
             j++;
         rt->recall_track[i] = j == b->n;
-        const int32_t bt = kv_pool_block_tokens(kv_seq_pool(b->seqs[i]));
+        const int32_t bt = kv_pool_block_tokens(kv_seq_pool(model_batch_seq(b, i)));
         for (int32_t h = 0; h < HKV; h++) {
-            const int32_t n = kv_seq_len(b->seqs[i], l, h) + 1; /* + this row, worst case */
+            const int32_t n = kv_seq_len(model_batch_seq(b, i), l, h) + 1; /* + this row, worst case */
             const size_t s = kv_recall_scratch_bytes(rec, l, h, n / bt + 2);
             const int32_t ne = n + kv_recall_r(rec) * bt;
             bytes = s > bytes ? s : bytes;
@@ -271,7 +302,7 @@ static void task_attention(void *p, int ith, int nth)
     rows_task *t = p;
     ekv_runtime *rt = t->rt;
     const ekv_model_config *c = &rt->m->cfg;
-    const int32_t D = c->head_dim, H = c->n_heads, HKV = c->n_kv_heads, G = H / HKV;
+    const int32_t D = c->head_dim, H = rt->sh.n_heads, HKV = rt->sh.n_kv_heads, G = H / HKV;
     const float scale = 1.0f / sqrtf((float)D);
     const int ti = ekv_pool_thread_index();
     float *scores = rt->scores + (size_t)ti * KERN_ATTN_SCRATCH(rt->scores_ctx);
@@ -284,12 +315,12 @@ static void task_attention(void *p, int ith, int nth)
         const long i = item / HKV;
         const int32_t kvh = (int32_t)(item % HKV);
         kern_kv_view view;
-        kv_seq_view(t->b->seqs[i], t->layer, kvh, &view);
+        kv_seq_view(model_batch_seq(t->b, i), t->layer, kvh, &view);
         for (int32_t g = 0; g < G; g++)
             qpos[g] = t->b->pos[i];
         const size_t off = ((size_t)i * H + (size_t)kvh * G) * D;
         const int64_t po = t->b->probe ? rt->probe_off[item] : -1;
-        kv_recall *rec = kv_seq_recall(t->b->seqs[i]);
+        kv_recall *rec = kv_seq_recall(model_batch_seq(t->b, i));
         if (rec) {
             kern_kv_view ext;
             const int track = rt->recall_track[i] ? KV_RECALL_TRACK : 0;
@@ -329,7 +360,7 @@ static void task_attention(void *p, int ith, int nth)
 static ekv_status probe_prepare(ekv_runtime *rt, const model_batch *b, int32_t l, ekv_error *err)
 {
     const ekv_model_config *c = &rt->m->cfg;
-    const int32_t HKV = c->n_kv_heads, G = c->n_heads / c->n_kv_heads;
+    const int32_t HKV = rt->sh.n_kv_heads, G = c->n_heads / c->n_kv_heads;
     if (!rt->probe_off &&
         !(rt->probe_off = malloc((size_t)rt->max_batch * HKV * sizeof *rt->probe_off)))
         return ekv_error_set(err, EKV_ENOMEM, "runtime: out of memory for the attention probe");
@@ -342,7 +373,7 @@ static ekv_status probe_prepare(ekv_runtime *rt, const model_batch *b, int32_t l
                 continue;
             }
             rt->probe_off[item] = (int64_t)need;
-            need += 2 * (size_t)G * kv_seq_len(b->seqs[i], l, h);
+            need += 2 * (size_t)G * kv_seq_len(model_batch_seq(b, i), l, h);
         }
     if (need > rt->probe_cap) {
         float *nb = realloc(rt->probe_buf, need * sizeof *nb);
@@ -357,13 +388,13 @@ static ekv_status probe_prepare(ekv_runtime *rt, const model_batch *b, int32_t l
 static void probe_report(ekv_runtime *rt, const model_batch *b, int32_t l)
 {
     const ekv_model_config *c = &rt->m->cfg;
-    const int32_t HKV = c->n_kv_heads, G = c->n_heads / c->n_kv_heads;
+    const int32_t HKV = rt->sh.n_kv_heads, G = c->n_heads / c->n_kv_heads;
     for (int32_t i = 0; i < b->n; i++)
         for (int32_t h = 0; h < HKV; h++) {
             const int64_t po = rt->probe_off[(size_t)i * HKV + h];
             if (po < 0)
                 continue;
-            const int32_t n = kv_seq_len(b->seqs[i], l, h);
+            const int32_t n = kv_seq_len(model_batch_seq(b, i), l, h);
             b->probe->fn(b->probe->ctx, l, i, h, rt->probe_buf + po,
                          rt->probe_buf + po + (size_t)G * n, G, n);
         }
@@ -378,6 +409,15 @@ static ekv_status check_batch(ekv_runtime *rt, const model_batch *b, ekv_error *
         return ekv_error_set(err, EKV_EINVAL, "batch of %d rows (max %d)", b->n, rt->max_batch);
     if (c->n_heads / c->n_kv_heads > 64)
         return ekv_error_set(err, EKV_EUNSUPPORTED, "more than 64 query heads per KV head");
+    if (!b->seqs) { /* sequence ids: each must name a sequence of this rank's table */
+        if (!b->seq_ids || !b->seq_table)
+            return ekv_error_set(err, EKV_EINVAL, "batch has neither sequences nor sequence ids");
+        for (int32_t i = 0; i < b->n; i++)
+            if (b->seq_ids[i] < 0 || b->seq_ids[i] >= b->n_seq_table ||
+                !b->seq_table[b->seq_ids[i]])
+                return ekv_error_set(err, EKV_EINVAL, "row %d: no sequence with id %d", i,
+                                     b->seq_ids[i]);
+    }
     int64_t need = 0;
     kv_pool *pool = NULL;
     for (int32_t i = 0; i < b->n; i++) {
@@ -388,7 +428,7 @@ static ekv_status check_batch(ekv_runtime *rt, const model_batch *b, ekv_error *
             return ekv_error_set(err, EKV_EINVAL, "negative position %d", b->pos[i]);
         int32_t first = 1, count = 0;
         for (int32_t j = 0; j < b->n; j++) {
-            if (b->seqs[j] != b->seqs[i])
+            if (model_batch_seq(b, j) != model_batch_seq(b, i))
                 continue;
             if (j < i) {
                 first = 0;
@@ -398,14 +438,20 @@ static ekv_status check_batch(ekv_runtime *rt, const model_batch *b, ekv_error *
         }
         if (!first)
             continue;
-        const int32_t held = kv_seq_max_len(b->seqs[i]);
+        if (kv_seq_n_layers(model_batch_seq(b, i)) != c->n_layers ||
+            kv_seq_n_kv_heads(model_batch_seq(b, i)) != rt->sh.n_kv_heads)
+            return ekv_error_set(err, EKV_EINVAL,
+                                 "sequence of %d layers x %d KV heads; this runtime runs %d x %d",
+                                 kv_seq_n_layers(model_batch_seq(b, i)), kv_seq_n_kv_heads(model_batch_seq(b, i)),
+                                 c->n_layers, rt->sh.n_kv_heads);
+        const int32_t held = kv_seq_max_len(model_batch_seq(b, i));
         if (held + count > rt->max_ctx)
             return ekv_error_set(err, EKV_ERANGE, "sequence would hold %d tokens (max %d)",
                                  held + count, rt->max_ctx);
-        if (pool && kv_seq_pool(b->seqs[i]) != pool)
+        if (pool && kv_seq_pool(model_batch_seq(b, i)) != pool)
             return ekv_error_set(err, EKV_EINVAL, "a batch must draw from one kv pool");
-        pool = kv_seq_pool(b->seqs[i]);
-        need += kv_seq_blocks_needed(b->seqs[i], count);
+        pool = kv_seq_pool(model_batch_seq(b, i));
+        need += kv_seq_blocks_needed(model_batch_seq(b, i), count);
     }
     if (pool && need > kv_pool_free_blocks(pool))
         return ekv_error_set(err, EKV_ENOMEM, "kv pool: batch needs %lld blocks, %lld free",
@@ -416,11 +462,11 @@ static ekv_status check_batch(ekv_runtime *rt, const model_batch *b, ekv_error *
 static ekv_status append_kv(ekv_runtime *rt, const model_batch *b, int32_t layer, ekv_error *err)
 {
     const ekv_model_config *c = &rt->m->cfg;
-    const int32_t D = c->head_dim, HKV = c->n_kv_heads;
+    const int32_t D = c->head_dim, HKV = rt->sh.n_kv_heads;
     for (int32_t i = 0; i < b->n; i++)
         for (int32_t h = 0; h < HKV; h++) {
             const size_t off = ((size_t)i * HKV + h) * D;
-            ekv_status rc = kv_seq_append(b->seqs[i], layer, h, rt->k + off, rt->v + off,
+            ekv_status rc = kv_seq_append(model_batch_seq(b, i), layer, h, rt->k + off, rt->v + off,
                                           b->pos[i], err);
             if (rc)
                 return rc;
@@ -431,7 +477,7 @@ static ekv_status append_kv(ekv_runtime *rt, const model_batch *b, int32_t layer
 static ekv_status layer_forward(ekv_runtime *rt, const model_batch *b, int32_t l, ekv_error *err)
 {
     const ekv_model_config *c = &rt->m->cfg;
-    const ekv_layer *L = &rt->m->layers[l];
+    const ekv_layer *L = &rt->layers[l];
     const int32_t n = b->n;
     rows_task t = {.rt = rt, .b = b, .norm_w = L->attn_norm, .layer = l};
     ekv_status rc;
@@ -453,8 +499,9 @@ static ekv_status layer_forward(ekv_runtime *rt, const model_batch *b, int32_t l
         probe_report(rt, b, l);
     for (int32_t i = 0; rt->recall_track && i < n; i++)
         if (rt->recall_track[i])
-            kv_seq_recall_promote(b->seqs[i], l);
-    if ((rc = matmul(rt, &L->wo, rt->att, n, rt->xb, err)))
+            kv_seq_recall_promote(model_batch_seq(b, i), l);
+    if ((rc = matmul(rt, &L->wo, rt->att, n, rt->xb, err)) ||
+        (rc = allreduce_rows(rt, rt->xb, n, err)))
         return rc;
     for (int32_t i = 0; i < n; i++)
         kern_add(rt->x + (size_t)i * c->n_embd, rt->xb + (size_t)i * c->n_embd, c->n_embd);
@@ -465,7 +512,8 @@ static ekv_status layer_forward(ekv_runtime *rt, const model_batch *b, int32_t l
         (rc = matmul(rt, &L->w_up, rt->xb, n, rt->up, err)))
         return rc;
     ekv_pool_run(rt->pool, task_swiglu, &t);
-    if ((rc = matmul(rt, &L->w_down, rt->gate, n, rt->xb, err)))
+    if ((rc = matmul(rt, &L->w_down, rt->gate, n, rt->xb, err)) ||
+        (rc = allreduce_rows(rt, rt->xb, n, err)))
         return rc;
     for (int32_t i = 0; i < n; i++)
         kern_add(rt->x + (size_t)i * c->n_embd, rt->xb + (size_t)i * c->n_embd, c->n_embd);
@@ -487,6 +535,8 @@ ekv_status model_forward(ekv_runtime *rt, const model_batch *b, float *logits, e
     for (int32_t l = 0; l < c->n_layers; l++)
         if ((rc = layer_forward(rt, b, l, err)))
             return rc;
+    if (!logits)
+        return EKV_OK;
     /* final norm of the rows whose logits are wanted, gathered densely */
     int32_t n_out = 0;
     for (int32_t i = 0; i < b->n; i++) {

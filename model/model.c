@@ -223,13 +223,8 @@ const ekv_tokenizer *model_tokenizer(const ekv_model *m) { return m->tok; }
 const gguf_file *model_gguf(const ekv_model *m) { return m->gguf; }
 uint64_t model_weight_bytes(const ekv_model *m) { return m->weight_bytes; }
 
-/* 16 tokens a block: the attention kernels' vector paths need a multiple of 16 */
-#define KV_BLOCK_TOKENS 16
-
 kv_pool *model_kv_pool_create(const ekv_model *m, int32_t n_tokens, ekv_error *err)
 {
-    const ekv_model_config *c = &m->cfg;
-    const int64_t blocks = (int64_t)c->n_layers * c->n_kv_heads *
-                           (((int64_t)n_tokens + KV_BLOCK_TOKENS - 1) / KV_BLOCK_TOKENS);
-    return kv_pool_create(KV_BLOCK_TOKENS, c->head_dim, blocks, err);
+    const model_shard whole = {.size = 1, .n_kv_heads = m->cfg.n_kv_heads};
+    return model_kv_pool_create_shard(m, &whole, n_tokens, err);
 }

@@ -36,4 +36,11 @@ struct ekv_model {
     uint64_t weight_bytes;
 };
 
+/* 16 tokens a block: the attention kernels' vector paths need a multiple of 16 */
+#define MODEL_KV_BLOCK_TOKENS 16
+
+/* out[n_layers] = the views of rank s's share of every layer (shard.c);
+ * s must come from model_shard_plan for m. */
+void model_shard_layers(const ekv_model *m, const model_shard *s, ekv_layer *out);
+
 #endif

@@ -219,6 +219,16 @@ typedef struct kvc_report {
 /* For a prompt of n_prompt tokens appended at positions pos0..pos0+n_prompt-1. */
 kvc_capture *kvc_capture_create(const kvc_policy *p, const ekv_model *m, int32_t n_prompt,
                                 int32_t pos0, ekv_error *err);
+/* The same for one rank of a tensor-parallel group (model.h model_shard):
+ * the tap sees and records the rank's own query heads, and compression
+ * scores and selects its own KV heads. Budgets are allocated over all the
+ * model's heads on every rank, from every head's entropy (uncomp: the ranks
+ * allgather their heads' entropies through the runtime's communicator), so
+ * all ranks derive the same budgets; each keeps its heads' share.
+ * kvc_capture_compress must get the rank's runtime. */
+kvc_capture *kvc_capture_create_shard(const kvc_policy *p, const ekv_model *m,
+                                      const model_shard *s, int32_t n_prompt, int32_t pos0,
+                                      ekv_error *err);
 void kvc_capture_free(kvc_capture *c);
 
 /* The tap to set on each prefill batch of this sequence (model.h). NULL when
@@ -238,7 +248,8 @@ ekv_status kvc_capture_set_policy(kvc_capture *c, const kvc_policy *p, ekv_error
 
 /* Per-(layer, query head) truncated matrix entropy of the captured prompt
  * (uncomp captures only; valid after kvc_capture_compress or
- * kvc_capture_entropy). n_layers * n_heads values. */
+ * kvc_capture_entropy). n_layers * n_heads values (a shard's capture: its
+ * own n_heads). */
 ekv_status kvc_capture_entropy(kvc_capture *c, const float **entropy, ekv_error *err);
 
 #endif

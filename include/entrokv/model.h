@@ -17,6 +17,7 @@
 
 #include <stdint.h>
 
+#include "entrokv/comm.h"
 #include "entrokv/gguf.h"
 #include "entrokv/kvcache.h"
 #include "entrokv/status.h"
@@ -50,9 +51,39 @@ const gguf_file *model_gguf(const ekv_model *m);
 /* Bytes of weights one decode step reads. */
 uint64_t model_weight_bytes(const ekv_model *m);
 
+/*
+ * Tensor parallelism (model/shard.c, docs/tp.md): rank `rank` of `size`
+ * owns KV heads [kv_head0, kv_head0 + n_kv_heads) with their query heads
+ * [head0, head0 + n_heads), and MLP rows [ff0, ff0 + n_ff). Its KV cache
+ * holds only its own KV heads, numbered from 0 (kv_seq_create with
+ * n_kv_heads of the shard). size 1: the whole model.
+ */
+typedef struct model_shard {
+    int32_t rank, size;
+    int32_t kv_head0, n_kv_heads;
+    int32_t head0, n_heads;
+    int32_t ff0, n_ff;
+} model_shard;
+
+/* Rank `rank`'s share of m among `size` ranks; EKV_EUNSUPPORTED where the
+ * model cannot be cut that way (more ranks than KV heads, or head
+ * boundaries off the output projection's quantization blocks). */
+ekv_status model_shard_plan(const ekv_model *m, int32_t rank, int32_t size, model_shard *s,
+                            ekv_error *err);
+
 /* n_threads <= 0: one per core. max_ctx bounds the tokens any head holds. */
 ekv_runtime *model_runtime_create(const ekv_model *m, int32_t max_batch, int32_t max_ctx,
                                   int n_threads, ekv_error *err);
+/* A runtime for rank comm_rank(comm) of a tensor-parallel group of
+ * comm_size(comm) ranks (comm borrowed; it must outlive the runtime). Every
+ * rank runs model_forward on the same batch (same tokens, positions and
+ * rows, each with its own sequences), in the same order; the two allreduces
+ * per layer make every rank's hidden state identical. comm NULL: one rank. */
+ekv_runtime *model_runtime_create_tp(const ekv_model *m, int32_t max_batch, int32_t max_ctx,
+                                     int n_threads, ekv_comm *comm, ekv_error *err);
+const model_shard *model_runtime_shard(const ekv_runtime *rt);
+/* The group's communicator; NULL for one rank. */
+ekv_comm *model_runtime_comm(const ekv_runtime *rt);
 void model_runtime_free(ekv_runtime *rt);
 ekv_pool *model_runtime_pool(ekv_runtime *rt);
 int32_t model_runtime_max_batch(const ekv_runtime *rt);
@@ -60,7 +91,8 @@ int32_t model_runtime_max_ctx(const ekv_runtime *rt);
 const ekv_model *model_runtime_model(const ekv_runtime *rt);
 
 /* Called by model_forward once per layer, after RoPE, with the batch's
- * query states q[n][n_heads][head_dim] (post-RoPE); compression records
+ * query states q[n][n_heads][head_dim] (post-RoPE; under tensor
+ * parallelism the rank's own n_heads of its model_shard); compression records
  * what it needs from them. It must not modify anything the forward uses. */
 struct model_batch;
 
@@ -89,7 +121,15 @@ typedef struct model_batch {
     int32_t n;
     const int32_t *tokens;
     const int32_t *pos;
+    /* Each row's sequence: seqs[i], or, when seqs is NULL, the sequence
+     * seq_table[seq_ids[i]]. Ids let a tensor-parallel group share one step
+     * plan (rows, ids, positions) while each rank maps the ids to its own
+     * kv_seq (its heads only); an id outside the table or naming NULL is
+     * EKV_EINVAL. Read a row's sequence with model_batch_seq. */
     kv_seq *const *seqs;
+    const int32_t *seq_ids;
+    kv_seq *const *seq_table;
+    int32_t n_seq_table;
     /* Per row: nonzero to produce that row's logits. NULL: the last row only. */
     const uint8_t *want_logits;
     /* NULL or one tap for the whole batch (it sees every row). */
@@ -98,13 +138,24 @@ typedef struct model_batch {
     const model_probe *probe;
 } model_batch;
 
-/* Runs the batch; writes n_vocab logits per requested row, in row order. On
- * error no sequence has been modified (capacity is checked up front). */
+static inline kv_seq *model_batch_seq(const model_batch *b, int32_t row)
+{
+    return b->seqs ? b->seqs[row] : b->seq_table[b->seq_ids[row]];
+}
+
+/* Runs the batch; writes n_vocab logits per requested row, in row order
+ * (logits NULL: none are computed, as on a tensor-parallel rank that does
+ * not sample). On error no sequence has been modified (capacity is checked
+ * up front), except when a collective fails under tensor parallelism: the
+ * group is then broken (comm.h) and its sequences must be dropped. */
 ekv_status model_forward(ekv_runtime *rt, const model_batch *b, float *logits, ekv_error *err);
 
 /* A KV pool of 16-token blocks that holds n_tokens tokens in every layer and
  * KV head of this model (one sequence of n_tokens, or several shorter ones). */
 kv_pool *model_kv_pool_create(const ekv_model *m, int32_t n_tokens, ekv_error *err);
+/* The same for the KV heads of one shard. */
+kv_pool *model_kv_pool_create_shard(const ekv_model *m, const model_shard *s, int32_t n_tokens,
+                                    ekv_error *err);
 
 /* Appends n tokens at positions pos0.. to seq, in forwards of at most the
  * runtime's max_batch rows, each with tap (may be NULL); writes the last
