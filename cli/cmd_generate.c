@@ -3,11 +3,14 @@
  * JSON object at the end with --json.
  */
 #include <cjson/cJSON.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "cli.h"
+#include "entrokv/comm.h"
 #include "entrokv/generate.h"
 #include "entrokv/grammar.h"
 #include "entrokv/kvcache.h"
@@ -32,7 +35,9 @@ static void usage(FILE *out)
             "  --stop TEXT           stop string (repeatable, up to %d)\n"
             "  --ignore-eos          keep generating past end-of-generation tokens\n"
             "  --ctx N               context length (default: the model's)\n"
-            "  --threads N           threads (default: one per core)\n"
+            "  --threads N           threads (default: one per core; with --tp, shared by the ranks)\n"
+            "  --tp N                tensor parallelism: N ranks as threads of this process, each\n"
+            "                        with its share of the heads and the MLP (docs/tp.md)\n"
             "  --json                print one JSON object at the end instead of streaming\n"
             "  --response-format J   structured output: OpenAI's response_format object as JSON,\n"
             "                        e.g. '{\"type\": \"json_object\"}' (docs/serving.md)\n"
@@ -43,12 +48,47 @@ static void usage(FILE *out)
 typedef struct gen_opts {
     const char *model, *prompt, *system, *response_format;
     bool chat, special, json;
-    int32_t ctx, threads;
+    int32_t ctx, threads, tp;
     const char *stops[MAX_STOPS];
     size_t n_stops;
     gen_params params;
     cli_kv_opts kv;
 } gen_opts;
+
+/* ---- --tp: ranks 1..N-1 as threads following rank 0 (generate.h) ---- */
+
+typedef struct tp_rank {
+    pthread_t th;
+    comm_threads_group *g;
+    int rank, threads;
+    const ekv_model *m;
+    int32_t ctx;
+    const int32_t *ids;
+    int32_t n_ids;
+    const gen_params *params;
+    ekv_status rc;
+    ekv_error err;
+} tp_rank;
+
+static void *tp_follower(void *p)
+{
+    tp_rank *r = p;
+    ekv_comm *comm = comm_open_thread(r->g, r->rank, &r->err);
+    ekv_runtime *rt = comm ? model_runtime_create_tp(r->m, 512, r->ctx, r->threads, comm, &r->err)
+                           : NULL;
+    kv_pool *kv = rt ? model_kv_pool_create_shard(r->m, model_runtime_shard(rt), r->ctx, &r->err)
+                     : NULL;
+    if (!kv) {
+        r->rc = r->err.code ? r->err.code : EKV_ENOMEM;
+        comm_threads_group_abort(r->g); /* rank 0 must not wait for this rank */
+    } else {
+        r->rc = gen_follow(rt, kv, r->ids, r->n_ids, r->params, &r->err);
+    }
+    kv_pool_destroy(kv);
+    model_runtime_free(rt);
+    comm_free(comm);
+    return NULL;
+}
 
 static int parse(int argc, char **argv, gen_opts *o)
 {
@@ -103,6 +143,8 @@ static int parse(int argc, char **argv, gen_opts *o)
             ok = cli_take_int(argc, argv, &i, 16, 1 << 20, &o->ctx);
         } else if (!strcmp(a, "--threads")) {
             ok = cli_take_int(argc, argv, &i, 1, 1024, &o->threads);
+        } else if (!strcmp(a, "--tp")) {
+            ok = cli_take_int(argc, argv, &i, 1, COMM_THREADS_MAX, &o->tp);
         } else if ((ok = cli_kv_take(argc, argv, &i, &o->kv))) {
             ok = ok > 0;
         } else {
@@ -206,6 +248,10 @@ int cmd_generate(int argc, char **argv)
     size_t n_ids = 0;
     gen_result res = {0};
     kvc_profile *profile = NULL;
+    comm_threads_group *group = NULL;
+    ekv_comm *comm = NULL;
+    tp_rank *ranks = NULL;
+    int started = 0;
     if (o.response_format &&
         grammar_get(o.response_format, strlen(o.response_format), &o.params.grammar, &err)) {
         cli_error("generate", "--response-format: %s", err.msg);
@@ -240,9 +286,32 @@ int cmd_generate(int argc, char **argv)
             goto out;
         }
     }
-    kv = model_kv_pool_create(m, ctx, &err);
-    rt = kv ? model_runtime_create(m, 512, ctx, o.threads, &err) : NULL;
-    if (!rt)
+    int threads = o.threads;
+    if (o.tp > 1) {
+        /* the cores are shared by the ranks */
+        const long cores = sysconf(_SC_NPROCESSORS_ONLN);
+        threads = (int)((threads ? threads : (cores > 0 ? cores : 1)) / o.tp);
+        threads = threads > 0 ? threads : 1;
+        if (!(group = comm_threads_group_create(o.tp, &err)) ||
+            !(comm = comm_open_thread(group, 0, &err)))
+            goto fail;
+        if (!(ranks = calloc((size_t)o.tp, sizeof *ranks))) {
+            err = (ekv_error){.code = EKV_ENOMEM};
+            snprintf(err.msg, sizeof err.msg, "out of memory");
+            goto fail;
+        }
+        for (int r = 1; r < o.tp; r++, started++) {
+            ranks[r] = (tp_rank){.g = group, .rank = r, .threads = threads, .m = m, .ctx = ctx,
+                                 .ids = ids, .n_ids = (int32_t)n_ids, .params = &o.params};
+            if (pthread_create(&ranks[r].th, NULL, tp_follower, &ranks[r])) {
+                snprintf(err.msg, sizeof err.msg, "cannot start rank %d", r);
+                goto fail;
+            }
+        }
+    }
+    rt = model_runtime_create_tp(m, 512, ctx, threads, comm, &err);
+    kv = rt ? model_kv_pool_create_shard(m, model_runtime_shard(rt), ctx, &err) : NULL;
+    if (!kv)
         goto fail;
     if (gen_run(rt, kv, ids, (int32_t)n_ids, &o.params, o.json ? NULL : stream_text, NULL, &res,
                 &err))
@@ -256,10 +325,22 @@ int cmd_generate(int argc, char **argv)
 fail:
     cli_error("generate", "%s", err.msg);
 out:
+    if (group && ret != CLI_OK)
+        comm_threads_group_abort(group); /* no follower waits for a plan that never comes */
+    for (int r = 1; r <= started; r++) {
+        pthread_join(ranks[r].th, NULL);
+        if (ranks[r].rc && ret == CLI_OK) {
+            cli_error("generate", "rank %d: %s", r, ranks[r].err.msg);
+            ret = CLI_FAIL;
+        }
+    }
+    free(ranks);
     gen_result_free(&res);
     free(ids);
-    model_runtime_free(rt);
     kv_pool_destroy(kv);
+    model_runtime_free(rt);
+    comm_free(comm);
+    comm_threads_group_free(group);
     kvc_profile_free(profile);
     model_free(m);
     grammar_release(o.params.grammar);

@@ -89,7 +89,8 @@ static ekv_status emit_filtered(gen_state *st, ekv_stopper *stopper, const char 
     return rc ? rc : emit(st, safe, n, err);
 }
 
-/* Prefills the prompt and, with a compression policy, compresses it. */
+/* Prefills the prompt and, with a compression policy, compresses it. A
+ * tensor-parallel rank's capture and compression cover its own heads. */
 static ekv_status prefill(ekv_runtime *rt, kv_seq *seq, const int32_t *prompt, int32_t n_prompt,
                           const kvc_policy *kv, float *logits, kvc_report *rep, ekv_error *err)
 {
@@ -99,7 +100,8 @@ static ekv_status prefill(ekv_runtime *rt, kv_seq *seq, const int32_t *prompt, i
     ekv_status rc = kvc_policy_mean_tokens(kv, n_prompt, &mean, err);
     if (rc)
         return rc;
-    kvc_capture *cap = kvc_capture_create(kv, model_runtime_model(rt), n_prompt, 0, err);
+    kvc_capture *cap = kvc_capture_create_shard(kv, model_runtime_model(rt),
+                                                model_runtime_shard(rt), n_prompt, 0, err);
     if (!cap)
         return err ? err->code : EKV_ENOMEM;
     rc = model_prefill(rt, seq, prompt, n_prompt, 0, kvc_capture_tap(cap, seq), logits, err);
@@ -124,11 +126,79 @@ static void scope_probe_fn(void *ctx, int32_t layer, int32_t row, int32_t kv_hea
     kvc_scope_observe(sp->scope, sp->seq, layer, kv_head, logits, probs, n_q, n_tokens);
 }
 
-ekv_status gen_run(ekv_runtime *rt, kv_pool *kv, const int32_t *prompt, int32_t n_prompt,
-                   const gen_params *p, gen_text_fn on_text, void *ctx, gen_result *out,
-                   ekv_error *err)
+/*
+ * Tensor parallelism: rank 0 runs gen_run, the other ranks gen_follow with
+ * the same prompt and policy. Before each forward rank 0 broadcasts the
+ * step's plan, so every rank runs the same rows; GEN_PLAN_END (sent on
+ * every way out once the group is reachable) releases the followers.
+ */
+enum { GEN_PLAN_END = 0, GEN_PLAN_PREFILL = 1, GEN_PLAN_DECODE = 2 };
+typedef struct gen_plan {
+    int32_t op, token, pos;
+} gen_plan;
+
+static ekv_status plan_send(ekv_comm *comm, int32_t op, int32_t token, int32_t pos,
+                            ekv_error *err)
 {
-    memset(out, 0, sizeof *out);
+    gen_plan pl = {op, token, pos};
+    return comm ? comm_broadcast(comm, &pl, sizeof pl, 0, err) : EKV_OK;
+}
+
+/* What a rank's sequence must not do under tensor parallelism: per-head
+ * decode state that only rank 0 would update. */
+static ekv_status tp_check(const ekv_runtime *rt, const gen_params *p, ekv_error *err)
+{
+    if (!model_runtime_comm(rt))
+        return EKV_OK;
+    if (p->kv.decode.mode != KVC_DECODE_NONE || p->kv.recall > 0)
+        return ekv_error_set(err, EKV_EUNSUPPORTED,
+                             "tensor parallelism: decode-time compression and recall are not "
+                             "supported yet");
+    return EKV_OK;
+}
+
+ekv_status gen_follow(ekv_runtime *rt, kv_pool *kv, const int32_t *prompt, int32_t n_prompt,
+                      const gen_params *p, ekv_error *err)
+{
+    const ekv_model_config *c = model_config(model_runtime_model(rt));
+    ekv_comm *comm = model_runtime_comm(rt);
+    if (!comm || comm_rank(comm) == 0)
+        return ekv_error_set(err, EKV_EINVAL, "gen_follow: not a follower rank");
+    kv_seq *seq = kv_seq_create(kv, c->n_layers, model_runtime_shard(rt)->n_kv_heads, err);
+    ekv_status rc = seq ? EKV_OK : (err ? err->code : EKV_ENOMEM), first = EKV_OK;
+    ekv_error mine = {0};
+    while (!comm_broken(comm)) {
+        gen_plan pl = {0};
+        if ((rc = comm_broadcast(comm, &pl, sizeof pl, 0, err)))
+            break;
+        if (pl.op == GEN_PLAN_END)
+            break;
+        ekv_status step = EKV_OK;
+        kvc_report rep;
+        if (!seq) {
+            step = EKV_ENOMEM;
+        } else if (pl.op == GEN_PLAN_PREFILL) {
+            step = prefill(rt, seq, prompt, n_prompt, &p->kv, NULL, &rep, &mine);
+        } else {
+            model_batch b = {.n = 1, .tokens = &pl.token, .pos = &pl.pos, .seqs = &seq};
+            step = model_forward(rt, &b, NULL, &mine);
+        }
+        /* rank 0 meets the same error on the same rows and ends the run; keep
+         * listening for its END */
+        if (step && !first) {
+            first = step;
+            if (err)
+                *err = mine;
+        }
+    }
+    kv_seq_free(seq);
+    return rc ? rc : first;
+}
+
+static ekv_status run_leader(ekv_runtime *rt, ekv_comm *comm, kv_pool *kv,
+                             const int32_t *prompt, int32_t n_prompt, const gen_params *p,
+                             gen_text_fn on_text, void *ctx, gen_result *out, ekv_error *err)
+{
     const ekv_model *m = model_runtime_model(rt);
     const ekv_model_config *c = model_config(m);
     const ekv_tokenizer *tok = model_tokenizer(m);
@@ -141,7 +211,9 @@ ekv_status gen_run(ekv_runtime *rt, kv_pool *kv, const int32_t *prompt, int32_t 
                              n_prompt, max_ctx);
     if (p->max_tokens < 0)
         return ekv_error_set(err, EKV_EINVAL, "max_tokens must be >= 0");
-    ekv_status rc = EKV_OK;
+    ekv_status rc = tp_check(rt, p, err);
+    if (rc)
+        return rc;
     gen_state st = {.out = out, .on_text = on_text, .ctx = ctx};
     float *logits = malloc((size_t)c->n_vocab * sizeof *logits);
     st.history = malloc(((size_t)n_prompt + (size_t)p->max_tokens) * sizeof *st.history);
@@ -151,7 +223,7 @@ ekv_status gen_run(ekv_runtime *rt, kv_pool *kv, const int32_t *prompt, int32_t 
     ekv_grammar_vocab *gvocab = NULL;
     grammar_state *gs = NULL;
     kvc_scope *scope = NULL;
-    kv_seq *seq = kv_seq_create(kv, c->n_layers, c->n_kv_heads, err);
+    kv_seq *seq = kv_seq_create(kv, c->n_layers, model_runtime_shard(rt)->n_kv_heads, err);
     if (!sampler || !seq) {
         rc = err ? err->code : EKV_ENOMEM;
         goto out;
@@ -174,7 +246,8 @@ ekv_status gen_run(ekv_runtime *rt, kv_pool *kv, const int32_t *prompt, int32_t 
     out->prompt_tokens = n_prompt;
 
     double t0 = gen_now();
-    if ((rc = prefill(rt, seq, prompt, n_prompt, &p->kv, logits, &out->compression, err)))
+    if ((rc = plan_send(comm, GEN_PLAN_PREFILL, 0, 0, err)) ||
+        (rc = prefill(rt, seq, prompt, n_prompt, &p->kv, logits, &out->compression, err)))
         goto out;
     out->kv_bytes_prompt = kv_seq_bytes(seq);
     if (p->kv.decode.mode != KVC_DECODE_NONE &&
@@ -244,7 +317,8 @@ ekv_status gen_run(ekv_runtime *rt, kv_pool *kv, const int32_t *prompt, int32_t 
                          .probe = scope ? &probe : NULL};
         if (scope)
             kvc_scope_begin(scope, out->n_ids - 1);
-        if ((rc = model_forward(rt, &b, logits, err)) ||
+        if ((rc = plan_send(comm, GEN_PLAN_DECODE, id, pos, err)) ||
+            (rc = model_forward(rt, &b, logits, err)) ||
             (scope && (rc = kvc_scope_status(scope, err))))
             goto out;
         if (kv_seq_bytes(seq) > out->kv_bytes_peak)
@@ -282,5 +356,28 @@ out:
     sampler_free(sampler);
     free(st.history);
     free(logits);
+    return rc;
+}
+
+ekv_status gen_run(ekv_runtime *rt, kv_pool *kv, const int32_t *prompt, int32_t n_prompt,
+                   const gen_params *p, gen_text_fn on_text, void *ctx, gen_result *out,
+                   ekv_error *err)
+{
+    memset(out, 0, sizeof *out);
+    ekv_comm *comm = model_runtime_comm(rt);
+    if (comm && comm_rank(comm) != 0)
+        return ekv_error_set(err, EKV_EINVAL, "gen_run: rank %d of a group follows (gen_follow)",
+                             comm_rank(comm));
+    ekv_status rc = run_leader(rt, comm, kv, prompt, n_prompt, p, on_text, ctx, out, err);
+    if (comm && !comm_broken(comm)) { /* every way out releases the followers */
+        ekv_error e2 = {0};
+        ekv_status rc2 = plan_send(comm, GEN_PLAN_END, 0, 0, &e2);
+        if (rc2 && !rc) {
+            gen_result_free(out);
+            rc = rc2;
+            if (err)
+                *err = e2;
+        }
+    }
     return rc;
 }

@@ -63,6 +63,20 @@ if [ -n "${out//[[:space:]]/}" ]; then echo "ok   stream_output"; else echo "FAI
 n=$("$bin" generate --model "$model" --prompt "Hello" --max-tokens 0 --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["completion_tokens"])')
 if [ "$n" = 0 ]; then echo "ok   max_tokens_zero"; else echo "FAIL max_tokens_zero: $n"; fails=$((fails + 1)); fi
 
+# --tp N: N ranks as threads (docs/tp.md); the first greedy tokens (wide
+# margins) match the single-process run's, compression runs per rank, and
+# what a group cannot do is a clear error, not a hang
+one=$("$bin" generate --model "$model" --prompt "The capital of France is" --max-tokens 3 --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["token_ids"])')
+if tp2=$(timeout 120 "$bin" generate --model "$model" --prompt "The capital of France is" --max-tokens 3 --tp 2 --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["token_ids"])') &&
+    tp3=$(timeout 120 "$bin" generate --model "$model" --prompt "The capital of France is a city that" --max-tokens 4 --tp 3 --kv-method snapkv --kv-budget 0.5 --json | python3 -c 'import json,sys; d=json.load(sys.stdin); print(d["completion_tokens"], d["kv_bytes_prompt"] > 0)') &&
+    [ "$tp2" = "$one" ] && [ "$tp3" = "4 True" ]; then
+    echo "ok   generate_tp"
+else
+    echo "FAIL generate_tp: '$one' '${tp2:-}' '${tp3:-}'"; fails=$((fails + 1))
+fi
+expect tp_more_ranks_than_heads 1 "KV heads" -- timeout 60 "$bin" generate --model "$model" --prompt hi --tp 4
+expect tp_decode_compression 1 "not supported" -- timeout 60 "$bin" generate --model "$model" --prompt "hi there you" --tp 2 --kv-method snapkv --kv-budget 0.5 --decode-method scope-slide --scope-recent 2 --scope-window 4
+
 # fetch-model: a verified model already in place means no download at all
 mkdir -p "$tmp/models"
 ln -s "$(realpath "$model")" "$tmp/models/SmolLM2-135M-Instruct.Q4_1.gguf"
