@@ -288,7 +288,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         *con_cls = hc;
         hc->t_headers = mono_s();
         atomic_fetch_add(&h->active, 1);
-        if (h->front && !strcmp(url, http_front_refuse_path(h->front)))
+        if (h->refuse_path[0] && !strcmp(url, h->refuse_path))
             return reply_front_refused(conn);
         const char *bad = framing_error(conn);
         if (bad) {
@@ -416,6 +416,12 @@ ekv_http *ekv_http_start_opts(ekv_coordinator *c, const ekv_http_opts *o, ekv_er
     h->timeout_s = o->timeout_s;
     if (o->api_key)
         h->api_key = *o->api_key;
+    if (!tls && !http_front_refuse_path_new(h->refuse_path)) {
+        freeaddrinfo(ai);
+        free(h);
+        ekv_error_set(err, EKV_EIO, "http: cannot read /dev/urandom");
+        return NULL;
+    }
     unsigned flags = MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD |
                      MHD_USE_POLL | MHD_USE_ITC | MHD_USE_ERROR_LOG |
                      (ai->ai_family == AF_INET6 ? MHD_USE_IPv6 : 0) |
@@ -444,7 +450,8 @@ ekv_http *ekv_http_start_opts(ekv_coordinator *c, const ekv_http_opts *o, ekv_er
     if (!tls) {
         /* a few relays over the cap: MHD refuses those connections itself */
         ekv_error ferr = {0};
-        h->front = http_front_start(h->d, ai, (int)o->max_connections + 64, &ferr);
+        h->front =
+            http_front_start(h->d, ai, h->refuse_path, (int)o->max_connections + 64, &ferr);
         if (!h->front) {
             freeaddrinfo(ai);
             MHD_stop_daemon(h->d);

@@ -59,7 +59,7 @@ struct http_front {
     int lfd;
     int port;
     struct MHD_Daemon *d;
-    char refuse_path[64];
+    char refuse_path[HTTP_FRONT_PATH_MAX];
     int max_relays;
     pthread_t acceptor;
     atomic_bool stopping, closing;
@@ -515,8 +515,23 @@ static void *accept_main(void *arg)
     return NULL;
 }
 
-http_front *http_front_start(struct MHD_Daemon *d, const struct addrinfo *ai, int max_relays,
-                             ekv_error *err)
+bool http_front_refuse_path_new(char out[HTTP_FRONT_PATH_MAX])
+{
+    uint8_t rnd[12];
+    FILE *ur = fopen("/dev/urandom", "rb");
+    bool got = ur && fread(rnd, 1, sizeof rnd, ur) == sizeof rnd;
+    if (ur)
+        fclose(ur);
+    if (!got)
+        return false;
+    int o = snprintf(out, HTTP_FRONT_PATH_MAX, "/.entrokv-refused-");
+    for (size_t i = 0; i < sizeof rnd; i++)
+        o += snprintf(out + o, HTTP_FRONT_PATH_MAX - (size_t)o, "%02x", rnd[i]);
+    return true;
+}
+
+http_front *http_front_start(struct MHD_Daemon *d, const struct addrinfo *ai,
+                             const char *refuse_path, int max_relays, ekv_error *err)
 {
     http_front *fr = calloc(1, sizeof *fr);
     if (!fr) {
@@ -525,19 +540,7 @@ http_front *http_front_start(struct MHD_Daemon *d, const struct addrinfo *ai, in
     }
     fr->d = d;
     fr->max_relays = max_relays;
-    uint8_t rnd[12];
-    FILE *ur = fopen("/dev/urandom", "rb");
-    bool got = ur && fread(rnd, 1, sizeof rnd, ur) == sizeof rnd;
-    if (ur)
-        fclose(ur);
-    if (!got) {
-        free(fr);
-        ekv_error_set(err, EKV_EIO, "http: cannot read /dev/urandom");
-        return NULL;
-    }
-    int o = snprintf(fr->refuse_path, sizeof fr->refuse_path, "/.entrokv-refused-");
-    for (size_t i = 0; i < sizeof rnd; i++)
-        o += snprintf(fr->refuse_path + o, sizeof fr->refuse_path - (size_t)o, "%02x", rnd[i]);
+    snprintf(fr->refuse_path, sizeof fr->refuse_path, "%s", refuse_path);
     fr->lfd = socket(ai->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
     int one = 1;
     if (fr->lfd < 0 || setsockopt(fr->lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) != 0 ||
@@ -565,11 +568,6 @@ http_front *http_front_start(struct MHD_Daemon *d, const struct addrinfo *ai, in
 int http_front_port(const http_front *fr)
 {
     return fr->port;
-}
-
-const char *http_front_refuse_path(const http_front *fr)
-{
-    return fr->refuse_path;
 }
 
 void http_front_stop_accepting(http_front *fr)

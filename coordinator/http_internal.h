@@ -18,10 +18,14 @@
 #define HTTP_ABORT_MSG "the server is shutting down: the drain timeout cut this request short"
 
 typedef struct http_front http_front;
+#define HTTP_FRONT_PATH_MAX 64
 
 struct ekv_http {
     struct MHD_Daemon *d;
     http_front *front;           /* plain HTTP: the listener in front of MHD; TLS: NULL */
+    /* the front's refuse requests' path ("" with TLS); set before MHD
+     * starts, so its threads read it without a lock */
+    char refuse_path[HTTP_FRONT_PATH_MAX];
     ekv_coordinator *coord;
     int port;
     ekv_api_key api_key;
@@ -91,15 +95,16 @@ size_t http_framer_feed(http_framer *f, const uint8_t *in, size_t n, uint8_t *ou
 const char *http_front_reason(int why, unsigned *code);
 
 struct addrinfo;
+/* A new path for the requests that stand in for refused heads (random, so
+ * no client can name it); false when no randomness could be read. */
+bool http_front_refuse_path_new(char out[HTTP_FRONT_PATH_MAX]);
 /* Listens on ai and hands every connection to d (started with
- * MHD_USE_NO_LISTEN_SOCKET) through a relay that checks its framing; at
- * most max_relays at once. */
-http_front *http_front_start(struct MHD_Daemon *d, const struct addrinfo *ai, int max_relays,
-                             ekv_error *err);
+ * MHD_USE_NO_LISTEN_SOCKET) through a relay that checks its framing and
+ * puts a request for refuse_path in place of a refused head; at most
+ * max_relays at once. */
+http_front *http_front_start(struct MHD_Daemon *d, const struct addrinfo *ai,
+                             const char *refuse_path, int max_relays, ekv_error *err);
 int http_front_port(const http_front *fr);
-/* The path of the requests that stand in for refused heads (random, so no
- * client can name it). */
-const char *http_front_refuse_path(const http_front *fr);
 /* Before MHD_stop_daemon: no new connections. */
 void http_front_stop_accepting(http_front *fr);
 /* After MHD_stop_daemon: waits for the relays to end, then frees. */
