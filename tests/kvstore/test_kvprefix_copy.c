@@ -12,7 +12,9 @@
  *   pinned blocks stay out of the pool, and the restored KV is bit-identical
  *   to what was saved. Once copied, every block goes back.
  * - A restore's copy into the pool runs on the copier too: the engine
- *   thread's share of a 2048-token restore is small against one copy.
+ *   thread's share of a 2048-token restore is under 3/4 of importing the
+ *   same blocks there (what the old restore did: the blocks taken from the
+ *   pool, which the new one still does, and their copy).
  * - A pool destroyed while a save is pending waits for the copier; a
  *   restore dropped in flight, its gets pending or its copy (a cancel),
  *   frees everything (ASan / LSan).
@@ -21,6 +23,7 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "ekv_test.h"
 #include "entrokv/kvprefix.h"
@@ -36,6 +39,15 @@ static _Atomic int g_saves_done;
 static void on_saved(void *arg)
 {
     atomic_fetch_add(&g_saves_done, 1);
+}
+
+/* This thread's CPU time: the work it does, whatever else the shared
+ * machine runs meanwhile (a wall clock would count its waits for a core). */
+static double cpu_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
 static bool wait_saves(int n)
@@ -90,7 +102,9 @@ static kvstore_client *local_client(size_t mb)
     return kvstore_client_create(&cfg, NULL);
 }
 
-/* The engine thread's share of a 2k-token save against one copy of it. */
+/* The engine thread's share of a 2k-token save against one copy of it, and
+ * of a restore against importing its blocks: CPU time of this thread, the
+ * least of three tries. */
 static void test_a_save_costs_the_engine_thread_little(void)
 {
     const ekv_model_config *c = model_config(g_model);
@@ -103,19 +117,30 @@ static void test_a_save_costs_the_engine_thread_little(void)
         return;
     kvprefix_on_saved(p, on_saved, NULL);
     kv_seq *s = filled(pool, N_LONG, 1);
-    double copy = 1e9, save = 1e9;
+    double copy = 1e9, save = 1e9, import = 1e9;
     for (int rep = 0; rep < 3; rep++) { /* min of three: the machine is shared */
-        double t0 = kvt_now();
+        double t0 = cpu_now();
         size_t bytes;
         uint8_t *all = export_all(s, n_blocks, &bytes); /* what the old save did here */
-        const double dt = kvt_now() - t0;
-        free(all);
+        double dt = cpu_now() - t0;
         copy = dt < copy ? dt : copy;
+        /* what the old restore did here: the blocks into the pool */
+        kv_seq *in = kv_seq_create(pool, c->n_layers, c->n_kv_heads, NULL);
+        const size_t bb = kv_pool_block_bytes(pool);
+        t0 = cpu_now();
+        for (int32_t b = 0, i = 0; b < n_blocks && all; b++)
+            for (int32_t l = 0; l < c->n_layers; l++)
+                for (int32_t h = 0; h < c->n_kv_heads; h++, i++)
+                    CHECK(kv_seq_block_import(in, l, h, all + (size_t)i * bb, 16, NULL) == EKV_OK);
+        dt = cpu_now() - t0;
+        import = dt < import ? dt : import;
+        kv_seq_free(in);
+        free(all);
         const int before = atomic_load(&g_saves_done);
         g_tokens[0] = rep; /* keys of their own */
-        t0 = kvt_now();
+        t0 = cpu_now();
         kvprefix_save(p, s, g_tokens, N_LONG, 0);
-        const double ds = kvt_now() - t0;
+        const double ds = cpu_now() - t0;
         save = ds < save ? ds : save;
         CHECK(wait_saves(before + 1));
         kvprefix_drain(p);
@@ -143,21 +168,24 @@ static void test_a_save_costs_the_engine_thread_little(void)
         while (!kvprefix_restore_ready(j))
             kvt_sleep_ms(1);
         kv_seq *r = kv_seq_create(pool, c->n_layers, c->n_kv_heads, NULL);
-        double t0 = kvt_now();
+        double t0 = cpu_now();
         const int32_t first = kvprefix_restore_finish(j, r);
-        double dt = kvt_now() - t0;
+        double dt = cpu_now() - t0;
         CHECK_EQ_INT(first, KVPREFIX_PENDING);
         while (!kvprefix_restore_ready(j))
             kvt_sleep_ms(1);
-        t0 = kvt_now();
+        t0 = cpu_now();
         CHECK_EQ_INT(kvprefix_restore_finish(j, r), N_LONG);
-        dt += kvt_now() - t0;
+        dt += cpu_now() - t0;
         restore = dt < restore ? dt : restore;
         CHECK_EQ_INT(kv_seq_max_len(r), N_LONG);
         kv_seq_free(r);
     }
-    fprintf(stderr, "  2048-token restore: engine thread %.3f ms\n", restore * 1e3);
-    CHECK(restore < copy / 4);
+    fprintf(stderr, "  2048-token restore: engine thread %.3f ms, importing the blocks %.3f ms\n",
+            restore * 1e3, import * 1e3);
+    /* both take the blocks from the pool (a fair part of importing them:
+     * 16-token blocks); what moved to the copier is the copy, the rest */
+    CHECK(restore < 0.75 * import);
     kv_pool_reap(pool);
     CHECK_EQ_INT(kv_pool_pins(pool), 0);
     CHECK_EQ_INT(kv_pool_free_blocks(pool), kv_pool_total_blocks(pool));
