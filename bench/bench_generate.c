@@ -557,7 +557,7 @@ int cmd_bench(int argc, char **argv)
                 "       [--no-reference] [--json] [--kv-method M --kv-budget B [--recall R]]\n"
                 "       (entrokv's prompt compressed with M at B, recall R per head and step;\n"
                 "       the JSON lines then carry recall_bytes_per_token)\n"
-                "       entrokv bench serve|kvstore|restore|soak --help\n");
+                                "       entrokv bench serve|kvstore|restore|soak|tp --help\n");
         return argc < 2 ? CLI_USAGE : CLI_OK;
     }
     if (!strcmp(argv[1], "kvstore"))
@@ -568,6 +568,8 @@ int cmd_bench(int argc, char **argv)
         return bench_serve(argc - 1, argv + 1);
     if (!strcmp(argv[1], "soak"))
         return bench_soak(argc - 1, argv + 1);
+    if (!strcmp(argv[1], "tp"))
+        return bench_tp(argc - 1, argv + 1);
 #ifdef EKV_HAVE_CUDA
     if (!strcmp(argv[1], "cuda-attention")) {
         int bench_cuda(int argc, char **argv); /* bench/bench_cuda.c */
@@ -575,7 +577,7 @@ int cmd_bench(int argc, char **argv)
     }
 #endif
     if (strcmp(argv[1], "generate") != 0) {
-        cli_error("bench", "unknown benchmark '%s' (available: generate, kvstore, restore, serve, soak)",
+        cli_error("bench", "unknown benchmark '%s' (available: generate, kvstore, restore, serve, soak, tp)",
                   argv[1]);
         return CLI_USAGE;
     }

@@ -29,6 +29,7 @@ pid_t bench_kvstore_daemon_start(const char *tls, const char *token_file, int ca
 void bench_kvstore_daemon_stop(pid_t pid);
 int bench_serve(int argc, char **argv);    /* bench/bench_generate.c: runs bench/bench_serve.py */
 int bench_soak(int argc, char **argv);     /* bench/bench_generate.c: runs bench/bench_soak.py */
+int bench_tp(int argc, char **argv);       /* bench/bench_tp.c: `bench tp` under mpirun */
 int cmd_eval(int argc, char **argv);
 int cmd_calibrate(int argc, char **argv);
 

@@ -15,7 +15,7 @@ static void usage(FILE *out)
             "commands:\n"
             "  generate     run a prompt through a model and stream the completion\n"
             "  fetch-model  download the demo model (SmolLM2-135M-Instruct, Q4_1) into models/\n"
-            "  bench        benchmarks (bench generate | kvstore | restore)\n"
+            "  bench        benchmarks (bench generate | kvstore | restore | tp)\n"
             "  kvstore      run a KV store daemon (UCX)\n"
             "  serve        serve a model over gRPC and OpenAI-compatible HTTP\n"
             "  worker       a model's step engine behind the internal Worker gRPC service\n"
