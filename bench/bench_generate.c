@@ -557,7 +557,7 @@ int cmd_bench(int argc, char **argv)
                 "       [--no-reference] [--json] [--kv-method M --kv-budget B [--recall R]]\n"
                 "       (entrokv's prompt compressed with M at B, recall R per head and step;\n"
                 "       the JSON lines then carry recall_bytes_per_token)\n"
-                                "       entrokv bench serve|kvstore|restore|soak|tp --help\n");
+                "       entrokv bench serve|kvstore|restore|soak|tp --help\n");
         return argc < 2 ? CLI_USAGE : CLI_OK;
     }
     if (!strcmp(argv[1], "kvstore"))
