@@ -2,7 +2,8 @@
  * bench_tp.c - `entrokv bench tp`: decode tokens/s and bytes communicated per
  * token of a tensor-parallel group (docs/tp.md), for each group size.
  *
- * Two roles in one command:
+ * Two roles in one command (a process that mpirun started is always a rank,
+ * so `mpirun -np N entrokv bench tp --model M` measures one group):
  *  - the driver (run by the user, not under mpirun): for each repetition and
  *    each --np N, in alternation (1 2 3 1 2 3 ...), starts
  *    `mpirun -np N --oversubscribe --bind-to none THIS bench tp --rank-run ...`
@@ -468,5 +469,9 @@ int bench_tp(int argc, char **argv)
     int rc = parse(argc, argv, &o);
     if (rc)
         return rc < 0 ? CLI_OK : rc;
+    /* started by mpirun (`mpirun -np N entrokv bench tp ...`): be one rank
+     * of that group rather than a driver starting groups of its own */
+    if (getenv("OMPI_COMM_WORLD_SIZE") || getenv("PMIX_RANK"))
+        o.rank_run = true;
     return o.rank_run ? rank_run(&o) : driver(&o);
 }

@@ -50,3 +50,13 @@ for N in (1, 2, 3):
     assert all(0 <= t < 49152 for t in r["tokens"]), r["tokens"]
 print("ok: bench tp volumes", {N: runs[N]["bytes_per_token_rank0"] for N in (1, 2, 3)})
 PY
+[ $? -eq 0 ] || exit 1
+# started by mpirun itself, it is one group's ranks: one line, from rank 0
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+if ! timeout -k 5 120 mpirun --oversubscribe --bind-to none -np 2 "$bin" bench tp \
+        --model "$model" --n-decode 2 --prompt-tokens 8 >"$out" 2>"$out.err" ||
+    [ "$(grep -c '^{"bench":"tp","np":2,' "$out")" -ne 1 ] ||
+    ! grep -q '"bytes_per_token_rank0":138244.0' "$out"; then
+    echo "FAIL: mpirun -np 2 entrokv bench tp"; cat "$out" "$out.err"; exit 1
+fi
+echo "ok: mpirun -np 2 entrokv bench tp"
