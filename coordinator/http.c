@@ -345,9 +345,23 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
  * TLS handshake): a flood of those would be a flood of lines, so at most
  * MHD_LOG_PER_S get through each second and the next one counts the rest. */
 #define MHD_LOG_PER_S 10
+/* What libmicrohttpd says of the front's socketpair ends (http_front.c) on
+ * every response: they are Unix sockets, with no TCP options to set and
+ * nothing held back by one, so these lines say nothing. */
+static bool socketpair_noise(const char *line)
+{
+    return !strncmp(line, "Setting TCP_NODELAY option", 26) ||
+           !strncmp(line, "Setting TCP_CORK option", 23) ||
+           !strncmp(line, "Failed to push the data from buffers to the network", 51);
+}
+
 static void on_mhd_log(void *cls, const char *fmt, va_list ap)
 {
     ekv_http *h = cls;
+    char line[512];
+    vsnprintf(line, sizeof line, fmt, ap);
+    if (h->refuse_path[0] && socketpair_noise(line))
+        return;
     long long now = (long long)mono_s(), was = atomic_load(&h->log_second);
     if (now != was && atomic_compare_exchange_strong(&h->log_second, &was, now))
         atomic_store(&h->log_lines, 0);
@@ -355,8 +369,6 @@ static void on_mhd_log(void *cls, const char *fmt, va_list ap)
         atomic_fetch_add(&h->log_dropped, 1);
         return;
     }
-    char line[512];
-    vsnprintf(line, sizeof line, fmt, ap);
     size_t n = strlen(line);
     while (n && line[n - 1] == '\n')
         line[--n] = 0;
