@@ -47,18 +47,24 @@ typedef struct rt_slot {
     int32_t b; /* the block it holds or fetches */
     uint8_t st;
     uint8_t *mem;
+    int64_t used; /* the head's view count when a view last read it */
 } rt_slot;
+
+/* Slots per head, per recalled block: a block that leaves the top R and
+ * comes back a few steps later (the ranking's churn) is still there. */
+#define SLOTS_PER_R 2
 
 typedef struct rt_head {
     pthread_mutex_t mu;
     rt_blk *blk;
     int32_t n, cap;
-    rt_slot *slot; /* r of them */
+    rt_slot *slot; /* n_slots of them */
+    int64_t views;
 } rt_head;
 
 struct kvrt_seq {
     kv_recall_tier *t;
-    int32_t n_layers, n_kv_heads, r;
+    int32_t n_layers, n_kv_heads, r, n_slots;
     size_t bb;
     rt_head *heads;
     rt_set *own; /* where this store's puts go; created at the first */
@@ -223,7 +229,7 @@ static kvrt_seq *seq_new(kv_recall_tier *t, int32_t n_layers, int32_t n_kv_heads
         s->heads = calloc((size_t)n_layers * n_kv_heads, sizeof *s->heads);
     bool ok = s && s->heads;
     for (int32_t i = 0; ok && i < n_layers * n_kv_heads; i++) {
-        s->heads[i].slot = calloc((size_t)r, sizeof *s->heads[i].slot);
+        s->heads[i].slot = calloc((size_t)r * SLOTS_PER_R, sizeof *s->heads[i].slot);
         ok = s->heads[i].slot != NULL;
         if (ok)
             pthread_mutex_init(&s->heads[i].mu, NULL);
@@ -246,6 +252,7 @@ static kvrt_seq *seq_new(kv_recall_tier *t, int32_t n_layers, int32_t n_kv_heads
     s->n_layers = n_layers;
     s->n_kv_heads = n_kv_heads;
     s->r = r;
+    s->n_slots = r * SLOTS_PER_R;
     s->bb = bb;
     atomic_init(&s->refs, 1);
     return s;
@@ -289,7 +296,7 @@ static void seq_unref(kvrt_seq *s)
         rt_head *h = &s->heads[i];
         for (int32_t b = 0; b < h->n; b++)
             set_unref(h->blk[b].set);
-        for (int32_t j = 0; j < s->r; j++)
+        for (int32_t j = 0; j < s->n_slots; j++)
             free(h->slot[j].mem);
         free(h->slot);
         free(h->blk);
@@ -468,7 +475,9 @@ void kvrt_view_begin(kvrt_seq *s, int32_t layer, int32_t head, uint8_t **blk, in
 {
     (void)blk;
     (void)n_blocks;
-    pthread_mutex_lock(&head_of(s, layer, head)->mu);
+    rt_head *h = head_of(s, layer, head);
+    pthread_mutex_lock(&h->mu);
+    h->views++;
 }
 
 static bool in_top(const int32_t *top, int32_t n_top, int32_t b)
@@ -484,15 +493,17 @@ static bool in_top(const int32_t *top, int32_t n_top, int32_t b)
     return lo < n_top && top[lo] == b;
 }
 
-/* A slot that this view does not read and no get writes into; -1: none. */
+/* A slot that this view does not read and no get writes into, the least
+ * recently read of them; -1: none. */
 static int32_t free_slot(const kvrt_seq *s, const rt_head *h, const int32_t *top, int32_t n_top)
 {
     int32_t best = -1;
-    for (int32_t j = 0; j < s->r; j++) {
+    for (int32_t j = 0; j < s->n_slots; j++) {
         const rt_slot *sl = &h->slot[j];
         if (sl->st == S_EMPTY || sl->st == S_FAILED)
             return j;
-        if (sl->st == S_READY && !in_top(top, n_top, sl->b))
+        if (sl->st == S_READY && !in_top(top, n_top, sl->b) &&
+            (best < 0 || sl->used < h->slot[best].used))
             best = j;
     }
     return best;
@@ -503,12 +514,14 @@ const uint8_t *kvrt_fetch(kvrt_seq *s, int32_t layer, int32_t head, int32_t b, c
 {
     kv_recall_tier *t = s->t;
     rt_head *h = head_of(s, layer, head);
-    for (int32_t j = 0; j < s->r; j++) {
+    for (int32_t j = 0; j < s->n_slots; j++) {
         rt_slot *sl = &h->slot[j];
         if (sl->b != b || sl->st == S_EMPTY)
             continue;
-        if (sl->st == S_READY)
+        if (sl->st == S_READY) {
+            sl->used = h->views;
             return sl->mem;
+        }
         if (sl->st == S_FETCHING) {
             ADD(t->misses, 1);
             ADD(s->misses, 1);
@@ -563,6 +576,7 @@ void kvrt_view_end(kvrt_seq *s, int32_t layer, int32_t head, uint8_t **blk, cons
         sl->mem = blk[b];
         sl->b = b;
         sl->st = S_READY;
+        sl->used = h->views;
         blk[b] = NULL;
         h->blk[b].st = B_REMOTE;
         ADD(t->host_bytes, -(int64_t)s->bb);

@@ -13,7 +13,9 @@
  * stay resident, so ranking never waits.
  *
  * At decode a top-R block whose host copy is gone is read from the head's
- * recall buffer: R slots of fetched blocks. A block that is not there yet
+ * slots: 2R fetched blocks (the recall buffer and as many again, so a block
+ * that leaves the top R and comes back a few steps later is still there;
+ * the least recently read slot is refilled first). A block not there yet
  * is skipped for that step (attention runs without it) and counted as a
  * deadline miss; if it is not on its way, a get is issued then, so it
  * arrives while the rest of the step (and the next step's earlier layers)
@@ -107,7 +109,7 @@ void kv_recall_tier_count_promotions(kv_recall_tier *t, int64_t n);
 
 typedef struct kvrt_seq kvrt_seq;
 
-/* A store of n_layers x n_kv_heads heads, r slots per head, blocks of
+/* A store of n_layers x n_kv_heads heads, recalling r blocks per head, blocks of
  * blk_bytes bytes. NULL with EKV_ENOMEM. */
 kvrt_seq *kvrt_attach(kv_recall_tier *t, int32_t n_layers, int32_t n_kv_heads, int32_t r,
                       size_t blk_bytes, ekv_error *err);
