@@ -527,7 +527,12 @@ int32_t kv_recall_view_at(kv_recall *rc, int32_t layer, int32_t head, const floa
     return n_in;
 }
 
-bool kv_recall_promotes(const kv_recall *rc) { return rc->promote && !rc->tier; }
+/* Promotion rewrites a recall block in place, which a tier that spills
+ * blocks (its puts carry the old bytes) must not see; a tier that only
+ * counts (no backend, or no cap) is fine. */
+static bool tier_spills(const kv_recall *rc) { return rc->tier && kvrt_spills(rc->tier); }
+
+bool kv_recall_promotes(const kv_recall *rc) { return rc->promote && !tier_spills(rc); }
 
 /* Sum of probs over [from, to) in every query's row, over n_q. */
 static float span_mass(const float *probs, int n_q, int32_t n_tokens, int32_t from, int32_t to)
@@ -577,7 +582,7 @@ int32_t kv_recall_pick(const kv_recall *rc, int32_t layer, int32_t head, int32_t
     const rc_head *h = head_of(rc, layer, head);
     const int32_t bt = rc->bt, full = h->n_tokens / bt;
     /* everything recalled every step: nothing to gain */
-    if (!rc->promote || rc->tier || h->n_blocks <= rc->r)
+    if (!rc->promote || tier_spills(rc) || h->n_blocks <= rc->r)
         return -1;
     int32_t best = -1;
     for (int32_t i = 0; i < h->n_in; i++) {

@@ -266,6 +266,8 @@ kvrt_seq *kvrt_attach(kv_recall_tier *t, int32_t n_layers, int32_t n_kv_heads, i
 
 kv_recall_tier *kvrt_tier(const kvrt_seq *s) { return s->t; }
 
+bool kvrt_spills(const kvrt_seq *s) { return s->t->has_be && s->t->cap >= 0; }
+
 static rt_head *head_of(kvrt_seq *s, int32_t layer, int32_t head)
 {
     return &s->heads[(size_t)layer * s->n_kv_heads + head];

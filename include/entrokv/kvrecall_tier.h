@@ -121,6 +121,9 @@ kvrt_seq *kvrt_clone(kvrt_seq *src, int64_t host_blocks, ekv_error *err);
 void kvrt_detach(kvrt_seq *s, int64_t host_blocks);
 /* The tier the store is attached to. */
 kv_recall_tier *kvrt_tier(const kvrt_seq *s);
+/* Whether the tier may take blocks out of host memory (a backend and a
+ * cap): then blocks must not change in place (no promotion). */
+bool kvrt_spills(const kvrt_seq *s);
 
 /* kv_recall_add grew (layer, head) to n_blocks blocks (blk[b], NULL when
  * spilled), the first n_full complete, allocating new_blocks of them: the

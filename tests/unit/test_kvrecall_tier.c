@@ -394,6 +394,30 @@ static void test_cap_holds_and_counters(void)
     free(f);
 }
 
+/* A tier that only counts lets promotion run; one that spills does not
+ * (promotion rewrites blocks in place, under keys the daemon holds). */
+static void test_promotion_only_without_spilling(void)
+{
+    fake_be *f = calloc(1, sizeof *f);
+    const kv_recall_backend be = backend_of(f);
+    kv_recall_tier *counts = kv_recall_tier_create(-1, NULL, NULL);
+    kv_recall_tier *spills = kv_recall_tier_create(0, &be, NULL);
+    kv_pool *pc = kv_pool_create(BT, D, 64, NULL), *ps = kv_pool_create(BT, D, 64, NULL);
+    kv_pool_set_recall_tier(pc, counts);
+    kv_pool_set_recall_tier(ps, spills);
+    kv_seq *a = evicted_seq(pc, 1, 64, 16, 1, 3), *b = evicted_seq(ps, 1, 64, 16, 1, 3);
+    CHECK(kv_recall_promotes(kv_seq_recall(a)));
+    CHECK(!kv_recall_promotes(kv_seq_recall(b)));
+    kv_seq_free(a);
+    kv_seq_free(b);
+    pump(f);
+    kv_pool_destroy(pc);
+    kv_pool_destroy(ps);
+    kv_recall_tier_destroy(counts);
+    kv_recall_tier_destroy(spills);
+    free(f);
+}
+
 int main(void)
 {
     RUN_TEST(test_fetched_block_is_bit_identical);
@@ -401,5 +425,6 @@ int main(void)
     RUN_TEST(test_down_and_stalled_backends);
     RUN_TEST(test_clone_shares_the_parent_set);
     RUN_TEST(test_cap_holds_and_counters);
+    RUN_TEST(test_promotion_only_without_spilling);
     return TEST_EXIT();
 }
