@@ -557,7 +557,7 @@ int cmd_bench(int argc, char **argv)
                 "       [--no-reference] [--json] [--kv-method M --kv-budget B [--recall R]]\n"
                 "       (entrokv's prompt compressed with M at B, recall R per head and step;\n"
                 "       the JSON lines then carry recall_bytes_per_token)\n"
-                "       entrokv bench serve|kvstore|restore|soak|tp --help\n");
+                "       entrokv bench serve|membound|kvstore|restore|soak|tp --help\n");
         return argc < 2 ? CLI_USAGE : CLI_OK;
     }
     if (!strcmp(argv[1], "kvstore"))
@@ -570,6 +570,8 @@ int cmd_bench(int argc, char **argv)
         return bench_soak(argc - 1, argv + 1);
     if (!strcmp(argv[1], "tp"))
         return bench_tp(argc - 1, argv + 1);
+    if (!strcmp(argv[1], "membound"))
+        return bench_membound(argc - 1, argv + 1);
 #ifdef EKV_HAVE_CUDA
     if (!strcmp(argv[1], "cuda-attention")) {
         int bench_cuda(int argc, char **argv); /* bench/bench_cuda.c */
@@ -577,7 +579,8 @@ int cmd_bench(int argc, char **argv)
     }
 #endif
     if (strcmp(argv[1], "generate") != 0) {
-        cli_error("bench", "unknown benchmark '%s' (available: generate, kvstore, restore, serve, soak, tp)",
+        cli_error("bench", "unknown benchmark '%s' (available: generate, kvstore, membound, "
+                  "restore, serve, soak, tp)",
                   argv[1]);
         return CLI_USAGE;
     }
@@ -637,4 +640,12 @@ int bench_serve(int argc, char **argv)
 int bench_soak(int argc, char **argv)
 {
     return run_script(EKV_SOURCE_DIR "/bench/bench_soak.py", argc, argv);
+}
+
+/* `entrokv bench membound`: bench/bench_membound.py, serving with long
+ * prompts and a KV pool of a few full sequences, full KV against
+ * compressed (issue 22); it needs grpcio-tools and, for --plot, matplotlib. */
+int bench_membound(int argc, char **argv)
+{
+    return run_script(EKV_SOURCE_DIR "/bench/bench_membound.py", argc, argv);
 }

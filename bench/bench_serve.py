@@ -156,8 +156,6 @@ def start_entrokv(a, conc, extra_args):
             "--kv-tokens", str(kv_tokens(a, conc)), "--max-running", str(max(64, conc)),
             "--max-queued", "1024",
             "--kvstore-mb", "0", *extra_args]
-    if a.prefill_chunk is not None:
-        args += ["--prefill-chunk", str(a.prefill_chunk)]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log)
     wait_http(port, proc, 120)
     return proc, port
@@ -219,8 +217,10 @@ def main():
     p.add_argument("--ctx", type=int, default=1024)
     p.add_argument("--kv-tokens", type=int, default=0,
                    help="entrokv's KV pool in tokens (default: ctx * C, llama-server's KV room)")
-    p.add_argument("--prefill-chunk", type=int, default=None,
-                   help="entrokv's --prefill-chunk (default: the server's own default)")
+    p.add_argument("--prefill-chunk", default=None,
+                   help="entrokv's --prefill-chunk (default: the server's own); a list such "
+                   "as 0,64 runs one full-KV server per value (entrokv-full-chunkN), "
+                   "alternated like the others, the compressed one with the last")
     p.add_argument("--prompt-chars", type=int, default=1400)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=1, help="requests per client")
@@ -245,16 +245,23 @@ def main():
                     "--llama-server PATH or --no-reference")
     rounds = {c: max(a.rounds, -(-a.min_requests // c)) for c in concs}
     prompts = make_prompts(a.text, max(c * rounds[c] for c in concs), a.prompt_chars)
-    servers = [("entrokv-full", lambda c: start_entrokv(a, c, []), {})]
+    try:
+        chunks = [int(x) for x in a.prefill_chunk.split(",")] if a.prefill_chunk else [None]
+    except ValueError:
+        p.error("--prefill-chunk expects a number or a list like 0,64")
+    chunk_args = [[] if pc is None else ["--prefill-chunk", str(pc)] for pc in chunks]
+    servers = [("entrokv-full" if len(chunks) == 1 else f"entrokv-full-chunk{pc}",
+                lambda c, ca=ca: start_entrokv(a, c, ca), {}) for pc, ca in zip(chunks, chunk_args)]
     if not a.no_compressed:
-        servers.append((f"entrokv-{a.kv_method}-{a.kv_budget:g}", lambda c: start_entrokv(a, c, []),
+        servers.append((f"entrokv-{a.kv_method}-{a.kv_budget:g}",
+                        lambda c: start_entrokv(a, c, chunk_args[-1]),
                         {"kv_method": a.kv_method, "kv_budget": a.kv_budget}))
     if not a.no_reference:
         servers.append(("llama.cpp-server", lambda c: start_llamacpp(a, c), {}))
     meta = {"bench": "serve_meta", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "threads": a.threads, "model": a.model, "ctx": a.ctx,
             "kv_tokens": a.kv_tokens or "ctx*C", "prompt_chars": a.prompt_chars,
-            "prefill_chunk": a.prefill_chunk if a.prefill_chunk is not None else "default",
+            "prefill_chunk": chunks if a.prefill_chunk else "default",
             "max_tokens": a.max_tokens, "rounds": rounds, "text": a.text}
     if not a.no_reference:
         meta["llama_server"] = {"path": a.llama_server,
@@ -292,7 +299,7 @@ def main():
     print("\nratios (output tokens/s):", file=sys.stderr)
     for c in concs:
         ref = rows.get(("llama.cpp-server", c))
-        full = rows.get(("entrokv-full", c))
+        full = rows.get((servers[0][0], c))
         for (name, cc), r in rows.items():
             if cc != c or name == "llama.cpp-server":
                 continue
@@ -303,7 +310,7 @@ def main():
                 for key in ("ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s"):
                     if r[key] is not None and ref[key]:
                         line[f"{key[:-2]}_vs_llama_cpp"] = round(r[key] / ref[key], 2)
-            if full and full["output_tokens_per_s"] and name != "entrokv-full":
+            if full and full["output_tokens_per_s"] and name != servers[0][0]:
                 line["vs_entrokv_full"] = round(r["output_tokens_per_s"] / full["output_tokens_per_s"], 2)
             print(json.dumps(line), flush=True)
             print(f"  c={c:3d} {name:24s} " + " ".join(f"{k}={v}" for k, v in line.items()

@@ -30,6 +30,7 @@ void bench_kvstore_daemon_stop(pid_t pid);
 int bench_serve(int argc, char **argv);    /* bench/bench_generate.c: runs bench/bench_serve.py */
 int bench_soak(int argc, char **argv);     /* bench/bench_generate.c: runs bench/bench_soak.py */
 int bench_tp(int argc, char **argv);       /* bench/bench_tp.c: `bench tp` under mpirun */
+int bench_membound(int argc, char **argv); /* bench/bench_generate.c: bench/bench_membound.py */
 int cmd_eval(int argc, char **argv);
 int cmd_calibrate(int argc, char **argv);
 

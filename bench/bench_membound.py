@@ -1,0 +1,204 @@
+#!/usr/bin/env python3
+"""bench_membound.py - `entrokv bench membound`: serving in the memory-bound
+regime (issue 22, part 5). Long prompts of real text (--prompt-chars of the
+texts in --text, distinct windows, about 4 characters a token) and a KV pool
+that holds only --pools full sequences (prompt + --max-tokens each); for each
+KV policy in --policies (full, and SnapKV / UNComp at 10% and 20% by
+default) and each pool size, a fresh `entrokv serve` gets --requests
+streaming /v1/completions at once (greedy, end-of-generation ignored, the
+prefix store off) and the run records output tokens/s over the wave, TTFT
+p50/p99, ITL p50/p99, the engine's preemptions and steps (the gRPC Worker
+service's Stats) and the prompt tokens the server counted.
+
+With full KV the pool runs --pools sequences at a time and the rest wait
+(or are preempted and recomputed when decode outgrows the pool); a
+compressed prompt holds its budget's share of the pool once its prefill
+ends, so more sequences decode together and each decode step reads less
+KV. Prefill is the same for every policy (compression needs the whole
+prompt's KV first), so the gain grows with --max-tokens.
+
+Prints one JSON line per (policy, pool) and a "membound_meta" line;
+--plot PNG draws output tokens/s against the KV pool (matplotlib).
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_serve as bs  # noqa: E402  (free_port, wait_http, one_request, pct, stop)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEXTS = ("/usr/share/common-licenses/GPL-3,/usr/share/common-licenses/GFDL-1.3,"
+         "/usr/share/common-licenses/LGPL-2.1,/usr/share/common-licenses/MPL-1.1,"
+         "/usr/share/common-licenses/GPL-2,/usr/share/common-licenses/Apache-2.0")
+
+
+def make_prompts(paths, n, chars):
+    """n distinct windows of chars characters over the texts, one after another."""
+    import re
+    text = ""
+    for p in paths.split(","):
+        with open(p, encoding="utf-8", errors="replace") as f:
+            text += re.sub(r"\s+", " ", f.read()) + " "
+    if len(text) < chars:
+        raise SystemExit(f"bench membound: the texts hold {len(text)} characters, fewer than "
+                         f"--prompt-chars {chars}")
+    step = max(1, (len(text) - chars) // max(1, n - 1)) if n > 1 else 0
+    return [text[i * step:i * step + chars] + "\n\nSummarise the text above:" for i in range(n)]
+
+
+def stats(port):
+    """The engine's Stats over the Worker service, or {} when it cannot be read."""
+    try:
+        pb, pb_grpc = stats.stubs
+        import grpc
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            s = pb_grpc.WorkerStub(ch).Stats(pb.StatsRequest(), timeout=10)
+            return {"preemptions": s.preemptions, "steps": s.steps,
+                    "kv_blocks_total": s.kv_blocks_total, "kv_bytes_saved": s.kv_bytes_saved}
+    except Exception as e:  # noqa: BLE001 - the bench reports what it could not read
+        print(f"bench membound: Stats: {e}", file=sys.stderr)
+        return {}
+
+
+def load_stubs():
+    import importlib
+    from grpc_tools import protoc
+    out = tempfile.mkdtemp(prefix="entrokv-membound-stubs-")
+    include = os.path.join(os.path.dirname(protoc.__file__), "_proto")
+    for name in ("entrokv.proto", "health.proto"):
+        assert protoc.main(["protoc", f"-I{ROOT}/proto", f"-I{include}", f"--python_out={out}",
+                            f"--grpc_python_out={out}", f"{ROOT}/proto/{name}"]) == 0
+    sys.path.insert(0, out)
+    return importlib.import_module("entrokv_pb2"), importlib.import_module("entrokv_pb2_grpc")
+
+
+def run_one(a, prompts, policy, budget, kv_tokens):
+    import subprocess
+    port, wport = bs.free_port(), bs.free_port()
+    log = tempfile.NamedTemporaryFile(prefix="bench-membound-", suffix=".log", delete=False)
+    args = [a.entrokv, "serve", "--model", a.model, "--host", "127.0.0.1", "--grpc-port", "0",
+            "--http-port", str(port), "--worker-port", str(wport), "--threads", str(a.threads),
+            "--ctx", str(a.ctx), "--kv-tokens", str(kv_tokens),
+            "--max-running", str(max(8, a.requests)), "--kvstore-mb", "0"]
+    if a.prefill_chunk is not None:
+        args += ["--prefill-chunk", str(a.prefill_chunk)]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        bs.wait_http(port, proc, 120)
+        bs.one_request(port, {"prompt": "Warm-up.", "max_tokens": 4, "stream": True}, [])
+        results, threads, lock = [], [], threading.Lock()
+
+        def client(i):
+            body = {"prompt": prompts[i], "max_tokens": a.max_tokens, "ignore_eos": True,
+                    "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
+                    "kv_method": policy, "kv_budget": budget}
+            res = []
+            bs.one_request(port, body, res)
+            with lock:
+                results.extend(res)
+
+        t0 = time.time()
+        for i in range(a.requests):
+            t = threading.Thread(target=client, args=(i,))
+            t.start()
+            threads.append(t)
+        for t in threads:
+            t.join()
+        wall = time.time() - t0
+        st = stats(wport)
+    finally:
+        bs.stop(proc)
+    ttfts = [r[0] for r in results if r[0] is not None]
+    gaps = [g for r in results for g in r[1]]
+    toks = sum(r[2] for r in results)
+    return {"bench": "membound", "policy": policy, "budget": budget, "kv_tokens": kv_tokens,
+            "requests": len(results), "completed": sum(1 for r in results if r[3]),
+            "output_tokens": toks, "wall_s": round(wall, 3),
+            "output_tokens_per_s": round(toks / wall, 2) if wall > 0 else 0,
+            "ttft_p50_s": bs.pct(ttfts, 0.5), "ttft_p99_s": bs.pct(ttfts, 0.99),
+            "itl_p50_s": bs.pct(gaps, 0.5), "itl_p99_s": bs.pct(gaps, 0.99), **st}
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name in dict.fromkeys(r["label"] for r in rows):
+        pts = sorted((r["kv_tokens"], r["output_tokens_per_s"]) for r in rows if r["label"] == name)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.set_xlabel("KV pool (tokens per KV head, all sequences)")
+    ax.set_ylabel("output tokens/s")
+    ax.set_title("memory-bound serving: long prompts, small KV pool")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--entrokv", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--text", default=TEXTS, help="comma-separated text files (real text)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--ctx", type=int, default=8192)
+    p.add_argument("--prompt-chars", type=int, default=17000,
+                   help="characters per prompt (about 4 a token: 17000 is about 4k tokens)")
+    p.add_argument("--prompt-tokens", type=int, default=4200,
+                   help="tokens a prompt is sized at for the pool (at least what the server counts)")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--requests", type=int, default=4)
+    p.add_argument("--pools", default="2", help="KV pool sizes in full sequences, e.g. 1,2,4")
+    p.add_argument("--policies", default="full,snapkv:0.1,snapkv:0.2,uncomp:0.1,uncomp:0.2")
+    p.add_argument("--prefill-chunk", type=int, default=None)
+    p.add_argument("--plot", help="write a PNG of throughput against the KV pool here")
+    a = p.parse_args()
+    pols = []
+    for s in a.policies.split(","):
+        name, _, b = s.partition(":")
+        pols.append((name, float(b) if b else 1.0))
+    pools = [float(x) for x in a.pools.split(",")]
+    prompts = make_prompts(a.text, a.requests, a.prompt_chars)
+    stats.stubs = load_stubs()
+    seq = a.prompt_tokens + a.max_tokens + 32  # a block or two of slack per sequence
+    print(json.dumps({"bench": "membound_meta",
+                      "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                      "model": a.model, "threads": a.threads, "ctx": a.ctx,
+                      "prompt_chars": a.prompt_chars, "prompt_tokens_sized": a.prompt_tokens,
+                      "max_tokens": a.max_tokens, "requests": a.requests, "pools": pools,
+                      "text": a.text, "load_at_start": os.getloadavg()[0]}), flush=True)
+    rows = []
+    for k, pool in enumerate(pools):
+        order = pols if k % 2 == 0 else pols[::-1]  # drift falls on all policies alike
+        for name, budget in order:
+            kv = int(pool * seq)
+            r = run_one(a, prompts, name, budget, kv)
+            r["pool_sequences"] = pool
+            r["label"] = name if name == "full" else f"{name} {budget:g}"
+            r["load"] = os.getloadavg()[0]
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+            print(f"  {r['label']:12s} pool {pool:g} seq ({kv} tok) {r['output_tokens_per_s']:7.1f} "
+                  f"tok/s  TTFT p50 {r['ttft_p50_s'] or 0:.1f}s p99 {r['ttft_p99_s'] or 0:.1f}s  "
+                  f"preemptions {r.get('preemptions')}  completed {r['completed']}/{r['requests']}",
+                  file=sys.stderr, flush=True)
+    for pool in pools:
+        full = next((r for r in rows if r["label"] == "full" and r["pool_sequences"] == pool), None)
+        for r in rows:
+            if r["pool_sequences"] == pool and full and full["output_tokens_per_s"] and r is not full:
+                print(json.dumps({"bench": "membound_ratio", "label": r["label"], "pool_sequences": pool,
+                                  "vs_full": round(r["output_tokens_per_s"] /
+                                                   full["output_tokens_per_s"], 2)}), flush=True)
+    if a.plot:
+        plot(rows, a.plot)
+    return 0 if all(r["completed"] == r["requests"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
