@@ -18,7 +18,8 @@ KV. Prefill is the same for every policy (compression needs the whole
 prompt's KV first), so the gain grows with --max-tokens.
 
 Prints one JSON line per (policy, pool) and a "membound_meta" line;
---plot PNG draws output tokens/s against the KV pool (matplotlib).
+--plot PNG draws output tokens/s against the KV pool (matplotlib);
+--from-jsonl FILE --plot PNG redraws it from a run's output.
 """
 import argparse
 import json
@@ -65,6 +66,20 @@ def stats(port):
         return {}
 
 
+def prompt_tokens(port):
+    """entrokv_prompt_tokens_total from /metrics (warm-up included), or None."""
+    import http.client
+    try:
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        c.request("GET", "/metrics")
+        for line in c.getresponse().read().decode().splitlines():
+            if line.startswith("entrokv_prompt_tokens_total"):
+                return int(float(line.split()[-1]))
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def load_stubs():
     import importlib
     from grpc_tools import protoc
@@ -91,6 +106,7 @@ def run_one(a, prompts, policy, budget, kv_tokens):
     try:
         bs.wait_http(port, proc, 120)
         bs.one_request(port, {"prompt": "Warm-up.", "max_tokens": 4, "stream": True}, [])
+        warm = prompt_tokens(port) or 0
         results, threads, lock = [], [], threading.Lock()
 
         def client(i):
@@ -111,6 +127,9 @@ def run_one(a, prompts, policy, budget, kv_tokens):
             t.join()
         wall = time.time() - t0
         st = stats(wport)
+        total = prompt_tokens(port)
+        if total is not None:
+            st["prompt_tokens"] = total - warm  # what the server counted for the wave
     finally:
         bs.stop(proc)
     ttfts = [r[0] for r in results if r[0] is not None]
@@ -144,7 +163,7 @@ def plot(rows, path):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--entrokv", required=True)
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", help="the GGUF (required unless --from-jsonl)")
     p.add_argument("--text", default=TEXTS, help="comma-separated text files (real text)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--ctx", type=int, default=8192)
@@ -158,7 +177,16 @@ def main():
     p.add_argument("--policies", default="full,snapkv:0.1,snapkv:0.2,uncomp:0.1,uncomp:0.2")
     p.add_argument("--prefill-chunk", type=int, default=None)
     p.add_argument("--plot", help="write a PNG of throughput against the KV pool here")
+    p.add_argument("--from-jsonl", help="only draw --plot from this earlier run's output")
     a = p.parse_args()
+    if a.from_jsonl:
+        if not a.plot:
+            p.error("--from-jsonl needs --plot")
+        with open(a.from_jsonl) as f:
+            plot([r for r in map(json.loads, f) if r.get("bench") == "membound"], a.plot)
+        return 0
+    if not a.model:
+        p.error("--model is required")
     pols = []
     for s in a.policies.split(","):
         name, _, b = s.partition(":")

@@ -33,6 +33,7 @@ def main():
         assert x["output_tokens"] == 2 * 4, x
         assert x["kv_tokens"] == 400 + 4 + 32, x
         assert x["preemptions"] >= 0 and x["steps"] > 0, x
+        assert 2 * 100 < x["prompt_tokens"] <= 2 * 400, x  # both prompts, as sized
         assert x["ttft_p50_s"] is not None and x["ttft_p50_s"] <= x["ttft_p99_s"], x
     assert runs["full"]["kv_bytes_saved"] == 0, runs
     assert runs["snapkv 0.1"]["kv_bytes_saved"] > 0, runs
