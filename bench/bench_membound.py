@@ -153,6 +153,7 @@ def plot(rows, path):
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
     ax.set_xlabel("KV pool (tokens per KV head, all sequences)")
     ax.set_ylabel("output tokens/s")
+    ax.set_ylim(bottom=0)
     ax.set_title("memory-bound serving: long prompts, small KV pool")
     ax.grid(alpha=0.3)
     ax.legend()
