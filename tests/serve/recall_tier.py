@@ -18,8 +18,8 @@ import time
 from conftest import BIN, SLOW, Server
 from test_serve import gen_request, generation, run_stream
 
-DOC = open("/usr/share/common-licenses/MPL-2.0").read()[:3000]
-N = 24  # tokens per request
+DOC = open("/usr/share/common-licenses/MPL-2.0").read()[:1800]
+N = 16  # tokens per request
 
 
 def request(pb, tag):
