@@ -196,12 +196,21 @@ static void task_rope(void *p, int ith, int nth)
     const int32_t D = c->head_dim, H = t->rt->sh.n_heads, HKV = t->rt->sh.n_kv_heads;
     long lo, hi;
     ekv_split_range(t->b->n, ith, nth, &lo, &hi);
+    float cs[KERN_ROPE_MAX_DIM]; /* one row's angles serve all its heads */
     for (long i = lo; i < hi; i++) {
         const int32_t pos = t->b->pos[i];
+        if (c->rope_dim > KERN_ROPE_MAX_DIM) {
+            for (int32_t h = 0; h < H; h++)
+                kern_rope(t->rt->q + (i * H + h) * D, D, c->rope_dim, pos, c->rope_base, 0);
+            for (int32_t h = 0; h < HKV; h++)
+                kern_rope(t->rt->k + (i * HKV + h) * D, D, c->rope_dim, pos, c->rope_base, 0);
+            continue;
+        }
+        kern_rope_table(cs, c->rope_dim, pos, c->rope_base);
         for (int32_t h = 0; h < H; h++)
-            kern_rope(t->rt->q + (i * H + h) * D, D, c->rope_dim, pos, c->rope_base, 0);
+            kern_rope_apply(t->rt->q + (i * H + h) * D, D, c->rope_dim, cs, 0);
         for (int32_t h = 0; h < HKV; h++)
-            kern_rope(t->rt->k + (i * HKV + h) * D, D, c->rope_dim, pos, c->rope_base, 0);
+            kern_rope_apply(t->rt->k + (i * HKV + h) * D, D, c->rope_dim, cs, 0);
     }
 }
 
@@ -294,9 +303,71 @@ static ekv_status recall_prepare(ekv_runtime *rt, const model_batch *b, int32_t 
     return EKV_OK;
 }
 
-/* Work items are (row, KV head), dealt round-robin over the parts so that
- * the long rows at the end of a causal prefill chunk spread over all
- * threads; scratch is per thread, not per part. */
+/* Row i's attention over KV head kvh on the per-row path (probed and
+ * recalling rows, and rows alone in their tile). */
+static void attend_row(const rows_task *t, long i, int32_t kvh, float scale, float *scores,
+                       uint8_t *rbuf)
+{
+    ekv_runtime *rt = t->rt;
+    const ekv_model_config *c = &rt->m->cfg;
+    const int32_t D = c->head_dim, H = rt->sh.n_heads, HKV = rt->sh.n_kv_heads, G = H / HKV;
+    int32_t qpos[64];
+    kern_kv_view view;
+    kv_seq_view(model_batch_seq(t->b, i), t->layer, kvh, &view);
+    for (int32_t g = 0; g < G; g++)
+        qpos[g] = t->b->pos[i];
+    const size_t off = ((size_t)i * H + (size_t)kvh * G) * D;
+    const int64_t po = t->b->probe ? rt->probe_off[i * HKV + kvh] : -1;
+    kv_recall *rec = kv_seq_recall(model_batch_seq(t->b, i));
+    if (rec) {
+        kern_kv_view ext;
+        const int track = rt->recall_track[i] ? KV_RECALL_TRACK : 0;
+        const int32_t nr = kv_recall_view_at(rec, t->layer, kvh, rt->q + off, G, D, qpos[0],
+                                             track, &view, &ext, rbuf);
+        float *tmp = (float *)(rbuf + rt->recall_bytes);
+        const int32_t np = ext.packed ? ext.packed->n : 0;
+        if (nr > 0 && po >= 0) { /* the probe sees the resident tokens only */
+            attend_probed_recall(rt, &view, &ext, nr, rt->q + off, G, qpos, scale,
+                                 rt->att + off, scores, tmp, rt->probe_buf + po);
+            if (track)
+                kv_recall_observe(rec, t->layer, kvh, tmp + (size_t)G * ext.n_tokens, G,
+                                  ext.n_tokens, np);
+            return;
+        }
+        if (track && po < 0 && kv_recall_promotes(rec)) { /* its mass decides promotion */
+            const kern_attn_probe pr = {.probs = tmp};
+            kern_attention_probe(&ext, rt->q + off, G, D, qpos, scale, rt->att + off, D,
+                                 scores, &pr);
+            kv_recall_observe(rec, t->layer, kvh, tmp, G, ext.n_tokens, np);
+            return;
+        }
+        view = ext;
+    }
+    if (po < 0) {
+        kern_attention(&view, rt->q + off, G, D, qpos, scale, rt->att + off, D, scores);
+        return;
+    }
+    const kern_attn_probe pr = {.logits = rt->probe_buf + po,
+                                .probs = rt->probe_buf + po + (size_t)G * view.n_tokens};
+    kern_attention_probe(&view, rt->q + off, G, D, qpos, scale, rt->att + off, D, scores, &pr);
+}
+
+/* Rows of a prefill chunk attend ATT_TILE_ROWS at a time per KV head
+ * (kern_attention_rows loads each K/V tile once for several rows). */
+#define ATT_TILE_ROWS 6
+
+/* Whether row i may join kern_attention_rows: neither probed nor recalling
+ * (those take attend_row). */
+static int row_tiles(const rows_task *t, long i)
+{
+    return !(t->b->probe && t->b->probe->rows[i]) && !kv_seq_recall(model_batch_seq(t->b, i));
+}
+
+/* Work items are (tile of ATT_TILE_ROWS rows, KV head), dealt round-robin
+ * over the parts so that the long rows at the end of a causal prefill chunk
+ * spread over all threads; scratch is per thread, not per part. Within a
+ * tile, each run of rows of one sequence goes to kern_attention_rows, which
+ * is bit-identical to attend_row. */
 static void task_attention(void *p, int ith, int nth)
 {
     rows_task *t = p;
@@ -309,49 +380,27 @@ static void task_attention(void *p, int ith, int nth)
     uint8_t *rbuf = rt->recall_buf ? rt->recall_buf + (size_t)ti * (rt->recall_bytes +
                                                                    rt->recall_probe * sizeof(float))
                                    : NULL;
-    int32_t qpos[64];
-    const long n_items = (long)t->b->n * HKV;
-    for (long item = ith; item < n_items; item += nth) {
-        const long i = item / HKV;
+    const long n_tiles = ((long)t->b->n + ATT_TILE_ROWS - 1) / ATT_TILE_ROWS;
+    for (long item = ith; item < n_tiles * HKV; item += nth) {
         const int32_t kvh = (int32_t)(item % HKV);
-        kern_kv_view view;
-        kv_seq_view(model_batch_seq(t->b, i), t->layer, kvh, &view);
-        for (int32_t g = 0; g < G; g++)
-            qpos[g] = t->b->pos[i];
-        const size_t off = ((size_t)i * H + (size_t)kvh * G) * D;
-        const int64_t po = t->b->probe ? rt->probe_off[item] : -1;
-        kv_recall *rec = kv_seq_recall(model_batch_seq(t->b, i));
-        if (rec) {
-            kern_kv_view ext;
-            const int track = rt->recall_track[i] ? KV_RECALL_TRACK : 0;
-            const int32_t nr = kv_recall_view_at(rec, t->layer, kvh, rt->q + off, G, D, qpos[0],
-                                                 track, &view, &ext, rbuf);
-            float *tmp = (float *)(rbuf + rt->recall_bytes);
-            const int32_t np = ext.packed ? ext.packed->n : 0;
-            if (nr > 0 && po >= 0) { /* the probe sees the resident tokens only */
-                attend_probed_recall(rt, &view, &ext, nr, rt->q + off, G, qpos, scale,
-                                     rt->att + off, scores, tmp, rt->probe_buf + po);
-                if (track)
-                    kv_recall_observe(rec, t->layer, kvh, tmp + (size_t)G * ext.n_tokens, G,
-                                      ext.n_tokens, np);
+        const long r0 = item / HKV * ATT_TILE_ROWS;
+        const long r1 = r0 + ATT_TILE_ROWS < t->b->n ? r0 + ATT_TILE_ROWS : t->b->n;
+        for (long i = r0, e; i < r1; i = e) {
+            e = i + 1;
+            if (row_tiles(t, i))
+                while (e < r1 && model_batch_seq(t->b, e) == model_batch_seq(t->b, i) &&
+                       row_tiles(t, e))
+                    e++;
+            if (e - i == 1) {
+                attend_row(t, i, kvh, scale, scores, rbuf);
                 continue;
             }
-            if (track && po < 0 && kv_recall_promotes(rec)) { /* its mass decides promotion */
-                const kern_attn_probe pr = {.probs = tmp};
-                kern_attention_probe(&ext, rt->q + off, G, D, qpos, scale, rt->att + off, D,
-                                     scores, &pr);
-                kv_recall_observe(rec, t->layer, kvh, tmp, G, ext.n_tokens, np);
-                continue;
-            }
-            view = ext;
+            kern_kv_view view;
+            kv_seq_view(model_batch_seq(t->b, i), t->layer, kvh, &view);
+            const size_t off = ((size_t)i * H + (size_t)kvh * G) * D;
+            kern_attention_rows(&view, rt->q + off, (int)(e - i), G, H * D, t->b->pos + i, scale,
+                                rt->att + off, H * D, scores);
         }
-        if (po < 0) {
-            kern_attention(&view, rt->q + off, G, D, qpos, scale, rt->att + off, D, scores);
-            continue;
-        }
-        const kern_attn_probe pr = {.logits = rt->probe_buf + po,
-                                    .probs = rt->probe_buf + po + (size_t)G * view.n_tokens};
-        kern_attention_probe(&view, rt->q + off, G, D, qpos, scale, rt->att + off, D, scores, &pr);
     }
 }
 

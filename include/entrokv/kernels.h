@@ -66,6 +66,12 @@ void kern_rmsnorm(float *out, const float *x, const float *w, int n, float eps);
 /* Rotates pairs (x[i], x[i + d/2]) (NEOX layout) or (x[2i], x[2i+1]) (normal
  * layout, what llama uses) of one head of d elements for position pos. */
 void kern_rope(float *x, int d, int n_rot, int32_t pos, float freq_base, int neox);
+/* kern_rope in two steps, for the heads of one row: the (cos, sin) table of
+ * n_rot floats (n_rot even, <= KERN_ROPE_MAX_DIM) for position pos, then the
+ * rotation of one head by it; the same bits as kern_rope. */
+#define KERN_ROPE_MAX_DIM 1024
+void kern_rope_table(float *cs, int n_rot, int32_t pos, float freq_base);
+void kern_rope_apply(float *x, int d, int n_rot, const float *cs, int neox);
 /* g = silu(g) * u over n elements. */
 void kern_swiglu(float *g, const float *u, int n);
 /* x += y over n elements. */
@@ -138,9 +144,25 @@ typedef struct kern_kv_view {
  * each K/V row load; results do not depend on that grouping.
  */
 #define KERN_ATTN_GROUP_MAX 4
-#define KERN_ATTN_SCRATCH(n_tokens) ((size_t)KERN_ATTN_GROUP_MAX * (size_t)(n_tokens))
+/* the queries kern_attention_rows scores per K/V load (the scratch's rows) */
+#define KERN_ATTN_TILE_Q 6
+#define KERN_ATTN_SCRATCH(n_tokens) ((size_t)KERN_ATTN_TILE_Q * (size_t)(n_tokens))
 void kern_attention(const kern_kv_view *kv, const float *Q, int n_q, int q_stride,
                     const int32_t *q_pos, float scale, float *out, int out_stride, float *scores);
+
+/*
+ * Prefill (kernels/cpu/attention_rows.c): n_rows rows of one sequence, each
+ * with g (<= KERN_ATTN_ROWS_MAX_G) query heads sharing this KV head. Row r's
+ * head h is Q[r * row_stride + h * head_dim ...] at position row_pos[r]; its
+ * output goes to the same place in out (out_stride per row). Each K and V
+ * tile is loaded once for up to KERN_ATTN_TILE_Q queries across rows. The
+ * result is bit-identical to kern_attention of each row's g heads (so to
+ * decode). scores: KERN_ATTN_SCRATCH(kv->n_tokens) floats.
+ */
+#define KERN_ATTN_ROWS_MAX_G 64
+void kern_attention_rows(const kern_kv_view *kv, const float *Q, int n_rows, int g,
+                         int row_stride, const int32_t *row_pos, float scale, float *out,
+                         int out_stride, float *scores);
 
 /*
  * What decode-time compression reads from attention (SCOPE, rolling

@@ -173,6 +173,26 @@ static void test_rope_rotates_pairs(void)
     CHECK(y[4] == x[4] && y[7] == x[7]);
 }
 
+/* The table form (one row's angles for all its heads) gives kern_rope's
+ * bits: both layouts, partial rotation, large positions. */
+static void test_rope_table_matches_rope(void)
+{
+    const int dims[][2] = {{64, 64}, {128, 128}, {64, 32}, {80, 64}};
+    const int32_t poss[] = {0, 1, 511, 8191, 123457};
+    for (size_t s = 0; s < sizeof dims / sizeof dims[0]; s++)
+        for (size_t p = 0; p < sizeof poss / sizeof poss[0]; p++)
+            for (int neox = 0; neox < 2; neox++) {
+                const int d = dims[s][0], n_rot = dims[s][1];
+                float a[128], b[128], cs[KERN_ROPE_MAX_DIM];
+                for (int i = 0; i < d; i++)
+                    a[i] = b[i] = sinf((float)(i * 37 + (int)p)) * 3.0f;
+                kern_rope(a, d, n_rot, poss[p], 100000.0f, neox);
+                kern_rope_table(cs, n_rot, poss[p], 100000.0f);
+                kern_rope_apply(b, d, n_rot, cs, neox);
+                CHECK(memcmp(a, b, (size_t)d * sizeof *a) == 0);
+            }
+}
+
 static void test_swiglu(void)
 {
     float g[3] = {0, 1, -2}, u[3] = {5, 2, 3};
@@ -191,6 +211,7 @@ int main(void)
     RUN_TEST(test_dtype_row_bytes);
     RUN_TEST(test_rmsnorm);
     RUN_TEST(test_rope_rotates_pairs);
+    RUN_TEST(test_rope_table_matches_rope);
     RUN_TEST(test_swiglu);
     return TEST_EXIT();
 }
