@@ -7,7 +7,9 @@
  * int32 without saturation), so every weight format is turned into unsigned
  * bytes and the offset is taken back out exactly with the activation sums
  * that the prepared rows carry (quant.h):
- *   Q4_1: nibbles 0..15                 -> no offset
+ *   Q4_1: nibbles 0..15                 -> no offset; the m_b * s_b term
+ *         of the block offsets is a float pass of its own, 16 blocks per
+ *         register, that seeds the accumulators
  *   Q4_0: nibbles 0..15 = q + 8         -> accumulator starts at -8 * sum(x)
  *   Q8_0: w ^ 0x80 = w + 128            -> accumulator starts at -128 * sum(x)
  * so the integer sums equal the scalar kernels' and only the float
@@ -70,8 +72,7 @@ AVX512_INLINE void tile_q8x(const quant_gemm *g, int64_t i, int64_t j, const int
 {
     const int split = kind != QKIND_Q8_0;
     const __m512i bidx = lane_block(split);
-    const __m512i didx = _mm512_add_epi32(bidx, bidx);            /* d of [d0 m0 d1 m1] */
-    const __m512i midx = _mm512_add_epi32(didx, _mm512_set1_epi32(1)); /* m of the same */
+    const __m512i didx = _mm512_add_epi32(bidx, bidx); /* d of [d0 m0 d1 m1] */
     const __mmask16 first = split ? 0x0011 : 0x0101; /* one lane per block */
     const int shift = kind == QKIND_Q8_0 ? 7 : 3;     /* offset 128 or 8 */
     /* 4-bit formats: low nibbles in lanes 0-7, high nibbles (x16) in 8-15 */
@@ -95,6 +96,31 @@ AVX512_INLINE void tile_q8x(const quant_gemm *g, int64_t i, int64_t j, const int
     /* block geometry: every block starts with fp16 d (Q4_1: then fp16 m) */
     const size_t bs = kind == QKIND_Q4_0 ? sizeof(blk_q4_0)
                       : kind == QKIND_Q4_1 ? sizeof(blk_q4_1) : sizeof(blk_q8_0);
+    if (kind == QKIND_Q4_1) {
+        /* The offsets' term sum_b m_b * s_b needs no integer dot: it runs
+         * first, 16 blocks per register (the m of 16 blocks gathered, the
+         * activations' s loaded), and seeds the accumulators, rather than one
+         * FMA per block pair with two useful lanes in the loop below. */
+        const __m512i gidx = _mm512_add_epi32(
+            _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                               _mm512_set1_epi32((int)bs)),
+            _mm512_set1_epi32(2)); /* m after d: its 2 bytes and 2 of qs, low half kept */
+        for (int64_t b0 = 0; b0 < nb; b0 += 16) {
+            const __mmask16 live = nb - b0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (nb - b0)) - 1);
+            __m512 wm16[TW];
+#pragma GCC unroll 4
+            for (int r = 0; r < nw; r++)
+                wm16[r] = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_mask_i32gather_epi32(
+                    _mm512_setzero_si512(), live, gidx, wr[r] + (size_t)b0 * bs, 1)));
+#pragma GCC unroll 4
+            for (int c = 0; c < nx; c++) {
+                const __m512 xs16 = _mm512_maskz_loadu_ps(live, xr[c].s + b0);
+#pragma GCC unroll 4
+                for (int r = 0; r < nw; r++)
+                    acc[r][c] = _mm512_fmadd_ps(wm16[r], xs16, acc[r][c]);
+            }
+        }
+    }
     const size_t qoff = kind == QKIND_Q4_1 ? 4 : 2;
     const size_t pf = prefetch_distance(g->w_stride);
     for (int64_t b = 0; b < nb; b += 2) {
@@ -102,7 +128,7 @@ AVX512_INLINE void tile_q8x(const quant_gemm *g, int64_t i, int64_t j, const int
          * block makes the duplicate contribute exactly nothing */
         const size_t off0 = (size_t)b * bs, off1 = b + 1 < nb ? off0 + bs : off0;
         __m512i wv[TW];
-        __m512 wd[TW], wm[TW];
+        __m512 wd[TW];
 #pragma GCC unroll 4
         for (int r = 0; r < nw; r++) {
             const uint8_t *p0 = wr[r] + off0, *p1 = wr[r] + off1;
@@ -122,8 +148,6 @@ AVX512_INLINE void tile_q8x(const quant_gemm *g, int64_t i, int64_t j, const int
             const __m512 dm = _mm512_castps128_ps512(
                 _mm_cvtph_ps(_mm_insert_epi32(_mm_cvtsi32_si128((int)load_u32(p0)), (int)load_u32(p1), 1)));
             wd[r] = _mm512_permutexvar_ps(didx, dm); /* [d0 m0 d1 m1] -> lanes */
-            if (kind == QKIND_Q4_1)
-                wm[r] = _mm512_maskz_permutexvar_ps(first, midx, dm);
         }
 #pragma GCC unroll 4
         for (int c = 0; c < nx; c++) {
@@ -134,12 +158,8 @@ AVX512_INLINE void tile_q8x(const quant_gemm *g, int64_t i, int64_t j, const int
                 bidx, _mm512_castps128_ps512(_mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)(xr[c].d + b)))));
             if (split)
                 xd = _mm512_mul_ps(xd, hi16);
-            __m512 xs = _mm512_setzero_ps();
             __m512i bias = _mm512_setzero_si512();
-            if (kind == QKIND_Q4_1) {
-                xs = _mm512_maskz_permutexvar_ps(
-                    first, bidx, _mm512_castps128_ps512(_mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)(xr[c].s + b)))));
-            } else {
+            if (kind != QKIND_Q4_1) {
                 __m512i sums = _mm512_maskz_permutexvar_epi32(
                     first, bidx, _mm512_castsi128_si512(_mm_loadl_epi64((const __m128i *)(xr[c].sum + b))));
                 bias = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sums, (unsigned)shift));
@@ -148,8 +168,6 @@ AVX512_INLINE void tile_q8x(const quant_gemm *g, int64_t i, int64_t j, const int
             for (int r = 0; r < nw; r++) {
                 const __m512i isum = _mm512_dpbusd_epi32(bias, wv[r], xv);
                 acc[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(wd[r], xd), acc[r][c]);
-                if (kind == QKIND_Q4_1)
-                    acc[r][c] = _mm512_fmadd_ps(wm[r], xs, acc[r][c]);
             }
         }
     }
