@@ -42,6 +42,10 @@ typedef struct save_job {
     kvstore_op *ops;
     uint8_t *values;
     struct kvprefix_job *restore; /* set: not a save, this restore's copy into the pool */
+    /* kvprefix_on_saved's callback, copied at submit: the puts' done runs on
+     * the store client's thread and may outlive the kvprefix */
+    void (*on_saved)(void *);
+    void *on_saved_arg;
     struct save_job *next;
 } save_job;
 
@@ -164,9 +168,9 @@ static void save_job_free(save_job *job)
 
 static void save_done(kvstore_batch *b, kvstore_op *ops, size_t n, void *arg)
 {
-    save_job *job = arg;
-    if (job->p->on_saved)
-        job->p->on_saved(job->p->on_saved_arg);
+    save_job *job = arg; /* no job->p here: the kvprefix may already be destroyed */
+    if (job->on_saved)
+        job->on_saved(job->on_saved_arg);
     save_job_free(job);
 }
 
@@ -198,6 +202,9 @@ static void save_copy(save_job *job)
     if (job->ops && job->values) {
         /* counted first: the puts' done (on_saved) may run before submit returns */
         atomic_fetch_add(&p->saved, (uint64_t)n_save);
+        job->on_saved = p->on_saved;
+        job->on_saved_arg = p->on_saved_arg;
+        job->p = NULL; /* save_done must not reach the kvprefix */
         if (kvstore_client_submit(p->client, job->ops, (size_t)n_save, save_done, job, NULL,
                                   NULL) == EKV_OK)
             return;

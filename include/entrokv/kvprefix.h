@@ -62,7 +62,9 @@ void kvprefix_destroy(kvprefix *p);
 
 /* fn(arg) runs on the store's worker thread each time a save's puts have
  * all finished (stored or not), e.g. to publish the tier's counters. Set it
- * before the first save; the client must be destroyed before p is. */
+ * before the first save. It may run after kvprefix_destroy (a save the
+ * destroy let the copier finish is put afterwards), so arg must outlive the
+ * client, not only p. */
 void kvprefix_on_saved(kvprefix *p, void (*fn)(void *), void *arg);
 
 /* Stores the whole blocks of seq's first n tokens from block first_block on
