@@ -478,7 +478,11 @@ static void serve_one(http_front *fr, int cfd, const struct sockaddr *sa, sockle
     pthread_attr_t at;
     pthread_attr_init(&at);
     pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
-    pthread_attr_setstacksize(&at, 256u << 10);
+    /* The default stack size: glibc puts the process's static TLS on every
+     * thread's stack, and with the CUDA libraries loaded (cuBLASLt, cuSOLVER,
+     * OpenBLAS) that is about 270 KiB, so a 256 KiB stack made every
+     * pthread_create fail and every plain-HTTP connection close unanswered.
+     * Untouched pages cost nothing. */
     pthread_t t;
     atomic_fetch_add(&fr->relays, 1);
     if (pthread_create(&t, &at, relay_main, r) != 0) {
