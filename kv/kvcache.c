@@ -14,62 +14,17 @@
  * it). kv_seq_fork makes a second table over the same blocks; a block held
  * more than once is read-only, and whatever would write into it (an append
  * into a partly filled last block, keep's compaction, insert) first gives
- * the writing head a private copy (block_own: copy-on-write). A block goes
+ * the writing head a private copy (kv_block_own: copy-on-write). A block goes
  * back to the free stack when its last holder drops it.
  */
 #include "entrokv/kvcache.h"
 
-#include "entrokv/kvrecall.h"
 #include "kvcache_int.h"
 
 #include <math.h>
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
-
-struct kv_pool {
-    int32_t block_tokens;
-    int32_t head_dim;
-    int64_t n_blocks;
-    size_t block_bytes;
-    uint8_t *mem;
-    int32_t *free_ids; /* stack */
-    int64_t n_free;
-    int32_t *refs;     /* per block: heads holding it (0: free) */
-    int64_t n_shared;  /* blocks with refs > 1 */
-    uint64_t n_cow;    /* copies made by copy-on-write */
-    kv_evict_fn evict;
-    void *evict_ctx;
-    kv_pin_state pins; /* kvpin.c */
-    bool pins_ok;      /* pins initialised */
-    kv_recall_tier *recall_tier; /* NULL, or where its sequences' recall stores attach */
-};
-
-typedef struct kv_head {
-    /* SparK's packed prefix (kv_seq_pack): the head's first packed.n tokens,
-     * outside the blocks; n_tokens and the block table cover the rest */
-    kern_kv_packed packed;
-    uint8_t *p_rows;
-    ekv_f16 *p_v;
-    int32_t *p_pos;
-    float *p_inv_sqrt_c;
-    int32_t n_tokens;
-    int32_t n_blocks;
-    int32_t cap;
-    int32_t *ids;
-    const ekv_f16 **k;
-    const ekv_f16 **v;
-    const int32_t **pos;
-} kv_head;
-
-struct kv_seq {
-    kv_pool *pool;
-    int32_t n_layers;
-    int32_t n_kv_heads;
-    kv_head *heads; /* [layer * n_kv_heads + head] */
-    int32_t next_pos; /* one past the largest position ever appended */
-    kv_recall *recall; /* NULL, or where kv_seq_keep's dropped tokens go */
-};
 
 kv_pool *kv_pool_create(int32_t block_tokens, int32_t head_dim, int64_t n_blocks, ekv_error *err)
 {
@@ -136,26 +91,6 @@ void kv_pool_set_evict_hook(kv_pool *pool, kv_evict_fn fn, void *ctx)
     pool->evict_ctx = ctx;
 }
 
-static uint8_t *block_base(const kv_pool *pool, int32_t id)
-{
-    return pool->mem + (size_t)id * pool->block_bytes;
-}
-
-static ekv_f16 *block_k(const kv_pool *pool, int32_t id)
-{
-    return (ekv_f16 *)block_base(pool, id);
-}
-
-static ekv_f16 *block_v(const kv_pool *pool, int32_t id)
-{
-    return block_k(pool, id) + (size_t)pool->block_tokens * pool->head_dim;
-}
-
-static int32_t *block_pos(const kv_pool *pool, int32_t id)
-{
-    return (int32_t *)(block_v(pool, id) + (size_t)pool->block_tokens * pool->head_dim);
-}
-
 static void block_ref(kv_pool *pool, int32_t id)
 {
     if (++pool->refs[id] == 2)
@@ -191,9 +126,8 @@ static void head_set_block(const kv_pool *pool, kv_head *h, int32_t b, int32_t i
     h->pos[b] = block_pos(pool, id);
 }
 
-/* Copy-on-write: gives h its own copy of its block b when others hold it
- * too (the caller checked that the pool has a free block). */
-static void block_own(kv_pool *pool, kv_head *h, int32_t b)
+/* Copy-on-write (kvcache_int.h). */
+void kv_block_own(kv_pool *pool, kv_head *h, int32_t b)
 {
     const int32_t old = h->ids[b];
     if (pool->refs[old] <= 1)
@@ -263,11 +197,6 @@ void kv_seq_free(kv_seq *seq)
     free(seq);
 }
 
-static kv_head *head_at(const kv_seq *seq, int32_t layer, int32_t head)
-{
-    return &seq->heads[(size_t)layer * seq->n_kv_heads + head];
-}
-
 int64_t kv_seq_blocks_needed(const kv_seq *seq, int32_t n_tokens)
 {
     const int32_t bt = seq->pool->block_tokens;
@@ -330,7 +259,7 @@ ekv_status kv_seq_append(kv_seq *seq, int32_t layer, int32_t head, const float *
         if (pool->n_free == 0)
             return ekv_error_set(err, EKV_ENOMEM, "kv pool exhausted (%lld blocks)",
                                  (long long)pool->n_blocks);
-        block_own(pool, h, h->n_blocks - 1);
+        kv_block_own(pool, h, h->n_blocks - 1);
     }
     const int32_t b = h->ids[h->n_tokens / bt], r = h->n_tokens % bt;
     ekv_f16 *kd = block_k(pool, b) + r; /* column r of [head_dim][block_tokens] */
@@ -564,7 +493,7 @@ ekv_status kv_seq_insert(kv_seq *seq, int32_t layer, int32_t head, const ekv_f16
         if (!head_grow(h))
             return ekv_error_set(err, EKV_ENOMEM, "kv seq: out of memory for block table");
     for (int32_t b = 0; b < h->n_blocks; b++)
-        block_own(pool, h, b);
+        kv_block_own(pool, h, b);
     while (h->n_blocks < blocks)
         memset(block_base(pool, head_take_block(pool, h)), 0, pool->block_bytes);
     /* merge from the back: row w is always at or past every row still to be read */
@@ -606,46 +535,6 @@ static ekv_status dropped_slots(const kv_head *h, const int32_t *keep, int32_t n
     *out = dropped;
     *n_out = n_dropped;
     return EKV_OK;
-}
-
-ekv_status kv_seq_recall_enable(kv_seq *seq, int32_t r, ekv_error *err)
-{
-    if (seq->recall)
-        return kv_recall_r(seq->recall) == r
-                   ? EKV_OK
-                   : ekv_error_set(err, EKV_EINVAL, "kv recall: already enabled with r %d",
-                                   kv_recall_r(seq->recall));
-    seq->recall = kv_recall_create(seq->n_layers, seq->n_kv_heads, seq->pool->head_dim,
-                                   seq->pool->block_tokens, r, err);
-    if (seq->recall && seq->pool->recall_tier &&
-        kv_recall_attach_tier(seq->recall, seq->pool->recall_tier, err)) {
-        kv_recall_free(seq->recall);
-        seq->recall = NULL;
-    }
-    return seq->recall ? EKV_OK : err ? err->code : EKV_ENOMEM;
-}
-
-kv_recall *kv_seq_recall(const kv_seq *seq) { return seq->recall; }
-
-int32_t kv_seq_recall_promote(kv_seq *seq, int32_t layer)
-{
-    kv_pool *pool = seq->pool;
-    int32_t moved = 0;
-    if (!seq->recall || !kv_recall_promotes(seq->recall))
-        return 0;
-    for (int32_t head = 0; head < seq->n_kv_heads; head++) {
-        kv_head *h = head_at(seq, layer, head);
-        int32_t block;
-        const int32_t rb = kv_recall_pick(seq->recall, layer, head, h->n_tokens, &block);
-        if (rb < 0 || rb >= h->n_blocks || (pool->refs[h->ids[rb]] > 1 && pool->n_free == 0))
-            continue; /* a shared block with no free one to copy into waits */
-        block_own(pool, h, rb);
-        const int32_t id = h->ids[rb];
-        kv_recall_exchange(seq->recall, layer, head, block, rb, block_k(pool, id),
-                           block_v(pool, id), block_pos(pool, id));
-        moved++;
-    }
-    return moved;
 }
 
 ekv_status kv_seq_keep(kv_seq *seq, int32_t layer, int32_t head, const int32_t *keep,
@@ -710,7 +599,7 @@ ekv_status kv_seq_keep(kv_seq *seq, int32_t layer, int32_t head, const int32_t *
             return rc;
     }
     for (int32_t b = first_move / bt; b < blocks_kept; b++)
-        block_own(pool, h, b);
+        kv_block_own(pool, h, b);
     /* keep[i] >= i, so compacting front to back never overwrites a row still to be read */
     for (int32_t i = 0; i < n_keep; i++)
         if (keep[i] != i)

@@ -7,6 +7,7 @@
 #include "entrokv/kvrecall.h"
 
 #include "entrokv/kvrecall_tier.h"
+#include "kvrecall_int.h"
 
 #include <math.h>
 #include <stdatomic.h>
@@ -14,53 +15,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-
-typedef struct rc_head {
-    int32_t n_blocks, cap, n_tokens;
-    /* per block, one allocation (blk_bytes): K (head_dim x block_tokens,
-     * transposed), V (block_tokens x head_dim), positions (block_tokens,
-     * INT32_MAX: empty slot); NULL once the block lives only in the tier
-     * behind the store (kvrecall_tier.h) */
-    uint8_t **blk;
-    float *kmin;     /* cap digests of head_dim */
-    float *kmax;
-    int32_t *minpos; /* per block: its earliest position */
-    /* promotion (kv_recall_observe / _pick / _exchange): decayed attention
-     * mass per recall block (cap) and per resident block (res_n of res_cap) */
-    float *mass;
-    float *res_mass;
-    int32_t res_n, res_cap;
-    /* the last tracked row's ranking (top, n_top of r: what a row within
-     * `every` steps of ranked_pos reuses) and the blocks that joined its
-     * view, in view order (in, n_in of r: what observe attributes mass to) */
-    int32_t *top, *in;
-    int32_t n_top, n_in, ranked_pos;
-    bool reusable;
-} rc_head;
-
-struct kv_recall {
-    int32_t n_layers, n_kv_heads, d, bt, r;
-    int32_t every;  /* rank every this many steps (tracked rows) */
-    bool promote;   /* observe attention mass and promote blocks that keep winning */
-    rc_head *heads;
-    kvrt_seq *tier; /* NULL: the host pool alone */
-    _Atomic int64_t selections, blocks_recalled, select_ns, promotions, reuses;
-};
-
-/* A block's bytes and where its K, V and positions start in them. */
-static size_t blk_bytes(const kv_recall *rc)
-{
-    return (size_t)rc->d * rc->bt * 2 * sizeof(ekv_f16) + (size_t)rc->bt * sizeof(int32_t);
-}
-static ekv_f16 *blk_k(uint8_t *p) { return (ekv_f16 *)p; }
-static ekv_f16 *blk_v(const kv_recall *rc, uint8_t *p)
-{
-    return (ekv_f16 *)p + (size_t)rc->d * rc->bt;
-}
-static int32_t *blk_pos(const kv_recall *rc, uint8_t *p)
-{
-    return (int32_t *)((ekv_f16 *)p + (size_t)rc->d * rc->bt * 2);
-}
 
 kv_recall *kv_recall_create(int32_t n_layers, int32_t n_kv_heads, int32_t head_dim,
                             int32_t block_tokens, int32_t r, ekv_error *err)
@@ -127,11 +81,6 @@ void kv_recall_free(kv_recall *rc)
 }
 
 int32_t kv_recall_r(const kv_recall *rc) { return rc->r; }
-
-static rc_head *head_of(const kv_recall *rc, int32_t layer, int32_t head)
-{
-    return &rc->heads[(size_t)layer * rc->n_kv_heads + head];
-}
 
 /* Grows h to hold cap blocks; false (h unchanged in content) on ENOMEM. */
 static bool head_reserve(const kv_recall *rc, rc_head *h, int32_t cap)
@@ -525,124 +474,6 @@ int32_t kv_recall_view_at(kv_recall *rc, int32_t layer, int32_t head, const floa
     atomic_fetch_add_explicit(&rc->blocks_recalled, n_in, memory_order_relaxed);
     atomic_fetch_add_explicit(&rc->select_ns, now_ns() - t0, memory_order_relaxed);
     return n_in;
-}
-
-/* Promotion rewrites a recall block in place, which a tier that spills
- * blocks (its puts carry the old bytes) must not see; a tier that only
- * counts (no backend, or no cap) is fine. */
-static bool tier_spills(const kv_recall *rc) { return rc->tier && kvrt_spills(rc->tier); }
-
-bool kv_recall_promotes(const kv_recall *rc) { return rc->promote && !tier_spills(rc); }
-
-/* Sum of probs over [from, to) in every query's row, over n_q. */
-static float span_mass(const float *probs, int n_q, int32_t n_tokens, int32_t from, int32_t to)
-{
-    float s = 0.0f;
-    for (int g = 0; g < n_q; g++)
-        for (int32_t t = from; t < to; t++)
-            s += probs[(size_t)g * n_tokens + t];
-    return s / (float)n_q;
-}
-
-void kv_recall_observe(kv_recall *rc, int32_t layer, int32_t head, const float *probs, int n_q,
-                       int32_t n_tokens, int32_t n_packed)
-{
-    rc_head *h = head_of(rc, layer, head);
-    const int32_t bt = rc->bt, rec_end = n_packed + h->n_in * bt;
-    if (!rc->promote || n_tokens < rec_end)
-        return;
-    const int32_t res_blocks = (n_tokens - rec_end + bt - 1) / bt;
-    if (res_blocks > h->res_cap) {
-        const int32_t cap = res_blocks > 2 * h->res_cap ? res_blocks : 2 * h->res_cap;
-        float *m = realloc(h->res_mass, (size_t)cap * sizeof *m);
-        if (!m)
-            return; /* promotion is an optimisation: without memory it waits */
-        h->res_mass = m;
-        h->res_cap = cap;
-    }
-    for (int32_t j = h->res_n; j < res_blocks; j++)
-        h->res_mass[j] = 0.0f;
-    h->res_n = res_blocks;
-    for (int32_t b = 0; b < h->n_blocks; b++)
-        h->mass[b] *= KV_RECALL_DECAY;
-    for (int32_t j = 0; j < res_blocks; j++) {
-        const int32_t from = rec_end + j * bt, to = from + bt < n_tokens ? from + bt : n_tokens;
-        h->res_mass[j] = KV_RECALL_DECAY * h->res_mass[j] +
-                         span_mass(probs, n_q, n_tokens, from, to);
-    }
-    for (int32_t i = 0; i < h->n_in; i++) {
-        const int32_t from = n_packed + i * bt;
-        h->mass[h->in[i]] += span_mass(probs, n_q, n_tokens, from, from + bt);
-    }
-}
-
-int32_t kv_recall_pick(const kv_recall *rc, int32_t layer, int32_t head, int32_t n_resident,
-                       int32_t *block)
-{
-    const rc_head *h = head_of(rc, layer, head);
-    const int32_t bt = rc->bt, full = h->n_tokens / bt;
-    /* everything recalled every step: nothing to gain */
-    if (!rc->promote || tier_spills(rc) || h->n_blocks <= rc->r)
-        return -1;
-    int32_t best = -1;
-    for (int32_t i = 0; i < h->n_in; i++) {
-        const int32_t b = h->in[i];
-        if (b < full && h->blk[b] && (best < 0 || h->mass[b] > h->mass[best]))
-            best = b;
-    }
-    /* the newest full block and the partial tail are the recent window */
-    const int32_t cand = n_resident / bt - 1;
-    int32_t weak = -1;
-    for (int32_t j = 0; j < cand && j < h->res_n; j++)
-        if (weak < 0 || h->res_mass[j] < h->res_mass[weak])
-            weak = j;
-    if (best < 0 || weak < 0 || !(h->mass[best] > KV_RECALL_MARGIN * h->res_mass[weak]))
-        return -1;
-    *block = best;
-    return weak;
-}
-
-void kv_recall_exchange(kv_recall *rc, int32_t layer, int32_t head, int32_t block,
-                        int32_t res_block, ekv_f16 *k, ekv_f16 *v, int32_t *pos)
-{
-    rc_head *h = head_of(rc, layer, head);
-    const int32_t bt = rc->bt, d = rc->d;
-    const size_t kv = (size_t)d * bt;
-    ekv_f16 *rk = blk_k(h->blk[block]), *rv = blk_v(rc, h->blk[block]);
-    int32_t *rp = blk_pos(rc, h->blk[block]);
-    for (size_t i = 0; i < kv; i++) {
-        ekv_f16 x = rk[i];
-        rk[i] = k[i];
-        k[i] = x;
-        x = rv[i];
-        rv[i] = v[i];
-        v[i] = x;
-    }
-    float *mn = h->kmin + (size_t)block * d, *mx = h->kmax + (size_t)block * d;
-    h->minpos[block] = INT32_MAX;
-    for (int32_t s = 0; s < bt; s++) {
-        const int32_t x = rp[s];
-        rp[s] = pos[s];
-        pos[s] = x;
-        if (rp[s] < h->minpos[block])
-            h->minpos[block] = rp[s];
-    }
-    for (int32_t c = 0; c < d; c++) {
-        mn[c] = INFINITY;
-        mx[c] = -INFINITY;
-        for (int32_t s = 0; s < bt; s++) {
-            const float f = ekv_f16_to_f32(rk[(size_t)c * bt + s]);
-            mn[c] = f < mn[c] ? f : mn[c];
-            mx[c] = f > mx[c] ? f : mx[c];
-        }
-    }
-    if (res_block < h->res_n) {
-        const float m = h->mass[block];
-        h->mass[block] = h->res_mass[res_block];
-        h->res_mass[res_block] = m;
-    }
-    h->reusable = false; /* the block the ranking chose now holds other keys */
-    kv_recall_count_promotions(rc, 1);
 }
 
 void kv_recall_get_stats(const kv_recall *rc, kv_recall_stats *st)

@@ -1,0 +1,68 @@
+/*
+ * kvrecall_int.h - what the recall store (kvrecall.c) shares with its
+ * promotion and demotion (kvpromote.c). Not a public header: the API is
+ * kvrecall.h.
+ */
+#ifndef ENTROKV_KVRECALL_INT_H
+#define ENTROKV_KVRECALL_INT_H
+
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "entrokv/kvrecall.h"
+#include "entrokv/kvrecall_tier.h"
+
+typedef struct rc_head {
+    int32_t n_blocks, cap, n_tokens;
+    /* per block, one allocation (blk_bytes): K (head_dim x block_tokens,
+     * transposed), V (block_tokens x head_dim), positions (block_tokens,
+     * INT32_MAX: empty slot); NULL once the block lives only in the tier
+     * behind the store (kvrecall_tier.h) */
+    uint8_t **blk;
+    float *kmin;     /* cap digests of head_dim */
+    float *kmax;
+    int32_t *minpos; /* per block: its earliest position */
+    /* promotion (kv_recall_observe / _pick / _exchange): decayed attention
+     * mass per recall block (cap) and per resident block (res_n of res_cap) */
+    float *mass;
+    float *res_mass;
+    int32_t res_n, res_cap;
+    /* the last tracked row's ranking (top, n_top of r: what a row within
+     * `every` steps of ranked_pos reuses) and the blocks that joined its
+     * view, in view order (in, n_in of r: what observe attributes mass to) */
+    int32_t *top, *in;
+    int32_t n_top, n_in, ranked_pos;
+    bool reusable;
+} rc_head;
+
+struct kv_recall {
+    int32_t n_layers, n_kv_heads, d, bt, r;
+    int32_t every;  /* rank every this many steps (tracked rows) */
+    bool promote;   /* observe attention mass and promote blocks that keep winning */
+    rc_head *heads;
+    kvrt_seq *tier; /* NULL: the host pool alone */
+    _Atomic int64_t selections, blocks_recalled, select_ns, promotions, reuses;
+};
+
+/* A block's bytes and where its K, V and positions start in them. */
+static inline size_t blk_bytes(const kv_recall *rc)
+{
+    return (size_t)rc->d * rc->bt * 2 * sizeof(ekv_f16) + (size_t)rc->bt * sizeof(int32_t);
+}
+static inline ekv_f16 *blk_k(uint8_t *p) { return (ekv_f16 *)p; }
+static inline ekv_f16 *blk_v(const kv_recall *rc, uint8_t *p)
+{
+    return (ekv_f16 *)p + (size_t)rc->d * rc->bt;
+}
+static inline int32_t *blk_pos(const kv_recall *rc, uint8_t *p)
+{
+    return (int32_t *)((ekv_f16 *)p + (size_t)rc->d * rc->bt * 2);
+}
+
+static inline rc_head *head_of(const kv_recall *rc, int32_t layer, int32_t head)
+{
+    return &rc->heads[(size_t)layer * rc->n_kv_heads + head];
+}
+#endif
