@@ -17,6 +17,13 @@ ends, so more sequences decode together and each decode step reads less
 KV. Prefill is the same for every policy (compression needs the whole
 prompt's KV first), so the gain grows with --max-tokens.
 
+During each wave the engine's Stats are polled (--sample-s): the mean and
+most sequences running at once and the pool's mean occupancy, with the
+series, are the accounting behind a throughput. --prefill-baseline also
+runs the wave with full KV and one output token per pool: its wall time is
+the prefill's share of the full-KV run, which bounds what any policy can
+gain (full's wall over it).
+
 Prints one JSON line per (policy, pool) and a "membound_meta" line;
 --plot PNG draws output tokens/s against the KV pool (matplotlib);
 --from-jsonl FILE --plot PNG redraws it from a run's output.
@@ -52,18 +59,54 @@ def make_prompts(paths, n, chars):
     return [text[i * step:i * step + chars] + "\n\nSummarise the text above:" for i in range(n)]
 
 
-def stats(port):
+def stats(port, raw=False):
     """The engine's Stats over the Worker service, or {} when it cannot be read."""
     try:
         pb, pb_grpc = stats.stubs
         import grpc
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             s = pb_grpc.WorkerStub(ch).Stats(pb.StatsRequest(), timeout=10)
+            if raw:
+                return s
             return {"preemptions": s.preemptions, "steps": s.steps,
                     "kv_blocks_total": s.kv_blocks_total, "kv_bytes_saved": s.kv_bytes_saved}
     except Exception as e:  # noqa: BLE001 - the bench reports what it could not read
         print(f"bench membound: Stats: {e}", file=sys.stderr)
         return {}
+
+
+class Sampler:
+    """Polls the engine's Stats every `every` seconds during a wave: the
+    accounting behind a throughput (how many sequences ran at once, how
+    full the pool was, how many steps went by), as time averages and a
+    series [t, running, queued, pool used fraction, steps]."""
+
+    def __init__(self, port, every):
+        self.port, self.every, self.rows = port, every, []
+        self.stop_ev = threading.Event()
+        self.t0 = time.time()
+        self.th = threading.Thread(target=self.loop, daemon=True)
+        self.th.start()
+
+    def loop(self):
+        while not self.stop_ev.is_set():
+            s = stats(self.port, raw=True)
+            if s:
+                used = 1 - s.kv_blocks_free / s.kv_blocks_total if s.kv_blocks_total else 0
+                self.rows.append([round(time.time() - self.t0, 2), s.running, s.queued,
+                                  round(used, 3), s.steps])
+            self.stop_ev.wait(self.every)
+
+    def finish(self):
+        self.stop_ev.set()
+        self.th.join()
+        r = self.rows
+        if not r:
+            return {}
+        return {"mean_running": round(sum(x[1] for x in r) / len(r), 2),
+                "max_running": max(x[1] for x in r),
+                "mean_pool_used": round(sum(x[3] for x in r) / len(r), 3),
+                "samples": r}
 
 
 def prompt_tokens(port):
@@ -92,7 +135,8 @@ def load_stubs():
     return importlib.import_module("entrokv_pb2"), importlib.import_module("entrokv_pb2_grpc")
 
 
-def run_one(a, prompts, policy, budget, kv_tokens):
+def run_one(a, prompts, policy, budget, kv_tokens, max_tokens=None):
+    max_tokens = a.max_tokens if max_tokens is None else max_tokens
     import subprocess
     port, wport = bs.free_port(), bs.free_port()
     log = tempfile.NamedTemporaryFile(prefix="bench-membound-", suffix=".log", delete=False)
@@ -110,7 +154,7 @@ def run_one(a, prompts, policy, budget, kv_tokens):
         results, threads, lock = [], [], threading.Lock()
 
         def client(i):
-            body = {"prompt": prompts[i], "max_tokens": a.max_tokens, "ignore_eos": True,
+            body = {"prompt": prompts[i], "max_tokens": max_tokens, "ignore_eos": True,
                     "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
                     "kv_method": policy, "kv_budget": budget}
             res = []
@@ -118,6 +162,7 @@ def run_one(a, prompts, policy, budget, kv_tokens):
             with lock:
                 results.extend(res)
 
+        sampler = Sampler(wport, a.sample_s) if a.sample_s > 0 else None
         t0 = time.time()
         for i in range(a.requests):
             t = threading.Thread(target=client, args=(i,))
@@ -127,6 +172,8 @@ def run_one(a, prompts, policy, budget, kv_tokens):
             t.join()
         wall = time.time() - t0
         st = stats(wport)
+        if sampler:
+            st.update(sampler.finish())
         total = prompt_tokens(port)
         if total is not None:
             st["prompt_tokens"] = total - warm  # what the server counted for the wave
@@ -177,6 +224,11 @@ def main():
     p.add_argument("--pools", default="2", help="KV pool sizes in full sequences, e.g. 1,2,4")
     p.add_argument("--policies", default="full,snapkv:0.1,snapkv:0.2,uncomp:0.1,uncomp:0.2")
     p.add_argument("--prefill-chunk", type=int, default=None)
+    p.add_argument("--prefill-baseline", action="store_true",
+                   help="per pool, also the same wave with full KV and one output token: "
+                        "the prefill's share of the full-KV run, which no KV policy changes")
+    p.add_argument("--sample-s", type=float, default=1.0,
+                   help="poll the engine's Stats this often during a wave (0: not at all)")
     p.add_argument("--plot", help="write a PNG of throughput against the KV pool here")
     p.add_argument("--from-jsonl", help="only draw --plot from this earlier run's output")
     a = p.parse_args()
@@ -217,6 +269,23 @@ def main():
                   f"tok/s  TTFT p50 {r['ttft_p50_s'] or 0:.1f}s p99 {r['ttft_p99_s'] or 0:.1f}s  "
                   f"preemptions {r.get('preemptions')}  completed {r['completed']}/{r['requests']}",
                   file=sys.stderr, flush=True)
+    if a.prefill_baseline:
+        for pool in pools:
+            r = run_one(a, prompts, "full", 1.0, int(pool * seq), max_tokens=1)
+            r.update(bench="membound_prefill", pool_sequences=pool,
+                     label="prefill only (full KV, 1 token)",
+                     load=os.getloadavg()[0])
+            print(json.dumps(r), flush=True)
+            print(f"  prefill only pool {pool:g}: {r['wall_s']:.1f} s", file=sys.stderr, flush=True)
+            full = next((x for x in rows if x["label"] == "full" and x["pool_sequences"] == pool),
+                        None)
+            if full and r["wall_s"] > 0:
+                # with decode free, a policy could at most reach full's wall over this
+                print(json.dumps({"bench": "membound_prefill_share", "pool_sequences": pool,
+                                  "prefill_wall_s": r["wall_s"], "full_wall_s": full["wall_s"],
+                                  "share": round(r["wall_s"] / full["wall_s"], 3),
+                                  "ceiling_vs_full": round(full["wall_s"] / r["wall_s"], 2)}),
+                      flush=True)
     for pool in pools:
         full = next((r for r in rows if r["label"] == "full" and r["pool_sequences"] == pool), None)
         for r in rows:

@@ -251,6 +251,7 @@ void coord_gauges(ekv_coordinator *c, metrics_gauges *g)
     g->kv_bytes_saved_by[2] = s.kv_bytes_saved_decode;
     g->kv_blocks_shared = s.kv_blocks_shared;
     g->kv_cow_copies = (int64_t)s.kv_cow_copies;
+    g->preemptions = (int64_t)s.preemptions;
     g->recall_blocks = s.recall_blocks;
     g->recall_bytes = s.recall_bytes;
     g->recall_deadline_misses = s.recall_deadline_misses;

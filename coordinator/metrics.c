@@ -250,6 +250,9 @@ char *metrics_render(ekv_metrics *m, const metrics_gauges *g, size_t *len)
     render_scalar(&o, "entrokv_kv_cow_copies_total", "counter",
                   "Shared KV blocks copied on write when a choice first wrote to them.",
                   gg->kv_cow_copies);
+    render_scalar(&o, "entrokv_preemptions_total", "counter",
+                  "Running sequences whose KV was dropped for room, to be recomputed.",
+                  gg->preemptions);
     render_scalar(&o, "entrokv_kv_bytes_saved_total", "counter",
                   "KV bytes compression saved over finished sequences (full - held).",
                   gg->kv_bytes_saved);

@@ -57,6 +57,7 @@ typedef struct metrics_gauges {
     int64_t kv_bytes_saved_by[3]; /* of which by token policies, SparK, SCOPE (counters) */
     int64_t kv_blocks_shared; /* blocks held by more than one sequence (n > 1 choices) */
     int64_t kv_cow_copies;    /* blocks copied on write (a counter in the output) */
+    int64_t preemptions;      /* sequences preempted and recomputed (a counter) */
     /* recall (kvrecall_tier.h), counters in the output */
     int64_t recall_blocks, recall_bytes, recall_deadline_misses, recall_promotions;
     int64_t recall_spilled_blocks;

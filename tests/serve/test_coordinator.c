@@ -61,6 +61,7 @@ static void fake_stats(void *impl, engine_stats *s)
     s->kv_blocks_total = 100;
     s->kv_blocks_free = 90 - ((fake_group *)impl)->index;
     s->running = 1;
+    s->preemptions = 3 + (uint64_t)((fake_group *)impl)->index;
 }
 
 static const coord_group_ops fake_ops = {fake_submit, fake_cancel, fake_stats, NULL};
@@ -352,6 +353,7 @@ static void test_gauges_sum_groups_and_kvstore_counters_render(const ekv_tokeniz
     atomic_fetch_add(&metrics_kvstore_counters(m)->hits, 3);
     char *text = metrics_render(m, &gg, NULL);
     CHECK(text && strstr(text, "entrokv_kv_blocks_used 21\n"));
+    CHECK(gg.preemptions == 7 && text && strstr(text, "entrokv_preemptions_total 7\n"));
     CHECK(text && strstr(text, "entrokv_kvstore_hits_total 3\n"));
     CHECK(text && strstr(text, "entrokv_kvstore_misses_total 0\n"));
     free(text);
