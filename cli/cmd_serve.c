@@ -34,6 +34,7 @@
 
 #include "cli.h"
 #include "serve_security.h"
+#include "entrokv/comm.h"
 #include "entrokv/coordinator.h"
 #include "entrokv/engine.h"
 #include "entrokv/grpc_server.h"
@@ -43,6 +44,7 @@
 #include "entrokv/kvstore.h"
 #include "entrokv/metrics.h"
 #include "entrokv/model.h"
+#include "worker_tp.h"
 
 typedef enum serve_mode { MODE_SERVE, MODE_WORKER, MODE_COORDINATOR } serve_mode;
 
@@ -59,6 +61,9 @@ static void usage_split(FILE *out, serve_mode mode)
                 "  --max-running --max-queued --max-batch --prefill-chunk --default-max-tokens\n"
                 "  --drain-grace --drain-timeout --kvstore-mb --kvstore-peers --recall-host-mb\n"
                 "  --kvstore-token-file --kv-profile --config\n"
+                "  --tp N                tensor parallelism: N ranks as threads, one worker\n"
+                "                        (under mpirun: one rank per process; docs/tp.md)\n"
+                "  --tp-timeout-ms N     a rank silent this long breaks the group (10000)\n"
                 "  --tls-cert FILE, --tls-key FILE  the listener speaks TLS only\n"
                 SERVE_SEC_WORKER_USAGE);
     else
@@ -136,6 +141,7 @@ typedef struct serve_opts {
     char listen_host[128];
     int32_t grpc_port, http_port, threads, ctx, kv_tokens, max_running, max_queued, max_batch;
     int32_t prefill_chunk;
+    int32_t tp, tp_timeout_ms;          /* worker --tp N (docs/tp.md) */
     int32_t default_max_tokens;
     int32_t max_prompt_bytes;           /* 0: the coordinator's default */
     const char *kv_method;              /* request defaults (--kv-method / --kv-budget) */
@@ -188,6 +194,7 @@ static const struct {
     {"kv-tokens", F_SERVE | F_WORKER},             {"max-running", F_SERVE | F_WORKER},
     {"max-queued", F_SERVE | F_WORKER},            {"max-batch", F_SERVE | F_WORKER},
     {"prefill-chunk", F_SERVE | F_WORKER},
+    {"tp", F_WORKER},                              {"tp-timeout-ms", F_WORKER},
     {"kvstore-mb", F_SERVE | F_WORKER},            {"kvstore-peers", F_SERVE | F_WORKER},
     {"kvstore-token-file", F_SERVE | F_WORKER},   {"recall-host-mb", F_SERVE | F_WORKER},
     {"kv-profile", F_SERVE | F_WORKER},            {"kvstore-namespace", F_SERVE | F_WORKER},
@@ -236,6 +243,7 @@ static int parse(int argc, char **argv, serve_mode mode, serve_opts *o)
     o->kv_budget = 1.0f;
     o->kvstore_mb = 1024;
     o->recall_host_mb = -1;
+    o->tp_timeout_ms = 10000;
     o->drain_grace = 5;
     o->drain_timeout = 30;
     o->dns_interval = 10;
@@ -283,6 +291,10 @@ static int parse(int argc, char **argv, serve_mode mode, serve_opts *o)
             ok = cli_take_int(argc, argv, &i, 1, 1 << 20, &o->max_queued);
         } else if (!strcmp(a, "--max-batch")) {
             ok = cli_take_int(argc, argv, &i, 1, 65536, &o->max_batch);
+        } else if (!strcmp(a, "--tp")) {
+            ok = cli_take_int(argc, argv, &i, 1, COMM_THREADS_MAX, &o->tp);
+        } else if (!strcmp(a, "--tp-timeout-ms")) {
+            ok = cli_take_int(argc, argv, &i, 100, 3600000, &o->tp_timeout_ms);
         } else if (!strcmp(a, "--prefill-chunk")) {
             ok = cli_take_int(argc, argv, &i, 0, 65536, &o->prefill_chunk);
         } else if (!strcmp(a, "--kvstore-mb")) {
@@ -374,6 +386,8 @@ typedef struct server {
     ekv_http *http;
     serve_sec sec;               /* TLS files and the API key, read at start */
     kvc_profile *profile;        /* the UNComp profile requests use, or NULL */
+    worker_tp *tp;               /* worker --tp: the group's ranks */
+    bool tp_follower;            /* under mpirun, rank > 0: followed, served nothing */
     metrics_kvstore *kv_metrics; /* set once metrics exist (atomic: the engine reads it) */
 } server;
 
@@ -611,9 +625,18 @@ static ekv_status start(const serve_opts *o, server *s, ekv_error *err)
                              mc->n_ctx_train);
     if (o->mode == MODE_COORDINATOR)
         return start_coordinator(o, s, ctx, err);
+    /* the offline UNComp profile for kv_method "uncomp" (missing: online, with a warning) */
+    kvc_policy probe;
+    const cli_kv_opts kv = {.method = "uncomp", .budget = 1.0, .profile = o->kv_profile};
+    if (cli_kv_policy(mode_name[o->mode], &kv, s->model, o->model, &probe, &s->profile) != CLI_OK)
+        return ekv_error_set(err, EKV_EINVAL, "cannot use the UNComp profile (see above)");
     engine_config ec;
     engine_config_default(&ec);
-    if (start_kvstore(o, s, err))
+    const bool tp = o->mode == MODE_WORKER && worker_tp_wanted(o->tp);
+    if (tp && (o->kvstore_peers || o->recall_host_mb >= 0))
+        coord_log("worker: the KV store tier and recall are off in a tensor-parallel group "
+                  "(not supported yet; docs/tp.md)");
+    if (!tp && start_kvstore(o, s, err)) /* a TP group keeps no prefix KV (docs/tp.md) */
         return err->code;
     ec.prefix_cache = s->prefix ? &s->prefix_cache : NULL;
     kv_recall_backend rb;
@@ -631,6 +654,11 @@ static ekv_status start(const serve_opts *o, server *s, ekv_error *err)
     ec.max_queued = o->max_queued;
     ec.max_batch = o->max_batch;
     ec.prefill_chunk = o->prefill_chunk;
+    if (tp && worker_tp_start(o->tp, o->tp_timeout_ms, s->model, &ec, s->profile, &s->tp,
+                              &s->tp_follower, err))
+        return err->code;
+    if (s->tp_follower)
+        return EKV_OK; /* mpirun's rank > 0: rank 0's engine has ended */
     s->engine = engine_create(s->model, &ec, err);
     s->metrics = s->engine ? metrics_create() : NULL;
     if (!s->metrics)
@@ -649,11 +677,6 @@ static ekv_status start(const serve_opts *o, server *s, ekv_error *err)
     cc.default_max_tokens = o->default_max_tokens < ctx ? o->default_max_tokens : ctx;
     cc.default_kv_method = o->kv_method;
     cc.default_kv_budget = o->kv_budget;
-    /* the offline UNComp profile for kv_method "uncomp" (missing: online, with a warning) */
-    kvc_policy probe;
-    const cli_kv_opts kv = {.method = "uncomp", .budget = 1.0, .profile = o->kv_profile};
-    if (cli_kv_policy(mode_name[o->mode], &kv, s->model, o->model, &probe, &s->profile) != CLI_OK)
-        return ekv_error_set(err, EKV_EINVAL, "cannot use the UNComp profile (see above)");
     cc.uncomp_profile = s->profile;
     s->coord = coord_create(model_tokenizer(s->model), &cc, s->metrics, err);
     if (!s->coord || coord_add_engine(s->coord, "local", s->engine, err))
@@ -685,6 +708,7 @@ static void stop(server *s)
         engine_drain(s->engine);
         engine_destroy(s->engine);
     }
+    worker_tp_stop(s->tp); /* the engine's end released the followers */
     coord_free(s->coord);
     kvc_profile_free(s->profile);
     kvprefix_drain(s->prefix); /* the copier's last submits, before the client goes */
@@ -796,6 +820,11 @@ static int run(int argc, char **argv, serve_mode mode)
         stop(&s);
         cli_args_free(&args);
         return CLI_FAIL;
+    }
+    if (s.tp_follower) { /* mpirun's rank > 0 */
+        stop(&s);
+        cli_args_free(&args);
+        return CLI_OK;
     }
     int sig;
     while ((sig = sigtimedwait(&set, NULL, &(struct timespec){3600, 0})) <= 0) {

@@ -162,6 +162,8 @@ void coord_reap_groups(ekv_coordinator *c)
     }
 }
 
+static bool engine_group_broken(const coord_group *g);
+
 bool coord_ready(ekv_coordinator *c, char *why, size_t cap)
 {
     const char *reason = NULL;
@@ -171,7 +173,8 @@ bool coord_ready(ekv_coordinator *c, char *why, size_t cap)
         bool any = false;
         pthread_mutex_lock(&c->mu);
         for (int i = 0; i < c->n_groups && !any; i++)
-            any = c->groups[i].state == GROUP_ACTIVE && atomic_load(&c->groups[i].healthy);
+            any = c->groups[i].state == GROUP_ACTIVE && atomic_load(&c->groups[i].healthy) &&
+                  !engine_group_broken(&c->groups[i]);
         pthread_mutex_unlock(&c->mu);
         if (!any)
             reason = "no healthy worker group";
@@ -209,6 +212,17 @@ static const coord_group_ops engine_group_ops = {
     .cancel = engine_group_cancel,
     .stats = engine_group_stats,
 };
+
+/* An in-process engine leading a tensor-parallel group that has lost a
+ * rank (engine.h: tp_broken) serves nothing more: not ready. */
+static bool engine_group_broken(const coord_group *g)
+{
+    if (g->ops != &engine_group_ops)
+        return false;
+    engine_stats s;
+    engine_stats_get(g->impl, &s);
+    return s.tp_broken != 0;
+}
 
 ekv_status coord_add_engine(ekv_coordinator *c, const char *name, ekv_engine *e,
                             ekv_error *err)
@@ -285,6 +299,7 @@ void coord_stats(ekv_coordinator *c, engine_stats *sum)
         sum->recall_deadline_misses += s.recall_deadline_misses;
         sum->recall_promotions += s.recall_promotions;
         sum->recall_spilled_blocks += s.recall_spilled_blocks;
+        sum->tp_broken |= s.tp_broken;
     }
     pthread_mutex_unlock(&c->groups_mu);
 }

@@ -341,6 +341,11 @@ void rpc_worker_stats_on_request(rpc_call *c, grpc_byte_buffer *b)
     (void)b;
     engine_stats st;
     coord_stats(c->srv->coord, &st);
+    if (st.tp_broken) { /* the coordinator's health check: this group is gone */
+        rpc_finish(c, GRPC_STATUS_UNAVAILABLE,
+                   "tensor-parallel group broken: a rank died or stopped answering", NULL);
+        return;
+    }
     Entrokv__V1__StatsResponse resp = ENTROKV__V1__STATS_RESPONSE__INIT;
     resp.queued = st.queued;
     resp.running = st.running;

@@ -19,6 +19,7 @@
 #include "engine_internal.h"
 #include "entrokv/kvrecall_tier.h"
 
+#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -106,61 +107,6 @@ static void ereq_free(ereq *q)
     free(q->bias);
     free(q->tokens);
     free(q);
-}
-
-static ekv_status request_check(const ekv_engine *e, const engine_request *r, ekv_error *err)
-{
-    if (!r)
-        return ekv_error_set(err, EKV_EINVAL, "engine: no request");
-    if (!r->prompt || r->n_prompt <= 0)
-        return ekv_error_set(err, EKV_EINVAL, "the prompt is empty");
-    if ((int64_t)r->n_prompt + 1 > e->cfg.max_ctx)
-        return ekv_error_set(err, EKV_ERANGE,
-                             "the prompt has %d tokens; the context holds %d (prompt + at least 1)",
-                             r->n_prompt, e->cfg.max_ctx);
-    if (r->params.max_tokens < 0)
-        return ekv_error_set(err, EKV_EINVAL, "max_tokens must be >= 0");
-    ekv_status rc = sampler_params_check(&r->params.sampling, err);
-    if (rc)
-        return rc;
-    if (r->params.logprobs &&
-        (r->params.top_logprobs < 0 || r->params.top_logprobs > EKV_MAX_TOP_LOGPROBS))
-        return ekv_error_set(err, EKV_EINVAL, "top_logprobs must be in [0, %d], got %d",
-                             EKV_MAX_TOP_LOGPROBS, r->params.top_logprobs);
-    for (size_t i = 0; i < r->params.sampling.n_logit_bias; i++)
-        if (r->params.sampling.logit_bias[i].token >= e->n_vocab)
-            return ekv_error_set(err, EKV_EINVAL,
-                                 "logit_bias: token %d is outside the vocabulary [0, %d)",
-                                 r->params.sampling.logit_bias[i].token, e->n_vocab);
-    if (r->params.n_stops && !r->params.stops)
-        return ekv_error_set(err, EKV_EINVAL, "%zu stop strings but no array", r->params.n_stops);
-    for (int32_t i = 0; i < r->n_prompt; i++)
-        if (r->prompt[i] < 0 || r->prompt[i] >= e->n_vocab)
-            return ekv_error_set(err, EKV_EINVAL, "prompt token %d is %d, outside [0, %d)", i,
-                                 r->prompt[i], e->n_vocab);
-    if (r->n < 0 || r->n > e->cfg.max_running)
-        return ekv_error_set(err, EKV_EINVAL, "n must be in [1, %d] (max_running), got %d",
-                             e->cfg.max_running, r->n);
-    if (r->n > 1 && !r->choice_ctx)
-        return ekv_error_set(err, EKV_EINVAL, "n %d choices but no choice_ctx", r->n);
-    if (r->n > 1 && r->params.prompt_logprobs)
-        return ekv_error_set(err, EKV_EUNSUPPORTED, "prompt log-probabilities (echo) with n > 1");
-    if (r->n > 1 && r->kv.decode.mode != KVC_DECODE_NONE)
-        return ekv_error_set(err, EKV_EUNSUPPORTED,
-                             "decode-time KV eviction (SCOPE) with n > 1");
-    if ((int)r->kv.method < 0 || (int)r->kv.method >= KVC_N_METHODS)
-        return ekv_error_set(err, EKV_EINVAL, "unknown kv compression method %d",
-                             (int)r->kv.method);
-    if (r->kv.method != KVC_FULL && !(isfinite(r->kv.budget) && r->kv.budget > 0))
-        return ekv_error_set(err, EKV_EINVAL, "kv budget %g must be > 0 and finite",
-                             r->kv.budget);
-    /* an absolute budget above the prompt fails here, not after its prefill
-     * (the coordinator checks it too; a direct Worker.Generate relies on this) */
-    int32_t kept;
-    ekv_status rc_budget = kvc_policy_mean_tokens(&r->kv, r->n_prompt, &kept, err);
-    if (rc_budget)
-        return rc_budget;
-    return kvc_policy_check(&r->kv, err);
 }
 
 /* A queued copy of r: the prompt in a buffer that will also hold the
@@ -281,6 +227,7 @@ void engine_finish(ekv_engine *e, ereq *q, gen_finish finish, ekv_status rc, con
     }
     usage_fill(e, q, &u);
     drop_restore(e, q);
+    engine_tp_seq_gone(e, q->seq);
     kv_seq_free(q->seq);
     q->seq = NULL;
     if (q->cap)
@@ -319,6 +266,7 @@ void engine_finish(ekv_engine *e, ereq *q, gen_finish finish, ekv_status rc, con
 void engine_preempt(ekv_engine *e, ereq *q)
 {
     drop_restore(e, q);
+    engine_tp_seq_gone(e, q->seq);
     kv_seq_free(q->seq);
     q->seq = NULL;
     if (q->cap)
@@ -353,6 +301,20 @@ void engine_note_step(ekv_engine *e)
 
 /* ---- the engine thread ---- */
 
+/* Waits on work_cv (under mu) for at most ms; true when the time ran out. */
+static bool timed_wait(ekv_engine *e, int ms)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_sec += ms / 1000;
+    ts.tv_nsec += (long)(ms % 1000) * 1000000;
+    if (ts.tv_nsec >= 1000000000) {
+        ts.tv_sec++;
+        ts.tv_nsec -= 1000000000;
+    }
+    return pthread_cond_timedwait(&e->work_cv, &e->mu, &ts) == ETIMEDOUT;
+}
+
 /* Sleeps until there is something to do; false when the engine is stopping. */
 static bool wait_for_work(ekv_engine *e)
 {
@@ -361,6 +323,14 @@ static bool wait_for_work(ekv_engine *e)
         const bool other = e->stopping || e->q_head || e->cancelled || e->pins_released;
         if (other || (e->n_running > 0 && !e->restore_wait))
             break;
+        if (e->n_running == 0 && e->tp && !e->tp_broken) { /* TP: ping while idle */
+            if (timed_wait(e, engine_tp_heartbeat_ms(e))) {
+                pthread_mutex_unlock(&e->mu);
+                engine_tp_ping(e);
+                pthread_mutex_lock(&e->mu);
+            }
+            continue;
+        }
         if (e->n_running == 0) {
             pthread_cond_wait(&e->work_cv, &e->mu);
             continue;
@@ -368,14 +338,7 @@ static bool wait_for_work(ekv_engine *e)
         /* only restores in flight: sleep until one lands (or anything else) */
         if (e->kicks != e->restore_wait_kicks)
             break;
-        struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
-        ts.tv_nsec += 100 * 1000000;
-        if (ts.tv_nsec >= 1000000000) {
-            ts.tv_sec++;
-            ts.tv_nsec -= 1000000000;
-        }
-        pthread_cond_timedwait(&e->work_cv, &e->mu, &ts);
+        timed_wait(e, 100);
     }
     e->restore_wait = false;
     const bool reap = e->pins_released;
@@ -444,7 +407,10 @@ static void setup(ekv_engine *e, ereq *q)
     ekv_error err = {0};
     if (engine_sampling_setup(e, q, &err))
         goto fail;
-    if (!(q->seq = kv_seq_create(e->pool, c->n_layers, c->n_kv_heads, &err)))
+    const model_shard *sh = engine_tp_shard(e); /* under TP: this rank's heads */
+    if (!(q->seq = kv_seq_create(e->pool, c->n_layers, sh ? sh->n_kv_heads : c->n_kv_heads,
+                                 &err)) ||
+        engine_tp_seq_new(e, q->seq, &err))
         goto fail;
     if (!q->started) {
         q->started = true;
@@ -473,8 +439,8 @@ bool engine_prompt_start(ekv_engine *e, ereq *q, int32_t n_restored)
     q->n_fed = n_restored;
     /* the capture sees what is computed: the prompt after the restored part */
     if ((q->r.kv.method != KVC_FULL || q->r.kv.spark.ratio > 0) &&
-        !(q->cap = kvc_capture_create(&q->r.kv, e->m, q->n_prompt - n_restored, n_restored,
-                                      &err))) {
+        !(q->cap = engine_tp_capture(e, q->seq, &q->r.kv, q->n_prompt - n_restored, n_restored,
+                                     &err))) {
         engine_finish(e, q, GEN_FINISH_LENGTH, err.code ? err.code : EKV_ENOMEM, err.msg);
         return false;
     }
@@ -570,6 +536,7 @@ static void *engine_main(void *arg)
             engine_step(e);
     }
     shutdown_all(e);
+    engine_tp_end(e); /* after the frees shutdown_all logged */
     return NULL;
 }
 
@@ -606,6 +573,9 @@ static ekv_status config_check(const engine_config *c, ekv_error *err)
     if (c->max_queued < 1)
         return ekv_error_set(err, EKV_EINVAL, "engine: max_queued %d must be >= 1",
                              c->max_queued);
+    if (c->tp_comm && c->prefix_cache)
+        return ekv_error_set(err, EKV_EUNSUPPORTED,
+                             "engine: tensor parallelism with a prefix cache (the KV store tier)");
     return EKV_OK;
 }
 
@@ -615,6 +585,7 @@ static void engine_free(ekv_engine *e)
     engine_scratch_free(e);
     grammar_vocab_free(e->gvocab);
     free(e->running);
+    engine_tp_free(e);
     model_runtime_free(e->rt);
     kv_pool_destroy(e->pool);
     pthread_cond_destroy(&e->done_cv);
@@ -666,11 +637,13 @@ ekv_engine *engine_create(const ekv_model *m, const engine_config *cfg, ekv_erro
     e->m = m;
     e->cfg = *cfg;
     e->n_vocab = c->n_vocab;
-    e->blocks_per_slot = (int64_t)c->n_layers * c->n_kv_heads;
-    if (!(e->rt = model_runtime_create(m, cfg->max_batch, cfg->max_ctx, cfg->n_threads, err)) ||
-        !(e->pool = model_kv_pool_create(m, cfg->kv_tokens, err)) ||
-        engine_scratch_init(e, err))
+    if (!(e->rt = model_runtime_create_tp(m, cfg->max_batch, cfg->max_ctx, cfg->n_threads,
+                                          cfg->tp_comm, err)) ||
+        !(e->pool = model_kv_pool_create_shard(m, model_runtime_shard(e->rt), cfg->kv_tokens,
+                                               err)) ||
+        engine_scratch_init(e, err) || (cfg->tp_comm && engine_tp_create(e, cfg->tp_comm, err)))
         goto fail;
+    e->blocks_per_slot = (int64_t)c->n_layers * model_runtime_shard(e->rt)->n_kv_heads;
     if (!(e->running = calloc((size_t)cfg->max_running, sizeof *e->running))) {
         ekv_error_set(err, EKV_ENOMEM, "engine: out of memory");
         goto fail;
@@ -709,7 +682,7 @@ ekv_status engine_submit(ekv_engine *e, const engine_request *r, uint64_t *id, e
     ereq *q = NULL;
     if (!e)
         return ekv_error_set(err, EKV_EINVAL, "engine: no engine");
-    ekv_status rc = request_check(e, r, err);
+    ekv_status rc = engine_request_check(e, r, err);
     if (rc)
         return rc;
     /* choice i: its own ctx and seed + i; choices 1.. wait on choice 0 */
@@ -738,7 +711,9 @@ ekv_status engine_submit(ekv_engine *e, const engine_request *r, uint64_t *id, e
     q->followers = list;
     q->n_followers = n - 1;
     pthread_mutex_lock(&e->mu);
-    if (e->draining) {
+    if (e->tp_broken) {
+        rc = ekv_error_set(err, EKV_EUNAVAILABLE, "%s", e->tp_why);
+    } else if (e->draining) {
         rc = ekv_error_set(err, EKV_EBUSY, "engine: draining, not accepting requests");
     } else if (e->n_queued >= e->cfg.max_queued) {
         rc = ekv_error_set(err, EKV_EBUSY, "engine: queue full (%d requests waiting)",

@@ -24,6 +24,11 @@
 #include "entrokv/tokenizer.h"
 
 typedef struct ereq ereq;
+typedef struct engine_tp engine_tp;
+
+/* A follower's KV pool holds this many times rank 0's tokens per head
+ * (engine_tp.c: per-head budgets can give its heads more than rank 0's). */
+#define ENGINE_TP_POOL_HEADROOM 2
 
 /* One accepted request, from engine_submit to its on_done. */
 struct ereq {
@@ -110,7 +115,18 @@ struct ekv_engine {
     char *piece, *safe;     /* detokenised text, and after the stop strings */
     size_t piece_cap, safe_cap;
     ekv_grammar_vocab *gvocab; /* token bytes for grammar masks, built at the first use */
+
+    /* tensor parallelism (engine_tp.c): NULL for one rank */
+    engine_tp *tp;
+    bool tp_broken;         /* under mu: a collective failed; the group serves nothing more */
+    char tp_why[640];       /* why (written once, under mu, before tp_broken is set) */
 };
+
+/* ---- engine_request.c ---- */
+
+/* EKV_EINVAL / EKV_ERANGE / EKV_EUNSUPPORTED for a request engine_submit
+ * must refuse (any thread; reads only e's config and model). */
+ekv_status engine_request_check(const ekv_engine *e, const engine_request *r, ekv_error *err);
 
 /* ---- engine.c (engine thread) ---- */
 
@@ -151,5 +167,32 @@ void engine_fork_choices(ekv_engine *e, ereq *q, const float *logits);
 /* Samples q's next token from logits (changed in place) and applies the
  * finish rules; q may be finished on return. */
 void engine_sample_next(ekv_engine *e, ereq *q, float *logits);
+
+/* ---- engine_tp.c (engine thread): rank 0 of a tensor-parallel group ---- */
+
+ekv_status engine_tp_create(ekv_engine *e, struct ekv_comm *comm, ekv_error *err);
+void engine_tp_free(ekv_engine *e);
+/* The runtime's shard (NULL without TP). */
+const model_shard *engine_tp_shard(const ekv_engine *e);
+/* Logs that s was created / forked from parent / is about to be freed, for
+ * the followers to mirror at the next plan. No-ops without TP. */
+ekv_status engine_tp_seq_new(ekv_engine *e, kv_seq *s, ekv_error *err);
+ekv_status engine_tp_seq_fork(ekv_engine *e, const kv_seq *parent, kv_seq *s, ekv_error *err);
+void engine_tp_seq_gone(ekv_engine *e, const kv_seq *s);
+/* s's compression capture (kvc_capture_create, or the shard's under TP,
+ * logged for the followers). */
+kvc_capture *engine_tp_capture(ekv_engine *e, const kv_seq *s, const kvc_policy *p,
+                               int32_t n_prompt, int32_t pos0, ekv_error *err);
+/* Broadcast the plan before a collective of rank 0: the batch's forward, a
+ * compression of s. EKV_EUNAVAILABLE once the group is broken. */
+ekv_status engine_tp_step(ekv_engine *e, const model_batch *b, ekv_error *err);
+ekv_status engine_tp_compress(ekv_engine *e, const kv_seq *s, ekv_error *err);
+/* Idle: a ping and a barrier (finds a dead rank; keeps followers waiting). */
+void engine_tp_ping(ekv_engine *e);
+int engine_tp_heartbeat_ms(const ekv_engine *e);
+/* The last plan: the followers free what is left and return. */
+void engine_tp_end(ekv_engine *e);
+/* Marks the group broken (once; why is kept for the errors that follow). */
+void engine_tp_break(ekv_engine *e, const char *why);
 
 #endif

@@ -387,7 +387,12 @@ static bool compress_prompt(ekv_engine *e, ereq *q)
 {
     kvc_report rep;
     ekv_error err = {0};
-    ekv_status rc = kvc_capture_compress(q->cap, e->rt, q->seq, &rep, &err);
+    ekv_status rc = engine_tp_compress(e, q->seq, &err); /* uncomp allgathers entropies */
+    if (rc == EKV_OK && (rc = kvc_capture_compress(q->cap, e->rt, q->seq, &rep, &err)) ==
+                            EKV_EUNAVAILABLE && e->tp) {
+        ekv_error_wrap(&err, "tensor-parallel group broken");
+        engine_tp_break(e, err.msg);
+    }
     kvc_capture_free(q->cap);
     q->cap = NULL;
     if (rc == EKV_OK) {
@@ -484,7 +489,12 @@ void engine_step(ekv_engine *e)
     ekv_error err = {0};
     ekv_status rc = reserve_logits(e, n, &err);
     if (rc == EKV_OK)
-        rc = model_forward(e->rt, &b, e->logits, &err);
+        rc = engine_tp_step(e, &b, &err); /* TP: the followers run the same rows */
+    if (rc == EKV_OK && (rc = model_forward(e->rt, &b, e->logits, &err)) == EKV_EUNAVAILABLE &&
+        e->tp) { /* a rank died or stalled mid-forward */
+        ekv_error_wrap(&err, "tensor-parallel group broken");
+        engine_tp_break(e, err.msg);
+    }
     engine_note_step(e);
     int32_t k = 0; /* logits rows come in row order: echo scoring rows, then the last */
     for (int32_t i = 0; i < e->n_b_reqs; i++) {
@@ -542,7 +552,8 @@ void engine_fork_choices(ekv_engine *e, ereq *q, const float *logits)
         q->n_followers--;
         e->running[e->n_running++] = f; /* admit() kept its slot */
         pthread_mutex_unlock(&e->mu);
-        if (engine_sampling_setup(e, f, &err) || !(f->seq = kv_seq_fork(q->seq, &err))) {
+        if (engine_sampling_setup(e, f, &err) || !(f->seq = kv_seq_fork(q->seq, &err)) ||
+            engine_tp_seq_fork(e, q->seq, f->seq, &err)) {
             engine_finish(e, f, GEN_FINISH_LENGTH, err.code ? err.code : EKV_ENOMEM, err.msg);
             continue;
         }

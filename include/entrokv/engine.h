@@ -94,6 +94,15 @@ typedef struct engine_config {
      * to it (kvrecall_tier.h: a host cap, the daemon behind it, counters);
      * must outlive the engine */
     struct kv_recall_tier *recall_tier;
+    /* Tensor parallelism (docs/tp.md, "A worker group"): NULL for one rank;
+     * else rank 0 of a group (borrowed, outlives the engine): the engine
+     * runs the rank's shard and broadcasts each step's plan to ranks
+     * 1..N-1, which run engine_tp_follow with the same config. Not with
+     * prefix_cache; requests with SCOPE or recall are EKV_EUNSUPPORTED. */
+    struct ekv_comm *tp_comm;
+    /* idle rank 0 pings the group this often (ms; <= 0: 1000); keep it well
+     * below the communicator's timeout */
+    int32_t tp_heartbeat_ms;
 } engine_config;
 
 /* n_threads 0, max_batch 256, prefill_chunk 64, max_ctx 2048, kv_tokens 8192,
@@ -170,6 +179,9 @@ typedef struct engine_stats {
      * top-R blocks skipped as late, promotions, blocks spilled to the tier */
     int64_t recall_blocks, recall_bytes, recall_deadline_misses, recall_promotions;
     int64_t recall_spilled_blocks;
+    /* 1: a tensor-parallel group whose communicator failed (a rank died or
+     * stopped answering): every request fails with EKV_EUNAVAILABLE */
+    int32_t tp_broken;
 } engine_stats;
 
 /* m must outlive the engine; cfg NULL: defaults. EKV_EINVAL for a bad config. */
@@ -193,5 +205,16 @@ void engine_cancel(ekv_engine *e, uint64_t id);
 void engine_stats_get(ekv_engine *e, engine_stats *s);
 /* Stops admitting new requests and returns once every accepted one is done. */
 void engine_drain(ekv_engine *e);
+
+/* Rank comm_rank(comm) > 0 of a tensor-parallel group whose rank 0 runs an
+ * engine with cfg->tp_comm (cfg: the same values as rank 0's): mirrors rank
+ * 0's steps on this rank's shard until rank 0's engine is destroyed
+ * (EKV_OK) or the group fails (EKV_EUNAVAILABLE; EKV_EFORMAT for a
+ * malformed plan; a local failure's code). On an error the caller must
+ * break the group (comm_threads_group_abort, or end the process) so rank 0
+ * does not wait on this rank. profile: the UNComp profile rank 0's requests
+ * may name (NULL: none). Blocks; runs on the caller's thread. */
+ekv_status engine_tp_follow(const ekv_model *m, const engine_config *cfg, struct ekv_comm *comm,
+                            const kvc_profile *profile, ekv_error *err);
 
 #endif

@@ -301,6 +301,22 @@ def test_leaderworkerset_needs_its_ssh_secret():
         render({"workers": {"mode": "leaderworkerset"}})
 
 
+def test_leaderworkerset_launches_a_tensor_parallel_worker():
+    """The leader starts the group through deploy/mpi/run.sh (in the image as
+    entrokv-mpi-run: --enable-recovery, --oversubscribe, ...) as one
+    `entrokv worker --tp SIZE` of the group's pods, not a bare mpirun of
+    independent workers (docs/tp.md, "A worker group")."""
+    lws = find(objects(example_values("multinode-kvstore")), "LeaderWorkerSet")
+    leader = lws["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]["containers"][0]
+    script = leader["args"][0]
+    launch = script[script.index("exec "):]
+    assert launch.startswith("exec entrokv-mpi-run -np \"$LWS_GROUP_SIZE\" --hosts \"$hosts\""), launch
+    assert re.search(r" -- entrokv worker .*--tp \"\$LWS_GROUP_SIZE\"\s*$", launch, re.S), launch
+    assert "mpirun" not in launch
+    with open(os.path.join(ROOT, "deploy", "Dockerfile.cuda")) as f:  # the image has it
+        assert "COPY deploy/mpi/run.sh /usr/local/bin/entrokv-mpi-run" in f.read()
+
+
 def checkov(path, frameworks):
     if not os.access(CHECKOV, os.X_OK):
         pytest.fail(f"no checkov at {CHECKOV} (scripts/setup.sh installs it)")

@@ -1,0 +1,274 @@
+"""tp_worker.py - tensor-parallel worker groups behind the coordinator
+(issue 16, parts 4 and 6), with real processes and a grpcio client:
+
+- `entrokv worker --tp 2` (ranks as threads) and `deploy/mpi/run.sh -np 2 --
+  entrokv worker` (one rank per process, the MPI backend) give a
+  single-process worker's greedy tokens, with full KV and with SnapKV and
+  UNComp at 10%, n = 2 choices included;
+- a follower rank killed with SIGKILL or stopped with SIGSTOP while a stream
+  runs on the group: the stream ends with UNAVAILABLE within the
+  communicator's timeout (plus margin), the group's Health says NOT_SERVING
+  and its Stats UNAVAILABLE, the coordinator logs it unhealthy, and requests
+  through the coordinator keep succeeding on its other (single-process)
+  group with that group's tokens.
+
+Tokens: the sharded forward sums in another order (docs/tp.md, "Numerics"),
+so its greedy tokens equal the single-process worker's up to the first
+step whose top-1/top-2 log-probability margin (the single worker's, from
+top_logprobs) is below MARGIN; past it a flip is noise, not a bug. Against
+`entrokv generate --tp 2` (the same sharding, rank 0 driving gen_run and
+gen_follow instead of the step engine and its plans) the tokens are equal
+in full: the plan carries the same rows, positions and compression.
+
+Run by ctest as serve.test_tp_worker (pytest on this file).
+"""
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+
+import grpc
+import pytest
+
+from conftest import BIN, MODEL, ROOT, SLOW, Server
+from test_serve import gen_request, generation, run_stream, wait_for
+
+SCALE = 3 if SLOW else 1
+TP_TIMEOUT_MS = 2000
+# the comm timeout, a heartbeat, a loaded CI machine
+FAIL_WITHIN_S = 15 * SCALE
+PROMPTS = ["The capital of France is", "def fibonacci(n):"]
+N_TOK = 8
+
+
+class MpiGroup:
+    """`deploy/mpi/run.sh -np N -- entrokv worker ...`: rank 0 serves, the
+    others follow; their stderr (through mpirun) in one file."""
+
+    def __init__(self, n=2, *extra):
+        self.log = tempfile.NamedTemporaryFile(prefix="entrokv-tp-mpi-", suffix=".log",
+                                               delete=False)
+        args = [os.path.join(ROOT, "deploy", "mpi", "run.sh"), "-np", str(n), "--", BIN,
+                "worker", "--model", MODEL, "--listen", "127.0.0.1:0", "--threads", "1",
+                "--drain-grace", "0", "--tp-timeout-ms", str(TP_TIMEOUT_MS), *extra]
+        env = dict(os.environ)
+        env.setdefault("OMPI_MCA_btl", "self,tcp")  # no shared-memory transport surprises
+        env.setdefault("OMPI_MCA_btl_tcp_if_include", "lo")
+        env.setdefault("OMPI_MCA_oob_tcp_if_include", "lo")
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=self.log, env=env,
+                                     start_new_session=True)
+        self.pids = {}
+        deadline = time.time() + 90 * SCALE
+        while time.time() < deadline:
+            text = self.stderr()
+            m = re.search(r"listening grpc=[\d.]+:(\d+)", text)
+            self.pids = {int(r): int(p) for r, p in
+                         re.findall(r"tensor-parallel rank (\d+) of \d+ \(mpi, pid (\d+)\)", text)}
+            if m and len(self.pids) == n - 1:
+                self.grpc_port = int(m.group(1))
+                break
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mpirun exited {self.proc.returncode}: {text}")
+            time.sleep(0.1)
+        else:
+            self.kill()
+            raise RuntimeError("the MPI worker group did not start: " + self.stderr())
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}")
+
+    def stderr(self):
+        with open(self.log.name, errors="replace") as f:
+            return f.read()
+
+    def kill(self):
+        for p in self.pids.values():  # a stopped rank would not see SIGTERM
+            try:
+                os.kill(p, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20 * SCALE)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.channel.close() if hasattr(self, "channel") else None
+
+
+MARGIN = 0.6
+
+
+def tokens(target, pb, prompt, n=1, **kw):
+    """Greedy ids of each of n choices, from Generation.Generate."""
+    out = [[] for _ in range(n)]
+    for msg in generation(target, pb).Generate(
+            gen_request(pb, prompt, max_tokens=N_TOK, ignore_eos=True, n=n, **kw),
+            timeout=120 * SCALE):
+        out[msg.index] += list(msg.token_ids)
+    return out
+
+
+def tokens_margins(target, pb, prompt, **kw):
+    """Greedy ids and each step's top-1 minus top-2 log-probability."""
+    ids, margins = [], []
+    for msg in generation(target, pb).Generate(
+            gen_request(pb, prompt, max_tokens=N_TOK, ignore_eos=True, logprobs=True,
+                        top_logprobs=2, **kw), timeout=120 * SCALE):
+        ids += list(msg.token_ids)
+        for lp in msg.logprobs:
+            t = lp.top_logprobs
+            margins.append(t[0].logprob - t[1].logprob if len(t) > 1 else float("inf"))
+    return ids, margins
+
+
+def agrees(got, ref):
+    """got equals the single worker's tokens up to its first near-tie."""
+    ids, margins = ref
+    k = next((i for i, m in enumerate(margins) if m < MARGIN), len(ids))
+    return got[:k] == ids[:k]
+
+
+def generate_tp(prompt, pol, tp=2):
+    """`entrokv generate --tp N --json` (gen_run / gen_follow)."""
+    args = [BIN, "generate", "--model", MODEL, "--prompt", prompt, "--max-tokens", str(N_TOK),
+            "--tp", str(tp), "--threads", str(tp), "--json", "--ignore-eos"]
+    if pol:
+        args += ["--kv-method", pol["kv_method"], "--kv-budget", str(pol["kv_budget"])]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=120 * SCALE, check=True)
+    return json.loads(out.stdout)["token_ids"]
+
+
+def health(target, pb):
+    stub = pb["health_pb2_grpc"].HealthStub(target.channel)
+    return stub.Check(pb["health_pb2"].HealthCheckRequest(service=""), timeout=5).status
+
+
+def stats_code(target, pb):
+    try:
+        pb["entrokv_pb2_grpc"].WorkerStub(target.channel).Stats(
+            pb["entrokv_pb2"].StatsRequest(), timeout=5)
+        return grpc.StatusCode.OK
+    except grpc.RpcError as e:
+        return e.code()
+
+
+POLICIES = [{}, {"kv_method": "snapkv", "kv_budget": 0.1}, {"kv_method": "uncomp", "kv_budget": 0.1}]
+
+
+@pytest.fixture(scope="module")
+def single():
+    w = Server("--ctx", "512", "--max-running", "4", "--kvstore-mb", "0", cmd="worker")
+    yield w
+    assert w.stop() == 0, w.stderr()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def reference(single, pb):
+    return {(p, i): tokens_margins(single, pb, p, **pol)
+            for p in PROMPTS for i, pol in enumerate(POLICIES)}
+
+
+@pytest.fixture(scope="module")
+def tp_reference():
+    return {(p, i): generate_tp(p, pol) for p in PROMPTS for i, pol in enumerate(POLICIES)}
+
+
+def test_threads_group_same_tokens(pb, single, reference, tp_reference):
+    w = Server("--ctx", "512", "--max-running", "4", "--tp", "2", "--tp-timeout-ms",
+               str(TP_TIMEOUT_MS), cmd="worker")
+    try:
+        assert "tensor-parallel group of 2 ranks (threads)" in w.stderr()
+        for p in PROMPTS:
+            for i, pol in enumerate(POLICIES):
+                got = tokens(w, pb, p, **pol)[0]
+                assert got == tp_reference[(p, i)], (p, pol)
+                assert agrees(got, reference[(p, i)]), (p, pol, got, reference[(p, i)])
+        # n = 2: one prefill, forked on every rank, each choice its own sequence
+        both = tokens(w, pb, PROMPTS[0], n=2)
+        assert both == [tp_reference[(PROMPTS[0], 0)]] * 2
+        # concurrent requests share steps: rows of several sequences per plan
+        res = {}
+        th = [threading.Thread(target=lambda p=p: res.__setitem__(p, tokens(w, pb, p)[0]))
+              for p in PROMPTS]
+        for t in th:
+            t.start()
+        for t in th:
+            t.join()
+        assert all(res[p] == tp_reference[(p, 0)] for p in PROMPTS)
+        # SCOPE is refused under TP, with a clear status
+        with pytest.raises(grpc.RpcError) as e:
+            tokens(w, pb, PROMPTS[0], kv_method="snapkv", kv_budget=0.5,
+                   decode_method="scope-slide")
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "tensor parallelism" in e.value.details()
+        assert health(w, pb) == pb["health_pb2"].HealthCheckResponse.SERVING
+        # idle longer than the comm timeout: the heartbeat keeps the group up
+        time.sleep(TP_TIMEOUT_MS / 1000 * 1.5)
+        assert tokens(w, pb, PROMPTS[1])[0] == tp_reference[(PROMPTS[1], 0)]
+    finally:
+        rc = w.stop()
+    assert rc == 0, w.stderr()[-3000:]
+    assert "stopped:" not in w.stderr()  # no follower failed
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="no mpirun (openmpi-bin)")
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP])
+def test_mpi_group_rank_fails(pb, single, reference, tp_reference, sig):
+    g = MpiGroup(2)
+    coord = None
+    try:
+        assert "tensor-parallel rank 0 of 2 (mpi)" in g.stderr()
+        for i, pol in enumerate(POLICIES):
+            assert tokens(g, pb, PROMPTS[0], **pol)[0] == tp_reference[(PROMPTS[0], i)], pol
+        coord = Server("--ctx", "512", "--workers",
+                       f"127.0.0.1:{single.grpc_port},127.0.0.1:{g.grpc_port}",
+                       cmd="coordinator")
+        wait_for(lambda: len(re.findall(r"worker \S+ healthy", coord.stderr())) == 2,
+                 what="both groups healthy")
+        for _ in range(4):  # round-robin: both groups serve, each its own tokens
+            got = tokens(coord, pb, PROMPTS[1])[0]
+            assert got in (tp_reference[(PROMPTS[1], 0)], reference[(PROMPTS[1], 0)][0])
+        assert health(g, pb) == pb["health_pb2"].HealthCheckResponse.SERVING
+
+        # a long stream on the group, then its follower fails mid-generation
+        result = {}
+
+        def stream():
+            try:
+                run_stream(generation(g, pb), gen_request(pb, PROMPTS[0], max_tokens=400,
+                                                          ignore_eos=True), timeout=120)
+                result["code"] = grpc.StatusCode.OK
+            except grpc.RpcError as e:
+                result["code"], result["details"] = e.code(), e.details()
+            result["t"] = time.time()
+
+        t = threading.Thread(target=stream)
+        t.start()
+        time.sleep(1.0)
+        t0 = time.time()
+        os.kill(g.pids[1], sig)
+        t.join(FAIL_WITHIN_S + 120 * SCALE)
+        assert not t.is_alive(), "the stream hangs after its rank failed"
+        assert result["code"] == grpc.StatusCode.UNAVAILABLE, result
+        assert "tensor-parallel group broken" in result["details"], result
+        print(f"{signal.Signals(sig).name}: the stream ended {result['t'] - t0:.2f} s after it")
+        assert result["t"] - t0 < FAIL_WITHIN_S, result["t"] - t0
+        # the group says it is gone; the coordinator stops routing to it
+        assert health(g, pb) == pb["health_pb2"].HealthCheckResponse.NOT_SERVING
+        assert stats_code(g, pb) == grpc.StatusCode.UNAVAILABLE
+        wait_for(lambda: re.search(rf"worker 127.0.0.1:{g.grpc_port} unhealthy", coord.stderr()),
+                 timeout=FAIL_WITHIN_S, what="the coordinator marking the TP group unhealthy")
+        for _ in range(3):  # only the single-process group is left
+            assert tokens(coord, pb, PROMPTS[1])[0] == reference[(PROMPTS[1], 0)][0]
+        with pytest.raises(grpc.RpcError) as e:  # straight to the broken group
+            tokens(g, pb, PROMPTS[0])
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        if coord:
+            assert coord.stop() == 0, coord.stderr()[-3000:]
+        g.kill()

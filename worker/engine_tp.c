@@ -1,0 +1,530 @@
+/*
+ * engine_tp.c - a tensor-parallel worker group (docs/tp.md, "A worker
+ * group"): rank 0 runs the step engine (engine.c, engine_step.c) and mirrors
+ * what it does to its sequences onto ranks 1..N-1, which run
+ * engine_tp_follow.
+ *
+ * Rank 0 names its sequences by slot ids (a table of its kv_seq pointers).
+ * Every change to a sequence (create, free, fork, a compression capture) is
+ * logged as an op; before each collective rank 0 runs on the model (a
+ * forward, or a compression that allgathers entropies) it broadcasts a
+ * plan: a fixed header (magic, version, kind, a message counter, the op and
+ * row counts, the payload's length), then the payload (the ops, then the
+ * rows' tokens, positions and sequence ids). A follower applies the ops to
+ * its own sequences (its heads only) in order, then runs the same
+ * collective. While idle, rank 0 sends a ping and a barrier every heartbeat,
+ * so a dead or stopped rank is found within the communicator's timeout even
+ * without traffic, and no follower times out waiting for work.
+ *
+ * Failure: once a collective fails (comm.h: EKV_EUNAVAILABLE within the
+ * timeout) the group is broken for good: every request in flight fails with
+ * EKV_EUNAVAILABLE, new ones are refused with it, and engine_stats says
+ * tp_broken (the Worker service's Stats then answers UNAVAILABLE, so the
+ * coordinator marks the group unhealthy). A follower that meets a malformed
+ * plan or cannot mirror a step returns an error; its caller must then break
+ * the group (comm_threads_group_abort, or leave the process) so rank 0 does
+ * not wait on it.
+ */
+#include "engine_internal.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "entrokv/comm.h"
+
+#define TP_PLAN_MAGIC 0x656b7470u /* "ptke" little-endian */
+#define TP_PLAN_VERSION 1
+
+enum { TP_END = 0, TP_STEP = 1, TP_COMPRESS = 2, TP_PING = 3, TP_N_KINDS };
+enum { OP_CREATE = 1, OP_FREE = 2, OP_FORK = 3, OP_CAPTURE = 4 };
+
+/* The plan's header: broadcast first, fixed size; every field validated by
+ * followers. All integers in the host's byte order (ranks of one group run
+ * the same build). */
+typedef struct tp_plan_hdr {
+    uint32_t magic;
+    uint16_t version;
+    uint16_t kind;
+    uint32_t counter;       /* messages sent before this one */
+    int32_t n_ops;
+    int32_t n_rows;
+    int32_t arg;            /* TP_COMPRESS: the sequence id */
+    uint32_t payload_bytes; /* n_ops * sizeof(tp_op) + n_rows * 3 * 4 */
+    uint32_t reserved;
+} tp_plan_hdr;
+
+/* One change to a sequence. The capture's policy travels without its
+ * profile pointer: each rank substitutes its own copy of the profile. */
+typedef struct tp_op {
+    int32_t code, id, parent; /* parent: OP_FORK's source */
+    int32_t n_prompt, pos0;   /* OP_CAPTURE */
+    int32_t method;
+    double budget;
+    double spark_ratio;
+    int32_t spark_recovery;
+    int32_t has_profile;
+} tp_op;
+
+struct engine_tp {
+    ekv_comm *comm;
+    const model_shard *shard;
+    int heartbeat_ms;
+    uint32_t counter;
+    kv_seq **slots; /* id -> rank 0's sequence */
+    int32_t n_slots;
+    tp_op *ops;
+    int32_t n_ops, cap_ops;
+    int32_t *rows; /* tokens, positions, ids: 3 * max_batch */
+    unsigned char *msg;
+    size_t msg_cap;
+};
+
+static ekv_status tp_grow_msg(unsigned char **msg, size_t *cap, size_t need, ekv_error *err)
+{
+    if (need <= *cap)
+        return EKV_OK;
+    unsigned char *p = realloc(*msg, need);
+    if (!p)
+        return ekv_error_set(err, EKV_ENOMEM, "tensor parallelism: out of memory for a plan");
+    *msg = p;
+    *cap = need;
+    return EKV_OK;
+}
+
+static void hdr_init(tp_plan_hdr *h, int kind, uint32_t counter, int32_t n_ops, int32_t n_rows,
+                     int32_t arg)
+{
+    memset(h, 0, sizeof *h);
+    h->magic = TP_PLAN_MAGIC;
+    h->version = TP_PLAN_VERSION;
+    h->kind = (uint16_t)kind;
+    h->counter = counter;
+    h->n_ops = n_ops;
+    h->n_rows = n_rows;
+    h->arg = arg;
+    h->payload_bytes = (uint32_t)((size_t)n_ops * sizeof(tp_op) + (size_t)n_rows * 12);
+}
+
+/* ---- rank 0 ---- */
+
+ekv_status engine_tp_create(ekv_engine *e, ekv_comm *comm, ekv_error *err)
+{
+    engine_tp *t = calloc(1, sizeof *t);
+    if (!t)
+        return ekv_error_set(err, EKV_ENOMEM, "tensor parallelism: out of memory");
+    e->tp = t;
+    t->comm = comm;
+    t->shard = model_runtime_shard(e->rt);
+    t->heartbeat_ms = e->cfg.tp_heartbeat_ms > 0 ? e->cfg.tp_heartbeat_ms : 1000;
+    /* running sequences, each choice of n > 1 its own */
+    t->n_slots = e->cfg.max_running;
+    t->slots = calloc((size_t)t->n_slots, sizeof *t->slots);
+    t->rows = malloc((size_t)e->cfg.max_batch * 3 * sizeof *t->rows);
+    if (!t->slots || !t->rows)
+        return ekv_error_set(err, EKV_ENOMEM, "tensor parallelism: out of memory");
+    return EKV_OK;
+}
+
+void engine_tp_free(ekv_engine *e)
+{
+    engine_tp *t = e->tp;
+    if (!t)
+        return;
+    free(t->slots);
+    free(t->ops);
+    free(t->rows);
+    free(t->msg);
+    free(t);
+    e->tp = NULL;
+}
+
+const model_shard *engine_tp_shard(const ekv_engine *e)
+{
+    return e->tp ? e->tp->shard : NULL;
+}
+
+static int32_t slot_of(const engine_tp *t, const kv_seq *s)
+{
+    for (int32_t i = 0; s && i < t->n_slots; i++)
+        if (t->slots[i] == s)
+            return i;
+    return -1;
+}
+
+static ekv_status log_op(engine_tp *t, const tp_op *op, ekv_error *err)
+{
+    if (t->n_ops == t->cap_ops) {
+        const int32_t cap = t->cap_ops ? 2 * t->cap_ops : 64;
+        tp_op *p = realloc(t->ops, (size_t)cap * sizeof *p);
+        if (!p)
+            return ekv_error_set(err, EKV_ENOMEM, "tensor parallelism: out of memory for ops");
+        t->ops = p;
+        t->cap_ops = cap;
+    }
+    t->ops[t->n_ops++] = *op;
+    return EKV_OK;
+}
+
+/* Takes a slot for s (made by rank 0) and logs op (its code and parent). */
+static ekv_status seq_add(engine_tp *t, kv_seq *s, tp_op *op, ekv_error *err)
+{
+    for (int32_t i = 0; i < t->n_slots; i++)
+        if (!t->slots[i]) {
+            op->id = i;
+            if (log_op(t, op, err))
+                return err->code;
+            t->slots[i] = s;
+            return EKV_OK;
+        }
+    return ekv_error_set(err, EKV_ERANGE, "tensor parallelism: no free sequence id (%d)",
+                         t->n_slots);
+}
+
+ekv_status engine_tp_seq_new(ekv_engine *e, kv_seq *s, ekv_error *err)
+{
+    if (!e->tp)
+        return EKV_OK;
+    tp_op op = {.code = OP_CREATE, .parent = -1};
+    return seq_add(e->tp, s, &op, err);
+}
+
+ekv_status engine_tp_seq_fork(ekv_engine *e, const kv_seq *parent, kv_seq *s, ekv_error *err)
+{
+    if (!e->tp)
+        return EKV_OK;
+    tp_op op = {.code = OP_FORK, .parent = slot_of(e->tp, parent)};
+    if (op.parent < 0)
+        return ekv_error_set(err, EKV_EINVAL, "tensor parallelism: fork of an unknown sequence");
+    return seq_add(e->tp, s, &op, err);
+}
+
+void engine_tp_seq_gone(ekv_engine *e, const kv_seq *s)
+{
+    if (!e->tp || !s)
+        return;
+    const int32_t id = slot_of(e->tp, s);
+    if (id < 0)
+        return; /* never announced (its creation failed) */
+    ekv_error err = {0};
+    const tp_op op = {.code = OP_FREE, .id = id, .parent = -1};
+    if (log_op(e->tp, &op, &err)) {
+        /* the followers would keep a sequence rank 0 forgot: the group can
+         * no longer agree, so it stops */
+        engine_tp_break(e, "tensor parallelism: out of memory logging a free");
+        return;
+    }
+    e->tp->slots[id] = NULL;
+}
+
+kvc_capture *engine_tp_capture(ekv_engine *e, const kv_seq *s, const kvc_policy *p,
+                               int32_t n_prompt, int32_t pos0, ekv_error *err)
+{
+    if (!e->tp)
+        return kvc_capture_create(p, e->m, n_prompt, pos0, err);
+    const tp_op op = {.code = OP_CAPTURE, .id = slot_of(e->tp, s), .parent = -1,
+                      .n_prompt = n_prompt, .pos0 = pos0, .method = (int32_t)p->method,
+                      .budget = p->budget, .spark_ratio = p->spark.ratio,
+                      .spark_recovery = (int32_t)p->spark.recovery,
+                      .has_profile = p->profile != NULL};
+    kvc_capture *c = kvc_capture_create_shard(p, e->m, e->tp->shard, n_prompt, pos0, err);
+    if (c && log_op(e->tp, &op, err)) {
+        kvc_capture_free(c);
+        return NULL;
+    }
+    return c;
+}
+
+void engine_tp_break(ekv_engine *e, const char *why)
+{
+    pthread_mutex_lock(&e->mu);
+    if (!e->tp_broken) {
+        e->tp_broken = true;
+        e->stats.tp_broken = 1;
+        snprintf(e->tp_why, sizeof e->tp_why, "%s", why);
+    }
+    pthread_mutex_unlock(&e->mu);
+}
+
+/* Broadcasts a plan of `kind` with the ops logged so far and n_rows rows
+ * from t->rows. */
+static ekv_status send_plan(ekv_engine *e, int kind, int32_t n_rows, int32_t arg, ekv_error *err)
+{
+    engine_tp *t = e->tp;
+    pthread_mutex_lock(&e->mu);
+    const bool broken = e->tp_broken;
+    pthread_mutex_unlock(&e->mu);
+    if (broken)
+        return ekv_error_set(err, EKV_EUNAVAILABLE, "%s", e->tp_why);
+    tp_plan_hdr h;
+    hdr_init(&h, kind, t->counter++, t->n_ops, n_rows, arg);
+    ekv_status rc = comm_broadcast(t->comm, &h, sizeof h, 0, err);
+    if (rc == EKV_OK && h.payload_bytes > 0) {
+        const size_t ob = (size_t)t->n_ops * sizeof(tp_op);
+        if ((rc = tp_grow_msg(&t->msg, &t->msg_cap, h.payload_bytes, err)))
+            goto out; /* the followers wait on the payload: they time out */
+        if (ob)
+            memcpy(t->msg, t->ops, ob);
+        if (n_rows)
+            memcpy(t->msg + ob, t->rows, (size_t)n_rows * 12);
+        rc = comm_broadcast(t->comm, t->msg, h.payload_bytes, 0, err);
+    }
+    if (rc == EKV_OK && kind == TP_PING)
+        rc = comm_barrier(t->comm, err); /* a broadcast's root may not wait for its peers */
+out:
+    t->n_ops = 0;
+    if (rc) {
+        char why[sizeof err->msg + 64];
+        snprintf(why, sizeof why, "tensor-parallel group broken: %s", err ? err->msg : "");
+        engine_tp_break(e, why);
+        return ekv_error_set(err, EKV_EUNAVAILABLE, "%s", e->tp_why);
+    }
+    return EKV_OK;
+}
+
+ekv_status engine_tp_step(ekv_engine *e, const model_batch *b, ekv_error *err)
+{
+    engine_tp *t = e->tp;
+    if (!t)
+        return EKV_OK;
+    for (int32_t i = 0; i < b->n; i++) {
+        const int32_t id = slot_of(t, model_batch_seq(b, i));
+        if (id < 0)
+            return ekv_error_set(err, EKV_EINVAL, "tensor parallelism: row %d names no sequence",
+                                 i);
+        t->rows[i] = b->tokens[i];
+        t->rows[b->n + i] = b->pos[i];
+        t->rows[2 * b->n + i] = id;
+    }
+    return send_plan(e, TP_STEP, b->n, 0, err);
+}
+
+ekv_status engine_tp_compress(ekv_engine *e, const kv_seq *s, ekv_error *err)
+{
+    if (!e->tp)
+        return EKV_OK;
+    return send_plan(e, TP_COMPRESS, 0, slot_of(e->tp, s), err);
+}
+
+void engine_tp_ping(ekv_engine *e)
+{
+    ekv_error err = {0};
+    (void)send_plan(e, TP_PING, 0, 0, &err);
+}
+
+void engine_tp_end(ekv_engine *e)
+{
+    ekv_error err = {0};
+    if (e->tp)
+        (void)send_plan(e, TP_END, 0, 0, &err);
+}
+
+int engine_tp_heartbeat_ms(const ekv_engine *e)
+{
+    return e->tp ? e->tp->heartbeat_ms : 0;
+}
+
+/* ---- ranks 1..N-1 ---- */
+
+typedef struct follower {
+    const ekv_model *m;
+    ekv_runtime *rt;
+    kv_pool *pool;
+    const model_shard *shard;
+    const kvc_profile *profile;
+    int32_t n_slots, max_batch;
+    kv_seq **seqs;
+    kvc_capture **caps;
+    const model_tap **taps;
+    model_tap tap;
+    int32_t n_taps;
+} follower;
+
+static void follower_dispatch_tap(void *ctx, int32_t layer, const model_batch *b, const float *q)
+{
+    const follower *f = ctx;
+    for (int32_t i = 0; i < f->n_taps; i++)
+        f->taps[i]->fn(f->taps[i]->ctx, layer, b, q);
+}
+
+static ekv_status bad_plan(ekv_error *err, const char *what, long v)
+{
+    return ekv_error_set(err, EKV_EFORMAT, "tensor parallelism: malformed plan: %s (%ld)", what,
+                         v);
+}
+
+static ekv_status check_id(const follower *f, int32_t id, bool used, ekv_error *err)
+{
+    if (id < 0 || id >= f->n_slots)
+        return bad_plan(err, "sequence id out of range", id);
+    if (used != (f->seqs[id] != NULL))
+        return bad_plan(err, used ? "sequence id not in use" : "sequence id already in use", id);
+    return EKV_OK;
+}
+
+static void drop_seq(follower *f, int32_t id)
+{
+    kv_seq_free(f->seqs[id]);
+    f->seqs[id] = NULL;
+    kvc_capture_free(f->caps[id]);
+    f->caps[id] = NULL;
+}
+
+static ekv_status apply_op(follower *f, const tp_op *op, ekv_error *err)
+{
+    const ekv_model_config *c = model_config(f->m);
+    ekv_status rc;
+    switch (op->code) {
+    case OP_CREATE:
+        if ((rc = check_id(f, op->id, false, err)))
+            return rc;
+        f->seqs[op->id] = kv_seq_create(f->pool, c->n_layers, f->shard->n_kv_heads, err);
+        return f->seqs[op->id] ? EKV_OK : (err->code ? err->code : EKV_ENOMEM);
+    case OP_FREE:
+        if ((rc = check_id(f, op->id, true, err)))
+            return rc;
+        drop_seq(f, op->id);
+        return EKV_OK;
+    case OP_FORK:
+        if ((rc = check_id(f, op->id, false, err)) || (rc = check_id(f, op->parent, true, err)))
+            return rc;
+        f->seqs[op->id] = kv_seq_fork(f->seqs[op->parent], err);
+        return f->seqs[op->id] ? EKV_OK : (err->code ? err->code : EKV_ENOMEM);
+    case OP_CAPTURE: {
+        if ((rc = check_id(f, op->id, true, err)))
+            return rc;
+        if (f->caps[op->id])
+            return bad_plan(err, "a second capture for sequence", op->id);
+        if (op->method < 0 || !kvc_method_name((kvc_method_id)op->method))
+            return bad_plan(err, "compression method", op->method);
+        if (op->has_profile && !f->profile)
+            return ekv_error_set(err, EKV_EINVAL,
+                                 "tensor parallelism: rank 0 compresses with an UNComp profile "
+                                 "this rank has not loaded (--kv-profile on every rank)");
+        kvc_policy p = {.method = (kvc_method_id)op->method, .budget = op->budget,
+                        .profile = op->has_profile ? f->profile : NULL};
+        p.spark.ratio = op->spark_ratio;
+        p.spark.recovery = (kvc_spark_recovery)op->spark_recovery;
+        f->caps[op->id] = kvc_capture_create_shard(&p, f->m, f->shard, op->n_prompt, op->pos0, err);
+        return f->caps[op->id] ? EKV_OK : (err->code ? err->code : EKV_ENOMEM);
+    }
+    default: return bad_plan(err, "op code", op->code);
+    }
+}
+
+static ekv_status follow_step(follower *f, const tp_plan_hdr *h, const int32_t *rows,
+                              ekv_error *err)
+{
+    const int32_t n = h->n_rows;
+    const int32_t *tok = rows, *pos = rows + n, *ids = rows + 2 * n;
+    const int32_t n_vocab = model_config(f->m)->n_vocab;
+    f->n_taps = 0;
+    for (int32_t i = 0; i < n; i++) {
+        ekv_status rc = check_id(f, ids[i], true, err);
+        if (rc)
+            return rc;
+        if (tok[i] < 0 || tok[i] >= n_vocab)
+            return bad_plan(err, "token outside the vocabulary", tok[i]);
+        /* one tap per captured sequence: it keeps its own rows of the batch */
+        bool seen = false;
+        for (int32_t j = 0; j < i && !seen; j++)
+            seen = ids[j] == ids[i];
+        const model_tap *t =
+            !seen && f->caps[ids[i]] ? kvc_capture_tap(f->caps[ids[i]], f->seqs[ids[i]]) : NULL;
+        if (t)
+            f->taps[f->n_taps++] = t;
+    }
+    model_batch b = {.n = n, .tokens = tok, .pos = pos, .seq_ids = ids, .seq_table = f->seqs,
+                     .n_seq_table = f->n_slots, .tap = f->n_taps ? &f->tap : NULL};
+    return model_forward(f->rt, &b, NULL, err);
+}
+
+static ekv_status follow_loop(follower *f, ekv_comm *comm, ekv_error *err)
+{
+    unsigned char *msg = NULL;
+    size_t msg_cap = 0;
+    ekv_status rc = EKV_OK;
+    for (uint32_t counter = 0;; counter++) {
+        tp_plan_hdr h;
+        if ((rc = comm_broadcast(comm, &h, sizeof h, 0, err)))
+            break;
+        if (h.magic != TP_PLAN_MAGIC || h.version != TP_PLAN_VERSION) {
+            rc = bad_plan(err, "magic or version", (long)h.version);
+            break;
+        }
+        if (h.kind >= TP_N_KINDS || h.counter != counter || h.n_ops < 0 || h.n_rows < 0 ||
+            h.n_rows > f->max_batch || h.n_ops > (1 << 20) ||
+            (size_t)h.payload_bytes != (size_t)h.n_ops * sizeof(tp_op) + (size_t)h.n_rows * 12) {
+            rc = bad_plan(err, "header fields (kind, counter, counts or length)", (long)h.kind);
+            break;
+        }
+        if (h.payload_bytes &&
+            ((rc = tp_grow_msg(&msg, &msg_cap, h.payload_bytes, err)) ||
+             (rc = comm_broadcast(comm, msg, h.payload_bytes, 0, err))))
+            break;
+        for (int32_t i = 0; i < h.n_ops && !rc; i++) {
+            tp_op op;
+            memcpy(&op, msg + (size_t)i * sizeof op, sizeof op);
+            rc = apply_op(f, &op, err);
+        }
+        if (rc || h.kind == TP_END)
+            break;
+        if (h.kind == TP_PING) {
+            rc = comm_barrier(comm, err);
+        } else if (h.kind == TP_STEP) {
+            int32_t *rows = (int32_t *)(void *)(msg + (size_t)h.n_ops * sizeof(tp_op));
+            rc = h.n_rows > 0 ? follow_step(f, &h, rows, err) : bad_plan(err, "empty step", 0);
+        } else { /* TP_COMPRESS */
+            if (!(rc = check_id(f, h.arg, true, err)) && !f->caps[h.arg])
+                rc = bad_plan(err, "compression of a sequence without a capture", h.arg);
+            kvc_report rep;
+            if (!rc)
+                rc = kvc_capture_compress(f->caps[h.arg], f->rt, f->seqs[h.arg], &rep, err);
+            if (!rc) {
+                kvc_capture_free(f->caps[h.arg]);
+                f->caps[h.arg] = NULL;
+            }
+        }
+        if (rc)
+            break;
+    }
+    free(msg);
+    return rc;
+}
+
+ekv_status engine_tp_follow(const ekv_model *m, const engine_config *cfg, ekv_comm *comm,
+                            const kvc_profile *profile, ekv_error *err)
+{
+    if (!m || !cfg || !comm || comm_rank(comm) == 0)
+        return ekv_error_set(err, EKV_EINVAL, "engine_tp_follow: not a follower rank");
+    follower f = {.m = m, .profile = profile, .n_slots = cfg->max_running,
+                  .max_batch = cfg->max_batch};
+    f.tap = (model_tap){.fn = follower_dispatch_tap, .ctx = &f};
+    ekv_status rc = EKV_OK;
+    f.rt = model_runtime_create_tp(m, cfg->max_batch, cfg->max_ctx, cfg->n_threads, comm, err);
+    /* Rank 0 admits by its own pool. With the same tokens per head, a
+     * follower (never more KV heads than rank 0) needs no more blocks under
+     * budgets equal across heads; per-head budgets (UNComp, SparK) can give
+     * a follower's heads more tokens than rank 0's, hence the headroom. */
+    if (f.rt)
+        f.shard = model_runtime_shard(f.rt);
+    if (!f.rt ||
+        !(f.pool = model_kv_pool_create_shard(m, f.shard, cfg->kv_tokens * ENGINE_TP_POOL_HEADROOM,
+                                              err)) ||
+        !(f.seqs = calloc((size_t)f.n_slots, sizeof *f.seqs)) ||
+        !(f.caps = calloc((size_t)f.n_slots, sizeof *f.caps)) ||
+        !(f.taps = calloc((size_t)cfg->max_batch, sizeof *f.taps))) {
+        rc = err && err->code ? err->code : ekv_error_set(err, EKV_ENOMEM, "out of memory");
+    } else {
+        rc = follow_loop(&f, comm, err);
+    }
+    for (int32_t i = 0; f.seqs && i < f.n_slots; i++)
+        if (f.seqs[i])
+            drop_seq(&f, i);
+    free(f.seqs);
+    free(f.caps);
+    free(f.taps);
+    kv_pool_destroy(f.pool);
+    model_runtime_free(f.rt);
+    return rc;
+}
