@@ -263,6 +263,8 @@ def test_mpi_group_rank_fails(pb, single, reference, tp_reference, sig):
         assert stats_code(g, pb) == grpc.StatusCode.UNAVAILABLE
         wait_for(lambda: re.search(rf"worker 127.0.0.1:{g.grpc_port} unhealthy", coord.stderr()),
                  timeout=FAIL_WITHIN_S, what="the coordinator marking the TP group unhealthy")
+        print(f"{signal.Signals(sig).name}: the coordinator saw the group unhealthy "
+              f"{time.time() - t0:.2f} s after it (or earlier)")
         for _ in range(3):  # only the single-process group is left
             assert tokens(coord, pb, PROMPTS[1])[0] == reference[(PROMPTS[1], 0)][0]
         with pytest.raises(grpc.RpcError) as e:  # straight to the broken group
