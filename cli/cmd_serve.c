@@ -660,6 +660,8 @@ static ekv_status start(const serve_opts *o, server *s, ekv_error *err)
     if (s->tp_follower)
         return EKV_OK; /* mpirun's rank > 0: rank 0's engine has ended */
     s->engine = engine_create(s->model, &ec, err);
+    if (!s->engine)
+        worker_tp_abort(s->tp); /* no plan will come */
     s->metrics = s->engine ? metrics_create() : NULL;
     if (!s->metrics)
         return s->engine ? ekv_error_set(err, EKV_ENOMEM, "out of memory") : err->code;

@@ -133,6 +133,12 @@ fail:
     return rc;
 }
 
+void worker_tp_abort(worker_tp *w)
+{
+    if (w && w->group)
+        comm_threads_group_abort(w->group);
+}
+
 void worker_tp_stop(worker_tp *w)
 {
     if (!w)

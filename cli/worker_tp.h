@@ -28,6 +28,9 @@ bool worker_tp_wanted(int tp);
 ekv_status worker_tp_start(int tp, int timeout_ms, const ekv_model *m, engine_config *ec,
                            const kvc_profile *profile, worker_tp **out, bool *follower,
                            ekv_error *err);
+/* Rank 0's engine could not start: the followers stop waiting for its
+ * plans (ranks as threads; under mpirun they time out). */
+void worker_tp_abort(worker_tp *w);
 /* After the engine is destroyed (its end released the followers): joins
  * the follower threads (reporting their errors) and frees the group. */
 void worker_tp_stop(worker_tp *w);

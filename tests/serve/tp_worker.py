@@ -216,6 +216,16 @@ def test_threads_group_same_tokens(pb, single, reference, tp_reference):
     assert "stopped:" not in w.stderr()  # no follower failed
 
 
+def test_more_ranks_than_kv_heads_refused():
+    """The demo model has 3 KV heads: --tp 4 fails at start, naming why,
+    instead of serving (or hanging on ranks that never start)."""
+    r = subprocess.run([BIN, "worker", "--model", MODEL, "--listen", "127.0.0.1:0", "--tp", "4",
+                        "--tp-timeout-ms", str(TP_TIMEOUT_MS)],
+                       capture_output=True, text=True, timeout=60 * SCALE)
+    assert r.returncode == 1, r.stderr
+    assert "KV heads" in r.stderr or "kv heads" in r.stderr, r.stderr
+
+
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="no mpirun (openmpi-bin)")
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP])
 def test_mpi_group_rank_fails(pb, single, reference, tp_reference, sig):
@@ -273,4 +283,6 @@ def test_mpi_group_rank_fails(pb, single, reference, tp_reference, sig):
     finally:
         if coord:
             assert coord.stop() == 0, coord.stderr()[-3000:]
+        t1 = time.time()
         g.kill()
+        print(f"the group stopped in {time.time() - t1:.2f} s")
