@@ -146,6 +146,8 @@ def run_one(a, prompts, policy, budget, kv_tokens, max_tokens=None):
             "--max-running", str(max(8, a.requests)), "--kvstore-mb", "0"]
     if a.prefill_chunk is not None:
         args += ["--prefill-chunk", str(a.prefill_chunk)]
+    if a.reserve_output is not None:
+        args += ["--kv-reserve-output", str(a.reserve_output)]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log)
     try:
         bs.wait_http(port, proc, 120)
@@ -224,6 +226,9 @@ def main():
     p.add_argument("--pools", default="2", help="KV pool sizes in full sequences, e.g. 1,2,4")
     p.add_argument("--policies", default="full,snapkv:0.1,snapkv:0.2,uncomp:0.1,uncomp:0.2")
     p.add_argument("--prefill-chunk", type=int, default=None)
+    p.add_argument("--reserve-output", type=int, default=None,
+                   help="serve --kv-reserve-output PCT (admission keeps that share of each "
+                        "request's max_tokens free; 100: no preemption)")
     p.add_argument("--prefill-baseline", action="store_true",
                    help="per pool, also the same wave with full KV and one output token: "
                         "the prefill's share of the full-KV run, which no KV policy changes")
@@ -253,6 +258,7 @@ def main():
                       "model": a.model, "threads": a.threads, "ctx": a.ctx,
                       "prompt_chars": a.prompt_chars, "prompt_tokens_sized": a.prompt_tokens,
                       "max_tokens": a.max_tokens, "requests": a.requests, "pools": pools,
+                      "reserve_output": a.reserve_output, "prefill_chunk": a.prefill_chunk,
                       "text": a.text, "load_at_start": os.getloadavg()[0]}), flush=True)
     rows = []
     for k, pool in enumerate(pools):
@@ -267,7 +273,8 @@ def main():
             print(json.dumps(r), flush=True)
             print(f"  {r['label']:12s} pool {pool:g} seq ({kv} tok) {r['output_tokens_per_s']:7.1f} "
                   f"tok/s  TTFT p50 {r['ttft_p50_s'] or 0:.1f}s p99 {r['ttft_p99_s'] or 0:.1f}s  "
-                  f"preemptions {r.get('preemptions')}  completed {r['completed']}/{r['requests']}",
+                  f"preemptions {r.get('preemptions')}  running {r.get('mean_running')} "
+                  f"pool used {r.get('mean_pool_used')}  completed {r['completed']}/{r['requests']}",
                   file=sys.stderr, flush=True)
     if a.prefill_baseline:
         for pool in pools:

@@ -58,7 +58,8 @@ static void usage_split(FILE *out, serve_mode mode)
                 "  --listen HOST:PORT    where the Worker gRPC service listens (default\n"
                 "                        127.0.0.1:50061; port 0: any free port)\n"
                 "  engine flags as for `entrokv serve`: --threads --ctx --kv-tokens\n"
-                "  --max-running --max-queued --max-batch --prefill-chunk --default-max-tokens\n"
+                "  --max-running --max-queued --max-batch --prefill-chunk --kv-reserve-output\n"
+                "  --default-max-tokens\n"
                 "  --drain-grace --drain-timeout --kvstore-mb --kvstore-peers --recall-host-mb\n"
                 "  --kvstore-token-file --kv-profile --config\n"
                 "  --tp N                tensor parallelism: N ranks as threads, one worker\n"
@@ -102,6 +103,10 @@ static void usage(FILE *out)
             "  --prefill-chunk N     prompt rows per forward pass while streams decode, so\n"
             "                        their next tokens do not wait behind long prompts\n"
             "                        (default 64; 0: up to --max-batch)\n"
+            "  --kv-reserve-output P  percent of each request's remaining max_tokens (at\n"
+            "                        its compressed size) that admission keeps free in the\n"
+            "                        KV pool: 100 never preempts a request that runs to\n"
+            "                        max_tokens (default 0: admit on the prompt, preempt)\n"
             "  --default-max-tokens N  completion length when a request does not say (256)\n"
             "  --kv-method M         KV compression when a request names none: full,\n"
             "                        streaming, snapkv, pyramidkv, uncomp (default full)\n"
@@ -142,6 +147,7 @@ typedef struct serve_opts {
     int32_t grpc_port, http_port, threads, ctx, kv_tokens, max_running, max_queued, max_batch;
     int32_t prefill_chunk;
     int32_t tp, tp_timeout_ms;          /* worker --tp N (docs/tp.md) */
+    int32_t kv_reserve_output;          /* percent of max_tokens admission keeps free */
     int32_t default_max_tokens;
     int32_t max_prompt_bytes;           /* 0: the coordinator's default */
     const char *kv_method;              /* request defaults (--kv-method / --kv-budget) */
@@ -193,7 +199,7 @@ static const struct {
     {"max-prompt-bytes", F_SERVE | F_COORD},
     {"kv-tokens", F_SERVE | F_WORKER},             {"max-running", F_SERVE | F_WORKER},
     {"max-queued", F_SERVE | F_WORKER},            {"max-batch", F_SERVE | F_WORKER},
-    {"prefill-chunk", F_SERVE | F_WORKER},
+    {"prefill-chunk", F_SERVE | F_WORKER},         {"kv-reserve-output", F_SERVE | F_WORKER},
     {"tp", F_WORKER},                              {"tp-timeout-ms", F_WORKER},
     {"kvstore-mb", F_SERVE | F_WORKER},            {"kvstore-peers", F_SERVE | F_WORKER},
     {"kvstore-token-file", F_SERVE | F_WORKER},   {"recall-host-mb", F_SERVE | F_WORKER},
@@ -297,6 +303,8 @@ static int parse(int argc, char **argv, serve_mode mode, serve_opts *o)
             ok = cli_take_int(argc, argv, &i, 100, 3600000, &o->tp_timeout_ms);
         } else if (!strcmp(a, "--prefill-chunk")) {
             ok = cli_take_int(argc, argv, &i, 0, 65536, &o->prefill_chunk);
+        } else if (!strcmp(a, "--kv-reserve-output")) {
+            ok = cli_take_int(argc, argv, &i, 0, 100, &o->kv_reserve_output);
         } else if (!strcmp(a, "--kvstore-mb")) {
             ok = cli_take_int(argc, argv, &i, 0, 1 << 24, &o->kvstore_mb);
         } else if (!strcmp(a, "--recall-host-mb")) {
@@ -654,6 +662,7 @@ static ekv_status start(const serve_opts *o, server *s, ekv_error *err)
     ec.max_queued = o->max_queued;
     ec.max_batch = o->max_batch;
     ec.prefill_chunk = o->prefill_chunk;
+    ec.reserve_output_pct = o->kv_reserve_output;
     if (tp && worker_tp_start(o->tp, o->tp_timeout_ms, s->model, &ec, s->profile, &s->tp,
                               &s->tp_follower, err))
         return err->code;

@@ -7,7 +7,10 @@
  * can hold its whole prompt beside what the running sequences still need
  * (their unfed tokens plus one block per head each for decode), gives it a
  * sampler, a KV sequence and, with a compression policy, a capture, and
- * steps it until it finishes. engine_finish frees the KV, then calls on_done.
+ * steps it until it finishes. With reserve_output_pct, admission also keeps
+ * that share of every sequence's remaining completion free, at the size its
+ * policy leaves the prompt (a compressed prompt needs its whole prompt
+ * during prefill, then only its budget). engine_finish frees the KV, then calls on_done.
  *
  * A preempted request goes back to the head of the queue keeping its tokens,
  * sampler, detokenizer and stopper; when re-admitted it is prefilled again
@@ -146,6 +149,9 @@ static ekv_status ereq_new(const ekv_engine *e, const engine_request *r, ereq **
     q->r.params.stops = NULL;
     q->r.params.n_stops = 0;
     q->n_prompt = q->n_tok = r->n_prompt;
+    if (kvc_policy_mean_tokens(&r->kv, r->n_prompt, &q->kept_tokens, NULL) ||
+        q->kept_tokens > r->n_prompt)
+        q->kept_tokens = r->n_prompt; /* request_check has refused a bad policy */
     tok_stream_init(&q->ts, false);
     q->t_submit = gen_now();
     *out = q;
@@ -375,22 +381,6 @@ static void reap_cancelled(ekv_engine *e)
         engine_finish(e, kill[i], GEN_FINISH_CANCELLED, EKV_OK, "");
 }
 
-/* Blocks the running sequences may still take: their unfed tokens, plus
- * one block per head each so every decode row finds room (under mu). */
-static int64_t committed_blocks(const ekv_engine *e)
-{
-    int64_t need = (int64_t)e->n_running * e->blocks_per_slot;
-    for (int32_t i = 0; i < e->n_running; i++) {
-        const ereq *q = e->running[i];
-        /* a follower to be forked: a copy of the shared last block and a
-         * decode block, per head */
-        need += 2 * e->blocks_per_slot * q->n_followers;
-        need += q->seq ? kv_seq_blocks_needed(q->seq, q->n_tok - q->n_fed)
-                       : engine_blocks_for(e, q->n_tok);
-    }
-    return need;
-}
-
 /* Running slots the followers of running leaders will take (under mu). */
 static int32_t followers_waiting(const ekv_engine *e)
 {
@@ -476,15 +466,18 @@ static bool admit(ekv_engine *e)
         ereq *q = e->q_head;
         if (e->n_running + 1 + q->n_followers + followers_waiting(e) > e->cfg.max_running)
             break; /* each choice will take a running slot */
-        const int64_t need =
-            engine_blocks_for(e, q->n_tok) + 2 * e->blocks_per_slot * q->n_followers;
-        if (need > total) {
+        /* only a prompt the whole pool cannot hold is refused; a reserve
+         * beyond the pool waits for an empty pool */
+        if (engine_blocks_for(e, q->n_tok) + 2 * e->blocks_per_slot * q->n_followers > total) {
             queue_unlink(e, q);
             q->next = rejects;
             rejects = q;
             continue;
         }
-        if (need + committed_blocks(e) > kv_pool_free_blocks(e->pool)) {
+        int64_t need = engine_admit_blocks(e, q);
+        if (need > total)
+            need = total;
+        if (need + engine_committed_blocks(e) > kv_pool_free_blocks(e->pool)) {
             blocked = e->n_running == 0; /* only pinned blocks can be in the way */
             break;
         }
@@ -576,6 +569,9 @@ static ekv_status config_check(const engine_config *c, ekv_error *err)
     if (c->tp_comm && c->prefix_cache)
         return ekv_error_set(err, EKV_EUNSUPPORTED,
                              "engine: tensor parallelism with a prefix cache (the KV store tier)");
+    if (c->reserve_output_pct < 0 || c->reserve_output_pct > 100)
+        return ekv_error_set(err, EKV_EINVAL, "engine: reserve_output_pct %d outside [0, 100]",
+                             c->reserve_output_pct);
     return EKV_OK;
 }
 

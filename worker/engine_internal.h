@@ -49,6 +49,7 @@ struct ereq {
     int32_t n_scored;      /* prompt tokens whose log-probabilities went out (echo) */
     ekv_logit_bias *bias;  /* the request's logit_bias, copied at submit */
     int32_t preemptions;
+    int32_t kept_tokens;   /* mean tokens per head its KV policy keeps of the prompt */
     ekv_sampler *sampler;  /* made at first admission, kept across preemption */
     ekv_stopper *stopper;  /* owns copies of the stop strings; NULL: none */
     grammar_state *gs;     /* structured output: where it is in the schema; NULL: none */
@@ -158,6 +159,10 @@ void engine_step(ekv_engine *e);
 ekv_status engine_flush_text(ekv_engine *e, ereq *q, bool *stopped, ekv_error *err);
 /* Blocks the pool needs for n tokens of a fresh sequence. */
 int64_t engine_blocks_for(const ekv_engine *e, int32_t n);
+/* engine_admit.c: blocks the running sequences may still take, and what
+ * admitting q commits (under mu). */
+int64_t engine_committed_blocks(const ekv_engine *e);
+int64_t engine_admit_blocks(const ekv_engine *e, const ereq *q);
 /* q's sampler and grammar state, made once and kept across preemption. */
 ekv_status engine_sampling_setup(ekv_engine *e, ereq *q, ekv_error *err);
 /* q's prompt is in its KV (compressed) and logits holds its last row: gives

@@ -89,6 +89,14 @@ typedef struct engine_config {
     int32_t kv_tokens;    /* pool size: tokens per head over all sequences */
     int32_t max_running;  /* sequences in the batch at once; <= max_batch */
     int32_t max_queued;   /* waiting requests; engine_submit says EKV_EBUSY beyond */
+    /* 0..100: percent of every sequence's remaining completion (max_tokens,
+     * at its policy's compressed size) that admission keeps free for it.
+     * 0 (the default): admission counts only the prompt and one decode
+     * block, and a pool that runs out preempts (recompute); 100: requests
+     * that run to max_tokens are never preempted, at the price of fewer
+     * running at once when they end early (docs/COMPRESSION.md,
+     * "Memory-bound serving") */
+    int32_t reserve_output_pct;
     const engine_prefix_cache *prefix_cache; /* NULL: none; must outlive the engine */
     /* NULL: none; else the recall stores of the engine's sequences attach
      * to it (kvrecall_tier.h: a host cap, the daemon behind it, counters);

@@ -163,6 +163,55 @@ static void test_small_pool_preempts_and_still_equals_solo(void)
     }
 }
 
+/* reserve_output_pct 100: admission keeps each running request's
+ * remaining max_tokens free (a compressed one's at its budget's size once
+ * its prompt is in), so the pool that made the test above preempt runs the
+ * same requests, fewer at once, with no preemption, each equal to its solo
+ * run; a request whose prompt fits but whose completion cannot waits for
+ * an empty pool and runs alone to the pool's end. */
+static void test_reserve_output_never_preempts(void)
+{
+    engine_config cfg = small_config(128, 4, 16);
+    cfg.reserve_output_pct = 100;
+    ekv_engine *e = engine_create(g_model, &cfg, NULL);
+    CHECK(e != NULL);
+    if (!e)
+        return;
+    static req_out out[N_PREEMPT + 1];
+    prompt ps[N_PREEMPT + 1];
+    gen_params gps[N_PREEMPT + 1];
+    memset(out, 0, sizeof out);
+    for (int i = 0; i <= N_PREEMPT; i++) {
+        ps[i] = topic_prompt(i + 3, "Explain %s to a child.");
+        gps[i] = greedy(i == N_PREEMPT ? 200 : 40);
+        gps[i].ignore_eos = true;
+        if (i == 2) {
+            gps[i].kv.method = KVC_SNAPKV;
+            gps[i].kv.budget = 0.5;
+        }
+        engine_request r = make_request(&ps[i], &gps[i], &out[i]);
+        CHECK_EQ_INT(engine_submit(e, &r, NULL, NULL), EKV_OK);
+    }
+    CHECK(wait_done(out, N_PREEMPT + 1));
+    engine_stats s;
+    engine_stats_get(e, &s);
+    CHECK_EQ_INT(s.preemptions, 0);
+    CHECK_EQ_INT(out[N_PREEMPT].rc, EKV_OK);
+    CHECK_EQ_INT(out[N_PREEMPT].finish, GEN_FINISH_CONTEXT);
+    /* 128 tokens fed fill the pool; the token sampled from the last is not fed */
+    CHECK_EQ_INT(ps[N_PREEMPT].n + out[N_PREEMPT].n_ids, 128 + 1);
+    check_idle_pool(e);
+    engine_destroy(e);
+    for (int i = 0; i <= N_PREEMPT; i++) {
+        if (i < N_PREEMPT)
+            check_equals_solo(&ps[i], &gps[i], &out[i]);
+        free(ps[i].ids);
+    }
+    cfg.reserve_output_pct = 101;
+    ekv_error err = {0};
+    CHECK(engine_create(g_model, &cfg, &err) == NULL && err.code == EKV_EINVAL);
+}
+
 #define N_FLOOD 8
 
 static void test_full_queue_says_busy(void)
@@ -423,6 +472,7 @@ int main(int argc, char **argv)
     RUN_SELECTED(test_concurrent_requests_equal_solo_runs);
     RUN_SELECTED(test_cancel_running_and_queued);
     RUN_SELECTED(test_small_pool_preempts_and_still_equals_solo);
+    RUN_SELECTED(test_reserve_output_never_preempts);
     RUN_SELECTED(test_full_queue_says_busy);
     RUN_SELECTED(test_invalid_requests_are_refused);
     RUN_SELECTED(test_compression_policy_saves_kv);
