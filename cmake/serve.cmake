@@ -4,7 +4,9 @@
 # entrokv binary for `entrokv serve`. Included by the top CMakeLists.txt
 # after the entrokv target exists.
 
-pkg_check_modules(SERVE_DEPS REQUIRED grpc libprotobuf-c libmicrohttpd libcjson)
+# gnutls: the HTTP front terminates TLS itself (coordinator/http_tls.c); libmicrohttpd-dev
+# already depends on it
+pkg_check_modules(SERVE_DEPS REQUIRED grpc libprotobuf-c libmicrohttpd libcjson gnutls)
 find_program(PROTOC_C protoc-c REQUIRED)
 
 set(EKV_PROTO_DIR ${PROJECT_SOURCE_DIR}/proto)

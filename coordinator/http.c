@@ -405,10 +405,6 @@ ekv_http *ekv_http_start_opts(ekv_coordinator *c, const ekv_http_opts *o, ekv_er
     const char *host = o->host;
     const int port = o->port;
     const bool tls = ekv_tls_server_on(o->tls);
-    if (tls && MHD_is_feature_supported(MHD_FEATURE_TLS) != MHD_YES) {
-        ekv_error_set(err, EKV_EINVAL, "http: this libmicrohttpd was built without TLS");
-        return NULL;
-    }
     char service[16];
     snprintf(service, sizeof service, "%d", port);
     struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
@@ -428,56 +424,53 @@ ekv_http *ekv_http_start_opts(ekv_coordinator *c, const ekv_http_opts *o, ekv_er
     h->timeout_s = o->timeout_s;
     if (o->api_key)
         h->api_key = *o->api_key;
-    if (!tls && !http_front_refuse_path_new(h->refuse_path)) {
+    if (!http_front_refuse_path_new(h->refuse_path)) {
         freeaddrinfo(ai);
         free(h);
         ekv_error_set(err, EKV_EIO, "http: cannot read /dev/urandom");
         return NULL;
     }
+    /* TLS is terminated by the front (http_tls.c), so MHD only ever reads
+     * plain HTTP that the front has checked */
+    if (tls && !(h->tls = http_tls_new(o->tls->cert_pem, o->tls->key_pem, err))) {
+        freeaddrinfo(ai);
+        free(h);
+        return NULL;
+    }
+    /* connections come from the front (http_front.c), never a listener */
     unsigned flags = MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD |
                      MHD_USE_POLL | MHD_USE_ITC | MHD_USE_ERROR_LOG |
-                     (ai->ai_family == AF_INET6 ? MHD_USE_IPv6 : 0) |
-                     /* plain HTTP: connections come from the front (http_front.c) */
-                     (tls ? MHD_USE_TLS : MHD_USE_NO_LISTEN_SOCKET);
-    /* The TLS options go last: an MHD_OPTION_END in their place leaves
-     * them out for plain HTTP. */
+                     (ai->ai_family == AF_INET6 ? MHD_USE_IPv6 : 0) | MHD_USE_NO_LISTEN_SOCKET;
     h->d = MHD_start_daemon(flags, (uint16_t)port, NULL, NULL, on_request, h,
                             MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log, h,
                             MHD_OPTION_SOCK_ADDR, ai->ai_addr,
                             MHD_OPTION_NOTIFY_COMPLETED, on_completed, h,
                             MHD_OPTION_CONNECTION_LIMIT, o->max_connections,
                             MHD_OPTION_PER_IP_CONNECTION_LIMIT, o->max_per_client,
-                            MHD_OPTION_CONNECTION_TIMEOUT, o->timeout_s,
-                            tls ? MHD_OPTION_HTTPS_MEM_CERT : MHD_OPTION_END,
-                            tls ? o->tls->cert_pem : NULL,
-                            MHD_OPTION_HTTPS_MEM_KEY, tls ? o->tls->key_pem : NULL,
-                            MHD_OPTION_END);
+                            MHD_OPTION_CONNECTION_TIMEOUT, o->timeout_s, MHD_OPTION_END);
     if (!h->d) {
         freeaddrinfo(ai);
-        ekv_error_set(err, EKV_EIO, "http: cannot listen on %s:%d%s", host, port,
-                      tls ? " (or the TLS certificate or key is not valid)" : "");
+        http_tls_free(h->tls);
+        ekv_error_set(err, EKV_EIO, "http: cannot start libmicrohttpd for %s:%d", host, port);
         free(h);
         return NULL;
     }
-    if (!tls) {
-        /* a few relays over the cap: MHD refuses those connections itself */
-        ekv_error ferr = {0};
-        h->front =
-            http_front_start(h->d, ai, h->refuse_path, (int)o->max_connections + 64, &ferr);
-        if (!h->front) {
-            freeaddrinfo(ai);
-            MHD_stop_daemon(h->d);
-            ekv_error_set(err, EKV_EIO, "http: cannot listen on %s:%d (%s)", host, port,
-                          ferr.msg);
-            free(h);
-            return NULL;
-        }
-        h->port = http_front_port(h->front);
-    } else {
-        const union MHD_DaemonInfo *di = MHD_get_daemon_info(h->d, MHD_DAEMON_INFO_BIND_PORT);
-        h->port = di ? di->port : port;
-    }
+    /* a few relays over the cap: MHD refuses those connections itself */
+    ekv_error ferr = {0};
+    http_front_opts fo = {.refuse_path = h->refuse_path,
+                          .max_relays = (int)o->max_connections + 64,
+                          .tls = h->tls,
+                          .timeout_s = o->timeout_s};
+    h->front = http_front_start(h->d, ai, &fo, &ferr);
     freeaddrinfo(ai);
+    if (!h->front) {
+        MHD_stop_daemon(h->d);
+        http_tls_free(h->tls);
+        ekv_error_set(err, EKV_EIO, "http: cannot listen on %s:%d (%s)", host, port, ferr.msg);
+        free(h);
+        return NULL;
+    }
+    h->port = http_front_port(h->front);
     return h;
 }
 
@@ -510,11 +503,12 @@ void ekv_http_stop(ekv_http *h)
     if (!h)
         return;
     atomic_store(&h->stopping, true);
-    if (h->front)
-        http_front_stop_accepting(h->front);
+    http_front_stop_accepting(h->front);
     MHD_stop_daemon(h->d);
-    if (h->front)
-        http_front_free(h->front);
+    /* a relay that outlives this (see http_front_free) keeps the front and
+     * the credentials it reads: both are then left, never freed under it */
+    if (http_front_free(h->front))
+        http_tls_free(h->tls);
     coord_log("http: stopped");
     free(h);
 }

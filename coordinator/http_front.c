@@ -1,6 +1,7 @@
 /*
- * http_front.c - the plain-HTTP listener in front of libmicrohttpd: every
- * request head's framing is checked before MHD sees it (see http_internal.h).
+ * http_front.c - the HTTP listener in front of libmicrohttpd, plain or TLS:
+ * every request head's framing is checked before MHD sees it (see
+ * http_internal.h).
  *
  * Why: libmicrohttpd 0.9.75 (Debian 12) answers a malformed or oversized
  * Content-Length itself, before any callback of ours runs, and its state
@@ -26,9 +27,10 @@
  * body that breaks its framing is cut off instead (MHD's end is closed, so
  * the request is dropped) and the client gets one 400 directly.
  *
- * With TLS, MHD terminates TLS itself on its own listener and this front is
- * not used (the server's handler still checks duplicate and conflicting
- * headers; a malformed Content-Length there still gets MHD's doubled head).
+ * With TLS the relay terminates it (http_tls.c, GnuTLS): the handshake
+ * first, within the connection timeout, then the decrypted bytes go through
+ * the same framer and MHD gets plain HTTP, so HTTPS requests get exactly
+ * the checks and answers plain ones do. MHD never sees TLS.
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -61,6 +63,8 @@ struct http_front {
     struct MHD_Daemon *d;
     char refuse_path[HTTP_FRONT_PATH_MAX];
     int max_relays;
+    const http_tls *tls; /* NULL: plain HTTP */
+    unsigned timeout_s;
     pthread_t acceptor;
     atomic_bool stopping, closing;
     atomic_int relays;
@@ -274,7 +278,7 @@ size_t http_framer_feed(http_framer *f, const uint8_t *in, size_t n, uint8_t *ou
 
 typedef struct relay {
     http_front *front;
-    int client, mhd;
+    http_peer client, mhd; /* (MHD's end is always plain) */
     http_framer f;
     uint8_t up[FRONT_HEAD_MAX + FRONT_IO + 512]; /* checked, for MHD */
     size_t up_len, up_off;
@@ -282,11 +286,12 @@ typedef struct relay {
     size_t down_len, down_off;
 } relay;
 
-/* Sends what it can; false when the peer is gone. */
-static bool flush(int fd, const uint8_t *buf, size_t *off, size_t len)
+/* Sends what it can; false when the peer is gone. (After EAGAIN the next
+ * call passes the same buffer and length, as a TLS send needs.) */
+static bool flush(http_peer *p, const uint8_t *buf, size_t *off, size_t len)
 {
     while (*off < len) {
-        ssize_t k = send(fd, buf + *off, len - *off, MSG_NOSIGNAL | MSG_DONTWAIT);
+        ssize_t k = http_peer_send(p, buf + *off, len - *off);
         if (k < 0)
             return errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR;
         *off += (size_t)k;
@@ -295,13 +300,13 @@ static bool flush(int fd, const uint8_t *buf, size_t *off, size_t len)
 }
 
 /* Sends all of buf, waiting for the peer at most 2 s in all. */
-static void send_all(int fd, const uint8_t *buf, size_t len)
+static void send_all(http_peer *p, const uint8_t *buf, size_t len)
 {
     struct timespec t0, t;
     clock_gettime(CLOCK_MONOTONIC, &t0);
     size_t off = 0;
     while (off < len) {
-        ssize_t k = send(fd, buf + off, len - off, MSG_NOSIGNAL | MSG_DONTWAIT);
+        ssize_t k = http_peer_send(p, buf + off, len - off);
         if (k > 0) {
             off += (size_t)k;
             continue;
@@ -311,8 +316,8 @@ static void send_all(int fd, const uint8_t *buf, size_t len)
         clock_gettime(CLOCK_MONOTONIC, &t);
         if (t.tv_sec - t0.tv_sec >= 2)
             return;
-        struct pollfd p = {.fd = fd, .events = POLLOUT};
-        poll(&p, 1, 100);
+        struct pollfd pf = {.fd = p->fd, .events = POLLOUT};
+        poll(&pf, 1, 100);
     }
 }
 
@@ -331,7 +336,7 @@ static void refuse_in_order(relay *r)
  * MHD already sent goes out, then one 400 of our own. */
 static void refuse_direct(relay *r)
 {
-    shutdown(r->mhd, SHUT_RDWR);
+    shutdown(r->mhd.fd, SHUT_RDWR);
     unsigned code = 400;
     const char *why = http_front_reason(r->f.error, &code);
     char *body = oai_error_json(why ? why : "malformed request", "invalid_request_error");
@@ -340,11 +345,11 @@ static void refuse_direct(relay *r)
                       "HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
                       "Content-Length: %zu\r\nConnection: close\r\n\r\n",
                       body ? strlen(body) : 0);
-    send_all(r->client, r->down + r->down_off, r->down_len - r->down_off);
+    send_all(&r->client, r->down + r->down_off, r->down_len - r->down_off);
     if (hn > 0)
-        send_all(r->client, (const uint8_t *)head, (size_t)hn);
+        send_all(&r->client, (const uint8_t *)head, (size_t)hn);
     if (body)
-        send_all(r->client, (const uint8_t *)body, strlen(body));
+        send_all(&r->client, (const uint8_t *)body, strlen(body));
     free(body);
 }
 
@@ -355,7 +360,7 @@ static void relay_run(relay *r)
     while (!atomic_load(&r->front->closing)) {
         bool up_pending = r->up_off < r->up_len, down_pending = r->down_off < r->down_len;
         if (client_eof && !up_pending && !up_shut) {
-            shutdown(r->mhd, SHUT_WR); /* the client's half-close, passed on */
+            shutdown(r->mhd.fd, SHUT_WR); /* the client's half-close, passed on */
             up_shut = true;
         }
         if (mhd_eof && !down_pending)
@@ -367,17 +372,21 @@ static void relay_run(relay *r)
                            (down_pending ? POLLOUT : 0));
         short me = (short)((!mhd_eof && !down_pending ? POLLIN : 0) |
                            (up_pending ? POLLOUT : 0));
-        struct pollfd p[2] = {{.fd = r->client, .events = ce},
-                              {.fd = me ? r->mhd : -1, .events = me}};
-        int pr = poll(p, 2, FRONT_POLL_MS);
+        /* bytes GnuTLS has decrypted already do not show on the socket */
+        bool buffered = (ce & POLLIN) && http_peer_pending(&r->client);
+        struct pollfd p[2] = {{.fd = r->client.fd, .events = ce},
+                              {.fd = me ? r->mhd.fd : -1, .events = me}};
+        int pr = poll(p, 2, buffered ? 0 : FRONT_POLL_MS);
         if (pr < 0 && errno != EINTR)
             return;
-        if (pr <= 0)
+        if (buffered)
+            p[0].revents |= POLLIN;
+        else if (pr <= 0)
             continue;
         if ((p[0].revents & POLLERR) || ((p[0].revents & POLLHUP) && !(p[0].revents & POLLIN)))
             return; /* the client is gone: MHD's end closes with ours */
         if ((p[0].revents & POLLIN) && (ce & POLLIN)) {
-            ssize_t k = recv(r->client, in, sizeof in, MSG_DONTWAIT);
+            ssize_t k = http_peer_recv(&r->client, in, sizeof in);
             if (k == 0) {
                 client_eof = true;
             } else if (k < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
@@ -395,22 +404,22 @@ static void relay_run(relay *r)
                 }
             }
         }
-        if (!flush(r->client, r->down, &r->down_off, r->down_len))
+        if (!flush(&r->client, r->down, &r->down_off, r->down_len))
             return;
-        if (!flush(r->mhd, r->up, &r->up_off, r->up_len)) {
+        if (!flush(&r->mhd, r->up, &r->up_off, r->up_len)) {
             /* MHD closed (it answered with Connection: close): what the
              * client sends now goes nowhere, what MHD sent still goes out */
             r->up_off = r->up_len = 0;
             refused = up_shut = true;
         }
         if ((p[1].revents & (POLLIN | POLLHUP | POLLERR)) && r->down_off == r->down_len) {
-            ssize_t k = recv(r->mhd, r->down, sizeof r->down, MSG_DONTWAIT);
+            ssize_t k = recv(r->mhd.fd, r->down, sizeof r->down, MSG_DONTWAIT);
             if (k == 0 || (k < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
                 mhd_eof = true;
             } else if (k > 0) {
                 r->down_off = 0;
                 r->down_len = (size_t)k;
-                if (!flush(r->client, r->down, &r->down_off, r->down_len))
+                if (!flush(&r->client, r->down, &r->down_off, r->down_len))
                     return;
             }
         }
@@ -447,9 +456,13 @@ static void linger_close(int fd)
 static void *relay_main(void *arg)
 {
     relay *r = arg;
-    relay_run(r);
-    linger_close(r->client);
-    close(r->mhd);
+    http_front *fr = r->front;
+    /* MHD's end already counts against the caps and its idle timeout */
+    if (!fr->tls || http_peer_handshake(&r->client, fr->tls, fr->timeout_s, &fr->closing))
+        relay_run(r);
+    http_peer_end(&r->client);
+    linger_close(r->client.fd);
+    close(r->mhd.fd);
     atomic_fetch_sub(&r->front->relays, 1);
     free(r);
     return NULL;
@@ -473,8 +486,8 @@ static void serve_one(http_front *fr, int cfd, const struct sockaddr *sa, sockle
     fcntl(cfd, F_SETFL, fcntl(cfd, F_GETFL) | O_NONBLOCK);
     fcntl(sp[0], F_SETFL, fcntl(sp[0], F_GETFL) | O_NONBLOCK);
     r->front = fr;
-    r->client = cfd;
-    r->mhd = sp[0];
+    r->client.fd = cfd;
+    r->mhd.fd = sp[0];
     pthread_attr_t at;
     pthread_attr_init(&at);
     pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
@@ -535,7 +548,7 @@ bool http_front_refuse_path_new(char out[HTTP_FRONT_PATH_MAX])
 }
 
 http_front *http_front_start(struct MHD_Daemon *d, const struct addrinfo *ai,
-                             const char *refuse_path, int max_relays, ekv_error *err)
+                             const http_front_opts *o, ekv_error *err)
 {
     http_front *fr = calloc(1, sizeof *fr);
     if (!fr) {
@@ -543,8 +556,10 @@ http_front *http_front_start(struct MHD_Daemon *d, const struct addrinfo *ai,
         return NULL;
     }
     fr->d = d;
-    fr->max_relays = max_relays;
-    snprintf(fr->refuse_path, sizeof fr->refuse_path, "%s", refuse_path);
+    fr->max_relays = o->max_relays;
+    fr->tls = o->tls;
+    fr->timeout_s = o->timeout_s;
+    snprintf(fr->refuse_path, sizeof fr->refuse_path, "%s", o->refuse_path);
     fr->lfd = socket(ai->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
     int one = 1;
     if (fr->lfd < 0 || setsockopt(fr->lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) != 0 ||
@@ -581,7 +596,7 @@ void http_front_stop_accepting(http_front *fr)
     close(fr->lfd);
 }
 
-void http_front_free(http_front *fr)
+bool http_front_free(http_front *fr)
 {
     /* MHD is stopped: its ends are closed, so every relay sees EOF within a
      * poll; the flag ends any that would not */
@@ -591,6 +606,7 @@ void http_front_free(http_front *fr)
         nanosleep(&ts, NULL);
     }
     if (atomic_load(&fr->relays) > 0)
-        return; /* a relay still holds fr: leaked rather than freed under it */
+        return false; /* a relay still holds fr: leaked rather than freed under it */
     free(fr);
+    return true;
 }

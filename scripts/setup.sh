@@ -32,7 +32,7 @@ apt_packages=(
     libgrpc-dev protobuf-compiler-grpc libprotobuf-c-dev protobuf-c-compiler
     libucx-dev ucx-utils iproute2
     libopenmpi-dev openmpi-bin
-    libmicrohttpd-dev libcjson-dev
+    libmicrohttpd-dev libgnutls28-dev libcjson-dev
     liblapacke-dev libopenblas-dev
     curl
     prometheus  # promtool, which checks /metrics in tests/serve

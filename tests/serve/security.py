@@ -172,9 +172,9 @@ def test_untrusted_or_plaintext_http_is_refused(tls_server, pki):
 
 
 def test_https_conflicting_framing_is_400(tls_server, pki):
-    """Over TLS libmicrohttpd reads the bytes itself (the plain-HTTP front
-    is not in the path): the request handler still refuses duplicate and
-    conflicting framing headers, before the API key is asked for."""
+    """Over TLS too the front checks the framing (it terminates TLS):
+    duplicate and conflicting framing headers refused before the API key is
+    asked for (every other case: tls_front.py)."""
     body = b'{"model":"m","prompt":"Hi","max_tokens":1}'
     n = str(len(body)).encode()
     head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
