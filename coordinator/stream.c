@@ -131,9 +131,24 @@ int32_t coord_stream_prompt_tokens(const coord_stream *s)
 void coord_stream_set_submitted(coord_stream *s, uint64_t engine_id)
 {
     pthread_mutex_lock(&s->mu);
-    s->engine_id = engine_id;
-    s->submitted = true;
+    /* The group's thread may have run ahead of this one: the request failed
+     * there and resubmit moved it to another group, whose engine id it set.
+     * engine_id is the failed group's and must not replace it (a cancel
+     * would go to the new group naming another of its requests). */
+    const bool moved = s->retry && s->retry->attempts > 0;
+    bool cancel = false;
+    if (!moved) {
+        s->engine_id = engine_id;
+        s->submitted = true;
+        cancel = s->cancel_wanted && !s->cancel_sent && s->n_done < s->n_choices;
+        s->cancel_sent |= cancel;
+    }
+    const int group = s->group;
     pthread_mutex_unlock(&s->mu);
+    if (cancel) { /* cancelled (a buffer lost) before the submit returned */
+        coord_group *g = &s->coord->groups[group];
+        g->ops->cancel(g->impl, engine_id);
+    }
 }
 
 int32_t coord_stream_choices(const coord_stream *s)

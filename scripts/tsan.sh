@@ -3,8 +3,11 @@
 # (tests/unit/test_common.c, test_threadpool_stress.c), the TP
 # communicator's threads backend (tests/unit/test_comm.c), the step engine
 # (tests/model/test_engine.c, on the demo model) and the coordinator
-# (tests/serve/test_coordinator.c, and test_coordinator_threads.c: streams
-# with producer and consumers on different threads).
+# (tests/serve/test_coordinator.c, test_coordinator_threads.c: streams
+# with producer and consumers on different threads, and
+# test_coordinator_retry.c: the retry path, each fake worker group on its
+# own thread, requests failing before their first token or mid-stream while
+# clients cancel; no UCX or gRPC involved, so no UCX_MEM_EVENTS needed).
 #
 # Usage: scripts/tsan.sh            (build dir: EKV_TSAN_BUILD, default build/tsan)
 #
@@ -26,12 +29,12 @@ cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DEKV_TSAN=ON -DEKV_CUDA=OFF \
     -DEKV_TESTS=ON >/dev/null
 cmake --build "$build" -j"$jobs" \
     --target test_common test_threadpool_stress test_comm test_engine test_coordinator \
-    test_coordinator_threads
+    test_coordinator_threads test_coordinator_retry
 
 export TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1 suppressions=$PWD/tests/tsan.supp ${TSAN_OPTIONS:-}"
 export EKV_POOL_STRESS_SECONDS="${EKV_POOL_STRESS_SECONDS:-2}"
 ctest --test-dir "$build" --output-on-failure \
-    -R '^(unit\.test_common|unit\.test_threadpool_stress|unit\.test_comm|serve\.test_coordinator|serve\.test_coordinator_threads)$'
+    -R '^(unit\.test_common|unit\.test_threadpool_stress|unit\.test_comm|serve\.test_coordinator|serve\.test_coordinator_threads|serve\.test_coordinator_retry)$'
 
 model="${EKV_MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}"
 filters="${EKV_TSAN_ENGINE_TESTS-full_queue cancel drain}"
