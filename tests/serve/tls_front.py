@@ -225,14 +225,16 @@ def test_tls_caps_and_timeouts_hold_for_handshakes_and_heads(tls):
     slow[1].sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n" + AUTH
                     + b"Content-Length: 60\r\n\r\n{\"prompt\": \"Hel")
     try:
-        still_serving(tls)  # while they are all open
         # the per-client cap: past PER_CLIENT from one address closed at once
         time.sleep(0.3)
         r, _, _ = select.select(socks, [], [], 0)
         capped = [s for s in r if closed(s)]
         assert len(capped) >= n - PER_CLIENT - 2, len(capped)
-        # every one of them closed once idle for the timeout
         held = [s for s in socks if s not in capped]
+        if time.time() - t0 < TIMEOUT_S - 0.5:  # (a loaded machine may be past it)
+            assert len(held) >= PER_CLIENT - 2, len(held)
+        still_serving(tls)  # while those are open (or just timed out)
+        # every one of them closed once idle for the timeout
         end = t0 + TIMEOUT_S + 5 * T
         for c in slow:
             c.settimeout(max(0.1, end - time.time()))
