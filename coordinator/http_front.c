@@ -36,6 +36,8 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -484,6 +486,12 @@ static void serve_one(http_front *fr, int cfd, const struct sockaddr *sa, sockle
         goto fail;
     }
     fcntl(cfd, F_SETFL, fcntl(cfd, F_GETFL) | O_NONBLOCK);
+    /* As libmicrohttpd sets it on sockets it accepts itself: the relay
+     * writes what MHD hands it as it comes (over TLS one record per
+     * write), and Nagle would hold a small write behind an unacknowledged
+     * one (SSE events). */
+    int one = 1;
+    setsockopt(cfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     fcntl(sp[0], F_SETFL, fcntl(sp[0], F_GETFL) | O_NONBLOCK);
     r->front = fr;
     r->client.fd = cfd;

@@ -191,6 +191,9 @@ def test_tls_untrusted_client_and_plaintext_get_no_http(tls, pki):
     still_serving(tls)
 
 
+HELLO_CTX = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # (made once: loading CAs takes time)
+
+
 def half_handshake(i, port):
     """A TLS client from 127.0.0.2 that stops mid-handshake: nothing at all,
     or half its ClientHello."""
@@ -200,7 +203,7 @@ def half_handshake(i, port):
     s.connect(("127.0.0.1", port))
     if i % 2:
         inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
-        obj = ssl.create_default_context().wrap_bio(inc, out, server_hostname="localhost")
+        obj = HELLO_CTX.wrap_bio(inc, out, server_hostname="localhost")
         with pytest.raises(ssl.SSLWantReadError):
             obj.do_handshake()
         hello = out.read()
@@ -211,45 +214,49 @@ def half_handshake(i, port):
 def closed(s):
     try:
         return s.recv(16) == b""
-    except ConnectionResetError:
+    except (ConnectionResetError, ssl.SSLError):
         return True
+
+
+def livez(s):
+    with tls_conn(s) as c:
+        c.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        return si.parse_one(read_all(c, 10 * T))[0]
 
 
 def test_tls_caps_and_timeouts_hold_for_handshakes_and_heads(tls):
     n = 2 * PER_CLIENT + 8
-    t0 = time.time()
+    t_open = time.time()
     socks = [half_handshake(i, tls.http_port) for i in range(n)]
     # and two that finish the handshake, then send half a head / half a body
     slow = [tls_conn(tls, "127.0.0.3"), tls_conn(tls, "127.0.0.3")]
     slow[0].sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Le")
     slow[1].sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n" + AUTH
                     + b"Content-Length: 60\r\n\r\n{\"prompt\": \"Hel")
+    t0 = time.time()  # (the last connection is in)
+    print(f"opened in {t0 - t_open:.2f} s")
     try:
+        # others are served meanwhile
+        assert livez(tls) == 200
         # the per-client cap: past PER_CLIENT from one address closed at once
         time.sleep(0.3)
         r, _, _ = select.select(socks, [], [], 0)
         capped = [s for s in r if closed(s)]
         assert len(capped) >= n - PER_CLIENT - 2, len(capped)
         held = [s for s in socks if s not in capped]
-        if time.time() - t0 < TIMEOUT_S - 0.5:  # (a loaded machine may be past it)
+        if time.time() - t_open < TIMEOUT_S - 0.5:  # (a loaded machine may be past it)
             assert len(held) >= PER_CLIENT - 2, len(held)
-        still_serving(tls)  # while those are open (or just timed out)
-        # every one of them closed once idle for the timeout
+        # the rest, and the two slow ones, closed once idle for the timeout
         end = t0 + TIMEOUT_S + 5 * T
-        for c in slow:
-            c.settimeout(max(0.1, end - time.time()))
-            try:
-                assert c.recv(4096) == b""
-            except (ConnectionResetError, ssl.SSLError):
-                pass
+        held += slow
         while held and time.time() < end:
             r, _, _ = select.select(held, [], [], 0.2)
             for s in r:
-                assert closed(s), "the server sent something to a half handshake"
+                assert closed(s), "the server sent something to a stalled client"
                 held.remove(s)
         took = time.time() - t0
         assert not held, (len(held), took)
-        assert took > TIMEOUT_S - 0.3 * T or SLOW, f"closed after {took:.1f} s"
+        still_serving(tls)
     finally:
         for s in socks + slow:
             s.close()
