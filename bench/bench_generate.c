@@ -32,6 +32,9 @@
 #include "entrokv/kvrecall.h"
 #include "entrokv/model.h"
 #include "entrokv/tokenizer.h"
+#ifdef EKV_HAVE_CUDA
+#include "entrokv/model_cuda.h"
+#endif
 
 #ifndef EKV_SOURCE_DIR
 #define EKV_SOURCE_DIR "."
@@ -43,6 +46,7 @@
 typedef struct bench_opts {
     cli_kv_opts kv; /* --kv-method, --kv-budget, --recall ...: entrokv's prompt compression */
     const char *model, *text, *llama_bench;
+    const char *device; /* "cpu" or "cuda": where entrokv's forward runs */
     int32_t threads, n_decode, chunk, reps, bw_mib;
     int32_t contexts[MAX_CONTEXTS];
     int n_contexts;
@@ -87,7 +91,7 @@ static int parse(int argc, char **argv, bench_opts *o)
 {
     *o = (bench_opts){.text = "/usr/share/common-licenses/GPL-3", .threads = 2, .n_decode = 64,
                       .chunk = 512, .reps = 5, .bw_mib = 1024, .reference = true,
-                      .fa_on = true, .fa_off = true};
+                      .fa_on = true, .fa_off = true, .device = "cpu"};
     parse_contexts("128,512,2048,8192", o);
     cli_kv_defaults(&o->kv);
     for (int i = 2; i < argc; i++) {
@@ -104,6 +108,8 @@ static int parse(int argc, char **argv, bench_opts *o)
             ok = cli_take_str(argc, argv, &i, &o->text);
         else if (!strcmp(a, "--threads"))
             ok = cli_take_int(argc, argv, &i, 1, 1024, &o->threads);
+        else if (!strcmp(a, "--device"))
+            ok = cli_take_str(argc, argv, &i, &o->device);
         else if (!strcmp(a, "--n-decode"))
             ok = cli_take_int(argc, argv, &i, 1, 100000, &o->n_decode);
         else if (!strcmp(a, "--chunk"))
@@ -143,6 +149,15 @@ static int parse(int argc, char **argv, bench_opts *o)
     }
     if (!o->model) {
         cli_error("bench", "--model is required");
+        return CLI_USAGE;
+    }
+    if (strcmp(o->device, "cpu") && strcmp(o->device, "cuda")) {
+        cli_error("bench", "--device: 'cpu' or 'cuda', not '%s'", o->device);
+        return CLI_USAGE;
+    }
+    if (!strcmp(o->device, "cuda") && o->reference) {
+        cli_error("bench", "--device cuda takes --no-reference (the reference is llama.cpp on "
+                           "the CPU)");
         return CLI_USAGE;
     }
     if (o->bw_mib > 0 && o->bw_mib < 16) {
@@ -239,6 +254,7 @@ static ekv_status measure(ekv_runtime *rt, kv_pool *kv, const kvc_policy *pol,
     }
 out:
     kvc_capture_free(cap);
+    model_runtime_forget_seq(rt, seq);
     kv_seq_free(seq);
     free(logits);
     return rc;
@@ -326,9 +342,9 @@ static void print_meta(const bench_opts *o, const char *llama_bench, const llama
     strftime(date, sizeof date, "%Y-%m-%dT%H:%M:%SZ", gmtime(&now));
     printf("{\"bench\":\"generate_meta\",\"date\":\"%s\",\"entrokv_commit\":\"%s\","
            "\"model\":\"%s\",\"threads\":%d,\"reps\":%d,\"n_decode\":%d,\"chunk\":%d,"
-           "\"text\":\"%s\"",
+           "\"text\":\"%s\",\"device\":\"%s\"",
            date, commit ? commit : "unknown", o->model, o->threads, o->reps, o->n_decode, o->chunk,
-           o->text);
+           o->text, o->device);
     free(commit);
     if (bw[0] > 0)
         printf(",\"read_bandwidth\":{\"threads\":%d,\"buffer_mib\":%d,\"passes\":5,"
@@ -474,7 +490,15 @@ static int bench_generate(const bench_opts *o)
     if (!m)
         goto fail;
     kv = model_kv_pool_create(m, max_ctx, &err);
-    rt = kv ? model_runtime_create(m, o->chunk, max_ctx, o->threads, &err) : NULL;
+    if (kv && !strcmp(o->device, "cuda")) {
+#ifdef EKV_HAVE_CUDA
+        rt = model_runtime_create_cuda(m, o->chunk, max_ctx, 0, max_ctx, &err);
+#else
+        ekv_error_set(&err, EKV_EUNSUPPORTED, "--device cuda: this build has no CUDA backend");
+#endif
+    } else if (kv) {
+        rt = model_runtime_create(m, o->chunk, max_ctx, o->threads, &err);
+    }
     ids = rt ? text_tokens(model_tokenizer(m), o->text, max_ctx, &err) : NULL;
     if (!ids)
         goto fail;
@@ -553,6 +577,7 @@ int cmd_bench(int argc, char **argv)
         fprintf(argc < 2 ? stderr : stdout,
                 "usage: entrokv bench generate --model PATH [--contexts 128,512,2048,8192]\n"
                 "       [--threads 2] [--n-decode 64] [--chunk 512] [--text FILE] [--reps 5]\n"
+                "       [--device cpu|cuda] (cuda: the forward on GPU 0, with --no-reference)\n"
                 "       [--flash-attn both|on|off] [--bw-mib 1024] [--llama-bench PATH]\n"
                 "       [--no-reference] [--json] [--kv-method M --kv-budget B [--recall R]]\n"
                 "       (entrokv's prompt compressed with M at B, recall R per head and step;\n"

@@ -16,6 +16,9 @@
 #include "entrokv/kvcache.h"
 #include "entrokv/model.h"
 #include "entrokv/tokenizer.h"
+#ifdef EKV_HAVE_CUDA
+#include "entrokv/model_cuda.h"
+#endif
 
 #define MAX_STOPS 16
 
@@ -36,6 +39,8 @@ static void usage(FILE *out)
             "  --ignore-eos          keep generating past end-of-generation tokens\n"
             "  --ctx N               context length (default: the model's)\n"
             "  --threads N           threads (default: one per core; with --tp, shared by the ranks)\n"
+            "  --device cpu|cuda     where the forward runs (default cpu); cuda: GPU 0, full KV or\n"
+            "                        prompt compression (docs/cuda.md)\n"
             "  --tp N                tensor parallelism: N ranks as threads of this process, each\n"
             "                        with its share of the heads and the MLP (docs/tp.md)\n"
             "  --json                print one JSON object at the end instead of streaming\n"
@@ -47,6 +52,7 @@ static void usage(FILE *out)
 
 typedef struct gen_opts {
     const char *model, *prompt, *system, *response_format;
+    const char *device; /* NULL or "cpu": the CPU forward; "cuda" */
     bool chat, special, json;
     int32_t ctx, threads, tp;
     const char *stops[MAX_STOPS];
@@ -143,6 +149,12 @@ static int parse(int argc, char **argv, gen_opts *o)
             ok = cli_take_int(argc, argv, &i, 16, 1 << 20, &o->ctx);
         } else if (!strcmp(a, "--threads")) {
             ok = cli_take_int(argc, argv, &i, 1, 1024, &o->threads);
+        } else if (!strcmp(a, "--device")) {
+            ok = cli_take_str(argc, argv, &i, &o->device);
+            if (ok && strcmp(o->device, "cpu") && strcmp(o->device, "cuda")) {
+                cli_error("generate", "--device: 'cpu' or 'cuda', not '%s'", o->device);
+                return CLI_USAGE;
+            }
         } else if (!strcmp(a, "--tp")) {
             ok = cli_take_int(argc, argv, &i, 1, COMM_THREADS_MAX, &o->tp);
         } else if ((ok = cli_kv_take(argc, argv, &i, &o->kv))) {
@@ -156,6 +168,10 @@ static int parse(int argc, char **argv, gen_opts *o)
     }
     if (!o->model || !o->prompt) {
         cli_error("generate", "--model and --prompt are required (see --help)");
+        return CLI_USAGE;
+    }
+    if (o->device && !strcmp(o->device, "cuda") && o->tp > 1) {
+        cli_error("generate", "--device cuda runs one rank (--tp 1)");
         return CLI_USAGE;
     }
     o->params.stops = o->stops;
@@ -309,7 +325,16 @@ int cmd_generate(int argc, char **argv)
             }
         }
     }
-    rt = model_runtime_create_tp(m, 512, ctx, threads, comm, &err);
+    if (o.device && !strcmp(o.device, "cuda")) {
+#ifdef EKV_HAVE_CUDA
+        rt = model_runtime_create_cuda(m, 512, ctx, 0, ctx, &err);
+#else
+        ekv_error_set(&err, EKV_EUNSUPPORTED,
+                      "--device cuda: this build has no CUDA backend (EKV_CUDA=OFF)");
+#endif
+    } else {
+        rt = model_runtime_create_tp(m, 512, ctx, threads, comm, &err);
+    }
     kv = rt ? model_kv_pool_create_shard(m, model_runtime_shard(rt), ctx, &err) : NULL;
     if (!kv)
         goto fail;

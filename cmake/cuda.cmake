@@ -41,7 +41,8 @@ message(STATUS "CUDA backend: on (nvcc ${CMAKE_CUDA_COMPILER_VERSION}, "
 
 file(GLOB EKV_CUDA_SOURCES CONFIGURE_DEPENDS
   ${PROJECT_SOURCE_DIR}/kernels/cuda/*.cu
-  ${PROJECT_SOURCE_DIR}/kernels/cuda/*.c)
+  ${PROJECT_SOURCE_DIR}/kernels/cuda/*.c
+  ${PROJECT_SOURCE_DIR}/model/cuda/*.c) # the forward pass on the device (model_cuda.h)
 add_library(entrokv_cuda STATIC ${EKV_CUDA_SOURCES})
 set_target_properties(entrokv_cuda PROPERTIES
   CUDA_STANDARD 17 CUDA_STANDARD_REQUIRED ON

@@ -10,6 +10,8 @@
  */
 #include "model_internal.h"
 
+#include "backend.h"
+
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -46,6 +48,9 @@ struct ekv_runtime {
     int64_t *probe_off;
     float *probe_buf;
     size_t probe_cap; /* floats */
+    /* NULL: the CPU forward below; else the device backend (backend.h) */
+    const model_backend *backend;
+    void *backend_state;
 };
 
 static void *alloc_floats(size_t n)
@@ -127,6 +132,8 @@ void model_runtime_free(ekv_runtime *rt)
 {
     if (!rt)
         return;
+    if (rt->backend)
+        rt->backend->destroy(rt->backend_state);
     ekv_pool_destroy(rt->pool);
     free(rt->layers);
     free(rt->x);
@@ -152,6 +159,23 @@ int32_t model_runtime_max_ctx(const ekv_runtime *rt) { return rt->max_ctx; }
 const ekv_model *model_runtime_model(const ekv_runtime *rt) { return rt->m; }
 const model_shard *model_runtime_shard(const ekv_runtime *rt) { return &rt->sh; }
 ekv_comm *model_runtime_comm(const ekv_runtime *rt) { return rt->comm; }
+
+void model_runtime_set_backend(ekv_runtime *rt, const model_backend *be, void *state)
+{
+    rt->backend = be;
+    rt->backend_state = state;
+}
+
+const char *model_runtime_device(const ekv_runtime *rt)
+{
+    return rt->backend ? rt->backend->name : "cpu";
+}
+
+void model_runtime_forget_seq(ekv_runtime *rt, const kv_seq *seq)
+{
+    if (rt && rt->backend && seq)
+        rt->backend->forget_seq(rt->backend_state, seq);
+}
 
 /* Sums the ranks' partial products of a row-split projection (n rows of
  * n_embd); nothing with one rank. */
@@ -577,6 +601,8 @@ ekv_status model_forward(ekv_runtime *rt, const model_batch *b, float *logits, e
     ekv_status rc = check_batch(rt, b, err);
     if (rc)
         return rc;
+    if (rt->backend)
+        return rt->backend->forward(rt->backend_state, rt, b, logits, err);
     for (int32_t i = 0; i < b->n; i++)
         if ((rc = kern_get_row(m->tok_embd.data, m->tok_embd.type, E, b->tokens[i],
                                rt->x + (size_t)i * E, err)))

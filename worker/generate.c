@@ -349,6 +349,7 @@ out:
         out->text = calloc(1, 1);
     if (rc)
         gen_result_free(out);
+    model_runtime_forget_seq(rt, seq);
     kv_seq_free(seq);
     stopper_free(stopper);
     grammar_state_free(gs);

@@ -328,6 +328,24 @@ ekv_status ekv_cuda_select_snap(ekv_cuda *ctx, int n_heads, const float *scores,
                                 const int32_t *budget, int32_t *keep, const int32_t *keep_off,
                                 void *workspace, ekv_error *err);
 
+/* ---- the forward pass's glue (kernels/cuda/forward.cu) ---- */
+
+/* x[i] += y[i], n floats (the residual add; kern_add). */
+ekv_status ekv_cuda_add(ekv_cuda *ctx, float *x, const float *y, int64_t n, ekv_error *err);
+/*
+ * Appends K and V rows into the pool as kv_seq_append does: item i = row *
+ * n_kv_heads + head of k / v (fp32, head_dim each, rounded to fp16) goes to
+ * token slot slot[i] = block id * block_tokens + index in the block, with
+ * position pos[row] (slot < 0: skipped). Device arrays; the caller owns the
+ * blocks and the per-head lengths.
+ */
+ekv_status ekv_cuda_kv_append(ekv_cuda *ctx, ekv_cuda_kv_pool *pool, const float *k,
+                              const float *v, int n_rows, int n_kv_heads, const int32_t *slot,
+                              const int32_t *pos, ekv_error *err);
+/* dst[i][:] = src[rows[i]][:], n rows of width floats (rows on the device). */
+ekv_status ekv_cuda_gather_rows(ekv_cuda *ctx, float *dst, const float *src, const int32_t *rows,
+                                int n, int width, ekv_error *err);
+
 /* ---- C references (kernels/cuda/reference.c) ---- */
 
 /* The sampling rule of ekv_cuda_sample for one row, on the host. */

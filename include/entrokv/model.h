@@ -85,6 +85,13 @@ const model_shard *model_runtime_shard(const ekv_runtime *rt);
 /* The group's communicator; NULL for one rank. */
 ekv_comm *model_runtime_comm(const ekv_runtime *rt);
 void model_runtime_free(ekv_runtime *rt);
+/* Where model_forward runs: "cpu", or "cuda" for a runtime from
+ * model_runtime_create_cuda (model_cuda.h). */
+const char *model_runtime_device(const ekv_runtime *rt);
+/* Before kv_seq_free: a device runtime drops its copy of seq's KV (a new
+ * sequence at the same address would otherwise be checked against it).
+ * No-op on the CPU. */
+void model_runtime_forget_seq(ekv_runtime *rt, const kv_seq *seq);
 ekv_pool *model_runtime_pool(ekv_runtime *rt);
 int32_t model_runtime_max_batch(const ekv_runtime *rt);
 int32_t model_runtime_max_ctx(const ekv_runtime *rt);

@@ -3,7 +3,11 @@
 # go, without network: configure and build a Release build with CUDA
 # (build/cuda), run every CUDA test (label cuda), run the GPU benchmark
 # (`entrokv bench cuda-attention`, with torch's SDPA as the reference when
-# torch is installed), and write logs and JSON results to OUTDIR.
+# torch is installed), and write logs and JSON results to OUTDIR. Among the
+# tests, test_cuda_forward runs the whole forward pass on the GPU against the
+# CPU (synthetic models written by the test; the demo model when present),
+# and with the full build and the demo model `entrokv generate --device
+# cuda` runs once beside `--device cpu` (generate-{cpu,cuda}.json).
 #
 # Usage: tests/cuda/device-check.sh OUTDIR      (from anywhere)
 # When the full project cannot be configured or its CUDA tests cannot be
@@ -14,7 +18,7 @@
 #        EKV_JOBS           build parallelism (default: nproc)
 #        EKV_TEST_TIMEOUT   seconds each test may run (default 300)
 #        EKV_BENCH_TIMEOUT  seconds the benchmark may run (default 420)
-# Writes OUTDIR/: nvidia-smi.txt, configure.log, build.log, ctest.log,
+# Writes OUTDIR/: nvidia-smi.txt, configure.log, build.log, ctest.log, generate-*.json,
 #        tests/<name>.log, tests.json, bench.jsonl, bench.log, summary.json.
 # Exit status: 0 when the build and every test passed and the benchmark ran.
 # Budget: ~5 minutes on an H100 (build ~1-2 min, tests <1 min, bench ~2 min).
@@ -36,7 +40,7 @@ finish() { # $1: overall status word
     cat > "$OUT/summary.json" <<JSON
 {"status": $(json_str "$1"), "mode": $(json_str "${MODE:-full}"), "configure_rc": ${configure_rc:-null}, "build_rc": ${build_rc:-null}, "entrokv_build_rc": ${entrokv_rc:-null},
  "build_seconds": ${build_s:-null}, "tests_passed": ${n_pass:-0}, "tests_failed": ${n_fail:-0},
- "tests_skipped": ${n_skip:-0}, "bench_rc": ${bench_rc:-null}, "bench_seconds": ${bench_s:-null},
+ "tests_skipped": ${n_skip:-0}, "generate_cuda_rc": ${gen_rc:-null}, "bench_rc": ${bench_rc:-null}, "bench_seconds": ${bench_s:-null},
  "total_seconds": $((t_end - t_start)), "outdir": $(json_str "$OUT")}
 JSON
     log "done: $1 (summary.json)"
@@ -120,6 +124,34 @@ done
 echo "]" >> "$OUT/tests.json"
 [ $MODE = standalone ] || (cd "$BUILD" && ctest -L cuda --output-on-failure) > "$OUT/ctest.log" 2>&1
 
+# `entrokv generate --device cuda` against the CPU on the demo model (greedy,
+# so the ids should agree up to a near-tie; test_cuda_forward checks that
+# rule, this records the end-to-end run). Needs the full build's binary and
+# the demo model (98 MB: a GPU machine may lack it; then it is skipped).
+DEMO="$ROOT/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+gen_rc=null
+if [ $MODE = full ] && [ "${entrokv_rc:-1}" -eq 0 ] && [ -r "$DEMO" ]; then
+    for dev in cpu cuda; do
+        timeout 120 "$BUILD/entrokv" generate --device $dev --model "$DEMO" --chat \
+            --prompt "Name three colours." --max-tokens 32 --ctx 512 --json \
+            > "$OUT/generate-$dev.json" 2> "$OUT/generate-$dev.log"
+        rc=$?
+        log "generate --device $dev: rc $rc"
+        [ $dev = cuda ] && gen_rc=$rc
+    done
+    # decode and prefill tokens/s of the GPU forward (one short round each way)
+    for dev in cpu cuda; do
+        timeout 180 "$BUILD/entrokv" bench generate --device $dev --model "$DEMO" --no-reference \
+            --contexts 512 --n-decode 64 --reps 2 --bw-mib 0 \
+            > "$OUT/bench-generate-$dev.jsonl" 2> "$OUT/bench-generate-$dev.log"
+        rc=$?
+        log "bench generate --device $dev: rc $rc"
+        [ $dev = cuda ] && [ $rc -ne 0 ] && gen_rc=$rc
+    done
+else
+    log "generate --device cuda: skipped (standalone mode, no entrokv binary or no demo model)"
+fi
+
 if [ ${#BENCH[@]} -gt 0 ]; then
     log "benchmark: ${BENCH[*]} --json ${EKV_BENCH_ARGS:-}"
     b0=$(date +%s)
@@ -134,7 +166,8 @@ else
     bench_rc=99
 fi
 
-if [ $n_fail -eq 0 ] && [ $n_skip -eq 0 ] && [ $bench_rc -eq 0 ]; then
+if [ $n_fail -eq 0 ] && [ $n_skip -eq 0 ] && [ $bench_rc -eq 0 ] &&
+    { [ "$gen_rc" = null ] || [ "$gen_rc" -eq 0 ]; }; then
     finish pass; exit 0
 fi
 finish "tests failed: $n_fail, skipped: $n_skip, bench rc: $bench_rc"; exit 1
