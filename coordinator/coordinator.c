@@ -543,6 +543,8 @@ static ekv_status check_params(ekv_coordinator *c, const coord_request *r, kvc_p
         (rc = kvc_spark_parse(r->spark_ratio, r->spark_recovery, &policy->spark, err)))
         return as_invalid(err);
     policy->recall = r->recall;
+    policy->recall_every = r->recall_every;
+    policy->recall_no_promote = r->recall_no_promote;
     if ((rc = kvc_policy_check(policy, err)))
         return as_invalid(err);
     if (policy->method == KVC_UNCOMP)

@@ -115,6 +115,10 @@ static bool request_from_proto(ekv_coordinator *coord, const Entrokv__V1__Genera
         r->spark_ratio = m->spark_ratio;
     r->spark_recovery = m->spark_recovery;
     r->recall = m->recall;
+    r->recall_every = m->recall_every;
+    if (m->has_recall_promote_case ==
+        ENTROKV__V1__GENERATE_REQUEST__HAS_RECALL_PROMOTE_RECALL_PROMOTE)
+        r->recall_no_promote = !m->recall_promote;
     unknown_field(&m->base, "GenerateRequest", pr->bad, sizeof pr->bad);
     if (m->top_logprobs < 0 || m->top_logprobs > EKV_MAX_TOP_LOGPROBS)
         snprintf(pr->bad, sizeof pr->bad, "top_logprobs must be in [0, %d], got %d",
@@ -359,6 +363,11 @@ void rpc_worker_stats_on_request(rpc_call *c, grpc_byte_buffer *b)
     resp.steps = st.steps;
     resp.kv_blocks_shared = st.kv_blocks_shared;
     resp.kv_cow_copies = st.kv_cow_copies;
+    resp.recall_blocks = st.recall_blocks;
+    resp.recall_bytes = st.recall_bytes;
+    resp.recall_deadline_misses = st.recall_deadline_misses;
+    resp.recall_promotions = st.recall_promotions;
+    resp.recall_spilled_blocks = st.recall_spilled_blocks;
     resp.max_ctx = coord_max_ctx(c->srv->coord);
     resp.model_identity = (char *)coord_model_identity(c->srv->coord);
     rpc_finish(c, GRPC_STATUS_OK, "", rpc_pack(&resp.base));

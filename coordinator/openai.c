@@ -12,6 +12,7 @@
 
 #include "coord_internal.h"
 #include "json_strict.h"
+#include "entrokv/kvrecall.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -343,7 +344,7 @@ static const char *const COMPLETION_FIELDS[] = {
     "seed", "best_of", "suffix" /* (value) */,
     "top_k", "min_p", "repeat_penalty", "repetition_penalty", "kv_method", "kv_budget",
     "decode_method", "scope_recent", "scope_window", "spark_ratio", "spark_recovery",
-    "recall", "ignore_eos", NULL};
+    "recall", "recall_every", "recall_promote", "ignore_eos", NULL};
 static const char *const CHAT_FIELDS[] = {
     "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n",
     "stream", "stream_options", "logprobs", "top_logprobs", "stop", "presence_penalty",
@@ -351,7 +352,7 @@ static const char *const CHAT_FIELDS[] = {
     "tools" /* (value) */, "tool_choice" /* (value) */, "parallel_tool_calls" /* (value) */,
     "top_k", "min_p", "repeat_penalty", "repetition_penalty", "kv_method", "kv_budget",
     "decode_method", "scope_recent", "scope_window", "spark_ratio", "spark_recovery",
-    "recall", "ignore_eos", NULL};
+    "recall", "recall_every", "recall_promote", "ignore_eos", NULL};
 
 static ekv_status check_fields(const cJSON *o, const char *const *allowed, const char *what,
                                ekv_error *err)
@@ -463,6 +464,17 @@ static ekv_status parse_options(oai_request *r, ekv_error *err)
                              KVC_RECALL_MAX);
     if (has)
         r->r.recall = (int32_t)b;
+    if ((rc = get_number(o, "recall_every", &b, &has, err)))
+        return rc;
+    if (has && (b != floor(b) || b < 0 || b > KV_RECALL_EVERY_MAX))
+        return ekv_error_set(err, EKV_EINVAL, "recall_every must be a whole number in [0, %d]",
+                             KV_RECALL_EVERY_MAX);
+    if (has)
+        r->r.recall_every = (int32_t)b;
+    bool promote = true;
+    if ((rc = get_bool(o, "recall_promote", &promote, err)))
+        return rc;
+    r->r.recall_no_promote = !promote;
     return EKV_OK;
 }
 

@@ -237,7 +237,12 @@ static void stats_done(remote_group *g)
                                   .kv_bytes_saved_decode = r->kv_bytes_saved_decode,
                                   .preemptions = r->preemptions, .steps = r->steps,
                                   .kv_blocks_shared = r->kv_blocks_shared,
-                                  .kv_cow_copies = r->kv_cow_copies};
+                                  .kv_cow_copies = r->kv_cow_copies,
+                                  .recall_blocks = r->recall_blocks,
+                                  .recall_bytes = r->recall_bytes,
+                                  .recall_deadline_misses = r->recall_deadline_misses,
+                                  .recall_promotions = r->recall_promotions,
+                                  .recall_spilled_blocks = r->recall_spilled_blocks};
         g->max_ctx = r->max_ctx;
         snprintf(g->identity, sizeof g->identity, "%s", r->model_identity);
     }
@@ -494,6 +499,9 @@ static grpc_byte_buffer *request_of(const engine_request *r)
     p.spark_ratio = (float)r->kv.spark.ratio;
     p.spark_recovery = r->kv.spark.recovery == KVC_SPARK_ZERO ? "zero" : "avg";
     p.recall = r->kv.recall;
+    p.recall_every = r->kv.recall_every;
+    p.has_recall_promote_case = ENTROKV__V1__GENERATE_REQUEST__HAS_RECALL_PROMOTE_RECALL_PROMOTE;
+    p.recall_promote = !r->kv.recall_no_promote;
     Entrokv__V1__WorkerGenerateRequest w = ENTROKV__V1__WORKER_GENERATE_REQUEST__INIT;
     w.n_prompt_ids = (size_t)r->n_prompt;
     w.prompt_ids = (int32_t *)r->prompt;

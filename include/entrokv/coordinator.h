@@ -102,6 +102,8 @@ typedef struct coord_request {
     double spark_ratio;          /* 0: no SparK */
     const char *spark_recovery;  /* NULL or "" is avg */
     int32_t recall;              /* blocks per KV head recalled each step (0: off) */
+    int32_t recall_every;        /* rank every this many steps (0: default, 1) */
+    bool recall_no_promote;      /* recall without promotion (default: promote) */
     const char *protocol;        /* "grpc" / "http", for the log */
     /* n choices (0 or 1: one), in [1, COORD_MAX_N]: n continuations of the
      * one prompt, prefilled and compressed once, its KV blocks shared

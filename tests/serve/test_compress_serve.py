@@ -30,6 +30,10 @@ FIELDS = [
       "--kv-budget", "0.5"]),
     ({"kv_method": "snapkv", "kv_budget": 0.5, "recall": 2},
      ["--kv-method", "snapkv", "--kv-budget", "0.5", "--recall", "2"]),
+    ({"kv_method": "snapkv", "kv_budget": 0.5, "recall": 2, "recall_every": 64},
+     ["--kv-method", "snapkv", "--kv-budget", "0.5", "--recall", "2", "--recall-every", "64"]),
+    ({"kv_method": "snapkv", "kv_budget": 0.5, "recall": 2, "recall_promote": False},
+     ["--kv-method", "snapkv", "--kv-budget", "0.5", "--recall", "2", "--recall-promote", "0"]),
 ]
 
 
@@ -84,6 +88,8 @@ BAD = [
     {"recall": -1},
     {"recall": 1025},
     {"recall": 8, "kv_method": "snapkv", "kv_budget": 0.2},  # 128 tokens: no resident left
+    {"recall_every": -1, "recall": 2, "kv_method": "snapkv", "kv_budget": 0.5},
+    {"recall_every": 65, "recall": 2, "kv_method": "snapkv", "kv_budget": 0.5},
 ]
 
 
@@ -99,12 +105,25 @@ def test_bad_values_are_refused(server, pb, body):
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_fractional_recall_is_refused_over_http(server):
-    # gRPC's int32 field cannot carry one; JSON can
+@pytest.mark.parametrize("body", [{"recall": 1.5}, {"recall": 2, "recall_every": 2.5},
+                                  {"recall": 2, "recall_promote": "yes"},
+                                  {"recall": 2, "recall_promote": 1}])
+def test_fractional_or_mistyped_recall_fields_are_refused_over_http(server, body):
+    # gRPC's int32 and bool fields cannot carry these; JSON can
     c = openai.OpenAI(base_url=server.http + "/v1", api_key="unused", max_retries=0)
     with pytest.raises(openai.BadRequestError):
         c.completions.create(model="entrokv", prompt=PROMPT, max_tokens=4,
-                             extra_body={"recall": 1.5, "kv_method": "snapkv", "kv_budget": 0.5})
+                             extra_body={"kv_method": "snapkv", "kv_budget": 0.5, **body})
+
+
+def test_recall_every_and_promote_change_the_tokens():
+    """What makes the FIELDS rows for recall_every and recall_promote able to
+    fail: on this prompt each flag changes `entrokv generate`'s tokens, so a
+    server that dropped the field would differ from the CLI."""
+    base = ["--kv-method", "snapkv", "--kv-budget", "0.5", "--recall", "2"]
+    ref = cli_ids(base)["token_ids"]
+    assert cli_ids(base + ["--recall-every", "64"])["token_ids"] != ref
+    assert cli_ids(base + ["--recall-promote", "0"])["token_ids"] != ref
 
 
 def test_metrics_count_bytes_per_mechanism(server):

@@ -56,6 +56,32 @@ def test_coordinator_output_equals_the_worker_serving_it_directly(split, pb):
         assert last_c.usage.prompt_tokens == last_w.usage.prompt_tokens
 
 
+def test_recall_fields_and_counters_pass_through_the_coordinator(split, pb):
+    """recall_every and recall_promote reach a remote worker (each changes
+    this prompt's tokens: the coordinator's equal the worker's own, and
+    differ from the defaults'), and the workers' recall counters (Worker
+    Stats) reach the coordinator's /metrics."""
+    coord, workers = split
+    doc = open("/usr/share/common-licenses/MPL-2.0").read()[:1200]
+    base = dict(max_tokens=40, ignore_eos=True, kv_method="snapkv", kv_budget=0.5, recall=2)
+    _, ids_default, _, _ = run_stream(generation(coord, pb), gen_request(pb, doc, **base))
+    for extra in ({"recall_every": 64}, {"recall_promote": False}):
+        req = gen_request(pb, doc, **base, **extra)
+        _, ids_c, _, _ = run_stream(generation(coord, pb), req)
+        _, ids_w, _, _ = run_stream(generation(workers[0], pb), req)
+        assert ids_c == ids_w, extra
+        assert ids_c != ids_default, extra
+    stats = [worker_stats(w, pb) for w in workers]
+    blocks = sum(s.recall_blocks for s in stats)
+    promotions = sum(s.recall_promotions for s in stats)
+    assert blocks > 0 and promotions > 0
+    assert sum(s.recall_bytes for s in stats) == blocks * 4160  # SmolLM2: 64 x 16 x 2 x 2 + 64
+    # the coordinator polls its workers' Stats
+    wait_for(lambda: coord.metric("entrokv_recall_blocks_total") == blocks and
+             coord.metric("entrokv_recall_promotions_total") == promotions,
+             what="the workers' recall counters on the coordinator's /metrics")
+
+
 def test_concurrent_streams_spread_over_workers_and_match_solo(split, pb):
     coord, workers = split
     stub = generation(coord, pb)
