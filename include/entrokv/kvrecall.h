@@ -73,6 +73,12 @@ int32_t kv_recall_block(const kv_recall *rc, int32_t layer, int32_t head, int32_
 
 /* The digest's upper bound of q . k over a block (head_dim d). */
 float kv_digest_bound(const float *kmin, const float *kmax, const float *q, int32_t d);
+/* bound[b] = the largest kv_digest_bound over n_q queries (query g at
+ * Q + g * q_stride) of digest b, for n digests of d floats laid end to end
+ * in kmin and kmax: what one ranking computes, equal bit for bit to
+ * calling kv_digest_bound per block and query (kvdigest_simd.c). */
+void kv_digest_bounds(const float *kmin, const float *kmax, int32_t n, const float *Q, int n_q,
+                      int q_stride, int32_t d, float *bound);
 
 /* Scratch bytes kv_recall_view needs for (layer, head) beside a resident
  * view of n_resident_blocks blocks. */

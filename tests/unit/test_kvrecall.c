@@ -302,6 +302,52 @@ static void test_top_r_by_bound(void)
     kv_pool_destroy(pool);
 }
 
+/* kv_digest_bounds (one ranking's bounds at once, SIMD where the CPU has
+ * it) must give kv_digest_bound's floats bit for bit: max over the queries
+ * of the bound, for every block, head size and block count (the SIMD path
+ * takes sixteen blocks at a time, the rest go one by one). */
+static void test_batched_bounds_equal_bound_bit_for_bit(void)
+{
+    static const int32_t dims[] = {64, 128, 48, 80, 20, 16};
+    static const int32_t counts[] = {1, 15, 16, 17, 33, 64, 461};
+    for (size_t di = 0; di < sizeof dims / sizeof *dims; di++)
+        for (size_t ni = 0; ni < sizeof counts / sizeof *counts; ni++)
+            for (int n_q = 1; n_q <= 4; n_q++) {
+                const int32_t d = dims[di], n = counts[ni], stride = d + 3;
+                float *mn = malloc((size_t)n * d * sizeof *mn);
+                float *mx = malloc((size_t)n * d * sizeof *mx);
+                float *q = malloc((size_t)n_q * stride * sizeof *q);
+                float *got = malloc((size_t)n * sizeof *got);
+                for (int32_t i = 0; i < n * d; i++) { /* a digest: min <= max, zeros too */
+                    const float a = urand() < 0.05 ? 0.0f : nrand() * (float)(1 << (i % 7));
+                    const float b = urand() < 0.2 ? a : a + (float)urand() * 3.0f;
+                    mn[i] = a;
+                    mx[i] = b;
+                }
+                for (int32_t i = 0; i < n_q * stride; i++)
+                    q[i] = urand() < 0.1 ? 0.0f : nrand() * (float)(1 << (i % 5));
+                kv_digest_bounds(mn, mx, n, q, n_q, stride, d, got);
+                for (int32_t b = 0; b < n; b++) {
+                    float want = -INFINITY;
+                    for (int g = 0; g < n_q; g++) {
+                        const float s = kv_digest_bound(mn + (size_t)b * d, mx + (size_t)b * d,
+                                                        q + (size_t)g * stride, d);
+                        want = s > want ? s : want;
+                    }
+                    if (memcmp(&want, &got[b], sizeof want) != 0) {
+                        fprintf(stderr, "d %d n %d n_q %d block %d: %.9g, want %.9g\n", d, n,
+                                n_q, b, (double)got[b], (double)want);
+                        CHECK(0);
+                        b = n;
+                    }
+                }
+                free(mn);
+                free(mx);
+                free(q);
+                free(got);
+            }
+}
+
 static void test_policy_takes_the_buffer_from_the_budget(void)
 {
     kvc_policy p;
@@ -328,5 +374,6 @@ int main(void)
     RUN_TEST(test_recall_of_every_block_equals_full_attention);
     RUN_TEST(test_top_r_by_bound);
     RUN_TEST(test_policy_takes_the_buffer_from_the_budget);
+    RUN_TEST(test_batched_bounds_equal_bound_bit_for_bit);
     return TEST_EXIT();
 }
