@@ -62,7 +62,7 @@ AVX2_INLINE float f16_to_f32(ekv_f16 h)
 
 /* ---- activation quantizer (Q8 rows, see quant.h) ---- */
 
-AVX2_FN static void prep_q8_avx2(const float *x, int64_t k, uint8_t *out)
+AVX2_FN void quant_prep_q8_avx2(const float *x, int64_t k, uint8_t *out)
 {
     int64_t nb = k / QK, nbp = q8x_blocks(k);
     int8_t *qs = (int8_t *)out;
@@ -494,9 +494,9 @@ void quant_register_avx2(quant_kernels *t)
     t->gemm[QKIND_Q4_K] = gemm_q4_k_avx2;
     t->gemm[QKIND_Q6_K] = gemm_q6_k_avx2;
     t->prep[QKIND_F16] = prep_f16_avx2;
-    t->prep[QKIND_Q4_0] = prep_q8_avx2;
-    t->prep[QKIND_Q4_1] = prep_q8_avx2;
-    t->prep[QKIND_Q8_0] = prep_q8_avx2;
+    t->prep[QKIND_Q4_0] = quant_prep_q8_avx2;
+    t->prep[QKIND_Q4_1] = quant_prep_q8_avx2;
+    t->prep[QKIND_Q8_0] = quant_prep_q8_avx2;
 }
 
 #endif /* __x86_64__ */

@@ -25,7 +25,12 @@
  * 1/16 for lanes 8-15. Lanes 0-3 and 8-11 are block b. Scales are spread over
  * the lanes with the same pattern.
  *
- * The activation quantizer is the AVX2 one (the dispatcher inherits it).
+ * The activation quantizer is the AVX2 one. For the 4-bit formats this
+ * level then reorders each prepared block pair's bytes into the register
+ * layout above and stores its lane scales (d of b, b+1, and the same times
+ * 1/16) beside the row (quant.h), so a tile's activation operand is two
+ * plain loads rather than a load, a shuffle, a permute and a multiply per
+ * activation row and block pair; the values are the same, so are the bits.
  */
 #include "quant.h"
 
@@ -63,6 +68,34 @@ AVX512_INLINE __m512i lane_block(const int split)
     return _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
 }
 
+/* The hi16 lane factor: high nibbles stay in place (x16) in lanes 8-15. */
+AVX512_INLINE __m512 hi16_lanes(void)
+{
+    const float h = 1.0f / 16.0f;
+    return _mm512_setr_ps(1, 1, 1, 1, 1, 1, 1, 1, h, h, h, h, h, h, h, h);
+}
+
+/* A Q4_0/Q4_1 activation row: quant_prep_q8's values, each block pair's qs
+ * as [b lo16, b1 lo16, b hi16, b1 hi16] and its scales spread over the lanes
+ * (quant.h), which is what tile_q8x used to build per weight tile. */
+AVX512_FN static void prep_q8_split_avx512(const float *x, int64_t k, uint8_t *out)
+{
+    quant_prep_q8_avx2(x, k, out);
+    const q8x_row r = q8x_view(out, k);
+    const int64_t nbp = q8x_blocks(k);
+    const __m512i bidx = lane_block(1);
+    const __m512 hi16 = hi16_lanes();
+    int8_t *qs = (int8_t *)out;
+    float *lanes = (float *)(out + q8x_lanes_offset(k));
+    for (int64_t b = 0; b < nbp; b += 2) {
+        const __m512i xv = _mm512_loadu_si512((const void *)(qs + b * QK));
+        _mm512_storeu_si512((void *)(qs + b * QK), _mm512_shuffle_i64x2(xv, xv, _MM_SHUFFLE(3, 1, 2, 0)));
+        const __m512 xd = _mm512_permutexvar_ps(
+            bidx, _mm512_castps128_ps512(_mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)(r.d + b)))));
+        _mm512_storeu_ps(lanes + b / 2 * 16, _mm512_mul_ps(xd, hi16));
+    }
+}
+
 /*
  * One tile: weight rows i..i+nw-1 x activation rows j..j+nx-1. `kind`, nw and
  * nx are constants at every call site, so the branches and loops fold away.
@@ -77,11 +110,10 @@ AVX512_INLINE void tile_q8x(const quant_gemm *g, int64_t i, int64_t j, const int
     const int shift = kind == QKIND_Q8_0 ? 7 : 3;     /* offset 128 or 8 */
     /* 4-bit formats: low nibbles in lanes 0-7, high nibbles (x16) in 8-15 */
     const __m512i nibbles = _mm512_inserti64x4(_mm512_set1_epi8(0x0F), _mm256_set1_epi8((char)0xF0), 1);
-    const float h = 1.0f / 16.0f;
-    const __m512 hi16 = _mm512_setr_ps(1, 1, 1, 1, 1, 1, 1, 1, h, h, h, h, h, h, h, h);
     const int64_t nb = g->k / QK;
     const uint8_t *wr[TW];
     q8x_row xr[TX];
+    const float *xl[TX]; /* 4-bit formats: the rows' lane scales */
     __m512 acc[TW][TX];
 #pragma GCC unroll 4
     for (int r = 0; r < nw; r++)
@@ -89,6 +121,7 @@ AVX512_INLINE void tile_q8x(const quant_gemm *g, int64_t i, int64_t j, const int
 #pragma GCC unroll 4
     for (int c = 0; c < nx; c++) {
         xr[c] = q8x_view(g->x + (size_t)(j + c) * g->x_stride, g->k);
+        xl[c] = (const float *)(g->x + (size_t)(j + c) * g->x_stride + q8x_lanes_offset(g->k));
 #pragma GCC unroll 4
         for (int r = 0; r < nw; r++)
             acc[r][c] = _mm512_setzero_ps();
@@ -151,13 +184,11 @@ AVX512_INLINE void tile_q8x(const quant_gemm *g, int64_t i, int64_t j, const int
         }
 #pragma GCC unroll 4
         for (int c = 0; c < nx; c++) {
-            __m512i xv = _mm512_loadu_si512((const void *)(xr[c].qs + b * QK));
-            if (split)
-                xv = _mm512_shuffle_i64x2(xv, xv, _MM_SHUFFLE(3, 1, 2, 0));
-            __m512 xd = _mm512_permutexvar_ps(
-                bidx, _mm512_castps128_ps512(_mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)(xr[c].d + b)))));
-            if (split)
-                xd = _mm512_mul_ps(xd, hi16);
+            /* 4-bit formats: qs already in the weights' order, scales in lanes */
+            const __m512i xv = _mm512_loadu_si512((const void *)(xr[c].qs + b * QK));
+            const __m512 xd = split ? _mm512_loadu_ps(xl[c] + b / 2 * 16)
+                                    : _mm512_permutexvar_ps(bidx, _mm512_castps128_ps512(_mm_castsi128_ps(
+                                                                      _mm_loadl_epi64((const __m128i *)(xr[c].d + b)))));
             __m512i bias = _mm512_setzero_si512();
             if (kind != QKIND_Q4_1) {
                 __m512i sums = _mm512_maskz_permutexvar_epi32(
@@ -305,6 +336,8 @@ void quant_register_avx512(quant_kernels *t)
     t->gemm[QKIND_Q4_0] = gemm_q4_0_avx512;
     t->gemm[QKIND_Q4_1] = gemm_q4_1_avx512;
     t->gemm[QKIND_Q8_0] = gemm_q8_0_avx512;
+    t->prep[QKIND_Q4_0] = prep_q8_split_avx512;
+    t->prep[QKIND_Q4_1] = prep_q8_split_avx512;
 }
 
 #endif /* __x86_64__ */

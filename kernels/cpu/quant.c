@@ -36,9 +36,10 @@ size_t quant_prep_row_bytes(quant_kind kind, int64_t k)
     case QKIND_F16:
         return quant_align64((size_t)k * sizeof(ekv_f16));
     case QKIND_Q4_0:
-    case QKIND_Q4_1:
+    case QKIND_Q4_1: /* plus the AVX-512 lane scales, 16 floats per block pair */
+        return q8x_lanes_offset(k) + (size_t)q8x_blocks(k) / 2 * 16 * sizeof(float);
     case QKIND_Q8_0:
-        return quant_align64((size_t)q8x_blocks(k) * (QK + 3 * sizeof(float)));
+        return q8x_lanes_offset(k);
     case QKIND_Q4_K:
     case QKIND_Q6_K:
         return quant_align64((size_t)(k / QK_K) * sizeof(blk_q8_k));

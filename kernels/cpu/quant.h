@@ -13,6 +13,17 @@
  *     float d[nbp]         fp16(amax / 127), widened back to float
  *     float s[nbp]         fp16(d * sum(qs)) widened (ggml's Q8_1 `s`)
  *     int32 sum[nbp]       sum(qs), exact (Q4_0's -8 and Q8_0's +128 offsets)
+ *   then, for Q4_0/Q4_1 only, at q8x_lanes_offset(k) (64-byte aligned):
+ *     float lanes[nbp / 2][16]  per block pair, the activation scales spread
+ *                          over the lanes of the AVX-512 4-bit kernel's
+ *                          register layout (dot_avx512.c; unused elsewhere)
+ *
+ * The AVX-512 level prepares Q4_0/Q4_1 rows with the same values but its qs
+ * in the order its 4-bit kernel multiplies them (per block pair, 16-byte
+ * quarters b[0:16] b1[0:16] b[16:32] b1[16:32]) and fills `lanes`, so the
+ * kernel's inner loop loads both ready-made instead of shuffling and
+ * permuting them once per weight tile. Prepared rows are private to the ISA
+ * table that made them: prep and gemm always come from one table.
  *
  * Padding to an even block count lets the AVX-512 kernels take two blocks per
  * 512-bit register without a tail case: the zero block contributes exactly 0.
@@ -123,6 +134,12 @@ static inline q8x_row q8x_view(const uint8_t *row, int64_t k)
     return r;
 }
 
+/* Byte offset of the AVX-512 lane scales in a prepared Q4_0/Q4_1 row. */
+static inline size_t q8x_lanes_offset(int64_t k)
+{
+    return quant_align64((size_t)q8x_blocks(k) * (QK + 3 * sizeof(float)));
+}
+
 /* Bytes of one prepared activation row of k elements for a weight kind. */
 size_t quant_prep_row_bytes(quant_kind kind, int64_t k);
 
@@ -196,6 +213,8 @@ void quant_register_scalar(quant_kernels *t);
 #if defined(__x86_64__)
 void quant_register_avx2(quant_kernels *t);
 void quant_register_avx512(quant_kernels *t);
+/* The AVX2 Q8 quantizer (dot_avx2.c), bit-identical to quant_prep_q8. */
+void quant_prep_q8_avx2(const float *x, int64_t k, uint8_t *out);
 #endif
 
 /* Scalar activation quantizers (quant.c); the reference the SIMD ones match. */
