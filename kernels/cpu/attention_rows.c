@@ -15,9 +15,10 @@
  * Bit-identical to kern_attention, per query, on every ISA: each query's
  * arithmetic is exactly attention.c's - the same per-lane FMA chains over j
  * (four interleaved partial sums on AVX-512), the same max, the same
- * vectorised exp and sum lane by lane (kern_attn_softmax_avx2; tokens keep
- * their lanes t mod 8, and the trailing masked tokens this tile drops only
- * added exact zeros), the same token order in the V sum. That is why this
+ * vectorised exp (attention.c's, here sixteen lanes wide) and sum lane by
+ * lane (as kern_attn_softmax_avx2: tokens keep their lanes t mod 8, and the
+ * trailing masked tokens this tile drops only added exact zeros), the same
+ * token order in the V sum. That is why this
  * is three passes over the tile's tokens rather than an online softmax: an
  * online softmax rescales the running sums as the maximum grows, which
  * rounds differently from decode, and kernels.h promises that prefill,
@@ -139,6 +140,35 @@ AVX512_FN static void tile_scores(const kern_kv_view *kv, int32_t n, const float
         max[i] = _mm512_reduce_max_ps(vmax[i]);
 }
 
+/* o[i] += p_it v_t for the rows of one block, in token order; `check`
+ * skips zero weights (constant at each call site) */
+AVX512_INLINE void values_rows(const ekv_f16 *vb, const ekv_f16 *ahead, int32_t d, int32_t rows,
+                               const float *p, int32_t n, __m512 (*o)[4], const int NQ,
+                               const int NC, const int check)
+{
+    for (int32_t r = 0; r < rows; r++) {
+        const ekv_f16 *v = vb + (size_t)r * d;
+        if (ahead) {
+            _mm_prefetch((const char *)(ahead + (size_t)r * d), _MM_HINT_T0);
+            if (NC == 4)
+                _mm_prefetch((const char *)(ahead + (size_t)r * d + 32), _MM_HINT_T0);
+        }
+        __m512 vc[4];
+#pragma GCC unroll 4
+        for (int c = 0; c < NC; c++)
+            vc[c] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(v + 16 * c)));
+#pragma GCC unroll 6
+        for (int i = 0; i < NQ; i++) {
+            if (check && p[(size_t)i * n + r] == 0.0f)
+                continue;
+            const __m512 vp = _mm512_set1_ps(p[(size_t)i * n + r]);
+#pragma GCC unroll 4
+            for (int c = 0; c < NC; c++)
+                o[i][c] = _mm512_fmadd_ps(vp, vc[c], o[i][c]);
+        }
+    }
+}
+
 /* out[i] = inv_i * sum_t p_it v_t over dimensions [j0, j0 + 16 * NC), i < NQ */
 AVX512_INLINE void tile_values_chunk(const kern_kv_view *kv, int32_t n, const float *scores,
                                      const float *inv, float *const *out, int32_t j0,
@@ -155,28 +185,21 @@ AVX512_INLINE void tile_values_chunk(const kern_kv_view *kv, int32_t n, const fl
         const ekv_f16 *vb = kv->v_blocks[b] + j0;
         const int32_t rows = n - t0 < bt ? n - t0 : bt;
         const ekv_f16 *ahead = t0 + 4 * bt < n ? kv->v_blocks[b + 4] + j0 : NULL;
-        for (int32_t r = 0; r < rows; r++) {
-            const ekv_f16 *v = vb + (size_t)r * d;
-            if (ahead) {
-                _mm_prefetch((const char *)(ahead + (size_t)r * d), _MM_HINT_T0);
-                if (NC == 4)
-                    _mm_prefetch((const char *)(ahead + (size_t)r * d + 32), _MM_HINT_T0);
-            }
-            __m512 vc[4];
-#pragma GCC unroll 4
-            for (int c = 0; c < NC; c++)
-                vc[c] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(v + 16 * c)));
+        /* A zero weight (masked, or exp underflow) skips its V row, as in
+         * attention.c: 0 * v is not a no-op when v is inf. A block where no
+         * query has one - all but the causal edge - runs without the test. */
+        __mmask16 zero = 0;
+        for (int32_t r0 = 0; r0 < rows; r0 += 16) {
+            const __mmask16 live = rows - r0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (rows - r0)) - 1);
 #pragma GCC unroll 6
-            for (int i = 0; i < NQ; i++) {
-                const float p = scores[(size_t)i * n + t0 + r];
-                if (p == 0.0f) /* masked: adding 0 * v would change nothing */
-                    continue;
-                const __m512 vp = _mm512_set1_ps(p);
-#pragma GCC unroll 4
-                for (int c = 0; c < NC; c++)
-                    o[i][c] = _mm512_fmadd_ps(vp, vc[c], o[i][c]);
-            }
+            for (int i = 0; i < NQ; i++)
+                zero |= _mm512_mask_cmp_ps_mask(live, _mm512_maskz_loadu_ps(live, scores + (size_t)i * n + t0 + r0),
+                                                _mm512_setzero_ps(), _CMP_EQ_OQ);
         }
+        if (zero)
+            values_rows(vb, ahead, d, rows, scores + t0, n, o, NQ, NC, 1);
+        else
+            values_rows(vb, ahead, d, rows, scores + t0, n, o, NQ, NC, 0);
     }
 #pragma GCC unroll 6
     for (int i = 0; i < NQ; i++) {
@@ -205,6 +228,61 @@ AVX512_FN static void tile_values(const kern_kv_view *kv, int32_t n, const float
         default: tile_values_chunk(kv, n, s, inv, out, j0, 6, 4); break;
         }
         j0 += wide ? 64 : 16;
+    }
+}
+
+/* attention.c's exp256_neg, sixteen lanes: the same operations in the same
+ * order on each lane, so each element gets the same bits. */
+AVX512_INLINE __m512 exp512_neg(__m512 x)
+{
+    const __m512 lo = _mm512_set1_ps(-87.0f);
+    const __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+    x = _mm512_max_ps(x, lo);
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    const __m512i e =
+        _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_maskz_mov_ps((__mmask16)~under, _mm512_mul_ps(p, _mm512_castsi512_ps(e)));
+}
+
+/* kern_attn_softmax_avx2 with the exp sixteen lanes wide. Its sum keeps the
+ * AVX2 order - eight lanes, token t in lane t mod 8, chunks of eight in
+ * token order, then the same horizontal sum - so inv is bit-identical too
+ * (the padded lanes of the last chunk add exact zeros, as the AVX2 tail's
+ * do). */
+AVX512_FN static void softmax_avx512(float *scores, int32_t n, int nq, const float *max, float *inv)
+{
+    for (int i = 0; i < nq; i++) {
+        float *s = scores + (size_t)i * n;
+        if (max[i] == -INFINITY) { /* nothing visible: a zero output */
+            for (int32_t t = 0; t < n; t++)
+                s[t] = 0.0f;
+            inv[i] = 0.0f;
+            continue;
+        }
+        const __m512 vmax = _mm512_set1_ps(max[i]), ninf = _mm512_set1_ps(-INFINITY);
+        __m256 vsum = _mm256_setzero_ps();
+        for (int32_t t = 0; t < n; t += 16) {
+            const __mmask16 live = n - t >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - t)) - 1);
+            const __m512 p = exp512_neg(_mm512_sub_ps(_mm512_mask_loadu_ps(ninf, live, s + t), vmax));
+            _mm512_mask_storeu_ps(s + t, live, p);
+            vsum = _mm256_add_ps(vsum, _mm512_castps512_ps256(p));
+            vsum = _mm256_add_ps(vsum, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(p), 1)));
+        }
+        __m128 h = _mm_add_ps(_mm256_castps256_ps128(vsum), _mm256_extractf128_ps(vsum, 1));
+        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_add_ss(h, _mm_movehdup_ps(h));
+        const float sum = _mm_cvtss_f32(h);
+        inv[i] = sum > 0.0f ? 1.0f / sum : 0.0f;
     }
 }
 
@@ -241,7 +319,7 @@ AVX512_FN static void rows_avx512(const kern_kv_view *kv, const float *Q, int n_
         const int32_t n = visible_extent(kv, last);
         float max[ROWS_TILE_Q], inv[ROWS_TILE_Q];
         tile_scores(kv, n, qp, qpos, nq, scale, scores, max);
-        kern_attn_softmax_avx2(scores, n, nq, max, inv);
+        softmax_avx512(scores, n, nq, max, inv);
         tile_values(kv, n, scores, nq, inv, op);
     }
 }

@@ -9,7 +9,8 @@
  * chunk's earlier rows), odd lengths that end mid-tile and mid-block, sparse
  * positions (as after compression), GQA groups of 1 to 5 heads, queries that
  * see nothing, rows out of position order, a KV head other than the first
- * (the query offset), and geometries that take the fallback paths.
+ * (the query offset), geometries that take the fallback paths, and a
+ * masked token whose V is inf.
  *
  * Tolerance 2e-5 absolute, as test_attention.c: V elements lie in [-1, 1]
  * so every output is a convex combination bounded by 1; the fp32 dot
@@ -233,10 +234,46 @@ static void test_tiling_does_not_change_results(void)
     free_paged(&p);
 }
 
+/* A zero weight skips its V row, as kern_attention does: a masked token
+ * whose V holds inf (an fp16 overflow) leaves the rows that cannot see it
+ * finite and equal to kern_attention's bits, also in a tile whose other
+ * rows see it (so the token lies inside the tile's visible extent). */
+static void test_masked_inf_value_skipped(void)
+{
+    const int32_t n = 48, m = 4, d = 64, g = 3, inf_t = 30;
+    int32_t pos[48], row_pos[4] = {20, 40, 21, 41}, qpos[3];
+    for (int32_t t = 0; t < n; t++)
+        pos[t] = t;
+    paged p;
+    make_paged(&p, n, 16, d, pos);
+    for (int32_t j = 0; j < d; j++)
+        p.v[inf_t / 16][(size_t)(inf_t % 16) * d + j] = 0x7c00; /* +inf */
+    float Q[4 * 3 * 64], out[4 * 3 * 64], one[3 * 64];
+    float *scores = malloc(KERN_ATTN_SCRATCH(n) * sizeof *scores);
+    for (int i = 0; i < m * g * d; i++)
+        Q[i] = frand();
+    kern_attention_rows(&p.view, Q, m, g, g * d, row_pos, 0.125f, out, g * d, scores);
+    for (int32_t r = 0; r < m; r++) {
+        if (row_pos[r] >= inf_t)
+            continue;
+        int finite = 1;
+        for (int32_t j = 0; j < g * d; j++)
+            finite &= isfinite(out[(size_t)r * g * d + j]) != 0;
+        CHECK(finite);
+        for (int32_t k = 0; k < g; k++)
+            qpos[k] = row_pos[r];
+        kern_attention(&p.view, Q + (size_t)r * g * d, g, d, qpos, 0.125f, one, d, scores);
+        CHECK(memcmp(one, out + (size_t)r * g * d, sizeof one) == 0);
+    }
+    free(scores);
+    free_paged(&p);
+}
+
 int main(void)
 {
     kern_init();
     RUN_TEST(test_chunks_match_reference_and_decode);
     RUN_TEST(test_tiling_does_not_change_results);
+    RUN_TEST(test_masked_inf_value_skipped);
     return TEST_EXIT();
 }
