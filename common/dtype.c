@@ -3,6 +3,7 @@
  */
 #include "entrokv/dtype.h"
 
+#include <stdatomic.h>
 #include <string.h>
 
 static const ekv_dtype_info dtype_table[] = {
@@ -105,4 +106,46 @@ float ekv_bf16_to_f32(uint16_t h)
     float f;
     memcpy(&f, &bits, sizeof f);
     return f;
+}
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+/* VCVTPS2PH rounds to nearest even, overflows to inf and makes subnormals
+ * as ekv_f32_to_f16 does; only a NaN's payload differs (the scalar code
+ * keeps none), so a group of eight holding a NaN goes the scalar way. */
+__attribute__((target("avx,f16c"))) static size_t f32_to_f16_f16c(const float *src, ekv_f16 *dst,
+                                                                   size_t n)
+{
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 x = _mm256_loadu_ps(src + i);
+        if (_mm256_movemask_ps(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)))
+            for (size_t j = i; j < i + 8; j++)
+                dst[j] = ekv_f32_to_f16(src[j]);
+        else
+            _mm_storeu_si128((__m128i *)(dst + i), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+    }
+    return i;
+}
+#endif
+
+void ekv_f32_to_f16_n(const float *src, ekv_f16 *dst, size_t n)
+{
+    size_t i = 0;
+#if defined(__x86_64__)
+    /* F16C has no __builtin_cpu_supports name in older compilers; every CPU
+     * with AVX2 has it (as kernels/cpu/matmul.c assumes) */
+    static atomic_int f16c = -1; /* any thread may be first */
+    int has = atomic_load_explicit(&f16c, memory_order_relaxed);
+    if (has < 0) {
+        __builtin_cpu_init();
+        has = __builtin_cpu_supports("avx2") ? 1 : 0;
+        atomic_store_explicit(&f16c, has, memory_order_relaxed);
+    }
+    if (has)
+        i = f32_to_f16_f16c(src, dst, n);
+#endif
+    for (; i < n; i++)
+        dst[i] = ekv_f32_to_f16(src[i]);
 }

@@ -264,9 +264,13 @@ ekv_status kv_seq_append(kv_seq *seq, int32_t layer, int32_t head, const float *
     const int32_t b = h->ids[h->n_tokens / bt], r = h->n_tokens % bt;
     ekv_f16 *kd = block_k(pool, b) + r; /* column r of [head_dim][block_tokens] */
     ekv_f16 *vd = block_v(pool, b) + (size_t)r * d;
-    for (int32_t j = 0; j < d; j++) {
-        kd[(size_t)j * bt] = ekv_f32_to_f16(k[j]);
-        vd[j] = ekv_f32_to_f16(v[j]);
+    ekv_f32_to_f16_n(v, vd, (size_t)d);
+    ekv_f16 kh[64]; /* K is a column: converted in runs, then spread */
+    for (int32_t j0 = 0; j0 < d; j0 += 64) {
+        const int32_t nj = d - j0 < 64 ? d - j0 : 64;
+        ekv_f32_to_f16_n(k + j0, kh, (size_t)nj);
+        for (int32_t j = 0; j < nj; j++)
+            kd[(size_t)(j0 + j) * bt] = kh[j];
     }
     block_pos(pool, b)[r] = pos;
     h->n_tokens++;

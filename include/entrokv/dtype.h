@@ -10,6 +10,7 @@
 #define ENTROKV_DTYPE_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 typedef enum ekv_dtype {
@@ -54,5 +55,8 @@ typedef uint16_t ekv_f16;
 float ekv_f16_to_f32(ekv_f16 h);
 ekv_f16 ekv_f32_to_f16(float f);
 float ekv_bf16_to_f32(uint16_t h);
+/* dst[i] = ekv_f32_to_f16(src[i]) for i < n, bit for bit, eight at a time
+ * with F16C where the CPU has it (the KV cache's append). */
+void ekv_f32_to_f16_n(const float *src, ekv_f16 *dst, size_t n);
 
 #endif

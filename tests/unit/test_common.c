@@ -115,6 +115,42 @@ static void test_sha256_known_vectors(void)
     CHECK_STR(h, "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0");
 }
 
+/* The bulk conversion equals the scalar one bit for bit on every class of
+ * input (ties, subnormal results, overflow, inf, NaN) at every length. */
+static void test_f16_bulk_matches_scalar(void)
+{
+    static float src[4099];
+    static ekv_f16 dst[4099];
+    uint32_t x = 0x12345678u;
+    for (int i = 0; i < 4099; i++) {
+        x = x * 1664525u + 1013904223u;
+        /* exponents around half's range: 2^-30 .. 2^20, both signs */
+        uint32_t bits = (x & 0x807fffffu) | ((97u + (x >> 8) % 50u) << 23);
+        if (i % 97 == 5)
+            bits = 0x477fefffu + (uint32_t)(i % 3); /* just below, at, above 65520 */
+        if (i % 89 == 7)
+            bits = (x & 0x80000000u) | 0x7f800000u | (i % 2 ? 0x212345u : 0); /* nan with a payload, inf */
+        if (i % 83 == 3)
+            bits = 0x3f801000u; /* 1 + 2^-11: a tie, to even */
+        if (i % 79 == 11)
+            bits = 0x33000000u | (x & 0x80000000u); /* half the smallest subnormal */
+        memcpy(&src[i], &bits, sizeof bits);
+    }
+    const size_t lens[] = {0, 1, 7, 8, 9, 64, 4099};
+    for (size_t l = 0; l < sizeof lens / sizeof lens[0]; l++) {
+        memset(dst, 0xA5, sizeof dst);
+        ekv_f32_to_f16_n(src, dst, lens[l]);
+        int bad = 0;
+        for (size_t i = 0; i < lens[l] && !bad; i++)
+            if (dst[i] != ekv_f32_to_f16(src[i])) {
+                CHECK_EQ_INT(dst[i], ekv_f32_to_f16(src[i]));
+                bad = 1;
+            }
+        if (lens[l] < 4099)
+            CHECK_EQ_INT(dst[lens[l]], 0xA5A5); /* nothing past n */
+    }
+}
+
 static void test_f16_round_trip(void)
 {
     CHECK_EQ_INT(ekv_f32_to_f16(1.0f), 0x3c00);
@@ -208,6 +244,7 @@ int main(void)
     RUN_TEST(test_split_range_covers_exactly);
     RUN_TEST(test_sha256_known_vectors);
     RUN_TEST(test_f16_round_trip);
+    RUN_TEST(test_f16_bulk_matches_scalar);
     RUN_TEST(test_dtype_row_bytes);
     RUN_TEST(test_rmsnorm);
     RUN_TEST(test_rope_rotates_pairs);
