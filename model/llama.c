@@ -238,6 +238,27 @@ static void task_rope(void *p, int ith, int nth)
     }
 }
 
+static void task_residual(void *p, int ith, int nth)
+{
+    rows_task *t = p;
+    const int32_t E = t->rt->m->cfg.n_embd;
+    long lo, hi;
+    ekv_split_range(t->b->n, ith, nth, &lo, &hi);
+    for (long i = lo; i < hi; i++)
+        kern_add(t->rt->x + i * E, t->rt->xb + i * E, E);
+}
+
+/* x += xb row by row; a prefill chunk's rows split over the threads, a few
+ * decode rows stay on this one (waking the pool would cost more) */
+static void residual_add(ekv_runtime *rt, rows_task *t)
+{
+    if (t->b->n >= 16) {
+        ekv_pool_run(rt->pool, task_residual, t);
+        return;
+    }
+    task_residual(t, 0, 1);
+}
+
 static void task_swiglu(void *p, int ith, int nth)
 {
     rows_task *t = p;
@@ -549,7 +570,6 @@ static ekv_status append_kv(ekv_runtime *rt, const model_batch *b, int32_t layer
 
 static ekv_status layer_forward(ekv_runtime *rt, const model_batch *b, int32_t l, ekv_error *err)
 {
-    const ekv_model_config *c = &rt->m->cfg;
     const ekv_layer *L = &rt->layers[l];
     const int32_t n = b->n;
     rows_task t = {.rt = rt, .b = b, .norm_w = L->attn_norm, .layer = l};
@@ -576,8 +596,7 @@ static ekv_status layer_forward(ekv_runtime *rt, const model_batch *b, int32_t l
     if ((rc = matmul(rt, &L->wo, rt->att, n, rt->xb, err)) ||
         (rc = allreduce_rows(rt, rt->xb, n, err)))
         return rc;
-    for (int32_t i = 0; i < n; i++)
-        kern_add(rt->x + (size_t)i * c->n_embd, rt->xb + (size_t)i * c->n_embd, c->n_embd);
+    residual_add(rt, &t);
 
     t.norm_w = L->ffn_norm;
     ekv_pool_run(rt->pool, task_norm, &t);
@@ -588,8 +607,7 @@ static ekv_status layer_forward(ekv_runtime *rt, const model_batch *b, int32_t l
     if ((rc = matmul(rt, &L->w_down, rt->gate, n, rt->xb, err)) ||
         (rc = allreduce_rows(rt, rt->xb, n, err)))
         return rc;
-    for (int32_t i = 0; i < n; i++)
-        kern_add(rt->x + (size_t)i * c->n_embd, rt->xb + (size_t)i * c->n_embd, c->n_embd);
+    residual_add(rt, &t);
     return EKV_OK;
 }
 
