@@ -301,8 +301,9 @@ static bool flush(http_peer *p, const uint8_t *buf, size_t *off, size_t len)
     return true;
 }
 
-/* Sends all of buf, waiting for the peer at most 2 s in all. */
-static void send_all(http_peer *p, const uint8_t *buf, size_t len)
+/* Sends all of buf, waiting for the peer at most 2 s in all; false if it
+ * could not (a TLS send left half done must not be followed by another). */
+static bool send_all(http_peer *p, const uint8_t *buf, size_t len)
 {
     struct timespec t0, t;
     clock_gettime(CLOCK_MONOTONIC, &t0);
@@ -314,13 +315,14 @@ static void send_all(http_peer *p, const uint8_t *buf, size_t len)
             continue;
         }
         if (k < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
-            return;
+            return false;
         clock_gettime(CLOCK_MONOTONIC, &t);
         if (t.tv_sec - t0.tv_sec >= 2)
-            return;
+            return false;
         struct pollfd pf = {.fd = p->fd, .events = POLLOUT};
         poll(&pf, 1, 100);
     }
+    return true;
 }
 
 /* In place of a refused head: a request only this process can name. */
@@ -347,10 +349,8 @@ static void refuse_direct(relay *r)
                       "HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
                       "Content-Length: %zu\r\nConnection: close\r\n\r\n",
                       body ? strlen(body) : 0);
-    send_all(&r->client, r->down + r->down_off, r->down_len - r->down_off);
-    if (hn > 0)
-        send_all(&r->client, (const uint8_t *)head, (size_t)hn);
-    if (body)
+    if (send_all(&r->client, r->down + r->down_off, r->down_len - r->down_off) && hn > 0 &&
+        send_all(&r->client, (const uint8_t *)head, (size_t)hn) && body)
         send_all(&r->client, (const uint8_t *)body, strlen(body));
     free(body);
 }
