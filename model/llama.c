@@ -43,6 +43,9 @@ struct ekv_runtime {
     uint8_t *recall_track;
     void *mm_scratch;
     size_t mm_scratch_bytes;
+    /* decode attention split across the threads (split_plan): 0 off, 1 on
+     * from SPLIT_MIN_TOKENS per item, 2 always (EKV_ATTN_SPLIT) */
+    int attn_split;
     /* model_probe: per (row, KV head) of the batch, the offset of its
      * [2][G][n_tokens] logits and probabilities in probe_buf (-1: not probed) */
     int64_t *probe_off;
@@ -102,6 +105,8 @@ ekv_runtime *model_runtime_create_tp(const ekv_model *m, int32_t max_batch, int3
     rt->up = alloc_floats(B * F);
     rt->scores = alloc_floats((size_t)ekv_pool_size(rt->pool) * KERN_ATTN_SCRATCH(max_ctx));
     rt->scores_ctx = max_ctx;
+    const char *split_env = getenv("EKV_ATTN_SPLIT");
+    rt->attn_split = !split_env ? 1 : !strcmp(split_env, "0") ? 0 : !strcmp(split_env, "2") ? 2 : 1;
     /* the largest scratch any of the model's matrix products needs */
     for (int32_t l = 0; l < c->n_layers; l++) {
         const ekv_layer *L = &rt->layers[l];
@@ -449,6 +454,111 @@ static void task_attention(void *p, int ith, int nth)
     }
 }
 
+/*
+ * Decode attention split across the threads. At batch 1 the (row, KV head)
+ * items are few - 3 on the demo model, so task_attention leaves one of 2
+ * threads with twice the other's tokens, and at long context attention is
+ * most of a step. Here every item's tokens are cut across all parts for the
+ * scores and the softmax numerators, and its output dimensions for the
+ * values (three regions; kern_attention_split_* in kernels.h), with results
+ * bit-identical to kern_attention. Batches of many rows keep task_attention.
+ */
+#define SPLIT_ITEMS_MAX 8
+#define SPLIT_PARTS_MAX 16
+/* below this many tokens per item two more regions cost more than they save */
+#define SPLIT_MIN_TOKENS 256
+
+typedef struct split_item {
+    kern_kv_view view;
+    const float *q;
+    float *out, *scores;
+    int32_t qpos;
+} split_item;
+
+typedef struct split_task {
+    int n_items, g, d, n_parts, n_vparts;
+    float scale;
+    split_item item[SPLIT_ITEMS_MAX];
+    float part_max[SPLIT_ITEMS_MAX][SPLIT_PARTS_MAX][KERN_ATTN_GROUP_MAX];
+} split_task;
+
+/* Whether layer l's attention of batch b takes the split path; fills s. */
+static int split_plan(ekv_runtime *rt, const model_batch *b, int32_t l, split_task *s)
+{
+    const ekv_model_config *c = &rt->m->cfg;
+    const int32_t D = c->head_dim, H = rt->sh.n_heads, HKV = rt->sh.n_kv_heads, G = H / HKV;
+    const int nt = ekv_pool_size(rt->pool);
+    const long items = (long)b->n * HKV;
+    /* each item's g score rows come from the threads' score scratch */
+    if (!rt->attn_split || nt < 2 || b->probe || G > KERN_ATTN_GROUP_MAX ||
+        items > SPLIT_ITEMS_MAX || items * G > (long)nt * KERN_ATTN_TILE_Q)
+        return 0;
+    int64_t tokens = 0;
+    for (int32_t i = 0; i < b->n; i++) {
+        if (kv_seq_recall(model_batch_seq(b, i)))
+            return 0;
+        for (int32_t h = 0; h < HKV; h++) {
+            split_item *x = &s->item[i * HKV + h];
+            kv_seq_view(model_batch_seq(b, i), l, h, &x->view);
+            if (!kern_attention_split_ok(&x->view, G) || x->view.n_tokens > rt->scores_ctx)
+                return 0;
+            tokens += x->view.n_tokens;
+            const size_t off = ((size_t)i * H + (size_t)h * G) * D;
+            x->q = rt->q + off;
+            x->out = rt->att + off;
+            x->qpos = b->pos[i];
+            x->scores = rt->scores + (size_t)(i * HKV + h) * G * rt->scores_ctx;
+        }
+    }
+    if (rt->attn_split == 1 && tokens < (int64_t)SPLIT_MIN_TOKENS * items)
+        return 0;
+    s->n_items = (int)items;
+    s->g = G;
+    s->d = D;
+    s->scale = 1.0f / sqrtf((float)D);
+    s->n_parts = 2 * nt < SPLIT_PARTS_MAX ? 2 * nt : SPLIT_PARTS_MAX;
+    /* whole 64-byte lines of each V row per part where the head has them */
+    s->n_vparts = D / 32 < nt ? (D / 32 > 0 ? D / 32 : 1) : nt;
+    return 1;
+}
+
+static void task_split_scores(void *p, int ith, int nth)
+{
+    split_task *s = p;
+    for (int part = ith; part < s->n_parts; part += nth)
+        for (int it = 0; it < s->n_items; it++) {
+            const split_item *x = &s->item[it];
+            kern_attention_split_scores(&x->view, x->q, s->g, s->d, x->qpos, s->scale, x->scores,
+                                        part, s->n_parts, s->part_max[it][part]);
+        }
+}
+
+static void task_split_exp(void *p, int ith, int nth)
+{
+    split_task *s = p;
+    for (int part = ith; part < s->n_parts; part += nth)
+        for (int it = 0; it < s->n_items; it++) {
+            float max[KERN_ATTN_GROUP_MAX];
+            for (int i = 0; i < s->g; i++) {
+                max[i] = s->part_max[it][0][i];
+                for (int q = 1; q < s->n_parts; q++)
+                    max[i] = s->part_max[it][q][i] > max[i] ? s->part_max[it][q][i] : max[i];
+            }
+            const split_item *x = &s->item[it];
+            kern_attention_split_exp(&x->view, x->scores, s->g, max, part, s->n_parts);
+        }
+}
+
+static void task_split_values(void *p, int ith, int nth)
+{
+    split_task *s = p;
+    for (int w = ith; w < s->n_items * s->n_vparts; w += nth) {
+        const split_item *x = &s->item[w / s->n_vparts];
+        kern_attention_split_values(&x->view, x->scores, s->g, x->out, s->d, w % s->n_vparts,
+                                    s->n_vparts);
+    }
+}
+
 /* Lays out the probe's buffer for layer l (each probed row's heads hold
  * their own token counts); EKV_ENOMEM. */
 static ekv_status probe_prepare(ekv_runtime *rt, const model_batch *b, int32_t l, ekv_error *err)
@@ -587,7 +697,14 @@ static ekv_status layer_forward(ekv_runtime *rt, const model_batch *b, int32_t l
         return rc;
     if ((b->probe && (rc = probe_prepare(rt, b, l, err))) || (rc = recall_prepare(rt, b, l, err)))
         return rc;
-    ekv_pool_run(rt->pool, task_attention, &t);
+    split_task st;
+    if (split_plan(rt, b, l, &st)) {
+        ekv_pool_run(rt->pool, task_split_scores, &st);
+        ekv_pool_run(rt->pool, task_split_exp, &st);
+        ekv_pool_run(rt->pool, task_split_values, &st);
+    } else {
+        ekv_pool_run(rt->pool, task_attention, &t);
+    }
     if (b->probe)
         probe_report(rt, b, l);
     for (int32_t i = 0; rt->recall_track && i < n; i++)

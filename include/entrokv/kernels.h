@@ -16,6 +16,7 @@
 #ifndef ENTROKV_KERNELS_H
 #define ENTROKV_KERNELS_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -163,6 +164,33 @@ void kern_attention(const kern_kv_view *kv, const float *Q, int n_q, int q_strid
 void kern_attention_rows(const kern_kv_view *kv, const float *Q, int n_rows, int g,
                          int row_stride, const int32_t *row_pos, float scale, float *out,
                          int out_stride, float *scores);
+
+/*
+ * Decode attention split across threads: g (<= KERN_ATTN_GROUP_MAX) queries
+ * at one position over one view, in three phases; within a phase the
+ * n_parts parts are independent and may run concurrently, and each phase
+ * needs the previous one complete:
+ *   1. kern_attention_split_scores: part's share of the tokens (16-token
+ *      tiles) into scores (g rows of kv->n_tokens), and part_max[i], the
+ *      largest of query i's scores in that share (-inf if none visible);
+ *   2. kern_attention_split_exp: with max[i] the largest over all parts,
+ *      part's share of the tokens becomes softmax numerators;
+ *   3. kern_attention_split_values: part's share of the output dimensions
+ *      (16 at a time), summing the numerators itself.
+ * The result is bit-identical to kern_attention (so to prefill): scores
+ * and numerators are per token, the max is exact in any order, and each
+ * output dimension and the softmax sum keep their token order. Only where
+ * kern_attention_split_ok (AVX-512, no packed keys, 16 | block_tokens and
+ * head_dim); elsewhere use kern_attention.
+ */
+bool kern_attention_split_ok(const kern_kv_view *kv, int g);
+void kern_attention_split_scores(const kern_kv_view *kv, const float *Q, int g, int q_stride,
+                                 int32_t qpos, float scale, float *scores, int part, int n_parts,
+                                 float *part_max);
+void kern_attention_split_exp(const kern_kv_view *kv, float *scores, int g, const float *max,
+                              int part, int n_parts);
+void kern_attention_split_values(const kern_kv_view *kv, const float *scores, int g, float *out,
+                                 int out_stride, int part, int n_parts);
 
 /*
  * What decode-time compression reads from attention (SCOPE, rolling

@@ -413,14 +413,17 @@ AVX512_INLINE void dots_avx512(const ekv_f16 *kb, int32_t bt, int32_t d, const f
         dot[i] = _mm512_add_ps(_mm512_add_ps(a[i][0], a[i][1]), _mm512_add_ps(a[i][2], a[i][3]));
 }
 
+/* Scores of the tiles starting in [t_begin, t_end) (multiples of 16); max[i]:
+ * the largest of query i's among them (-inf if none visible). */
 AVX512_FN static void scores_avx512(const kern_kv_view *kv, const float *Q, int g, int q_stride,
-                                    int32_t qpos, float scale, float *scores, float *max)
+                                    int32_t qpos, float scale, float *scores, float *max,
+                                    int32_t t_begin, int32_t t_end)
 {
     const int32_t d = kv->head_dim, bt = kv->block_tokens, n = kv->n_tokens;
     const __m512 ninf = _mm512_set1_ps(-INFINITY), vscale = _mm512_set1_ps(scale);
     const __m512i vqpos = _mm512_set1_epi32(qpos);
     __m512 vmax[GROUP_MAX] = {ninf, ninf, ninf, ninf};
-    for (int32_t t0 = 0; t0 < n; t0 += 16) {
+    for (int32_t t0 = t_begin; t0 < t_end; t0 += 16) {
         const ekv_f16 *kb = kv->k_blocks[t0 / bt] + t0 % bt;
         const int32_t *pb = kv->pos_blocks[t0 / bt] + t0 % bt;
         /* real tokens of the tile, then those visible to qpos */
@@ -432,7 +435,7 @@ AVX512_FN static void scores_avx512(const kern_kv_view *kv, const float *Q, int 
             continue;
         }
         /* the tile 32 tokens on, when this head has one (bt == 16: two blocks on) */
-        const ekv_f16 *ahead = t0 + 64 < n ? kv->k_blocks[(t0 + 64) / bt] + (t0 + 64) % bt : NULL;
+        const ekv_f16 *ahead = t0 + 64 < t_end ? kv->k_blocks[(t0 + 64) / bt] + (t0 + 64) % bt : NULL;
         __m512 dot[GROUP_MAX];
         switch (g) { /* a constant group size keeps the accumulators in registers */
         case 1: dots_avx512(kb, bt, d, Q, q_stride, 1, dot, ahead); break;
@@ -524,13 +527,180 @@ AVX512_FN static void attend_group_avx512(const kern_kv_view *kv, const float *Q
                                           const kern_attn_probe *pr, int q0)
 {
     float max[GROUP_MAX], inv[GROUP_MAX];
-    scores_avx512(kv, Q, g, q_stride, qpos, scale, scores, max);
+    scores_avx512(kv, Q, g, q_stride, qpos, scale, scores, max, 0, kv->n_tokens);
     probe_logits(pr, scores, kv->n_tokens, g, q0);
     softmax_avx2(scores, kv->n_tokens, g, max, inv);
     values_avx512(kv, scores, g, inv, out, out_stride);
     probe_probs(pr, scores, kv->n_tokens, g, q0, inv);
 }
+
+/*
+ * The split path's phases (kern_attention_split_*). Scores and exps are per
+ * token, the max is exact whatever the order, and each output dimension's
+ * sum over tokens stays one chain in token order, so every part computes
+ * exactly what attend_group_avx512 does for its share.
+ */
+
+/* softmax numerators of the 16-token units starting in [t_begin, t_end) */
+AVX512_FN static void split_exp_avx512(float *scores, int32_t n, int g, const float *max,
+                                       int32_t t_begin, int32_t t_end)
+{
+    const int32_t hi = t_end < n ? t_end : n;
+    for (int i = 0; i < g; i++) {
+        float *s = scores + (size_t)i * n;
+        if (max[i] == -INFINITY) { /* nothing visible: zeros, as softmax_avx2 */
+            for (int32_t t = t_begin; t < hi; t++)
+                s[t] = 0.0f;
+            continue;
+        }
+        const __m256 vmax = _mm256_set1_ps(max[i]);
+        for (int32_t t = t_begin; t < hi; t += 8) { /* the tail padded with -inf, as there */
+            const __mmask8 m = hi - t >= 8 ? (__mmask8)0xFF : (__mmask8)((1u << (hi - t)) - 1);
+            const __m256 x = _mm256_mask_loadu_ps(_mm256_set1_ps(-INFINITY), m, s + t);
+            _mm256_mask_storeu_ps(s + t, m, exp256_neg(_mm256_sub_ps(x, vmax)));
+        }
+    }
+}
+
+/* values_chunk_avx512 over the numerators, also summing them as
+ * exp_scores_avx2 does (8-lane vectors in token order, the tail's missing
+ * lanes 0, then hsum256): inv = 1 / sum comes out bit-identical. */
+AVX512_INLINE void values_sum_chunk_avx512(const kern_kv_view *kv, const float *scores,
+                                           float *out, int out_stride, int32_t j0, const int G,
+                                           const int NC)
+{
+    const int32_t d = kv->head_dim, bt = kv->block_tokens, n = kv->n_tokens;
+    __m512 o[GROUP_MAX][4];
+    __m256 vsum[GROUP_MAX];
+#pragma GCC unroll 4
+    for (int i = 0; i < G; i++) {
+        vsum[i] = _mm256_setzero_ps();
+#pragma GCC unroll 4
+        for (int c = 0; c < NC; c++)
+            o[i][c] = _mm512_setzero_ps();
+    }
+    for (int32_t b = 0, t0 = 0; t0 < n; b++, t0 += bt) {
+        const ekv_f16 *vb = kv->v_blocks[b] + j0;
+        const int32_t rows = n - t0 < bt ? n - t0 : bt;
+        const ekv_f16 *ahead = t0 + 4 * bt < n ? kv->v_blocks[b + 4] + j0 : NULL;
+        for (int32_t r = 0; r < rows; r++) {
+            const ekv_f16 *v = vb + (size_t)r * d;
+            if (ahead) /* this row's slice four blocks on */
+#pragma GCC unroll 4
+                for (int c = 0; c < NC; c += 2)
+                    _mm_prefetch((const char *)(ahead + (size_t)r * d + 16 * c), _MM_HINT_T0);
+            if (r % 8 == 0) {
+                const int32_t left = rows - r;
+                const __mmask8 m = left >= 8 ? (__mmask8)0xFF : (__mmask8)((1u << left) - 1);
+#pragma GCC unroll 4
+                for (int i = 0; i < G; i++)
+                    vsum[i] = _mm256_add_ps(
+                        vsum[i], _mm256_maskz_loadu_ps(m, scores + (size_t)i * n + t0 + r));
+            }
+            __m512 vc[4];
+#pragma GCC unroll 4
+            for (int c = 0; c < NC; c++)
+                vc[c] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(v + 16 * c)));
+#pragma GCC unroll 4
+            for (int i = 0; i < G; i++) {
+                const float p = scores[(size_t)i * n + t0 + r];
+                if (p == 0.0f) /* masked: adding 0 * v would change nothing */
+                    continue;
+                const __m512 vp = _mm512_set1_ps(p);
+#pragma GCC unroll 4
+                for (int c = 0; c < NC; c++)
+                    o[i][c] = _mm512_fmadd_ps(vp, vc[c], o[i][c]);
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < G; i++) {
+        const float sum = hsum256(vsum[i]);
+        const __m512 vi = _mm512_set1_ps(sum > 0.0f ? 1.0f / sum : 0.0f);
+#pragma GCC unroll 4
+        for (int c = 0; c < NC; c++)
+            _mm512_storeu_ps(out + (size_t)i * out_stride + j0 + 16 * c, _mm512_mul_ps(o[i][c], vi));
+    }
+}
+
+/* output dimensions [j_begin, j_end) (multiples of 16), 64 per pass */
+AVX512_FN static void split_values_avx512(const kern_kv_view *kv, const float *s, int g,
+                                          float *out, int os, int32_t j_begin, int32_t j_end)
+{
+    for (int32_t j0 = j_begin; j0 < j_end;) {
+        const int nc = (j_end - j0) / 16 >= 4 ? 4 : (j_end - j0) / 16;
+        switch (g * 4 + nc - 1) { /* constant shapes keep the accumulators in registers */
+#define SPLIT_CASE(G, NC) \
+    case (G) * 4 + (NC) - 1: values_sum_chunk_avx512(kv, s, out, os, j0, G, NC); break;
+            SPLIT_CASE(1, 1) SPLIT_CASE(1, 2) SPLIT_CASE(1, 3) SPLIT_CASE(1, 4)
+            SPLIT_CASE(2, 1) SPLIT_CASE(2, 2) SPLIT_CASE(2, 3) SPLIT_CASE(2, 4)
+            SPLIT_CASE(3, 1) SPLIT_CASE(3, 2) SPLIT_CASE(3, 3) SPLIT_CASE(3, 4)
+            SPLIT_CASE(4, 1) SPLIT_CASE(4, 2) SPLIT_CASE(4, 3)
+            default: values_sum_chunk_avx512(kv, s, out, os, j0, 4, 4); break;
+#undef SPLIT_CASE
+        }
+        j0 += 16 * nc;
+    }
+}
 #endif
+
+bool kern_attention_split_ok(const kern_kv_view *kv, int g)
+{
+#if defined(__x86_64__)
+    return !kv->packed && g >= 1 && g <= GROUP_MAX && kv->block_tokens % 16 == 0 &&
+           kv->head_dim % 16 == 0 && kern_active_isa() >= KERN_ISA_AVX512;
+#else
+    (void)kv;
+    (void)g;
+    return false;
+#endif
+}
+
+/* part's share of [0, units) in units of `unit` elements, capped at n */
+static void split_share(int32_t n, int32_t unit, int part, int n_parts, int32_t *lo, int32_t *hi)
+{
+    long a, b;
+    ekv_split_range((n + unit - 1) / unit, part, n_parts, &a, &b);
+    *lo = (int32_t)a * unit;
+    *hi = (int32_t)b * unit < n ? (int32_t)b * unit : n;
+}
+
+void kern_attention_split_scores(const kern_kv_view *kv, const float *Q, int g, int q_stride,
+                                 int32_t qpos, float scale, float *scores, int part, int n_parts,
+                                 float *part_max)
+{
+    int32_t lo, hi;
+    split_share(kv->n_tokens, 16, part, n_parts, &lo, &hi);
+#if defined(__x86_64__)
+    scores_avx512(kv, Q, g, q_stride, qpos, scale, scores, part_max, lo, hi);
+#else
+    (void)Q, (void)q_stride, (void)qpos, (void)scale, (void)scores, (void)part_max;
+#endif
+}
+
+void kern_attention_split_exp(const kern_kv_view *kv, float *scores, int g, const float *max,
+                              int part, int n_parts)
+{
+    int32_t lo, hi;
+    split_share(kv->n_tokens, 16, part, n_parts, &lo, &hi);
+#if defined(__x86_64__)
+    split_exp_avx512(scores, kv->n_tokens, g, max, lo, hi);
+#else
+    (void)scores, (void)g, (void)max;
+#endif
+}
+
+void kern_attention_split_values(const kern_kv_view *kv, const float *scores, int g, float *out,
+                                 int out_stride, int part, int n_parts)
+{
+    int32_t lo, hi;
+    split_share(kv->head_dim, 16, part, n_parts, &lo, &hi);
+#if defined(__x86_64__)
+    split_values_avx512(kv, scores, g, out, out_stride, lo, hi);
+#else
+    (void)scores, (void)g, (void)out, (void)out_stride;
+#endif
+}
 
 void kern_attention(const kern_kv_view *kv, const float *Q, int n_q, int q_stride,
                     const int32_t *q_pos, float scale, float *out, int out_stride, float *scores)
