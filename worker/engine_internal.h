@@ -188,6 +188,10 @@ void engine_tp_seq_gone(ekv_engine *e, const kv_seq *s);
  * logged for the followers). */
 kvc_capture *engine_tp_capture(ekv_engine *e, const kv_seq *s, const kvc_policy *p,
                                int32_t n_prompt, int32_t pos0, ekv_error *err);
+/* Logs s's SCOPE (made once its prompt is in): each rank evicts its own
+ * heads' decode tokens (SCOPE's choices are per head: nothing exchanged). */
+ekv_status engine_tp_scope(ekv_engine *e, const kv_seq *s, const kvc_decode_policy *d,
+                           int32_t max_new, ekv_error *err);
 /* Broadcast the plan before a collective of rank 0: the batch's forward, a
  * compression of s. EKV_EUNAVAILABLE once the group is broken. */
 ekv_status engine_tp_step(ekv_engine *e, const model_batch *b, ekv_error *err);

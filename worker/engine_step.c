@@ -451,7 +451,8 @@ static bool scope_step_done(ekv_engine *e, ereq *q)
         return false;
     }
     if (!q->scope && q->n_fed == q->n_prompt &&
-        !(q->scope = kvc_scope_create(&q->r.kv.decode, q->seq, q->r.params.max_tokens, &err))) {
+        (!(q->scope = kvc_scope_create(&q->r.kv.decode, q->seq, q->r.params.max_tokens, &err)) ||
+         engine_tp_scope(e, q->seq, &q->r.kv.decode, q->r.params.max_tokens, &err))) {
         engine_finish(e, q, GEN_FINISH_LENGTH, err.code ? err.code : EKV_ENOMEM, err.msg);
         return false;
     }

@@ -37,7 +37,8 @@
 #define TP_PLAN_VERSION 1
 
 enum { TP_END = 0, TP_STEP = 1, TP_COMPRESS = 2, TP_PING = 3, TP_N_KINDS };
-enum { OP_CREATE = 1, OP_FREE = 2, OP_FORK = 3, OP_CAPTURE = 4 };
+enum { OP_CREATE = 1, OP_FREE = 2, OP_FORK = 3, OP_CAPTURE = 4, OP_SCOPE = 5 };
+#define ROW_INTS 4 /* a row: token, position, sequence id, SCOPE step (-1: none) */
 
 /* The plan's header: broadcast first, fixed size; every field validated by
  * followers. All integers in the host's byte order (ranks of one group run
@@ -50,7 +51,7 @@ typedef struct tp_plan_hdr {
     int32_t n_ops;
     int32_t n_rows;
     int32_t arg;            /* TP_COMPRESS: the sequence id */
-    uint32_t payload_bytes; /* n_ops * sizeof(tp_op) + n_rows * 3 * 4 */
+    uint32_t payload_bytes; /* n_ops * sizeof(tp_op) + n_rows * ROW_INTS * 4 */
     uint32_t reserved;
 } tp_plan_hdr;
 
@@ -64,6 +65,8 @@ typedef struct tp_op {
     double spark_ratio;
     int32_t spark_recovery;
     int32_t has_profile;
+    /* OP_SCOPE: the decode policy and the request's max_tokens */
+    int32_t scope_mode, scope_recent, scope_window, scope_max_new, max_new, reserved;
 } tp_op;
 
 struct engine_tp {
@@ -75,7 +78,7 @@ struct engine_tp {
     int32_t n_slots;
     tp_op *ops;
     int32_t n_ops, cap_ops;
-    int32_t *rows; /* tokens, positions, ids: 3 * max_batch */
+    int32_t *rows; /* tokens, positions, ids, SCOPE steps: ROW_INTS * max_batch */
     unsigned char *msg;
     size_t msg_cap;
 };
@@ -103,7 +106,7 @@ static void hdr_init(tp_plan_hdr *h, int kind, uint32_t counter, int32_t n_ops, 
     h->n_ops = n_ops;
     h->n_rows = n_rows;
     h->arg = arg;
-    h->payload_bytes = (uint32_t)((size_t)n_ops * sizeof(tp_op) + (size_t)n_rows * 12);
+    h->payload_bytes = (uint32_t)((size_t)n_ops * sizeof(tp_op) + (size_t)n_rows * ROW_INTS * 4);
 }
 
 /* ---- rank 0 ---- */
@@ -120,7 +123,7 @@ ekv_status engine_tp_create(ekv_engine *e, ekv_comm *comm, ekv_error *err)
     /* running sequences, each choice of n > 1 its own */
     t->n_slots = e->cfg.max_running;
     t->slots = calloc((size_t)t->n_slots, sizeof *t->slots);
-    t->rows = malloc((size_t)e->cfg.max_batch * 3 * sizeof *t->rows);
+    t->rows = malloc((size_t)e->cfg.max_batch * ROW_INTS * sizeof *t->rows);
     if (!t->slots || !t->rows)
         return ekv_error_set(err, EKV_ENOMEM, "tensor parallelism: out of memory");
     return EKV_OK;
@@ -235,6 +238,18 @@ kvc_capture *engine_tp_capture(ekv_engine *e, const kv_seq *s, const kvc_policy 
     return c;
 }
 
+ekv_status engine_tp_scope(ekv_engine *e, const kv_seq *s, const kvc_decode_policy *d,
+                           int32_t max_new, ekv_error *err)
+{
+    if (!e->tp)
+        return EKV_OK;
+    const tp_op op = {.code = OP_SCOPE, .id = slot_of(e->tp, s), .parent = -1,
+                      .scope_mode = (int32_t)d->mode, .scope_recent = d->recent,
+                      .scope_window = d->window, .scope_max_new = d->max_new,
+                      .max_new = max_new};
+    return log_op(e->tp, &op, err);
+}
+
 void engine_tp_break(ekv_engine *e, const char *why)
 {
     pthread_mutex_lock(&e->mu);
@@ -266,7 +281,7 @@ static ekv_status send_plan(ekv_engine *e, int kind, int32_t n_rows, int32_t arg
         if (ob)
             memcpy(t->msg, t->ops, ob);
         if (n_rows)
-            memcpy(t->msg + ob, t->rows, (size_t)n_rows * 12);
+            memcpy(t->msg + ob, t->rows, (size_t)n_rows * ROW_INTS * 4);
         rc = comm_broadcast(t->comm, t->msg, h.payload_bytes, 0, err);
     }
     if (rc == EKV_OK && kind == TP_PING)
@@ -295,6 +310,10 @@ ekv_status engine_tp_step(ekv_engine *e, const model_batch *b, ekv_error *err)
         t->rows[i] = b->tokens[i];
         t->rows[b->n + i] = b->pos[i];
         t->rows[2 * b->n + i] = id;
+        /* a SCOPE row: the decode step engine_step began its scope with */
+        const ereq *q = e->b_rowq[i];
+        t->rows[3 * b->n + i] =
+            b->probe && b->probe->rows[i] && q->scope ? q->n_fed - q->n_prompt : -1;
     }
     return send_plan(e, TP_STEP, b->n, 0, err);
 }
@@ -335,7 +354,10 @@ typedef struct follower {
     int32_t n_slots, max_batch;
     kv_seq **seqs;
     kvc_capture **caps;
+    kvc_scope **scopes;
     const model_tap **taps;
+    uint8_t *probe_rows;    /* per row of the step: a SCOPE row */
+    const int32_t *row_ids; /* the step's sequence ids (for the probe) */
     model_tap tap;
     int32_t n_taps;
 } follower;
@@ -345,6 +367,15 @@ static void follower_dispatch_tap(void *ctx, int32_t layer, const model_batch *b
     const follower *f = ctx;
     for (int32_t i = 0; i < f->n_taps; i++)
         f->taps[i]->fn(f->taps[i]->ctx, layer, b, q);
+}
+
+static void follower_dispatch_probe(void *ctx, int32_t layer, int32_t row, int32_t kv_head,
+                                    const float *logits, const float *probs, int32_t n_q,
+                                    int32_t n_tokens)
+{
+    const follower *f = ctx;
+    const int32_t id = f->row_ids[row];
+    kvc_scope_observe(f->scopes[id], f->seqs[id], layer, kv_head, logits, probs, n_q, n_tokens);
 }
 
 static ekv_status bad_plan(ekv_error *err, const char *what, long v)
@@ -368,6 +399,8 @@ static void drop_seq(follower *f, int32_t id)
     f->seqs[id] = NULL;
     kvc_capture_free(f->caps[id]);
     f->caps[id] = NULL;
+    kvc_scope_free(f->scopes[id]);
+    f->scopes[id] = NULL;
 }
 
 static ekv_status apply_op(follower *f, const tp_op *op, ekv_error *err)
@@ -408,6 +441,19 @@ static ekv_status apply_op(follower *f, const tp_op *op, ekv_error *err)
         f->caps[op->id] = kvc_capture_create_shard(&p, f->m, f->shard, op->n_prompt, op->pos0, err);
         return f->caps[op->id] ? EKV_OK : (err->code ? err->code : EKV_ENOMEM);
     }
+    case OP_SCOPE: {
+        if ((rc = check_id(f, op->id, true, err)))
+            return rc;
+        if (f->scopes[op->id])
+            return bad_plan(err, "a second SCOPE for sequence", op->id);
+        if (op->scope_mode <= KVC_DECODE_NONE || op->scope_mode >= KVC_DECODE_N_MODES)
+            return bad_plan(err, "SCOPE mode", op->scope_mode);
+        const kvc_decode_policy d = {.mode = (kvc_decode_mode)op->scope_mode,
+                                     .recent = op->scope_recent, .window = op->scope_window,
+                                     .max_new = op->scope_max_new};
+        f->scopes[op->id] = kvc_scope_create(&d, f->seqs[op->id], op->max_new, err);
+        return f->scopes[op->id] ? EKV_OK : (err->code ? err->code : EKV_ENOMEM);
+    }
     default: return bad_plan(err, "op code", op->code);
     }
 }
@@ -416,13 +462,21 @@ static ekv_status follow_step(follower *f, const tp_plan_hdr *h, const int32_t *
                               ekv_error *err)
 {
     const int32_t n = h->n_rows;
-    const int32_t *tok = rows, *pos = rows + n, *ids = rows + 2 * n;
+    const int32_t *tok = rows, *pos = rows + n, *ids = rows + 2 * n, *steps = rows + 3 * n;
     const int32_t n_vocab = model_config(f->m)->n_vocab;
     f->n_taps = 0;
+    bool probing = false;
     for (int32_t i = 0; i < n; i++) {
         ekv_status rc = check_id(f, ids[i], true, err);
         if (rc)
             return rc;
+        f->probe_rows[i] = steps[i] >= 0;
+        if (steps[i] >= 0) { /* a SCOPE sequence runs one row a step */
+            if (!f->scopes[ids[i]])
+                return bad_plan(err, "a SCOPE row of a sequence without SCOPE", ids[i]);
+            kvc_scope_begin(f->scopes[ids[i]], steps[i]);
+            probing = true;
+        }
         if (tok[i] < 0 || tok[i] >= n_vocab)
             return bad_plan(err, "token outside the vocabulary", tok[i]);
         /* one tap per captured sequence: it keeps its own rows of the batch */
@@ -434,9 +488,16 @@ static ekv_status follow_step(follower *f, const tp_plan_hdr *h, const int32_t *
         if (t)
             f->taps[f->n_taps++] = t;
     }
+    f->row_ids = ids;
+    const model_probe probe = {.rows = f->probe_rows, .fn = follower_dispatch_probe, .ctx = f};
     model_batch b = {.n = n, .tokens = tok, .pos = pos, .seq_ids = ids, .seq_table = f->seqs,
-                     .n_seq_table = f->n_slots, .tap = f->n_taps ? &f->tap : NULL};
-    return model_forward(f->rt, &b, NULL, err);
+                     .n_seq_table = f->n_slots, .tap = f->n_taps ? &f->tap : NULL,
+                     .probe = probing ? &probe : NULL};
+    ekv_status rc = model_forward(f->rt, &b, NULL, err);
+    for (int32_t i = 0; i < n && !rc; i++) /* rank 0 finishes its own on such an error */
+        if (steps[i] >= 0)
+            rc = kvc_scope_status(f->scopes[ids[i]], err);
+    return rc;
 }
 
 static ekv_status follow_loop(follower *f, ekv_comm *comm, ekv_error *err)
@@ -454,7 +515,8 @@ static ekv_status follow_loop(follower *f, ekv_comm *comm, ekv_error *err)
         }
         if (h.kind >= TP_N_KINDS || h.counter != counter || h.n_ops < 0 || h.n_rows < 0 ||
             h.n_rows > f->max_batch || h.n_ops > (1 << 20) ||
-            (size_t)h.payload_bytes != (size_t)h.n_ops * sizeof(tp_op) + (size_t)h.n_rows * 12) {
+            (size_t)h.payload_bytes !=
+                (size_t)h.n_ops * sizeof(tp_op) + (size_t)h.n_rows * ROW_INTS * 4) {
             rc = bad_plan(err, "header fields (kind, counter, counts or length)", (long)h.kind);
             break;
         }
@@ -513,6 +575,8 @@ ekv_status engine_tp_follow(const ekv_model *m, const engine_config *cfg, ekv_co
                                               err)) ||
         !(f.seqs = calloc((size_t)f.n_slots, sizeof *f.seqs)) ||
         !(f.caps = calloc((size_t)f.n_slots, sizeof *f.caps)) ||
+        !(f.scopes = calloc((size_t)f.n_slots, sizeof *f.scopes)) ||
+        !(f.probe_rows = calloc((size_t)cfg->max_batch, 1)) ||
         !(f.taps = calloc((size_t)cfg->max_batch, sizeof *f.taps))) {
         rc = err && err->code ? err->code : ekv_error_set(err, EKV_ENOMEM, "out of memory");
     } else {
@@ -523,6 +587,8 @@ ekv_status engine_tp_follow(const ekv_model *m, const engine_config *cfg, ekv_co
             drop_seq(&f, i);
     free(f.seqs);
     free(f.caps);
+    free(f.scopes);
+    free(f.probe_rows);
     free(f.taps);
     kv_pool_destroy(f.pool);
     model_runtime_free(f.rt);

@@ -144,16 +144,16 @@ static ekv_status plan_send(ekv_comm *comm, int32_t op, int32_t token, int32_t p
     return comm ? comm_broadcast(comm, &pl, sizeof pl, 0, err) : EKV_OK;
 }
 
-/* What a rank's sequence must not do under tensor parallelism: per-head
- * decode state that only rank 0 would update. */
+/* What a rank's sequence must not do under tensor parallelism: recall's
+ * per-head stores and tier are rank 0's alone. (SCOPE is per head: each
+ * rank runs its own on its heads, gen_follow below.) */
 static ekv_status tp_check(const ekv_runtime *rt, const gen_params *p, ekv_error *err)
 {
     if (!model_runtime_comm(rt))
         return EKV_OK;
-    if (p->kv.decode.mode != KVC_DECODE_NONE || p->kv.recall > 0)
+    if (p->kv.recall > 0)
         return ekv_error_set(err, EKV_EUNSUPPORTED,
-                             "tensor parallelism: decode-time compression and recall are not "
-                             "supported yet");
+                             "tensor parallelism: recall is not supported yet");
     return EKV_OK;
 }
 
@@ -167,6 +167,10 @@ ekv_status gen_follow(ekv_runtime *rt, kv_pool *kv, const int32_t *prompt, int32
     kv_seq *seq = kv_seq_create(kv, c->n_layers, model_runtime_shard(rt)->n_kv_heads, err);
     ekv_status rc = seq ? EKV_OK : (err ? err->code : EKV_ENOMEM), first = EKV_OK;
     ekv_error mine = {0};
+    kvc_scope *scope = NULL; /* SCOPE on this rank's heads, as rank 0 runs it on its own */
+    scope_probe sp = {.seq = seq};
+    const uint8_t probe_row = 1;
+    const model_probe probe = {.rows = &probe_row, .fn = scope_probe_fn, .ctx = &sp};
     while (!comm_broken(comm)) {
         gen_plan pl = {0};
         if ((rc = comm_broadcast(comm, &pl, sizeof pl, 0, err)))
@@ -179,9 +183,17 @@ ekv_status gen_follow(ekv_runtime *rt, kv_pool *kv, const int32_t *prompt, int32
             step = EKV_ENOMEM;
         } else if (pl.op == GEN_PLAN_PREFILL) {
             step = prefill(rt, seq, prompt, n_prompt, &p->kv, NULL, &rep, &mine);
+            if (!step && p->kv.decode.mode != KVC_DECODE_NONE &&
+                !(sp.scope = scope = kvc_scope_create(&p->kv.decode, seq, p->max_tokens, &mine)))
+                step = mine.code ? mine.code : EKV_ENOMEM;
         } else {
-            model_batch b = {.n = 1, .tokens = &pl.token, .pos = &pl.pos, .seqs = &seq};
+            model_batch b = {.n = 1, .tokens = &pl.token, .pos = &pl.pos, .seqs = &seq,
+                             .probe = scope ? &probe : NULL};
+            if (scope) /* gen_run's step: the decode token's index */
+                kvc_scope_begin(scope, pl.pos - n_prompt);
             step = model_forward(rt, &b, NULL, &mine);
+            if (!step && scope)
+                step = kvc_scope_status(scope, &mine);
         }
         /* rank 0 meets the same error on the same rows and ends the run; keep
          * listening for its END */
@@ -191,6 +203,7 @@ ekv_status gen_follow(ekv_runtime *rt, kv_pool *kv, const int32_t *prompt, int32
                 *err = mine;
         }
     }
+    kvc_scope_free(scope);
     kv_seq_free(seq);
     return rc ? rc : first;
 }

@@ -106,7 +106,7 @@ typedef struct engine_config {
      * else rank 0 of a group (borrowed, outlives the engine): the engine
      * runs the rank's shard and broadcasts each step's plan to ranks
      * 1..N-1, which run engine_tp_follow with the same config. Not with
-     * prefix_cache; requests with SCOPE or recall are EKV_EUNSUPPORTED. */
+     * prefix_cache; requests with recall are EKV_EINVAL. */
     struct ekv_comm *tp_comm;
     /* idle rank 0 pings the group this often (ms; <= 0: 1000); keep it well
      * below the communicator's timeout */

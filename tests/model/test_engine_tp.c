@@ -14,7 +14,8 @@
  *  - a rank that fails (the group aborted, as a dead peer): the running
  *    request ends with EKV_EUNAVAILABLE, stats say tp_broken, new requests
  *    are refused with EKV_EUNAVAILABLE;
- *  - SCOPE and recall are refused under TP (EKV_EINVAL).
+ *  - recall is refused under TP (EKV_EINVAL). SCOPE under TP:
+ *    serve.test_tp_worker (against the single-process worker).
  */
 #include "engine_harness.h"
 
@@ -215,8 +216,10 @@ typedef struct wire_op {
     int32_t code, id, parent, n_prompt, pos0, method;
     double budget, spark_ratio;
     int32_t spark_recovery, has_profile;
+    int32_t scope_mode, scope_recent, scope_window, scope_max_new, max_new, reserved;
 } wire_op;
-_Static_assert(sizeof(wire_hdr) == 32 && sizeof(wire_op) == 48, "docs/tp.md's sizes");
+_Static_assert(sizeof(wire_hdr) == 32 && sizeof(wire_op) == 72, "docs/tp.md's sizes");
+#define ROW_BYTES 16 /* token, position, sequence id, SCOPE step */
 #define MAGIC 0x656b7470u
 
 /* Sends hdr (and payload) as rank 0; returns the follower's status. */
@@ -239,7 +242,7 @@ static wire_hdr hdr(uint16_t kind, uint32_t counter, int32_t n_ops, int32_t n_ro
 {
     wire_hdr h = {.magic = MAGIC, .version = 1, .kind = kind, .counter = counter, .n_ops = n_ops,
                   .n_rows = n_rows,
-                  .payload_bytes = (uint32_t)(n_ops * sizeof(wire_op) + (size_t)n_rows * 12)};
+                  .payload_bytes = (uint32_t)(n_ops * sizeof(wire_op) + (size_t)n_rows * ROW_BYTES)};
     return h;
 }
 
@@ -262,14 +265,14 @@ static void test_malformed_plans(void)
     h = hdr(1, 0, 0, 100000); /* more rows than max_batch */
     CHECK_EQ_INT(send_raw(&h, NULL, 0), EKV_EFORMAT);
     /* a step naming a sequence that was never created */
-    int32_t rows[3] = {1, 0, 0};
+    int32_t rows[4] = {1, 0, 0, -1};
     h = hdr(1, 0, 0, 1);
     CHECK_EQ_INT(send_raw(&h, rows, sizeof rows), EKV_EFORMAT);
     /* create id 0, then a step with a token outside the vocabulary */
     struct {
         wire_op op;
-        int32_t rows[3];
-    } p = {.op = {.code = 1, .id = 0, .parent = -1}, .rows = {1 << 30, 0, 0}};
+        int32_t rows[4];
+    } p = {.op = {.code = 1, .id = 0, .parent = -1}, .rows = {1 << 30, 0, 0, -1}};
     h = hdr(1, 0, 1, 1);
     CHECK_EQ_INT(send_raw(&h, &p, sizeof p.op + sizeof p.rows), EKV_EFORMAT);
     /* ops: an id out of range, a free of a free id, an unknown code */
@@ -280,6 +283,14 @@ static void test_malformed_plans(void)
     CHECK_EQ_INT(send_raw(&h, &op, sizeof op), EKV_EFORMAT);
     op = (wire_op){.code = 77, .id = 0, .parent = -1};
     CHECK_EQ_INT(send_raw(&h, &op, sizeof op), EKV_EFORMAT);
+    /* a SCOPE row of a sequence that has no SCOPE */
+    struct {
+        wire_op op;
+        int32_t rows[4];
+    } q = {.op = {.code = 1, .id = 0, .parent = -1}, .rows = {1, 0, 0, 0}};
+    h = hdr(1, 0, 1, 1);
+    CHECK_EQ_INT(send_raw(&h, &q, sizeof q.op + sizeof q.rows), EKV_EFORMAT);
+    h = hdr(0, 0, 1, 0);
     /* create then end: the follower frees it and ends well */
     op = (wire_op){.code = 1, .id = 3, .parent = -1};
     CHECK_EQ_INT(send_raw(&h, &op, sizeof op), EKV_OK);
@@ -320,7 +331,7 @@ static void test_rank_failure(void)
     free(p.ids);
 }
 
-static void test_scope_and_recall_refused(void)
+static void test_recall_refused(void)
 {
     group gr;
     CHECK(group_start(&gr, small_config(256, 2, 4)));
@@ -333,14 +344,9 @@ static void test_scope_and_recall_refused(void)
         gen_params gp = greedy(4);
         gp.kv.method = KVC_SNAPKV;
         gp.kv.budget = 0.5;
-        gp.kv.decode = (kvc_decode_policy){.mode = KVC_DECODE_SLIDE, .recent = 4, .window = 16};
+        gp.kv.recall = 1;
         engine_request r = make_request(&p, &gp, &out);
         uint64_t id;
-        CHECK_EQ_INT(engine_submit(e, &r, &id, &err), EKV_EINVAL);
-        CHECK(strstr(err.msg, "tensor parallelism") != NULL);
-        gp.kv.decode = (kvc_decode_policy){0};
-        gp.kv.recall = 1;
-        r = make_request(&p, &gp, &out);
         CHECK_EQ_INT(engine_submit(e, &r, &id, &err), EKV_EINVAL);
         CHECK(strstr(err.msg, "tensor parallelism") != NULL);
         engine_destroy(e);
@@ -356,7 +362,7 @@ int main(int argc, char **argv)
     if (!harness_init(argc, argv))
         return 1;
     RUN_TEST(test_malformed_plans);
-    RUN_TEST(test_scope_and_recall_refused);
+    RUN_TEST(test_recall_refused);
     RUN_TEST(test_rank_failure);
     RUN_TEST(test_requests_equal_gen_tp);
     harness_fini();

@@ -103,21 +103,21 @@ class MpiGroup:
 MARGIN = 0.6
 
 
-def tokens(target, pb, prompt, n=1, **kw):
+def tokens(target, pb, prompt, n=1, n_tok=N_TOK, **kw):
     """Greedy ids of each of n choices, from Generation.Generate."""
     out = [[] for _ in range(n)]
     for msg in generation(target, pb).Generate(
-            gen_request(pb, prompt, max_tokens=N_TOK, ignore_eos=True, n=n, **kw),
+            gen_request(pb, prompt, max_tokens=n_tok, ignore_eos=True, n=n, **kw),
             timeout=120 * SCALE):
         out[msg.index] += list(msg.token_ids)
     return out
 
 
-def tokens_margins(target, pb, prompt, **kw):
+def tokens_margins(target, pb, prompt, n_tok=N_TOK, **kw):
     """Greedy ids and each step's top-1 minus top-2 log-probability."""
     ids, margins = [], []
     for msg in generation(target, pb).Generate(
-            gen_request(pb, prompt, max_tokens=N_TOK, ignore_eos=True, logprobs=True,
+            gen_request(pb, prompt, max_tokens=n_tok, ignore_eos=True, logprobs=True,
                         top_logprobs=2, **kw), timeout=120 * SCALE):
         ids += list(msg.token_ids)
         for lp in msg.logprobs:
@@ -133,12 +133,12 @@ def agrees(got, ref):
     return got[:k] == ids[:k]
 
 
-def generate_tp(prompt, pol, tp=2):
+def generate_tp(prompt, pol, tp=2, n_tok=N_TOK):
     """`entrokv generate --tp N --json` (gen_run / gen_follow)."""
-    args = [BIN, "generate", "--model", MODEL, "--prompt", prompt, "--max-tokens", str(N_TOK),
+    args = [BIN, "generate", "--model", MODEL, "--prompt", prompt, "--max-tokens", str(n_tok),
             "--tp", str(tp), "--threads", str(tp), "--json", "--ignore-eos"]
-    if pol:
-        args += ["--kv-method", pol["kv_method"], "--kv-budget", str(pol["kv_budget"])]
+    for k, v in pol.items():
+        args += ["--" + k.replace("_", "-"), str(v)]
     out = subprocess.run(args, capture_output=True, text=True, timeout=120 * SCALE, check=True)
     return json.loads(out.stdout)["token_ids"]
 
@@ -173,12 +173,25 @@ def reference(single, pb):
             for p in PROMPTS for i, pol in enumerate(POLICIES)}
 
 
+# SCOPE with a window small enough to evict from the 5th decode token on
+SCOPE = {"kv_method": "snapkv", "kv_budget": 0.5, "decode_method": "scope-slide",
+         "scope_recent": 2, "scope_window": 4}
+SCOPE_TOK = 16
+
+
+@pytest.fixture(scope="module")
+def scope_reference(single, pb):
+    """(generate --tp 2's tokens, the single worker's tokens and margins)"""
+    return {p: (generate_tp(p, SCOPE, n_tok=SCOPE_TOK),
+                tokens_margins(single, pb, p, n_tok=SCOPE_TOK, **SCOPE)) for p in PROMPTS}
+
+
 @pytest.fixture(scope="module")
 def tp_reference():
     return {(p, i): generate_tp(p, pol) for p in PROMPTS for i, pol in enumerate(POLICIES)}
 
 
-def test_threads_group_same_tokens(pb, single, reference, tp_reference):
+def test_threads_group_same_tokens(pb, single, reference, tp_reference, scope_reference):
     w = Server("--ctx", "512", "--max-running", "4", "--tp", "2", "--tp-timeout-ms",
                str(TP_TIMEOUT_MS), cmd="worker")
     try:
@@ -200,10 +213,15 @@ def test_threads_group_same_tokens(pb, single, reference, tp_reference):
         for t in th:
             t.join()
         assert all(res[p] == tp_reference[(p, 0)] for p in PROMPTS)
-        # SCOPE is refused under TP, with a clear status
+        # SCOPE: each rank evicts its own heads' decode tokens
+        for p in PROMPTS:
+            got = tokens(w, pb, p, n_tok=SCOPE_TOK, **SCOPE)[0]
+            assert got == scope_reference[p][0], (p, got, scope_reference[p][0])
+            assert agrees(got, scope_reference[p][1]), (p, got, scope_reference[p][1])
+        # recall is refused under TP, with a clear status
         with pytest.raises(grpc.RpcError) as e:
-            tokens(w, pb, PROMPTS[0], kv_method="snapkv", kv_budget=0.5,
-                   decode_method="scope-slide")
+            tokens(w, pb, " ".join([PROMPTS[0]] * 16), kv_method="snapkv", kv_budget=0.9,
+                   recall=1)  # a prompt long enough for a recall block
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "tensor parallelism" in e.value.details()
         assert health(w, pb) == pb["health_pb2"].HealthCheckResponse.SERVING
