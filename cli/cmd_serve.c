@@ -641,8 +641,13 @@ static ekv_status start(const serve_opts *o, server *s, ekv_error *err)
     engine_config ec;
     engine_config_default(&ec);
     const bool tp = o->mode == MODE_WORKER && worker_tp_wanted(o->tp);
-    if (tp && (o->kvstore_peers || o->recall_host_mb >= 0))
-        coord_log("worker: the KV store tier and recall are off in a tensor-parallel group "
+    if (tp && o->recall_host_mb >= 0) /* followers have no KV store client to spill to */
+        return ekv_error_set(err, EKV_EUNSUPPORTED,
+                             "--recall-host-mb: recall's tier on the KV store daemons is not "
+                             "supported in a tensor-parallel group (recall itself runs there, "
+                             "each rank's blocks in its host memory; docs/tp.md)");
+    if (tp && o->kvstore_peers)
+        coord_log("worker: the KV store tier is off in a tensor-parallel group "
                   "(not supported yet; docs/tp.md)");
     if (!tp && start_kvstore(o, s, err)) /* a TP group keeps no prefix KV (docs/tp.md) */
         return err->code;

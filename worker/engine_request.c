@@ -47,8 +47,6 @@ ekv_status engine_request_check(const ekv_engine *e, const engine_request *r, ek
     if (r->n > 1 && r->kv.decode.mode != KVC_DECODE_NONE)
         return ekv_error_set(err, EKV_EUNSUPPORTED,
                              "decode-time KV eviction (SCOPE) with n > 1");
-    if (e->tp && r->kv.recall > 0)
-        return ekv_error_set(err, EKV_EINVAL, "tensor parallelism: recall is not supported yet");
     if ((int)r->kv.method < 0 || (int)r->kv.method >= KVC_N_METHODS)
         return ekv_error_set(err, EKV_EINVAL, "unknown kv compression method %d",
                              (int)r->kv.method);

@@ -34,7 +34,7 @@
 #include "entrokv/comm.h"
 
 #define TP_PLAN_MAGIC 0x656b7470u /* "ptke" little-endian */
-#define TP_PLAN_VERSION 1
+#define TP_PLAN_VERSION 2 /* 2: the capture carries recall's fields */
 
 enum { TP_END = 0, TP_STEP = 1, TP_COMPRESS = 2, TP_PING = 3, TP_N_KINDS };
 enum { OP_CREATE = 1, OP_FREE = 2, OP_FORK = 3, OP_CAPTURE = 4, OP_SCOPE = 5 };
@@ -56,7 +56,12 @@ typedef struct tp_plan_hdr {
 } tp_plan_hdr;
 
 /* One change to a sequence. The capture's policy travels without its
- * profile pointer: each rank substitutes its own copy of the profile. */
+ * profile pointer: each rank substitutes its own copy of the profile.
+ * Recall (kvrecall.h) needs no more than its policy: the store is enabled
+ * by the compression, and its ranking, promotion and budget split are per
+ * (layer, KV head), decided by each rank over its own heads from the same
+ * rows (a tracked row is its sequence's only row of the step on every
+ * rank). */
 typedef struct tp_op {
     int32_t code, id, parent; /* parent: OP_FORK's source */
     int32_t n_prompt, pos0;   /* OP_CAPTURE */
@@ -66,8 +71,11 @@ typedef struct tp_op {
     int32_t spark_recovery;
     int32_t has_profile;
     /* OP_SCOPE: the decode policy and the request's max_tokens */
-    int32_t scope_mode, scope_recent, scope_window, scope_max_new, max_new, reserved;
+    int32_t scope_mode, scope_recent, scope_window, scope_max_new, max_new;
+    /* OP_CAPTURE: recall's blocks, ranking period and promotion switch */
+    int32_t recall, recall_every, recall_no_promote;
 } tp_op;
+_Static_assert(sizeof(tp_op) == 80, "docs/tp.md's op size");
 
 struct engine_tp {
     ekv_comm *comm;
@@ -229,7 +237,9 @@ kvc_capture *engine_tp_capture(ekv_engine *e, const kv_seq *s, const kvc_policy 
                       .n_prompt = n_prompt, .pos0 = pos0, .method = (int32_t)p->method,
                       .budget = p->budget, .spark_ratio = p->spark.ratio,
                       .spark_recovery = (int32_t)p->spark.recovery,
-                      .has_profile = p->profile != NULL};
+                      .has_profile = p->profile != NULL, .recall = p->recall,
+                      .recall_every = p->recall_every,
+                      .recall_no_promote = p->recall_no_promote};
     kvc_capture *c = kvc_capture_create_shard(p, e->m, e->tp->shard, n_prompt, pos0, err);
     if (c && log_op(e->tp, &op, err)) {
         kvc_capture_free(c);
@@ -438,6 +448,14 @@ static ekv_status apply_op(follower *f, const tp_op *op, ekv_error *err)
                         .profile = op->has_profile ? f->profile : NULL};
         p.spark.ratio = op->spark_ratio;
         p.spark.recovery = (kvc_spark_recovery)op->spark_recovery;
+        if (op->recall_no_promote != 0 && op->recall_no_promote != 1)
+            return bad_plan(err, "recall's promotion switch", op->recall_no_promote);
+        p.recall = op->recall;
+        p.recall_every = op->recall_every;
+        p.recall_no_promote = (uint8_t)op->recall_no_promote;
+        ekv_error why = {0};
+        if (kvc_policy_check(&p, &why)) /* rank 0 checked its request's */
+            return bad_plan(err, why.msg, op->id);
         f->caps[op->id] = kvc_capture_create_shard(&p, f->m, f->shard, op->n_prompt, op->pos0, err);
         return f->caps[op->id] ? EKV_OK : (err->code ? err->code : EKV_ENOMEM);
     }

@@ -131,6 +131,8 @@ static void scope_probe_fn(void *ctx, int32_t layer, int32_t row, int32_t kv_hea
  * the same prompt and policy. Before each forward rank 0 broadcasts the
  * step's plan, so every rank runs the same rows; GEN_PLAN_END (sent on
  * every way out once the group is reachable) releases the followers.
+ * SCOPE and recall are per (layer, KV head): each rank runs its own over
+ * its heads (the prefill's compression enables recall on every rank).
  */
 enum { GEN_PLAN_END = 0, GEN_PLAN_PREFILL = 1, GEN_PLAN_DECODE = 2 };
 typedef struct gen_plan {
@@ -142,19 +144,6 @@ static ekv_status plan_send(ekv_comm *comm, int32_t op, int32_t token, int32_t p
 {
     gen_plan pl = {op, token, pos};
     return comm ? comm_broadcast(comm, &pl, sizeof pl, 0, err) : EKV_OK;
-}
-
-/* What a rank's sequence must not do under tensor parallelism: recall's
- * per-head stores and tier are rank 0's alone. (SCOPE is per head: each
- * rank runs its own on its heads, gen_follow below.) */
-static ekv_status tp_check(const ekv_runtime *rt, const gen_params *p, ekv_error *err)
-{
-    if (!model_runtime_comm(rt))
-        return EKV_OK;
-    if (p->kv.recall > 0)
-        return ekv_error_set(err, EKV_EUNSUPPORTED,
-                             "tensor parallelism: recall is not supported yet");
-    return EKV_OK;
 }
 
 ekv_status gen_follow(ekv_runtime *rt, kv_pool *kv, const int32_t *prompt, int32_t n_prompt,
@@ -224,9 +213,7 @@ static ekv_status run_leader(ekv_runtime *rt, ekv_comm *comm, kv_pool *kv,
                              n_prompt, max_ctx);
     if (p->max_tokens < 0)
         return ekv_error_set(err, EKV_EINVAL, "max_tokens must be >= 0");
-    ekv_status rc = tp_check(rt, p, err);
-    if (rc)
-        return rc;
+    ekv_status rc = EKV_OK;
     gen_state st = {.out = out, .on_text = on_text, .ctx = ctx};
     float *logits = malloc((size_t)c->n_vocab * sizeof *logits);
     st.history = malloc(((size_t)n_prompt + (size_t)p->max_tokens) * sizeof *st.history);

@@ -106,7 +106,9 @@ typedef struct engine_config {
      * else rank 0 of a group (borrowed, outlives the engine): the engine
      * runs the rank's shard and broadcasts each step's plan to ranks
      * 1..N-1, which run engine_tp_follow with the same config. Not with
-     * prefix_cache; requests with recall are EKV_EINVAL. */
+     * prefix_cache. Recall runs on every rank over its own heads; a
+     * recall_tier is rank 0's alone (its counters are rank 0's share) and
+     * must not spill to a backend: the followers have none. */
     struct ekv_comm *tp_comm;
     /* idle rank 0 pings the group this often (ms; <= 0: 1000); keep it well
      * below the communicator's timeout */

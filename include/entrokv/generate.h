@@ -80,7 +80,7 @@ ekv_status gen_run(ekv_runtime *rt, kv_pool *kv, const int32_t *prompt, int32_t 
  * other rank gen_follow with the same prompt and params on its own runtime
  * and KV pool (model_kv_pool_create_shard); rank 0 broadcasts each step's
  * plan and the followers run the same rows, returning when rank 0 is done.
- * SCOPE runs on every rank over its own heads; recall: EKV_EUNSUPPORTED under TP. */
+ * SCOPE and recall run on every rank over its own heads. */
 ekv_status gen_follow(ekv_runtime *rt, kv_pool *kv, const int32_t *prompt, int32_t n_prompt,
                       const gen_params *p, ekv_error *err);
 void gen_result_free(gen_result *r);

@@ -75,7 +75,10 @@ else
     echo "FAIL generate_tp: '$one' '${tp2:-}' '${tp3:-}'"; fails=$((fails + 1))
 fi
 expect tp_more_ranks_than_heads 1 "KV heads" -- timeout 60 "$bin" generate --model "$model" --prompt hi --tp 4
-expect tp_recall 1 "not supported" -- timeout 60 "$bin" generate --model "$model" --prompt "$(printf 'word %.0s' $(seq 80))" --tp 2 --kv-method snapkv --kv-budget 0.9 --recall 1
+# recall under --tp: each rank keeps its own heads' store (tokens checked
+# by serve.test_tp_worker); rank 0's heads recalled blocks
+rc_tp=$(timeout 120 "$bin" generate --model "$model" --prompt "$(printf 'word %.0s' $(seq 80))" --max-tokens 4 --tp 2 --kv-method snapkv --kv-budget 0.9 --recall 1 --json | python3 -c 'import json,sys; d=json.load(sys.stdin); print(d["completion_tokens"], d.get("recall_blocks", 0) > 0)')
+if [ "$rc_tp" = "4 True" ]; then echo "ok   tp_recall"; else echo "FAIL tp_recall: '$rc_tp'"; fails=$((fails + 1)); fi
 
 # fetch-model: a verified model already in place means no download at all
 mkdir -p "$tmp/models"

@@ -14,12 +14,15 @@
  *  - a rank that fails (the group aborted, as a dead peer): the running
  *    request ends with EKV_EUNAVAILABLE, stats say tp_broken, new requests
  *    are refused with EKV_EUNAVAILABLE;
- *  - recall is refused under TP (EKV_EINVAL). SCOPE under TP:
- *    serve.test_tp_worker (against the single-process worker).
+ *  - recall (R = 2, promotion on; every 4 steps, promotion off) on two
+ *    concurrent requests equals gen_run + gen_follow alone; a capture op
+ *    with recall fields out of range is EKV_EFORMAT. SCOPE and recall
+ *    against the single-process worker: serve.test_tp_worker.
  */
 #include "engine_harness.h"
 
 #include "entrokv/comm.h"
+#include "entrokv/kvrecall.h"
 
 #define TP 2
 #define TIMEOUT_MS 5000
@@ -216,9 +219,10 @@ typedef struct wire_op {
     int32_t code, id, parent, n_prompt, pos0, method;
     double budget, spark_ratio;
     int32_t spark_recovery, has_profile;
-    int32_t scope_mode, scope_recent, scope_window, scope_max_new, max_new, reserved;
+    int32_t scope_mode, scope_recent, scope_window, scope_max_new, max_new;
+    int32_t recall, recall_every, recall_no_promote;
 } wire_op;
-_Static_assert(sizeof(wire_hdr) == 32 && sizeof(wire_op) == 72, "docs/tp.md's sizes");
+_Static_assert(sizeof(wire_hdr) == 32 && sizeof(wire_op) == 80, "docs/tp.md's sizes");
 #define ROW_BYTES 16 /* token, position, sequence id, SCOPE step */
 #define MAGIC 0x656b7470u
 
@@ -240,7 +244,7 @@ static ekv_status send_raw(const wire_hdr *h, const void *payload, size_t len)
 
 static wire_hdr hdr(uint16_t kind, uint32_t counter, int32_t n_ops, int32_t n_rows)
 {
-    wire_hdr h = {.magic = MAGIC, .version = 1, .kind = kind, .counter = counter, .n_ops = n_ops,
+    wire_hdr h = {.magic = MAGIC, .version = 2, .kind = kind, .counter = counter, .n_ops = n_ops,
                   .n_rows = n_rows,
                   .payload_bytes = (uint32_t)(n_ops * sizeof(wire_op) + (size_t)n_rows * ROW_BYTES)};
     return h;
@@ -253,7 +257,7 @@ static void test_malformed_plans(void)
     h.magic ^= 1;
     CHECK_EQ_INT(send_raw(&h, NULL, 0), EKV_EFORMAT);
     h = hdr(0, 0, 0, 0);
-    h.version = 2;
+    h.version = 1; /* before the capture carried recall */
     CHECK_EQ_INT(send_raw(&h, NULL, 0), EKV_EFORMAT);
     h = hdr(3, 1, 0, 0); /* a ping out of order: the first message is counter 0 */
     CHECK_EQ_INT(send_raw(&h, NULL, 0), EKV_EFORMAT);
@@ -290,6 +294,22 @@ static void test_malformed_plans(void)
     } q = {.op = {.code = 1, .id = 0, .parent = -1}, .rows = {1, 0, 0, 0}};
     h = hdr(1, 0, 1, 1);
     CHECK_EQ_INT(send_raw(&h, &q, sizeof q.op + sizeof q.rows), EKV_EFORMAT);
+    /* a capture whose recall fields rank 0 would have refused */
+    struct {
+        wire_op create, capture;
+    } c = {.create = {.code = 1, .id = 0, .parent = -1},
+           .capture = {.code = 4, .id = 0, .parent = -1, .n_prompt = 40, .method = KVC_SNAPKV,
+                       .budget = 0.5, .recall = KVC_RECALL_MAX + 1}};
+    h = hdr(0, 0, 2, 0);
+    CHECK_EQ_INT(send_raw(&h, &c, sizeof c), EKV_EFORMAT);
+    c.capture.recall = 2;
+    c.capture.recall_no_promote = 7;
+    CHECK_EQ_INT(send_raw(&h, &c, sizeof c), EKV_EFORMAT);
+    c.capture.recall_no_promote = 1;
+    c.capture.recall_every = KV_RECALL_EVERY_MAX + 1;
+    CHECK_EQ_INT(send_raw(&h, &c, sizeof c), EKV_EFORMAT);
+    c.capture.recall_every = 4; /* well-formed: created, captured, freed at the end */
+    CHECK_EQ_INT(send_raw(&h, &c, sizeof c), EKV_OK);
     h = hdr(0, 0, 1, 0);
     /* create then end: the follower frees it and ends well */
     op = (wire_op){.code = 1, .id = 3, .parent = -1};
@@ -331,30 +351,66 @@ static void test_rank_failure(void)
     free(p.ids);
 }
 
-static void test_recall_refused(void)
+/* Recall under TP: each rank keeps the recall store of its own heads
+ * (enabled by the compression the capture op carries), ranks and promotes
+ * them itself. Two concurrent requests (promotion on; ranking every 4
+ * steps with promotion off) each equal gen_run + gen_follow alone, which
+ * enable recall from the same policy on every rank without a plan; the
+ * reference must have recalled and promoted blocks (rank 0's counters). */
+static const char RECALL_TEXT[] =
+    "Summarize this passage. The river leaves the mountains as a narrow stream, cold and fast, "
+    "cutting through granite and pine. In the valley it slows, spreads into marshes where herons "
+    "stand in the reeds, and feeds the orchards of three villages. Each spring the snowmelt "
+    "floods the lower fields; the farmers built stone walls and channels to guide the water, "
+    "and the mills along the bank grind the grain of the whole province. Near the coast the "
+    "river widens into an estuary, brackish and slow, where fishing boats wait for the tide.";
+
+static void test_recall_equals_gen_tp(void)
 {
     group gr;
-    CHECK(group_start(&gr, small_config(256, 2, 4)));
+    CHECK(group_start(&gr, small_config(1024, 2, 4)));
     ekv_error err = {0};
     ekv_engine *e = engine_create(g_model, &gr.cfg, &err);
     CHECK(e != NULL);
-    if (e) {
-        static req_out out;
-        prompt p = topic_prompt(1, "Write a line about %s");
-        gen_params gp = greedy(4);
-        gp.kv.method = KVC_SNAPKV;
-        gp.kv.budget = 0.5;
-        gp.kv.recall = 1;
-        engine_request r = make_request(&p, &gp, &out);
-        uint64_t id;
-        CHECK_EQ_INT(engine_submit(e, &r, &id, &err), EKV_EINVAL);
-        CHECK(strstr(err.msg, "tensor parallelism") != NULL);
-        engine_destroy(e);
-        free(p.ids);
-    } else {
+    if (!e) {
         comm_threads_group_abort(gr.g);
+        group_end(&gr);
+        return;
     }
+    static req_out out[2];
+    memset(out, 0, sizeof out);
+    prompt p = chat_prompt(RECALL_TEXT);
+    CHECK(p.n > 120); /* 50% of it leaves blocks to recall beside R = 2 of them */
+    gen_params gps[2];
+    for (int i = 0; i < 2; i++) {
+        gps[i] = greedy(24);
+        gps[i].ignore_eos = true;
+        gps[i].kv.method = KVC_SNAPKV;
+        gps[i].kv.budget = 0.5;
+        gps[i].kv.recall = 2;
+    }
+    gps[1].kv.recall_every = 4;
+    gps[1].kv.recall_no_promote = 1;
+    for (int i = 0; i < 2; i++) {
+        engine_request r = make_request(&p, &gps[i], &out[i]);
+        uint64_t id;
+        CHECK_EQ_INT(engine_submit(e, &r, &id, &err), EKV_OK);
+    }
+    CHECK(wait_done(out, 2));
+    engine_destroy(e);
     group_end(&gr);
+    CHECK_EQ_INT(gr.follow_rc, EKV_OK);
+    if (gr.follow_rc)
+        fprintf(stderr, "follower: %s\n", gr.follow_err.msg);
+    for (int i = 0; i < 2; i++)
+        check_equals_ref(&p, &gps[i], &out[i]);
+    gen_result ref;
+    memset(&ref, 0, sizeof ref);
+    CHECK(ref_tp(&p, &gps[0], &ref));
+    CHECK(ref.recall.blocks_recalled > 0);
+    CHECK(ref.recall.promotions > 0);
+    gen_result_free(&ref);
+    free(p.ids);
 }
 
 int main(int argc, char **argv)
@@ -362,7 +418,7 @@ int main(int argc, char **argv)
     if (!harness_init(argc, argv))
         return 1;
     RUN_TEST(test_malformed_plans);
-    RUN_TEST(test_recall_refused);
+    RUN_TEST(test_recall_equals_gen_tp);
     RUN_TEST(test_rank_failure);
     RUN_TEST(test_requests_equal_gen_tp);
     harness_fini();

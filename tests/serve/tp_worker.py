@@ -1,10 +1,11 @@
 """tp_worker.py - tensor-parallel worker groups behind the coordinator
 (issue 16, parts 4 and 6), with real processes and a grpcio client:
 
-- `entrokv worker --tp 2` (ranks as threads) and `deploy/mpi/run.sh -np 2 --
-  entrokv worker` (one rank per process, the MPI backend) give a
-  single-process worker's greedy tokens, with full KV and with SnapKV and
-  UNComp at 10%, n = 2 choices included;
+- `entrokv worker --tp 2` and `--tp 3` (ranks as threads) and
+  `deploy/mpi/run.sh -np 2 -- entrokv worker` (one rank per process, the
+  MPI backend) give a single-process worker's greedy tokens, with full KV
+  and with SnapKV and UNComp at 10%, n = 2 choices, SCOPE and recall
+  included; `-np 1` gives them bit for bit;
 - a follower rank killed with SIGKILL or stopped with SIGSTOP while a stream
   runs on the group: the stream ends with UNAVAILABLE within the
   communicator's timeout (plus margin), the group's Health says NOT_SERVING
@@ -133,14 +134,15 @@ def agrees(got, ref):
     return got[:k] == ids[:k]
 
 
-def generate_tp(prompt, pol, tp=2, n_tok=N_TOK):
-    """`entrokv generate --tp N --json` (gen_run / gen_follow)."""
+def generate_tp(prompt, pol, tp=2, n_tok=N_TOK, whole=False):
+    """`entrokv generate --tp N --json` (gen_run / gen_follow): its tokens,
+    or (whole) the JSON."""
     args = [BIN, "generate", "--model", MODEL, "--prompt", prompt, "--max-tokens", str(n_tok),
             "--tp", str(tp), "--threads", str(tp), "--json", "--ignore-eos"]
     for k, v in pol.items():
-        args += ["--" + k.replace("_", "-"), str(v)]
+        args += ["--" + k.replace("_", "-"), str(int(v) if isinstance(v, bool) else v)]
     out = subprocess.run(args, capture_output=True, text=True, timeout=120 * SCALE, check=True)
-    return json.loads(out.stdout)["token_ids"]
+    return json.loads(out.stdout) if whole else json.loads(out.stdout)["token_ids"]
 
 
 def health(target, pb):
@@ -186,12 +188,33 @@ def scope_reference(single, pb):
                 tokens_margins(single, pb, p, n_tok=SCOPE_TOK, **SCOPE)) for p in PROMPTS}
 
 
+# Recall (kvrecall.h) under TP: every rank keeps its own heads' recall
+# store. A prompt long enough that SnapKV at 50% evicts blocks' worth of
+# tokens per head beside R = 2 recalled; promotion on (the default), and
+# ranking every 4 steps with promotion off.
+RECALL_PROMPT = open("/usr/share/common-licenses/MPL-2.0").read()[:1200]
+RECALLS = [{"kv_method": "snapkv", "kv_budget": 0.5, "recall": 2},
+           {"kv_method": "snapkv", "kv_budget": 0.5, "recall": 2, "recall_every": 4,
+            "recall_promote": False}]
+RECALL_TOK = 24
+
+
+@pytest.fixture(scope="module")
+def recall_reference(single, pb):
+    """per RECALLS entry: (generate --tp 2's JSON, the single worker's tokens
+    and margins)"""
+    return [(generate_tp(RECALL_PROMPT, pol, n_tok=RECALL_TOK, whole=True),
+             tokens_margins(single, pb, RECALL_PROMPT, n_tok=RECALL_TOK, **pol))
+            for pol in RECALLS]
+
+
 @pytest.fixture(scope="module")
 def tp_reference():
     return {(p, i): generate_tp(p, pol) for p in PROMPTS for i, pol in enumerate(POLICIES)}
 
 
-def test_threads_group_same_tokens(pb, single, reference, tp_reference, scope_reference):
+def test_threads_group_same_tokens(pb, single, reference, tp_reference, scope_reference,
+                                   recall_reference):
     w = Server("--ctx", "512", "--max-running", "4", "--tp", "2", "--tp-timeout-ms",
                str(TP_TIMEOUT_MS), cmd="worker")
     try:
@@ -218,12 +241,13 @@ def test_threads_group_same_tokens(pb, single, reference, tp_reference, scope_re
             got = tokens(w, pb, p, n_tok=SCOPE_TOK, **SCOPE)[0]
             assert got == scope_reference[p][0], (p, got, scope_reference[p][0])
             assert agrees(got, scope_reference[p][1]), (p, got, scope_reference[p][1])
-        # recall is refused under TP, with a clear status
-        with pytest.raises(grpc.RpcError) as e:
-            tokens(w, pb, " ".join([PROMPTS[0]] * 16), kv_method="snapkv", kv_budget=0.9,
-                   recall=1)  # a prompt long enough for a recall block
-        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "tensor parallelism" in e.value.details()
+        # recall: each rank ranks, recalls and promotes its own heads' blocks
+        for pol, (ref_tp, ref_single) in zip(RECALLS, recall_reference):
+            assert ref_tp["recall_blocks"] > 0, ref_tp  # rank 0's heads recalled
+            assert (ref_tp["recall_promotions"] > 0) == pol.get("recall_promote", True), ref_tp
+            got = tokens(w, pb, RECALL_PROMPT, n_tok=RECALL_TOK, **pol)[0]
+            assert got == ref_tp["token_ids"], (pol, got, ref_tp["token_ids"])
+            assert agrees(got, ref_single), (pol, got, ref_single)
         assert health(w, pb) == pb["health_pb2"].HealthCheckResponse.SERVING
         # idle longer than the comm timeout: the heartbeat keeps the group up
         time.sleep(TP_TIMEOUT_MS / 1000 * 1.5)
@@ -234,6 +258,52 @@ def test_threads_group_same_tokens(pb, single, reference, tp_reference, scope_re
     assert "stopped:" not in w.stderr()  # no follower failed
 
 
+def test_threads_group_of_3(pb, reference, recall_reference):
+    """np = 3 (the demo model's 3 KV heads: one per rank): `entrokv generate
+    --tp 3`'s tokens exactly and the single worker's up to its first
+    near-tie, with full KV, SnapKV and UNComp at 10% and with recall."""
+    w = Server("--ctx", "512", "--max-running", "4", "--tp", "3", "--tp-timeout-ms",
+               str(TP_TIMEOUT_MS), cmd="worker")
+    try:
+        assert "tensor-parallel group of 3 ranks (threads)" in w.stderr()
+        for p in PROMPTS:
+            for i, pol in enumerate(POLICIES):
+                got = tokens(w, pb, p, **pol)[0]
+                ref = generate_tp(p, pol, tp=3)
+                assert got == ref, (p, pol, got, ref)
+                assert agrees(got, reference[(p, i)]), (p, pol, got, reference[(p, i)])
+        pol = RECALLS[0]
+        ref = generate_tp(RECALL_PROMPT, pol, tp=3, n_tok=RECALL_TOK, whole=True)
+        assert ref["recall_blocks"] > 0 and ref["recall_promotions"] > 0, ref
+        got = tokens(w, pb, RECALL_PROMPT, n_tok=RECALL_TOK, **pol)[0]
+        assert got == ref["token_ids"], (got, ref["token_ids"])
+        assert agrees(got, recall_reference[0][1]), (got, recall_reference[0][1])
+    finally:
+        rc = w.stop()
+    assert rc == 0, w.stderr()[-3000:]
+    assert "stopped:" not in w.stderr()
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="no mpirun (openmpi-bin)")
+def test_mpi_group_of_1(pb, reference, recall_reference):
+    """np = 1: `mpirun -np 1 entrokv worker` runs the TP path (the plan, an
+    MPI communicator of one rank) over the whole model, whose forward is the
+    single-process one bit for bit (docs/tp.md, "Numerics"): the single
+    worker's tokens exactly, with every policy and with recall."""
+    g = MpiGroup(1)
+    try:
+        assert "tensor-parallel rank 0 of 1 (mpi)" in g.stderr()
+        for p in PROMPTS:
+            for i, pol in enumerate(POLICIES):
+                got = tokens(g, pb, p, **pol)[0]
+                assert got == reference[(p, i)][0], (p, pol, got, reference[(p, i)][0])
+        for pol, (_, ref_single) in zip(RECALLS, recall_reference):
+            got = tokens(g, pb, RECALL_PROMPT, n_tok=RECALL_TOK, **pol)[0]
+            assert got == ref_single[0], (pol, got, ref_single[0])
+    finally:
+        g.kill()
+
+
 def test_more_ranks_than_kv_heads_refused():
     """The demo model has 3 KV heads: --tp 4 fails at start, naming why,
     instead of serving (or hanging on ranks that never start)."""
@@ -242,6 +312,21 @@ def test_more_ranks_than_kv_heads_refused():
                        capture_output=True, text=True, timeout=60 * SCALE)
     assert r.returncode == 1, r.stderr
     assert "KV heads" in r.stderr or "kv heads" in r.stderr, r.stderr
+
+
+def test_recall_tier_on_daemons_refused():
+    """--recall-host-mb spills recall blocks to the KV store daemons through
+    a client only rank 0 would have: a TP group refuses it at start, naming
+    why, rather than serve without the tier asked for."""
+    with tempfile.NamedTemporaryFile("w", suffix=".token") as tok:
+        tok.write("0123456789abcdef0123456789abcdef\n")
+        tok.flush()
+        r = subprocess.run([BIN, "worker", "--model", MODEL, "--listen", "127.0.0.1:0", "--tp",
+                            "2", "--kvstore-peers", "127.0.0.1:1", "--kvstore-token-file",
+                            tok.name, "--recall-host-mb", "16"],
+                           capture_output=True, text=True, timeout=60 * SCALE)
+    assert r.returncode == 1, r.stderr
+    assert "--recall-host-mb" in r.stderr and "tensor-parallel" in r.stderr, r.stderr
 
 
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="no mpirun (openmpi-bin)")
