@@ -2,14 +2,16 @@
  * test_coordinator.c - the coordinator without a network or an engine:
  * fake worker groups record what is submitted to them and the test plays
  * the engine's callbacks by hand. Checks routing (least loaded, prefix
- * affinity), request checks, the stream's coalescing, notify and reference
- * counting (under ASan: no leak, no use after free), and the metrics text.
+ * affinity, ties in turn, retries, health and readiness), request checks,
+ * the stream's coalescing, notify and reference counting (under ASan: no
+ * leak, no use after free), and the metrics text.
  * Usage: test_coordinator MODEL.gguf (the tokenizer comes from the model).
  */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "coord_internal.h" /* coord_set_group_healthy */
 #include "entrokv/coordinator.h"
 #include "entrokv/metrics.h"
 #include "entrokv/model.h"
@@ -472,6 +474,77 @@ static void test_ties_take_turns_and_failed_groups_are_retried(const ekv_tokeniz
     metrics_free(m);
 }
 
+/* Issue 21 part 1: a group's health (set by its own checks, as remote.c's
+ * Stats calls do) decides both where requests go and /readyz: an unhealthy
+ * group takes no request, not even a retry, and with none healthy the
+ * coordinator is not ready and refuses with "no healthy worker group". */
+static void test_health_decides_routing_and_readiness(const ekv_tokenizer *tok)
+{
+    coord_config cfg;
+    coord_config_default(&cfg);
+    ekv_metrics *m = metrics_create();
+    ekv_coordinator *c = coord_create(tok, &cfg, m, NULL);
+    fake_group g[2] = {{.index = 0}, {.index = 1}};
+    for (int i = 0; i < 2; i++)
+        CHECK(coord_add_group(c, "fake", &fake_ops, &g[i], NULL) == EKV_OK);
+    char why[64];
+    CHECK(coord_ready(c, why, sizeof why) && !strcmp(why, ""));
+    int before[2] = {0, 0};
+
+    /* group 0 unhealthy: every request goes to group 1, still ready */
+    coord_set_group_healthy(c, &g[0], false);
+    CHECK(coord_ready(c, why, sizeof why));
+    for (int i = 0; i < 4; i++) {
+        coord_request r = prompt_request(c, "Hello");
+        coord_stream *s = NULL;
+        CHECK(coord_submit(c, &r, &s, NULL) == EKV_OK);
+        int k = took(g, 2, before);
+        CHECK(k == 1);
+        if (k >= 0)
+            fake_finish(&g[k], g[k].n_submits - 1, GEN_FINISH_LENGTH);
+        coord_stream_release(s);
+    }
+
+    /* a request that fails before its first token is not retried on the
+     * unhealthy group: it ends UNAVAILABLE */
+    coord_request r = prompt_request(c, "Hello there");
+    coord_stream *s = NULL;
+    CHECK(coord_submit(c, &r, &s, NULL) == EKV_OK);
+    int a = took(g, 2, before);
+    CHECK(a == 1);
+    if (a < 0)
+        return;
+    fail_unavailable(&g[a], g[a].n_submits - 1);
+    CHECK(took(g, 2, before) == -1);
+    coord_chunk ch;
+    CHECK(coord_stream_take(s, &ch) && ch.done && ch.rc == EKV_EUNAVAILABLE);
+    coord_chunk_free(&ch);
+    coord_stream_release(s);
+
+    /* none healthy: not ready, and a request is refused with the reason */
+    coord_set_group_healthy(c, &g[1], false);
+    CHECK(!coord_ready(c, why, sizeof why) && !strcmp(why, "no healthy worker group"));
+    r = prompt_request(c, "Hello");
+    s = NULL;
+    ekv_error err = {0};
+    CHECK(coord_submit(c, &r, &s, &err) == EKV_EBUSY && !s &&
+          strstr(err.msg, "no healthy worker group"));
+    CHECK(took(g, 2, before) == -1);
+
+    /* group 0 back: ready again and it takes the next request */
+    coord_set_group_healthy(c, &g[0], true);
+    CHECK(coord_ready(c, why, sizeof why));
+    r = prompt_request(c, "Hello");
+    CHECK(coord_submit(c, &r, &s, NULL) == EKV_OK);
+    int k = took(g, 2, before);
+    CHECK(k == 0);
+    if (k >= 0)
+        fake_finish(&g[k], g[k].n_submits - 1, GEN_FINISH_LENGTH);
+    coord_stream_release(s);
+    coord_free(c);
+    metrics_free(m);
+}
+
 static void test_utf8_validation(void)
 {
     CHECK(coord_utf8_valid("", 0));
@@ -502,6 +575,7 @@ int main(int argc, char **argv)
     test_bad_requests_are_einval_with_a_message(tok);
     test_gauges_sum_groups_and_kvstore_counters_render(tok);
     test_ties_take_turns_and_failed_groups_are_retried(tok);
+    test_health_decides_routing_and_readiness(tok);
     test_utf8_validation();
     model_free(model);
     printf("%s: %d failure(s)\n", failures ? "FAIL" : "ok", failures);
