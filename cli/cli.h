@@ -57,6 +57,7 @@ typedef struct cli_kv_opts {
     int32_t recall;      /* --recall R: evicted blocks per head rejoining each step (0: off) */
     int32_t recall_every;   /* --recall-every K (0: default) */
     int32_t recall_promote; /* --recall-promote 0|1 (default 1) */
+    int32_t recall_channels; /* --recall-channels M (-1: default) */
 } cli_kv_opts;
 
 #define CLI_KV_USAGE                                                                          \
@@ -74,9 +75,14 @@ typedef struct cli_kv_opts {
     "                        their 16R tokens come out of the budget (default 0: off)\n"  \
     "  --recall-every K      rank the recall blocks every K decode steps (default 1)\n"      \
     "  --recall-promote 0|1  promote recall blocks that keep winning attention mass into\n"  \
-    "                        the resident set, demoting the weakest (default 1)\n"
+    "                        the resident set, demoting the weakest (default 1)\n"      \
+    "  --recall-channels M   rank recall blocks exactly on the M channels where the query\n" \
+    "                        is largest, the digest's min/max box on the rest (default 16;\n" \
+    "                        0: the box alone, head_dim: the exact maximum q.k)\n"
 
 void cli_kv_defaults(cli_kv_opts *o);
+/* --recall-channels as kvc_policy.recall_channels (0 default, KVC_RECALL_BOX). */
+int32_t cli_kv_channels(const cli_kv_opts *o);
 /* Consumes argv[*i] if it is one of the --kv-* flags: 1 taken, 0 not a kv
  * flag, -1 bad value (message printed). */
 int cli_kv_take(int argc, char **argv, int *i, cli_kv_opts *o);

@@ -22,6 +22,13 @@ void cli_kv_defaults(cli_kv_opts *o)
     o->spark_ratio = 0.0;
     o->spark_recovery = "avg";
     o->recall_promote = 1;
+    o->recall_channels = -1;
+}
+
+int32_t cli_kv_channels(const cli_kv_opts *o)
+{
+    return o->recall_channels < 0 ? 0 : o->recall_channels == 0 ? KVC_RECALL_BOX
+                                                                 : o->recall_channels;
 }
 
 int cli_kv_take(int argc, char **argv, int *i, cli_kv_opts *o)
@@ -41,6 +48,9 @@ int cli_kv_take(int argc, char **argv, int *i, cli_kv_opts *o)
         return cli_take_int(argc, argv, i, 0, KVC_RECALL_MAX, &o->recall) ? 1 : -1;
     if (!strcmp(a, "--recall-every"))
         return cli_take_int(argc, argv, i, 1, KV_RECALL_EVERY_MAX, &o->recall_every) ? 1 : -1;
+    if (!strcmp(a, "--recall-channels"))
+        return cli_take_int(argc, argv, i, 0, KV_RECALL_CHANNELS_MAX, &o->recall_channels) ? 1
+                                                                                           : -1;
     if (!strcmp(a, "--recall-promote"))
         return cli_take_int(argc, argv, i, 0, 1, &o->recall_promote) ? 1 : -1;
     if (!strcmp(a, "--spark-recovery"))
@@ -93,6 +103,7 @@ int cli_kv_policy(const char *cmd, const cli_kv_opts *o, const struct ekv_model 
     policy->recall = o->recall;
     policy->recall_every = o->recall_every;
     policy->recall_no_promote = !o->recall_promote;
+    policy->recall_channels = cli_kv_channels(o);
     if (policy->method != KVC_UNCOMP || (o->profile && !strcmp(o->profile, "none")))
         return CLI_OK;
     char path[4096];

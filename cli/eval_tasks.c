@@ -153,6 +153,7 @@ int eval_build_policies(eval_opts *o, const ekv_model *m, eval_policy *pols, int
                 pols[n].p.recall = o->kv.recall;
                 pols[n].p.recall_every = o->kv.recall_every;
                 pols[n].p.recall_no_promote = !o->kv.recall_promote;
+                pols[n].p.recall_channels = cli_kv_channels(&o->kv);
                 const size_t used = strlen(pols[n].label);
                 snprintf(pols[n].label + used, sizeof pols[0].label - used, "+recall%d%s",
                          o->kv.recall, o->kv.recall_promote ? "" : "np");
@@ -200,6 +201,10 @@ static cJSON *result_json(const char *task, const eval_policy *pol, const eval_m
         cJSON_AddNumberToObject(o, "recall_select_s", r->recall_select_s);
         cJSON_AddNumberToObject(o, "recall_every", pol->p.recall_every ? pol->p.recall_every : 1);
         cJSON_AddNumberToObject(o, "recall_promote", !pol->p.recall_no_promote);
+        cJSON_AddNumberToObject(o, "recall_channels",
+                                pol->p.recall_channels == KVC_RECALL_BOX ? 0
+                                : pol->p.recall_channels ? pol->p.recall_channels
+                                                         : KV_RECALL_EXACT_CHANNELS);
         cJSON_AddNumberToObject(o, "recall_rankings", (double)r->recall_rankings);
         cJSON_AddNumberToObject(o, "recall_promotions", (double)r->recall_promotions);
     }

@@ -109,6 +109,9 @@ ekv_status kvc_policy_check(const kvc_policy *p, ekv_error *err)
     if (p->recall < 0 || p->recall > KVC_RECALL_MAX)
         return ekv_error_set(err, EKV_EINVAL, "recall must be in [0, %d] blocks, got %d",
                              KVC_RECALL_MAX, p->recall);
+    if (p->recall_channels < KVC_RECALL_BOX || p->recall_channels > KV_RECALL_CHANNELS_MAX)
+        return ekv_error_set(err, EKV_EINVAL, "recall_channels must be in [%d, %d], got %d",
+                             KVC_RECALL_BOX, KV_RECALL_CHANNELS_MAX, p->recall_channels);
     if (p->recall_every < 0 || p->recall_every > KV_RECALL_EVERY_MAX)
         return ekv_error_set(err, EKV_EINVAL, "recall_every must be in [0, %d], got %d",
                              KV_RECALL_EVERY_MAX, p->recall_every);
@@ -451,7 +454,13 @@ ekv_status kvc_capture_compress(kvc_capture *c, ekv_runtime *rt, kv_seq *seq, kv
         if ((rc = kv_seq_recall_enable(seq, c->policy.recall, err)) ||
             (rc = kv_recall_set_mode(kv_seq_recall(seq),
                                      c->policy.recall_every ? c->policy.recall_every : 1,
-                                     !c->policy.recall_no_promote, err)))
+                                     !c->policy.recall_no_promote, err)) ||
+            (c->policy.recall_channels &&
+             (rc = kv_recall_set_channels(kv_seq_recall(seq),
+                                          c->policy.recall_channels == KVC_RECALL_BOX
+                                              ? 0
+                                              : c->policy.recall_channels,
+                                          err))))
             return rc;
     }
     ctx.total = (int64_t)ctx.mean * na;

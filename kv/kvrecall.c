@@ -40,8 +40,18 @@ kv_recall *kv_recall_create(int32_t n_layers, int32_t n_kv_heads, int32_t head_d
     rc->bt = block_tokens;
     rc->r = r;
     rc->every = 1;
+    rc->exact_channels = KV_RECALL_EXACT_CHANNELS;
     rc->promote = true;
     return rc;
+}
+
+ekv_status kv_recall_set_channels(kv_recall *rc, int32_t m, ekv_error *err)
+{
+    if (m < 0 || m > KV_RECALL_CHANNELS_MAX)
+        return ekv_error_set(err, EKV_EINVAL, "kv recall: %d exact channels (0..%d)", m,
+                             KV_RECALL_CHANNELS_MAX);
+    rc->exact_channels = m;
+    return EKV_OK;
 }
 
 ekv_status kv_recall_set_mode(kv_recall *rc, int32_t every, bool promote, ekv_error *err)
@@ -112,6 +122,7 @@ kv_recall *kv_recall_clone(const kv_recall *src, ekv_error *err)
     if (!rc)
         return NULL;
     rc->every = src->every;
+    rc->exact_channels = src->exact_channels;
     rc->promote = src->promote;
     const size_t bb = blk_bytes(src);
     int64_t host = 0;
@@ -332,7 +343,8 @@ size_t kv_recall_scratch_bytes(const kv_recall *rc, int32_t layer, int32_t head,
     const rc_head *h = head_of(rc, layer, head);
     const size_t nb = (size_t)rc->r + (size_t)n_resident_blocks;
     return 3 * nb * sizeof(void *) + (size_t)h->n_blocks * sizeof(float) +
-           ((size_t)rc->r + 1) * sizeof(int32_t) + 16;
+           ((size_t)rc->r + 1) * sizeof(int32_t) + 16 +
+           (size_t)rc->d * (sizeof(float) + sizeof(int32_t));
 }
 
 static int64_t now_ns(void)
@@ -425,7 +437,28 @@ int32_t kv_recall_view_at(kv_recall *rc, int32_t layer, int32_t head, const floa
         memcpy(top, h->top, (size_t)n_top * sizeof *top);
         atomic_fetch_add_explicit(&rc->reuses, 1, memory_order_relaxed);
     } else {
-        kv_digest_bounds(h->kmin, h->kmax, h->n_blocks, Q, n_q, q_stride, d, bound);
+        /* each block's score: the best over the group's queries of the
+         * bound kvrecall_bound.c explains. A spilling tier takes blocks' K
+         * out of host memory: the box alone then, so that every block of
+         * the head gets the same kind of score (a spilled block's box
+         * would outrank kept blocks' tighter scores) */
+        const int32_t m = rc->tier && kvrt_spills(rc->tier) ? 0 : rc->exact_channels;
+        if (m == 0)
+            kv_digest_bounds(h->kmin, h->kmax, h->n_blocks, Q, n_q, q_stride, d, bound);
+        else {
+            float *qm = (float *)(top + rc->r + 1);
+            int32_t *sel = (int32_t *)(qm + d);
+            for (int32_t b = 0; b < h->n_blocks; b++)
+                bound[b] = -INFINITY;
+            for (int g = 0; g < n_q; g++) {
+                kvrb_query qq;
+                kvrb_split(Q + (size_t)g * q_stride, d, m, qm, sel, &qq);
+                for (int32_t b = 0; b < h->n_blocks; b++) {
+                    const float s = kvrb_bound(rc, h, b, &qq);
+                    bound[b] = s > bound[b] ? s : bound[b];
+                }
+            }
+        }
         n_top = top_blocks(h, bound, q_pos, rc->r, top);
         atomic_fetch_add_explicit(&rc->selections, 1, memory_order_relaxed);
         if (track) {

@@ -40,6 +40,7 @@ typedef struct rc_head {
 struct kv_recall {
     int32_t n_layers, n_kv_heads, d, bt, r;
     int32_t every;  /* rank every this many steps (tracked rows) */
+    int32_t exact_channels; /* the ranking's exact channels (kvrecall_bound.c) */
     bool promote;   /* observe attention mass and promote blocks that keep winning */
     rc_head *heads;
     kvrt_seq *tier; /* NULL: the host pool alone */
@@ -60,6 +61,19 @@ static inline int32_t *blk_pos(const kv_recall *rc, uint8_t *p)
 {
     return (int32_t *)((ekv_f16 *)p + (size_t)rc->d * rc->bt * 2);
 }
+
+/* The ranking's score (kvrecall_bound.c): for one query, the channels
+ * where |q| is largest (scored exactly per key) and q with them zeroed
+ * (qm, head_dim floats: the box bounds the rest). */
+typedef struct kvrb_query {
+    const float *q, *qm;
+    const int32_t *sel; /* n_sel channels */
+    int32_t n_sel;
+} kvrb_query;
+/* Splits q for m exact channels; qm and sel hold head_dim entries each. */
+void kvrb_split(const float *q, int32_t d, int32_t m, float *qm, int32_t *sel, kvrb_query *out);
+/* Upper bound of max over block b's keys of q . k (kv_recall_block_bound). */
+float kvrb_bound(const kv_recall *rc, const rc_head *h, int32_t b, const kvrb_query *qq);
 
 static inline rc_head *head_of(const kv_recall *rc, int32_t layer, int32_t head)
 {

@@ -91,7 +91,13 @@ typedef struct kvc_policy {
      * the resident set (kvrecall.h; recall_no_promote 1: off). */
     int32_t recall_every;
     uint8_t recall_no_promote;
+    /* Channels recall's ranking scores exactly (kv_recall_set_channels):
+     * 0 the default (KV_RECALL_EXACT_CHANNELS), KVC_RECALL_BOX the digest's
+     * box alone, n > 0 n channels (head_dim or more: the exact maximum). */
+    int32_t recall_channels;
 } kvc_policy;
+
+#define KVC_RECALL_BOX (-1)
 
 #define KVC_RECALL_BLOCK 16 /* the KV pool's block (model_kv_pool_create) */
 #define KVC_RECALL_MAX 1024

@@ -80,6 +80,20 @@ float kv_digest_bound(const float *kmin, const float *kmax, const float *q, int3
 void kv_digest_bounds(const float *kmin, const float *kmax, int32_t n, const float *Q, int n_q,
                       int q_stride, int32_t d, float *bound);
 
+/* What recall ranks block b of (layer, head) by for query q: an upper
+ * bound of the block's maximum q . k, exact on the M channels where |q| is
+ * largest (from the block's keys) and the digest's box on the rest
+ * (kvrecall_bound.c), so never above kv_digest_bound; a block spilled to
+ * the tier gets the box alone. -INFINITY for a bad b. M is
+ * kv_recall_set_channels' (default KV_RECALL_EXACT_CHANNELS): 0 ranks by
+ * the box alone, head_dim or more by the exact maximum. */
+#define KV_RECALL_EXACT_CHANNELS 16
+#define KV_RECALL_CHANNELS_MAX 4096
+float kv_recall_block_bound(const kv_recall *rc, int32_t layer, int32_t head, int32_t b,
+                            const float *q);
+/* EKV_EINVAL outside [0, KV_RECALL_CHANNELS_MAX]. */
+ekv_status kv_recall_set_channels(kv_recall *rc, int32_t m, ekv_error *err);
+
 /* Scratch bytes kv_recall_view needs for (layer, head) beside a resident
  * view of n_resident_blocks blocks. */
 size_t kv_recall_scratch_bytes(const kv_recall *rc, int32_t layer, int32_t head,

@@ -4,7 +4,7 @@
  *     bit-identical to a sequence holding the same tokens as ordinary KV in
  *     the order attention sees them, and equal full KV's up to summation
  *     order, while the same compression without recall does not;
- *   - the digest bound holds on real post-RoPE keys against real decode
+ *   - the digest bound and the ranking score hold on real post-RoPE keys against real decode
  *     queries, in every layer and KV head;
  *   - a policy with recall keeps resident + recall buffer within its budget
  *     at every step;
@@ -191,7 +191,7 @@ static void test_bound_holds_on_real_keys_and_queries(void)
     model_batch b = {.n = 1, .tokens = &id, .pos = &pos, .seqs = &seq, .tap = &tap};
     CHECK(model_forward(g_rt, &b, out, NULL) == EKV_OK);
     const kv_recall *rc = kv_seq_recall(seq);
-    int64_t checked = 0, violations = 0;
+    int64_t checked = 0, violations = 0, tighter = 0;
     for (int32_t l = 0; l < c->n_layers; l++)
         for (int32_t h = 0; h < c->n_kv_heads; h++)
             for (int32_t blk = 0; blk < kv_recall_blocks(rc, l, h); blk++) {
@@ -210,11 +210,17 @@ static void test_bound_holds_on_real_keys_and_queries(void)
                     for (int32_t j = 0; j < D; j++)
                         mag += fabs(q[j]) * fmax(fabs(mn[j]), fabs(mx[j]));
                     violations += !(kv_digest_bound(mn, mx, q, D) >= exact - 1e-6 * mag);
+                    /* the ranking's score (exact channels + box) too */
+                    const float score = kv_recall_block_bound(rc, l, h, blk, q);
+                    violations += !(score >= exact - 1e-6 * mag);
+                    tighter += score < kv_digest_bound(mn, mx, q, D);
                     checked++;
                 }
             }
-    fprintf(stderr, "  %lld (block, query head) pairs checked\n", (long long)checked);
+    fprintf(stderr, "  %lld (block, query head) pairs checked, ranking score below the box on %lld\n",
+            (long long)checked, (long long)tighter);
     CHECK(checked > 1000);
+    CHECK(tighter > checked / 2);
     CHECK_EQ_INT(violations, 0);
     kv_seq_free(seq);
     free(t.q);

@@ -2,12 +2,16 @@
  * test_kvrecall.c - the recall store (kvrecall.h) without a model:
  *   - the digest bound never underestimates a block's true maximum q . k
  *     (exact dot products in double over the fp16 keys attention reads);
+ *   - nor does the ranking's score (kv_recall_block_bound: exact on the
+ *     query's largest channels, the box on the rest), which is never above
+ *     the box bound and is below it on most blocks;
  *   - what kv_seq_keep drops arrives in the store bit-identical (K, V,
  *     positions), in eviction order, across evictions and clones;
  *   - with R >= the store's blocks, attention over resident + recalled
  *     equals attention over every token (up to summation order);
  *   - with R < the blocks, the R joining are the brute-force top R by
- *     bound (max over the query group; ties to the older block);
+ *     the ranking's score (max over the query group; ties to the older
+ *     block);
  *   - the policy's recall buffer comes out of the budget.
  */
 #include <math.h>
@@ -117,6 +121,59 @@ static void test_bound_never_underestimates(void)
     }
     CHECK(checked > 1000);
     CHECK(tight > 0); /* not a vacuous +inf */
+}
+
+/* The ranking's score against the exact maximum and the box, on random
+ * keys with outlier channels and queries of every kind (dims below, at and
+ * above KV_RECALL_EXACT_CHANNELS; sparse, scaled, partly filled blocks). */
+static void test_rank_bound_never_underestimates(void)
+{
+    static const int32_t dims[] = {8, 17, 64, 128};
+    int64_t checked = 0, tighter = 0;
+    for (size_t di = 0; di < sizeof dims / sizeof dims[0]; di++) {
+        const int32_t d = dims[di], n = 203; /* the last block partly filled */
+        kv_pool *pool = kv_pool_create(BT, d, 64, NULL);
+        kv_seq *s = random_seq(pool, 1, n, d, NULL, NULL);
+        CHECK(kv_seq_recall_enable(s, 4, NULL) == EKV_OK);
+        int32_t keep[203], nk = 0;
+        for (int32_t t = 0; t < n; t++)
+            if (urand() < 0.3)
+                keep[nk++] = t;
+        CHECK(kv_seq_keep(s, 0, 0, keep, nk, NULL) == EKV_OK);
+        const kv_recall *rc = kv_seq_recall(s);
+        CHECK(kv_recall_tokens(rc, 0, 0) % BT != 0);
+        float *q = malloc((size_t)d * sizeof *q);
+        for (int trial = 0; trial < 200; trial++) {
+            for (int32_t c = 0; c < d; c++) /* zeros (whole queries too), signs, scales */
+                q[c] = trial == 0 || urand() < 0.1 ? 0.0f : nrand() * (float)(1 << (trial % 5));
+            for (int32_t b = 0; b < kv_recall_blocks(rc, 0, 0); b++) {
+                const ekv_f16 *kb;
+                const float *mn, *mx;
+                const int32_t filled = kv_recall_block(rc, 0, 0, b, &kb, NULL, NULL, &mn, &mx);
+                const double exact = true_max(kb, filled, q, d);
+                const float score = kv_recall_block_bound(rc, 0, 0, b, q);
+                const float box = kv_digest_bound(mn, mx, q, d);
+                double mag = 0;
+                for (int32_t c = 0; c < d; c++)
+                    mag += fabs(q[c]) * fmax(fabs(mn[c]), fabs(mx[c]));
+                if (!(score >= exact - 1e-6 * mag) || !(score <= box + 1e-6 * mag)) {
+                    fprintf(stderr, "d %d block %d: score %.9g, true max %.9g, box %.9g\n", d, b,
+                            (double)score, exact, (double)box);
+                    CHECK(0);
+                }
+                tighter += score < box - 1e-3 * mag;
+                checked++;
+            }
+        }
+        CHECK(kv_recall_block_bound(rc, 0, 0, kv_recall_blocks(rc, 0, 0), q) == -INFINITY);
+        free(q);
+        kv_seq_free(s);
+        kv_pool_destroy(pool);
+    }
+    fprintf(stderr, "  %lld blocks scored, %lld below the box\n", (long long)checked,
+            (long long)tighter);
+    CHECK(checked > 1000);
+    CHECK(tighter > checked / 2); /* the exact channels do tighten it */
 }
 
 static void test_store_is_bit_identical_across_evictions_and_clones(void)
@@ -244,7 +301,7 @@ static void test_recall_of_every_block_equals_full_attention(void)
     kv_pool_destroy(pool);
 }
 
-static void test_top_r_by_bound(void)
+static void test_top_r_by_score(void)
 {
     const int32_t d = 32, n = 400, G = 2, R = 5;
     kv_pool *pool = kv_pool_create(BT, d, 64, NULL);
@@ -265,11 +322,9 @@ static void test_top_r_by_bound(void)
         for (int i = 0; i < G * d; i++)
             q[i] = nrand();
         float bound[64];
-        for (int32_t b = 0; b < nb; b++) {
-            const float *mn, *mx;
-            kv_recall_block(rc, 0, 0, b, NULL, NULL, NULL, &mn, &mx);
-            bound[b] = fmaxf(kv_digest_bound(mn, mx, q, d), kv_digest_bound(mn, mx, q + d, d));
-        }
+        for (int32_t b = 0; b < nb; b++)
+            bound[b] = fmaxf(kv_recall_block_bound(rc, 0, 0, b, q),
+                             kv_recall_block_bound(rc, 0, 0, b, q + d));
         int chosen[64] = {0};
         for (int k = 0; k < R; k++) { /* brute force, ties to the older block */
             int32_t best = -1;
@@ -370,9 +425,10 @@ static void test_policy_takes_the_buffer_from_the_budget(void)
 int main(void)
 {
     RUN_TEST(test_bound_never_underestimates);
+    RUN_TEST(test_rank_bound_never_underestimates);
     RUN_TEST(test_store_is_bit_identical_across_evictions_and_clones);
     RUN_TEST(test_recall_of_every_block_equals_full_attention);
-    RUN_TEST(test_top_r_by_bound);
+    RUN_TEST(test_top_r_by_score);
     RUN_TEST(test_policy_takes_the_buffer_from_the_budget);
     RUN_TEST(test_batched_bounds_equal_bound_bit_for_bit);
     return TEST_EXIT();

@@ -48,6 +48,9 @@ static kv_seq *evicted_seq(kv_pool *pool, int32_t H, int32_t n, int32_t keep, in
     kv_seq *s = kv_seq_create(pool, 1, H, NULL);
     CHECK(s != NULL);
     CHECK(kv_seq_recall_enable(s, r, NULL) == EKV_OK);
+    /* a spilling store ranks by the digest's box alone (its blocks' K may
+     * be away); its host-only twin must rank the same way to compare */
+    CHECK(kv_recall_set_channels(kv_seq_recall(s), 0, NULL) == EKV_OK);
     float k[D], v[D];
     for (int32_t h = 0; h < H; h++)
         for (int32_t t = 0; t < n; t++) {
