@@ -16,63 +16,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "ekv_test.h"
-#include "entrokv/compress.h"
-#include "entrokv/kvrecall.h"
-#include "entrokv/model.h"
+#include "recall_harness.h"
 
-#define STEPS 6
-#define N_PROMPT 320
+#define STEPS RH_STEPS
+#define N_PROMPT RH_PROMPT
 
-static ekv_model *g_model;
-static int32_t *g_prompt;
-static ekv_runtime *g_rt;
 static kv_pool *g_pool;
-
-static int32_t argmax(const float *x, int32_t n)
-{
-    int32_t best = 0;
-    for (int32_t i = 1; i < n; i++)
-        if (x[i] > x[best])
-            best = i;
-    return best;
-}
-
-/* A prefilled sequence compressed with pol (NULL: full). With force_r > 0,
- * recall is enabled before compression without taking from the budget. */
-static kv_seq *prepare(const kvc_policy *pol, int32_t force_r, float *logits)
-{
-    const ekv_model_config *c = model_config(g_model);
-    ekv_error err = {0};
-    kv_seq *seq = kv_seq_create(g_pool, c->n_layers, c->n_kv_heads, &err);
-    kvc_capture *cap = pol ? kvc_capture_create(pol, g_model, N_PROMPT, 0, &err) : NULL;
-    CHECK(seq && (!pol || cap));
-    CHECK(model_prefill(g_rt, seq, g_prompt, N_PROMPT, 0, cap ? kvc_capture_tap(cap, seq) : NULL,
-                        logits, &err) == EKV_OK);
-    if (force_r)
-        CHECK(kv_seq_recall_enable(seq, force_r, &err) == EKV_OK);
-    kvc_report rep;
-    if (cap)
-        CHECK(kvc_capture_compress(cap, g_rt, seq, &rep, &err) == EKV_OK);
-    if (err.code)
-        fprintf(stderr, "error: %s\n", err.msg);
-    kvc_capture_free(cap);
-    return seq;
-}
-
-/* STEPS greedy decode steps from logits (n_vocab), every step's logits into out. */
-static void decode(kv_seq *seq, const float *first, float *out)
-{
-    const int32_t V = model_config(g_model)->n_vocab;
-    const float *prev = first;
-    for (int s = 0; s < STEPS; s++) {
-        int32_t id = argmax(prev, V);
-        const int32_t pos = N_PROMPT + s;
-        model_batch b = {.n = 1, .tokens = &id, .pos = &pos, .seqs = &seq};
-        CHECK(model_forward(g_rt, &b, out + (size_t)s * V, NULL) == EKV_OK);
-        prev = out + (size_t)s * V;
-    }
-}
 
 static double max_diff(const float *a, const float *b, size_t n)
 {
@@ -121,20 +70,20 @@ static void test_recalling_every_block_equals_full_kv(void)
     float *first = malloc(V * sizeof *first), *ref = malloc(STEPS * V * sizeof *ref);
     float *got = malloc(STEPS * V * sizeof *got), *plain = malloc(STEPS * V * sizeof *plain);
     float *same = malloc(STEPS * V * sizeof *same);
-    kv_seq *full = prepare(NULL, 0, first);
-    decode(full, first, ref);
+    kv_seq *full = rh_prepare(g_pool, NULL, 0, first);
+    rh_decode(full, first, ref, NULL, NULL);
     /* streaming at 0.2 keeps 64 of 320 tokens per head: 16 whole blocks evicted */
     kvc_policy p;
     CHECK(kvc_policy_parse("streaming", 0.2, &p, NULL) == EKV_OK);
-    kv_seq *rec = prepare(&p, (N_PROMPT + 15) / 16, first);
+    kv_seq *rec = rh_prepare(g_pool, &p, (N_PROMPT + 15) / 16, first);
     kv_recall_stats st;
     kv_recall_get_stats(kv_seq_recall(rec), &st);
     CHECK_EQ_INT(st.evicted_tokens, (int64_t)(N_PROMPT - 64) * 90);
     kv_seq *order = same_order_reference(rec);
-    decode(rec, first, got);
-    decode(order, first, same);
-    kv_seq *cmp = prepare(&p, 0, first);
-    decode(cmp, first, plain);
+    rh_decode(rec, first, got, NULL, NULL);
+    rh_decode(order, first, same, NULL, NULL);
+    kv_seq *cmp = rh_prepare(g_pool, &p, 0, first);
+    rh_decode(cmp, first, plain, NULL, NULL);
     const double d_recall = max_diff(ref, got, STEPS * V), d_plain = max_diff(ref, plain, STEPS * V);
     fprintf(stderr, "  max |logit - full|: recall-all %.3g, streaming 0.2 alone %.3g\n",
             d_recall, d_plain);
@@ -147,7 +96,7 @@ static void test_recalling_every_block_equals_full_kv(void)
     CHECK(d_recall < 0.25 * d_plain);
     int agree = 0;
     for (int s = 0; s < STEPS; s++)
-        agree += argmax(got + s * V, (int32_t)V) == argmax(ref + s * V, (int32_t)V);
+        agree += rh_argmax(got + s * V, (int32_t)V) == rh_argmax(ref + s * V, (int32_t)V);
     CHECK_EQ_INT(agree, STEPS);
     kv_seq_free(full);
     kv_seq_free(rec);
@@ -182,11 +131,11 @@ static void test_bound_holds_on_real_keys_and_queries(void)
     kvc_policy p;
     CHECK(kvc_policy_parse("streaming", 0.2, &p, NULL) == EKV_OK);
     p.recall = 2;
-    kv_seq *seq = prepare(&p, 0, first);
+    kv_seq *seq = rh_prepare(g_pool, &p, 0, first);
     qtap t = {.per_layer = (size_t)c->n_heads * D};
     t.q = malloc((size_t)c->n_layers * t.per_layer * sizeof *t.q);
     model_tap tap = {.fn = tap_fn, .ctx = &t};
-    int32_t id = argmax(first, (int32_t)V);
+    int32_t id = rh_argmax(first, (int32_t)V);
     const int32_t pos = N_PROMPT;
     model_batch b = {.n = 1, .tokens = &id, .pos = &pos, .seqs = &seq, .tap = &tap};
     CHECK(model_forward(g_rt, &b, out, NULL) == EKV_OK);
@@ -239,7 +188,7 @@ static void test_budget_holds_at_every_step(void)
     p.recall = R;
     int32_t mean;
     CHECK(kvc_policy_mean_tokens(&p, N_PROMPT, &mean, NULL) == EKV_OK);
-    kv_seq *seq = prepare(&p, 0, first);
+    kv_seq *seq = rh_prepare(g_pool, &p, 0, first);
     const kv_recall *rc = kv_seq_recall(seq);
     CHECK(rc != NULL);
     int64_t resident = 0;
@@ -251,7 +200,7 @@ static void test_budget_holds_at_every_step(void)
     kv_recall_stats before, after;
     for (int s = 0; s < STEPS; s++) {
         kv_recall_get_stats(rc, &before);
-        int32_t id = argmax(prev, (int32_t)V);
+        int32_t id = rh_argmax(prev, (int32_t)V);
         const int32_t pos = N_PROMPT + s;
         model_batch b = {.n = 1, .tokens = &id, .pos = &pos, .seqs = &seq};
         CHECK(model_forward(g_rt, &b, out + (size_t)s * V, NULL) == EKV_OK);
@@ -279,9 +228,9 @@ static void test_mixed_batch_equals_each_alone(void)
     CHECK(kvc_policy_parse("snapkv", 0.25, &pr, NULL) == EKV_OK);
     pr.recall = 2;
     CHECK(kvc_policy_parse("snapkv", 0.25, &pp, NULL) == EKV_OK);
-    kv_seq *a = prepare(&pr, 0, first), *b = prepare(&pp, 0, first);
+    kv_seq *a = rh_prepare(g_pool, &pr, 0, first), *b = rh_prepare(g_pool, &pp, 0, first);
     kv_seq *a2 = kv_seq_clone(a, NULL), *b2 = kv_seq_clone(b, NULL);
-    int32_t ids[2] = {argmax(first, (int32_t)V), argmax(first, (int32_t)V)};
+    int32_t ids[2] = {rh_argmax(first, (int32_t)V), rh_argmax(first, (int32_t)V)};
     const int32_t pos[2] = {N_PROMPT, N_PROMPT};
     model_batch ba = {.n = 1, .tokens = ids, .pos = pos, .seqs = &a};
     model_batch bb = {.n = 1, .tokens = ids + 1, .pos = pos + 1, .seqs = &b};
@@ -304,27 +253,10 @@ static void test_mixed_batch_equals_each_alone(void)
 
 int main(int argc, char **argv)
 {
-    ekv_error err = {0};
-    if (argc < 2 || !(g_model = model_load(argv[1], &err))) {
-        fprintf(stderr, "usage: test_recall_model MODEL.gguf (%s)\n", err.msg);
+    if (rh_open(argc, argv, "test_recall_model"))
         return 1;
-    }
-    kern_init();
-    FILE *f = fopen("/usr/share/common-licenses/GPL-3", "rb");
-    char text[8192];
-    size_t len = f ? fread(text, 1, sizeof text, f) : 0;
-    if (f)
-        fclose(f);
-    size_t n = 0;
-    if (tok_encode(model_tokenizer(g_model), text, len, false, false, &g_prompt, &n, &err) ||
-        n < N_PROMPT) {
-        fprintf(stderr, "cannot build the prompt: %s\n", err.msg);
-        return 1;
-    }
-    g_rt = model_runtime_create(g_model, 64, N_PROMPT + STEPS + 16, 2, &err);
-    g_pool = model_kv_pool_create(g_model, 8 * (N_PROMPT + STEPS + 16), &err);
-    if (!g_rt || !g_pool) {
-        fprintf(stderr, "%s\n", err.msg);
+    if (!(g_pool = rh_pool(8))) {
+        fprintf(stderr, "no KV pool\n");
         return 1;
     }
     RUN_TEST(test_recalling_every_block_equals_full_kv);
@@ -332,8 +264,6 @@ int main(int argc, char **argv)
     RUN_TEST(test_budget_holds_at_every_step);
     RUN_TEST(test_mixed_batch_equals_each_alone);
     kv_pool_destroy(g_pool);
-    model_runtime_free(g_rt);
-    free(g_prompt);
-    model_free(g_model);
+    rh_close();
     return TEST_EXIT();
 }

@@ -11,65 +11,38 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "ekv_test.h"
-#include "entrokv/compress.h"
-#include "entrokv/kvrecall.h"
-#include "entrokv/model.h"
 #include "recall_fake_backend.h"
+#include "recall_harness.h"
 
-#define STEPS 6
-#define N_PROMPT 320
+#define STEPS RH_STEPS
+#define N_PROMPT RH_PROMPT
 
-static ekv_model *g_model;
-static int32_t *g_prompt;
-static ekv_runtime *g_rt;
-
-static int32_t argmax(const float *x, int32_t n)
-{
-    int32_t best = 0;
-    for (int32_t i = 1; i < n; i++)
-        if (x[i] > x[best])
-            best = i;
-    return best;
-}
-
-/* The prompt prefilled into pool, compressed with streaming at 0.2, recall
- * r enabled before compression (outside the budget). */
+/* The prompt compressed with streaming at 0.2, recall r enabled before
+ * compression (outside the budget). */
 static kv_seq *prepare(kv_pool *pool, int32_t r, float *logits)
 {
-    const ekv_model_config *c = model_config(g_model);
-    ekv_error err = {0};
     kvc_policy p;
     CHECK(kvc_policy_parse("streaming", 0.2, &p, NULL) == EKV_OK);
-    kv_seq *seq = kv_seq_create(pool, c->n_layers, c->n_kv_heads, &err);
-    kvc_capture *cap = kvc_capture_create(&p, g_model, N_PROMPT, 0, &err);
-    CHECK(seq && cap);
-    CHECK(model_prefill(g_rt, seq, g_prompt, N_PROMPT, 0, kvc_capture_tap(cap, seq), logits,
-                        &err) == EKV_OK);
-    CHECK(kv_seq_recall_enable(seq, r, &err) == EKV_OK);
-    kvc_report rep;
-    CHECK(kvc_capture_compress(cap, g_rt, seq, &rep, &err) == EKV_OK);
-    if (err.code)
-        fprintf(stderr, "error: %s\n", err.msg);
-    kvc_capture_free(cap);
-    return seq;
+    return rh_prepare(pool, &p, r, logits);
 }
 
-/* STEPS greedy steps, every step's logits into out; the backend is pumped
- * after the steps whose bit is set in pump_mask. */
+/* The backend pumped after the steps whose bit is set in the mask. */
+typedef struct {
+    fake_be *f;
+    unsigned mask;
+} pumping;
+
+static void pump_after(void *arg, int s)
+{
+    const pumping *p = arg;
+    if (p->f && (p->mask >> s & 1))
+        pump(p->f);
+}
+
 static void decode(kv_seq *seq, const float *first, float *out, fake_be *f, unsigned pump_mask)
 {
-    const int32_t V = model_config(g_model)->n_vocab;
-    const float *prev = first;
-    for (int s = 0; s < STEPS; s++) {
-        int32_t id = argmax(prev, V);
-        const int32_t pos = N_PROMPT + s;
-        model_batch b = {.n = 1, .tokens = &id, .pos = &pos, .seqs = &seq};
-        CHECK(model_forward(g_rt, &b, out + (size_t)s * V, NULL) == EKV_OK);
-        prev = out + (size_t)s * V;
-        if (f && (pump_mask >> s & 1))
-            pump(f);
-    }
+    pumping p = {f, pump_mask};
+    rh_decode(seq, first, out, pump_after, &p);
 }
 
 static void test_cap_zero_large_r_equals_host(void)
@@ -77,8 +50,8 @@ static void test_cap_zero_large_r_equals_host(void)
     const size_t V = (size_t)model_config(g_model)->n_vocab;
     float *first = malloc(V * sizeof *first), *ref = malloc(STEPS * V * sizeof *ref);
     float *got = malloc(STEPS * V * sizeof *got);
-    kv_pool *ph = model_kv_pool_create(g_model, 4 * (N_PROMPT + STEPS + 16), NULL);
-    kv_pool *pt = model_kv_pool_create(g_model, 4 * (N_PROMPT + STEPS + 16), NULL);
+    kv_pool *ph = rh_pool(4);
+    kv_pool *pt = rh_pool(4);
     fake_be *f = calloc(1, sizeof *f);
     const kv_recall_backend be = backend_of(f);
     kv_recall_tier *t = kv_recall_tier_create(0, &be, NULL);
@@ -125,7 +98,7 @@ static void test_small_r_with_a_stalled_backend_skips(void)
 {
     const size_t V = (size_t)model_config(g_model)->n_vocab;
     float *first = malloc(V * sizeof *first), *got = malloc(STEPS * V * sizeof *got);
-    kv_pool *pt = model_kv_pool_create(g_model, 4 * (N_PROMPT + STEPS + 16), NULL);
+    kv_pool *pt = rh_pool(4);
     fake_be *f = calloc(1, sizeof *f);
     const kv_recall_backend be = backend_of(f);
     kv_recall_tier *t = kv_recall_tier_create(0, &be, NULL);
@@ -151,32 +124,10 @@ static void test_small_r_with_a_stalled_backend_skips(void)
 
 int main(int argc, char **argv)
 {
-    ekv_error err = {0};
-    if (argc < 2 || !(g_model = model_load(argv[1], &err))) {
-        fprintf(stderr, "usage: test_recall_tier_model MODEL.gguf (%s)\n", err.msg);
+    if (rh_open(argc, argv, "test_recall_tier_model"))
         return 1;
-    }
-    kern_init();
-    FILE *fp = fopen("/usr/share/common-licenses/GPL-3", "rb");
-    char text[8192];
-    size_t len = fp ? fread(text, 1, sizeof text, fp) : 0;
-    if (fp)
-        fclose(fp);
-    size_t n = 0;
-    if (tok_encode(model_tokenizer(g_model), text, len, false, false, &g_prompt, &n, &err) ||
-        n < N_PROMPT) {
-        fprintf(stderr, "cannot build the prompt: %s\n", err.msg);
-        return 1;
-    }
-    g_rt = model_runtime_create(g_model, 64, N_PROMPT + STEPS + 16, 2, &err);
-    if (!g_rt) {
-        fprintf(stderr, "%s\n", err.msg);
-        return 1;
-    }
     RUN_TEST(test_cap_zero_large_r_equals_host);
     RUN_TEST(test_small_r_with_a_stalled_backend_skips);
-    model_runtime_free(g_rt);
-    free(g_prompt);
-    model_free(g_model);
+    rh_close();
     return TEST_EXIT();
 }
