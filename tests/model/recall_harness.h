@@ -96,22 +96,32 @@ static kv_seq *rh_prepare(kv_pool *pool, const kvc_policy *pol, int32_t force_r,
     return seq;
 }
 
-/* RH_STEPS greedy steps from first (n_vocab logits), every step's logits
- * into out; after_step(arg, s), when given, runs after step s. */
-static void rh_decode(kv_seq *seq, const float *first, float *out,
-                      void (*after_step)(void *arg, int s), void *arg)
+/* RH_STEPS decode steps from first (n_vocab logits), every step's logits
+ * into out: greedy (each step feeds the argmax of the logits before it),
+ * or, with ref (RH_STEPS x n_vocab logits of another decode), teacher-forced
+ * on that decode's greedy tokens, so that a near-tie it breaks differently
+ * cannot make the two decodes part ways; after_step(arg, s), when given,
+ * runs after step s. */
+static void rh_decode_on(kv_seq *seq, const float *first, const float *ref, float *out,
+                         void (*after_step)(void *arg, int s), void *arg)
 {
     const int32_t V = model_config(g_model)->n_vocab;
-    const float *prev = first;
     for (int s = 0; s < RH_STEPS; s++) {
-        int32_t id = rh_argmax(prev, V);
+        const float *from = ref ? (s ? ref + (size_t)(s - 1) * V : first)
+                                : (s ? out + (size_t)(s - 1) * V : first);
+        int32_t id = rh_argmax(from, V);
         const int32_t pos = RH_PROMPT + s;
         model_batch b = {.n = 1, .tokens = &id, .pos = &pos, .seqs = &seq};
         CHECK(model_forward(g_rt, &b, out + (size_t)s * V, NULL) == EKV_OK);
-        prev = out + (size_t)s * V;
         if (after_step)
             after_step(arg, s);
     }
+}
+
+static void rh_decode(kv_seq *seq, const float *first, float *out,
+                      void (*after_step)(void *arg, int s), void *arg)
+{
+    rh_decode_on(seq, first, NULL, out, after_step, arg);
 }
 
 #endif

@@ -80,10 +80,10 @@ static void test_recalling_every_block_equals_full_kv(void)
     kv_recall_get_stats(kv_seq_recall(rec), &st);
     CHECK_EQ_INT(st.evicted_tokens, (int64_t)(N_PROMPT - 64) * 90);
     kv_seq *order = same_order_reference(rec);
-    rh_decode(rec, first, got, NULL, NULL);
-    rh_decode(order, first, same, NULL, NULL);
+    rh_decode_on(rec, first, ref, got, NULL, NULL);
+    rh_decode_on(order, first, ref, same, NULL, NULL);
     kv_seq *cmp = rh_prepare(g_pool, &p, 0, first);
-    rh_decode(cmp, first, plain, NULL, NULL);
+    rh_decode_on(cmp, first, ref, plain, NULL, NULL);
     const double d_recall = max_diff(ref, got, STEPS * V), d_plain = max_diff(ref, plain, STEPS * V);
     fprintf(stderr, "  max |logit - full|: recall-all %.3g, streaming 0.2 alone %.3g\n",
             d_recall, d_plain);
@@ -92,12 +92,29 @@ static void test_recalling_every_block_equals_full_kv(void)
     CHECK(memcmp(got, same, STEPS * V * sizeof *got) == 0);
     /* against full KV only attention's summation order differs, which the
      * Q8 activation quantization of the next matmul can amplify to a few
-     * tenths of a logit; dropping the tokens costs far more */
+     * tenths of a logit; dropping the tokens costs far more. All three
+     * decodes are teacher-forced on full KV's greedy tokens, so a near-tie
+     * broken the other way does not make the decodes part ways (on an AVX2
+     * machine step 2's top two, 0.22 apart in full KV, swap). */
+    CHECK(d_recall < 1.0);
     CHECK(d_recall < 0.25 * d_plain);
-    int agree = 0;
-    for (int s = 0; s < STEPS; s++)
-        agree += rh_argmax(got + s * V, (int32_t)V) == rh_argmax(ref + s * V, (int32_t)V);
-    CHECK_EQ_INT(agree, STEPS);
+    /* full KV's token wherever its lead over the runner-up is beyond that
+     * tolerance */
+    int clear = 0, agree = 0;
+    for (int s = 0; s < STEPS; s++) {
+        const float *r = ref + (size_t)s * V;
+        const int32_t a = rh_argmax(r, (int32_t)V);
+        float second = -INFINITY;
+        for (size_t i = 0; i < V; i++)
+            if ((int32_t)i != a && r[i] > second)
+                second = r[i];
+        if (r[a] - second > 1.0f) {
+            clear++;
+            agree += rh_argmax(got + (size_t)s * V, (int32_t)V) == a;
+        }
+    }
+    CHECK(clear > 0);
+    CHECK_EQ_INT(agree, clear);
     kv_seq_free(full);
     kv_seq_free(rec);
     kv_seq_free(order);
