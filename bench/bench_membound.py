@@ -143,7 +143,7 @@ def run_one(a, prompts, policy, budget, kv_tokens, max_tokens=None):
     args = [a.entrokv, "serve", "--model", a.model, "--host", "127.0.0.1", "--grpc-port", "0",
             "--http-port", str(port), "--worker-port", str(wport), "--threads", str(a.threads),
             "--ctx", str(a.ctx), "--kv-tokens", str(kv_tokens),
-            "--max-running", str(max(8, a.requests)), "--kvstore-mb", "0"]
+            "--max-running", str(max(8, a.requests)), "--kvstore-mb", "0", "--device", a.device]
     if a.prefill_chunk is not None:
         args += ["--prefill-chunk", str(a.prefill_chunk)]
     if a.reserve_output is not None:
@@ -230,6 +230,8 @@ def main():
     p.add_argument("--model", help="the GGUF (required unless --from-jsonl)")
     p.add_argument("--text", default=TEXTS, help="comma-separated text files (real text)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="entrokv serve --device (cuda: GPU 0; docs/cuda.md)")
     p.add_argument("--ctx", type=int, default=8192)
     p.add_argument("--prompt-chars", type=int, default=17000,
                    help="characters per prompt (about 4 a token: 17000 is about 4k tokens)")

@@ -155,7 +155,7 @@ def start_entrokv(a, conc, extra_args):
             "--http-port", str(port), "--threads", str(a.threads), "--ctx", str(a.ctx),
             "--kv-tokens", str(kv_tokens(a, conc)), "--max-running", str(max(64, conc)),
             "--max-queued", "1024",
-            "--kvstore-mb", "0", *extra_args]
+            "--kvstore-mb", "0", "--device", a.device, *extra_args]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log)
     wait_http(port, proc, 120)
     return proc, port
@@ -214,6 +214,8 @@ def main():
                    "scripts/setup.sh --bench builds in build/llamacpp/bin)")
     p.add_argument("--text", default="/usr/share/common-licenses/GPL-3")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="entrokv serve --device (cuda: GPU 0; docs/cuda.md)")
     p.add_argument("--ctx", type=int, default=1024)
     p.add_argument("--kv-tokens", type=int, default=0,
                    help="entrokv's KV pool in tokens (default: ctx * C, llama-server's KV room)")
@@ -285,6 +287,7 @@ def main():
                 one_request(port, {"prompt": "Warm-up.", "max_tokens": 4, "stream": True}, [])
                 r = wave(port, prompts, c, rounds[c], extra, a.max_tokens)
                 r.update({"bench": "serve", "server": name, "threads": a.threads,
+                          "device": a.device if name.startswith("entrokv") else "cpu",
                           "kv_tokens": kv_tokens(a, c) if name.startswith("entrokv") else None})
                 rows[(name, c)] = r
                 print(json.dumps(r), flush=True)

@@ -130,6 +130,28 @@ void cli_args_free(cli_args *a);
  * or the file, saying which, since the parser's message names only the flag. */
 void cli_args_explain(const char *cmd, const cli_args *a);
 
+/* ---- --device (cli_device.c), shared by generate, eval, serve and worker ---- */
+
+struct ekv_error;
+struct ekv_runtime;
+
+/* Takes --device's value: "cpu" or "cuda" (false with a message otherwise). */
+bool cli_take_device(const char *cmd, int argc, char **argv, int *i, const char **out);
+/* Whether dev (NULL: cpu) names the GPU. */
+bool cli_device_cuda(const char *dev);
+/* A runtime for dev: the CPU forward with threads (model_runtime_create), or
+ * CUDA device 0's (model_cuda.h); EKV_EUNSUPPORTED naming why in a build
+ * without CUDA or where no device is usable. */
+struct ekv_runtime *cli_runtime_create(const char *dev, const struct ekv_model *m,
+                                       int32_t max_batch, int32_t max_ctx, int threads,
+                                       struct ekv_error *err);
+/* engine_config.runtime_create for --device cuda: GPU 0, its KV pool the
+ * engine's (cfg->kv_tokens per head); arg unused. */
+struct engine_config;
+struct ekv_runtime *cli_engine_runtime_cuda(const struct ekv_model *m,
+                                            const struct engine_config *cfg, void *arg,
+                                            struct ekv_error *err);
+
 /* Prints "entrokv <cmd>: message" to stderr. */
 void cli_error(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 

@@ -42,6 +42,8 @@ static void usage(FILE *out)
             "  --recall R            also run each evicting policy with recall R (+recallR: 16R\n"
             "                        tokens per head of its budget recalled each step)\n"
             "  --threads N           threads (default: one per core)\n"
+            "  --device cpu|cuda     where the forward runs (default cpu; cuda: GPU 0, no\n"
+            "                        SCOPE / recall / SparK there, docs/cuda.md)\n"
             "text defaults to %s (not used for calibration).\n",
             DEFAULT_TEXT);
 }
@@ -100,6 +102,7 @@ static int parse(int argc, char **argv, eval_opts *o)
         else if (!strcmp(a, "--trials")) ok = cli_take_int(argc, argv, &i, 1, 10000, &o->trials);
         else if (!strcmp(a, "--seed")) ok = cli_take_u64(argc, argv, &i, &o->seed);
         else if (!strcmp(a, "--threads")) ok = cli_take_int(argc, argv, &i, 1, 1024, &o->threads);
+        else if (!strcmp(a, "--device")) ok = cli_take_device("eval", argc, argv, &i, &o->device);
         else if (!strcmp(a, "--depth") || !strcmp(a, "--depths"))
             ok = take_list(argc, argv, &i, o->depths, NULL, &o->n_depths);
         else if (!strcmp(a, "--budgets"))
@@ -303,7 +306,7 @@ int cmd_eval(int argc, char **argv)
     }
     const int32_t ctx = (o.prefix + o.cont > o.context ? o.prefix + o.cont : o.context) + 64;
     rc = CLI_FAIL;
-    if (!(rt = model_runtime_create(m, 512, ctx, o.threads, &err))) {
+    if (!(rt = cli_runtime_create(o.device, m, 512, ctx, o.threads, &err))) {
         cli_error("eval", "%s", err.msg);
         goto out;
     }

@@ -62,6 +62,7 @@ static void usage_split(FILE *out, serve_mode mode)
                 "  --default-max-tokens\n"
                 "  --drain-grace --drain-timeout --kvstore-mb --kvstore-peers --recall-host-mb\n"
                 "  --kvstore-token-file --kv-profile --config\n"
+                "  --device cpu|cuda     where the forward runs (default cpu), as for serve\n"
                 "  --tp N                tensor parallelism: N ranks as threads, one worker\n"
                 "                        (under mpirun: one rank per process; docs/tp.md)\n"
                 "  --tp-timeout-ms N     a rank silent this long breaks the group (10000)\n"
@@ -93,6 +94,9 @@ static void usage(FILE *out)
             "  --grpc-port N         gRPC port (default 50051; 0: any free port)\n"
             "  --http-port N         HTTP port (default 8080; 0: any free port)\n"
             "  --threads N           compute threads (default: one per core)\n"
+            "  --device cpu|cuda     where the forward runs (default cpu); cuda: GPU 0, its\n"
+            "                        KV pool --kv-tokens per head; SCOPE, recall and SparK\n"
+            "                        are refused there (docs/cuda.md)\n"
             "  --ctx N               tokens per sequence, prompt + completion (default 2048,\n"
             "                        at most the model's training context)\n"
             "  --kv-tokens N         KV pool size in tokens over all sequences (default 4 x ctx)\n"
@@ -157,6 +161,7 @@ typedef struct serve_opts {
     const char *kvstore_peers, *kvstore_token_file;
     const char *kvstore_ns, *kvstore_ns_key_file; /* namespace (docs/kvstore.md) */
     const char *kv_profile; /* --kv-profile PATH | none */
+    const char *device;     /* --device cpu | cuda (NULL: cpu) */
     float drain_grace, drain_timeout, dns_interval; /* seconds */
     serve_sec_opts sec;                 /* TLS, API key, HTTP caps (serve_security.h) */
 } serve_opts;
@@ -201,6 +206,7 @@ static const struct {
     {"max-queued", F_SERVE | F_WORKER},            {"max-batch", F_SERVE | F_WORKER},
     {"prefill-chunk", F_SERVE | F_WORKER},         {"kv-reserve-output", F_SERVE | F_WORKER},
     {"tp", F_WORKER},                              {"tp-timeout-ms", F_WORKER},
+    {"device", F_SERVE | F_WORKER},
     {"kvstore-mb", F_SERVE | F_WORKER},            {"kvstore-peers", F_SERVE | F_WORKER},
     {"kvstore-token-file", F_SERVE | F_WORKER},   {"recall-host-mb", F_SERVE | F_WORKER},
     {"kv-profile", F_SERVE | F_WORKER},            {"kvstore-namespace", F_SERVE | F_WORKER},
@@ -297,6 +303,8 @@ static int parse(int argc, char **argv, serve_mode mode, serve_opts *o)
             ok = cli_take_int(argc, argv, &i, 1, 1 << 20, &o->max_queued);
         } else if (!strcmp(a, "--max-batch")) {
             ok = cli_take_int(argc, argv, &i, 1, 65536, &o->max_batch);
+        } else if (!strcmp(a, "--device")) {
+            ok = cli_take_device(mode_name[mode], argc, argv, &i, &o->device);
         } else if (!strcmp(a, "--tp")) {
             ok = cli_take_int(argc, argv, &i, 1, COMM_THREADS_MAX, &o->tp);
         } else if (!strcmp(a, "--tp-timeout-ms")) {
@@ -668,6 +676,12 @@ static ekv_status start(const serve_opts *o, server *s, ekv_error *err)
     ec.max_batch = o->max_batch;
     ec.prefill_chunk = o->prefill_chunk;
     ec.reserve_output_pct = o->kv_reserve_output;
+    if (cli_device_cuda(o->device)) {
+        if (tp)
+            return ekv_error_set(err, EKV_EUNSUPPORTED,
+                                 "--device cuda runs one rank (no --tp yet; docs/cuda.md)");
+        ec.runtime_create = cli_engine_runtime_cuda;
+    }
     if (tp && worker_tp_start(o->tp, o->tp_timeout_ms, s->model, &ec, s->profile, &s->tp,
                               &s->tp_follower, err))
         return err->code;
@@ -697,9 +711,11 @@ static ekv_status start(const serve_opts *o, server *s, ekv_error *err)
     s->coord = coord_create(model_tokenizer(s->model), &cc, s->metrics, err);
     if (!s->coord || coord_add_engine(s->coord, "local", s->engine, err))
         return err->code ? err->code : EKV_EINVAL;
-    coord_log("%s: model=\"%s\" ctx=%d kv_tokens=%d max_running=%d max_queued=%d uncomp=%s",
+    coord_log("%s: model=\"%s\" ctx=%d kv_tokens=%d max_running=%d max_queued=%d uncomp=%s "
+              "device=%s",
               mode_name[o->mode], cc.model_name, ctx, ec.kv_tokens, ec.max_running,
-              ec.max_queued, s->profile ? "profile" : "online");
+              ec.max_queued, s->profile ? "profile" : "online",
+              cli_device_cuda(o->device) ? "cuda" : "cpu");
     if (o->mode != MODE_WORKER)
         return start_public(o, s, err);
     /* A worker's one listener is internal: the Worker service, Health, and

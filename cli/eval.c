@@ -71,6 +71,7 @@ static kv_seq *compressed_clone(ekv_runtime *rt, prefilled *p, const eval_policy
         kvc_report rep;
         if (kvc_capture_set_policy(p->cap, &pol->p, err) ||
             kvc_capture_compress(p->cap, rt, s, &rep, err)) {
+            model_runtime_forget_seq(rt, s);
             kv_seq_free(s);
             return NULL;
         }
@@ -268,6 +269,7 @@ ekv_status eval_ppl(ekv_runtime *rt, const int32_t *tokens, int32_t prefix, int3
         }
         out[i].kv_bytes_end = kv_seq_bytes(s);
         recall_metrics(s, cont, &out[i]);
+        model_runtime_forget_seq(rt, s);
         kv_seq_free(s);
         if (!rc)
             score_rows(i == 0 ? ref : logits, ref, tokens + prefix + 1, cont, V, lp, lq, &out[i]);
@@ -343,6 +345,7 @@ ekv_status eval_passkey(ekv_runtime *rt, const int32_t *prompt, int32_t n, const
         char text[2048];
         rc = greedy(rt, s, p.logits, n, max_new, text, sizeof text, err);
         recall_metrics(s, max_new, &out[i]);
+        model_runtime_forget_seq(rt, s);
         kv_seq_free(s);
         snprintf(out[i].answer, sizeof out[i].answer, "%.63s", text);
         out[i].passkey_ok = first_number_is(text, key);

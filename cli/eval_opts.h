@@ -26,6 +26,7 @@ typedef struct eval_opts {
     double budgets[EVAL_MAX_LIST];
     int n_budgets;
     int32_t threads;
+    const char *device;                  /* --device cpu | cuda (NULL: cpu) */
     cli_kv_opts kv;
     /* resolved */
     kvc_profile *profile;

@@ -234,6 +234,7 @@ void engine_finish(ekv_engine *e, ereq *q, gen_finish finish, ekv_status rc, con
     usage_fill(e, q, &u);
     drop_restore(e, q);
     engine_tp_seq_gone(e, q->seq);
+    model_runtime_forget_seq(e->rt, q->seq); /* a device's copy of it */
     kv_seq_free(q->seq);
     q->seq = NULL;
     if (q->cap)
@@ -273,6 +274,7 @@ void engine_preempt(ekv_engine *e, ereq *q)
 {
     drop_restore(e, q);
     engine_tp_seq_gone(e, q->seq);
+    model_runtime_forget_seq(e->rt, q->seq); /* a device's copy of it */
     kv_seq_free(q->seq);
     q->seq = NULL;
     if (q->cap)
@@ -569,6 +571,9 @@ static ekv_status config_check(const engine_config *c, ekv_error *err)
     if (c->tp_comm && c->prefix_cache)
         return ekv_error_set(err, EKV_EUNSUPPORTED,
                              "engine: tensor parallelism with a prefix cache (the KV store tier)");
+    if (c->tp_comm && c->runtime_create)
+        return ekv_error_set(err, EKV_EUNSUPPORTED,
+                             "engine: tensor parallelism on another device's runtime");
     if (c->reserve_output_pct < 0 || c->reserve_output_pct > 100)
         return ekv_error_set(err, EKV_EINVAL, "engine: reserve_output_pct %d outside [0, 100]",
                              c->reserve_output_pct);
@@ -633,8 +638,12 @@ ekv_engine *engine_create(const ekv_model *m, const engine_config *cfg, ekv_erro
     e->m = m;
     e->cfg = *cfg;
     e->n_vocab = c->n_vocab;
-    if (!(e->rt = model_runtime_create_tp(m, cfg->max_batch, cfg->max_ctx, cfg->n_threads,
-                                          cfg->tp_comm, err)) ||
+    e->rt = cfg->runtime_create
+                ? cfg->runtime_create(m, cfg, cfg->runtime_arg, err)
+                : model_runtime_create_tp(m, cfg->max_batch, cfg->max_ctx, cfg->n_threads,
+                                          cfg->tp_comm, err);
+    e->on_cpu = e->rt && !strcmp(model_runtime_device(e->rt), "cpu");
+    if (!e->rt ||
         !(e->pool = model_kv_pool_create_shard(m, model_runtime_shard(e->rt), cfg->kv_tokens,
                                                err)) ||
         engine_scratch_init(e, err) || (cfg->tp_comm && engine_tp_create(e, cfg->tp_comm, err)))

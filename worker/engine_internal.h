@@ -119,6 +119,7 @@ struct ekv_engine {
 
     /* tensor parallelism (engine_tp.c): NULL for one rank */
     engine_tp *tp;
+    bool on_cpu;            /* the runtime's forward is the CPU's (else SCOPE, recall, SparK refused) */
     bool tp_broken;         /* under mu: a collective failed; the group serves nothing more */
     char tp_why[640];       /* why (written once, under mu, before tp_broken is set) */
 };

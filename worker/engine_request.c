@@ -47,6 +47,14 @@ ekv_status engine_request_check(const ekv_engine *e, const engine_request *r, ek
     if (r->n > 1 && r->kv.decode.mode != KVC_DECODE_NONE)
         return ekv_error_set(err, EKV_EUNSUPPORTED,
                              "decode-time KV eviction (SCOPE) with n > 1");
+    if (!e->on_cpu && (r->kv.decode.mode != KVC_DECODE_NONE || r->kv.recall > 0 ||
+                       r->kv.spark.ratio > 0))
+        return ekv_error_set(err, EKV_EUNSUPPORTED,
+                             "the %s forward does not run %s yet (docs/cuda.md)",
+                             model_runtime_device(e->rt),
+                             r->kv.decode.mode != KVC_DECODE_NONE ? "SCOPE's decode eviction"
+                             : r->kv.recall > 0                    ? "recall"
+                                                                   : "SparK's packed keys");
     if ((int)r->kv.method < 0 || (int)r->kv.method >= KVC_N_METHODS)
         return ekv_error_set(err, EKV_EINVAL, "unknown kv compression method %d",
                              (int)r->kv.method);

@@ -113,6 +113,17 @@ typedef struct engine_config {
     /* idle rank 0 pings the group this often (ms; <= 0: 1000); keep it well
      * below the communicator's timeout */
     int32_t tp_heartbeat_ms;
+    /* NULL: the CPU forward (model_runtime_create_tp). Else the engine's
+     * runtime comes from this call (on the engine_create caller's thread;
+     * the engine owns and frees it; it sizes itself from cfg: max_batch,
+     * max_ctx, kv_tokens for a device's KV), e.g. one whose forward runs on a GPU
+     * (model_cuda.h; the CLI's --device cuda). Not with tp_comm. The
+     * engine then refuses requests the runtime's device cannot serve
+     * (model_runtime_device != "cpu": SCOPE, recall and SparK, EKV_EUNSUPPORTED
+     * at submit, docs/cuda.md). */
+    ekv_runtime *(*runtime_create)(const ekv_model *m, const struct engine_config *cfg,
+                                   void *arg, ekv_error *err);
+    void *runtime_arg;
 } engine_config;
 
 /* n_threads 0, max_batch 256, prefill_chunk 64, max_ctx 2048, kv_tokens 8192,
