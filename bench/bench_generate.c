@@ -208,6 +208,16 @@ static int32_t argmax(const float *x, int32_t n)
     return best;
 }
 
+/* With EKV_PERF_MARKS set, each phase's start and end on CLOCK_MONOTONIC
+ * go to stderr ("perf-mark prefill 123.456789 123.999999"), so a profile
+ * taken with `perf record -k CLOCK_MONOTONIC` splits by phase (`perf report
+ * --time START,END`; docs/ARCHITECTURE.md, "Where the time goes"). */
+static void perf_mark(const char *phase, double start, double end)
+{
+    if (getenv("EKV_PERF_MARKS"))
+        fprintf(stderr, "perf-mark %s %.6f %.6f\n", phase, start, end);
+}
+
 /* Prefill n_prompt ids (compressed with pol unless NULL, the compression
  * timed with the prefill), then n_decode greedy steps, timing each phase. */
 static ekv_status measure(ekv_runtime *rt, kv_pool *kv, const kvc_policy *pol,
@@ -242,6 +252,8 @@ static ekv_status measure(ekv_runtime *rt, kv_pool *kv, const kvc_policy *pol,
         rc = model_forward(rt, &b, logits, err);
     }
     double t2 = gen_now();
+    perf_mark("prefill", t0, t1);
+    perf_mark("decode", t1, t2);
     r->prefill_tps = n_prompt / (t1 - t0);
     r->decode_tps = n_decode / (t2 - t1);
     if (kv_seq_recall(seq)) {
