@@ -678,6 +678,16 @@ static ekv_status append_kv(ekv_runtime *rt, const model_batch *b, int32_t layer
     return EKV_OK;
 }
 
+/* A row-parallel step: one row (decode at batch 1) is a few microseconds of
+ * work, less than waking the pool's threads for it, so it runs here. */
+static void run_rows(ekv_runtime *rt, ekv_task_fn fn, rows_task *t)
+{
+    if (t->b->n == 1)
+        fn(t, 0, 1);
+    else
+        ekv_pool_run(rt->pool, fn, t);
+}
+
 static ekv_status layer_forward(ekv_runtime *rt, const model_batch *b, int32_t l, ekv_error *err)
 {
     const ekv_layer *L = &rt->layers[l];
@@ -685,12 +695,12 @@ static ekv_status layer_forward(ekv_runtime *rt, const model_batch *b, int32_t l
     rows_task t = {.rt = rt, .b = b, .norm_w = L->attn_norm, .layer = l};
     ekv_status rc;
 
-    ekv_pool_run(rt->pool, task_norm, &t);
+    run_rows(rt, task_norm, &t);
     if ((rc = matmul(rt, &L->wq, rt->xb, n, rt->q, err)) ||
         (rc = matmul(rt, &L->wk, rt->xb, n, rt->k, err)) ||
         (rc = matmul(rt, &L->wv, rt->xb, n, rt->v, err)))
         return rc;
-    ekv_pool_run(rt->pool, task_rope, &t);
+    run_rows(rt, task_rope, &t);
     if (b->tap)
         b->tap->fn(b->tap->ctx, l, b, rt->q);
     if ((rc = append_kv(rt, b, l, err)))
@@ -716,11 +726,11 @@ static ekv_status layer_forward(ekv_runtime *rt, const model_batch *b, int32_t l
     residual_add(rt, &t);
 
     t.norm_w = L->ffn_norm;
-    ekv_pool_run(rt->pool, task_norm, &t);
+    run_rows(rt, task_norm, &t);
     if ((rc = matmul(rt, &L->w_gate, rt->xb, n, rt->gate, err)) ||
         (rc = matmul(rt, &L->w_up, rt->xb, n, rt->up, err)))
         return rc;
-    ekv_pool_run(rt->pool, task_swiglu, &t);
+    run_rows(rt, task_swiglu, &t);
     if ((rc = matmul(rt, &L->w_down, rt->gate, n, rt->xb, err)) ||
         (rc = allreduce_rows(rt, rt->xb, n, err)))
         return rc;
