@@ -189,7 +189,7 @@ if [ $have_bundle -eq 1 ] && [ -r "$CUT" ]; then
     export -f install_py
     if [ "${EKV_SKIP_PIP:-0}" != 1 ] && [ -n "$(ls "$BUNDLE"/whl/*.whl 2>/dev/null)" ] && step pip-install 120 bash -c install_py \
         > "$OUT/pip.log" 2>&1; then
-        export PYTHONPATH=/tmp/ekv-site${PYTHONPATH:+:$PYTHONPATH}
+        CLIENT_PYPATH=/tmp/ekv-site${PYTHONPATH:+:$PYTHONPATH} # the clients' only (not torch's)
     fi
     "$RUN" entrokv --help > /dev/null 2>&1 && bundle_ok=1
     log "bundle: entrokv starts: $bundle_ok ($(grep -c . "$BUNDLE/MANIFEST.txt" 2>/dev/null) manifest lines)"
@@ -200,7 +200,7 @@ if [ $have_bundle -eq 1 ] && [ -r "$CUT" ]; then
             --prompt "Name three colours." --max-tokens 32 --ctx 512 --json \
             > "$OUT/generate-$dev.json" 2> "$OUT/generate-$dev.log"
     done
-    step serve-check 300 "$PYTHON" "$ROOT/tests/cuda/serve_check.py" --entrokv "$RUN entrokv" \
+    step serve-check 300 env PYTHONPATH="${CLIENT_PYPATH:-${PYTHONPATH:-}}" "$PYTHON" "$ROOT/tests/cuda/serve_check.py" --entrokv "$RUN entrokv" \
         --model "$CUT" --stubs "$BUNDLE/py" --gpu-device $DEV --logs "$OUT" \
         --out "$OUT/serve-check.json" > "$OUT/serve-check.log" 2>&1
     tail -3 "$OUT/serve-check.log"
