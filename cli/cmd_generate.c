@@ -174,6 +174,12 @@ static int parse(int argc, char **argv, gen_opts *o)
         cli_error("generate", "--device cuda runs one rank (--tp 1)");
         return CLI_USAGE;
     }
+    if (o->tp > 1 && o->kv.recall_channels >= 0) { /* the plan's capture op does not carry it */
+        cli_error("generate", "--recall-channels is not supported with --tp (the followers rank "
+                              "with the default, %d channels)",
+                  KV_RECALL_EXACT_CHANNELS);
+        return CLI_USAGE;
+    }
     o->params.stops = o->stops;
     o->params.n_stops = o->n_stops;
     return 0;

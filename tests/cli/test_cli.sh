@@ -79,6 +79,8 @@ expect tp_more_ranks_than_heads 1 "KV heads" -- timeout 60 "$bin" generate --mod
 # by serve.test_tp_worker); rank 0's heads recalled blocks
 rc_tp=$(timeout 120 "$bin" generate --model "$model" --prompt "$(printf 'word %.0s' $(seq 80))" --max-tokens 4 --tp 2 --kv-method snapkv --kv-budget 0.9 --recall 1 --json | python3 -c 'import json,sys; d=json.load(sys.stdin); print(d["completion_tokens"], d.get("recall_blocks", 0) > 0)')
 if [ "$rc_tp" = "4 True" ]; then echo "ok   tp_recall"; else echo "FAIL tp_recall: '$rc_tp'"; fails=$((fails + 1)); fi
+# the ranking's channel count is not in the TP plan: refused, not applied to rank 0 alone
+expect tp_recall_channels_refused 2 "recall-channels is not supported with --tp" -- timeout 120 "$bin" generate --model "$model" --prompt "$(printf 'word %.0s' $(seq 80))" --max-tokens 2 --tp 2 --kv-method snapkv --kv-budget 0.9 --recall 1 --recall-channels 8
 
 # fetch-model: a verified model already in place means no download at all
 mkdir -p "$tmp/models"
