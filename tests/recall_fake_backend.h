@@ -2,12 +2,17 @@
  * recall_fake_backend.h - an in-process backend for the recall tier
  * (kvrecall_tier.h) whose ops complete only when the test pumps them (a
  * daemon's latency, made deterministic), fail (MODE_DOWN: a daemon that is
- * down) or never complete (MODE_STALL: a stopped one). Single-threaded:
- * the test pumps between views, never inside one.
+ * down) or never complete (MODE_STALL: a stopped one). The test pumps
+ * between steps, never inside one; ops are queued from the forward's pool
+ * threads (views of different heads run concurrently), so the queue and the
+ * entries are under one lock (unlocked, two threads' gets could take the
+ * same queue slot: a lost get never calls back, and its sequence, holding
+ * the reference, never deletes its keys).
  */
 #ifndef EKV_RECALL_FAKE_BACKEND_H
 #define EKV_RECALL_FAKE_BACKEND_H
 
+#include <pthread.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -41,6 +46,8 @@ typedef struct fake_be {
     int64_t puts, gets, dels;
 } fake_be;
 
+static pthread_mutex_t fake_mu = PTHREAD_MUTEX_INITIALIZER;
+
 static inline fake_entry *find(fake_be *f, const uint8_t *key)
 {
     for (int i = 0; i < f->ne; i++)
@@ -52,8 +59,11 @@ static inline fake_entry *find(fake_be *f, const uint8_t *key)
 static inline bool fake_queue(fake_be *f, int kind, const uint8_t *key, void *buf, size_t len,
                        kv_recall_done_fn done, void *arg)
 {
-    if (f->nq == 4096)
+    pthread_mutex_lock(&fake_mu);
+    if (f->nq == 4096) {
+        pthread_mutex_unlock(&fake_mu);
         return false;
+    }
     fake_op *o = &f->q[f->nq++];
     o->kind = kind;
     memcpy(o->key, key, KV_RECALL_KEY_BYTES);
@@ -61,26 +71,30 @@ static inline bool fake_queue(fake_be *f, int kind, const uint8_t *key, void *bu
     o->len = len;
     o->done = done;
     o->arg = arg;
+    if (kind == 1)
+        f->puts++;
+    else
+        f->gets++;
+    pthread_mutex_unlock(&fake_mu);
     return true;
 }
 
 static inline bool fake_put(void *ctx, const uint8_t *key, const void *val, size_t len,
                      kv_recall_done_fn done, void *arg)
 {
-    ((fake_be *)ctx)->puts++;
     return fake_queue(ctx, 1, key, (void *)val, len, done, arg);
 }
 
 static inline bool fake_get(void *ctx, const uint8_t *key, void *buf, size_t len, kv_recall_done_fn done,
                      void *arg)
 {
-    ((fake_be *)ctx)->gets++;
     return fake_queue(ctx, 2, key, buf, len, done, arg);
 }
 
 static inline bool fake_del(void *ctx, const uint8_t (*keys)[KV_RECALL_KEY_BYTES], size_t n)
 {
     fake_be *f = ctx;
+    pthread_mutex_lock(&fake_mu);
     for (size_t i = 0; i < n; i++) {
         fake_entry *e = find(f, keys[i]);
         if (!e)
@@ -89,6 +103,7 @@ static inline bool fake_del(void *ctx, const uint8_t (*keys)[KV_RECALL_KEY_BYTES
         *e = f->e[--f->ne];
         f->dels++;
     }
+    pthread_mutex_unlock(&fake_mu);
     return true;
 }
 
@@ -97,13 +112,16 @@ static inline int pump(fake_be *f)
 {
     if (f->mode == MODE_STALL)
         return 0;
+    static fake_op ops[4096]; /* pump runs on the test's thread only */
+    pthread_mutex_lock(&fake_mu);
     int n = f->nq;
-    fake_op ops[4096];
     memcpy(ops, f->q, (size_t)n * sizeof *ops);
     f->nq = 0;
+    pthread_mutex_unlock(&fake_mu);
     for (int i = 0; i < n; i++) {
         fake_op *o = &ops[i];
         bool ok = false;
+        pthread_mutex_lock(&fake_mu);
         if (f->mode == MODE_OK && o->kind == 1) {
             fake_entry *e = find(f, o->key);
             if (!e) {
@@ -123,6 +141,7 @@ static inline int pump(fake_be *f)
                 ok = true;
             }
         }
+        pthread_mutex_unlock(&fake_mu); /* done may delete (fake_del locks) */
         o->done(o->arg, ok);
     }
     return n;
