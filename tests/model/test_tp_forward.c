@@ -242,8 +242,11 @@ typedef struct dev {
 
 /* The logits' deviation from ref over the steps both runs share: up to and
  * including the first step whose token differs, which must be a near-tie of
- * ref's (margin below MARGIN). */
-static dev compare(const char *what, const run *ref, const run *got)
+ * ref's (margin below MARGIN) where `enforce` says so. The noise run is a
+ * measurement, not a check: on a machine without AVX-512 the next lower ISA
+ * is scalar, whose sums part from AVX2's by more (max |dev| up to 4 on this
+ * prompt set) and flipped a token at margin 1.19. */
+static dev compare(const char *what, const run *ref, const run *got, bool enforce)
 {
     dev d = {0.0, 0.0, N_GEN};
     long n = 0;
@@ -261,10 +264,11 @@ static dev compare(const char *what, const run *ref, const run *got)
                 if (v != ref->tokens[t] && a[v] > top2)
                     top2 = a[v];
             const float margin = a[ref->tokens[t]] - top2;
-            if (margin >= MARGIN)
+            if (enforce && margin >= MARGIN)
                 fprintf(stderr, "%s: token %d at step %d, single-process %d (margin %.3f)\n",
                         what, got->tokens[t], t, ref->tokens[t], margin);
-            CHECK(margin < MARGIN);
+            if (enforce)
+                CHECK(margin < MARGIN);
             d.steps = t;
             break;
         }
@@ -353,7 +357,7 @@ static void test_greedy_matches_single_process(void)
             kern_set_isa((kern_isa)(was - 1));
             CHECK_EQ_INT(decode(NULL, &alt, &err), EKV_OK);
             kern_set_isa(was);
-            dev d = compare(kern_isa_name((kern_isa)(was - 1)), &ref, &alt);
+            dev d = compare(kern_isa_name((kern_isa)(was - 1)), &ref, &alt, false);
             noise.mean = d.mean > noise.mean ? d.mean : noise.mean;
             noise.max = d.max > noise.max ? d.max : noise.max;
             noise_kept += kept_differ(&ref, &alt);
@@ -364,7 +368,7 @@ static void test_greedy_matches_single_process(void)
             CHECK_EQ_INT(run_group(np, &got), 0);
             char what[16];
             snprintf(what, sizeof what, "np=%d", np);
-            dev d = compare(what, &ref, &got);
+            dev d = compare(what, &ref, &got, true);
             if (np > 1)
                 fprintf(stderr, "  np=%d: rank 0 sent %.0f bytes per decode token\n", np,
                         got.bytes_per_token);
