@@ -14,6 +14,10 @@
 #   # device: cuda   (optional) its tests run only on a GPU: with no device
 #                    it is SKIPPED (not counted as missed); with one, the
 #                    scratch tree is built with CUDA
+#   # cpu: FLAG ...  (optional) /proc/cpuinfo flags the mutated code needs
+#                    (e.g. avx512f avx512bw avx512vl avx512vnni: the kernels'
+#                    AVX-512 level): on a CPU without one of them that code
+#                    never runs, so the mutation is SKIPPED, not MISSED
 #
 # The working tree (uncommitted files included, build outputs not) is copied
 # to a scratch tree under $MUTATE_WORK (default build/mutate), built once in
@@ -68,6 +72,21 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     gpu=1
 fi
 needs_gpu() { [ "$(header device "$1")" = cuda ]; }
+cpu_flags=" $(sed -n 's/^flags[[:space:]]*: //p' /proc/cpuinfo 2>/dev/null | head -n 1) "
+# skip_reason PATCH: why this machine cannot run the patch's code ("" if it can)
+skip_reason() {
+    if needs_gpu "$1" && [ "$gpu" = 0 ]; then
+        echo "needs a GPU"
+        return
+    fi
+    local f
+    for f in $(header cpu "$1"); do
+        case "$cpu_flags" in
+            *" $f "*) ;;
+            *) echo "needs the CPU flag $f"; return ;;
+        esac
+    done
+}
 cuda=OFF
 for p in "${patches[@]}"; do
     if needs_gpu "$p" && [ "$gpu" = 1 ]; then
@@ -153,14 +172,14 @@ failed_tests() { # failed_tests LOG: the names ctest lists as failed
 }
 
 union=$(for p in "${patches[@]}"; do
-    needs_gpu "$p" && [ "$gpu" = 0 ] && continue
+    [ -n "$(skip_reason "$p")" ] && continue
     header tests "$p"
 done | sort -u | paste -sd'|' -)
-if [ -z "$union" ]; then # every selected mutation needs a GPU, and none is here
+if [ -z "$union" ]; then # every selected mutation needs a GPU or CPU this machine lacks
     for p in "${patches[@]}"; do
-        printf 'mutate.sh: SKIPPED %s (needs a GPU)\n' "$(basename "$p" .patch)"
+        printf 'mutate.sh: SKIPPED %s (%s)\n' "$(basename "$p" .patch)" "$(skip_reason "$p")"
     done
-    echo "mutate.sh: 0 of ${#patches[@]} run: no GPU here"
+    echo "mutate.sh: 0 of ${#patches[@]} run: none can run here"
     exit 0
 fi
 echo "mutate.sh: building the unmutated tree (CUDA $cuda)"
@@ -188,10 +207,11 @@ for p in "${patches[@]}"; do
     name=$(basename "$p" .patch)
     bug=$(header bug "$p")
     tests=$(header tests "$p")
-    if needs_gpu "$p" && [ "$gpu" = 0 ]; then
+    why=$(skip_reason "$p")
+    if [ -n "$why" ]; then
         n_skipped=$((n_skipped + 1))
-        printf 'mutate.sh: SKIPPED %s (needs a GPU)\n' "$name"
-        results+=("$(printf '| %s | %s | SKIPPED | needs a GPU |' "$name" "$bug")")
+        printf 'mutate.sh: SKIPPED %s (%s)\n' "$name" "$why"
+        results+=("$(printf '| %s | %s | SKIPPED | %s |' "$name" "$bug" "$why")")
         continue
     fi
     log=$logs/$name.log
@@ -220,5 +240,5 @@ echo "| mutation | planted bug | result | failed tests |"
 echo "|---|---|---|---|"
 printf '%s\n' "${results[@]}"
 echo
-echo "mutate.sh: ${n_caught} of $((${#patches[@]} - n_skipped)) caught, ${n_skipped} skipped (need a GPU; logs in $logs)"
+echo "mutate.sh: ${n_caught} of $((${#patches[@]} - n_skipped)) caught, ${n_skipped} skipped (need a GPU or CPU flags this machine lacks; logs in $logs)"
 [ "$n_caught" -eq $((${#patches[@]} - n_skipped)) ]
