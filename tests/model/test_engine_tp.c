@@ -143,6 +143,21 @@ static void group_end(group *gr)
     comm_threads_group_free(gr->g);
 }
 
+/* Rank 0's engine over a started group; NULL (the group aborted and
+ * ended, the failure counted) if it cannot be created. */
+static ekv_engine *leader_engine(group *gr)
+{
+    ekv_error err = {0};
+    ekv_engine *e = engine_create(g_model, &gr->cfg, &err);
+    CHECK(e != NULL);
+    if (!e) {
+        fprintf(stderr, "engine_create: %s\n", err.msg);
+        comm_threads_group_abort(gr->g);
+        group_end(gr);
+    }
+    return e;
+}
+
 /* ---- tests ---- */
 
 #define N_REQ 4
@@ -153,15 +168,10 @@ static void test_requests_equal_gen_tp(void)
     /* 128 tokens per head (test_engine.c's preemption case): ~40-token
      * prompts growing by 40 run out of blocks, the newest are preempted */
     CHECK(group_start(&gr, small_config(128, N_REQ, 16)));
-    ekv_error err = {0};
-    ekv_engine *e = engine_create(g_model, &gr.cfg, &err);
-    CHECK(e != NULL);
-    if (!e) {
-        fprintf(stderr, "engine_create: %s\n", err.msg);
-        comm_threads_group_abort(gr.g);
-        group_end(&gr);
+    ekv_engine *e = leader_engine(&gr);
+    if (!e)
         return;
-    }
+    ekv_error err = {0};
     static req_out out[N_REQ + 2];
     memset(out, 0, sizeof out);
     prompt ps[N_REQ + 1];
@@ -320,14 +330,10 @@ static void test_rank_failure(void)
 {
     group gr;
     CHECK(group_start(&gr, small_config(512, 2, 4)));
-    ekv_error err = {0};
-    ekv_engine *e = engine_create(g_model, &gr.cfg, &err);
-    CHECK(e != NULL);
-    if (!e) {
-        comm_threads_group_abort(gr.g);
-        group_end(&gr);
+    ekv_engine *e = leader_engine(&gr);
+    if (!e)
         return;
-    }
+    ekv_error err = {0};
     static req_out out[2];
     memset(out, 0, sizeof out);
     prompt p = topic_prompt(2, "Write a line about %s");
@@ -369,14 +375,10 @@ static void test_recall_equals_gen_tp(void)
 {
     group gr;
     CHECK(group_start(&gr, small_config(1024, 2, 4)));
-    ekv_error err = {0};
-    ekv_engine *e = engine_create(g_model, &gr.cfg, &err);
-    CHECK(e != NULL);
-    if (!e) {
-        comm_threads_group_abort(gr.g);
-        group_end(&gr);
+    ekv_engine *e = leader_engine(&gr);
+    if (!e)
         return;
-    }
+    ekv_error err = {0};
     static req_out out[2];
     memset(out, 0, sizeof out);
     prompt p = chat_prompt(RECALL_TEXT);
