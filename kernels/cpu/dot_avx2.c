@@ -5,7 +5,8 @@
  * -march flag and this file is inert on CPUs the dispatcher does not send
  * here. The 32-block kernels compute a tile of up to 2 weight rows x 4
  * activation rows per step, so one unpacked weight block feeds four dot
- * products (prefill) and decode (m = 1) streams two weight rows side by side;
+ * products (prefill) and decode (m = 1) streams two weight rows side by side
+ * (Q4_1: four, with its scales converted four blocks at a time, below);
  * the K-quant kernels unpack one 256-element super-block and reuse it for up
  * to 4 activation rows.
  *
@@ -100,7 +101,7 @@ AVX2_FN void quant_prep_q8_avx2(const float *x, int64_t k, uint8_t *out)
     }
 }
 
-/* ---- Q4_0 / Q4_1 / Q8_0 x Q8 rows ---- */
+/* ---- Q4_0 / Q8_0 (tile_q8x) and Q4_1 (tile_q4_1) x Q8 rows ---- */
 
 /* 32 nibbles -> 32 bytes in element order: low nibbles first, then high. */
 AVX2_INLINE __m256i unpack_nibbles(const uint8_t *qs)
@@ -118,8 +119,7 @@ AVX2_INLINE void tile_q8x(const quant_gemm *g, int64_t i, int64_t j, const int n
                           const quant_kind kind)
 {
     const int64_t nb = g->k / QK;
-    const size_t bs = kind == QKIND_Q4_0 ? sizeof(blk_q4_0)
-                      : kind == QKIND_Q4_1 ? sizeof(blk_q4_1) : sizeof(blk_q8_0);
+    const size_t bs = kind == QKIND_Q4_0 ? sizeof(blk_q4_0) : sizeof(blk_q8_0);
     const size_t pf = prefetch_distance(g->w_stride);
     const __m256i ones = _mm256_set1_epi16(1);
     const uint8_t *wr[TW];
@@ -137,7 +137,7 @@ AVX2_INLINE void tile_q8x(const quant_gemm *g, int64_t i, int64_t j, const int n
     }
     for (int64_t b = 0; b < nb; b++) {
         __m256i wq[TW];
-        __m256 wd[TW], wm[TW];
+        __m256 wd[TW];
 #pragma GCC unroll 4
         for (int r = 0; r < nw; r++) {
             if (nx <= 2) /* decode streams the weights once: fetch a few KB ahead */
@@ -146,11 +146,6 @@ AVX2_INLINE void tile_q8x(const quant_gemm *g, int64_t i, int64_t j, const int n
                 const blk_q4_0 *blk = (const blk_q4_0 *)wr[r] + b;
                 wq[r] = unpack_nibbles(blk->qs);
                 wd[r] = _mm256_set1_ps(f16_to_f32(blk->d));
-            } else if (kind == QKIND_Q4_1) {
-                const blk_q4_1 *blk = (const blk_q4_1 *)wr[r] + b;
-                wq[r] = unpack_nibbles(blk->qs);
-                wd[r] = _mm256_set1_ps(f16_to_f32(blk->d));
-                wm[r] = _mm256_set1_ps(f16_to_f32(blk->m));
             } else {
                 const blk_q8_0 *blk = (const blk_q8_0 *)wr[r] + b;
                 wq[r] = _mm256_loadu_si256((const __m256i *)blk->qs);
@@ -172,8 +167,6 @@ AVX2_INLINE void tile_q8x(const quant_gemm *g, int64_t i, int64_t j, const int n
                 if (kind == QKIND_Q4_0)
                     isum = _mm256_add_epi32(isum, _mm256_setr_epi32(-8 * xr[c].sum[b], 0, 0, 0, 0, 0, 0, 0));
                 acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(wd[r], xd), acc[r][c]);
-                if (kind == QKIND_Q4_1) /* + m * s, carried in lane 0 */
-                    acc[r][c] = _mm256_fmadd_ps(wm[r], _mm256_setr_ps(xr[c].s[b], 0, 0, 0, 0, 0, 0, 0), acc[r][c]);
             }
         }
     }
@@ -211,14 +204,151 @@ AVX2_INLINE void gemm_q8x(const quant_gemm *g, int64_t i0, int64_t i1, int64_t j
     }
 }
 
-AVX2_FN static void gemm_q4_0_avx2(const quant_gemm *g, int64_t i0, int64_t i1, int64_t j0, int64_t j1)
+/*
+ * Q4_1 in groups of four blocks. A group's scales are converted together:
+ * the blocks' (d, m) fp16 pairs are four dword loads and one F16C convert,
+ * times the activation row's interleaved (d, s), so lane 2q holds block q's
+ * d_w * d_x and lane 2q+1 its m * s. The m * s lanes are added to the
+ * accumulator once per group (off the per-block chain), the d_w * d_x lanes
+ * scale the blocks' integer dot products. Each (weight row, activation row)
+ * pair's operations and their order depend on neither nw nor nx, so decode
+ * (4 weight rows x 1) and prefill (2 x 4) tiles give the same bits.
+ */
+#define Q41_GROUP 4
+
+/* q blocks at b (q <= 4 a constant): one group's step for the tile */
+AVX2_INLINE void q41_group(const blk_q4_1 *const *wr, const q8x_row *xr, __m256 (*acc)[TX],
+                           int64_t b, const int nw, const int nx, const int q, size_t pf)
 {
-    gemm_q8x(g, i0, i1, j0, j1, QKIND_Q4_0);
+    const __m256i ones = _mm256_set1_epi16(1);
+    const __m256 mlanes = _mm256_castsi256_ps(_mm256_setr_epi32(0, -1, 0, -1, 0, -1, 0, -1));
+    float sc[TW * 2][TX][8] __attribute__((aligned(32)));
+    __m256 wdm[TW * 2];
+#pragma GCC unroll 4
+    for (int r = 0; r < nw; r++) {
+        const uint8_t *p = (const uint8_t *)(wr[r] + b);
+        if (nx <= 2) { /* decode streams the weights once: fetch a few KB ahead */
+            _mm_prefetch((const char *)p + pf, _MM_HINT_T0);
+            _mm_prefetch((const char *)p + pf + 64, _MM_HINT_T0);
+        }
+        uint32_t dm[4] = {0, 0, 0, 0};
+#pragma GCC unroll 4
+        for (int u = 0; u < q; u++)
+            memcpy(&dm[u], p + u * sizeof(blk_q4_1), 4);
+        wdm[r] = _mm256_cvtph_ps(_mm_setr_epi32((int)dm[0], (int)dm[1], (int)dm[2], (int)dm[3]));
+    }
+#pragma GCC unroll 4
+    for (int c = 0; c < nx; c++) {
+        __m128 xd, xs;
+        if (q == Q41_GROUP) {
+            xd = _mm_loadu_ps(xr[c].d + b);
+            xs = _mm_loadu_ps(xr[c].s + b);
+        } else { /* the row's last blocks: zeros past them */
+            const __m128i m = _mm_cmpgt_epi32(_mm_set1_epi32(q), _mm_setr_epi32(0, 1, 2, 3));
+            xd = _mm_maskload_ps(xr[c].d + b, m);
+            xs = _mm_maskload_ps(xr[c].s + b, m);
+        }
+        const __m256 xds = _mm256_setr_m128(_mm_unpacklo_ps(xd, xs), _mm_unpackhi_ps(xd, xs));
+#pragma GCC unroll 4
+        for (int r = 0; r < nw; r++) {
+            const __m256 s = _mm256_mul_ps(wdm[r], xds);
+            _mm256_store_ps(sc[r][c], s);
+            acc[r][c] = _mm256_add_ps(acc[r][c], _mm256_and_ps(s, mlanes));
+        }
+    }
+#pragma GCC unroll 4
+    for (int u = 0; u < q; u++) {
+        __m256i wq[TW * 2];
+#pragma GCC unroll 4
+        for (int r = 0; r < nw; r++)
+            wq[r] = unpack_nibbles(wr[r][b + u].qs);
+#pragma GCC unroll 4
+        for (int c = 0; c < nx; c++) {
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xr[c].qs + (b + u) * QK));
+#pragma GCC unroll 4
+            for (int r = 0; r < nw; r++) {
+                const __m256i isum = _mm256_madd_epi16(_mm256_maddubs_epi16(wq[r], xv), ones);
+                acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum),
+                                            _mm256_broadcast_ss(&sc[r][c][2 * u]), acc[r][c]);
+            }
+        }
+    }
+}
+
+/* Weight rows i..i+nw-1 (nw <= 4; 4 only with nx = 1) x activation rows j..j+nx-1. */
+AVX2_INLINE void tile_q4_1(const quant_gemm *g, int64_t i, int64_t j, const int nw, const int nx)
+{
+    const int64_t nb = g->k / QK;
+    const size_t pf = prefetch_distance(g->w_stride);
+    const blk_q4_1 *wr[TW * 2];
+    q8x_row xr[TX];
+    __m256 acc[TW * 2][TX];
+#pragma GCC unroll 4
+    for (int r = 0; r < nw; r++)
+        wr[r] = (const blk_q4_1 *)(g->w + (size_t)(i + r) * g->w_stride);
+#pragma GCC unroll 4
+    for (int c = 0; c < nx; c++) {
+        xr[c] = q8x_view(g->x + (size_t)(j + c) * g->x_stride, g->k);
+#pragma GCC unroll 4
+        for (int r = 0; r < nw; r++)
+            acc[r][c] = _mm256_setzero_ps();
+    }
+    int64_t b = 0;
+    for (; b + Q41_GROUP <= nb; b += Q41_GROUP)
+        q41_group(wr, xr, acc, b, nw, nx, Q41_GROUP, pf);
+    switch (nb - b) {
+    case 3: q41_group(wr, xr, acc, b, nw, nx, 3, pf); break;
+    case 2: q41_group(wr, xr, acc, b, nw, nx, 2, pf); break;
+    case 1: q41_group(wr, xr, acc, b, nw, nx, 1, pf); break;
+    default: break;
+    }
+#pragma GCC unroll 4
+    for (int c = 0; c < nx; c++)
+#pragma GCC unroll 4
+        for (int r = 0; r < nw; r++)
+            g->y[(j + c) * g->ldy + i + r] = hsum8(acc[r][c]);
 }
 
 AVX2_FN static void gemm_q4_1_avx2(const quant_gemm *g, int64_t i0, int64_t i1, int64_t j0, int64_t j1)
 {
-    gemm_q8x(g, i0, i1, j0, j1, QKIND_Q4_1);
+    if (j1 - j0 == 1) { /* decode: four weight rows side by side, four chains */
+        int64_t i = i0;
+        for (; i + 4 <= i1; i += 4)
+            tile_q4_1(g, i, j0, 4, 1);
+        switch (i1 - i) {
+        case 3: tile_q4_1(g, i, j0, 3, 1); break;
+        case 2: tile_q4_1(g, i, j0, 2, 1); break;
+        case 1: tile_q4_1(g, i, j0, 1, 1); break;
+        default: break;
+        }
+        return;
+    }
+    for (int64_t i = i0; i < i1; i += TW) {
+        const int nw = i1 - i < TW ? (int)(i1 - i) : TW;
+        for (int64_t j = j0; j < j1; j += TX) {
+            const int nx = j1 - j < TX ? (int)(j1 - j) : TX;
+            if (nw == 2) {
+                switch (nx) {
+                case 4: tile_q4_1(g, i, j, 2, 4); break;
+                case 3: tile_q4_1(g, i, j, 2, 3); break;
+                case 2: tile_q4_1(g, i, j, 2, 2); break;
+                default: tile_q4_1(g, i, j, 2, 1); break;
+                }
+            } else {
+                switch (nx) {
+                case 4: tile_q4_1(g, i, j, 1, 4); break;
+                case 3: tile_q4_1(g, i, j, 1, 3); break;
+                case 2: tile_q4_1(g, i, j, 1, 2); break;
+                default: tile_q4_1(g, i, j, 1, 1); break;
+                }
+            }
+        }
+    }
+}
+
+AVX2_FN static void gemm_q4_0_avx2(const quant_gemm *g, int64_t i0, int64_t i1, int64_t j0, int64_t j1)
+{
+    gemm_q8x(g, i0, i1, j0, j1, QKIND_Q4_0);
 }
 
 AVX2_FN static void gemm_q8_0_avx2(const quant_gemm *g, int64_t i0, int64_t i1, int64_t j0, int64_t j1)
