@@ -180,7 +180,7 @@ void kern_attention_rows(const kern_kv_view *kv, const float *Q, int n_rows, int
  * The result is bit-identical to kern_attention (so to prefill): scores
  * and numerators are per token, the max is exact in any order, and each
  * output dimension and the softmax sum keep their token order. Only where
- * kern_attention_split_ok (AVX-512, no packed keys, 16 | block_tokens and
+ * kern_attention_split_ok (AVX2 or AVX-512, no packed keys, 16 | block_tokens and
  * head_dim); elsewhere use kern_attention.
  */
 bool kern_attention_split_ok(const kern_kv_view *kv, int g);

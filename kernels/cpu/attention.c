@@ -26,6 +26,10 @@
  * accumulators stay in registers. A head's blocks are scattered through the
  * pool, which defeats the hardware prefetchers at every block boundary at
  * long context, so the AVX-512 path prefetches K and V a few blocks ahead.
+ *
+ * Decode may split one view's attention across threads (the split phases at
+ * the end): AVX2 and AVX-512 each have their own, matching their level's
+ * kern_attention bit for bit.
  */
 #include <math.h>
 #include <stdbool.h>
@@ -236,8 +240,11 @@ AVX2_INLINE void dots_avx2(const ekv_f16 *kb, int32_t bt, int32_t d, const float
     }
 }
 
+/* Scores of the tiles starting in [t_begin, t_end) (multiples of 16); max[i]:
+ * the largest of query i's among them (-inf if none visible). */
 AVX2_TARGET static void scores_avx2(const kern_kv_view *kv, const float *Q, int g, int q_stride,
-                                    int32_t qpos, float scale, float *scores, float *max)
+                                    int32_t qpos, float scale, float *scores, float *max,
+                                    int32_t t_begin, int32_t t_end)
 {
     const int32_t d = kv->head_dim, bt = kv->block_tokens, n = kv->n_tokens;
     const __m256 ninf = _mm256_set1_ps(-INFINITY), vscale = _mm256_set1_ps(scale);
@@ -246,7 +253,7 @@ AVX2_TARGET static void scores_avx2(const kern_kv_view *kv, const float *Q, int 
     const __m256i lane_hi = _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15);
     __m256 vmax[GROUP_MAX] = {ninf, ninf, ninf, ninf};
     /* 16 tokens (one tile of a block) at a time, two ymm lanes-per-token each */
-    for (int32_t t0 = 0; t0 < n; t0 += 16) {
+    for (int32_t t0 = t_begin; t0 < t_end; t0 += 16) {
         const ekv_f16 *kb = kv->k_blocks[t0 / bt] + t0 % bt;
         const int32_t *pb = kv->pos_blocks[t0 / bt] + t0 % bt;
         const __m256i left = _mm256_set1_epi32(n - t0);
@@ -366,11 +373,100 @@ AVX2_TARGET static void attend_group_avx2(const kern_kv_view *kv, const float *Q
                                           const kern_attn_probe *pr, int q0)
 {
     float max[GROUP_MAX], inv[GROUP_MAX];
-    scores_avx2(kv, Q, g, q_stride, qpos, scale, scores, max);
+    scores_avx2(kv, Q, g, q_stride, qpos, scale, scores, max, 0, kv->n_tokens);
     probe_logits(pr, scores, kv->n_tokens, g, q0);
     softmax_avx2(scores, kv->n_tokens, g, max, inv);
     values_avx2(kv, scores, g, inv, out, out_stride);
     probe_probs(pr, scores, kv->n_tokens, g, q0, inv);
+}
+
+/*
+ * The AVX2 split path's phases, as the AVX-512 ones below: each part
+ * computes exactly what attend_group_avx2 does for its share (scores and
+ * exps per token, the max exact in any order, each output dimension's sum one
+ * chain in token order, and the numerators' sum in exp_scores_avx2's order).
+ */
+
+/* softmax numerators of the 16-token units starting in [t_begin, t_end) */
+AVX2_TARGET static void split_exp_avx2(float *scores, int32_t n, int g, const float *max,
+                                       int32_t t_begin, int32_t t_end)
+{
+    const int32_t hi = t_end < n ? t_end : n;
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int i = 0; i < g; i++) {
+        float *s = scores + (size_t)i * n;
+        if (max[i] == -INFINITY) { /* nothing visible: zeros, as softmax_avx2 */
+            for (int32_t t = t_begin; t < hi; t++)
+                s[t] = 0.0f;
+            continue;
+        }
+        const __m256 vmax = _mm256_set1_ps(max[i]);
+        for (int32_t t = t_begin; t < hi; t += 8) { /* the tail padded with -inf, as there */
+            const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(hi - t), lane);
+            const __m256 x = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_maskload_ps(s + t, m),
+                                              _mm256_castsi256_ps(m));
+            _mm256_maskstore_ps(s + t, m, exp256_neg(_mm256_sub_ps(x, vmax)));
+        }
+    }
+}
+
+/* values_chunk_avx2 over the numerators, also summing them as
+ * exp_scores_avx2 does (8-lane vectors in token order, the tail's missing
+ * lanes 0, then hsum256): inv = 1 / sum comes out bit-identical. */
+AVX2_INLINE void values_sum_chunk_avx2(const kern_kv_view *kv, const float *scores, float *out,
+                                       int out_stride, int32_t j0, const int G)
+{
+    const int32_t d = kv->head_dim, bt = kv->block_tokens, n = kv->n_tokens;
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256 o[GROUP_MAX][2], vsum[GROUP_MAX];
+#pragma GCC unroll 4
+    for (int i = 0; i < G; i++)
+        o[i][0] = o[i][1] = vsum[i] = _mm256_setzero_ps();
+    for (int32_t b = 0, t0 = 0; t0 < n; b++, t0 += bt) {
+        const ekv_f16 *vb = kv->v_blocks[b] + j0;
+        const int32_t rows = n - t0 < bt ? n - t0 : bt;
+        for (int32_t r = 0; r < rows; r++) {
+            const ekv_f16 *v = vb + (size_t)r * d;
+            if (r % 8 == 0) {
+                const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(rows - r), lane);
+#pragma GCC unroll 4
+                for (int i = 0; i < G; i++)
+                    vsum[i] = _mm256_add_ps(vsum[i], _mm256_maskload_ps(scores + (size_t)i * n + t0 + r, m));
+            }
+            const __m256 v0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)v));
+            const __m256 v1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v + 8)));
+#pragma GCC unroll 4
+            for (int i = 0; i < G; i++) {
+                const float p = scores[(size_t)i * n + t0 + r];
+                if (p == 0.0f) /* masked: adding 0 * v would change nothing */
+                    continue;
+                const __m256 vp = _mm256_set1_ps(p);
+                o[i][0] = _mm256_fmadd_ps(vp, v0, o[i][0]);
+                o[i][1] = _mm256_fmadd_ps(vp, v1, o[i][1]);
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < G; i++) {
+        const float sum = hsum256(vsum[i]);
+        const __m256 vi = _mm256_set1_ps(sum > 0.0f ? 1.0f / sum : 0.0f);
+        _mm256_storeu_ps(out + (size_t)i * out_stride + j0, _mm256_mul_ps(o[i][0], vi));
+        _mm256_storeu_ps(out + (size_t)i * out_stride + j0 + 8, _mm256_mul_ps(o[i][1], vi));
+    }
+}
+
+/* output dimensions [j_begin, j_end) (multiples of 16), 16 per pass */
+AVX2_TARGET static void split_values_avx2(const kern_kv_view *kv, const float *s, int g,
+                                          float *out, int os, int32_t j_begin, int32_t j_end)
+{
+    for (int32_t j0 = j_begin; j0 < j_end; j0 += 16) {
+        switch (g) { /* constant shapes keep the accumulators in registers */
+        case 1: values_sum_chunk_avx2(kv, s, out, os, j0, 1); break;
+        case 2: values_sum_chunk_avx2(kv, s, out, os, j0, 2); break;
+        case 3: values_sum_chunk_avx2(kv, s, out, os, j0, 3); break;
+        default: values_sum_chunk_avx2(kv, s, out, os, j0, 4); break;
+        }
+    }
 }
 
 /*
@@ -648,7 +744,7 @@ bool kern_attention_split_ok(const kern_kv_view *kv, int g)
 {
 #if defined(__x86_64__)
     return !kv->packed && g >= 1 && g <= GROUP_MAX && kv->block_tokens % 16 == 0 &&
-           kv->head_dim % 16 == 0 && kern_active_isa() >= KERN_ISA_AVX512;
+           kv->head_dim % 16 == 0 && kern_active_isa() >= KERN_ISA_AVX2;
 #else
     (void)kv;
     (void)g;
@@ -672,7 +768,10 @@ void kern_attention_split_scores(const kern_kv_view *kv, const float *Q, int g, 
     int32_t lo, hi;
     split_share(kv->n_tokens, 16, part, n_parts, &lo, &hi);
 #if defined(__x86_64__)
-    scores_avx512(kv, Q, g, q_stride, qpos, scale, scores, part_max, lo, hi);
+    if (kern_active_isa() >= KERN_ISA_AVX512)
+        scores_avx512(kv, Q, g, q_stride, qpos, scale, scores, part_max, lo, hi);
+    else
+        scores_avx2(kv, Q, g, q_stride, qpos, scale, scores, part_max, lo, hi);
 #else
     (void)Q, (void)q_stride, (void)qpos, (void)scale, (void)scores, (void)part_max;
 #endif
@@ -684,7 +783,10 @@ void kern_attention_split_exp(const kern_kv_view *kv, float *scores, int g, cons
     int32_t lo, hi;
     split_share(kv->n_tokens, 16, part, n_parts, &lo, &hi);
 #if defined(__x86_64__)
-    split_exp_avx512(scores, kv->n_tokens, g, max, lo, hi);
+    if (kern_active_isa() >= KERN_ISA_AVX512)
+        split_exp_avx512(scores, kv->n_tokens, g, max, lo, hi);
+    else
+        split_exp_avx2(scores, kv->n_tokens, g, max, lo, hi);
 #else
     (void)scores, (void)g, (void)max;
 #endif
@@ -696,7 +798,10 @@ void kern_attention_split_values(const kern_kv_view *kv, const float *scores, in
     int32_t lo, hi;
     split_share(kv->head_dim, 16, part, n_parts, &lo, &hi);
 #if defined(__x86_64__)
-    split_values_avx512(kv, scores, g, out, out_stride, lo, hi);
+    if (kern_active_isa() >= KERN_ISA_AVX512)
+        split_values_avx512(kv, scores, g, out, out_stride, lo, hi);
+    else
+        split_values_avx2(kv, scores, g, out, out_stride, lo, hi);
 #else
     (void)scores, (void)g, (void)out, (void)out_stride;
 #endif

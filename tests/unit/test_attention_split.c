@@ -164,8 +164,8 @@ int main(void)
     make_paged(&p, 16, 16, 64, 1);
     const int ok = kern_attention_split_ok(&p.view, 3);
     free_paged(&p);
-    if (!ok) { /* the split path is AVX-512 only; nothing else may take it */
-        fprintf(stderr, "skip: no AVX-512 split path on this CPU\n");
+    if (!ok) { /* the split path is AVX2 / AVX-512 only; nothing else may take it */
+        fprintf(stderr, "skip: no AVX2 or AVX-512 split path on this CPU\n");
         return TEST_EXIT();
     }
     RUN_TEST(test_split_matches_kern_attention);
