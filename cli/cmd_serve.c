@@ -55,6 +55,7 @@ typedef struct server {
     kv_recall_tier *recall_tier;    /* the engine's recall counters, and cap */
     kvprefix *prefix;
     engine_prefix_cache prefix_cache;
+    const struct serve_opts *opts; /* worker --tp: each follower thread's tier from them */
     ekv_engine *engine;
     ekv_metrics *metrics;
     ekv_coordinator *coord;
@@ -221,11 +222,23 @@ static void prefix_save(void *ctx, const kv_seq *seq, const int32_t *tokens, int
     kvstore_publish(s);
 }
 
-/* The host pool (--kvstore-mb) and the daemons (--kvstore-peers), if any. */
-static ekv_status start_kvstore(const serve_opts *o, server *s, ekv_error *err)
+/* Under TP, rank 0 logs each restore's agreement (docs/tp.md, "The KV
+ * store tier"): what every rank held and what all of them kept. */
+static void prefix_tp_agreed(void *ctx, const int32_t *held, int32_t n_ranks, int32_t agreed)
 {
-    if (o->kvstore_mb == 0 && !o->kvstore_peers)
-        return EKV_OK;
+    char list[256];
+    size_t n = 0;
+    for (int32_t r = 0; r < n_ranks && n < sizeof list - 16; r++)
+        n += (size_t)snprintf(list + n, sizeof list - n, "%s%d", r ? "," : "", held[r]);
+    coord_log("kvstore: tensor-parallel restore: ranks hold %s tokens, every rank keeps %d%s",
+              list, agreed, agreed ? "" : " (recomputes the prompt)");
+}
+
+/* The host pool (--kvstore-mb) and the daemons (--kvstore-peers), if any,
+ * as rank tp_rank of tp_size: its own client and kvprefix (its heads). */
+static ekv_status open_kvstore(const serve_opts *o, const ekv_model *m, kvstore_client **client,
+                               kvstore_client **recall_client, ekv_error *err)
+{
     kvstore_client_config kc;
     kvstore_client_config_default(&kc);
     kc.local_capacity = (uint64_t)o->kvstore_mb << 20;
@@ -239,7 +252,7 @@ static ekv_status start_kvstore(const serve_opts *o, server *s, ekv_error *err)
     if (o->kvstore_ns)
         snprintf(ns, sizeof ns, "%s", o->kvstore_ns);
     else
-        kvprefix_model_id(s->model, ns, sizeof ns);
+        kvprefix_model_id(m, ns, sizeof ns);
     kc.ns = ns;
     if (o->kvstore_ns_key_file) {
         if ((rc = kvstore_token_load(o->kvstore_ns_key_file, &ns_key, &ns_key_len, err)))
@@ -257,26 +270,19 @@ static ekv_status start_kvstore(const serve_opts *o, server *s, ekv_error *err)
         kc.auth_token = token;
         kc.auth_token_len = token_len;
     }
-    if (!(s->kvstore = kvstore_client_create(&kc, err)) ||
-        !(s->prefix = kvprefix_create(s->model, s->kvstore, 0, 1, err))) {
+    if (!(*client = kvstore_client_create(&kc, err))) {
         rc = err->code ? err->code : EKV_ENOMEM;
         goto out;
     }
-    if (o->recall_host_mb >= 0) { /* its own client: no host tier to copy blocks into */
+    if (recall_client && o->recall_host_mb >= 0) { /* no host tier to copy blocks into */
         kc.local_capacity = 0;
         kc.promote_remote_hits = false;
-        if (!(s->recall_kvstore = kvstore_client_create(&kc, err))) {
+        if (!(*recall_client = kvstore_client_create(&kc, err))) {
             rc = err->code ? err->code : EKV_ENOMEM;
             goto out;
         }
     }
-    kvprefix_on_saved(s->prefix, prefix_saved, s);
-    s->prefix_cache = (engine_prefix_cache){prefix_restore_start, prefix_restore_ready,
-                                            prefix_restore_finish, prefix_save, s};
     coord_log("kvstore: host tier %d MiB, %d daemon(s)", o->kvstore_mb, kc.n_peers);
-    if (s->recall_kvstore)
-        coord_log("recall: %d MiB of evicted blocks in host memory, the rest on the daemons",
-                  o->recall_host_mb);
 out:
     if (token) {
         memset(token, 0, token_len);
@@ -288,6 +294,90 @@ out:
     }
     free(list);
     return rc;
+}
+
+/* This process's tier (rank tp_rank of tp_size; 0 of 1 without TP). */
+static ekv_status start_kvstore(const serve_opts *o, server *s, int tp_rank, int tp_size,
+                                ekv_error *err)
+{
+    if (o->kvstore_mb == 0 && !o->kvstore_peers)
+        return EKV_OK;
+    if (open_kvstore(o, s->model, &s->kvstore, &s->recall_kvstore, err) ||
+        !(s->prefix = kvprefix_create(s->model, s->kvstore, tp_rank, tp_size, err)))
+        return err->code ? err->code : EKV_ENOMEM;
+    kvprefix_on_saved(s->prefix, prefix_saved, s);
+    s->prefix_cache = (engine_prefix_cache){prefix_restore_start, prefix_restore_ready,
+                                            prefix_restore_finish, prefix_save, s,
+                                            tp_size > 1 ? prefix_tp_agreed : NULL};
+    if (s->recall_kvstore)
+        coord_log("recall: %d MiB of evicted blocks in host memory, the rest on the daemons",
+                  o->recall_host_mb);
+    return EKV_OK;
+}
+
+/* ---- a tensor-parallel group's tiers: every rank its own (worker_tp.h) ---- */
+
+/* A follower thread's tier: its client and kvprefix, no metrics. */
+typedef struct rank_tier {
+    kvstore_client *client;
+    kvprefix *prefix;
+    engine_prefix_cache pc;
+} rank_tier;
+
+static void *rank_restore_start(void *ctx, const int32_t *tokens, int32_t n, int32_t max_tokens,
+                                void (*wake)(void *), void *wake_arg)
+{
+    return kvprefix_restore_start(((rank_tier *)ctx)->prefix, tokens, n, max_tokens, wake,
+                                  wake_arg);
+}
+
+static int32_t rank_restore_finish(void *ctx, void *job, kv_seq *seq)
+{
+    return kvprefix_restore_finish(job, seq);
+}
+
+static void rank_save(void *ctx, const kv_seq *seq, const int32_t *tokens, int32_t n,
+                      int32_t first_block)
+{
+    kvprefix_save(((rank_tier *)ctx)->prefix, seq, tokens, n, first_block);
+}
+
+static void tp_tier_close(void *arg, void *handle)
+{
+    rank_tier *t = handle;
+    kvprefix_drain(t->prefix);
+    kvstore_client_destroy(t->client);
+    kvprefix_destroy(t->prefix);
+    free(t);
+}
+
+static ekv_status tp_tier_open(void *arg, int rank, int size, bool own,
+                               const engine_prefix_cache **out, void **handle, ekv_error *err)
+{
+    server *s = arg;
+    const serve_opts *o = s->opts;
+    if (own) {
+        if (start_kvstore(o, s, rank, size, err))
+            return err->code;
+        *out = s->prefix ? &s->prefix_cache : NULL;
+        return EKV_OK;
+    }
+    if (o->kvstore_mb == 0 && !o->kvstore_peers)
+        return EKV_OK;
+    rank_tier *t = calloc(1, sizeof *t);
+    if (!t)
+        return ekv_error_set(err, EKV_ENOMEM, "out of memory");
+    if (open_kvstore(o, s->model, &t->client, NULL, err) ||
+        !(t->prefix = kvprefix_create(s->model, t->client, rank, size, err))) {
+        kvstore_client_destroy(t->client);
+        free(t);
+        return err->code ? err->code : EKV_ENOMEM;
+    }
+    t->pc = (engine_prefix_cache){rank_restore_start, prefix_restore_ready, rank_restore_finish,
+                                  rank_save, t, NULL};
+    *out = &t->pc;
+    *handle = t;
+    return EKV_OK;
 }
 
 static ekv_status start(const serve_opts *o, server *s, ekv_error *err)
@@ -316,10 +406,7 @@ static ekv_status start(const serve_opts *o, server *s, ekv_error *err)
                              "--recall-host-mb: recall's tier on the KV store daemons is not "
                              "supported in a tensor-parallel group (recall itself runs there, "
                              "each rank's blocks in its host memory; docs/tp.md)");
-    if (tp && o->kvstore_peers)
-        coord_log("worker: the KV store tier is off in a tensor-parallel group "
-                  "(not supported yet; docs/tp.md)");
-    if (!tp && start_kvstore(o, s, err)) /* a TP group keeps no prefix KV (docs/tp.md) */
+    if (!tp && start_kvstore(o, s, 0, 1, err)) /* TP: each rank's, in worker_tp_start */
         return err->code;
     ec.prefix_cache = s->prefix ? &s->prefix_cache : NULL;
     kv_recall_backend rb;
@@ -344,7 +431,9 @@ static ekv_status start(const serve_opts *o, server *s, ekv_error *err)
                                  "--device cuda runs one rank (no --tp yet; docs/cuda.md)");
         ec.runtime_create = cli_engine_runtime_cuda;
     }
-    if (tp && worker_tp_start(o->tp, o->tp_timeout_ms, s->model, &ec, s->profile, &s->tp,
+    s->opts = o;
+    const worker_tp_tier tier = {tp_tier_open, tp_tier_close, s};
+    if (tp && worker_tp_start(o->tp, o->tp_timeout_ms, s->model, &ec, s->profile, &tier, &s->tp,
                               &s->tp_follower, err))
         return err->code;
     if (s->tp_follower)

@@ -17,6 +17,8 @@ typedef struct tp_thread {
     bool started;
     int rank;
     worker_tp *w;
+    engine_config ec; /* the group's, with this rank's own prefix cache */
+    void *tier;       /* its tier's handle (worker_tp_tier.close) */
     ekv_status rc;
     ekv_error err;
 } tp_thread;
@@ -27,6 +29,7 @@ struct worker_tp {
     const ekv_model *m;
     engine_config ec;          /* what the followers run with */
     const kvc_profile *profile;
+    worker_tp_tier tier;       /* zero: none */
     int n;
     tp_thread *th;
 };
@@ -47,8 +50,8 @@ static void *follow_thread(void *arg)
     worker_tp *w = t->w;
     ekv_comm *c = comm_open_thread(w->group, t->rank, &t->err);
     if (c) {
-        comm_set_timeout_ms(c, w->ec.tp_heartbeat_ms * 4);
-        t->rc = engine_tp_follow(w->m, &w->ec, c, w->profile, &t->err);
+        comm_set_timeout_ms(c, t->ec.tp_heartbeat_ms * 4);
+        t->rc = engine_tp_follow(w->m, &t->ec, c, w->profile, &t->err);
     } else {
         t->rc = t->err.code ? t->err.code : EKV_ENOMEM;
     }
@@ -60,9 +63,24 @@ static void *follow_thread(void *arg)
     return NULL;
 }
 
+/* rank's own prefix cache (own: the caller's rank) into *pc. */
+static ekv_status open_tier(worker_tp *w, int rank, bool own, const engine_prefix_cache **pc,
+                            void **handle, ekv_error *err)
+{
+    *pc = NULL;
+    *handle = NULL;
+    if (!w->tier.open)
+        return EKV_OK;
+    ekv_status rc = w->tier.open(w->tier.arg, rank, w->n, own, pc, handle, err);
+    if (rc == EKV_OK && *pc)
+        coord_log("worker: tensor-parallel rank %d of %d: its own KV store tier (its heads)",
+                  rank, w->n);
+    return rc;
+}
+
 ekv_status worker_tp_start(int tp, int timeout_ms, const ekv_model *m, engine_config *ec,
-                           const kvc_profile *profile, worker_tp **out, bool *follower,
-                           ekv_error *err)
+                           const kvc_profile *profile, const worker_tp_tier *tier,
+                           worker_tp **out, bool *follower, ekv_error *err)
 {
     *out = NULL;
     *follower = false;
@@ -73,6 +91,9 @@ ekv_status worker_tp_start(int tp, int timeout_ms, const ekv_model *m, engine_co
         return ekv_error_set(err, EKV_ENOMEM, "out of memory");
     w->m = m;
     w->profile = profile;
+    if (tier)
+        w->tier = *tier;
+    void *own = NULL;
     ec->tp_heartbeat_ms = timeout_ms / 4 > 0 ? timeout_ms / 4 : 1;
     ekv_status rc = EKV_OK;
     if (under_mpirun()) {
@@ -86,6 +107,8 @@ ekv_status worker_tp_start(int tp, int timeout_ms, const ekv_model *m, engine_co
             goto fail;
         }
         ec->tp_comm = w->comm;
+        if ((rc = open_tier(w, comm_rank(w->comm), true, &ec->prefix_cache, &own, err)))
+            goto fail;
         if (comm_rank(w->comm) != 0) {
             *follower = true;
             coord_log("worker: tensor-parallel rank %d of %d (mpi, pid %ld) following rank 0",
@@ -108,13 +131,17 @@ ekv_status worker_tp_start(int tp, int timeout_ms, const ekv_model *m, engine_co
     }
     comm_set_timeout_ms(w->comm, timeout_ms);
     ec->tp_comm = w->comm;
+    if ((rc = open_tier(w, 0, true, &ec->prefix_cache, &own, err)))
+        goto fail;
     w->ec = *ec;
     if (!(w->th = calloc((size_t)tp, sizeof *w->th))) {
         rc = ekv_error_set(err, EKV_ENOMEM, "out of memory");
         goto fail;
     }
     for (int r = 1; r < tp; r++) {
-        w->th[r] = (tp_thread){.rank = r, .w = w};
+        w->th[r] = (tp_thread){.rank = r, .w = w, .ec = w->ec};
+        if ((rc = open_tier(w, r, false, &w->th[r].ec.prefix_cache, &w->th[r].tier, err)))
+            goto fail;
         if (pthread_create(&w->th[r].th, NULL, follow_thread, &w->th[r])) {
             rc = ekv_error_set(err, EKV_EIO, "cannot start tensor-parallel rank %d", r);
             goto fail;
@@ -143,9 +170,12 @@ void worker_tp_stop(worker_tp *w)
 {
     if (!w)
         return;
-    for (int r = 1; w->th && r < w->n; r++)
+    for (int r = 1; w->th && r < w->n; r++) {
         if (w->th[r].started)
             pthread_join(w->th[r].th, NULL);
+        if (w->th[r].tier && w->tier.close) /* its rank has stopped */
+            w->tier.close(w->tier.arg, w->th[r].tier);
+    }
     free(w->th);
     comm_free(w->comm);
     comm_threads_group_free(w->group);

@@ -78,8 +78,12 @@ kvprefix *kvprefix_create(const ekv_model *m, kvstore_client *client, int32_t tp
                           int32_t tp_size, ekv_error *err)
 {
     const ekv_model_config *c = model_config(m);
+    /* under TP a value holds this rank's KV heads only (its pool's layout) */
+    model_shard sh;
+    if (model_shard_plan(m, tp_rank, tp_size, &sh, err))
+        return NULL;
     kvprefix *p = calloc(1, sizeof *p);
-    kv_pool *probe = model_kv_pool_create(m, 16, err);
+    kv_pool *probe = model_kv_pool_create_shard(m, &sh, 16, err);
     if (!p || !probe) {
         free(p);
         kv_pool_destroy(probe);
@@ -90,7 +94,7 @@ kvprefix *kvprefix_create(const ekv_model *m, kvstore_client *client, int32_t tp
     }
     p->client = client;
     p->L = c->n_layers;
-    p->HKV = c->n_kv_heads;
+    p->HKV = sh.n_kv_heads;
     p->bt = kv_pool_block_tokens(probe);
     p->head_dim = c->head_dim;
     p->block_bytes = kv_pool_block_bytes(probe);

@@ -568,9 +568,6 @@ static ekv_status config_check(const engine_config *c, ekv_error *err)
     if (c->max_queued < 1)
         return ekv_error_set(err, EKV_EINVAL, "engine: max_queued %d must be >= 1",
                              c->max_queued);
-    if (c->tp_comm && c->prefix_cache)
-        return ekv_error_set(err, EKV_EUNSUPPORTED,
-                             "engine: tensor parallelism with a prefix cache (the KV store tier)");
     if (c->tp_comm && c->runtime_create)
         return ekv_error_set(err, EKV_EUNSUPPORTED,
                              "engine: tensor parallelism on another device's runtime");

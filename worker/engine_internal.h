@@ -197,6 +197,19 @@ ekv_status engine_tp_scope(ekv_engine *e, const kv_seq *s, const kvc_decode_poli
  * compression of s. EKV_EUNAVAILABLE once the group is broken. */
 ekv_status engine_tp_step(ekv_engine *e, const model_batch *b, ekv_error *err);
 ekv_status engine_tp_compress(ekv_engine *e, const kv_seq *s, ekv_error *err);
+/* The KV store tier (docs/tp.md, "The KV store tier"): logs s's save of
+ * tokens[0, n) from block first_block on, which every follower makes of its
+ * own heads when it applies the plan (before the next forward or
+ * compression). No-op without TP. */
+ekv_status engine_tp_save(ekv_engine *e, const kv_seq *s, const int32_t *tokens, int32_t n,
+                          int32_t first_block, ekv_error *err);
+/* Rank 0 restored got tokens (block-aligned, > 0) of tokens into s: every
+ * follower restores the same prefix of its own heads, the ranks allgather
+ * what each holds and every rank keeps the least (s cut back to it).
+ * Returns the tokens kept (0: every rank recomputes the prompt), or -1
+ * (err set) when the group broke. Without TP: got. */
+int32_t engine_tp_restore(ekv_engine *e, kv_seq *s, const int32_t *tokens, int32_t got,
+                          ekv_error *err);
 /* Idle: a ping and a barrier (finds a dead rank; keeps followers waiting). */
 void engine_tp_ping(ekv_engine *e);
 int engine_tp_heartbeat_ms(const ekv_engine *e);

@@ -268,11 +268,17 @@ static void settle_restores(ekv_engine *e)
         ereq *q = e->running[i];
         if (!q->restore_job || !pc->restore_ready(pc->ctx, q->restore_job))
             continue;
-        const int32_t got = pc->restore_finish(pc->ctx, q->restore_job, q->seq);
+        int32_t got = pc->restore_finish(pc->ctx, q->restore_job, q->seq);
         if (got < 0)
             continue; /* its blocks are being filled off this thread: ready again later */
         q->restore_job = NULL;
-        engine_prompt_start(e, q, got);
+        ekv_error err = {0};
+        /* TP: kept only as far as every rank has its shard */
+        if ((got = engine_tp_restore(e, q->seq, q->tokens, got, &err)) < 0)
+            engine_finish(e, q, GEN_FINISH_LENGTH, err.code ? err.code : EKV_EUNAVAILABLE,
+                          err.msg);
+        else
+            engine_prompt_start(e, q, got);
     }
     e->restore_wait_kicks = kicks;
 }
@@ -510,9 +516,14 @@ void engine_step(ekv_engine *e)
         float *logits = q->n_fed == q->n_tok ? e->logits + (size_t)k++ * e->n_vocab : NULL;
         if (q->n_fed == q->n_prompt && !q->prompt_saved && e->cfg.prefix_cache) {
             const engine_prefix_cache *pc = e->cfg.prefix_cache;
-            pc->save(pc->ctx, q->seq, q->tokens, q->n_prompt,
-                     q->n_restored / kv_pool_block_tokens(e->pool));
+            const int32_t first_block = q->n_restored / kv_pool_block_tokens(e->pool);
+            pc->save(pc->ctx, q->seq, q->tokens, q->n_prompt, first_block);
             q->prompt_saved = true;
+            ekv_error serr = {0}; /* TP: every follower saves its own heads */
+            if (engine_tp_save(e, q->seq, q->tokens, q->n_prompt, first_block, &serr)) {
+                engine_finish(e, q, GEN_FINISH_LENGTH, serr.code, serr.msg);
+                continue;
+            }
         }
         if (q->cap && q->n_fed == q->n_prompt && !compress_prompt(e, q))
             continue;

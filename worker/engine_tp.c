@@ -16,6 +16,15 @@
  * so a dead or stopped rank is found within the communicator's timeout even
  * without traffic, and no follower times out waiting for work.
  *
+ * The KV store tier (docs/tp.md, "The KV store tier"): every rank has its
+ * own prefix cache (a kvprefix of its rank: its heads, keys with its rank).
+ * Rank 0's save is logged as an op (with the prompt's tokens, which
+ * followers never see whole) and each follower saves its own heads when it
+ * applies it. A restore rank 0 got is a plan of its own: every follower
+ * restores the same prefix from its store, then the ranks allgather what
+ * each holds and all keep the least (0: all recompute), so no rank runs a
+ * position another lacks.
+ *
  * Failure: once a collective fails (comm.h: EKV_EUNAVAILABLE within the
  * timeout) the group is broken for good: every request in flight fails with
  * EKV_EUNAVAILABLE, new ones are refused with it, and engine_stats says
@@ -34,10 +43,12 @@
 #include "entrokv/comm.h"
 
 #define TP_PLAN_MAGIC 0x656b7470u /* "ptke" little-endian */
-#define TP_PLAN_VERSION 2 /* 2: the capture carries recall's fields */
+/* 2: the capture carries recall's fields; 3: saves, restores and tokens */
+#define TP_PLAN_VERSION 3
 
-enum { TP_END = 0, TP_STEP = 1, TP_COMPRESS = 2, TP_PING = 3, TP_N_KINDS };
-enum { OP_CREATE = 1, OP_FREE = 2, OP_FORK = 3, OP_CAPTURE = 4, OP_SCOPE = 5 };
+enum { TP_END = 0, TP_STEP = 1, TP_COMPRESS = 2, TP_PING = 3, TP_RESTORE = 4, TP_N_KINDS };
+enum { OP_CREATE = 1, OP_FREE = 2, OP_FORK = 3, OP_CAPTURE = 4, OP_SCOPE = 5, OP_SAVE = 6,
+       OP_RESTORE = 7 };
 #define ROW_INTS 4 /* a row: token, position, sequence id, SCOPE step (-1: none) */
 
 /* The plan's header: broadcast first, fixed size; every field validated by
@@ -50,9 +61,9 @@ typedef struct tp_plan_hdr {
     uint32_t counter;       /* messages sent before this one */
     int32_t n_ops;
     int32_t n_rows;
-    int32_t arg;            /* TP_COMPRESS: the sequence id */
-    uint32_t payload_bytes; /* n_ops * sizeof(tp_op) + n_rows * ROW_INTS * 4 */
-    uint32_t reserved;
+    int32_t arg;            /* TP_COMPRESS, TP_RESTORE: the sequence id */
+    uint32_t payload_bytes; /* n_ops * sizeof(tp_op) + (n_rows * ROW_INTS + n_toks) * 4 */
+    uint32_t n_toks;        /* tokens after the rows (OP_SAVE's and OP_RESTORE's) */
 } tp_plan_hdr;
 
 /* One change to a sequence. The capture's policy travels without its
@@ -74,8 +85,11 @@ typedef struct tp_op {
     int32_t scope_mode, scope_recent, scope_window, scope_max_new, max_new;
     /* OP_CAPTURE: recall's blocks, ranking period and promotion switch */
     int32_t recall, recall_every, recall_no_promote;
+    /* OP_SAVE (pos0: its first block), OP_RESTORE: the prompt's tokens
+     * [0, n_tok) at tok_off in the plan's tokens */
+    int32_t tok_off, n_tok;
 } tp_op;
-_Static_assert(sizeof(tp_op) == 80, "docs/tp.md's op size");
+_Static_assert(sizeof(tp_op) == 88, "docs/tp.md's op size");
 
 struct engine_tp {
     ekv_comm *comm;
@@ -87,6 +101,8 @@ struct engine_tp {
     tp_op *ops;
     int32_t n_ops, cap_ops;
     int32_t *rows; /* tokens, positions, ids, SCOPE steps: ROW_INTS * max_batch */
+    int32_t *toks; /* the ops' tokens */
+    int32_t n_toks, cap_toks;
     unsigned char *msg;
     size_t msg_cap;
 };
@@ -104,7 +120,7 @@ static ekv_status tp_grow_msg(unsigned char **msg, size_t *cap, size_t need, ekv
 }
 
 static void hdr_init(tp_plan_hdr *h, int kind, uint32_t counter, int32_t n_ops, int32_t n_rows,
-                     int32_t arg)
+                     int32_t arg, int32_t n_toks)
 {
     memset(h, 0, sizeof *h);
     h->magic = TP_PLAN_MAGIC;
@@ -114,7 +130,9 @@ static void hdr_init(tp_plan_hdr *h, int kind, uint32_t counter, int32_t n_ops, 
     h->n_ops = n_ops;
     h->n_rows = n_rows;
     h->arg = arg;
-    h->payload_bytes = (uint32_t)((size_t)n_ops * sizeof(tp_op) + (size_t)n_rows * ROW_INTS * 4);
+    h->n_toks = (uint32_t)n_toks;
+    h->payload_bytes = (uint32_t)((size_t)n_ops * sizeof(tp_op) +
+                                  ((size_t)n_rows * ROW_INTS + (size_t)n_toks) * 4);
 }
 
 /* ---- rank 0 ---- */
@@ -145,6 +163,7 @@ void engine_tp_free(ekv_engine *e)
     free(t->slots);
     free(t->ops);
     free(t->rows);
+    free(t->toks);
     free(t->msg);
     free(t);
     e->tp = NULL;
@@ -282,7 +301,7 @@ static ekv_status send_plan(ekv_engine *e, int kind, int32_t n_rows, int32_t arg
     if (broken)
         return ekv_error_set(err, EKV_EUNAVAILABLE, "%s", e->tp_why);
     tp_plan_hdr h;
-    hdr_init(&h, kind, t->counter++, t->n_ops, n_rows, arg);
+    hdr_init(&h, kind, t->counter++, t->n_ops, n_rows, arg, t->n_toks);
     ekv_status rc = comm_broadcast(t->comm, &h, sizeof h, 0, err);
     if (rc == EKV_OK && h.payload_bytes > 0) {
         const size_t ob = (size_t)t->n_ops * sizeof(tp_op);
@@ -292,12 +311,15 @@ static ekv_status send_plan(ekv_engine *e, int kind, int32_t n_rows, int32_t arg
             memcpy(t->msg, t->ops, ob);
         if (n_rows)
             memcpy(t->msg + ob, t->rows, (size_t)n_rows * ROW_INTS * 4);
+        if (t->n_toks)
+            memcpy(t->msg + ob + (size_t)n_rows * ROW_INTS * 4, t->toks, (size_t)t->n_toks * 4);
         rc = comm_broadcast(t->comm, t->msg, h.payload_bytes, 0, err);
     }
     if (rc == EKV_OK && kind == TP_PING)
         rc = comm_barrier(t->comm, err); /* a broadcast's root may not wait for its peers */
 out:
     t->n_ops = 0;
+    t->n_toks = 0;
     if (rc) {
         char why[sizeof err->msg + 64];
         snprintf(why, sizeof why, "tensor-parallel group broken: %s", err ? err->msg : "");
@@ -335,6 +357,100 @@ ekv_status engine_tp_compress(ekv_engine *e, const kv_seq *s, ekv_error *err)
     return send_plan(e, TP_COMPRESS, 0, slot_of(e->tp, s), err);
 }
 
+/* Appends tokens[0, n) to the plan's tokens; returns their offset, or -1. */
+static int32_t log_tokens(engine_tp *t, const int32_t *tokens, int32_t n)
+{
+    if (t->n_toks + n > t->cap_toks) {
+        int32_t cap = t->cap_toks ? t->cap_toks : 1024;
+        while (cap < t->n_toks + n)
+            cap *= 2;
+        int32_t *p = realloc(t->toks, (size_t)cap * sizeof *p);
+        if (!p)
+            return -1;
+        t->toks = p;
+        t->cap_toks = cap;
+    }
+    memcpy(t->toks + t->n_toks, tokens, (size_t)n * sizeof *tokens);
+    t->n_toks += n;
+    return t->n_toks - n;
+}
+
+ekv_status engine_tp_save(ekv_engine *e, const kv_seq *s, const int32_t *tokens, int32_t n,
+                          int32_t first_block, ekv_error *err)
+{
+    engine_tp *t = e->tp;
+    const int32_t bt = kv_pool_block_tokens(e->pool), whole = n / bt * bt;
+    if (!t || whole / bt <= first_block)
+        return EKV_OK; /* nothing new to store: no rank saves */
+    tp_op op = {.code = OP_SAVE, .id = slot_of(t, s), .parent = -1, .pos0 = first_block,
+                .n_tok = whole};
+    if (op.id < 0)
+        return ekv_error_set(err, EKV_EINVAL, "tensor parallelism: save of an unknown sequence");
+    if ((op.tok_off = log_tokens(t, tokens, whole)) < 0)
+        return ekv_error_set(err, EKV_ENOMEM, "tensor parallelism: out of memory for a save");
+    return log_op(t, &op, err);
+}
+
+/* Keeps the first m tokens of every head of s, whose heads all hold the
+ * same restored prefix at positions 0, 1, ... */
+static ekv_status seq_cut(kv_seq *s, int32_t m, ekv_error *err)
+{
+    int32_t *keep = m > 0 ? malloc((size_t)m * sizeof *keep) : NULL;
+    if (m > 0 && !keep)
+        return ekv_error_set(err, EKV_ENOMEM, "tensor parallelism: out of memory");
+    for (int32_t i = 0; i < m; i++)
+        keep[i] = i;
+    ekv_status rc = EKV_OK;
+    for (int32_t l = 0; l < kv_seq_n_layers(s) && !rc; l++)
+        for (int32_t h = 0; h < kv_seq_n_kv_heads(s) && !rc; h++)
+            if (kv_seq_len(s, l, h) > m)
+                rc = kv_seq_keep(s, l, h, keep, m, err);
+    free(keep);
+    return rc;
+}
+
+/* Every rank's restored tokens (mine first put at my rank), and the least. */
+static ekv_status agree(ekv_comm *c, int32_t mine, int32_t *held, int32_t *least, ekv_error *err)
+{
+    ekv_status rc = comm_allgather(c, &mine, sizeof mine, held, err);
+    if (rc)
+        return rc;
+    *least = mine;
+    for (int32_t r = 0; r < comm_size(c); r++)
+        if (held[r] < *least)
+            *least = held[r];
+    return EKV_OK;
+}
+
+int32_t engine_tp_restore(ekv_engine *e, kv_seq *s, const int32_t *tokens, int32_t got,
+                          ekv_error *err)
+{
+    engine_tp *t = e->tp;
+    if (!t || got <= 0)
+        return got;
+    tp_op op = {.code = OP_RESTORE, .id = slot_of(t, s), .parent = -1, .n_tok = got};
+    int32_t *held = calloc((size_t)comm_size(t->comm), sizeof *held);
+    int32_t least = 0;
+    ekv_status rc = EKV_OK;
+    if (!held || (op.tok_off = log_tokens(t, tokens, got)) < 0)
+        rc = ekv_error_set(err, EKV_ENOMEM, "tensor parallelism: out of memory for a restore");
+    else if (op.id < 0)
+        rc = ekv_error_set(err, EKV_EINVAL, "tensor parallelism: restore of an unknown sequence");
+    else if (!(rc = log_op(t, &op, err)) && !(rc = send_plan(e, TP_RESTORE, 0, op.id, err)) &&
+             (rc = agree(t->comm, got, held, &least, err)) != EKV_OK) {
+        char why[sizeof err->msg + 64];
+        snprintf(why, sizeof why, "tensor-parallel group broken: %s", err->msg);
+        engine_tp_break(e, why);
+    }
+    if (rc == EKV_OK && least < got)
+        rc = seq_cut(s, least, err); /* a rank lacks its shard of the rest */
+    const engine_prefix_cache *pc = e->cfg.prefix_cache;
+    if (rc == EKV_OK && pc->tp_agreed)
+        pc->tp_agreed(pc->ctx, held, comm_size(t->comm), least);
+    free(held);
+    return rc ? -1 : least;
+}
+
 void engine_tp_ping(ekv_engine *e)
 {
     ekv_error err = {0};
@@ -359,6 +475,12 @@ typedef struct follower {
     const ekv_model *m;
     ekv_runtime *rt;
     kv_pool *pool;
+    const engine_prefix_cache *pc; /* this rank's own; NULL: none */
+    pthread_mutex_t mu;            /* a restore's wake */
+    pthread_cond_t cv;
+    int32_t restored;              /* OP_RESTORE's tokens, for TP_RESTORE's agreement */
+    const int32_t *toks;           /* the plan's tokens */
+    int32_t n_toks;
     const model_shard *shard;
     const kvc_profile *profile;
     int32_t n_slots, max_batch;
@@ -411,6 +533,47 @@ static void drop_seq(follower *f, int32_t id)
     f->caps[id] = NULL;
     kvc_scope_free(f->scopes[id]);
     f->scopes[id] = NULL;
+}
+
+/* The prefix cache's wake: the restore this rank waits on is ready. */
+static void follower_wake(void *arg)
+{
+    follower *f = arg;
+    pthread_mutex_lock(&f->mu);
+    pthread_cond_broadcast(&f->cv);
+    pthread_mutex_unlock(&f->mu);
+}
+
+/* Restores tokens[0, n) of this rank's heads into the empty seq, waiting
+ * for the store and the copy (bounded by the store's op timeout); returns
+ * the tokens restored (0: a miss). */
+static int32_t follower_restore(follower *f, kv_seq *seq, const int32_t *tokens, int32_t n)
+{
+    const engine_prefix_cache *pc = f->pc;
+    void *job = pc ? pc->restore_start(pc->ctx, tokens, n, n, follower_wake, f) : NULL;
+    if (!job)
+        return 0;
+    int32_t got = pc->restore_finish(pc->ctx, job, seq); /* waits for the gets */
+    while (got < 0) { /* the copier fills the blocks */
+        pthread_mutex_lock(&f->mu);
+        while (!pc->restore_ready(pc->ctx, job)) /* a wake takes mu: none is missed */
+            pthread_cond_wait(&f->cv, &f->mu);
+        pthread_mutex_unlock(&f->mu);
+        got = pc->restore_finish(pc->ctx, job, seq);
+    }
+    return got;
+}
+
+/* OP_SAVE's and OP_RESTORE's tokens: in the plan, in the vocabulary. */
+static ekv_status check_toks(const follower *f, const tp_op *op, ekv_error *err)
+{
+    if (op->tok_off < 0 || op->n_tok <= 0 || op->n_tok > f->n_toks - op->tok_off)
+        return bad_plan(err, "tokens outside the plan's", op->tok_off);
+    const int32_t n_vocab = model_config(f->m)->n_vocab;
+    for (int32_t i = 0; i < op->n_tok; i++)
+        if (f->toks[op->tok_off + i] < 0 || f->toks[op->tok_off + i] >= n_vocab)
+            return bad_plan(err, "token outside the vocabulary", f->toks[op->tok_off + i]);
+    return EKV_OK;
 }
 
 static ekv_status apply_op(follower *f, const tp_op *op, ekv_error *err)
@@ -472,6 +635,22 @@ static ekv_status apply_op(follower *f, const tp_op *op, ekv_error *err)
         f->scopes[op->id] = kvc_scope_create(&d, f->seqs[op->id], op->max_new, err);
         return f->scopes[op->id] ? EKV_OK : (err->code ? err->code : EKV_ENOMEM);
     }
+    case OP_SAVE: /* rank 0 saved its heads: this rank saves its own */
+        if ((rc = check_id(f, op->id, true, err)) || (rc = check_toks(f, op, err)))
+            return rc;
+        if (op->pos0 < 0 || op->pos0 >= op->n_tok / kv_pool_block_tokens(f->pool) ||
+            op->n_tok % kv_pool_block_tokens(f->pool))
+            return bad_plan(err, "a save's blocks", op->pos0);
+        if (f->pc)
+            f->pc->save(f->pc->ctx, f->seqs[op->id], f->toks + op->tok_off, op->n_tok, op->pos0);
+        return EKV_OK;
+    case OP_RESTORE: /* checked by follow_loop: TP_RESTORE's last op, on its sequence */
+        if ((rc = check_toks(f, op, err)))
+            return rc;
+        if (kv_seq_max_len(f->seqs[op->id]) != 0)
+            return bad_plan(err, "a restore into a sequence that holds tokens", op->id);
+        f->restored = follower_restore(f, f->seqs[op->id], f->toks + op->tok_off, op->n_tok);
+        return EKV_OK;
     default: return bad_plan(err, "op code", op->code);
     }
 }
@@ -532,9 +711,9 @@ static ekv_status follow_loop(follower *f, ekv_comm *comm, ekv_error *err)
             break;
         }
         if (h.kind >= TP_N_KINDS || h.counter != counter || h.n_ops < 0 || h.n_rows < 0 ||
-            h.n_rows > f->max_batch || h.n_ops > (1 << 20) ||
-            (size_t)h.payload_bytes !=
-                (size_t)h.n_ops * sizeof(tp_op) + (size_t)h.n_rows * ROW_INTS * 4) {
+            h.n_rows > f->max_batch || h.n_ops > (1 << 20) || h.n_toks > (1u << 26) ||
+            (size_t)h.payload_bytes != (size_t)h.n_ops * sizeof(tp_op) +
+                                           ((size_t)h.n_rows * ROW_INTS + h.n_toks) * 4) {
             rc = bad_plan(err, "header fields (kind, counter, counts or length)", (long)h.kind);
             break;
         }
@@ -542,15 +721,38 @@ static ekv_status follow_loop(follower *f, ekv_comm *comm, ekv_error *err)
             ((rc = tp_grow_msg(&msg, &msg_cap, h.payload_bytes, err)) ||
              (rc = comm_broadcast(comm, msg, h.payload_bytes, 0, err))))
             break;
+        f->toks = (const int32_t *)(const void *)(msg + (size_t)h.n_ops * sizeof(tp_op) +
+                                                  (size_t)h.n_rows * ROW_INTS * 4);
+        f->n_toks = (int32_t)h.n_toks;
+        f->restored = -1;
+        kv_pool_reap(f->pool); /* saves' and restores' pins the copier let go */
         for (int32_t i = 0; i < h.n_ops && !rc; i++) {
             tp_op op;
             memcpy(&op, msg + (size_t)i * sizeof op, sizeof op);
+            /* a restore comes alone, last in its own plan, whose agreement
+             * (below) follows it */
+            if ((op.code == OP_RESTORE) !=
+                (h.kind == TP_RESTORE && i == h.n_ops - 1 && op.id == h.arg)) {
+                rc = bad_plan(err, "a restore outside its plan", op.id);
+                break;
+            }
+            if (op.code == OP_RESTORE && (rc = check_id(f, op.id, true, err)))
+                break;
             rc = apply_op(f, &op, err);
         }
         if (rc || h.kind == TP_END)
             break;
         if (h.kind == TP_PING) {
             rc = comm_barrier(comm, err);
+        } else if (h.kind == TP_RESTORE) {
+            int32_t *held = calloc((size_t)comm_size(comm), sizeof *held), least = 0;
+            if (f->restored < 0)
+                rc = bad_plan(err, "a restore plan without its restore", h.arg);
+            else if (!held)
+                rc = ekv_error_set(err, EKV_ENOMEM, "out of memory");
+            else if (!(rc = agree(comm, f->restored, held, &least, err)) && least < f->restored)
+                rc = seq_cut(f->seqs[h.arg], least, err); /* a rank lacks the rest */
+            free(held);
         } else if (h.kind == TP_STEP) {
             int32_t *rows = (int32_t *)(void *)(msg + (size_t)h.n_ops * sizeof(tp_op));
             rc = h.n_rows > 0 ? follow_step(f, &h, rows, err) : bad_plan(err, "empty step", 0);
@@ -578,7 +780,9 @@ ekv_status engine_tp_follow(const ekv_model *m, const engine_config *cfg, ekv_co
     if (!m || !cfg || !comm || comm_rank(comm) == 0)
         return ekv_error_set(err, EKV_EINVAL, "engine_tp_follow: not a follower rank");
     follower f = {.m = m, .profile = profile, .n_slots = cfg->max_running,
-                  .max_batch = cfg->max_batch};
+                  .max_batch = cfg->max_batch, .pc = cfg->prefix_cache};
+    pthread_mutex_init(&f.mu, NULL);
+    pthread_cond_init(&f.cv, NULL);
     f.tap = (model_tap){.fn = follower_dispatch_tap, .ctx = &f};
     ekv_status rc = EKV_OK;
     f.rt = model_runtime_create_tp(m, cfg->max_batch, cfg->max_ctx, cfg->n_threads, comm, err);
@@ -608,7 +812,9 @@ ekv_status engine_tp_follow(const ekv_model *m, const engine_config *cfg, ekv_co
     free(f.scopes);
     free(f.probe_rows);
     free(f.taps);
-    kv_pool_destroy(f.pool);
+    kv_pool_destroy(f.pool); /* waits for the copier's pins on saves */
     model_runtime_free(f.rt);
+    pthread_cond_destroy(&f.cv);
+    pthread_mutex_destroy(&f.mu);
     return rc;
 }

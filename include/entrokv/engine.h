@@ -71,6 +71,11 @@ typedef struct engine_prefix_cache {
     void (*save)(void *ctx, const kv_seq *seq, const int32_t *tokens, int32_t n,
                  int32_t first_block);
     void *ctx;
+    /* Optional, tensor parallelism (docs/tp.md, "The KV store tier"): on
+     * rank 0 after the ranks agreed on a restore, held[r] the tokens rank r
+     * restored (its shard of the prefix in its store), agreed the tokens
+     * every rank keeps (the least of them; 0: every rank recomputes). */
+    void (*tp_agreed)(void *ctx, const int32_t *held, int32_t n_ranks, int32_t agreed);
 } engine_prefix_cache;
 
 /* engine_config.prefill_chunk's default (measured in docs/serving.md,
@@ -105,8 +110,11 @@ typedef struct engine_config {
     /* Tensor parallelism (docs/tp.md, "A worker group"): NULL for one rank;
      * else rank 0 of a group (borrowed, outlives the engine): the engine
      * runs the rank's shard and broadcasts each step's plan to ranks
-     * 1..N-1, which run engine_tp_follow with the same config. Not with
-     * prefix_cache. Recall runs on every rank over its own heads; a
+     * 1..N-1, which run engine_tp_follow with the same config, except
+     * prefix_cache: each rank its own (a kvprefix of its rank over the same
+     * store; the plan carries the saves, and a restore is kept only as far
+     * as every rank has its shard). Recall runs on every rank over its own
+     * heads; a
      * recall_tier is rank 0's alone (its counters are rank 0's share) and
      * must not spill to a backend: the followers have none. */
     struct ekv_comm *tp_comm;
@@ -234,7 +242,9 @@ void engine_drain(ekv_engine *e);
  * malformed plan; a local failure's code). On an error the caller must
  * break the group (comm_threads_group_abort, or end the process) so rank 0
  * does not wait on this rank. profile: the UNComp profile rank 0's requests
- * may name (NULL: none). Blocks; runs on the caller's thread. */
+ * may name (NULL: none). cfg->prefix_cache: this rank's own (NULL: none; its
+ * restores then miss, so rank 0's recompute). Blocks; runs on the caller's
+ * thread. */
 ekv_status engine_tp_follow(const ekv_model *m, const engine_config *cfg, struct ekv_comm *comm,
                             const kvc_profile *profile, ekv_error *err);
 

@@ -55,7 +55,12 @@ void kvprefix_model_id(const ekv_model *m, char *out, size_t cap);
 
 /* client is borrowed and must outlive the kvprefix's saves: destroy the
  * engine (the pool waits for the copier's pins), kvprefix_drain, then the
- * client, then the kvprefix. */
+ * client, then the kvprefix. Rank tp_rank of a tensor-parallel group of
+ * tp_size (1 for one process): its values hold the rank's own KV heads
+ * (model_shard_plan; the layout of a model_kv_pool_create_shard pool), under
+ * keys that carry (tp_rank, tp_size), so the ranks of one group share a
+ * store without their blocks ever meeting. A layout the model cannot be cut
+ * into is model_shard_plan's error. */
 kvprefix *kvprefix_create(const ekv_model *m, kvstore_client *client, int32_t tp_rank,
                           int32_t tp_size, ekv_error *err);
 void kvprefix_destroy(kvprefix *p);

@@ -135,7 +135,7 @@ static void test_prefix_restore_runs_in_the_background(void)
     f.bt = kv_pool_block_tokens(g_kv);
     f.heads = c->n_layers * c->n_kv_heads;
     f.block_bytes = kv_pool_block_bytes(g_kv);
-    engine_prefix_cache pc = {fake_start, fake_ready, fake_finish, fake_save, &f};
+    engine_prefix_cache pc = {fake_start, fake_ready, fake_finish, fake_save, &f, NULL};
     engine_config cfg = small_config(4096, 4, 8);
     cfg.prefix_cache = &pc;
     ekv_error err = {0};

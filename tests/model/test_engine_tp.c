@@ -9,8 +9,9 @@
  *    likewise with SnapKV at 10% (captures and compression mirrored) and
  *    n = 2 choices (forks mirrored);
  *  - the plan as docs/tp.md specifies it, written byte by byte here: a
- *    follower refuses a bad magic, version, counter, length, sequence id
- *    or token with EKV_EFORMAT, and ends with EKV_OK on a well-formed end;
+ *    follower refuses a bad magic, version, counter, length, sequence id,
+ *    token, or a save's or restore's tokens, blocks or plan with
+ *    EKV_EFORMAT, and ends with EKV_OK on a well-formed end;
  *  - a rank that fails (the group aborted, as a dead peer): the running
  *    request ends with EKV_EUNAVAILABLE, stats say tp_broken, new requests
  *    are refused with EKV_EUNAVAILABLE;
@@ -223,7 +224,7 @@ typedef struct wire_hdr {
     uint16_t version, kind;
     uint32_t counter;
     int32_t n_ops, n_rows, arg;
-    uint32_t payload_bytes, reserved;
+    uint32_t payload_bytes, n_toks;
 } wire_hdr;
 typedef struct wire_op {
     int32_t code, id, parent, n_prompt, pos0, method;
@@ -231,8 +232,9 @@ typedef struct wire_op {
     int32_t spark_recovery, has_profile;
     int32_t scope_mode, scope_recent, scope_window, scope_max_new, max_new;
     int32_t recall, recall_every, recall_no_promote;
+    int32_t tok_off, n_tok;
 } wire_op;
-_Static_assert(sizeof(wire_hdr) == 32 && sizeof(wire_op) == 80, "docs/tp.md's sizes");
+_Static_assert(sizeof(wire_hdr) == 32 && sizeof(wire_op) == 88, "docs/tp.md's sizes");
 #define ROW_BYTES 16 /* token, position, sequence id, SCOPE step */
 #define MAGIC 0x656b7470u
 
@@ -254,7 +256,7 @@ static ekv_status send_raw(const wire_hdr *h, const void *payload, size_t len)
 
 static wire_hdr hdr(uint16_t kind, uint32_t counter, int32_t n_ops, int32_t n_rows)
 {
-    wire_hdr h = {.magic = MAGIC, .version = 2, .kind = kind, .counter = counter, .n_ops = n_ops,
+    wire_hdr h = {.magic = MAGIC, .version = 3, .kind = kind, .counter = counter, .n_ops = n_ops,
                   .n_rows = n_rows,
                   .payload_bytes = (uint32_t)(n_ops * sizeof(wire_op) + (size_t)n_rows * ROW_BYTES)};
     return h;
@@ -267,7 +269,7 @@ static void test_malformed_plans(void)
     h.magic ^= 1;
     CHECK_EQ_INT(send_raw(&h, NULL, 0), EKV_EFORMAT);
     h = hdr(0, 0, 0, 0);
-    h.version = 1; /* before the capture carried recall */
+    h.version = 2; /* before the plan carried saves and restores */
     CHECK_EQ_INT(send_raw(&h, NULL, 0), EKV_EFORMAT);
     h = hdr(3, 1, 0, 0); /* a ping out of order: the first message is counter 0 */
     CHECK_EQ_INT(send_raw(&h, NULL, 0), EKV_EFORMAT);
@@ -320,6 +322,40 @@ static void test_malformed_plans(void)
     CHECK_EQ_INT(send_raw(&h, &c, sizeof c), EKV_EFORMAT);
     c.capture.recall_every = 4; /* well-formed: created, captured, freed at the end */
     CHECK_EQ_INT(send_raw(&h, &c, sizeof c), EKV_OK);
+    /* the KV store tier: a save's tokens outside the plan's, or outside
+     * the vocabulary; a save of 1 whole block (16 tokens) from block 1; a
+     * restore in a plan not its own, or naming another sequence than the
+     * plan's; then a well-formed save (this follower has no tier: a no-op) */
+    struct {
+        wire_op create, save;
+        int32_t toks[32];
+    } sv = {.create = {.code = 1, .id = 0, .parent = -1},
+            .save = {.code = 6, .id = 0, .parent = -1, .tok_off = 0, .n_tok = 32}};
+    for (int i = 0; i < 32; i++)
+        sv.toks[i] = 100 + i;
+    h = hdr(0, 0, 2, 0);
+    h.n_toks = 16;
+    h.payload_bytes += 16 * 4;
+    CHECK_EQ_INT(send_raw(&h, &sv, 2 * sizeof(wire_op) + 16 * 4), EKV_EFORMAT);
+    h = hdr(0, 0, 2, 0);
+    h.n_toks = 32;
+    h.payload_bytes += 32 * 4;
+    sv.toks[20] = 1 << 30;
+    CHECK_EQ_INT(send_raw(&h, &sv, sizeof sv), EKV_EFORMAT);
+    sv.toks[20] = 120;
+    sv.save.pos0 = 2; /* 2 whole blocks: blocks 0 and 1 */
+    CHECK_EQ_INT(send_raw(&h, &sv, sizeof sv), EKV_EFORMAT);
+    sv.save.pos0 = 1;
+    sv.save.code = 7; /* a restore in an end plan */
+    CHECK_EQ_INT(send_raw(&h, &sv, sizeof sv), EKV_EFORMAT);
+    h.kind = 4; /* a restore plan for sequence 1, whose op restores 0 */
+    h.arg = 1;
+    CHECK_EQ_INT(send_raw(&h, &sv, sizeof sv), EKV_EFORMAT);
+    h = hdr(0, 0, 2, 0);
+    h.n_toks = 32;
+    h.payload_bytes += 32 * 4;
+    sv.save.code = 6;
+    CHECK_EQ_INT(send_raw(&h, &sv, sizeof sv), EKV_OK);
     h = hdr(0, 0, 1, 0);
     /* create then end: the follower frees it and ends well */
     op = (wire_op){.code = 1, .id = 3, .parent = -1};

@@ -11,7 +11,14 @@
   communicator's timeout (plus margin), the group's Health says NOT_SERVING
   and its Stats UNAVAILABLE, the coordinator logs it unhealthy, and requests
   through the coordinator keep succeeding on its other (single-process)
-  group with that group's tokens.
+  group with that group's tokens;
+- the KV store tier in a `--tp 2` group behind a coordinator, over an
+  `entrokv kvstore` daemon: a second request with the first one's prompt
+  restores its prefix on every rank (rank 0 logs each rank's restored
+  tokens and the agreed length) and gives exactly `entrokv generate --tp 2`'s
+  tokens (no tier), with full KV and with SnapKV at 25%; with the daemon
+  killed every rank recomputes and the tokens stay the same. A rank whose
+  shard alone is missing: kvstore.test_kvprefix_tp.
 
 Tokens: the sharded forward sums in another order (docs/tp.md, "Numerics"),
 so its greedy tokens equal the single-process worker's up to the first
@@ -334,6 +341,74 @@ def test_recall_tier_on_daemons_refused():
                            capture_output=True, text=True, timeout=60 * SCALE)
     assert r.returncode == 1, r.stderr
     assert "--recall-host-mb" in r.stderr and "tensor-parallel" in r.stderr, r.stderr
+
+
+@pytest.fixture
+def kvstore_daemon():
+    tmp = tempfile.mkdtemp(prefix="entrokv-kvstore-")
+    token = os.path.join(tmp, "token")
+    with open(token, "w") as f:
+        f.write("tp-test-token\n")
+    proc = subprocess.Popen([BIN, "kvstore", "--listen", "127.0.0.1:0", "--capacity-mb", "256",
+                             "--auth-token-file", token], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    m = re.search(r"listening on [\d.]+:(\d+)", proc.stdout.readline())
+    assert m, "kvstore did not start"
+    yield proc, f"127.0.0.1:{m.group(1)}", token
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+RESTORE_RE = re.compile(r"tensor-parallel restore: ranks hold ([\d,]+) tokens, every rank keeps "
+                        r"(\d+)")
+TIER_TOK = 8
+TIER_POLICIES = [{}, {"kv_method": "snapkv", "kv_budget": 0.25}]
+
+
+def test_threads_group_kvstore_tier(pb, kvstore_daemon):
+    """Every rank saves and restores its own heads' blocks through the
+    daemon (docs/tp.md, "The KV store tier"); the tokens are the group's
+    without a tier (generate --tp 2) whether the prefix was restored on
+    every rank or recomputed on every rank."""
+    daemon, addr, token = kvstore_daemon
+    refs = [generate_tp(RECALL_PROMPT, pol, n_tok=TIER_TOK) for pol in TIER_POLICIES]
+    w = Server("--ctx", "512", "--max-running", "4", "--tp", "2", "--tp-timeout-ms",
+               str(TP_TIMEOUT_MS), "--kvstore-mb", "0", "--kvstore-peers", addr,
+               "--kvstore-token-file", token, cmd="worker")
+    coord = None
+    try:
+        assert "tensor-parallel rank 1 of 2: its own KV store tier" in w.stderr()
+        coord = Server("--ctx", "512", "--workers", f"127.0.0.1:{w.grpc_port}",
+                       cmd="coordinator")
+        wait_for(lambda: "healthy" in coord.stderr(), what="the TP group healthy")
+        for pol, ref in zip(TIER_POLICIES, refs):
+            seen = len(RESTORE_RE.findall(w.stderr()))
+            assert tokens(coord, pb, RECALL_PROMPT, n_tok=TIER_TOK, **pol)[0] == ref, pol
+            # the followers save at rank 0's next plan (a ping while idle):
+            # until every rank's blocks are in the daemon, a request misses
+            for _ in range(20 * SCALE):
+                assert tokens(coord, pb, RECALL_PROMPT, n_tok=TIER_TOK, **pol)[0] == ref, pol
+                found = RESTORE_RE.findall(w.stderr())[seen:]
+                if found and int(found[-1][1]) > 0:
+                    break
+                time.sleep(0.25)
+            held, kept = found[-1]
+            held = [int(x) for x in held.split(",")]
+            assert len(held) == 2 and min(held) > 0 and int(kept) == min(held), found
+            assert int(kept) >= 16 * 10, found  # ~300 prompt tokens, a window computed
+        # the daemon gone: every rank misses, the prompt is recomputed
+        daemon.kill()
+        daemon.wait()
+        for pol, ref in zip(TIER_POLICIES, refs):
+            assert tokens(coord, pb, RECALL_PROMPT, n_tok=TIER_TOK, **pol)[0] == ref, pol
+    finally:
+        if coord:
+            assert coord.stop() == 0, coord.stderr()[-3000:]
+        rc = w.stop()
+    assert rc == 0, w.stderr()[-3000:]
+    assert "stopped:" not in w.stderr()
 
 
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="no mpirun (openmpi-bin)")
