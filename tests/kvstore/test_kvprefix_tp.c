@@ -1,8 +1,8 @@
 /*
  * test_kvprefix_tp.c - the KV store tier under tensor parallelism
- * (worker/engine_tp.c, docs/tp.md "The KV store tier"): a group of 2 ranks
- * as threads, rank 0's step engine and a follower, each with its own
- * kvprefix (its rank, its heads) over one in-process store.
+ * (worker/engine_tp.c, docs/tp.md "The KV store tier"): a group of 2 (then
+ * 3) ranks as threads, rank 0's step engine and followers, each with its
+ * own kvprefix (its rank, its heads) over one in-process store.
  *
  *  - the reference: the same requests on a group with no tier at all;
  *  - a first run saves (every rank its own heads: each rank's store saves
@@ -11,10 +11,11 @@
  *    prefix, and both restore it) and gives exactly the reference's tokens,
  *    with full KV and with SnapKV at 25% (the restored prefix compressed
  *    again);
- *  - rank 1's shard gone (its store misses): the agreement keeps 0 tokens,
- *    every rank recomputes, the tokens are the reference's;
- *  - rank 1 holding only the first 2 blocks: every rank keeps 32 tokens
- *    (rank 0 cuts its restore back), the tokens are the reference's.
+ *  - the last rank's shard gone (its store misses): the agreement keeps 0
+ *    tokens, every rank recomputes, the tokens are the reference's;
+ *  - the last rank holding only the first 2 blocks: every rank keeps 32
+ *    tokens (rank 0, and at np 3 rank 1, cut their restores back), the
+ *    tokens are the reference's.
  * Usage: test_kvprefix_tp MODEL.gguf
  */
 #include <stdatomic.h>
@@ -24,7 +25,7 @@
 #include "kvstore/kvtest.h"
 #include "model/engine_harness.h"
 
-#define TP 2
+#define MAX_TP 3
 #define TIMEOUT_MS 8000
 #define MAX_TOKENS 12
 
@@ -37,7 +38,7 @@ typedef struct rank_tier {
     _Atomic int restored;        /* tokens its restores returned, summed */
     _Atomic int32_t limit;       /* restores ask for at most this many tokens (-1: all) */
     /* rank 0's: the last agreement */
-    int32_t held[TP], agreed, n_agreed;
+    int32_t held[MAX_TP], agreed, n_agreed;
 } rank_tier;
 
 static void *t_start(void *ctx, const int32_t *tokens, int32_t n, int32_t max_tokens,
@@ -75,7 +76,7 @@ static void t_save(void *ctx, const kv_seq *seq, const int32_t *tokens, int32_t 
 static void t_agreed(void *ctx, const int32_t *held, int32_t n_ranks, int32_t agreed)
 {
     rank_tier *t = ctx; /* the engine thread; read by the test after on_done */
-    for (int32_t r = 0; r < n_ranks && r < TP; r++)
+    for (int32_t r = 0; r < n_ranks && r < MAX_TP; r++)
         t->held[r] = held[r];
     t->agreed = agreed;
     t->n_agreed++;
@@ -86,12 +87,12 @@ static void t_saved(void *arg)
     atomic_fetch_add(&((rank_tier *)arg)->saves_done, 1);
 }
 
-static bool tier_open(rank_tier *t, kvstore_client *client, int rank)
+static bool tier_open(rank_tier *t, kvstore_client *client, int rank, int n)
 {
     memset(t, 0, sizeof *t);
     atomic_init(&t->limit, -1);
     ekv_error err = {0};
-    if (!(t->p = kvprefix_create(g_model, client, rank, TP, &err))) {
+    if (!(t->p = kvprefix_create(g_model, client, rank, n, &err))) {
         fprintf(stderr, "kvprefix_create rank %d: %s\n", rank, err.msg);
         return false;
     }
@@ -100,38 +101,47 @@ static bool tier_open(rank_tier *t, kvstore_client *client, int rank)
     return true;
 }
 
-/* ---- a group: rank 0's engine and a following thread ---- */
+/* ---- a group: rank 0's engine and following threads ---- */
+
+typedef struct follower_th {
+    struct group *gr;
+    int rank;
+    pthread_t th;
+    engine_config cfg; /* the group's, with its own prefix cache */
+    ekv_status rc;
+    ekv_error err;
+} follower_th;
 
 typedef struct group {
+    int n;
     comm_threads_group *g;
     ekv_comm *c0;
-    pthread_t th;
-    engine_config cfg, fcfg; /* rank 0's, the follower's (its own prefix cache) */
-    ekv_status follow_rc;
-    ekv_error follow_err;
+    engine_config cfg;
+    follower_th f[MAX_TP];
     ekv_engine *e;
 } group;
 
 static void *follow_main(void *arg)
 {
-    group *gr = arg;
-    ekv_comm *c = comm_open_thread(gr->g, 1, &gr->follow_err);
+    follower_th *f = arg;
+    ekv_comm *c = comm_open_thread(f->gr->g, f->rank, &f->err);
     if (c)
         comm_set_timeout_ms(c, TIMEOUT_MS);
-    gr->follow_rc = c ? engine_tp_follow(g_model, &gr->fcfg, c, NULL, &gr->follow_err) : EKV_ENOMEM;
-    if (gr->follow_rc) {
-        fprintf(stderr, "follower: %s\n", gr->follow_err.msg);
-        comm_threads_group_abort(gr->g);
+    f->rc = c ? engine_tp_follow(g_model, &f->cfg, c, NULL, &f->err) : EKV_ENOMEM;
+    if (f->rc) {
+        fprintf(stderr, "follower %d: %s\n", f->rank, f->err.msg);
+        comm_threads_group_abort(f->gr->g);
     }
     comm_free(c);
     return NULL;
 }
 
-static bool group_start(group *gr, rank_tier *tiers)
+static bool group_start(group *gr, int n, rank_tier *tiers)
 {
     memset(gr, 0, sizeof *gr);
+    gr->n = n;
     ekv_error err = {0};
-    if (!(gr->g = comm_threads_group_create(TP, &err)) ||
+    if (!(gr->g = comm_threads_group_create(n, &err)) ||
         !(gr->c0 = comm_open_thread(gr->g, 0, &err)))
         return false;
     comm_set_timeout_ms(gr->c0, TIMEOUT_MS);
@@ -139,11 +149,13 @@ static bool group_start(group *gr, rank_tier *tiers)
     gr->cfg.n_threads = 1;
     gr->cfg.tp_comm = gr->c0;
     gr->cfg.tp_heartbeat_ms = 200; /* followers apply a save at the next plan: a ping at idle */
-    gr->fcfg = gr->cfg;
+    for (int r = 1; r < n; r++) {
+        gr->f[r] = (follower_th){.gr = gr, .rank = r, .cfg = gr->cfg};
+        gr->f[r].cfg.prefix_cache = tiers ? &tiers[r].pc : NULL;
+        if (pthread_create(&gr->f[r].th, NULL, follow_main, &gr->f[r]))
+            return false;
+    }
     gr->cfg.prefix_cache = tiers ? &tiers[0].pc : NULL;
-    gr->fcfg.prefix_cache = tiers ? &tiers[1].pc : NULL;
-    if (pthread_create(&gr->th, NULL, follow_main, gr))
-        return false;
     if (!(gr->e = engine_create(g_model, &gr->cfg, &err))) {
         fprintf(stderr, "engine_create: %s\n", err.msg);
         comm_threads_group_abort(gr->g);
@@ -154,8 +166,10 @@ static bool group_start(group *gr, rank_tier *tiers)
 static void group_end(group *gr)
 {
     engine_destroy(gr->e);
-    pthread_join(gr->th, NULL);
-    CHECK_EQ_INT(gr->follow_rc, EKV_OK);
+    for (int r = 1; r < gr->n; r++) {
+        pthread_join(gr->f[r].th, NULL);
+        CHECK_EQ_INT(gr->f[r].rc, EKV_OK);
+    }
     comm_free(gr->c0);
     comm_threads_group_free(gr->g);
 }
@@ -190,104 +204,132 @@ static void check_same(const req_out *a, const req_out *b, const char *what)
     CHECK_EQ_INT(first_diff, -1);
 }
 
-/* Waits (10 s at most) until the follower has made every save rank 0 made
- * (it does at the next plan) and the store has finished all of them. */
-static void wait_saved(rank_tier *tiers)
+/* Waits (10 s at most) until every follower has made every save rank 0
+ * made (it does at the next plan) and the store has finished all of them. */
+static void wait_saved(rank_tier *tiers, int n)
 {
     const double end = kvt_now() + 10;
     bool settled = false;
     while (!settled && kvt_now() < end) {
-        settled = atomic_load(&tiers[1].saves) == atomic_load(&tiers[0].saves);
-        for (int r = 0; r < TP; r++)
-            settled = settled && atomic_load(&tiers[r].saves_done) == atomic_load(&tiers[r].saves);
+        settled = true;
+        for (int r = 0; r < n; r++)
+            settled = settled && atomic_load(&tiers[r].saves) == atomic_load(&tiers[0].saves) &&
+                      atomic_load(&tiers[r].saves_done) == atomic_load(&tiers[r].saves);
         if (!settled)
             kvt_sleep_ms(5);
     }
     CHECK(settled);
 }
 
-int main(int argc, char **argv)
-{
-    if (!harness_init(argc, argv))
-        return 1;
-    prompt ps[2] = {topic_prompt(1, "Tell me a long story about %s, with three characters, "
-                                    "a journey across the sea, a storm and a happy ending."),
-                    topic_prompt(9, "Describe %s in detail: its history, how people use it "
-                                    "today, and one surprising fact about it.")};
-    gen_params gps[2] = {greedy(MAX_TOKENS), greedy(MAX_TOKENS)};
-    gps[1].kv.method = KVC_SNAPKV;
-    gps[1].kv.budget = 0.25;
-    for (int i = 0; i < 2; i++) {
-        gps[i].ignore_eos = true;
-        CHECK(ps[i].n >= 48); /* at least 2 whole blocks restored, a window computed */
-    }
+static prompt g_ps[2];
+static gen_params g_gps[2];
 
-    /* the reference: the same group, no tier */
+/* Every rank's restored tokens since `since` all equal want. */
+static void check_restored(rank_tier *tiers, int n, const int *since, int want, const char *what)
+{
+    for (int r = 0; r < n; r++) {
+        const int got = atomic_load(&tiers[r].restored) - since[r];
+        if (got != want)
+            fprintf(stderr, "  %s: rank %d of %d restored %d tokens, not %d\n", what, r, n, got,
+                    want);
+        CHECK_EQ_INT(got, want);
+    }
+}
+
+/* A group of n: the reference without a tier, then with one, prompts 0 and
+ * 1 cold and warm; on prompt 0, the last rank's shard gone, then holding
+ * only its first 2 blocks (np 3: rank 1 then cuts its restore back too). */
+static void scenario(int n, int n_prompts)
+{
     static req_out ref[2], out;
     group gr;
-    CHECK(group_start(&gr, NULL));
-    for (int i = 0; i < 2 && gr.e; i++)
-        run(&gr, &ps[i], &gps[i], &ref[i]);
+    CHECK(group_start(&gr, n, NULL));
+    for (int i = 0; i < n_prompts && gr.e; i++)
+        run(&gr, &g_ps[i], &g_gps[i], &ref[i]);
     group_end(&gr);
 
     kvstore_client_config kc;
     kvstore_client_config_default(&kc);
     kc.local_capacity = 64u << 20;
     kvstore_client *client = kvstore_client_create(&kc, NULL);
-    static rank_tier tiers[TP];
-    CHECK(client && tier_open(&tiers[0], client, 0) && tier_open(&tiers[1], client, 1));
-    CHECK(group_start(&gr, tiers));
-    for (int i = 0; i < 2 && gr.e; i++) {
-        int r0 = atomic_load(&tiers[0].restored), r1 = atomic_load(&tiers[1].restored);
-        run(&gr, &ps[i], &gps[i], &out); /* cold: saves on both ranks */
+    static rank_tier tiers[MAX_TP];
+    bool ok = client != NULL;
+    for (int r = 0; r < n && ok; r++)
+        ok = tier_open(&tiers[r], client, r, n);
+    CHECK(ok);
+    CHECK(ok && group_start(&gr, n, tiers));
+    rank_tier *last = &tiers[n - 1];
+    for (int i = 0; i < n_prompts && gr.e; i++) {
+        int since[MAX_TP];
+        for (int r = 0; r < n; r++)
+            since[r] = atomic_load(&tiers[r].restored);
+        run(&gr, &g_ps[i], &g_gps[i], &out); /* cold: saves on every rank */
         check_same(&out, &ref[i], "cold");
-        /* at most the chat template's first block, which the prompts share */
-        CHECK(atomic_load(&tiers[0].restored) - r0 <= 16);
-        CHECK_EQ_INT(atomic_load(&tiers[1].restored) - r1, atomic_load(&tiers[0].restored) - r0);
+        /* nothing, or the chat template's first block, which the prompts share */
+        const int cold = atomic_load(&tiers[0].restored) - since[0];
+        CHECK(cold == 0 || cold == 16);
+        check_restored(tiers, n, since, cold, "cold");
         CHECK(atomic_load(&tiers[0].saves) > 0);
-        wait_saved(tiers);
+        wait_saved(tiers, n);
 
-        r0 = atomic_load(&tiers[0].restored);
-        r1 = atomic_load(&tiers[1].restored);
+        for (int r = 0; r < n; r++)
+            since[r] = atomic_load(&tiers[r].restored);
         const int n0 = tiers[0].n_agreed;
-
-        run(&gr, &ps[i], &gps[i], &out); /* warm: every rank restores its shard */
+        run(&gr, &g_ps[i], &g_gps[i], &out); /* warm: every rank restores its shard */
         check_same(&out, &ref[i], "restored on every rank");
-        const int got0 = atomic_load(&tiers[0].restored) - r0;
+        const int got0 = atomic_load(&tiers[0].restored) - since[0];
         CHECK(got0 >= 32);
-        CHECK_EQ_INT(atomic_load(&tiers[1].restored) - r1, got0);
+        check_restored(tiers, n, since, got0, "warm");
         CHECK_EQ_INT(tiers[0].n_agreed, n0 + 1);
-        CHECK_EQ_INT(tiers[0].held[0], got0);
-        CHECK_EQ_INT(tiers[0].held[1], got0);
+        for (int r = 0; r < n; r++)
+            CHECK_EQ_INT(tiers[0].held[r], got0);
         CHECK_EQ_INT(tiers[0].agreed, got0);
-
-        if (i == 0) {
-            /* rank 1's shard gone: every rank recomputes */
-            atomic_store(&tiers[1].limit, 0);
-            run(&gr, &ps[i], &gps[i], &out);
-            check_same(&out, &ref[i], "rank 1's shard missing");
-            CHECK_EQ_INT(tiers[0].n_agreed, n0 + 2);
-            CHECK_EQ_INT(tiers[0].held[0], got0);
-            CHECK_EQ_INT(tiers[0].held[1], 0);
-            CHECK_EQ_INT(tiers[0].agreed, 0);
-            /* rank 1 holds 2 blocks: every rank keeps those, computes the rest */
-            atomic_store(&tiers[1].limit, 32);
-            run(&gr, &ps[i], &gps[i], &out);
-            check_same(&out, &ref[i], "rank 1 holding 2 blocks");
-            CHECK_EQ_INT(tiers[0].n_agreed, n0 + 3);
-            CHECK_EQ_INT(tiers[0].held[1], 32);
-            CHECK_EQ_INT(tiers[0].agreed, 32);
-            atomic_store(&tiers[1].limit, -1);
-        }
+        if (i > 0)
+            continue;
+        /* the last rank's shard gone: every rank recomputes */
+        atomic_store(&last->limit, 0);
+        run(&gr, &g_ps[i], &g_gps[i], &out);
+        check_same(&out, &ref[i], "the last rank's shard missing");
+        CHECK_EQ_INT(tiers[0].n_agreed, n0 + 2);
+        CHECK_EQ_INT(tiers[0].held[0], got0);
+        CHECK_EQ_INT(tiers[0].held[n - 1], 0);
+        CHECK_EQ_INT(tiers[0].agreed, 0);
+        /* it holds 2 blocks: every rank keeps those, computes the rest */
+        atomic_store(&last->limit, 32);
+        run(&gr, &g_ps[i], &g_gps[i], &out);
+        check_same(&out, &ref[i], "the last rank holding 2 blocks");
+        CHECK_EQ_INT(tiers[0].n_agreed, n0 + 3);
+        CHECK_EQ_INT(tiers[0].held[n - 1], 32);
+        CHECK_EQ_INT(tiers[0].agreed, 32);
+        atomic_store(&last->limit, -1);
     }
     group_end(&gr);
-    for (int r = 0; r < TP; r++)
+    for (int r = 0; r < n; r++)
         kvprefix_drain(tiers[r].p);
     kvstore_client_destroy(client);
-    for (int r = 0; r < TP; r++)
+    for (int r = 0; r < n; r++)
         kvprefix_destroy(tiers[r].p);
+}
+
+int main(int argc, char **argv)
+{
+    if (!harness_init(argc, argv))
+        return 1;
+    g_ps[0] = topic_prompt(1, "Tell me a long story about %s, with three characters, a journey "
+                              "across the sea, a storm and a happy ending.");
+    g_ps[1] = topic_prompt(9, "Describe %s in detail: its history, how people use it today, "
+                              "and one surprising fact about it.");
+    g_gps[0] = g_gps[1] = greedy(MAX_TOKENS);
+    g_gps[1].kv.method = KVC_SNAPKV;
+    g_gps[1].kv.budget = 0.25;
+    for (int i = 0; i < 2; i++) {
+        g_gps[i].ignore_eos = true;
+        CHECK(g_ps[i].n >= 48); /* at least 2 whole blocks restored, a window computed */
+    }
+    scenario(2, 2);
+    scenario(3, 1); /* one KV head per rank */
     for (int i = 0; i < 2; i++)
-        free(ps[i].ids);
+        free(g_ps[i].ids);
     harness_fini();
     return TEST_EXIT();
 }
