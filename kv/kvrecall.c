@@ -42,6 +42,7 @@ kv_recall *kv_recall_create(int32_t n_layers, int32_t n_kv_heads, int32_t head_d
     rc->every = 1;
     rc->exact_channels = KV_RECALL_EXACT_CHANNELS;
     rc->promote = true;
+    rc->diag = kvrd_enabled();
     return rc;
 }
 
@@ -82,6 +83,8 @@ void kv_recall_free(kv_recall *rc)
 {
     if (!rc)
         return;
+    if (rc->diag)
+        kvrd_print(rc);
     if (rc->tier) /* before the blocks go: it counts their host bytes */
         kvrt_detach(rc->tier, rc->heads ? kv_recall_host_blocks(rc) : 0);
     for (int32_t i = 0; i < rc->n_layers * rc->n_kv_heads; i++)
@@ -461,6 +464,8 @@ int32_t kv_recall_view_at(kv_recall *rc, int32_t layer, int32_t head, const floa
         }
         n_top = top_blocks(h, bound, q_pos, rc->r, top);
         atomic_fetch_add_explicit(&rc->selections, 1, memory_order_relaxed);
+        if (rc->diag)
+            kvrd_account(rc, h, Q, n_q, q_stride, q_pos, resident, top, n_top);
         if (track) {
             h->ranked_pos = q_pos;
             h->reusable = true;

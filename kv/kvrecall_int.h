@@ -35,6 +35,12 @@ typedef struct rc_head {
     int32_t *top, *in;
     int32_t n_top, n_in, ranked_pos;
     bool reusable;
+    /* EKV_RECALL_DIAG (kvrecall_diag.c): summed mass shares (resident,
+     * recalled, oracle top R blocks, all evicted, 16 R tokens of the 2 R
+     * best-scored blocks, the 16 R best evicted tokens) over diag_steps
+     * rankings */
+    double diag[6];
+    int64_t diag_steps;
 } rc_head;
 
 struct kv_recall {
@@ -42,6 +48,7 @@ struct kv_recall {
     int32_t every;  /* rank every this many steps (tracked rows) */
     int32_t exact_channels; /* the ranking's exact channels (kvrecall_bound.c) */
     bool promote;   /* observe attention mass and promote blocks that keep winning */
+    bool diag;      /* EKV_RECALL_DIAG: account where the mass falls (kvrecall_diag.c) */
     rc_head *heads;
     kvrt_seq *tier; /* NULL: the host pool alone */
     _Atomic int64_t selections, blocks_recalled, select_ns, promotions, reuses;
@@ -74,6 +81,13 @@ typedef struct kvrb_query {
 void kvrb_split(const float *q, int32_t d, int32_t m, float *qm, int32_t *sel, kvrb_query *out);
 /* Upper bound of max over block b's keys of q . k (kv_recall_block_bound). */
 float kvrb_bound(const kv_recall *rc, const rc_head *h, int32_t b, const kvrb_query *qq);
+
+/* kvrecall_diag.c: whether EKV_RECALL_DIAG is set; account one ranking's
+ * mass shares into h; print every head's means to stderr. */
+bool kvrd_enabled(void);
+void kvrd_account(kv_recall *rc, rc_head *h, const float *Q, int n_q, int q_stride,
+                  int32_t q_pos, const kern_kv_view *resident, const int32_t *top, int32_t n_top);
+void kvrd_print(const kv_recall *rc);
 
 static inline rc_head *head_of(const kv_recall *rc, int32_t layer, int32_t head)
 {
