@@ -58,6 +58,7 @@ typedef struct cli_kv_opts {
     int32_t recall_every;   /* --recall-every K (0: default) */
     int32_t recall_promote; /* --recall-promote 0|1 (default 1) */
     int32_t recall_channels; /* --recall-channels M (-1: default) */
+    int32_t recall_gather;   /* --recall-gather K (0: whole blocks) */
 } cli_kv_opts;
 
 #define CLI_KV_USAGE                                                                          \
@@ -78,7 +79,9 @@ typedef struct cli_kv_opts {
     "                        the resident set, demoting the weakest (default 1)\n"      \
     "  --recall-channels M   rank recall blocks exactly on the M channels where the query\n" \
     "                        is largest, the digest's min/max box on the rest (default 16;\n" \
-    "                        0: the box alone, head_dim: the exact maximum q.k)\n"
+    "                        0: the box alone, head_dim: the exact maximum q.k)\n" \
+    "  --recall-gather K     recall tokens, not blocks: the 16R best of the K x R best-ranked\n" \
+    "                        blocks by exact q.k, same buffer (default 0: whole blocks)\n"
 
 void cli_kv_defaults(cli_kv_opts *o);
 /* --recall-channels as kvc_policy.recall_channels (0 default, KVC_RECALL_BOX). */

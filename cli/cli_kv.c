@@ -51,6 +51,8 @@ int cli_kv_take(int argc, char **argv, int *i, cli_kv_opts *o)
     if (!strcmp(a, "--recall-channels"))
         return cli_take_int(argc, argv, i, 0, KV_RECALL_CHANNELS_MAX, &o->recall_channels) ? 1
                                                                                            : -1;
+    if (!strcmp(a, "--recall-gather"))
+        return cli_take_int(argc, argv, i, 0, KV_RECALL_GATHER_MAX, &o->recall_gather) ? 1 : -1;
     if (!strcmp(a, "--recall-promote"))
         return cli_take_int(argc, argv, i, 0, 1, &o->recall_promote) ? 1 : -1;
     if (!strcmp(a, "--spark-recovery"))
@@ -104,6 +106,7 @@ int cli_kv_policy(const char *cmd, const cli_kv_opts *o, const struct ekv_model 
     policy->recall_every = o->recall_every;
     policy->recall_no_promote = !o->recall_promote;
     policy->recall_channels = cli_kv_channels(o);
+    policy->recall_gather = o->recall_gather;
     if (policy->method != KVC_UNCOMP || (o->profile && !strcmp(o->profile, "none")))
         return CLI_OK;
     char path[4096];

@@ -180,6 +180,10 @@ static int parse(int argc, char **argv, gen_opts *o)
                   KV_RECALL_EXACT_CHANNELS);
         return CLI_USAGE;
     }
+    if (o->tp > 1 && o->kv.recall_gather > 0) { /* nor this */
+        cli_error("generate", "--recall-gather is not supported with --tp");
+        return CLI_USAGE;
+    }
     o->params.stops = o->stops;
     o->params.n_stops = o->n_stops;
     return 0;

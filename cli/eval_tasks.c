@@ -154,6 +154,7 @@ int eval_build_policies(eval_opts *o, const ekv_model *m, eval_policy *pols, int
                 pols[n].p.recall_every = o->kv.recall_every;
                 pols[n].p.recall_no_promote = !o->kv.recall_promote;
                 pols[n].p.recall_channels = cli_kv_channels(&o->kv);
+                pols[n].p.recall_gather = o->kv.recall_gather;
                 const size_t used = strlen(pols[n].label);
                 snprintf(pols[n].label + used, sizeof pols[0].label - used, "+recall%d%s",
                          o->kv.recall, o->kv.recall_promote ? "" : "np");
@@ -161,6 +162,10 @@ int eval_build_policies(eval_opts *o, const ekv_model *m, eval_policy *pols, int
                     snprintf(pols[n].label + strlen(pols[n].label),
                              sizeof pols[0].label - strlen(pols[n].label), "k%d",
                              o->kv.recall_every);
+                if (o->kv.recall_gather > 0)
+                    snprintf(pols[n].label + strlen(pols[n].label),
+                             sizeof pols[0].label - strlen(pols[n].label), "g%d",
+                             o->kv.recall_gather);
                 n++;
             }
             if (!strcmp(name, "full"))
@@ -201,6 +206,7 @@ static cJSON *result_json(const char *task, const eval_policy *pol, const eval_m
         cJSON_AddNumberToObject(o, "recall_select_s", r->recall_select_s);
         cJSON_AddNumberToObject(o, "recall_every", pol->p.recall_every ? pol->p.recall_every : 1);
         cJSON_AddNumberToObject(o, "recall_promote", !pol->p.recall_no_promote);
+        cJSON_AddNumberToObject(o, "recall_gather", pol->p.recall_gather);
         cJSON_AddNumberToObject(o, "recall_channels",
                                 pol->p.recall_channels == KVC_RECALL_BOX ? 0
                                 : pol->p.recall_channels ? pol->p.recall_channels

@@ -112,6 +112,9 @@ ekv_status kvc_policy_check(const kvc_policy *p, ekv_error *err)
     if (p->recall_channels < KVC_RECALL_BOX || p->recall_channels > KV_RECALL_CHANNELS_MAX)
         return ekv_error_set(err, EKV_EINVAL, "recall_channels must be in [%d, %d], got %d",
                              KVC_RECALL_BOX, KV_RECALL_CHANNELS_MAX, p->recall_channels);
+    if (p->recall_gather < 0 || p->recall_gather > KV_RECALL_GATHER_MAX)
+        return ekv_error_set(err, EKV_EINVAL, "recall_gather must be in [0, %d], got %d",
+                             KV_RECALL_GATHER_MAX, p->recall_gather);
     if (p->recall_every < 0 || p->recall_every > KV_RECALL_EVERY_MAX)
         return ekv_error_set(err, EKV_EINVAL, "recall_every must be in [0, %d], got %d",
                              KV_RECALL_EVERY_MAX, p->recall_every);
@@ -460,7 +463,8 @@ ekv_status kvc_capture_compress(kvc_capture *c, ekv_runtime *rt, kv_seq *seq, kv
                                           c->policy.recall_channels == KVC_RECALL_BOX
                                               ? 0
                                               : c->policy.recall_channels,
-                                          err))))
+                                          err))) ||
+            (rc = kv_recall_set_gather(kv_seq_recall(seq), c->policy.recall_gather, err)))
             return rc;
     }
     ctx.total = (int64_t)ctx.mean * na;

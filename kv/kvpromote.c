@@ -23,7 +23,12 @@
  * counts (no backend, or no cap) is fine. */
 static bool tier_spills(const kv_recall *rc) { return rc->tier && kvrt_spills(rc->tier); }
 
-bool kv_recall_promotes(const kv_recall *rc) { return rc->promote && !tier_spills(rc); }
+/* Gathered tokens (kv_recall_set_gather) belong to no recall block, so
+ * there is no block to promote. */
+bool kv_recall_promotes(const kv_recall *rc)
+{
+    return rc->promote && !rc->gather && !tier_spills(rc);
+}
 
 /* Sum of probs over [from, to) in every query's row, over n_q. */
 static float span_mass(const float *probs, int n_q, int32_t n_tokens, int32_t from, int32_t to)
@@ -40,7 +45,7 @@ void kv_recall_observe(kv_recall *rc, int32_t layer, int32_t head, const float *
 {
     rc_head *h = head_of(rc, layer, head);
     const int32_t bt = rc->bt, rec_end = n_packed + h->n_in * bt;
-    if (!rc->promote || n_tokens < rec_end)
+    if (!rc->promote || rc->gather || n_tokens < rec_end)
         return;
     const int32_t res_blocks = (n_tokens - rec_end + bt - 1) / bt;
     if (res_blocks > h->res_cap) {
@@ -73,7 +78,7 @@ int32_t kv_recall_pick(const kv_recall *rc, int32_t layer, int32_t head, int32_t
     const rc_head *h = head_of(rc, layer, head);
     const int32_t bt = rc->bt, full = h->n_tokens / bt;
     /* everything recalled every step: nothing to gain */
-    if (!rc->promote || tier_spills(rc) || h->n_blocks <= rc->r)
+    if (!kv_recall_promotes(rc) || h->n_blocks <= rc->r)
         return -1;
     int32_t best = -1;
     for (int32_t i = 0; i < h->n_in; i++) {

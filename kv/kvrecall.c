@@ -55,6 +55,15 @@ ekv_status kv_recall_set_channels(kv_recall *rc, int32_t m, ekv_error *err)
     return EKV_OK;
 }
 
+ekv_status kv_recall_set_gather(kv_recall *rc, int32_t k, ekv_error *err)
+{
+    if (k < 0 || k > KV_RECALL_GATHER_MAX)
+        return ekv_error_set(err, EKV_EINVAL, "kv recall: gather from %d x R blocks (0..%d)", k,
+                             KV_RECALL_GATHER_MAX);
+    rc->gather = k;
+    return EKV_OK;
+}
+
 ekv_status kv_recall_set_mode(kv_recall *rc, int32_t every, bool promote, ekv_error *err)
 {
     if (every < 1 || every > KV_RECALL_EVERY_MAX)
@@ -127,6 +136,7 @@ kv_recall *kv_recall_clone(const kv_recall *src, ekv_error *err)
     rc->every = src->every;
     rc->exact_channels = src->exact_channels;
     rc->promote = src->promote;
+    rc->gather = src->gather;
     const size_t bb = blk_bytes(src);
     int64_t host = 0;
     for (int32_t i = 0; i < src->n_layers * src->n_kv_heads; i++) {
@@ -340,14 +350,17 @@ float kv_digest_bound(const float *kmin, const float *kmax, const float *q, int3
     return bound16(kmin, kmax, q, d);
 }
 
+/* How many blocks a ranking keeps: R, or the gather's candidates. */
+static int32_t rank_width(const kv_recall *rc) { return rc->gather ? rc->gather * rc->r : rc->r; }
+
 size_t kv_recall_scratch_bytes(const kv_recall *rc, int32_t layer, int32_t head,
                                int32_t n_resident_blocks)
 {
     const rc_head *h = head_of(rc, layer, head);
     const size_t nb = (size_t)rc->r + (size_t)n_resident_blocks;
     return 3 * nb * sizeof(void *) + (size_t)h->n_blocks * sizeof(float) +
-           ((size_t)rc->r + 1) * sizeof(int32_t) + 16 +
-           (size_t)rc->d * (sizeof(float) + sizeof(int32_t));
+           ((size_t)rank_width(rc) + 1) * sizeof(int32_t) + 16 +
+           (size_t)rc->d * (sizeof(float) + sizeof(int32_t)) + kvrg_scratch_bytes(rc);
 }
 
 static int64_t now_ns(void)
@@ -420,6 +433,9 @@ int32_t kv_recall_view_at(kv_recall *rc, int32_t layer, int32_t head, const floa
     const int32_t **pp = (const int32_t **)(vp + nb);
     float *bound = (float *)(pp + nb);
     int32_t *top = (int32_t *)(bound + h->n_blocks);
+    /* token-granular recall (kvrecall_gather.c) reads host blocks: not
+     * with a tier, which may hold blocks' K elsewhere */
+    const bool gather = rc->gather && !rc->tier;
     const bool track = (flags & KV_RECALL_TRACK) &&
                        (h->top || (h->top = malloc(2 * (size_t)rc->r * sizeof *h->top)));
     if (track)
@@ -432,7 +448,7 @@ int32_t kv_recall_view_at(kv_recall *rc, int32_t layer, int32_t head, const floa
                 top[n_top++] = b;
         if (track)
             h->reusable = false;
-    } else if (track && h->reusable && q_pos >= h->ranked_pos &&
+    } else if (track && !gather && h->reusable && q_pos >= h->ranked_pos &&
                q_pos - h->ranked_pos < rc->every) {
         /* within `every` steps of the last ranking: its choice stands
          * (blocks evicted since wait for the next ranking) */
@@ -449,7 +465,7 @@ int32_t kv_recall_view_at(kv_recall *rc, int32_t layer, int32_t head, const floa
         if (m == 0)
             kv_digest_bounds(h->kmin, h->kmax, h->n_blocks, Q, n_q, q_stride, d, bound);
         else {
-            float *qm = (float *)(top + rc->r + 1);
+            float *qm = (float *)(top + rank_width(rc) + 1);
             int32_t *sel = (int32_t *)(qm + d);
             for (int32_t b = 0; b < h->n_blocks; b++)
                 bound[b] = -INFINITY;
@@ -462,11 +478,13 @@ int32_t kv_recall_view_at(kv_recall *rc, int32_t layer, int32_t head, const floa
                 }
             }
         }
-        n_top = top_blocks(h, bound, q_pos, rc->r, top);
+        n_top = top_blocks(h, bound, q_pos, gather ? rank_width(rc) : rc->r, top);
         atomic_fetch_add_explicit(&rc->selections, 1, memory_order_relaxed);
         if (rc->diag)
             kvrd_account(rc, h, Q, n_q, q_stride, q_pos, resident, top, n_top);
-        if (track) {
+        if (track && gather)
+            h->reusable = false;
+        else if (track) {
             h->ranked_pos = q_pos;
             h->reusable = true;
             memcpy(h->top, top, (size_t)n_top * sizeof *top);
@@ -474,7 +492,11 @@ int32_t kv_recall_view_at(kv_recall *rc, int32_t layer, int32_t head, const floa
         }
     }
     int32_t n_in = 0; /* blocks that join: a spilled one not fetched in time is skipped */
-    if (n_top > 0) {
+    if (n_top > 0 && gather && h->n_blocks > rc->r) {
+        /* after the ranking's own scratch (top, qm, sel) */
+        void *area = (int32_t *)((float *)(top + rank_width(rc) + 1) + d) + d;
+        n_in = kvrg_gather(rc, h, Q, n_q, q_stride, q_pos, top, n_top, area, kp, vp, pp);
+    } else if (n_top > 0) {
         if (rc->tier)
             kvrt_view_begin(rc->tier, layer, head, h->blk, h->n_blocks);
         for (int32_t i = 0; i < n_top; i++) {
@@ -493,8 +515,8 @@ int32_t kv_recall_view_at(kv_recall *rc, int32_t layer, int32_t head, const floa
         if (rc->tier) /* after the pointers are taken: it may move host copies into slots */
             kvrt_view_end(rc->tier, layer, head, h->blk, top, n_top, n_in);
     }
-    if (track)
-        h->n_in = n_in;
+    if (track) /* gathered blocks belong to no recall block: nothing to observe */
+        h->n_in = gather && h->n_blocks > rc->r ? 0 : n_in;
     if (n_in > 0) {
         for (int32_t b = 0; b < res_blocks; b++) {
             kp[n_in + b] = resident->k_blocks[b];

@@ -48,6 +48,7 @@ struct kv_recall {
     int32_t every;  /* rank every this many steps (tracked rows) */
     int32_t exact_channels; /* the ranking's exact channels (kvrecall_bound.c) */
     bool promote;   /* observe attention mass and promote blocks that keep winning */
+    int32_t gather; /* 0: whole blocks; k: the best R x bt tokens of the k x R best blocks */
     bool diag;      /* EKV_RECALL_DIAG: account where the mass falls (kvrecall_diag.c) */
     rc_head *heads;
     kvrt_seq *tier; /* NULL: the host pool alone */
@@ -88,6 +89,17 @@ bool kvrd_enabled(void);
 void kvrd_account(kv_recall *rc, rc_head *h, const float *Q, int n_q, int q_stride,
                   int32_t q_pos, const kern_kv_view *resident, const int32_t *top, int32_t n_top);
 void kvrd_print(const kv_recall *rc);
+
+/* kvrecall_gather.c: the scratch bytes token-granular recall needs beyond
+ * the ranking's (0 with gather off), and the gather itself: the best
+ * R x bt tokens of the n_cand candidate blocks cand (host blocks, in block
+ * order) by the group's exact maximum q . k, at or before q_pos, copied in
+ * eviction order into buffer blocks in area; their K, V and position
+ * pointers go to kp, vp, pp. Returns the buffer blocks filled. */
+size_t kvrg_scratch_bytes(const kv_recall *rc);
+int32_t kvrg_gather(const kv_recall *rc, const rc_head *h, const float *Q, int n_q, int q_stride,
+                    int32_t q_pos, const int32_t *cand, int32_t n_cand, void *area,
+                    const ekv_f16 **kp, const ekv_f16 **vp, const int32_t **pp);
 
 static inline rc_head *head_of(const kv_recall *rc, int32_t layer, int32_t head)
 {

@@ -95,6 +95,9 @@ typedef struct kvc_policy {
      * 0 the default (KV_RECALL_EXACT_CHANNELS), KVC_RECALL_BOX the digest's
      * box alone, n > 0 n channels (head_dim or more: the exact maximum). */
     int32_t recall_channels;
+    /* Token-granular recall (kv_recall_set_gather): 0 whole blocks, k the
+     * best R x 16 tokens of the ranking's k x R best blocks. */
+    int32_t recall_gather;
 } kvc_policy;
 
 #define KVC_RECALL_BOX (-1)

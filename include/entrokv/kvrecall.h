@@ -94,6 +94,18 @@ float kv_recall_block_bound(const kv_recall *rc, int32_t layer, int32_t head, in
 /* EKV_EINVAL outside [0, KV_RECALL_CHANNELS_MAX]. */
 ekv_status kv_recall_set_channels(kv_recall *rc, int32_t m, ekv_error *err);
 
+/* Token-granular recall (kvrecall_gather.c): with k > 0 a ranking keeps
+ * its k x R best blocks as candidates, scores each of their tokens exactly
+ * (the maximum q . k over the GQA group's queries) and the R x
+ * block_tokens best join attention, copied into R buffer blocks in the
+ * scratch, so the buffer holds the same memory as R whole blocks. It ranks
+ * every step (kv_recall_set_mode's `every` is ignored) and promotes
+ * nothing (its tokens belong to no one recall block); with a tier
+ * attached it is off (whole blocks). 0 (the default): whole blocks.
+ * EKV_EINVAL outside [0, KV_RECALL_GATHER_MAX]. */
+#define KV_RECALL_GATHER_MAX 8
+ekv_status kv_recall_set_gather(kv_recall *rc, int32_t k, ekv_error *err);
+
 /* Scratch bytes kv_recall_view needs for (layer, head) beside a resident
  * view of n_resident_blocks blocks. */
 size_t kv_recall_scratch_bytes(const kv_recall *rc, int32_t layer, int32_t head,

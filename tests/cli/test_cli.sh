@@ -81,6 +81,7 @@ rc_tp=$(timeout 120 "$bin" generate --model "$model" --prompt "$(printf 'word %.
 if [ "$rc_tp" = "4 True" ]; then echo "ok   tp_recall"; else echo "FAIL tp_recall: '$rc_tp'"; fails=$((fails + 1)); fi
 # the ranking's channel count is not in the TP plan: refused, not applied to rank 0 alone
 expect tp_recall_channels_refused 2 "recall-channels is not supported with --tp" -- timeout 120 "$bin" generate --model "$model" --prompt "$(printf 'word %.0s' $(seq 80))" --max-tokens 2 --tp 2 --kv-method snapkv --kv-budget 0.9 --recall 1 --recall-channels 8
+expect tp_recall_gather_refused 2 "recall-gather is not supported with --tp" -- timeout 120 "$bin" generate --model "$model" --prompt "$(printf 'word %.0s' $(seq 80))" --max-tokens 2 --tp 2 --kv-method snapkv --kv-budget 0.9 --recall 1 --recall-gather 2
 
 # fetch-model: a verified model already in place means no download at all
 mkdir -p "$tmp/models"

@@ -12,6 +12,11 @@
  *   - with R < the blocks, the R joining are the brute-force top R by
  *     the ranking's score (max over the query group; ties to the older
  *     block);
+ *   - with token-granular recall (kv_recall_set_gather K), the tokens
+ *     joining are the brute-force 16R best (exact max over the group of
+ *     q . k, in double) of the brute-force top K x R blocks by the
+ *     ranking's score, each K, V and position bit-identical to what was
+ *     evicted, in eviction order, then the resident blocks;
  *   - the policy's recall buffer comes out of the budget.
  */
 #include <math.h>
@@ -357,6 +362,93 @@ static void test_top_r_by_score(void)
     kv_pool_destroy(pool);
 }
 
+static int cmp_dbl_desc_idx(const double *sc, int32_t a, int32_t b)
+{
+    return sc[a] > sc[b] || (sc[a] == sc[b] && a < b);
+}
+
+static void test_gather_keeps_the_best_tokens_of_the_top_blocks(void)
+{
+    const int32_t d = 32, n = 400, G = 2, R = 5, K = 2, kept = 32;
+    ekv_f16 *k_ref = malloc((size_t)n * d * sizeof *k_ref),
+            *v_ref = malloc((size_t)n * d * sizeof *v_ref);
+    kv_pool *pool = kv_pool_create(BT, d, 64, NULL);
+    kv_seq *s = random_seq(pool, 1, n, d, k_ref, v_ref);
+    CHECK(kv_seq_recall_enable(s, R, NULL) == EKV_OK);
+    kv_recall *rc = kv_seq_recall(s);
+    CHECK(kv_recall_set_gather(rc, KV_RECALL_GATHER_MAX + 1, NULL) == EKV_EINVAL);
+    CHECK(kv_recall_set_gather(rc, -1, NULL) == EKV_EINVAL);
+    CHECK(kv_recall_set_gather(rc, K, NULL) == EKV_OK);
+    int32_t keep[400], nk = 0;
+    for (int32_t t = n - kept; t < n; t++)
+        keep[nk++] = t;
+    CHECK(kv_seq_keep(s, 0, 0, keep, nk, NULL) == EKV_OK);
+    const int32_t nb = kv_recall_blocks(rc, 0, 0), n_ev = n - kept; /* tokens 0..n_ev-1 */
+    CHECK(nb > K * R);
+    kern_kv_view rv, ext;
+    kv_seq_view(s, 0, 0, &rv);
+    void *scratch = malloc(kv_recall_scratch_bytes(rc, 0, 0, 2));
+    double *tok = malloc((size_t)n_ev * sizeof *tok);
+    for (int trial = 0; trial < 40; trial++) {
+        float q[2 * 32];
+        for (int i = 0; i < G * d; i++)
+            q[i] = nrand();
+        float bound[64];
+        for (int32_t b = 0; b < nb; b++)
+            bound[b] = fmaxf(kv_recall_block_bound(rc, 0, 0, b, q),
+                             kv_recall_block_bound(rc, 0, 0, b, q + d));
+        int cand[64] = {0};
+        for (int k = 0; k < K * R; k++) { /* brute force, ties to the older block */
+            int32_t best = -1;
+            for (int32_t b = 0; b < nb; b++)
+                if (!cand[b] && (best < 0 || bound[b] > bound[best]))
+                    best = b;
+            cand[best] = 1;
+        }
+        /* every candidate token's exact score in double, max over the group */
+        int chosen[400] = {0};
+        for (int32_t t = 0; t < n_ev; t++) {
+            tok[t] = -INFINITY;
+            for (int g = 0; g < G && cand[t / BT]; g++) {
+                double x = 0;
+                for (int32_t c = 0; c < d; c++)
+                    x += (double)q[g * d + c] * ekv_f16_to_f32(k_ref[(size_t)t * d + c]);
+                tok[t] = x > tok[t] ? x : tok[t];
+            }
+        }
+        for (int k = 0; k < R * BT; k++) {
+            int32_t best = -1;
+            for (int32_t t = 0; t < n_ev; t++)
+                if (cand[t / BT] && !chosen[t] && (best < 0 || cmp_dbl_desc_idx(tok, t, best)))
+                    best = t;
+            chosen[best] = 1;
+        }
+        CHECK_EQ_INT(kv_recall_view(rc, 0, 0, q, G, d, n, &rv, &ext, scratch), R);
+        CHECK_EQ_INT(ext.n_tokens, rv.n_tokens + R * BT);
+        int32_t prev = -1, wrong = 0, bits = 0;
+        for (int32_t j = 0; j < R * BT; j++) {
+            const int32_t t = ext.pos_blocks[j / BT][j % BT]; /* position = token index */
+            if (t < 0 || t >= n_ev || !chosen[t] || t <= prev) {
+                wrong++;
+                continue;
+            }
+            prev = t;
+            for (int32_t c = 0; c < d; c++)
+                bits += ext.k_blocks[j / BT][(size_t)c * BT + j % BT] != k_ref[(size_t)t * d + c] ||
+                        ext.v_blocks[j / BT][(size_t)(j % BT) * d + c] != v_ref[(size_t)t * d + c];
+        }
+        CHECK_EQ_INT(wrong, 0); /* the 16R best, in eviction order */
+        CHECK_EQ_INT(bits, 0);
+        CHECK(ext.k_blocks[R] == rv.k_blocks[0]); /* then the resident blocks */
+    }
+    free(tok);
+    free(scratch);
+    kv_seq_free(s);
+    kv_pool_destroy(pool);
+    free(k_ref);
+    free(v_ref);
+}
+
 /* kv_digest_bounds (one ranking's bounds at once, SIMD where the CPU has
  * it) must give kv_digest_bound's floats bit for bit: max over the queries
  * of the bound, for every block, head size and block count (the SIMD path
@@ -429,6 +521,7 @@ int main(void)
     RUN_TEST(test_store_is_bit_identical_across_evictions_and_clones);
     RUN_TEST(test_recall_of_every_block_equals_full_attention);
     RUN_TEST(test_top_r_by_score);
+    RUN_TEST(test_gather_keeps_the_best_tokens_of_the_top_blocks);
     RUN_TEST(test_policy_takes_the_buffer_from_the_budget);
     RUN_TEST(test_batched_bounds_equal_bound_bit_for_bit);
     return TEST_EXIT();
