@@ -220,23 +220,39 @@ AVX2_TARGET static float exp_scores_avx2(float *scores, int32_t n, float max)
  * g is, so grouping never changes results. scores: g * n_tokens floats.
  */
 #define GROUP_MAX KERN_ATTN_GROUP_MAX
-/* a0[i] / a1[i] = Q[i] . K for tokens 0-7 / 8-15 of the tile at kb, i < G */
+/* a0[i] / a1[i] = Q[i] . K for tokens 0-7 / 8-15 of the tile at kb, i < G.
+ * Two partial sums per lane, even and odd j (d is even), added at the end:
+ * twice the independent FMA chains of one sum, the same for every G. */
 AVX2_INLINE void dots_avx2(const ekv_f16 *kb, int32_t bt, int32_t d, const float *Q, int q_stride,
                            const int G, __m256 *a0, __m256 *a1)
 {
+    __m256 b0[GROUP_MAX], b1[GROUP_MAX];
 #pragma GCC unroll 4
     for (int i = 0; i < G; i++)
-        a0[i] = a1[i] = _mm256_setzero_ps();
-    for (int32_t j = 0; j < d; j++) {
+        a0[i] = a1[i] = b0[i] = b1[i] = _mm256_setzero_ps();
+    for (int32_t j = 0; j < d; j += 2) {
         const ekv_f16 *kj = kb + (size_t)j * bt;
-        const __m256 k0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)kj));
-        const __m256 k1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(kj + 8)));
+        __m256 k0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)kj));
+        __m256 k1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(kj + 8)));
 #pragma GCC unroll 4
         for (int i = 0; i < G; i++) {
             const __m256 qj = _mm256_broadcast_ss(Q + (size_t)i * q_stride + j);
             a0[i] = _mm256_fmadd_ps(qj, k0, a0[i]);
             a1[i] = _mm256_fmadd_ps(qj, k1, a1[i]);
         }
+        k0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(kj + bt)));
+        k1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(kj + bt + 8)));
+#pragma GCC unroll 4
+        for (int i = 0; i < G; i++) {
+            const __m256 qj = _mm256_broadcast_ss(Q + (size_t)i * q_stride + j + 1);
+            b0[i] = _mm256_fmadd_ps(qj, k0, b0[i]);
+            b1[i] = _mm256_fmadd_ps(qj, k1, b1[i]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < G; i++) {
+        a0[i] = _mm256_add_ps(a0[i], b0[i]);
+        a1[i] = _mm256_add_ps(a1[i], b1[i]);
     }
 }
 
@@ -307,23 +323,26 @@ void kern_attn_softmax_avx2(float *scores, int32_t n, int g, const float *max, f
     softmax_avx2(scores, n, g, max, inv);
 }
 
-/* out_i = inv_i * sum_t p_it v_t over dimensions [j0, j0 + 8 * NC), i < G */
+/* out_i = inv_i * sum_t p_it v_t over dimensions [j0, j0 + 8 * NC), i < G.
+ * Each dimension's sum is one chain in token order whatever NC and G are. */
 AVX2_INLINE void values_chunk_avx2(const kern_kv_view *kv, const float *scores, const float *inv,
                                    float *out, int out_stride, int32_t j0, const int G,
                                    const int NC)
 {
     const int32_t d = kv->head_dim, bt = kv->block_tokens, n = kv->n_tokens;
-    __m256 o[GROUP_MAX][2];
+    __m256 o[GROUP_MAX][4];
 #pragma GCC unroll 4
     for (int i = 0; i < G; i++)
-        o[i][0] = o[i][1] = _mm256_setzero_ps();
+#pragma GCC unroll 4
+        for (int c = 0; c < NC; c++)
+            o[i][c] = _mm256_setzero_ps();
     for (int32_t b = 0, t0 = 0; t0 < n; b++, t0 += bt) {
         const ekv_f16 *vb = kv->v_blocks[b] + j0;
         const int32_t rows = n - t0 < bt ? n - t0 : bt;
         for (int32_t r = 0; r < rows; r++) {
             const ekv_f16 *v = vb + (size_t)r * d;
-            __m256 vc[2];
-#pragma GCC unroll 2
+            __m256 vc[4];
+#pragma GCC unroll 4
             for (int c = 0; c < NC; c++)
                 vc[c] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v + 8 * c)));
 #pragma GCC unroll 4
@@ -332,7 +351,7 @@ AVX2_INLINE void values_chunk_avx2(const kern_kv_view *kv, const float *scores, 
                 if (p == 0.0f) /* masked: adding 0 * v would change nothing */
                     continue;
                 const __m256 vp = _mm256_set1_ps(p);
-#pragma GCC unroll 2
+#pragma GCC unroll 4
                 for (int c = 0; c < NC; c++)
                     o[i][c] = _mm256_fmadd_ps(vp, vc[c], o[i][c]);
             }
@@ -341,29 +360,37 @@ AVX2_INLINE void values_chunk_avx2(const kern_kv_view *kv, const float *scores, 
 #pragma GCC unroll 4
     for (int i = 0; i < G; i++) {
         const __m256 vi = _mm256_set1_ps(inv[i]);
-#pragma GCC unroll 2
+#pragma GCC unroll 4
         for (int c = 0; c < NC; c++)
             _mm256_storeu_ps(out + (size_t)i * out_stride + j0 + 8 * c, _mm256_mul_ps(o[i][c], vi));
     }
 }
 
-/* 16 dimensions per pass over the tokens (8 for the last of d % 16 == 8) */
+/* 8-dimension slices per pass over the tokens: as many as the group's
+ * accumulators leave registers for (4 for g <= 2, 3 for g = 3, 2 for g = 4) */
+static inline int values_nc(int g, int32_t left)
+{
+    const int most = g <= 2 ? 4 : g == 3 ? 3 : 2;
+    return left / 8 < most ? (int)(left / 8) : most;
+}
+
+#define VALUES_CASES(CALL)                                                                   \
+    CALL(1, 1) CALL(1, 2) CALL(1, 3) CALL(1, 4) CALL(2, 1) CALL(2, 2) CALL(2, 3) CALL(2, 4) \
+    CALL(3, 1) CALL(3, 2) CALL(3, 3) CALL(4, 1)
+
 AVX2_TARGET static void values_avx2(const kern_kv_view *kv, const float *s, int g,
                                     const float *inv, float *out, int os)
 {
     for (int32_t j0 = 0; j0 < kv->head_dim;) {
-        const int wide = kv->head_dim - j0 >= 16;
-        switch (g * 2 + wide) { /* constant shapes keep the accumulators in registers */
-        case 2: values_chunk_avx2(kv, s, inv, out, os, j0, 1, 1); break;
-        case 3: values_chunk_avx2(kv, s, inv, out, os, j0, 1, 2); break;
-        case 4: values_chunk_avx2(kv, s, inv, out, os, j0, 2, 1); break;
-        case 5: values_chunk_avx2(kv, s, inv, out, os, j0, 2, 2); break;
-        case 6: values_chunk_avx2(kv, s, inv, out, os, j0, 3, 1); break;
-        case 7: values_chunk_avx2(kv, s, inv, out, os, j0, 3, 2); break;
-        case 8: values_chunk_avx2(kv, s, inv, out, os, j0, 4, 1); break;
+        const int nc = values_nc(g, kv->head_dim - j0);
+        switch (g * 8 + nc) { /* constant shapes keep the accumulators in registers */
+#define VALUES_CASE(G, NC) \
+    case (G) * 8 + (NC): values_chunk_avx2(kv, s, inv, out, os, j0, G, NC); break;
+            VALUES_CASES(VALUES_CASE)
+#undef VALUES_CASE
         default: values_chunk_avx2(kv, s, inv, out, os, j0, 4, 2); break;
         }
-        j0 += wide ? 16 : 8;
+        j0 += 8 * nc;
     }
 }
 
@@ -414,14 +441,18 @@ AVX2_TARGET static void split_exp_avx2(float *scores, int32_t n, int g, const fl
  * exp_scores_avx2 does (8-lane vectors in token order, the tail's missing
  * lanes 0, then hsum256): inv = 1 / sum comes out bit-identical. */
 AVX2_INLINE void values_sum_chunk_avx2(const kern_kv_view *kv, const float *scores, float *out,
-                                       int out_stride, int32_t j0, const int G)
+                                       int out_stride, int32_t j0, const int G, const int NC)
 {
     const int32_t d = kv->head_dim, bt = kv->block_tokens, n = kv->n_tokens;
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    __m256 o[GROUP_MAX][2], vsum[GROUP_MAX];
+    __m256 o[GROUP_MAX][4], vsum[GROUP_MAX];
 #pragma GCC unroll 4
-    for (int i = 0; i < G; i++)
-        o[i][0] = o[i][1] = vsum[i] = _mm256_setzero_ps();
+    for (int i = 0; i < G; i++) {
+        vsum[i] = _mm256_setzero_ps();
+#pragma GCC unroll 4
+        for (int c = 0; c < NC; c++)
+            o[i][c] = _mm256_setzero_ps();
+    }
     for (int32_t b = 0, t0 = 0; t0 < n; b++, t0 += bt) {
         const ekv_f16 *vb = kv->v_blocks[b] + j0;
         const int32_t rows = n - t0 < bt ? n - t0 : bt;
@@ -433,16 +464,19 @@ AVX2_INLINE void values_sum_chunk_avx2(const kern_kv_view *kv, const float *scor
                 for (int i = 0; i < G; i++)
                     vsum[i] = _mm256_add_ps(vsum[i], _mm256_maskload_ps(scores + (size_t)i * n + t0 + r, m));
             }
-            const __m256 v0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)v));
-            const __m256 v1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v + 8)));
+            __m256 vc[4];
+#pragma GCC unroll 4
+            for (int c = 0; c < NC; c++)
+                vc[c] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v + 8 * c)));
 #pragma GCC unroll 4
             for (int i = 0; i < G; i++) {
                 const float p = scores[(size_t)i * n + t0 + r];
                 if (p == 0.0f) /* masked: adding 0 * v would change nothing */
                     continue;
                 const __m256 vp = _mm256_set1_ps(p);
-                o[i][0] = _mm256_fmadd_ps(vp, v0, o[i][0]);
-                o[i][1] = _mm256_fmadd_ps(vp, v1, o[i][1]);
+#pragma GCC unroll 4
+                for (int c = 0; c < NC; c++)
+                    o[i][c] = _mm256_fmadd_ps(vp, vc[c], o[i][c]);
             }
         }
     }
@@ -450,22 +484,26 @@ AVX2_INLINE void values_sum_chunk_avx2(const kern_kv_view *kv, const float *scor
     for (int i = 0; i < G; i++) {
         const float sum = hsum256(vsum[i]);
         const __m256 vi = _mm256_set1_ps(sum > 0.0f ? 1.0f / sum : 0.0f);
-        _mm256_storeu_ps(out + (size_t)i * out_stride + j0, _mm256_mul_ps(o[i][0], vi));
-        _mm256_storeu_ps(out + (size_t)i * out_stride + j0 + 8, _mm256_mul_ps(o[i][1], vi));
+#pragma GCC unroll 4
+        for (int c = 0; c < NC; c++)
+            _mm256_storeu_ps(out + (size_t)i * out_stride + j0 + 8 * c, _mm256_mul_ps(o[i][c], vi));
     }
 }
 
-/* output dimensions [j_begin, j_end) (multiples of 16), 16 per pass */
+/* output dimensions [j_begin, j_end) (multiples of 16), values_nc slices per pass */
 AVX2_TARGET static void split_values_avx2(const kern_kv_view *kv, const float *s, int g,
                                           float *out, int os, int32_t j_begin, int32_t j_end)
 {
-    for (int32_t j0 = j_begin; j0 < j_end; j0 += 16) {
-        switch (g) { /* constant shapes keep the accumulators in registers */
-        case 1: values_sum_chunk_avx2(kv, s, out, os, j0, 1); break;
-        case 2: values_sum_chunk_avx2(kv, s, out, os, j0, 2); break;
-        case 3: values_sum_chunk_avx2(kv, s, out, os, j0, 3); break;
-        default: values_sum_chunk_avx2(kv, s, out, os, j0, 4); break;
+    for (int32_t j0 = j_begin; j0 < j_end;) {
+        const int nc = values_nc(g, j_end - j0);
+        switch (g * 8 + nc) { /* constant shapes keep the accumulators in registers */
+#define VALUES_CASE(G, NC) \
+    case (G) * 8 + (NC): values_sum_chunk_avx2(kv, s, out, os, j0, G, NC); break;
+            VALUES_CASES(VALUES_CASE)
+#undef VALUES_CASE
+        default: values_sum_chunk_avx2(kv, s, out, os, j0, 4, 2); break;
         }
+        j0 += 8 * nc;
     }
 }
 
