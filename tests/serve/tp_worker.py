@@ -364,52 +364,67 @@ def kvstore_daemon():
 RESTORE_RE = re.compile(r"tensor-parallel restore: ranks hold ([\d,]+) tokens, every rank keeps "
                         r"(\d+)")
 TIER_TOK = 8
-TIER_POLICIES = [{}, {"kv_method": "snapkv", "kv_budget": 0.25}]
 
 
-@pytest.mark.skipif(SLOW, reason="kvstore.test_kvprefix_tp runs the same engine paths under ASan")
-def test_threads_group_kvstore_tier(pb, kvstore_daemon):
+@pytest.fixture(scope="module")
+def tier_reference():
+    """generate --tp 2 (no tier) on RECALL_PROMPT, full KV"""
+    return generate_tp(RECALL_PROMPT, {}, n_tok=TIER_TOK)
+
+
+@pytest.mark.skipif(SLOW, reason="the sanitizers: too slow for the time it adds")
+@pytest.mark.parametrize("launch", ["threads", "mpi"])
+def test_group_kvstore_tier(pb, kvstore_daemon, tier_reference, launch):
     """Every rank saves and restores its own heads' blocks through the
-    daemon (docs/tp.md, "The KV store tier"); the tokens are the group's
+    daemon (docs/tp.md, "The KV store tier"), ranks as threads or one per
+    process under mpirun (each its own client); the tokens are the group's
     without a tier (generate --tp 2) whether the prefix was restored on
-    every rank or recomputed on every rank."""
+    every rank or recomputed on every rank (threads: with the daemon
+    killed). Full KV only here: kvstore.test_kvprefix_tp restores under
+    SnapKV and at np = 3."""
+    if launch == "mpi" and shutil.which("mpirun") is None:
+        pytest.skip("no mpirun (openmpi-bin)")
     daemon, addr, token = kvstore_daemon
-    refs = [generate_tp(RECALL_PROMPT, pol, n_tok=TIER_TOK) for pol in TIER_POLICIES]
-    w = Server("--ctx", "512", "--max-running", "4", "--tp", "2", "--tp-timeout-ms",
-               str(TP_TIMEOUT_MS), "--kvstore-mb", "0", "--kvstore-peers", addr,
-               "--kvstore-token-file", token, cmd="worker")
+    ref = tier_reference
+    tier = ["--kvstore-mb", "0", "--kvstore-peers", addr, "--kvstore-token-file", token]
+    if launch == "mpi":
+        w = MpiGroup(2, "--ctx", "512", "--max-running", "4", *tier)
+    else:
+        w = Server("--ctx", "512", "--max-running", "4", "--tp", "2", "--tp-timeout-ms",
+                   str(TP_TIMEOUT_MS), *tier, cmd="worker")
     coord = None
     try:
-        assert "tensor-parallel rank 1 of 2: its own KV store tier" in w.stderr()
+        wait_for(lambda: "tensor-parallel rank 1 of 2: its own KV store tier" in w.stderr(),
+                 what="rank 1's tier")
         coord = Server("--ctx", "512", "--workers", f"127.0.0.1:{w.grpc_port}",
                        cmd="coordinator")
         wait_for(lambda: "healthy" in coord.stderr(), what="the TP group healthy")
-        for pol, ref in zip(TIER_POLICIES, refs):
-            seen = len(RESTORE_RE.findall(w.stderr()))
-            assert tokens(coord, pb, RECALL_PROMPT, n_tok=TIER_TOK, **pol)[0] == ref, pol
-            # the followers save at rank 0's next plan (a ping while idle):
-            # until every rank's blocks are in the daemon, a request misses
-            for _ in range(20 * SCALE):
-                assert tokens(coord, pb, RECALL_PROMPT, n_tok=TIER_TOK, **pol)[0] == ref, pol
-                found = RESTORE_RE.findall(w.stderr())[seen:]
-                if found and int(found[-1][1]) > 0:
-                    break
-                time.sleep(0.25)
-            held, kept = found[-1]
-            held = [int(x) for x in held.split(",")]
-            assert len(held) == 2 and min(held) > 0 and int(kept) == min(held), found
-            assert int(kept) >= 16 * 10, found  # ~300 prompt tokens, a window computed
-            print(f"{pol or 'full KV'}: ranks hold {held} tokens, every rank keeps {kept}")
-        # the daemon gone: every rank misses, the prompt is recomputed
-        daemon.kill()
-        daemon.wait()
-        for pol, ref in zip(TIER_POLICIES, refs):
-            assert tokens(coord, pb, RECALL_PROMPT, n_tok=TIER_TOK, **pol)[0] == ref, pol
+        seen = len(RESTORE_RE.findall(w.stderr()))
+        assert tokens(coord, pb, RECALL_PROMPT, n_tok=TIER_TOK)[0] == ref
+        # the followers save at rank 0's next plan (a ping while idle):
+        # until every rank's blocks are in the daemon, a request misses
+        for _ in range(20 * SCALE):
+            assert tokens(coord, pb, RECALL_PROMPT, n_tok=TIER_TOK)[0] == ref
+            found = RESTORE_RE.findall(w.stderr())[seen:]
+            if found and int(found[-1][1]) > 0:
+                break
+            time.sleep(0.25)
+        held, kept = found[-1]
+        held = [int(x) for x in held.split(",")]
+        assert len(held) == 2 and min(held) > 0 and int(kept) == min(held), found
+        assert int(kept) >= 16 * 10, found  # ~300 prompt tokens, a window computed
+        print(f"{launch}: ranks hold {held} tokens, every rank keeps {kept}")
+        if launch == "threads":  # the daemon gone: every rank misses, recomputes
+            daemon.kill()
+            daemon.wait()
+            assert tokens(coord, pb, RECALL_PROMPT, n_tok=TIER_TOK)[0] == ref
     finally:
         if coord:
             assert coord.stop() == 0, coord.stderr()[-3000:]
-        rc = w.stop()
-    assert rc == 0, w.stderr()[-3000:]
+        if launch == "mpi":
+            w.kill()
+        else:
+            assert w.stop() == 0, w.stderr()[-3000:]
     assert "stopped:" not in w.stderr()
 
 
