@@ -234,13 +234,19 @@ static void prefix_tp_agreed(void *ctx, const int32_t *held, int32_t n_ranks, in
               list, agreed, agreed ? "" : " (recomputes the prompt)");
 }
 
-/* The host pool (--kvstore-mb) and the daemons (--kvstore-peers), if any,
- * as rank tp_rank of tp_size: its own client and kvprefix (its heads). */
-static ekv_status open_kvstore(const serve_opts *o, const ekv_model *m, kvstore_client **client,
-                               kvstore_client **recall_client, ekv_error *err)
+/* The host pool (--kvstore-mb) and the daemons (--kvstore-peers), if any:
+ * a client. In a tensor-parallel group (tp_size > 1) a follower waits for
+ * its restore inside a collective (docs/tp.md, "The KV store tier"), so a
+ * remote op's timeout is at most a quarter of the group's: a stalled
+ * daemon is a miss there, not a broken group. */
+static ekv_status open_kvstore(const serve_opts *o, const ekv_model *m, int tp_size,
+                               kvstore_client **client, kvstore_client **recall_client,
+                               ekv_error *err)
 {
     kvstore_client_config kc;
     kvstore_client_config_default(&kc);
+    if (tp_size > 1 && kc.op_timeout_ms > o->tp_timeout_ms / 4)
+        kc.op_timeout_ms = o->tp_timeout_ms / 4;
     kc.local_capacity = (uint64_t)o->kvstore_mb << 20;
     kc.log = kvstore_log;
     const char *peers[64];
@@ -302,7 +308,7 @@ static ekv_status start_kvstore(const serve_opts *o, server *s, int tp_rank, int
 {
     if (o->kvstore_mb == 0 && !o->kvstore_peers)
         return EKV_OK;
-    if (open_kvstore(o, s->model, &s->kvstore, &s->recall_kvstore, err) ||
+    if (open_kvstore(o, s->model, tp_size, &s->kvstore, &s->recall_kvstore, err) ||
         !(s->prefix = kvprefix_create(s->model, s->kvstore, tp_rank, tp_size, err)))
         return err->code ? err->code : EKV_ENOMEM;
     kvprefix_on_saved(s->prefix, prefix_saved, s);
@@ -367,7 +373,7 @@ static ekv_status tp_tier_open(void *arg, int rank, int size, bool own,
     rank_tier *t = calloc(1, sizeof *t);
     if (!t)
         return ekv_error_set(err, EKV_ENOMEM, "out of memory");
-    if (open_kvstore(o, s->model, &t->client, NULL, err) ||
+    if (open_kvstore(o, s->model, size, &t->client, NULL, err) ||
         !(t->prefix = kvprefix_create(s->model, t->client, rank, size, err))) {
         kvstore_client_destroy(t->client);
         free(t);

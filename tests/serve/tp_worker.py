@@ -386,12 +386,14 @@ def test_group_kvstore_tier(pb, kvstore_daemon, tier_reference, launch):
         pytest.skip("no mpirun (openmpi-bin)")
     daemon, addr, token = kvstore_daemon
     ref = tier_reference
-    tier = ["--kvstore-mb", "0", "--kvstore-peers", addr, "--kvstore-token-file", token]
+    # the group's store ops time out at a quarter of its timeout: 2 s here,
+    # the client's default, so a loaded machine's gets do not miss
+    tier = ["--kvstore-mb", "0", "--kvstore-peers", addr, "--kvstore-token-file", token,
+            "--tp-timeout-ms", "8000"]
     if launch == "mpi":
         w = MpiGroup(2, "--ctx", "512", "--max-running", "4", *tier)
     else:
-        w = Server("--ctx", "512", "--max-running", "4", "--tp", "2", "--tp-timeout-ms",
-                   str(TP_TIMEOUT_MS), *tier, cmd="worker")
+        w = Server("--ctx", "512", "--max-running", "4", "--tp", "2", *tier, cmd="worker")
     coord = None
     try:
         wait_for(lambda: "tensor-parallel rank 1 of 2: its own KV store tier" in w.stderr(),
