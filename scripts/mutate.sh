@@ -133,14 +133,12 @@ done
 # start or name (a test program, the entrokv binary a KV store test starts
 # daemons from), and entrokv for tests that are scripts around it (CLI,
 # pytest serving tests).
-targets=()
-build() { # build LOGFILE: configure once, then rebuild the targets
-    cmake -S "$src" -B "$bld" -DCMAKE_BUILD_TYPE=Release -DEKV_CUDA=$cuda >>"$1" 2>&1 || return 1
-    if [ ${#targets[@]} -eq 0 ]; then
-        local all
-        all=$(cmake --build "$bld" --target help 2>/dev/null | sed -n 's/^\.\.\. \([^ ]*\).*/\1/p')
-        mapfile -t targets < <(ctest --test-dir "$bld" --show-only=json-v1 -R "$union" |
-            ALL="$all" python3 -c '
+configured=0
+# targets_for REGEX: the build targets of the tests REGEX selects
+targets_for() {
+    local all
+    all=$(cmake --build "$bld" --target help 2>/dev/null | sed -n 's/^\.\.\. \([^ ]*\).*/\1/p')
+    ctest --test-dir "$bld" --show-only=json-v1 -R "$1" | ALL="$all" python3 -c '
 import json, os, sys
 all_targets = set(os.environ["ALL"].split())
 want = set()
@@ -153,9 +151,23 @@ for t in json.load(sys.stdin)["tests"]:
     want.update(n for n in names if n in all_targets)
     if not names or names[0] not in all_targets or not t.get("command"):
         want.add("entrokv")
-print("\n".join(sorted(want)))')
+print("\n".join(sorted(want)))'
+}
+# build LOGFILE REGEX: configure (once a run; the build itself reconfigures
+# when a CMakeLists.txt or a globbed directory changes), then bring the
+# targets of the tests REGEX selects up to date. A mutation relinks only
+# its own tests' programs, not every program of the run (the libraries are
+# static: one changed file relinked all of them, most of a mutation's time).
+build() {
+    if [ "$configured" = 0 ]; then
+        cmake -S "$src" -B "$bld" -DCMAKE_BUILD_TYPE=Release -DEKV_CUDA=$cuda >>"$1" 2>&1 ||
+            return 1
+        configured=1
     fi
-    cmake --build "$bld" -j"$jobs" --target "${targets[@]}" -- -k >>"$1" 2>&1
+    local want
+    mapfile -t want < <(targets_for "$2")
+    targets=("${want[@]}")
+    cmake --build "$bld" -j"$jobs" --target "${want[@]}" -- -k >>"$1" 2>&1
 }
 # A build that fails only in files the patch does not touch (a test someone
 # is still writing) does not make the mutation invalid: the tests run on what
@@ -183,7 +195,7 @@ if [ -z "$union" ]; then # every selected mutation needs a GPU or CPU this machi
     exit 0
 fi
 echo "mutate.sh: building the unmutated tree (CUDA $cuda)"
-if ! build "$logs/baseline-build.log"; then
+if ! build "$logs/baseline-build.log" "$union"; then
     echo "mutate.sh: warning: part of the unmutated tree does not build:" \
         "$(grep -c ': error' "$logs/baseline-build.log") errors, see $logs/baseline-build.log" >&2
 fi
@@ -219,7 +231,7 @@ for p in "${patches[@]}"; do
     start=$SECONDS
     if ! git -C "$src" apply "$p" >>"$log" 2>&1; then
         verdict=INVALID; by="does not apply"
-    elif ! build "$log" && broke_patch "$p" "$log"; then
+    elif ! build "$log" "$tests" && broke_patch "$p" "$log"; then
         verdict=INVALID; by="does not build"
     elif ctest --test-dir "$bld" -R "$tests" --output-on-failure >>"$log" 2>&1; then
         verdict=MISSED; by="($tests all pass)"
@@ -233,7 +245,7 @@ for p in "${patches[@]}"; do
     results+=("$(printf '| %s | %s | %s | %s |' "$name" "$bug" "$verdict" "$by")")
 done
 # Rebuild what the last mutation touched, so the next run starts clean.
-build "$logs/restore-build.log" || true
+build "$logs/restore-build.log" "$union" || true
 
 echo
 echo "| mutation | planted bug | result | failed tests |"
