@@ -47,6 +47,7 @@ typedef struct bench_opts {
     cli_kv_opts kv; /* --kv-method, --kv-budget, --recall ...: entrokv's prompt compression */
     const char *model, *text, *llama_bench;
     const char *device; /* "cpu" or "cuda": where entrokv's forward runs */
+    const char *variants; /* --decode-variants (bench_variants.c), NULL: off */
     int32_t threads, n_decode, chunk, reps, bw_mib;
     int32_t contexts[MAX_CONTEXTS];
     int n_contexts;
@@ -56,8 +57,9 @@ typedef struct bench_opts {
 typedef struct bench_result {
     double prefill_tps, decode_tps;
     /* with --recall: the store's counters after the decode steps */
-    int64_t recall_blocks, recall_bytes, recall_evicted;
+    int64_t recall_blocks, recall_bytes, recall_evicted, rank_bytes, rank_k_blocks;
     double recall_select_s;
+    int64_t kv_bytes; /* the sequence's resident KV after the decode steps */
 } bench_result;
 
 /* Every repetition of one context: [0] entrokv, [1] llama.cpp FA on, [2] off. */
@@ -120,6 +122,8 @@ static int parse(int argc, char **argv, bench_opts *o)
             ok = cli_take_int(argc, argv, &i, 0, 65536, &o->bw_mib);
         else if (!strcmp(a, "--llama-bench"))
             ok = cli_take_str(argc, argv, &i, &o->llama_bench);
+        else if (!strcmp(a, "--decode-variants"))
+            ok = cli_take_str(argc, argv, &i, &o->variants);
         else if (!strcmp(a, "--no-reference"))
             o->reference = false;
         else if (!strcmp(a, "--json"))
@@ -256,6 +260,7 @@ static ekv_status measure(ekv_runtime *rt, kv_pool *kv, const kvc_policy *pol,
     perf_mark("decode", t1, t2);
     r->prefill_tps = n_prompt / (t1 - t0);
     r->decode_tps = n_decode / (t2 - t1);
+    r->kv_bytes = kv_seq_bytes(seq);
     if (kv_seq_recall(seq)) {
         kv_recall_stats st;
         kv_recall_get_stats(kv_seq_recall(seq), &st);
@@ -263,6 +268,8 @@ static ekv_status measure(ekv_runtime *rt, kv_pool *kv, const kvc_policy *pol,
         r->recall_bytes = st.bytes_recalled;
         r->recall_evicted = st.evicted_tokens;
         r->recall_select_s = st.select_s;
+        r->rank_bytes = st.rank_bytes;
+        r->rank_k_blocks = st.rank_k_blocks;
     }
 out:
     kvc_capture_free(cap);
@@ -501,7 +508,8 @@ static int bench_generate(const bench_opts *o)
     ekv_model *m = runs ? model_load(o->model, &err) : NULL;
     if (!m)
         goto fail;
-    kv = model_kv_pool_create(m, max_ctx, &err);
+    /* variants: the full prompt, its compressed clones and the one decoding */
+    kv = model_kv_pool_create(m, o->variants ? 3 * max_ctx : max_ctx, &err);
     if (kv && !strcmp(o->device, "cuda")) {
 #ifdef EKV_HAVE_CUDA
         rt = model_runtime_create_cuda(m, o->chunk, max_ctx, 0, max_ctx, &err);
@@ -524,6 +532,18 @@ static int bench_generate(const bench_opts *o)
     if (compress && (ret = cli_kv_policy("bench", &o->kv, m, o->model, &pol, &prof)) != CLI_OK)
         goto out;
     ret = CLI_FAIL;
+    if (o->variants) {
+        if (!compress) {
+            cli_error("bench", "--decode-variants needs --kv-method and --kv-budget");
+            goto out;
+        }
+        for (int i = 0; i < o->n_contexts; i++)
+            if (bench_decode_variants(rt, kv, &pol, ids, o->contexts[i] - o->n_decode,
+                                      o->n_decode, o->reps, o->variants, o->threads, &err))
+                goto fail;
+        ret = CLI_OK;
+        goto out;
+    }
     /* Rounds outermost, engines alternating inside each (and which goes first
      * alternating between rounds), so drift in the machine's speed falls on
      * both engines alike. */
@@ -546,16 +566,20 @@ static int bench_generate(const bench_opts *o)
                        "\"prefill_tokens_per_s\":%.2f,\"decode_tokens_per_s\":%.2f",
                        round, ctx, n_prompt, o->n_decode, o->threads, r->prefill_tps,
                        r->decode_tps);
+                /* what attention reads per token besides recalled blocks */
+                printf(",\"kv_resident_bytes\":%lld", (long long)r->kv_bytes);
                 if (compress)
                     printf(",\"kv_method\":\"%s\",\"kv_budget\":%g,\"recall\":%d", o->kv.method,
                            o->kv.budget, o->kv.recall);
                 if (o->kv.recall > 0) /* per decode step (one token): what recall moved */
                     printf(",\"recall_blocks\":%lld,\"recall_bytes\":%lld,"
                            "\"recall_bytes_per_token\":%.1f,\"recall_evicted_tokens\":%lld,"
-                           "\"recall_select_s\":%.6f",
+                           "\"recall_select_s\":%.6f,\"recall_rank_bytes_per_token\":%.1f,"
+                           "\"recall_rank_k_blocks\":%lld",
                            (long long)r->recall_blocks, (long long)r->recall_bytes,
                            (double)r->recall_bytes / o->n_decode, (long long)r->recall_evicted,
-                           r->recall_select_s);
+                           r->recall_select_s, (double)r->rank_bytes / o->n_decode,
+                           (long long)r->rank_k_blocks);
                 printf("}\n");
             }
             fflush(stdout);
@@ -594,6 +618,10 @@ int cmd_bench(int argc, char **argv)
                 "       [--no-reference] [--json] [--kv-method M --kv-budget B [--recall R]]\n"
                 "       (entrokv's prompt compressed with M at B, recall R per head and step;\n"
                 "       the JSON lines then carry recall_bytes_per_token)\n"
+                "       [--decode-variants full,norecall,16:fast,16:scalar,0:fast,...]\n"
+                "       (one prefill per context, then --n-decode steps per variant on clones,\n"
+                "       --reps rounds: full KV, the policy without recall, recall ranking with\n"
+                "       M exact channels, batched and pruned or one block at a time)\n"
                 "       entrokv bench serve|membound|kvstore|restore|soak|tp --help\n");
         return argc < 2 ? CLI_USAGE : CLI_OK;
     }

@@ -10,6 +10,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "entrokv/compress.h"
+#include "entrokv/kvcache.h"
+#include "entrokv/model.h"
+
 /* Runs argv and returns its stdout (malloc'd, NUL-terminated), or NULL if it
  * could not start or exited non-zero; its stderr is discarded when quiet. */
 char *bench_capture(char *const argv[], bool quiet);
@@ -46,5 +50,12 @@ int llamacpp_bench(const char *llama_bench, const char *model, int32_t threads, 
  * buffer of `bytes` bytes, `passes` times; bytes per second of the best and
  * the median pass. Returns false when the buffer cannot be allocated. */
 bool bench_read_bandwidth(int threads, size_t bytes, int passes, double *best, double *median);
+
+/* --decode-variants (bench_variants.c): one prefill of n_prompt ids with
+ * pol's capture, then n_decode greedy steps per variant of list on clones,
+ * for rounds rounds, one JSON line a run on stdout. */
+ekv_status bench_decode_variants(ekv_runtime *rt, kv_pool *kv, const kvc_policy *pol,
+                                 const int32_t *prompt, int32_t n_prompt, int32_t n_decode,
+                                 int rounds, const char *list, int threads, ekv_error *err);
 
 #endif

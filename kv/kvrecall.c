@@ -64,6 +64,8 @@ ekv_status kv_recall_set_gather(kv_recall *rc, int32_t k, ekv_error *err)
     return EKV_OK;
 }
 
+void kv_recall_set_rank_scalar(kv_recall *rc, bool on) { rc->rank_scalar = on; }
+
 ekv_status kv_recall_set_mode(kv_recall *rc, int32_t every, bool promote, ekv_error *err)
 {
     if (every < 1 || every > KV_RECALL_EVERY_MAX)
@@ -137,6 +139,7 @@ kv_recall *kv_recall_clone(const kv_recall *src, ekv_error *err)
     rc->exact_channels = src->exact_channels;
     rc->promote = src->promote;
     rc->gather = src->gather;
+    rc->rank_scalar = src->rank_scalar;
     const size_t bb = blk_bytes(src);
     int64_t host = 0;
     for (int32_t i = 0; i < src->n_layers * src->n_kv_heads; i++) {
@@ -360,7 +363,8 @@ size_t kv_recall_scratch_bytes(const kv_recall *rc, int32_t layer, int32_t head,
     const size_t nb = (size_t)rc->r + (size_t)n_resident_blocks;
     return 3 * nb * sizeof(void *) + (size_t)h->n_blocks * sizeof(float) +
            ((size_t)rank_width(rc) + 1) * sizeof(int32_t) + 16 +
-           (size_t)rc->d * (sizeof(float) + sizeof(int32_t)) + kvrg_scratch_bytes(rc);
+           (size_t)rc->d * (sizeof(float) + sizeof(int32_t)) + kvrg_scratch_bytes(rc) + 4 +
+           (size_t)h->n_blocks * sizeof(float); /* the ranking's prune bounds */
 }
 
 static int64_t now_ns(void)
@@ -462,23 +466,24 @@ int32_t kv_recall_view_at(kv_recall *rc, int32_t layer, int32_t head, const floa
          * the head gets the same kind of score (a spilled block's box
          * would outrank kept blocks' tighter scores) */
         const int32_t m = rc->tier && kvrt_spills(rc->tier) ? 0 : rc->exact_channels;
-        if (m == 0)
+        const int32_t width = gather ? rank_width(rc) : rc->r; /* the blocks it picks */
+        float *qm = (float *)(top + rank_width(rc) + 1);
+        int32_t *sel = (int32_t *)(qm + d);
+        /* past the gather's area (which it uses after the ranking) */
+        float *ub = (float *)((uint8_t *)(sel + d) + ((kvrg_scratch_bytes(rc) + 3) & ~(size_t)3));
+        int32_t nk = 0; /* blocks whose K the scores read (kvrecall_bound.c) */
+        if (rc->rank_scalar)
+            nk = kvrb_scores_scalar(rc, h, Q, n_q, q_stride, m, bound, qm, sel);
+        else if (m == 0)
             kv_digest_bounds(h->kmin, h->kmax, h->n_blocks, Q, n_q, q_stride, d, bound);
-        else {
-            float *qm = (float *)(top + rank_width(rc) + 1);
-            int32_t *sel = (int32_t *)(qm + d);
-            for (int32_t b = 0; b < h->n_blocks; b++)
-                bound[b] = -INFINITY;
-            for (int g = 0; g < n_q; g++) {
-                kvrb_query qq;
-                kvrb_split(Q + (size_t)g * q_stride, d, m, qm, sel, &qq);
-                for (int32_t b = 0; b < h->n_blocks; b++) {
-                    const float s = kvrb_bound(rc, h, b, &qq);
-                    bound[b] = s > bound[b] ? s : bound[b];
-                }
-            }
-        }
-        n_top = top_blocks(h, bound, q_pos, gather ? rank_width(rc) : rc->r, top);
+        else if ((nk = kvrb_scores(rc, h, Q, n_q, q_stride, q_pos, m, width, bound, ub, top)) < 0)
+            nk = kvrb_scores_scalar(rc, h, Q, n_q, q_stride, m, bound, qm, sel);
+        atomic_fetch_add_explicit(&rc->rank_k_blocks, nk, memory_order_relaxed);
+        atomic_fetch_add_explicit(&rc->rank_bytes,
+                                  (int64_t)h->n_blocks * 2 * d * (int64_t)sizeof(float) +
+                                      (int64_t)nk * bt * ((m < d ? m : d) * 2 + 4),
+                                  memory_order_relaxed);
+        n_top = top_blocks(h, bound, q_pos, width, top);
         atomic_fetch_add_explicit(&rc->selections, 1, memory_order_relaxed);
         if (rc->diag)
             kvrd_account(rc, h, Q, n_q, q_stride, q_pos, resident, top, n_top);
@@ -553,4 +558,6 @@ void kv_recall_get_stats(const kv_recall *rc, kv_recall_stats *st)
     st->blocks_recalled = atomic_load(&rc->blocks_recalled);
     st->bytes_recalled = st->blocks_recalled * block_bytes;
     st->select_s = (double)atomic_load(&rc->select_ns) * 1e-9;
+    st->rank_bytes = atomic_load(&rc->rank_bytes);
+    st->rank_k_blocks = atomic_load(&rc->rank_k_blocks);
 }

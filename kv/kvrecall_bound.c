@@ -112,14 +112,22 @@ __attribute__((target("avx2,fma,f16c"))) static float partial16_avx2(const ekv_f
         a0 = _mm256_fmadd_ps(qc, _mm256_cvtph_ps(_mm_loadu_si128(kc)), a0);
         a1 = _mm256_fmadd_ps(qc, _mm256_cvtph_ps(_mm_loadu_si128(kc + 1)), a1);
     }
-    float acc[16];
-    _mm256_storeu_ps(acc, a0);
-    _mm256_storeu_ps(acc + 8, a1);
-    float best = -INFINITY;
-    for (int j = 0; j < 16; j++)
-        if (pos[j] != INT32_MAX && acc[j] > best)
-            best = acc[j];
-    return best;
+    /* the filled slots' largest: empty slots and NaN sums as -inf (the
+     * generic loop skips both), then a max tree (any order: the same
+     * largest float, up to the sign of a zero, which ranks alike) */
+    const __m256 ninf = _mm256_set1_ps(-INFINITY);
+    const __m256i empty = _mm256_set1_epi32(INT32_MAX);
+    const __m256 e0 = _mm256_castsi256_ps(
+        _mm256_cmpeq_epi32(_mm256_loadu_si256((const __m256i *)pos), empty));
+    const __m256 e1 = _mm256_castsi256_ps(
+        _mm256_cmpeq_epi32(_mm256_loadu_si256((const __m256i *)(pos + 8)), empty));
+    a0 = _mm256_blendv_ps(a0, ninf, _mm256_or_ps(e0, _mm256_cmp_ps(a0, a0, _CMP_UNORD_Q)));
+    a1 = _mm256_blendv_ps(a1, ninf, _mm256_or_ps(e1, _mm256_cmp_ps(a1, a1, _CMP_UNORD_Q)));
+    __m256 m = _mm256_max_ps(a0, a1);
+    __m128 x = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+    x = _mm_max_ss(x, _mm_movehdup_ps(x));
+    return _mm_cvtss_f32(x);
 }
 #endif
 
@@ -136,7 +144,10 @@ static float partial16(const ekv_f16 *k, const int32_t *pos, const float *q, con
     return partial16_generic(k, pos, q, sel, n_sel);
 }
 
-float kvrb_bound(const kv_recall *rc, const rc_head *h, int32_t b, const kvrb_query *qq)
+/* kvrb_bound with the box over the rest given (boxm: kv_digest_bound of
+ * qq->qm over block b's digest; a NaN: computed here). */
+static float bound_with(const kv_recall *rc, const rc_head *h, int32_t b, const kvrb_query *qq,
+                        float boxm)
 {
     const int32_t d = rc->d;
     const float *mn = h->kmin + (size_t)b * d, *mx = h->kmax + (size_t)b * d;
@@ -144,7 +155,172 @@ float kvrb_bound(const kv_recall *rc, const rc_head *h, int32_t b, const kvrb_qu
     if (!p || rc->bt != 16 || qq->n_sel == 0) /* K not here, or another block shape */
         return kv_digest_bound(mn, mx, qq->q, d);
     const float part = partial16(blk_k(p), blk_pos(rc, p), qq->q, qq->sel, qq->n_sel);
-    return qq->n_sel == d ? part : part + kv_digest_bound(mn, mx, qq->qm, d);
+    if (qq->n_sel == d)
+        return part;
+    return part + (isnan(boxm) ? kv_digest_bound(mn, mx, qq->qm, d) : boxm);
+}
+
+float kvrb_bound(const kv_recall *rc, const rc_head *h, int32_t b, const kvrb_query *qq)
+{
+    return bound_with(rc, h, b, qq, NAN);
+}
+
+/* Starts loading the K rows of block b that query qq's exact channels read. */
+static inline void prefetch_k(const kv_recall *rc, const rc_head *h, int32_t b,
+                              const kvrb_query *qq)
+{
+#if defined(__x86_64__)
+    const uint8_t *p = h->blk[b];
+    if (!p || rc->bt != 16)
+        return;
+    for (int32_t i = 0; i < qq->n_sel; i++)
+        _mm_prefetch((const char *)(blk_k((uint8_t *)p) + (size_t)qq->sel[i] * 16), _MM_HINT_T0);
+#else
+    (void)rc, (void)h, (void)b, (void)qq;
+#endif
+}
+
+/*
+ * Bound and prune (kvrb_scores). A block's box bound over all channels is
+ * never below its score (the exact part on S is at most the box's on S),
+ * so once r blocks' scores are known, a block whose box is under the
+ * smallest of them cannot be among the r best and its K need not be read.
+ * The r blocks scored first are those with the largest box, whose scores
+ * are usually high. In floats the two sums round differently, so the
+ * comparison adds what they can be apart by: each is a sum of at most
+ * d + 17 rounded terms (the products, d / 16 adds per lane, sixteen lane
+ * adds; d for the exact part's FMA chain, one for part + box), whose
+ * rounding is at most (d + 17) u times sum_c |q_c| max(|min_c|, |max_c|)
+ * (u = 2^-24), so at most (3d + 36) u times ||q||_1 times the digest's
+ * largest |min| or |max|; the margin takes (4d + 64) u. A pruned block
+ * therefore scores strictly below the r-th best and the top r are the same
+ * blocks, in the same order, as scoring every block (unit.test_kvrecall
+ * checks the views bit for bit). Non-finite queries or digests turn the
+ * margin infinite: nothing is pruned.
+ */
+/* Block b's score: the largest over the group's queries, in query order
+ * (as the reference's running max); boxm: each query's box over its other
+ * channels, n_blocks apart. */
+static float group_score(const kv_recall *rc, const rc_head *h, int32_t b, const kvrb_query *qq,
+                         int n_q, const float *boxm)
+{
+    float best = -INFINITY;
+    for (int g = 0; g < n_q; g++) {
+        const float bm = qq[g].n_sel < rc->d ? boxm[(size_t)g * h->n_blocks + b] : NAN;
+        const float s = bound_with(rc, h, b, &qq[g], bm);
+        best = s > best ? s : best;
+    }
+    return best;
+}
+
+int32_t kvrb_scores_scalar(const kv_recall *rc, const rc_head *h, const float *Q, int n_q,
+                           int q_stride, int32_t m, float *bound, float *qm, int32_t *sel)
+{
+    const int32_t d = rc->d;
+    for (int32_t b = 0; b < h->n_blocks; b++)
+        bound[b] = -INFINITY;
+    for (int g = 0; g < n_q; g++) {
+        kvrb_query qq;
+        if (m == 0)
+            qq = (kvrb_query){.q = Q + (size_t)g * q_stride};
+        else
+            kvrb_split(Q + (size_t)g * q_stride, d, m, qm, sel, &qq);
+        for (int32_t b = 0; b < h->n_blocks; b++) {
+            const float s = m == 0 ? kv_digest_bound(h->kmin + (size_t)b * d,
+                                                     h->kmax + (size_t)b * d, qq.q, d)
+                                   : kvrb_bound(rc, h, b, &qq);
+            bound[b] = s > bound[b] ? s : bound[b];
+        }
+    }
+    return m == 0 ? 0 : h->n_blocks;
+}
+
+int32_t kvrb_scores(const kv_recall *rc, const rc_head *h, const float *Q, int n_q, int q_stride,
+                    int32_t q_pos, int32_t m, int32_t r, float *bound, float *ub, int32_t *cand)
+{
+    const int32_t n = h->n_blocks, d = rc->d;
+    if (n_q > KVRB_GROUP_MAX)
+        return -1;
+    /* per query: its split (qm, sel) and the box over its other channels
+     * for every block (boxm, n each: the batched kernel, bit for bit
+     * kv_digest_bound's) */
+    float *qm = malloc((size_t)n_q * ((size_t)2 * d + n) * sizeof *qm);
+    if (!qm)
+        return -1;
+    int32_t *sel = (int32_t *)(qm + (size_t)n_q * d);
+    float *boxm = qm + (size_t)n_q * 2 * d;
+    kvrb_query qq[KVRB_GROUP_MAX];
+    for (int g = 0; g < n_q; g++) {
+        kvrb_split(Q + (size_t)g * q_stride, d, m, qm + (size_t)g * d, sel + (size_t)g * d,
+                   &qq[g]);
+        if (qq[g].n_sel < d)
+            kv_digest_bounds(h->kmin, h->kmax, n, qq[g].qm, 1, d, d, boxm + (size_t)g * n);
+    }
+    kvds_bounds(h->kmin, h->kmax, n, Q, n_q, q_stride, d, bound, ub); /* box; magnitude */
+    float qn = 0.0f;
+    for (int g = 0; g < n_q; g++) {
+        const float *q = Q + (size_t)g * q_stride;
+        float s = 0.0f;
+        for (int32_t c = 0; c < d; c++)
+            s += fabsf(q[c]);
+        qn = s > qn ? s : qn;
+    }
+    const float k = qn * (float)(4 * d + 64) * 0x1p-24f;
+    /* ub[b]: never below block b's score (-INFINITY: not eligible); cand:
+     * the r eligible blocks with the largest, by insertion */
+    int32_t nc = 0;
+    for (int32_t b = 0; b < n; b++) {
+        if (h->minpos[b] > q_pos) {
+            ub[b] = -INFINITY;
+            continue;
+        }
+        float u = bound[b] + k * ub[b];
+        if (!(u > -INFINITY)) /* NaN, or an infinite digest: never pruned */
+            u = INFINITY;
+        ub[b] = u;
+        int32_t i = nc < r ? nc : r;
+        if (i == r && !(u > ub[cand[r - 1]]))
+            continue;
+        while (i > 0 && u > ub[cand[i - 1]]) {
+            if (i < r)
+                cand[i] = cand[i - 1];
+            i--;
+        }
+        cand[i] = b;
+        if (nc < r)
+            nc++;
+    }
+    for (int32_t b = 0; b < n; b++)
+        bound[b] = -INFINITY;
+    /* block by block, every query of the group while its K is in cache */
+    for (int32_t i = 0; i < nc; i++) {
+        if (i + 1 < nc)
+            prefetch_k(rc, h, cand[i + 1], &qq[0]);
+        bound[cand[i]] = group_score(rc, h, cand[i], qq, n_q, boxm);
+    }
+    /* the threshold: the smallest of r eligible blocks' scores (none with
+     * fewer: every eligible block is scored) */
+    float t = nc == r ? INFINITY : -INFINITY;
+    for (int32_t i = 0; i < nc && nc == r; i++)
+        t = bound[cand[i]] < t ? bound[cand[i]] : t;
+    if (isnan(t))
+        t = -INFINITY;
+    for (int32_t i = 0; i < nc; i++)
+        ub[cand[i]] = -INFINITY; /* scored */
+    int32_t more = 0;
+    for (int32_t b = 0, next = -1; b < n; b++) {
+        if (!(ub[b] > -INFINITY && !(ub[b] < t)))
+            continue;
+        while (++next < n && !(next > b && ub[next] > -INFINITY && !(ub[next] < t)))
+            ;
+        if (next < n)
+            prefetch_k(rc, h, next, &qq[0]);
+        next = next < n ? next - 1 : n;
+        bound[b] = group_score(rc, h, b, qq, n_q, boxm);
+        more++;
+    }
+    free(qm);
+    return nc + more;
 }
 
 float kv_recall_block_bound(const kv_recall *rc, int32_t layer, int32_t head, int32_t b,

@@ -50,9 +50,11 @@ struct kv_recall {
     bool promote;   /* observe attention mass and promote blocks that keep winning */
     int32_t gather; /* 0: whole blocks; k: the best R x bt tokens of the k x R best blocks */
     bool diag;      /* EKV_RECALL_DIAG: account where the mass falls (kvrecall_diag.c) */
+    bool rank_scalar; /* rank every block one call at a time (kv_recall_set_rank_scalar) */
     rc_head *heads;
     kvrt_seq *tier; /* NULL: the host pool alone */
     _Atomic int64_t selections, blocks_recalled, select_ns, promotions, reuses;
+    _Atomic int64_t rank_k_blocks, rank_bytes; /* what rankings read (kv_recall_stats) */
 };
 
 /* A block's bytes and where its K, V and positions start in them. */
@@ -100,6 +102,28 @@ size_t kvrg_scratch_bytes(const kv_recall *rc);
 int32_t kvrg_gather(const kv_recall *rc, const rc_head *h, const float *Q, int n_q, int q_stride,
                     int32_t q_pos, const int32_t *cand, int32_t n_cand, void *area,
                     const ekv_f16 **kp, const ekv_f16 **vp, const int32_t **pp);
+/* kv_digest_bounds, and when amax is not NULL each digest's largest
+ * |kmin_c| or |kmax_c| into amax[b] (kvdigest_simd.c). */
+void kvds_bounds(const float *kmin, const float *kmax, int32_t n, const float *Q, int n_q,
+                 int q_stride, int32_t d, float *bound, float *amax);
+/* One ranking's scores with m > 0 exact channels (kvrecall_bound.c):
+ * bound[b] = the largest kvrb_bound over the n_q (<= KVRB_GROUP_MAX)
+ * queries for every block of h that holds a token at or before q_pos and
+ * could be among the r best (the blocks the caller picks: R, or the
+ * gather's K x R), -INFINITY for the rest (blocks whose box bound
+ * is below r others' scores, whose K is never read), so the top r by bound
+ * (ties to the older block) are those of every block's score. ub holds
+ * h->n_blocks floats and cand r (scratch). Returns the blocks whose exact
+ * channels were read; -1 (nothing done) when out of memory or n_q is
+ * above KVRB_GROUP_MAX. */
+#define KVRB_GROUP_MAX 64
+/* The reference kvrb_scores equals: every block scored, one call per block
+ * and query (m = 0: kv_digest_bound; qm and sel head_dim each). Returns
+ * the blocks whose K it read. */
+int32_t kvrb_scores_scalar(const kv_recall *rc, const rc_head *h, const float *Q, int n_q,
+                           int q_stride, int32_t m, float *bound, float *qm, int32_t *sel);
+int32_t kvrb_scores(const kv_recall *rc, const rc_head *h, const float *Q, int n_q, int q_stride,
+                    int32_t q_pos, int32_t m, int32_t r, float *bound, float *ub, int32_t *cand);
 
 static inline rc_head *head_of(const kv_recall *rc, int32_t layer, int32_t head)
 {

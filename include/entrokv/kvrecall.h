@@ -93,6 +93,12 @@ float kv_recall_block_bound(const kv_recall *rc, int32_t layer, int32_t head, in
                             const float *q);
 /* EKV_EINVAL outside [0, KV_RECALL_CHANNELS_MAX]. */
 ekv_status kv_recall_set_channels(kv_recall *rc, int32_t m, ekv_error *err);
+/* The ranking scores blocks many at a time and reads a block's K only when
+ * its box bound can still beat the R-th best score (kvrecall_bound.c); on,
+ * every block is scored one call at a time as before, the reference the
+ * fast ranking equals view for view (tests, bench generate's A/B). Off by
+ * default; clones keep it. */
+void kv_recall_set_rank_scalar(kv_recall *rc, bool on);
 
 /* Token-granular recall (kvrecall_gather.c): with k > 0 a ranking keeps
  * its k x R best blocks as candidates, scores each of their tokens exactly
@@ -178,6 +184,9 @@ typedef struct kv_recall_stats {
     int64_t host_bytes;      /* the store's K/V/positions in host memory, and digests */
     int64_t spilled_blocks;  /* blocks whose K/V live only in the tier (kvrecall_tier.h) */
     int64_t buffer_bytes;    /* the recall buffer: r blocks per (layer, KV head) */
+    int64_t rank_bytes;      /* what the rankings read: digests, and K's exact channels
+                              * and positions of the blocks not pruned (kvrecall_bound.c) */
+    int64_t rank_k_blocks;   /* blocks whose exact channels the rankings read */
 } kv_recall_stats;
 void kv_recall_get_stats(const kv_recall *rc, kv_recall_stats *st);
 

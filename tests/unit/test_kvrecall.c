@@ -11,7 +11,8 @@
  *     equals attention over every token (up to summation order);
  *   - with R < the blocks, the R joining are the brute-force top R by
  *     the ranking's score (max over the query group; ties to the older
- *     block);
+ *     block), also where the ranking prunes blocks by their box bound
+ *     (every exact-channel count, repeated blocks, positions);
  *   - with token-granular recall (kv_recall_set_gather K), the tokens
  *     joining are the brute-force 16R best (exact max over the group of
  *     q . k, in double) of the brute-force top K x R blocks by the
@@ -495,6 +496,144 @@ static void test_batched_bounds_equal_bound_bit_for_bit(void)
             }
 }
 
+/* A sequence of 1 layer x 1 head of n tokens whose K/V repeat every period
+ * tokens (a multiple of 16: whole recall blocks repeat, so scores tie),
+ * each block's keys a random centre plus noise of the given scale (small:
+ * the box is tight and the ranking prunes most blocks). */
+static kv_seq *clustered_seq(kv_pool *pool, int32_t n, int32_t d, int32_t period, float noise)
+{
+    kv_seq *s = kv_seq_create(pool, 1, 1, NULL);
+    float *k = malloc((size_t)period * d * sizeof *k), *v = malloc((size_t)d * sizeof *v);
+    for (int32_t i = 0; i < period * d; i += BT * d) /* the block's centre */
+        for (int32_t c = 0; c < d; c++)
+            k[i + c] = nrand() * (c % 7 == 0 ? 8.0f : 1.0f);
+    for (int32_t i = 0; i < period * d; i++)
+        k[i] = k[i - i % (BT * d) + i % d] + noise * nrand();
+    for (int32_t c = 0; c < d; c++)
+        v[c] = nrand();
+    for (int32_t t = 0; t < n; t++)
+        CHECK(kv_seq_append(s, 0, 0, k + (size_t)(t % period) * d, v, t, NULL) == EKV_OK);
+    free(k);
+    free(v);
+    return s;
+}
+
+/* The ranking reads K only for blocks whose box can still beat the R-th
+ * best score (kvrb_scores' bound and prune): the view must hold the same
+ * blocks, in the same order, as scoring every block with the reference
+ * score (kv_recall_block_bound per block and query, max over the group,
+ * brute-force top R, ties to the older block), for every exact-channel
+ * count (the box alone, a few, the default, every channel), R, query
+ * position (blocks after it not eligible), repeated blocks (exact ties)
+ * and queries of every scale; and the pruning must skip K reads. */
+static void test_pruned_ranking_equals_reference(void)
+{
+    kern_init();
+    static const int32_t ms[] = {0, 1, 16, 64, 100};
+    static const int32_t rs[] = {1, 4, 16, 40};
+    const int32_t d = 64, G = 3, n = 2432, nres = 32;
+    int64_t views = 0, k_read = 0, k_all = 0;
+    for (int rep = 0; rep < 3; rep++) {
+        kv_pool *pool = kv_pool_create(BT, d, 2 * n / BT + 8, NULL); /* base and a clone */
+        /* random keys (a loose box); blocks repeating every 10 (ties);
+         * clustered blocks (a tighter box: most blocks pruned) */
+        kv_seq *base = rep == 0   ? random_seq(pool, 1, n, d, NULL, NULL)
+                       : rep == 1 ? clustered_seq(pool, n, d, 10 * BT, 0.5f)
+                                  : clustered_seq(pool, n, d, n, 0.25f);
+        for (size_t ri = 0; ri < sizeof rs / sizeof *rs; ri++) {
+            const int32_t R = rs[ri];
+            kv_seq *s = kv_seq_clone(base, NULL);
+            CHECK(kv_seq_recall_enable(s, R, NULL) == EKV_OK);
+            int32_t *keep = malloc((size_t)nres * sizeof *keep);
+            for (int32_t i = 0; i < nres; i++)
+                keep[i] = n - nres + i;
+            CHECK(kv_seq_keep(s, 0, 0, keep, nres, NULL) == EKV_OK);
+            free(keep);
+            kv_recall *rc = kv_seq_recall(s);
+            const int32_t nb = kv_recall_blocks(rc, 0, 0);
+            CHECK_EQ_INT(nb, (n - nres) / BT);
+            kern_kv_view rv, ext;
+            kv_seq_view(s, 0, 0, &rv);
+            void *scratch = malloc(kv_recall_scratch_bytes(rc, 0, 0, nres / BT + 1));
+            float *score = malloc((size_t)nb * sizeof *score);
+            int *chosen = malloc((size_t)nb * sizeof *chosen);
+            for (size_t mi = 0; mi < sizeof ms / sizeof *ms; mi++) {
+                CHECK(kv_recall_set_channels(rc, ms[mi], NULL) == EKV_OK);
+                for (int trial = 0; trial < 6; trial++) {
+                    float q[3 * 64];
+                    const float scale = (float)(1 << (trial % 3)) * (trial == 5 ? 1e-3f : 1.0f);
+                    for (int i = 0; i < G * d; i++)
+                        q[i] = urand() < 0.1 ? 0.0f : nrand() * scale;
+                    /* every block, or those up to a position inside block 50 */
+                    const int32_t qpos = trial % 2 ? n : 50 * BT + 7;
+                    int32_t eligible = 0;
+                    for (int32_t b = 0; b < nb; b++) {
+                        score[b] = -INFINITY;
+                        for (int g = 0; g < G; g++) {
+                            const float x = kv_recall_block_bound(rc, 0, 0, b, q + g * d);
+                            score[b] = x > score[b] ? x : score[b];
+                        }
+                        chosen[b] = b * BT > qpos; /* not eligible */
+                        eligible += !chosen[b];
+                    }
+                    const int32_t want_n = eligible < R ? eligible : R;
+                    for (int32_t k = 0; k < want_n; k++) {
+                        int32_t best = -1;
+                        for (int32_t b = 0; b < nb; b++)
+                            if (!chosen[b] && (best < 0 || score[b] > score[best]))
+                                best = b;
+                        chosen[best] = 2;
+                    }
+                    /* the scalar ranking (every block, one call at a time) first */
+                    kern_kv_view sv;
+                    kv_recall_set_rank_scalar(rc, true);
+                    const int32_t sn = kv_recall_view(rc, 0, 0, q, G, d, qpos, &rv, &sv, scratch);
+                    const ekv_f16 *sk[64];
+                    for (int32_t k = 0; k < sn && k < 64; k++)
+                        sk[k] = sv.k_blocks[k];
+                    kv_recall_set_rank_scalar(rc, false);
+                    kv_recall_stats st0, st1;
+                    kv_recall_get_stats(rc, &st0);
+                    const int32_t got = kv_recall_view(rc, 0, 0, q, G, d, qpos, &rv, &ext, scratch);
+                    kv_recall_get_stats(rc, &st1);
+                    CHECK_EQ_INT(got, want_n);
+                    CHECK_EQ_INT(sn, want_n);
+                    for (int32_t k = 0; k < got && k < sn; k++)
+                        CHECK(ext.k_blocks[k] == sk[k]);
+                    for (int32_t b = 0, k = 0; b < nb && k < got; b++) {
+                        if (chosen[b] != 2)
+                            continue;
+                        const ekv_f16 *kb;
+                        kv_recall_block(rc, 0, 0, b, &kb, NULL, NULL, NULL, NULL);
+                        if (ext.k_blocks[k] != kb) {
+                            fprintf(stderr, "rep %d R %d M %d trial %d: view %d is not block %d\n",
+                                    rep, R, ms[mi], trial, k, b);
+                            CHECK(0);
+                            break;
+                        }
+                        k++;
+                    }
+                    views++;
+                    if (ms[mi] > 0) {
+                        k_read += st1.rank_k_blocks - st0.rank_k_blocks;
+                        k_all += eligible;
+                    }
+                }
+            }
+            free(score);
+            free(chosen);
+            free(scratch);
+            kv_seq_free(s);
+        }
+        kv_seq_free(base);
+        kv_pool_destroy(pool);
+    }
+    fprintf(stderr, "  %lld views; K read for %lld of %lld eligible blocks\n", (long long)views,
+            (long long)k_read, (long long)k_all);
+    CHECK(k_read < k_all * 9 / 10); /* the pruning does skip K reads (random keys: about
+                                      * a fifth; the box is loose, see kvrecall_bound.c) */
+}
+
 static void test_policy_takes_the_buffer_from_the_budget(void)
 {
     kvc_policy p;
@@ -524,5 +663,6 @@ int main(void)
     RUN_TEST(test_gather_keeps_the_best_tokens_of_the_top_blocks);
     RUN_TEST(test_policy_takes_the_buffer_from_the_budget);
     RUN_TEST(test_batched_bounds_equal_bound_bit_for_bit);
+    RUN_TEST(test_pruned_ranking_equals_reference);
     return TEST_EXIT();
 }
