@@ -165,20 +165,26 @@ float kvrb_bound(const kv_recall *rc, const rc_head *h, int32_t b, const kvrb_qu
     return bound_with(rc, h, b, qq, NAN);
 }
 
-/* Starts loading the K rows of block b that query qq's exact channels read. */
-static inline void prefetch_k(const kv_recall *rc, const rc_head *h, int32_t b,
-                              const kvrb_query *qq)
+/* Starts loading block b's K (every row: the group's queries read
+ * different channels, and whole 2 KB blocks stream better than scattered
+ * rows). The scores wait on these loads more than on arithmetic: at 8k a
+ * head's K rows do not stay in cache from one step to the next. */
+static inline void prefetch_k(const kv_recall *rc, const rc_head *h, int32_t b)
 {
 #if defined(__x86_64__)
-    const uint8_t *p = h->blk[b];
-    if (!p || rc->bt != 16)
+    const char *p = (const char *)h->blk[b];
+    if (!p)
         return;
-    for (int32_t i = 0; i < qq->n_sel; i++)
-        _mm_prefetch((const char *)(blk_k((uint8_t *)p) + (size_t)qq->sel[i] * 16), _MM_HINT_T0);
+    const size_t bytes = (size_t)rc->d * rc->bt * sizeof(ekv_f16);
+    for (size_t o = 0; o < bytes; o += 64)
+        _mm_prefetch(p + o, _MM_HINT_T0);
 #else
-    (void)rc, (void)h, (void)b, (void)qq;
+    (void)rc, (void)h, (void)b;
 #endif
 }
+
+/* How many blocks ahead of the one scored the prefetch runs. */
+#define KVRB_PREFETCH_AHEAD 4
 
 /*
  * Bound and prune (kvrb_scores). A block's box bound over all channels is
@@ -244,11 +250,12 @@ int32_t kvrb_scores(const kv_recall *rc, const rc_head *h, const float *Q, int n
     /* per query: its split (qm, sel) and the box over its other channels
      * for every block (boxm, n each: the batched kernel, bit for bit
      * kv_digest_bound's) */
-    float *qm = malloc((size_t)n_q * ((size_t)2 * d + n) * sizeof *qm);
+    float *qm = malloc((size_t)n_q * ((size_t)2 * d + n) * sizeof *qm + (size_t)n * sizeof(int32_t));
     if (!qm)
         return -1;
     int32_t *sel = (int32_t *)(qm + (size_t)n_q * d);
     float *boxm = qm + (size_t)n_q * 2 * d;
+    int32_t *todo = (int32_t *)(boxm + (size_t)n_q * n); /* the blocks past the prune */
     kvrb_query qq[KVRB_GROUP_MAX];
     for (int g = 0; g < n_q; g++) {
         kvrb_split(Q + (size_t)g * q_stride, d, m, qm + (size_t)g * d, sel + (size_t)g * d,
@@ -293,9 +300,11 @@ int32_t kvrb_scores(const kv_recall *rc, const rc_head *h, const float *Q, int n
     for (int32_t b = 0; b < n; b++)
         bound[b] = -INFINITY;
     /* block by block, every query of the group while its K is in cache */
+    for (int32_t i = 0; i < nc && i < KVRB_PREFETCH_AHEAD; i++)
+        prefetch_k(rc, h, cand[i]);
     for (int32_t i = 0; i < nc; i++) {
-        if (i + 1 < nc)
-            prefetch_k(rc, h, cand[i + 1], &qq[0]);
+        if (i + KVRB_PREFETCH_AHEAD < nc)
+            prefetch_k(rc, h, cand[i + KVRB_PREFETCH_AHEAD]);
         bound[cand[i]] = group_score(rc, h, cand[i], qq, n_q, boxm);
     }
     /* the threshold: the smallest of r eligible blocks' scores (none with
@@ -308,16 +317,15 @@ int32_t kvrb_scores(const kv_recall *rc, const rc_head *h, const float *Q, int n
     for (int32_t i = 0; i < nc; i++)
         ub[cand[i]] = -INFINITY; /* scored */
     int32_t more = 0;
-    for (int32_t b = 0, next = -1; b < n; b++) {
-        if (!(ub[b] > -INFINITY && !(ub[b] < t)))
-            continue;
-        while (++next < n && !(next > b && ub[next] > -INFINITY && !(ub[next] < t)))
-            ;
-        if (next < n)
-            prefetch_k(rc, h, next, &qq[0]);
-        next = next < n ? next - 1 : n;
-        bound[b] = group_score(rc, h, b, qq, n_q, boxm);
-        more++;
+    for (int32_t b = 0; b < n; b++)
+        if (ub[b] > -INFINITY && !(ub[b] < t))
+            todo[more++] = b;
+    for (int32_t i = 0; i < more && i < KVRB_PREFETCH_AHEAD; i++)
+        prefetch_k(rc, h, todo[i]);
+    for (int32_t i = 0; i < more; i++) {
+        if (i + KVRB_PREFETCH_AHEAD < more)
+            prefetch_k(rc, h, todo[i + KVRB_PREFETCH_AHEAD]);
+        bound[todo[i]] = group_score(rc, h, todo[i], qq, n_q, boxm);
     }
     free(qm);
     return nc + more;
