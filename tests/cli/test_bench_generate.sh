@@ -9,7 +9,9 @@
 #     median over the repetitions, with min and max beside it;
 #   - the ratios are entrokv's median over llama.cpp's;
 #   - the decode bound is bandwidth / (weight bytes + fp16 K and V bytes);
-#   - a llama-bench that fails or prints nonsense is a clear error, exit 1.
+#   - a llama-bench that fails or prints nonsense is a clear error, exit 1;
+#   - --decode-variants: fast and scalar recall rankings generate the same
+#     tokens, and the counters order as they must.
 # Usage: test_bench_generate.sh ENTROKV MODEL
 set -uo pipefail
 bin=$1
@@ -154,6 +156,45 @@ else
     fail "bench --recall: $(head -c 400 "$tmp/rerr")"
 fi
 expect bench_recall_bad 2 "recall" -- "$bin" bench generate "${args[@]}" --no-reference --recall -1
+
+# --decode-variants: one prefill, every variant decodes on a clone in each
+# round; the batched, pruned ranking (fast) generates the tokens the
+# one-block-at-a-time ranking (scalar) does, reads K for no more blocks,
+# and the box (M = 0) reads none; full KV holds more than the policy alone,
+# which holds more than the policy with its recall buffer
+if "$bin" bench generate --model "$model" --contexts 160 --n-decode 6 --reps 2 --bw-mib 0 \
+    --text "$tmp/text" --no-reference --kv-method snapkv --kv-budget 0.5 --recall 1 \
+    --decode-variants full,norecall,16:fast,16:scalar,0:fast,0:scalar \
+    >"$tmp/vout" 2>"$tmp/verr"; then
+    if python3 - "$tmp/vout" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+assert len(rows) == 12 and all(r["bench"] == "decode_variant" for r in rows), rows
+by = {}
+for r in rows:
+    by.setdefault(r["variant"], []).append(r)
+assert sorted(by) == ["0:fast", "0:scalar", "16:fast", "16:scalar", "full", "norecall"], by
+for v, rs in by.items():
+    assert [r["round"] for r in rs] == [0, 1], rs
+    assert len({r["tokens_hash"] for r in rs}) == 1, rs  # each round decodes the same clone
+h = {v: rs[0]["tokens_hash"] for v, rs in by.items()}
+assert h["16:fast"] == h["16:scalar"] and h["0:fast"] == h["0:scalar"], h
+k = {v: rs[0].get("recall_rank_k_blocks") for v, rs in by.items()}
+assert k["0:fast"] == 0 and k["0:scalar"] == 0, k
+assert 0 < k["16:fast"] <= k["16:scalar"], k
+for v in ("16:fast", "16:scalar", "0:fast", "0:scalar"):
+    r = by[v][0]
+    assert r["recall_rankings"] > 0 and r["recall_rank_bytes_per_token"] > 0, r
+kv = {v: rs[0]["kv_resident_bytes"] for v, rs in by.items()}
+assert kv["full"] > kv["norecall"] > kv["16:fast"] == kv["0:scalar"] > 0, kv
+PY
+    then ok bench_decode_variants; else fail "bench_decode_variants: $(head -c 600 "$tmp/vout")"; fi
+else
+    fail "bench --decode-variants: $(head -c 400 "$tmp/verr")"
+fi
+expect bench_variants_bad 1 "--decode-variants" -- "$bin" bench generate --model "$model" \
+    --contexts 96 --n-decode 4 --reps 1 --bw-mib 0 --text "$tmp/text" --no-reference \
+    --kv-method snapkv --kv-budget 0.5 --recall 1 --decode-variants 16:fastest
 
 [ "$fails" -eq 0 ] || { echo "$fails failed"; exit 1; }
 echo "all passed"
