@@ -98,8 +98,10 @@ static void test_recalling_every_block_equals_full_kv(void)
      * machine step 2's top two, 0.22 apart in full KV, swap). */
     CHECK(d_recall < 1.0);
     CHECK(d_recall < 0.25 * d_plain);
-    /* full KV's token wherever its lead over the runner-up is beyond that
-     * tolerance */
+    /* full KV's token wherever its lead over the runner-up is beyond the
+     * project's near-tie margin (0.6 logit, as the TP tests use): a 1-logit
+     * rule left no step of the six to check once 9b73648's Q4_1 grouping
+     * moved full KV's leads to 0.05-0.84 on this prompt */
     int clear = 0, agree = 0;
     for (int s = 0; s < STEPS; s++) {
         const float *r = ref + (size_t)s * V;
@@ -108,7 +110,7 @@ static void test_recalling_every_block_equals_full_kv(void)
         for (size_t i = 0; i < V; i++)
             if ((int32_t)i != a && r[i] > second)
                 second = r[i];
-        if (r[a] - second > 1.0f) {
+        if (r[a] - second > 0.6f) {
             clear++;
             agree += rh_argmax(got + (size_t)s * V, (int32_t)V) == a;
         }
