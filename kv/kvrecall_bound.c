@@ -257,7 +257,7 @@ int32_t kvrb_scores(const kv_recall *rc, const rc_head *h, const float *Q, int n
         return -1;
     int32_t *sel = (int32_t *)(qm + (size_t)n_q * d);
     float *boxm = qm + (size_t)n_q * 2 * d;
-    int32_t *todo = (int32_t *)(boxm + (size_t)n_q * n); /* the blocks past the prune */
+    int32_t *survivors = (int32_t *)(boxm + (size_t)n_q * n); /* the blocks past the prune */
     kvrb_query qq[KVRB_GROUP_MAX];
     for (int g = 0; g < n_q; g++) {
         kvrb_split(Q + (size_t)g * q_stride, d, m, qm + (size_t)g * d, sel + (size_t)g * d,
@@ -321,13 +321,13 @@ int32_t kvrb_scores(const kv_recall *rc, const rc_head *h, const float *Q, int n
     int32_t more = 0;
     for (int32_t b = 0; b < n; b++)
         if (ub[b] > -INFINITY && !(ub[b] < t))
-            todo[more++] = b;
+            survivors[more++] = b;
     for (int32_t i = 0; i < more && i < KVRB_PREFETCH_AHEAD; i++)
-        prefetch_k(rc, h, todo[i]);
+        prefetch_k(rc, h, survivors[i]);
     for (int32_t i = 0; i < more; i++) {
         if (i + KVRB_PREFETCH_AHEAD < more)
-            prefetch_k(rc, h, todo[i + KVRB_PREFETCH_AHEAD]);
-        bound[todo[i]] = group_score(rc, h, todo[i], qq, n_q, boxm);
+            prefetch_k(rc, h, survivors[i + KVRB_PREFETCH_AHEAD]);
+        bound[survivors[i]] = group_score(rc, h, survivors[i], qq, n_q, boxm);
     }
     free(qm);
     return nc + more;
