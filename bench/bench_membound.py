@@ -24,6 +24,15 @@ runs the wave with full KV and one output token per pool: its wall time is
 the prefill's share of the full-KV run, which bounds what any policy can
 gain (full's wall over it).
 
+A policy is NAME[:BUDGET][:rR][:gK] (parse_policy): rR asks each request
+for recall of R evicted blocks per KV head per step (the request field
+"recall"; docs/COMPRESSION.md, "Recall of evicted KV"), gK for recall by
+token with K tokens per block ("recall_gather"; only sent when given).
+The recall buffer comes out of the budget, so snapkv:0.1:r10 holds the
+same resident memory as snapkv:0.1. Each run's line records the worker's
+recall counters (Stats recall_*: blocks and bytes recalled, deadline
+misses, promotions, blocks spilled) and bytes recalled per output token.
+
 Prints one JSON line per (policy, pool) and a "membound_meta" line;
 --plot PNG draws output tokens/s against the KV pool (matplotlib);
 --from-jsonl FILE --plot PNG redraws it from a run's output.
@@ -59,6 +68,42 @@ def make_prompts(paths, n, chars):
     return [text[i * step:i * step + chars] + "\n\nSummarise the text above:" for i in range(n)]
 
 
+def parse_policy(s):
+    """NAME[:BUDGET][:rR][:gK] -> {"name", "budget", "recall", "gather",
+    "label"}: budget 1.0 when omitted, recall 0 (off), gather None (not
+    sent). The label is "NAME BUDGET" (plus " rR", " gK"), "full" alone."""
+    parts = s.strip().split(":")
+    name = parts[0]
+    if not name:
+        raise ValueError(f"policy {s!r}: no method name")
+    pol = {"name": name, "budget": 1.0, "recall": 0, "gather": None}
+    rest = parts[1:]
+    if rest and rest[0][:1] not in ("r", "g"):
+        pol["budget"] = float(rest.pop(0))
+        if not pol["budget"] > 0:
+            raise ValueError(f"policy {s!r}: the budget must be positive")
+    seen = set()
+    for x in rest:
+        key = {"r": "recall", "g": "gather"}.get(x[:1])
+        if key is None or key in seen or not x[1:].isdigit():
+            raise ValueError(f"policy {s!r}: {x!r} is not rN (recall) or gK (gather), once each")
+        seen.add(key)
+        pol[key] = int(x[1:])
+    if pol["gather"] is not None and not pol["recall"]:
+        raise ValueError(f"policy {s!r}: gather (gK) needs recall (rN, N > 0)")
+    label = name if name == "full" else f"{name} {pol['budget']:g}"
+    if pol["recall"]:
+        label += f" r{pol['recall']}"
+    if pol["gather"] is not None:
+        label += f" g{pol['gather']}"
+    pol["label"] = label
+    return pol
+
+
+RECALL_STATS = ("recall_blocks", "recall_bytes", "recall_deadline_misses", "recall_promotions",
+                "recall_spilled_blocks")
+
+
 def stats(port, raw=False):
     """The engine's Stats over the Worker service, or {} when it cannot be read."""
     try:
@@ -69,7 +114,8 @@ def stats(port, raw=False):
             if raw:
                 return s
             return {"preemptions": s.preemptions, "steps": s.steps,
-                    "kv_blocks_total": s.kv_blocks_total, "kv_bytes_saved": s.kv_bytes_saved}
+                    "kv_blocks_total": s.kv_blocks_total, "kv_bytes_saved": s.kv_bytes_saved,
+                    **{k: getattr(s, k) for k in RECALL_STATS}}
     except Exception as e:  # noqa: BLE001 - the bench reports what it could not read
         print(f"bench membound: Stats: {e}", file=sys.stderr)
         return {}
@@ -123,6 +169,16 @@ def prompt_tokens(port):
     return None
 
 
+def git_describe():
+    """The source tree this bench ran from (the binary is built from it), or None."""
+    import subprocess
+    try:
+        return subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"],
+                              capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except OSError:
+        return None
+
+
 def load_stubs():
     import importlib
     from grpc_tools import protoc
@@ -135,7 +191,7 @@ def load_stubs():
     return importlib.import_module("entrokv_pb2"), importlib.import_module("entrokv_pb2_grpc")
 
 
-def run_one(a, prompts, policy, budget, kv_tokens, max_tokens=None):
+def run_one(a, prompts, pol, kv_tokens, max_tokens=None):
     max_tokens = a.max_tokens if max_tokens is None else max_tokens
     import subprocess
     port, wport = bs.free_port(), bs.free_port()
@@ -158,7 +214,11 @@ def run_one(a, prompts, policy, budget, kv_tokens, max_tokens=None):
         def client(i):
             body = {"prompt": prompts[i], "max_tokens": max_tokens, "ignore_eos": True,
                     "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
-                    "kv_method": policy, "kv_budget": budget}
+                    "kv_method": pol["name"], "kv_budget": pol["budget"]}
+            if pol["recall"]:
+                body["recall"] = pol["recall"]
+            if pol["gather"] is not None:
+                body["recall_gather"] = pol["gather"]
             res = []
             bs.one_request(port, body, res)
             with lock:
@@ -184,7 +244,10 @@ def run_one(a, prompts, policy, budget, kv_tokens, max_tokens=None):
     ttfts = [r[0] for r in results if r[0] is not None]
     gaps = [g for r in results for g in r[1]]
     toks = sum(r[2] for r in results)
-    return {"bench": "membound", "policy": policy, "budget": budget, "kv_tokens": kv_tokens,
+    if "recall_bytes" in st:
+        st["recall_bytes_per_token"] = round(st["recall_bytes"] / toks, 1) if toks else None
+    return {"bench": "membound", "policy": pol["name"], "budget": pol["budget"],
+            "recall": pol["recall"], "recall_gather": pol["gather"], "kv_tokens": kv_tokens,
             "requests": len(results), "completed": sum(1 for r in results if r[3]),
             "output_tokens": toks, "wall_s": round(wall, 3),
             "output_tokens_per_s": round(toks / wall, 2) if wall > 0 else 0,
@@ -240,7 +303,9 @@ def main():
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--requests", type=int, default=4)
     p.add_argument("--pools", default="2", help="KV pool sizes in full sequences, e.g. 1,2,4")
-    p.add_argument("--policies", default="full,snapkv:0.1,snapkv:0.2,uncomp:0.1,uncomp:0.2")
+    p.add_argument("--policies", default="full,snapkv:0.1,snapkv:0.2,uncomp:0.1,uncomp:0.2",
+                   help="comma-separated NAME[:BUDGET][:rR][:gK], e.g. snapkv:0.1:r10 (recall "
+                        "10 blocks per KV head per step), snapkv:0.1:r10:g2 (by token)")
     p.add_argument("--prefill-chunk", type=int, default=None)
     p.add_argument("--reserve-output", type=int, default=None,
                    help="serve --kv-reserve-output PCT (admission keeps that share of each "
@@ -261,10 +326,10 @@ def main():
         return 0
     if not a.model:
         p.error("--model is required")
-    pols = []
-    for s in a.policies.split(","):
-        name, _, b = s.partition(":")
-        pols.append((name, float(b) if b else 1.0))
+    try:
+        pols = [parse_policy(x) for x in a.policies.split(",")]
+    except ValueError as e:
+        p.error(str(e))
     pools = [float(x) for x in a.pools.split(",")]
     prompts = make_prompts(a.text, a.requests, a.prompt_chars)
     stats.stubs = load_stubs()
@@ -275,26 +340,28 @@ def main():
                       "prompt_chars": a.prompt_chars, "prompt_tokens_sized": a.prompt_tokens,
                       "max_tokens": a.max_tokens, "requests": a.requests, "pools": pools,
                       "reserve_output": a.reserve_output, "prefill_chunk": a.prefill_chunk,
-                      "text": a.text, "load_at_start": os.getloadavg()[0]}), flush=True)
+                      "text": a.text, "commit": git_describe(),
+                      "load_at_start": os.getloadavg()[0]}), flush=True)
     rows = []
     for k, pool in enumerate(pools):
         order = pols if k % 2 == 0 else pols[::-1]  # drift falls on all policies alike
-        for name, budget in order:
+        for pol in order:
             kv = int(pool * seq)
-            r = run_one(a, prompts, name, budget, kv)
+            r = run_one(a, prompts, pol, kv)
             r["pool_sequences"] = pool
-            r["label"] = name if name == "full" else f"{name} {budget:g}"
+            r["label"] = pol["label"]
             r["load"] = os.getloadavg()[0]
             rows.append(r)
             print(json.dumps(r), flush=True)
             print(f"  {r['label']:12s} pool {pool:g} seq ({kv} tok) {r['output_tokens_per_s']:7.1f} "
                   f"tok/s  TTFT p50 {r['ttft_p50_s'] or 0:.1f}s p99 {r['ttft_p99_s'] or 0:.1f}s  "
                   f"preemptions {r.get('preemptions')}  running {r.get('mean_running')} "
-                  f"pool used {r.get('mean_pool_used')}  completed {r['completed']}/{r['requests']}",
+                  f"pool used {r.get('mean_pool_used')}  recall B/tok "
+                  f"{r.get('recall_bytes_per_token')}  completed {r['completed']}/{r['requests']}",
                   file=sys.stderr, flush=True)
     if a.prefill_baseline:
         for pool in pools:
-            r = run_one(a, prompts, "full", 1.0, int(pool * seq), max_tokens=1)
+            r = run_one(a, prompts, parse_policy("full"), int(pool * seq), max_tokens=1)
             r.update(bench="membound_prefill", pool_sequences=pool,
                      label="prefill only (full KV, 1 token)",
                      load=os.getloadavg()[0])
