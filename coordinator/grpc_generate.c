@@ -294,10 +294,11 @@ static void malformed(rpc_call *c, const char *msg)
 
 void rpc_generate_on_request(rpc_call *c, grpc_byte_buffer *b)
 {
+    char why[256];
     Entrokv__V1__GenerateRequest *m = (Entrokv__V1__GenerateRequest *)rpc_unpack(
-        &entrokv__v1__generate_request__descriptor, b);
+        &entrokv__v1__generate_request__descriptor, b, why, sizeof why);
     if (!m) {
-        malformed(c, "malformed GenerateRequest");
+        malformed(c, why);
         return;
     }
     prep_call *p = calloc(1, sizeof *p);
@@ -315,10 +316,11 @@ void rpc_generate_on_request(rpc_call *c, grpc_byte_buffer *b)
  * a GenerateRequest (whose prompt and messages are ignored). */
 void rpc_worker_generate_on_request(rpc_call *c, grpc_byte_buffer *b)
 {
+    char why[256];
     Entrokv__V1__WorkerGenerateRequest *m = (Entrokv__V1__WorkerGenerateRequest *)rpc_unpack(
-        &entrokv__v1__worker_generate_request__descriptor, b);
+        &entrokv__v1__worker_generate_request__descriptor, b, why, sizeof why);
     if (!m) {
-        malformed(c, "malformed WorkerGenerateRequest");
+        malformed(c, why);
         return;
     }
     proto_request pr = {0};
@@ -507,10 +509,11 @@ static grpc_byte_buffer *tokenize_response(const int32_t *ids, size_t n)
 
 void rpc_tokenize_on_request(rpc_call *c, grpc_byte_buffer *b)
 {
+    char why[256];
     Entrokv__V1__TokenizeRequest *m = (Entrokv__V1__TokenizeRequest *)rpc_unpack(
-        &entrokv__v1__tokenize_request__descriptor, b);
+        &entrokv__v1__tokenize_request__descriptor, b, why, sizeof why);
     if (!m) {
-        rpc_finish(c, GRPC_STATUS_INVALID_ARGUMENT, "malformed TokenizeRequest", NULL);
+        rpc_finish(c, GRPC_STATUS_INVALID_ARGUMENT, why, NULL);
         return;
     }
     prep_call *p = calloc(1, sizeof *p);

@@ -113,8 +113,11 @@ bool rpc_start(rpc_call *c, const grpc_op *ops, size_t n, rpc_tag *tag);
 /* Ends the call: [initial metadata], [last message (taken)], status. */
 void rpc_finish(rpc_call *c, grpc_status_code code, const char *msg, grpc_byte_buffer *last);
 grpc_byte_buffer *rpc_pack(const ProtobufCMessage *m);
-/* Unpacks b with desc; NULL when malformed. Free with protobuf_c_message_free_unpacked. */
-ProtobufCMessage *rpc_unpack(const ProtobufCMessageDescriptor *desc, grpc_byte_buffer *b);
+/* Unpacks b with desc; NULL when malformed or when a string field holds a
+ * NUL or is not UTF-8 (proto_strings.h), with the message for the client
+ * in why. Free with protobuf_c_message_free_unpacked. */
+ProtobufCMessage *rpc_unpack(const ProtobufCMessageDescriptor *desc, grpc_byte_buffer *b,
+                             char *why, size_t why_len);
 
 /* prep_pool.c: n_threads (at most PREP_MAX_THREADS) started; NULL when
  * none could be. prep_pool_free runs what is queued, then joins. */

@@ -24,6 +24,7 @@
 
 #include "entrokv/proto/health.pb-c.h"
 #include "grpc_internal.h"
+#include "proto_strings.h"
 
 #define ACCEPT_SLOTS 8                    /* request_call tags kept outstanding */
 #define MAX_MESSAGE_BYTES (4 * 1024 * 1024)
@@ -89,15 +90,24 @@ grpc_byte_buffer *rpc_pack(const ProtobufCMessage *m)
     return b;
 }
 
-ProtobufCMessage *rpc_unpack(const ProtobufCMessageDescriptor *desc, grpc_byte_buffer *b)
+ProtobufCMessage *rpc_unpack(const ProtobufCMessageDescriptor *desc, grpc_byte_buffer *b,
+                             char *why, size_t why_len)
 {
+    snprintf(why, why_len, "malformed %s", desc->short_name);
     grpc_byte_buffer_reader r;
     if (!b || !grpc_byte_buffer_reader_init(&r, b))
         return NULL;
     grpc_slice s = grpc_byte_buffer_reader_readall(&r);
     grpc_byte_buffer_reader_destroy(&r);
-    ProtobufCMessage *m =
-        protobuf_c_message_unpack(desc, NULL, GRPC_SLICE_LENGTH(s), GRPC_SLICE_START_PTR(s));
+    const uint8_t *data = GRPC_SLICE_START_PTR(s);
+    const size_t len = GRPC_SLICE_LENGTH(s);
+    ProtobufCMessage *m = protobuf_c_message_unpack(desc, NULL, len, data);
+    char bad[160];
+    if (m && !proto_strings_valid(desc, data, len, bad, sizeof bad)) {
+        snprintf(why, why_len, "malformed %s: %s", desc->short_name, bad);
+        protobuf_c_message_free_unpacked(m, NULL);
+        m = NULL;
+    }
     grpc_slice_unref(s);
     return m;
 }
@@ -301,10 +311,11 @@ static void watch_send(rpc_call *c, Grpc__Health__V1__HealthCheckResponse__Servi
 
 static void health_on_request(rpc_call *c, grpc_byte_buffer *b)
 {
+    char why[256];
     Grpc__Health__V1__HealthCheckRequest *req = (Grpc__Health__V1__HealthCheckRequest *)rpc_unpack(
-        &grpc__health__v1__health_check_request__descriptor, b);
+        &grpc__health__v1__health_check_request__descriptor, b, why, sizeof why);
     if (!req) {
-        rpc_finish(c, GRPC_STATUS_INVALID_ARGUMENT, "malformed HealthCheckRequest", NULL);
+        rpc_finish(c, GRPC_STATUS_INVALID_ARGUMENT, why, NULL);
         return;
     }
     bool known = known_service(c->srv, req->service);

@@ -337,3 +337,34 @@ def test_strict_rejects_grpc_unknown_role(server, pb):
     ok = m.GenerateRequest(messages=[m.Message(role="system", content="Be brief."),
                                      m.Message(role="user", content="Hi")], max_tokens=2)
     assert len(list(stub.Generate(ok, timeout=60))) >= 1
+
+
+def test_strict_rejects_grpc_nul_and_invalid_utf8(server, pb):
+    """protobuf-c gives strings back NUL-terminated: a NUL inside one would
+    cut the prompt silently; the server refuses it (and invalid UTF-8,
+    which proto3 forbids) with the field's name, as HTTP answers 400."""
+    m = pb["entrokv_pb2"]
+    stub = pb["entrokv_pb2_grpc"].GenerationStub(server.channel)
+    cases = [
+        (stub.Generate, m.GenerateRequest(prompt="Hi\x00 there", max_tokens=2), "'prompt'"),
+        (stub.Generate, m.GenerateRequest(messages=[m.Message(role="user", content="H\x00i")],
+                                          max_tokens=2), "'content'"),
+        (stub.Generate, m.GenerateRequest(prompt="Hi", stop=["a\x00"], max_tokens=2), "'stop'"),
+        (stub.Tokenize, m.TokenizeRequest(text="a\x00b"), "'text'"),
+    ]
+    for call, req, field in cases:
+        with pytest.raises(grpc.RpcError) as e:
+            r = call(req, timeout=60)
+            list(r) if hasattr(r, "__iter__") else r
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value
+        assert field in e.value.details() and "NUL" in e.value.details(), e.value.details()
+    # invalid UTF-8 cannot come from grpcio's str fields: send the bytes as they are
+    raw_gen = server.channel.unary_stream("/entrokv.v1.Generation/Generate")
+    bad = b"\x0a\x03H\xc0\xaf" + b"\x18\x02"  # prompt = 'H' + an overlong '/', max_tokens 2
+    with pytest.raises(grpc.RpcError) as e:
+        list(raw_gen(bad, timeout=60))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value
+    assert "'prompt' is not valid UTF-8" in e.value.details(), e.value.details()
+    good = b"\x0a\x02Hi" + b"\x18\x02"
+    assert len(list(raw_gen(good, timeout=60))) >= 1
+    still_serving(server)
