@@ -264,14 +264,32 @@ static void residual_add(ekv_runtime *rt, rows_task *t)
     task_residual(t, 0, 1);
 }
 
-static void task_swiglu(void *p, int ith, int nth)
+/* gate = silu(gate) * up over columns [i0, i1) of every row, on the thread
+ * that has just computed them (kern_matmul_multi's rows_done) */
+static void swiglu_cols(void *p, int64_t i0, int64_t i1)
 {
-    rows_task *t = p;
+    const rows_task *t = p;
     const int32_t F = t->rt->sh.n_ff;
-    long lo, hi;
-    ekv_split_range(t->b->n, ith, nth, &lo, &hi);
-    for (long i = lo; i < hi; i++)
-        kern_swiglu(t->rt->gate + i * F, t->rt->up + i * F, F);
+    for (int32_t j = 0; j < t->b->n; j++)
+        kern_swiglu(t->rt->gate + (size_t)j * F + i0, t->rt->up + (size_t)j * F + i0,
+                    (int)(i1 - i0));
+}
+
+static kern_mm_op mm_op(const ekv_weight *w, float *y)
+{
+    return (kern_mm_op){.w = w->data, .wtype = w->type, .n = w->n_rows, .ldw = w->stride,
+                        .y = y, .ldy = w->n_rows};
+}
+
+/* The products of one activation matrix (Q, K, V; gate and up) in one
+ * parallel region: at decode each is a few microseconds of work, about what
+ * a region's wake-up and tail wait cost. */
+static ekv_status matmul_multi(ekv_runtime *rt, const kern_mm_op *ops, int n_ops, int64_t k,
+                               const float *x, int32_t n_rows, kern_mm_rows_fn rows_done,
+                               void *rows_ctx, ekv_error *err)
+{
+    return kern_matmul_multi(rt->pool, ops, n_ops, k, x, n_rows, rt->mm_scratch, rows_done,
+                             rows_ctx, err);
 }
 
 /* Attention of a probed row whose view ext is the resident view plus nr
@@ -696,9 +714,8 @@ static ekv_status layer_forward(ekv_runtime *rt, const model_batch *b, int32_t l
     ekv_status rc;
 
     run_rows(rt, task_norm, &t);
-    if ((rc = matmul(rt, &L->wq, rt->xb, n, rt->q, err)) ||
-        (rc = matmul(rt, &L->wk, rt->xb, n, rt->k, err)) ||
-        (rc = matmul(rt, &L->wv, rt->xb, n, rt->v, err)))
+    const kern_mm_op qkv[3] = {mm_op(&L->wq, rt->q), mm_op(&L->wk, rt->k), mm_op(&L->wv, rt->v)};
+    if ((rc = matmul_multi(rt, qkv, 3, L->wq.n_cols, rt->xb, n, NULL, NULL, err)))
         return rc;
     run_rows(rt, task_rope, &t);
     if (b->tap)
@@ -727,10 +744,9 @@ static ekv_status layer_forward(ekv_runtime *rt, const model_batch *b, int32_t l
 
     t.norm_w = L->ffn_norm;
     run_rows(rt, task_norm, &t);
-    if ((rc = matmul(rt, &L->w_gate, rt->xb, n, rt->gate, err)) ||
-        (rc = matmul(rt, &L->w_up, rt->xb, n, rt->up, err)))
+    const kern_mm_op gu[2] = {mm_op(&L->w_gate, rt->gate), mm_op(&L->w_up, rt->up)};
+    if ((rc = matmul_multi(rt, gu, 2, L->w_gate.n_cols, rt->xb, n, swiglu_cols, &t, err)))
         return rc;
-    run_rows(rt, task_swiglu, &t);
     if ((rc = matmul(rt, &L->w_down, rt->gate, n, rt->xb, err)) ||
         (rc = allreduce_rows(rt, rt->xb, n, err)))
         return rc;

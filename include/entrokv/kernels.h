@@ -56,6 +56,39 @@ ekv_status kern_matmul(ekv_pool *pool, const void *W, uint32_t wtype, int64_t n,
                        size_t ldw, const float *X, int64_t m, float *Y, int64_t ldy, void *scratch,
                        ekv_error *err);
 
+/*
+ * Several matrix products of the same activations in one parallel region:
+ * Y_o[m][n_o] = X[m][k] . W_o[n_o][k]^T for each op o. Decode at batch 1
+ * spends microseconds per product, so waking the pool once for Q, K and V
+ * (or gate and up) instead of once each saves most of the regions' cost.
+ * The activations are prepared once when every op has the same weight type;
+ * otherwise the ops run one kern_matmul each. Each output is bit-identical
+ * to kern_matmul's for the same op (weight rows are still cut in units of
+ * the kernels' row tile, at the same offsets within each weight).
+ *
+ * rows_done NULL: the work is the ops' weight rows one after another, cut
+ * over the threads by rows (by bytes, as the types are equal). rows_done
+ * set: every op has the same n, a thread takes a range of row indices in
+ * every op, and when that range is done for all m rows it calls
+ * rows_done(ctx, i0, i1) on that thread (fused SwiGLU: silu(gate) * up over
+ * the columns [i0, i1) of every row); the ranges of one call are disjoint
+ * and cover [0, n).
+ *   scratch: the largest kern_matmul_scratch_bytes(ops[o].wtype, m, k), 64-byte aligned.
+ */
+typedef struct kern_mm_op {
+    const void *w;
+    uint32_t wtype;
+    int64_t n;
+    size_t ldw; /* 0: densely packed rows */
+    float *y;
+    int64_t ldy;
+} kern_mm_op;
+typedef void (*kern_mm_rows_fn)(void *ctx, int64_t i0, int64_t i1);
+#define KERN_MM_MAX_OPS 4
+ekv_status kern_matmul_multi(ekv_pool *pool, const kern_mm_op *ops, int n_ops, int64_t k,
+                             const float *X, int64_t m, void *scratch, kern_mm_rows_fn rows_done,
+                             void *rows_ctx, ekv_error *err);
+
 /* Dequantizes row `row` of a matrix with k columns to floats (embeddings). */
 ekv_status kern_get_row(const void *W, uint32_t wtype, int64_t k, int64_t row, float *out,
                         ekv_error *err);

@@ -9,6 +9,8 @@
  * over rows), then weight rows are split over the threads in groups of four
  * and each thread computes all m activation rows for its weight rows, walking
  * the activations in L1-sized chunks so a weight tile is reused across them.
+ * kern_matmul_multi does the same for several weights that share the
+ * activations (Q, K, V; gate and up) with one preparation and one region.
  *
  * KERN_ISA_AVX512 means AVX-512 F/BW/VL plus VNNI (Ice Lake, Sapphire Rapids,
  * Zen 4); AVX-512 CPUs without VNNI (Skylake-SP) run the AVX2 kernels.
@@ -163,6 +165,28 @@ static void prep_task(void *ctx, int ith, int nth)
         prep(job->X + (size_t)j * (size_t)job->g.k, job->g.k, job->scratch + (size_t)j * job->prep_bytes);
 }
 
+/* Rows [i0, i1) of one weight (i0 a multiple of ROW_UNIT) times all m
+ * prepared activation rows. */
+static void gemm_rows(const matmul_job *job, const quant_gemm *g, int64_t i0, int64_t i1)
+{
+    int64_t xchunk = (int64_t)(X_CHUNK_BYTES / g->x_stride);
+    xchunk = xchunk < 8 ? 8 : xchunk - xchunk % 4;
+    int64_t wblock = (int64_t)(W_BLOCK_BYTES / g->w_stride);
+    wblock = wblock < ROW_UNIT ? ROW_UNIT : wblock - wblock % ROW_UNIT;
+    quant_gemm_fn gemm = job->kt->gemm[job->kind];
+    if (job->m <= xchunk) { /* decode and short prompts: one sweep of the weights */
+        gemm(g, i0, i1, 0, job->m);
+        return;
+    }
+    for (int64_t ib = i0; ib < i1; ib += wblock) {
+        int64_t ie = ib + wblock < i1 ? ib + wblock : i1;
+        for (int64_t j0 = 0; j0 < job->m; j0 += xchunk) {
+            int64_t j1 = j0 + xchunk < job->m ? j0 + xchunk : job->m;
+            gemm(g, ib, ie, j0, j1);
+        }
+    }
+}
+
 static void gemm_task(void *ctx, int ith, int nth)
 {
     matmul_job *job = ctx;
@@ -171,31 +195,15 @@ static void gemm_task(void *ctx, int ith, int nth)
     int64_t i0 = (int64_t)lo * ROW_UNIT, i1 = (int64_t)hi * ROW_UNIT;
     if (i1 > job->n)
         i1 = job->n;
-    if (i0 >= i1)
-        return;
-    int64_t xchunk = (int64_t)(X_CHUNK_BYTES / job->g.x_stride);
-    xchunk = xchunk < 8 ? 8 : xchunk - xchunk % 4;
-    int64_t wblock = (int64_t)(W_BLOCK_BYTES / job->g.w_stride);
-    wblock = wblock < ROW_UNIT ? ROW_UNIT : wblock - wblock % ROW_UNIT;
-    quant_gemm_fn gemm = job->kt->gemm[job->kind];
-    if (job->m <= xchunk) { /* decode and short prompts: one sweep of the weights */
-        gemm(&job->g, i0, i1, 0, job->m);
-        return;
-    }
-    for (int64_t ib = i0; ib < i1; ib += wblock) {
-        int64_t ie = ib + wblock < i1 ? ib + wblock : i1;
-        for (int64_t j0 = 0; j0 < job->m; j0 += xchunk) {
-            int64_t j1 = j0 + xchunk < job->m ? j0 + xchunk : job->m;
-            gemm(&job->g, ib, ie, j0, j1);
-        }
-    }
+    if (i0 < i1)
+        gemm_rows(job, &job->g, i0, i1);
 }
 
-ekv_status kern_matmul(ekv_pool *pool, const void *W, uint32_t wtype, int64_t n, int64_t k,
-                       size_t ldw, const float *X, int64_t m, float *Y, int64_t ldy, void *scratch,
-                       ekv_error *err)
+/* Checks one product's operands; fills *ldw for densely packed rows. */
+static ekv_status check_operands(const void *W, uint32_t wtype, int64_t n, int64_t k, size_t *ldw,
+                                 const float *X, int64_t m, const float *Y, int64_t ldy,
+                                 const void *scratch, ekv_error *err)
 {
-    kern_init();
     quant_kind kind = quant_kind_of(wtype);
     if (kind == QKIND_NONE) {
         const ekv_dtype_info *info = ekv_dtype_get(wtype);
@@ -212,47 +220,183 @@ ekv_status kern_matmul(ekv_pool *pool, const void *W, uint32_t wtype, int64_t n,
     uint64_t row_bytes;
     if (!W || !X || !Y || !ekv_dtype_row_bytes(wtype, (uint64_t)k, &row_bytes))
         return ekv_error_set(err, EKV_EINVAL, "matmul: missing operand");
-    if (ldw == 0)
-        ldw = (size_t)row_bytes;
-    if (ldw < row_bytes)
+    if (*ldw == 0)
+        *ldw = (size_t)row_bytes;
+    if (*ldw < row_bytes)
         return ekv_error_set(err, EKV_EINVAL, "matmul: weight row stride %zu below a row's %llu bytes",
-                             ldw, (unsigned long long)row_bytes);
+                             *ldw, (unsigned long long)row_bytes);
     size_t prep_bytes = quant_prep_row_bytes(kind, k);
     if (prep_bytes && (!scratch || ((uintptr_t)scratch & 63)))
         return ekv_error_set(err, EKV_EINVAL,
                              "matmul: scratch must be %zu bytes, 64-byte aligned (got %p)",
                              kern_matmul_scratch_bytes(wtype, m, k), scratch);
+    return EKV_OK;
+}
 
+/* The job of one product, its activations not yet prepared. */
+static matmul_job make_job(const void *W, uint32_t wtype, int64_t n, int64_t k, size_t ldw,
+                           const float *X, int64_t m, float *Y, int64_t ldy, void *scratch)
+{
+    quant_kind kind = quant_kind_of(wtype);
     matmul_job job = {
         .kt = &isa_tables[atomic_load(&isa_active)],
         .kind = kind,
         .g = {.w = W, .w_stride = ldw, .y = Y, .ldy = ldy, .k = k},
         .X = X,
         .scratch = scratch,
-        .prep_bytes = prep_bytes,
+        .prep_bytes = quant_prep_row_bytes(kind, k),
         .n = n,
         .m = m,
     };
-    if (prep_bytes) {
+    if (job.prep_bytes) {
         job.g.x = scratch;
-        job.g.x_stride = prep_bytes;
+        job.g.x_stride = job.prep_bytes;
     } else {
         job.g.x = (const uint8_t *)X;
         job.g.x_stride = (size_t)k * sizeof(float);
     }
+    return job;
+}
 
+/* Quantizes the job's activation rows into its scratch (if its kind does). */
+static void prepare(ekv_pool *pool, matmul_job *job, int parallel)
+{
+    if (!job->prep_bytes)
+        return;
+    const int nth = ekv_pool_size(pool);
+    if (parallel && job->m >= 2 * nth && job->m * job->g.k >= PARALLEL_MIN_WORK / 4)
+        ekv_pool_run(pool, prep_task, job);
+    else
+        prep_task(job, 0, 1);
+}
+
+ekv_status kern_matmul(ekv_pool *pool, const void *W, uint32_t wtype, int64_t n, int64_t k,
+                       size_t ldw, const float *X, int64_t m, float *Y, int64_t ldy, void *scratch,
+                       ekv_error *err)
+{
+    kern_init();
+    ekv_status rc = check_operands(W, wtype, n, k, &ldw, X, m, Y, ldy, scratch, err);
+    if (rc || n == 0 || m == 0)
+        return rc;
+    matmul_job job = make_job(W, wtype, n, k, ldw, X, m, Y, ldy, scratch);
     int nth = ekv_pool_size(pool);
     int parallel = pool && nth > 1 && (double)n * (double)k * (double)m >= PARALLEL_MIN_WORK;
-    if (prep_bytes) {
-        if (parallel && m >= 2 * nth && m * k >= PARALLEL_MIN_WORK / 4)
-            ekv_pool_run(pool, prep_task, &job);
-        else
-            prep_task(&job, 0, 1);
-    }
+    prepare(pool, &job, parallel);
     if (parallel && n > ROW_UNIT)
         ekv_pool_run(pool, gemm_task, &job);
     else
         gemm_task(&job, 0, 1);
+    return EKV_OK;
+}
+
+/* ---- several products of one activation matrix in one region ---- */
+
+typedef struct multi_job {
+    matmul_job base; /* kind, prepared activations, m; its g is op 0's */
+    int n_ops;
+    quant_gemm g[KERN_MM_MAX_OPS];
+    int64_t n[KERN_MM_MAX_OPS];
+    long unit0[KERN_MM_MAX_OPS + 1]; /* op o's units are [unit0[o], unit0[o + 1]) */
+    kern_mm_rows_fn rows_done;
+    void *rows_ctx;
+} multi_job;
+
+/* Concatenated: part ith of the units of all ops, op after op. */
+static void multi_concat_task(void *ctx, int ith, int nth)
+{
+    multi_job *mj = ctx;
+    long lo, hi;
+    ekv_split_range(mj->unit0[mj->n_ops], ith, nth, &lo, &hi);
+    for (int o = 0; o < mj->n_ops && lo < hi; o++) {
+        if (lo >= mj->unit0[o + 1])
+            continue;
+        const long e = hi < mj->unit0[o + 1] ? hi : mj->unit0[o + 1];
+        int64_t i0 = (int64_t)(lo - mj->unit0[o]) * ROW_UNIT;
+        int64_t i1 = (int64_t)(e - mj->unit0[o]) * ROW_UNIT;
+        if (i1 > mj->n[o])
+            i1 = mj->n[o];
+        if (i0 < i1)
+            gemm_rows(&mj->base, &mj->g[o], i0, i1);
+        lo = e;
+    }
+}
+
+/* Aligned: part ith of the row units, in every op, then rows_done. */
+static void multi_aligned_task(void *ctx, int ith, int nth)
+{
+    multi_job *mj = ctx;
+    long lo, hi;
+    ekv_split_range(mj->unit0[1], ith, nth, &lo, &hi);
+    int64_t i0 = (int64_t)lo * ROW_UNIT, i1 = (int64_t)hi * ROW_UNIT;
+    if (i1 > mj->n[0])
+        i1 = mj->n[0];
+    if (i0 >= i1)
+        return;
+    for (int o = 0; o < mj->n_ops; o++)
+        gemm_rows(&mj->base, &mj->g[o], i0, i1);
+    mj->rows_done(mj->rows_ctx, i0, i1);
+}
+
+ekv_status kern_matmul_multi(ekv_pool *pool, const kern_mm_op *ops, int n_ops, int64_t k,
+                             const float *X, int64_t m, void *scratch, kern_mm_rows_fn rows_done,
+                             void *rows_ctx, ekv_error *err)
+{
+    kern_init();
+    if (!ops || n_ops <= 0 || n_ops > KERN_MM_MAX_OPS)
+        return ekv_error_set(err, EKV_EINVAL, "matmul: %d products in one call (1 to %d)", n_ops,
+                             KERN_MM_MAX_OPS);
+    multi_job mj = {.n_ops = n_ops, .rows_done = rows_done, .rows_ctx = rows_ctx};
+    size_t ldw[KERN_MM_MAX_OPS];
+    int same_type = 1;
+    double work = 0;
+    for (int o = 0; o < n_ops; o++) {
+        ldw[o] = ops[o].ldw;
+        ekv_status rc = check_operands(ops[o].w, ops[o].wtype, ops[o].n, k, &ldw[o], X, m,
+                                       ops[o].y, ops[o].ldy, scratch, err);
+        if (rc)
+            return rc;
+        if (rows_done && ops[o].n != ops[0].n)
+            return ekv_error_set(err, EKV_EINVAL,
+                                 "matmul: products with rows_done need equal n (%lld, %lld)",
+                                 (long long)ops[0].n, (long long)ops[o].n);
+        same_type &= ops[o].wtype == ops[0].wtype;
+        mj.n[o] = ops[o].n;
+        mj.unit0[o + 1] = mj.unit0[o] + (long)((ops[o].n + ROW_UNIT - 1) / ROW_UNIT);
+        work += (double)ops[o].n * (double)k * (double)m;
+    }
+    if (m == 0)
+        return EKV_OK;
+    if (!same_type) { /* each op prepares its own activations */
+        for (int o = 0; o < n_ops; o++) {
+            ekv_status rc = kern_matmul(pool, ops[o].w, ops[o].wtype, ops[o].n, k, ops[o].ldw, X,
+                                        m, ops[o].y, ops[o].ldy, scratch, err);
+            if (rc)
+                return rc;
+        }
+        if (rows_done && ops[0].n > 0)
+            rows_done(rows_ctx, 0, ops[0].n);
+        return EKV_OK;
+    }
+    mj.base = make_job(ops[0].w, ops[0].wtype, ops[0].n, k, ldw[0], X, m, ops[0].y, ops[0].ldy,
+                       scratch);
+    for (int o = 0; o < n_ops; o++) {
+        mj.g[o] = mj.base.g;
+        mj.g[o].w = ops[o].w;
+        mj.g[o].w_stride = ldw[o];
+        mj.g[o].y = ops[o].y;
+        mj.g[o].ldy = ops[o].ldy;
+    }
+    const int nth = ekv_pool_size(pool);
+    const int parallel = pool && nth > 1 && work >= PARALLEL_MIN_WORK;
+    prepare(pool, &mj.base, parallel);
+    ekv_task_fn task = rows_done ? multi_aligned_task : multi_concat_task;
+    const long units = rows_done ? mj.unit0[1] : mj.unit0[n_ops];
+    if (units == 0)
+        return EKV_OK;
+    if (parallel && units > 1)
+        ekv_pool_run(pool, task, &mj);
+    else
+        task(&mj, 0, 1);
     return EKV_OK;
 }
 

@@ -505,6 +505,147 @@ static void test_matmul_strided_column_slice(void)
     }
 }
 
+/* ---- kern_matmul_multi: several products in one region ---- */
+
+/* What a rows_done callback sees: each column range must arrive once, after
+ * every op's outputs there are final (they equal the single products). */
+typedef struct multi_check {
+    int64_t n, m, ldy;
+    const float *y[2];      /* the multi call's outputs */
+    const float *single[2]; /* kern_matmul's, same ldy */
+    int *hits;              /* per column */
+    _Atomic int bad;
+} multi_check;
+
+static void multi_rows_done(void *ctx, int64_t i0, int64_t i1)
+{
+    multi_check *c = ctx;
+    if (i0 < 0 || i1 > c->n || i0 >= i1) {
+        c->bad++;
+        return;
+    }
+    for (int64_t i = i0; i < i1; i++) {
+        c->hits[i]++; /* ranges are disjoint, so no two threads touch one column */
+        for (int o = 0; o < 2; o++)
+            for (int64_t j = 0; j < c->m; j++)
+                if (memcmp(&c->y[o][j * c->ldy + i], &c->single[o][j * c->ldy + i], sizeof(float)))
+                    c->bad++;
+    }
+}
+
+/* The ops' outputs equal kern_matmul's bit for bit, for every ISA and
+ * thread count, concatenated (Q, K, V) and aligned with rows_done (gate, up);
+ * weights of mixed types fall back to one product each. */
+static void check_multi(const uint32_t *types, const int64_t *ns, int n_ops, int64_t k, int64_t m,
+                        int aligned)
+{
+    wmat w[KERN_MM_MAX_OPS];
+    float *single[KERN_MM_MAX_OPS], *y[KERN_MM_MAX_OPS];
+    kern_mm_op ops[KERN_MM_MAX_OPS];
+    size_t sb = 0;
+    for (int o = 0; o < n_ops; o++) {
+        make_weights(&w[o], types[o], ns[o], k);
+        size_t b = kern_matmul_scratch_bytes(types[o], m, k);
+        sb = b > sb ? b : sb;
+    }
+    float *X = make_activations(m, k);
+    void *scratch = aligned_alloc(64, (sb + 64) & ~(size_t)63);
+    int fails = ekv_test_failures;
+    for (kern_isa isa = KERN_ISA_SCALAR; isa <= KERN_ISA_AVX512; isa++) {
+        if (!isa_available(isa))
+            continue;
+        kern_set_isa(isa);
+        for (int o = 0; o < n_ops; o++)
+            single[o] = run_matmul(pools[2], &w[o], X, m);
+        for (int t = 1; t <= 3; t++) {
+            for (int o = 0; o < n_ops; o++) {
+                const int64_t ldy = ns[o] + 3;
+                y[o] = malloc(sizeof(float) * (size_t)(m * ldy));
+                for (int64_t e = 0; e < m * ldy; e++)
+                    y[o][e] = SENTINEL;
+                ops[o] = (kern_mm_op){.w = w[o].data, .wtype = types[o], .n = ns[o], .y = y[o],
+                                      .ldy = ldy};
+            }
+            multi_check c = {.n = ns[0], .m = m, .ldy = ns[0] + 3,
+                             .y = {y[0], n_ops > 1 ? y[1] : y[0]},
+                             .single = {single[0], n_ops > 1 ? single[1] : single[0]},
+                             .hits = calloc((size_t)ns[0], sizeof(int))};
+            ekv_error err = {0};
+            CHECK_EQ_INT(kern_matmul_multi(pools[t], ops, n_ops, k, X, m, scratch,
+                                           aligned ? multi_rows_done : NULL, &c, &err),
+                         EKV_OK);
+            for (int o = 0; o < n_ops; o++) /* padding columns included: untouched */
+                CHECK(memcmp(y[o], single[o], sizeof(float) * (size_t)(m * (ns[o] + 3))) == 0);
+            if (aligned) {
+                CHECK_EQ_INT(c.bad, 0);
+                for (int64_t i = 0; i < ns[0]; i++)
+                    CHECK_EQ_INT(c.hits[i], 1);
+            }
+            free(c.hits);
+            for (int o = 0; o < n_ops; o++)
+                free(y[o]);
+            if (ekv_test_failures != fails) {
+                fprintf(stderr, "  ... multi %s %s k=%lld m=%lld isa %s threads %d\n",
+                        ekv_dtype_get(types[0])->name, aligned ? "aligned" : "concat",
+                        (long long)k, (long long)m, kern_isa_name(isa), t);
+                break;
+            }
+        }
+        for (int o = 0; o < n_ops; o++)
+            free(single[o]);
+        if (ekv_test_failures != fails)
+            break;
+    }
+    kern_set_isa(KERN_ISA_AVX512);
+    free(scratch);
+    free(X);
+    for (int o = 0; o < n_ops; o++)
+        free_weights(&w[o]);
+}
+
+static void test_matmul_multi_matches_single(void)
+{
+    const uint32_t types[] = {EKV_Q4_1, EKV_Q8_0, EKV_Q4_K, EKV_F32};
+    const int64_t ms[] = {1, 5, 40}; /* 40 rows of 576 span two activation chunks */
+    for (size_t t = 0; t < sizeof types / sizeof types[0]; t++) {
+        const int64_t k = block_elems(types[t]) == 256 ? 768 : 576;
+        const uint32_t ty[3] = {types[t], types[t], types[t]};
+        const int64_t qkv[3] = {70, 17, 9}; /* 18 + 5 + 3 row units, two partial */
+        const int64_t gu[2] = {70, 70};
+        for (size_t a = 0; a < sizeof ms / sizeof ms[0]; a++) {
+            check_multi(ty, qkv, 3, k, ms[a], 0);
+            check_multi(ty, gu, 2, k, ms[a], 1);
+        }
+    }
+    /* mixed types: one product each, rows_done once over all columns */
+    const uint32_t mixed[2] = {EKV_Q4_1, EKV_Q8_0};
+    const int64_t gu[2] = {70, 70}, qk[2] = {70, 17};
+    check_multi(mixed, qk, 2, 576, 5, 0);
+    check_multi(mixed, gu, 2, 576, 5, 1);
+
+    /* errors: no ops, too many, unequal n with rows_done, a bad op */
+    wmat w;
+    make_weights(&w, EKV_Q4_1, 8, 64);
+    float X[64] = {0}, y[16];
+    void *scratch = scratch_for(EKV_Q4_1, 1, 64);
+    kern_mm_op ops[KERN_MM_MAX_OPS + 1];
+    for (int o = 0; o <= KERN_MM_MAX_OPS; o++)
+        ops[o] = (kern_mm_op){.w = w.data, .wtype = EKV_Q4_1, .n = 8, .y = y, .ldy = 8};
+    ekv_error err = {0};
+    CHECK_EQ_INT(kern_matmul_multi(pools[2], ops, 0, 64, X, 1, scratch, NULL, NULL, &err), EKV_EINVAL);
+    CHECK_EQ_INT(kern_matmul_multi(pools[2], ops, KERN_MM_MAX_OPS + 1, 64, X, 1, scratch, NULL,
+                                   NULL, &err), EKV_EINVAL);
+    ops[1].n = 4;
+    multi_check c = {0};
+    CHECK_EQ_INT(kern_matmul_multi(pools[2], ops, 2, 64, X, 1, scratch, multi_rows_done, &c, &err),
+                 EKV_EINVAL);
+    ops[1].n = 8;
+    ops[1].ldy = 7; /* below n */
+    CHECK_EQ_INT(kern_matmul_multi(pools[2], ops, 2, 64, X, 1, scratch, NULL, NULL, &err), EKV_EINVAL);
+    free(scratch);
+    free_weights(&w);
+}
+
 /* (c) */
 static void test_get_row_matches_dequantization(void)
 {
@@ -597,6 +738,7 @@ int main(void)
     RUN_TEST(test_matmul_q6_k);
     RUN_TEST(test_matmul_large_prefill_chunks);
     RUN_TEST(test_matmul_strided_column_slice);
+    RUN_TEST(test_matmul_multi_matches_single);
     for (int t = 1; t <= 3; t++)
         ekv_pool_destroy(pools[t]);
     return TEST_EXIT();
