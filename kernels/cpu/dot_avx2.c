@@ -106,9 +106,10 @@ AVX2_FN void quant_prep_q8_avx2(const float *x, int64_t k, uint8_t *out)
 /* 32 nibbles -> 32 bytes in element order: low nibbles first, then high. */
 AVX2_INLINE __m256i unpack_nibbles(const uint8_t *qs)
 {
-    __m128i raw = _mm_loadu_si128((const __m128i *)qs);
-    __m256i both = _mm256_inserti128_si256(_mm256_castsi128_si256(raw), _mm_srli_epi16(raw, 4), 1);
-    return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+    /* the 16 bytes in both halves (a load), the upper half shifted by 4 */
+    const __m256i both = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)qs));
+    return _mm256_and_si256(_mm256_srlv_epi64(both, _mm256_setr_epi64x(0, 0, 4, 4)),
+                            _mm256_set1_epi8(0x0F));
 }
 
 /*
