@@ -144,6 +144,25 @@ def make_prompts(text_path, n, chars):
     return [text[i * step:i * step + chars] + "\n\nContinue the text:" for i in range(n)]
 
 
+def recall_metrics(port):
+    """The server's entrokv_recall_*_total counters from /metrics ({} when
+    unreadable): blocks and bytes recalled, deadline misses."""
+    want = {"entrokv_recall_blocks_total": "recall_blocks",
+            "entrokv_recall_bytes_total": "recall_bytes",
+            "entrokv_recall_deadline_misses_total": "recall_deadline_misses"}
+    out = {}
+    try:
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        c.request("GET", "/metrics")
+        for line in c.getresponse().read().decode().splitlines():
+            f = line.split()
+            if len(f) == 2 and f[0] in want:
+                out[want[f[0]]] = int(float(f[1]))
+    except (OSError, ValueError, http.client.HTTPException):
+        return {}
+    return out
+
+
 def kv_tokens(a, conc):
     return a.kv_tokens or a.ctx * conc
 
@@ -231,6 +250,9 @@ def main():
     p.add_argument("--concurrency", default="1,4,16,64")
     p.add_argument("--kv-method", default="snapkv")
     p.add_argument("--kv-budget", type=float, default=0.1)
+    p.add_argument("--recall", type=int, default=0,
+                   help="the compressed server's requests ask for recall of R evicted blocks "
+                        "per KV head per step (the request field \"recall\"; 0: off)")
     p.add_argument("--no-compressed", action="store_true", help="skip the compressed-KV server")
     p.add_argument("--no-reference", action="store_true")
     a = p.parse_args()
@@ -255,9 +277,12 @@ def main():
     servers = [("entrokv-full" if len(chunks) == 1 else f"entrokv-full-chunk{pc}",
                 lambda c, ca=ca: start_entrokv(a, c, ca), {}) for pc, ca in zip(chunks, chunk_args)]
     if not a.no_compressed:
-        servers.append((f"entrokv-{a.kv_method}-{a.kv_budget:g}",
-                        lambda c: start_entrokv(a, c, chunk_args[-1]),
-                        {"kv_method": a.kv_method, "kv_budget": a.kv_budget}))
+        fields = {"kv_method": a.kv_method, "kv_budget": a.kv_budget}
+        if a.recall:
+            fields["recall"] = a.recall
+        servers.append((f"entrokv-{a.kv_method}-{a.kv_budget:g}" +
+                        (f"-r{a.recall}" if a.recall else ""),
+                        lambda c: start_entrokv(a, c, chunk_args[-1]), fields))
     if not a.no_reference:
         servers.append(("llama.cpp-server", lambda c: start_llamacpp(a, c), {}))
     meta = {"bench": "serve_meta", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -289,6 +314,12 @@ def main():
                 r.update({"bench": "serve", "server": name, "threads": a.threads,
                           "device": a.device if name.startswith("entrokv") else "cpu",
                           "kv_tokens": kv_tokens(a, c) if name.startswith("entrokv") else None})
+                if "recall" in extra:  # the server's counters (the warm-up recalls nothing)
+                    r["recall"] = extra["recall"]
+                    r.update(recall_metrics(port))
+                    if "recall_bytes" in r and r["output_tokens"]:
+                        r["recall_bytes_per_token"] = round(
+                            r["recall_bytes"] / r["output_tokens"], 1)
                 rows[(name, c)] = r
                 print(json.dumps(r), flush=True)
                 print(f"  {name:24s} c={c:3d} {r['output_tokens_per_s']:8.1f} tok/s  TTFT p50 "
