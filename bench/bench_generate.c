@@ -571,6 +571,9 @@ static int bench_generate(const bench_opts *o)
                 if (compress)
                     printf(",\"kv_method\":\"%s\",\"kv_budget\":%g,\"recall\":%d", o->kv.method,
                            o->kv.budget, o->kv.recall);
+                if (o->kv.recall > 0) /* the mode that ran (cli.h: --recall-gather) */
+                    printf(",\"recall_mode\":\"%s\",\"recall_gather\":%d",
+                           o->kv.recall_gather ? "tokens" : "blocks", o->kv.recall_gather);
                 if (o->kv.recall > 0) /* per decode step (one token): what recall moved */
                     printf(",\"recall_blocks\":%lld,\"recall_bytes\":%lld,"
                            "\"recall_bytes_per_token\":%.1f,\"recall_evicted_tokens\":%lld,"

@@ -58,7 +58,7 @@ typedef struct cli_kv_opts {
     int32_t recall_every;   /* --recall-every K (0: default) */
     int32_t recall_promote; /* --recall-promote 0|1 (default 1) */
     int32_t recall_channels; /* --recall-channels M (-1: default) */
-    int32_t recall_gather;   /* --recall-gather K (0: whole blocks) */
+    int32_t recall_gather;   /* --recall-gather K (default 2; 0: whole blocks) */
 } cli_kv_opts;
 
 #define CLI_KV_USAGE                                                                          \
@@ -74,14 +74,17 @@ typedef struct cli_kv_opts {
     "  --recall R            recall: per KV head, the R evicted 16-token blocks whose key\n"  \
     "                        digests bound q.k highest rejoin attention each decode step;\n"  \
     "                        their 16R tokens come out of the budget (default 0: off)\n"  \
-    "  --recall-every K      rank the recall blocks every K decode steps (default 1)\n"      \
+    "  --recall-every K      rank the recall blocks every K decode steps (default 1;\n"     \
+    "                        whole-block recall only: token recall ranks every step)\n"   \
     "  --recall-promote 0|1  promote recall blocks that keep winning attention mass into\n"  \
-    "                        the resident set, demoting the weakest (default 1)\n"      \
+    "                        the resident set, demoting the weakest (default 1;\n"        \
+    "                        whole-block recall only)\n"                                  \
     "  --recall-channels M   rank recall blocks exactly on the M channels where the query\n" \
     "                        is largest, the digest's min/max box on the rest (default 16;\n" \
     "                        0: the box alone, head_dim: the exact maximum q.k)\n" \
-    "  --recall-gather K     recall tokens, not blocks: the 16R best of the K x R best-ranked\n" \
-    "                        blocks by exact q.k, same buffer (default 0: whole blocks)\n"
+    "  --recall-gather K     token recall: the 16R best tokens by exact q.k of the K x R\n"  \
+    "                        best-ranked blocks, same buffer; K in [0, 8] (default 2;\n"  \
+    "                        0: whole blocks, with --recall-every and --recall-promote)\n"
 
 void cli_kv_defaults(cli_kv_opts *o);
 /* --recall-channels as kvc_policy.recall_channels (0 default, KVC_RECALL_BOX). */

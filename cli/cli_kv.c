@@ -23,6 +23,7 @@ void cli_kv_defaults(cli_kv_opts *o)
     o->spark_recovery = "avg";
     o->recall_promote = 1;
     o->recall_channels = -1;
+    o->recall_gather = KV_RECALL_GATHER_DEFAULT;
 }
 
 int32_t cli_kv_channels(const cli_kv_opts *o)

@@ -106,6 +106,7 @@ static int parse(int argc, char **argv, gen_opts *o)
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         bool ok = true;
+        int kv;
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
             usage(stdout);
             return -1;
@@ -157,8 +158,8 @@ static int parse(int argc, char **argv, gen_opts *o)
             }
         } else if (!strcmp(a, "--tp")) {
             ok = cli_take_int(argc, argv, &i, 1, COMM_THREADS_MAX, &o->tp);
-        } else if ((ok = cli_kv_take(argc, argv, &i, &o->kv))) {
-            ok = ok > 0;
+        } else if ((kv = cli_kv_take(argc, argv, &i, &o->kv))) {
+            ok = kv > 0; /* -1: a bad value, its message printed */
         } else {
             cli_error("generate", "unknown flag '%s' (see --help)", a);
             return CLI_USAGE;
@@ -178,10 +179,6 @@ static int parse(int argc, char **argv, gen_opts *o)
         cli_error("generate", "--recall-channels is not supported with --tp (the followers rank "
                               "with the default, %d channels)",
                   KV_RECALL_EXACT_CHANNELS);
-        return CLI_USAGE;
-    }
-    if (o->tp > 1 && o->kv.recall_gather > 0) { /* nor this */
-        cli_error("generate", "--recall-gather is not supported with --tp");
         return CLI_USAGE;
     }
     o->params.stops = o->stops;
@@ -217,7 +214,7 @@ static ekv_status encode_prompt(const ekv_tokenizer *tok, const gen_opts *o, int
     return rc;
 }
 
-static void print_json(const gen_result *r)
+static void print_json(const gen_result *r, const kvc_policy *kv)
 {
     cJSON *o = cJSON_CreateObject();
     cJSON_AddNumberToObject(o, "prompt_tokens", r->prompt_tokens);
@@ -246,6 +243,11 @@ static void print_json(const gen_result *r)
         cJSON_AddNumberToObject(o, "recall_blocks", (double)r->recall.blocks_recalled);
         cJSON_AddNumberToObject(o, "recall_bytes_per_token", r->recall.bytes_recalled / steps);
         cJSON_AddNumberToObject(o, "recall_deadline_misses", (double)r->recall.deadline_misses);
+        /* the mode that ran: token recall ranks every step and promotes nothing */
+        cJSON_AddStringToObject(o, "recall_mode", kv->recall_gather ? "tokens" : "blocks");
+        cJSON_AddNumberToObject(o, "recall_gather", kv->recall_gather);
+        cJSON_AddNumberToObject(o, "recall_promote",
+                                !kv->recall_gather && !kv->recall_no_promote);
         cJSON_AddNumberToObject(o, "recall_promotions", (double)r->recall.promotions);
         cJSON_AddNumberToObject(o, "recall_rankings", (double)r->recall.selections);
         cJSON_AddNumberToObject(o, "recall_select_s", r->recall.select_s);
@@ -352,7 +354,7 @@ int cmd_generate(int argc, char **argv)
                 &err))
         goto fail;
     if (o.json)
-        print_json(&res);
+        print_json(&res, &o.params.kv);
     else
         putchar('\n');
     ret = CLI_OK;

@@ -204,8 +204,12 @@ static cJSON *result_json(const char *task, const eval_policy *pol, const eval_m
         cJSON_AddNumberToObject(o, "recall_evicted_tokens", (double)r->recall_evicted);
         cJSON_AddNumberToObject(o, "recall_buffer_bytes", (double)r->recall_buffer_bytes);
         cJSON_AddNumberToObject(o, "recall_select_s", r->recall_select_s);
-        cJSON_AddNumberToObject(o, "recall_every", pol->p.recall_every ? pol->p.recall_every : 1);
-        cJSON_AddNumberToObject(o, "recall_promote", !pol->p.recall_no_promote);
+        /* the mode that ran: token recall ranks every step and promotes nothing */
+        const bool tokens = pol->p.recall_gather > 0;
+        cJSON_AddStringToObject(o, "recall_mode", tokens ? "tokens" : "blocks");
+        cJSON_AddNumberToObject(o, "recall_every",
+                                tokens || !pol->p.recall_every ? 1 : pol->p.recall_every);
+        cJSON_AddNumberToObject(o, "recall_promote", !tokens && !pol->p.recall_no_promote);
         cJSON_AddNumberToObject(o, "recall_gather", pol->p.recall_gather);
         cJSON_AddNumberToObject(o, "recall_channels",
                                 pol->p.recall_channels == KVC_RECALL_BOX ? 0

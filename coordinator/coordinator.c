@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "coord_internal.h"
+#include "entrokv/kvrecall.h"
 
 void coord_config_default(coord_config *c)
 {
@@ -271,6 +272,7 @@ void coord_gauges(ekv_coordinator *c, metrics_gauges *g)
     g->recall_deadline_misses = s.recall_deadline_misses;
     g->recall_promotions = s.recall_promotions;
     g->recall_spilled_blocks = s.recall_spilled_blocks;
+    g->recall_rankings = s.recall_rankings;
 }
 
 void coord_stats(ekv_coordinator *c, engine_stats *sum)
@@ -299,6 +301,7 @@ void coord_stats(ekv_coordinator *c, engine_stats *sum)
         sum->recall_deadline_misses += s.recall_deadline_misses;
         sum->recall_promotions += s.recall_promotions;
         sum->recall_spilled_blocks += s.recall_spilled_blocks;
+        sum->recall_rankings += s.recall_rankings;
         sum->tp_broken |= s.tp_broken;
     }
     pthread_mutex_unlock(&c->groups_mu);
@@ -328,6 +331,7 @@ void coord_request_init(const ekv_coordinator *c, coord_request *r)
     r->kv_budget = c->default_kv_budget;
     r->scope_recent = 256; /* SCOPE's R and W (specs/scope.md section 5) */
     r->scope_window = 512;
+    r->recall_gather = KV_RECALL_GATHER_DEFAULT; /* token recall (docs/COMPRESSION.md) */
 }
 
 const char *coord_finish_reason(gen_finish f)
@@ -545,6 +549,7 @@ static ekv_status check_params(ekv_coordinator *c, const coord_request *r, kvc_p
     policy->recall = r->recall;
     policy->recall_every = r->recall_every;
     policy->recall_no_promote = r->recall_no_promote;
+    policy->recall_gather = r->recall_gather; /* kvc_policy_check bounds it */
     if ((rc = kvc_policy_check(policy, err)))
         return as_invalid(err);
     if (policy->method == KVC_UNCOMP)

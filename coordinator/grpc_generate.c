@@ -119,6 +119,9 @@ static bool request_from_proto(ekv_coordinator *coord, const Entrokv__V1__Genera
     if (m->has_recall_promote_case ==
         ENTROKV__V1__GENERATE_REQUEST__HAS_RECALL_PROMOTE_RECALL_PROMOTE)
         r->recall_no_promote = !m->recall_promote;
+    if (m->has_recall_gather_case ==
+        ENTROKV__V1__GENERATE_REQUEST__HAS_RECALL_GATHER_RECALL_GATHER)
+        r->recall_gather = m->recall_gather; /* absent: the server's default */
     unknown_field(&m->base, "GenerateRequest", pr->bad, sizeof pr->bad);
     if (m->top_logprobs < 0 || m->top_logprobs > EKV_MAX_TOP_LOGPROBS)
         snprintf(pr->bad, sizeof pr->bad, "top_logprobs must be in [0, %d], got %d",
@@ -370,6 +373,7 @@ void rpc_worker_stats_on_request(rpc_call *c, grpc_byte_buffer *b)
     resp.recall_deadline_misses = st.recall_deadline_misses;
     resp.recall_promotions = st.recall_promotions;
     resp.recall_spilled_blocks = st.recall_spilled_blocks;
+    resp.recall_rankings = st.recall_rankings;
     resp.max_ctx = coord_max_ctx(c->srv->coord);
     resp.model_identity = (char *)coord_model_identity(c->srv->coord);
     rpc_finish(c, GRPC_STATUS_OK, "", rpc_pack(&resp.base));

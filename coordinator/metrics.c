@@ -278,6 +278,10 @@ char *metrics_render(ekv_metrics *m, const metrics_gauges *g, size_t *len)
                   "Recall blocks put to the KV store daemons beyond the host cap "
                   "(--recall-host-mb).",
                   gg->recall_spilled_blocks);
+    render_scalar(&o, "entrokv_recall_rankings_total", "counter",
+                  "Recall rankings of a KV head's evicted blocks (per layer, KV head and step "
+                  "ranked: every step with token recall, every recall_every with whole blocks).",
+                  gg->recall_rankings);
     render_scalar(&o, "entrokv_kvstore_hits_total", "counter",
                   "Prefix KV blocks restored from the KV store.",
                   (int64_t)atomic_load(&m->kvstore.hits));

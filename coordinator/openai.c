@@ -344,7 +344,7 @@ static const char *const COMPLETION_FIELDS[] = {
     "seed", "best_of", "suffix" /* (value) */,
     "top_k", "min_p", "repeat_penalty", "repetition_penalty", "kv_method", "kv_budget",
     "decode_method", "scope_recent", "scope_window", "spark_ratio", "spark_recovery",
-    "recall", "recall_every", "recall_promote", "ignore_eos", NULL};
+    "recall", "recall_every", "recall_promote", "recall_gather", "ignore_eos", NULL};
 static const char *const CHAT_FIELDS[] = {
     "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n",
     "stream", "stream_options", "logprobs", "top_logprobs", "stop", "presence_penalty",
@@ -352,7 +352,7 @@ static const char *const CHAT_FIELDS[] = {
     "tools" /* (value) */, "tool_choice" /* (value) */, "parallel_tool_calls" /* (value) */,
     "top_k", "min_p", "repeat_penalty", "repetition_penalty", "kv_method", "kv_budget",
     "decode_method", "scope_recent", "scope_window", "spark_ratio", "spark_recovery",
-    "recall", "recall_every", "recall_promote", "ignore_eos", NULL};
+    "recall", "recall_every", "recall_promote", "recall_gather", "ignore_eos", NULL};
 
 static ekv_status check_fields(const cJSON *o, const char *const *allowed, const char *what,
                                ekv_error *err)
@@ -475,6 +475,14 @@ static ekv_status parse_options(oai_request *r, ekv_error *err)
     if ((rc = get_bool(o, "recall_promote", &promote, err)))
         return rc;
     r->r.recall_no_promote = !promote;
+    if ((rc = get_number(o, "recall_gather", &b, &has, err)))
+        return rc;
+    if (has && (b != floor(b) || b < 0 || b > KV_RECALL_GATHER_MAX))
+        return ekv_error_set(err, EKV_EINVAL,
+                             "recall_gather must be a whole number in [0, %d] (0: whole blocks)",
+                             KV_RECALL_GATHER_MAX);
+    if (has) /* absent: coord_request_init's default */
+        r->r.recall_gather = (int32_t)b;
     return EKV_OK;
 }
 

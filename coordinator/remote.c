@@ -242,7 +242,8 @@ static void stats_done(remote_group *g)
                                   .recall_bytes = r->recall_bytes,
                                   .recall_deadline_misses = r->recall_deadline_misses,
                                   .recall_promotions = r->recall_promotions,
-                                  .recall_spilled_blocks = r->recall_spilled_blocks};
+                                  .recall_spilled_blocks = r->recall_spilled_blocks,
+                                  .recall_rankings = r->recall_rankings};
         g->max_ctx = r->max_ctx;
         snprintf(g->identity, sizeof g->identity, "%s", r->model_identity);
     }
@@ -502,6 +503,8 @@ static grpc_byte_buffer *request_of(const engine_request *r)
     p.recall_every = r->kv.recall_every;
     p.has_recall_promote_case = ENTROKV__V1__GENERATE_REQUEST__HAS_RECALL_PROMOTE_RECALL_PROMOTE;
     p.recall_promote = !r->kv.recall_no_promote;
+    p.has_recall_gather_case = ENTROKV__V1__GENERATE_REQUEST__HAS_RECALL_GATHER_RECALL_GATHER;
+    p.recall_gather = r->kv.recall_gather;
     Entrokv__V1__WorkerGenerateRequest w = ENTROKV__V1__WORKER_GENERATE_REQUEST__INIT;
     w.n_prompt_ids = (size_t)r->n_prompt;
     w.prompt_ids = (int32_t *)r->prompt;

@@ -438,8 +438,8 @@ int32_t kv_recall_view_at(kv_recall *rc, int32_t layer, int32_t head, const floa
     float *bound = (float *)(pp + nb);
     int32_t *top = (int32_t *)(bound + h->n_blocks);
     /* token-granular recall (kvrecall_gather.c) reads host blocks: not
-     * with a tier, which may hold blocks' K elsewhere */
-    const bool gather = rc->gather && !rc->tier;
+     * with a tier that spills, which may hold blocks' K elsewhere */
+    const bool gather = rc->gather && !(rc->tier && kvrt_spills(rc->tier));
     const bool track = (flags & KV_RECALL_TRACK) &&
                        (h->top || (h->top = malloc(2 * (size_t)rc->r * sizeof *h->top)));
     if (track)
@@ -485,6 +485,8 @@ int32_t kv_recall_view_at(kv_recall *rc, int32_t layer, int32_t head, const floa
                                   memory_order_relaxed);
         n_top = top_blocks(h, bound, q_pos, width, top);
         atomic_fetch_add_explicit(&rc->selections, 1, memory_order_relaxed);
+        if (rc->tier)
+            kv_recall_tier_count_rankings(kvrt_tier(rc->tier), 1);
         if (rc->diag)
             kvrd_account(rc, h, Q, n_q, q_stride, q_pos, resident, top, n_top);
         if (track && gather)
@@ -501,6 +503,8 @@ int32_t kv_recall_view_at(kv_recall *rc, int32_t layer, int32_t head, const floa
         /* after the ranking's own scratch (top, qm, sel) */
         void *area = (int32_t *)((float *)(top + rank_width(rc) + 1) + d) + d;
         n_in = kvrg_gather(rc, h, Q, n_q, q_stride, q_pos, top, n_top, area, kp, vp, pp);
+        if (rc->tier) /* a counting tier: the buffer blocks filled are what was recalled */
+            kvrt_count_recalled(rc->tier, n_in);
     } else if (n_top > 0) {
         if (rc->tier)
             kvrt_view_begin(rc->tier, layer, head, h->blk, h->n_blocks);

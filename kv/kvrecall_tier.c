@@ -22,8 +22,9 @@ struct kv_recall_tier {
     uint8_t nonce[16];
     _Atomic int64_t host_bytes, putting_bytes;
     _Atomic uint64_t next_set;
-    _Atomic int64_t blocks_recalled, bytes_recalled, misses, promotions, spilled, spill_failures,
-        fetched, fetched_bytes, fetch_failures, deleted, delete_failures, live_sets, inflight;
+    _Atomic int64_t blocks_recalled, bytes_recalled, misses, promotions, rankings, spilled,
+        spill_failures, fetched, fetched_bytes, fetch_failures, deleted, delete_failures,
+        live_sets, inflight;
 };
 
 /* One store's spilled blocks: the keys to delete once nobody reads them. */
@@ -129,6 +130,7 @@ void kv_recall_tier_stats_get(const kv_recall_tier *t, kv_recall_tier_stats *st)
     st->bytes_recalled = atomic_load(&m->bytes_recalled);
     st->deadline_misses = atomic_load(&m->misses);
     st->promotions = atomic_load(&m->promotions);
+    st->rankings = atomic_load(&m->rankings);
     st->host_bytes = atomic_load(&m->host_bytes);
     st->host_cap = t->cap;
     st->spilled_blocks = atomic_load(&m->spilled);
@@ -143,6 +145,7 @@ void kv_recall_tier_stats_get(const kv_recall_tier *t, kv_recall_tier_stats *st)
 }
 
 void kv_recall_tier_count_promotions(kv_recall_tier *t, int64_t n) { ADD(t->promotions, n); }
+void kv_recall_tier_count_rankings(kv_recall_tier *t, int64_t n) { ADD(t->rankings, n); }
 
 /* ---- keys and sets ---- */
 
@@ -601,6 +604,12 @@ void kvrt_view_end(kvrt_seq *s, int32_t layer, int32_t head, uint8_t **blk, cons
     ADD(t->blocks_recalled, n_recalled);
     ADD(t->bytes_recalled, (int64_t)n_recalled * (int64_t)s->bb);
     pthread_mutex_unlock(&h->mu);
+}
+
+void kvrt_count_recalled(kvrt_seq *s, int32_t n)
+{
+    ADD(s->t->blocks_recalled, n);
+    ADD(s->t->bytes_recalled, (int64_t)n * (int64_t)s->bb);
 }
 
 int64_t kvrt_misses(const kvrt_seq *s) { return atomic_load(&((kvrt_seq *)s)->misses); }

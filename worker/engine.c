@@ -775,6 +775,7 @@ void engine_stats_get(ekv_engine *e, engine_stats *s)
         s->recall_deadline_misses = ts.deadline_misses;
         s->recall_promotions = ts.promotions;
         s->recall_spilled_blocks = ts.spilled_blocks;
+        s->recall_rankings = ts.rankings;
     }
 }
 

@@ -43,8 +43,9 @@
 #include "entrokv/comm.h"
 
 #define TP_PLAN_MAGIC 0x656b7470u /* "ptke" little-endian */
-/* 2: the capture carries recall's fields; 3: saves, restores and tokens */
-#define TP_PLAN_VERSION 3
+/* 2: the capture carries recall's fields; 3: saves, restores and tokens; 4: the
+ * capture carries token recall's K (96-byte ops) */
+#define TP_PLAN_VERSION 4
 
 enum { TP_END = 0, TP_STEP = 1, TP_COMPRESS = 2, TP_PING = 3, TP_RESTORE = 4, TP_N_KINDS };
 enum { OP_CREATE = 1, OP_FREE = 2, OP_FORK = 3, OP_CAPTURE = 4, OP_SCOPE = 5, OP_SAVE = 6,
@@ -88,8 +89,11 @@ typedef struct tp_op {
     /* OP_SAVE (pos0: its first block), OP_RESTORE: the prompt's tokens
      * [0, n_tok) at tok_off in the plan's tokens */
     int32_t tok_off, n_tok;
+    /* OP_CAPTURE: token recall's K (kvc_policy.recall_gather; 0 whole blocks) */
+    int32_t recall_gather;
+    int32_t reserved; /* 0: the op's size stays a multiple of its double's */
 } tp_op;
-_Static_assert(sizeof(tp_op) == 88, "docs/tp.md's op size");
+_Static_assert(sizeof(tp_op) == 96, "docs/tp.md's op size");
 
 struct engine_tp {
     ekv_comm *comm;
@@ -258,7 +262,8 @@ kvc_capture *engine_tp_capture(ekv_engine *e, const kv_seq *s, const kvc_policy 
                       .spark_recovery = (int32_t)p->spark.recovery,
                       .has_profile = p->profile != NULL, .recall = p->recall,
                       .recall_every = p->recall_every,
-                      .recall_no_promote = p->recall_no_promote};
+                      .recall_no_promote = p->recall_no_promote,
+                      .recall_gather = p->recall_gather};
     kvc_capture *c = kvc_capture_create_shard(p, e->m, e->tp->shard, n_prompt, pos0, err);
     if (c && log_op(e->tp, &op, err)) {
         kvc_capture_free(c);
@@ -608,7 +613,8 @@ static ekv_status apply_op(follower *f, const tp_op *op, ekv_error *err)
                                  "tensor parallelism: rank 0 compresses with an UNComp profile "
                                  "this rank has not loaded (--kv-profile on every rank)");
         kvc_policy p = {.method = (kvc_method_id)op->method, .budget = op->budget,
-                        .profile = op->has_profile ? f->profile : NULL};
+                        .profile = op->has_profile ? f->profile : NULL,
+                        .recall_gather = op->recall_gather}; /* kvc_policy_check bounds it */
         p.spark.ratio = op->spark_ratio;
         p.spark.recovery = (kvc_spark_recovery)op->spark_recovery;
         if (op->recall_no_promote != 0 && op->recall_no_promote != 1)

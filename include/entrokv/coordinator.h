@@ -104,6 +104,8 @@ typedef struct coord_request {
     int32_t recall;              /* blocks per KV head recalled each step (0: off) */
     int32_t recall_every;        /* rank every this many steps (0: default, 1) */
     bool recall_no_promote;      /* recall without promotion (default: promote) */
+    int32_t recall_gather;       /* token recall's K, in [0, KV_RECALL_GATHER_MAX]: 0 whole
+                                  * blocks (coord_request_init: KV_RECALL_GATHER_DEFAULT) */
     const char *protocol;        /* "grpc" / "http", for the log */
     /* n choices (0 or 1: one), in [1, COORD_MAX_N]: n continuations of the
      * one prompt, prefilled and compressed once, its KV blocks shared

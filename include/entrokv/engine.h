@@ -205,9 +205,10 @@ typedef struct engine_stats {
     int64_t kv_blocks_shared;    /* pool blocks held by more than one sequence (n > 1) */
     uint64_t kv_cow_copies;      /* blocks copied on write since the start */
     /* recall (with a recall tier): blocks and bytes that joined attention,
-     * top-R blocks skipped as late, promotions, blocks spilled to the tier */
+     * top-R blocks skipped as late, promotions, blocks spilled to the tier,
+     * (row, layer, KV head) rankings run */
     int64_t recall_blocks, recall_bytes, recall_deadline_misses, recall_promotions;
-    int64_t recall_spilled_blocks;
+    int64_t recall_spilled_blocks, recall_rankings;
     /* 1: a tensor-parallel group whose communicator failed (a rank died or
      * stopped answering): every request fails with EKV_EUNAVAILABLE */
     int32_t tp_broken;

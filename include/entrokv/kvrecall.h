@@ -106,10 +106,15 @@ void kv_recall_set_rank_scalar(kv_recall *rc, bool on);
  * block_tokens best join attention, copied into R buffer blocks in the
  * scratch, so the buffer holds the same memory as R whole blocks. It ranks
  * every step (kv_recall_set_mode's `every` is ignored) and promotes
- * nothing (its tokens belong to no one recall block); with a tier
- * attached it is off (whole blocks). 0 (the default): whole blocks.
+ * nothing (its tokens belong to no one recall block); with a tier that
+ * spills (kvrt_spills: blocks' K may be on the daemon) it is off (whole
+ * blocks); a tier that only counts counts the buffer blocks it fills as
+ * recalled. 0 (the store's default): whole blocks. The interfaces
+ * (generate, eval, bench, serve requests) default to
+ * KV_RECALL_GATHER_DEFAULT (docs/COMPRESSION.md "Token recall").
  * EKV_EINVAL outside [0, KV_RECALL_GATHER_MAX]. */
 #define KV_RECALL_GATHER_MAX 8
+#define KV_RECALL_GATHER_DEFAULT 2
 ekv_status kv_recall_set_gather(kv_recall *rc, int32_t k, ekv_error *err);
 
 /* Scratch bytes kv_recall_view needs for (layer, head) beside a resident

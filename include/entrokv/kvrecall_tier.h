@@ -88,6 +88,7 @@ typedef struct kv_recall_tier_stats {
     int64_t bytes_recalled;   /* their K, V and positions */
     int64_t deadline_misses;  /* top-R blocks skipped: not fetched in time */
     int64_t promotions;       /* blocks promoted into resident sets (kv_recall_count_promotions) */
+    int64_t rankings;         /* (row, layer, KV head) rankings run, all stores */
     int64_t host_bytes;       /* recall blocks in host memory now */
     int64_t host_cap;         /* < 0: none */
     int64_t spilled_blocks;   /* puts stored */
@@ -104,6 +105,8 @@ void kv_recall_tier_stats_get(const kv_recall_tier *t, kv_recall_tier_stats *st)
 
 /* Bumps the tier's promotion counter (kvrecall.c does, for its store). */
 void kv_recall_tier_count_promotions(kv_recall_tier *t, int64_t n);
+/* Bumps the tier's ranking counter (kvrecall.c does, for its store). */
+void kv_recall_tier_count_rankings(kv_recall_tier *t, int64_t n);
 
 /* ---- the recall store's side (worker/kvrecall.c); nobody else calls these ---- */
 
@@ -143,6 +146,9 @@ const uint8_t *kvrt_fetch(kvrt_seq *s, int32_t layer, int32_t head, int32_t b, c
                           int32_t n_top);
 void kvrt_view_end(kvrt_seq *s, int32_t layer, int32_t head, uint8_t **blk, const int32_t *top,
                    int32_t n_top, int32_t n_recalled);
+/* Counts n blocks recalled without a view (token recall's buffer blocks,
+ * kvrecall_gather.c, with a tier that does not spill). */
+void kvrt_count_recalled(kvrt_seq *s, int32_t n);
 /* The deadline misses of this store. */
 int64_t kvrt_misses(const kvrt_seq *s);
 

@@ -15,7 +15,7 @@
  * kv_blocks_shared, kv_cow_copies_total, kv_bytes_saved_total,
  * kvstore_hits_total, kvstore_misses_total, recall_blocks_total,
  * recall_bytes_total, recall_deadline_misses_total, recall_promotions_total,
- * recall_spilled_blocks_total.
+ * recall_spilled_blocks_total, recall_rankings_total.
  */
 #ifndef ENTROKV_METRICS_H
 #define ENTROKV_METRICS_H
@@ -60,7 +60,7 @@ typedef struct metrics_gauges {
     int64_t preemptions;      /* sequences preempted and recomputed (a counter) */
     /* recall (kvrecall_tier.h), counters in the output */
     int64_t recall_blocks, recall_bytes, recall_deadline_misses, recall_promotions;
-    int64_t recall_spilled_blocks;
+    int64_t recall_spilled_blocks, recall_rankings;
 } metrics_gauges;
 
 /* NULL when out of memory. */

@@ -76,12 +76,14 @@ else
 fi
 expect tp_more_ranks_than_heads 1 "KV heads" -- timeout 60 "$bin" generate --model "$model" --prompt hi --tp 4
 # recall under --tp: each rank keeps its own heads' store (tokens checked
-# by serve.test_tp_worker); rank 0's heads recalled blocks
-rc_tp=$(timeout 120 "$bin" generate --model "$model" --prompt "$(printf 'word %.0s' $(seq 80))" --max-tokens 4 --tp 2 --kv-method snapkv --kv-budget 0.9 --recall 1 --json | python3 -c 'import json,sys; d=json.load(sys.stdin); print(d["completion_tokens"], d.get("recall_blocks", 0) > 0)')
-if [ "$rc_tp" = "4 True" ]; then echo "ok   tp_recall"; else echo "FAIL tp_recall: '$rc_tp'"; fails=$((fails + 1)); fi
+# by serve.test_tp_worker and model.test_engine_tp); rank 0's heads
+# recalled, by default token recall (K = 2, no promotion), whole blocks
+# with --recall-gather 0; the JSON says which ran
+rc_tp=$(for g in 2 0; do timeout 120 "$bin" generate --model "$model" --prompt "$(printf 'word %.0s' $(seq 80))" --max-tokens 4 --tp 2 --kv-method snapkv --kv-budget 0.9 --recall 1 $([ $g = 0 ] && echo --recall-gather 0) --json | python3 -c 'import json,sys; d=json.load(sys.stdin); print(d["completion_tokens"], d.get("recall_blocks", 0) > 0, d.get("recall_mode"), d.get("recall_gather"), d.get("recall_promote"))'; done | tr '\n' ' ')
+if [ "$rc_tp" = "4 True tokens 2 0 4 True blocks 0 1 " ]; then echo "ok   tp_recall"; else echo "FAIL tp_recall: '$rc_tp'"; fails=$((fails + 1)); fi
 # the ranking's channel count is not in the TP plan: refused, not applied to rank 0 alone
 expect tp_recall_channels_refused 2 "recall-channels is not supported with --tp" -- timeout 120 "$bin" generate --model "$model" --prompt "$(printf 'word %.0s' $(seq 80))" --max-tokens 2 --tp 2 --kv-method snapkv --kv-budget 0.9 --recall 1 --recall-channels 8
-expect tp_recall_gather_refused 2 "recall-gather is not supported with --tp" -- timeout 120 "$bin" generate --model "$model" --prompt "$(printf 'word %.0s' $(seq 80))" --max-tokens 2 --tp 2 --kv-method snapkv --kv-budget 0.9 --recall 1 --recall-gather 2
+expect recall_gather_out_of_range 2 "recall-gather" -- "$bin" generate --model "$model" --prompt hi --recall 1 --recall-gather 9
 
 # fetch-model: a verified model already in place means no download at all
 mkdir -p "$tmp/models"

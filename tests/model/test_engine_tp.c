@@ -15,9 +15,10 @@
  *  - a rank that fails (the group aborted, as a dead peer): the running
  *    request ends with EKV_EUNAVAILABLE, stats say tp_broken, new requests
  *    are refused with EKV_EUNAVAILABLE;
- *  - recall (R = 2, promotion on; every 4 steps, promotion off) on two
- *    concurrent requests equals gen_run + gen_follow alone; a capture op
- *    with recall fields out of range is EKV_EFORMAT. SCOPE and recall
+ *  - recall (R = 2, promotion on; every 4 steps, promotion off; token
+ *    recall K = 2) on three concurrent requests equals gen_run +
+ *    gen_follow alone; a capture op with recall fields out of range is
+ *    EKV_EFORMAT. SCOPE and recall
  *    against the single-process worker: serve.test_tp_worker.
  */
 #include "engine_harness.h"
@@ -233,8 +234,9 @@ typedef struct wire_op {
     int32_t scope_mode, scope_recent, scope_window, scope_max_new, max_new;
     int32_t recall, recall_every, recall_no_promote;
     int32_t tok_off, n_tok;
+    int32_t recall_gather, reserved;
 } wire_op;
-_Static_assert(sizeof(wire_hdr) == 32 && sizeof(wire_op) == 88, "docs/tp.md's sizes");
+_Static_assert(sizeof(wire_hdr) == 32 && sizeof(wire_op) == 96, "docs/tp.md's sizes");
 #define ROW_BYTES 16 /* token, position, sequence id, SCOPE step */
 #define MAGIC 0x656b7470u
 
@@ -256,7 +258,7 @@ static ekv_status send_raw(const wire_hdr *h, const void *payload, size_t len)
 
 static wire_hdr hdr(uint16_t kind, uint32_t counter, int32_t n_ops, int32_t n_rows)
 {
-    wire_hdr h = {.magic = MAGIC, .version = 3, .kind = kind, .counter = counter, .n_ops = n_ops,
+    wire_hdr h = {.magic = MAGIC, .version = 4, .kind = kind, .counter = counter, .n_ops = n_ops,
                   .n_rows = n_rows,
                   .payload_bytes = (uint32_t)(n_ops * sizeof(wire_op) + (size_t)n_rows * ROW_BYTES)};
     return h;
@@ -270,6 +272,8 @@ static void test_malformed_plans(void)
     CHECK_EQ_INT(send_raw(&h, NULL, 0), EKV_EFORMAT);
     h = hdr(0, 0, 0, 0);
     h.version = 2; /* before the plan carried saves and restores */
+    CHECK_EQ_INT(send_raw(&h, NULL, 0), EKV_EFORMAT);
+    h.version = 3; /* before the capture carried token recall's K (88-byte ops) */
     CHECK_EQ_INT(send_raw(&h, NULL, 0), EKV_EFORMAT);
     h = hdr(3, 1, 0, 0); /* a ping out of order: the first message is counter 0 */
     CHECK_EQ_INT(send_raw(&h, NULL, 0), EKV_EFORMAT);
@@ -320,7 +324,14 @@ static void test_malformed_plans(void)
     c.capture.recall_no_promote = 1;
     c.capture.recall_every = KV_RECALL_EVERY_MAX + 1;
     CHECK_EQ_INT(send_raw(&h, &c, sizeof c), EKV_EFORMAT);
-    c.capture.recall_every = 4; /* well-formed: created, captured, freed at the end */
+    c.capture.recall_every = 4;
+    c.capture.recall_gather = KV_RECALL_GATHER_MAX + 1;
+    CHECK_EQ_INT(send_raw(&h, &c, sizeof c), EKV_EFORMAT);
+    c.capture.recall_gather = -1;
+    CHECK_EQ_INT(send_raw(&h, &c, sizeof c), EKV_EFORMAT);
+    c.capture.recall_gather = 0; /* well-formed: created, captured, freed at the end */
+    CHECK_EQ_INT(send_raw(&h, &c, sizeof c), EKV_OK);
+    c.capture.recall_gather = KV_RECALL_GATHER_DEFAULT;
     CHECK_EQ_INT(send_raw(&h, &c, sizeof c), EKV_OK);
     /* the KV store tier: a save's tokens outside the plan's, or outside
      * the vocabulary; a save of 1 whole block (16 tokens) from block 1; a
@@ -396,9 +407,11 @@ static void test_rank_failure(void)
 /* Recall under TP: each rank keeps the recall store of its own heads
  * (enabled by the compression the capture op carries), ranks and promotes
  * them itself. Two concurrent requests (promotion on; ranking every 4
- * steps with promotion off) each equal gen_run + gen_follow alone, which
- * enable recall from the same policy on every rank without a plan; the
- * reference must have recalled and promoted blocks (rank 0's counters). */
+ * steps with promotion off; token recall, K = 2) each equal gen_run +
+ * gen_follow alone, which enable recall from the same policy on every rank
+ * without a plan; the whole-block reference must have recalled and
+ * promoted blocks (rank 0's counters), token recall's recalled and
+ * promoted none. */
 static const char RECALL_TEXT[] =
     "Summarize this passage. The river leaves the mountains as a narrow stream, cold and fast, "
     "cutting through granite and pine. In the valley it slows, spreads into marshes where herons "
@@ -415,12 +428,12 @@ static void test_recall_equals_gen_tp(void)
     if (!e)
         return;
     ekv_error err = {0};
-    static req_out out[2];
+    static req_out out[3];
     memset(out, 0, sizeof out);
     prompt p = chat_prompt(RECALL_TEXT);
     CHECK(p.n > 120); /* 50% of it leaves blocks to recall beside R = 2 of them */
-    gen_params gps[2];
-    for (int i = 0; i < 2; i++) {
+    gen_params gps[3];
+    for (int i = 0; i < 3; i++) {
         gps[i] = greedy(24);
         gps[i].ignore_eos = true;
         gps[i].kv.method = KVC_SNAPKV;
@@ -429,24 +442,30 @@ static void test_recall_equals_gen_tp(void)
     }
     gps[1].kv.recall_every = 4;
     gps[1].kv.recall_no_promote = 1;
-    for (int i = 0; i < 2; i++) {
+    gps[2].kv.recall_gather = KV_RECALL_GATHER_DEFAULT; /* the capture op carries K */
+    for (int i = 0; i < 3; i++) {
         engine_request r = make_request(&p, &gps[i], &out[i]);
         uint64_t id;
         CHECK_EQ_INT(engine_submit(e, &r, &id, &err), EKV_OK);
     }
-    CHECK(wait_done(out, 2));
+    CHECK(wait_done(out, 3));
     engine_destroy(e);
     group_end(&gr);
     CHECK_EQ_INT(gr.follow_rc, EKV_OK);
     if (gr.follow_rc)
         fprintf(stderr, "follower: %s\n", gr.follow_err.msg);
-    for (int i = 0; i < 2; i++)
+    for (int i = 0; i < 3; i++)
         check_equals_ref(&p, &gps[i], &out[i]);
     gen_result ref;
     memset(&ref, 0, sizeof ref);
     CHECK(ref_tp(&p, &gps[0], &ref));
     CHECK(ref.recall.blocks_recalled > 0);
     CHECK(ref.recall.promotions > 0);
+    gen_result_free(&ref);
+    memset(&ref, 0, sizeof ref);
+    CHECK(ref_tp(&p, &gps[2], &ref));
+    CHECK(ref.recall.blocks_recalled > 0);
+    CHECK_EQ_INT(ref.recall.promotions, 0);
     gen_result_free(&ref);
     free(p.ids);
 }

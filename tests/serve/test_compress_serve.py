@@ -28,12 +28,22 @@ FIELDS = [
     ({"spark_ratio": 0.8, "spark_recovery": "zero", "kv_method": "snapkv", "kv_budget": 0.5},
      ["--spark-ratio", "0.8", "--spark-recovery", "zero", "--kv-method", "snapkv",
       "--kv-budget", "0.5"]),
+    # recall: token recall by default (K = 2 on both sides), K = 4, whole
+    # blocks (recall_gather 0) alone and with recall_every / recall_promote
     ({"kv_method": "snapkv", "kv_budget": 0.5, "recall": 2},
      ["--kv-method", "snapkv", "--kv-budget", "0.5", "--recall", "2"]),
-    ({"kv_method": "snapkv", "kv_budget": 0.5, "recall": 2, "recall_every": 64},
-     ["--kv-method", "snapkv", "--kv-budget", "0.5", "--recall", "2", "--recall-every", "64"]),
-    ({"kv_method": "snapkv", "kv_budget": 0.5, "recall": 2, "recall_promote": False},
-     ["--kv-method", "snapkv", "--kv-budget", "0.5", "--recall", "2", "--recall-promote", "0"]),
+    ({"kv_method": "snapkv", "kv_budget": 0.5, "recall": 2, "recall_gather": 4},
+     ["--kv-method", "snapkv", "--kv-budget", "0.5", "--recall", "2", "--recall-gather", "4"]),
+    ({"kv_method": "snapkv", "kv_budget": 0.5, "recall": 2, "recall_gather": 0},
+     ["--kv-method", "snapkv", "--kv-budget", "0.5", "--recall", "2", "--recall-gather", "0"]),
+    ({"kv_method": "snapkv", "kv_budget": 0.5, "recall": 2, "recall_gather": 0,
+      "recall_every": 64},
+     ["--kv-method", "snapkv", "--kv-budget", "0.5", "--recall", "2", "--recall-gather", "0",
+      "--recall-every", "64"]),
+    ({"kv_method": "snapkv", "kv_budget": 0.5, "recall": 2, "recall_gather": 0,
+      "recall_promote": False},
+     ["--kv-method", "snapkv", "--kv-budget", "0.5", "--recall", "2", "--recall-gather", "0",
+      "--recall-promote", "0"]),
 ]
 
 
@@ -90,6 +100,8 @@ BAD = [
     {"recall": 8, "kv_method": "snapkv", "kv_budget": 0.2},  # 128 tokens: no resident left
     {"recall_every": -1, "recall": 2, "kv_method": "snapkv", "kv_budget": 0.5},
     {"recall_every": 65, "recall": 2, "kv_method": "snapkv", "kv_budget": 0.5},
+    {"recall_gather": -1, "recall": 2, "kv_method": "snapkv", "kv_budget": 0.5},
+    {"recall_gather": 9, "recall": 2, "kv_method": "snapkv", "kv_budget": 0.5},
 ]
 
 
@@ -107,7 +119,9 @@ def test_bad_values_are_refused(server, pb, body):
 
 @pytest.mark.parametrize("body", [{"recall": 1.5}, {"recall": 2, "recall_every": 2.5},
                                   {"recall": 2, "recall_promote": "yes"},
-                                  {"recall": 2, "recall_promote": 1}])
+                                  {"recall": 2, "recall_promote": 1},
+                                  {"recall": 2, "recall_gather": 1.5},
+                                  {"recall": 2, "recall_gather": "2"}])
 def test_fractional_or_mistyped_recall_fields_are_refused_over_http(server, body):
     # gRPC's int32 and bool fields cannot carry these; JSON can
     c = openai.OpenAI(base_url=server.http + "/v1", api_key="unused", max_retries=0)
@@ -116,14 +130,72 @@ def test_fractional_or_mistyped_recall_fields_are_refused_over_http(server, body
                              extra_body={"kv_method": "snapkv", "kv_budget": 0.5, **body})
 
 
-def test_recall_every_and_promote_change_the_tokens():
-    """What makes the FIELDS rows for recall_every and recall_promote able to
-    fail: on this prompt each flag changes `entrokv generate`'s tokens, so a
-    server that dropped the field would differ from the CLI."""
-    base = ["--kv-method", "snapkv", "--kv-budget", "0.5", "--recall", "2"]
-    ref = cli_ids(base)["token_ids"]
-    assert cli_ids(base + ["--recall-every", "64"])["token_ids"] != ref
-    assert cli_ids(base + ["--recall-promote", "0"])["token_ids"] != ref
+def test_recall_fields_move_the_servers_counters(server, pb):
+    """What makes the FIELDS rows for recall_gather, recall_every and
+    recall_promote able to fail without relying on token differences: each
+    field, over both protocols (and /v1/chat/completions), moves the
+    server's own recall counters as it should. Whole blocks with promotion
+    promote; without promotion, or with token recall (the default, which
+    promotes nothing), nothing is promoted; ranking every 64 steps ranks
+    less than every step. After each refused request the server keeps
+    serving."""
+    def counters():
+        return (server.metric("entrokv_recall_promotions_total"),
+                server.metric("entrokv_recall_rankings_total"))
+
+    c = openai.OpenAI(base_url=server.http + "/v1", api_key="unused", max_retries=0,
+                      timeout=120 * (4 if SLOW else 1))
+    base = {"kv_method": "snapkv", "kv_budget": 0.5, "recall": 2}
+
+    def over_http(body):
+        c.completions.create(model="entrokv", prompt=PROMPT, max_tokens=40, temperature=0,
+                             extra_body={"ignore_eos": True, **base, **body})
+
+    def over_grpc(body):
+        grpc_run(pb, server, **base, **body)
+
+    for send in (over_http, over_grpc):
+        moved = {}
+        for name, body in (("blocks", {"recall_gather": 0}),
+                           ("every64", {"recall_gather": 0, "recall_every": 64}),
+                           ("nopromote", {"recall_gather": 0, "recall_promote": False}),
+                           ("tokens", {}), ("tokens4", {"recall_gather": 4})):
+            c0 = counters()
+            send(body)
+            c1 = counters()
+            moved[name] = (c1[0] - c0[0], c1[1] - c0[1])
+        assert moved["blocks"][0] > 0 and moved["blocks"][1] > 0, (send, moved)
+        assert 0 < moved["every64"][1] < moved["blocks"][1], (send, moved)
+        assert moved["nopromote"][0] == 0, (send, moved)
+        assert moved["tokens"][0] == 0 and moved["tokens4"][0] == 0, (send, moved)
+        assert moved["tokens"][1] > 0 and moved["tokens4"][1] > 0, (send, moved)
+
+    def chat(body):  # /v1/chat/completions reads the same fields
+        c.chat.completions.create(model="entrokv", messages=[{"role": "user", "content": PROMPT}],
+                                  max_tokens=40, temperature=0,
+                                  extra_body={"ignore_eos": True, **base, **body})
+
+    c0 = counters()
+    chat({"recall_gather": 0})
+    c1 = counters()
+    chat({})
+    c2 = counters()
+    assert c1[0] > c0[0] and c2[0] == c1[0] and c2[1] > c1[1], (c0, c1, c2)
+    with pytest.raises(openai.BadRequestError) as e:
+        chat({"recall_gather": -1})
+    assert "recall_gather" in str(e.value)
+    # an out-of-range K is refused with a message naming the field; the
+    # server goes on serving
+    with pytest.raises(openai.BadRequestError) as e:
+        over_http({"recall_gather": 9})
+    assert "recall_gather" in str(e.value)
+    with pytest.raises(grpc.RpcError) as g:
+        over_grpc({"recall_gather": 9})
+    assert g.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "recall_gather" in g.value.details()
+    c0 = counters()
+    over_grpc({})
+    assert counters()[1] > c0[1]
 
 
 def test_metrics_count_bytes_per_mechanism(server):

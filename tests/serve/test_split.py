@@ -57,20 +57,37 @@ def test_coordinator_output_equals_the_worker_serving_it_directly(split, pb):
 
 
 def test_recall_fields_and_counters_pass_through_the_coordinator(split, pb):
-    """recall_every and recall_promote reach a remote worker (each changes
-    this prompt's tokens: the coordinator's equal the worker's own, and
-    differ from the defaults'), and the workers' recall counters (Worker
-    Stats) reach the coordinator's /metrics."""
+    """recall_gather, recall_every and recall_promote reach a remote worker
+    (remote.c forwards them): through the coordinator the workers' own
+    counters (Worker Stats) move as each field says (whole blocks with
+    promotion promote, without promotion or with token recall none; ranking
+    every 64 steps ranks less than every step), and the coordinator's
+    tokens equal the worker's own; the workers' recall counters reach the
+    coordinator's /metrics."""
     coord, workers = split
     doc = open("/usr/share/common-licenses/MPL-2.0").read()[:1200]
     base = dict(max_tokens=40, ignore_eos=True, kv_method="snapkv", kv_budget=0.5, recall=2)
-    _, ids_default, _, _ = run_stream(generation(coord, pb), gen_request(pb, doc, **base))
-    for extra in ({"recall_every": 64}, {"recall_promote": False}):
+
+    def counters():
+        st = [worker_stats(w, pb) for w in workers]
+        return (sum(s.recall_promotions for s in st), sum(s.recall_rankings for s in st))
+
+    moved = {}
+    for name, extra in (("blocks", {"recall_gather": 0}),
+                        ("every64", {"recall_gather": 0, "recall_every": 64}),
+                        ("nopromote", {"recall_gather": 0, "recall_promote": False}),
+                        ("tokens", {})):  # the default: token recall, K = 2
         req = gen_request(pb, doc, **base, **extra)
+        c0 = counters()
         _, ids_c, _, _ = run_stream(generation(coord, pb), req)
+        c1 = counters()
+        moved[name] = (c1[0] - c0[0], c1[1] - c0[1])
         _, ids_w, _, _ = run_stream(generation(workers[0], pb), req)
         assert ids_c == ids_w, extra
-        assert ids_c != ids_default, extra
+    assert moved["blocks"][0] > 0 and moved["blocks"][1] > 0, moved
+    assert 0 < moved["every64"][1] < moved["blocks"][1], moved
+    assert moved["nopromote"][0] == 0 and moved["tokens"][0] == 0, moved
+    assert moved["tokens"][1] > 0, moved
     stats = [worker_stats(w, pb) for w in workers]
     blocks = sum(s.recall_blocks for s in stats)
     promotions = sum(s.recall_promotions for s in stats)

@@ -197,15 +197,22 @@ def scope_reference(single, pb):
 
 # Recall (kvrecall.h) under TP: every rank keeps its own heads' recall
 # store. A prompt long enough that SnapKV at 50% evicts blocks' worth of
-# tokens per head beside R = 2 recalled; promotion on (the default), and
-# ranking every 4 steps with promotion off.
+# tokens per head beside R = 2 recalled; whole blocks (recall_gather 0)
+# with promotion on, and ranking every 4 steps with promotion off; token
+# recall (the default, K = 2: the capture op carries K to the followers).
 RECALL_PROMPT = open("/usr/share/common-licenses/MPL-2.0").read()[:1200]
-RECALLS = [{"kv_method": "snapkv", "kv_budget": 0.5, "recall": 2},
-           {"kv_method": "snapkv", "kv_budget": 0.5, "recall": 2, "recall_every": 4,
-            "recall_promote": False}]
+RECALLS = [{"kv_method": "snapkv", "kv_budget": 0.5, "recall": 2, "recall_gather": 0},
+           {"kv_method": "snapkv", "kv_budget": 0.5, "recall": 2, "recall_gather": 0,
+            "recall_every": 4, "recall_promote": False},
+           {"kv_method": "snapkv", "kv_budget": 0.5, "recall": 2}]
 RECALL_TOK = 24
-if SLOW:  # the sanitizers: one of them (the fixtures run each three times)
-    RECALLS = RECALLS[:1]
+if SLOW:  # the sanitizers: the default only (the fixtures run each three times)
+    RECALLS = RECALLS[2:]
+
+
+def promotes(pol):
+    """whole-block recall with promotion on (token recall promotes nothing)"""
+    return pol.get("recall_promote", True) and pol.get("recall_gather", 2) == 0
 
 
 @pytest.fixture(scope="module")
@@ -253,7 +260,9 @@ def test_threads_group_same_tokens(pb, single, reference, tp_reference, scope_re
         # recall: each rank ranks, recalls and promotes its own heads' blocks
         for pol, (ref_tp, ref_single) in zip(RECALLS, recall_reference):
             assert ref_tp["recall_blocks"] > 0, ref_tp  # rank 0's heads recalled
-            assert (ref_tp["recall_promotions"] > 0) == pol.get("recall_promote", True), ref_tp
+            assert (ref_tp["recall_promotions"] > 0) == promotes(pol), ref_tp
+            assert ref_tp["recall_mode"] == ("tokens" if pol.get("recall_gather", 2) else
+                                             "blocks"), ref_tp
             got = tokens(w, pb, RECALL_PROMPT, n_tok=RECALL_TOK, **pol)[0]
             assert got == ref_tp["token_ids"], (pol, got, ref_tp["token_ids"])
             assert agrees(got, ref_single), (pol, got, ref_single)
