@@ -27,7 +27,8 @@ gain (full's wall over it).
 A policy is NAME[:BUDGET][:rR][:gK] (parse_policy): rR asks each request
 for recall of R evicted blocks per KV head per step (the request field
 "recall"; docs/COMPRESSION.md, "Recall of evicted KV"), gK for recall by
-token with K tokens per block ("recall_gather"; only sent when given).
+token from the K x R best-ranked blocks ("recall_gather"; only sent when
+given: absent, the server's default, K = 2; g0 for whole blocks).
 The recall buffer comes out of the budget, so snapkv:0.1:r10 holds the
 same resident memory as snapkv:0.1. Each run's line records the worker's
 recall counters (Stats recall_*: blocks and bytes recalled, deadline

@@ -251,8 +251,9 @@ def main():
     p.add_argument("--kv-method", default="snapkv")
     p.add_argument("--kv-budget", type=float, default=0.1)
     p.add_argument("--recall", type=int, default=0,
-                   help="the compressed server's requests ask for recall of R evicted blocks "
-                        "per KV head per step (the request field \"recall\"; 0: off)")
+                   help="the compressed server's requests ask for recall R per KV head per "
+                        "step (the request field \"recall\"; 0: off): R blocks' worth of tokens, "
+                        "by token with the server's default recall_gather, 2")
     p.add_argument("--no-compressed", action="store_true", help="skip the compressed-KV server")
     p.add_argument("--no-reference", action="store_true")
     a = p.parse_args()
