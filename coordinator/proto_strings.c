@@ -6,6 +6,7 @@
  */
 #include "proto_strings.h"
 
+#include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -29,9 +30,13 @@ static bool read_varint(const uint8_t **p, const uint8_t *end, uint64_t *v)
     return false;
 }
 
-static bool refuse(char *why, size_t n, const char *fmt, const char *field)
+__attribute__((format(printf, 3, 4))) static bool refuse(char *why, size_t n, const char *fmt,
+                                                         ...)
 {
-    snprintf(why, n, fmt, field);
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(why, n, fmt, ap);
+    va_end(ap);
     return false;
 }
 
@@ -39,27 +44,27 @@ static bool walk(const ProtobufCMessageDescriptor *desc, const uint8_t *p, const
                  int depth, char *why, size_t why_len)
 {
     if (depth > MAX_DEPTH)
-        return refuse(why, why_len, "messages nested deeper than %s", "32");
+        return refuse(why, why_len, "messages nested deeper than %d", MAX_DEPTH);
     while (p < end) {
         uint64_t key, v;
         if (!read_varint(&p, end, &key))
-            return refuse(why, why_len, "a field key is cut short%s", "");
+            return refuse(why, why_len, "a field key is cut short");
         switch (key & 7) {
         case 0:
             if (!read_varint(&p, end, &v))
-                return refuse(why, why_len, "a varint is cut short%s", "");
+                return refuse(why, why_len, "a varint is cut short");
             break;
         case 1:
         case 5: {
             const size_t w = (key & 7) == 1 ? 8 : 4;
             if ((size_t)(end - p) < w)
-                return refuse(why, why_len, "a fixed-width field is cut short%s", "");
+                return refuse(why, why_len, "a fixed-width field is cut short");
             p += w;
             break;
         }
         case 2: {
             if (!read_varint(&p, end, &v) || v > (uint64_t)(end - p))
-                return refuse(why, why_len, "a length-delimited field is cut short%s", "");
+                return refuse(why, why_len, "a length-delimited field is cut short");
             const ProtobufCFieldDescriptor *f =
                 key >> 3 <= UINT32_MAX
                     ? protobuf_c_message_descriptor_get_field(desc, (unsigned)(key >> 3))
@@ -77,7 +82,7 @@ static bool walk(const ProtobufCMessageDescriptor *desc, const uint8_t *p, const
             break;
         }
         default:
-            return refuse(why, why_len, "wire type %s is not proto3", (key & 7) == 3 ? "3" : "4+");
+            return refuse(why, why_len, "wire type %u is not proto3", (unsigned)(key & 7));
         }
     }
     return true;
