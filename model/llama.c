@@ -281,17 +281,6 @@ static kern_mm_op mm_op(const ekv_weight *w, float *y)
                         .y = y, .ldy = w->n_rows};
 }
 
-/* The products of one activation matrix (Q, K, V; gate and up) in one
- * parallel region: at decode each is a few microseconds of work, about what
- * a region's wake-up and tail wait cost. */
-static ekv_status matmul_multi(ekv_runtime *rt, const kern_mm_op *ops, int n_ops, int64_t k,
-                               const float *x, int32_t n_rows, kern_mm_rows_fn rows_done,
-                               void *rows_ctx, ekv_error *err)
-{
-    return kern_matmul_multi(rt->pool, ops, n_ops, k, x, n_rows, rt->mm_scratch, rows_done,
-                             rows_ctx, err);
-}
-
 /* Attention of a probed row whose view ext is the resident view plus nr
  * recall blocks (placed after the packed prefix): the probe's rows are the
  * resident tokens' entries of ext's, copied from tmp into dst. */
@@ -715,7 +704,8 @@ static ekv_status layer_forward(ekv_runtime *rt, const model_batch *b, int32_t l
 
     run_rows(rt, task_norm, &t);
     const kern_mm_op qkv[3] = {mm_op(&L->wq, rt->q), mm_op(&L->wk, rt->k), mm_op(&L->wv, rt->v)};
-    if ((rc = matmul_multi(rt, qkv, 3, L->wq.n_cols, rt->xb, n, NULL, NULL, err)))
+    if ((rc = kern_matmul_multi(rt->pool, qkv, 3, L->wq.n_cols, rt->xb, n, rt->mm_scratch, NULL,
+                                 NULL, err)))
         return rc;
     run_rows(rt, task_rope, &t);
     if (b->tap)
@@ -745,7 +735,8 @@ static ekv_status layer_forward(ekv_runtime *rt, const model_batch *b, int32_t l
     t.norm_w = L->ffn_norm;
     run_rows(rt, task_norm, &t);
     const kern_mm_op gu[2] = {mm_op(&L->w_gate, rt->gate), mm_op(&L->w_up, rt->up)};
-    if ((rc = matmul_multi(rt, gu, 2, L->w_gate.n_cols, rt->xb, n, swiglu_cols, &t, err)))
+    if ((rc = kern_matmul_multi(rt->pool, gu, 2, L->w_gate.n_cols, rt->xb, n, rt->mm_scratch,
+                                 swiglu_cols, &t, err)))
         return rc;
     if ((rc = matmul(rt, &L->w_down, rt->gate, n, rt->xb, err)) ||
         (rc = allreduce_rows(rt, rt->xb, n, err)))
